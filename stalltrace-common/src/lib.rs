@@ -1,0 +1,459 @@
+//! The kernel/userspace ABI of stalltrace.
+//!
+//! Every type here crosses the kernel boundary as raw bytes (ring buffer records, map keys and
+//! values, load-time globals), so each is `#[repr(C)]` with explicit padding and a size pinned by
+//! a compile-time assertion: a layout change fails the build of both sides instead of silently
+//! mis-decoding. Discriminants of [`EventKind`] are stable ids; never renumber them.
+#![no_std]
+
+/// Length of a task's `comm` (executable name) in the kernel, NUL padded.
+pub const COMM_LEN: usize = 16;
+
+/// What a ring buffer record reports. Values are stable ids.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// `connect()` sent a SYN (TCP state `SYN_SENT`), in the connecting thread's context.
+    ConnectStarted = 1,
+    /// An active open completed (`SYN_SENT` → `ESTABLISHED`).
+    Established = 2,
+    /// `accept()` handed this connection to a process.
+    Accepted = 3,
+    /// First traffic on a connection the tables did not know (opened before the daemon started,
+    /// or evicted from the connection map), or first traffic of a process on a passive
+    /// connection whose `accept()` was not seen.
+    Discovered = 4,
+    /// A request began on a connection not yet reported in the current epoch (see [`Control`]).
+    RequestStarted = 5,
+    /// Traffic or a close arrived on a connection that had an exchange outstanding and had been
+    /// quiet for at least the stall threshold: a stall (reported or not yet swept) just ended.
+    QuietEnded = 6,
+    /// The connection reached TCP `CLOSE`; the snapshot holds its final totals.
+    Closed = 7,
+}
+
+impl EventKind {
+    pub const fn from_u32(value: u32) -> Option<Self> {
+        Some(match value {
+            1 => Self::ConnectStarted,
+            2 => Self::Established,
+            3 => Self::Accepted,
+            4 => Self::Discovered,
+            5 => Self::RequestStarted,
+            6 => Self::QuietEnded,
+            7 => Self::Closed,
+            _ => return None,
+        })
+    }
+}
+
+/// Which side opened the connection.
+pub mod role {
+    pub const UNKNOWN: u8 = 0;
+    /// Active open: this process called `connect()`.
+    pub const CLIENT: u8 = 1;
+    /// Passive open: this process accepted the connection.
+    pub const SERVER: u8 = 2;
+}
+
+/// Direction of the most recent data transfer on a connection.
+pub mod direction {
+    pub const NONE: u8 = 0;
+    pub const IN: u8 = 1;
+    pub const OUT: u8 = 2;
+}
+
+/// Bits of [`ConnState::flags`].
+pub mod conn_flags {
+    /// The entry was created from traffic, not from the open: the connection predates the daemon
+    /// or its entry was evicted. Counters then start from that point.
+    pub const DISCOVERED: u8 = 1 << 0;
+    /// A RST was received from the peer.
+    pub const PEER_RESET: u8 = 1 << 1;
+    /// The connection reached `ESTABLISHED` at some point.
+    pub const ESTABLISHED: u8 = 1 << 2;
+    /// It reached `CLOSE` without the FIN handshake: a reset was sent or received.
+    pub const ABORTED: u8 = 1 << 3;
+}
+
+/// Linux TCP states (`include/net/tcp_states.h`), as reported by `sock/inet_sock_set_state`.
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// Per-connection state, kept by the kernel programs in the `CONNS` map (keyed by the kernel's
+/// `struct sock` address) and copied whole into every event.
+///
+/// Timestamps are `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`). Addresses are in network
+/// order; IPv4 addresses occupy the first 4 bytes. Ports are in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnState {
+    /// When the connection was opened (SYN sent, or accepted), or first seen if discovered.
+    pub open_ns: u64,
+    /// Last TCP state change.
+    pub state_ns: u64,
+    pub last_recv_ns: u64,
+    pub last_send_ns: u64,
+    /// When the current run of transfers in `last_dir` began.
+    pub dir_since_ns: u64,
+    pub bytes_recv: u64,
+    pub bytes_sent: u64,
+    /// Successful receive / send calls.
+    pub recv_calls: u64,
+    pub send_calls: u64,
+    /// Requests started (server: inbound run after silence or a reply; client: outbound run).
+    pub requests: u64,
+    /// Exchanges completed (a reply followed a request).
+    pub exchanges: u64,
+    /// Process (thread group) and thread that last touched the connection.
+    pub tgid: u32,
+    pub tid: u32,
+    /// Epoch of the last event emitted for this connection (see [`Control`]).
+    pub notified_epoch: u32,
+    pub retransmits: u32,
+    pub local_port: u16,
+    pub peer_port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// One of [`role`].
+    pub role: u8,
+    /// One of [`tcp_state`].
+    pub tcp_state: u8,
+    /// One of [`direction`].
+    pub last_dir: u8,
+    /// Bits of [`conn_flags`].
+    pub flags: u8,
+    pub _pad: [u8; 6],
+    pub local_addr: [u8; 16],
+    pub peer_addr: [u8; 16],
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Header of every ring buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// An [`EventKind`] id.
+    pub kind: u32,
+    pub _pad: u32,
+    /// When it happened (`CLOCK_MONOTONIC` ns).
+    pub ts_ns: u64,
+    /// Kernel address of the `struct sock`: the connection's identity while it lives.
+    pub sock: u64,
+}
+
+/// The one record type the kernel writes to the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEvent {
+    pub header: EventHeader,
+    pub conn: ConnState,
+}
+
+/// Slots of the per-CPU `LOSS` counter map. Every event the kernel could not deliver and every
+/// connection it could not track is counted in one of them.
+pub mod loss {
+    /// `bpf_ringbuf_reserve` failed: the ring buffer was full.
+    pub const RINGBUF_FULL: u32 = 0;
+    /// A new connection could not be inserted into the `CONNS` map.
+    pub const CONN_INSERT_FAILED: u32 = 1;
+    pub const SLOTS: u32 = 2;
+}
+
+/// Written by the daemon into the single slot of the `CONTROL` array at every sweep.
+///
+/// The kernel reports a request start only if the connection has not been reported during the
+/// current `epoch`; the daemon re-reads every connection reported in the last two epochs. So a
+/// busy connection costs at most one event per sweep, however many exchanges it carries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Control {
+    pub epoch: u32,
+    pub _pad: u32,
+}
+
+/// Byte offsets of kernel struct members, resolved by the daemon from the running kernel's BTF
+/// and handed to the programs at load time (CO-RE done by hand: aya's Rust programs cannot
+/// emit field relocations). [`Offsets::UNKNOWN`] disables the features that need a member.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offsets {
+    /// `struct sock_common` members, relative to `struct sock`.
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    /// The chain from the current task to the `struct sock` behind a file descriptor.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+}
+
+impl Offsets {
+    pub const UNKNOWN: u32 = u32::MAX;
+
+    pub const fn unknown() -> Self {
+        let u = Self::UNKNOWN;
+        Self {
+            skc_daddr: u,
+            skc_rcv_saddr: u,
+            skc_dport: u,
+            skc_num: u,
+            skc_v6_daddr: u,
+            skc_v6_rcv_saddr: u,
+            task_files: u,
+            files_fdt: u,
+            fdt_max_fds: u,
+            fdt_fd: u,
+            file_private_data: u,
+            socket_sk: u,
+        }
+    }
+
+    /// The connection's addresses and ports can be read from a `struct sock`.
+    pub const fn can_read_sock(&self) -> bool {
+        self.skc_daddr != Self::UNKNOWN
+            && self.skc_rcv_saddr != Self::UNKNOWN
+            && self.skc_dport != Self::UNKNOWN
+            && self.skc_num != Self::UNKNOWN
+    }
+
+    /// IPv6 addresses can be read from a `struct sock` (absent on kernels without IPv6).
+    pub const fn can_read_sock_v6(&self) -> bool {
+        self.skc_v6_daddr != Self::UNKNOWN && self.skc_v6_rcv_saddr != Self::UNKNOWN
+    }
+
+    /// A file descriptor of the current task can be resolved to its `struct sock`.
+    pub const fn can_resolve_fd(&self) -> bool {
+        self.task_files != Self::UNKNOWN
+            && self.files_fdt != Self::UNKNOWN
+            && self.fdt_max_fds != Self::UNKNOWN
+            && self.fdt_fd != Self::UNKNOWN
+            && self.file_private_data != Self::UNKNOWN
+            && self.socket_sk != Self::UNKNOWN
+    }
+}
+
+/// Records of the tracepoints the programs read directly, as laid out by the kernel (see
+/// `/sys/kernel/tracing/events/<category>/<name>/format`). The daemon checks each field's offset
+/// and size against the running kernel's format files before attaching.
+pub mod tracepoint {
+    /// `sock/inet_sock_set_state` (stable since Linux 4.16).
+    #[repr(C)]
+    pub struct InetSockSetState {
+        pub common: u64,
+        pub skaddr: u64,
+        pub oldstate: i32,
+        pub newstate: i32,
+        pub sport: u16,
+        pub dport: u16,
+        pub family: u16,
+        pub protocol: u16,
+        pub saddr: [u8; 4],
+        pub daddr: [u8; 4],
+        pub saddr_v6: [u8; 16],
+        pub daddr_v6: [u8; 16],
+    }
+
+    /// `sock/sock_send_length` and `sock/sock_recv_length`.
+    #[repr(C)]
+    pub struct SockLength {
+        pub common: u64,
+        pub sk: u64,
+        pub family: u16,
+        pub protocol: u16,
+        pub ret: i32,
+        pub flags: i32,
+    }
+
+    /// Leading fields of `tcp/tcp_retransmit_skb`.
+    #[repr(C)]
+    pub struct TcpRetransmitSkb {
+        pub common: u64,
+        pub skbaddr: u64,
+        pub skaddr: u64,
+        pub state: i32,
+        pub sport: u16,
+    }
+
+    /// Leading field of `tcp/tcp_receive_reset`.
+    #[repr(C)]
+    pub struct TcpReceiveReset {
+        pub common: u64,
+        pub skaddr: u64,
+    }
+
+    /// `syscalls/sys_exit_*`.
+    #[repr(C)]
+    pub struct SysExit {
+        pub common: u64,
+        pub syscall_nr: i64,
+        pub ret: i64,
+    }
+}
+
+// Layouts are part of the ABI: pin them so both sides fail to build on an accidental change.
+const _: () = assert!(core::mem::size_of::<ConnState>() == 168);
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 192);
+const _: () = assert!(core::mem::size_of::<Control>() == 8);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 48);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all of these are repr(C), contain only integers and byte arrays, and have explicit
+    // padding fields, so every bit pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for ConnState {}
+    unsafe impl aya::Pod for EventHeader {}
+    unsafe impl aya::Pod for ConnEvent {}
+    unsafe impl aya::Pod for Control {}
+    unsafe impl aya::Pod for Offsets {}
+
+    impl ConnEvent {
+        /// Decodes a ring buffer record. `None` if the record is shorter than an event (a
+        /// mismatched kernel object); longer records are accepted for forward compatibility.
+        pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+            if bytes.len() < core::mem::size_of::<Self>() {
+                return None;
+            }
+            // SAFETY: length checked above; ConnEvent is Pod, and read_unaligned copes with the
+            // ring buffer's 8-byte (not necessarily 16-byte) alignment.
+            Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) })
+        }
+
+        pub fn as_bytes(&self) -> &[u8] {
+            // SAFETY: Pod type without implicit padding; the slice borrows self.
+            unsafe {
+                core::slice::from_raw_parts(
+                    (self as *const Self).cast::<u8>(),
+                    core::mem::size_of::<Self>(),
+                )
+            }
+        }
+
+        pub fn kind(&self) -> Option<EventKind> {
+            EventKind::from_u32(self.header.kind)
+        }
+    }
+}
+
+#[cfg(all(test, feature = "user"))]
+mod tests {
+    extern crate std;
+    use super::*;
+
+    fn sample() -> ConnEvent {
+        let mut comm = [0u8; COMM_LEN];
+        comm[..5].copy_from_slice(b"nginx");
+        ConnEvent {
+            header: EventHeader {
+                kind: EventKind::RequestStarted as u32,
+                _pad: 0,
+                ts_ns: 0x0102_0304_0506_0708,
+                sock: 0xffff_8880_1234_5678,
+            },
+            conn: ConnState {
+                open_ns: 1,
+                state_ns: 2,
+                last_recv_ns: 3,
+                last_send_ns: 4,
+                dir_since_ns: 5,
+                bytes_recv: 6,
+                bytes_sent: 7,
+                recv_calls: 8,
+                send_calls: 9,
+                requests: 10,
+                exchanges: 11,
+                tgid: 12,
+                tid: 13,
+                notified_epoch: 14,
+                retransmits: 15,
+                local_port: 8080,
+                peer_port: 40000,
+                family: AF_INET6,
+                role: role::SERVER,
+                tcp_state: tcp_state::ESTABLISHED,
+                last_dir: direction::IN,
+                flags: conn_flags::ESTABLISHED,
+                _pad: [0; 6],
+                local_addr: [0xfe; 16],
+                peer_addr: [0x01; 16],
+                comm,
+            },
+        }
+    }
+
+    #[test]
+    fn event_round_trips_through_bytes() {
+        let event = sample();
+        let decoded = ConnEvent::from_bytes(event.as_bytes()).unwrap();
+        assert_eq!(decoded, event);
+        assert_eq!(decoded.kind(), Some(EventKind::RequestStarted));
+    }
+
+    #[test]
+    fn field_offsets_are_stable() {
+        // The byte positions the kernel writes; a reorder must be a deliberate ABI change.
+        let event = sample();
+        let bytes = event.as_bytes();
+        assert_eq!(
+            &bytes[0..4],
+            &(EventKind::RequestStarted as u32).to_ne_bytes()
+        );
+        assert_eq!(&bytes[8..16], &0x0102_0304_0506_0708u64.to_ne_bytes());
+        assert_eq!(&bytes[16..24], &0xffff_8880_1234_5678u64.to_ne_bytes());
+        let conn = 24;
+        assert_eq!(&bytes[conn..conn + 8], &1u64.to_ne_bytes());
+        assert_eq!(&bytes[conn + 88..conn + 92], &12u32.to_ne_bytes());
+        assert_eq!(&bytes[conn + 104..conn + 106], &8080u16.to_ne_bytes());
+        assert_eq!(bytes[conn + 110], role::SERVER);
+        assert_eq!(&bytes[conn + 152..conn + 157], b"nginx");
+    }
+
+    #[test]
+    fn short_records_are_rejected() {
+        let event = sample();
+        assert!(ConnEvent::from_bytes(&event.as_bytes()[..100]).is_none());
+    }
+
+    #[test]
+    fn event_kind_ids_are_stable() {
+        for (id, kind) in [
+            (1, EventKind::ConnectStarted),
+            (2, EventKind::Established),
+            (3, EventKind::Accepted),
+            (4, EventKind::Discovered),
+            (5, EventKind::RequestStarted),
+            (6, EventKind::QuietEnded),
+            (7, EventKind::Closed),
+        ] {
+            assert_eq!(EventKind::from_u32(id), Some(kind));
+            assert_eq!(kind as u32, id);
+        }
+        assert_eq!(EventKind::from_u32(0), None);
+        assert_eq!(EventKind::from_u32(8), None);
+    }
+}

@@ -1,0 +1,95 @@
+//! Operations on one connection's state, shared by the programs.
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+};
+use stalltrace_common::{direction, loss, role, ConnEvent, ConnState, EventHeader, EventKind};
+
+use crate::maps::{count_loss, current_epoch, EVENTS};
+
+/// Writes an event with a snapshot of `conn` and marks the connection as reported in the current
+/// epoch. A full ring buffer is counted, and the connection stays unmarked so that its next
+/// request start is reported again.
+#[inline(always)]
+pub fn emit(kind: EventKind, sock: u64, conn: &mut ConnState, now: u64) {
+    let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
+        count_loss(loss::RINGBUF_FULL);
+        return;
+    };
+    conn.notified_epoch = current_epoch();
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to a reserved, writable record of ConnEvent's size. Fields are
+    // written in place: a ConnEvent built on the stack would not fit the 512-byte BPF stack.
+    unsafe {
+        (*event).header = EventHeader {
+            kind: kind as u32,
+            _pad: 0,
+            ts_ns: now,
+            sock,
+        };
+        core::ptr::copy_nonoverlapping(conn as *const ConnState, &raw mut (*event).conn, 1);
+    }
+    entry.submit(wakeup_flag());
+}
+
+/// The daemon drains the ring on a short timer, so waking it for every record would only burn
+/// CPU; wake it early only when the ring is a quarter full.
+#[inline(always)]
+fn wakeup_flag() -> u64 {
+    let used = EVENTS.query(BPF_RB_AVAIL_DATA.into());
+    let size = EVENTS.query(BPF_RB_RING_SIZE.into());
+    if used > size / 4 {
+        BPF_RB_FORCE_WAKEUP.into()
+    } else {
+        BPF_RB_NO_WAKEUP.into()
+    }
+}
+
+/// Records the calling thread as the connection's last user. Returns true when the process is
+/// new to the connection (first owner, or handed over to another process).
+#[inline(always)]
+pub fn set_owner_to_current(conn: &mut ConnState) -> bool {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    conn.tid = pid_tgid as u32;
+    if conn.tgid == tgid {
+        return false;
+    }
+    conn.tgid = tgid;
+    if let Ok(comm) = bpf_get_current_comm() {
+        conn.comm = comm;
+    }
+    true
+}
+
+/// The direction in which this connection's requests travel.
+#[inline(always)]
+pub fn request_direction(conn: &ConnState) -> u8 {
+    if conn.role == role::SERVER {
+        direction::IN
+    } else {
+        direction::OUT
+    }
+}
+
+/// A request is outstanding: the last transfer went in the request direction.
+#[inline(always)]
+pub fn is_outstanding(conn: &ConnState) -> bool {
+    conn.last_dir != direction::NONE && conn.last_dir == request_direction(conn)
+}
+
+/// Time of the last transfer in the request direction.
+#[inline(always)]
+pub fn last_request_ns(conn: &ConnState) -> u64 {
+    if request_direction(conn) == direction::IN {
+        conn.last_recv_ns
+    } else {
+        conn.last_send_ns
+    }
+}
+
+/// The outstanding request has been quiet for at least the stall threshold.
+#[inline(always)]
+pub fn quiet_past_threshold(conn: &ConnState, now: u64, stall_after_ns: u64) -> bool {
+    is_outstanding(conn) && now.saturating_sub(last_request_ns(conn)) >= stall_after_ns
+}

@@ -1,0 +1,30 @@
+//! stalltrace's kernel programs: tracepoints only (no kprobes, no fentry), one concern per file.
+//!
+//! - `tcp_state`: connection open/close and listening ports (`sock/inet_sock_set_state`);
+//! - `transfer`: bytes each way and request/reply turns (`sock/sock_{send,recv}_length`);
+//! - `accept`: which process accepted a passive connection (`syscalls/sys_exit_accept{,4}`);
+//! - `tcp_signals`: retransmits and received resets (`tcp/*`).
+//!
+//! Per-connection state lives in the `CONNS` LRU map; the ring buffer carries only lifecycle
+//! events and, at most once per sweep epoch per connection, request starts (see `conn.rs`).
+#![no_std]
+#![no_main]
+
+mod accept;
+mod conn;
+mod kernel_read;
+mod maps;
+mod tcp_signals;
+mod tcp_state;
+mod transfer;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any reachable panic path, so this is never called at run time.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

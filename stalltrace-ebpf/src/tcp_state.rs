@@ -1,0 +1,178 @@
+//! Connection lifecycle from `sock/inet_sock_set_state`: active and passive opens, closes,
+//! resets and the set of listening ports.
+use aya_ebpf::{
+    bindings::BPF_ANY, helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext,
+    EbpfContext,
+};
+use stalltrace_common::{
+    conn_flags, loss, role, tcp_state, tracepoint::InetSockSetState, ConnState, EventKind,
+    AF_INET6, IPPROTO_TCP,
+};
+
+use crate::{
+    conn::{emit, quiet_past_threshold, set_owner_to_current},
+    maps::{count_loss, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS},
+};
+
+#[tracepoint(category = "sock", name = "inet_sock_set_state")]
+pub fn stalltrace_tcp_state(ctx: TracePointContext) -> u32 {
+    // SAFETY: the context of this tracepoint is a InetSockSetState record.
+    let args = unsafe { &*(ctx.as_ptr() as *const InetSockSetState) };
+    if args.protocol != IPPROTO_TCP {
+        return 0;
+    }
+    let (old, new) = (args.oldstate as u8, args.newstate as u8);
+    match new {
+        tcp_state::LISTEN => add_listener(args.sport),
+        tcp_state::CLOSE if old == tcp_state::LISTEN => remove_listener(args.sport),
+        // A passive child is cloned from its listener, so it starts "from" LISTEN.
+        tcp_state::SYN_RECV => {}
+        tcp_state::SYN_SENT => on_connect(args),
+        tcp_state::ESTABLISHED if old == tcp_state::SYN_SENT => on_active_established(args),
+        tcp_state::ESTABLISHED if old == tcp_state::SYN_RECV => on_passive_established(args),
+        _ => on_other_transition(args, old, new),
+    }
+    0
+}
+
+fn add_listener(port: u16) {
+    match LISTEN_PORTS.get_ptr_mut(port) {
+        // SAFETY: map value pointer; listen/close on one port race only in exotic setups, and a
+        // wrong count only affects the role guessed for pre-existing connections.
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            let _ = LISTEN_PORTS.insert(port, 1u32, BPF_ANY.into());
+        }
+    }
+}
+
+fn remove_listener(port: u16) {
+    if let Some(count) = LISTEN_PORTS.get_ptr_mut(port) {
+        // SAFETY: as in add_listener.
+        unsafe {
+            if *count > 1 {
+                *count -= 1;
+                return;
+            }
+        }
+        let _ = LISTEN_PORTS.remove(port);
+    }
+}
+
+/// A zeroed scratch entry for a connection that just opened, filled from the tracepoint.
+fn new_conn(args: &InetSockSetState, conn_role: u8, now: u64) -> Option<&'static mut ConnState> {
+    let conn = scratch_conn()?;
+    conn.open_ns = now;
+    conn.state_ns = now;
+    conn.role = conn_role;
+    conn.tcp_state = args.newstate as u8;
+    conn.family = args.family;
+    fill_endpoints(args, conn);
+    Some(conn)
+}
+
+fn insert(sock: u64, conn: &ConnState) {
+    // A stale entry for a reused sock address would have been removed at its CLOSE; replace it.
+    if CONNS.insert(sock, conn, BPF_ANY.into()).is_err() {
+        count_loss(loss::CONN_INSERT_FAILED);
+    }
+}
+
+fn fill_endpoints(args: &InetSockSetState, conn: &mut ConnState) {
+    conn.local_port = args.sport;
+    conn.peer_port = args.dport;
+    if args.family == AF_INET6 {
+        conn.local_addr = args.saddr_v6;
+        conn.peer_addr = args.daddr_v6;
+    } else {
+        conn.local_addr[..4].copy_from_slice(&args.saddr);
+        conn.peer_addr[..4].copy_from_slice(&args.daddr);
+    }
+}
+
+/// `connect()` runs in the caller's context, so the process is known here. The local port may
+/// still be 0 (it is chosen right after); `Established` or a retransmit fills it in.
+fn on_connect(args: &InetSockSetState) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(conn) = new_conn(args, role::CLIENT, now) else {
+        return;
+    };
+    set_owner_to_current(conn);
+    emit(EventKind::ConnectStarted, args.skaddr, conn, now);
+    insert(args.skaddr, conn);
+}
+
+/// Runs in softirq context: the current task is unrelated, so the owner comes from the
+/// `connect()` seen earlier, or from the first transfer.
+fn on_active_established(args: &InetSockSetState) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(conn) = CONNS.get_ptr_mut(args.skaddr) {
+        // SAFETY: map value pointer, valid for the duration of the program.
+        let conn = unsafe { &mut *conn };
+        fill_endpoints(args, conn);
+        conn.tcp_state = tcp_state::ESTABLISHED;
+        conn.state_ns = now;
+        conn.flags |= conn_flags::ESTABLISHED;
+        emit(EventKind::Established, args.skaddr, conn, now);
+    } else {
+        // The connect() predates the daemon: track it; the first transfer names the owner.
+        if let Some(conn) = new_conn(args, role::CLIENT, now) {
+            conn.flags |= conn_flags::ESTABLISHED | conn_flags::DISCOVERED;
+            insert(args.skaddr, conn);
+        }
+    }
+}
+
+/// A passive connection completed its handshake and waits in the accept queue. Its owner is
+/// unknown until `accept()` (or the first transfer), so nothing is reported yet.
+fn on_passive_established(args: &InetSockSetState) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(conn) = new_conn(args, role::SERVER, now) {
+        conn.flags |= conn_flags::ESTABLISHED;
+        insert(args.skaddr, conn);
+    }
+}
+
+/// Closing transitions. Leaving ESTABLISHED (our FIN, the peer's FIN, a reset) ends any
+/// outstanding exchange; reaching CLOSE ends the connection.
+fn on_other_transition(args: &InetSockSetState, old: u8, new: u8) {
+    let Some(conn) = CONNS.get_ptr_mut(args.skaddr) else {
+        if new == tcp_state::CLOSE {
+            report_untracked_close(args);
+        }
+        return;
+    };
+    // SAFETY: map value pointer, valid for the duration of the program.
+    let conn = unsafe { &mut *conn };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let quiet_ended = quiet_past_threshold(conn, now, stall_after_ns());
+    conn.tcp_state = new;
+    conn.state_ns = now;
+    if new == tcp_state::CLOSE
+        && matches!(
+            old,
+            tcp_state::ESTABLISHED | tcp_state::CLOSE_WAIT | tcp_state::SYN_RECV
+        )
+    {
+        // Closed without the FIN handshake: a reset sent or received.
+        conn.flags |= conn_flags::ABORTED;
+    }
+    if quiet_ended && old == tcp_state::ESTABLISHED {
+        emit(EventKind::QuietEnded, args.skaddr, conn, now);
+    }
+    if new == tcp_state::CLOSE {
+        emit(EventKind::Closed, args.skaddr, conn, now);
+        let _ = CONNS.remove(args.skaddr);
+    }
+}
+
+/// The close of a connection the map does not hold (open before the daemon started, or
+/// evicted): the daemon may know it from /proc and must learn that it ended.
+#[inline(never)]
+fn report_untracked_close(args: &InetSockSetState) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    if let Some(conn) = new_conn(args, role::UNKNOWN, now) {
+        conn.flags = conn_flags::DISCOVERED | conn_flags::ESTABLISHED;
+        emit(EventKind::Closed, args.skaddr, conn, now);
+    }
+}

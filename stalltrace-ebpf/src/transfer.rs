@@ -1,0 +1,150 @@
+//! The hot path: every successful send/receive on a TCP socket, from `sock/sock_send_length` and
+//! `sock/sock_recv_length`. These fire only for sockets (never for files or pipes), after the
+//! transfer, with its byte count. Work per call: one map lookup and a few stores; an event only
+//! when a request starts on a connection not yet reported this epoch, or a stall ends.
+use aya_ebpf::{
+    bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, macros::tracepoint,
+    programs::TracePointContext, EbpfContext,
+};
+use stalltrace_common::{
+    conn_flags, direction, loss, role, tcp_state, tracepoint::SockLength, ConnState, EventKind,
+    AF_INET, AF_INET6, IPPROTO_TCP,
+};
+
+use crate::{
+    conn::{emit, is_outstanding, last_request_ns, request_direction, set_owner_to_current},
+    kernel_read::read_endpoints,
+    maps::{count_loss, current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS},
+};
+
+const MSG_PEEK: i32 = 2;
+
+#[tracepoint(category = "sock", name = "sock_recv_length")]
+pub fn stalltrace_recv(ctx: TracePointContext) -> u32 {
+    on_transfer(&ctx, direction::IN);
+    0
+}
+
+#[tracepoint(category = "sock", name = "sock_send_length")]
+pub fn stalltrace_send(ctx: TracePointContext) -> u32 {
+    on_transfer(&ctx, direction::OUT);
+    0
+}
+
+#[inline(always)]
+fn on_transfer(ctx: &TracePointContext, dir: u8) {
+    // SAFETY: the context of these tracepoints is a SockLength record.
+    let args = unsafe { &*(ctx.as_ptr() as *const SockLength) };
+    if args.protocol != IPPROTO_TCP || args.ret <= 0 {
+        return;
+    }
+    if dir == direction::IN && args.flags & MSG_PEEK != 0 {
+        return;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    let bytes = args.ret as u64;
+    match CONNS.get_ptr_mut(args.sk) {
+        // SAFETY: map value pointer, valid for the duration of the program.
+        Some(conn) => record(args.sk, unsafe { &mut *conn }, dir, bytes, now),
+        None => discover(args, dir, bytes, now),
+    }
+}
+
+#[inline(always)]
+fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
+    let new_owner = set_owner_to_current(conn);
+    let previous = conn.last_dir;
+    let quiet_ended = previous != dir
+        && is_outstanding(conn)
+        && now.saturating_sub(last_request_ns(conn)) >= stall_after_ns();
+    // Plain increments: sends and receives touch different fields, and two threads sending on
+    // one socket at the same instant is rare enough that a lost count is acceptable (the BPF
+    // target's `core` offers no atomic read-modify-write on stable Rust).
+    if dir == direction::IN {
+        conn.bytes_recv += bytes;
+        conn.recv_calls += 1;
+        conn.last_recv_ns = now;
+    } else {
+        conn.bytes_sent += bytes;
+        conn.send_calls += 1;
+        conn.last_send_ns = now;
+    }
+    let mut request_started = false;
+    if previous != dir {
+        conn.last_dir = dir;
+        conn.dir_since_ns = now;
+        if dir == request_direction(conn) {
+            conn.requests += 1;
+            request_started = true;
+        } else if previous != direction::NONE {
+            conn.exchanges += 1;
+        }
+    }
+    if new_owner {
+        emit(EventKind::Discovered, sock, conn, now);
+    } else if quiet_ended {
+        emit(EventKind::QuietEnded, sock, conn, now);
+    } else if request_started && conn.notified_epoch != current_epoch() {
+        emit(EventKind::RequestStarted, sock, conn, now);
+    }
+}
+
+/// Traffic on a connection the map does not hold: opened before the daemon started, or evicted.
+/// Track it from here, reading its endpoints from the socket.
+#[inline(never)]
+fn discover(args: &SockLength, dir: u8, bytes: u64, now: u64) {
+    if args.family != AF_INET && args.family != AF_INET6 {
+        return;
+    }
+    let Some(conn) = scratch_conn() else {
+        return;
+    };
+    conn.open_ns = now;
+    conn.state_ns = now;
+    conn.family = args.family;
+    conn.tcp_state = tcp_state::ESTABLISHED;
+    conn.flags = conn_flags::DISCOVERED | conn_flags::ESTABLISHED;
+    if !read_endpoints(args.sk, args.family, &OFFSETS.load(), conn) {
+        return;
+    }
+    conn.role = if LISTEN_PORTS.get_ptr(conn.local_port).is_some() {
+        role::SERVER
+    } else {
+        role::CLIENT
+    };
+    set_owner_to_current(conn);
+    record_first(conn, dir, bytes, now);
+    match CONNS.insert(args.sk, &*conn, BPF_NOEXIST.into()) {
+        Ok(()) => {}
+        // Another CPU discovered it first and reported it.
+        Err(EEXIST) => return,
+        Err(_) => {
+            count_loss(loss::CONN_INSERT_FAILED);
+            return;
+        }
+    }
+    if let Some(conn) = CONNS.get_ptr_mut(args.sk) {
+        // SAFETY: map value pointer, valid for the duration of the program.
+        emit(EventKind::Discovered, args.sk, unsafe { &mut *conn }, now);
+    }
+}
+
+const EEXIST: i32 = -17;
+
+#[inline(always)]
+fn record_first(conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
+    if dir == direction::IN {
+        conn.bytes_recv = bytes;
+        conn.recv_calls = 1;
+        conn.last_recv_ns = now;
+    } else {
+        conn.bytes_sent = bytes;
+        conn.send_calls = 1;
+        conn.last_send_ns = now;
+    }
+    conn.last_dir = dir;
+    conn.dir_since_ns = now;
+    if dir == request_direction(conn) {
+        conn.requests = 1;
+    }
+}

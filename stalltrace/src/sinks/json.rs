@@ -1,0 +1,361 @@
+//! The public JSON shapes: NDJSON events and the items of API answers (`conns`, `stalls`).
+//! Nested objects whose flattened names are OpenTelemetry semantic-convention attributes
+//! (`process.pid`, `network.peer.address`, …). Documented field by field in docs/events.md.
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::tracker::{model::Endpoints, CloseSummary, ConnRef, Detail, Event};
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct EventJson {
+    pub time: String,
+    pub event: String,
+    pub conn: ConnJson,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessJson>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<ThreadJson>,
+    pub network: NetworkJson,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall: Option<StallJson>,
+}
+
+/// `conn.*`. Which optional members appear depends on the event or answer (docs/events.md).
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct ConnJson {
+    pub id: u64,
+    pub role: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adopted: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_sent: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_received: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sends: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receives: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exchanges: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retransmits: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_send_ago_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_receive_ago_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_while_stalled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totals_complete: Option<bool>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ProcessJson {
+    pub pid: u32,
+    pub executable: ExecutableJson,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ExecutableJson {
+    pub name: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ThreadJson {
+    pub id: u32,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct NetworkJson {
+    pub transport: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub local: EndpointJson,
+    pub peer: EndpointJson,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct EndpointJson {
+    pub address: IpAddr,
+    pub port: u16,
+}
+
+/// `stall.*`.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct StallJson {
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiet_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub age_ms: Option<u64>,
+    /// When the quiet stretch began (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+}
+
+/// An item of `stalltrace stalls -o json`: the event identity plus `stall`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct StallItemJson {
+    pub conn: ConnJson,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessJson>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<ThreadJson>,
+    pub network: NetworkJson,
+    pub stall: StallJson,
+}
+
+/// An item of `stalltrace conns -o json`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ConnItemJson {
+    pub conn: ConnJson,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessJson>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<ThreadJson>,
+    pub network: NetworkJson,
+}
+
+/// The `process`, `thread` and `network` objects of a connection; `None`s when no process has
+/// used it yet.
+pub fn identity(conn: &ConnRef) -> (Option<ProcessJson>, Option<ThreadJson>, NetworkJson) {
+    let owner = conn.owner;
+    let process = (owner.pid != 0).then(|| ProcessJson {
+        pid: owner.pid,
+        executable: ExecutableJson {
+            name: owner.comm.as_str().into_owned(),
+        },
+    });
+    let thread = (owner.tid != 0).then_some(ThreadJson { id: owner.tid });
+    (process, thread, network(&conn.endpoints))
+}
+
+pub fn network(endpoints: &Endpoints) -> NetworkJson {
+    NetworkJson {
+        transport: "tcp".into(),
+        kind: endpoints.network_type().into(),
+        local: EndpointJson {
+            address: endpoints.local,
+            port: endpoints.local_port,
+        },
+        peer: EndpointJson {
+            address: endpoints.peer,
+            port: endpoints.peer_port,
+        },
+    }
+}
+
+pub fn base_conn(conn: &ConnRef) -> ConnJson {
+    ConnJson {
+        id: conn.id,
+        role: conn.role.as_str().into(),
+        ..ConnJson::default()
+    }
+}
+
+/// The event name and JSON body of a tracker event; `time` is its RFC 3339 timestamp.
+pub fn event_json(event: &Event, time: String) -> EventJson {
+    let (process, thread, network) = identity(&event.conn);
+    let mut conn = base_conn(&event.conn);
+    let (name, stall) = match &event.detail {
+        Detail::Open { adopted } => {
+            conn.adopted = Some(*adopted);
+            ("conn.open", None)
+        }
+        Detail::Close(summary) => {
+            add_close(&mut conn, summary);
+            ("conn.close", None)
+        }
+        Detail::StallStart { kind, quiet_ms } => (
+            "stall.start",
+            Some(StallJson {
+                kind: kind.as_str().into(),
+                quiet_ms: Some(*quiet_ms),
+                ..StallJson::default()
+            }),
+        ),
+        Detail::StallEnd {
+            kind,
+            duration_ms,
+            resolution,
+        } => (
+            "stall.end",
+            Some(StallJson {
+                kind: kind.as_str().into(),
+                duration_ms: Some(*duration_ms),
+                resolution: Some(resolution.as_str().into()),
+                ..StallJson::default()
+            }),
+        ),
+    };
+    EventJson {
+        time,
+        event: name.into(),
+        conn,
+        process,
+        thread,
+        network,
+        stall,
+    }
+}
+
+fn add_close(conn: &mut ConnJson, summary: &CloseSummary) {
+    let totals = &summary.totals;
+    conn.end = Some(summary.how.as_str().into());
+    conn.duration_ms = Some(summary.duration_ms);
+    conn.bytes_sent = Some(totals.bytes_sent);
+    conn.bytes_received = Some(totals.bytes_received);
+    conn.sends = Some(totals.sends);
+    conn.receives = Some(totals.receives);
+    conn.requests = Some(totals.requests);
+    conn.exchanges = Some(totals.exchanges);
+    conn.retransmits = Some(totals.retransmits);
+    conn.closed_while_stalled = Some(summary.closed_while_stalled);
+    conn.totals_complete = Some(summary.complete);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracker::{
+        model::{Comm, Owner, Resolution, Role, StallKind},
+        Totals,
+    };
+    use serde_json::json;
+
+    fn conn_ref() -> ConnRef {
+        ConnRef {
+            id: 7,
+            role: Role::Server,
+            owner: Owner {
+                pid: 100,
+                tid: 101,
+                comm: Comm::new("api"),
+            },
+            endpoints: Endpoints {
+                local: "::1".parse().unwrap(),
+                local_port: 8080,
+                peer: "::1".parse().unwrap(),
+                peer_port: 50_000,
+            },
+        }
+    }
+
+    fn encode(detail: Detail) -> serde_json::Value {
+        let event = Event {
+            at_ns: 0,
+            conn: conn_ref(),
+            detail,
+        };
+        serde_json::to_value(event_json(&event, "T".into())).unwrap()
+    }
+
+    #[test]
+    fn stall_start_has_the_documented_shape() {
+        let value = encode(Detail::StallStart {
+            kind: StallKind::UnansweredRequest,
+            quiet_ms: 5_003,
+        });
+        assert_eq!(
+            value,
+            json!({
+                "time": "T",
+                "event": "stall.start",
+                "conn": {"id": 7, "role": "server"},
+                "process": {"pid": 100, "executable": {"name": "api"}},
+                "thread": {"id": 101},
+                "network": {
+                    "transport": "tcp", "type": "ipv6",
+                    "local": {"address": "::1", "port": 8080},
+                    "peer": {"address": "::1", "port": 50000}
+                },
+                "stall": {"kind": "unanswered_request", "quiet_ms": 5003}
+            })
+        );
+    }
+
+    #[test]
+    fn stall_end_carries_duration_and_resolution() {
+        let value = encode(Detail::StallEnd {
+            kind: StallKind::AwaitingResponse,
+            duration_ms: 7_300,
+            resolution: Resolution::Closed,
+        });
+        assert_eq!(value["event"], "stall.end");
+        assert_eq!(
+            value["stall"],
+            json!({"kind": "awaiting_response", "duration_ms": 7300, "resolution": "closed"})
+        );
+    }
+
+    #[test]
+    fn close_carries_totals() {
+        let value = encode(Detail::Close(CloseSummary {
+            how: Resolution::Reset,
+            totals: Totals {
+                bytes_sent: 1,
+                bytes_received: 2,
+                sends: 3,
+                receives: 4,
+                requests: 5,
+                exchanges: 6,
+                retransmits: 7,
+            },
+            closed_while_stalled: true,
+            duration_ms: 8,
+            complete: true,
+        }));
+        assert_eq!(value["event"], "conn.close");
+        assert_eq!(
+            value["conn"],
+            json!({
+                "id": 7, "role": "server", "end": "reset", "duration_ms": 8,
+                "bytes_sent": 1, "bytes_received": 2, "sends": 3, "receives": 4,
+                "requests": 5, "exchanges": 6, "retransmits": 7,
+                "closed_while_stalled": true, "totals_complete": true
+            })
+        );
+        assert!(value.get("stall").is_none());
+    }
+
+    #[test]
+    fn unknown_owner_omits_process_and_thread() {
+        let mut conn = conn_ref();
+        conn.owner = Owner::default();
+        let event = Event {
+            at_ns: 0,
+            conn,
+            detail: Detail::Open { adopted: true },
+        };
+        let value = serde_json::to_value(event_json(&event, "T".into())).unwrap();
+        assert!(value.get("process").is_none());
+        assert!(value.get("thread").is_none());
+        assert_eq!(value["conn"]["adopted"], true);
+    }
+
+    #[test]
+    fn events_round_trip_through_json() {
+        let event = Event {
+            at_ns: 0,
+            conn: conn_ref(),
+            detail: Detail::Open { adopted: false },
+        };
+        let json = event_json(&event, "T".into());
+        let text = serde_json::to_string(&json).unwrap();
+        assert!(!text.contains('\n'), "NDJSON needs one line per event");
+        assert_eq!(serde_json::from_str::<EventJson>(&text).unwrap(), json);
+    }
+}

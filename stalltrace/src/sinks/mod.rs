@@ -1,0 +1,2 @@
+//! Where data goes: NDJSON events and the JSON shapes shared with the control API.
+pub mod json;

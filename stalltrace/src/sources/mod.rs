@@ -1,0 +1,5 @@
+//! Where data comes from: the kernel (ring buffer and maps, via `crate::probes`), BTF, tracefs
+//! and /proc.
+pub mod btf;
+pub mod procfs;
+pub mod tracefs;

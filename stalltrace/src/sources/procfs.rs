@@ -1,0 +1,225 @@
+//! /proc: TCP sockets that exist before the daemon starts (adopted so that a stall on them is
+//! still flagged), their owning processes, and listening ports.
+use std::{
+    collections::HashMap,
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use crate::tracker::{
+    model::{Comm, Endpoints, Owner, Role},
+    Adoption,
+};
+
+const TCP_ESTABLISHED: u8 = 0x01;
+const TCP_LISTEN: u8 = 0x0a;
+
+/// A line of /proc/net/tcp or /proc/net/tcp6.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcSocket {
+    pub endpoints: Endpoints,
+    pub state: u8,
+    pub inode: u64,
+}
+
+/// Parses one line of /proc/net/tcp{,6}; `None` for the header or a malformed line.
+pub fn parse_tcp_line(line: &str) -> Option<ProcSocket> {
+    let mut columns = line.split_whitespace();
+    let _slot = columns.next()?;
+    let (local, local_port) = parse_address(columns.next()?)?;
+    let (peer, peer_port) = parse_address(columns.next()?)?;
+    let state = u8::from_str_radix(columns.next()?, 16).ok()?;
+    // tx_queue:rx_queue, tr:tm->when, retrnsmt, uid, timeout, inode
+    let inode = columns.nth(5)?.parse().ok()?;
+    Some(ProcSocket {
+        endpoints: Endpoints {
+            local,
+            local_port,
+            peer,
+            peer_port,
+        },
+        state,
+        inode,
+    })
+}
+
+/// `0100007F:1F90` (IPv4) or 32 hex digits (IPv6): 32-bit words in host byte order.
+fn parse_address(text: &str) -> Option<(IpAddr, u16)> {
+    let (addr, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |i: usize| -> Option<[u8; 4]> {
+        let hex = addr.get(i * 8..i * 8 + 8)?;
+        Some(u32::from_str_radix(hex, 16).ok()?.to_ne_bytes())
+    };
+    let ip = match addr.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(0)?)),
+        32 => {
+            let mut octets = [0u8; 16];
+            for i in 0..4 {
+                octets[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
+            }
+            Ipv6Addr::from(octets).to_canonical()
+        }
+        _ => return None,
+    };
+    Some((ip, port))
+}
+
+/// All TCP sockets of the host's network namespace.
+pub fn tcp_sockets() -> Vec<ProcSocket> {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|path| fs::read_to_string(path).ok())
+        .flat_map(|text| text.lines().filter_map(parse_tcp_line).collect::<Vec<_>>())
+        .collect()
+}
+
+pub fn listening_ports(sockets: &[ProcSocket]) -> Vec<u16> {
+    let mut ports: Vec<u16> = sockets
+        .iter()
+        .filter(|s| s.state == TCP_LISTEN)
+        .map(|s| s.endpoints.local_port)
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// Socket inode → the process holding it, from every /proc/<pid>/fd.
+fn socket_owners() -> HashMap<u64, Owner> {
+    let mut owners = HashMap::new();
+    let Ok(processes) = fs::read_dir("/proc") else {
+        return owners;
+    };
+    for process in processes.flatten() {
+        let Some(pid) = process
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Processes come and go during the scan: skip what vanished.
+        let Ok(fds) = fs::read_dir(process.path().join("fd")) else {
+            continue;
+        };
+        let comm = fs::read_to_string(process.path().join("comm")).unwrap_or_default();
+        let owner = Owner {
+            pid,
+            tid: pid,
+            comm: Comm::new(comm.trim_end()),
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = fs::read_link(fd.path()) else {
+                continue;
+            };
+            if let Some(inode) = socket_inode(&target.to_string_lossy()) {
+                owners.entry(inode).or_insert(owner);
+            }
+        }
+    }
+    owners
+}
+
+/// `socket:[12345]` → 12345
+fn socket_inode(link: &str) -> Option<u64> {
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// Established connections with their owners and roles (server when the local port has a
+/// listener).
+pub fn adoptions(sockets: &[ProcSocket]) -> Vec<Adoption> {
+    let listening = listening_ports(sockets);
+    let owners = socket_owners();
+    sockets
+        .iter()
+        .filter(|s| s.state == TCP_ESTABLISHED)
+        .map(|s| Adoption {
+            endpoints: s.endpoints,
+            role: if listening.binary_search(&s.endpoints.local_port).is_ok() {
+                Role::Server
+            } else {
+                Role::Client
+            },
+            owner: owners.get(&s.inode).copied().unwrap_or_default(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ipv4_lines() {
+        let header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode";
+        assert_eq!(parse_tcp_line(header), None);
+        let line = "   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 31337 1 0000000000000000 20 4 30 10 -1";
+        let socket = parse_tcp_line(line).unwrap();
+        assert_eq!(socket.endpoints.local, IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(socket.endpoints.local_port, 8080);
+        assert_eq!(socket.endpoints.peer_port, 50_000);
+        assert_eq!(socket.state, TCP_ESTABLISHED);
+        assert_eq!(socket.inode, 31337);
+    }
+
+    #[test]
+    fn parses_ipv6_lines_and_unmaps_ipv4() {
+        let loopback = "   0: 00000000000000000000000001000000:1F90 00000000000000000000000001000000:C350 01 00000000:00000000 00:00000000 00000000     0        0 42 1";
+        let socket = parse_tcp_line(loopback).unwrap();
+        assert_eq!(socket.endpoints.local, IpAddr::V6(Ipv6Addr::LOCALHOST));
+        let mapped = "   0: 0000000000000000FFFF00000100007F:1F90 0000000000000000FFFF00000100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 43 1";
+        let socket = parse_tcp_line(mapped).unwrap();
+        assert_eq!(socket.endpoints.peer, IpAddr::from([127, 0, 0, 1]));
+    }
+
+    #[test]
+    fn rejects_malformed_lines() {
+        for bad in [
+            "",
+            "1: zz:1 0:0 01",
+            "1: 0100007F:1F90 0100007F:C350 01 x x x x x notanumber",
+        ] {
+            assert_eq!(parse_tcp_line(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn finds_listening_ports_and_socket_inodes() {
+        let listen = "   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 7 1";
+        let conn = "   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 8 1";
+        let sockets: Vec<_> = [listen, conn, listen]
+            .iter()
+            .filter_map(|l| parse_tcp_line(l))
+            .collect();
+        assert_eq!(listening_ports(&sockets), [8080]);
+        assert_eq!(socket_inode("socket:[8]"), Some(8));
+        assert_eq!(socket_inode("pipe:[8]"), None);
+        let adopted = adoptions(&sockets);
+        assert_eq!(adopted.len(), 1);
+        assert_eq!(adopted[0].role, Role::Server);
+    }
+
+    #[test]
+    fn finds_a_live_connection_of_this_process() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_server, _) = listener.accept().unwrap();
+        let local_port = client.local_addr().unwrap().port();
+        let adopted = adoptions(&tcp_sockets());
+        let mine = adopted
+            .iter()
+            .find(|a| a.endpoints.local_port == local_port)
+            .expect("the client side is listed");
+        assert_eq!(mine.role, Role::Client);
+        assert_eq!(mine.owner.pid, std::process::id());
+        let server_side = adopted
+            .iter()
+            .find(|a| a.endpoints.peer_port == local_port)
+            .expect("the server side is listed");
+        assert_eq!(server_side.role, Role::Server);
+    }
+}

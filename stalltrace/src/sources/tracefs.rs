@@ -1,0 +1,193 @@
+//! tracefs: mounted if missing, and the source of truth for tracepoint record layouts, which
+//! are checked against what the kernel programs were compiled for before anything attaches.
+use std::{
+    collections::HashMap,
+    ffi::CString,
+    mem::{offset_of, size_of},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _, Result};
+use stalltrace_common::tracepoint::{
+    InetSockSetState, SockLength, SysExit, TcpReceiveReset, TcpRetransmitSkb,
+};
+
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
+
+/// The tracefs root, mounting tracefs at /sys/kernel/tracing when no tracefs is mounted.
+pub fn ensure_mounted() -> Result<PathBuf> {
+    for root in [TRACEFS, DEBUGFS_TRACING] {
+        if Path::new(root).join("events").is_dir() {
+            return Ok(PathBuf::from(root));
+        }
+    }
+    let target = CString::new(TRACEFS).expect("no NUL");
+    let fstype = CString::new("tracefs").expect("no NUL");
+    // SAFETY: valid NUL-terminated strings; no mount data.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        bail!(
+            "tracefs is not mounted and mounting it at {TRACEFS} failed: {err}; mount it with \
+             `mount -t tracefs nodev {TRACEFS}` (needs a kernel with CONFIG_TRACING)"
+        );
+    }
+    log::info!("mounted tracefs at {TRACEFS}");
+    Ok(PathBuf::from(TRACEFS))
+}
+
+/// A field of a tracepoint record: (offset, size) in bytes.
+pub type FieldLayout = (usize, usize);
+
+/// Parses the `field:` lines of a tracepoint `format` file.
+pub fn parse_format(text: &str) -> HashMap<String, FieldLayout> {
+    let mut fields = HashMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.trim().strip_prefix("field:") else {
+            continue;
+        };
+        let mut parts = rest.split(';').map(str::trim);
+        let declaration = parts.next().unwrap_or("");
+        let mut offset = None;
+        let mut size = None;
+        for part in parts {
+            if let Some(v) = part.strip_prefix("offset:") {
+                offset = v.parse().ok();
+            } else if let Some(v) = part.strip_prefix("size:") {
+                size = v.parse().ok();
+            }
+        }
+        // "unsigned char saddr[4]" -> "saddr"
+        let name = declaration
+            .rsplit(|c: char| c.is_whitespace() || c == '*')
+            .next()
+            .unwrap_or("")
+            .split('[')
+            .next()
+            .unwrap_or("");
+        if let (false, Some(offset), Some(size)) = (name.is_empty(), offset, size) {
+            fields.insert(name.to_owned(), (offset, size));
+        }
+    }
+    fields
+}
+
+/// The fields a program reads from a tracepoint, as compiled into it.
+pub fn expected_fields(category: &str, name: &str) -> Vec<(&'static str, FieldLayout)> {
+    macro_rules! fields {
+        ($ty:ty: $($field:ident),+) => {
+            vec![$((
+                stringify!($field),
+                (offset_of!($ty, $field), size_of_field(|r: &$ty| &r.$field)),
+            )),+]
+        };
+    }
+    match (category, name) {
+        ("sock", "inet_sock_set_state") => fields!(InetSockSetState:
+            skaddr, oldstate, newstate, sport, dport, family, protocol,
+            saddr, daddr, saddr_v6, daddr_v6),
+        ("sock", "sock_send_length" | "sock_recv_length") => {
+            fields!(SockLength: sk, family, protocol, ret, flags)
+        }
+        ("tcp", "tcp_retransmit_skb") => fields!(TcpRetransmitSkb: skaddr, sport),
+        ("tcp", "tcp_receive_reset") => fields!(TcpReceiveReset: skaddr),
+        ("syscalls", _) => fields!(SysExit: ret),
+        _ => Vec::new(),
+    }
+}
+
+fn size_of_field<T, F>(_: impl Fn(&T) -> &F) -> usize {
+    size_of::<F>()
+}
+
+/// Checks that the running kernel lays out `category/name` as the programs expect.
+pub fn check_layout(root: &Path, category: &str, name: &str) -> Result<()> {
+    let path = root.join("events").join(category).join(name).join("format");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("tracepoint {category}/{name} is not available ({path:?})"))?;
+    let actual = parse_format(&text);
+    for (field, expected) in expected_fields(category, name) {
+        match actual.get(field) {
+            Some(found) if *found == expected => {}
+            Some(found) => bail!(
+                "tracepoint {category}/{name}: field `{field}` is at offset {} size {} on this \
+                 kernel, the programs expect offset {} size {}",
+                found.0,
+                found.1,
+                expected.0,
+                expected.1
+            ),
+            None => bail!("tracepoint {category}/{name} has no field `{field}` on this kernel"),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEND_LENGTH: &str = "name: sock_send_length
+ID: 2284
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:void * sk;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:__u16 family;\toffset:16;\tsize:2;\tsigned:0;
+\tfield:__u16 protocol;\toffset:18;\tsize:2;\tsigned:0;
+\tfield:int ret;\toffset:20;\tsize:4;\tsigned:1;
+\tfield:int flags;\toffset:24;\tsize:4;\tsigned:1;
+
+print fmt: \"sk address = %p\", REC->sk
+";
+
+    #[test]
+    fn parses_format_fields() {
+        let fields = parse_format(SEND_LENGTH);
+        assert_eq!(fields["sk"], (8, 8));
+        assert_eq!(fields["ret"], (20, 4));
+        assert_eq!(fields["common_pid"], (4, 4));
+        let arrays = parse_format("\tfield:__u8 saddr_v6[16];\toffset:40;\tsize:16;\tsigned:0;");
+        assert_eq!(arrays["saddr_v6"], (40, 16));
+    }
+
+    #[test]
+    fn compiled_layout_matches_the_documented_one() {
+        let expected = expected_fields("sock", "sock_send_length");
+        let fields = parse_format(SEND_LENGTH);
+        for (name, layout) in expected {
+            assert_eq!(fields[name], layout, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_moved_field_is_an_error_naming_it() {
+        let dir = std::env::temp_dir().join(format!("stalltrace-tracefs-{}", std::process::id()));
+        let event = dir.join("events/sock/sock_send_length");
+        std::fs::create_dir_all(&event).unwrap();
+        std::fs::write(
+            event.join("format"),
+            SEND_LENGTH.replace("offset:20", "offset:28"),
+        )
+        .unwrap();
+        let err = check_layout(&dir, "sock", "sock_send_length")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`ret`") && err.contains("offset 28"), "{err}");
+        std::fs::write(event.join("format"), SEND_LENGTH).unwrap();
+        check_layout(&dir, "sock", "sock_send_length").unwrap();
+        let missing = check_layout(&dir, "sock", "sock_recv_length").unwrap_err();
+        assert!(missing.to_string().contains("not available"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

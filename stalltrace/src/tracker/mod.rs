@@ -1,0 +1,609 @@
+//! The connection lifecycle and stall state machine: pure, no I/O.
+//!
+//! Inputs are kernel events ([`Tracker::on_event`]), the daemon's periodic sweep over the
+//! connections worth watching ([`Tracker::sweep`], given a lookup of the kernel's current
+//! snapshot), and connections found in /proc at start-up ([`Tracker::adopt`]). Outputs are
+//! [`Event`]s, in order.
+//!
+//! The kernel keeps per-connection counters itself and reports a request start at most once per
+//! sweep epoch per connection, so a busy connection costs one event per sweep. Every connection
+//! reported during the epoch that just ended is re-read at the next sweep; an idle one is then
+//! dropped from the watch list until its next request start is reported. Stalls are found by
+//! sweeps (nothing happens on a stalled connection, by definition); their ends are reported by
+//! the kernel the moment traffic or a close arrives.
+pub mod model;
+pub mod verdict;
+
+use std::collections::{HashMap, HashSet};
+
+use stalltrace_common::{conn_flags, ConnEvent, ConnState, EventKind};
+
+use model::{Endpoints, Owner, Resolution, Role, StallKind};
+use verdict::Activity;
+
+/// Something the daemon reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    /// When it happened (CLOCK_MONOTONIC ns).
+    pub at_ns: u64,
+    pub conn: ConnRef,
+    pub detail: Detail,
+}
+
+/// A connection's identity as of an event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConnRef {
+    pub id: u64,
+    pub role: Role,
+    pub owner: Owner,
+    pub endpoints: Endpoints,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Detail {
+    Open {
+        /// Found in /proc at start-up rather than seen opening.
+        adopted: bool,
+    },
+    Close(CloseSummary),
+    StallStart {
+        kind: StallKind,
+        quiet_ms: u64,
+    },
+    StallEnd {
+        kind: StallKind,
+        /// From the start of the quiet stretch to its end.
+        duration_ms: u64,
+        resolution: Resolution,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CloseSummary {
+    pub how: Resolution,
+    pub totals: Totals,
+    /// A stall was open when the connection closed, or was ended by the close.
+    pub closed_while_stalled: bool,
+    pub duration_ms: u64,
+    /// The totals cover the whole connection. False when it was found already open, when the
+    /// kernel lost its state (map eviction), or when its close was never seen.
+    pub complete: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub sends: u64,
+    pub receives: u64,
+    pub requests: u64,
+    pub exchanges: u64,
+    pub retransmits: u32,
+}
+
+impl Totals {
+    pub fn from_kernel(state: &ConnState) -> Self {
+        Self {
+            bytes_sent: state.bytes_sent,
+            bytes_received: state.bytes_recv,
+            sends: state.send_calls,
+            receives: state.recv_calls,
+            requests: state.requests,
+            exchanges: state.exchanges,
+            retransmits: state.retransmits,
+        }
+    }
+}
+
+/// An open stall.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stall {
+    pub kind: StallKind,
+    /// Start of the quiet stretch (last transfer in the request direction, or connect()).
+    pub quiet_since_ns: u64,
+    /// When it was reported.
+    pub reported_ns: u64,
+    exchanges_at_start: u64,
+}
+
+/// A tracked connection.
+#[derive(Clone, Debug)]
+pub struct Conn {
+    pub id: u64,
+    pub role: Role,
+    pub endpoints: Endpoints,
+    pub owner: Owner,
+    pub opened_ns: u64,
+    pub adopted: bool,
+    pub stall: Option<Stall>,
+    /// Some of this connection's history is missing (see [`CloseSummary::complete`]).
+    pub incomplete: bool,
+    /// `open_ns` of the kernel entry this record follows: tells a reused sock address apart.
+    kernel_open_ns: u64,
+    announced: bool,
+    closed_while_stalled: bool,
+    watch_epoch: u32,
+    missing_sweeps: u8,
+}
+
+impl Conn {
+    fn reference(&self) -> ConnRef {
+        ConnRef {
+            id: self.id,
+            role: self.role,
+            owner: self.owner,
+            endpoints: self.endpoints,
+        }
+    }
+
+    /// Takes what a newer kernel snapshot knows better.
+    fn refresh(&mut self, state: &ConnState) {
+        if let Some(owner) = Owner::from_kernel(state) {
+            self.owner = owner;
+        }
+        if self.endpoints.local_port == 0 {
+            // connect() picks the local port after the SYN_SENT transition.
+            self.endpoints = Endpoints::from_kernel(state);
+        }
+    }
+}
+
+/// A connection found in /proc at start-up.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Adoption {
+    pub endpoints: Endpoints,
+    pub role: Role,
+    pub owner: Owner,
+}
+
+/// Counters for `stalltrace status` and loss reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub events: u64,
+    /// Records with an unknown event kind (a mismatched kernel object).
+    pub unknown_events: u64,
+    /// Connections whose kernel state was evicted from the map and rebuilt from traffic.
+    pub evictions: u64,
+    /// Connections whose close was never seen (the kernel entry vanished, or the sock address
+    /// was reused before a close event arrived).
+    pub lost_closes: u64,
+}
+
+/// Sweeps a kernel entry may be missing before the connection's close is taken as lost.
+const MISSING_SWEEPS_BEFORE_LOST: u8 = 3;
+
+pub struct Tracker {
+    stall_after_ns: u64,
+    /// Connections the kernel tracks, by `struct sock` address.
+    conns: HashMap<u64, Conn>,
+    /// Connections found in /proc that the kernel has not reported yet.
+    adopted: HashMap<Endpoints, Conn>,
+    watched: HashSet<u64>,
+    next_id: u64,
+    stats: Stats,
+}
+
+impl Tracker {
+    pub fn new(stall_after_ns: u64) -> Self {
+        Self {
+            stall_after_ns,
+            conns: HashMap::new(),
+            adopted: HashMap::new(),
+            watched: HashSet::new(),
+            next_id: 1,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    pub fn stall_after_ns(&self) -> u64 {
+        self.stall_after_ns
+    }
+
+    /// Every tracked connection, with its kernel key when the kernel knows it.
+    pub fn conns(&self) -> impl Iterator<Item = (Option<u64>, &Conn)> {
+        let tracked = self.conns.iter().map(|(sock, conn)| (Some(*sock), conn));
+        tracked.chain(self.adopted.values().map(|conn| (None, conn)))
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len() + self.adopted.len()
+    }
+
+    /// Open stalls, oldest first.
+    pub fn stalls(&self) -> Vec<(&Conn, Stall)> {
+        let mut stalls: Vec<_> = self
+            .conns()
+            .filter_map(|(_, conn)| conn.stall.map(|stall| (conn, stall)))
+            .collect();
+        stalls.sort_by_key(|(conn, stall)| (stall.quiet_since_ns, conn.id));
+        stalls
+    }
+
+    pub fn watched(&self) -> usize {
+        self.watched.len()
+    }
+
+    /// Registers a connection that was already open when the daemon started.
+    pub fn adopt(&mut self, adoption: Adoption, now: u64, out: &mut Vec<Event>) {
+        let known = self.adopted.contains_key(&adoption.endpoints)
+            || self
+                .conns
+                .values()
+                .any(|conn| conn.endpoints == adoption.endpoints);
+        if known {
+            return;
+        }
+        let mut conn = Conn {
+            id: self.take_id(),
+            role: adoption.role,
+            endpoints: adoption.endpoints,
+            owner: adoption.owner,
+            opened_ns: now,
+            adopted: true,
+            stall: None,
+            incomplete: true,
+            kernel_open_ns: 0,
+            announced: false,
+            closed_while_stalled: false,
+            watch_epoch: 0,
+            missing_sweeps: 0,
+        };
+        announce(&mut conn, now, out);
+        self.adopted.insert(adoption.endpoints, conn);
+    }
+
+    pub fn on_event(&mut self, event: &ConnEvent, out: &mut Vec<Event>) {
+        self.stats.events += 1;
+        let Some(kind) = event.kind() else {
+            self.stats.unknown_events += 1;
+            return;
+        };
+        let sock = event.header.sock;
+        let at = event.header.ts_ns;
+        let state = &event.conn;
+        if kind == EventKind::Closed {
+            self.on_closed(sock, state, at, out);
+            return;
+        }
+        if kind == EventKind::ConnectStarted {
+            if let Some(stale) = self.conns.remove(&sock) {
+                self.close_unseen(stale, at, out);
+            }
+        }
+        let stall_after_ns = self.stall_after_ns;
+        let conn = self.conn_for(sock, state, at, out);
+        conn.refresh(state);
+        match kind {
+            EventKind::Established => {
+                let pending = conn.stall.filter(|s| s.kind == StallKind::ConnectPending);
+                if pending.is_none() && at.saturating_sub(state.open_ns) >= stall_after_ns {
+                    // The handshake took longer than the threshold between two sweeps.
+                    let threshold_at = state.open_ns + stall_after_ns;
+                    start_stall(
+                        conn,
+                        StallKind::ConnectPending,
+                        state.open_ns,
+                        threshold_at,
+                        0,
+                        out,
+                    );
+                }
+                if conn.stall.is_some() {
+                    end_stall(conn, at, Resolution::Response, out);
+                }
+                announce(conn, at, out);
+            }
+            EventKind::QuietEnded => {
+                // The kernel saw quiet of at least the threshold end with this transfer or close.
+                if conn.stall.is_none() {
+                    let quiet_since = verdict::last_request_ns(state);
+                    let kind = StallKind::for_role(conn.role);
+                    let threshold_at = quiet_since + stall_after_ns;
+                    start_stall(conn, kind, quiet_since, threshold_at, state.exchanges, out);
+                }
+                let how = match verdict::assess(state) {
+                    Activity::Ending { how, .. } => how,
+                    _ => Resolution::Response,
+                };
+                end_stall(conn, at, how, out);
+            }
+            EventKind::ConnectStarted
+            | EventKind::Accepted
+            | EventKind::Discovered
+            | EventKind::RequestStarted => {
+                if kind != EventKind::ConnectStarted {
+                    announce(conn, at, out);
+                }
+            }
+            EventKind::Closed => unreachable!("handled above"),
+        }
+        conn.watch_epoch = conn.watch_epoch.max(state.notified_epoch);
+        self.watched.insert(sock);
+    }
+
+    /// Re-reads the watched connections. `epoch` is the epoch the daemon just started;
+    /// `lookup` returns the kernel's current entry for a `struct sock` address.
+    pub fn sweep(
+        &mut self,
+        now: u64,
+        epoch: u32,
+        mut lookup: impl FnMut(u64) -> Option<ConnState>,
+        out: &mut Vec<Event>,
+    ) {
+        let stall_after_ns = self.stall_after_ns;
+        let mut drop = Vec::new();
+        let mut lost = Vec::new();
+        for &sock in &self.watched {
+            let Some(conn) = self.conns.get_mut(&sock) else {
+                drop.push(sock);
+                continue;
+            };
+            let Some(state) = lookup(sock) else {
+                // Its close event may still be in flight; after a few sweeps, it is lost.
+                conn.missing_sweeps += 1;
+                if conn.missing_sweeps >= MISSING_SWEEPS_BEFORE_LOST {
+                    lost.push(sock);
+                }
+                continue;
+            };
+            conn.missing_sweeps = 0;
+            conn.refresh(&state);
+            let activity = verdict::assess(&state);
+            observe(conn, &state, activity, now, stall_after_ns, out);
+            let busy = matches!(
+                activity,
+                Activity::Outstanding { .. } | Activity::ConnectPending { .. }
+            );
+            let recently_reported = conn.watch_epoch.saturating_add(1) >= epoch;
+            if !(busy || conn.stall.is_some() || recently_reported) {
+                drop.push(sock);
+            }
+        }
+        for sock in drop {
+            self.watched.remove(&sock);
+        }
+        for sock in lost {
+            self.watched.remove(&sock);
+            if let Some(conn) = self.conns.remove(&sock) {
+                self.close_unseen(conn, now, out);
+            }
+        }
+    }
+
+    fn take_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// The record for the connection in `state`: the known one, one adopted from /proc with the
+    /// same endpoints, or a new one. A record left behind by an earlier connection on the same
+    /// sock address (its close lost) is closed first.
+    fn conn_for(
+        &mut self,
+        sock: u64,
+        state: &ConnState,
+        at: u64,
+        out: &mut Vec<Event>,
+    ) -> &mut Conn {
+        let discovered = state.flags & conn_flags::DISCOVERED != 0;
+        if let Some(known) = self.conns.get(&sock) {
+            let same = if discovered {
+                known.endpoints == Endpoints::from_kernel(state) || known.endpoints.local_port == 0
+            } else {
+                known.kernel_open_ns == state.open_ns
+            };
+            if !same {
+                let stale = self.conns.remove(&sock).expect("present");
+                self.close_unseen(stale, at, out);
+            } else if discovered && known.kernel_open_ns != state.open_ns && !known.adopted {
+                // Same connection, new kernel entry: the old one was evicted.
+                self.stats.evictions += 1;
+                let conn = self.conns.get_mut(&sock).expect("present");
+                conn.incomplete = true;
+                conn.kernel_open_ns = state.open_ns;
+            }
+        }
+        if !self.conns.contains_key(&sock) {
+            let endpoints = Endpoints::from_kernel(state);
+            let conn = match self.adopted.remove(&endpoints) {
+                Some(mut conn) => {
+                    conn.kernel_open_ns = state.open_ns;
+                    conn
+                }
+                None => Conn {
+                    id: self.take_id(),
+                    role: verdict::role_of(state),
+                    endpoints,
+                    owner: Owner::default(),
+                    opened_ns: state.open_ns,
+                    adopted: false,
+                    stall: None,
+                    incomplete: discovered,
+                    kernel_open_ns: state.open_ns,
+                    announced: false,
+                    closed_while_stalled: false,
+                    watch_epoch: 0,
+                    missing_sweeps: 0,
+                },
+            };
+            self.conns.insert(sock, conn);
+        }
+        self.conns.get_mut(&sock).expect("inserted above")
+    }
+
+    fn on_closed(&mut self, sock: u64, state: &ConnState, at: u64, out: &mut Vec<Event>) {
+        self.watched.remove(&sock);
+        let endpoints = Endpoints::from_kernel(state);
+        let conn = match self.conns.remove(&sock) {
+            Some(conn) => Some(conn),
+            None => self.adopted.remove(&endpoints),
+        };
+        // A connection never reported (e.g. reset in the accept queue) closes silently.
+        let Some(mut conn) = conn else {
+            return;
+        };
+        conn.refresh(state);
+        let how = verdict::ending(state);
+        let stall_after_ns = self.stall_after_ns;
+        let connect_failed = state.flags & conn_flags::ESTABLISHED == 0;
+        if conn.stall.is_none() && connect_failed {
+            // A connect() that hung past the threshold and failed between two sweeps. (For
+            // established connections the kernel reports such an ending as QuietEnded first.)
+            let pending_since = state.open_ns;
+            if at.saturating_sub(pending_since) >= stall_after_ns {
+                let threshold_at = pending_since + stall_after_ns;
+                let kind = StallKind::ConnectPending;
+                start_stall(&mut conn, kind, pending_since, threshold_at, 0, out);
+            }
+        }
+        if conn.stall.is_some() {
+            end_stall(&mut conn, at, how, out);
+        }
+        announce(&mut conn, at, out);
+        let complete = !conn.incomplete && state.flags & conn_flags::DISCOVERED == 0;
+        let summary = CloseSummary {
+            how,
+            totals: Totals::from_kernel(state),
+            closed_while_stalled: conn.closed_while_stalled,
+            duration_ms: ms(at.saturating_sub(conn.opened_ns)),
+            complete,
+        };
+        out.push(Event {
+            at_ns: at,
+            conn: conn.reference(),
+            detail: Detail::Close(summary),
+        });
+    }
+
+    /// Closes a connection whose close was never observed: its totals are unknown.
+    fn close_unseen(&mut self, mut conn: Conn, at: u64, out: &mut Vec<Event>) {
+        self.stats.lost_closes += 1;
+        if conn.stall.is_some() {
+            end_stall(&mut conn, at, Resolution::Closed, out);
+        }
+        if !conn.announced {
+            return;
+        }
+        out.push(Event {
+            at_ns: at,
+            conn: conn.reference(),
+            detail: Detail::Close(CloseSummary {
+                how: Resolution::Closed,
+                totals: Totals::default(),
+                closed_while_stalled: conn.closed_while_stalled,
+                duration_ms: ms(at.saturating_sub(conn.opened_ns)),
+                complete: false,
+            }),
+        });
+    }
+}
+
+/// Applies a snapshot read by a sweep: ends a stall the connection left, starts one it entered.
+fn observe(
+    conn: &mut Conn,
+    state: &ConnState,
+    activity: Activity,
+    now: u64,
+    stall_after_ns: u64,
+    out: &mut Vec<Event>,
+) {
+    if let Some(stall) = conn.stall {
+        let end = match (stall.kind, activity) {
+            (_, Activity::Ending { at, how }) => Some((at, how)),
+            (StallKind::ConnectPending, Activity::ConnectPending { .. }) => None,
+            (StallKind::ConnectPending, _) => Some((state.state_ns, Resolution::Response)),
+            (_, Activity::Idle) => Some((state.dir_since_ns, Resolution::Response)),
+            // A reply came and a new request went since (its end event was lost): the reply
+            // time is unknown, the new request's start bounds it.
+            (_, Activity::Outstanding { .. }) if state.exchanges > stall.exchanges_at_start => {
+                Some((state.dir_since_ns, Resolution::Response))
+            }
+            _ => None,
+        };
+        if let Some((at, how)) = end {
+            end_stall(conn, at, how, out);
+        }
+    }
+    if conn.stall.is_some() {
+        return;
+    }
+    let (kind, quiet_since) = match activity {
+        Activity::Outstanding { quiet_since } => (StallKind::for_role(conn.role), quiet_since),
+        Activity::ConnectPending { since } => (StallKind::ConnectPending, since),
+        Activity::Idle | Activity::Ending { .. } => return,
+    };
+    if now.saturating_sub(quiet_since) >= stall_after_ns {
+        start_stall(conn, kind, quiet_since, now, state.exchanges, out);
+    }
+}
+
+/// Opens a stall reported at `at`. A stall found only after it ended is dated when it crossed
+/// the threshold (`at` = `quiet_since` + threshold).
+fn start_stall(
+    conn: &mut Conn,
+    kind: StallKind,
+    quiet_since: u64,
+    at: u64,
+    exchanges_at_start: u64,
+    out: &mut Vec<Event>,
+) {
+    announce(conn, at, out);
+    conn.stall = Some(Stall {
+        kind,
+        quiet_since_ns: quiet_since,
+        reported_ns: at,
+        exchanges_at_start,
+    });
+    out.push(Event {
+        at_ns: at,
+        conn: conn.reference(),
+        detail: Detail::StallStart {
+            kind,
+            quiet_ms: ms(at.saturating_sub(quiet_since)),
+        },
+    });
+}
+
+fn end_stall(conn: &mut Conn, at: u64, resolution: Resolution, out: &mut Vec<Event>) {
+    let Some(stall) = conn.stall.take() else {
+        return;
+    };
+    if resolution != Resolution::Response {
+        conn.closed_while_stalled = true;
+    }
+    out.push(Event {
+        at_ns: at,
+        conn: conn.reference(),
+        detail: Detail::StallEnd {
+            kind: stall.kind,
+            duration_ms: ms(at.saturating_sub(stall.quiet_since_ns)),
+            resolution,
+        },
+    });
+}
+
+fn announce(conn: &mut Conn, at: u64, out: &mut Vec<Event>) {
+    if conn.announced {
+        return;
+    }
+    conn.announced = true;
+    out.push(Event {
+        at_ns: at,
+        conn: conn.reference(),
+        detail: Detail::Open {
+            adopted: conn.adopted,
+        },
+    });
+}
+
+fn ms(ns: u64) -> u64 {
+    ns / 1_000_000
+}
+
+#[cfg(test)]
+mod tests;

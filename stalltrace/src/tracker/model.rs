@@ -1,0 +1,210 @@
+//! Domain types of the connection tracker, decoded from the kernel ABI.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use stalltrace_common::{role, ConnState, AF_INET6, COMM_LEN};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Client,
+    Server,
+}
+
+impl Role {
+    pub fn from_kernel(value: u8) -> Self {
+        if value == role::SERVER {
+            Self::Server
+        } else {
+            Self::Client
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Server => "server",
+        }
+    }
+}
+
+/// Addresses and ports of a connection. IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`, as seen
+/// on dual-stack sockets) are stored as IPv4: that is the network the traffic uses, and it
+/// makes the same connection compare equal whichever source reported it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Endpoints {
+    pub local: IpAddr,
+    pub local_port: u16,
+    pub peer: IpAddr,
+    pub peer_port: u16,
+}
+
+impl Endpoints {
+    pub fn from_kernel(state: &ConnState) -> Self {
+        Self {
+            local: ip_from_kernel(state.family, &state.local_addr),
+            local_port: state.local_port,
+            peer: ip_from_kernel(state.family, &state.peer_addr),
+            peer_port: state.peer_port,
+        }
+    }
+
+    /// `network.type` in OpenTelemetry terms.
+    pub fn network_type(&self) -> &'static str {
+        match self.local {
+            IpAddr::V4(_) => "ipv4",
+            IpAddr::V6(_) => "ipv6",
+        }
+    }
+
+    pub fn has_port(&self, port: u16) -> bool {
+        self.local_port == port || self.peer_port == port
+    }
+}
+
+fn ip_from_kernel(family: u16, addr: &[u8; 16]) -> IpAddr {
+    if family == AF_INET6 {
+        Ipv6Addr::from(*addr).to_canonical()
+    } else {
+        IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
+    }
+}
+
+/// The executable name the kernel keeps per task (`comm`, at most 15 bytes).
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct Comm([u8; COMM_LEN]);
+
+impl Comm {
+    pub fn from_kernel(raw: [u8; COMM_LEN]) -> Self {
+        Self(raw)
+    }
+
+    pub fn new(name: &str) -> Self {
+        let mut raw = [0; COMM_LEN];
+        let len = name.len().min(COMM_LEN - 1);
+        raw[..len].copy_from_slice(&name.as_bytes()[..len]);
+        Self(raw)
+    }
+
+    pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
+        let len = self.0.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+        String::from_utf8_lossy(&self.0[..len])
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// The process and thread that last used a connection. pid 0: not known yet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: Comm,
+}
+
+impl Owner {
+    /// The owner recorded in a kernel snapshot, if it has one.
+    pub fn from_kernel(state: &ConnState) -> Option<Self> {
+        (state.tgid != 0).then(|| Self {
+            pid: state.tgid,
+            tid: state.tid,
+            comm: Comm::from_kernel(state.comm),
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StallKind {
+    /// Server role: a request came in and nothing went out since.
+    UnansweredRequest,
+    /// Client role: a request went out and nothing came back since.
+    AwaitingResponse,
+    /// `connect()` sent a SYN and the handshake has not completed.
+    ConnectPending,
+}
+
+impl StallKind {
+    pub fn for_role(role: Role) -> Self {
+        match role {
+            Role::Server => Self::UnansweredRequest,
+            Role::Client => Self::AwaitingResponse,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UnansweredRequest => "unanswered_request",
+            Self::AwaitingResponse => "awaiting_response",
+            Self::ConnectPending => "connect_pending",
+        }
+    }
+}
+
+/// How a stall ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    /// Traffic came back (or the handshake completed, for `connect_pending`).
+    Response,
+    /// Either side closed the connection with a FIN.
+    Closed,
+    /// The connection was reset.
+    Reset,
+}
+
+impl Resolution {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Response => "response",
+            Self::Closed => "closed",
+            Self::Reset => "reset",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stalltrace_common::AF_INET;
+
+    #[test]
+    fn v4_mapped_addresses_become_ipv4() {
+        let mut state = ConnState {
+            family: AF_INET6,
+            local_port: 80,
+            ..Default::default()
+        };
+        state.local_addr = Ipv6Addr::from([0, 0, 0, 0, 0, 0xffff, 0x7f00, 1]).octets();
+        state.peer_addr = Ipv6Addr::LOCALHOST.octets();
+        let endpoints = Endpoints::from_kernel(&state);
+        assert_eq!(endpoints.local, IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(endpoints.network_type(), "ipv4");
+        assert_eq!(endpoints.peer, IpAddr::V6(Ipv6Addr::LOCALHOST));
+    }
+
+    #[test]
+    fn ipv4_uses_the_first_four_bytes() {
+        let mut state = ConnState {
+            family: AF_INET,
+            ..Default::default()
+        };
+        state.peer_addr[..4].copy_from_slice(&[10, 1, 2, 3]);
+        state.peer_addr[4] = 0xff; // garbage past the address must be ignored
+        assert_eq!(
+            Endpoints::from_kernel(&state).peer,
+            IpAddr::from([10, 1, 2, 3])
+        );
+    }
+
+    #[test]
+    fn comm_stops_at_nul_and_truncates() {
+        let mut raw = [0u8; COMM_LEN];
+        raw[..5].copy_from_slice(b"nginx");
+        assert_eq!(Comm::from_kernel(raw).as_str(), "nginx");
+        assert_eq!(
+            Comm::new("a-very-long-process-name").as_str(),
+            "a-very-long-pro"
+        );
+    }
+}

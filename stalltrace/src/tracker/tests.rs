@@ -1,0 +1,635 @@
+use std::net::{IpAddr, Ipv4Addr};
+
+use stalltrace_common::{
+    conn_flags, direction, role, tcp_state, ConnEvent, ConnState, EventHeader, EventKind, AF_INET,
+};
+
+use super::model::{Comm, Endpoints, Owner, Resolution, Role, StallKind};
+use super::{Adoption, Detail, Event, Tracker};
+
+const MS: u64 = 1_000_000;
+const SEC: u64 = 1_000 * MS;
+const THRESHOLD: u64 = 5 * SEC;
+const SOCK: u64 = 0xffff_8880_0000_1000;
+
+/// A kernel connection entry the tests evolve step by step, like the kernel programs do.
+#[derive(Clone)]
+struct Kernel {
+    state: ConnState,
+    epoch: u32,
+}
+
+impl Kernel {
+    fn new(role_id: u8, open_ns: u64) -> Self {
+        let mut state = ConnState {
+            open_ns,
+            state_ns: open_ns,
+            role: role_id,
+            tcp_state: tcp_state::ESTABLISHED,
+            family: AF_INET,
+            flags: conn_flags::ESTABLISHED,
+            tgid: 4242,
+            tid: 4243,
+            local_port: if role_id == role::SERVER {
+                8080
+            } else {
+                40_000
+            },
+            peer_port: if role_id == role::SERVER {
+                40_000
+            } else {
+                8080
+            },
+            comm: *b"worker\0\0\0\0\0\0\0\0\0\0",
+            ..Default::default()
+        };
+        state.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        state.peer_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        Self { state, epoch: 1 }
+    }
+
+    /// A transfer, as `transfer.rs` records it.
+    fn transfer(&mut self, dir: u8, at: u64) {
+        let request_dir = if self.state.role == role::SERVER {
+            direction::IN
+        } else {
+            direction::OUT
+        };
+        let s = &mut self.state;
+        if dir == direction::IN {
+            s.bytes_recv += 10;
+            s.recv_calls += 1;
+            s.last_recv_ns = at;
+        } else {
+            s.bytes_sent += 20;
+            s.send_calls += 1;
+            s.last_send_ns = at;
+        }
+        if s.last_dir != dir {
+            if dir == request_dir {
+                s.requests += 1;
+            } else if s.last_dir != direction::NONE {
+                s.exchanges += 1;
+            }
+            s.last_dir = dir;
+            s.dir_since_ns = at;
+        }
+    }
+
+    fn set_state(&mut self, new_state: u8, at: u64) {
+        self.state.tcp_state = new_state;
+        self.state.state_ns = at;
+    }
+
+    fn event(&mut self, kind: EventKind, at: u64) -> ConnEvent {
+        self.state.notified_epoch = self.epoch;
+        ConnEvent {
+            header: EventHeader {
+                kind: kind as u32,
+                _pad: 0,
+                ts_ns: at,
+                sock: SOCK,
+            },
+            conn: self.state,
+        }
+    }
+}
+
+fn tracker() -> Tracker {
+    Tracker::new(THRESHOLD)
+}
+
+fn feed(tracker: &mut Tracker, event: ConnEvent) -> Vec<Event> {
+    let mut out = Vec::new();
+    tracker.on_event(&event, &mut out);
+    out
+}
+
+fn sweep(tracker: &mut Tracker, kernel: &mut Kernel, now: u64) -> Vec<Event> {
+    kernel.epoch += 1;
+    let mut out = Vec::new();
+    let state = kernel.state;
+    tracker.sweep(
+        now,
+        kernel.epoch,
+        |sock| (sock == SOCK).then_some(state),
+        &mut out,
+    );
+    out
+}
+
+fn details(events: &[Event]) -> Vec<&Detail> {
+    events.iter().map(|e| &e.detail).collect()
+}
+
+/// An accepted server connection that received a request at 1 s.
+fn server_with_request() -> (Tracker, Kernel) {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, 0);
+    let opened = feed(&mut t, k.event(EventKind::Accepted, 0));
+    assert_eq!(details(&opened), [&Detail::Open { adopted: false }]);
+    k.transfer(direction::IN, SEC);
+    (t, k)
+}
+
+#[test]
+fn server_request_without_reply_stalls_at_the_threshold() {
+    let (mut t, mut k) = server_with_request();
+    assert!(sweep(&mut t, &mut k, SEC + THRESHOLD - MS).is_empty());
+    let events = sweep(&mut t, &mut k, SEC + THRESHOLD);
+    assert_eq!(
+        details(&events),
+        [&Detail::StallStart {
+            kind: StallKind::UnansweredRequest,
+            quiet_ms: 5_000
+        }]
+    );
+    let conn = &events[0].conn;
+    assert_eq!(conn.role, Role::Server);
+    assert_eq!(conn.owner.pid, 4242);
+    assert_eq!(conn.owner.tid, 4243);
+    assert_eq!(conn.owner.comm.as_str(), "worker");
+    assert_eq!(conn.endpoints.local_port, 8080);
+    assert_eq!(conn.endpoints.local, IpAddr::V4(Ipv4Addr::LOCALHOST));
+    // Reported once, not at every sweep.
+    assert!(sweep(&mut t, &mut k, SEC + THRESHOLD + SEC).is_empty());
+    assert_eq!(t.stalls().len(), 1);
+}
+
+#[test]
+fn client_request_without_reply_awaits_response() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::CLIENT, 0);
+    feed(&mut t, k.event(EventKind::Established, 0));
+    k.transfer(direction::OUT, 2 * SEC);
+    let events = sweep(&mut t, &mut k, 2 * SEC + THRESHOLD + 100 * MS);
+    assert_eq!(
+        details(&events),
+        [&Detail::StallStart {
+            kind: StallKind::AwaitingResponse,
+            quiet_ms: 5_100
+        }]
+    );
+}
+
+#[test]
+fn keep_alive_connection_idle_for_long_is_never_a_stall() {
+    for role_id in [role::SERVER, role::CLIENT] {
+        let mut t = tracker();
+        let mut k = Kernel::new(role_id, 0);
+        feed(&mut t, k.event(EventKind::Accepted, 0));
+        let (request, reply) = if role_id == role::SERVER {
+            (direction::IN, direction::OUT)
+        } else {
+            (direction::OUT, direction::IN)
+        };
+        k.transfer(request, SEC);
+        k.transfer(reply, SEC + 2 * MS);
+        for step in 1..=40 {
+            let now = SEC + step * THRESHOLD / 10;
+            assert!(
+                sweep(&mut t, &mut k, now).is_empty(),
+                "role {role_id} at {now}"
+            );
+        }
+        assert!(t.stalls().is_empty());
+        // Idle and reported two epochs ago: no longer re-read at every sweep.
+        assert_eq!(t.watched(), 0);
+    }
+}
+
+#[test]
+fn slow_upload_is_not_quiet() {
+    let (mut t, mut k) = server_with_request();
+    for step in 1..=10 {
+        let at = SEC + step * SEC;
+        k.transfer(direction::IN, at);
+        assert!(sweep(&mut t, &mut k, at + 10 * MS).is_empty());
+    }
+}
+
+#[test]
+fn reply_after_a_stall_ends_it_with_the_true_duration() {
+    let (mut t, mut k) = server_with_request();
+    sweep(&mut t, &mut k, SEC + THRESHOLD + 200 * MS);
+    let reply_at = SEC + 7_300 * MS;
+    k.transfer(direction::OUT, reply_at);
+    let events = feed(&mut t, k.event(EventKind::QuietEnded, reply_at));
+    assert_eq!(
+        details(&events),
+        [&Detail::StallEnd {
+            kind: StallKind::UnansweredRequest,
+            duration_ms: 7_300,
+            resolution: Resolution::Response
+        }]
+    );
+    assert_eq!(events[0].at_ns, reply_at);
+    assert!(t.stalls().is_empty());
+}
+
+#[test]
+fn a_stall_that_ended_between_sweeps_is_still_reported() {
+    let (mut t, mut k) = server_with_request();
+    let reply_at = SEC + THRESHOLD + 50 * MS;
+    k.transfer(direction::OUT, reply_at);
+    let events = feed(&mut t, k.event(EventKind::QuietEnded, reply_at));
+    assert_eq!(
+        details(&events),
+        [
+            &Detail::StallStart {
+                kind: StallKind::UnansweredRequest,
+                quiet_ms: 5_000
+            },
+            &Detail::StallEnd {
+                kind: StallKind::UnansweredRequest,
+                duration_ms: 5_050,
+                resolution: Resolution::Response
+            }
+        ]
+    );
+    assert_eq!(events[0].at_ns, SEC + THRESHOLD);
+}
+
+#[test]
+fn a_sweep_also_ends_a_stall_whose_end_event_was_lost() {
+    let (mut t, mut k) = server_with_request();
+    sweep(&mut t, &mut k, SEC + THRESHOLD);
+    k.transfer(direction::OUT, 9 * SEC);
+    let events = sweep(&mut t, &mut k, 9 * SEC + 100 * MS);
+    assert_eq!(
+        details(&events),
+        [&Detail::StallEnd {
+            kind: StallKind::UnansweredRequest,
+            duration_ms: 8_000,
+            resolution: Resolution::Response
+        }]
+    );
+}
+
+#[test]
+fn close_while_stalled_ends_the_stall_as_closed() {
+    let (mut t, mut k) = server_with_request();
+    sweep(&mut t, &mut k, SEC + THRESHOLD);
+    let close_at = 10 * SEC;
+    k.set_state(tcp_state::CLOSE, close_at);
+    let events = feed(&mut t, k.event(EventKind::Closed, close_at));
+    let [end, close] = &events[..] else {
+        panic!("expected stall.end and conn.close, got {events:?}");
+    };
+    assert_eq!(
+        end.detail,
+        Detail::StallEnd {
+            kind: StallKind::UnansweredRequest,
+            duration_ms: 9_000,
+            resolution: Resolution::Closed
+        }
+    );
+    let Detail::Close(summary) = &close.detail else {
+        panic!("expected conn.close, got {close:?}");
+    };
+    assert!(summary.closed_while_stalled);
+    assert_eq!(summary.how, Resolution::Closed);
+    assert_eq!(summary.totals.bytes_received, 10);
+    assert_eq!(summary.totals.requests, 1);
+    assert_eq!(summary.totals.exchanges, 0);
+    assert!(summary.complete);
+    assert_eq!(summary.duration_ms, 10_000);
+    assert_eq!(t.len(), 0);
+}
+
+#[test]
+fn peer_fin_while_stalled_ends_the_stall_before_the_close() {
+    let (mut t, mut k) = server_with_request();
+    sweep(&mut t, &mut k, SEC + THRESHOLD);
+    k.set_state(tcp_state::CLOSE_WAIT, 8 * SEC);
+    let events = feed(&mut t, k.event(EventKind::QuietEnded, 8 * SEC));
+    assert_eq!(
+        details(&events),
+        [&Detail::StallEnd {
+            kind: StallKind::UnansweredRequest,
+            duration_ms: 7_000,
+            resolution: Resolution::Closed
+        }]
+    );
+    k.set_state(tcp_state::CLOSE, 9 * SEC);
+    let events = feed(&mut t, k.event(EventKind::Closed, 9 * SEC));
+    let [Event {
+        detail: Detail::Close(summary),
+        ..
+    }] = &events[..]
+    else {
+        panic!("expected only conn.close, got {events:?}");
+    };
+    assert!(summary.closed_while_stalled);
+}
+
+#[test]
+fn reset_while_stalled_is_reported_as_reset() {
+    let (mut t, mut k) = server_with_request();
+    sweep(&mut t, &mut k, SEC + THRESHOLD);
+    k.state.flags |= conn_flags::PEER_RESET;
+    k.set_state(tcp_state::CLOSE, 7 * SEC);
+    let events = feed(&mut t, k.event(EventKind::Closed, 7 * SEC));
+    assert!(matches!(
+        events[0].detail,
+        Detail::StallEnd {
+            resolution: Resolution::Reset,
+            ..
+        }
+    ));
+    assert!(matches!(&events[1].detail, Detail::Close(s) if s.how == Resolution::Reset));
+}
+
+#[test]
+fn reset_after_an_unswept_stall_reports_it() {
+    let (mut t, mut k) = server_with_request();
+    let reset_at = SEC + THRESHOLD + 10 * MS;
+    k.state.flags |= conn_flags::ABORTED;
+    k.set_state(tcp_state::CLOSE, reset_at);
+    // The kernel reports the end of a quiet stretch before the close itself.
+    let mut events = feed(&mut t, k.event(EventKind::QuietEnded, reset_at));
+    events.extend(feed(&mut t, k.event(EventKind::Closed, reset_at)));
+    assert_eq!(
+        details(&events)[..2],
+        [
+            &Detail::StallStart {
+                kind: StallKind::UnansweredRequest,
+                quiet_ms: 5_000
+            },
+            &Detail::StallEnd {
+                kind: StallKind::UnansweredRequest,
+                duration_ms: 5_010,
+                resolution: Resolution::Reset
+            }
+        ]
+    );
+    assert!(matches!(&events[2].detail, Detail::Close(s) if s.closed_while_stalled));
+    assert_eq!(events.len(), 3);
+}
+
+#[test]
+fn connect_that_times_out_between_sweeps_is_reported() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::CLIENT, SEC);
+    k.state.tcp_state = tcp_state::SYN_SENT;
+    k.state.flags = 0;
+    feed(&mut t, k.event(EventKind::ConnectStarted, SEC));
+    k.set_state(tcp_state::CLOSE, SEC + THRESHOLD + 100 * MS);
+    let events = feed(
+        &mut t,
+        k.event(EventKind::Closed, SEC + THRESHOLD + 100 * MS),
+    );
+    assert_eq!(
+        details(&events)[1..3],
+        [
+            &Detail::StallStart {
+                kind: StallKind::ConnectPending,
+                quiet_ms: 5_000
+            },
+            &Detail::StallEnd {
+                kind: StallKind::ConnectPending,
+                duration_ms: 5_100,
+                resolution: Resolution::Closed
+            }
+        ]
+    );
+}
+
+#[test]
+fn quick_close_is_not_a_stall() {
+    let (mut t, mut k) = server_with_request();
+    k.set_state(tcp_state::CLOSE, 2 * SEC);
+    let events = feed(&mut t, k.event(EventKind::Closed, 2 * SEC));
+    assert_eq!(events.len(), 1);
+    assert!(matches!(&events[0].detail, Detail::Close(s) if !s.closed_while_stalled));
+}
+
+#[test]
+fn connect_that_hangs_is_connect_pending_until_established() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::CLIENT, SEC);
+    k.state.tcp_state = tcp_state::SYN_SENT;
+    k.state.flags = 0;
+    k.state.local_port = 0;
+    assert!(feed(&mut t, k.event(EventKind::ConnectStarted, SEC)).is_empty());
+    assert!(sweep(&mut t, &mut k, SEC + THRESHOLD - MS).is_empty());
+    k.state.local_port = 40_000; // learnt from a SYN retransmit
+    let events = sweep(&mut t, &mut k, SEC + THRESHOLD);
+    assert_eq!(
+        details(&events),
+        [
+            &Detail::Open { adopted: false },
+            &Detail::StallStart {
+                kind: StallKind::ConnectPending,
+                quiet_ms: 5_000
+            }
+        ]
+    );
+    assert_eq!(events[1].conn.endpoints.local_port, 40_000);
+    k.set_state(tcp_state::ESTABLISHED, 8 * SEC);
+    let events = feed(&mut t, k.event(EventKind::Established, 8 * SEC));
+    assert_eq!(
+        details(&events),
+        [&Detail::StallEnd {
+            kind: StallKind::ConnectPending,
+            duration_ms: 7_000,
+            resolution: Resolution::Response
+        }]
+    );
+}
+
+#[test]
+fn quick_connect_opens_at_establishment() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::CLIENT, SEC);
+    k.state.tcp_state = tcp_state::SYN_SENT;
+    feed(&mut t, k.event(EventKind::ConnectStarted, SEC));
+    k.set_state(tcp_state::ESTABLISHED, SEC + MS);
+    let events = feed(&mut t, k.event(EventKind::Established, SEC + MS));
+    assert_eq!(details(&events), [&Detail::Open { adopted: false }]);
+    assert_eq!(events[0].at_ns, SEC + MS);
+}
+
+#[test]
+fn refused_connect_is_opened_then_closed_as_reset() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::CLIENT, SEC);
+    k.state.tcp_state = tcp_state::SYN_SENT;
+    k.state.flags = 0;
+    feed(&mut t, k.event(EventKind::ConnectStarted, SEC));
+    k.state.flags |= conn_flags::PEER_RESET;
+    k.set_state(tcp_state::CLOSE, SEC + MS);
+    let events = feed(&mut t, k.event(EventKind::Closed, SEC + MS));
+    assert!(matches!(events[0].detail, Detail::Open { .. }));
+    assert!(matches!(&events[1].detail, Detail::Close(s) if s.how == Resolution::Reset));
+}
+
+#[test]
+fn reused_sock_address_starts_a_new_connection() {
+    // The kernel key (sock address) is reused like an fd number; a lost close must not merge
+    // two connections.
+    let (mut t, mut k) = server_with_request();
+    sweep(&mut t, &mut k, SEC + THRESHOLD);
+    let first_id = t.stalls()[0].0.id;
+    let mut next = Kernel::new(role::CLIENT, 20 * SEC);
+    next.state.tcp_state = tcp_state::SYN_SENT;
+    let events = feed(&mut t, next.event(EventKind::ConnectStarted, 20 * SEC));
+    let ids: Vec<u64> = events.iter().map(|e| e.conn.id).collect();
+    assert_eq!(ids, [first_id, first_id]);
+    assert!(matches!(
+        events[0].detail,
+        Detail::StallEnd {
+            resolution: Resolution::Closed,
+            ..
+        }
+    ));
+    assert!(matches!(&events[1].detail, Detail::Close(s) if !s.complete));
+    assert_eq!(t.stats().lost_closes, 1);
+    next.set_state(tcp_state::ESTABLISHED, 20 * SEC + MS);
+    let events = feed(&mut t, next.event(EventKind::Established, 20 * SEC + MS));
+    assert_eq!(events.len(), 1);
+    assert_ne!(events[0].conn.id, first_id);
+    assert_eq!(events[0].conn.role, Role::Client);
+}
+
+#[test]
+fn passive_connections_with_a_new_kernel_entry_are_new_connections() {
+    let (mut t, k) = server_with_request();
+    let first_id = t.conns().next().unwrap().1.id;
+    let mut next = Kernel::new(role::SERVER, 30 * SEC);
+    next.state.peer_port = 40_001;
+    let events = feed(&mut t, next.event(EventKind::Accepted, 30 * SEC));
+    assert!(matches!(&events[0].detail, Detail::Close(_)));
+    assert_eq!(events[0].conn.id, first_id);
+    assert!(matches!(events[1].detail, Detail::Open { .. }));
+    assert_ne!(events[1].conn.id, first_id);
+    drop(k);
+}
+
+#[test]
+fn adopted_connection_keeps_its_id_when_the_kernel_discovers_it() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, 50 * SEC);
+    let endpoints = Endpoints::from_kernel(&k.state);
+    let mut out = Vec::new();
+    t.adopt(
+        Adoption {
+            endpoints,
+            role: Role::Server,
+            owner: Owner {
+                pid: 4242,
+                tid: 4242,
+                comm: Comm::new("worker"),
+            },
+        },
+        SEC,
+        &mut out,
+    );
+    assert_eq!(details(&out), [&Detail::Open { adopted: true }]);
+    let id = out[0].conn.id;
+    // First traffic after start-up: the kernel builds an entry from the socket.
+    k.state.flags |= conn_flags::DISCOVERED;
+    k.transfer(direction::IN, 50 * SEC);
+    assert!(feed(&mut t, k.event(EventKind::Discovered, 50 * SEC)).is_empty());
+    let events = sweep(&mut t, &mut k, 50 * SEC + THRESHOLD);
+    assert_eq!(events[0].conn.id, id);
+    assert!(matches!(
+        events[0].detail,
+        Detail::StallStart {
+            kind: StallKind::UnansweredRequest,
+            ..
+        }
+    ));
+    assert_eq!(t.stats().evictions, 0);
+}
+
+#[test]
+fn adopted_connection_that_closes_untouched_is_closed_by_endpoints() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::CLIENT, 0);
+    let mut out = Vec::new();
+    let adoption = Adoption {
+        endpoints: Endpoints::from_kernel(&k.state),
+        role: Role::Client,
+        owner: Owner::default(),
+    };
+    t.adopt(adoption.clone(), SEC, &mut out);
+    t.adopt(adoption, SEC, &mut out);
+    assert_eq!(out.len(), 1, "adopting twice must not duplicate");
+    k.state.flags = conn_flags::DISCOVERED;
+    k.set_state(tcp_state::CLOSE, 3 * SEC);
+    let events = feed(&mut t, k.event(EventKind::Closed, 3 * SEC));
+    assert!(matches!(&events[0].detail, Detail::Close(s) if !s.complete));
+    assert_eq!(t.len(), 0);
+}
+
+#[test]
+fn evicted_entry_rediscovered_is_the_same_connection() {
+    let (mut t, mut k) = server_with_request();
+    let id = t.conns().next().unwrap().1.id;
+    // The kernel lost the entry; traffic rebuilt it with a new open time.
+    k.state.flags |= conn_flags::DISCOVERED;
+    k.state.open_ns = 40 * SEC;
+    let events = feed(&mut t, k.event(EventKind::Discovered, 40 * SEC));
+    assert!(events.is_empty());
+    assert_eq!(t.stats().evictions, 1);
+    let (_, conn) = t.conns().next().unwrap();
+    assert_eq!(conn.id, id);
+    assert!(conn.incomplete);
+}
+
+#[test]
+fn entry_missing_for_several_sweeps_is_a_lost_close() {
+    let (mut t, k) = server_with_request();
+    let mut out = Vec::new();
+    for epoch in 2..5 {
+        assert_eq!(t.len(), 1);
+        t.sweep(2 * SEC, epoch, |_| None, &mut out);
+    }
+    assert_eq!(t.len(), 0);
+    assert!(matches!(&out[..], [Event { detail: Detail::Close(s), .. }] if !s.complete));
+    assert_eq!(t.stats().lost_closes, 1);
+    assert_eq!(k.state.requests, 1);
+}
+
+#[test]
+fn busy_connection_stays_watched_idle_one_is_dropped() {
+    let (mut t, mut k) = server_with_request();
+    sweep(&mut t, &mut k, SEC + 10 * MS);
+    assert_eq!(t.watched(), 1, "outstanding request: keep reading it");
+    k.transfer(direction::OUT, SEC + 20 * MS);
+    sweep(&mut t, &mut k, SEC + 30 * MS);
+    assert_eq!(t.watched(), 0, "idle and not reported in the last epoch");
+    // Its next request start is reported by the kernel and watched again.
+    k.transfer(direction::IN, 2 * SEC);
+    feed(&mut t, k.event(EventKind::RequestStarted, 2 * SEC));
+    assert_eq!(t.watched(), 1);
+}
+
+#[test]
+fn stalls_are_listed_oldest_first() {
+    let mut t = tracker();
+    let mut out = Vec::new();
+    for (i, request_at) in [(0u64, 3 * SEC), (1, SEC), (2, 2 * SEC)] {
+        let mut k = Kernel::new(role::SERVER, 0);
+        k.transfer(direction::IN, request_at);
+        let mut event = k.event(EventKind::Accepted, 0);
+        event.header.sock = SOCK + i;
+        t.on_event(&event, &mut out);
+        let state = k.state;
+        t.sweep(20 * SEC, 2, |_| Some(state), &mut out);
+    }
+    let quiet: Vec<u64> = t.stalls().iter().map(|(_, s)| s.quiet_since_ns).collect();
+    assert_eq!(quiet, [SEC, 2 * SEC, 3 * SEC]);
+}
+
+#[test]
+fn unknown_event_kinds_are_counted_not_applied() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, 0);
+    let mut event = k.event(EventKind::Accepted, 0);
+    event.header.kind = 99;
+    assert!(feed(&mut t, event).is_empty());
+    assert_eq!(t.stats().unknown_events, 1);
+    assert_eq!(t.len(), 0);
+}

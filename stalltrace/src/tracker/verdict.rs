@@ -1,0 +1,146 @@
+//! What a kernel snapshot says about a connection's exchange, as pure functions.
+//!
+//! The rules, per role:
+//! - a server whose last transfer was inbound (a request) has a reply outstanding;
+//! - a client whose last transfer was outbound (a request) has a reply outstanding;
+//! - otherwise the last exchange completed: the connection is idle, however long it stays open
+//!   (keep-alive), and is never a stall.
+//!
+//! A connection is *quiet* for as long as nothing moved in the request direction; an outstanding
+//! exchange quiet for the threshold is a stall.
+use stalltrace_common::{conn_flags, direction, tcp_state, ConnState};
+
+use super::model::{Resolution, Role};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activity {
+    /// The handshake of an active open has not completed; `since` is when connect() began.
+    ConnectPending { since: u64 },
+    /// A request awaits its reply; `quiet_since` is the last transfer in the request direction.
+    Outstanding { quiet_since: u64 },
+    /// No exchange outstanding.
+    Idle,
+    /// The connection left ESTABLISHED at `at` (FIN either way, or reset).
+    Ending { at: u64, how: Resolution },
+}
+
+pub fn role_of(state: &ConnState) -> Role {
+    Role::from_kernel(state.role)
+}
+
+/// The last transfer went in the request direction.
+pub fn request_outstanding(state: &ConnState) -> bool {
+    let request_dir = match role_of(state) {
+        Role::Server => direction::IN,
+        Role::Client => direction::OUT,
+    };
+    state.last_dir == request_dir
+}
+
+/// When the request direction last moved: the start of the current quiet stretch if a request
+/// is outstanding. A reply or a close does not change it.
+pub fn last_request_ns(state: &ConnState) -> u64 {
+    match role_of(state) {
+        Role::Server => state.last_recv_ns,
+        Role::Client => state.last_send_ns,
+    }
+}
+
+/// How a connection that left ESTABLISHED ended.
+pub fn ending(state: &ConnState) -> Resolution {
+    if state.flags & (conn_flags::PEER_RESET | conn_flags::ABORTED) != 0 {
+        Resolution::Reset
+    } else {
+        Resolution::Closed
+    }
+}
+
+pub fn assess(state: &ConnState) -> Activity {
+    match state.tcp_state {
+        tcp_state::SYN_SENT => Activity::ConnectPending {
+            since: state.open_ns,
+        },
+        tcp_state::ESTABLISHED if request_outstanding(state) => Activity::Outstanding {
+            quiet_since: last_request_ns(state),
+        },
+        tcp_state::ESTABLISHED => Activity::Idle,
+        _ => Activity::Ending {
+            at: state.state_ns,
+            how: ending(state),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stalltrace_common::role;
+
+    fn conn(role_id: u8, last_dir: u8) -> ConnState {
+        ConnState {
+            role: role_id,
+            tcp_state: tcp_state::ESTABLISHED,
+            last_dir,
+            last_recv_ns: 100,
+            last_send_ns: 200,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn server_that_read_last_owes_a_reply() {
+        assert_eq!(
+            assess(&conn(role::SERVER, direction::IN)),
+            Activity::Outstanding { quiet_since: 100 }
+        );
+        assert_eq!(assess(&conn(role::SERVER, direction::OUT)), Activity::Idle);
+    }
+
+    #[test]
+    fn client_that_sent_last_awaits_a_reply() {
+        assert_eq!(
+            assess(&conn(role::CLIENT, direction::OUT)),
+            Activity::Outstanding { quiet_since: 200 }
+        );
+        assert_eq!(assess(&conn(role::CLIENT, direction::IN)), Activity::Idle);
+    }
+
+    #[test]
+    fn a_fresh_connection_is_idle() {
+        assert_eq!(assess(&conn(role::SERVER, direction::NONE)), Activity::Idle);
+        assert_eq!(assess(&conn(role::CLIENT, direction::NONE)), Activity::Idle);
+    }
+
+    #[test]
+    fn syn_sent_is_a_pending_connect() {
+        let mut state = conn(role::CLIENT, direction::NONE);
+        state.tcp_state = tcp_state::SYN_SENT;
+        state.open_ns = 42;
+        assert_eq!(assess(&state), Activity::ConnectPending { since: 42 });
+    }
+
+    #[test]
+    fn leaving_established_is_an_ending_with_its_cause() {
+        let mut state = conn(role::SERVER, direction::IN);
+        state.tcp_state = tcp_state::CLOSE_WAIT;
+        state.state_ns = 900;
+        assert_eq!(
+            assess(&state),
+            Activity::Ending {
+                at: 900,
+                how: Resolution::Closed
+            }
+        );
+        state.tcp_state = tcp_state::CLOSE;
+        state.flags |= conn_flags::PEER_RESET;
+        assert_eq!(
+            assess(&state),
+            Activity::Ending {
+                at: 900,
+                how: Resolution::Reset
+            }
+        );
+        state.flags = conn_flags::ABORTED;
+        assert_eq!(ending(&state), Resolution::Reset);
+    }
+}
