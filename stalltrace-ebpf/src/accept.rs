@@ -4,6 +4,7 @@
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext, EbpfContext,
 };
+use aya_log_ebpf::debug;
 use stalltrace_common::{tracepoint::SysExit, EventKind};
 
 use crate::{
@@ -31,7 +32,11 @@ fn on_accept(ctx: &TracePointContext) {
     if ret < 0 || ret > i64::from(i32::MAX) {
         return;
     }
-    let Some(sock) = sock_of_fd(ret as u32, &OFFSETS.load()) else {
+    let offsets = OFFSETS.load();
+    let Some(sock) = sock_of_fd(ret as u32, &offsets) else {
+        if offsets.can_resolve_fd() {
+            debug!(ctx, "accept: fd {} did not resolve to a socket", ret);
+        }
         return;
     };
     // Only connections seen completing their handshake are in the map: this also filters out

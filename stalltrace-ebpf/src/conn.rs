@@ -1,11 +1,16 @@
 //! Operations on one connection's state, shared by the programs.
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_current_comm},
 };
-use stalltrace_common::{direction, loss, role, ConnEvent, ConnState, EventHeader, EventKind};
+use stalltrace_common::{
+    direction, loss, role, ConnEvent, ConnState, EventHeader, EventKind, COMM_LEN,
+};
 
-use crate::maps::{count_loss, current_epoch, EVENTS};
+use crate::{
+    maps::{count_loss, current_epoch, EVENTS},
+    words::copy_conn,
+};
 
 /// Writes an event with a snapshot of `conn` and marks the connection as reported in the current
 /// epoch. A full ring buffer is counted, and the connection stays unmarked so that its next
@@ -27,7 +32,7 @@ pub fn emit(kind: EventKind, sock: u64, conn: &mut ConnState, now: u64) {
             ts_ns: now,
             sock,
         };
-        core::ptr::copy_nonoverlapping(conn as *const ConnState, &raw mut (*event).conn, 1);
+        copy_conn(&raw mut (*event).conn, conn);
     }
     entry.submit(wakeup_flag());
 }
@@ -56,9 +61,8 @@ pub fn set_owner_to_current(conn: &mut ConnState) -> bool {
         return false;
     }
     conn.tgid = tgid;
-    if let Ok(comm) = bpf_get_current_comm() {
-        conn.comm = comm;
-    }
+    // SAFETY: the helper writes at most COMM_LEN bytes into the connection's comm field.
+    unsafe { bpf_get_current_comm(conn.comm.as_mut_ptr().cast(), COMM_LEN as u32) };
     true
 }
 

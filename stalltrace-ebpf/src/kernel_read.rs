@@ -1,6 +1,6 @@
 //! Reads of kernel structures at member offsets the daemon resolved from BTF (see
 //! `stalltrace_common::Offsets`); used only off the hot path.
-use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
+use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
 use stalltrace_common::{ConnState, Offsets, AF_INET6};
 
 #[inline(always)]
@@ -24,27 +24,20 @@ pub fn read_endpoints(sock: u64, family: u16, offsets: &Offsets, conn: &mut Conn
         };
         conn.peer_port = u16::from_be(dport);
         conn.local_port = num;
-        if family == AF_INET6 {
+        // Read straight into the entry: no address copies on the stack.
+        let (peer, local, len) = if family == AF_INET6 {
             if !offsets.can_read_sock_v6() {
                 return false;
             }
-            let (Some(peer), Some(local)) = (
-                read::<[u8; 16]>(sock, offsets.skc_v6_daddr),
-                read::<[u8; 16]>(sock, offsets.skc_v6_rcv_saddr),
-            ) else {
-                return false;
-            };
-            conn.peer_addr = peer;
-            conn.local_addr = local;
+            (offsets.skc_v6_daddr, offsets.skc_v6_rcv_saddr, 16)
         } else {
-            let (Some(peer), Some(local)) = (
-                read::<[u8; 4]>(sock, offsets.skc_daddr),
-                read::<[u8; 4]>(sock, offsets.skc_rcv_saddr),
-            ) else {
-                return false;
-            };
-            conn.peer_addr[..4].copy_from_slice(&peer);
-            conn.local_addr[..4].copy_from_slice(&local);
+            (offsets.skc_daddr, offsets.skc_rcv_saddr, 4)
+        };
+        let at = |offset: u32| (sock + u64::from(offset)) as *const u8;
+        if bpf_probe_read_kernel_buf(at(peer), &mut conn.peer_addr[..len]).is_err()
+            || bpf_probe_read_kernel_buf(at(local), &mut conn.local_addr[..len]).is_err()
+        {
+            return false;
         }
     }
     true

@@ -17,6 +17,7 @@ mod maps;
 mod tcp_signals;
 mod tcp_state;
 mod transfer;
+mod words;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -39,7 +39,7 @@ pub fn scratch_conn() -> Option<&'static mut ConnState> {
     let conn = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU slot, used only within one program run (preemption is disabled).
     unsafe {
-        core::ptr::write_bytes(conn, 0, 1);
+        crate::words::zero_conn(conn);
         Some(&mut *conn)
     }
 }

@@ -12,6 +12,7 @@ use stalltrace_common::{
 use crate::{
     conn::{emit, quiet_past_threshold, set_owner_to_current},
     maps::{count_loss, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS},
+    words::{copy_addr16, copy_addr4},
 };
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
@@ -81,12 +82,15 @@ fn insert(sock: u64, conn: &ConnState) {
 fn fill_endpoints(args: &InetSockSetState, conn: &mut ConnState) {
     conn.local_port = args.sport;
     conn.peer_port = args.dport;
-    if args.family == AF_INET6 {
-        conn.local_addr = args.saddr_v6;
-        conn.peer_addr = args.daddr_v6;
-    } else {
-        conn.local_addr[..4].copy_from_slice(&args.saddr);
-        conn.peer_addr[..4].copy_from_slice(&args.daddr);
+    // SAFETY: fields of the tracepoint record, aligned as the copies require.
+    unsafe {
+        if args.family == AF_INET6 {
+            copy_addr16(&mut conn.local_addr, &args.saddr_v6);
+            copy_addr16(&mut conn.peer_addr, &args.daddr_v6);
+        } else {
+            copy_addr4(&mut conn.local_addr, &args.saddr);
+            copy_addr4(&mut conn.peer_addr, &args.daddr);
+        }
     }
 }
 

@@ -1,1 +1,52 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use stalltrace::{
+    cli::{client, Cli, Command},
+    daemon::{self, DaemonConfig},
+    logger,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Daemon(args) => {
+            logger::init(args.log_level.filter());
+            let config = DaemonConfig {
+                stall_after: args.stall_after.0,
+                events_file: args.events_file,
+                socket: cli.socket,
+                max_conns: args.max_conns,
+                ring_buffer_bytes: args.ring_buffer_size,
+                bpf_stats: args.bpf_stats,
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|runtime| runtime.block_on(daemon::run(config)))
+        }
+        Command::Status(output) => client::status(&cli.socket, output.format),
+        Command::Conns { filter, output } => {
+            client::conns(&cli.socket, filter.into(), output.format)
+        }
+        Command::Stalls {
+            older_than,
+            filter,
+            output,
+        } => client::stalls(
+            &cli.socket,
+            filter.into(),
+            older_than.map(|d| d.0.as_millis() as u64),
+            output.format,
+        ),
+        Command::Watch { filter } => client::watch(&cli.socket, filter.into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("stalltrace: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,352 @@
+//! Harness for the root integration tests: starts the real `stalltrace daemon` (real eBPF
+//! programs) with its own socket and events file, drives real TCP traffic, and reads the
+//! results through the CLI and the event stream.
+//!
+//! Every daemon sees all traffic on the host, so tests select their own connections by port.
+//! The binary comes from `STALLTRACE_BIN` (set by `cargo xtask test`), else target/debug.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
 
+use serde_json::Value;
+
+/// The stall threshold the tests run the daemon with.
+pub const STALL_AFTER: Duration = Duration::from_secs(1);
+
+/// A stall must be reported no later than threshold + 1 s; allow for a loaded CI machine.
+pub const REPORT_WITHIN: Duration = Duration::from_secs(4);
+
+/// True when the tests can load eBPF programs; otherwise prints why they are skipped.
+pub fn can_trace(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped {test}: loading eBPF programs needs root (run `cargo xtask test`)");
+        return false;
+    }
+    true
+}
+
+pub fn binary() -> PathBuf {
+    std::env::var_os("STALLTRACE_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/stalltrace"),
+        PathBuf::from,
+    )
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    dir: PathBuf,
+    pub socket: PathBuf,
+    pub events: PathBuf,
+}
+
+impl Daemon {
+    /// Starts a daemon with the test threshold and waits until it answers.
+    pub fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    pub fn start_with(name: &str, extra: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join(format!("stalltrace-it-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("api.sock");
+        let events = dir.join("events.ndjson");
+        let stall_after = format!("{}ms", STALL_AFTER.as_millis());
+        let child = Command::new(binary())
+            .arg("daemon")
+            .args(["--stall-after", &stall_after])
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--events-file")
+            .arg(&events)
+            .args(extra)
+            .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary().display()));
+        let mut daemon = Self {
+            child: Some(child),
+            dir,
+            socket,
+            events,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !daemon.cli(&["status"]).status.success() {
+            if let Some(status) = daemon.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited at start ({status}):\n{}", daemon.stderr());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon not answering:\n{}",
+                daemon.stderr()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        daemon
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+
+    /// Runs `stalltrace <args> --socket <this daemon's socket>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(binary())
+            .args(args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a CLI command that must succeed and print JSON.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "stalltrace {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stalltrace {args:?} printed non-JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Open stalls touching `port`, from `stalltrace stalls -o json`.
+    pub fn stalls(&self, port: u16) -> Vec<Value> {
+        let value = self.cli_json(&["stalls", "-o", "json", "--port", &port.to_string()]);
+        value
+            .as_array()
+            .expect("stalls -o json is an array")
+            .clone()
+    }
+
+    /// Waits until `stalls` on `port` returns `count` items.
+    pub fn wait_for_stalls(&self, port: u16, count: usize, within: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let stalls = self.stalls(port);
+            if stalls.len() >= count || Instant::now() > deadline {
+                return stalls;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every event written so far.
+    pub fn events(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(&self.events).unwrap_or_default();
+        text.lines()
+            .map(|line| {
+                serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("bad NDJSON line ({e}): {line}"))
+            })
+            .collect()
+    }
+
+    /// Events named `name` touching `port`.
+    pub fn events_named(&self, name: &str, port: u16) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["event"] == name && touches(e, port))
+            .collect()
+    }
+
+    /// Waits for at least `count` events named `name` touching `port`.
+    pub fn wait_for_events(
+        &self,
+        name: &str,
+        port: u16,
+        count: usize,
+        within: Duration,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let events = self.events_named(name, port);
+            if events.len() >= count || Instant::now() > deadline {
+                return events;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "daemon ignored SIGTERM");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if !thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!(
+                "daemon files kept in {}:\n{}",
+                self.dir.display(),
+                self.stderr()
+            );
+        }
+    }
+}
+
+/// The event or item involves a connection with `port` at either end.
+pub fn touches(value: &Value, port: u16) -> bool {
+    let network = &value["network"];
+    network["local"]["port"] == port || network["peer"]["port"] == port
+}
+
+/// The item with `role` ("client"/"server").
+pub fn with_role<'a>(items: &'a [Value], role: &str) -> &'a Value {
+    items
+        .iter()
+        .find(|item| item["conn"]["role"] == role)
+        .unwrap_or_else(|| panic!("no {role} item in {items:#?}"))
+}
+
+/// A server that accepts one connection, reads one request, and answers only when told to.
+pub struct SilentServer {
+    pub addr: SocketAddr,
+    /// Send a reply (`Some`) or close without one (`None`).
+    control: mpsc::Sender<Option<Vec<u8>>>,
+    /// How long the request went unanswered, measured by the server.
+    held: mpsc::Receiver<Duration>,
+    /// The serving thread's id (the one that read the request).
+    pub thread_id: mpsc::Receiver<i32>,
+}
+
+impl SilentServer {
+    pub fn bind(ip: &str) -> Self {
+        let listener = TcpListener::bind((ip, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (control, commands) = mpsc::channel::<Option<Vec<u8>>>();
+        let (held_tx, held) = mpsc::channel();
+        let (tid_tx, thread_id) = mpsc::channel();
+        thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            // SAFETY: gettid has no preconditions.
+            tid_tx.send(unsafe { libc::gettid() }).unwrap();
+            let mut request = [0u8; 256];
+            let n = conn.read(&mut request).unwrap();
+            assert!(n > 0);
+            let read_at = Instant::now();
+            match commands.recv() {
+                Ok(Some(reply)) => {
+                    held_tx.send(read_at.elapsed()).unwrap();
+                    conn.write_all(&reply).unwrap();
+                    // Keep the connection open until the client closes it.
+                    let _ = conn.read(&mut request);
+                }
+                Ok(None) | Err(_) => drop(conn),
+            }
+        });
+        Self {
+            addr,
+            control,
+            held,
+            thread_id,
+        }
+    }
+
+    /// Replies now; returns how long the request had waited, as the server measured it.
+    pub fn reply(&self, bytes: &[u8]) -> Duration {
+        self.control.send(Some(bytes.to_vec())).unwrap();
+        self.held.recv_timeout(Duration::from_secs(5)).unwrap()
+    }
+
+    pub fn close(&self) {
+        self.control.send(None).unwrap();
+    }
+}
+
+/// Connects to `addr` and sends a request; the stream stays open.
+pub fn send_request(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    stream
+}
+
+/// This process's id, as the daemon reports it.
+pub fn pid() -> u64 {
+    u64::from(std::process::id())
+}
+
+/// A server that answers every request at once with the same bytes (a healthy keep-alive
+/// server).
+pub fn echo_server(ip: &str) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 256];
+        while let Ok(n) = conn.read(&mut buf) {
+            if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    addr
+}
+
+/// A listener with a zero-length accept queue that never accepts: after one connection fills
+/// the queue, the kernel drops further SYNs and their connect() hangs.
+pub struct FullListener {
+    fd: std::os::fd::OwnedFd,
+    pub addr: SocketAddr,
+}
+
+impl FullListener {
+    pub fn bind() -> Self {
+        use std::os::fd::{FromRawFd as _, OwnedFd};
+        // SAFETY: plain socket syscalls on a fresh fd we own; sockaddr_in is fully initialized.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(fd >= 0);
+            let fd = OwnedFd::from_raw_fd(fd);
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as u16;
+            addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+            let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            use std::os::fd::AsRawFd as _;
+            assert_eq!(libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len), 0);
+            assert_eq!(libc::listen(fd.as_raw_fd(), 0), 0);
+            let mut bound: libc::sockaddr_in = std::mem::zeroed();
+            let mut bound_len = len;
+            libc::getsockname(fd.as_raw_fd(), (&raw mut bound).cast(), &mut bound_len);
+            let port = u16::from_be(bound.sin_port);
+            Self {
+                fd,
+                addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            }
+        }
+    }
+
+    pub fn close(self) {
+        drop(self.fd);
+    }
+}

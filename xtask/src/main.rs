@@ -1,1 +1,104 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | run | test`.
+//!
+//! Each task first makes the machine ready, idempotently, saying what it does: Debian packages
+//! for the BPF compiler toolchain, the rustup link to it, bpf-linker, and tracefs. A second run
+//! finds everything in place and changes nothing.
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "stalltrace project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and running stalltrace needs (root for packages and mounts).
+    Setup,
+    /// Set up, build in release mode, and run the daemon; arguments after `--` go to
+    /// `stalltrace daemon` (e.g. `cargo xtask run -- --stall-after 2s`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run every test: unit tests, and the root integration tests that load the
+    /// real eBPF programs. Arguments after `--` go to `cargo test` (e.g. a test name filter).
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::Run { args } => run_daemon(&args),
+        Task::Test { args } => test(&args),
+    };
+    if let Err(err) = result {
+        eprintln!("xtask: error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+/// `cargo` with the environment the eBPF build needs.
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(workspace_root());
+    command.env("PATH", setup::path_with_cargo_bin());
+    command
+}
+
+fn status(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("starting {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn run_daemon(args: &[String]) -> Result<()> {
+    setup::run()?;
+    setup::require_root("running the daemon (it loads eBPF programs)")?;
+    println!("xtask: building stalltrace (release)");
+    status(cargo().args(["build", "--release", "--package", "stalltrace"]))?;
+    let binary = workspace_root().join("target/release/stalltrace");
+    println!(
+        "xtask: starting {} daemon {}",
+        binary.display(),
+        args.join(" ")
+    );
+    // Replace this process so signals (Ctrl-C, SIGTERM) reach the daemon directly.
+    use std::os::unix::process::CommandExt as _;
+    let err = Command::new(&binary).arg("daemon").args(args).exec();
+    Err(err).with_context(|| format!("executing {}", binary.display()))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup::run()?;
+    setup::require_root("the integration tests (they load eBPF programs)")?;
+    println!("xtask: building the daemon for the integration tests");
+    status(cargo().args(["build", "--package", "stalltrace"]))?;
+    let binary = workspace_root().join("target/debug/stalltrace");
+    println!("xtask: running all tests");
+    status(cargo().arg("test").args(args).env("STALLTRACE_BIN", binary))
+}

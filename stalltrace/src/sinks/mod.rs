@@ -1,2 +1,4 @@
 //! Where data goes: NDJSON events and the JSON shapes shared with the control API.
+pub mod api;
 pub mod json;
+pub mod ndjson;

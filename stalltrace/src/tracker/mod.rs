@@ -127,7 +127,7 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn reference(&self) -> ConnRef {
+    pub fn reference(&self) -> ConnRef {
         ConnRef {
             id: self.id,
             role: self.role,
@@ -211,6 +211,10 @@ impl Tracker {
 
     pub fn len(&self) -> usize {
         self.conns.len() + self.adopted.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Open stalls, oldest first.

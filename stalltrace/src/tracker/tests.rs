@@ -494,7 +494,7 @@ fn reused_sock_address_starts_a_new_connection() {
 
 #[test]
 fn passive_connections_with_a_new_kernel_entry_are_new_connections() {
-    let (mut t, k) = server_with_request();
+    let (mut t, _) = server_with_request();
     let first_id = t.conns().next().unwrap().1.id;
     let mut next = Kernel::new(role::SERVER, 30 * SEC);
     next.state.peer_port = 40_001;
@@ -503,7 +503,6 @@ fn passive_connections_with_a_new_kernel_entry_are_new_connections() {
     assert_eq!(events[0].conn.id, first_id);
     assert!(matches!(events[1].detail, Detail::Open { .. }));
     assert_ne!(events[1].conn.id, first_id);
-    drop(k);
 }
 
 #[test]

@@ -1,0 +1,52 @@
+//! Word-by-word copies. Plain struct copies compile to memcpy/memset calls that loop byte by
+//! byte (slow) and, from a tracepoint context, use a modified context pointer (rejected by the
+//! verifier). Volatile u64 accesses at constant offsets avoid both.
+use core::mem::size_of;
+
+use stalltrace_common::ConnState;
+
+const CONN_WORDS: usize = size_of::<ConnState>() / 8;
+const _: () = assert!(size_of::<ConnState>() % 8 == 0);
+
+/// # Safety
+/// `conn` must be valid for writes and 8-byte aligned.
+#[inline(always)]
+pub unsafe fn zero_conn(conn: *mut ConnState) {
+    let words = conn.cast::<u64>();
+    for i in 0..CONN_WORDS {
+        unsafe { words.add(i).write_volatile(0) };
+    }
+}
+
+/// # Safety
+/// `dst` must be valid for writes, `src` for reads, both 8-byte aligned.
+#[inline(always)]
+pub unsafe fn copy_conn(dst: *mut ConnState, src: *const ConnState) {
+    let (dst, src) = (dst.cast::<u64>(), src.cast::<u64>());
+    for i in 0..CONN_WORDS {
+        unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
+    }
+}
+
+/// Copies a 16-byte address (8-byte aligned at both ends, e.g. from a tracepoint record).
+///
+/// # Safety
+/// `src` valid for reads, `dst` for writes, both 8-byte aligned.
+#[inline(always)]
+pub unsafe fn copy_addr16(dst: &mut [u8; 16], src: *const [u8; 16]) {
+    let (dst, src) = ((dst as *mut [u8; 16]).cast::<u64>(), src.cast::<u64>());
+    unsafe {
+        dst.write_volatile(src.read_volatile());
+        dst.add(1).write_volatile(src.add(1).read_volatile());
+    }
+}
+
+/// Copies a 4-byte address (4-byte aligned at the source).
+///
+/// # Safety
+/// `src` valid for reads and 4-byte aligned.
+#[inline(always)]
+pub unsafe fn copy_addr4(dst: &mut [u8; 16], src: *const [u8; 4]) {
+    let word = unsafe { src.cast::<u32>().read_volatile() };
+    unsafe { (dst as *mut [u8; 16]).cast::<u32>().write_volatile(word) };
+}

@@ -1,0 +1,196 @@
+//! The control API between `stalltrace daemon` and the CLI: one JSON request per line on a Unix
+//! socket, answered by one JSON response line (or, for `watch`, by a stream of event lines).
+//! Documented in docs/api.md.
+use serde::{Deserialize, Serialize};
+
+use crate::tracker::model::Endpoints;
+
+pub const VERSION: u32 = 1;
+pub const DEFAULT_SOCKET: &str = "/run/stalltrace/stalltrace.sock";
+/// Requests are small; anything longer is refused without being buffered.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Request {
+    pub version: u32,
+    #[serde(flatten)]
+    pub command: Command,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Command {
+    Status,
+    Conns {
+        #[serde(default)]
+        filter: Filter,
+    },
+    Stalls {
+        #[serde(default)]
+        filter: Filter,
+        #[serde(default)]
+        older_than_ms: Option<u64>,
+    },
+    Watch {
+        #[serde(default)]
+        filter: Filter,
+    },
+}
+
+/// Selects connections; every given criterion must match.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    /// Local or peer port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+impl Filter {
+    pub fn matches(&self, pid: u32, comm: &str, endpoints: &Endpoints) -> bool {
+        self.pid.is_none_or(|want| want == pid)
+            && self.comm.as_deref().is_none_or(|want| want == comm)
+            && self.port.is_none_or(|want| endpoints.has_port(want))
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Response {
+    pub version: u32,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// Machine-readable: `bad_request`, `unsupported_version`, `too_large`, `timeout`,
+    /// `busy`, `internal`.
+    pub code: String,
+    pub message: String,
+}
+
+impl Response {
+    pub fn ok(result: serde_json::Value) -> Self {
+        Self {
+            version: VERSION,
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    pub fn error(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            version: VERSION,
+            ok: false,
+            result: None,
+            error: Some(ApiError {
+                code: code.into(),
+                message: message.into(),
+            }),
+        }
+    }
+}
+
+/// Parses a request line, or says what is wrong with it.
+pub fn parse_request(line: &str) -> Result<Request, Response> {
+    let value: serde_json::Value = serde_json::from_str(line)
+        .map_err(|e| Response::error("bad_request", format!("not JSON: {e}")))?;
+    match value.get("version").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(VERSION) => {}
+        Some(v) => {
+            return Err(Response::error(
+                "unsupported_version",
+                format!("this daemon speaks API version {VERSION}, the request has {v}"),
+            ));
+        }
+        None => {
+            return Err(Response::error(
+                "bad_request",
+                format!("missing \"version\" (this daemon speaks version {VERSION})"),
+            ));
+        }
+    }
+    serde_json::from_value(value).map_err(|e| Response::error("bad_request", e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        let request = Request {
+            version: VERSION,
+            command: Command::Stalls {
+                filter: Filter {
+                    pid: Some(7),
+                    comm: None,
+                    port: Some(80),
+                },
+                older_than_ms: Some(1500),
+            },
+        };
+        let line = serde_json::to_string(&request).unwrap();
+        assert_eq!(
+            line,
+            r#"{"version":1,"command":"stalls","filter":{"pid":7,"port":80},"older_than_ms":1500}"#
+        );
+        assert_eq!(parse_request(&line).unwrap(), request);
+        assert_eq!(
+            parse_request(r#"{"version":1,"command":"status"}"#)
+                .unwrap()
+                .command,
+            Command::Status
+        );
+    }
+
+    #[test]
+    fn malformed_requests_get_specific_errors() {
+        let code = |line: &str| parse_request(line).unwrap_err().error.unwrap().code;
+        assert_eq!(code("not json"), "bad_request");
+        assert_eq!(code(r#"{"command":"status"}"#), "bad_request");
+        assert_eq!(
+            code(r#"{"version":99,"command":"status"}"#),
+            "unsupported_version"
+        );
+        assert_eq!(code(r#"{"version":1,"command":"reboot"}"#), "bad_request");
+        assert_eq!(code(r#"{"version":1}"#), "bad_request");
+        assert_eq!(
+            code(r#"{"version":1,"command":"conns","filter":{"pid":"x"}}"#),
+            "bad_request"
+        );
+        assert_eq!(code(r#"[1,2,3]"#), "bad_request");
+    }
+
+    #[test]
+    fn filters_match_all_given_criteria() {
+        let endpoints = Endpoints {
+            local: "127.0.0.1".parse().unwrap(),
+            local_port: 8080,
+            peer: "127.0.0.1".parse().unwrap(),
+            peer_port: 50_000,
+        };
+        assert!(Filter::default().matches(1, "x", &endpoints));
+        let filter = Filter {
+            pid: Some(1),
+            comm: Some("nginx".into()),
+            port: Some(50_000),
+        };
+        assert!(filter.matches(1, "nginx", &endpoints));
+        assert!(!filter.matches(2, "nginx", &endpoints));
+        assert!(!filter.matches(1, "redis", &endpoints));
+        let port = Filter {
+            port: Some(9),
+            ..Filter::default()
+        };
+        assert!(!port.matches(1, "nginx", &endpoints));
+    }
+}

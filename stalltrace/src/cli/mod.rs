@@ -1,0 +1,227 @@
+//! Command-line interface: `stalltrace daemon` runs the tracer; every other command is a client
+//! of its API.
+pub mod client;
+pub mod table;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{api, duration::HumanDuration};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "stalltrace",
+    version,
+    about = "Find requests that never complete: eBPF tracing of TCP connections that go quiet \
+             with a request outstanding",
+    long_about = "stalltrace follows every TCP connection on the host from the kernel (eBPF on \
+                  socket tracepoints) and flags the ones that go quiet without closing while a \
+                  request is outstanding: a server that read a request and never answered, a \
+                  client that sent one and never heard back, a connect() that never completes. \
+                  Idle keep-alive connections are never flagged.\n\n\
+                  Start the daemon as root, then query it from any user allowed on its socket.",
+    after_help = "Examples:\n  \
+        sudo stalltrace daemon --stall-after 2s --events-file /var/log/stalltrace.ndjson\n  \
+        stalltrace stalls                  # open stalls, oldest first\n  \
+        stalltrace stalls --older-than 30s -o json\n  \
+        stalltrace conns --comm nginx      # live connections of nginx\n  \
+        stalltrace watch --port 5432       # live NDJSON events touching port 5432"
+)]
+pub struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, value_name = "PATH", default_value = api::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the tracer (needs root): load the eBPF programs, track connections, stream events.
+    #[command(
+        after_help = "Events are NDJSON, one object per line (see docs/events.md): \
+        conn.open, conn.close, stall.start, stall.end, and loss whenever anything was dropped.\n\
+        Stop with SIGINT or SIGTERM: the programs are detached and the events file flushed."
+    )]
+    Daemon(DaemonArgs),
+    /// Show the daemon's hooks, uptime, connections tracked, events seen and events lost.
+    Status(OutputArgs),
+    /// List live connections and their state: active (request outstanding), idle, stalled.
+    Conns {
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// List open stalls with their kind and age, oldest first.
+    Stalls {
+        /// Only stalls quiet for at least this long (e.g. 30s, 2m).
+        #[arg(long, value_name = "DURATION")]
+        older_than: Option<HumanDuration>,
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Stream the daemon's events as NDJSON until interrupted.
+    Watch {
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// How long a connection with a request outstanding may stay quiet before it is a stall.
+    #[arg(long, value_name = "DURATION", default_value = "5s")]
+    pub stall_after: HumanDuration,
+
+    /// Append events to this file instead of writing them to stdout.
+    #[arg(long, value_name = "PATH")]
+    pub events_file: Option<PathBuf>,
+
+    /// Connections the kernel tracks at once (both ends of a local connection count); beyond
+    /// it the least recently used are evicted, which is counted as loss.
+    #[arg(long, value_name = "N", default_value_t = 262_144)]
+    pub max_conns: u32,
+
+    /// Size of the kernel → daemon ring buffer: a power of two, at least 4KiB (e.g. 8MiB).
+    #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_ring_size)]
+    pub ring_buffer_size: u32,
+
+    /// Enable the kernel's per-program run count and run time statistics, shown by `status`
+    /// (costs two clock reads per program run: for measuring overhead).
+    #[arg(long)]
+    pub bpf_stats: bool,
+
+    /// Log verbosity on stderr.
+    #[arg(long, value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct FilterArgs {
+    /// Only connections of this process id.
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
+    /// Only connections of processes with this executable name (comm, at most 15 characters).
+    #[arg(long, value_name = "NAME")]
+    pub comm: Option<String>,
+    /// Only connections with this local or peer port.
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+}
+
+impl From<FilterArgs> for api::Filter {
+    fn from(args: FilterArgs) -> Self {
+        Self {
+            pid: args.pid,
+            comm: args.comm,
+            port: args.port,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct OutputArgs {
+    /// Output format: an aligned table, or JSON (an array for lists, an object for status).
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+impl LogLevel {
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            Self::Error => log::LevelFilter::Error,
+            Self::Warn => log::LevelFilter::Warn,
+            Self::Info => log::LevelFilter::Info,
+            Self::Debug => log::LevelFilter::Debug,
+        }
+    }
+}
+
+/// `8MiB`, `512KiB`, `4096`: a power of two of at least one page.
+fn parse_ring_size(text: &str) -> Result<u32, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, ""), |at| text.split_at(at));
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        other => return Err(format!("unknown size unit `{other}` (use KiB, MiB or GiB)")),
+    };
+    let bytes = number
+        .parse::<u64>()
+        .map_err(|_| format!("invalid size `{text}` (examples: 4MiB, 512KiB)"))?
+        * multiplier;
+    if bytes < 4096 || !bytes.is_power_of_two() || bytes > 1 << 30 {
+        return Err(format!(
+            "ring buffer size must be a power of two between 4KiB and 1GiB, got {bytes} bytes"
+        ));
+    }
+    Ok(bytes as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn socket_is_accepted_after_the_subcommand() {
+        let cli = Cli::try_parse_from(["stalltrace", "stalls", "--socket", "/tmp/s", "--pid", "3"])
+            .unwrap();
+        assert_eq!(cli.socket, PathBuf::from("/tmp/s"));
+        let Command::Stalls { filter, .. } = cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert_eq!(filter.pid, Some(3));
+    }
+
+    #[test]
+    fn bad_durations_are_rejected_with_examples() {
+        let err = Cli::try_parse_from(["stalltrace", "daemon", "--stall-after", "soon"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("examples"), "{err}");
+    }
+
+    #[test]
+    fn ring_sizes() {
+        assert_eq!(parse_ring_size("8MiB"), Ok(8 << 20));
+        assert_eq!(parse_ring_size("4096"), Ok(4096));
+        assert_eq!(parse_ring_size("512K"), Ok(512 << 10));
+        assert!(parse_ring_size("3MiB")
+            .unwrap_err()
+            .contains("power of two"));
+        assert!(parse_ring_size("1KiB").is_err());
+        assert!(parse_ring_size("8XB")
+            .unwrap_err()
+            .contains("unknown size unit"));
+        assert!(parse_ring_size("lots").is_err());
+    }
+}

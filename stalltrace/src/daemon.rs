@@ -1,0 +1,428 @@
+//! `stalltrace daemon`: loads the programs, then one loop owns all state and runs, in turn,
+//! the ring buffer drain, the stall sweep, loss reports and API queries.
+use std::{
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::maps::{MapData, RingBuf};
+use serde_json::json;
+use stalltrace_common::{ConnEvent, Offsets};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{signal, SignalKind},
+    sync::mpsc,
+};
+
+use crate::{
+    api::{Command, Filter, Response},
+    loss::{LossCounters, LossReport},
+    probes::{KernelMaps, ProbeConfig, Probes},
+    sinks::{
+        api::{ApiServer, Query},
+        json::{self, ConnItemJson, StallItemJson, StallJson},
+        ndjson::EventSink,
+    },
+    sources::{btf, procfs, tracefs},
+    timefmt::monotonic_ns,
+    tracker::{verdict, Conn, Event, Tracker},
+};
+
+pub struct DaemonConfig {
+    pub stall_after: Duration,
+    pub events_file: Option<PathBuf>,
+    pub socket: PathBuf,
+    pub max_conns: u32,
+    pub ring_buffer_bytes: u32,
+    pub bpf_stats: bool,
+}
+
+/// How often the ring buffer is drained when the kernel does not wake the daemon (it does
+/// when the buffer is a quarter full).
+const DRAIN_EVERY: Duration = Duration::from_millis(50);
+const LOSS_REPORT_EVERY: Duration = Duration::from_secs(1);
+const RECALIBRATE_EVERY: Duration = Duration::from_secs(10);
+
+/// Sweeps often enough that a stall is reported well within a second of crossing the
+/// threshold, and at least five times per threshold.
+pub fn sweep_interval(stall_after: Duration) -> Duration {
+    (stall_after / 5).clamp(Duration::from_millis(20), Duration::from_millis(250))
+}
+
+pub async fn run(config: DaemonConfig) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "stalltrace daemon loads eBPF programs and needs root (CAP_BPF, CAP_PERFMON and \
+             CAP_SYS_ADMIN); run it as root, e.g. `sudo stalltrace daemon`"
+        );
+    }
+    if config.stall_after.is_zero() {
+        bail!("--stall-after must be greater than zero");
+    }
+    let tracefs_root = tracefs::ensure_mounted()?;
+    let offsets = kernel_offsets();
+    let listening = procfs::listening_ports(&procfs::tcp_sockets());
+    // Bind first: a second daemon must fail before it loads anything.
+    let api = ApiServer::bind(&config.socket)?;
+    let stall_after_ns = config.stall_after.as_nanos() as u64;
+    let probe_config = ProbeConfig {
+        stall_after_ns,
+        max_conns: config.max_conns,
+        ring_buffer_bytes: config.ring_buffer_bytes,
+        offsets,
+        bpf_stats: config.bpf_stats,
+    };
+    let mut probes = Probes::load(&tracefs_root, &probe_config, &listening)?;
+    let mut sink = EventSink::open(config.events_file.as_deref())?;
+    let mut tracker = Tracker::new(stall_after_ns);
+
+    // Adopt after attaching: a connection that closes in between is reported by the kernel.
+    let mut out = Vec::new();
+    let adoptions = procfs::adoptions(&procfs::tcp_sockets());
+    let adopted = adoptions.len();
+    for adoption in adoptions {
+        tracker.adopt(adoption, monotonic_ns(), &mut out);
+    }
+    sink.write_events(&out);
+    sink.flush();
+
+    let (queries_tx, queries) = mpsc::channel(64);
+    let watch_dropped = Arc::new(AtomicU64::new(0));
+    let socket = api.spawn(queries_tx, sink.watchers(), watch_dropped.clone());
+    log::info!(
+        "stalltrace {} running: {} hooks attached, {} connections adopted, stall threshold {:?}; \
+         events to {}; API on {}",
+        env!("CARGO_PKG_VERSION"),
+        probes.attached_count(),
+        adopted,
+        config.stall_after,
+        sink.destination(),
+        socket.display(),
+    );
+
+    let ring = probes
+        .maps
+        .events
+        .take()
+        .expect("ring buffer map taken once");
+    // SAFETY: the ring buffer map owns its fd and keeps it open for as long as the AsyncFd.
+    let ring = unsafe { AsyncFd::register(ring) }.context("polling the ring buffer")?;
+    let mut daemon = Daemon {
+        tracker,
+        sink,
+        started: Instant::now(),
+        offsets,
+        config,
+        epoch: 1,
+        watch_dropped,
+        malformed: 0,
+        reported_loss: LossCounters::default(),
+        sweeps: 0,
+        sweep_busy: Duration::ZERO,
+        out,
+    };
+    let result = daemon.main_loop(&mut probes, ring, queries).await;
+    daemon.sink.flush();
+    if let Err(err) = std::fs::remove_file(&socket) {
+        log::warn!("removing {}: {err}", socket.display());
+    }
+    log::info!("stopped; programs detached");
+    result
+}
+
+fn kernel_offsets() -> Offsets {
+    let lost = "connections open before the daemon started are not adopted, and accepted \
+                connections are attributed at their first transfer";
+    match btf::Btf::from_kernel() {
+        Ok(kernel_btf) => {
+            let (offsets, missing) = btf::resolve_offsets(&kernel_btf);
+            if !missing.is_empty() {
+                log::warn!("kernel BTF lacks {}: {lost}", missing.join(", "));
+            }
+            offsets
+        }
+        Err(err) => {
+            log::warn!("{err:#}: {lost}");
+            Offsets::unknown()
+        }
+    }
+}
+
+struct Daemon {
+    tracker: Tracker,
+    sink: EventSink,
+    started: Instant,
+    offsets: Offsets,
+    config: DaemonConfig,
+    epoch: u32,
+    watch_dropped: Arc<AtomicU64>,
+    malformed: u64,
+    reported_loss: LossCounters,
+    sweeps: u64,
+    sweep_busy: Duration,
+    /// Reused output buffer.
+    out: Vec<Event>,
+}
+
+impl Daemon {
+    async fn main_loop(
+        &mut self,
+        probes: &mut Probes,
+        mut ring: AsyncFd<RingBuf<MapData>>,
+        mut queries: mpsc::Receiver<Query>,
+    ) -> Result<()> {
+        let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+        let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+        let mut drain = tokio::time::interval(DRAIN_EVERY);
+        let mut sweep = tokio::time::interval(sweep_interval(self.config.stall_after));
+        let mut loss = tokio::time::interval(LOSS_REPORT_EVERY);
+        let mut recalibrate = tokio::time::interval(RECALIBRATE_EVERY);
+        for timer in [&mut drain, &mut sweep, &mut loss, &mut recalibrate] {
+            timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        loop {
+            tokio::select! {
+                _ = sigint.recv() => break,
+                _ = sigterm.recv() => break,
+                guard = ring.readable_mut() => {
+                    let mut guard = guard.context("polling the ring buffer")?;
+                    self.drain(guard.get_inner_mut());
+                    guard.clear_ready();
+                }
+                _ = drain.tick() => self.drain(ring.get_mut()),
+                _ = sweep.tick() => {
+                    self.drain(ring.get_mut());
+                    self.sweep(&mut probes.maps)?;
+                }
+                _ = loss.tick() => self.report_loss(&probes.maps),
+                _ = recalibrate.tick() => self.sink.recalibrate(),
+                Some(query) = queries.recv() => {
+                    let response = self.answer(query.command, probes);
+                    let _ = query.reply.send(response);
+                }
+            }
+        }
+        // Deliver what the kernel reported before the signal.
+        self.drain(ring.get_mut());
+        self.report_loss(&probes.maps);
+        Ok(())
+    }
+
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+        self.out.clear();
+        while let Some(record) = ring.next() {
+            match ConnEvent::from_bytes(&record) {
+                Some(event) => self.tracker.on_event(&event, &mut self.out),
+                None => self.malformed += 1,
+            }
+        }
+        self.emit();
+    }
+
+    fn sweep(&mut self, maps: &mut KernelMaps) -> Result<()> {
+        let started = Instant::now();
+        self.epoch += 1;
+        maps.set_epoch(self.epoch)?;
+        self.out.clear();
+        self.tracker.sweep(
+            monotonic_ns(),
+            self.epoch,
+            |sock| maps.lookup(sock),
+            &mut self.out,
+        );
+        self.emit();
+        self.sweeps += 1;
+        self.sweep_busy += started.elapsed();
+        Ok(())
+    }
+
+    fn emit(&mut self) {
+        if !self.out.is_empty() {
+            self.sink.write_events(&self.out);
+            self.sink.flush();
+        }
+    }
+
+    fn loss(&self, maps: &KernelMaps) -> LossCounters {
+        let kernel = maps.loss();
+        let stats = self.tracker.stats();
+        LossCounters {
+            kernel_ringbuf_full: kernel.ringbuf_full,
+            kernel_conn_insert_failed: kernel.conn_insert_failed,
+            conn_evicted: stats.evictions,
+            close_unseen: stats.lost_closes,
+            malformed_records: self.malformed + stats.unknown_events,
+            events_write_failed: self.sink.write_failed(),
+            watch_dropped: self.watch_dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    fn report_loss(&mut self, maps: &KernelMaps) {
+        let total = self.loss(maps);
+        let new = total.since(&self.reported_loss);
+        if new.total() == 0 {
+            return;
+        }
+        log::warn!("lost since last report: {new:?}");
+        self.sink
+            .write_loss(&LossReport { new, total }, monotonic_ns());
+        self.sink.flush();
+        self.reported_loss = total;
+    }
+
+    fn answer(&self, command: Command, probes: &Probes) -> Response {
+        let now = monotonic_ns();
+        match command {
+            Command::Status => Response::ok(self.status(probes)),
+            Command::Conns { filter } => {
+                Response::ok(json!(self.conns(&filter, &probes.maps, now)))
+            }
+            Command::Stalls {
+                filter,
+                older_than_ms,
+            } => Response::ok(json!(self.stalls(&filter, older_than_ms.unwrap_or(0), now))),
+            Command::Watch { .. } => {
+                Response::error("bad_request", "watch is served by the API task")
+            }
+        }
+    }
+
+    fn status(&self, probes: &Probes) -> serde_json::Value {
+        let loss = self.loss(&probes.maps);
+        let stats = self.tracker.stats();
+        let stalled = self.tracker.stalls().len();
+        let sweep_avg_us = self
+            .sweep_busy
+            .as_micros()
+            .checked_div(u128::from(self.sweeps))
+            .unwrap_or(0);
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "stall_after_ms": self.config.stall_after.as_millis() as u64,
+            "events_to": self.sink.destination(),
+            "programs": probes.attached(),
+            "features": {
+                "adopt_existing": self.offsets.can_read_sock(),
+                "attribute_at_accept": self.offsets.can_resolve_fd(),
+            },
+            "connections": {
+                "tracked": self.tracker.len(),
+                "stalled": stalled,
+                "watched": self.tracker.watched(),
+                "capacity": self.config.max_conns,
+            },
+            "events": {
+                "kernel": stats.events,
+                "written": self.sink.written(),
+            },
+            "sweeps": {"count": self.sweeps, "avg_us": sweep_avg_us as u64},
+            "lost": loss,
+            "lost_total": loss.total(),
+        })
+    }
+
+    fn conns(&self, filter: &Filter, maps: &KernelMaps, now: u64) -> Vec<ConnItemJson> {
+        let mut items: Vec<ConnItemJson> = self
+            .tracker
+            .conns()
+            .filter(|(_, conn)| selected(filter, conn))
+            .map(|(sock, conn)| {
+                let reference = conn.reference();
+                let (process, thread, network) = json::identity(&reference);
+                let mut item = json::base_conn(&reference);
+                item.adopted = Some(conn.adopted);
+                let snapshot = sock.and_then(|sock| maps.lookup(sock));
+                let state = match (&conn.stall, snapshot.as_ref().map(verdict::assess)) {
+                    (Some(_), _) => "stalled",
+                    (None, Some(verdict::Activity::Outstanding { .. }))
+                    | (None, Some(verdict::Activity::ConnectPending { .. })) => "active",
+                    (None, Some(verdict::Activity::Ending { .. })) => "closing",
+                    (None, _) => "idle",
+                };
+                item.state = Some(state.into());
+                if let Some(s) = snapshot {
+                    item.bytes_sent = Some(s.bytes_sent);
+                    item.bytes_received = Some(s.bytes_recv);
+                    item.sends = Some(s.send_calls);
+                    item.receives = Some(s.recv_calls);
+                    item.requests = Some(s.requests);
+                    item.exchanges = Some(s.exchanges);
+                    item.retransmits = Some(s.retransmits);
+                    let ago = |at: u64| (at != 0).then(|| now.saturating_sub(at) / 1_000_000);
+                    item.last_send_ago_ms = ago(s.last_send_ns);
+                    item.last_receive_ago_ms = ago(s.last_recv_ns);
+                }
+                ConnItemJson {
+                    conn: item,
+                    process,
+                    thread,
+                    network,
+                }
+            })
+            .collect();
+        items.sort_by_key(|item| item.conn.id);
+        items
+    }
+
+    fn stalls(&self, filter: &Filter, older_than_ms: u64, now: u64) -> Vec<StallItemJson> {
+        let clock = self.sink.clock();
+        self.tracker
+            .stalls()
+            .into_iter()
+            .filter(|(conn, _)| selected(filter, conn))
+            .filter_map(|(conn, stall)| {
+                let age_ms = now.saturating_sub(stall.quiet_since_ns) / 1_000_000;
+                if age_ms < older_than_ms {
+                    return None;
+                }
+                let reference = conn.reference();
+                let (process, thread, network) = json::identity(&reference);
+                Some(StallItemJson {
+                    conn: json::base_conn(&reference),
+                    process,
+                    thread,
+                    network,
+                    stall: StallJson {
+                        kind: stall.kind.as_str().into(),
+                        age_ms: Some(age_ms),
+                        since: Some(clock.rfc3339(stall.quiet_since_ns)),
+                        ..StallJson::default()
+                    },
+                })
+            })
+            .collect()
+    }
+}
+
+fn selected(filter: &Filter, conn: &Conn) -> bool {
+    filter.matches(conn.owner.pid, &conn.owner.comm.as_str(), &conn.endpoints)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweeps_often_enough_for_the_reporting_bound() {
+        assert_eq!(
+            sweep_interval(Duration::from_secs(5)),
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            sweep_interval(Duration::from_millis(500)),
+            Duration::from_millis(100)
+        );
+        assert_eq!(
+            sweep_interval(Duration::from_millis(10)),
+            Duration::from_millis(20)
+        );
+    }
+}

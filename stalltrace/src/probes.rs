@@ -1,0 +1,294 @@
+//! Loading and attaching the kernel programs, and typed handles to their maps.
+//!
+//! Required hooks (the daemon cannot work without them) fail the start with a message naming
+//! the missing kernel feature; optional ones are skipped with a warning saying what is lost.
+use std::path::Path;
+
+use anyhow::{bail, Context as _, Result};
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{ProgramError, TracePoint},
+    Ebpf, EbpfLoader,
+};
+use stalltrace_common::{loss, ConnState, Control, Offsets};
+
+use crate::sources::tracefs;
+
+/// The object built by build.rs from stalltrace-ebpf.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stalltrace"));
+
+/// A program and the tracepoint it attaches to.
+pub struct Hook {
+    pub program: &'static str,
+    pub category: &'static str,
+    pub name: &'static str,
+    /// Without it the daemon cannot work; otherwise what is lost without it.
+    pub optional: Option<&'static str>,
+}
+
+pub const HOOKS: &[Hook] = &[
+    Hook {
+        program: "stalltrace_tcp_state",
+        category: "sock",
+        name: "inet_sock_set_state",
+        optional: None,
+    },
+    Hook {
+        program: "stalltrace_send",
+        category: "sock",
+        name: "sock_send_length",
+        optional: None,
+    },
+    Hook {
+        program: "stalltrace_recv",
+        category: "sock",
+        name: "sock_recv_length",
+        optional: None,
+    },
+    Hook {
+        program: "stalltrace_accept4",
+        category: "syscalls",
+        name: "sys_exit_accept4",
+        optional: Some("accepted connections are attributed at their first transfer"),
+    },
+    Hook {
+        program: "stalltrace_accept",
+        category: "syscalls",
+        name: "sys_exit_accept",
+        optional: Some("accepted connections are attributed at their first transfer"),
+    },
+    Hook {
+        program: "stalltrace_retransmit",
+        category: "tcp",
+        name: "tcp_retransmit_skb",
+        optional: Some("retransmits are not counted"),
+    },
+    Hook {
+        program: "stalltrace_reset",
+        category: "tcp",
+        name: "tcp_receive_reset",
+        optional: Some("resets received are reported as plain closes"),
+    },
+];
+
+pub struct ProbeConfig {
+    pub stall_after_ns: u64,
+    pub max_conns: u32,
+    pub ring_buffer_bytes: u32,
+    pub offsets: Offsets,
+    /// Enable the kernel's per-program run count and run time statistics.
+    pub bpf_stats: bool,
+}
+
+/// An attached program and what the kernel counted for it, for `stalltrace status`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Attached {
+    pub program: &'static str,
+    pub hook: String,
+    /// Runs and time spent, counted only while BPF statistics are enabled (`--bpf-stats` or
+    /// the sysctl kernel.bpf_stats_enabled).
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
+/// Loaded and attached programs; dropping this detaches them.
+pub struct Probes {
+    ebpf: Ebpf,
+    attached: Vec<Attached>,
+    pub maps: KernelMaps,
+    /// Keeps BPF run-time statistics enabled while held.
+    _stats: Option<std::os::fd::OwnedFd>,
+}
+
+pub struct KernelMaps {
+    pub conns: HashMap<MapData, u64, ConnState>,
+    pub control: Array<MapData, Control>,
+    pub loss: PerCpuArray<MapData, u64>,
+    pub events: Option<RingBuf<MapData>>,
+    listen_ports: HashMap<MapData, u16, u32>,
+}
+
+/// Kernel-side loss counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KernelLoss {
+    pub ringbuf_full: u64,
+    pub conn_insert_failed: u64,
+}
+
+impl KernelMaps {
+    pub fn lookup(&self, sock: u64) -> Option<ConnState> {
+        self.conns.get(&sock, 0).ok()
+    }
+
+    pub fn set_epoch(&mut self, epoch: u32) -> Result<()> {
+        self.control
+            .set(0, Control { epoch, _pad: 0 }, 0)
+            .context("writing the sweep epoch to the CONTROL map")
+    }
+
+    pub fn loss(&self) -> KernelLoss {
+        let sum = |slot: u32| {
+            self.loss
+                .get(&slot, 0)
+                .map(|per_cpu| per_cpu.iter().sum())
+                .unwrap_or(0)
+        };
+        KernelLoss {
+            ringbuf_full: sum(loss::RINGBUF_FULL),
+            conn_insert_failed: sum(loss::CONN_INSERT_FAILED),
+        }
+    }
+}
+
+impl Probes {
+    /// Loads the programs, seeds their maps, then attaches them. `listening` are the ports
+    /// with a listener already (their role decides how pre-existing connections are read).
+    pub fn load(tracefs_root: &Path, config: &ProbeConfig, listening: &[u16]) -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .override_global("STALL_AFTER_NS", &config.stall_after_ns, true)
+            .override_global("OFFSETS", &config.offsets, true)
+            .map_max_entries("CONNS", config.max_conns)
+            .map_max_entries("EVENTS", config.ring_buffer_bytes)
+            .load(OBJECT)
+            .context(
+                "loading the eBPF maps and programs failed; stalltrace needs Linux >= 6.3 with \
+                 BPF ring buffers and tracepoints (CONFIG_BPF_SYSCALL, CONFIG_BPF_EVENTS), run \
+                 as root",
+            )?;
+        if let Err(err) = aya_log::EbpfLogger::init(&mut ebpf).map(spawn_kernel_logger) {
+            log::warn!("kernel-side log messages unavailable: {err}");
+        }
+        let mut maps = KernelMaps {
+            conns: take_map(&mut ebpf, "CONNS")?,
+            control: take_map(&mut ebpf, "CONTROL")?,
+            loss: take_map(&mut ebpf, "LOSS")?,
+            events: Some(take_map(&mut ebpf, "EVENTS")?),
+            listen_ports: take_map(&mut ebpf, "LISTEN_PORTS")?,
+        };
+        // Epoch 0 is what a fresh kernel entry carries: start above it so that every entry's
+        // first request start is reported.
+        maps.set_epoch(1)?;
+        for &port in listening {
+            maps.listen_ports
+                .insert(port, 1, 0)
+                .with_context(|| format!("seeding listening port {port}"))?;
+        }
+        let attached = attach_all(&mut ebpf, tracefs_root)?;
+        let stats = config
+            .bpf_stats
+            .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime))
+            .transpose()
+            .context("enabling BPF run-time statistics (needs Linux >= 5.8)")?;
+        Ok(Self {
+            ebpf,
+            attached,
+            maps,
+            _stats: stats,
+        })
+    }
+
+    /// The attached programs with their current kernel statistics.
+    pub fn attached(&self) -> Vec<Attached> {
+        let mut attached = self.attached.clone();
+        for entry in &mut attached {
+            let info = self.ebpf.program(entry.program).and_then(|p| p.info().ok());
+            if let Some(info) = info {
+                entry.run_count = info.run_count();
+                entry.run_time_ns = info.run_time().as_nanos() as u64;
+            }
+        }
+        attached
+    }
+
+    pub fn attached_count(&self) -> usize {
+        self.attached.len()
+    }
+}
+
+fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &str,
+) -> Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("the eBPF object has no map {name}"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+fn attach_all(ebpf: &mut Ebpf, tracefs_root: &Path) -> Result<Vec<Attached>> {
+    let mut attached = Vec::new();
+    for hook in HOOKS {
+        let label = format!("tracepoint/{}/{}", hook.category, hook.name);
+        let result = tracefs::check_layout(tracefs_root, hook.category, hook.name)
+            .and_then(|()| attach(ebpf, hook));
+        match (result, hook.optional) {
+            (Ok(()), _) => attached.push(Attached {
+                program: hook.program,
+                hook: label,
+                run_count: 0,
+                run_time_ns: 0,
+            }),
+            (Err(err), Some(lost)) => log::warn!("not attaching {label}: {err:#}; {lost}"),
+            (Err(err), None) => bail!(
+                "cannot attach {label}, which stalltrace needs: {err:#}\n\
+                 hint: sock/sock_send_length and sock/sock_recv_length appeared in Linux 6.3"
+            ),
+        }
+    }
+    Ok(attached)
+}
+
+fn attach(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(hook.program)
+        .with_context(|| format!("the eBPF object has no program {}", hook.program))?
+        .try_into()?;
+    if let Err(err) = program.load() {
+        bail!(
+            "loading {} failed: {}",
+            hook.program,
+            summarize_load_error(err)
+        );
+    }
+    program.attach(hook.category, hook.name)?;
+    Ok(())
+}
+
+/// The verifier log can run to thousands of lines: keep its conclusion in the error, the whole
+/// log at debug level.
+fn summarize_load_error(err: ProgramError) -> String {
+    match err {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            log::debug!("verifier log:\n{log}");
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(6)..].join("\n  ");
+            format!(
+                "the kernel refused the program ({io_error}); end of the verifier log (run with \
+                 --log-level debug for all of it):\n  {tail}"
+            )
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Forwards aya-log records from the kernel programs to the daemon's log.
+fn spawn_kernel_logger<T: log::Log + Send + 'static>(logger: aya_log::EbpfLogger<T>) {
+    // SAFETY: the logger owns its ring buffer fd and keeps it open for as long as the AsyncFd.
+    let Ok(mut logger) = (unsafe { tokio::io::unix::AsyncFd::register(logger) }) else {
+        log::warn!("kernel-side log messages unavailable: cannot poll the log buffer");
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}

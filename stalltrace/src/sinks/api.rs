@@ -1,0 +1,213 @@
+//! The control API server: a Unix socket (mode 0660), one task per client. Queries go to the
+//! daemon's main loop, which owns all state; `watch` clients stream event lines. A malformed,
+//! oversized or slow request gets an error reply and never disturbs the daemon.
+use std::{
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    sync::{broadcast, mpsc, oneshot, Semaphore},
+};
+
+use crate::{
+    api::{self, Command, Filter, Response},
+    sinks::ndjson::WatchLine,
+};
+
+const MAX_CLIENTS: usize = 64;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A query for the main loop, with where to send its answer.
+pub struct Query {
+    pub command: Command,
+    pub reply: oneshot::Sender<Response>,
+}
+
+pub struct ApiServer {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ApiServer {
+    /// Binds the socket, refusing to steal it from a running daemon and replacing a stale one.
+    pub fn bind(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the socket directory {}", dir.display()))?;
+        }
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!(
+                    "another stalltrace daemon is already serving {}; stop it first, or give \
+                     this one another --socket",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale socket {}", path.display()))?;
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("binding the API socket {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+            .with_context(|| format!("setting the mode of {}", path.display()))?;
+        Ok(Self {
+            listener,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves clients until the process ends.
+    pub fn spawn(
+        self,
+        queries: mpsc::Sender<Query>,
+        watchers: broadcast::Sender<Arc<WatchLine>>,
+        watch_dropped: Arc<AtomicU64>,
+    ) -> PathBuf {
+        let path = self.path.clone();
+        let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+        tokio::spawn(async move {
+            loop {
+                let stream = match self.listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(err) => {
+                        log::warn!("API accept failed: {err}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tokio::spawn(reply_and_close(
+                        stream,
+                        Response::error("busy", format!("more than {MAX_CLIENTS} API clients")),
+                    ));
+                    continue;
+                };
+                let client = Client {
+                    queries: queries.clone(),
+                    watchers: watchers.clone(),
+                    watch_dropped: watch_dropped.clone(),
+                };
+                tokio::spawn(async move {
+                    client.serve(stream).await;
+                    drop(slot);
+                });
+            }
+        });
+        path
+    }
+}
+
+struct Client {
+    queries: mpsc::Sender<Query>,
+    watchers: broadcast::Sender<Arc<WatchLine>>,
+    watch_dropped: Arc<AtomicU64>,
+}
+
+impl Client {
+    async fn serve(self, stream: UnixStream) {
+        let (read, mut write) = stream.into_split();
+        let mut reader = BufReader::new(read).take(api::MAX_REQUEST_BYTES as u64 + 1);
+        let mut line = String::new();
+        let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
+        let response = match read {
+            Err(_) => Response::error(
+                "timeout",
+                format!(
+                    "no complete request line within {}s",
+                    REQUEST_TIMEOUT.as_secs()
+                ),
+            ),
+            Ok(Err(err)) => Response::error("bad_request", format!("unreadable request: {err}")),
+            Ok(Ok(_)) if line.len() > api::MAX_REQUEST_BYTES => Response::error(
+                "too_large",
+                format!("requests are limited to {} bytes", api::MAX_REQUEST_BYTES),
+            ),
+            Ok(Ok(_)) => match api::parse_request(line.trim_end()) {
+                Err(response) => response,
+                Ok(request) => match request.command {
+                    Command::Watch { filter } => {
+                        self.watch(write, filter).await;
+                        return;
+                    }
+                    command => self.ask(command).await,
+                },
+            },
+        };
+        let _ = write_response(&mut write, &response).await;
+    }
+
+    async fn ask(&self, command: Command) -> Response {
+        let (reply, answer) = oneshot::channel();
+        if self.queries.send(Query { command, reply }).await.is_err() {
+            return Response::error("internal", "the daemon is shutting down");
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Response::error("internal", "the daemon dropped the query"))
+    }
+
+    /// Streams event lines matching `filter` until the client goes away.
+    async fn watch(self, mut write: tokio::net::unix::OwnedWriteHalf, filter: Filter) {
+        let mut events = self.watchers.subscribe();
+        let started = Response::ok(serde_json::json!({"watching": true}));
+        if write_response(&mut write, &started).await.is_err() {
+            return;
+        }
+        loop {
+            let line = match events.recv().await {
+                Ok(line) => line,
+                Err(broadcast::error::RecvError::Lagged(dropped)) => {
+                    self.watch_dropped.fetch_add(dropped, Ordering::Relaxed);
+                    let notice = serde_json::json!({
+                        "time": crate::timefmt::rfc3339_ns(crate::timefmt::realtime_ns()),
+                        "event": "loss",
+                        "loss": {"watch_dropped": dropped},
+                    });
+                    if write
+                        .write_all(format!("{notice}\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            let selected = match &line.endpoints {
+                Some(endpoints) => filter.matches(line.pid, &line.comm, endpoints),
+                None => true,
+            };
+            if selected && write.write_all(line.line.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+async fn write_response(
+    write: &mut (impl tokio::io::AsyncWrite + Unpin),
+    response: &Response,
+) -> std::io::Result<()> {
+    let mut text = serde_json::to_string(response).expect("responses serialize");
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    write.flush().await
+}
+
+async fn reply_and_close(mut stream: UnixStream, response: Response) {
+    let _ = write_response(&mut stream, &response).await;
+}

@@ -1,0 +1,51 @@
+//! Regular file I/O must cost nothing: the data programs hang off socket tracepoints, which
+//! never fire for files. Checked with the kernel's own per-program run counters.
+use std::io::{Read as _, Seek as _, Write as _};
+
+use serde_json::Value;
+use stalltrace_integration::{can_trace, Daemon};
+
+fn runs(status: &Value, program: &str) -> u64 {
+    status["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["program"] == program)
+        .unwrap_or_else(|| panic!("{program} not attached: {status:#}"))["run_count"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn file_reads_and_writes_never_run_the_socket_programs() {
+    if !can_trace("file_reads_and_writes_never_run_the_socket_programs") {
+        return;
+    }
+    let daemon = Daemon::start_with("file-io", &["--bpf-stats"]);
+    let before = daemon.cli_json(&["status", "-o", "json"]);
+
+    const OPS: u64 = 100_000;
+    let path = std::env::temp_dir().join(format!("stalltrace-file-io-{}", std::process::id()));
+    let mut file = std::fs::File::create(&path).unwrap();
+    let block = [7u8; 64];
+    for _ in 0..OPS {
+        file.write_all(&block).unwrap();
+    }
+    file.rewind().unwrap();
+    let mut file = std::fs::File::open(&path).unwrap();
+    let mut buf = [0u8; 64];
+    for _ in 0..OPS {
+        file.read_exact(&mut buf).unwrap();
+    }
+    std::fs::remove_file(&path).unwrap();
+
+    let after = daemon.cli_json(&["status", "-o", "json"]);
+    for program in ["stalltrace_send", "stalltrace_recv"] {
+        // Other tests' sockets run them a little meanwhile; 2 × OPS file calls must not.
+        let delta = runs(&after, program) - runs(&before, program);
+        assert!(
+            delta < OPS / 10,
+            "{program} ran {delta} times during {OPS} file writes + reads"
+        );
+    }
+}

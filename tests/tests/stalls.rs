@@ -1,0 +1,269 @@
+//! Stall detection end to end: the real daemon, the real eBPF programs, real TCP on loopback.
+use std::{
+    net::{SocketAddr, TcpStream},
+    thread,
+    time::Duration,
+};
+
+use serde_json::Value;
+use stalltrace_integration::{
+    can_trace, echo_server, pid, send_request, with_role, Daemon, FullListener, SilentServer,
+    REPORT_WITHIN, STALL_AFTER,
+};
+
+fn gettid() -> u64 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() as u64 }
+}
+
+fn local_port(stream: &TcpStream) -> u16 {
+    stream.local_addr().unwrap().port()
+}
+
+/// Checks the identity fields of a stall item or event against the connection it must be.
+fn assert_conn(item: &Value, role: &str, local: SocketAddr, peer: SocketAddr, tid: u64) {
+    assert_eq!(item["conn"]["role"], role, "{item:#}");
+    assert_eq!(item["process"]["pid"], pid(), "{item:#}");
+    assert!(
+        item["process"]["executable"]["name"].is_string(),
+        "{item:#}"
+    );
+    assert_eq!(item["thread"]["id"], tid, "{item:#}");
+    let network = &item["network"];
+    assert_eq!(network["transport"], "tcp");
+    let family = if local.is_ipv4() { "ipv4" } else { "ipv6" };
+    assert_eq!(network["type"], family, "{item:#}");
+    assert_eq!(
+        network["local"]["address"],
+        local.ip().to_string(),
+        "{item:#}"
+    );
+    assert_eq!(network["local"]["port"], local.port(), "{item:#}");
+    assert_eq!(
+        network["peer"]["address"],
+        peer.ip().to_string(),
+        "{item:#}"
+    );
+    assert_eq!(network["peer"]["port"], peer.port(), "{item:#}");
+}
+
+#[test]
+fn unanswered_request_is_flagged_on_both_ends_over_ipv4_and_ipv6() {
+    if !can_trace("unanswered_request_is_flagged_on_both_ends_over_ipv4_and_ipv6") {
+        return;
+    }
+    let daemon = Daemon::start("both-ends");
+    for ip in ["127.0.0.1", "::1"] {
+        let server = SilentServer::bind(ip);
+        let client = send_request(server.addr);
+        let server_tid = server.thread_id.recv().unwrap() as u64;
+        let client_addr = client.local_addr().unwrap();
+
+        let stalls = daemon.wait_for_stalls(server.addr.port(), 2, REPORT_WITHIN);
+        assert_eq!(stalls.len(), 2, "{ip}: {stalls:#?}\n{}", daemon.stderr());
+        let on_server = with_role(&stalls, "server");
+        assert_eq!(on_server["stall"]["kind"], "unanswered_request");
+        assert_conn(on_server, "server", server.addr, client_addr, server_tid);
+        let on_client = with_role(&stalls, "client");
+        assert_eq!(on_client["stall"]["kind"], "awaiting_response");
+        assert_conn(on_client, "client", client_addr, server.addr, gettid());
+        for stall in &stalls {
+            let age = stall["stall"]["age_ms"].as_u64().unwrap();
+            assert!(age >= STALL_AFTER.as_millis() as u64, "{stall:#}");
+            assert!(stall["stall"]["since"].is_string());
+        }
+
+        // The events carry the same identity, and were reported within threshold + 1 s.
+        let starts = daemon.wait_for_events("stall.start", server.addr.port(), 2, REPORT_WITHIN);
+        assert_eq!(starts.len(), 2, "{starts:#?}");
+        for start in &starts {
+            let quiet = start["stall"]["quiet_ms"].as_u64().unwrap();
+            let threshold = STALL_AFTER.as_millis() as u64;
+            assert!((threshold..=threshold + 1000).contains(&quiet), "{start:#}");
+        }
+        assert_conn(
+            with_role(&starts, "server"),
+            "server",
+            server.addr,
+            client_addr,
+            server_tid,
+        );
+
+        // The table view shows the same stalls.
+        let table = daemon.cli(&["stalls", "--port", &server.addr.port().to_string()]);
+        let table = String::from_utf8(table.stdout).unwrap();
+        assert!(table.contains("unanswered_request") && table.contains("awaiting_response"));
+        server.close();
+    }
+}
+
+#[test]
+fn reply_ends_the_stall_with_its_true_duration() {
+    if !can_trace("reply_ends_the_stall_with_its_true_duration") {
+        return;
+    }
+    let daemon = Daemon::start("reply");
+    let server = SilentServer::bind("127.0.0.1");
+    let mut client = send_request(server.addr);
+    let port = server.addr.port();
+    assert_eq!(daemon.wait_for_stalls(port, 2, REPORT_WITHIN).len(), 2);
+    thread::sleep(Duration::from_millis(300));
+
+    let held = server.reply(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+    let mut reply = [0u8; 64];
+    assert!(std::io::Read::read(&mut client, &mut reply).unwrap() > 0);
+
+    let ends = daemon.wait_for_events("stall.end", port, 2, REPORT_WITHIN);
+    assert_eq!(ends.len(), 2, "{ends:#?}");
+    for end in &ends {
+        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
+        // The daemon's duration is measured from kernel timestamps of the request's last byte
+        // and the reply's first; the server measured read() return to write().
+        let duration = end["stall"]["duration_ms"].as_u64().unwrap() as i64;
+        let held = held.as_millis() as i64;
+        assert!(
+            (duration - held).abs() <= 50,
+            "daemon {duration} ms, server {held} ms: {end:#}"
+        );
+    }
+    assert_eq!(
+        with_role(&ends, "server")["stall"]["kind"],
+        "unanswered_request"
+    );
+    assert_eq!(
+        with_role(&ends, "client")["stall"]["kind"],
+        "awaiting_response"
+    );
+    assert!(daemon.stalls(port).is_empty());
+}
+
+#[test]
+fn idle_keep_alive_connection_is_never_a_stall() {
+    if !can_trace("idle_keep_alive_connection_is_never_a_stall") {
+        return;
+    }
+    let daemon = Daemon::start("keepalive");
+    let server = echo_server("127.0.0.1");
+    let mut client = TcpStream::connect(server).unwrap();
+    for _ in 0..3 {
+        std::io::Write::write_all(&mut client, b"PING\r\n").unwrap();
+        let mut reply = [0u8; 16];
+        assert!(std::io::Read::read(&mut client, &mut reply).unwrap() > 0);
+    }
+    thread::sleep(STALL_AFTER * 3);
+
+    assert!(daemon.stalls(server.port()).is_empty());
+    assert!(daemon.events_named("stall.start", server.port()).is_empty());
+    let conns = daemon.cli_json(&["conns", "-o", "json", "--port", &server.port().to_string()]);
+    let conns = conns.as_array().unwrap();
+    assert_eq!(conns.len(), 2, "{conns:#?}");
+    for conn in conns {
+        assert_eq!(conn["conn"]["state"], "idle", "{conn:#}");
+        assert_eq!(conn["conn"]["exchanges"], 3, "{conn:#}");
+    }
+}
+
+#[test]
+fn close_while_stalled_ends_the_stall_as_closed() {
+    if !can_trace("close_while_stalled_ends_the_stall_as_closed") {
+        return;
+    }
+    let daemon = Daemon::start("close");
+    let server = SilentServer::bind("127.0.0.1");
+    let client = send_request(server.addr);
+    let client_port = local_port(&client);
+    let port = server.addr.port();
+    assert_eq!(daemon.wait_for_stalls(port, 2, REPORT_WITHIN).len(), 2);
+
+    drop(client); // the client gives up
+    let ends = daemon.wait_for_events("stall.end", port, 2, REPORT_WITHIN);
+    assert_eq!(ends.len(), 2, "{ends:#?}");
+    for end in &ends {
+        assert_eq!(end["stall"]["resolution"], "closed", "{end:#}");
+        assert!(end["stall"]["duration_ms"].as_u64().unwrap() >= STALL_AFTER.as_millis() as u64);
+    }
+    let closes = daemon.wait_for_events("conn.close", client_port, 1, REPORT_WITHIN);
+    let close = with_role(&closes, "client");
+    assert_eq!(close["conn"]["closed_while_stalled"], true, "{close:#}");
+    assert_eq!(close["conn"]["requests"], 1, "{close:#}");
+    assert_eq!(close["conn"]["exchanges"], 0, "{close:#}");
+    assert!(daemon.stalls(port).is_empty());
+}
+
+#[test]
+fn connection_opened_before_the_daemon_is_adopted_and_flagged() {
+    if !can_trace("connection_opened_before_the_daemon_is_adopted_and_flagged") {
+        return;
+    }
+    let server = SilentServer::bind("127.0.0.1");
+    let mut client = TcpStream::connect(server.addr).unwrap();
+    let server_tid = server.thread_id.recv().unwrap() as u64;
+    let port = server.addr.port();
+
+    let daemon = Daemon::start("adopt");
+    let conns = daemon.cli_json(&["conns", "-o", "json", "--port", &port.to_string()]);
+    let conns = conns.as_array().unwrap();
+    assert_eq!(conns.len(), 2, "both ends found in /proc: {conns:#?}");
+    for conn in conns {
+        assert_eq!(conn["conn"]["adopted"], true, "{conn:#}");
+        assert_eq!(conn["process"]["pid"], pid(), "{conn:#}");
+    }
+    assert_eq!(with_role(conns, "server")["network"]["local"]["port"], port);
+
+    std::io::Write::write_all(&mut client, b"GET /after-start HTTP/1.1\r\n\r\n").unwrap();
+    let stalls = daemon.wait_for_stalls(port, 2, REPORT_WITHIN);
+    assert_eq!(stalls.len(), 2, "{stalls:#?}\n{}", daemon.stderr());
+    let client_addr = client.local_addr().unwrap();
+    assert_conn(
+        with_role(&stalls, "server"),
+        "server",
+        server.addr,
+        client_addr,
+        server_tid,
+    );
+    assert_conn(
+        with_role(&stalls, "client"),
+        "client",
+        client_addr,
+        server.addr,
+        gettid(),
+    );
+    // Same connection ids as when adopted: no second conn.open.
+    let ids: Vec<&Value> = conns.iter().map(|c| &c["conn"]["id"]).collect();
+    for stall in &stalls {
+        assert!(ids.contains(&&stall["conn"]["id"]), "{stall:#}");
+    }
+    assert_eq!(daemon.events_named("conn.open", port).len(), 2);
+    server.close();
+}
+
+#[test]
+fn connect_that_never_completes_is_connect_pending() {
+    if !can_trace("connect_that_never_completes_is_connect_pending") {
+        return;
+    }
+    let daemon = Daemon::start("connect");
+    let listener = FullListener::bind();
+    let _queued = TcpStream::connect(listener.addr).unwrap(); // fills the accept queue
+    let addr = listener.addr;
+    let pending = thread::spawn(move || TcpStream::connect_timeout(&addr, Duration::from_secs(20)));
+
+    let stalls = daemon.wait_for_stalls(addr.port(), 1, REPORT_WITHIN);
+    assert_eq!(stalls.len(), 1, "{stalls:#?}");
+    let stall = &stalls[0];
+    assert_eq!(stall["stall"]["kind"], "connect_pending", "{stall:#}");
+    assert_eq!(stall["conn"]["role"], "client");
+    assert_eq!(stall["process"]["pid"], pid());
+    assert_eq!(stall["network"]["peer"]["port"], addr.port());
+
+    // Closing the listener makes the next SYN retransmit fail with a reset.
+    listener.close();
+    assert!(pending.join().unwrap().is_err());
+    // The next SYN retransmit can be several seconds away (exponential backoff).
+    let ends = daemon.wait_for_events("stall.end", addr.port(), 1, Duration::from_secs(15));
+    let end = ends
+        .iter()
+        .find(|e| e["stall"]["kind"] == "connect_pending")
+        .unwrap_or_else(|| panic!("no connect_pending end in {ends:#?}"));
+    assert_eq!(end["stall"]["resolution"], "reset", "{end:#}");
+}
