@@ -37,15 +37,20 @@ pub enum Command {
     },
 }
 
-/// Selects connections; every given criterion must match.
-#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+/// Selects connections; every given criterion must match. Also the CLI's filter flags.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct Filter {
+    /// Only connections of this process id.
+    #[arg(long, value_name = "PID")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// Only connections of processes with this executable name (comm, at most 15 characters).
+    #[arg(long, value_name = "NAME")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comm: Option<String>,
-    /// Local or peer port.
+    /// Only connections with this local or peer port.
+    #[arg(long, value_name = "PORT")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
 }
@@ -87,38 +92,48 @@ impl Response {
     }
 
     pub fn error(code: &str, message: impl Into<String>) -> Self {
+        Self::failed(ApiError::new(code, message))
+    }
+
+    pub fn failed(error: ApiError) -> Self {
         Self {
             version: VERSION,
             ok: false,
             result: None,
-            error: Some(ApiError {
-                code: code.into(),
-                message: message.into(),
-            }),
+            error: Some(error),
+        }
+    }
+}
+
+impl ApiError {
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
         }
     }
 }
 
 /// Parses a request line, or says what is wrong with it.
-pub fn parse_request(line: &str) -> Result<Request, Response> {
+pub fn parse_request(line: &str) -> Result<Request, ApiError> {
     let value: serde_json::Value = serde_json::from_str(line)
-        .map_err(|e| Response::error("bad_request", format!("not JSON: {e}")))?;
+        .map_err(|e| ApiError::new("bad_request", format!("not JSON: {e}")))?;
     match value.get("version").and_then(serde_json::Value::as_u64) {
         Some(v) if v == u64::from(VERSION) => {}
         Some(v) => {
-            return Err(Response::error(
+            return Err(ApiError::new(
                 "unsupported_version",
                 format!("this daemon speaks API version {VERSION}, the request has {v}"),
             ));
         }
         None => {
-            return Err(Response::error(
+            return Err(ApiError::new(
                 "bad_request",
                 format!("missing \"version\" (this daemon speaks version {VERSION})"),
             ));
         }
     }
-    serde_json::from_value(value).map_err(|e| Response::error("bad_request", e.to_string()))
+    serde_json::from_value(value).map_err(|e| ApiError::new("bad_request", e.to_string()))
 }
 
 #[cfg(test)]
@@ -154,7 +169,7 @@ mod tests {
 
     #[test]
     fn malformed_requests_get_specific_errors() {
-        let code = |line: &str| parse_request(line).unwrap_err().error.unwrap().code;
+        let code = |line: &str| parse_request(line).unwrap_err().code;
         assert_eq!(code("not json"), "bad_request");
         assert_eq!(code(r#"{"command":"status"}"#), "bad_request");
         assert_eq!(

@@ -25,12 +25,12 @@ use crate::{
     probes::{KernelMaps, ProbeConfig, Probes},
     sinks::{
         api::{ApiServer, Query},
-        json::{self, ConnItemJson, StallItemJson, StallJson},
+        json::{self, ConnItemJson, StallJson},
         ndjson::EventSink,
     },
     sources::{btf, procfs, tracefs},
     timefmt::monotonic_ns,
-    tracker::{verdict, Conn, Event, Tracker},
+    tracker::{verdict, Conn, Event, Totals, Tracker},
 };
 
 pub struct DaemonConfig {
@@ -335,10 +335,8 @@ impl Daemon {
             .conns()
             .filter(|(_, conn)| selected(filter, conn))
             .map(|(sock, conn)| {
-                let reference = conn.reference();
-                let (process, thread, network) = json::identity(&reference);
-                let mut item = json::base_conn(&reference);
-                item.adopted = Some(conn.adopted);
+                let mut item = ConnItemJson::new(&conn.reference());
+                item.conn.adopted = Some(conn.adopted);
                 let snapshot = sock.and_then(|sock| maps.lookup(sock));
                 let state = match (&conn.stall, snapshot.as_ref().map(verdict::assess)) {
                     (Some(_), _) => "stalled",
@@ -347,32 +345,21 @@ impl Daemon {
                     (None, Some(verdict::Activity::Ending { .. })) => "closing",
                     (None, _) => "idle",
                 };
-                item.state = Some(state.into());
+                item.conn.state = Some(state.into());
                 if let Some(s) = snapshot {
-                    item.bytes_sent = Some(s.bytes_sent);
-                    item.bytes_received = Some(s.bytes_recv);
-                    item.sends = Some(s.send_calls);
-                    item.receives = Some(s.recv_calls);
-                    item.requests = Some(s.requests);
-                    item.exchanges = Some(s.exchanges);
-                    item.retransmits = Some(s.retransmits);
+                    json::add_totals(&mut item.conn, &Totals::from_kernel(&s));
                     let ago = |at: u64| (at != 0).then(|| now.saturating_sub(at) / 1_000_000);
-                    item.last_send_ago_ms = ago(s.last_send_ns);
-                    item.last_receive_ago_ms = ago(s.last_recv_ns);
+                    item.conn.last_send_ago_ms = ago(s.last_send_ns);
+                    item.conn.last_receive_ago_ms = ago(s.last_recv_ns);
                 }
-                ConnItemJson {
-                    conn: item,
-                    process,
-                    thread,
-                    network,
-                }
+                item
             })
             .collect();
         items.sort_by_key(|item| item.conn.id);
         items
     }
 
-    fn stalls(&self, filter: &Filter, older_than_ms: u64, now: u64) -> Vec<StallItemJson> {
+    fn stalls(&self, filter: &Filter, older_than_ms: u64, now: u64) -> Vec<ConnItemJson> {
         let clock = self.sink.clock();
         self.tracker
             .stalls()
@@ -383,20 +370,14 @@ impl Daemon {
                 if age_ms < older_than_ms {
                     return None;
                 }
-                let reference = conn.reference();
-                let (process, thread, network) = json::identity(&reference);
-                Some(StallItemJson {
-                    conn: json::base_conn(&reference),
-                    process,
-                    thread,
-                    network,
-                    stall: StallJson {
-                        kind: stall.kind.as_str().into(),
-                        age_ms: Some(age_ms),
-                        since: Some(clock.rfc3339(stall.quiet_since_ns)),
-                        ..StallJson::default()
-                    },
-                })
+                let mut item = ConnItemJson::new(&conn.reference());
+                item.stall = Some(StallJson {
+                    kind: stall.kind.as_str().into(),
+                    age_ms: Some(age_ms),
+                    since: Some(clock.rfc3339(stall.quiet_since_ns)),
+                    ..StallJson::default()
+                });
+                Some(item)
             })
             .collect()
     }

@@ -27,20 +27,18 @@ fn main() -> ExitCode {
                 .and_then(|runtime| runtime.block_on(daemon::run(config)))
         }
         Command::Status(output) => client::status(&cli.socket, output.format),
-        Command::Conns { filter, output } => {
-            client::conns(&cli.socket, filter.into(), output.format)
-        }
+        Command::Conns { filter, output } => client::conns(&cli.socket, filter, output.format),
         Command::Stalls {
             older_than,
             filter,
             output,
         } => client::stalls(
             &cli.socket,
-            filter.into(),
+            filter,
             older_than.map(|d| d.0.as_millis() as u64),
             output.format,
         ),
-        Command::Watch { filter } => client::watch(&cli.socket, filter.into()),
+        Command::Watch { filter } => client::watch(&cli.socket, filter),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,7 +10,7 @@ use std::{
     process::Command,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -66,21 +66,11 @@ fn cargo() -> Command {
     command
 }
 
-fn status(command: &mut Command) -> Result<()> {
-    let status = command
-        .status()
-        .with_context(|| format!("starting {command:?}"))?;
-    if !status.success() {
-        bail!("{command:?} failed ({status})");
-    }
-    Ok(())
-}
-
 fn run_daemon(args: &[String]) -> Result<()> {
     setup::run()?;
     setup::require_root("running the daemon (it loads eBPF programs)")?;
     println!("xtask: building stalltrace (release)");
-    status(cargo().args(["build", "--release", "--package", "stalltrace"]))?;
+    setup::run_checked(cargo().args(["build", "--release", "--package", "stalltrace"]))?;
     let binary = workspace_root().join("target/release/stalltrace");
     println!(
         "xtask: starting {} daemon {}",
@@ -97,8 +87,8 @@ fn test(args: &[String]) -> Result<()> {
     setup::run()?;
     setup::require_root("the integration tests (they load eBPF programs)")?;
     println!("xtask: building the daemon for the integration tests");
-    status(cargo().args(["build", "--package", "stalltrace"]))?;
+    setup::run_checked(cargo().args(["build", "--package", "stalltrace"]))?;
     let binary = workspace_root().join("target/debug/stalltrace");
     println!("xtask: running all tests");
-    status(cargo().arg("test").args(args).env("STALLTRACE_BIN", binary))
+    setup::run_checked(cargo().arg("test").args(args).env("STALLTRACE_BIN", binary))
 }

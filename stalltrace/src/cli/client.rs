@@ -16,7 +16,7 @@ use super::{
 use crate::{
     api::{self, Command, Request, Response},
     duration::format_millis,
-    sinks::json::{ConnItemJson, StallItemJson},
+    sinks::json::ConnItemJson,
 };
 
 /// Queries can take a while on hosts with very many connections (one kernel lookup each).
@@ -129,13 +129,16 @@ fn render_status(status: &Value) -> String {
 
 pub fn conns(socket: &Path, filter: api::Filter, format: Format) -> Result<()> {
     let result = query(socket, Command::Conns { filter })?;
+    print_items(result, format, render_conns)
+}
+
+/// Prints a list answer as JSON, or as the table `render` makes of its items.
+fn print_items(result: Value, format: Format, render: fn(&[ConnItemJson]) -> String) -> Result<()> {
+    let items: Vec<ConnItemJson> =
+        serde_json::from_value(result).context("the daemon's answer has an unexpected shape")?;
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&result)?),
-        Format::Table => {
-            let items: Vec<ConnItemJson> =
-                serde_json::from_value(result).context("unexpected answer to conns")?;
-            print!("{}", render_conns(&items));
-        }
+        Format::Json => println!("{}", serde_json::to_string_pretty(&items)?),
+        Format::Table => print!("{}", render(&items)),
     }
     Ok(())
 }
@@ -197,18 +200,10 @@ pub fn stalls(
             older_than_ms,
         },
     )?;
-    match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&result)?),
-        Format::Table => {
-            let items: Vec<StallItemJson> =
-                serde_json::from_value(result).context("unexpected answer to stalls")?;
-            print!("{}", render_stalls(&items));
-        }
-    }
-    Ok(())
+    print_items(result, format, render_stalls)
 }
 
-fn render_stalls(items: &[StallItemJson]) -> String {
+fn render_stalls(items: &[ConnItemJson]) -> String {
     if items.is_empty() {
         return "no open stalls\n".into();
     }
@@ -225,10 +220,11 @@ fn render_stalls(items: &[StallItemJson]) -> String {
     ]);
     for item in items {
         let (pid, comm) = process_cells(&item.process);
+        let stall = item.stall.clone().unwrap_or_default();
         table.push(vec![
             item.conn.id.to_string(),
-            item.stall.kind.clone(),
-            item.stall.age_ms.map_or("-".into(), format_millis),
+            stall.kind,
+            stall.age_ms.map_or("-".into(), format_millis),
             pid,
             comm,
             item.thread
@@ -236,7 +232,7 @@ fn render_stalls(items: &[StallItemJson]) -> String {
                 .map_or("-".into(), |t| t.id.to_string()),
             endpoint(&item.network.local.address, item.network.local.port),
             endpoint(&item.network.peer.address, item.network.peer.port),
-            item.stall.since.clone().unwrap_or_default(),
+            stall.since.unwrap_or_default(),
         ]);
     }
     format!("{}{} open stalls\n", table.render(), items.len())
@@ -274,7 +270,7 @@ mod tests {
 
     #[test]
     fn stalls_table_shows_kind_age_and_process() {
-        let item: StallItemJson = serde_json::from_value(json!({
+        let item: ConnItemJson = serde_json::from_value(json!({
             "conn": {"id": 3, "role": "server"},
             "process": {"pid": 77, "executable": {"name": "api"}},
             "thread": {"id": 78},

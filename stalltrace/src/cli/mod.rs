@@ -51,7 +51,7 @@ pub enum Command {
     /// List live connections and their state: active (request outstanding), idle, stalled.
     Conns {
         #[command(flatten)]
-        filter: FilterArgs,
+        filter: api::Filter,
         #[command(flatten)]
         output: OutputArgs,
     },
@@ -61,14 +61,14 @@ pub enum Command {
         #[arg(long, value_name = "DURATION")]
         older_than: Option<HumanDuration>,
         #[command(flatten)]
-        filter: FilterArgs,
+        filter: api::Filter,
         #[command(flatten)]
         output: OutputArgs,
     },
     /// Stream the daemon's events as NDJSON until interrupted.
     Watch {
         #[command(flatten)]
-        filter: FilterArgs,
+        filter: api::Filter,
     },
 }
 
@@ -99,29 +99,6 @@ pub struct DaemonArgs {
     /// Log verbosity on stderr.
     #[arg(long, value_enum, default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,
-}
-
-#[derive(Args, Debug, Default)]
-pub struct FilterArgs {
-    /// Only connections of this process id.
-    #[arg(long, value_name = "PID")]
-    pub pid: Option<u32>,
-    /// Only connections of processes with this executable name (comm, at most 15 characters).
-    #[arg(long, value_name = "NAME")]
-    pub comm: Option<String>,
-    /// Only connections with this local or peer port.
-    #[arg(long, value_name = "PORT")]
-    pub port: Option<u16>,
-}
-
-impl From<FilterArgs> for api::Filter {
-    fn from(args: FilterArgs) -> Self {
-        Self {
-            pid: args.pid,
-            comm: args.comm,
-            port: args.port,
-        }
-    }
 }
 
 #[derive(Args, Debug)]

@@ -136,7 +136,7 @@ impl Client {
                 format!("requests are limited to {} bytes", api::MAX_REQUEST_BYTES),
             ),
             Ok(Ok(_)) => match api::parse_request(line.trim_end()) {
-                Err(response) => response,
+                Err(error) => Response::failed(error),
                 Ok(request) => match request.command {
                     Command::Watch { filter } => {
                         self.watch(write, filter).await;

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::tracker::{model::Endpoints, CloseSummary, ConnRef, Detail, Event};
+use crate::tracker::{model::Endpoints, CloseSummary, ConnRef, Detail, Event, Totals};
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct EventJson {
@@ -106,19 +106,7 @@ pub struct StallJson {
     pub since: Option<String>,
 }
 
-/// An item of `stalltrace stalls -o json`: the event identity plus `stall`.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
-pub struct StallItemJson {
-    pub conn: ConnJson,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub process: Option<ProcessJson>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub thread: Option<ThreadJson>,
-    pub network: NetworkJson,
-    pub stall: StallJson,
-}
-
-/// An item of `stalltrace conns -o json`.
+/// An item of `conns` and `stalls` answers: the event identity, plus `stall` for stalls.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct ConnItemJson {
     pub conn: ConnJson,
@@ -127,6 +115,22 @@ pub struct ConnItemJson {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thread: Option<ThreadJson>,
     pub network: NetworkJson,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall: Option<StallJson>,
+}
+
+impl ConnItemJson {
+    /// The item for `conn`, with `conn.id` and `conn.role` set.
+    pub fn new(conn: &ConnRef) -> Self {
+        let (process, thread, network) = identity(conn);
+        Self {
+            conn: base_conn(conn),
+            process,
+            thread,
+            network,
+            stall: None,
+        }
+    }
 }
 
 /// The `process`, `thread` and `network` objects of a connection; `None`s when no process has
@@ -213,9 +217,15 @@ pub fn event_json(event: &Event, time: String) -> EventJson {
 }
 
 fn add_close(conn: &mut ConnJson, summary: &CloseSummary) {
-    let totals = &summary.totals;
     conn.end = Some(summary.how.as_str().into());
     conn.duration_ms = Some(summary.duration_ms);
+    add_totals(conn, &summary.totals);
+    conn.closed_while_stalled = Some(summary.closed_while_stalled);
+    conn.totals_complete = Some(summary.complete);
+}
+
+/// The byte, call and exchange counters of `conn.*`.
+pub fn add_totals(conn: &mut ConnJson, totals: &Totals) {
     conn.bytes_sent = Some(totals.bytes_sent);
     conn.bytes_received = Some(totals.bytes_received);
     conn.sends = Some(totals.sends);
@@ -223,17 +233,12 @@ fn add_close(conn: &mut ConnJson, summary: &CloseSummary) {
     conn.requests = Some(totals.requests);
     conn.exchanges = Some(totals.exchanges);
     conn.retransmits = Some(totals.retransmits);
-    conn.closed_while_stalled = Some(summary.closed_while_stalled);
-    conn.totals_complete = Some(summary.complete);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tracker::{
-        model::{Comm, Owner, Resolution, Role, StallKind},
-        Totals,
-    };
+    use crate::tracker::model::{Comm, Owner, Resolution, Role, StallKind};
     use serde_json::json;
 
     fn conn_ref() -> ConnRef {
