@@ -231,7 +231,8 @@ impl Tracker {
         self.watched.len()
     }
 
-    /// Registers a connection that was already open when the daemon started.
+    /// Registers a connection that was already open when the daemon started. Called before any
+    /// kernel event is processed, so the scan of `conns` below is over an empty map.
     pub fn adopt(&mut self, adoption: Adoption, now: u64, out: &mut Vec<Event>) {
         let known = self.adopted.contains_key(&adoption.endpoints)
             || self
