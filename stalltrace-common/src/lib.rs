@@ -201,6 +201,9 @@ pub struct Offsets {
     pub skc_num: u32,
     pub skc_v6_daddr: u32,
     pub skc_v6_rcv_saddr: u32,
+    /// Address family and protocol: tell TCP sockets from others on the raw data hooks.
+    pub skc_family: u32,
+    pub sk_protocol: u32,
     /// The chain from the current task to the `struct sock` behind a file descriptor.
     pub task_files: u32,
     pub files_fdt: u32,
@@ -222,6 +225,8 @@ impl Offsets {
             skc_num: u,
             skc_v6_daddr: u,
             skc_v6_rcv_saddr: u,
+            skc_family: u,
+            sk_protocol: u,
             task_files: u,
             files_fdt: u,
             fdt_max_fds: u,
@@ -231,9 +236,11 @@ impl Offsets {
         }
     }
 
-    /// The connection's addresses and ports can be read from a `struct sock`.
+    /// The connection's protocol, addresses and ports can be read from a `struct sock`.
     pub const fn can_read_sock(&self) -> bool {
-        self.skc_daddr != Self::UNKNOWN
+        self.skc_family != Self::UNKNOWN
+            && self.sk_protocol != Self::UNKNOWN
+            && self.skc_daddr != Self::UNKNOWN
             && self.skc_rcv_saddr != Self::UNKNOWN
             && self.skc_dport != Self::UNKNOWN
             && self.skc_num != Self::UNKNOWN
@@ -276,17 +283,6 @@ pub mod tracepoint {
         pub daddr_v6: [u8; 16],
     }
 
-    /// `sock/sock_send_length` and `sock/sock_recv_length`.
-    #[repr(C)]
-    pub struct SockLength {
-        pub common: u64,
-        pub sk: u64,
-        pub family: u16,
-        pub protocol: u16,
-        pub ret: i32,
-        pub flags: i32,
-    }
-
     /// Leading fields of `tcp/tcp_retransmit_skb`.
     #[repr(C)]
     pub struct TcpRetransmitSkb {
@@ -318,7 +314,7 @@ const _: () = assert!(core::mem::size_of::<ConnState>() == 168);
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 192);
 const _: () = assert!(core::mem::size_of::<Control>() == 8);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 48);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 56);
 
 #[cfg(feature = "user")]
 mod user {

@@ -1,52 +1,60 @@
-//! The hot path: every successful send/receive on a TCP socket, from `sock/sock_send_length` and
-//! `sock/sock_recv_length`. These fire only for sockets (never for files or pipes), after the
-//! transfer, with its byte count. Work per call: one map lookup and a few stores; an event only
-//! when a request starts on a connection not yet reported this epoch, or a stall ends.
+//! The hot path: every send/receive on a socket, from the raw tracepoints
+//! `sock_send_length` and `sock_recv_length`. They fire only for sockets (never for files or
+//! pipes), after the transfer, with its byte count; as *raw* tracepoints they pass their
+//! arguments without building a trace record, which is most of a classic tracepoint's cost.
+//!
+//! Work per call on a tracked connection: one map lookup and a few stores; an event only when a
+//! request starts on a connection not yet reported this epoch, or a stall ends. Only TCP
+//! connections are in the map, so a miss is either another kind of socket (checked by reading
+//! its protocol) or a TCP connection the map does not hold yet.
 use aya_ebpf::{
-    bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, macros::tracepoint,
-    programs::TracePointContext, EbpfContext,
+    bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, macros::raw_tracepoint,
+    programs::RawTracePointContext,
 };
-use stalltrace_common::{
-    conn_flags, direction, loss, role, tcp_state, tracepoint::SockLength, ConnState, EventKind,
-    AF_INET, AF_INET6, IPPROTO_TCP,
-};
+use stalltrace_common::{conn_flags, direction, loss, role, tcp_state, ConnState, EventKind};
 
 use crate::{
     conn::{emit, is_outstanding, last_request_ns, request_direction, set_owner_to_current},
-    kernel_read::read_endpoints,
+    kernel_read::{read_endpoints, tcp_family},
     maps::{count_loss, current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS},
 };
 
 const MSG_PEEK: i32 = 2;
 
-#[tracepoint(category = "sock", name = "sock_recv_length")]
-pub fn stalltrace_recv(ctx: TracePointContext) -> u32 {
+// TP_PROTO(struct sock *sk, int ret, int flags)
+const ARG_SOCK: usize = 0;
+const ARG_RET: usize = 1;
+const ARG_FLAGS: usize = 2;
+
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn stalltrace_recv(ctx: RawTracePointContext) -> i32 {
     on_transfer(&ctx, direction::IN);
     0
 }
 
-#[tracepoint(category = "sock", name = "sock_send_length")]
-pub fn stalltrace_send(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn stalltrace_send(ctx: RawTracePointContext) -> i32 {
     on_transfer(&ctx, direction::OUT);
     0
 }
 
 #[inline(always)]
-fn on_transfer(ctx: &TracePointContext, dir: u8) {
-    // SAFETY: the context of these tracepoints is a SockLength record.
-    let args = unsafe { &*(ctx.as_ptr() as *const SockLength) };
-    if args.protocol != IPPROTO_TCP || args.ret <= 0 {
+fn on_transfer(ctx: &RawTracePointContext, dir: u8) {
+    // Integer arguments arrive widened to u64.
+    let ret = ctx.arg::<u64>(ARG_RET) as i32;
+    if ret <= 0 {
         return;
     }
-    if dir == direction::IN && args.flags & MSG_PEEK != 0 {
+    if dir == direction::IN && ctx.arg::<u64>(ARG_FLAGS) as i32 & MSG_PEEK != 0 {
         return;
     }
+    let sock = ctx.arg::<u64>(ARG_SOCK);
     let now = unsafe { bpf_ktime_get_ns() };
-    let bytes = args.ret as u64;
-    match CONNS.get_ptr_mut(args.sk) {
+    let bytes = ret as u64;
+    match CONNS.get_ptr_mut(sock) {
         // SAFETY: map value pointer, valid for the duration of the program.
-        Some(conn) => record(args.sk, unsafe { &mut *conn }, dir, bytes, now),
-        None => discover(args, dir, bytes, now),
+        Some(conn) => record(sock, unsafe { &mut *conn }, dir, bytes, now),
+        None => discover(sock, dir, bytes, now),
     }
 }
 
@@ -92,19 +100,20 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
 /// Traffic on a connection the map does not hold: opened before the daemon started, or evicted.
 /// Track it from here, reading its endpoints from the socket.
 #[inline(never)]
-fn discover(args: &SockLength, dir: u8, bytes: u64, now: u64) {
-    if args.family != AF_INET && args.family != AF_INET6 {
+fn discover(sock: u64, dir: u8, bytes: u64, now: u64) {
+    let offsets = OFFSETS.load();
+    let Some(family) = tcp_family(sock, &offsets) else {
         return;
-    }
+    };
     let Some(conn) = scratch_conn() else {
         return;
     };
     conn.open_ns = now;
     conn.state_ns = now;
-    conn.family = args.family;
+    conn.family = family;
     conn.tcp_state = tcp_state::ESTABLISHED;
     conn.flags = conn_flags::DISCOVERED | conn_flags::ESTABLISHED;
-    if !read_endpoints(args.sk, args.family, &OFFSETS.load(), conn) {
+    if !read_endpoints(sock, family, &offsets, conn) {
         return;
     }
     conn.role = if LISTEN_PORTS.get_ptr(conn.local_port).is_some() {
@@ -114,7 +123,7 @@ fn discover(args: &SockLength, dir: u8, bytes: u64, now: u64) {
     };
     set_owner_to_current(conn);
     record_first(conn, dir, bytes, now);
-    match CONNS.insert(args.sk, &*conn, BPF_NOEXIST.into()) {
+    match CONNS.insert(sock, &*conn, BPF_NOEXIST.into()) {
         Ok(()) => {}
         // Another CPU discovered it first and reported it.
         Err(EEXIST) => return,
@@ -123,9 +132,9 @@ fn discover(args: &SockLength, dir: u8, bytes: u64, now: u64) {
             return;
         }
     }
-    if let Some(conn) = CONNS.get_ptr_mut(args.sk) {
+    if let Some(conn) = CONNS.get_ptr_mut(sock) {
         // SAFETY: map value pointer, valid for the duration of the program.
-        emit(EventKind::Discovered, args.sk, unsafe { &mut *conn }, now);
+        emit(EventKind::Discovered, sock, unsafe { &mut *conn }, now);
     }
 }
 

@@ -91,6 +91,9 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     }
     sink.write_events(&out);
     sink.flush();
+    // Start-up (BTF, /proc, program loading) leaves freed heap behind: hand it back.
+    // SAFETY: malloc_trim only releases free memory.
+    unsafe { libc::malloc_trim(0) };
 
     let (queries_tx, queries) = mpsc::channel(64);
     let watch_dropped = Arc::new(AtomicU64::new(0));
@@ -125,6 +128,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         reported_loss: LossCounters::default(),
         sweeps: 0,
         sweep_busy: Duration::ZERO,
+        sweep_max: Duration::ZERO,
         out,
     };
     let result = daemon.main_loop(&mut probes, ring, queries).await;
@@ -166,6 +170,7 @@ struct Daemon {
     reported_loss: LossCounters,
     sweeps: u64,
     sweep_busy: Duration,
+    sweep_max: Duration,
     /// Reused output buffer.
     out: Vec<Event>,
 }
@@ -237,8 +242,10 @@ impl Daemon {
             &mut self.out,
         );
         self.emit();
+        let took = started.elapsed();
         self.sweeps += 1;
-        self.sweep_busy += started.elapsed();
+        self.sweep_busy += took;
+        self.sweep_max = self.sweep_max.max(took);
         Ok(())
     }
 
@@ -279,14 +286,12 @@ impl Daemon {
     fn answer(&self, command: Command, probes: &Probes) -> Response {
         let now = monotonic_ns();
         match command {
-            Command::Status => Response::ok(self.status(probes)),
-            Command::Conns { filter } => {
-                Response::ok(json!(self.conns(&filter, &probes.maps, now)))
-            }
+            Command::Status => Response::ok(&self.status(probes)),
+            Command::Conns { filter } => Response::ok(&self.conns(&filter, &probes.maps, now)),
             Command::Stalls {
                 filter,
                 older_than_ms,
-            } => Response::ok(json!(self.stalls(&filter, older_than_ms.unwrap_or(0), now))),
+            } => Response::ok(&self.stalls(&filter, older_than_ms.unwrap_or(0), now)),
             Command::Watch { .. } => {
                 Response::error("bad_request", "watch is served by the API task")
             }
@@ -323,7 +328,11 @@ impl Daemon {
                 "kernel": stats.events,
                 "written": self.sink.written(),
             },
-            "sweeps": {"count": self.sweeps, "avg_us": sweep_avg_us as u64},
+            "sweeps": {
+                "count": self.sweeps,
+                "avg_us": sweep_avg_us as u64,
+                "max_us": self.sweep_max.as_micros() as u64,
+            },
             "lost": loss,
             "lost_total": loss.total(),
         })

@@ -52,18 +52,28 @@ pub fn realtime_ns() -> u64 {
     clock_ns(libc::CLOCK_REALTIME)
 }
 
-/// `2026-11-27T20:47:14.123456789Z`
+/// `2026-11-27T20:47:14.123456789Z`. Written digit by digit: it runs for every event.
 pub fn rfc3339_ns(unix_ns: u64) -> String {
     let secs = unix_ns / 1_000_000_000;
-    let nanos = unix_ns % 1_000_000_000;
     let (year, month, day) = civil_from_days((secs / 86_400) as i64);
     let rem = secs % 86_400;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let mut text = *b"0000-00-00T00:00:00.000000000Z";
+    put_digits(&mut text[0..4], year.clamp(0, 9999) as u64);
+    put_digits(&mut text[5..7], u64::from(month));
+    put_digits(&mut text[8..10], u64::from(day));
+    put_digits(&mut text[11..13], rem / 3600);
+    put_digits(&mut text[14..16], rem % 3600 / 60);
+    put_digits(&mut text[17..19], rem % 60);
+    put_digits(&mut text[20..29], unix_ns % 1_000_000_000);
+    String::from_utf8(text.to_vec()).expect("ASCII digits")
+}
+
+/// Writes `value` right-aligned in `out` as zero-padded decimal digits.
+fn put_digits(out: &mut [u8], mut value: u64) {
+    for digit in out.iter_mut().rev() {
+        *digit = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).

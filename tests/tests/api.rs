@@ -96,8 +96,8 @@ fn status_reports_hooks_connections_and_losses() {
         .collect();
     for required in [
         "tracepoint/sock/inet_sock_set_state",
-        "tracepoint/sock/sock_send_length",
-        "tracepoint/sock/sock_recv_length",
+        "raw_tracepoint/sock_send_length",
+        "raw_tracepoint/sock_recv_length",
     ] {
         assert!(hooks.contains(&required), "{hooks:?}");
     }
@@ -113,10 +113,7 @@ fn status_reports_hooks_connections_and_losses() {
     let table = daemon.cli(&["status"]);
     let table = String::from_utf8(table.stdout).unwrap();
     assert!(table.contains("stall threshold: 1.0s"), "{table}");
-    assert!(
-        table.contains("tracepoint/sock/sock_send_length"),
-        "{table}"
-    );
+    assert!(table.contains("raw_tracepoint/sock_send_length"), "{table}");
 }
 
 #[test]

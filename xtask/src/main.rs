@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask setup | run | test`.
+//! Project tasks: `cargo xtask setup | run | test | bench`.
 //!
 //! Each task first makes the machine ready, idempotently, saying what it does: Debian packages
 //! for the BPF compiler toolchain, the rustup link to it, bpf-linker, and tracefs. A second run
 //! finds everything in place and changes nothing.
+mod bench;
 mod setup;
 
 use std::{
@@ -36,6 +37,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Measure stalltrace's overhead on real workloads (release builds, alternating untraced
+    /// and traced runs); writes target/bench/latest.json. Needs root.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -44,6 +48,7 @@ fn main() {
         Task::Setup => setup::run(),
         Task::Run { args } => run_daemon(&args),
         Task::Test { args } => test(&args),
+        Task::Bench(args) => bench::run(args),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use serde_json::Value;
+use serde_json::{value::RawValue, Value};
 
 use super::{
     table::{bytes, endpoint, Table},
@@ -44,7 +44,7 @@ fn send(stream: &mut UnixStream, command: Command) -> Result<()> {
         .context("sending the request")
 }
 
-fn read_response(reader: &mut impl std::io::BufRead) -> Result<Value> {
+fn read_response(reader: &mut impl std::io::BufRead) -> Result<Box<RawValue>> {
     let mut line = String::new();
     reader
         .read_line(&mut line)
@@ -65,8 +65,8 @@ fn read_response(reader: &mut impl std::io::BufRead) -> Result<Value> {
     }
 }
 
-/// Sends `command` and returns the `result` of the answer.
-pub fn query(socket: &Path, command: Command) -> Result<Value> {
+/// Sends `command` and returns the `result` of the answer, as raw JSON.
+pub fn query(socket: &Path, command: Command) -> Result<Box<RawValue>> {
     let mut stream = connect(socket)?;
     stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
     send(&mut stream, command)?;
@@ -74,7 +74,7 @@ pub fn query(socket: &Path, command: Command) -> Result<Value> {
 }
 
 pub fn status(socket: &Path, format: Format) -> Result<()> {
-    let status = query(socket, Command::Status)?;
+    let status: Value = serde_json::from_str(query(socket, Command::Status)?.get())?;
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&status)?),
         Format::Table => print!("{}", render_status(&status)),
@@ -129,13 +129,17 @@ fn render_status(status: &Value) -> String {
 
 pub fn conns(socket: &Path, filter: api::Filter, format: Format) -> Result<()> {
     let result = query(socket, Command::Conns { filter })?;
-    print_items(result, format, render_conns)
+    print_items(&result, format, render_conns)
 }
 
 /// Prints a list answer as JSON, or as the table `render` makes of its items.
-fn print_items(result: Value, format: Format, render: fn(&[ConnItemJson]) -> String) -> Result<()> {
-    let items: Vec<ConnItemJson> =
-        serde_json::from_value(result).context("the daemon's answer has an unexpected shape")?;
+fn print_items(
+    result: &RawValue,
+    format: Format,
+    render: fn(&[ConnItemJson]) -> String,
+) -> Result<()> {
+    let items: Vec<ConnItemJson> = serde_json::from_str(result.get())
+        .context("the daemon's answer has an unexpected shape")?;
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&items)?),
         Format::Table => print!("{}", render(&items)),
@@ -164,8 +168,8 @@ fn render_conns(items: &[ConnItemJson]) -> String {
         let (pid, comm) = process_cells(&item.process);
         table.push(vec![
             conn.id.to_string(),
-            conn.role.clone(),
-            conn.state.clone().unwrap_or_default(),
+            conn.role.to_string(),
+            conn.state.as_deref().unwrap_or_default().to_owned(),
             pid,
             comm,
             endpoint(&item.network.local.address, item.network.local.port),
@@ -200,7 +204,7 @@ pub fn stalls(
             older_than_ms,
         },
     )?;
-    print_items(result, format, render_stalls)
+    print_items(&result, format, render_stalls)
 }
 
 fn render_stalls(items: &[ConnItemJson]) -> String {
@@ -223,7 +227,7 @@ fn render_stalls(items: &[ConnItemJson]) -> String {
         let stall = item.stall.clone().unwrap_or_default();
         table.push(vec![
             item.conn.id.to_string(),
-            stall.kind,
+            stall.kind.into_owned(),
             stall.age_ms.map_or("-".into(), format_millis),
             pid,
             comm,

@@ -162,7 +162,7 @@ impl Client {
     /// Streams event lines matching `filter` until the client goes away.
     async fn watch(self, mut write: tokio::net::unix::OwnedWriteHalf, filter: Filter) {
         let mut events = self.watchers.subscribe();
-        let started = Response::ok(serde_json::json!({"watching": true}));
+        let started = Response::ok(&serde_json::json!({"watching": true}));
         if write_response(&mut write, &started).await.is_err() {
             return;
         }

@@ -1,16 +1,20 @@
 //! The public JSON shapes: NDJSON events and the items of API answers (`conns`, `stalls`).
 //! Nested objects whose flattened names are OpenTelemetry semantic-convention attributes
 //! (`process.pid`, `network.peer.address`, …). Documented field by field in docs/events.md.
-use std::net::IpAddr;
+use std::{borrow::Cow, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
 use crate::tracker::{model::Endpoints, CloseSummary, ConnRef, Detail, Event, Totals};
 
+/// A fixed vocabulary word (event name, role, kind…): borrowed when encoding, so that writing
+/// an event allocates only for its time and executable name.
+pub type Name = Cow<'static, str>;
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct EventJson {
     pub time: String,
-    pub event: String,
+    pub event: Name,
     pub conn: ConnJson,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessJson>,
@@ -25,13 +29,13 @@ pub struct EventJson {
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
 pub struct ConnJson {
     pub id: u64,
-    pub role: String,
+    pub role: Name,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adopted: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state: Option<String>,
+    pub state: Option<Name>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub end: Option<String>,
+    pub end: Option<Name>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -76,9 +80,9 @@ pub struct ThreadJson {
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct NetworkJson {
-    pub transport: String,
+    pub transport: Name,
     #[serde(rename = "type")]
-    pub kind: String,
+    pub kind: Name,
     pub local: EndpointJson,
     pub peer: EndpointJson,
 }
@@ -92,13 +96,13 @@ pub struct EndpointJson {
 /// `stall.*`.
 #[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
 pub struct StallJson {
-    pub kind: String,
+    pub kind: Name,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quiet_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resolution: Option<String>,
+    pub resolution: Option<Name>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub age_ms: Option<u64>,
     /// When the quiet stretch began (RFC 3339).

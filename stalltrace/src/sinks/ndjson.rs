@@ -15,7 +15,7 @@ use crate::{
     loss::LossReport,
     sinks::json::event_json,
     timefmt::Clock,
-    tracker::{model::Endpoints, Event},
+    tracker::{model::Endpoints, ConnRef, Event},
 };
 
 /// Lines buffered per `watch` client before the slowest starts losing them (counted).
@@ -38,6 +38,8 @@ pub struct EventSink {
     watchers: broadcast::Sender<Arc<WatchLine>>,
     write_failed: u64,
     written: u64,
+    /// Reused encoding buffer.
+    line: Vec<u8>,
 }
 
 #[derive(Serialize)]
@@ -61,15 +63,21 @@ impl EventSink {
             }
             None => (Box::new(std::io::stdout()), "stdout".to_owned()),
         };
+        Ok(Self::new(out, destination))
+    }
+
+    /// A sink writing to `out`, described as `destination` in messages.
+    pub fn new(out: Box<dyn Write + Send>, destination: String) -> Self {
         let (watchers, _) = broadcast::channel(WATCH_BUFFER);
-        Ok(Self {
+        Self {
             out: BufWriter::with_capacity(64 * 1024, out),
             destination,
             clock: Clock::calibrate(),
             watchers,
             write_failed: 0,
             written: 0,
-        })
+            line: Vec::with_capacity(1024),
+        }
     }
 
     pub fn destination(&self) -> &str {
@@ -105,13 +113,7 @@ impl EventSink {
     pub fn write_events(&mut self, events: &[Event]) {
         for event in events {
             let json = event_json(event, self.clock.rfc3339(event.at_ns));
-            let owner = event.conn.owner;
-            self.write_line(
-                &json,
-                owner.pid,
-                owner.comm.as_str().into_owned(),
-                Some(event.conn.endpoints),
-            );
+            self.write_line(&json, Some(&event.conn));
         }
     }
 
@@ -121,29 +123,28 @@ impl EventSink {
             event: "loss",
             loss: report,
         };
-        self.write_line(&json, 0, String::new(), None);
+        self.write_line(&json, None);
     }
 
-    fn write_line(
-        &mut self,
-        json: &impl Serialize,
-        pid: u32,
-        comm: String,
-        endpoints: Option<Endpoints>,
-    ) {
-        let mut line = serde_json::to_string(json).expect("event JSON serializes");
-        line.push('\n');
-        if self.out.write_all(line.as_bytes()).is_ok() {
+    /// Writes one line; `conn` is what `watch` filters select on (`None`: not about one
+    /// connection).
+    fn write_line(&mut self, json: &impl Serialize, conn: Option<&ConnRef>) {
+        self.line.clear();
+        serde_json::to_writer(&mut self.line, json).expect("event JSON serializes");
+        self.line.push(b'\n');
+        if self.out.write_all(&self.line).is_ok() {
             self.written += 1;
         } else {
             self.count_write_failure();
         }
         if self.watchers.receiver_count() > 0 {
             let _ = self.watchers.send(Arc::new(WatchLine {
-                line,
-                pid,
-                comm,
-                endpoints,
+                line: String::from_utf8_lossy(&self.line).into_owned(),
+                pid: conn.map_or(0, |c| c.owner.pid),
+                comm: conn
+                    .map(|c| c.owner.comm.as_str().into_owned())
+                    .unwrap_or_default(),
+                endpoints: conn.map(|c| c.endpoints),
             }));
         }
     }

@@ -238,7 +238,21 @@ impl Btf {
 pub fn resolve_offsets(btf: &Btf) -> (Offsets, Vec<&'static str>) {
     let mut offsets = Offsets::unknown();
     let mut missing = Vec::new();
-    let wanted: [(&mut u32, &str, &[&str], u32, &'static str); 12] = [
+    let wanted: [(&mut u32, &str, &[&str], u32, &'static str); 14] = [
+        (
+            &mut offsets.skc_family,
+            "sock",
+            &["__sk_common", "skc_family"],
+            2,
+            "sock.skc_family",
+        ),
+        (
+            &mut offsets.sk_protocol,
+            "sock",
+            &["sk_protocol"],
+            2,
+            "sock.sk_protocol",
+        ),
         (
             &mut offsets.skc_daddr,
             "sock",
@@ -458,12 +472,18 @@ mod tests {
             &[
                 ("", addr_union, 0),
                 ("", port_union, 96),
+                ("skc_family", u16_, 16 * 8),
                 ("skc_v6_daddr", v6, 56 * 8),
                 ("skc_v6_rcv_saddr", v6, 72 * 8),
             ],
         );
         let sock_ptr = b.ptr(common);
-        b.composite(kind::STRUCT, "sock", 200, &[("__sk_common", common, 0)]);
+        b.composite(
+            kind::STRUCT,
+            "sock",
+            200,
+            &[("__sk_common", common, 0), ("sk_protocol", u16_, 120 * 8)],
+        );
         b.composite(
             kind::STRUCT,
             "socket",
@@ -509,6 +529,8 @@ mod tests {
     fn unresolved_members_are_reported_missing() {
         let (offsets, missing) = resolve_offsets(&sample());
         assert_eq!(offsets.skc_dport, 12);
+        assert_eq!(offsets.skc_family, 16);
+        assert_eq!(offsets.sk_protocol, 120);
         assert_eq!(offsets.socket_sk, 24);
         assert!(offsets.can_read_sock());
         assert!(!offsets.can_resolve_fd());

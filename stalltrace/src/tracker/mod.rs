@@ -14,7 +14,10 @@
 pub mod model;
 pub mod verdict;
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    hash::{BuildHasherDefault, Hasher},
+};
 
 use stalltrace_common::{conn_flags, ConnEvent, ConnState, EventKind};
 
@@ -115,7 +118,8 @@ pub struct Conn {
     pub owner: Owner,
     pub opened_ns: u64,
     pub adopted: bool,
-    pub stall: Option<Stall>,
+    /// Boxed: stalls are rare, and every tracked connection pays for this field.
+    pub stall: Option<Box<Stall>>,
     /// Some of this connection's history is missing (see [`CloseSummary::complete`]).
     pub incomplete: bool,
     /// `open_ns` of the kernel entry this record follows: tells a reused sock address apart.
@@ -169,16 +173,43 @@ pub struct Stats {
     pub lost_closes: u64,
 }
 
+/// Hashes `struct sock` addresses. The kernel chooses them, so SipHash's protection against
+/// chosen keys buys nothing, and it cost 5 % of the event pipeline; a 64-bit finalizer mix
+/// spreads the addresses' aligned low bits well enough.
+#[derive(Default, Clone, Copy)]
+pub struct SockHasher(u64);
+
+impl Hasher for SockHasher {
+    fn finish(&self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^ (x >> 33)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+type BySock<V> = HashMap<u64, V, BuildHasherDefault<SockHasher>>;
+
 /// Sweeps a kernel entry may be missing before the connection's close is taken as lost.
 const MISSING_SWEEPS_BEFORE_LOST: u8 = 3;
 
 pub struct Tracker {
     stall_after_ns: u64,
     /// Connections the kernel tracks, by `struct sock` address.
-    conns: HashMap<u64, Conn>,
+    conns: BySock<Conn>,
     /// Connections found in /proc that the kernel has not reported yet.
     adopted: HashMap<Endpoints, Conn>,
-    watched: HashSet<u64>,
+    watched: HashSet<u64, BuildHasherDefault<SockHasher>>,
     next_id: u64,
     stats: Stats,
 }
@@ -187,9 +218,9 @@ impl Tracker {
     pub fn new(stall_after_ns: u64) -> Self {
         Self {
             stall_after_ns,
-            conns: HashMap::new(),
+            conns: BySock::default(),
             adopted: HashMap::new(),
-            watched: HashSet::new(),
+            watched: HashSet::default(),
             next_id: 1,
             stats: Stats::default(),
         }
@@ -221,7 +252,7 @@ impl Tracker {
     pub fn stalls(&self) -> Vec<(&Conn, Stall)> {
         let mut stalls: Vec<_> = self
             .conns()
-            .filter_map(|(_, conn)| conn.stall.map(|stall| (conn, stall)))
+            .filter_map(|(_, conn)| conn.stall.as_deref().map(|stall| (conn, *stall)))
             .collect();
         stalls.sort_by_key(|(conn, stall)| (stall.quiet_since_ns, conn.id));
         stalls
@@ -284,7 +315,10 @@ impl Tracker {
         conn.refresh(state);
         match kind {
             EventKind::Established => {
-                let pending = conn.stall.filter(|s| s.kind == StallKind::ConnectPending);
+                let pending = conn
+                    .stall
+                    .as_ref()
+                    .filter(|s| s.kind == StallKind::ConnectPending);
                 if pending.is_none() && at.saturating_sub(state.open_ns) >= stall_after_ns {
                     // The handshake took longer than the threshold between two sweeps.
                     let threshold_at = state.open_ns + stall_after_ns;
@@ -415,7 +449,13 @@ impl Tracker {
         }
         if !self.conns.contains_key(&sock) {
             let endpoints = Endpoints::from_kernel(state);
-            let conn = match self.adopted.remove(&endpoints) {
+            // Adopted connections are a start-up affair: skip hashing once they are all known.
+            let adopted = if self.adopted.is_empty() {
+                None
+            } else {
+                self.adopted.remove(&endpoints)
+            };
+            let conn = match adopted {
                 Some(mut conn) => {
                     conn.kernel_open_ns = state.open_ns;
                     conn
@@ -517,7 +557,7 @@ fn observe(
     stall_after_ns: u64,
     out: &mut Vec<Event>,
 ) {
-    if let Some(stall) = conn.stall {
+    if let Some(stall) = conn.stall.as_deref().copied() {
         let end = match (stall.kind, activity) {
             (_, Activity::Ending { at, how }) => Some((at, how)),
             (StallKind::ConnectPending, Activity::ConnectPending { .. }) => None,
@@ -558,12 +598,12 @@ fn start_stall(
     out: &mut Vec<Event>,
 ) {
     announce(conn, at, out);
-    conn.stall = Some(Stall {
+    conn.stall = Some(Box::new(Stall {
         kind,
         quiet_since_ns: quiet_since,
         reported_ns: at,
         exchanges_at_start,
-    });
+    }));
     out.push(Event {
         at_ns: at,
         conn: conn.reference(),

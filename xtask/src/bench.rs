@@ -1,0 +1,815 @@
+//! `cargo xtask bench`: overhead of stalltrace on real workloads, measured as ratios.
+//!
+//! Absolute throughput on a shared 2-core machine drifts from minute to minute; ratios between
+//! neighbouring runs hold. So every workload runs untraced and traced alternately within one
+//! invocation (A B A B …, or A B C … with the bpftrace peer), and the report gives the per-round
+//! ratio traced/untraced with its min / median / max. Results go to a table on stdout and to
+//! target/bench/latest.json (plus a timestamped copy).
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::{json, Value};
+
+use crate::{setup, workspace_root};
+
+const BENCH_PACKAGES: &[&str] = &["nginx", "wrk", "bpftrace"];
+const NGINX_PORT: u16 = 18_080;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Rounds per workload (each round runs every variant once).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 3.0)]
+    secs: f64,
+    /// Connections for the idle-connection scale test.
+    #[arg(long, default_value_t = 100_000)]
+    idle_conns: usize,
+    /// One short round of everything, to check that the harness works (used by CI).
+    #[arg(long)]
+    smoke: bool,
+}
+
+/// One way to run a workload.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Variant {
+    Untraced,
+    Stalltrace,
+    Bpftrace,
+}
+
+impl Variant {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Untraced => "untraced",
+            Self::Stalltrace => "stalltrace",
+            Self::Bpftrace => "bpftrace",
+        }
+    }
+}
+
+/// What a workload run measured.
+#[derive(Clone, Debug, Default)]
+struct RunResult {
+    ops_per_sec: f64,
+    /// Tracer metrics (absent untraced).
+    tracer: Option<TracerMetrics>,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct TracerMetrics {
+    cpu_secs: f64,
+    cpu_share_of_one_core: f64,
+    peak_rss_mib: f64,
+    events_per_sec: f64,
+    lost: u64,
+}
+
+struct Paths {
+    stalltrace: PathBuf,
+    loadgen: PathBuf,
+    out: PathBuf,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let args = if args.smoke {
+        BenchArgs {
+            rounds: 1,
+            secs: 0.5,
+            idle_conns: 2_000,
+            smoke: true,
+        }
+    } else {
+        args
+    };
+    setup::run()?;
+    setup::require_root("the benchmark (it loads eBPF programs and raises fd limits)")?;
+    setup::install_packages(BENCH_PACKAGES)?;
+    progress("building release binaries");
+    setup::run_checked(crate::cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "stalltrace",
+        "--package",
+        "xtask",
+        "--bin",
+        "stalltrace",
+        "--bin",
+        "stalltrace-loadgen",
+    ]))?;
+    let root = workspace_root();
+    let paths = Paths {
+        stalltrace: root.join("target/release/stalltrace"),
+        loadgen: root.join("target/release/stalltrace-loadgen"),
+        out: root.join("target/bench"),
+    };
+    fs::create_dir_all(&paths.out)?;
+    let nginx = Nginx::start(&paths.out)?;
+
+    let secs = args.secs.to_string();
+    let workloads: Vec<(&str, Vec<String>, bool)> = vec![
+        (
+            "ping-pong, 1 connection",
+            loadgen(&paths, &["pingpong", "--conns", "1", "--secs", &secs]),
+            false,
+        ),
+        (
+            "ping-pong, 32 connections",
+            loadgen(&paths, &["pingpong", "--conns", "32", "--secs", &secs]),
+            true,
+        ),
+        ("nginx + wrk, 64 connections", wrk(args.secs), true),
+        (
+            "connection churn",
+            loadgen(&paths, &["churn", "--secs", &secs]),
+            false,
+        ),
+        (
+            "file I/O, 64-byte reads/writes",
+            loadgen(&paths, &["fileio", "--secs", &secs]),
+            false,
+        ),
+    ];
+    let mut results = Vec::new();
+    for (name, command, with_bpftrace) in &workloads {
+        let mut variants = vec![Variant::Untraced, Variant::Stalltrace];
+        if *with_bpftrace {
+            variants.push(Variant::Bpftrace);
+        }
+        results.push(section(name, || {
+            compare(&paths, name, command, &variants, args.rounds)
+        }));
+    }
+    let paced = section("paced", || {
+        paced_cpu(&paths, if args.smoke { 0.5 } else { 5.0 })
+    });
+    let scale = section("idle scale", || idle_scale(&paths, args.idle_conns));
+    let program_cost = section("program cost", || program_cost(&paths, &secs));
+    let micro = section("microbenchmark", microbenchmark);
+    drop(nginx);
+    let failed = [&paced, &scale, &program_cost, &micro]
+        .into_iter()
+        .chain(&results)
+        .filter(|v| v.get("error").is_some())
+        .count();
+
+    let report = json!({
+        "machine": machine(),
+        "rounds": args.rounds,
+        "secs_per_run": args.secs,
+        "workloads": results,
+        "paced_20k_rps": paced,
+        "idle_scale": scale,
+        "program_cost": program_cost,
+        "userspace_microbenchmark": micro,
+    });
+    print_report(&report);
+    let text = serde_json::to_string_pretty(&report)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    fs::write(paths.out.join("latest.json"), &text)?;
+    fs::write(paths.out.join(format!("bench-{stamp}.json")), &text)?;
+    println!(
+        "results written to {}",
+        paths.out.join("latest.json").display()
+    );
+    if failed > 0 {
+        bail!("{failed} part(s) of the benchmark failed (see \"error\" in the report)");
+    }
+    Ok(())
+}
+
+/// Runs one part of the benchmark; a failure is recorded in the report, and the rest runs.
+fn section(name: &str, part: impl FnOnce() -> Result<Value>) -> Value {
+    part().unwrap_or_else(|err| {
+        eprintln!("xtask bench: {name} failed: {err:#}");
+        json!({"workload": name, "error": format!("{err:#}")})
+    })
+}
+
+fn progress(what: &str) {
+    println!("xtask bench: {what}");
+    let _ = std::io::stdout().flush();
+}
+
+fn loadgen(paths: &Paths, args: &[&str]) -> Vec<String> {
+    std::iter::once(paths.loadgen.display().to_string())
+        .chain(args.iter().map(|a| a.to_string()))
+        .collect()
+}
+
+fn wrk(secs: f64) -> Vec<String> {
+    let duration = format!("{}s", secs.ceil().max(1.0) as u64);
+    [
+        "wrk",
+        "-t1",
+        "-c64",
+        "-d",
+        &duration,
+        &format!("http://127.0.0.1:{NGINX_PORT}/index.html"),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect()
+}
+
+/// Runs `command` once and returns operations per second.
+fn run_workload(command: &[String]) -> Result<f64> {
+    let out = Command::new(&command[0])
+        .args(&command[1..])
+        .output()
+        .with_context(|| format!("running {}", command[0]))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    if command[0] == "wrk" {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("Requests/sec:"))
+            .with_context(|| format!("no Requests/sec in wrk output: {stdout}"))?;
+        return line["Requests/sec:".len()..]
+            .trim()
+            .parse()
+            .context("parsing wrk's Requests/sec");
+    }
+    let result: Value = serde_json::from_str(stdout.trim())
+        .with_context(|| format!("loadgen printed {stdout:?}"))?;
+    Ok(result["ops"].as_f64().unwrap_or(0.0) / result["secs"].as_f64().unwrap_or(1.0))
+}
+
+fn compare(
+    paths: &Paths,
+    name: &str,
+    command: &[String],
+    variants: &[Variant],
+    rounds: usize,
+) -> Result<Value> {
+    let mut runs: Vec<Vec<RunResult>> = vec![Vec::new(); variants.len()];
+    for round in 1..=rounds {
+        for (i, &variant) in variants.iter().enumerate() {
+            progress(&format!(
+                "{name}: round {round}/{rounds}, {}",
+                variant.name()
+            ));
+            let result = match variant {
+                Variant::Untraced => RunResult {
+                    ops_per_sec: run_workload(command)?,
+                    tracer: None,
+                },
+                Variant::Stalltrace => {
+                    let daemon = Daemon::start(paths, &[])?;
+                    let before = daemon.sample()?;
+                    let started = Instant::now();
+                    let ops_per_sec = run_workload(command)?;
+                    let metrics = daemon.metrics_since(&before, started.elapsed())?;
+                    daemon.stop()?;
+                    RunResult {
+                        ops_per_sec,
+                        tracer: Some(metrics),
+                    }
+                }
+                Variant::Bpftrace => {
+                    let tracer = Bpftrace::start(&paths.out)?;
+                    let before = cpu_secs(tracer.pid());
+                    let started = Instant::now();
+                    let ops_per_sec = run_workload(command)?;
+                    let cpu = cpu_secs(tracer.pid()) - before;
+                    let elapsed = started.elapsed().as_secs_f64();
+                    RunResult {
+                        ops_per_sec,
+                        tracer: Some(TracerMetrics {
+                            cpu_secs: cpu,
+                            cpu_share_of_one_core: cpu / elapsed,
+                            peak_rss_mib: peak_rss_mib(tracer.pid()),
+                            ..TracerMetrics::default()
+                        }),
+                    }
+                }
+            };
+            runs[i].push(result);
+        }
+    }
+    let untraced: Vec<f64> = runs[0].iter().map(|r| r.ops_per_sec).collect();
+    let mut variant_reports = Vec::new();
+    for (i, &variant) in variants.iter().enumerate() {
+        let ops: Vec<f64> = runs[i].iter().map(|r| r.ops_per_sec).collect();
+        let ratios: Vec<f64> = ops.iter().zip(&untraced).map(|(t, u)| t / u).collect();
+        let tracer: Vec<&TracerMetrics> =
+            runs[i].iter().filter_map(|r| r.tracer.as_ref()).collect();
+        variant_reports.push(json!({
+            "variant": variant.name(),
+            "ops_per_sec": summary(&ops),
+            "ratio": summary(&ratios),
+            "ratios": ratios,
+            "tracer": (!tracer.is_empty()).then(|| json!({
+                "cpu_share_of_one_core": summary(&tracer.iter().map(|t| t.cpu_share_of_one_core).collect::<Vec<_>>()),
+                "peak_rss_mib": tracer.iter().map(|t| t.peak_rss_mib).fold(0.0, f64::max),
+                "events_per_sec": summary(&tracer.iter().map(|t| t.events_per_sec).collect::<Vec<_>>()),
+                "lost": tracer.iter().map(|t| t.lost).sum::<u64>(),
+            })),
+        }));
+    }
+    Ok(json!({"workload": name, "variants": variant_reports}))
+}
+
+/// min / median / max.
+fn summary(values: &[f64]) -> Value {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let median = match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    };
+    json!({
+        "min": sorted.first().copied().unwrap_or(0.0),
+        "median": median,
+        "max": sorted.last().copied().unwrap_or(0.0),
+    })
+}
+
+/// A release daemon writing events to a file, as in production.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+#[derive(Clone)]
+struct DaemonSample {
+    cpu_secs: f64,
+    events: u64,
+    lost: u64,
+}
+
+impl Daemon {
+    fn start(paths: &Paths, extra: &[&str]) -> Result<Self> {
+        let socket = paths.out.join("stalltrace.sock");
+        let child = Command::new(&paths.stalltrace)
+            .arg("daemon")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--events-file")
+            .arg(paths.out.join("events.ndjson"))
+            .args(["--log-level", "warn"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the daemon")?;
+        let daemon = Self { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while daemon.status().is_err() {
+            if Instant::now() > deadline {
+                bail!("the daemon did not start answering");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(daemon)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn status(&self) -> Result<Value> {
+        let out = Command::new(
+            self.socket
+                .parent()
+                .and_then(Path::parent)
+                .map(|target| target.join("release/stalltrace"))
+                .context("daemon path")?,
+        )
+        .args(["status", "-o", "json", "--socket"])
+        .arg(&self.socket)
+        .output()?;
+        if !out.status.success() {
+            bail!("status failed");
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    fn sample(&self) -> Result<DaemonSample> {
+        let status = self.status()?;
+        Ok(DaemonSample {
+            cpu_secs: cpu_secs(self.pid()),
+            events: status["events"]["kernel"].as_u64().unwrap_or(0),
+            lost: status["lost_total"].as_u64().unwrap_or(0),
+        })
+    }
+
+    fn metrics_since(&self, before: &DaemonSample, elapsed: Duration) -> Result<TracerMetrics> {
+        // Let the daemon drain what the workload left in the ring buffer before sampling.
+        thread::sleep(Duration::from_millis(200));
+        let after = self.sample()?;
+        let cpu = after.cpu_secs - before.cpu_secs;
+        let secs = elapsed.as_secs_f64();
+        Ok(TracerMetrics {
+            cpu_secs: cpu,
+            cpu_share_of_one_core: cpu / secs,
+            peak_rss_mib: peak_rss_mib(self.pid()),
+            events_per_sec: (after.events - before.events) as f64 / secs,
+            lost: after.lost - before.lost,
+        })
+    }
+
+    fn stop(mut self) -> Result<()> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("the daemon exited with {status}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// CPU time of all of a process's threads, from /proc/<pid>/task/*/schedstat (ns precision).
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|text| text.split_whitespace().next()?.parse::<u64>().ok())
+        .sum::<u64>() as f64
+        / 1e9
+}
+
+/// Peak resident set size (VmHWM) in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// nginx serving a small file on loopback, configured by the harness.
+struct Nginx {
+    child: Child,
+}
+
+impl Nginx {
+    fn start(out: &Path) -> Result<Self> {
+        let prefix = out.join("nginx");
+        let www = prefix.join("www");
+        fs::create_dir_all(&www)?;
+        fs::write(
+            www.join("index.html"),
+            "<html><body>stalltrace bench</body></html>\n",
+        )?;
+        let conf = prefix.join("nginx.conf");
+        fs::write(
+            &conf,
+            format!(
+                "user root;\nworker_processes 1;\ndaemon off;\npid {prefix}/nginx.pid;\n\
+                 error_log {prefix}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
+                 http {{\n  access_log off;\n  keepalive_requests 10000000;\n  \
+                 keepalive_timeout 300s;\n  server {{\n    listen 127.0.0.1:{NGINX_PORT};\n    \
+                 root {www};\n  }}\n}}\n",
+                prefix = prefix.display(),
+                www = www.display(),
+            ),
+        )?;
+        progress("starting nginx");
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(&prefix)
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nginx")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", NGINX_PORT)).is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "nginx did not start listening on port {NGINX_PORT} (see {}/error.log)",
+                    prefix.display()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self { child })
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGQUIT: graceful stop of master and workers.
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGQUIT) };
+        let _ = self.child.wait();
+    }
+}
+
+/// The bpftrace peer: per-connection tracking as a bpftrace user would write it, a map keyed
+/// by (pid, fd) updated on every read and write.
+struct Bpftrace {
+    child: Child,
+}
+
+const BPFTRACE_SCRIPT: &str = r#"
+tracepoint:syscalls:sys_enter_write, tracepoint:syscalls:sys_enter_writev,
+tracepoint:syscalls:sys_enter_sendto, tracepoint:syscalls:sys_enter_sendmsg
+{ @sends[pid, args->fd] = count(); @last_send[pid, args->fd] = nsecs; }
+tracepoint:syscalls:sys_enter_read, tracepoint:syscalls:sys_enter_readv,
+tracepoint:syscalls:sys_enter_recvfrom, tracepoint:syscalls:sys_enter_recvmsg
+{ @recvs[pid, args->fd] = count(); @last_recv[pid, args->fd] = nsecs; }
+tracepoint:syscalls:sys_enter_close
+{ delete(@sends[pid, args->fd]); delete(@last_send[pid, args->fd]);
+  delete(@recvs[pid, args->fd]); delete(@last_recv[pid, args->fd]); }
+"#;
+
+impl Bpftrace {
+    fn start(out: &Path) -> Result<Self> {
+        let script = out.join("conntrack.bt");
+        fs::write(&script, BPFTRACE_SCRIPT)?;
+        let mut child = Command::new("bpftrace")
+            .arg(&script)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting bpftrace")?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut lines = BufReader::new(stdout).lines();
+        // "Attaching N probes..." comes once everything is attached.
+        match lines.next() {
+            Some(Ok(line)) if line.starts_with("Attaching") => {}
+            other => bail!("bpftrace did not start: {other:?}"),
+        }
+        thread::spawn(move || lines.for_each(drop));
+        thread::sleep(Duration::from_millis(300));
+        Ok(Self { child })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Bpftrace {
+    fn drop(&mut self) {
+        // SIGINT makes bpftrace print its maps and exit; output goes nowhere.
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Daemon CPU while ping-pong is paced to 20 000 requests/s over 32 connections.
+fn paced_cpu(paths: &Paths, secs: f64) -> Result<Value> {
+    progress("daemon CPU at 20 000 requests/s");
+    let command = loadgen(
+        paths,
+        &[
+            "pingpong",
+            "--conns",
+            "32",
+            "--rate",
+            "20000",
+            "--secs",
+            &secs.to_string(),
+        ],
+    );
+    let daemon = Daemon::start(paths, &[])?;
+    let before = daemon.sample()?;
+    let started = Instant::now();
+    let ops_per_sec = run_workload(&command)?;
+    let metrics = daemon.metrics_since(&before, started.elapsed())?;
+    daemon.stop()?;
+    Ok(json!({"requests_per_sec": ops_per_sec, "daemon": metrics}))
+}
+
+/// Many idle connections: daemon memory, and how long sweeps take.
+fn idle_scale(paths: &Paths, conns: usize) -> Result<Value> {
+    progress(&format!("{conns} idle connections"));
+    let daemon = Daemon::start(paths, &[])?;
+    let started = Instant::now();
+    let mut idle = Command::new(&paths.loadgen)
+        .args(["idle", "--conns", &conns.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the idle-connection generator")?;
+    let mut ready = String::new();
+    BufReader::new(idle.stdout.take().expect("piped")).read_line(&mut ready)?;
+    if ready.trim() != "ready" {
+        let _ = idle.kill();
+        bail!("the idle-connection generator failed (fd limits?)");
+    }
+    let opened_in = started.elapsed();
+    // Wait until the daemon tracks them all, then until sweeps have gone idle.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut status = daemon.status()?;
+    while status["connections"]["tracked"].as_u64().unwrap_or(0) < 2 * conns as u64
+        && Instant::now() < deadline
+    {
+        thread::sleep(Duration::from_millis(200));
+        status = daemon.status()?;
+    }
+    thread::sleep(Duration::from_secs(2));
+    let settled = daemon.status()?;
+    let query_started = Instant::now();
+    let conns_query = Command::new(&paths.stalltrace)
+        .args(["conns", "-o", "json", "--socket"])
+        .arg(&daemon.socket)
+        .stdout(Stdio::null())
+        .status()?;
+    let conns_query_ms = query_started.elapsed().as_millis() as u64;
+    let rss = fs::read_to_string(format!("/proc/{}/status", daemon.pid()))?
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0;
+    let peak = peak_rss_mib(daemon.pid());
+    drop(idle.stdin.take());
+    let _ = idle.wait();
+    daemon.stop()?;
+    Ok(json!({
+        "connections": conns,
+        "tracked": settled["connections"]["tracked"],
+        "opened_in_ms": opened_in.as_millis() as u64,
+        "daemon_rss_mib": rss,
+        "daemon_peak_rss_mib": peak,
+        "sweep_avg_us": settled["sweeps"]["avg_us"],
+        "sweep_max_us": settled["sweeps"]["max_us"],
+        "watched_after_settling": settled["connections"]["watched"],
+        "lost": settled["lost_total"],
+        "conns_query_ms": conns_query_ms,
+        "conns_query_ok": conns_query.success(),
+    }))
+}
+
+/// Per-program cost from the kernel's BPF statistics, on 32-connection ping-pong.
+fn program_cost(paths: &Paths, secs: &str) -> Result<Value> {
+    progress("per-program cost (kernel BPF statistics)");
+    let daemon = Daemon::start(paths, &["--bpf-stats"])?;
+    run_workload(&loadgen(
+        paths,
+        &["pingpong", "--conns", "32", "--secs", secs],
+    ))?;
+    let status = daemon.status()?;
+    daemon.stop()?;
+    let programs: Vec<Value> = status["programs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let runs = p["run_count"].as_u64().unwrap_or(0);
+            let ns = p["run_time_ns"].as_u64().unwrap_or(0);
+            json!({
+                "program": p["program"],
+                "runs": runs,
+                "avg_ns": ns.checked_div(runs).unwrap_or(0),
+            })
+        })
+        .collect();
+    Ok(json!(programs))
+}
+
+fn microbenchmark() -> Result<Value> {
+    progress("userspace microbenchmark (decode + state machine)");
+    let out = crate::cargo()
+        .args([
+            "bench",
+            "--quiet",
+            "--package",
+            "stalltrace",
+            "--bench",
+            "pipeline",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .context("running the pipeline microbenchmark")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .context("no result line")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+fn machine() -> Value {
+    let read = |path: &str| fs::read_to_string(path).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_owned();
+    json!({
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "cpu": cpu,
+        "cpus": thread::available_parallelism().map_or(0, |n| n.get()),
+    })
+}
+
+fn print_report(report: &Value) {
+    println!();
+    println!(
+        "{:<32} {:>12} {:>12} {:>22} {:>9} {:>8} {:>11} {:>5}",
+        "workload / tracer",
+        "ops/s",
+        "untraced",
+        "ratio min/med/max",
+        "CPU",
+        "RSS MiB",
+        "events/s",
+        "lost"
+    );
+    for workload in report["workloads"].as_array().into_iter().flatten() {
+        println!("{}", workload["workload"].as_str().unwrap_or("?"));
+        let untraced = &workload["variants"][0]["ops_per_sec"]["median"];
+        for variant in workload["variants"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .skip(1)
+        {
+            let ratio = &variant["ratio"];
+            let tracer = &variant["tracer"];
+            println!(
+                "  {:<30} {:>12.0} {:>12.0} {:>6.3} /{:>6.3} /{:>6.3} {:>8.1}% {:>8.1} {:>11.0} {:>5}",
+                variant["variant"].as_str().unwrap_or("?"),
+                variant["ops_per_sec"]["median"].as_f64().unwrap_or(0.0),
+                untraced.as_f64().unwrap_or(0.0),
+                ratio["min"].as_f64().unwrap_or(0.0),
+                ratio["median"].as_f64().unwrap_or(0.0),
+                ratio["max"].as_f64().unwrap_or(0.0),
+                100.0 * tracer["cpu_share_of_one_core"]["median"].as_f64().unwrap_or(0.0),
+                tracer["peak_rss_mib"].as_f64().unwrap_or(0.0),
+                tracer["events_per_sec"]["median"].as_f64().unwrap_or(0.0),
+                tracer["lost"].as_u64().unwrap_or(0),
+            );
+        }
+    }
+    let paced = &report["paced_20k_rps"];
+    println!(
+        "\ndaemon at {:.0} requests/s: {:.2}% of one core, {:.1} MiB peak RSS, {} lost",
+        paced["requests_per_sec"].as_f64().unwrap_or(0.0),
+        100.0
+            * paced["daemon"]["cpu_share_of_one_core"]
+                .as_f64()
+                .unwrap_or(0.0),
+        paced["daemon"]["peak_rss_mib"].as_f64().unwrap_or(0.0),
+        paced["daemon"]["lost"],
+    );
+    let scale = &report["idle_scale"];
+    println!(
+        "{} idle connections ({} tracked ends): daemon RSS {:.1} MiB (peak {:.1}), sweep max {} µs \
+         (avg {} µs), `conns` query {} ms, {} lost",
+        scale["connections"],
+        scale["tracked"],
+        scale["daemon_rss_mib"].as_f64().unwrap_or(0.0),
+        scale["daemon_peak_rss_mib"].as_f64().unwrap_or(0.0),
+        scale["sweep_max_us"],
+        scale["sweep_avg_us"],
+        scale["conns_query_ms"],
+        scale["lost"],
+    );
+    print!("kernel programs on 32-connection ping-pong:");
+    for program in report["program_cost"].as_array().into_iter().flatten() {
+        if program["runs"].as_u64().unwrap_or(0) > 0 {
+            print!(
+                " {} {} ns",
+                program["program"].as_str().unwrap_or("?"),
+                program["avg_ns"]
+            );
+        }
+    }
+    let micro = &report["userspace_microbenchmark"];
+    println!(
+        "\nuserspace, one core: {:.2} M records/s decoded and tracked, {:.2} M/s with NDJSON \
+         output",
+        micro["decode_and_track_per_sec"].as_f64().unwrap_or(0.0) / 1e6,
+        micro["with_ndjson_per_sec"].as_f64().unwrap_or(0.0) / 1e6,
+    );
+}

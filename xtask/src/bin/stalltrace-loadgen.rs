@@ -1,0 +1,371 @@
+//! Load generators for `cargo xtask bench`, built in release mode. Each workload runs for a
+//! fixed time and prints one JSON line: `{"ops": N, "secs": S}`.
+//!
+//! - `pingpong`: 1-byte request / 1-byte response over loopback, one epoll-driven client thread
+//!   and one server thread (almost pure syscalls: the worst case for a socket tracer);
+//! - `churn`: connect, one 1-byte exchange, close, as fast as possible;
+//! - `fileio`: 64-byte writes then reads on a regular file;
+//! - `idle`: opens N connections, prints `ready`, holds them until stdin closes.
+use std::{
+    io::{Read, Seek, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    workload: Workload,
+}
+
+#[derive(Subcommand)]
+enum Workload {
+    Pingpong {
+        #[arg(long, default_value_t = 1)]
+        conns: usize,
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        /// Total request rate to pace to (requests/s); unpaced when absent.
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    Churn {
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+    },
+    Fileio {
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+    },
+    /// Opens `conns` loopback connections across as many worker processes as the open-file
+    /// limit requires, prints `ready`, and holds them until stdin closes.
+    Idle {
+        #[arg(long)]
+        conns: usize,
+    },
+    /// One worker of `idle`: both ends of `conns` connections in this process.
+    #[command(hide = true)]
+    IdleWorker {
+        #[arg(long)]
+        conns: usize,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().workload {
+        Workload::Pingpong { conns, secs, rate } => pingpong(conns, secs, rate),
+        Workload::Churn { workers, secs } => churn(workers, secs),
+        Workload::Fileio { secs } => fileio(secs),
+        Workload::Idle { conns } => idle(conns),
+        Workload::IdleWorker { conns } => idle_worker(conns),
+    }
+}
+
+fn report(ops: u64, elapsed: Duration) {
+    println!("{{\"ops\":{ops},\"secs\":{}}}", elapsed.as_secs_f64());
+}
+
+fn listener() -> Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding a loopback listener")?;
+    let addr = listener.local_addr()?;
+    Ok((listener, addr))
+}
+
+/// One client thread and one server thread, each driving all its sockets through epoll: the
+/// cost is syscalls (epoll_wait, read, write), not scheduler ping-pong between many threads,
+/// which keeps run-to-run noise low. With `rate`, requests are paced per connection.
+fn pingpong(conns: usize, secs: f64, rate: Option<f64>) -> Result<()> {
+    let (listener, addr) = listener()?;
+    let mut clients = Vec::with_capacity(conns);
+    let mut servers = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        let client = TcpStream::connect(addr)?;
+        let (server, _) = listener.accept()?;
+        for stream in [&client, &server] {
+            stream.set_nodelay(true)?;
+            stream.set_nonblocking(true)?;
+        }
+        clients.push(client);
+        servers.push(server);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = {
+        let stop = stop.clone();
+        thread::spawn(move || serve_echo(&servers, &stop))
+    };
+    let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(secs);
+    let ops = drive_requests(&clients, interval, deadline)?;
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    drop(clients);
+    server.join().expect("server thread")?;
+    report(ops, elapsed);
+    Ok(())
+}
+
+struct Epoll(std::os::fd::OwnedFd);
+
+impl Epoll {
+    fn new(streams: &[TcpStream]) -> Result<Self> {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _};
+        // SAFETY: plain epoll syscalls on fds we own; events are initialized.
+        unsafe {
+            let fd = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+            anyhow::ensure!(
+                fd >= 0,
+                "epoll_create1: {}",
+                std::io::Error::last_os_error()
+            );
+            let epoll = Self(std::os::fd::OwnedFd::from_raw_fd(fd));
+            for (index, stream) in streams.iter().enumerate() {
+                let mut event = libc::epoll_event {
+                    events: libc::EPOLLIN as u32,
+                    u64: index as u64,
+                };
+                let rc = libc::epoll_ctl(fd, libc::EPOLL_CTL_ADD, stream.as_raw_fd(), &mut event);
+                anyhow::ensure!(rc == 0, "epoll_ctl: {}", std::io::Error::last_os_error());
+            }
+            Ok(epoll)
+        }
+    }
+
+    /// Indexes of the readable streams.
+    fn wait(&self, timeout: Duration, ready: &mut Vec<usize>) {
+        use std::os::fd::AsRawFd as _;
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        let timeout_ms = timeout.as_millis().min(100) as i32;
+        // SAFETY: the buffer holds 64 events.
+        let n =
+            unsafe { libc::epoll_wait(self.0.as_raw_fd(), events.as_mut_ptr(), 64, timeout_ms) };
+        ready.clear();
+        ready.extend(events[..n.max(0) as usize].iter().map(|e| e.u64 as usize));
+    }
+}
+
+/// The server side: answer every byte with a byte.
+fn serve_echo(streams: &[TcpStream], stop: &AtomicBool) -> Result<()> {
+    let epoll = Epoll::new(streams)?;
+    let mut ready = Vec::new();
+    let mut byte = [0u8; 1];
+    while !stop.load(Ordering::Relaxed) {
+        epoll.wait(Duration::from_millis(100), &mut ready);
+        for &index in &ready {
+            let mut stream = &streams[index];
+            if let Ok(1) = stream.read(&mut byte) {
+                stream.write_all(&byte)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The client side: one request outstanding per connection; returns completed exchanges.
+fn drive_requests(
+    streams: &[TcpStream],
+    interval: Option<Duration>,
+    deadline: Instant,
+) -> Result<u64> {
+    let epoll = Epoll::new(streams)?;
+    let mut ready = Vec::new();
+    let mut byte = [1u8; 1];
+    let mut ops = 0;
+    // When each idle connection may send its next request (None: awaiting a response).
+    let start = Instant::now();
+    let mut due: Vec<Option<Instant>> = (0..streams.len())
+        .map(|i| {
+            Some(start + interval.map_or(Duration::ZERO, |d| d * i as u32 / streams.len() as u32))
+        })
+        .collect();
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(ops);
+        }
+        for (index, slot) in due.iter_mut().enumerate() {
+            if slot.is_some_and(|at| at <= now) {
+                let mut stream = &streams[index];
+                stream.write_all(&byte)?;
+                *slot = None;
+            }
+        }
+        let next_due = due.iter().flatten().min().copied();
+        let timeout = next_due.map_or(Duration::from_millis(100), |at| {
+            at.saturating_duration_since(now)
+        });
+        epoll.wait(timeout, &mut ready);
+        for &index in &ready {
+            let mut stream = &streams[index];
+            if let Ok(1) = stream.read(&mut byte) {
+                ops += 1;
+                due[index] = Some(match interval {
+                    Some(interval) => Instant::now().max(now + interval),
+                    None => Instant::now(),
+                });
+            }
+        }
+    }
+}
+
+fn churn(workers: usize, secs: f64) -> Result<()> {
+    let (listener, addr) = listener()?;
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut byte = [0u8; 1];
+            if stream.read_exact(&mut byte).is_ok() && stream.write_all(&byte).is_ok() {
+                // Wait for the client's close, so that the client side holds TIME_WAIT.
+                let _ = stream.read(&mut byte);
+            }
+        }
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let clients: Vec<_> = (0..workers)
+        .map(|_| {
+            let (stop, ops) = (stop.clone(), ops.clone());
+            thread::spawn(move || {
+                let mut done = 0;
+                let mut byte = [1u8; 1];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut stream) = TcpStream::connect(addr) else {
+                        continue;
+                    };
+                    if stream.write_all(&byte).is_ok() && stream.read_exact(&mut byte).is_ok() {
+                        done += 1;
+                    }
+                }
+                ops.fetch_add(done, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_secs_f64(secs));
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    for client in clients {
+        client.join().expect("client thread");
+    }
+    report(ops.load(Ordering::Relaxed), elapsed);
+    Ok(())
+}
+
+fn fileio(secs: f64) -> Result<()> {
+    let path = std::env::temp_dir().join(format!("stalltrace-fileio-{}", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)?;
+    const BATCH: u64 = 1024;
+    let block = [7u8; 64];
+    let mut buf = [0u8; 64];
+    let mut ops = 0;
+    let started = Instant::now();
+    while started.elapsed().as_secs_f64() < secs {
+        file.rewind()?;
+        for _ in 0..BATCH {
+            file.write_all(&block)?;
+        }
+        file.rewind()?;
+        for _ in 0..BATCH {
+            file.read_exact(&mut buf)?;
+        }
+        ops += 2 * BATCH;
+    }
+    let elapsed = started.elapsed();
+    std::fs::remove_file(&path)?;
+    report(ops, elapsed);
+    Ok(())
+}
+
+/// Each connection costs two descriptors (both ends are local). The hard open-file limit may
+/// not be raisable (no CAP_SYS_RESOURCE in some sandboxes), so the connections are spread over
+/// worker processes that each stay under it.
+fn idle(conns: usize) -> Result<()> {
+    let per_worker = (open_file_limit()?.saturating_sub(128) / 2).max(1) as usize;
+    let workers = conns.div_ceil(per_worker);
+    let started = Instant::now();
+    let mut children = Vec::new();
+    let mut remaining = conns;
+    for _ in 0..workers {
+        let share = remaining.min(per_worker);
+        remaining -= share;
+        children.push(
+            std::process::Command::new(std::env::current_exe()?)
+                .args(["idle-worker", "--conns", &share.to_string()])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()?,
+        );
+    }
+    for child in &mut children {
+        let mut ready = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("piped")),
+            &mut ready,
+        )?;
+        anyhow::ensure!(ready.trim() == "ready", "an idle worker failed");
+    }
+    eprintln!(
+        "opened {conns} connections in {workers} processes in {:?}",
+        started.elapsed()
+    );
+    println!("ready");
+    std::io::stdout().flush()?;
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+    for mut child in children {
+        drop(child.stdin.take());
+        let _ = child.wait();
+    }
+    Ok(())
+}
+
+fn idle_worker(conns: usize) -> Result<()> {
+    let (listener, addr) = listener()?;
+    let mut held = Vec::with_capacity(2 * conns);
+    // Connect and accept in lockstep: the accept queue never overflows (an overflowing queue
+    // drops SYNs, and each costs a 1 s retransmit).
+    for i in 0..conns {
+        held.push(TcpStream::connect(addr).with_context(|| format!("connection {i} of {conns}"))?);
+        held.push(listener.accept()?.0);
+    }
+    println!("ready");
+    std::io::stdout().flush()?;
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+    drop(held);
+    Ok(())
+}
+
+/// Raises the soft open-file limit to the hard one and returns it.
+fn open_file_limit() -> Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out pointer / rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            anyhow::bail!("getrlimit: {}", std::io::Error::last_os_error());
+        }
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            anyhow::bail!("setrlimit: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_max)
+}
