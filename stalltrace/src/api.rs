@@ -94,6 +94,16 @@ impl Response {
         }
     }
 
+    /// A success whose result is already serialized JSON.
+    pub fn ok_raw(json: String) -> Self {
+        Self {
+            version: VERSION,
+            ok: true,
+            result: Some(RawValue::from_string(json).expect("valid JSON")),
+            error: None,
+        }
+    }
+
     pub fn error(code: &str, message: impl Into<String>) -> Self {
         Self::failed(ApiError::new(code, message))
     }

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{MapData, RingBuf};
 use serde_json::json;
-use stalltrace_common::{ConnEvent, Offsets};
+use stalltrace_common::{ConnEvent, ConnState, Offsets};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -21,6 +21,7 @@ use tokio::{
 
 use crate::{
     api::{Command, Filter, Response},
+    heap,
     loss::{LossCounters, LossReport},
     probes::{KernelMaps, ProbeConfig, Probes},
     sinks::{
@@ -46,6 +47,9 @@ pub struct DaemonConfig {
 /// when the buffer is a quarter full).
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
 const LOSS_REPORT_EVERY: Duration = Duration::from_secs(1);
+/// Kernel entries read per sweep at most (one syscall each, ~1 µs): bounds a sweep to ~20 ms
+/// after a burst of new connections.
+const SWEEP_BUDGET: usize = 20_000;
 const RECALIBRATE_EVERY: Duration = Duration::from_secs(10);
 
 /// Sweeps often enough that a stall is reported well within a second of crossing the
@@ -81,6 +85,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     let mut probes = Probes::load(&tracefs_root, &probe_config, &listening)?;
     let mut sink = EventSink::open(config.events_file.as_deref())?;
     let mut tracker = Tracker::new(stall_after_ns);
+    tracker.set_sweep_budget(SWEEP_BUDGET);
 
     // Adopt after attaching: a connection that closes in between is reported by the kernel.
     let mut out = Vec::new();
@@ -91,9 +96,8 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     }
     sink.write_events(&out);
     sink.flush();
-    // Start-up (BTF, /proc, program loading) leaves freed heap behind: hand it back.
-    // SAFETY: malloc_trim only releases free memory.
-    unsafe { libc::malloc_trim(0) };
+    // Start-up (BTF, /proc, program loading) leaves freed heap behind.
+    heap::release_free_memory();
 
     let (queries_tx, queries) = mpsc::channel(64);
     let watch_dropped = Arc::new(AtomicU64::new(0));
@@ -287,7 +291,7 @@ impl Daemon {
         let now = monotonic_ns();
         match command {
             Command::Status => Response::ok(&self.status(probes)),
-            Command::Conns { filter } => Response::ok(&self.conns(&filter, &probes.maps, now)),
+            Command::Conns { filter } => self.conns(&filter, &probes.maps, now),
             Command::Stalls {
                 filter,
                 older_than_ms,
@@ -338,34 +342,25 @@ impl Daemon {
         })
     }
 
-    fn conns(&self, filter: &Filter, maps: &KernelMaps, now: u64) -> Vec<ConnItemJson> {
-        let mut items: Vec<ConnItemJson> = self
+    /// The `conns` answer, serialized item by item: on a host with 100 000 connections the
+    /// items would take several times the memory of their text.
+    fn conns(&self, filter: &Filter, maps: &KernelMaps, now: u64) -> Response {
+        let mut selected: Vec<(Option<u64>, &Conn)> = self
             .tracker
             .conns()
             .filter(|(_, conn)| selected(filter, conn))
-            .map(|(sock, conn)| {
-                let mut item = ConnItemJson::new(&conn.reference());
-                item.conn.adopted = Some(conn.adopted);
-                let snapshot = sock.and_then(|sock| maps.lookup(sock));
-                let state = match (&conn.stall, snapshot.as_ref().map(verdict::assess)) {
-                    (Some(_), _) => "stalled",
-                    (None, Some(verdict::Activity::Outstanding { .. }))
-                    | (None, Some(verdict::Activity::ConnectPending { .. })) => "active",
-                    (None, Some(verdict::Activity::Ending { .. })) => "closing",
-                    (None, _) => "idle",
-                };
-                item.conn.state = Some(state.into());
-                if let Some(s) = snapshot {
-                    json::add_totals(&mut item.conn, &Totals::from_kernel(&s));
-                    let ago = |at: u64| (at != 0).then(|| now.saturating_sub(at) / 1_000_000);
-                    item.conn.last_send_ago_ms = ago(s.last_send_ns);
-                    item.conn.last_receive_ago_ms = ago(s.last_recv_ns);
-                }
-                item
-            })
             .collect();
-        items.sort_by_key(|item| item.conn.id);
-        items
+        selected.sort_by_key(|(_, conn)| conn.id);
+        let mut text = String::from("[");
+        for (index, (sock, conn)) in selected.into_iter().enumerate() {
+            if index > 0 {
+                text.push(',');
+            }
+            let item = conn_item(conn, sock.and_then(|sock| maps.lookup(sock)), now);
+            text.push_str(&serde_json::to_string(&item).expect("items serialize"));
+        }
+        text.push(']');
+        Response::ok_raw(text)
     }
 
     fn stalls(&self, filter: &Filter, older_than_ms: u64, now: u64) -> Vec<ConnItemJson> {
@@ -390,6 +385,27 @@ impl Daemon {
             })
             .collect()
     }
+}
+
+/// A `conns` item: identity, state and the kernel's counters.
+fn conn_item(conn: &Conn, snapshot: Option<ConnState>, now: u64) -> ConnItemJson {
+    let mut item = ConnItemJson::new(&conn.reference());
+    item.conn.adopted = Some(conn.adopted);
+    let state = match (&conn.stall, snapshot.as_ref().map(verdict::assess)) {
+        (Some(_), _) => "stalled",
+        (None, Some(verdict::Activity::Outstanding { .. }))
+        | (None, Some(verdict::Activity::ConnectPending { .. })) => "active",
+        (None, Some(verdict::Activity::Ending { .. })) => "closing",
+        (None, _) => "idle",
+    };
+    item.conn.state = Some(state.into());
+    if let Some(s) = snapshot {
+        json::add_totals(&mut item.conn, &Totals::from_kernel(&s));
+        let ago = |at: u64| (at != 0).then(|| now.saturating_sub(at) / 1_000_000);
+        item.conn.last_send_ago_ms = ago(s.last_send_ns);
+        item.conn.last_receive_ago_ms = ago(s.last_recv_ns);
+    }
+    item
 }
 
 fn selected(filter: &Filter, conn: &Conn) -> bool {

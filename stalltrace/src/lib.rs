@@ -7,6 +7,7 @@ pub mod api;
 pub mod cli;
 pub mod daemon;
 pub mod duration;
+pub mod heap;
 pub mod logger;
 pub mod loss;
 pub mod probes;

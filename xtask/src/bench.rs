@@ -25,7 +25,7 @@ const NGINX_PORT: u16 = 18_080;
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Rounds per workload (each round runs every variant once).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 7)]
     rounds: usize,
     /// Seconds per run.
     #[arg(long, default_value_t = 3.0)]
@@ -42,6 +42,8 @@ pub struct BenchArgs {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Variant {
     Untraced,
+    /// Untraced again: its ratio to the first untraced run is the machine's noise floor.
+    Control,
     Stalltrace,
     Bpftrace,
 }
@@ -50,6 +52,7 @@ impl Variant {
     fn name(self) -> &'static str {
         match self {
             Self::Untraced => "untraced",
+            Self::Control => "untraced again (noise)",
             Self::Stalltrace => "stalltrace",
             Self::Bpftrace => "bpftrace",
         }
@@ -116,6 +119,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let nginx = Nginx::start(&paths.out)?;
 
     let secs = args.secs.to_string();
+    // (name, command, also run with the bpftrace peer and an untraced control)
     let workloads: Vec<(&str, Vec<String>, bool)> = vec![
         (
             "ping-pong, 1 connection",
@@ -143,7 +147,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     for (name, command, with_bpftrace) in &workloads {
         let mut variants = vec![Variant::Untraced, Variant::Stalltrace];
         if *with_bpftrace {
-            variants.push(Variant::Bpftrace);
+            variants.extend([Variant::Bpftrace, Variant::Control]);
         }
         results.push(section(name, || {
             compare(&paths, name, command, &variants, args.rounds)
@@ -162,7 +166,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .filter(|v| v.get("error").is_some())
         .count();
 
-    let report = json!({
+    let mut report = json!({
         "machine": machine(),
         "rounds": args.rounds,
         "secs_per_run": args.secs,
@@ -172,6 +176,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "program_cost": program_cost,
         "userspace_microbenchmark": micro,
     });
+    report["targets"] = targets(&report);
     print_report(&report);
     let text = serde_json::to_string_pretty(&report)?;
     let stamp = std::time::SystemTime::now()
@@ -266,7 +271,7 @@ fn compare(
                 variant.name()
             ));
             let result = match variant {
-                Variant::Untraced => RunResult {
+                Variant::Untraced | Variant::Control => RunResult {
                     ops_per_sec: run_workload(command)?,
                     tracer: None,
                 },
@@ -458,10 +463,19 @@ fn cpu_secs(pid: u32) -> f64 {
 
 /// Peak resident set size (VmHWM) in MiB.
 fn peak_rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmHWM:")
+}
+
+fn current_rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmRSS:")
+}
+
+/// A kB field of /proc/<pid>/status, in MiB.
+fn status_mib(pid: u32, field: &str) -> f64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|status| {
-            let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+            let line = status.lines().find(|l| l.starts_with(field))?;
             line.split_whitespace().nth(1)?.parse::<f64>().ok()
         })
         .map_or(0.0, |kib| kib / 1024.0)
@@ -623,17 +637,23 @@ fn idle_scale(paths: &Paths, conns: usize) -> Result<Value> {
         bail!("the idle-connection generator failed (fd limits?)");
     }
     let opened_in = started.elapsed();
-    // Wait until the daemon tracks them all, then until sweeps have gone idle.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut status = daemon.status()?;
-    while status["connections"]["tracked"].as_u64().unwrap_or(0) < 2 * conns as u64
-        && Instant::now() < deadline
-    {
-        thread::sleep(Duration::from_millis(200));
-        status = daemon.status()?;
+    // Wait until the daemon tracks them all (or stops gaining: events lost in the burst),
+    // then until sweeps have gone idle.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut tracked = 0;
+    loop {
+        thread::sleep(Duration::from_secs(1));
+        let now_tracked = daemon.status()?["connections"]["tracked"]
+            .as_u64()
+            .unwrap_or(0);
+        if now_tracked >= 2 * conns as u64 || now_tracked == tracked || Instant::now() > deadline {
+            break;
+        }
+        tracked = now_tracked;
     }
     thread::sleep(Duration::from_secs(2));
     let settled = daemon.status()?;
+    let rss = current_rss_mib(daemon.pid());
     let query_started = Instant::now();
     let conns_query = Command::new(&paths.stalltrace)
         .args(["conns", "-o", "json", "--socket"])
@@ -641,12 +661,8 @@ fn idle_scale(paths: &Paths, conns: usize) -> Result<Value> {
         .stdout(Stdio::null())
         .status()?;
     let conns_query_ms = query_started.elapsed().as_millis() as u64;
-    let rss = fs::read_to_string(format!("/proc/{}/status", daemon.pid()))?
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0;
+    thread::sleep(Duration::from_millis(500));
+    let rss_after_query = current_rss_mib(daemon.pid());
     let peak = peak_rss_mib(daemon.pid());
     drop(idle.stdin.take());
     let _ = idle.wait();
@@ -656,6 +672,7 @@ fn idle_scale(paths: &Paths, conns: usize) -> Result<Value> {
         "tracked": settled["connections"]["tracked"],
         "opened_in_ms": opened_in.as_millis() as u64,
         "daemon_rss_mib": rss,
+        "daemon_rss_after_conns_query_mib": rss_after_query,
         "daemon_peak_rss_mib": peak,
         "sweep_avg_us": settled["sweeps"]["avg_us"],
         "sweep_max_us": settled["sweeps"]["max_us"],
@@ -732,6 +749,89 @@ fn machine() -> Value {
     })
 }
 
+/// The ratio median of `variant` on the workload whose name starts with `workload`.
+fn median_ratio(report: &Value, workload: &str, variant: &str) -> Option<f64> {
+    report["workloads"].as_array()?.iter().find(|w| {
+        w["workload"]
+            .as_str()
+            .is_some_and(|n| n.starts_with(workload))
+    })?["variants"]
+        .as_array()?
+        .iter()
+        .find(|v| v["variant"] == variant)?["ratio"]["median"]
+        .as_f64()
+}
+
+/// The issue's targets against what was measured.
+fn targets(report: &Value) -> Value {
+    let mut rows = Vec::new();
+    let mut row = |target: &str, measured: Option<f64>, shown: String, ok: bool| {
+        rows.push(json!({"target": target, "measured": measured, "shown": shown, "met": ok}));
+    };
+    for (workload, minimum) in [
+        ("ping-pong, 32", 0.97),
+        ("nginx", 0.99),
+        ("connection churn", 0.95),
+        ("file I/O", 0.99),
+    ] {
+        let ratio = median_ratio(report, workload, "stalltrace");
+        row(
+            &format!("{workload}: traced/untraced >= {minimum}"),
+            ratio,
+            ratio.map_or("-".into(), |r| format!("{r:.3}")),
+            ratio.is_some_and(|r| r >= minimum),
+        );
+    }
+    for workload in ["ping-pong, 32", "nginx"] {
+        let ours = median_ratio(report, workload, "stalltrace").map(|r| 1.0 - r);
+        let peer = median_ratio(report, workload, "bpftrace").map(|r| 1.0 - r);
+        let (ours, peer) = (ours.unwrap_or(f64::NAN), peer.unwrap_or(f64::NAN));
+        row(
+            &format!("{workload}: overhead at most half of bpftrace's"),
+            Some(peer / ours),
+            format!("{:.1}% vs {:.1}%", 100.0 * ours, 100.0 * peer),
+            2.0 * ours <= peer,
+        );
+    }
+    let lost: u64 = report["workloads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|w| w["variants"].as_array().into_iter().flatten())
+        .filter(|v| v["variant"] == "stalltrace")
+        .map(|v| v["tracer"]["lost"].as_u64().unwrap_or(0))
+        .sum();
+    row(
+        "0 events lost in the workloads",
+        Some(lost as f64),
+        lost.to_string(),
+        lost == 0,
+    );
+    let cpu = report["paced_20k_rps"]["daemon"]["cpu_share_of_one_core"].as_f64();
+    row(
+        "daemon <= 3% of one core at 20 000 requests/s",
+        cpu,
+        cpu.map_or("-".into(), |c| format!("{:.2}%", 100.0 * c)),
+        cpu.is_some_and(|c| c <= 0.03),
+    );
+    let rss = report["idle_scale"]["daemon_rss_mib"].as_f64();
+    let conns = report["idle_scale"]["connections"].as_u64().unwrap_or(0);
+    row(
+        &format!("daemon <= 64 MiB RSS with {conns} connections tracked"),
+        rss,
+        rss.map_or("-".into(), |r| format!("{r:.1} MiB")),
+        rss.is_some_and(|r| r <= 64.0),
+    );
+    let micro = report["userspace_microbenchmark"]["decode_and_track_per_sec"].as_f64();
+    row(
+        "userspace >= 2 M events/s on one core",
+        micro,
+        micro.map_or("-".into(), |m| format!("{:.1} M/s", m / 1e6)),
+        micro.is_some_and(|m| m >= 2e6),
+    );
+    json!(rows)
+}
+
 fn print_report(report: &Value) {
     println!();
     println!(
@@ -784,11 +884,14 @@ fn print_report(report: &Value) {
     );
     let scale = &report["idle_scale"];
     println!(
-        "{} idle connections ({} tracked ends): daemon RSS {:.1} MiB (peak {:.1}), sweep max {} µs \
-         (avg {} µs), `conns` query {} ms, {} lost",
+        "{} idle connections ({} tracked ends): daemon RSS {:.1} MiB ({:.1} after a full `conns` \
+         query, peak {:.1}), sweep max {} µs (avg {} µs), `conns` query {} ms, {} lost",
         scale["connections"],
         scale["tracked"],
         scale["daemon_rss_mib"].as_f64().unwrap_or(0.0),
+        scale["daemon_rss_after_conns_query_mib"]
+            .as_f64()
+            .unwrap_or(0.0),
         scale["daemon_peak_rss_mib"].as_f64().unwrap_or(0.0),
         scale["sweep_max_us"],
         scale["sweep_avg_us"],
@@ -812,4 +915,13 @@ fn print_report(report: &Value) {
         micro["decode_and_track_per_sec"].as_f64().unwrap_or(0.0) / 1e6,
         micro["with_ndjson_per_sec"].as_f64().unwrap_or(0.0) / 1e6,
     );
+    println!("\ntargets:");
+    for row in report["targets"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<4} {:<58} {}",
+            if row["met"] == true { "met" } else { "MISS" },
+            row["target"].as_str().unwrap_or("?"),
+            row["shown"].as_str().unwrap_or("?"),
+        );
+    }
 }

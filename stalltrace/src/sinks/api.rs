@@ -25,6 +25,8 @@ use crate::{
 
 const MAX_CLIENTS: usize = 64;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Answers above this size (bytes) are followed by returning their memory to the OS.
+const LARGE_ANSWER: usize = 1 << 20;
 
 /// A query for the main loop, with where to send its answer.
 pub struct Query {
@@ -147,6 +149,14 @@ impl Client {
             },
         };
         let _ = write_response(&mut write, &response).await;
+        if response
+            .result
+            .as_ref()
+            .is_some_and(|r| r.get().len() > LARGE_ANSWER)
+        {
+            drop(response);
+            crate::heap::release_free_memory();
+        }
     }
 
     async fn ask(&self, command: Command) -> Response {

@@ -15,7 +15,7 @@ pub mod model;
 pub mod verdict;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, VecDeque},
     hash::{BuildHasherDefault, Hasher},
 };
 
@@ -209,7 +209,13 @@ pub struct Tracker {
     conns: BySock<Conn>,
     /// Connections found in /proc that the kernel has not reported yet.
     adopted: HashMap<Endpoints, Conn>,
-    watched: HashSet<u64, BuildHasherDefault<SockHasher>>,
+    /// Connections re-read at sweeps, with the ticket of their place in `watch_queue`.
+    watched: BySock<u64>,
+    /// Sweep order (round robin); entries whose ticket no longer matches are stale.
+    watch_queue: VecDeque<(u64, u64)>,
+    next_ticket: u64,
+    /// Most kernel entries one sweep reads; the rest wait for the next sweeps.
+    sweep_budget: usize,
     next_id: u64,
     stats: Stats,
 }
@@ -220,7 +226,10 @@ impl Tracker {
             stall_after_ns,
             conns: BySock::default(),
             adopted: HashMap::new(),
-            watched: HashSet::default(),
+            watched: BySock::default(),
+            watch_queue: VecDeque::new(),
+            next_ticket: 0,
+            sweep_budget: usize::MAX,
             next_id: 1,
             stats: Stats::default(),
         }
@@ -228,6 +237,20 @@ impl Tracker {
 
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+
+    /// Bounds the kernel reads of one sweep, so that a burst of new connections (all watched
+    /// for an epoch) cannot stall the daemon's loop: the excess is read by the next sweeps.
+    pub fn set_sweep_budget(&mut self, budget: usize) {
+        self.sweep_budget = budget.max(1);
+    }
+
+    fn watch(&mut self, sock: u64) {
+        if let std::collections::hash_map::Entry::Vacant(entry) = self.watched.entry(sock) {
+            entry.insert(self.next_ticket);
+            self.watch_queue.push_back((sock, self.next_ticket));
+            self.next_ticket += 1;
+        }
     }
 
     pub fn stall_after_ns(&self) -> u64 {
@@ -361,7 +384,7 @@ impl Tracker {
             EventKind::Closed => unreachable!("handled above"),
         }
         conn.watch_epoch = conn.watch_epoch.max(state.notified_epoch);
-        self.watched.insert(sock);
+        self.watch(sock);
     }
 
     /// Re-reads the watched connections. `epoch` is the epoch the daemon just started;
@@ -374,11 +397,21 @@ impl Tracker {
         out: &mut Vec<Event>,
     ) {
         let stall_after_ns = self.stall_after_ns;
-        let mut drop = Vec::new();
+        let mut budget = self.sweep_budget;
         let mut lost = Vec::new();
-        for &sock in &self.watched {
+        for _ in 0..self.watch_queue.len() {
+            if budget == 0 {
+                break;
+            }
+            let Some((sock, ticket)) = self.watch_queue.pop_front() else {
+                break;
+            };
+            if self.watched.get(&sock) != Some(&ticket) {
+                continue; // closed (and maybe re-watched) since it was queued
+            }
+            budget -= 1;
             let Some(conn) = self.conns.get_mut(&sock) else {
-                drop.push(sock);
+                self.watched.remove(&sock);
                 continue;
             };
             let Some(state) = lookup(sock) else {
@@ -386,6 +419,8 @@ impl Tracker {
                 conn.missing_sweeps += 1;
                 if conn.missing_sweeps >= MISSING_SWEEPS_BEFORE_LOST {
                     lost.push(sock);
+                } else {
+                    self.watch_queue.push_back((sock, ticket));
                 }
                 continue;
             };
@@ -398,12 +433,11 @@ impl Tracker {
                 Activity::Outstanding { .. } | Activity::ConnectPending { .. }
             );
             let recently_reported = conn.watch_epoch.saturating_add(1) >= epoch;
-            if !(busy || conn.stall.is_some() || recently_reported) {
-                drop.push(sock);
+            if busy || conn.stall.is_some() || recently_reported {
+                self.watch_queue.push_back((sock, ticket));
+            } else {
+                self.watched.remove(&sock);
             }
-        }
-        for sock in drop {
-            self.watched.remove(&sock);
         }
         for sock in lost {
             self.watched.remove(&sock);

@@ -632,3 +632,57 @@ fn unknown_event_kinds_are_counted_not_applied() {
     assert_eq!(t.stats().unknown_events, 1);
     assert_eq!(t.len(), 0);
 }
+
+#[test]
+fn sweeps_read_at_most_their_budget_round_robin() {
+    let mut t = tracker();
+    t.set_sweep_budget(2);
+    let mut out = Vec::new();
+    let mut k = Kernel::new(role::SERVER, 0);
+    k.transfer(direction::IN, SEC);
+    for i in 0..5 {
+        let mut event = k.event(EventKind::Accepted, 0);
+        event.header.sock = SOCK + i;
+        t.on_event(&event, &mut out);
+    }
+    out.clear();
+    let state = k.state;
+    let mut reads = Vec::new();
+    for epoch in 2..5 {
+        t.sweep(
+            SEC + THRESHOLD,
+            epoch,
+            |sock| {
+                reads.push(sock - SOCK);
+                Some(state)
+            },
+            &mut out,
+        );
+    }
+    // Two per sweep, in turn, and every stalled connection is found within three sweeps.
+    assert_eq!(reads, [0, 1, 2, 3, 4, 0]);
+    assert_eq!(t.stalls().len(), 5);
+}
+
+#[test]
+fn a_closed_and_reused_sock_address_is_watched_once() {
+    let (mut t, mut k) = server_with_request();
+    k.set_state(tcp_state::CLOSE, 2 * SEC);
+    feed(&mut t, k.event(EventKind::Closed, 2 * SEC));
+    let mut next = Kernel::new(role::SERVER, 3 * SEC);
+    next.transfer(direction::IN, 3 * SEC);
+    feed(&mut t, next.event(EventKind::Accepted, 3 * SEC));
+    let mut reads = 0;
+    let state = next.state;
+    let mut out = Vec::new();
+    t.sweep(
+        3 * SEC,
+        2,
+        |_| {
+            reads += 1;
+            Some(state)
+        },
+        &mut out,
+    );
+    assert_eq!(reads, 1, "the entry queued before the close is stale");
+}
