@@ -17,11 +17,10 @@ pub enum EventKind {
     ConnectStarted = 1,
     /// An active open completed (`SYN_SENT` → `ESTABLISHED`).
     Established = 2,
-    /// `accept()` handed this connection to a process.
-    Accepted = 3,
-    /// First traffic on a connection the tables did not know (opened before the daemon started,
-    /// or evicted from the connection map), or first traffic of a process on a passive
-    /// connection whose `accept()` was not seen.
+    // 3 was `Accepted` (an accept() syscall hook), retired: see docs/design.md.
+    /// First traffic of a process on a connection: a passive connection's first transfer (its
+    /// owner is only known then), or a connection the map did not hold (opened before the
+    /// daemon started, or evicted), or a connection handed to another process.
     Discovered = 4,
     /// A request began on a connection not yet reported in the current epoch (see [`Control`]).
     RequestStarted = 5,
@@ -37,7 +36,6 @@ impl EventKind {
         Some(match value {
             1 => Self::ConnectStarted,
             2 => Self::Established,
-            3 => Self::Accepted,
             4 => Self::Discovered,
             5 => Self::RequestStarted,
             6 => Self::QuietEnded,
@@ -204,13 +202,6 @@ pub struct Offsets {
     /// Address family and protocol: tell TCP sockets from others on the raw data hooks.
     pub skc_family: u32,
     pub sk_protocol: u32,
-    /// The chain from the current task to the `struct sock` behind a file descriptor.
-    pub task_files: u32,
-    pub files_fdt: u32,
-    pub fdt_max_fds: u32,
-    pub fdt_fd: u32,
-    pub file_private_data: u32,
-    pub socket_sk: u32,
 }
 
 impl Offsets {
@@ -227,12 +218,6 @@ impl Offsets {
             skc_v6_rcv_saddr: u,
             skc_family: u,
             sk_protocol: u,
-            task_files: u,
-            files_fdt: u,
-            fdt_max_fds: u,
-            fdt_fd: u,
-            file_private_data: u,
-            socket_sk: u,
         }
     }
 
@@ -249,16 +234,6 @@ impl Offsets {
     /// IPv6 addresses can be read from a `struct sock` (absent on kernels without IPv6).
     pub const fn can_read_sock_v6(&self) -> bool {
         self.skc_v6_daddr != Self::UNKNOWN && self.skc_v6_rcv_saddr != Self::UNKNOWN
-    }
-
-    /// A file descriptor of the current task can be resolved to its `struct sock`.
-    pub const fn can_resolve_fd(&self) -> bool {
-        self.task_files != Self::UNKNOWN
-            && self.files_fdt != Self::UNKNOWN
-            && self.fdt_max_fds != Self::UNKNOWN
-            && self.fdt_fd != Self::UNKNOWN
-            && self.file_private_data != Self::UNKNOWN
-            && self.socket_sk != Self::UNKNOWN
     }
 }
 
@@ -299,14 +274,6 @@ pub mod tracepoint {
         pub common: u64,
         pub skaddr: u64,
     }
-
-    /// `syscalls/sys_exit_*`.
-    #[repr(C)]
-    pub struct SysExit {
-        pub common: u64,
-        pub syscall_nr: i64,
-        pub ret: i64,
-    }
 }
 
 // Layouts are part of the ABI: pin them so both sides fail to build on an accidental change.
@@ -314,7 +281,7 @@ const _: () = assert!(core::mem::size_of::<ConnState>() == 168);
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 192);
 const _: () = assert!(core::mem::size_of::<Control>() == 8);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 56);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 32);
 
 #[cfg(feature = "user")]
 mod user {
@@ -440,7 +407,6 @@ mod tests {
         for (id, kind) in [
             (1, EventKind::ConnectStarted),
             (2, EventKind::Established),
-            (3, EventKind::Accepted),
             (4, EventKind::Discovered),
             (5, EventKind::RequestStarted),
             (6, EventKind::QuietEnded),
@@ -450,6 +416,7 @@ mod tests {
             assert_eq!(kind as u32, id);
         }
         assert_eq!(EventKind::from_u32(0), None);
+        assert_eq!(EventKind::from_u32(3), None, "retired id");
         assert_eq!(EventKind::from_u32(8), None);
     }
 }

@@ -1,6 +1,6 @@
 //! Reads of kernel structures at member offsets the daemon resolved from BTF (see
 //! `stalltrace_common::Offsets`); used only off the hot path.
-use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
+use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
 use stalltrace_common::{ConnState, Offsets, AF_INET, AF_INET6, IPPROTO_TCP};
 
 #[inline(always)]
@@ -57,28 +57,4 @@ pub fn read_endpoints(sock: u64, family: u16, offsets: &Offsets, conn: &mut Conn
         }
     }
     true
-}
-
-/// The `struct sock` behind file descriptor `fd` of the current task, if `fd` is a socket.
-/// The caller checks that the result is a tracked connection.
-#[inline(always)]
-pub fn sock_of_fd(fd: u32, offsets: &Offsets) -> Option<u64> {
-    if !offsets.can_resolve_fd() {
-        return None;
-    }
-    // SAFETY: probe reads of kernel memory; failures are returned, not faulted.
-    unsafe {
-        let task = bpf_get_current_task();
-        let files: u64 = read(task, offsets.task_files)?;
-        let fdt: u64 = read(files, offsets.files_fdt)?;
-        let max_fds: u32 = read(fdt, offsets.fdt_max_fds)?;
-        if fd >= max_fds {
-            return None;
-        }
-        let fd_array: u64 = read(fdt, offsets.fdt_fd)?;
-        let file: u64 = read(fd_array + u64::from(fd) * 8, 0)?;
-        let socket: u64 = read(file, offsets.file_private_data)?;
-        let sock: u64 = read(socket, offsets.socket_sk)?;
-        (sock != 0).then_some(sock)
-    }
 }

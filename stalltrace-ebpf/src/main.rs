@@ -2,7 +2,6 @@
 //!
 //! - `tcp_state`: connection open/close and listening ports (`sock/inet_sock_set_state`);
 //! - `transfer`: bytes each way and request/reply turns (`sock/sock_{send,recv}_length`);
-//! - `accept`: which process accepted a passive connection (`syscalls/sys_exit_accept{,4}`);
 //! - `tcp_signals`: retransmits and received resets (`tcp/*`).
 //!
 //! Per-connection state lives in the `CONNS` LRU map; the ring buffer carries only lifecycle
@@ -10,7 +9,6 @@
 #![no_std]
 #![no_main]
 
-mod accept;
 mod conn;
 mod kernel_read;
 mod maps;

@@ -11,6 +11,7 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
+use aya_log_ebpf::{debug, warn};
 use stalltrace_common::{conn_flags, direction, loss, role, tcp_state, ConnState, EventKind};
 
 use crate::{
@@ -54,7 +55,7 @@ fn on_transfer(ctx: &RawTracePointContext, dir: u8) {
     match CONNS.get_ptr_mut(sock) {
         // SAFETY: map value pointer, valid for the duration of the program.
         Some(conn) => record(sock, unsafe { &mut *conn }, dir, bytes, now),
-        None => discover(sock, dir, bytes, now),
+        None => discover(ctx, sock, dir, bytes, now),
     }
 }
 
@@ -100,7 +101,7 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
 /// Traffic on a connection the map does not hold: opened before the daemon started, or evicted.
 /// Track it from here, reading its endpoints from the socket.
 #[inline(never)]
-fn discover(sock: u64, dir: u8, bytes: u64, now: u64) {
+fn discover(ctx: &RawTracePointContext, sock: u64, dir: u8, bytes: u64, now: u64) {
     let offsets = OFFSETS.load();
     let Some(family) = tcp_family(sock, &offsets) else {
         return;
@@ -114,6 +115,7 @@ fn discover(sock: u64, dir: u8, bytes: u64, now: u64) {
     conn.tcp_state = tcp_state::ESTABLISHED;
     conn.flags = conn_flags::DISCOVERED | conn_flags::ESTABLISHED;
     if !read_endpoints(sock, family, &offsets, conn) {
+        debug!(ctx, "cannot read the endpoints of TCP socket {:x}", sock);
         return;
     }
     conn.role = if LISTEN_PORTS.get_ptr(conn.local_port).is_some() {
@@ -127,7 +129,11 @@ fn discover(sock: u64, dir: u8, bytes: u64, now: u64) {
         Ok(()) => {}
         // Another CPU discovered it first and reported it.
         Err(EEXIST) => return,
-        Err(_) => {
+        Err(err) => {
+            warn!(
+                ctx,
+                "tracking a connection failed: map insert returned {}", err
+            );
             count_loss(loss::CONN_INSERT_FAILED);
             return;
         }

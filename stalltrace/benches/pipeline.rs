@@ -46,7 +46,7 @@ fn lifecycle(n: u64, records: &mut Vec<Vec<u8>>) {
         let opened = if conn_role == role::CLIENT {
             EventKind::Established
         } else {
-            EventKind::Accepted
+            EventKind::Discovered
         };
         push(opened, &state, t);
         state.last_dir = if conn_role == role::CLIENT {

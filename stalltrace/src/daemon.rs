@@ -145,8 +145,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
 }
 
 fn kernel_offsets() -> Offsets {
-    let lost = "connections open before the daemon started are not adopted, and accepted \
-                connections are attributed at their first transfer";
+    let lost = "connections open before the daemon started are not adopted";
     match btf::Btf::from_kernel() {
         Ok(kernel_btf) => {
             let (offsets, missing) = btf::resolve_offsets(&kernel_btf);
@@ -209,7 +208,10 @@ impl Daemon {
                     self.drain(ring.get_mut());
                     self.sweep(&mut probes.maps)?;
                 }
-                _ = loss.tick() => self.report_loss(&probes.maps),
+                _ = loss.tick() => {
+                    self.report_loss(&probes.maps);
+                    self.compact();
+                }
                 _ = recalibrate.tick() => self.sink.recalibrate(),
                 Some(query) = queries.recv() => {
                     let response = self.answer(query.command, probes);
@@ -251,6 +253,14 @@ impl Daemon {
         self.sweep_busy += took;
         self.sweep_max = self.sweep_max.max(took);
         Ok(())
+    }
+
+    /// Gives back buffer space a burst left behind.
+    fn compact(&mut self) {
+        self.tracker.compact();
+        if self.out.capacity() > 4096 {
+            self.out = Vec::with_capacity(1024);
+        }
     }
 
     fn emit(&mut self) {
@@ -320,7 +330,6 @@ impl Daemon {
             "programs": probes.attached(),
             "features": {
                 "adopt_existing": self.offsets.can_read_sock(),
-                "attribute_at_accept": self.offsets.can_resolve_fd(),
             },
             "connections": {
                 "tracked": self.tracker.len(),

@@ -51,20 +51,6 @@ pub const HOOKS: &[Hook] = &[
         optional: None,
     },
     Hook {
-        program: "stalltrace_accept4",
-        raw: false,
-        category: "syscalls",
-        name: "sys_exit_accept4",
-        optional: Some("accepted connections are attributed at their first transfer"),
-    },
-    Hook {
-        program: "stalltrace_accept",
-        raw: false,
-        category: "syscalls",
-        name: "sys_exit_accept",
-        optional: Some("accepted connections are attributed at their first transfer"),
-    },
-    Hook {
         program: "stalltrace_retransmit",
         raw: false,
         category: "tcp",

@@ -87,8 +87,10 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "N", default_value_t = 262_144)]
     pub max_conns: u32,
 
-    /// Size of the kernel → daemon ring buffer: a power of two, at least 4KiB (e.g. 8MiB).
-    #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_ring_size)]
+    /// Size of the kernel → daemon ring buffer: a power of two, at least 4KiB (e.g. 8MiB). Larger
+    /// absorbs bigger bursts of new connections; the daemon maps it twice, so it counts double
+    /// in its RSS.
+    #[arg(long, value_name = "SIZE", default_value = "4MiB", value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
 
     /// Enable the kernel's per-program run count and run time statistics, shown by `status`

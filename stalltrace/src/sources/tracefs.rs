@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use stalltrace_common::tracepoint::{InetSockSetState, SysExit, TcpReceiveReset, TcpRetransmitSkb};
+use stalltrace_common::tracepoint::{InetSockSetState, TcpReceiveReset, TcpRetransmitSkb};
 
 pub const TRACEFS: &str = "/sys/kernel/tracing";
 const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
@@ -95,7 +95,6 @@ pub fn expected_fields(category: &str, name: &str) -> Vec<(&'static str, FieldLa
             saddr, daddr, saddr_v6, daddr_v6),
         ("tcp", "tcp_retransmit_skb") => fields!(TcpRetransmitSkb: skaddr, sport),
         ("tcp", "tcp_receive_reset") => fields!(TcpReceiveReset: skaddr),
-        ("syscalls", _) => fields!(SysExit: ret),
         _ => Vec::new(),
     }
 }

@@ -245,6 +245,17 @@ impl Tracker {
         self.sweep_budget = budget.max(1);
     }
 
+    /// Returns memory held since a burst (every new connection is watched for an epoch).
+    pub fn compact(&mut self) {
+        let live = self.watched.len().max(1024);
+        if self.watched.capacity() > 4 * live {
+            self.watched.shrink_to(2 * live);
+        }
+        if self.watch_queue.capacity() > 4 * live {
+            self.watch_queue.shrink_to(2 * live);
+        }
+    }
+
     fn watch(&mut self, sock: u64) {
         if let std::collections::hash_map::Entry::Vacant(entry) = self.watched.entry(sock) {
             entry.insert(self.next_ticket);
@@ -373,14 +384,11 @@ impl Tracker {
                 };
                 end_stall(conn, at, how, out);
             }
-            EventKind::ConnectStarted
-            | EventKind::Accepted
-            | EventKind::Discovered
-            | EventKind::RequestStarted => {
-                if kind != EventKind::ConnectStarted {
-                    announce(conn, at, out);
-                }
-            }
+            // A passive connection is reported at its first transfer (its owner is only known
+            // then), dated when it was established.
+            EventKind::Discovered => announce(conn, state.open_ns.min(at), out),
+            EventKind::RequestStarted => announce(conn, at, out),
+            EventKind::ConnectStarted => {}
             EventKind::Closed => unreachable!("handled above"),
         }
         conn.watch_epoch = conn.watch_epoch.max(state.notified_epoch);

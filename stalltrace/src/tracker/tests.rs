@@ -126,7 +126,7 @@ fn details(events: &[Event]) -> Vec<&Detail> {
 fn server_with_request() -> (Tracker, Kernel) {
     let mut t = tracker();
     let mut k = Kernel::new(role::SERVER, 0);
-    let opened = feed(&mut t, k.event(EventKind::Accepted, 0));
+    let opened = feed(&mut t, k.event(EventKind::Discovered, 0));
     assert_eq!(details(&opened), [&Detail::Open { adopted: false }]);
     k.transfer(direction::IN, SEC);
     (t, k)
@@ -177,7 +177,7 @@ fn keep_alive_connection_idle_for_long_is_never_a_stall() {
     for role_id in [role::SERVER, role::CLIENT] {
         let mut t = tracker();
         let mut k = Kernel::new(role_id, 0);
-        feed(&mut t, k.event(EventKind::Accepted, 0));
+        feed(&mut t, k.event(EventKind::Discovered, 0));
         let (request, reply) = if role_id == role::SERVER {
             (direction::IN, direction::OUT)
         } else {
@@ -498,7 +498,7 @@ fn passive_connections_with_a_new_kernel_entry_are_new_connections() {
     let first_id = t.conns().next().unwrap().1.id;
     let mut next = Kernel::new(role::SERVER, 30 * SEC);
     next.state.peer_port = 40_001;
-    let events = feed(&mut t, next.event(EventKind::Accepted, 30 * SEC));
+    let events = feed(&mut t, next.event(EventKind::Discovered, 30 * SEC));
     assert!(matches!(&events[0].detail, Detail::Close(_)));
     assert_eq!(events[0].conn.id, first_id);
     assert!(matches!(events[1].detail, Detail::Open { .. }));
@@ -612,7 +612,7 @@ fn stalls_are_listed_oldest_first() {
     for (i, request_at) in [(0u64, 3 * SEC), (1, SEC), (2, 2 * SEC)] {
         let mut k = Kernel::new(role::SERVER, 0);
         k.transfer(direction::IN, request_at);
-        let mut event = k.event(EventKind::Accepted, 0);
+        let mut event = k.event(EventKind::Discovered, 0);
         event.header.sock = SOCK + i;
         t.on_event(&event, &mut out);
         let state = k.state;
@@ -626,7 +626,7 @@ fn stalls_are_listed_oldest_first() {
 fn unknown_event_kinds_are_counted_not_applied() {
     let mut t = tracker();
     let mut k = Kernel::new(role::SERVER, 0);
-    let mut event = k.event(EventKind::Accepted, 0);
+    let mut event = k.event(EventKind::Discovered, 0);
     event.header.kind = 99;
     assert!(feed(&mut t, event).is_empty());
     assert_eq!(t.stats().unknown_events, 1);
@@ -641,7 +641,7 @@ fn sweeps_read_at_most_their_budget_round_robin() {
     let mut k = Kernel::new(role::SERVER, 0);
     k.transfer(direction::IN, SEC);
     for i in 0..5 {
-        let mut event = k.event(EventKind::Accepted, 0);
+        let mut event = k.event(EventKind::Discovered, 0);
         event.header.sock = SOCK + i;
         t.on_event(&event, &mut out);
     }
@@ -671,7 +671,7 @@ fn a_closed_and_reused_sock_address_is_watched_once() {
     feed(&mut t, k.event(EventKind::Closed, 2 * SEC));
     let mut next = Kernel::new(role::SERVER, 3 * SEC);
     next.transfer(direction::IN, 3 * SEC);
-    feed(&mut t, next.event(EventKind::Accepted, 3 * SEC));
+    feed(&mut t, next.event(EventKind::Discovered, 3 * SEC));
     let mut reads = 0;
     let state = next.state;
     let mut out = Vec::new();
