@@ -15,7 +15,8 @@ pub const COMM_LEN: usize = 16;
 pub enum EventKind {
     /// `connect()` sent a SYN (TCP state `SYN_SENT`), in the connecting thread's context.
     ConnectStarted = 1,
-    /// An active open completed (`SYN_SENT` → `ESTABLISHED`).
+    /// A handshake completed: an active open (`SYN_SENT` → `ESTABLISHED`, the `connect()`er
+    /// known), or a passive one (`SYN_RECV` → `ESTABLISHED`, in softirq: no owner yet).
     Established = 2,
     // 3 was `Accepted` (an accept() syscall hook), retired: see docs/design.md.
     /// First traffic of a process on a connection: a passive connection's first transfer (its

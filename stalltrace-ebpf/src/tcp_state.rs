@@ -127,12 +127,13 @@ fn on_active_established(args: &InetSockSetState) {
     }
 }
 
-/// A passive connection completed its handshake and waits in the accept queue. Its owner is
-/// unknown until `accept()` (or the first transfer), so nothing is reported yet.
+/// A passive connection completed its handshake and waits in the accept queue. Runs in softirq
+/// context: its owner is learnt at its first transfer.
 fn on_passive_established(args: &InetSockSetState) {
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(conn) = new_conn(args, role::SERVER, now) {
         conn.flags |= conn_flags::ESTABLISHED;
+        emit(EventKind::Established, args.skaddr, conn, now);
         insert(args.skaddr, conn);
     }
 }

@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// One short round of everything, to check that the harness works (used by CI).
     #[arg(long)]
     smoke: bool,
+    /// Run only these parts (comma-separated): pingpong1, pingpong32, nginx, churn, fileio,
+    /// paced, idle, programs, micro.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 /// One way to run a workload.
@@ -89,6 +93,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             secs: 0.5,
             idle_conns: 2_000,
             smoke: true,
+            only: args.only,
         }
     } else {
         args
@@ -119,46 +124,57 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let nginx = Nginx::start(&paths.out)?;
 
     let secs = args.secs.to_string();
-    // (name, command, also run with the bpftrace peer and an untraced control)
-    let workloads: Vec<(&str, Vec<String>, bool)> = vec![
+    let wanted = |part: &str| args.only.is_empty() || args.only.iter().any(|o| o == part);
+    let pingpong = |conns: &str| loadgen(&paths, &["pingpong", "--conns", conns, "--secs", &secs]);
+    // (part, name, command, also run with the bpftrace peer and an untraced control)
+    let workloads: Vec<(&str, &str, Vec<String>, bool)> = vec![
+        ("pingpong1", "ping-pong, 1 connection", pingpong("1"), false),
         (
-            "ping-pong, 1 connection",
-            loadgen(&paths, &["pingpong", "--conns", "1", "--secs", &secs]),
-            false,
-        ),
-        (
+            "pingpong32",
             "ping-pong, 32 connections",
-            loadgen(&paths, &["pingpong", "--conns", "32", "--secs", &secs]),
+            pingpong("32"),
             true,
         ),
-        ("nginx + wrk, 64 connections", wrk(args.secs), true),
+        ("nginx", "nginx + wrk, 64 connections", wrk(args.secs), true),
         (
+            "churn",
             "connection churn",
             loadgen(&paths, &["churn", "--secs", &secs]),
             false,
         ),
         (
+            "fileio",
             "file I/O, 64-byte reads/writes",
             loadgen(&paths, &["fileio", "--secs", &secs]),
             false,
         ),
     ];
     let mut results = Vec::new();
-    for (name, command, with_bpftrace) in &workloads {
+    for (part, name, command, with_bpftrace) in &workloads {
+        if !wanted(part) {
+            continue;
+        }
         let mut variants = vec![Variant::Untraced, Variant::Stalltrace];
         if *with_bpftrace {
             variants.extend([Variant::Bpftrace, Variant::Control]);
         }
-        results.push(section(name, || {
+        results.push(section(name, &|| {
             compare(&paths, name, command, &variants, args.rounds)
         }));
     }
-    let paced = section("paced", || {
+    let run = |part: &str, part_fn: &dyn Fn() -> Result<Value>| {
+        if wanted(part) {
+            section(part, part_fn)
+        } else {
+            json!({"skipped": true})
+        }
+    };
+    let paced = run("paced", &|| {
         paced_cpu(&paths, if args.smoke { 0.5 } else { 5.0 })
     });
-    let scale = section("idle scale", || idle_scale(&paths, args.idle_conns));
-    let program_cost = section("program cost", || program_cost(&paths, &secs));
-    let micro = section("microbenchmark", microbenchmark);
+    let scale = run("idle", &|| idle_scale(&paths, args.idle_conns));
+    let program_cost = run("programs", &|| program_cost(&paths, &secs));
+    let micro = run("micro", &microbenchmark);
     drop(nginx);
     let failed = [&paced, &scale, &program_cost, &micro]
         .into_iter()
@@ -195,7 +211,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 }
 
 /// Runs one part of the benchmark; a failure is recorded in the report, and the rest runs.
-fn section(name: &str, part: impl FnOnce() -> Result<Value>) -> Value {
+fn section(name: &str, part: &dyn Fn() -> Result<Value>) -> Value {
     part().unwrap_or_else(|err| {
         eprintln!("xtask bench: {name} failed: {err:#}");
         json!({"workload": name, "error": format!("{err:#}")})
@@ -766,7 +782,11 @@ fn median_ratio(report: &Value, workload: &str, variant: &str) -> Option<f64> {
 fn targets(report: &Value) -> Value {
     let mut rows = Vec::new();
     let mut row = |target: &str, measured: Option<f64>, shown: String, ok: bool| {
-        rows.push(json!({"target": target, "measured": measured, "shown": shown, "met": ok}));
+        let met = match measured {
+            Some(value) if value.is_finite() => json!(ok),
+            _ => Value::Null, // not measured in this run (--only)
+        };
+        rows.push(json!({"target": target, "measured": measured, "shown": shown, "met": met}));
     };
     for (workload, minimum) in [
         ("ping-pong, 32", 0.97),
@@ -919,7 +939,11 @@ fn print_report(report: &Value) {
     for row in report["targets"].as_array().into_iter().flatten() {
         println!(
             "  {:<4} {:<58} {}",
-            if row["met"] == true { "met" } else { "MISS" },
+            match row["met"].as_bool() {
+                Some(true) => "met",
+                Some(false) => "MISS",
+                None => "n/a",
+            },
             row["target"].as_str().unwrap_or("?"),
             row["shown"].as_str().unwrap_or("?"),
         );

@@ -348,6 +348,8 @@ impl Tracker {
         let conn = self.conn_for(sock, state, at, out);
         conn.refresh(state);
         match kind {
+            // A passive connection waits for its first transfer to be reported with its owner.
+            EventKind::Established if conn.role == Role::Server => {}
             EventKind::Established => {
                 let pending = conn
                     .stall

@@ -686,3 +686,20 @@ fn a_closed_and_reused_sock_address_is_watched_once() {
     );
     assert_eq!(reads, 1, "the entry queued before the close is stale");
 }
+
+#[test]
+fn passive_connection_is_tracked_at_once_and_reported_with_its_owner() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, 2 * SEC);
+    k.state.tgid = 0;
+    k.state.tid = 0;
+    assert!(feed(&mut t, k.event(EventKind::Established, 2 * SEC)).is_empty());
+    assert_eq!(t.len(), 1, "listed by conns before any traffic");
+    k.state.tgid = 4242;
+    k.state.tid = 4243;
+    k.transfer(direction::IN, 3 * SEC);
+    let events = feed(&mut t, k.event(EventKind::Discovered, 3 * SEC));
+    assert_eq!(details(&events), [&Detail::Open { adopted: false }]);
+    assert_eq!(events[0].at_ns, 2 * SEC, "dated at the handshake");
+    assert_eq!(events[0].conn.owner.pid, 4242);
+}
