@@ -30,6 +30,9 @@ pub enum EventKind {
     QuietEnded = 6,
     /// The connection reached TCP `CLOSE`; the snapshot holds its final totals.
     Closed = 7,
+    /// The reply to a request reported by `RequestStarted` began: a sampled exchange is
+    /// complete (its latency is this record's time minus the request's).
+    ExchangeCompleted = 8,
 }
 
 impl EventKind {
@@ -41,6 +44,7 @@ impl EventKind {
             5 => Self::RequestStarted,
             6 => Self::QuietEnded,
             7 => Self::Closed,
+            8 => Self::ExchangeCompleted,
             _ => return None,
         })
     }
@@ -73,6 +77,8 @@ pub mod conn_flags {
     pub const ESTABLISHED: u8 = 1 << 2;
     /// It reached `CLOSE` without the FIN handshake: a reset was sent or received.
     pub const ABORTED: u8 = 1 << 3;
+    /// The request in flight was reported (`RequestStarted`): report its completion.
+    pub const SAMPLED: u8 = 1 << 4;
 }
 
 /// Linux TCP states (`include/net/tcp_states.h`), as reported by `sock/inet_sock_set_state`.
@@ -163,6 +169,62 @@ pub struct EventHeader {
 pub struct ConnEvent {
     pub header: EventHeader,
     pub conn: ConnState,
+}
+
+/// Most request bytes captured (`--capture-bytes`).
+pub const CAPTURE_MAX: usize = 64;
+
+/// The first bytes of the request in flight on a connection, copied from the syscall's user
+/// buffer when the request starts. Held in the `CAPTURES` array (slot chosen by hashing the
+/// sock address; `sock` tells whose it is) and appended to `RequestStarted` records.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capture {
+    pub sock: u64,
+    /// When the request started.
+    pub request_ns: u64,
+    /// Bytes valid in `bytes`.
+    pub len: u32,
+    pub _pad: u32,
+    pub bytes: [u8; CAPTURE_MAX],
+}
+
+impl Capture {
+    /// The captured bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.bytes[..(self.len as usize).min(CAPTURE_MAX)]
+    }
+}
+
+/// A `RequestStarted` record when capture is on: the event, then the capture.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RequestEvent {
+    pub event: ConnEvent,
+    pub capture: Capture,
+}
+
+/// Slot of `sock` in a `CAPTURES` array of `slots` entries (a power of two).
+#[inline(always)]
+pub const fn capture_slot(sock: u64, slots: u32) -> u32 {
+    // Sock addresses share their high and low bits: mix all bits before masking (the
+    // murmur3 64-bit finalizer).
+    let mut x = sock;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^= x >> 33;
+    (x as u32) & (slots - 1)
+}
+
+/// Key of the `STACK_COUNTS` map: how often a thread was sampled in a user stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct StackKey {
+    pub tid: u32,
+    /// Id in the `STACKS` stack trace map.
+    pub stack_id: u32,
 }
 
 /// Slots of the per-CPU `LOSS` counter map. Every event the kernel could not deliver and every
@@ -282,6 +344,8 @@ const _: () = assert!(core::mem::size_of::<ConnState>() == 168);
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 192);
 const _: () = assert!(core::mem::size_of::<Control>() == 8);
+const _: () = assert!(core::mem::size_of::<Capture>() == 88);
+const _: () = assert!(core::mem::size_of::<RequestEvent>() == 280);
 const _: () = assert!(core::mem::size_of::<Offsets>() == 32);
 
 #[cfg(feature = "user")]
@@ -294,6 +358,8 @@ mod user {
     unsafe impl aya::Pod for EventHeader {}
     unsafe impl aya::Pod for ConnEvent {}
     unsafe impl aya::Pod for Control {}
+    unsafe impl aya::Pod for Capture {}
+    unsafe impl aya::Pod for StackKey {}
     unsafe impl aya::Pod for Offsets {}
 
     impl ConnEvent {
@@ -320,6 +386,16 @@ mod user {
 
         pub fn kind(&self) -> Option<EventKind> {
             EventKind::from_u32(self.header.kind)
+        }
+    }
+
+    impl Capture {
+        /// The capture appended to a record, if the record carries one.
+        pub fn from_record_tail(bytes: &[u8]) -> Option<Self> {
+            let start = core::mem::size_of::<ConnEvent>();
+            let tail = bytes.get(start..start + core::mem::size_of::<Self>())?;
+            // SAFETY: length checked; Capture is Pod.
+            Some(unsafe { core::ptr::read_unaligned(tail.as_ptr().cast::<Self>()) })
         }
     }
 }
@@ -398,6 +474,43 @@ mod tests {
     }
 
     #[test]
+    fn captures_ride_at_the_end_of_request_records() {
+        let mut capture = Capture {
+            sock: 0xffff_8880_1234_5678,
+            request_ns: 99,
+            len: 5,
+            _pad: 0,
+            bytes: [0; CAPTURE_MAX],
+        };
+        capture.bytes[..5].copy_from_slice(b"GET /");
+        let record = RequestEvent {
+            event: sample(),
+            capture,
+        };
+        // SAFETY: RequestEvent is repr(C) without implicit padding.
+        let bytes = unsafe {
+            core::slice::from_raw_parts(
+                (&record as *const RequestEvent).cast::<u8>(),
+                core::mem::size_of::<RequestEvent>(),
+            )
+        };
+        assert_eq!(ConnEvent::from_bytes(bytes).unwrap(), record.event);
+        let decoded = Capture::from_record_tail(bytes).unwrap();
+        assert_eq!(decoded, capture);
+        assert_eq!(decoded.data(), b"GET /");
+        assert!(Capture::from_record_tail(record.event.as_bytes()).is_none());
+    }
+
+    #[test]
+    fn capture_slots_spread_aligned_addresses() {
+        let slots: std::collections::HashSet<u32> = (0..1024u64)
+            .map(|i| capture_slot(0xffff_8880_0000_0000 + i * 2048, 4096))
+            .collect();
+        assert!(slots.len() > 800, "{}", slots.len());
+        assert!(slots.iter().all(|&s| s < 4096));
+    }
+
+    #[test]
     fn short_records_are_rejected() {
         let event = sample();
         assert!(ConnEvent::from_bytes(&event.as_bytes()[..100]).is_none());
@@ -412,12 +525,13 @@ mod tests {
             (5, EventKind::RequestStarted),
             (6, EventKind::QuietEnded),
             (7, EventKind::Closed),
+            (8, EventKind::ExchangeCompleted),
         ] {
             assert_eq!(EventKind::from_u32(id), Some(kind));
             assert_eq!(kind as u32, id);
         }
         assert_eq!(EventKind::from_u32(0), None);
         assert_eq!(EventKind::from_u32(3), None, "retired id");
-        assert_eq!(EventKind::from_u32(8), None);
+        assert_eq!(EventKind::from_u32(9), None);
     }
 }

@@ -4,12 +4,13 @@ use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, generated::bpf_get_current_comm},
 };
 use stalltrace_common::{
-    direction, loss, role, ConnEvent, ConnState, EventHeader, EventKind, COMM_LEN,
+    direction, loss, role, Capture, ConnEvent, ConnState, EventHeader, EventKind, RequestEvent,
+    COMM_LEN,
 };
 
 use crate::{
     maps::{count_loss, current_epoch, EVENTS},
-    words::copy_conn,
+    words::copy_words,
 };
 
 /// Writes an event with a snapshot of `conn` and marks the connection as reported in the current
@@ -32,7 +33,30 @@ pub fn emit(kind: EventKind, sock: u64, conn: &mut ConnState, now: u64) {
             ts_ns: now,
             sock,
         };
-        copy_conn(&raw mut (*event).conn, conn);
+        copy_words(&raw mut (*event).conn, conn);
+    }
+    entry.submit(wakeup_flag());
+}
+
+/// Like `emit(RequestStarted, …)`, with the request's captured bytes appended.
+#[inline(always)]
+pub fn emit_request(sock: u64, conn: &mut ConnState, capture: &Capture, now: u64) {
+    let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
+        count_loss(loss::RINGBUF_FULL);
+        return;
+    };
+    conn.notified_epoch = current_epoch();
+    let record = entry.as_mut_ptr();
+    // SAFETY: as in `emit`, for a RequestEvent-sized record.
+    unsafe {
+        (*record).event.header = EventHeader {
+            kind: EventKind::RequestStarted as u32,
+            _pad: 0,
+            ts_ns: now,
+            sock,
+        };
+        copy_words(&raw mut (*record).event.conn, conn);
+        copy_words(&raw mut (*record).capture, capture);
     }
     entry.submit(wakeup_flag());
 }

@@ -9,9 +9,11 @@
 #![no_std]
 #![no_main]
 
+mod capture;
 mod conn;
 mod kernel_read;
 mod maps;
+mod stacks;
 mod tcp_signals;
 mod tcp_state;
 mod transfer;

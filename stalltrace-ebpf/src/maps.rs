@@ -4,12 +4,20 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     Global,
 };
-use stalltrace_common::{loss, ConnState, Control, Offsets};
+use stalltrace_common::{loss, Capture, ConnState, Control, Offsets};
 
 /// The stall threshold: a reply or close after at least this much quiet is reported at once.
 /// Set by the daemon at load (`EbpfLoader::set_global`), like `OFFSETS`.
 #[unsafe(no_mangle)]
 pub static STALL_AFTER_NS: Global<u64> = Global::new(5_000_000_000);
+
+/// Request bytes to capture at each request start (0: off; at most CAPTURE_MAX).
+#[unsafe(no_mangle)]
+pub static CAPTURE_BYTES: Global<u32> = Global::new(0);
+
+/// Entries of `CAPTURES` (a power of two), as the daemon sized it.
+#[unsafe(no_mangle)]
+pub static CAPTURE_SLOTS: Global<u32> = Global::new(1);
 
 /// Kernel struct member offsets, resolved by the daemon from BTF.
 #[unsafe(no_mangle)]
@@ -43,6 +51,11 @@ pub fn scratch_conn() -> Option<&'static mut ConnState> {
         Some(&mut *conn)
     }
 }
+
+/// The request in flight per connection, direct-mapped by `capture_slot` (a collision
+/// overwrites; `Capture::sock` tells). Sized by the daemon (a power of two).
+#[map]
+pub static CAPTURES: Array<Capture> = Array::with_max_entries(1, 0);
 
 /// Slot 0 holds the daemon's current sweep epoch.
 #[map]

@@ -15,7 +15,11 @@ use aya_log_ebpf::{debug, warn};
 use stalltrace_common::{conn_flags, direction, loss, role, tcp_state, ConnState, EventKind};
 
 use crate::{
-    conn::{emit, is_outstanding, last_request_ns, request_direction, set_owner_to_current},
+    capture::capture_request,
+    conn::{
+        emit, emit_request, is_outstanding, last_request_ns, request_direction,
+        set_owner_to_current,
+    },
     kernel_read::{read_endpoints, tcp_family},
     maps::{count_loss, current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS},
 };
@@ -79,6 +83,7 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
         conn.last_send_ns = now;
     }
     let mut request_started = false;
+    let mut reply_started = false;
     if previous != dir {
         conn.last_dir = dir;
         conn.dir_since_ns = now;
@@ -87,19 +92,33 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
             request_started = true;
         } else if previous != direction::NONE {
             conn.exchanges += 1;
+            reply_started = true;
         }
     }
+    let capture = if request_started {
+        capture_request(sock, bytes, now)
+    } else {
+        None
+    };
     if new_owner {
         emit(EventKind::Discovered, sock, conn, now);
     } else if quiet_ended {
+        conn.flags &= !conn_flags::SAMPLED;
         emit(EventKind::QuietEnded, sock, conn, now);
+    } else if reply_started && conn.flags & conn_flags::SAMPLED != 0 {
+        conn.flags &= !conn_flags::SAMPLED;
+        emit(EventKind::ExchangeCompleted, sock, conn, now);
     } else if request_started && conn.notified_epoch != current_epoch() {
-        emit(EventKind::RequestStarted, sock, conn, now);
+        // One request per connection and epoch is reported, with its bytes; its completion
+        // follows. These samples feed `stalltrace why`.
+        conn.flags |= conn_flags::SAMPLED;
+        match capture {
+            Some(capture) => emit_request(sock, conn, capture, now),
+            None => emit(EventKind::RequestStarted, sock, conn, now),
+        }
     }
 }
 
-/// Traffic on a connection the map does not hold: opened before the daemon started, or evicted.
-/// Track it from here, reading its endpoints from the socket.
 #[inline(never)]
 fn discover(ctx: &RawTracePointContext, sock: u64, dir: u8, bytes: u64, now: u64) {
     let offsets = OFFSETS.load();

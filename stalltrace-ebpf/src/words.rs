@@ -5,25 +5,25 @@ use core::mem::size_of;
 
 use stalltrace_common::ConnState;
 
-const CONN_WORDS: usize = size_of::<ConnState>() / 8;
-const _: () = assert!(size_of::<ConnState>() % 8 == 0);
-
 /// # Safety
 /// `conn` must be valid for writes and 8-byte aligned.
 #[inline(always)]
 pub unsafe fn zero_conn(conn: *mut ConnState) {
     let words = conn.cast::<u64>();
-    for i in 0..CONN_WORDS {
+    for i in 0..size_of::<ConnState>() / 8 {
         unsafe { words.add(i).write_volatile(0) };
     }
 }
 
+/// Copies a `T` whose size is a multiple of 8 bytes.
+///
 /// # Safety
 /// `dst` must be valid for writes, `src` for reads, both 8-byte aligned.
 #[inline(always)]
-pub unsafe fn copy_conn(dst: *mut ConnState, src: *const ConnState) {
+pub unsafe fn copy_words<T>(dst: *mut T, src: *const T) {
+    const { assert!(size_of::<T>() % 8 == 0) };
     let (dst, src) = (dst.cast::<u64>(), src.cast::<u64>());
-    for i in 0..CONN_WORDS {
+    for i in 0..size_of::<T>() / 8 {
         unsafe { dst.add(i).write_volatile(src.add(i).read_volatile()) };
     }
 }

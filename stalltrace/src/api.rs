@@ -36,6 +36,15 @@ pub enum Command {
         #[serde(default)]
         filter: Filter,
     },
+    /// One connection's details and stall timeline.
+    Show {
+        id: u64,
+    },
+    /// Request groups ranked by over-representation among stalls.
+    Why {
+        #[serde(default)]
+        filter: Filter,
+    },
 }
 
 /// Selects connections; every given criterion must match. Also the CLI's filter flags.

@@ -6,12 +6,16 @@
 pub mod api;
 pub mod cli;
 pub mod daemon;
+pub mod diagnose;
+pub mod diagnosis;
 pub mod duration;
 pub mod heap;
 pub mod logger;
 pub mod loss;
 pub mod probes;
+pub mod signature;
 pub mod sinks;
 pub mod sources;
 pub mod timefmt;
 pub mod tracker;
+pub mod why;

@@ -19,6 +19,8 @@ fn main() -> ExitCode {
                 max_conns: args.max_conns,
                 ring_buffer_bytes: args.ring_buffer_size,
                 bpf_stats: args.bpf_stats,
+                capture_bytes: args.capture_bytes,
+                capture_raw: args.capture_raw,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -39,6 +41,12 @@ fn main() -> ExitCode {
             output.format,
         ),
         Command::Watch { filter } => client::watch(&cli.socket, filter),
+        Command::Show { id, output } => client::show(&cli.socket, id, output.format),
+        Command::Why {
+            filter,
+            limit,
+            output,
+        } => client::why(&cli.socket, filter, limit, output.format),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,11 +6,16 @@ use std::path::Path;
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{ProgramError, RawTracePoint, TracePoint},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf, StackTraceMap},
+    programs::{
+        perf_event::{
+            PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
+        },
+        PerfEvent, ProgramError, RawTracePoint, TracePoint,
+    },
     Ebpf, EbpfLoader,
 };
-use stalltrace_common::{loss, ConnState, Control, Offsets};
+use stalltrace_common::{capture_slot, loss, Capture, ConnState, Control, Offsets, StackKey};
 
 use crate::sources::tracefs;
 
@@ -73,7 +78,13 @@ pub struct ProbeConfig {
     pub offsets: Offsets,
     /// Enable the kernel's per-program run count and run time statistics.
     pub bpf_stats: bool,
+    /// Request bytes captured at each request start (0: off).
+    pub capture_bytes: u32,
 }
+
+/// Entries of the request capture array when capture is on: one per concurrently outstanding
+/// request is plenty; a collision loses one signature, never a stall.
+const CAPTURE_SLOTS: u32 = 1 << 16;
 
 /// An attached program and what the kernel counted for it, for `stalltrace status`.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -93,7 +104,20 @@ pub struct Probes {
     pub maps: KernelMaps,
     /// Keeps BPF run-time statistics enabled while held.
     _stats: Option<std::os::fd::OwnedFd>,
+    /// Request bytes captured (0 when off or unavailable).
+    pub capture_bytes: u32,
+    stacks: Option<StackSampling>,
 }
+
+/// User-stack sampling of chosen threads (perf events), for spinning stalls.
+struct StackSampling {
+    counts: HashMap<MapData, StackKey, u64>,
+    traces: StackTraceMap<MapData>,
+    links: std::collections::HashMap<u32, PerfEventLinkId>,
+}
+
+/// Samples per second of a spinning thread.
+const STACK_SAMPLE_HZ: u64 = 99;
 
 pub struct KernelMaps {
     pub conns: HashMap<MapData, u64, ConnState>,
@@ -101,6 +125,8 @@ pub struct KernelMaps {
     pub loss: PerCpuArray<MapData, u64>,
     pub events: Option<RingBuf<MapData>>,
     listen_ports: HashMap<MapData, u16, u32>,
+    captures: Array<MapData, Capture>,
+    capture_slots: u32,
 }
 
 /// Kernel-side loss counters, summed over CPUs.
@@ -113,6 +139,13 @@ pub struct KernelLoss {
 impl KernelMaps {
     pub fn lookup(&self, sock: u64) -> Option<ConnState> {
         self.conns.get(&sock, 0).ok()
+    }
+
+    /// The captured start of the request in flight on `sock`, if its slot still holds it.
+    pub fn capture(&self, sock: u64) -> Option<Capture> {
+        let slot = capture_slot(sock, self.capture_slots);
+        let capture = self.captures.get(&slot, 0).ok()?;
+        (capture.sock == sock && capture.len > 0).then_some(capture)
     }
 
     pub fn set_epoch(&mut self, epoch: u32) -> Result<()> {
@@ -139,6 +172,25 @@ impl Probes {
     /// Loads the programs, seeds their maps, then attaches them. `listening` are the ports
     /// with a listener already (their role decides how pre-existing connections are read).
     pub fn load(tracefs_root: &Path, config: &ProbeConfig, listening: &[u16]) -> Result<Self> {
+        match Self::load_once(tracefs_root, config, listening, config.capture_bytes) {
+            Err(err) if config.capture_bytes > 0 => {
+                log::warn!(
+                    "request capture is unavailable on this kernel ({err:#}); stalls are \
+                     reported without request signatures"
+                );
+                Self::load_once(tracefs_root, config, listening, 0)
+            }
+            loaded => loaded,
+        }
+    }
+
+    fn load_once(
+        tracefs_root: &Path,
+        config: &ProbeConfig,
+        listening: &[u16],
+        capture_bytes: u32,
+    ) -> Result<Self> {
+        let capture_slots = if capture_bytes > 0 { CAPTURE_SLOTS } else { 1 };
         let mut ebpf = EbpfLoader::new()
             // The programs carry no CO-RE relocations (offsets come from our own BTF read), so
             // aya need not parse the kernel's BTF: that saves ~25 MiB of peak memory.
@@ -147,6 +199,9 @@ impl Probes {
             .override_global("OFFSETS", &config.offsets, true)
             .map_max_entries("CONNS", config.max_conns)
             .map_max_entries("EVENTS", config.ring_buffer_bytes)
+            .override_global("CAPTURE_BYTES", &capture_bytes, true)
+            .override_global("CAPTURE_SLOTS", &capture_slots, true)
+            .map_max_entries("CAPTURES", capture_slots)
             .load(OBJECT)
             .context(
                 "loading the eBPF maps and programs failed; stalltrace needs Linux >= 6.3 with \
@@ -162,6 +217,8 @@ impl Probes {
             loss: take_map(&mut ebpf, "LOSS")?,
             events: Some(take_map(&mut ebpf, "EVENTS")?),
             listen_ports: take_map(&mut ebpf, "LISTEN_PORTS")?,
+            captures: take_map(&mut ebpf, "CAPTURES")?,
+            capture_slots,
         };
         // Epoch 0 is what a fresh kernel entry carries: start above it so that every entry's
         // first request start is reported.
@@ -172,6 +229,13 @@ impl Probes {
                 .with_context(|| format!("seeding listening port {port}"))?;
         }
         let attached = attach_all(&mut ebpf, tracefs_root)?;
+        let stacks = match load_stack_sampling(&mut ebpf) {
+            Ok(stacks) => Some(stacks),
+            Err(err) => {
+                log::warn!("{err:#}: spinning threads are reported without their stack");
+                None
+            }
+        };
         let stats = config
             .bpf_stats
             .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime))
@@ -182,7 +246,89 @@ impl Probes {
             attached,
             maps,
             _stats: stats,
+            capture_bytes,
+            stacks,
         })
+    }
+
+    /// Starts sampling the user stack of thread `tid`; false when perf events are unavailable.
+    pub fn sample_stacks(&mut self, tid: u32) -> bool {
+        let Some(stacks) = self.stacks.as_mut() else {
+            return false;
+        };
+        if stacks.links.contains_key(&tid) {
+            return true;
+        }
+        let Some(program) = self.ebpf.program_mut(STACK_PROGRAM) else {
+            return false;
+        };
+        let Ok(program) = <&mut PerfEvent>::try_from(program) else {
+            return false;
+        };
+        match program.attach(
+            PerfEventConfig::Software(SoftwareEvent::CpuClock),
+            PerfEventScope::OneProcess {
+                pid: tid,
+                cpu: None,
+            },
+            SamplePolicy::Frequency(STACK_SAMPLE_HZ),
+            false,
+        ) {
+            Ok(link) => {
+                stacks.links.insert(tid, link);
+                true
+            }
+            Err(err) => {
+                log::debug!("sampling thread {tid}: {err}");
+                false
+            }
+        }
+    }
+
+    /// Stops sampling thread `tid` and forgets its samples.
+    pub fn stop_stacks(&mut self, tid: u32) {
+        let Some(stacks) = self.stacks.as_mut() else {
+            return;
+        };
+        if let Some(link) = stacks.links.remove(&tid) {
+            if let Some(Ok(program)) = self
+                .ebpf
+                .program_mut(STACK_PROGRAM)
+                .map(<&mut PerfEvent>::try_from)
+            {
+                let _ = program.detach(link);
+            }
+        }
+        let keys: Vec<StackKey> = stacks
+            .counts
+            .keys()
+            .flatten()
+            .filter(|k| k.tid == tid)
+            .collect();
+        for key in keys {
+            let _ = stacks.counts.remove(&key);
+        }
+    }
+
+    /// Threads being sampled.
+    pub fn sampled_threads(&self) -> Vec<u32> {
+        self.stacks
+            .as_ref()
+            .map(|s| s.links.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// The most sampled user stack of `tid`: instruction addresses, innermost first.
+    pub fn top_stack(&self, tid: u32) -> Option<Vec<u64>> {
+        let stacks = self.stacks.as_ref()?;
+        let (key, _) = stacks
+            .counts
+            .iter()
+            .flatten()
+            .filter(|(key, _)| key.tid == tid)
+            .max_by_key(|(_, count)| *count)?;
+        let trace = stacks.traces.get(&key.stack_id, 0).ok()?;
+        Some(trace.frames().iter().map(|frame| frame.ip).collect())
     }
 
     /// The attached programs with their current kernel statistics.
@@ -201,6 +347,23 @@ impl Probes {
     pub fn attached_count(&self) -> usize {
         self.attached.len()
     }
+}
+
+const STACK_PROGRAM: &str = "stalltrace_stack";
+
+fn load_stack_sampling(ebpf: &mut Ebpf) -> Result<StackSampling> {
+    let program: &mut PerfEvent = ebpf
+        .program_mut(STACK_PROGRAM)
+        .context("the eBPF object has no stack sampling program")?
+        .try_into()?;
+    program.load().map_err(|err| {
+        anyhow::anyhow!("loading the stack sampler: {}", summarize_load_error(err))
+    })?;
+    Ok(StackSampling {
+        counts: take_map(ebpf, "STACK_COUNTS")?,
+        traces: take_map(ebpf, "STACKS")?,
+        links: std::collections::HashMap::new(),
+    })
 }
 
 fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(

@@ -15,8 +15,10 @@ use super::{
 };
 use crate::{
     api::{self, Command, Request, Response},
+    diagnosis::{Diagnosis, ThreadVerdict},
     duration::format_millis,
     sinks::json::ConnItemJson,
+    why::WhyRow,
 };
 
 /// Queries can take a while on hosts with very many connections (one kernel lookup each).
@@ -220,11 +222,13 @@ fn render_stalls(items: &[ConnItemJson]) -> String {
         ("TID", true),
         ("LOCAL", false),
         ("PEER", false),
-        ("QUIET SINCE", false),
+        ("REQUEST", false),
+        ("WHY", false),
     ]);
     for item in items {
         let (pid, comm) = process_cells(&item.process);
         let stall = item.stall.clone().unwrap_or_default();
+        let diagnosis = stall.diagnosis.unwrap_or_default();
         table.push(vec![
             item.conn.id.to_string(),
             stall.kind.into_owned(),
@@ -236,10 +240,269 @@ fn render_stalls(items: &[ConnItemJson]) -> String {
                 .map_or("-".into(), |t| t.id.to_string()),
             endpoint(&item.network.local.address, item.network.local.port),
             endpoint(&item.network.peer.address, item.network.peer.port),
-            stall.since.unwrap_or_default(),
+            diagnosis
+                .request
+                .as_ref()
+                .map_or("-".into(), |r| r.signature.clone()),
+            why_summary(&diagnosis),
         ]);
     }
     format!("{}{} open stalls\n", table.render(), items.len())
+}
+
+/// One line on why: the TCP cause, what the thread does, where the chain leads.
+fn why_summary(diagnosis: &Diagnosis) -> String {
+    let mut parts = Vec::new();
+    if let Some(cause) = &diagnosis.cause {
+        parts.push(cause.clone());
+    }
+    if let Some(thread) = &diagnosis.thread {
+        parts.push(verdict_text(&thread.verdict));
+    }
+    if let Some(root) = diagnosis.blame.last() {
+        parts.push(format!("root: conn {}", root.conn));
+    }
+    if diagnosis.confidence == "partial" {
+        parts.push("partial (events lost)".into());
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
+fn verdict_text(verdict: &ThreadVerdict) -> String {
+    match verdict {
+        ThreadVerdict::Spinning { cpu_share, stack } => match stack.first() {
+            Some(top) => format!("spinning {:.0}% CPU in {top}", cpu_share * 100.0),
+            None => format!("spinning {:.0}% CPU", cpu_share * 100.0),
+        },
+        ThreadVerdict::Blocked {
+            syscall,
+            fd,
+            fd_target,
+            fd_conn,
+        } => {
+            let mut text = format!("blocked in {syscall}");
+            if let Some(fd) = fd {
+                text.push_str(&format!("(fd {fd})"));
+            }
+            match (fd_conn, fd_target) {
+                (Some(conn), _) => text.push_str(&format!(" on conn {conn}")),
+                (None, Some(target)) => text.push_str(&format!(" on {target}")),
+                _ => {}
+            }
+            text
+        }
+        ThreadVerdict::Waiting { syscall } => format!("waiting in {syscall}"),
+        ThreadVerdict::Starved { cpu_share } => {
+            format!("runnable but starved ({:.0}% CPU)", cpu_share * 100.0)
+        }
+        ThreadVerdict::Gone => "thread gone".into(),
+        ThreadVerdict::Unknown => "thread state unknown".into(),
+    }
+}
+
+pub fn show(socket: &Path, id: u64, format: Format) -> Result<()> {
+    let result = query(socket, Command::Show { id })?;
+    let answer: Value = serde_json::from_str(result.get())?;
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
+        Format::Table => print!("{}", render_show(&answer)?),
+    }
+    Ok(())
+}
+
+fn render_show(answer: &Value) -> Result<String> {
+    let item: ConnItemJson = serde_json::from_value(answer["item"].clone())
+        .context("the daemon's answer has an unexpected shape")?;
+    let conn = &item.conn;
+    let (pid, comm) = process_cells(&item.process);
+    let local = endpoint(&item.network.local.address, item.network.local.port);
+    let peer = endpoint(&item.network.peer.address, item.network.peer.port);
+    let mut out = format!(
+        "conn {} {} {}: {comm} (pid {pid}) {local} <-> {peer}\nopened {}\n",
+        conn.id,
+        conn.role,
+        conn.state.as_deref().unwrap_or("?"),
+        answer["opened"].as_str().unwrap_or("?"),
+    );
+    if let (Some(sent), Some(received)) = (conn.bytes_sent, conn.bytes_received) {
+        out.push_str(&format!(
+            "sent {} in {} calls, received {} in {} calls, {} requests, {} exchanges\n",
+            bytes(sent),
+            conn.sends.unwrap_or(0),
+            bytes(received),
+            conn.receives.unwrap_or(0),
+            conn.requests.unwrap_or(0),
+            conn.exchanges.unwrap_or(0),
+        ));
+    }
+    if let Some(stall) = &item.stall {
+        out.push_str(&format!(
+            "stall: {} for {} (quiet since {})\n",
+            stall.kind,
+            stall.age_ms.map_or("?".into(), format_millis),
+            stall.since.as_deref().unwrap_or("?")
+        ));
+        if let Some(diagnosis) = &stall.diagnosis {
+            out.push_str(&render_diagnosis(diagnosis));
+        }
+    }
+    let timeline = answer["timeline"].as_array().cloned().unwrap_or_default();
+    if !timeline.is_empty() {
+        out.push_str("timeline:\n");
+        for event in timeline {
+            let stall = &event["stall"];
+            let mut line = format!(
+                "  {}  {:<12} {}",
+                event["time"].as_str().unwrap_or("?"),
+                event["event"].as_str().unwrap_or("?"),
+                stall["kind"].as_str().unwrap_or(""),
+            );
+            if let Some(resolution) = stall["resolution"].as_str() {
+                line.push_str(&format!(
+                    " -> {resolution} after {} ms",
+                    stall["duration_ms"]
+                ));
+            }
+            if let Some(cause) = stall["cause"].as_str() {
+                line.push_str(&format!(" ({cause})"));
+            }
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
+fn render_diagnosis(diagnosis: &Diagnosis) -> String {
+    let mut out = String::new();
+    if let Some(cause) = &diagnosis.cause {
+        out.push_str(&format!("  cause:      {cause}"));
+        if let Some(tcp) = &diagnosis.tcp {
+            out.push_str(&format!(
+                " (recv-q {}, send-q {}, unacked {}, retransmits {})",
+                tcp.recv_queue, tcp.send_queue, tcp.unacked, tcp.total_retransmits
+            ));
+        }
+        out.push('\n');
+    }
+    if let Some(request) = &diagnosis.request {
+        out.push_str(&format!(
+            "  request:    {} ({})\n",
+            request.signature, request.protocol
+        ));
+    }
+    if let Some(thread) = &diagnosis.thread {
+        out.push_str(&format!(
+            "  thread {}: {}\n",
+            thread.id,
+            verdict_text(&thread.verdict)
+        ));
+        if let ThreadVerdict::Spinning { stack, .. } = &thread.verdict {
+            for frame in stack {
+                out.push_str(&format!("      {frame}\n"));
+            }
+        }
+    }
+    for (index, link) in diagnosis.blame.iter().enumerate() {
+        let label = if index == 0 {
+            "  blame:     "
+        } else {
+            "             <-"
+        };
+        let who = match (&link.executable, link.pid) {
+            (Some(exe), Some(pid)) => format!("{exe} (pid {pid})"),
+            _ => "-".into(),
+        };
+        out.push_str(&format!(
+            "{label} conn {} {} {} {} -> {}{}{}\n",
+            link.conn,
+            link.role,
+            who,
+            link.local,
+            link.peer,
+            link.stall
+                .as_ref()
+                .map_or(String::new(), |s| format!(" [{s}]")),
+            link.via
+                .as_ref()
+                .map_or(String::new(), |v| format!(" (via {v})")),
+        ));
+    }
+    out.push_str(&format!("  confidence: {}", diagnosis.confidence));
+    if let Some(reason) = &diagnosis.confidence_reason {
+        out.push_str(&format!(": {reason}"));
+    }
+    out.push('\n');
+    out
+}
+
+pub fn why(socket: &Path, filter: api::Filter, limit: usize, format: Format) -> Result<()> {
+    let result = query(socket, Command::Why { filter })?;
+    let rows: Vec<WhyRow> = serde_json::from_str(result.get())
+        .context("the daemon's answer has an unexpected shape")?;
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        Format::Table => print!("{}", render_why(&rows, limit)),
+    }
+    Ok(())
+}
+
+fn render_why(rows: &[WhyRow], limit: usize) -> String {
+    if rows.is_empty() {
+        return "no requests sampled yet\n".into();
+    }
+    let percent = |share: f64| format!("{:.1}%", share * 100.0);
+    let ms = |value: Option<f64>| value.map_or("-".into(), |v| format!("{v:.1}ms"));
+    let mut table = Table::new(&[
+        ("STALLS", true),
+        ("OF STALLS", true),
+        ("COMPLETED", true),
+        ("OF COMPLETED", true),
+        ("P50", true),
+        ("P99", true),
+        ("PROCESS", false),
+        ("ROLE", false),
+        ("ENDPOINT", false),
+        ("REQUEST", false),
+    ]);
+    for row in rows.iter().take(limit) {
+        table.push(vec![
+            row.stalls.to_string(),
+            percent(row.stall_share),
+            row.completed.to_string(),
+            percent(row.completed_share),
+            ms(row.p50_ms),
+            ms(row.p99_ms),
+            row.key.executable.clone(),
+            row.key.role.clone(),
+            row.key.endpoint.clone(),
+            row.key.signature.clone(),
+        ]);
+    }
+    let mut out = table.render();
+    if let Some(top) = rows.first().filter(|r| r.stalls > 0) {
+        out.push_str(&format!(
+            "\n{} accounts for {} of stalls and {} of completed requests{}.\n",
+            top.key.signature,
+            percent(top.stall_share),
+            percent(top.completed_share),
+            top.p99_ms.map_or(String::new(), |p| format!(
+                " (p99 when completed: {p:.1} ms)"
+            )),
+        ));
+    }
+    if rows.len() > limit {
+        out.push_str(&format!(
+            "({} more groups: --limit or -o json)\n",
+            rows.len() - limit
+        ));
+    }
+    out.push_str("completed requests are sampled (one per connection per sweep)\n");
+    out
 }
 
 /// Copies the daemon's event stream to stdout until the daemon or the reader goes away.
@@ -273,7 +536,7 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn stalls_table_shows_kind_age_and_process() {
+    fn stalls_table_shows_kind_age_process_request_and_why() {
         let item: ConnItemJson = serde_json::from_value(json!({
             "conn": {"id": 3, "role": "server"},
             "process": {"pid": 77, "executable": {"name": "api"}},
@@ -281,20 +544,61 @@ mod tests {
             "network": {"transport": "tcp", "type": "ipv4",
                 "local": {"address": "127.0.0.1", "port": 8080},
                 "peer": {"address": "127.0.0.1", "port": 50000}},
-            "stall": {"kind": "unanswered_request", "age_ms": 65000, "since": "T"}
+            "stall": {"kind": "unanswered_request", "age_ms": 65000, "since": "T",
+                "cause": "read_no_reply", "confidence": "full",
+                "thread": {"id": 78, "verdict": "blocked", "syscall": "recvfrom", "fd": 9,
+                    "fd_conn": 4},
+                "blame": [
+                    {"conn": 3, "role": "server", "local": "a", "peer": "b"},
+                    {"conn": 4, "role": "client", "local": "c", "peer": "d"}
+                ],
+                "request": {"protocol": "http", "signature": "GET /coupon/apply"}}
         }))
         .unwrap();
         let text = render_stalls(&[item]);
-        assert!(text.starts_with(
-            "ID  KIND                  AGE  PID  COMM  TID  LOCAL           PEER             QUIET SINCE\n"
-        ), "{text}");
+        let header = text.lines().next().unwrap();
         assert!(
-            text.contains(
-                " 3  unanswered_request  1m05s   77  api    78  127.0.0.1:8080  127.0.0.1:50000  T"
+            header.starts_with("ID  KIND                  AGE  PID  COMM  TID  LOCAL"),
+            "{text}"
+        );
+        assert!(header.ends_with("REQUEST            WHY"), "{text}");
+        let row = text.lines().nth(1).unwrap();
+        assert!(
+            row.starts_with(" 3  unanswered_request  1m05s   77  api    78  127.0.0.1:8080"),
+            "{text}"
+        );
+        assert!(
+            row.ends_with(
+                "GET /coupon/apply  read_no_reply; blocked in recvfrom(fd 9) on conn 4; \
+                 root: conn 4"
             ),
             "{text}"
         );
         assert_eq!(render_stalls(&[]), "no open stalls\n");
+    }
+
+    #[test]
+    fn why_table_states_the_finding() {
+        let rows: Vec<WhyRow> = serde_json::from_value(json!([
+            {"executable": "shop", "role": "server", "endpoint": ":8080",
+             "signature": "GET /coupon/apply", "stalls": 97, "stall_share": 0.97,
+             "completed": 2, "completed_share": 0.002, "p50_ms": 30.0, "p99_ms": 40.0,
+             "over_representation": 0.968},
+            {"executable": "shop", "role": "server", "endpoint": ":8080",
+             "signature": "GET /cart", "stalls": 3, "stall_share": 0.03,
+             "completed": 998, "completed_share": 0.998, "over_representation": -0.968}
+        ]))
+        .unwrap();
+        let text = render_why(&rows, 1);
+        assert!(
+            text.contains(
+                "GET /coupon/apply accounts for 97.0% of stalls and 0.2% of completed \
+                 requests (p99 when completed: 40.0 ms)."
+            ),
+            "{text}"
+        );
+        assert!(text.contains("(1 more groups"), "{text}");
+        assert_eq!(render_why(&[], 5), "no requests sampled yet\n");
     }
 
     #[test]

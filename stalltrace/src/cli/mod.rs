@@ -70,6 +70,25 @@ pub enum Command {
         #[command(flatten)]
         filter: api::Filter,
     },
+    /// One connection in detail: identity, counters, its open stall with the full diagnosis
+    /// (thread, blame chain, TCP signals, request) and its stall timeline.
+    Show {
+        /// The connection id (`conn.id` in events, the ID column of `conns` and `stalls`).
+        id: u64,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// What is different about the requests that stall: request groups (process, endpoint,
+    /// signature) ranked by their share of stalls against their share of completed requests.
+    Why {
+        #[command(flatten)]
+        filter: api::Filter,
+        /// Rows shown in the table (all with -o json).
+        #[arg(long, default_value_t = 15)]
+        limit: usize,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -92,6 +111,16 @@ pub struct DaemonArgs {
     /// in its RSS.
     #[arg(long, value_name = "SIZE", default_value = "4MiB", value_parser = parse_ring_size)]
     pub ring_buffer_size: u32,
+
+    /// Bytes of each request captured in the kernel to name it (HTTP method and path, Redis
+    /// command, SQL keyword…); 0 turns capture off. Only the signature leaves the daemon.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub capture_bytes: u32,
+
+    /// Also report the captured request bytes (hex), not only their signature. They may hold
+    /// credentials or personal data.
+    #[arg(long)]
+    pub capture_raw: bool,
 
     /// Enable the kernel's per-program run count and run time statistics, shown by `status`
     /// (costs two clock reads per program run: for measuring overhead).

@@ -5,7 +5,10 @@ use std::{borrow::Cow, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::tracker::{model::Endpoints, CloseSummary, ConnRef, Detail, Event, Totals};
+use crate::{
+    diagnosis::Diagnosis,
+    tracker::{model::Endpoints, CloseSummary, ConnRef, Detail, Event, Totals},
+};
 
 /// A fixed vocabulary word (event name, role, kind…): borrowed when encoding, so that writing
 /// an event allocates only for its time and executable name.
@@ -108,6 +111,9 @@ pub struct StallJson {
     /// When the quiet stretch began (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
+    /// Why: cause, confidence, thread, blame chain, TCP signals, request.
+    #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
+    pub diagnosis: Option<Diagnosis>,
 }
 
 /// An item of `conns` and `stalls` answers: the event identity, plus `stall` for stalls.
@@ -187,11 +193,29 @@ pub fn event_json(event: &Event, time: String) -> EventJson {
             add_close(&mut conn, summary);
             ("conn.close", None)
         }
-        Detail::StallStart { kind, quiet_ms } => (
+        Detail::StallStart {
+            kind,
+            quiet_ms,
+            diagnosis,
+        } => (
             "stall.start",
             Some(StallJson {
                 kind: kind.as_str().into(),
                 quiet_ms: Some(*quiet_ms),
+                diagnosis: diagnosis.as_deref().cloned(),
+                ..StallJson::default()
+            }),
+        ),
+        Detail::StallUpdate {
+            kind,
+            quiet_ms,
+            diagnosis,
+        } => (
+            "stall.update",
+            Some(StallJson {
+                kind: kind.as_str().into(),
+                quiet_ms: Some(*quiet_ms),
+                diagnosis: Some((**diagnosis).clone()),
                 ..StallJson::default()
             }),
         ),
@@ -277,6 +301,7 @@ mod tests {
         let value = encode(Detail::StallStart {
             kind: StallKind::UnansweredRequest,
             quiet_ms: 5_003,
+            diagnosis: None,
         });
         assert_eq!(
             value,

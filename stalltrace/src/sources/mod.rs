@@ -2,4 +2,7 @@
 //! and /proc.
 pub mod btf;
 pub mod procfs;
+pub mod sock_diag;
+pub mod symbols;
+pub mod threads;
 pub mod tracefs;

@@ -86,7 +86,7 @@ pub fn listening_ports(sockets: &[ProcSocket]) -> Vec<u16> {
 }
 
 /// Socket inode → the process holding it, from every /proc/<pid>/fd.
-fn socket_owners() -> HashMap<u64, Owner> {
+pub fn socket_owners() -> HashMap<u64, Owner> {
     let mut owners = HashMap::new();
     let Ok(processes) = fs::read_dir("/proc") else {
         return owners;

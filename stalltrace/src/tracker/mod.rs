@@ -21,6 +21,7 @@ use std::{
 
 use stalltrace_common::{conn_flags, ConnEvent, ConnState, EventKind};
 
+use crate::diagnosis::Diagnosis;
 use model::{Endpoints, Owner, Resolution, Role, StallKind};
 use verdict::Activity;
 
@@ -52,6 +53,14 @@ pub enum Detail {
     StallStart {
         kind: StallKind,
         quiet_ms: u64,
+        /// Added by the daemon (the tracker does no I/O).
+        diagnosis: Option<Box<Diagnosis>>,
+    },
+    /// The diagnosis of an open stall changed (emitted by the daemon).
+    StallUpdate {
+        kind: StallKind,
+        quiet_ms: u64,
+        diagnosis: Box<Diagnosis>,
     },
     StallEnd {
         kind: StallKind,
@@ -120,6 +129,8 @@ pub struct Conn {
     pub adopted: bool,
     /// Boxed: stalls are rare, and every tracked connection pays for this field.
     pub stall: Option<Box<Stall>>,
+    /// Start of the quiet stretch of the request outstanding at the last sweep, if any.
+    pub quiet_since: Option<u64>,
     /// Some of this connection's history is missing (see [`CloseSummary::complete`]).
     pub incomplete: bool,
     /// `open_ns` of the kernel entry this record follows: tells a reused sock address apart.
@@ -282,6 +293,65 @@ impl Tracker {
         self.len() == 0
     }
 
+    /// The connection the kernel knows as `sock`.
+    pub fn conn(&self, sock: u64) -> Option<&Conn> {
+        self.conns.get(&sock)
+    }
+
+    /// A connection by id, with its kernel key (a scan: for queries and diagnosis only).
+    pub fn find_by_id(&self, id: u64) -> Option<(Option<u64>, &Conn)> {
+        self.conns().find(|(_, conn)| conn.id == id)
+    }
+
+    /// A connection by its endpoints (a scan: for diagnosis only).
+    pub fn find_by_endpoints(&self, endpoints: &Endpoints) -> Option<(Option<u64>, &Conn)> {
+        self.conns().find(|(_, conn)| &conn.endpoints == endpoints)
+    }
+
+    /// Watched connections whose outstanding request has been quiet since before `since_ns`
+    /// and is not (yet) a stall: the ones about to stall.
+    pub fn suspects(&self, since_ns: u64) -> Vec<u64> {
+        self.watched
+            .keys()
+            .copied()
+            .filter(|sock| {
+                self.conns.get(sock).is_some_and(|conn| {
+                    conn.stall.is_none() && conn.quiet_since.is_some_and(|q| q <= since_ns)
+                })
+            })
+            .collect()
+    }
+
+    /// Records the owner of a connection found from /proc (for one that never transferred).
+    pub fn set_owner(&mut self, sock: u64, owner: Owner) {
+        if let Some(conn) = self.conns.get_mut(&sock) {
+            conn.owner = owner;
+        }
+    }
+
+    /// A request has sat unread in the receive queue of `sock` since `quiet_since` (seen by
+    /// sock_diag: the application never read it, so no transfer reported it). Opens an
+    /// `unanswered_request` stall once it has been quiet for the threshold. Returns whether a
+    /// stall was opened.
+    pub fn request_unread(
+        &mut self,
+        sock: u64,
+        quiet_since: u64,
+        now: u64,
+        out: &mut Vec<Event>,
+    ) -> bool {
+        let stall_after_ns = self.stall_after_ns;
+        let Some(conn) = self.conns.get_mut(&sock) else {
+            return false;
+        };
+        if conn.stall.is_some() || now.saturating_sub(quiet_since) < stall_after_ns {
+            return false;
+        }
+        start_stall(conn, StallKind::UnansweredRequest, quiet_since, now, 0, out);
+        self.watch(sock);
+        true
+    }
+
     /// Open stalls, oldest first.
     pub fn stalls(&self) -> Vec<(&Conn, Stall)> {
         let mut stalls: Vec<_> = self
@@ -315,6 +385,7 @@ impl Tracker {
             opened_ns: now,
             adopted: true,
             stall: None,
+            quiet_since: None,
             incomplete: true,
             kernel_open_ns: 0,
             announced: false,
@@ -389,7 +460,7 @@ impl Tracker {
             // A passive connection is reported at its first transfer (its owner is only known
             // then), dated when it was established.
             EventKind::Discovered => announce(conn, state.open_ns.min(at), out),
-            EventKind::RequestStarted => announce(conn, at, out),
+            EventKind::RequestStarted | EventKind::ExchangeCompleted => announce(conn, at, out),
             EventKind::ConnectStarted => {}
             EventKind::Closed => unreachable!("handled above"),
         }
@@ -512,6 +583,7 @@ impl Tracker {
                     opened_ns: state.open_ns,
                     adopted: false,
                     stall: None,
+                    quiet_since: None,
                     incomplete: discovered,
                     kernel_open_ns: state.open_ns,
                     announced: false,
@@ -621,6 +693,10 @@ fn observe(
     if conn.stall.is_some() {
         return;
     }
+    conn.quiet_since = match activity {
+        Activity::Outstanding { quiet_since } => Some(quiet_since),
+        _ => None,
+    };
     let (kind, quiet_since) = match activity {
         Activity::Outstanding { quiet_since } => (StallKind::for_role(conn.role), quiet_since),
         Activity::ConnectPending { since } => (StallKind::ConnectPending, since),
@@ -654,6 +730,7 @@ fn start_stall(
         detail: Detail::StallStart {
             kind,
             quiet_ms: ms(at.saturating_sub(quiet_since)),
+            diagnosis: None,
         },
     });
 }

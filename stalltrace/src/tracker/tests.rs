@@ -141,7 +141,8 @@ fn server_request_without_reply_stalls_at_the_threshold() {
         details(&events),
         [&Detail::StallStart {
             kind: StallKind::UnansweredRequest,
-            quiet_ms: 5_000
+            quiet_ms: 5_000,
+            diagnosis: None
         }]
     );
     let conn = &events[0].conn;
@@ -167,7 +168,8 @@ fn client_request_without_reply_awaits_response() {
         details(&events),
         [&Detail::StallStart {
             kind: StallKind::AwaitingResponse,
-            quiet_ms: 5_100
+            quiet_ms: 5_100,
+            diagnosis: None
         }]
     );
 }
@@ -238,7 +240,8 @@ fn a_stall_that_ended_between_sweeps_is_still_reported() {
         [
             &Detail::StallStart {
                 kind: StallKind::UnansweredRequest,
-                quiet_ms: 5_000
+                quiet_ms: 5_000,
+                diagnosis: None
             },
             &Detail::StallEnd {
                 kind: StallKind::UnansweredRequest,
@@ -354,7 +357,8 @@ fn reset_after_an_unswept_stall_reports_it() {
         [
             &Detail::StallStart {
                 kind: StallKind::UnansweredRequest,
-                quiet_ms: 5_000
+                quiet_ms: 5_000,
+                diagnosis: None
             },
             &Detail::StallEnd {
                 kind: StallKind::UnansweredRequest,
@@ -384,7 +388,8 @@ fn connect_that_times_out_between_sweeps_is_reported() {
         [
             &Detail::StallStart {
                 kind: StallKind::ConnectPending,
-                quiet_ms: 5_000
+                quiet_ms: 5_000,
+                diagnosis: None
             },
             &Detail::StallEnd {
                 kind: StallKind::ConnectPending,
@@ -421,7 +426,8 @@ fn connect_that_hangs_is_connect_pending_until_established() {
             &Detail::Open { adopted: false },
             &Detail::StallStart {
                 kind: StallKind::ConnectPending,
-                quiet_ms: 5_000
+                quiet_ms: 5_000,
+                diagnosis: None
             }
         ]
     );

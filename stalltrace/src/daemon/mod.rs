@@ -1,5 +1,9 @@
 //! `stalltrace daemon`: loads the programs, then one loop owns all state and runs, in turn,
-//! the ring buffer drain, the stall sweep, loss reports and API queries.
+//! the ring buffer drain, the stall sweep (with the diagnosis of new and open stalls), the scan
+//! for unread requests, loss reports and API queries.
+mod insight;
+mod queries;
+
 use std::{
     path::PathBuf,
     sync::{
@@ -11,8 +15,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{MapData, RingBuf};
-use serde_json::json;
-use stalltrace_common::{ConnEvent, ConnState, Offsets};
+use stalltrace_common::{Capture, ConnEvent, Offsets};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -20,18 +23,18 @@ use tokio::{
 };
 
 use crate::{
-    api::{Command, Filter, Response},
+    diagnose::Diagnoser,
     heap,
     loss::{LossCounters, LossReport},
     probes::{KernelMaps, ProbeConfig, Probes},
     sinks::{
         api::{ApiServer, Query},
-        json::{self, ConnItemJson, StallJson},
         ndjson::EventSink,
     },
     sources::{btf, procfs, tracefs},
     timefmt::monotonic_ns,
-    tracker::{verdict, Conn, Event, Totals, Tracker},
+    tracker::{Event, Tracker},
+    why::Why,
 };
 
 pub struct DaemonConfig {
@@ -41,6 +44,10 @@ pub struct DaemonConfig {
     pub max_conns: u32,
     pub ring_buffer_bytes: u32,
     pub bpf_stats: bool,
+    /// Request bytes captured at each request start (0: off).
+    pub capture_bytes: u32,
+    /// Include captured bytes (hex) in stall reports, not only their signature.
+    pub capture_raw: bool,
 }
 
 /// How often the ring buffer is drained when the kernel does not wake the daemon (it does
@@ -81,6 +88,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         ring_buffer_bytes: config.ring_buffer_bytes,
         offsets,
         bpf_stats: config.bpf_stats,
+        capture_bytes: config.capture_bytes,
     };
     let mut probes = Probes::load(&tracefs_root, &probe_config, &listening)?;
     let mut sink = EventSink::open(config.events_file.as_deref())?;
@@ -121,6 +129,12 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     // SAFETY: the ring buffer map owns its fd and keeps it open for as long as the AsyncFd.
     let ring = unsafe { AsyncFd::register(ring) }.context("polling the ring buffer")?;
     let mut daemon = Daemon {
+        diagnoser: Diagnoser::new(stall_after_ns, config.capture_raw),
+        symbolizer: crate::sources::symbols::Symbolizer::default(),
+        why: Why::new(),
+        timelines: insight::Timelines::default(),
+        next_refresh_ns: 0,
+        next_unread_scan_ns: 0,
         tracker,
         sink,
         started: Instant::now(),
@@ -163,6 +177,12 @@ fn kernel_offsets() -> Offsets {
 
 struct Daemon {
     tracker: Tracker,
+    diagnoser: Diagnoser,
+    symbolizer: crate::sources::symbols::Symbolizer,
+    why: Why,
+    timelines: insight::Timelines,
+    next_refresh_ns: u64,
+    next_unread_scan_ns: u64,
     sink: EventSink,
     started: Instant,
     offsets: Offsets,
@@ -200,13 +220,13 @@ impl Daemon {
                 _ = sigterm.recv() => break,
                 guard = ring.readable_mut() => {
                     let mut guard = guard.context("polling the ring buffer")?;
-                    self.drain(guard.get_inner_mut());
+                    self.drain(guard.get_inner_mut(), &probes.maps);
                     guard.clear_ready();
                 }
-                _ = drain.tick() => self.drain(ring.get_mut()),
+                _ = drain.tick() => self.drain(ring.get_mut(), &probes.maps),
                 _ = sweep.tick() => {
-                    self.drain(ring.get_mut());
-                    self.sweep(&mut probes.maps)?;
+                    self.drain(ring.get_mut(), &probes.maps);
+                    self.sweep(probes)?;
                 }
                 _ = loss.tick() => {
                     self.report_loss(&probes.maps);
@@ -220,34 +240,45 @@ impl Daemon {
             }
         }
         // Deliver what the kernel reported before the signal.
-        self.drain(ring.get_mut());
+        self.drain(ring.get_mut(), &probes.maps);
         self.report_loss(&probes.maps);
         Ok(())
     }
 
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) {
+    fn drain(&mut self, ring: &mut RingBuf<MapData>, maps: &KernelMaps) {
         self.out.clear();
         while let Some(record) = ring.next() {
             match ConnEvent::from_bytes(&record) {
-                Some(event) => self.tracker.on_event(&event, &mut self.out),
+                Some(event) => {
+                    self.tracker.on_event(&event, &mut self.out);
+                    self.sample_exchange(&event, Capture::from_record_tail(&record));
+                }
                 None => self.malformed += 1,
             }
         }
-        self.emit();
+        self.emit(maps);
     }
 
-    fn sweep(&mut self, maps: &mut KernelMaps) -> Result<()> {
+    fn sweep(&mut self, probes: &mut Probes) -> Result<()> {
         let started = Instant::now();
         self.epoch += 1;
-        maps.set_epoch(self.epoch)?;
+        probes.maps.set_epoch(self.epoch)?;
+        let maps = &probes.maps;
         self.out.clear();
-        self.tracker.sweep(
-            monotonic_ns(),
-            self.epoch,
-            |sock| maps.lookup(sock),
-            &mut self.out,
-        );
-        self.emit();
+        let now = monotonic_ns();
+        self.tracker
+            .sweep(now, self.epoch, |sock| maps.lookup(sock), &mut self.out);
+        if now >= self.next_unread_scan_ns {
+            self.scan_unread(now);
+        }
+        if now >= self.next_refresh_ns {
+            self.next_refresh_ns = now + crate::diagnose::REFRESH_EVERY_NS;
+            self.refresh_stalls(maps, now);
+            self.update_stacks(probes, now);
+        }
+        self.emit(&probes.maps);
+        // After the new stalls took their thread's first sample in `emit`.
+        self.diagnoser.presample(&self.tracker, now);
         let took = started.elapsed();
         self.sweeps += 1;
         self.sweep_busy += took;
@@ -263,8 +294,9 @@ impl Daemon {
         }
     }
 
-    fn emit(&mut self) {
+    fn emit(&mut self, maps: &KernelMaps) {
         if !self.out.is_empty() {
+            self.annotate(maps);
             self.sink.write_events(&self.out);
             self.sink.flush();
         }
@@ -291,134 +323,12 @@ impl Daemon {
             return;
         }
         log::warn!("lost since last report: {new:?}");
+        self.diagnoser.losses_seen_at(monotonic_ns());
         self.sink
             .write_loss(&LossReport { new, total }, monotonic_ns());
         self.sink.flush();
         self.reported_loss = total;
     }
-
-    fn answer(&self, command: Command, probes: &Probes) -> Response {
-        let now = monotonic_ns();
-        match command {
-            Command::Status => Response::ok(&self.status(probes)),
-            Command::Conns { filter } => self.conns(&filter, &probes.maps, now),
-            Command::Stalls {
-                filter,
-                older_than_ms,
-            } => Response::ok(&self.stalls(&filter, older_than_ms.unwrap_or(0), now)),
-            Command::Watch { .. } => {
-                Response::error("bad_request", "watch is served by the API task")
-            }
-        }
-    }
-
-    fn status(&self, probes: &Probes) -> serde_json::Value {
-        let loss = self.loss(&probes.maps);
-        let stats = self.tracker.stats();
-        let stalled = self.tracker.stalls().len();
-        let sweep_avg_us = self
-            .sweep_busy
-            .as_micros()
-            .checked_div(u128::from(self.sweeps))
-            .unwrap_or(0);
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "pid": std::process::id(),
-            "uptime_ms": self.started.elapsed().as_millis() as u64,
-            "stall_after_ms": self.config.stall_after.as_millis() as u64,
-            "events_to": self.sink.destination(),
-            "programs": probes.attached(),
-            "features": {
-                "adopt_existing": self.offsets.can_read_sock(),
-            },
-            "connections": {
-                "tracked": self.tracker.len(),
-                "stalled": stalled,
-                "watched": self.tracker.watched(),
-                "capacity": self.config.max_conns,
-            },
-            "events": {
-                "kernel": stats.events,
-                "written": self.sink.written(),
-            },
-            "sweeps": {
-                "count": self.sweeps,
-                "avg_us": sweep_avg_us as u64,
-                "max_us": self.sweep_max.as_micros() as u64,
-            },
-            "lost": loss,
-            "lost_total": loss.total(),
-        })
-    }
-
-    /// The `conns` answer, serialized item by item: on a host with 100 000 connections the
-    /// items would take several times the memory of their text.
-    fn conns(&self, filter: &Filter, maps: &KernelMaps, now: u64) -> Response {
-        let mut selected: Vec<(Option<u64>, &Conn)> = self
-            .tracker
-            .conns()
-            .filter(|(_, conn)| selected(filter, conn))
-            .collect();
-        selected.sort_by_key(|(_, conn)| conn.id);
-        let mut text = String::from("[");
-        for (index, (sock, conn)) in selected.into_iter().enumerate() {
-            if index > 0 {
-                text.push(',');
-            }
-            let item = conn_item(conn, sock.and_then(|sock| maps.lookup(sock)), now);
-            text.push_str(&serde_json::to_string(&item).expect("items serialize"));
-        }
-        text.push(']');
-        Response::ok_raw(text)
-    }
-
-    fn stalls(&self, filter: &Filter, older_than_ms: u64, now: u64) -> Vec<ConnItemJson> {
-        let clock = self.sink.clock();
-        self.tracker
-            .stalls()
-            .into_iter()
-            .filter(|(conn, _)| selected(filter, conn))
-            .filter_map(|(conn, stall)| {
-                let age_ms = now.saturating_sub(stall.quiet_since_ns) / 1_000_000;
-                if age_ms < older_than_ms {
-                    return None;
-                }
-                let mut item = ConnItemJson::new(&conn.reference());
-                item.stall = Some(StallJson {
-                    kind: stall.kind.as_str().into(),
-                    age_ms: Some(age_ms),
-                    since: Some(clock.rfc3339(stall.quiet_since_ns)),
-                    ..StallJson::default()
-                });
-                Some(item)
-            })
-            .collect()
-    }
-}
-
-/// A `conns` item: identity, state and the kernel's counters.
-fn conn_item(conn: &Conn, snapshot: Option<ConnState>, now: u64) -> ConnItemJson {
-    let mut item = ConnItemJson::new(&conn.reference());
-    item.conn.adopted = Some(conn.adopted);
-    let state = match (&conn.stall, snapshot.as_ref().map(verdict::assess)) {
-        (Some(_), _) => "stalled",
-        (None, Some(verdict::Activity::Outstanding { .. }))
-        | (None, Some(verdict::Activity::ConnectPending { .. })) => "active",
-        (None, Some(verdict::Activity::Ending { .. })) => "closing",
-        (None, _) => "idle",
-    };
-    item.conn.state = Some(state.into());
-    if let Some(s) = snapshot {
-        json::add_totals(&mut item.conn, &Totals::from_kernel(&s));
-        let ago = |at: u64| (at != 0).then(|| now.saturating_sub(at) / 1_000_000);
-        item.conn.last_send_ago_ms = ago(s.last_send_ns);
-        item.conn.last_receive_ago_ms = ago(s.last_recv_ns);
-    }
-    item
-}
-
-fn selected(filter: &Filter, conn: &Conn) -> bool {
-    filter.matches(conn.owner.pid, &conn.owner.comm.as_str(), &conn.endpoints)
 }
 
 #[cfg(test)]

@@ -1,0 +1,189 @@
+//! Answers to API queries: status, conns, stalls, show, why. Read-only views of the daemon's
+//! state, serialized in the shapes of docs/api.md.
+use serde_json::json;
+use stalltrace_common::ConnState;
+
+use super::Daemon;
+use crate::{
+    api::{Command, Filter, Response},
+    probes::{KernelMaps, Probes},
+    sinks::json::{self, ConnItemJson, StallJson},
+    timefmt::monotonic_ns,
+    tracker::{verdict, Conn, Totals},
+};
+
+impl Daemon {
+    pub(super) fn answer(&self, command: Command, probes: &Probes) -> Response {
+        let now = monotonic_ns();
+        match command {
+            Command::Status => Response::ok(&self.status(probes)),
+            Command::Conns { filter } => self.conns(&filter, &probes.maps, now),
+            Command::Stalls {
+                filter,
+                older_than_ms,
+            } => Response::ok(&self.stalls(&filter, older_than_ms.unwrap_or(0), now)),
+            Command::Show { id } => self.show(id, &probes.maps, now),
+            Command::Why { filter } => Response::ok(&self.why(&filter)),
+            Command::Watch { .. } => {
+                Response::error("bad_request", "watch is served by the API task")
+            }
+        }
+    }
+
+    fn status(&self, probes: &Probes) -> serde_json::Value {
+        let loss = self.loss(&probes.maps);
+        let stats = self.tracker.stats();
+        let stalled = self.tracker.stalls().len();
+        let sweep_avg_us = self
+            .sweep_busy
+            .as_micros()
+            .checked_div(u128::from(self.sweeps))
+            .unwrap_or(0);
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "stall_after_ms": self.config.stall_after.as_millis() as u64,
+            "events_to": self.sink.destination(),
+            "programs": probes.attached(),
+            "features": {
+                "adopt_existing": self.offsets.can_read_sock(),
+            },
+            "connections": {
+                "tracked": self.tracker.len(),
+                "stalled": stalled,
+                "watched": self.tracker.watched(),
+                "capacity": self.config.max_conns,
+            },
+            "events": {
+                "kernel": stats.events,
+                "written": self.sink.written(),
+            },
+            "sweeps": {
+                "count": self.sweeps,
+                "avg_us": sweep_avg_us as u64,
+                "max_us": self.sweep_max.as_micros() as u64,
+            },
+            "lost": loss,
+            "lost_total": loss.total(),
+        })
+    }
+
+    /// The `conns` answer, serialized item by item: on a host with 100 000 connections the
+    /// items would take several times the memory of their text.
+    fn conns(&self, filter: &Filter, maps: &KernelMaps, now: u64) -> Response {
+        let mut selected: Vec<(Option<u64>, &Conn)> = self
+            .tracker
+            .conns()
+            .filter(|(_, conn)| selected(filter, conn))
+            .collect();
+        selected.sort_by_key(|(_, conn)| conn.id);
+        let mut text = String::from("[");
+        for (index, (sock, conn)) in selected.into_iter().enumerate() {
+            if index > 0 {
+                text.push(',');
+            }
+            let item = conn_item(conn, sock.and_then(|sock| maps.lookup(sock)), now);
+            text.push_str(&serde_json::to_string(&item).expect("items serialize"));
+        }
+        text.push(']');
+        Response::ok_raw(text)
+    }
+
+    fn stalls(&self, filter: &Filter, older_than_ms: u64, now: u64) -> Vec<ConnItemJson> {
+        let clock = self.sink.clock();
+        self.tracker
+            .stalls()
+            .into_iter()
+            .filter(|(conn, _)| selected(filter, conn))
+            .filter_map(|(conn, stall)| {
+                let age_ms = now.saturating_sub(stall.quiet_since_ns) / 1_000_000;
+                if age_ms < older_than_ms {
+                    return None;
+                }
+                let mut item = ConnItemJson::new(&conn.reference());
+                item.stall = Some(StallJson {
+                    kind: stall.kind.as_str().into(),
+                    age_ms: Some(age_ms),
+                    since: Some(clock.rfc3339(stall.quiet_since_ns)),
+                    diagnosis: self.diagnoser.current(conn.id).cloned(),
+                    ..StallJson::default()
+                });
+                Some(item)
+            })
+            .collect()
+    }
+}
+
+impl Daemon {
+    /// One connection: its `conns` item, when it opened, its open stall with the current
+    /// diagnosis, and its stall timeline.
+    fn show(&self, id: u64, maps: &KernelMaps, now: u64) -> Response {
+        let Some((sock, conn)) = self.tracker.find_by_id(id) else {
+            return Response::error(
+                "not_found",
+                format!("no live connection {id} (closed, or never seen by this daemon)"),
+            );
+        };
+        let clock = self.sink.clock();
+        let mut item = conn_item(conn, sock.and_then(|sock| maps.lookup(sock)), now);
+        item.stall = conn.stall.as_deref().map(|stall| StallJson {
+            kind: stall.kind.as_str().into(),
+            age_ms: Some(now.saturating_sub(stall.quiet_since_ns) / 1_000_000),
+            since: Some(clock.rfc3339(stall.quiet_since_ns)),
+            diagnosis: self.diagnoser.current(id).cloned(),
+            ..StallJson::default()
+        });
+        let timeline: Vec<_> = self
+            .timelines
+            .of(id)
+            .map(|event| json::event_json(event, clock.rfc3339(event.at_ns)))
+            .collect();
+        Response::ok(&json!({
+            "item": item,
+            "opened": clock.rfc3339(conn.opened_ns),
+            "timeline": timeline,
+        }))
+    }
+
+    fn why(&self, filter: &Filter) -> Vec<crate::why::WhyRow> {
+        self.why
+            .report()
+            .into_iter()
+            .filter(|row| {
+                filter
+                    .comm
+                    .as_deref()
+                    .is_none_or(|c| c == row.key.executable)
+                    && filter
+                        .port
+                        .is_none_or(|p| row.key.endpoint.ends_with(&format!(":{p}")))
+            })
+            .collect()
+    }
+}
+
+/// A `conns` item: identity, state and the kernel's counters.
+fn conn_item(conn: &Conn, snapshot: Option<ConnState>, now: u64) -> ConnItemJson {
+    let mut item = ConnItemJson::new(&conn.reference());
+    item.conn.adopted = Some(conn.adopted);
+    let state = match (&conn.stall, snapshot.as_ref().map(verdict::assess)) {
+        (Some(_), _) => "stalled",
+        (None, Some(verdict::Activity::Outstanding { .. }))
+        | (None, Some(verdict::Activity::ConnectPending { .. })) => "active",
+        (None, Some(verdict::Activity::Ending { .. })) => "closing",
+        (None, _) => "idle",
+    };
+    item.conn.state = Some(state.into());
+    if let Some(s) = snapshot {
+        json::add_totals(&mut item.conn, &Totals::from_kernel(&s));
+        let ago = |at: u64| (at != 0).then(|| now.saturating_sub(at) / 1_000_000);
+        item.conn.last_send_ago_ms = ago(s.last_send_ns);
+        item.conn.last_receive_ago_ms = ago(s.last_recv_ns);
+    }
+    item
+}
+
+fn selected(filter: &Filter, conn: &Conn) -> bool {
+    filter.matches(conn.owner.pid, &conn.owner.comm.as_str(), &conn.endpoints)
+}

@@ -1,0 +1,413 @@
+//! Why a connection is stalled: the responsible thread's verdict, TCP signals, and the chain of
+//! stalls behind it. Pure classification over samples the daemon gathers (sources/threads,
+//! sources/sock_diag, stacks); unit-tested without any I/O.
+use serde::{Deserialize, Serialize};
+
+use crate::sources::threads::{SyscallState, ThreadSample};
+
+/// Share of a sampling window on CPU above which a thread is spinning.
+pub const SPINNING_CPU_SHARE: f64 = 0.5;
+
+/// What the thread behind a stall is doing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum ThreadVerdict {
+    /// On a CPU most of the window: a loop.
+    Spinning {
+        cpu_share: f64,
+        /// Innermost function first, where symbols exist.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        stack: Vec<String>,
+    },
+    /// Inside a syscall that is not an event wait: named, with its fd and what the fd is.
+    Blocked {
+        syscall: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fd: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fd_target: Option<String>,
+        /// The tracked connection behind `fd`, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fd_conn: Option<u64>,
+    },
+    /// Parked in epoll/poll/select/futex/sleep: not working on this connection.
+    Waiting { syscall: String },
+    /// Runnable or in user space but barely on a CPU: starved.
+    Starved { cpu_share: f64 },
+    /// The thread or its process exited.
+    Gone,
+    /// /proc could not tell.
+    Unknown,
+}
+
+/// Classifies a thread from two samples taken `last.at_ns - first.at_ns` apart.
+pub fn classify(first: &ThreadSample, last: Option<&ThreadSample>) -> ThreadVerdict {
+    let Some(last) = last else {
+        return ThreadVerdict::Gone;
+    };
+    let window = last.at_ns.saturating_sub(first.at_ns);
+    let cpu_share = if window == 0 {
+        0.0
+    } else {
+        (last.cpu_ns.saturating_sub(first.cpu_ns) as f64 / window as f64).min(1.0)
+    };
+    if cpu_share >= SPINNING_CPU_SHARE {
+        return ThreadVerdict::Spinning {
+            cpu_share: round2(cpu_share),
+            stack: Vec::new(),
+        };
+    }
+    match last.syscall {
+        SyscallState::In { nr, args } => {
+            let name = syscall_name(nr).map_or_else(|| format!("syscall {nr}"), str::to_owned);
+            if is_wait(nr) {
+                ThreadVerdict::Waiting { syscall: name }
+            } else {
+                ThreadVerdict::Blocked {
+                    syscall: name,
+                    fd: takes_fd(nr).then_some(args[0] as i64),
+                    fd_target: None,
+                    fd_conn: None,
+                }
+            }
+        }
+        SyscallState::Running | SyscallState::Outside if last.state == 'R' => {
+            ThreadVerdict::Starved {
+                cpu_share: round2(cpu_share),
+            }
+        }
+        _ => ThreadVerdict::Unknown,
+    }
+}
+
+fn round2(value: f64) -> f64 {
+    (value * 100.0).round() / 100.0
+}
+
+/// x86-64 syscall numbers worth naming: I/O, waits and sleeps.
+#[cfg(target_arch = "x86_64")]
+const SYSCALLS: &[(i64, &str, Kind)] = &[
+    (0, "read", Kind::Fd),
+    (1, "write", Kind::Fd),
+    (7, "poll", Kind::Wait),
+    (17, "pread64", Kind::Fd),
+    (18, "pwrite64", Kind::Fd),
+    (19, "readv", Kind::Fd),
+    (20, "writev", Kind::Fd),
+    (23, "select", Kind::Wait),
+    (34, "pause", Kind::Wait),
+    (35, "nanosleep", Kind::Wait),
+    (40, "sendfile", Kind::Fd),
+    (42, "connect", Kind::Fd),
+    (43, "accept", Kind::Fd),
+    (44, "sendto", Kind::Fd),
+    (45, "recvfrom", Kind::Fd),
+    (46, "sendmsg", Kind::Fd),
+    (47, "recvmsg", Kind::Fd),
+    (61, "wait4", Kind::Wait),
+    (73, "flock", Kind::Fd),
+    (74, "fsync", Kind::Fd),
+    (75, "fdatasync", Kind::Fd),
+    (130, "rt_sigsuspend", Kind::Wait),
+    (202, "futex", Kind::Wait),
+    (230, "clock_nanosleep", Kind::Wait),
+    (232, "epoll_wait", Kind::Wait),
+    (247, "waitid", Kind::Wait),
+    (270, "pselect6", Kind::Wait),
+    (271, "ppoll", Kind::Wait),
+    (281, "epoll_pwait", Kind::Wait),
+    (288, "accept4", Kind::Fd),
+    (295, "preadv", Kind::Fd),
+    (296, "pwritev", Kind::Fd),
+    (299, "recvmmsg", Kind::Fd),
+    (307, "sendmmsg", Kind::Fd),
+    (426, "io_uring_enter", Kind::Other),
+    (441, "epoll_pwait2", Kind::Wait),
+    (449, "futex_waitv", Kind::Wait),
+];
+#[cfg(not(target_arch = "x86_64"))]
+const SYSCALLS: &[(i64, &str, Kind)] = &[];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// First argument is a file descriptor.
+    Fd,
+    /// Parks the thread until an event or a timeout.
+    Wait,
+    Other,
+}
+
+fn lookup(nr: i64) -> Option<&'static (i64, &'static str, Kind)> {
+    SYSCALLS.iter().find(|(n, _, _)| *n == nr)
+}
+
+pub fn syscall_name(nr: i64) -> Option<&'static str> {
+    lookup(nr).map(|(_, name, _)| *name)
+}
+
+fn is_wait(nr: i64) -> bool {
+    lookup(nr).is_some_and(|(_, _, kind)| *kind == Kind::Wait)
+}
+
+fn takes_fd(nr: i64) -> bool {
+    lookup(nr).is_some_and(|(_, _, kind)| *kind == Kind::Fd)
+}
+
+/// The kernel's view of a stalled TCP connection (sock_diag / tcp_info).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpSignals {
+    /// Bytes received and not yet read by the application.
+    pub recv_queue: u32,
+    /// Bytes written and not yet acknowledged by the peer.
+    pub send_queue: u32,
+    pub unacked: u32,
+    /// Retransmissions of the current segment (the backoff in progress).
+    pub retransmitting: u8,
+    pub total_retransmits: u32,
+    /// Zero-window probes sent: the peer advertises no room.
+    pub zero_window_probes: u8,
+    /// The peer's advertised window is zero (when the kernel reports it, Linux 6.2+).
+    pub zero_window: bool,
+    pub last_data_recv_ms: u32,
+    pub last_data_sent_ms: u32,
+    pub last_ack_recv_ms: u32,
+}
+
+/// What TCP says about a stall, most specific first.
+pub fn tcp_cause(server_side: bool, signals: &TcpSignals) -> &'static str {
+    if signals.retransmitting > 0 {
+        return "network_retransmitting";
+    }
+    if signals.send_queue > 0 && (signals.zero_window || signals.zero_window_probes > 0) {
+        return "peer_not_reading";
+    }
+    if server_side {
+        if signals.recv_queue > 0 {
+            "request_unread"
+        } else {
+            "read_no_reply"
+        }
+    } else if signals.send_queue > 0 {
+        "request_not_delivered"
+    } else {
+        "awaiting_peer"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(at_ms: u64, cpu_ms: u64, state: char, syscall: SyscallState) -> ThreadSample {
+        ThreadSample {
+            at_ns: at_ms * 1_000_000,
+            cpu_ns: cpu_ms * 1_000_000,
+            state,
+            syscall,
+        }
+    }
+
+    #[test]
+    fn a_thread_on_cpu_most_of_the_window_is_spinning() {
+        let first = sample(0, 100, 'R', SyscallState::Running);
+        let last = sample(1000, 1080, 'R', SyscallState::Running);
+        assert_eq!(
+            classify(&first, Some(&last)),
+            ThreadVerdict::Spinning {
+                cpu_share: 0.98,
+                stack: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn a_thread_in_a_socket_read_is_blocked_with_its_fd() {
+        let first = sample(0, 5, 'S', SyscallState::Outside);
+        let blocked = SyscallState::In {
+            nr: 45,
+            args: [9, 0, 0, 0, 0, 0],
+        };
+        let last = sample(1000, 5, 'S', blocked);
+        assert_eq!(
+            classify(&first, Some(&last)),
+            ThreadVerdict::Blocked {
+                syscall: "recvfrom".into(),
+                fd: Some(9),
+                fd_target: None,
+                fd_conn: None
+            }
+        );
+    }
+
+    #[test]
+    fn event_waits_and_locks_are_waiting() {
+        let first = sample(0, 5, 'S', SyscallState::Outside);
+        for (nr, name) in [
+            (232, "epoll_wait"),
+            (202, "futex"),
+            (7, "poll"),
+            (35, "nanosleep"),
+        ] {
+            let last = sample(1000, 6, 'S', SyscallState::In { nr, args: [0; 6] });
+            assert_eq!(
+                classify(&first, Some(&last)),
+                ThreadVerdict::Waiting {
+                    syscall: name.into()
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn gone_starved_and_unknown() {
+        let first = sample(0, 5, 'S', SyscallState::Outside);
+        assert_eq!(classify(&first, None), ThreadVerdict::Gone);
+        let runnable = sample(1000, 50, 'R', SyscallState::Running);
+        assert_eq!(
+            classify(&first, Some(&runnable)),
+            ThreadVerdict::Starved { cpu_share: 0.05 }
+        );
+        let unreadable = sample(1000, 5, 'S', SyscallState::Unknown);
+        assert_eq!(classify(&first, Some(&unreadable)), ThreadVerdict::Unknown);
+        let odd = sample(
+            1000,
+            5,
+            'S',
+            SyscallState::In {
+                nr: 9999,
+                args: [0; 6],
+            },
+        );
+        assert!(matches!(
+            classify(&first, Some(&odd)),
+            ThreadVerdict::Blocked { syscall, fd: None, .. } if syscall == "syscall 9999"
+        ));
+    }
+
+    #[test]
+    fn verdicts_serialize_with_a_tag() {
+        let verdict = ThreadVerdict::Waiting {
+            syscall: "epoll_wait".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&verdict).unwrap(),
+            r#"{"verdict":"waiting","syscall":"epoll_wait"}"#
+        );
+    }
+
+    #[test]
+    fn tcp_causes() {
+        let unread = TcpSignals {
+            recv_queue: 90,
+            ..Default::default()
+        };
+        assert_eq!(tcp_cause(true, &unread), "request_unread");
+        assert_eq!(tcp_cause(true, &TcpSignals::default()), "read_no_reply");
+        let blocked_peer = TcpSignals {
+            send_queue: 65_536,
+            zero_window_probes: 3,
+            ..Default::default()
+        };
+        assert_eq!(tcp_cause(true, &blocked_peer), "peer_not_reading");
+        let lossy = TcpSignals {
+            send_queue: 100,
+            retransmitting: 2,
+            ..Default::default()
+        };
+        assert_eq!(tcp_cause(false, &lossy), "network_retransmitting");
+        assert_eq!(tcp_cause(false, &TcpSignals::default()), "awaiting_peer");
+    }
+}
+
+/// Everything known about why a connection is stalled; carried by `stall.start`,
+/// `stall.update`, `stalls` and `show`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Diagnosis {
+    /// TCP-refined cause: `request_unread`, `read_no_reply`, `peer_not_reading`,
+    /// `network_retransmitting`, `request_not_delivered`, `awaiting_peer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
+    /// `full`, or `partial` with `confidence_reason` when events may be missing.
+    pub confidence: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confidence_reason: Option<String>,
+    /// The responsible thread: for a server, the one that read the request; for a client,
+    /// the one that sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<ThreadReport>,
+    /// The stalls behind this one, from symptom to root, this connection first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blame: Vec<BlameLink>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpSignals>,
+    /// Segments retransmitted since the stall began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retransmits: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<RequestReport>,
+}
+
+/// A thread and its verdict.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ThreadReport {
+    pub id: u32,
+    #[serde(flatten)]
+    pub verdict: ThreadVerdict,
+}
+
+/// The request that opened the outstanding exchange.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestReport {
+    pub protocol: String,
+    pub signature: String,
+    /// The captured bytes, hex-encoded: only with `--capture-raw`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_hex: Option<String>,
+}
+
+/// One connection in a blame chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlameLink {
+    pub conn: u64,
+    pub role: String,
+    /// Its own stall kind, if it is stalled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executable: Option<String>,
+    pub local: String,
+    pub peer: String,
+    /// How the previous link leads here: `thread 12 blocked in recvfrom(fd 7)`, or `peer`
+    /// (the other end of a local connection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+}
+
+impl Diagnosis {
+    /// Worth a `stall.update`: the verdicts changed, not just the numbers.
+    pub fn differs_materially(&self, other: &Self) -> bool {
+        let verdict = |d: &Self| {
+            d.thread.as_ref().map(|t| match &t.verdict {
+                ThreadVerdict::Spinning { stack, .. } => format!("spinning {stack:?}"),
+                ThreadVerdict::Blocked { syscall, fd, .. } => format!("blocked {syscall} {fd:?}"),
+                ThreadVerdict::Waiting { syscall } => format!("waiting {syscall}"),
+                other => format!("{other:?}"),
+            })
+        };
+        self.cause != other.cause
+            || verdict(self) != verdict(other)
+            || self
+                .blame
+                .iter()
+                .map(|l| l.conn)
+                .ne(other.blame.iter().map(|l| l.conn))
+            || self.confidence != other.confidence
+    }
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

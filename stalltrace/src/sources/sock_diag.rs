@@ -1,0 +1,347 @@
+//! The kernel's view of TCP sockets over NETLINK_SOCK_DIAG (what `ss` uses): queue sizes,
+//! owning inode, and tcp_info. Messages are built and parsed by hand (the layouts are stable
+//! UAPI).
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
+
+use crate::{diagnosis::TcpSignals, tracker::model::Endpoints};
+
+const NETLINK_SOCK_DIAG: i32 = 4;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const INET_DIAG_INFO: u16 = 2;
+const INET_DIAG_NOCOOKIE: u32 = !0;
+const TCP_ESTABLISHED: u32 = 1;
+const NLMSG_HDR: usize = 16;
+const REQ_LEN: usize = 56;
+const MSG_LEN: usize = 72;
+
+/// One socket as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiagEntry {
+    pub endpoints: Endpoints,
+    pub state: u8,
+    pub recv_queue: u32,
+    pub send_queue: u32,
+    pub inode: u64,
+    pub signals: Option<TcpSignals>,
+}
+
+/// The socket with these endpoints, with tcp_info; `None` if it no longer exists.
+pub fn query(endpoints: &Endpoints) -> io::Result<Option<DiagEntry>> {
+    // A dual-stack socket carrying IPv4 is an AF_INET6 socket with mapped addresses.
+    let families: &[u8] = match endpoints.local {
+        IpAddr::V4(_) => &[libc::AF_INET as u8, libc::AF_INET6 as u8],
+        IpAddr::V6(_) => &[libc::AF_INET6 as u8],
+    };
+    for &family in families {
+        let request = request(
+            family,
+            !0,
+            1 << (INET_DIAG_INFO - 1),
+            Some(endpoints),
+            false,
+        );
+        if let Some(entry) = exchange(&request)?.into_iter().next() {
+            return Ok(Some(entry));
+        }
+    }
+    Ok(None)
+}
+
+/// Every established TCP socket of the host's network namespace, without tcp_info.
+pub fn dump_established() -> io::Result<Vec<DiagEntry>> {
+    let mut entries = Vec::new();
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        let request = request(family, 1 << TCP_ESTABLISHED, 0, None, true);
+        entries.extend(exchange(&request)?);
+    }
+    Ok(entries)
+}
+
+fn request(
+    family: u8,
+    states: u32,
+    extensions: u8,
+    exact: Option<&Endpoints>,
+    dump: bool,
+) -> Vec<u8> {
+    let mut message = Vec::with_capacity(NLMSG_HDR + REQ_LEN);
+    let flags = NLM_F_REQUEST | if dump { NLM_F_DUMP } else { 0 };
+    message.extend_from_slice(&((NLMSG_HDR + REQ_LEN) as u32).to_ne_bytes());
+    message.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    message.extend_from_slice(&flags.to_ne_bytes());
+    message.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    message.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
+    message.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, extensions, 0]);
+    message.extend_from_slice(&states.to_ne_bytes());
+    let mut id = [0u8; 48];
+    if let Some(endpoints) = exact {
+        id[0..2].copy_from_slice(&endpoints.local_port.to_be_bytes());
+        id[2..4].copy_from_slice(&endpoints.peer_port.to_be_bytes());
+        id[4..20].copy_from_slice(&wire_address(family, endpoints.local));
+        id[20..36].copy_from_slice(&wire_address(family, endpoints.peer));
+    }
+    id[40..44].copy_from_slice(&INET_DIAG_NOCOOKIE.to_ne_bytes());
+    id[44..48].copy_from_slice(&INET_DIAG_NOCOOKIE.to_ne_bytes());
+    message.extend_from_slice(&id);
+    message
+}
+
+/// An address as inet_diag_sockid holds it for `family`.
+fn wire_address(family: u8, ip: IpAddr) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    match (i32::from(family), ip) {
+        (libc::AF_INET, IpAddr::V4(v4)) => out[..4].copy_from_slice(&v4.octets()),
+        (_, IpAddr::V4(v4)) => out = v4.to_ipv6_mapped().octets(),
+        (_, IpAddr::V6(v6)) => out = v6.octets(),
+    }
+    out
+}
+
+fn exchange(request: &[u8]) -> io::Result<Vec<DiagEntry>> {
+    // SAFETY: plain socket syscalls on an fd we own.
+    let socket = unsafe {
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        OwnedFd::from_raw_fd(fd)
+    };
+    // SAFETY: the buffer is valid for its length.
+    let sent = unsafe {
+        libc::send(
+            socket.as_raw_fd(),
+            request.as_ptr().cast(),
+            request.len(),
+            0,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut entries = Vec::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: the buffer is valid for its length.
+        let received = unsafe {
+            libc::recv(
+                socket.as_raw_fd(),
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+                0,
+            )
+        };
+        if received < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        match parse_messages(&buffer[..received as usize], &mut entries) {
+            Parsed::More => continue,
+            Parsed::Done => return Ok(entries),
+            Parsed::Error(0) | Parsed::Error(libc::ENOENT) => return Ok(entries),
+            Parsed::Error(errno) => return Err(io::Error::from_raw_os_error(errno)),
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Parsed {
+    More,
+    Done,
+    Error(i32),
+}
+
+/// Parses a datagram of netlink messages into `entries`.
+fn parse_messages(mut data: &[u8], entries: &mut Vec<DiagEntry>) -> Parsed {
+    let mut saw_answer = false;
+    while data.len() >= NLMSG_HDR {
+        let len = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as usize;
+        let kind = u16::from_ne_bytes(data[4..6].try_into().unwrap());
+        let flags = u16::from_ne_bytes(data[6..8].try_into().unwrap());
+        if len < NLMSG_HDR || len > data.len() {
+            return Parsed::Error(libc::EBADMSG);
+        }
+        let payload = &data[NLMSG_HDR..len];
+        match kind {
+            NLMSG_DONE => return Parsed::Done,
+            NLMSG_ERROR => {
+                let errno = payload.get(..4).map_or(libc::EBADMSG, |b| {
+                    -i32::from_ne_bytes(b.try_into().unwrap())
+                });
+                return Parsed::Error(errno);
+            }
+            SOCK_DIAG_BY_FAMILY => {
+                if let Some(entry) = parse_entry(payload) {
+                    entries.push(entry);
+                }
+                saw_answer = true;
+                // An exact query answers with one message, not a multipart dump.
+                if flags & 0x2 == 0 {
+                    return Parsed::Done;
+                }
+            }
+            _ => {}
+        }
+        data = &data[align4(len).min(data.len())..];
+    }
+    let _ = saw_answer;
+    Parsed::More
+}
+
+fn align4(len: usize) -> usize {
+    (len + 3) & !3
+}
+
+/// inet_diag_msg followed by attributes.
+fn parse_entry(payload: &[u8]) -> Option<DiagEntry> {
+    let msg = payload.get(..MSG_LEN)?;
+    let family = i32::from(msg[0]);
+    let u32_at = |at: usize| u32::from_ne_bytes(msg[at..at + 4].try_into().unwrap());
+    let address = |at: usize| -> IpAddr {
+        let raw: [u8; 16] = msg[at..at + 16].try_into().unwrap();
+        if family == libc::AF_INET {
+            IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+        } else {
+            Ipv6Addr::from(raw).to_canonical()
+        }
+    };
+    let endpoints = Endpoints {
+        local: address(8),
+        local_port: u16::from_be_bytes([msg[4], msg[5]]),
+        peer: address(24),
+        peer_port: u16::from_be_bytes([msg[6], msg[7]]),
+    };
+    let mut entry = DiagEntry {
+        endpoints,
+        state: msg[1],
+        recv_queue: u32_at(56),
+        send_queue: u32_at(60),
+        inode: u64::from(u32_at(68)),
+        signals: None,
+    };
+    let mut attributes = &payload[MSG_LEN..];
+    while attributes.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([attributes[0], attributes[1]]));
+        let kind = u16::from_ne_bytes([attributes[2], attributes[3]]);
+        if len < 4 || len > attributes.len() {
+            break;
+        }
+        if kind == INET_DIAG_INFO {
+            entry.signals = Some(parse_tcp_info(&attributes[4..len], &entry));
+        }
+        attributes = &attributes[align4(len).min(attributes.len())..];
+    }
+    Some(entry)
+}
+
+/// The fields of struct tcp_info used (offsets are UAPI; newer fields only if present).
+fn parse_tcp_info(info: &[u8], entry: &DiagEntry) -> TcpSignals {
+    let u8_at = |at: usize| info.get(at).copied().unwrap_or(0);
+    let u32_at = |at: usize| {
+        info.get(at..at + 4)
+            .map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap()))
+    };
+    const SND_WND: usize = 228;
+    TcpSignals {
+        recv_queue: entry.recv_queue,
+        send_queue: entry.send_queue,
+        unacked: u32_at(24),
+        retransmitting: u8_at(2),
+        zero_window_probes: u8_at(3),
+        total_retransmits: u32_at(100),
+        zero_window: info.len() >= SND_WND + 4 && u32_at(SND_WND) == 0,
+        last_data_sent_ms: u32_at(44),
+        last_data_recv_ms: u32_at(52),
+        last_ack_recv_ms: u32_at(56),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{
+        io::{Read as _, Write as _},
+        net::{TcpListener, TcpStream},
+    };
+
+    fn endpoints(stream: &TcpStream) -> Endpoints {
+        let (local, peer) = (stream.local_addr().unwrap(), stream.peer_addr().unwrap());
+        Endpoints {
+            local: local.ip().to_canonical(),
+            local_port: local.port(),
+            peer: peer.ip().to_canonical(),
+            peer_port: peer.port(),
+        }
+    }
+
+    #[test]
+    fn requests_have_the_uapi_layout() {
+        let ends = Endpoints {
+            local: "127.0.0.1".parse().unwrap(),
+            local_port: 8080,
+            peer: "127.0.0.2".parse().unwrap(),
+            peer_port: 50_000,
+        };
+        let message = request(libc::AF_INET as u8, !0, 2, Some(&ends), false);
+        assert_eq!(message.len(), 72);
+        assert_eq!(&message[16..18], &[libc::AF_INET as u8, 6]);
+        assert_eq!(&message[24..26], &8080u16.to_be_bytes());
+        assert_eq!(&message[28..32], &[127, 0, 0, 1]);
+        assert_eq!(&message[44..48], &[127, 0, 0, 2]);
+        let mapped = wire_address(libc::AF_INET6 as u8, ends.local);
+        assert_eq!(&mapped[10..], &[0xff, 0xff, 127, 0, 0, 1]);
+    }
+
+    #[test]
+    fn garbage_answers_are_errors_not_panics() {
+        let mut entries = Vec::new();
+        assert_eq!(parse_messages(&[0; 8], &mut entries), Parsed::More);
+        let mut bad = vec![0u8; 16];
+        bad[0] = 200; // longer than the datagram
+        assert_eq!(
+            parse_messages(&bad, &mut entries),
+            Parsed::Error(libc::EBADMSG)
+        );
+        assert!(parse_entry(&[1, 2, 3]).is_none());
+    }
+
+    #[test]
+    fn finds_a_live_socket_and_its_unread_bytes() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        client.write_all(b"unread request").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let found = match query(&endpoints(&server)) {
+            Ok(found) => found,
+            Err(err) => {
+                eprintln!("skipped: NETLINK_SOCK_DIAG unavailable here: {err}");
+                return;
+            }
+        };
+        let entry = found.expect("the server socket exists");
+        assert_eq!(entry.recv_queue, 14);
+        let signals = entry.signals.expect("tcp_info requested");
+        assert_eq!(signals.recv_queue, 14);
+        assert_eq!(
+            crate::diagnosis::tcp_cause(true, &signals),
+            "request_unread"
+        );
+        let mut buf = [0u8; 14];
+        server.read_exact(&mut buf).unwrap();
+        assert_eq!(query(&endpoints(&server)).unwrap().unwrap().recv_queue, 0);
+        let all = dump_established().unwrap();
+        assert!(all.iter().any(|e| e.endpoints == endpoints(&client)));
+        assert!(all.iter().all(|e| e.state == TCP_ESTABLISHED as u8));
+    }
+}
