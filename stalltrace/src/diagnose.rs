@@ -37,7 +37,7 @@ pub struct Diagnoser {
     presamples: HashMap<u64, ThreadSample>,
     open: HashMap<u64, Open>,
     /// When the daemon last lost events: stalls on connections older than that are partial.
-    last_loss_ns: u64,
+    last_loss_ns: Option<u64>,
 }
 
 impl Diagnoser {
@@ -47,12 +47,12 @@ impl Diagnoser {
             capture_raw,
             presamples: HashMap::new(),
             open: HashMap::new(),
-            last_loss_ns: 0,
+            last_loss_ns: None,
         }
     }
 
     pub fn losses_seen_at(&mut self, now: u64) {
-        self.last_loss_ns = now;
+        self.last_loss_ns = Some(now);
     }
 
     /// Samples the threads behind requests quiet for half the threshold.
@@ -179,14 +179,8 @@ impl Diagnoser {
         let Some((sock, conn)) = tracker.find_by_id(id) else {
             return (diagnosis, None);
         };
-        if conn.opened_ns <= self.last_loss_ns {
-            diagnosis.confidence = "partial".into();
-            diagnosis.confidence_reason = Some(
-                "events were lost since this connection opened (see `loss`): its state may \
-                 be stale"
-                    .into(),
-            );
-        }
+        (diagnosis.confidence, diagnosis.confidence_reason) =
+            diagnosis::confidence(conn.opened_ns, self.last_loss_ns);
         let (thread, sample) = thread_report(conn, tracker, first);
         if let Some(signals) = sock_diag::query(&conn.endpoints).ok().flatten() {
             if let Some(signals) = signals.signals {

@@ -296,6 +296,15 @@ mod tests {
     }
 
     #[test]
+    fn losses_after_the_open_make_a_stall_partial() {
+        assert_eq!(confidence(100, None).0, "full");
+        assert_eq!(confidence(100, Some(50)).0, "full", "lost before it opened");
+        let (level, reason) = confidence(100, Some(150));
+        assert_eq!(level, "partial");
+        assert!(reason.unwrap().contains("lost"));
+    }
+
+    #[test]
     fn tcp_causes() {
         let unread = TcpSignals {
             recv_queue: 90,
@@ -404,6 +413,22 @@ impl Diagnosis {
                 .map(|l| l.conn)
                 .ne(other.blame.iter().map(|l| l.conn))
             || self.confidence != other.confidence
+    }
+}
+
+/// How far a connection's state can be trusted: `partial` (with why) when the daemon lost
+/// events after the connection opened, since one of them may have been this connection's.
+pub fn confidence(opened_ns: u64, last_loss_ns: Option<u64>) -> (String, Option<String>) {
+    match last_loss_ns {
+        Some(lost_at) if lost_at >= opened_ns => (
+            "partial".into(),
+            Some(
+                "events were lost since this connection opened (see `loss`): its state may \
+                 be stale"
+                    .into(),
+            ),
+        ),
+        _ => ("full".into(), None),
     }
 }
 

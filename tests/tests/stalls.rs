@@ -267,3 +267,52 @@ fn connect_that_never_completes_is_connect_pending() {
         .unwrap_or_else(|| panic!("no connect_pending end in {ends:#?}"));
     assert_eq!(end["stall"]["resolution"], "reset", "{end:#}");
 }
+
+#[test]
+fn lost_events_lower_the_confidence_of_a_stall() {
+    if !can_trace("lost_events_lower_the_confidence_of_a_stall") {
+        return;
+    }
+    // A one-page ring buffer overflows under a burst of connections.
+    let daemon = Daemon::start_with("confidence", &["--ring-buffer-size", "4KiB"]);
+    let server = SilentServer::bind("127.0.0.1");
+    let _client = send_request(server.addr);
+    let burst = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let burst_addr = burst.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in burst.incoming() {
+            drop(conn)
+        }
+    });
+    for _ in 0..2000 {
+        drop(TcpStream::connect(burst_addr));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    let on_server = loop {
+        let stalls = daemon.stalls(server.addr.port());
+        let server_side = stalls
+            .iter()
+            .find(|s| s["conn"]["role"] == "server")
+            .cloned();
+        if let Some(stall) = server_side.filter(|s| s["stall"]["confidence"] == "partial") {
+            break stall;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{stalls:#?}\n{}",
+            daemon.stderr()
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(on_server["stall"]["confidence_reason"]
+        .as_str()
+        .unwrap()
+        .contains("lost"));
+    let losses = daemon
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "loss")
+        .count();
+    assert!(losses > 0, "the loss itself is reported");
+    server.close();
+}

@@ -37,6 +37,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Fuzz the request recognizers with cargo fuzz (a nightly toolchain) for a bounded time.
+    Fuzz {
+        /// How long to fuzz.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Measure stalltrace's overhead on real workloads (release builds, alternating untraced
     /// and traced runs); writes target/bench/latest.json. Needs root.
     Bench(bench::BenchArgs),
@@ -49,6 +55,7 @@ fn main() {
         Task::Run { args } => run_daemon(&args),
         Task::Test { args } => test(&args),
         Task::Bench(args) => bench::run(args),
+        Task::Fuzz { seconds } => fuzz(seconds),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");
@@ -86,6 +93,32 @@ fn run_daemon(args: &[String]) -> Result<()> {
     use std::os::unix::process::CommandExt as _;
     let err = Command::new(&binary).arg("daemon").args(args).exec();
     Err(err).with_context(|| format!("executing {}", binary.display()))
+}
+
+fn fuzz(seconds: u64) -> Result<()> {
+    if !setup::has_nightly() {
+        println!(
+            "xtask fuzz: skipped: no nightly Rust toolchain (cargo fuzz needs one; the \
+             recognizers' random-input unit test still runs in `cargo xtask test`)"
+        );
+        return Ok(());
+    }
+    setup::install_cargo_fuzz()?;
+    println!("xtask fuzz: fuzzing the request recognizers for {seconds} s");
+    setup::run_checked(
+        setup::rustup()
+            .current_dir(workspace_root().join("stalltrace"))
+            .args([
+                "run",
+                "nightly",
+                "cargo",
+                "fuzz",
+                "run",
+                "recognizers",
+                "--",
+            ])
+            .arg(format!("-max_total_time={seconds}")),
+    )
 }
 
 fn test(args: &[String]) -> Result<()> {

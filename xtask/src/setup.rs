@@ -109,7 +109,7 @@ fn check_bpf_rustc() -> Result<()> {
     Ok(())
 }
 
-fn rustup() -> Command {
+pub fn rustup() -> Command {
     let mut command = Command::new("rustup");
     command.env("PATH", path_with_cargo_bin());
     command
@@ -184,6 +184,31 @@ fn install_bpf_linker() -> Result<()> {
             .env("PATH", path_with_cargo_bin())
             .env("LLVM_PREFIX", LLVM_PREFIX)
             .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX),
+    )
+}
+
+/// A nightly toolchain is installed (on this machine kind, rustup's own nightly).
+pub fn has_nightly() -> bool {
+    rustup()
+        .args(["run", "nightly", "rustc", "--version"])
+        .output()
+        .is_ok_and(|out| out.status.success())
+}
+
+pub fn install_cargo_fuzz() -> Result<()> {
+    let present = Command::new(cargo_bin().join("cargo-fuzz"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if present {
+        step("cargo-fuzz", "present");
+        return Ok(());
+    }
+    step("cargo-fuzz", "installing from crates.io (about 30 s)");
+    run_checked(
+        Command::new("cargo")
+            .args(["install", "cargo-fuzz", "--locked"])
+            .env("PATH", path_with_cargo_bin()),
     )
 }
 
