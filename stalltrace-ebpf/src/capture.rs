@@ -3,7 +3,7 @@
 //! is found in the syscall's registers (`bpf_task_pt_regs`), so no syscall hook is needed.
 //! x86-64 only (register layout and syscall numbers).
 use aya_ebpf::helpers::{
-    bpf_probe_read_kernel, bpf_probe_read_user,
+    bpf_probe_read_user,
     generated::{
         bpf_get_current_task_btf, bpf_probe_read_user as probe_read_user_raw, bpf_task_pt_regs,
     },
@@ -55,11 +55,13 @@ pub fn capture_request(sock: u64, len: u64, now: u64) -> Option<&'static mut Cap
 /// The user address of the data the current syscall moved.
 #[inline(always)]
 fn user_buffer() -> Option<u64> {
-    // SAFETY: kernel/user probe reads; failures are returned, not faulted.
+    // SAFETY: `regs` is a BTF-typed `struct pt_regs *` from the kernel: the verifier turns
+    // these loads into fault-safe ones at their (BTF-checked) offsets, with no helper call.
+    // User memory is read with probe reads: failures are returned, not faulted.
     unsafe {
-        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as u64;
-        let nr: u64 = bpf_probe_read_kernel((regs + PT_REGS_ORIG_AX) as *const u64).ok()?;
-        let arg1: u64 = bpf_probe_read_kernel((regs + PT_REGS_SI) as *const u64).ok()?;
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u64;
+        let nr = regs.byte_add(PT_REGS_ORIG_AX as usize).read_volatile();
+        let arg1 = regs.byte_add(PT_REGS_SI as usize).read_volatile();
         match nr {
             READ | WRITE | SENDTO | RECVFROM => Some(arg1),
             // iov[0].iov_base

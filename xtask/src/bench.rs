@@ -49,6 +49,8 @@ enum Variant {
     /// Untraced again: its ratio to the first untraced run is the machine's noise floor.
     Control,
     Stalltrace,
+    /// With request capture off (`--capture-bytes 0`).
+    StalltraceNoCapture,
     Bpftrace,
 }
 
@@ -58,6 +60,7 @@ impl Variant {
             Self::Untraced => "untraced",
             Self::Control => "untraced again (noise)",
             Self::Stalltrace => "stalltrace",
+            Self::StalltraceNoCapture => "stalltrace, no capture",
             Self::Bpftrace => "bpftrace",
         }
     }
@@ -156,7 +159,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         let mut variants = vec![Variant::Untraced, Variant::Stalltrace];
         if *with_bpftrace {
-            variants.extend([Variant::Bpftrace, Variant::Control]);
+            variants.extend([
+                Variant::StalltraceNoCapture,
+                Variant::Bpftrace,
+                Variant::Control,
+            ]);
         }
         results.push(section(name, &|| {
             compare(&paths, name, command, &variants, args.rounds)
@@ -291,8 +298,13 @@ fn compare(
                     ops_per_sec: run_workload(command)?,
                     tracer: None,
                 },
-                Variant::Stalltrace => {
-                    let daemon = Daemon::start(paths, &[])?;
+                Variant::Stalltrace | Variant::StalltraceNoCapture => {
+                    let args: &[&str] = if variant == Variant::Stalltrace {
+                        &[]
+                    } else {
+                        &["--capture-bytes", "0"]
+                    };
+                    let daemon = Daemon::start(paths, args)?;
                     let before = daemon.sample()?;
                     let started = Instant::now();
                     let ops_per_sec = run_workload(command)?;
