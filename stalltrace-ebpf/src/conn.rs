@@ -38,9 +38,9 @@ pub fn emit(kind: EventKind, sock: u64, conn: &mut ConnState, now: u64) {
     entry.submit(wakeup_flag());
 }
 
-/// Like `emit(RequestStarted, …)`, with the request's captured bytes appended.
+/// Like `emit`, with the captured bytes of the request that just started appended.
 #[inline(always)]
-pub fn emit_request(sock: u64, conn: &mut ConnState, capture: &Capture, now: u64) {
+pub fn emit_request(kind: EventKind, sock: u64, conn: &mut ConnState, capture: &Capture, now: u64) {
     let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
         count_loss(loss::RINGBUF_FULL);
         return;
@@ -50,7 +50,7 @@ pub fn emit_request(sock: u64, conn: &mut ConnState, capture: &Capture, now: u64
     // SAFETY: as in `emit`, for a RequestEvent-sized record.
     unsafe {
         (*record).event.header = EventHeader {
-            kind: EventKind::RequestStarted as u32,
+            kind: kind as u32,
             _pad: 0,
             ts_ns: now,
             sock,

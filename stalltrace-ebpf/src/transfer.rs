@@ -101,7 +101,14 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
         None
     };
     if new_owner {
-        emit(EventKind::Discovered, sock, conn, now);
+        // A passive connection's first transfer is usually its first request: sample it.
+        match capture {
+            Some(capture) => {
+                conn.flags |= conn_flags::SAMPLED;
+                emit_request(EventKind::Discovered, sock, conn, capture, now);
+            }
+            None => emit(EventKind::Discovered, sock, conn, now),
+        }
     } else if quiet_ended {
         conn.flags &= !conn_flags::SAMPLED;
         emit(EventKind::QuietEnded, sock, conn, now);
@@ -113,7 +120,7 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
         // follows. These samples feed `stalltrace why`.
         conn.flags |= conn_flags::SAMPLED;
         match capture {
-            Some(capture) => emit_request(sock, conn, capture, now),
+            Some(capture) => emit_request(EventKind::RequestStarted, sock, conn, capture, now),
             None => emit(EventKind::RequestStarted, sock, conn, now),
         }
     }

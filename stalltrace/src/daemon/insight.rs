@@ -31,7 +31,11 @@ impl Daemon {
     pub(super) fn sample_exchange(&mut self, event: &ConnEvent, capture: Option<Capture>) {
         let sock = event.header.sock;
         match event.kind() {
-            Some(EventKind::RequestStarted) => {
+            // A request start is sampled when reported: with its bytes, or (a connection's
+            // first transfer) when it carries them.
+            Some(EventKind::RequestStarted) | Some(EventKind::Discovered)
+                if event.kind() == Some(EventKind::RequestStarted) || capture.is_some() =>
+            {
                 let Some(conn) = self.tracker.conn(sock) else {
                     return;
                 };
