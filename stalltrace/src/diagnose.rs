@@ -77,7 +77,7 @@ impl Diagnoser {
     }
 
     /// Diagnoses the stall that just opened on connection `id`.
-    pub fn open(&mut self, id: u64, tracker: &Tracker, maps: &KernelMaps, now: u64) -> Diagnosis {
+    pub fn open(&mut self, id: u64, tracker: &Tracker, maps: &KernelMaps) -> Diagnosis {
         let first = self.presamples.remove(&id);
         let (diagnosis, sample) = self.diagnose(id, tracker, maps, first);
         let retransmits_at_start = diagnosis.tcp.map(|t| t.total_retransmits);
@@ -89,7 +89,6 @@ impl Diagnoser {
                 retransmits_at_start,
             },
         );
-        let _ = now;
         diagnosis
     }
 

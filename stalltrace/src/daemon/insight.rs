@@ -30,26 +30,30 @@ impl Daemon {
     /// its completion follows.
     pub(super) fn sample_exchange(&mut self, event: &ConnEvent, capture: Option<Capture>) {
         let sock = event.header.sock;
-        match event.kind() {
-            // A request start is sampled when reported: with its bytes, or (a connection's
-            // first transfer) when it carries them.
-            Some(EventKind::RequestStarted) | Some(EventKind::Discovered)
-                if event.kind() == Some(EventKind::RequestStarted) || capture.is_some() =>
-            {
-                let Some(conn) = self.tracker.conn(sock) else {
-                    return;
-                };
-                let signature = capture.and_then(|c| signature::recognize(c.data()));
-                let signature = signature.map_or_else(|| NOT_CAPTURED.to_owned(), |s| s.display());
-                self.why
-                    .request_started(sock, why_key(conn, signature), event.header.ts_ns);
-            }
+        let sampled_start = match event.kind() {
+            Some(EventKind::RequestStarted) => true,
+            // A passive connection's first transfer, when it started a request.
+            Some(EventKind::Discovered) => capture.is_some(),
             Some(EventKind::ExchangeCompleted) => {
-                self.why.exchange_completed(sock, event.header.ts_ns)
+                self.why.exchange_completed(sock, event.header.ts_ns);
+                false
             }
-            Some(EventKind::Closed) => self.why.forget(sock),
-            _ => {}
+            Some(EventKind::Closed) => {
+                self.why.forget(sock);
+                false
+            }
+            _ => false,
+        };
+        if !sampled_start {
+            return;
         }
+        let Some(conn) = self.tracker.conn(sock) else {
+            return;
+        };
+        let signature = capture.and_then(|c| signature::recognize(c.data()));
+        let signature = signature.map_or_else(|| NOT_CAPTURED.to_owned(), |s| s.display());
+        self.why
+            .request_started(sock, why_key(conn, signature), event.header.ts_ns);
     }
 
     /// Diagnoses new stalls (in their `stall.start`), counts them for `why`, and keeps the
@@ -58,9 +62,7 @@ impl Daemon {
         for event in &mut self.out {
             match &mut event.detail {
                 Detail::StallStart { diagnosis, .. } => {
-                    let found =
-                        self.diagnoser
-                            .open(event.conn.id, &self.tracker, maps, event.at_ns);
+                    let found = self.diagnoser.open(event.conn.id, &self.tracker, maps);
                     if let Some((Some(sock), conn)) = self.tracker.find_by_id(event.conn.id) {
                         let signature = found
                             .request

@@ -286,11 +286,15 @@ impl Daemon {
         Ok(())
     }
 
-    /// Gives back buffer space a burst left behind.
+    /// Gives back buffer space a burst left behind, and the heap it freed.
     fn compact(&mut self) {
-        self.tracker.compact();
+        let mut shrunk = self.tracker.compact();
         if self.out.capacity() > 4096 {
             self.out = Vec::with_capacity(1024);
+            shrunk = true;
+        }
+        if shrunk {
+            heap::release_free_memory();
         }
     }
 

@@ -257,14 +257,19 @@ impl Tracker {
     }
 
     /// Returns memory held since a burst (every new connection is watched for an epoch).
-    pub fn compact(&mut self) {
+    /// True when something was given back.
+    pub fn compact(&mut self) -> bool {
         let live = self.watched.len().max(1024);
+        let mut shrunk = false;
         if self.watched.capacity() > 4 * live {
             self.watched.shrink_to(2 * live);
+            shrunk = true;
         }
         if self.watch_queue.capacity() > 4 * live {
             self.watch_queue.shrink_to(2 * live);
+            shrunk = true;
         }
+        shrunk
     }
 
     fn watch(&mut self, sock: u64) {
