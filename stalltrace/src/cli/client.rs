@@ -110,6 +110,12 @@ fn render_status(status: &Value) -> String {
             out.push_str(&format!("  {cause}: {count}\n"));
         }
     }
+    let recovered = number("/connections/recovered");
+    if recovered > 0 {
+        out.push_str(&format!(
+            "  {recovered} connections recovered from the kernel's map after lost events\n"
+        ));
+    }
     out.push_str("hooks:\n");
     for program in status["programs"].as_array().into_iter().flatten() {
         let runs = program["run_count"].as_u64().unwrap_or(0);
@@ -612,7 +618,7 @@ mod tests {
     fn status_renders_losses_by_cause() {
         let text = render_status(&json!({
             "version": "0.1.0", "pid": 1, "uptime_ms": 61000, "stall_after_ms": 5000,
-            "connections": {"tracked": 3, "stalled": 1, "watched": 2, "capacity": 10},
+            "connections": {"tracked": 3, "stalled": 1, "watched": 2, "capacity": 10, "recovered": 7},
             "events": {"kernel": 9, "written": 4}, "events_to": "stdout",
             "lost": {"kernel_ringbuf_full": 2, "watch_dropped": 0}, "lost_total": 2,
             "programs": [{"program": "p", "hook": "tracepoint/a/b"}]
@@ -620,6 +626,7 @@ mod tests {
         assert!(text.contains("up 1m01s"), "{text}");
         assert!(text.contains("kernel_ringbuf_full: 2"), "{text}");
         assert!(!text.contains("watch_dropped"), "{text}");
+        assert!(text.contains("7 connections recovered"), "{text}");
         assert!(text.contains("p -> tracepoint/a/b"), "{text}");
     }
 }

@@ -3,6 +3,7 @@
 //! for unread requests, loss reports and API queries.
 mod insight;
 mod queries;
+mod resync;
 
 use std::{
     path::PathBuf,
@@ -144,6 +145,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         watch_dropped,
         malformed: 0,
         reported_loss: LossCounters::default(),
+        resync: resync::ResyncPolicy::default(),
         sweeps: 0,
         sweep_busy: Duration::ZERO,
         sweep_max: Duration::ZERO,
@@ -191,6 +193,7 @@ struct Daemon {
     watch_dropped: Arc<AtomicU64>,
     malformed: u64,
     reported_loss: LossCounters,
+    resync: resync::ResyncPolicy,
     sweeps: u64,
     sweep_busy: Duration,
     sweep_max: Duration,
@@ -230,6 +233,7 @@ impl Daemon {
                 }
                 _ = loss.tick() => {
                     self.report_loss(&probes.maps);
+                    self.resync_if_due(ring.get_mut(), &probes.maps);
                     self.compact();
                 }
                 _ = recalibrate.tick() => self.sink.recalibrate(),

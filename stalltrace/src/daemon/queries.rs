@@ -54,6 +54,7 @@ impl Daemon {
                 "stalled": stalled,
                 "watched": self.tracker.watched(),
                 "capacity": self.config.max_conns,
+                "recovered": stats.recovered,
             },
             "events": {
                 "kernel": stats.events,

@@ -182,6 +182,17 @@ pub struct Stats {
     /// Connections whose close was never seen (the kernel entry vanished, or the sock address
     /// was reused before a close event arrived).
     pub lost_closes: u64,
+    /// Connections reported late by [`Tracker::reconcile`], their opening events lost.
+    pub recovered: u64,
+}
+
+/// What one [`Tracker::reconcile`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Kernel connections the tracker did not know or had not reported, now tracked or reported.
+    pub recovered: usize,
+    /// Tracked connections missing from the kernel map, now watched to confirm their close.
+    pub vanished: usize,
 }
 
 /// Hashes `struct sock` addresses. The kernel chooses them, so SipHash's protection against
@@ -471,6 +482,48 @@ impl Tracker {
         }
         conn.watch_epoch = conn.watch_epoch.max(state.notified_epoch);
         self.watch(sock);
+    }
+
+    /// Brings the tracker back in line with the kernel's connection map after lost events:
+    /// `kernel` is a snapshot of that map. Connections whose opening events were lost are
+    /// reported now; tracked ones the map no longer holds are watched, so that the next sweeps
+    /// close them as lost unless their close event is still in flight.
+    pub fn reconcile(
+        &mut self,
+        kernel: impl IntoIterator<Item = (u64, ConnState)>,
+        now: u64,
+        out: &mut Vec<Event>,
+    ) -> Reconciled {
+        let mut result = Reconciled::default();
+        let mut in_kernel = BySock::default();
+        for (sock, state) in kernel {
+            in_kernel.insert(sock, ());
+            let before = self.conns.get(&sock).map(|conn| (conn.id, conn.announced));
+            let conn = self.conn_for(sock, &state, now, out);
+            conn.refresh(&state);
+            // Reported like its lost events would have: once established with a known owner
+            // (a passive connection's owner is known from its first transfer).
+            let established = state.flags & conn_flags::ESTABLISHED != 0;
+            if established && Owner::from_kernel(&state).is_some() {
+                announce(conn, state.open_ns.min(now), out);
+            }
+            if before != Some((conn.id, conn.announced)) {
+                self.watch(sock);
+                result.recovered += 1;
+            }
+        }
+        let vanished: Vec<u64> = self
+            .conns
+            .keys()
+            .filter(|sock| !in_kernel.contains_key(sock))
+            .copied()
+            .collect();
+        result.vanished = vanished.len();
+        for sock in vanished {
+            self.watch(sock);
+        }
+        self.stats.recovered += result.recovered as u64;
+        result
     }
 
     /// Re-reads the watched connections. `epoch` is the epoch the daemon just started;

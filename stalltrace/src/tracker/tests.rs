@@ -709,3 +709,84 @@ fn passive_connection_is_tracked_at_once_and_reported_with_its_owner() {
     assert_eq!(events[0].at_ns, 2 * SEC, "dated at the handshake");
     assert_eq!(events[0].conn.owner.pid, 4242);
 }
+
+#[test]
+fn reconcile_reports_connections_whose_events_were_lost() {
+    let mut t = tracker();
+    let mut server = Kernel::new(role::SERVER, SEC);
+    server.transfer(direction::IN, 2 * SEC);
+    let mut unowned = Kernel::new(role::SERVER, SEC);
+    unowned.state.tgid = 0;
+    let mut out = Vec::new();
+    let found = t.reconcile(
+        [(SOCK, server.state), (SOCK + 64, unowned.state)],
+        3 * SEC,
+        &mut out,
+    );
+    assert_eq!(found.recovered, 2);
+    assert_eq!(found.vanished, 0);
+    assert_eq!(details(&out), [&Detail::Open { adopted: false }]);
+    assert_eq!(out[0].at_ns, SEC, "dated at the handshake");
+    assert_eq!(
+        t.len(),
+        2,
+        "the unowned one is listed, reported at its first transfer"
+    );
+    assert_eq!(t.stats().recovered, 2);
+    // Recovered connections are watched: the outstanding request stalls on time.
+    let events = sweep(&mut t, &mut server, 2 * SEC + THRESHOLD);
+    assert!(matches!(
+        details(&events)[..],
+        [Detail::StallStart {
+            kind: StallKind::UnansweredRequest,
+            ..
+        }]
+    ));
+    // A second pass finds nothing new.
+    let again = t.reconcile(
+        [(SOCK, server.state), (SOCK + 64, unowned.state)],
+        8 * SEC,
+        &mut out,
+    );
+    assert_eq!(again, Default::default());
+}
+
+#[test]
+fn reconcile_reports_a_tracked_connection_whose_first_transfer_was_lost() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, SEC);
+    k.state.tgid = 0;
+    assert!(feed(&mut t, k.event(EventKind::Established, SEC)).is_empty());
+    // The Discovered event of its first transfer is lost.
+    k.state.tgid = 4242;
+    k.transfer(direction::IN, 2 * SEC);
+    let mut out = Vec::new();
+    let found = t.reconcile([(SOCK, k.state)], 3 * SEC, &mut out);
+    assert_eq!(found.recovered, 1);
+    assert_eq!(details(&out), [&Detail::Open { adopted: false }]);
+    assert_eq!(out[0].conn.owner.pid, 4242);
+    assert_eq!(t.len(), 1);
+}
+
+#[test]
+fn reconcile_closes_connections_the_kernel_forgot_after_a_grace() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::CLIENT, 0);
+    feed(&mut t, k.event(EventKind::Established, 0));
+    k.transfer(direction::OUT, SEC);
+    k.transfer(direction::IN, SEC + MS);
+    // Idle for two epochs: no longer watched.
+    for epoch in 2..5 {
+        sweep(&mut t, &mut k, epoch * SEC);
+    }
+    assert_eq!(t.watched(), 0);
+    let mut out = Vec::new();
+    let found = t.reconcile([], 10 * SEC, &mut out);
+    assert_eq!(found.vanished, 1);
+    assert!(out.is_empty(), "its close event may still be in flight");
+    for epoch in 10..10 + u32::from(super::MISSING_SWEEPS_BEFORE_LOST) {
+        t.sweep(20 * SEC, epoch, |_| None, &mut out);
+    }
+    assert!(matches!(&out[..], [Event { detail: Detail::Close(s), .. }] if !s.complete));
+    assert_eq!(t.len(), 0);
+}

@@ -1,0 +1,143 @@
+//! Lost kernel events, end to end: a one-page ring buffer overflows under a burst of
+//! connections; what was lost is counted, lowers the confidence of stalls, and is recovered
+//! from the kernel's connection map once the burst is over.
+use std::{
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use stalltrace_integration::{can_trace, pid, send_request, Daemon, SilentServer};
+
+const TINY_RING: [&str; 2] = ["--ring-buffer-size", "4KiB"];
+
+/// Opens `count` connections to a fresh listener at once, then makes one exchange on each; all
+/// stay open. Returns the listener's port and both ends of every connection.
+fn burst_of_connections(count: usize) -> (u16, Vec<TcpStream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = thread::spawn(move || {
+        let accepted: Vec<TcpStream> = (0..count).map(|_| listener.accept().unwrap().0).collect();
+        for mut conn in &accepted {
+            let mut request = [0u8; 5];
+            conn.read_exact(&mut request).unwrap();
+            conn.write_all(b"pong\n").unwrap();
+        }
+        accepted
+    });
+    let mut clients: Vec<TcpStream> = (0..count)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    for client in &mut clients {
+        client.write_all(b"ping\n").unwrap();
+    }
+    for client in &mut clients {
+        let mut reply = [0u8; 5];
+        client.read_exact(&mut reply).unwrap();
+    }
+    clients.extend(server.join().unwrap());
+    (port, clients)
+}
+
+#[test]
+fn connections_whose_opening_was_lost_are_recovered() {
+    if !can_trace("connections_whose_opening_was_lost_are_recovered") {
+        return;
+    }
+    let daemon = Daemon::start_with("recover", &TINY_RING);
+    const COUNT: usize = 400;
+    let (port, _streams) = burst_of_connections(COUNT);
+    let status = daemon.cli_json(&["status", "-o", "json"]);
+    assert!(
+        status["lost"]["kernel_ringbuf_full"].as_u64().unwrap() > 0,
+        "the burst must overflow the ring for this test to mean anything: {status:#}"
+    );
+    // The loss stops with the burst; the resynchronization follows within a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let conns = loop {
+        let conns = daemon.cli_json(&["conns", "-o", "json", "--port", &port.to_string()]);
+        let conns = conns.as_array().unwrap().clone();
+        if conns.len() >= 2 * COUNT {
+            break conns;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} connections listed\n{}",
+            conns.len(),
+            2 * COUNT,
+            daemon.stderr()
+        );
+        thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(conns.len(), 2 * COUNT);
+    for role in ["client", "server"] {
+        let with_role: Vec<_> = conns.iter().filter(|c| c["conn"]["role"] == role).collect();
+        assert_eq!(with_role.len(), COUNT, "{role}");
+    }
+    for conn in &conns {
+        assert_eq!(conn["process"]["pid"], pid(), "{conn:#}");
+        assert_eq!(conn["conn"]["exchanges"], 1, "{conn:#}");
+        assert_eq!(conn["conn"]["state"], "idle", "{conn:#}");
+    }
+    let status = daemon.cli_json(&["status", "-o", "json"]);
+    assert!(
+        status["connections"]["recovered"].as_u64().unwrap() > 0,
+        "{status:#}"
+    );
+    let opens = daemon.events_named("conn.open", port).len();
+    assert_eq!(
+        opens,
+        2 * COUNT,
+        "every recovered connection is reported once"
+    );
+}
+
+#[test]
+fn lost_events_lower_the_confidence_of_a_stall() {
+    if !can_trace("lost_events_lower_the_confidence_of_a_stall") {
+        return;
+    }
+    // A one-page ring buffer overflows under a burst of connections.
+    let daemon = Daemon::start_with("confidence", &TINY_RING);
+    let server = SilentServer::bind("127.0.0.1");
+    let _client = send_request(server.addr);
+    let burst = TcpListener::bind("127.0.0.1:0").unwrap();
+    let burst_addr = burst.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in burst.incoming() {
+            drop(conn)
+        }
+    });
+    for _ in 0..2000 {
+        drop(TcpStream::connect(burst_addr));
+    }
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let on_server = loop {
+        let stalls = daemon.stalls(server.addr.port());
+        let server_side = stalls
+            .iter()
+            .find(|s| s["conn"]["role"] == "server")
+            .cloned();
+        if let Some(stall) = server_side.filter(|s| s["stall"]["confidence"] == "partial") {
+            break stall;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{stalls:#?}\n{}",
+            daemon.stderr()
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert!(on_server["stall"]["confidence_reason"]
+        .as_str()
+        .unwrap()
+        .contains("lost"));
+    let losses = daemon
+        .events()
+        .into_iter()
+        .filter(|e| e["event"] == "loss")
+        .count();
+    assert!(losses > 0, "the loss itself is reported");
+    server.close();
+}
