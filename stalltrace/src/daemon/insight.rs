@@ -134,7 +134,7 @@ impl Daemon {
     /// ~2 % of a core.
     pub(super) fn scan_unread(&mut self, now: u64) {
         let started = Instant::now();
-        let entries = match sock_diag::dump_established() {
+        let entries = match sock_diag::dump_established_unread() {
             Ok(entries) => entries,
             Err(err) => {
                 log::warn!("sock_diag dump failed ({err}); unread requests go undetected");
@@ -146,7 +146,7 @@ impl Daemon {
         self.next_unread_scan_ns = now + pause.as_nanos() as u64;
         let mut by_endpoints: Option<HashMap<_, u64>> = None;
         let mut owners: Option<HashMap<u64, _>> = None;
-        for entry in entries.iter().filter(|e| e.recv_queue > 0) {
+        for entry in &entries {
             let index = by_endpoints.get_or_insert_with(|| {
                 self.tracker
                     .conns()
