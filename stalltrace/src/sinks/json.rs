@@ -14,18 +14,13 @@ use crate::{
 /// an event allocates only for its time and executable name.
 pub type Name = Cow<'static, str>;
 
+/// An NDJSON event: its time and name, then the same objects as an API item.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct EventJson {
     pub time: String,
     pub event: Name,
-    pub conn: ConnJson,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub process: Option<ProcessJson>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub thread: Option<ThreadJson>,
-    pub network: NetworkJson,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stall: Option<StallJson>,
+    #[serde(flatten)]
+    pub item: ConnItemJson,
 }
 
 /// `conn.*`. Which optional members appear depends on the event or answer (docs/events.md).
@@ -182,15 +177,15 @@ pub fn base_conn(conn: &ConnRef) -> ConnJson {
 
 /// The event name and JSON body of a tracker event; `time` is its RFC 3339 timestamp.
 pub fn event_json(event: &Event, time: String) -> EventJson {
-    let (process, thread, network) = identity(&event.conn);
-    let mut conn = base_conn(&event.conn);
+    let mut item = ConnItemJson::new(&event.conn);
+    let conn = &mut item.conn;
     let (name, stall) = match &event.detail {
         Detail::Open { adopted } => {
             conn.adopted = Some(*adopted);
             ("conn.open", None)
         }
         Detail::Close(summary) => {
-            add_close(&mut conn, summary);
+            add_close(conn, summary);
             ("conn.close", None)
         }
         Detail::StallStart {
@@ -233,14 +228,11 @@ pub fn event_json(event: &Event, time: String) -> EventJson {
             }),
         ),
     };
+    item.stall = stall;
     EventJson {
         time,
         event: name.into(),
-        conn,
-        process,
-        thread,
-        network,
-        stall,
+        item,
     }
 }
 
