@@ -6,6 +6,8 @@
 //! mis-decoding. Discriminants of [`EventKind`] are stable ids; never renumber them.
 #![no_std]
 
+pub mod transfer;
+
 /// Length of a task's `comm` (executable name) in the kernel, NUL padded.
 pub const COMM_LEN: usize = 16;
 
@@ -204,18 +206,23 @@ pub struct RequestEvent {
     pub capture: Capture,
 }
 
-/// Slot of `sock` in a `CAPTURES` array of `slots` entries (a power of two).
+/// Mixes all bits of a `struct sock` address (the murmur3 64-bit finalizer). Sock addresses
+/// share their high bits and have aligned low bits, so they must be mixed before being masked
+/// into a table slot; the kernel chooses them, so no protection against chosen keys is needed.
 #[inline(always)]
-pub const fn capture_slot(sock: u64, slots: u32) -> u32 {
-    // Sock addresses share their high and low bits: mix all bits before masking (the
-    // murmur3 64-bit finalizer).
+pub const fn mix_sock(sock: u64) -> u64 {
     let mut x = sock;
     x ^= x >> 33;
     x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
     x ^= x >> 33;
     x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    x ^= x >> 33;
-    (x as u32) & (slots - 1)
+    x ^ (x >> 33)
+}
+
+/// Slot of `sock` in a `CAPTURES` array of `slots` entries (a power of two).
+#[inline(always)]
+pub const fn capture_slot(sock: u64, slots: u32) -> u32 {
+    (mix_sock(sock) as u32) & (slots - 1)
 }
 
 /// Key of the `STACK_COUNTS` map: how often a thread was sampled in a user stack.
@@ -348,6 +355,7 @@ const _: () = assert!(core::mem::size_of::<Capture>() == 88);
 const _: () = assert!(core::mem::size_of::<RequestEvent>() == 280);
 const _: () = assert!(core::mem::size_of::<Offsets>() == 32);
 
+/// Userspace side: lets the types live in aya's maps.
 #[cfg(feature = "user")]
 mod user {
     use super::*;
@@ -355,52 +363,61 @@ mod user {
     // SAFETY: all of these are repr(C), contain only integers and byte arrays, and have explicit
     // padding fields, so every bit pattern is valid and there are no implicit padding bytes.
     unsafe impl aya::Pod for ConnState {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for EventHeader {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for ConnEvent {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Control {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Capture {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for StackKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Offsets {}
+}
 
-    impl ConnEvent {
-        /// Decodes a ring buffer record. `None` if the record is shorter than an event (a
-        /// mismatched kernel object); longer records are accepted for forward compatibility.
-        pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
-            if bytes.len() < core::mem::size_of::<Self>() {
-                return None;
-            }
-            // SAFETY: length checked above; ConnEvent is Pod, and read_unaligned copes with the
-            // ring buffer's 8-byte (not necessarily 16-byte) alignment.
-            Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) })
+impl ConnEvent {
+    /// Decodes a ring buffer record. `None` if the record is shorter than an event (a
+    /// mismatched kernel object); longer records are accepted for forward compatibility.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() < core::mem::size_of::<Self>() {
+            return None;
         }
+        // SAFETY: length checked above; every bit pattern is a valid ConnEvent (integers and
+        // byte arrays only), and read_unaligned copes with the ring buffer's 8-byte (not
+        // necessarily 16-byte) alignment.
+        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) })
+    }
 
-        pub fn as_bytes(&self) -> &[u8] {
-            // SAFETY: Pod type without implicit padding; the slice borrows self.
-            unsafe {
-                core::slice::from_raw_parts(
-                    (self as *const Self).cast::<u8>(),
-                    core::mem::size_of::<Self>(),
-                )
-            }
-        }
-
-        pub fn kind(&self) -> Option<EventKind> {
-            EventKind::from_u32(self.header.kind)
+    /// The record's bytes, as the kernel writes them.
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: repr(C) without implicit padding; the slice borrows self.
+        unsafe {
+            core::slice::from_raw_parts(
+                (self as *const Self).cast::<u8>(),
+                core::mem::size_of::<Self>(),
+            )
         }
     }
 
-    impl Capture {
-        /// The capture appended to a record, if the record carries one.
-        pub fn from_record_tail(bytes: &[u8]) -> Option<Self> {
-            let start = core::mem::size_of::<ConnEvent>();
-            let tail = bytes.get(start..start + core::mem::size_of::<Self>())?;
-            // SAFETY: length checked; Capture is Pod.
-            Some(unsafe { core::ptr::read_unaligned(tail.as_ptr().cast::<Self>()) })
-        }
+    /// The record's kind; `None` for an id this build does not know.
+    pub fn kind(&self) -> Option<EventKind> {
+        EventKind::from_u32(self.header.kind)
     }
 }
 
-#[cfg(all(test, feature = "user"))]
+impl Capture {
+    /// The capture appended to a record, if the record carries one.
+    pub fn from_record_tail(bytes: &[u8]) -> Option<Self> {
+        let start = core::mem::size_of::<ConnEvent>();
+        let tail = bytes.get(start..start + core::mem::size_of::<Self>())?;
+        // SAFETY: length checked; every bit pattern is a valid Capture.
+        Some(unsafe { core::ptr::read_unaligned(tail.as_ptr().cast::<Self>()) })
+    }
+}
+
+#[cfg(test)]
 mod tests {
     extern crate std;
     use super::*;

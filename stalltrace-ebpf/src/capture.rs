@@ -31,7 +31,7 @@ const MSGHDR_IOV: u64 = 16;
 /// Copies up to `len` bytes of the request that just started on `sock` into its slot.
 /// Returns the slot, or `None` when capture is off or the buffer cannot be located.
 #[inline(never)]
-pub fn capture_request(sock: u64, len: u64, now: u64) -> Option<&'static mut Capture> {
+pub(crate) fn capture_request(sock: u64, len: u64, now: u64) -> Option<&'static mut Capture> {
     let limit = u64::from(CAPTURE_BYTES.load());
     if limit == 0 {
         return None;

@@ -1,11 +1,11 @@
-//! Operations on one connection's state, shared by the programs.
+//! Operations on one connection's state, shared by the programs. The transfer accounting
+//! itself is `stalltrace_common::transfer`, shared with userspace.
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
     helpers::{bpf_get_current_pid_tgid, generated::bpf_get_current_comm},
 };
 use stalltrace_common::{
-    direction, loss, role, Capture, ConnEvent, ConnState, EventHeader, EventKind, RequestEvent,
-    COMM_LEN,
+    loss, Capture, ConnEvent, ConnState, EventHeader, EventKind, RequestEvent, COMM_LEN,
 };
 
 use crate::{
@@ -17,7 +17,7 @@ use crate::{
 /// epoch. A full ring buffer is counted, and the connection stays unmarked so that its next
 /// request start is reported again.
 #[inline(always)]
-pub fn emit(kind: EventKind, sock: u64, conn: &mut ConnState, now: u64) {
+pub(crate) fn emit(kind: EventKind, sock: u64, conn: &mut ConnState, now: u64) {
     let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
         count_loss(loss::RINGBUF_FULL);
         return;
@@ -40,7 +40,13 @@ pub fn emit(kind: EventKind, sock: u64, conn: &mut ConnState, now: u64) {
 
 /// Like `emit`, with the captured bytes of the request that just started appended.
 #[inline(always)]
-pub fn emit_request(kind: EventKind, sock: u64, conn: &mut ConnState, capture: &Capture, now: u64) {
+pub(crate) fn emit_request(
+    kind: EventKind,
+    sock: u64,
+    conn: &mut ConnState,
+    capture: &Capture,
+    now: u64,
+) {
     let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
         count_loss(loss::RINGBUF_FULL);
         return;
@@ -77,7 +83,7 @@ fn wakeup_flag() -> u64 {
 /// Records the calling thread as the connection's last user. Returns true when the process is
 /// new to the connection (first owner, or handed over to another process).
 #[inline(always)]
-pub fn set_owner_to_current(conn: &mut ConnState) -> bool {
+pub(crate) fn set_owner_to_current(conn: &mut ConnState) -> bool {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     conn.tid = pid_tgid as u32;
@@ -88,36 +94,4 @@ pub fn set_owner_to_current(conn: &mut ConnState) -> bool {
     // SAFETY: the helper writes at most COMM_LEN bytes into the connection's comm field.
     unsafe { bpf_get_current_comm(conn.comm.as_mut_ptr().cast(), COMM_LEN as u32) };
     true
-}
-
-/// The direction in which this connection's requests travel.
-#[inline(always)]
-pub fn request_direction(conn: &ConnState) -> u8 {
-    if conn.role == role::SERVER {
-        direction::IN
-    } else {
-        direction::OUT
-    }
-}
-
-/// A request is outstanding: the last transfer went in the request direction.
-#[inline(always)]
-pub fn is_outstanding(conn: &ConnState) -> bool {
-    conn.last_dir != direction::NONE && conn.last_dir == request_direction(conn)
-}
-
-/// Time of the last transfer in the request direction.
-#[inline(always)]
-pub fn last_request_ns(conn: &ConnState) -> u64 {
-    if request_direction(conn) == direction::IN {
-        conn.last_recv_ns
-    } else {
-        conn.last_send_ns
-    }
-}
-
-/// The outstanding request has been quiet for at least the stall threshold.
-#[inline(always)]
-pub fn quiet_past_threshold(conn: &ConnState, now: u64, stall_after_ns: u64) -> bool {
-    is_outstanding(conn) && now.saturating_sub(last_request_ns(conn)) >= stall_after_ns
 }

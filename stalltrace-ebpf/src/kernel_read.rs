@@ -10,7 +10,7 @@ unsafe fn read<T>(base: u64, offset: u32) -> Option<T> {
 
 /// The socket is an IPv4/IPv6 TCP socket; returns its family.
 #[inline(always)]
-pub fn tcp_family(sock: u64, offsets: &Offsets) -> Option<u16> {
+pub(crate) fn tcp_family(sock: u64, offsets: &Offsets) -> Option<u16> {
     if !offsets.can_read_sock() {
         return None;
     }
@@ -26,7 +26,12 @@ pub fn tcp_family(sock: u64, offsets: &Offsets) -> Option<u16> {
 
 /// Fills the connection's addresses and ports from its `struct sock`.
 #[inline(always)]
-pub fn read_endpoints(sock: u64, family: u16, offsets: &Offsets, conn: &mut ConnState) -> bool {
+pub(crate) fn read_endpoints(
+    sock: u64,
+    family: u16,
+    offsets: &Offsets,
+    conn: &mut ConnState,
+) -> bool {
     if !offsets.can_read_sock() {
         return false;
     }

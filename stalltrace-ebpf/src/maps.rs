@@ -9,41 +9,41 @@ use stalltrace_common::{loss, Capture, ConnState, Control, Offsets};
 /// The stall threshold: a reply or close after at least this much quiet is reported at once.
 /// Set by the daemon at load (`EbpfLoader::set_global`), like `OFFSETS`.
 #[unsafe(no_mangle)]
-pub static STALL_AFTER_NS: Global<u64> = Global::new(5_000_000_000);
+pub(crate) static STALL_AFTER_NS: Global<u64> = Global::new(5_000_000_000);
 
 /// Request bytes to capture at each request start (0: off; at most CAPTURE_MAX).
 #[unsafe(no_mangle)]
-pub static CAPTURE_BYTES: Global<u32> = Global::new(0);
+pub(crate) static CAPTURE_BYTES: Global<u32> = Global::new(0);
 
 /// Entries of `CAPTURES` (a power of two), as the daemon sized it.
 #[unsafe(no_mangle)]
-pub static CAPTURE_SLOTS: Global<u32> = Global::new(1);
+pub(crate) static CAPTURE_SLOTS: Global<u32> = Global::new(1);
 
 /// Kernel struct member offsets, resolved by the daemon from BTF.
 #[unsafe(no_mangle)]
-pub static OFFSETS: Global<Offsets> = Global::new(Offsets::unknown());
+pub(crate) static OFFSETS: Global<Offsets> = Global::new(Offsets::unknown());
 
 /// Live TCP connections keyed by `struct sock` address. The daemon sizes it at load; when full,
 /// the least recently used entry is evicted (the daemon notices and reports it).
 #[map]
-pub static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(1 << 18, 0);
+pub(crate) static CONNS: LruHashMap<u64, ConnState> = LruHashMap::with_max_entries(1 << 18, 0);
 
 /// Events to the daemon. Resized by the daemon at load.
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
 /// Per-CPU loss counters, indexed by `stalltrace_common::loss`.
 #[map]
-pub static LOSS: PerCpuArray<u64> = PerCpuArray::with_max_entries(loss::SLOTS, 0);
+pub(crate) static LOSS: PerCpuArray<u64> = PerCpuArray::with_max_entries(loss::SLOTS, 0);
 
 /// Per-CPU scratch space for building a new connection entry: a ConnState is too large to build
 /// on the 512-byte BPF stack next to everything else.
 #[map]
-pub static SCRATCH: PerCpuArray<ConnState> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static SCRATCH: PerCpuArray<ConnState> = PerCpuArray::with_max_entries(1, 0);
 
 /// A zeroed per-CPU ConnState to fill and insert into CONNS.
 #[inline(always)]
-pub fn scratch_conn() -> Option<&'static mut ConnState> {
+pub(crate) fn scratch_conn() -> Option<&'static mut ConnState> {
     let conn = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU slot, used only within one program run (preemption is disabled).
     unsafe {
@@ -55,24 +55,24 @@ pub fn scratch_conn() -> Option<&'static mut ConnState> {
 /// The request in flight per connection, direct-mapped by `capture_slot` (a collision
 /// overwrites; `Capture::sock` tells). Sized by the daemon (a power of two).
 #[map]
-pub static CAPTURES: Array<Capture> = Array::with_max_entries(1, 0);
+pub(crate) static CAPTURES: Array<Capture> = Array::with_max_entries(1, 0);
 
 /// Slot 0 holds the daemon's current sweep epoch.
 #[map]
-pub static CONTROL: Array<Control> = Array::with_max_entries(1, 0);
+pub(crate) static CONTROL: Array<Control> = Array::with_max_entries(1, 0);
 
 /// Local ports with a listening TCP socket, with the number of listeners on each; used to guess
 /// the role of a connection that was already open when the daemon started.
 #[map]
-pub static LISTEN_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(4096, 0);
+pub(crate) static LISTEN_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(4096, 0);
 
 #[inline(always)]
-pub fn stall_after_ns() -> u64 {
+pub(crate) fn stall_after_ns() -> u64 {
     STALL_AFTER_NS.load()
 }
 
 #[inline(always)]
-pub fn count_loss(slot: u32) {
+pub(crate) fn count_loss(slot: u32) {
     if let Some(counter) = LOSS.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot; preemption is disabled while a tracepoint program runs.
         unsafe { *counter += 1 };
@@ -80,6 +80,6 @@ pub fn count_loss(slot: u32) {
 }
 
 #[inline(always)]
-pub fn current_epoch() -> u32 {
+pub(crate) fn current_epoch() -> u32 {
     CONTROL.get(0).map_or(0, |control| control.epoch)
 }

@@ -10,14 +10,14 @@ use aya_ebpf::{
 use stalltrace_common::StackKey;
 
 #[map]
-pub static STACKS: StackTrace = StackTrace::with_max_entries(1024, 0);
+pub(crate) static STACKS: StackTrace = StackTrace::with_max_entries(1024, 0);
 
 /// Samples per (thread, stack).
 #[map]
-pub static STACK_COUNTS: HashMap<StackKey, u64> = HashMap::with_max_entries(4096, 0);
+pub(crate) static STACK_COUNTS: HashMap<StackKey, u64> = HashMap::with_max_entries(4096, 0);
 
 #[perf_event]
-pub fn stalltrace_stack(ctx: PerfEventContext) -> u32 {
+pub(crate) fn stalltrace_stack(ctx: PerfEventContext) -> u32 {
     let Ok(stack_id) = ctx.get_stackid(&STACKS, BPF_F_USER_STACK.into()) else {
         return 0;
     };

@@ -8,7 +8,7 @@ use stalltrace_common::{
 use crate::maps::CONNS;
 
 #[tracepoint(category = "tcp", name = "tcp_retransmit_skb")]
-pub fn stalltrace_retransmit(ctx: TracePointContext) -> u32 {
+pub(crate) fn stalltrace_retransmit(ctx: TracePointContext) -> u32 {
     // SAFETY: the context of this tracepoint starts with a TcpRetransmitSkb record.
     let args = unsafe { &*(ctx.as_ptr() as *const TcpRetransmitSkb) };
     if let Some(conn) = CONNS.get_ptr_mut(args.skaddr) {
@@ -24,7 +24,7 @@ pub fn stalltrace_retransmit(ctx: TracePointContext) -> u32 {
 }
 
 #[tracepoint(category = "tcp", name = "tcp_receive_reset")]
-pub fn stalltrace_reset(ctx: TracePointContext) -> u32 {
+pub(crate) fn stalltrace_reset(ctx: TracePointContext) -> u32 {
     // SAFETY: the context of this tracepoint starts with a TcpReceiveReset record.
     let args = unsafe { &*(ctx.as_ptr() as *const TcpReceiveReset) };
     if let Some(conn) = CONNS.get_ptr_mut(args.skaddr) {

@@ -5,18 +5,18 @@ use aya_ebpf::{
     EbpfContext,
 };
 use stalltrace_common::{
-    conn_flags, loss, role, tcp_state, tracepoint::InetSockSetState, ConnState, EventKind,
-    AF_INET6, IPPROTO_TCP,
+    conn_flags, loss, role, tcp_state, tracepoint::InetSockSetState,
+    transfer::quiet_past_threshold, ConnState, EventKind, AF_INET6, IPPROTO_TCP,
 };
 
 use crate::{
-    conn::{emit, quiet_past_threshold, set_owner_to_current},
+    conn::{emit, set_owner_to_current},
     maps::{count_loss, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS},
     words::{copy_addr16, copy_addr4},
 };
 
 #[tracepoint(category = "sock", name = "inet_sock_set_state")]
-pub fn stalltrace_tcp_state(ctx: TracePointContext) -> u32 {
+pub(crate) fn stalltrace_tcp_state(ctx: TracePointContext) -> u32 {
     // SAFETY: the context of this tracepoint is a InetSockSetState record.
     let args = unsafe { &*(ctx.as_ptr() as *const InetSockSetState) };
     if args.protocol != IPPROTO_TCP {

@@ -12,14 +12,15 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use aya_log_ebpf::{debug, warn};
-use stalltrace_common::{conn_flags, direction, loss, role, tcp_state, ConnState, EventKind};
+use stalltrace_common::{
+    conn_flags, direction, loss, role, tcp_state,
+    transfer::{ends_quiet, record_transfer, Turn},
+    ConnState, EventKind,
+};
 
 use crate::{
     capture::capture_request,
-    conn::{
-        emit, emit_request, is_outstanding, last_request_ns, request_direction,
-        set_owner_to_current,
-    },
+    conn::{emit, emit_request, set_owner_to_current},
     kernel_read::{read_endpoints, tcp_family},
     maps::{count_loss, current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS},
 };
@@ -32,13 +33,13 @@ const ARG_RET: usize = 1;
 const ARG_FLAGS: usize = 2;
 
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
-pub fn stalltrace_recv(ctx: RawTracePointContext) -> i32 {
+pub(crate) fn stalltrace_recv(ctx: RawTracePointContext) -> i32 {
     on_transfer(&ctx, direction::IN);
     0
 }
 
 #[raw_tracepoint(tracepoint = "sock_send_length")]
-pub fn stalltrace_send(ctx: RawTracePointContext) -> i32 {
+pub(crate) fn stalltrace_send(ctx: RawTracePointContext) -> i32 {
     on_transfer(&ctx, direction::OUT);
     0
 }
@@ -66,36 +67,9 @@ fn on_transfer(ctx: &RawTracePointContext, dir: u8) {
 #[inline(always)]
 fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
     let new_owner = set_owner_to_current(conn);
-    let previous = conn.last_dir;
-    let quiet_ended = previous != dir
-        && is_outstanding(conn)
-        && now.saturating_sub(last_request_ns(conn)) >= stall_after_ns();
-    // Plain increments: sends and receives touch different fields, and two threads sending on
-    // one socket at the same instant is rare enough that a lost count is acceptable (the BPF
-    // target's `core` offers no atomic read-modify-write on stable Rust).
-    if dir == direction::IN {
-        conn.bytes_recv += bytes;
-        conn.recv_calls += 1;
-        conn.last_recv_ns = now;
-    } else {
-        conn.bytes_sent += bytes;
-        conn.send_calls += 1;
-        conn.last_send_ns = now;
-    }
-    let mut request_started = false;
-    let mut reply_started = false;
-    if previous != dir {
-        conn.last_dir = dir;
-        conn.dir_since_ns = now;
-        if dir == request_direction(conn) {
-            conn.requests += 1;
-            request_started = true;
-        } else if previous != direction::NONE {
-            conn.exchanges += 1;
-            reply_started = true;
-        }
-    }
-    let capture = if request_started {
+    let quiet_ended = ends_quiet(conn, dir, now, stall_after_ns());
+    let turn = record_transfer(conn, dir, bytes, now);
+    let capture = if turn == Turn::RequestStarted {
         capture_request(sock, bytes, now)
     } else {
         None
@@ -112,10 +86,10 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
     } else if quiet_ended {
         conn.flags &= !conn_flags::SAMPLED;
         emit(EventKind::QuietEnded, sock, conn, now);
-    } else if reply_started && conn.flags & conn_flags::SAMPLED != 0 {
+    } else if turn == Turn::ReplyStarted && conn.flags & conn_flags::SAMPLED != 0 {
         conn.flags &= !conn_flags::SAMPLED;
         emit(EventKind::ExchangeCompleted, sock, conn, now);
-    } else if request_started && conn.notified_epoch != current_epoch() {
+    } else if turn == Turn::RequestStarted && conn.notified_epoch != current_epoch() {
         // One request per connection and epoch is reported, with its bytes; its completion
         // follows. These samples feed `stalltrace why`.
         conn.flags |= conn_flags::SAMPLED;
@@ -150,7 +124,7 @@ fn discover(ctx: &RawTracePointContext, sock: u64, dir: u8, bytes: u64, now: u64
         role::CLIENT
     };
     set_owner_to_current(conn);
-    record_first(conn, dir, bytes, now);
+    record_transfer(conn, dir, bytes, now);
     match CONNS.insert(sock, &*conn, BPF_NOEXIST.into()) {
         Ok(()) => {}
         // Another CPU discovered it first and reported it.
@@ -171,21 +145,3 @@ fn discover(ctx: &RawTracePointContext, sock: u64, dir: u8, bytes: u64, now: u64
 }
 
 const EEXIST: i32 = -17;
-
-#[inline(always)]
-fn record_first(conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
-    if dir == direction::IN {
-        conn.bytes_recv = bytes;
-        conn.recv_calls = 1;
-        conn.last_recv_ns = now;
-    } else {
-        conn.bytes_sent = bytes;
-        conn.send_calls = 1;
-        conn.last_send_ns = now;
-    }
-    conn.last_dir = dir;
-    conn.dir_since_ns = now;
-    if dir == request_direction(conn) {
-        conn.requests = 1;
-    }
-}

@@ -8,7 +8,7 @@ use stalltrace_common::ConnState;
 /// # Safety
 /// `conn` must be valid for writes and 8-byte aligned.
 #[inline(always)]
-pub unsafe fn zero_conn(conn: *mut ConnState) {
+pub(crate) unsafe fn zero_conn(conn: *mut ConnState) {
     let words = conn.cast::<u64>();
     for i in 0..size_of::<ConnState>() / 8 {
         unsafe { words.add(i).write_volatile(0) };
@@ -20,7 +20,7 @@ pub unsafe fn zero_conn(conn: *mut ConnState) {
 /// # Safety
 /// `dst` must be valid for writes, `src` for reads, both 8-byte aligned.
 #[inline(always)]
-pub unsafe fn copy_words<T>(dst: *mut T, src: *const T) {
+pub(crate) unsafe fn copy_words<T>(dst: *mut T, src: *const T) {
     const { assert!(size_of::<T>() % 8 == 0) };
     let (dst, src) = (dst.cast::<u64>(), src.cast::<u64>());
     for i in 0..size_of::<T>() / 8 {
@@ -33,7 +33,7 @@ pub unsafe fn copy_words<T>(dst: *mut T, src: *const T) {
 /// # Safety
 /// `src` valid for reads, `dst` for writes, both 8-byte aligned.
 #[inline(always)]
-pub unsafe fn copy_addr16(dst: &mut [u8; 16], src: *const [u8; 16]) {
+pub(crate) unsafe fn copy_addr16(dst: &mut [u8; 16], src: *const [u8; 16]) {
     let (dst, src) = ((dst as *mut [u8; 16]).cast::<u64>(), src.cast::<u64>());
     unsafe {
         dst.write_volatile(src.read_volatile());
@@ -46,7 +46,7 @@ pub unsafe fn copy_addr16(dst: &mut [u8; 16], src: *const [u8; 16]) {
 /// # Safety
 /// `src` valid for reads and 4-byte aligned.
 #[inline(always)]
-pub unsafe fn copy_addr4(dst: &mut [u8; 16], src: *const [u8; 4]) {
+pub(crate) unsafe fn copy_addr4(dst: &mut [u8; 16], src: *const [u8; 4]) {
     let word = unsafe { src.cast::<u32>().read_volatile() };
     unsafe { (dst as *mut [u8; 16]).cast::<u32>().write_volatile(word) };
 }

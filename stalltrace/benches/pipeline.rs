@@ -3,10 +3,11 @@
 //! starts a request, and closes, on both ends). Prints one JSON line for `cargo xtask bench`.
 use std::{hint::black_box, time::Instant};
 
-use stalltrace::{sinks::ndjson::EventSink, tracker::Tracker};
+use stalltrace::sinks::ndjson::EventSink;
 use stalltrace_common::{
     conn_flags, direction, role, tcp_state, ConnEvent, ConnState, EventHeader, EventKind, AF_INET,
 };
+use stalltrace_core::tracker::Tracker;
 
 const CONNECTIONS: u64 = 200_000;
 

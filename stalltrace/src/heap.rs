@@ -2,7 +2,7 @@
 //! one-off peak (start-up, a large answer) that would show as resident memory for the
 //! daemon's whole life.
 
-pub fn release_free_memory() {
+pub(crate) fn release_free_memory() {
     // SAFETY: malloc_trim only releases memory that is already free.
     unsafe { libc::malloc_trim(0) };
 }

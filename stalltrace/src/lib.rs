@@ -1,21 +1,15 @@
-//! stalltrace: an eBPF request stall tracer.
+//! stalltrace's daemon and CLI: everything that touches the kernel, /proc, sockets and files.
+//! The logic they serve is in `stalltrace-core`.
 //!
-//! Data flows one way: kernel programs (`stalltrace-ebpf`, loaded by `probes`) → `sources`
-//! (ring buffer records, /proc, BTF, tracefs) → `tracker` (the pure lifecycle and stall state
-//! machine) → `sinks` (NDJSON events, the control API). `cli` is the client side of the API.
-pub mod api;
+//! Data flows one way: kernel programs (`stalltrace-ebpf`, loaded by [`probes`]) and
+//! [`sources`] (ring buffer records, /proc, BTF, tracefs, sock_diag) → the core's tracker →
+//! [`diagnosis`] (gathering what explains a stall) and `why` → [`sinks`] (NDJSON events, the
+//! control API). [`daemon`] owns the loop that runs them; [`cli`] is the client side of the API.
 pub mod cli;
 pub mod daemon;
-pub mod diagnose;
-pub mod diagnosis;
-pub mod duration;
-pub mod heap;
+mod diagnosis;
+mod heap;
 pub mod logger;
-pub mod loss;
-pub mod probes;
-pub mod signature;
+mod probes;
 pub mod sinks;
-pub mod sources;
-pub mod timefmt;
-pub mod tracker;
-pub mod why;
+mod sources;

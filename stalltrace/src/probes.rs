@@ -23,7 +23,7 @@ use crate::sources::tracefs;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stalltrace"));
 
 /// A program and the tracepoint it attaches to.
-pub struct Hook {
+pub(crate) struct Hook {
     pub program: &'static str,
     pub category: &'static str,
     pub name: &'static str,
@@ -33,7 +33,7 @@ pub struct Hook {
     pub optional: Option<&'static str>,
 }
 
-pub const HOOKS: &[Hook] = &[
+pub(crate) const HOOKS: &[Hook] = &[
     Hook {
         program: "stalltrace_tcp_state",
         raw: false,
@@ -71,7 +71,7 @@ pub const HOOKS: &[Hook] = &[
     },
 ];
 
-pub struct ProbeConfig {
+pub(crate) struct ProbeConfig {
     pub stall_after_ns: u64,
     pub max_conns: u32,
     pub ring_buffer_bytes: u32,
@@ -88,7 +88,7 @@ const CAPTURE_SLOTS: u32 = 1 << 16;
 
 /// An attached program and what the kernel counted for it, for `stalltrace status`.
 #[derive(Clone, Debug, serde::Serialize)]
-pub struct Attached {
+pub(crate) struct Attached {
     pub program: &'static str,
     pub hook: String,
     /// Runs and time spent, counted only while BPF statistics are enabled (`--bpf-stats` or
@@ -98,7 +98,7 @@ pub struct Attached {
 }
 
 /// Loaded and attached programs; dropping this detaches them.
-pub struct Probes {
+pub(crate) struct Probes {
     ebpf: Ebpf,
     attached: Vec<Attached>,
     pub maps: KernelMaps,
@@ -119,7 +119,7 @@ struct StackSampling {
 /// Samples per second of a spinning thread.
 const STACK_SAMPLE_HZ: u64 = 99;
 
-pub struct KernelMaps {
+pub(crate) struct KernelMaps {
     pub conns: HashMap<MapData, u64, ConnState>,
     pub control: Array<MapData, Control>,
     pub loss: PerCpuArray<MapData, u64>,
@@ -131,30 +131,30 @@ pub struct KernelMaps {
 
 /// Kernel-side loss counters, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct KernelLoss {
+pub(crate) struct KernelLoss {
     pub ringbuf_full: u64,
     pub conn_insert_failed: u64,
 }
 
 impl KernelMaps {
-    pub fn lookup(&self, sock: u64) -> Option<ConnState> {
+    pub(crate) fn lookup(&self, sock: u64) -> Option<ConnState> {
         self.conns.get(&sock, 0).ok()
     }
 
     /// The captured start of the request in flight on `sock`, if its slot still holds it.
-    pub fn capture(&self, sock: u64) -> Option<Capture> {
+    pub(crate) fn capture(&self, sock: u64) -> Option<Capture> {
         let slot = capture_slot(sock, self.capture_slots);
         let capture = self.captures.get(&slot, 0).ok()?;
         (capture.sock == sock && capture.len > 0).then_some(capture)
     }
 
-    pub fn set_epoch(&mut self, epoch: u32) -> Result<()> {
+    pub(crate) fn set_epoch(&mut self, epoch: u32) -> Result<()> {
         self.control
             .set(0, Control { epoch, _pad: 0 }, 0)
             .context("writing the sweep epoch to the CONTROL map")
     }
 
-    pub fn loss(&self) -> KernelLoss {
+    pub(crate) fn loss(&self) -> KernelLoss {
         let sum = |slot: u32| {
             self.loss
                 .get(&slot, 0)
@@ -171,7 +171,11 @@ impl KernelMaps {
 impl Probes {
     /// Loads the programs, seeds their maps, then attaches them. `listening` are the ports
     /// with a listener already (their role decides how pre-existing connections are read).
-    pub fn load(tracefs_root: &Path, config: &ProbeConfig, listening: &[u16]) -> Result<Self> {
+    pub(crate) fn load(
+        tracefs_root: &Path,
+        config: &ProbeConfig,
+        listening: &[u16],
+    ) -> Result<Self> {
         match Self::load_once(tracefs_root, config, listening, config.capture_bytes) {
             Err(err) if config.capture_bytes > 0 => {
                 log::warn!(
@@ -252,7 +256,7 @@ impl Probes {
     }
 
     /// Starts sampling the user stack of thread `tid`; false when perf events are unavailable.
-    pub fn sample_stacks(&mut self, tid: u32) -> bool {
+    pub(crate) fn sample_stacks(&mut self, tid: u32) -> bool {
         let Some(stacks) = self.stacks.as_mut() else {
             return false;
         };
@@ -286,7 +290,7 @@ impl Probes {
     }
 
     /// Stops sampling thread `tid` and forgets its samples.
-    pub fn stop_stacks(&mut self, tid: u32) {
+    pub(crate) fn stop_stacks(&mut self, tid: u32) {
         let Some(stacks) = self.stacks.as_mut() else {
             return;
         };
@@ -311,7 +315,7 @@ impl Probes {
     }
 
     /// Threads being sampled.
-    pub fn sampled_threads(&self) -> Vec<u32> {
+    pub(crate) fn sampled_threads(&self) -> Vec<u32> {
         self.stacks
             .as_ref()
             .map(|s| s.links.keys().copied().collect())
@@ -319,7 +323,7 @@ impl Probes {
     }
 
     /// The most sampled user stack of `tid`: instruction addresses, innermost first.
-    pub fn top_stack(&self, tid: u32) -> Option<Vec<u64>> {
+    pub(crate) fn top_stack(&self, tid: u32) -> Option<Vec<u64>> {
         let stacks = self.stacks.as_ref()?;
         let (key, _) = stacks
             .counts
@@ -332,7 +336,7 @@ impl Probes {
     }
 
     /// The attached programs with their current kernel statistics.
-    pub fn attached(&self) -> Vec<Attached> {
+    pub(crate) fn attached(&self) -> Vec<Attached> {
         let mut attached = self.attached.clone();
         for entry in &mut attached {
             let info = self.ebpf.program(entry.program).and_then(|p| p.info().ok());
@@ -344,7 +348,7 @@ impl Probes {
         attached
     }
 
-    pub fn attached_count(&self) -> usize {
+    pub(crate) fn attached_count(&self) -> usize {
         self.attached.len()
     }
 }

@@ -23,7 +23,7 @@ const BENCH_PACKAGES: &[&str] = &["nginx", "wrk", "bpftrace"];
 const NGINX_PORT: u16 = 18_080;
 
 #[derive(clap::Args)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// Rounds per workload (each round runs every variant once).
     #[arg(long, default_value_t = 7)]
     rounds: usize,
@@ -89,7 +89,7 @@ struct Paths {
     out: PathBuf,
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
+pub(crate) fn run(args: BenchArgs) -> Result<()> {
     let args = if args.smoke {
         BenchArgs {
             rounds: 1,

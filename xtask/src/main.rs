@@ -107,7 +107,7 @@ fn fuzz(seconds: u64) -> Result<()> {
     println!("xtask fuzz: fuzzing the request recognizers for {seconds} s");
     setup::run_checked(
         setup::rustup()
-            .current_dir(workspace_root().join("stalltrace"))
+            .current_dir(workspace_root().join("stalltrace-core"))
             .args([
                 "run",
                 "nightly",

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 /// The rustup name build.rs uses for the BPF toolchain (Debian's rustc-web under /usr).
-pub const BPF_TOOLCHAIN: &str = "stalltrace-bpf";
+pub(crate) const BPF_TOOLCHAIN: &str = "stalltrace-bpf";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// aya 0.14 needs Rust >= 1.87; bookworm main has rustc-web 1.85, bookworm-security 1.96.
@@ -27,7 +27,7 @@ const PACKAGES: &[&str] = &[
     "zlib1g-dev",
 ];
 
-pub fn run() -> Result<()> {
+pub(crate) fn run() -> Result<()> {
     install_packages(PACKAGES)?;
     check_bpf_rustc()?;
     link_toolchain()?;
@@ -40,12 +40,12 @@ fn step(what: &str, outcome: &str) {
     println!("xtask setup: {what}: {outcome}");
 }
 
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
 
-pub fn require_root(for_what: &str) -> Result<()> {
+pub(crate) fn require_root(for_what: &str) -> Result<()> {
     if !is_root() {
         bail!("{for_what} needs root; run it as root (e.g. `sudo -E env PATH=\"$PATH\" cargo xtask ...`)");
     }
@@ -61,7 +61,7 @@ fn installed(package: &str) -> bool {
 
 /// Installs the missing Debian packages (refreshing the package lists first, since a stale
 /// list may only offer too-old versions).
-pub fn install_packages(packages: &[&str]) -> Result<()> {
+pub(crate) fn install_packages(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         step(
@@ -109,7 +109,7 @@ fn check_bpf_rustc() -> Result<()> {
     Ok(())
 }
 
-pub fn rustup() -> Command {
+pub(crate) fn rustup() -> Command {
     let mut command = Command::new("rustup");
     command.env("PATH", path_with_cargo_bin());
     command
@@ -146,7 +146,7 @@ fn cargo_bin() -> PathBuf {
 }
 
 /// PATH with cargo's bin directory (where bpf-linker goes) in front.
-pub fn path_with_cargo_bin() -> std::ffi::OsString {
+pub(crate) fn path_with_cargo_bin() -> std::ffi::OsString {
     let mut paths = vec![cargo_bin()];
     if let Some(path) = std::env::var_os("PATH") {
         paths.extend(std::env::split_paths(&path));
@@ -188,14 +188,14 @@ fn install_bpf_linker() -> Result<()> {
 }
 
 /// A nightly toolchain is installed (on this machine kind, rustup's own nightly).
-pub fn has_nightly() -> bool {
+pub(crate) fn has_nightly() -> bool {
     rustup()
         .args(["run", "nightly", "rustc", "--version"])
         .output()
         .is_ok_and(|out| out.status.success())
 }
 
-pub fn install_cargo_fuzz() -> Result<()> {
+pub(crate) fn install_cargo_fuzz() -> Result<()> {
     let present = Command::new(cargo_bin().join("cargo-fuzz"))
         .arg("--version")
         .output()
@@ -229,7 +229,7 @@ fn mount_tracefs() -> Result<()> {
     run_checked(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))
 }
 
-pub fn run_checked(command: &mut Command) -> Result<()> {
+pub(crate) fn run_checked(command: &mut Command) -> Result<()> {
     let status = command
         .status()
         .with_context(|| format!("starting {command:?}"))?;

@@ -13,11 +13,10 @@ use super::{
     table::{bytes, endpoint, Table},
     Format,
 };
-use crate::{
-    api::{self, Command, Request, Response},
-    diagnosis::{Diagnosis, ThreadVerdict},
+use stalltrace_core::{
+    api::{self, schema::ConnItemJson, Command, Request, Response},
+    diagnosis::{Confidence, Diagnosis, ThreadVerdict},
     duration::format_millis,
-    sinks::json::ConnItemJson,
     why::WhyRow,
 };
 
@@ -192,7 +191,7 @@ fn render_conns(items: &[ConnItemJson]) -> String {
     format!("{}{} connections\n", table.render(), items.len())
 }
 
-fn process_cells(process: &Option<crate::sinks::json::ProcessJson>) -> (String, String) {
+fn process_cells(process: &Option<stalltrace_core::api::schema::ProcessJson>) -> (String, String) {
     match process {
         Some(p) => (p.pid.to_string(), p.executable.name.clone()),
         None => ("-".into(), "-".into()),
@@ -260,7 +259,7 @@ fn render_stalls(items: &[ConnItemJson]) -> String {
 fn why_summary(diagnosis: &Diagnosis) -> String {
     let mut parts = Vec::new();
     if let Some(cause) = &diagnosis.cause {
-        parts.push(cause.clone());
+        parts.push(cause.to_string());
     }
     if let Some(thread) = &diagnosis.thread {
         parts.push(verdict_text(&thread.verdict));
@@ -268,7 +267,7 @@ fn why_summary(diagnosis: &Diagnosis) -> String {
     if let Some(root) = diagnosis.blame.last() {
         parts.push(format!("root: conn {}", root.conn));
     }
-    if diagnosis.confidence == "partial" {
+    if diagnosis.confidence == Confidence::Partial {
         parts.push("partial (events lost)".into());
     }
     if parts.is_empty() {
@@ -555,8 +554,10 @@ mod tests {
                 "thread": {"id": 78, "verdict": "blocked", "syscall": "recvfrom", "fd": 9,
                     "fd_conn": 4},
                 "blame": [
-                    {"conn": 3, "role": "server", "local": "a", "peer": "b"},
-                    {"conn": 4, "role": "client", "local": "c", "peer": "d"}
+                    {"conn": 3, "role": "server", "local": "127.0.0.1:8080",
+                        "peer": "127.0.0.1:50000"},
+                    {"conn": 4, "role": "client", "local": "127.0.0.1:40000",
+                        "peer": "127.0.0.1:5432"}
                 ],
                 "request": {"protocol": "http", "signature": "GET /coupon/apply"}}
         }))

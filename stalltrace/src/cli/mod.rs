@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{api, duration::HumanDuration};
+use stalltrace_core::{api, duration::HumanDuration};
 
 #[derive(Parser, Debug)]
 #[command(

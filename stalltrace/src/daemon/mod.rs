@@ -1,9 +1,12 @@
 //! `stalltrace daemon`: loads the programs, then one loop owns all state and runs, in turn,
 //! the ring buffer drain, the stall sweep (with the diagnosis of new and open stalls), the scan
 //! for unread requests, loss reports and API queries.
-mod insight;
 mod queries;
 mod resync;
+mod stall_diagnosis;
+mod timelines;
+mod unread;
+mod why_samples;
 
 use std::{
     path::PathBuf,
@@ -23,19 +26,22 @@ use tokio::{
     sync::mpsc,
 };
 
-use crate::{
-    diagnose::Diagnoser,
-    heap,
+use stalltrace_core::{
     loss::{LossCounters, LossReport},
-    probes::{KernelMaps, ProbeConfig, Probes},
-    sinks::{
-        api::{ApiServer, Query},
-        ndjson::EventSink,
-    },
-    sources::{btf, procfs, tracefs},
     timefmt::monotonic_ns,
     tracker::{Event, Tracker},
     why::Why,
+};
+
+use crate::{
+    diagnosis::Diagnoser,
+    heap,
+    probes::{KernelMaps, ProbeConfig, Probes},
+    sinks::{
+        api_server::{ApiServer, Query},
+        ndjson::EventSink,
+    },
+    sources::{btf, procfs, tracefs},
 };
 
 pub struct DaemonConfig {
@@ -133,7 +139,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         diagnoser: Diagnoser::new(stall_after_ns, config.capture_raw),
         symbolizer: crate::sources::symbols::Symbolizer::default(),
         why: Why::new(),
-        timelines: insight::Timelines::default(),
+        timelines: timelines::Timelines::default(),
         next_refresh_ns: 0,
         next_unread_scan_ns: 0,
         tracker,
@@ -182,7 +188,7 @@ struct Daemon {
     diagnoser: Diagnoser,
     symbolizer: crate::sources::symbols::Symbolizer,
     why: Why,
-    timelines: insight::Timelines,
+    timelines: timelines::Timelines,
     next_refresh_ns: u64,
     next_unread_scan_ns: u64,
     sink: EventSink,
@@ -276,7 +282,7 @@ impl Daemon {
             self.scan_unread(now);
         }
         if now >= self.next_refresh_ns {
-            self.next_refresh_ns = now + crate::diagnose::REFRESH_EVERY_NS;
+            self.next_refresh_ns = now + crate::diagnosis::REFRESH_EVERY_NS;
             self.refresh_stalls(maps, now);
             self.update_stacks(probes, now);
         }

@@ -3,14 +3,17 @@
 use serde_json::json;
 use stalltrace_common::ConnState;
 
-use super::Daemon;
-use crate::{
-    api::{Command, Filter, Response},
-    probes::{KernelMaps, Probes},
-    sinks::json::{self, ConnItemJson, StallJson},
+use stalltrace_core::{
+    api::{
+        schema::{self as json, ConnItemJson, StallJson},
+        Command, ErrorCode, Filter, Response,
+    },
     timefmt::monotonic_ns,
-    tracker::{verdict, Conn, Totals},
+    tracker::{activity, Conn, Totals},
 };
+
+use super::Daemon;
+use crate::probes::{KernelMaps, Probes};
 
 impl Daemon {
     pub(super) fn answer(&self, command: Command, probes: &Probes) -> Response {
@@ -25,7 +28,7 @@ impl Daemon {
             Command::Show { id } => self.show(id, &probes.maps, now),
             Command::Why { filter } => Response::ok(&self.why(&filter)),
             Command::Watch { .. } => {
-                Response::error("bad_request", "watch is served by the API task")
+                Response::error(ErrorCode::BadRequest, "watch is served by the API task")
             }
         }
     }
@@ -48,6 +51,7 @@ impl Daemon {
             "programs": probes.attached(),
             "features": {
                 "adopt_existing": self.offsets.can_read_sock(),
+                "request_capture_bytes": probes.capture_bytes,
             },
             "connections": {
                 "tracked": self.tracker.len(),
@@ -122,7 +126,7 @@ impl Daemon {
     fn show(&self, id: u64, maps: &KernelMaps, now: u64) -> Response {
         let Some((sock, conn)) = self.tracker.find_by_id(id) else {
             return Response::error(
-                "not_found",
+                ErrorCode::NotFound,
                 format!("no live connection {id} (closed, or never seen by this daemon)"),
             );
         };
@@ -147,7 +151,7 @@ impl Daemon {
         }))
     }
 
-    fn why(&self, filter: &Filter) -> Vec<crate::why::WhyRow> {
+    fn why(&self, filter: &Filter) -> Vec<stalltrace_core::why::WhyRow> {
         self.why
             .report()
             .into_iter()
@@ -168,11 +172,11 @@ impl Daemon {
 fn conn_item(conn: &Conn, snapshot: Option<ConnState>, now: u64) -> ConnItemJson {
     let mut item = ConnItemJson::new(&conn.reference());
     item.conn.adopted = Some(conn.adopted);
-    let state = match (&conn.stall, snapshot.as_ref().map(verdict::assess)) {
+    let state = match (&conn.stall, snapshot.as_ref().map(activity::assess)) {
         (Some(_), _) => "stalled",
-        (None, Some(verdict::Activity::Outstanding { .. }))
-        | (None, Some(verdict::Activity::ConnectPending { .. })) => "active",
-        (None, Some(verdict::Activity::Ending { .. })) => "closing",
+        (None, Some(activity::Activity::Outstanding { .. }))
+        | (None, Some(activity::Activity::ConnectPending { .. })) => "active",
+        (None, Some(activity::Activity::Ending { .. })) => "closing",
         (None, _) => "idle",
     };
     item.conn.state = Some(state.into());

@@ -4,9 +4,10 @@
 use std::time::Instant;
 
 use aya::maps::{MapData, RingBuf};
+use stalltrace_core::timefmt::monotonic_ns;
 
 use super::Daemon;
-use crate::{probes::KernelMaps, timefmt::monotonic_ns};
+use crate::probes::KernelMaps;
 
 /// Resynchronizations cost one map read per connection: at most one per this many seconds.
 const MIN_INTERVAL_NS: u64 = 10_000_000_000;

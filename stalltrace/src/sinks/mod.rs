@@ -1,4 +1,4 @@
-//! Where data goes: NDJSON events and the JSON shapes shared with the control API.
-pub mod api;
-pub mod json;
+//! Where data goes: NDJSON events (stdout, a file, `watch` clients) and the control API
+//! server. Sinks never hold up the loop that feeds them.
+pub mod api_server;
 pub mod ndjson;

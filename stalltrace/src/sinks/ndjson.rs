@@ -11,9 +11,9 @@ use anyhow::{Context as _, Result};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::{
+use stalltrace_core::{
+    api::schema::event_json,
     loss::LossReport,
-    sinks::json::event_json,
     timefmt::Clock,
     tracker::{model::Endpoints, ConnRef, Event},
 };

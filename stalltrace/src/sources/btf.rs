@@ -9,30 +9,30 @@ use std::collections::HashMap;
 use anyhow::{bail, ensure, Context as _, Result};
 use stalltrace_common::Offsets;
 
-pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+pub(crate) const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 const MAGIC: u16 = 0xeb9f;
 
 mod kind {
-    pub const INT: u8 = 1;
-    pub const PTR: u8 = 2;
-    pub const ARRAY: u8 = 3;
-    pub const STRUCT: u8 = 4;
-    pub const UNION: u8 = 5;
-    pub const ENUM: u8 = 6;
-    pub const FWD: u8 = 7;
-    pub const TYPEDEF: u8 = 8;
-    pub const VOLATILE: u8 = 9;
-    pub const CONST: u8 = 10;
-    pub const RESTRICT: u8 = 11;
-    pub const FUNC: u8 = 12;
-    pub const FUNC_PROTO: u8 = 13;
-    pub const VAR: u8 = 14;
-    pub const DATASEC: u8 = 15;
-    pub const FLOAT: u8 = 16;
-    pub const DECL_TAG: u8 = 17;
-    pub const TYPE_TAG: u8 = 18;
-    pub const ENUM64: u8 = 19;
+    pub(super) const INT: u8 = 1;
+    pub(super) const PTR: u8 = 2;
+    pub(super) const ARRAY: u8 = 3;
+    pub(super) const STRUCT: u8 = 4;
+    pub(super) const UNION: u8 = 5;
+    pub(super) const ENUM: u8 = 6;
+    pub(super) const FWD: u8 = 7;
+    pub(super) const TYPEDEF: u8 = 8;
+    pub(super) const VOLATILE: u8 = 9;
+    pub(super) const CONST: u8 = 10;
+    pub(super) const RESTRICT: u8 = 11;
+    pub(super) const FUNC: u8 = 12;
+    pub(super) const FUNC_PROTO: u8 = 13;
+    pub(super) const VAR: u8 = 14;
+    pub(super) const DATASEC: u8 = 15;
+    pub(super) const FLOAT: u8 = 16;
+    pub(super) const DECL_TAG: u8 = 17;
+    pub(super) const TYPE_TAG: u8 = 18;
+    pub(super) const ENUM64: u8 = 19;
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -48,7 +48,7 @@ struct Type {
 }
 
 /// A parsed BTF blob.
-pub struct Btf {
+pub(crate) struct Btf {
     data: Vec<u8>,
     types: Vec<Type>,
     strings: (usize, usize),
@@ -57,20 +57,20 @@ pub struct Btf {
 
 /// Where a member lives and how big it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Member {
+pub(crate) struct Member {
     pub offset: u32,
     pub size: u32,
 }
 
 impl Btf {
-    pub fn from_kernel() -> Result<Self> {
+    pub(crate) fn from_kernel() -> Result<Self> {
         let data = std::fs::read(VMLINUX_BTF).with_context(|| {
             format!("reading {VMLINUX_BTF} (needs a kernel built with CONFIG_DEBUG_INFO_BTF=y)")
         })?;
         Self::parse(data)
     }
 
-    pub fn parse(data: Vec<u8>) -> Result<Self> {
+    pub(crate) fn parse(data: Vec<u8>) -> Result<Self> {
         ensure!(
             data.len() >= 24,
             "BTF blob too short ({} bytes)",
@@ -218,7 +218,7 @@ impl Btf {
     }
 
     /// Offset and size of `path` (members, outermost first) within `struct name`.
-    pub fn member(&self, struct_name: &str, path: &[&str]) -> Option<Member> {
+    pub(crate) fn member(&self, struct_name: &str, path: &[&str]) -> Option<Member> {
         let mut id = *self.structs_by_name.get(struct_name)?;
         let mut offset = 0;
         for step in path {
@@ -235,7 +235,7 @@ impl Btf {
 
 /// The offsets the kernel programs use; members that cannot be found (or have an unexpected
 /// size) stay unknown, which disables the feature that needs them. `missing` names them.
-pub fn resolve_offsets(btf: &Btf) -> (Offsets, Vec<&'static str>) {
+pub(crate) fn resolve_offsets(btf: &Btf) -> (Offsets, Vec<&'static str>) {
     let mut offsets = Offsets::unknown();
     let mut missing = Vec::new();
     let wanted: [(&mut u32, &str, &[&str], u32, &'static str); 8] = [

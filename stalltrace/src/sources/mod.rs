@@ -1,8 +1,8 @@
 //! Where data comes from: the kernel (ring buffer and maps, via `crate::probes`), BTF, tracefs
 //! and /proc.
-pub mod btf;
-pub mod procfs;
-pub mod sock_diag;
-pub mod symbols;
-pub mod threads;
-pub mod tracefs;
+pub(crate) mod btf;
+pub(crate) mod procfs;
+pub(crate) mod sock_diag;
+pub(crate) mod symbols;
+pub(crate) mod threads;
+pub(crate) mod tracefs;

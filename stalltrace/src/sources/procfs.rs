@@ -6,24 +6,22 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use crate::tracker::{
+use stalltrace_common::tcp_state;
+use stalltrace_core::tracker::{
     model::{Comm, Endpoints, Owner, Role},
     Adoption,
 };
 
-const TCP_ESTABLISHED: u8 = 0x01;
-const TCP_LISTEN: u8 = 0x0a;
-
 /// A line of /proc/net/tcp or /proc/net/tcp6.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProcSocket {
+pub(crate) struct ProcSocket {
     pub endpoints: Endpoints,
     pub state: u8,
     pub inode: u64,
 }
 
 /// Parses one line of /proc/net/tcp{,6}; `None` for the header or a malformed line.
-pub fn parse_tcp_line(line: &str) -> Option<ProcSocket> {
+pub(crate) fn parse_tcp_line(line: &str) -> Option<ProcSocket> {
     let mut columns = line.split_whitespace();
     let _slot = columns.next()?;
     let (local, local_port) = parse_address(columns.next()?)?;
@@ -66,7 +64,7 @@ fn parse_address(text: &str) -> Option<(IpAddr, u16)> {
 }
 
 /// All TCP sockets of the host's network namespace.
-pub fn tcp_sockets() -> Vec<ProcSocket> {
+pub(crate) fn tcp_sockets() -> Vec<ProcSocket> {
     ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
         .filter_map(|path| fs::read_to_string(path).ok())
@@ -74,10 +72,10 @@ pub fn tcp_sockets() -> Vec<ProcSocket> {
         .collect()
 }
 
-pub fn listening_ports(sockets: &[ProcSocket]) -> Vec<u16> {
+pub(crate) fn listening_ports(sockets: &[ProcSocket]) -> Vec<u16> {
     let mut ports: Vec<u16> = sockets
         .iter()
-        .filter(|s| s.state == TCP_LISTEN)
+        .filter(|s| s.state == tcp_state::LISTEN)
         .map(|s| s.endpoints.local_port)
         .collect();
     ports.sort_unstable();
@@ -86,7 +84,7 @@ pub fn listening_ports(sockets: &[ProcSocket]) -> Vec<u16> {
 }
 
 /// Socket inode → the process holding it, from every /proc/<pid>/fd.
-pub fn socket_owners() -> HashMap<u64, Owner> {
+pub(crate) fn socket_owners() -> HashMap<u64, Owner> {
     let mut owners = HashMap::new();
     let Ok(processes) = fs::read_dir("/proc") else {
         return owners;
@@ -131,12 +129,12 @@ fn socket_inode(link: &str) -> Option<u64> {
 
 /// Established connections with their owners and roles (server when the local port has a
 /// listener).
-pub fn adoptions(sockets: &[ProcSocket]) -> Vec<Adoption> {
+pub(crate) fn adoptions(sockets: &[ProcSocket]) -> Vec<Adoption> {
     let listening = listening_ports(sockets);
     let owners = socket_owners();
     sockets
         .iter()
-        .filter(|s| s.state == TCP_ESTABLISHED)
+        .filter(|s| s.state == tcp_state::ESTABLISHED)
         .map(|s| Adoption {
             endpoints: s.endpoints,
             role: if listening.binary_search(&s.endpoints.local_port).is_ok() {
@@ -162,7 +160,7 @@ mod tests {
         assert_eq!(socket.endpoints.local, IpAddr::from([127, 0, 0, 1]));
         assert_eq!(socket.endpoints.local_port, 8080);
         assert_eq!(socket.endpoints.peer_port, 50_000);
-        assert_eq!(socket.state, TCP_ESTABLISHED);
+        assert_eq!(socket.state, tcp_state::ESTABLISHED);
         assert_eq!(socket.inode, 31337);
     }
 

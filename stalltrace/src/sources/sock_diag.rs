@@ -7,7 +7,8 @@ use std::{
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
-use crate::{diagnosis::TcpSignals, tracker::model::Endpoints};
+use stalltrace_common::tcp_state;
+use stalltrace_core::{diagnosis::TcpSignals, tracker::model::Endpoints};
 
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -17,14 +18,13 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const INET_DIAG_INFO: u16 = 2;
 const INET_DIAG_NOCOOKIE: u32 = !0;
-const TCP_ESTABLISHED: u32 = 1;
 const NLMSG_HDR: usize = 16;
 const REQ_LEN: usize = 56;
 const MSG_LEN: usize = 72;
 
 /// One socket as the kernel reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiagEntry {
+pub(crate) struct DiagEntry {
     pub endpoints: Endpoints,
     pub state: u8,
     pub recv_queue: u32,
@@ -34,7 +34,7 @@ pub struct DiagEntry {
 }
 
 /// The socket with these endpoints, with tcp_info; `None` if it no longer exists.
-pub fn query(endpoints: &Endpoints) -> io::Result<Option<DiagEntry>> {
+pub(crate) fn query(endpoints: &Endpoints) -> io::Result<Option<DiagEntry>> {
     // A dual-stack socket carrying IPv4 is an AF_INET6 socket with mapped addresses.
     let families: &[u8] = match endpoints.local {
         IpAddr::V4(_) => &[libc::AF_INET as u8, libc::AF_INET6 as u8],
@@ -57,10 +57,10 @@ pub fn query(endpoints: &Endpoints) -> io::Result<Option<DiagEntry>> {
 
 /// The established TCP sockets of the host's network namespace with unread bytes, without
 /// tcp_info. Filtered while parsing: a host may have hundreds of thousands of sockets.
-pub fn dump_established_unread() -> io::Result<Vec<DiagEntry>> {
+pub(crate) fn dump_established_unread() -> io::Result<Vec<DiagEntry>> {
     let mut entries = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        let request = request(family, 1 << TCP_ESTABLISHED, 0, None, true);
+        let request = request(family, 1 << tcp_state::ESTABLISHED, 0, None, true);
         entries.extend(exchange(&request, |entry| entry.recv_queue > 0)?);
     }
     Ok(entries)
@@ -336,12 +336,12 @@ mod tests {
         let signals = entry.signals.expect("tcp_info requested");
         assert_eq!(signals.recv_queue, 14);
         assert_eq!(
-            crate::diagnosis::tcp_cause(true, &signals),
-            "request_unread"
+            stalltrace_core::diagnosis::tcp_cause(true, &signals),
+            stalltrace_core::diagnosis::Cause::RequestUnread
         );
         let unread = dump_established_unread().unwrap();
         assert!(unread.iter().any(|e| e.endpoints == endpoints(&server)));
-        assert!(unread.iter().all(|e| e.state == TCP_ESTABLISHED as u8));
+        assert!(unread.iter().all(|e| e.state == tcp_state::ESTABLISHED));
         assert!(unread.iter().all(|e| e.recv_queue > 0));
         let mut buf = [0u8; 14];
         server.read_exact(&mut buf).unwrap();

@@ -22,7 +22,7 @@ struct Binary {
 
 /// A line of /proc/<pid>/maps that maps a file with execute permission.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Mapping {
+pub(crate) struct Mapping {
     pub start: u64,
     pub end: u64,
     pub offset: u64,
@@ -30,7 +30,7 @@ pub struct Mapping {
 }
 
 /// Parses the executable file mappings of /proc/<pid>/maps.
-pub fn parse_maps(text: &str) -> Vec<Mapping> {
+pub(crate) fn parse_maps(text: &str) -> Vec<Mapping> {
     text.lines()
         .filter_map(|line| {
             let mut fields = line.split_whitespace();
@@ -52,13 +52,13 @@ pub fn parse_maps(text: &str) -> Vec<Mapping> {
 
 /// Caches parsed binaries (by path) across calls.
 #[derive(Default)]
-pub struct Symbolizer {
+pub(crate) struct Symbolizer {
     binaries: HashMap<PathBuf, Option<Arc<Binary>>>,
 }
 
 impl Symbolizer {
     /// Names for `addresses` of process `pid`, innermost first; consecutive repeats collapsed.
-    pub fn symbolize(&mut self, pid: u32, addresses: &[u64]) -> Vec<String> {
+    pub(crate) fn symbolize(&mut self, pid: u32, addresses: &[u64]) -> Vec<String> {
         let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
         let mappings = parse_maps(&maps);
         let mut names: Vec<String> = Vec::new();

@@ -3,34 +3,13 @@
 //! open (or imminent) stalls.
 use std::{fs, net::SocketAddr, os::fd::FromRawFd as _};
 
-use crate::timefmt::monotonic_ns;
-
-/// One look at a thread.
-#[derive(Clone, Debug, PartialEq)]
-pub struct ThreadSample {
-    /// When it was taken (CLOCK_MONOTONIC ns).
-    pub at_ns: u64,
-    /// CPU time consumed so far.
-    pub cpu_ns: u64,
-    /// Scheduler state: `R` running, `S` sleeping, `D` uninterruptible, `T` stopped, `Z` zombie.
-    pub state: char,
-    pub syscall: SyscallState,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SyscallState {
-    /// On a CPU, in user space.
-    Running,
-    /// Inside syscall `nr` with these arguments.
-    In { nr: i64, args: [u64; 6] },
-    /// Blocked, but not in a syscall (e.g. a page fault).
-    Outside,
-    /// Not readable (permissions, or a kernel without CONFIG_HAVE_ARCH_TRACEHOOK).
-    Unknown,
-}
+use stalltrace_core::{
+    diagnosis::{SyscallState, ThreadSample},
+    timefmt::monotonic_ns,
+};
 
 /// Samples thread `tid` of process `pid`; `None` when it no longer exists.
-pub fn sample(pid: u32, tid: u32) -> Option<ThreadSample> {
+pub(crate) fn sample(pid: u32, tid: u32) -> Option<ThreadSample> {
     let dir = format!("/proc/{pid}/task/{tid}");
     let stat = fs::read_to_string(format!("{dir}/stat")).ok()?;
     let state = parse_stat_state(&stat)?;
@@ -56,13 +35,13 @@ pub fn sample(pid: u32, tid: u32) -> Option<ThreadSample> {
 
 /// The state letter of /proc/…/stat, which follows the parenthesized command name (which may
 /// itself contain spaces and parentheses).
-pub fn parse_stat_state(stat: &str) -> Option<char> {
+pub(crate) fn parse_stat_state(stat: &str) -> Option<char> {
     let after_comm = &stat[stat.rfind(')')? + 1..];
     after_comm.split_whitespace().next()?.chars().next()
 }
 
 /// utime + stime of /proc/…/stat (fields 14 and 15), in ns.
-pub fn parse_stat_cpu_ns(stat: &str) -> Option<u64> {
+pub(crate) fn parse_stat_cpu_ns(stat: &str) -> Option<u64> {
     let after_comm = &stat[stat.rfind(')')? + 1..];
     let mut fields = after_comm.split_whitespace().skip(11);
     let utime: u64 = fields.next()?.parse().ok()?;
@@ -73,12 +52,12 @@ pub fn parse_stat_cpu_ns(stat: &str) -> Option<u64> {
 }
 
 /// First field of /proc/…/schedstat: time spent on the CPU, in ns.
-pub fn parse_schedstat(text: &str) -> Option<u64> {
+pub(crate) fn parse_schedstat(text: &str) -> Option<u64> {
     text.split_whitespace().next()?.parse().ok()
 }
 
 /// /proc/…/syscall: `running`, `-1 sp pc`, or `nr arg0 … arg5 sp pc` (arguments in hex).
-pub fn parse_syscall(text: &str) -> SyscallState {
+pub(crate) fn parse_syscall(text: &str) -> SyscallState {
     let mut fields = text.split_whitespace();
     let Some(first) = fields.next() else {
         return SyscallState::Unknown;
@@ -107,7 +86,7 @@ pub fn parse_syscall(text: &str) -> SyscallState {
 
 /// What a file descriptor refers to.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum FdTarget {
+pub(crate) enum FdTarget {
     /// A TCP/UDP socket with its endpoints, when they could be read.
     Socket {
         inode: u64,
@@ -121,7 +100,7 @@ pub enum FdTarget {
 }
 
 impl FdTarget {
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Self::Socket {
                 local: Some(local),
@@ -137,7 +116,7 @@ impl FdTarget {
 }
 
 /// Parses a /proc/…/fd/N link target.
-pub fn parse_fd_link(link: &str) -> FdTarget {
+pub(crate) fn parse_fd_link(link: &str) -> FdTarget {
     let bracketed = |prefix: &str| {
         link.strip_prefix(prefix)?
             .strip_suffix(']')?
@@ -161,7 +140,7 @@ pub fn parse_fd_link(link: &str) -> FdTarget {
 
 /// What `fd` of process `pid` is; for a socket, also its endpoints (read from a duplicate of
 /// the descriptor taken with pidfd_getfd, Linux 5.6+, which needs CAP_SYS_PTRACE).
-pub fn fd_target(pid: u32, fd: i64) -> Option<FdTarget> {
+pub(crate) fn fd_target(pid: u32, fd: i64) -> Option<FdTarget> {
     let link = fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
     let mut target = parse_fd_link(&link.to_string_lossy());
     if let FdTarget::Socket { local, peer, .. } = &mut target {

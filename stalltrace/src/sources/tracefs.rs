@@ -10,11 +10,11 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use stalltrace_common::tracepoint::{InetSockSetState, TcpReceiveReset, TcpRetransmitSkb};
 
-pub const TRACEFS: &str = "/sys/kernel/tracing";
+pub(crate) const TRACEFS: &str = "/sys/kernel/tracing";
 const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
 
 /// The tracefs root, mounting tracefs at /sys/kernel/tracing when no tracefs is mounted.
-pub fn ensure_mounted() -> Result<PathBuf> {
+pub(crate) fn ensure_mounted() -> Result<PathBuf> {
     for root in [TRACEFS, DEBUGFS_TRACING] {
         if Path::new(root).join("events").is_dir() {
             return Ok(PathBuf::from(root));
@@ -44,10 +44,10 @@ pub fn ensure_mounted() -> Result<PathBuf> {
 }
 
 /// A field of a tracepoint record: (offset, size) in bytes.
-pub type FieldLayout = (usize, usize);
+pub(crate) type FieldLayout = (usize, usize);
 
 /// Parses the `field:` lines of a tracepoint `format` file.
-pub fn parse_format(text: &str) -> HashMap<String, FieldLayout> {
+pub(crate) fn parse_format(text: &str) -> HashMap<String, FieldLayout> {
     let mut fields = HashMap::new();
     for line in text.lines() {
         let Some(rest) = line.trim().strip_prefix("field:") else {
@@ -80,7 +80,7 @@ pub fn parse_format(text: &str) -> HashMap<String, FieldLayout> {
 }
 
 /// The fields a program reads from a tracepoint, as compiled into it.
-pub fn expected_fields(category: &str, name: &str) -> Vec<(&'static str, FieldLayout)> {
+pub(crate) fn expected_fields(category: &str, name: &str) -> Vec<(&'static str, FieldLayout)> {
     macro_rules! fields {
         ($ty:ty: $($field:ident),+) => {
             vec![$((
@@ -105,7 +105,7 @@ fn size_of_field<T, F>(_: impl Fn(&T) -> &F) -> usize {
 
 /// Checks that the running kernel has `category/name` and lays out its record as the programs
 /// expect (raw tracepoints, read by argument position, only need to exist).
-pub fn check_layout(root: &Path, category: &str, name: &str) -> Result<()> {
+pub(crate) fn check_layout(root: &Path, category: &str, name: &str) -> Result<()> {
     let path = root.join("events").join(category).join(name).join("format");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("tracepoint {category}/{name} is not available ({path:?})"))?;

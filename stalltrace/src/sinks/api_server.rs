@@ -18,10 +18,9 @@ use tokio::{
     sync::{broadcast, mpsc, oneshot, Semaphore},
 };
 
-use crate::{
-    api::{self, Command, Filter, Response},
-    sinks::ndjson::WatchLine,
-};
+use stalltrace_core::api::{self, Command, ErrorCode, Filter, Response};
+
+use crate::sinks::ndjson::WatchLine;
 
 const MAX_CLIENTS: usize = 64;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -93,7 +92,10 @@ impl ApiServer {
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     tokio::spawn(reply_and_close(
                         stream,
-                        Response::error("busy", format!("more than {MAX_CLIENTS} API clients")),
+                        Response::error(
+                            ErrorCode::Busy,
+                            format!("more than {MAX_CLIENTS} API clients"),
+                        ),
                     ));
                     continue;
                 };
@@ -126,15 +128,17 @@ impl Client {
         let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
         let response = match read {
             Err(_) => Response::error(
-                "timeout",
+                ErrorCode::Timeout,
                 format!(
                     "no complete request line within {}s",
                     REQUEST_TIMEOUT.as_secs()
                 ),
             ),
-            Ok(Err(err)) => Response::error("bad_request", format!("unreadable request: {err}")),
+            Ok(Err(err)) => {
+                Response::error(ErrorCode::BadRequest, format!("unreadable request: {err}"))
+            }
             Ok(Ok(_)) if line.len() > api::MAX_REQUEST_BYTES => Response::error(
-                "too_large",
+                ErrorCode::TooLarge,
                 format!("requests are limited to {} bytes", api::MAX_REQUEST_BYTES),
             ),
             Ok(Ok(_)) => match api::parse_request(line.trim_end()) {
@@ -162,11 +166,11 @@ impl Client {
     async fn ask(&self, command: Command) -> Response {
         let (reply, answer) = oneshot::channel();
         if self.queries.send(Query { command, reply }).await.is_err() {
-            return Response::error("internal", "the daemon is shutting down");
+            return Response::error(ErrorCode::Internal, "the daemon is shutting down");
         }
-        answer
-            .await
-            .unwrap_or_else(|_| Response::error("internal", "the daemon dropped the query"))
+        answer.await.unwrap_or_else(|_| {
+            Response::error(ErrorCode::Internal, "the daemon dropped the query")
+        })
     }
 
     /// Streams event lines matching `filter` until the client goes away.
@@ -182,7 +186,7 @@ impl Client {
                 Err(broadcast::error::RecvError::Lagged(dropped)) => {
                     self.watch_dropped.fetch_add(dropped, Ordering::Relaxed);
                     let notice = serde_json::json!({
-                        "time": crate::timefmt::rfc3339_ns(crate::timefmt::realtime_ns()),
+                        "time": stalltrace_core::timefmt::rfc3339_ns(stalltrace_core::timefmt::realtime_ns()),
                         "event": "loss",
                         "loss": {"watch_dropped": dropped},
                     });

@@ -1,9 +1,12 @@
 //! Domain types of the connection tracker, decoded from the kernel ABI.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use serde::{Deserialize, Serialize};
 use stalltrace_common::{role, ConnState, AF_INET6, COMM_LEN};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Which side opened the connection: `client` called `connect()`, `server` accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Role {
     Client,
     Server,
@@ -52,6 +55,35 @@ impl Endpoints {
         match self.local {
             IpAddr::V4(_) => "ipv4",
             IpAddr::V6(_) => "ipv6",
+        }
+    }
+
+    /// The endpoints of a socket whose addresses were read from the socket itself
+    /// (getsockname/getpeername): IPv4-mapped addresses are unmapped as everywhere else.
+    pub fn from_socket_addrs(local: SocketAddr, peer: SocketAddr) -> Self {
+        Self {
+            local: local.ip().to_canonical(),
+            local_port: local.port(),
+            peer: peer.ip().to_canonical(),
+            peer_port: peer.port(),
+        }
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.local, self.local_port)
+    }
+
+    pub fn peer_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.peer, self.peer_port)
+    }
+
+    /// The same connection seen from its other end.
+    pub fn reversed(&self) -> Self {
+        Self {
+            local: self.peer,
+            local_port: self.peer_port,
+            peer: self.local,
+            peer_port: self.local_port,
         }
     }
 
@@ -115,7 +147,9 @@ impl Owner {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What a stall is waiting for (`stall.kind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum StallKind {
     /// Server role: a request came in and nothing went out since.
     UnansweredRequest,
@@ -142,8 +176,9 @@ impl StallKind {
     }
 }
 
-/// How a stall ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a stall ended (`stall.resolution`), or how a connection ended (`conn.end`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Resolution {
     /// Traffic came back (or the handshake completed, for `connect_pending`).
     Response,
@@ -162,6 +197,8 @@ impl Resolution {
         }
     }
 }
+
+display_as_str!(Role, StallKind, Resolution);
 
 #[cfg(test)]
 mod tests {

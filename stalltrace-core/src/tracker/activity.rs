@@ -1,4 +1,5 @@
-//! What a kernel snapshot says about a connection's exchange, as pure functions.
+//! What a kernel snapshot says about a connection's exchange (its [`Activity`]), as pure
+//! functions.
 //!
 //! The rules, per role:
 //! - a server whose last transfer was inbound (a request) has a reply outstanding;
@@ -8,7 +9,7 @@
 //!
 //! A connection is *quiet* for as long as nothing moved in the request direction; an outstanding
 //! exchange quiet for the threshold is a stall.
-use stalltrace_common::{conn_flags, direction, tcp_state, ConnState};
+use stalltrace_common::{conn_flags, tcp_state, transfer, ConnState};
 
 use super::model::{Resolution, Role};
 
@@ -28,22 +29,10 @@ pub fn role_of(state: &ConnState) -> Role {
     Role::from_kernel(state.role)
 }
 
-/// The last transfer went in the request direction.
-pub fn request_outstanding(state: &ConnState) -> bool {
-    let request_dir = match role_of(state) {
-        Role::Server => direction::IN,
-        Role::Client => direction::OUT,
-    };
-    state.last_dir == request_dir
-}
-
 /// When the request direction last moved: the start of the current quiet stretch if a request
-/// is outstanding. A reply or a close does not change it.
+/// is outstanding (the kernel programs' rule, `stalltrace_common::transfer`).
 pub fn last_request_ns(state: &ConnState) -> u64 {
-    match role_of(state) {
-        Role::Server => state.last_recv_ns,
-        Role::Client => state.last_send_ns,
-    }
+    transfer::last_request_ns(state)
 }
 
 /// How a connection that left ESTABLISHED ended.
@@ -60,7 +49,7 @@ pub fn assess(state: &ConnState) -> Activity {
         tcp_state::SYN_SENT => Activity::ConnectPending {
             since: state.open_ns,
         },
-        tcp_state::ESTABLISHED if request_outstanding(state) => Activity::Outstanding {
+        tcp_state::ESTABLISHED if transfer::is_outstanding(state) => Activity::Outstanding {
             quiet_since: last_request_ns(state),
         },
         tcp_state::ESTABLISHED => Activity::Idle,
@@ -74,7 +63,7 @@ pub fn assess(state: &ConnState) -> Activity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stalltrace_common::role;
+    use stalltrace_common::{direction, role};
 
     fn conn(role_id: u8, last_dir: u8) -> ConnState {
         ConnState {

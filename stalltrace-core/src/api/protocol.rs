@@ -87,11 +87,46 @@ pub struct Response {
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct ApiError {
-    /// Machine-readable: `bad_request`, `unsupported_version`, `too_large`, `timeout`,
-    /// `busy`, `internal`.
-    pub code: String,
+    pub code: ErrorCode,
+    /// For people: what went wrong and what to do about it.
     pub message: String,
 }
+
+/// Machine-readable error codes (`error.code`), stable across versions.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not JSON, not a known command, or arguments of the wrong shape.
+    BadRequest,
+    /// The request's `version` is not this daemon's.
+    UnsupportedVersion,
+    /// The request line exceeds [`MAX_REQUEST_BYTES`].
+    TooLarge,
+    /// No complete request line arrived in time.
+    Timeout,
+    /// Too many clients are connected.
+    Busy,
+    /// No such connection (`show`).
+    NotFound,
+    /// The daemon could not answer (shutting down).
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::TooLarge => "too_large",
+            Self::Timeout => "timeout",
+            Self::Busy => "busy",
+            Self::NotFound => "not_found",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+display_as_str!(ErrorCode);
 
 impl Response {
     pub fn ok(result: &impl Serialize) -> Self {
@@ -113,7 +148,7 @@ impl Response {
         }
     }
 
-    pub fn error(code: &str, message: impl Into<String>) -> Self {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
         Self::failed(ApiError::new(code, message))
     }
 
@@ -128,9 +163,9 @@ impl Response {
 }
 
 impl ApiError {
-    pub fn new(code: &str, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
-            code: code.into(),
+            code,
             message: message.into(),
         }
     }
@@ -139,23 +174,23 @@ impl ApiError {
 /// Parses a request line, or says what is wrong with it.
 pub fn parse_request(line: &str) -> Result<Request, ApiError> {
     let value: serde_json::Value = serde_json::from_str(line)
-        .map_err(|e| ApiError::new("bad_request", format!("not JSON: {e}")))?;
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("not JSON: {e}")))?;
     match value.get("version").and_then(serde_json::Value::as_u64) {
         Some(v) if v == u64::from(VERSION) => {}
         Some(v) => {
             return Err(ApiError::new(
-                "unsupported_version",
+                ErrorCode::UnsupportedVersion,
                 format!("this daemon speaks API version {VERSION}, the request has {v}"),
             ));
         }
         None => {
             return Err(ApiError::new(
-                "bad_request",
+                ErrorCode::BadRequest,
                 format!("missing \"version\" (this daemon speaks version {VERSION})"),
             ));
         }
     }
-    serde_json::from_value(value).map_err(|e| ApiError::new("bad_request", e.to_string()))
+    serde_json::from_value(value).map_err(|e| ApiError::new(ErrorCode::BadRequest, e.to_string()))
 }
 
 #[cfg(test)]
@@ -192,19 +227,22 @@ mod tests {
     #[test]
     fn malformed_requests_get_specific_errors() {
         let code = |line: &str| parse_request(line).unwrap_err().code;
-        assert_eq!(code("not json"), "bad_request");
-        assert_eq!(code(r#"{"command":"status"}"#), "bad_request");
+        assert_eq!(code("not json"), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"command":"status"}"#), ErrorCode::BadRequest);
         assert_eq!(
             code(r#"{"version":99,"command":"status"}"#),
-            "unsupported_version"
+            ErrorCode::UnsupportedVersion
         );
-        assert_eq!(code(r#"{"version":1,"command":"reboot"}"#), "bad_request");
-        assert_eq!(code(r#"{"version":1}"#), "bad_request");
+        assert_eq!(
+            code(r#"{"version":1,"command":"reboot"}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(code(r#"{"version":1}"#), ErrorCode::BadRequest);
         assert_eq!(
             code(r#"{"version":1,"command":"conns","filter":{"pid":"x"}}"#),
-            "bad_request"
+            ErrorCode::BadRequest
         );
-        assert_eq!(code(r#"[1,2,3]"#), "bad_request");
+        assert_eq!(code(r#"[1,2,3]"#), ErrorCode::BadRequest);
     }
 
     #[test]

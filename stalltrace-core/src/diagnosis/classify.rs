@@ -1,44 +1,10 @@
-//! Why a connection is stalled: the responsible thread's verdict, TCP signals, and the chain of
-//! stalls behind it. Pure classification over samples the daemon gathers (sources/threads,
-//! sources/sock_diag, stacks); unit-tested without any I/O.
-use serde::{Deserialize, Serialize};
-
-use crate::sources::threads::{SyscallState, ThreadSample};
+//! The pure classifiers of a diagnosis: a thread's verdict from two /proc samples, the TCP
+//! cause from sock_diag signals, and the confidence left after lost events. Unit-tested
+//! without any I/O.
+use super::model::{Cause, Confidence, SyscallState, TcpSignals, ThreadSample, ThreadVerdict};
 
 /// Share of a sampling window on CPU above which a thread is spinning.
 pub const SPINNING_CPU_SHARE: f64 = 0.5;
-
-/// What the thread behind a stall is doing.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "verdict", rename_all = "snake_case")]
-pub enum ThreadVerdict {
-    /// On a CPU most of the window: a loop.
-    Spinning {
-        cpu_share: f64,
-        /// Innermost function first, where symbols exist.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        stack: Vec<String>,
-    },
-    /// Inside a syscall that is not an event wait: named, with its fd and what the fd is.
-    Blocked {
-        syscall: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        fd: Option<i64>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        fd_target: Option<String>,
-        /// The tracked connection behind `fd`, if any.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        fd_conn: Option<u64>,
-    },
-    /// Parked in epoll/poll/select/futex/sleep: not working on this connection.
-    Waiting { syscall: String },
-    /// Runnable or in user space but barely on a CPU: starved.
-    Starved { cpu_share: f64 },
-    /// The thread or its process exited.
-    Gone,
-    /// /proc could not tell.
-    Unknown,
-}
 
 /// Classifies a thread from two samples taken `last.at_ns - first.at_ns` apart.
 pub fn classify(first: &ThreadSample, last: Option<&ThreadSample>) -> ThreadVerdict {
@@ -153,44 +119,40 @@ fn takes_fd(nr: i64) -> bool {
     lookup(nr).is_some_and(|(_, _, kind)| *kind == Kind::Fd)
 }
 
-/// The kernel's view of a stalled TCP connection (sock_diag / tcp_info).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TcpSignals {
-    /// Bytes received and not yet read by the application.
-    pub recv_queue: u32,
-    /// Bytes written and not yet acknowledged by the peer.
-    pub send_queue: u32,
-    pub unacked: u32,
-    /// Retransmissions of the current segment (the backoff in progress).
-    pub retransmitting: u8,
-    pub total_retransmits: u32,
-    /// Zero-window probes sent: the peer advertises no room.
-    pub zero_window_probes: u8,
-    /// The peer's advertised window is zero (when the kernel reports it, Linux 6.2+).
-    pub zero_window: bool,
-    pub last_data_recv_ms: u32,
-    pub last_data_sent_ms: u32,
-    pub last_ack_recv_ms: u32,
-}
-
 /// What TCP says about a stall, most specific first.
-pub fn tcp_cause(server_side: bool, signals: &TcpSignals) -> &'static str {
+pub fn tcp_cause(server_side: bool, signals: &TcpSignals) -> Cause {
     if signals.retransmitting > 0 {
-        return "network_retransmitting";
+        return Cause::NetworkRetransmitting;
     }
     if signals.send_queue > 0 && (signals.zero_window || signals.zero_window_probes > 0) {
-        return "peer_not_reading";
+        return Cause::PeerNotReading;
     }
     if server_side {
         if signals.recv_queue > 0 {
-            "request_unread"
+            Cause::RequestUnread
         } else {
-            "read_no_reply"
+            Cause::ReadNoReply
         }
     } else if signals.send_queue > 0 {
-        "request_not_delivered"
+        Cause::RequestNotDelivered
     } else {
-        "awaiting_peer"
+        Cause::AwaitingPeer
+    }
+}
+
+/// How far a connection's state can be trusted: `partial` (with why) when the daemon lost
+/// events after the connection opened, since one of them may have been this connection's.
+pub fn confidence(opened_ns: u64, last_loss_ns: Option<u64>) -> (Confidence, Option<String>) {
+    match last_loss_ns {
+        Some(lost_at) if lost_at >= opened_ns => (
+            Confidence::Partial,
+            Some(
+                "events were lost since this connection opened (see `loss`): its state may \
+                 be stale"
+                    .into(),
+            ),
+        ),
+        _ => (Confidence::Full, None),
     }
 }
 
@@ -297,10 +259,14 @@ mod tests {
 
     #[test]
     fn losses_after_the_open_make_a_stall_partial() {
-        assert_eq!(confidence(100, None).0, "full");
-        assert_eq!(confidence(100, Some(50)).0, "full", "lost before it opened");
+        assert_eq!(confidence(100, None).0, Confidence::Full);
+        assert_eq!(
+            confidence(100, Some(50)).0,
+            Confidence::Full,
+            "lost before it opened"
+        );
         let (level, reason) = confidence(100, Some(150));
-        assert_eq!(level, "partial");
+        assert_eq!(level, Confidence::Partial);
         assert!(reason.unwrap().contains("lost"));
     }
 
@@ -310,129 +276,23 @@ mod tests {
             recv_queue: 90,
             ..Default::default()
         };
-        assert_eq!(tcp_cause(true, &unread), "request_unread");
-        assert_eq!(tcp_cause(true, &TcpSignals::default()), "read_no_reply");
+        assert_eq!(tcp_cause(true, &unread), Cause::RequestUnread);
+        assert_eq!(tcp_cause(true, &TcpSignals::default()), Cause::ReadNoReply);
         let blocked_peer = TcpSignals {
             send_queue: 65_536,
             zero_window_probes: 3,
             ..Default::default()
         };
-        assert_eq!(tcp_cause(true, &blocked_peer), "peer_not_reading");
+        assert_eq!(tcp_cause(true, &blocked_peer), Cause::PeerNotReading);
         let lossy = TcpSignals {
             send_queue: 100,
             retransmitting: 2,
             ..Default::default()
         };
-        assert_eq!(tcp_cause(false, &lossy), "network_retransmitting");
-        assert_eq!(tcp_cause(false, &TcpSignals::default()), "awaiting_peer");
+        assert_eq!(tcp_cause(false, &lossy), Cause::NetworkRetransmitting);
+        assert_eq!(
+            tcp_cause(false, &TcpSignals::default()),
+            Cause::AwaitingPeer
+        );
     }
-}
-
-/// Everything known about why a connection is stalled; carried by `stall.start`,
-/// `stall.update`, `stalls` and `show`.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Diagnosis {
-    /// TCP-refined cause: `request_unread`, `read_no_reply`, `peer_not_reading`,
-    /// `network_retransmitting`, `request_not_delivered`, `awaiting_peer`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cause: Option<String>,
-    /// `full`, or `partial` with `confidence_reason` when events may be missing.
-    pub confidence: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub confidence_reason: Option<String>,
-    /// The responsible thread: for a server, the one that read the request; for a client,
-    /// the one that sent it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub thread: Option<ThreadReport>,
-    /// The stalls behind this one, from symptom to root, this connection first.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub blame: Vec<BlameLink>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tcp: Option<TcpSignals>,
-    /// Segments retransmitted since the stall began.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retransmits: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request: Option<RequestReport>,
-}
-
-/// A thread and its verdict.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ThreadReport {
-    pub id: u32,
-    #[serde(flatten)]
-    pub verdict: ThreadVerdict,
-}
-
-/// The request that opened the outstanding exchange.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RequestReport {
-    pub protocol: String,
-    pub signature: String,
-    /// The captured bytes, hex-encoded: only with `--capture-raw`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub raw_hex: Option<String>,
-}
-
-/// One connection in a blame chain.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlameLink {
-    pub conn: u64,
-    pub role: String,
-    /// Its own stall kind, if it is stalled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stall: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub executable: Option<String>,
-    pub local: String,
-    pub peer: String,
-    /// How the previous link leads here: `thread 12 blocked in recvfrom(fd 7)`, or `peer`
-    /// (the other end of a local connection).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub via: Option<String>,
-}
-
-impl Diagnosis {
-    /// Worth a `stall.update`: the verdicts changed, not just the numbers.
-    pub fn differs_materially(&self, other: &Self) -> bool {
-        let verdict = |d: &Self| {
-            d.thread.as_ref().map(|t| match &t.verdict {
-                ThreadVerdict::Spinning { stack, .. } => format!("spinning {stack:?}"),
-                ThreadVerdict::Blocked { syscall, fd, .. } => format!("blocked {syscall} {fd:?}"),
-                ThreadVerdict::Waiting { syscall } => format!("waiting {syscall}"),
-                other => format!("{other:?}"),
-            })
-        };
-        self.cause != other.cause
-            || verdict(self) != verdict(other)
-            || self
-                .blame
-                .iter()
-                .map(|l| l.conn)
-                .ne(other.blame.iter().map(|l| l.conn))
-            || self.confidence != other.confidence
-    }
-}
-
-/// How far a connection's state can be trusted: `partial` (with why) when the daemon lost
-/// events after the connection opened, since one of them may have been this connection's.
-pub fn confidence(opened_ns: u64, last_loss_ns: Option<u64>) -> (String, Option<String>) {
-    match last_loss_ns {
-        Some(lost_at) if lost_at >= opened_ns => (
-            "partial".into(),
-            Some(
-                "events were lost since this connection opened (see `loss`): its state may \
-                 be stale"
-                    .into(),
-            ),
-        ),
-        _ => ("full".into(), None),
-    }
-}
-
-/// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -1,27 +1,30 @@
 //! Gathers what explains a stall — the responsible thread (/proc), TCP signals (sock_diag),
 //! the captured request, the chain of stalls behind it — and keeps it current while the stall
-//! is open. Classification itself is pure (crate::diagnosis); this module does the I/O.
+//! is open. Classification itself is pure (stalltrace_core::diagnosis); this module does
+//! the I/O.
 //!
 //! Cost: nothing while no request is outstanding for long. A thread is first sampled when its
 //! request has been quiet for half the threshold, so that the stall's first report already has
 //! a CPU-share window; open stalls are refreshed once a second.
 use std::collections::HashMap;
 
-use crate::{
-    diagnosis::{self, classify, BlameLink, Diagnosis, RequestReport, ThreadReport, ThreadVerdict},
-    probes::KernelMaps,
-    signature,
-    sources::{
-        sock_diag,
-        threads::{self, FdTarget, ThreadSample},
+use stalltrace_core::{
+    diagnosis::{
+        self, classify, Confidence, Diagnosis, RequestReport, ThreadReport, ThreadSample,
+        ThreadVerdict,
     },
+    protocols,
     tracker::{model::Role, Conn, Tracker},
 };
 
-/// Links followed at most in a blame chain.
-const MAX_BLAME: usize = 8;
+use super::blame::{blame_chain, socket_conn};
+use crate::{
+    probes::KernelMaps,
+    sources::{sock_diag, threads},
+};
+
 /// How often open stalls are re-diagnosed.
-pub const REFRESH_EVERY_NS: u64 = 1_000_000_000;
+pub(crate) const REFRESH_EVERY_NS: u64 = 1_000_000_000;
 
 struct Open {
     diagnosis: Diagnosis,
@@ -30,7 +33,7 @@ struct Open {
     retransmits_at_start: Option<u32>,
 }
 
-pub struct Diagnoser {
+pub(crate) struct Diagnoser {
     stall_after_ns: u64,
     capture_raw: bool,
     /// First samples of threads whose request is about to stall, by connection id.
@@ -41,7 +44,7 @@ pub struct Diagnoser {
 }
 
 impl Diagnoser {
-    pub fn new(stall_after_ns: u64, capture_raw: bool) -> Self {
+    pub(crate) fn new(stall_after_ns: u64, capture_raw: bool) -> Self {
         Self {
             stall_after_ns,
             capture_raw,
@@ -51,12 +54,12 @@ impl Diagnoser {
         }
     }
 
-    pub fn losses_seen_at(&mut self, now: u64) {
+    pub(crate) fn losses_seen_at(&mut self, now: u64) {
         self.last_loss_ns = Some(now);
     }
 
     /// Samples the threads behind requests quiet for half the threshold.
-    pub fn presample(&mut self, tracker: &Tracker, now: u64) {
+    pub(crate) fn presample(&mut self, tracker: &Tracker, now: u64) {
         let since = now.saturating_sub(self.stall_after_ns / 2);
         let suspects = tracker.suspects(since);
         self.presamples.retain(|id, _| {
@@ -77,7 +80,7 @@ impl Diagnoser {
     }
 
     /// Diagnoses the stall that just opened on connection `id`.
-    pub fn open(&mut self, id: u64, tracker: &Tracker, maps: &KernelMaps) -> Diagnosis {
+    pub(crate) fn open(&mut self, id: u64, tracker: &Tracker, maps: &KernelMaps) -> Diagnosis {
         let first = self.presamples.remove(&id);
         let (diagnosis, sample) = self.diagnose(id, tracker, maps, first);
         let retransmits_at_start = diagnosis.tcp.map(|t| t.total_retransmits);
@@ -93,7 +96,11 @@ impl Diagnoser {
     }
 
     /// Re-diagnoses every open stall; returns those whose diagnosis changed materially.
-    pub fn refresh(&mut self, tracker: &Tracker, maps: &KernelMaps) -> Vec<(u64, Diagnosis)> {
+    pub(crate) fn refresh(
+        &mut self,
+        tracker: &Tracker,
+        maps: &KernelMaps,
+    ) -> Vec<(u64, Diagnosis)> {
         let ids: Vec<u64> = self.open.keys().copied().collect();
         let mut changed = Vec::new();
         for id in ids {
@@ -117,7 +124,7 @@ impl Diagnoser {
     }
 
     /// Records a user stack for the spinning thread of stall `id`.
-    pub fn set_stack(&mut self, id: u64, stack: Vec<String>) -> Option<Diagnosis> {
+    pub(crate) fn set_stack(&mut self, id: u64, stack: Vec<String>) -> Option<Diagnosis> {
         let open = self.open.get_mut(&id)?;
         let Some(ThreadReport {
             verdict: ThreadVerdict::Spinning { stack: current, .. },
@@ -134,7 +141,7 @@ impl Diagnoser {
     }
 
     /// Threads currently spinning behind open stalls: (stall id, pid, tid).
-    pub fn spinning(&self, tracker: &Tracker) -> Vec<(u64, u32, u32)> {
+    pub(crate) fn spinning(&self, tracker: &Tracker) -> Vec<(u64, u32, u32)> {
         self.open
             .iter()
             .filter(|(_, open)| {
@@ -154,12 +161,12 @@ impl Diagnoser {
             .collect()
     }
 
-    pub fn current(&self, id: u64) -> Option<&Diagnosis> {
+    pub(crate) fn current(&self, id: u64) -> Option<&Diagnosis> {
         self.open.get(&id).map(|open| &open.diagnosis)
     }
 
     /// The stall on `id` ended (or its connection closed).
-    pub fn close(&mut self, id: u64) {
+    pub(crate) fn close(&mut self, id: u64) {
         self.open.remove(&id);
         self.presamples.remove(&id);
     }
@@ -172,7 +179,7 @@ impl Diagnoser {
         first: Option<ThreadSample>,
     ) -> (Diagnosis, Option<ThreadSample>) {
         let mut diagnosis = Diagnosis {
-            confidence: "full".into(),
+            confidence: Confidence::Full,
             ..Diagnosis::default()
         };
         let Some((sock, conn)) = tracker.find_by_id(id) else {
@@ -189,7 +196,7 @@ impl Diagnoser {
             }
         }
         if let Some(capture) = sock.and_then(|sock| maps.capture(sock)) {
-            diagnosis.request = signature::recognize(capture.data()).map(|s| RequestReport {
+            diagnosis.request = protocols::recognize(capture.data()).map(|s| RequestReport {
                 protocol: s.protocol.to_owned(),
                 signature: s.display(),
                 raw_hex: self.capture_raw.then(|| diagnosis::hex(capture.data())),
@@ -221,7 +228,7 @@ fn keep_stack(previous: &Diagnosis, next: &mut Diagnosis) {
 }
 
 /// The verdict on the thread behind `conn`, and the sample that ends its window.
-fn thread_report(
+pub(super) fn thread_report(
     conn: &Conn,
     tracker: &Tracker,
     first: Option<ThreadSample>,
@@ -260,87 +267,4 @@ fn thread_report(
         }
     }
     (Some(ThreadReport { id: tid, verdict }), last)
-}
-
-/// The tracked connection a socket fd refers to.
-fn socket_conn(target: &FdTarget, tracker: &Tracker) -> Option<u64> {
-    let FdTarget::Socket {
-        local: Some(local),
-        peer: Some(peer),
-        ..
-    } = target
-    else {
-        return None;
-    };
-    let endpoints = crate::tracker::model::Endpoints {
-        local: local.ip().to_canonical(),
-        local_port: local.port(),
-        peer: peer.ip().to_canonical(),
-        peer_port: peer.port(),
-    };
-    tracker.find_by_endpoints(&endpoints).map(|(_, c)| c.id)
-}
-
-/// Follows the stall from `conn` to what it waits on: the connection its thread is blocked
-/// reading, then that connection's local peer, and so on. Empty when nothing is behind it.
-fn blame_chain(conn: &Conn, verdict: Option<&ThreadVerdict>, tracker: &Tracker) -> Vec<BlameLink> {
-    let mut chain = vec![link(conn, None)];
-    let mut current = conn;
-    let mut verdict = verdict.cloned();
-    while chain.len() < MAX_BLAME {
-        let next = match (&verdict, current.role) {
-            (
-                Some(ThreadVerdict::Blocked {
-                    syscall,
-                    fd: Some(fd),
-                    fd_conn: Some(id),
-                    ..
-                }),
-                _,
-            ) => tracker.find_by_id(*id).map(|(_, next)| {
-                let via = format!("thread {} blocked in {syscall}(fd {fd})", current.owner.tid);
-                (next, via)
-            }),
-            (_, Role::Client) => {
-                let reversed = crate::tracker::model::Endpoints {
-                    local: current.endpoints.peer,
-                    local_port: current.endpoints.peer_port,
-                    peer: current.endpoints.local,
-                    peer_port: current.endpoints.local_port,
-                };
-                tracker
-                    .find_by_endpoints(&reversed)
-                    .map(|(_, next)| (next, "peer".to_owned()))
-            }
-            _ => None,
-        };
-        let Some((next, via)) = next else {
-            break;
-        };
-        if chain.iter().any(|l| l.conn == next.id) {
-            break;
-        }
-        chain.push(link(next, Some(via)));
-        verdict = thread_report(next, tracker, None).0.map(|t| t.verdict);
-        current = next;
-    }
-    if chain.len() == 1 {
-        chain.clear();
-    }
-    chain
-}
-
-fn link(conn: &Conn, via: Option<String>) -> BlameLink {
-    let endpoint =
-        |ip: std::net::IpAddr, port: u16| std::net::SocketAddr::new(ip, port).to_string();
-    BlameLink {
-        conn: conn.id,
-        role: conn.role.as_str().into(),
-        stall: conn.stall.as_ref().map(|s| s.kind.as_str().into()),
-        pid: (conn.owner.pid != 0).then_some(conn.owner.pid),
-        executable: (conn.owner.pid != 0).then(|| conn.owner.comm.as_str().into_owned()),
-        local: endpoint(conn.endpoints.local, conn.endpoints.local_port),
-        peer: endpoint(conn.endpoints.peer, conn.endpoints.peer_port),
-        via,
-    }
 }

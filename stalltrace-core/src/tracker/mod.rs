@@ -11,8 +11,8 @@
 //! dropped from the watch list until its next request start is reported. Stalls are found by
 //! sweeps (nothing happens on a stalled connection, by definition); their ends are reported by
 //! the kernel the moment traffic or a close arrives.
+pub mod activity;
 pub mod model;
-pub mod verdict;
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -22,8 +22,8 @@ use std::{
 use stalltrace_common::{conn_flags, ConnEvent, ConnState, EventKind};
 
 use crate::diagnosis::Diagnosis;
+use activity::Activity;
 use model::{Endpoints, Owner, Resolution, Role, StallKind};
-use verdict::Activity;
 
 /// Something the daemon reports.
 #[derive(Clone, Debug, PartialEq)]
@@ -196,17 +196,14 @@ pub struct Reconciled {
 }
 
 /// Hashes `struct sock` addresses. The kernel chooses them, so SipHash's protection against
-/// chosen keys buys nothing, and it cost 5 % of the event pipeline; a 64-bit finalizer mix
-/// spreads the addresses' aligned low bits well enough.
+/// chosen keys buys nothing, and it cost 5 % of the event pipeline; the 64-bit finalizer mix
+/// the kernel side uses for its capture slots spreads the addresses' aligned low bits.
 #[derive(Default, Clone, Copy)]
 pub struct SockHasher(u64);
 
 impl Hasher for SockHasher {
     fn finish(&self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 33;
-        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        x ^ (x >> 33)
+        stalltrace_common::mix_sock(self.0)
     }
 
     fn write(&mut self, bytes: &[u8]) {
@@ -462,12 +459,12 @@ impl Tracker {
             EventKind::QuietEnded => {
                 // The kernel saw quiet of at least the threshold end with this transfer or close.
                 if conn.stall.is_none() {
-                    let quiet_since = verdict::last_request_ns(state);
+                    let quiet_since = activity::last_request_ns(state);
                     let kind = StallKind::for_role(conn.role);
                     let threshold_at = quiet_since + stall_after_ns;
                     start_stall(conn, kind, quiet_since, threshold_at, state.exchanges, out);
                 }
-                let how = match verdict::assess(state) {
+                let how = match activity::assess(state) {
                     Activity::Ending { how, .. } => how,
                     _ => Resolution::Response,
                 };
@@ -565,7 +562,7 @@ impl Tracker {
             };
             conn.missing_sweeps = 0;
             conn.refresh(&state);
-            let activity = verdict::assess(&state);
+            let activity = activity::assess(&state);
             observe(conn, &state, activity, now, stall_after_ns, out);
             let busy = matches!(
                 activity,
@@ -635,7 +632,7 @@ impl Tracker {
                 }
                 None => Conn {
                     id: self.take_id(),
-                    role: verdict::role_of(state),
+                    role: activity::role_of(state),
                     endpoints,
                     owner: Owner::default(),
                     opened_ns: state.open_ns,
@@ -667,7 +664,7 @@ impl Tracker {
             return;
         };
         conn.refresh(state);
-        let how = verdict::ending(state);
+        let how = activity::ending(state);
         let stall_after_ns = self.stall_after_ns;
         let connect_failed = state.flags & conn_flags::ESTABLISHED == 0;
         if conn.stall.is_none() && connect_failed {

@@ -1,7 +1,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use stalltrace_common::{
-    conn_flags, direction, role, tcp_state, ConnEvent, ConnState, EventHeader, EventKind, AF_INET,
+    conn_flags, direction, role, tcp_state, transfer::record_transfer, ConnEvent, ConnState,
+    EventHeader, EventKind, AF_INET,
 };
 
 use super::model::{Comm, Endpoints, Owner, Resolution, Role, StallKind};
@@ -48,32 +49,10 @@ impl Kernel {
         Self { state, epoch: 1 }
     }
 
-    /// A transfer, as `transfer.rs` records it.
+    /// A transfer, recorded by the kernel programs' own accounting.
     fn transfer(&mut self, dir: u8, at: u64) {
-        let request_dir = if self.state.role == role::SERVER {
-            direction::IN
-        } else {
-            direction::OUT
-        };
-        let s = &mut self.state;
-        if dir == direction::IN {
-            s.bytes_recv += 10;
-            s.recv_calls += 1;
-            s.last_recv_ns = at;
-        } else {
-            s.bytes_sent += 20;
-            s.send_calls += 1;
-            s.last_send_ns = at;
-        }
-        if s.last_dir != dir {
-            if dir == request_dir {
-                s.requests += 1;
-            } else if s.last_dir != direction::NONE {
-                s.exchanges += 1;
-            }
-            s.last_dir = dir;
-            s.dir_since_ns = at;
-        }
+        let bytes = if dir == direction::IN { 10 } else { 20 };
+        record_transfer(&mut self.state, dir, bytes, at);
     }
 
     fn set_state(&mut self, new_state: u8, at: u64) {

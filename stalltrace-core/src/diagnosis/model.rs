@@ -1,0 +1,229 @@
+//! What a diagnosis says: the types carried by `stall.start`, `stall.update`, `stalls` and
+//! `show`, and the samples the classifier (`super::classify`) reads. Pure data; the daemon
+//! gathers the samples (`stalltrace::sources::{threads, sock_diag}`).
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::tracker::model::{Role, StallKind};
+
+/// One look at a thread.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ThreadSample {
+    /// When it was taken (CLOCK_MONOTONIC ns).
+    pub at_ns: u64,
+    /// CPU time consumed so far.
+    pub cpu_ns: u64,
+    /// Scheduler state: `R` running, `S` sleeping, `D` uninterruptible, `T` stopped, `Z` zombie.
+    pub state: char,
+    pub syscall: SyscallState,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SyscallState {
+    /// On a CPU, in user space.
+    Running,
+    /// Inside syscall `nr` with these arguments.
+    In { nr: i64, args: [u64; 6] },
+    /// Blocked, but not in a syscall (e.g. a page fault).
+    Outside,
+    /// Not readable (permissions, or a kernel without CONFIG_HAVE_ARCH_TRACEHOOK).
+    Unknown,
+}
+
+/// What the thread behind a stall is doing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum ThreadVerdict {
+    /// On a CPU most of the window: a loop.
+    Spinning {
+        cpu_share: f64,
+        /// Innermost function first, where symbols exist.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        stack: Vec<String>,
+    },
+    /// Inside a syscall that is not an event wait: named, with its fd and what the fd is.
+    Blocked {
+        syscall: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fd: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fd_target: Option<String>,
+        /// The tracked connection behind `fd`, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fd_conn: Option<u64>,
+    },
+    /// Parked in epoll/poll/select/futex/sleep: not working on this connection.
+    Waiting { syscall: String },
+    /// Runnable or in user space but barely on a CPU: starved.
+    Starved { cpu_share: f64 },
+    /// The thread or its process exited.
+    Gone,
+    /// /proc could not tell.
+    Unknown,
+}
+
+/// The kernel's view of a stalled TCP connection (sock_diag / tcp_info).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpSignals {
+    /// Bytes received and not yet read by the application.
+    pub recv_queue: u32,
+    /// Bytes written and not yet acknowledged by the peer.
+    pub send_queue: u32,
+    pub unacked: u32,
+    /// Retransmissions of the current segment (the backoff in progress).
+    pub retransmitting: u8,
+    pub total_retransmits: u32,
+    /// Zero-window probes sent: the peer advertises no room.
+    pub zero_window_probes: u8,
+    /// The peer's advertised window is zero (when the kernel reports it, Linux 6.2+).
+    pub zero_window: bool,
+    pub last_data_recv_ms: u32,
+    pub last_data_sent_ms: u32,
+    pub last_ack_recv_ms: u32,
+}
+
+/// What TCP says about a stall (`stall.cause`), from the socket's queues and `tcp_info`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// Server: the request sits in the receive queue, never read by the application.
+    RequestUnread,
+    /// Server: the request was read and nothing was sent back.
+    ReadNoReply,
+    /// Bytes wait in the send queue and the peer advertises a zero window.
+    PeerNotReading,
+    /// The current segment is being retransmitted: the network or the peer host is not
+    /// answering.
+    NetworkRetransmitting,
+    /// Client: the request is still in the send queue, unacknowledged.
+    RequestNotDelivered,
+    /// Client: the request was delivered; the peer has not answered.
+    AwaitingPeer,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RequestUnread => "request_unread",
+            Self::ReadNoReply => "read_no_reply",
+            Self::PeerNotReading => "peer_not_reading",
+            Self::NetworkRetransmitting => "network_retransmitting",
+            Self::RequestNotDelivered => "request_not_delivered",
+            Self::AwaitingPeer => "awaiting_peer",
+        }
+    }
+}
+
+display_as_str!(Cause, Confidence);
+
+/// How far a diagnosis can be trusted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Confidence {
+    #[default]
+    Full,
+    /// Events may be missing (`confidence_reason` says why).
+    Partial,
+}
+
+impl Confidence {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Partial => "partial",
+        }
+    }
+}
+
+/// Everything known about why a connection is stalled; carried by `stall.start`,
+/// `stall.update`, `stalls` and `show`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Diagnosis {
+    /// What TCP says, when the socket could be queried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
+    /// `partial`, with `confidence_reason`, when events may be missing.
+    pub confidence: Confidence,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confidence_reason: Option<String>,
+    /// The responsible thread: for a server, the one that read the request; for a client,
+    /// the one that sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<ThreadReport>,
+    /// The stalls behind this one, from symptom to root, this connection first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blame: Vec<BlameLink>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpSignals>,
+    /// Segments retransmitted since the stall began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retransmits: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<RequestReport>,
+}
+
+/// A thread and its verdict.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ThreadReport {
+    pub id: u32,
+    #[serde(flatten)]
+    pub verdict: ThreadVerdict,
+}
+
+/// The request that opened the outstanding exchange.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestReport {
+    pub protocol: String,
+    pub signature: String,
+    /// The captured bytes, hex-encoded: only with `--capture-raw`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_hex: Option<String>,
+}
+
+/// One connection in a blame chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlameLink {
+    pub conn: u64,
+    pub role: Role,
+    /// Its own stall kind, if it is stalled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall: Option<StallKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executable: Option<String>,
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    /// How the previous link leads here: `thread 12 blocked in recvfrom(fd 7)`, or `peer`
+    /// (the other end of a local connection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+}
+
+impl Diagnosis {
+    /// Worth a `stall.update`: the verdicts changed, not just the numbers.
+    pub fn differs_materially(&self, other: &Self) -> bool {
+        let verdict = |d: &Self| {
+            d.thread.as_ref().map(|t| match &t.verdict {
+                ThreadVerdict::Spinning { stack, .. } => format!("spinning {stack:?}"),
+                ThreadVerdict::Blocked { syscall, fd, .. } => format!("blocked {syscall} {fd:?}"),
+                ThreadVerdict::Waiting { syscall } => format!("waiting {syscall}"),
+                other => format!("{other:?}"),
+            })
+        };
+        self.cause != other.cause
+            || verdict(self) != verdict(other)
+            || self
+                .blame
+                .iter()
+                .map(|l| l.conn)
+                .ne(other.blame.iter().map(|l| l.conn))
+            || self.confidence != other.confidence
+    }
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
