@@ -471,3 +471,26 @@ fn spawn_kernel_logger<T: log::Log + Send + 'static>(logger: aya_log::EbpfLogger
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_hook_has_a_known_record_layout() {
+        for hook in HOOKS {
+            let fields = tracefs::expected_fields(hook.category, hook.name)
+                .unwrap_or_else(|| panic!("{}/{}: no layout", hook.category, hook.name));
+            // Raw tracepoints are read by argument position; classic ones through fields,
+            // which the start-up check compares with the running kernel's format files.
+            assert_eq!(
+                fields.is_empty(),
+                hook.raw,
+                "{}/{}: raw hooks read no record fields, classic ones do",
+                hook.category,
+                hook.name
+            );
+        }
+        assert!(tracefs::expected_fields("sock", "no_such_tracepoint").is_none());
+    }
+}

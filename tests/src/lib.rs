@@ -22,14 +22,16 @@ pub const STALL_AFTER: Duration = Duration::from_secs(1);
 /// A stall must be reported no later than threshold + 1 s; allow for a loaded CI machine.
 pub const REPORT_WITHIN: Duration = Duration::from_secs(4);
 
-/// True when the tests can load eBPF programs; otherwise prints why they are skipped.
-pub fn can_trace(test: &str) -> bool {
+/// Fails the test, loudly, unless it can load eBPF programs: a root test that cannot run must
+/// never pass. (These tests are outside the workspace's default members: plain `cargo test`
+/// runs the unit tests only; `cargo xtask test` runs both, as root.)
+pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped {test}: loading eBPF programs needs root (run `cargo xtask test`)");
-        return false;
-    }
-    true
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "this integration test loads eBPF programs and needs root: run `cargo xtask test` as \
+         root (plain `cargo test` runs the unit tests only)"
+    );
 }
 
 pub fn binary() -> PathBuf {

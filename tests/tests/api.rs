@@ -8,7 +8,7 @@ use std::{
 
 use serde_json::Value;
 use stalltrace_integration::{
-    binary, can_trace, send_request, Daemon, SilentServer, REPORT_WITHIN,
+    binary, require_root, send_request, Daemon, SilentServer, REPORT_WITHIN,
 };
 
 /// Sends raw bytes as a request and returns the parsed response line.
@@ -34,9 +34,7 @@ fn error_code(response: &Value) -> &str {
 
 #[test]
 fn malformed_requests_get_errors_and_the_daemon_lives_on() {
-    if !can_trace("malformed_requests_get_errors_and_the_daemon_lives_on") {
-        return;
-    }
+    require_root();
     let daemon = Daemon::start("malformed");
     assert_eq!(
         error_code(&raw_request(&daemon, b"garbage\n")),
@@ -83,9 +81,7 @@ fn malformed_requests_get_errors_and_the_daemon_lives_on() {
 
 #[test]
 fn status_reports_hooks_connections_and_losses() {
-    if !can_trace("status_reports_hooks_connections_and_losses") {
-        return;
-    }
+    require_root();
     let daemon = Daemon::start("status");
     let status = daemon.cli_json(&["status", "-o", "json"]);
     let hooks: Vec<&str> = status["programs"]
@@ -118,9 +114,7 @@ fn status_reports_hooks_connections_and_losses() {
 
 #[test]
 fn watch_streams_events_for_the_selected_port() {
-    if !can_trace("watch_streams_events_for_the_selected_port") {
-        return;
-    }
+    require_root();
     let daemon = Daemon::start("watch");
     let server = SilentServer::bind("127.0.0.1");
     let port = server.addr.port();
@@ -160,9 +154,7 @@ fn watch_streams_events_for_the_selected_port() {
 
 #[test]
 fn sigterm_stops_cleanly_and_removes_the_socket() {
-    if !can_trace("sigterm_stops_cleanly_and_removes_the_socket") {
-        return;
-    }
+    require_root();
     let daemon = Daemon::start("sigterm");
     let socket = daemon.socket.clone();
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
@@ -202,9 +194,7 @@ fn cli_without_a_daemon_prints_one_clear_line() {
 #[test]
 fn daemon_as_non_root_says_what_needs_root() {
     // Run the daemon as `nobody` (root can drop privileges with setuid in pre_exec).
-    if !can_trace("daemon_as_non_root_says_what_needs_root") {
-        return;
-    }
+    require_root();
     use std::os::unix::process::CommandExt as _;
     let mut command = Command::new(binary());
     command.args(["daemon", "--socket", "/tmp/stalltrace-nonroot.sock"]);

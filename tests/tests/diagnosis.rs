@@ -12,7 +12,7 @@ use std::{
 };
 
 use serde_json::Value;
-use stalltrace_integration::{can_trace, pid, with_role, Daemon, REPORT_WITHIN};
+use stalltrace_integration::{pid, require_root, with_role, Daemon, REPORT_WITHIN};
 
 /// Waits until the event stream holds a `name` event touching `port` that satisfies `test`.
 fn wait_for_event(
@@ -56,9 +56,7 @@ fn spin_on_coupon(stop: &AtomicBool) -> u64 {
 
 #[test]
 fn spinning_server_thread_is_named_with_its_stack_and_request() {
-    if !can_trace("spinning_server_thread_is_named_with_its_stack_and_request") {
-        return;
-    }
+    require_root();
     let daemon = Daemon::start("spinning");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -154,9 +152,7 @@ fn silent_upstream() -> (SocketAddr, mpsc::Receiver<SocketAddr>) {
 
 #[test]
 fn proxy_stall_blames_the_silent_upstream() {
-    if !can_trace("proxy_stall_blames_the_silent_upstream") {
-        return;
-    }
+    require_root();
     let daemon = Daemon::start("blame");
     let (upstream, upstream_peer) = silent_upstream();
     let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -235,9 +231,7 @@ fn proxy_stall_blames_the_silent_upstream() {
 
 #[test]
 fn request_nobody_reads_is_request_unread() {
-    if !can_trace("request_nobody_reads_is_request_unread") {
-        return;
-    }
+    require_root();
     let daemon = Daemon::start("unread");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -332,9 +326,7 @@ fn get(conn: &mut TcpStream, path: &str) {
 
 #[test]
 fn why_ranks_the_path_that_stalls_first() {
-    if !can_trace("why_ranks_the_path_that_stalls_first") {
-        return;
-    }
+    require_root();
     let daemon = Daemon::start("why");
     let shop = shop_server();
     // Healthy traffic on keep-alive connections for a few sweeps.

@@ -3,7 +3,7 @@
 use std::io::{Read as _, Seek as _, Write as _};
 
 use serde_json::Value;
-use stalltrace_integration::{can_trace, Daemon};
+use stalltrace_integration::{require_root, Daemon};
 
 fn runs(status: &Value, program: &str) -> u64 {
     status["programs"]
@@ -18,9 +18,7 @@ fn runs(status: &Value, program: &str) -> u64 {
 
 #[test]
 fn file_reads_and_writes_never_run_the_socket_programs() {
-    if !can_trace("file_reads_and_writes_never_run_the_socket_programs") {
-        return;
-    }
+    require_root();
     let daemon = Daemon::start_with("file-io", &["--bpf-stats"]);
     let before = daemon.cli_json(&["status", "-o", "json"]);
 

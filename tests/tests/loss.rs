@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use stalltrace_integration::{can_trace, pid, send_request, Daemon, SilentServer};
+use stalltrace_integration::{pid, require_root, send_request, Daemon, SilentServer};
 
 const TINY_RING: [&str; 2] = ["--ring-buffer-size", "4KiB"];
 
@@ -42,9 +42,7 @@ fn burst_of_connections(count: usize) -> (u16, Vec<TcpStream>) {
 
 #[test]
 fn connections_whose_opening_was_lost_are_recovered() {
-    if !can_trace("connections_whose_opening_was_lost_are_recovered") {
-        return;
-    }
+    require_root();
     let daemon = Daemon::start_with("recover", &TINY_RING);
     const COUNT: usize = 400;
     let (port, _streams) = burst_of_connections(COUNT);
@@ -95,9 +93,7 @@ fn connections_whose_opening_was_lost_are_recovered() {
 
 #[test]
 fn lost_events_lower_the_confidence_of_a_stall() {
-    if !can_trace("lost_events_lower_the_confidence_of_a_stall") {
-        return;
-    }
+    require_root();
     // A one-page ring buffer overflows under a burst of connections.
     let daemon = Daemon::start_with("confidence", &TINY_RING);
     let server = SilentServer::bind("127.0.0.1");

@@ -7,7 +7,7 @@ use std::{
 
 use serde_json::Value;
 use stalltrace_integration::{
-    can_trace, echo_server, pid, send_request, with_role, Daemon, FullListener, SilentServer,
+    echo_server, pid, require_root, send_request, with_role, Daemon, FullListener, SilentServer,
     REPORT_WITHIN, STALL_AFTER,
 };
 
@@ -49,9 +49,7 @@ fn assert_conn(item: &Value, role: &str, local: SocketAddr, peer: SocketAddr, ti
 
 #[test]
 fn unanswered_request_is_flagged_on_both_ends_over_ipv4_and_ipv6() {
-    if !can_trace("unanswered_request_is_flagged_on_both_ends_over_ipv4_and_ipv6") {
-        return;
-    }
+    require_root();
     let daemon = Daemon::start("both-ends");
     for ip in ["127.0.0.1", "::1"] {
         let server = SilentServer::bind(ip);
@@ -99,9 +97,7 @@ fn unanswered_request_is_flagged_on_both_ends_over_ipv4_and_ipv6() {
 
 #[test]
 fn reply_ends_the_stall_with_its_true_duration() {
-    if !can_trace("reply_ends_the_stall_with_its_true_duration") {
-        return;
-    }
+    require_root();
     let daemon = Daemon::start("reply");
     let server = SilentServer::bind("127.0.0.1");
     let mut client = send_request(server.addr);
@@ -139,9 +135,7 @@ fn reply_ends_the_stall_with_its_true_duration() {
 
 #[test]
 fn idle_keep_alive_connection_is_never_a_stall() {
-    if !can_trace("idle_keep_alive_connection_is_never_a_stall") {
-        return;
-    }
+    require_root();
     let daemon = Daemon::start("keepalive");
     let server = echo_server("127.0.0.1");
     let mut client = TcpStream::connect(server).unwrap();
@@ -165,9 +159,7 @@ fn idle_keep_alive_connection_is_never_a_stall() {
 
 #[test]
 fn close_while_stalled_ends_the_stall_as_closed() {
-    if !can_trace("close_while_stalled_ends_the_stall_as_closed") {
-        return;
-    }
+    require_root();
     let daemon = Daemon::start("close");
     let server = SilentServer::bind("127.0.0.1");
     let client = send_request(server.addr);
@@ -192,9 +184,7 @@ fn close_while_stalled_ends_the_stall_as_closed() {
 
 #[test]
 fn connection_opened_before_the_daemon_is_adopted_and_flagged() {
-    if !can_trace("connection_opened_before_the_daemon_is_adopted_and_flagged") {
-        return;
-    }
+    require_root();
     let server = SilentServer::bind("127.0.0.1");
     let mut client = TcpStream::connect(server.addr).unwrap();
     let server_tid = server.thread_id.recv().unwrap() as u64;
@@ -239,9 +229,7 @@ fn connection_opened_before_the_daemon_is_adopted_and_flagged() {
 
 #[test]
 fn connect_that_never_completes_is_connect_pending() {
-    if !can_trace("connect_that_never_completes_is_connect_pending") {
-        return;
-    }
+    require_root();
     let daemon = Daemon::start("connect");
     let listener = FullListener::bind();
     let _queued = TcpStream::connect(listener.addr).unwrap(); // fills the accept queue

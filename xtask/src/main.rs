@@ -127,6 +127,13 @@ fn test(args: &[String]) -> Result<()> {
     println!("xtask: building the daemon for the integration tests");
     setup::run_checked(cargo().args(["build", "--package", "stalltrace"]))?;
     let binary = workspace_root().join("target/debug/stalltrace");
-    println!("xtask: running all tests");
-    setup::run_checked(cargo().arg("test").args(args).env("STALLTRACE_BIN", binary))
+    println!("xtask: running the unit tests and the root integration tests");
+    // The whole workspace but the eBPF crate (built for the BPF target by stalltrace's build
+    // script): this includes the integration tests, outside the default members.
+    setup::run_checked(
+        cargo()
+            .args(["test", "--workspace", "--exclude", "stalltrace-ebpf"])
+            .args(args)
+            .env("STALLTRACE_BIN", binary),
+    )
 }

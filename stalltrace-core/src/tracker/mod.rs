@@ -13,17 +13,17 @@
 //! the kernel the moment traffic or a close arrives.
 pub mod activity;
 pub mod model;
+mod table;
 
-use std::{
-    collections::{HashMap, VecDeque},
-    hash::{BuildHasherDefault, Hasher},
-};
+use std::collections::VecDeque;
 
 use stalltrace_common::{conn_flags, ConnEvent, ConnState, EventKind};
 
 use crate::diagnosis::Diagnosis;
 use activity::Activity;
 use model::{Endpoints, Owner, Resolution, Role, StallKind};
+pub use table::SockHasher;
+use table::{BySock, Table};
 
 /// Something the daemon reports.
 #[derive(Clone, Debug, PartialEq)]
@@ -195,39 +195,12 @@ pub struct Reconciled {
     pub vanished: usize,
 }
 
-/// Hashes `struct sock` addresses. The kernel chooses them, so SipHash's protection against
-/// chosen keys buys nothing, and it cost 5 % of the event pipeline; the 64-bit finalizer mix
-/// the kernel side uses for its capture slots spreads the addresses' aligned low bits.
-#[derive(Default, Clone, Copy)]
-pub struct SockHasher(u64);
-
-impl Hasher for SockHasher {
-    fn finish(&self) -> u64 {
-        stalltrace_common::mix_sock(self.0)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
-        }
-    }
-
-    fn write_u64(&mut self, value: u64) {
-        self.0 = value;
-    }
-}
-
-type BySock<V> = HashMap<u64, V, BuildHasherDefault<SockHasher>>;
-
 /// Sweeps a kernel entry may be missing before the connection's close is taken as lost.
 const MISSING_SWEEPS_BEFORE_LOST: u8 = 3;
 
 pub struct Tracker {
     stall_after_ns: u64,
-    /// Connections the kernel tracks, by `struct sock` address.
-    conns: BySock<Conn>,
-    /// Connections found in /proc that the kernel has not reported yet.
-    adopted: HashMap<Endpoints, Conn>,
+    conns: Table,
     /// Connections re-read at sweeps, with the ticket of their place in `watch_queue`.
     watched: BySock<u64>,
     /// Sweep order (round robin); entries whose ticket no longer matches are stale.
@@ -243,8 +216,7 @@ impl Tracker {
     pub fn new(stall_after_ns: u64) -> Self {
         Self {
             stall_after_ns,
-            conns: BySock::default(),
-            adopted: HashMap::new(),
+            conns: Table::default(),
             watched: BySock::default(),
             watch_queue: VecDeque::new(),
             next_ticket: 0,
@@ -268,7 +240,7 @@ impl Tracker {
     /// True when something was given back.
     pub fn compact(&mut self) -> bool {
         let live = self.watched.len().max(1024);
-        let mut shrunk = false;
+        let mut shrunk = self.conns.compact();
         if self.watched.capacity() > 4 * live {
             self.watched.shrink_to(2 * live);
             shrunk = true;
@@ -294,12 +266,11 @@ impl Tracker {
 
     /// Every tracked connection, with its kernel key when the kernel knows it.
     pub fn conns(&self) -> impl Iterator<Item = (Option<u64>, &Conn)> {
-        let tracked = self.conns.iter().map(|(sock, conn)| (Some(*sock), conn));
-        tracked.chain(self.adopted.values().map(|conn| (None, conn)))
+        self.conns.iter()
     }
 
     pub fn len(&self) -> usize {
-        self.conns.len() + self.adopted.len()
+        self.conns.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -308,17 +279,17 @@ impl Tracker {
 
     /// The connection the kernel knows as `sock`.
     pub fn conn(&self, sock: u64) -> Option<&Conn> {
-        self.conns.get(&sock)
+        self.conns.get(sock)
     }
 
-    /// A connection by id, with its kernel key (a scan: for queries and diagnosis only).
+    /// A connection by id, with its kernel key.
     pub fn find_by_id(&self, id: u64) -> Option<(Option<u64>, &Conn)> {
-        self.conns().find(|(_, conn)| conn.id == id)
+        self.conns.by_id(id)
     }
 
-    /// A connection by its endpoints (a scan: for diagnosis only).
+    /// A connection by its endpoints, with its kernel key.
     pub fn find_by_endpoints(&self, endpoints: &Endpoints) -> Option<(Option<u64>, &Conn)> {
-        self.conns().find(|(_, conn)| &conn.endpoints == endpoints)
+        self.conns.by_endpoints(endpoints)
     }
 
     /// Watched connections whose outstanding request has been quiet since before `since_ns`
@@ -328,7 +299,7 @@ impl Tracker {
             .keys()
             .copied()
             .filter(|sock| {
-                self.conns.get(sock).is_some_and(|conn| {
+                self.conns.get(*sock).is_some_and(|conn| {
                     conn.stall.is_none() && conn.quiet_since.is_some_and(|q| q <= since_ns)
                 })
             })
@@ -337,7 +308,7 @@ impl Tracker {
 
     /// Records the owner of a connection found from /proc (for one that never transferred).
     pub fn set_owner(&mut self, sock: u64, owner: Owner) {
-        if let Some(conn) = self.conns.get_mut(&sock) {
+        if let Some(conn) = self.conns.get_mut(sock) {
             conn.owner = owner;
         }
     }
@@ -354,13 +325,15 @@ impl Tracker {
         out: &mut Vec<Event>,
     ) -> bool {
         let stall_after_ns = self.stall_after_ns;
-        let Some(conn) = self.conns.get_mut(&sock) else {
+        let Some(conn) = self.conns.get_mut(sock) else {
             return false;
         };
         if conn.stall.is_some() || now.saturating_sub(quiet_since) < stall_after_ns {
             return false;
         }
+        let mark = out.len();
         start_stall(conn, StallKind::UnansweredRequest, quiet_since, now, 0, out);
+        self.conns.note_stalls(&out[mark..]);
         self.watch(sock);
         true
     }
@@ -368,26 +341,26 @@ impl Tracker {
     /// Open stalls, oldest first.
     pub fn stalls(&self) -> Vec<(&Conn, Stall)> {
         let mut stalls: Vec<_> = self
-            .conns()
-            .filter_map(|(_, conn)| conn.stall.as_deref().map(|stall| (conn, *stall)))
+            .conns
+            .stalled()
+            .filter_map(|conn| conn.stall.as_deref().map(|stall| (conn, *stall)))
             .collect();
         stalls.sort_by_key(|(conn, stall)| (stall.quiet_since_ns, conn.id));
         stalls
+    }
+
+    /// Open stalls.
+    pub fn stalled(&self) -> usize {
+        self.conns.stalled_count()
     }
 
     pub fn watched(&self) -> usize {
         self.watched.len()
     }
 
-    /// Registers a connection that was already open when the daemon started. Called before any
-    /// kernel event is processed, so the scan of `conns` below is over an empty map.
+    /// Registers a connection that was already open when the daemon started.
     pub fn adopt(&mut self, adoption: Adoption, now: u64, out: &mut Vec<Event>) {
-        let known = self.adopted.contains_key(&adoption.endpoints)
-            || self
-                .conns
-                .values()
-                .any(|conn| conn.endpoints == adoption.endpoints);
-        if known {
+        if self.conns.by_endpoints(&adoption.endpoints).is_some() {
             return;
         }
         let mut conn = Conn {
@@ -407,10 +380,17 @@ impl Tracker {
             missing_sweeps: 0,
         };
         announce(&mut conn, now, out);
-        self.adopted.insert(adoption.endpoints, conn);
+        self.conns.insert_adopted(conn);
     }
 
+    /// Applies one kernel record.
     pub fn on_event(&mut self, event: &ConnEvent, out: &mut Vec<Event>) {
+        let mark = out.len();
+        self.apply_event(event, out);
+        self.conns.note_stalls(&out[mark..]);
+    }
+
+    fn apply_event(&mut self, event: &ConnEvent, out: &mut Vec<Event>) {
         self.stats.events += 1;
         let Some(kind) = event.kind() else {
             self.stats.unknown_events += 1;
@@ -424,13 +404,14 @@ impl Tracker {
             return;
         }
         if kind == EventKind::ConnectStarted {
-            if let Some(stale) = self.conns.remove(&sock) {
+            if let Some(stale) = self.conns.remove(sock) {
                 self.close_unseen(stale, at, out);
             }
         }
         let stall_after_ns = self.stall_after_ns;
-        let conn = self.conn_for(sock, state, at, out);
-        conn.refresh(state);
+        self.conn_for(sock, state, at, out);
+        self.conns.refresh(sock, state);
+        let conn = self.conns.get_mut(sock).expect("conn_for tracks it");
         match kind {
             // A passive connection waits for its first transfer to be reported with its owner.
             EventKind::Established if conn.role == Role::Server => {}
@@ -491,13 +472,15 @@ impl Tracker {
         now: u64,
         out: &mut Vec<Event>,
     ) -> Reconciled {
+        let mark = out.len();
         let mut result = Reconciled::default();
         let mut in_kernel = BySock::default();
         for (sock, state) in kernel {
             in_kernel.insert(sock, ());
-            let before = self.conns.get(&sock).map(|conn| (conn.id, conn.announced));
-            let conn = self.conn_for(sock, &state, now, out);
-            conn.refresh(&state);
+            let before = self.conns.get(sock).map(|conn| (conn.id, conn.announced));
+            self.conn_for(sock, &state, now, out);
+            self.conns.refresh(sock, &state);
+            let conn = self.conns.get_mut(sock).expect("conn_for tracks it");
             // Reported like its lost events would have: once established with a known owner
             // (a passive connection's owner is known from its first transfer).
             let established = state.flags & conn_flags::ESTABLISHED != 0;
@@ -511,15 +494,15 @@ impl Tracker {
         }
         let vanished: Vec<u64> = self
             .conns
-            .keys()
+            .socks()
             .filter(|sock| !in_kernel.contains_key(sock))
-            .copied()
             .collect();
         result.vanished = vanished.len();
         for sock in vanished {
             self.watch(sock);
         }
         self.stats.recovered += result.recovered as u64;
+        self.conns.note_stalls(&out[mark..]);
         result
     }
 
@@ -532,6 +515,7 @@ impl Tracker {
         mut lookup: impl FnMut(u64) -> Option<ConnState>,
         out: &mut Vec<Event>,
     ) {
+        let mark = out.len();
         let stall_after_ns = self.stall_after_ns;
         let mut budget = self.sweep_budget;
         let mut lost = Vec::new();
@@ -546,11 +530,15 @@ impl Tracker {
                 continue; // closed (and maybe re-watched) since it was queued
             }
             budget -= 1;
-            let Some(conn) = self.conns.get_mut(&sock) else {
+            let state = lookup(sock);
+            if let Some(state) = &state {
+                self.conns.refresh(sock, state);
+            }
+            let Some(conn) = self.conns.get_mut(sock) else {
                 self.watched.remove(&sock);
                 continue;
             };
-            let Some(state) = lookup(sock) else {
+            let Some(state) = state else {
                 // Its close event may still be in flight; after a few sweeps, it is lost.
                 conn.missing_sweeps += 1;
                 if conn.missing_sweeps >= MISSING_SWEEPS_BEFORE_LOST {
@@ -561,7 +549,6 @@ impl Tracker {
                 continue;
             };
             conn.missing_sweeps = 0;
-            conn.refresh(&state);
             let activity = activity::assess(&state);
             observe(conn, &state, activity, now, stall_after_ns, out);
             let busy = matches!(
@@ -577,10 +564,11 @@ impl Tracker {
         }
         for sock in lost {
             self.watched.remove(&sock);
-            if let Some(conn) = self.conns.remove(&sock) {
+            if let Some(conn) = self.conns.remove(sock) {
                 self.close_unseen(conn, now, out);
             }
         }
+        self.conns.note_stalls(&out[mark..]);
     }
 
     fn take_id(&mut self) -> u64 {
@@ -589,41 +577,35 @@ impl Tracker {
         id
     }
 
-    /// The record for the connection in `state`: the known one, one adopted from /proc with the
-    /// same endpoints, or a new one. A record left behind by an earlier connection on the same
+    /// Makes `sock` hold the record for the connection in `state`: the known one, one adopted
+    /// from /proc with the same endpoints, or a new one. A record left behind by an earlier connection on the same
     /// sock address (its close lost) is closed first.
-    fn conn_for(
-        &mut self,
-        sock: u64,
-        state: &ConnState,
-        at: u64,
-        out: &mut Vec<Event>,
-    ) -> &mut Conn {
+    fn conn_for(&mut self, sock: u64, state: &ConnState, at: u64, out: &mut Vec<Event>) {
         let discovered = state.flags & conn_flags::DISCOVERED != 0;
-        if let Some(known) = self.conns.get(&sock) {
+        if let Some(known) = self.conns.get(sock) {
             let same = if discovered {
                 known.endpoints == Endpoints::from_kernel(state) || known.endpoints.local_port == 0
             } else {
                 known.kernel_open_ns == state.open_ns
             };
             if !same {
-                let stale = self.conns.remove(&sock).expect("present");
+                let stale = self.conns.remove(sock).expect("present");
                 self.close_unseen(stale, at, out);
             } else if discovered && known.kernel_open_ns != state.open_ns && !known.adopted {
                 // Same connection, new kernel entry: the old one was evicted.
                 self.stats.evictions += 1;
-                let conn = self.conns.get_mut(&sock).expect("present");
+                let conn = self.conns.get_mut(sock).expect("present");
                 conn.incomplete = true;
                 conn.kernel_open_ns = state.open_ns;
             }
         }
-        if !self.conns.contains_key(&sock) {
+        if !self.conns.contains(sock) {
             let endpoints = Endpoints::from_kernel(state);
             // Adopted connections are a start-up affair: skip hashing once they are all known.
-            let adopted = if self.adopted.is_empty() {
-                None
+            let adopted = if self.conns.has_adopted() {
+                self.conns.remove_adopted(&endpoints)
             } else {
-                self.adopted.remove(&endpoints)
+                None
             };
             let conn = match adopted {
                 Some(mut conn) => {
@@ -649,15 +631,14 @@ impl Tracker {
             };
             self.conns.insert(sock, conn);
         }
-        self.conns.get_mut(&sock).expect("inserted above")
     }
 
     fn on_closed(&mut self, sock: u64, state: &ConnState, at: u64, out: &mut Vec<Event>) {
         self.watched.remove(&sock);
         let endpoints = Endpoints::from_kernel(state);
-        let conn = match self.conns.remove(&sock) {
+        let conn = match self.conns.remove(sock) {
             Some(conn) => Some(conn),
-            None => self.adopted.remove(&endpoints),
+            None => self.conns.remove_adopted(&endpoints),
         };
         // A connection never reported (e.g. reset in the accept queue) closes silently.
         let Some(mut conn) = conn else {

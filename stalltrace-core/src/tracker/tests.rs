@@ -769,3 +769,77 @@ fn reconcile_closes_connections_the_kernel_forgot_after_a_grace() {
     assert!(matches!(&out[..], [Event { detail: Detail::Close(s), .. }] if !s.complete));
     assert_eq!(t.len(), 0);
 }
+
+#[test]
+fn connections_are_found_by_id_and_endpoints_as_they_change() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::CLIENT, SEC);
+    k.state.tcp_state = tcp_state::SYN_SENT;
+    k.state.flags = 0;
+    k.state.local_port = 0;
+    feed(&mut t, k.event(EventKind::ConnectStarted, SEC));
+    let id = t.conns().next().unwrap().1.id;
+    assert_eq!(t.find_by_id(id).map(|(sock, _)| sock), Some(Some(SOCK)));
+    // connect() picks the local port after the SYN: the endpoint index follows.
+    let early = Endpoints::from_kernel(&k.state);
+    k.state.local_port = 40_000;
+    k.set_state(tcp_state::ESTABLISHED, SEC + MS);
+    feed(&mut t, k.event(EventKind::Established, SEC + MS));
+    let endpoints = Endpoints::from_kernel(&k.state);
+    assert_eq!(t.find_by_endpoints(&endpoints).map(|(_, c)| c.id), Some(id));
+    assert!(t.find_by_endpoints(&early).is_none());
+    assert_eq!(
+        t.find_by_endpoints(&endpoints.reversed())
+            .map(|(_, c)| c.id),
+        None,
+        "the other end is another connection"
+    );
+    k.set_state(tcp_state::CLOSE, 2 * SEC);
+    feed(&mut t, k.event(EventKind::Closed, 2 * SEC));
+    assert!(t.find_by_id(id).is_none());
+    assert!(t.find_by_endpoints(&endpoints).is_none());
+}
+
+#[test]
+fn adopted_connections_are_indexed_until_the_kernel_reports_them() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, 50 * SEC);
+    let endpoints = Endpoints::from_kernel(&k.state);
+    let mut out = Vec::new();
+    let adoption = Adoption {
+        endpoints,
+        role: Role::Server,
+        owner: Owner::default(),
+    };
+    t.adopt(adoption.clone(), SEC, &mut out);
+    let id = out[0].conn.id;
+    assert_eq!(t.find_by_id(id).map(|(sock, _)| sock), Some(None));
+    assert_eq!(t.find_by_endpoints(&endpoints).map(|(_, c)| c.id), Some(id));
+    out.clear();
+    t.adopt(adoption, SEC, &mut out);
+    assert!(out.is_empty(), "adopted once");
+    k.state.flags |= conn_flags::DISCOVERED;
+    k.transfer(direction::IN, 50 * SEC);
+    feed(&mut t, k.event(EventKind::Discovered, 50 * SEC));
+    assert_eq!(t.find_by_id(id).map(|(sock, _)| sock), Some(Some(SOCK)));
+    assert_eq!(t.len(), 1);
+}
+
+#[test]
+fn the_stall_index_follows_starts_ends_and_closes() {
+    let (mut t, mut k) = server_with_request();
+    assert_eq!(t.stalled(), 0);
+    sweep(&mut t, &mut k, SEC + THRESHOLD);
+    assert_eq!(t.stalled(), 1);
+    assert_eq!(t.stalls().len(), 1);
+    k.transfer(direction::OUT, 7 * SEC);
+    feed(&mut t, k.event(EventKind::QuietEnded, 7 * SEC));
+    assert_eq!(t.stalled(), 0);
+    assert!(t.stalls().is_empty());
+    k.transfer(direction::IN, 8 * SEC);
+    sweep(&mut t, &mut k, 8 * SEC + THRESHOLD);
+    assert_eq!(t.stalled(), 1);
+    k.set_state(tcp_state::CLOSE, 20 * SEC);
+    feed(&mut t, k.event(EventKind::Closed, 20 * SEC));
+    assert_eq!(t.stalled(), 0);
+}

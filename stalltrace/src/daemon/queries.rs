@@ -36,7 +36,7 @@ impl Daemon {
     fn status(&self, probes: &Probes) -> serde_json::Value {
         let loss = self.loss(&probes.maps);
         let stats = self.tracker.stats();
-        let stalled = self.tracker.stalls().len();
+        let stalled = self.tracker.stalled();
         let sweep_avg_us = self
             .sweep_busy
             .as_micros()

@@ -27,19 +27,9 @@ impl Daemon {
         };
         let pause = (started.elapsed() * 50).clamp(Duration::from_secs(1), Duration::from_secs(30));
         self.next_unread_scan_ns = now + pause.as_nanos() as u64;
-        let mut by_endpoints: Option<HashMap<_, u64>> = None;
         let mut owners: Option<HashMap<u64, _>> = None;
         for entry in &entries {
-            let index = by_endpoints.get_or_insert_with(|| {
-                self.tracker
-                    .conns()
-                    .filter_map(|(sock, conn)| Some((conn.endpoints, sock?)))
-                    .collect()
-            });
-            let Some(&sock) = index.get(&entry.endpoints) else {
-                continue;
-            };
-            let Some(conn) = self.tracker.conn(sock) else {
+            let Some((Some(sock), conn)) = self.tracker.find_by_endpoints(&entry.endpoints) else {
                 continue;
             };
             // A request that was read is the sweep's business.
