@@ -27,8 +27,9 @@ pub const REPORT_WITHIN: Duration = Duration::from_secs(4);
 /// runs the unit tests only; `cargo xtask test` runs both, as root.)
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
     assert!(
-        unsafe { libc::geteuid() } == 0,
+        euid == 0,
         "this integration test loads eBPF programs and needs root: run `cargo xtask test` as \
          root (plain `cargo test` runs the unit tests only)"
     );
