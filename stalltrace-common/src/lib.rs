@@ -4,6 +4,10 @@
 //! values, load-time globals), so each is `#[repr(C)]` with explicit padding and a size pinned by
 //! a compile-time assertion: a layout change fails the build of both sides instead of silently
 //! mis-decoding. Discriminants of [`EventKind`] are stable ids; never renumber them.
+//!
+//! Also here, because both sides run it: the transfer accounting ([`transfer`]), so that the
+//! kernel programs and the tracker's model of them cannot drift. `no_std`, no allocation,
+//! nothing that would not pass the BPF verifier; aya only behind the `user` feature.
 #![no_std]
 
 pub mod transfer;

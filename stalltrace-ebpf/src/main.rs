@@ -6,6 +6,9 @@
 //!
 //! Per-connection state lives in the `CONNS` LRU map; the ring buffer carries only lifecycle
 //! events and, at most once per sweep epoch per connection, request starts (see `conn.rs`).
+//! Logic userspace also needs (the transfer accounting) lives in `stalltrace_common`, not here.
+//! Every instruction here runs on someone else's syscall: do the least that keeps the daemon
+//! correct, and leave interpretation to userspace.
 #![no_std]
 #![no_main]
 

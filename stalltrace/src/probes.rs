@@ -1,4 +1,5 @@
-//! Loading and attaching the kernel programs, and typed handles to their maps.
+//! Loading and attaching the kernel programs, and typed handles to their maps. The only module
+//! that talks to aya; it must not interpret what the maps hold (that is the core's job).
 //!
 //! Required hooks (the daemon cannot work without them) fail the start with a message naming
 //! the missing kernel feature; optional ones are skipped with a warning saying what is lost.

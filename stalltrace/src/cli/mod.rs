@@ -1,5 +1,5 @@
 //! Command-line interface: `stalltrace daemon` runs the tracer; every other command is a client
-//! of its API.
+//! of its API. Clients only render what the daemon answers: they must not compute verdicts.
 pub mod client;
 pub mod table;
 
