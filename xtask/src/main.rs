@@ -132,7 +132,13 @@ fn test(args: &[String]) -> Result<()> {
     // script): this includes the integration tests, outside the default members.
     setup::run_checked(
         cargo()
-            .args(["test", "--workspace", "--exclude", "stalltrace-ebpf"])
+            .args([
+                "test",
+                "--no-fail-fast",
+                "--workspace",
+                "--exclude",
+                "stalltrace-ebpf",
+            ])
             .args(args)
             .env("STALLTRACE_BIN", binary),
     )

@@ -116,6 +116,8 @@ pub struct Stall {
     /// When it was reported.
     pub reported_ns: u64,
     exchanges_at_start: u64,
+    /// Sweeps re-read a stalled connection's kernel entry no earlier than this.
+    next_check_ns: u64,
 }
 
 /// A tracked connection.
@@ -197,6 +199,12 @@ pub struct Reconciled {
 
 /// Sweeps a kernel entry may be missing before the connection's close is taken as lost.
 const MISSING_SWEEPS_BEFORE_LOST: u8 = 3;
+/// How often sweeps re-read the kernel entry of a stalled connection. The kernel reports a
+/// stall's end the moment it happens; the re-read catches an end whose event was lost, or
+/// one no transfer reports (a request that sat unread, then read and answered), dated
+/// exactly either way. Thousands of open stalls then cost a map read each per second, not
+/// per sweep.
+const STALLED_RECHECK_NS: u64 = 1_000_000_000;
 
 pub struct Tracker {
     stall_after_ns: u64,
@@ -529,6 +537,11 @@ impl Tracker {
             if self.watched.get(&sock) != Some(&ticket) {
                 continue; // closed (and maybe re-watched) since it was queued
             }
+            let stalled_until = self.conns.get(sock).and_then(|c| c.stall.as_deref());
+            if stalled_until.is_some_and(|stall| stall.next_check_ns > now) {
+                self.watch_queue.push_back((sock, ticket));
+                continue;
+            }
             budget -= 1;
             let state = lookup(sock);
             if let Some(state) = &state {
@@ -549,6 +562,9 @@ impl Tracker {
                 continue;
             };
             conn.missing_sweeps = 0;
+            if let Some(stall) = conn.stall.as_deref_mut() {
+                stall.next_check_ns = now + STALLED_RECHECK_NS;
+            }
             let activity = activity::assess(&state);
             observe(conn, &state, activity, now, stall_after_ns, out);
             let busy = matches!(
@@ -759,6 +775,7 @@ fn start_stall(
         quiet_since_ns: quiet_since,
         reported_ns: at,
         exchanges_at_start,
+        next_check_ns: at + STALLED_RECHECK_NS,
     }));
     out.push(Event {
         at_ns: at,

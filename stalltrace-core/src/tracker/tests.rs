@@ -633,9 +633,10 @@ fn sweeps_read_at_most_their_budget_round_robin() {
     out.clear();
     let state = k.state;
     let mut reads = Vec::new();
+    // A sweep a second: a stalled connection is due for a re-read at every one.
     for epoch in 2..5 {
         t.sweep(
-            SEC + THRESHOLD,
+            SEC + THRESHOLD + u64::from(epoch - 2) * SEC,
             epoch,
             |sock| {
                 reads.push(sock - SOCK);
@@ -842,4 +843,38 @@ fn the_stall_index_follows_starts_ends_and_closes() {
     k.set_state(tcp_state::CLOSE, 20 * SEC);
     feed(&mut t, k.event(EventKind::Closed, 20 * SEC));
     assert_eq!(t.stalled(), 0);
+}
+
+#[test]
+fn stalled_connections_are_re_read_once_a_second_not_every_sweep() {
+    let (mut t, mut k) = server_with_request();
+    sweep(&mut t, &mut k, SEC + THRESHOLD);
+    assert_eq!(t.stalled(), 1);
+    let reads = std::cell::Cell::new(0);
+    let state = k.state;
+    let mut out = Vec::new();
+    for step in 1..=8u32 {
+        let now = SEC + THRESHOLD + u64::from(step) * 250 * MS;
+        t.sweep(
+            now,
+            step + 10,
+            |_| {
+                reads.set(reads.get() + 1);
+                Some(state)
+            },
+            &mut out,
+        );
+    }
+    assert_eq!(reads.get(), 2, "eight sweeps over two seconds");
+    // Its end is still found by the next re-read, dated when the reply began.
+    k.transfer(direction::OUT, 9 * SEC);
+    let events = sweep(&mut t, &mut k, 9 * SEC + 500 * MS);
+    assert_eq!(
+        details(&events),
+        [&Detail::StallEnd {
+            kind: StallKind::UnansweredRequest,
+            duration_ms: 8_000,
+            resolution: Resolution::Response
+        }]
+    );
 }

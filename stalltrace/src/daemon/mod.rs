@@ -34,7 +34,7 @@ use stalltrace_core::{
 };
 
 use crate::{
-    diagnosis::Diagnoser,
+    diagnosis::{Diagnoser, Finding},
     heap,
     probes::{KernelMaps, ProbeConfig, Probes},
     sinks::{
@@ -65,6 +65,9 @@ const LOSS_REPORT_EVERY: Duration = Duration::from_secs(1);
 /// after a burst of new connections.
 const SWEEP_BUDGET: usize = 20_000;
 const RECALIBRATE_EVERY: Duration = Duration::from_secs(10);
+/// Findings of the diagnosis worker taken in one go (stalls found together are chained
+/// together).
+const FINDINGS_PER_BATCH: usize = 4096;
 
 /// Sweeps often enough that a stall is reported well within a second of crossing the
 /// threshold, and at least five times per threshold.
@@ -135,12 +138,13 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         .expect("ring buffer map taken once");
     // SAFETY: the ring buffer map owns its fd and keeps it open for as long as the AsyncFd.
     let ring = unsafe { AsyncFd::register(ring) }.context("polling the ring buffer")?;
+    let (diagnoser, findings) = Diagnoser::new(stall_after_ns, config.capture_raw)?;
     let mut daemon = Daemon {
-        diagnoser: Diagnoser::new(stall_after_ns, config.capture_raw),
-        symbolizer: crate::sources::symbols::Symbolizer::default(),
+        diagnoser,
+        held: stall_diagnosis::Held::default(),
         why: Why::new(),
         timelines: timelines::Timelines::default(),
-        next_refresh_ns: 0,
+        next_stacks_ns: 0,
         next_unread_scan_ns: 0,
         tracker,
         sink,
@@ -157,7 +161,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         sweep_max: Duration::ZERO,
         out,
     };
-    let result = daemon.main_loop(&mut probes, ring, queries).await;
+    let result = daemon.main_loop(&mut probes, ring, queries, findings).await;
     daemon.sink.flush();
     if let Err(err) = std::fs::remove_file(&socket) {
         log::warn!("removing {}: {err}", socket.display());
@@ -186,10 +190,10 @@ fn kernel_offsets() -> Offsets {
 struct Daemon {
     tracker: Tracker,
     diagnoser: Diagnoser,
-    symbolizer: crate::sources::symbols::Symbolizer,
+    held: stall_diagnosis::Held,
     why: Why,
     timelines: timelines::Timelines,
-    next_refresh_ns: u64,
+    next_stacks_ns: u64,
     next_unread_scan_ns: u64,
     sink: EventSink,
     started: Instant,
@@ -213,6 +217,7 @@ impl Daemon {
         probes: &mut Probes,
         mut ring: AsyncFd<RingBuf<MapData>>,
         mut queries: mpsc::Receiver<Query>,
+        mut findings: mpsc::Receiver<Finding>,
     ) -> Result<()> {
         let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -247,10 +252,19 @@ impl Daemon {
                     let response = self.answer(query.command, probes);
                     let _ = query.reply.send(response);
                 }
+                Some(finding) = findings.recv() => {
+                    let mut batch = vec![finding];
+                    while batch.len() < FINDINGS_PER_BATCH {
+                        let Ok(finding) = findings.try_recv() else { break };
+                        batch.push(finding);
+                    }
+                    self.on_findings(batch, monotonic_ns());
+                }
             }
         }
         // Deliver what the kernel reported before the signal.
         self.drain(ring.get_mut(), &probes.maps);
+        self.release_held(monotonic_ns(), true);
         self.report_loss(&probes.maps);
         Ok(())
     }
@@ -281,14 +295,14 @@ impl Daemon {
         if now >= self.next_unread_scan_ns {
             self.scan_unread(now);
         }
-        if now >= self.next_refresh_ns {
-            self.next_refresh_ns = now + crate::diagnosis::REFRESH_EVERY_NS;
-            self.refresh_stalls(maps, now);
-            self.update_stacks(probes, now);
-        }
-        self.emit(&probes.maps);
-        // After the new stalls took their thread's first sample in `emit`.
+        self.emit(maps);
+        self.release_held(now, false);
+        self.diagnoser.refresh_due(&self.tracker, now);
         self.diagnoser.presample(&self.tracker, now);
+        if now >= self.next_stacks_ns {
+            self.next_stacks_ns = now + stall_diagnosis::STACKS_EVERY_NS;
+            self.update_stacks(probes);
+        }
         let took = started.elapsed();
         self.sweeps += 1;
         self.sweep_busy += took;
@@ -305,14 +319,6 @@ impl Daemon {
         }
         if shrunk {
             heap::release_free_memory();
-        }
-    }
-
-    fn emit(&mut self, maps: &KernelMaps) {
-        if !self.out.is_empty() {
-            self.annotate(maps);
-            self.sink.write_events(&self.out);
-            self.sink.flush();
         }
     }
 

@@ -64,6 +64,12 @@ impl Daemon {
                 "kernel": stats.events,
                 "written": self.sink.written(),
             },
+            "diagnosis": {
+                "open": self.diagnoser.open_count(),
+                "held": self.held.len(),
+                "jobs_dropped": self.diagnoser.dropped(),
+                "reported_before_diagnosis": self.held.late,
+            },
             "sweeps": {
                 "count": self.sweeps,
                 "avg_us": sweep_avg_us as u64,

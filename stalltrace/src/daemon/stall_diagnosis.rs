@@ -1,8 +1,13 @@
-//! Keeps the diagnosis of every stall: diagnoses new stalls (in their `stall.start`), counts
-//! them for `why`, re-diagnoses open ones (a material change is a `stall.update`), and samples
-//! the stacks of threads spinning behind them.
+//! Keeps the diagnosis of every stall without ever waiting for it: a new stall's `stall.start`
+//! (and any later event of its connection) is held until the diagnosis worker's first look
+//! comes back, at most [`HOLD_AT_MOST_NS`]; open stalls are looked at again as they age (a
+//! material change is a `stall.update`); threads spinning behind stalls have their stacks
+//! sampled and symbolized. Also counts stalls for `why` and keeps the timelines.
+use std::collections::HashMap;
+
 use stalltrace_core::{
     diagnosis::Diagnosis,
+    timefmt::monotonic_ns,
     tracker::{Detail, Event},
 };
 
@@ -10,45 +15,150 @@ use super::{
     why_samples::{why_key, NOT_CAPTURED},
     Daemon,
 };
-use crate::probes::{KernelMaps, Probes};
+use crate::{
+    diagnosis::{Finding, Outcome},
+    probes::{KernelMaps, Probes},
+};
 
 /// Frames of a spinning thread's stack reported.
 const MAX_FRAMES: usize = 12;
+/// A `stall.start` waits this long at most for its diagnosis; then it is reported with what
+/// is known (the request, the confidence) and the diagnosis follows in a `stall.update`.
+pub(super) const HOLD_AT_MOST_NS: u64 = 1_000_000_000;
+/// How often spinning threads' stacks are read (their sampling runs at 99 Hz).
+pub(super) const STACKS_EVERY_NS: u64 = 1_000_000_000;
+
+/// Events held back until their stall's first diagnosis arrives, by connection id.
+#[derive(Default)]
+pub(super) struct Held {
+    by_conn: HashMap<u64, HeldEvents>,
+    /// Starts reported before their diagnosis came (the worker was late or its queue full).
+    pub(super) late: u64,
+}
+
+impl Held {
+    pub(super) fn len(&self) -> usize {
+        self.by_conn.len()
+    }
+}
+
+struct HeldEvents {
+    /// The `stall.start` first, then what followed on the same connection.
+    events: Vec<Event>,
+    deadline_ns: u64,
+}
 
 impl Daemon {
-    /// Diagnoses new stalls (in their `stall.start`), counts them for `why`, and keeps the
-    /// timelines of stalled connections.
-    pub(super) fn annotate(&mut self, maps: &KernelMaps) {
-        for event in &mut self.out {
-            match &mut event.detail {
-                Detail::StallStart { diagnosis, .. } => {
-                    let found = self.diagnoser.open(event.conn.id, &self.tracker, maps);
-                    if let Some((Some(sock), conn)) = self.tracker.find_by_id(event.conn.id) {
-                        let signature = found
-                            .request
-                            .as_ref()
-                            .map_or_else(|| NOT_CAPTURED.to_owned(), |r| r.signature.clone());
-                        self.why.stalled(sock, why_key(conn, signature));
-                    }
-                    *diagnosis = Some(Box::new(found));
+    /// Sends `self.out` on its way: new stalls are handed to the diagnoser and their events
+    /// held; the rest is written now.
+    pub(super) fn emit(&mut self, maps: &KernelMaps) {
+        if self.out.is_empty() {
+            return;
+        }
+        let now = monotonic_ns();
+        let mut ready = Vec::with_capacity(self.out.len());
+        for mut event in std::mem::take(&mut self.out) {
+            let id = event.conn.id;
+            if let Some(held) = self.held.by_conn.get_mut(&id) {
+                held.events.push(event);
+                continue;
+            }
+            if let Detail::StallStart { diagnosis, .. } = &mut event.detail {
+                let Some((sock, conn)) = self.tracker.find_by_id(id) else {
+                    ready.push(event);
+                    continue;
+                };
+                let (known, asked) = self.diagnoser.begin(conn, sock, maps, now);
+                if let Some(sock) = sock {
+                    let signature = known
+                        .request
+                        .as_ref()
+                        .map_or_else(|| NOT_CAPTURED.to_owned(), |r| r.signature.clone());
+                    self.why.stalled(sock, why_key(conn, signature));
                 }
-                Detail::StallEnd { .. } | Detail::Close(_) => self.diagnoser.close(event.conn.id),
-                _ => {}
+                *diagnosis = Some(Box::new(known));
+                if asked {
+                    let held = HeldEvents {
+                        events: vec![event],
+                        deadline_ns: now + HOLD_AT_MOST_NS,
+                    };
+                    self.held.by_conn.insert(id, held);
+                    continue;
+                }
+                self.held.late += 1;
+            }
+            ready.push(event);
+        }
+        self.out = ready;
+        self.write_out();
+    }
+
+    /// Writes `self.out` to the sinks, recording timelines and closing the books of stalls
+    /// that ended.
+    fn write_out(&mut self) {
+        for event in &self.out {
+            if matches!(event.detail, Detail::StallEnd { .. } | Detail::Close(_)) {
+                self.diagnoser.end(event.conn.id);
             }
             self.timelines.record(event);
         }
-    }
-
-    /// Re-diagnoses open stalls; a materially changed diagnosis becomes a `stall.update`.
-    pub(super) fn refresh_stalls(&mut self, maps: &KernelMaps, now: u64) {
-        for (id, diagnosis) in self.diagnoser.refresh(&self.tracker, maps) {
-            self.push_update(id, diagnosis, now);
+        if !self.out.is_empty() {
+            self.sink.write_events(&self.out);
+            self.sink.flush();
         }
+        self.out.clear();
     }
 
-    /// Samples the user stacks of threads spinning behind open stalls (only those), and
-    /// reports where they spin once samples are in.
-    pub(super) fn update_stacks(&mut self, probes: &mut Probes, now: u64) {
+    /// Takes in what the diagnosis worker found: first diagnoses release their held events,
+    /// changed ones become `stall.update`s.
+    pub(super) fn on_findings(&mut self, findings: Vec<Finding>, now: u64) {
+        self.out.clear();
+        for outcome in self.diagnoser.apply(findings, &self.tracker) {
+            match outcome {
+                Outcome::Onset(id, found) => {
+                    let Some(mut held) = self.held.by_conn.remove(&id) else {
+                        // Reported already (held too long): the diagnosis follows.
+                        self.push_update(id, found, now);
+                        continue;
+                    };
+                    if let Some(Event {
+                        detail: Detail::StallStart { diagnosis, .. },
+                        ..
+                    }) = held.events.first_mut()
+                    {
+                        *diagnosis = Some(Box::new(found));
+                    }
+                    self.out.append(&mut held.events);
+                }
+                Outcome::Changed(id, found) => self.push_update(id, found, now),
+            }
+        }
+        self.write_out();
+    }
+
+    /// Reports the held stalls whose diagnosis is overdue (`all`: every one, at shutdown),
+    /// with what is known.
+    pub(super) fn release_held(&mut self, now: u64, all: bool) {
+        let overdue: Vec<u64> = self
+            .held
+            .by_conn
+            .iter()
+            .filter(|(_, held)| all || held.deadline_ns <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        self.out.clear();
+        for id in overdue {
+            if let Some(mut held) = self.held.by_conn.remove(&id) {
+                self.held.late += 1;
+                self.out.append(&mut held.events);
+            }
+        }
+        self.write_out();
+    }
+
+    /// Samples the user stacks of threads spinning behind open stalls (only those), and has
+    /// the worker name their functions.
+    pub(super) fn update_stacks(&mut self, probes: &mut Probes) {
         let spinning = self.diagnoser.spinning(&self.tracker);
         for tid in probes.sampled_threads() {
             if !spinning.iter().any(|(_, _, t)| *t == tid) {
@@ -59,14 +169,11 @@ impl Daemon {
             if !probes.sample_stacks(tid) {
                 continue;
             }
-            let Some(addresses) = probes.top_stack(tid) else {
+            let Some(mut addresses) = probes.top_stack(tid) else {
                 continue;
             };
-            let mut frames = self.symbolizer.symbolize(pid, &addresses);
-            frames.truncate(MAX_FRAMES);
-            if let Some(diagnosis) = self.diagnoser.set_stack(id, frames) {
-                self.push_update(id, diagnosis, now);
-            }
+            addresses.truncate(MAX_FRAMES);
+            self.diagnoser.symbolize(id, pid, addresses);
         }
     }
 

@@ -1,44 +1,26 @@
 //! Blame chains: from a stalled connection to what it waits on — the connection its thread is
-//! blocked on (followed through the fd), then that connection's local peer, and so on.
+//! blocked on (followed through the fd), then that connection's local peer, and so on. Built on
+//! the event loop from what the worker already found: lookups only, no I/O.
 use stalltrace_core::{
     diagnosis::{BlameLink, ThreadVerdict},
-    tracker::{
-        model::{Endpoints, Role},
-        Conn, Tracker,
-    },
+    tracker::{model::Role, Conn, Tracker},
 };
-
-use super::gather::thread_report;
-use crate::sources::threads::FdTarget;
 
 /// Links followed at most in a blame chain.
 const MAX_BLAME: usize = 8;
 
-/// The tracked connection a socket fd refers to.
-pub(super) fn socket_conn(target: &FdTarget, tracker: &Tracker) -> Option<u64> {
-    let FdTarget::Socket {
-        local: Some(local),
-        peer: Some(peer),
-        ..
-    } = target
-    else {
-        return None;
-    };
-    tracker
-        .find_by_endpoints(&Endpoints::from_socket_addrs(*local, *peer))
-        .map(|(_, c)| c.id)
-}
-
-/// Follows the stall from `conn` to what it waits on: the connection its thread is blocked
-/// reading, then that connection's local peer, and so on. Empty when nothing is behind it.
+/// Follows the stall from `conn` (whose thread verdict is `verdict`) to what it waits on.
+/// `verdict_of` gives the latest verdict on the thread behind another connection, when one is
+/// known. Empty when nothing is behind it.
 pub(super) fn blame_chain(
     conn: &Conn,
-    verdict: Option<&ThreadVerdict>,
+    verdict: Option<ThreadVerdict>,
     tracker: &Tracker,
+    verdict_of: impl Fn(&Conn) -> Option<ThreadVerdict>,
 ) -> Vec<BlameLink> {
     let mut chain = vec![link(conn, None)];
     let mut current = conn;
-    let mut verdict = verdict.cloned();
+    let mut verdict = verdict;
     while chain.len() < MAX_BLAME {
         let next = match (&verdict, current.role) {
             (
@@ -65,7 +47,7 @@ pub(super) fn blame_chain(
             break;
         }
         chain.push(link(next, Some(via)));
-        verdict = thread_report(next, tracker, None).0.map(|t| t.verdict);
+        verdict = verdict_of(next);
         current = next;
     }
     if chain.len() == 1 {

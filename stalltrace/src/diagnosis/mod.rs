@@ -1,7 +1,12 @@
-//! Gathering what explains a stall: samples of the responsible thread (/proc), TCP signals
-//! (sock_diag), the captured request and the blame chain, kept current while the stall is
-//! open. The model and the classifiers are pure, in `stalltrace_core::diagnosis`.
+//! Diagnosing stalls, off the event loop: a worker thread gathers the facts (samples of the
+//! responsible thread from /proc, TCP signals from sock_diag, what a blocking fd is, stack
+//! symbols), the loop keeps the book of open stalls and composes each diagnosis (cause,
+//! confidence, request, blame chain) from them. The model and the classifiers are pure, in
+//! `stalltrace_core::diagnosis`.
 mod blame;
+mod book;
 mod gather;
+mod worker;
 
-pub(crate) use gather::{Diagnoser, REFRESH_EVERY_NS};
+pub(crate) use book::{Diagnoser, Outcome};
+pub(crate) use worker::Finding;

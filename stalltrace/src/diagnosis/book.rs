@@ -1,0 +1,388 @@
+//! The event loop's side of diagnosis: which stalls are open, what the worker last found about
+//! each, and the diagnosis composed from it (cause, confidence, request, thread, blame chain).
+//! Everything here is bookkeeping and lookups; the I/O is the worker's.
+//!
+//! Cost: a thread is first sampled when its request has been quiet for half the threshold (so
+//! that the stall's first report has a CPU-share window). An open stall is looked at again
+//! after 1 s, then less and less often as it ages (every quarter of its age, at most every
+//! 30 s), and at most [`REFRESH_BUDGET`] looks are asked for per sweep: thousands of open
+//! stalls cost a few percent of a core, not a core.
+use std::collections::{HashMap, HashSet};
+
+use anyhow::Result;
+use stalltrace_core::{
+    diagnosis::{self, Diagnosis, RequestReport, TcpSignals, ThreadReport, ThreadVerdict},
+    protocols,
+    tracker::{
+        model::{Endpoints, Role},
+        Conn, Tracker,
+    },
+};
+use tokio::sync::mpsc::Receiver;
+
+use super::{
+    blame::blame_chain,
+    worker::{Finding, Job, Subject, Worker},
+};
+use crate::probes::KernelMaps;
+
+/// Refresh looks asked for per sweep at most (sweeps run 4–50 times a second).
+pub(crate) const REFRESH_BUDGET: usize = 250;
+const SEC: u64 = 1_000_000_000;
+/// The first refresh of a stall comes this soon after its onset.
+const FIRST_REFRESH_NS: u64 = SEC;
+/// Refreshes of an old stall come at least this often.
+const MAX_REFRESH_NS: u64 = 30 * SEC;
+
+/// What the worker's last look at a stall found.
+#[derive(Clone, Default)]
+struct Facts {
+    thread: Option<ThreadReport>,
+    fd_peer: Option<Endpoints>,
+    tcp: Option<TcpSignals>,
+}
+
+struct Open {
+    diagnosis: Diagnosis,
+    facts: Option<Facts>,
+    request: Option<RequestReport>,
+    retransmits_at_start: Option<u32>,
+    /// When the stall was reported.
+    since_ns: u64,
+    next_look_ns: u64,
+    /// A look was asked for and has not come back.
+    in_flight: bool,
+}
+
+/// A diagnosis to report.
+pub(crate) enum Outcome {
+    /// The first full diagnosis of a new stall: for its `stall.start`.
+    Onset(u64, Diagnosis),
+    /// An open stall's diagnosis changed materially: a `stall.update`.
+    Changed(u64, Diagnosis),
+}
+
+pub(crate) struct Diagnoser {
+    stall_after_ns: u64,
+    capture_raw: bool,
+    worker: Worker,
+    open: HashMap<u64, Open>,
+    /// Connections whose thread was sampled ahead of a likely stall.
+    presampled: HashSet<u64>,
+    /// When the daemon last lost events: stalls on connections older than that are partial.
+    last_loss_ns: Option<u64>,
+}
+
+impl Diagnoser {
+    /// Starts the diagnosis worker; its findings arrive on the returned receiver, for
+    /// [`Diagnoser::apply`].
+    pub(crate) fn new(stall_after_ns: u64, capture_raw: bool) -> Result<(Self, Receiver<Finding>)> {
+        let (worker, findings) = Worker::spawn()?;
+        let diagnoser = Self {
+            stall_after_ns,
+            capture_raw,
+            worker,
+            open: HashMap::new(),
+            presampled: HashSet::new(),
+            last_loss_ns: None,
+        };
+        Ok((diagnoser, findings))
+    }
+
+    pub(crate) fn losses_seen_at(&mut self, now: u64) {
+        self.last_loss_ns = Some(now);
+    }
+
+    /// Jobs the worker's full queue refused (their stalls were reported with less).
+    pub(crate) fn dropped(&self) -> u64 {
+        self.worker.dropped()
+    }
+
+    /// Open stalls being diagnosed.
+    pub(crate) fn open_count(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Has the threads behind requests quiet for half the threshold sampled, once each; forgets
+    /// the samples of requests answered since.
+    pub(crate) fn presample(&mut self, tracker: &Tracker, now: u64) {
+        let since = now.saturating_sub(self.stall_after_ns / 2);
+        let mut suspects = HashSet::new();
+        for sock in tracker.suspects(since) {
+            let Some(conn) = tracker.conn(sock) else {
+                continue;
+            };
+            suspects.insert(conn.id);
+            if conn.owner.pid != 0 && !self.presampled.contains(&conn.id) {
+                let job = Job::Presample {
+                    id: conn.id,
+                    pid: conn.owner.pid,
+                    tid: conn.owner.tid,
+                };
+                if self.worker.submit(job) {
+                    self.presampled.insert(conn.id);
+                }
+            }
+        }
+        let answered: Vec<u64> = self
+            .presampled
+            .iter()
+            .filter(|id| !suspects.contains(*id) && !self.open.contains_key(*id))
+            .copied()
+            .collect();
+        for id in answered {
+            self.presampled.remove(&id);
+            self.worker.submit(Job::Forget { id });
+        }
+    }
+
+    /// A stall opened on `conn` (kernel key `sock`) at `now`: asks the worker for a first look
+    /// and returns what is known without it (request, confidence), to report if the look
+    /// cannot be had in time. `None` when the worker's queue is full: report it at once.
+    pub(crate) fn begin(
+        &mut self,
+        conn: &Conn,
+        sock: Option<u64>,
+        maps: &KernelMaps,
+        now: u64,
+    ) -> (Diagnosis, bool) {
+        let request = sock
+            .and_then(|sock| maps.capture(sock))
+            .and_then(|capture| {
+                protocols::recognize(capture.data()).map(|s| RequestReport {
+                    protocol: s.protocol.to_owned(),
+                    signature: s.display(),
+                    raw_hex: self.capture_raw.then(|| diagnosis::hex(capture.data())),
+                })
+            });
+        let mut open = Open {
+            diagnosis: Diagnosis::default(),
+            facts: None,
+            request,
+            retransmits_at_start: None,
+            since_ns: now,
+            next_look_ns: now + FIRST_REFRESH_NS,
+            in_flight: false,
+        };
+        open.diagnosis = self.compose(conn, &open, None);
+        open.in_flight = self.worker.submit(Job::Diagnose {
+            subject: subject(conn),
+            onset: true,
+        });
+        let result = (open.diagnosis.clone(), open.in_flight);
+        self.open.insert(conn.id, open);
+        result
+    }
+
+    /// The stall on connection `id` ended, or its connection closed.
+    pub(crate) fn end(&mut self, id: u64) {
+        let known = self.open.remove(&id).is_some() | self.presampled.remove(&id);
+        if known {
+            self.worker.submit(Job::Forget { id });
+        }
+    }
+
+    /// Asks the worker for fresh looks at the open stalls that are due, within the budget.
+    pub(crate) fn refresh_due(&mut self, tracker: &Tracker, now: u64) {
+        let mut budget = REFRESH_BUDGET;
+        for (id, open) in &mut self.open {
+            if budget == 0 {
+                break;
+            }
+            if open.in_flight || open.next_look_ns > now {
+                continue;
+            }
+            let Some((_, conn)) = tracker.find_by_id(*id) else {
+                continue;
+            };
+            budget -= 1;
+            let age = now.saturating_sub(open.since_ns);
+            open.next_look_ns = now + (age / 4).clamp(FIRST_REFRESH_NS, MAX_REFRESH_NS);
+            open.in_flight = self.worker.submit(Job::Diagnose {
+                subject: subject(conn),
+                onset: false,
+            });
+        }
+    }
+
+    /// Has the worker name the functions of a spinning thread's stack.
+    pub(crate) fn symbolize(&mut self, id: u64, pid: u32, addresses: Vec<u64>) {
+        self.worker.submit(Job::Symbolize { id, pid, addresses });
+    }
+
+    /// Takes in what the worker found; returns the diagnoses to report. All findings are
+    /// recorded before any diagnosis is composed, so that stalls found together (a proxy and
+    /// its upstream) are chained together.
+    pub(crate) fn apply(&mut self, findings: Vec<Finding>, tracker: &Tracker) -> Vec<Outcome> {
+        let mut looked_at = Vec::new();
+        let mut outcomes = Vec::new();
+        for finding in findings {
+            match finding {
+                Finding::Diagnosed {
+                    id,
+                    onset,
+                    thread,
+                    fd_peer,
+                    tcp,
+                } => {
+                    if let Some(open) = self.open.get_mut(&id) {
+                        open.in_flight = false;
+                        open.facts = Some(Facts {
+                            thread,
+                            fd_peer,
+                            tcp,
+                        });
+                        looked_at.push((id, onset));
+                    }
+                }
+                Finding::Stack { id, frames } => {
+                    if let Some(diagnosis) = self.set_stack(id, frames) {
+                        outcomes.push(Outcome::Changed(id, diagnosis));
+                    }
+                }
+            }
+        }
+        for (id, onset) in looked_at {
+            let Some((_, conn)) = tracker.find_by_id(id) else {
+                continue;
+            };
+            let Some(open) = self.open.get(&id) else {
+                continue;
+            };
+            let mut next = self.compose(conn, open, Some(tracker));
+            let open = self.open.get_mut(&id).expect("looked up above");
+            if open.retransmits_at_start.is_none() {
+                open.retransmits_at_start = next.tcp.map(|t| t.total_retransmits);
+            }
+            if let (Some(now), Some(start)) = (next.tcp, open.retransmits_at_start) {
+                next.retransmits = Some(now.total_retransmits.saturating_sub(start));
+            }
+            // A stack found earlier stays until the thread stops spinning.
+            keep_stack(&open.diagnosis, &mut next);
+            let changed = next.differs_materially(&open.diagnosis);
+            open.diagnosis = next.clone();
+            if onset {
+                outcomes.push(Outcome::Onset(id, next));
+            } else if changed {
+                outcomes.push(Outcome::Changed(id, next));
+            }
+        }
+        outcomes
+    }
+
+    /// Records a user stack for the spinning thread of stall `id`; the new diagnosis if it
+    /// changed.
+    fn set_stack(&mut self, id: u64, stack: Vec<String>) -> Option<Diagnosis> {
+        let open = self.open.get_mut(&id)?;
+        let Some(ThreadReport {
+            verdict: ThreadVerdict::Spinning { stack: current, .. },
+            ..
+        }) = open.diagnosis.thread.as_mut()
+        else {
+            return None;
+        };
+        if *current == stack || stack.is_empty() {
+            return None;
+        }
+        *current = stack;
+        Some(open.diagnosis.clone())
+    }
+
+    /// Threads currently spinning behind open stalls: (stall id, pid, tid).
+    pub(crate) fn spinning(&self, tracker: &Tracker) -> Vec<(u64, u32, u32)> {
+        self.open
+            .iter()
+            .filter_map(|(id, open)| match &open.diagnosis.thread {
+                Some(ThreadReport {
+                    id: tid,
+                    verdict: ThreadVerdict::Spinning { .. },
+                }) => Some((*id, *tid)),
+                _ => None,
+            })
+            .filter_map(|(id, tid)| {
+                let (_, conn) = tracker.find_by_id(id)?;
+                Some((id, conn.owner.pid, tid))
+            })
+            .collect()
+    }
+
+    pub(crate) fn current(&self, id: u64) -> Option<&Diagnosis> {
+        self.open.get(&id).map(|open| &open.diagnosis)
+    }
+
+    /// The diagnosis of `conn` from what is known of it; the blame chain only with a tracker.
+    fn compose(&self, conn: &Conn, open: &Open, tracker: Option<&Tracker>) -> Diagnosis {
+        let (confidence, confidence_reason) =
+            diagnosis::confidence(conn.opened_ns, self.last_loss_ns);
+        let mut found = Diagnosis {
+            confidence,
+            confidence_reason,
+            request: open.request.clone(),
+            ..Diagnosis::default()
+        };
+        let Some(facts) = &open.facts else {
+            return found;
+        };
+        if let Some(signals) = facts.tcp {
+            found.cause = Some(diagnosis::tcp_cause(conn.role == Role::Server, &signals));
+            found.tcp = Some(signals);
+        }
+        let Some(tracker) = tracker else {
+            found.thread = facts.thread.clone();
+            return found;
+        };
+        found.thread = resolved_thread(conn, facts, tracker);
+        let verdict = found.thread.as_ref().map(|t| t.verdict.clone());
+        found.blame = blame_chain(conn, verdict, tracker, |next| {
+            let facts = self.open.get(&next.id)?.facts.as_ref()?;
+            resolved_thread(next, facts, tracker).map(|t| t.verdict)
+        });
+        found
+    }
+}
+
+fn subject(conn: &Conn) -> Subject {
+    Subject {
+        id: conn.id,
+        pid: conn.owner.pid,
+        tid: conn.owner.tid,
+        endpoints: conn.endpoints,
+    }
+}
+
+/// The thread report of `facts` with its blocking fd joined to the tracked connection it is.
+fn resolved_thread(conn: &Conn, facts: &Facts, tracker: &Tracker) -> Option<ThreadReport> {
+    let mut thread = facts.thread.clone()?;
+    if let ThreadVerdict::Blocked {
+        fd_conn, fd_target, ..
+    } = &mut thread.verdict
+    {
+        let target = facts.fd_peer.and_then(|e| tracker.find_by_endpoints(&e));
+        *fd_conn = target.map(|(_, c)| c.id);
+        if *fd_conn == Some(conn.id) {
+            // Waiting on the stalled connection itself: the answer is its peer's.
+            *fd_conn = None;
+            *fd_target = Some("this connection".into());
+        }
+    }
+    Some(thread)
+}
+
+fn keep_stack(previous: &Diagnosis, next: &mut Diagnosis) {
+    let (
+        Some(ThreadReport {
+            verdict: ThreadVerdict::Spinning { stack: old, .. },
+            id: old_id,
+        }),
+        Some(ThreadReport {
+            verdict: ThreadVerdict::Spinning { stack: new, .. },
+            id: new_id,
+        }),
+    ) = (previous.thread.as_ref(), next.thread.as_mut())
+    else {
+        return;
+    };
+    if new.is_empty() && old_id == new_id {
+        *new = old.clone();
+    }
+}

@@ -1,0 +1,158 @@
+//! The diagnosis worker: a thread that does the slow part of diagnosing stalls (/proc,
+//! sock_diag, pidfd_getfd, ELF symbol tables) so that the event loop never waits on it. The
+//! loop submits jobs without blocking (a full queue drops the job, counted) and reads findings
+//! as they come.
+use std::{
+    collections::HashMap,
+    sync::mpsc::{self, SyncSender, TrySendError},
+};
+
+use anyhow::{Context as _, Result};
+use stalltrace_core::{
+    diagnosis::{TcpSignals, ThreadReport, ThreadSample},
+    tracker::model::Endpoints,
+};
+use tokio::sync::mpsc as async_mpsc;
+
+use super::gather::gather;
+use crate::sources::{symbols::Symbolizer, threads};
+
+/// Jobs waiting for the worker at most. A mass stall of 20 000 connections submits as many
+/// onset jobs at once; beyond this they are dropped (counted) and their stalls reported with
+/// what the loop knows.
+const QUEUE: usize = 32_768;
+/// Thread samples kept at most, ahead of a likely stall and per open stall (~100 bytes each).
+/// Past it a window simply starts at the next look.
+const MAX_SAMPLES: usize = 65_536;
+
+/// A stalled (or about to stall) connection, as the worker needs to see it.
+#[derive(Clone, Debug)]
+pub(crate) struct Subject {
+    pub(crate) id: u64,
+    pub(crate) pid: u32,
+    pub(crate) tid: u32,
+    pub(crate) endpoints: Endpoints,
+}
+
+pub(crate) enum Job {
+    /// Take a first sample of the thread behind a request quiet for half the threshold, so
+    /// that the stall's first report has a CPU-share window.
+    Presample { id: u64, pid: u32, tid: u32 },
+    /// Look at a stall: `onset` for a new one (its `stall.start` waits for the answer), else a
+    /// refresh of an open one.
+    Diagnose { subject: Subject, onset: bool },
+    /// Name the functions of a spinning thread's sampled stack.
+    Symbolize {
+        id: u64,
+        pid: u32,
+        addresses: Vec<u64>,
+    },
+    /// The stall ended or the request was answered: drop its samples.
+    Forget { id: u64 },
+}
+
+pub(crate) enum Finding {
+    Diagnosed {
+        id: u64,
+        onset: bool,
+        thread: Option<ThreadReport>,
+        fd_peer: Option<Endpoints>,
+        tcp: Option<TcpSignals>,
+    },
+    Stack {
+        id: u64,
+        frames: Vec<String>,
+    },
+}
+
+/// The loop's handle on the worker thread.
+pub(crate) struct Worker {
+    jobs: SyncSender<Job>,
+    /// Jobs dropped because the queue was full.
+    dropped: u64,
+}
+
+impl Worker {
+    /// Starts the worker; its findings arrive on the returned receiver.
+    pub(crate) fn spawn() -> Result<(Self, async_mpsc::Receiver<Finding>)> {
+        let (jobs, queue) = mpsc::sync_channel(QUEUE);
+        let (findings, receiver) = async_mpsc::channel(QUEUE);
+        std::thread::Builder::new()
+            .name("diagnosis".into())
+            .spawn(move || run(queue, findings))
+            .context("starting the diagnosis thread")?;
+        Ok((Self { jobs, dropped: 0 }, receiver))
+    }
+
+    /// Queues `job` without waiting; false (and counted) when the queue is full.
+    pub(crate) fn submit(&mut self, job: Job) -> bool {
+        match self.jobs.try_send(job) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.dropped += 1;
+                false
+            }
+        }
+    }
+
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped
+    }
+}
+
+/// The worker's state: samples that open the next CPU-share window of each stall's thread.
+#[derive(Default)]
+struct State {
+    presamples: HashMap<u64, ThreadSample>,
+    windows: HashMap<u64, ThreadSample>,
+    symbolizer: Symbolizer,
+}
+
+fn run(jobs: mpsc::Receiver<Job>, findings: async_mpsc::Sender<Finding>) {
+    let mut state = State::default();
+    // Ends when the loop drops its sender (daemon exit) or stops reading findings.
+    while let Ok(job) = jobs.recv() {
+        let finding = match job {
+            Job::Presample { id, pid, tid } => {
+                if state.presamples.len() < MAX_SAMPLES {
+                    if let Some(sample) = threads::sample(pid, tid) {
+                        state.presamples.insert(id, sample);
+                    }
+                }
+                continue;
+            }
+            Job::Forget { id } => {
+                state.presamples.remove(&id);
+                state.windows.remove(&id);
+                continue;
+            }
+            Job::Diagnose { subject, onset } => {
+                let first = state
+                    .windows
+                    .remove(&subject.id)
+                    .or_else(|| state.presamples.remove(&subject.id));
+                let gathered = gather(&subject, first);
+                if let Some(sample) = gathered
+                    .sample
+                    .filter(|_| state.windows.len() < MAX_SAMPLES)
+                {
+                    state.windows.insert(subject.id, sample);
+                }
+                Finding::Diagnosed {
+                    id: subject.id,
+                    onset,
+                    thread: gathered.thread,
+                    fd_peer: gathered.fd_peer,
+                    tcp: gathered.tcp,
+                }
+            }
+            Job::Symbolize { id, pid, addresses } => Finding::Stack {
+                id,
+                frames: state.symbolizer.symbolize(pid, &addresses),
+            },
+        };
+        if findings.blocking_send(finding).is_err() {
+            return;
+        }
+    }
+}
