@@ -110,8 +110,6 @@ pub struct Why {
     groups: HashMap<WhyKey, Group>,
     /// Sampled requests awaiting their completion, by sock address.
     in_flight: HashMap<u64, (WhyKey, u64)>,
-    completed: u64,
-    stalls: u64,
 }
 
 impl Why {
@@ -132,14 +130,12 @@ impl Why {
         let group = self.group(key);
         group.completed += 1;
         group.latency.record(at_ns.saturating_sub(started) / 1_000);
-        self.completed += 1;
     }
 
     /// A stall began on a request of this group.
     pub fn stalled(&mut self, sock: u64, key: WhyKey) {
         self.in_flight.remove(&sock);
         self.group(key).stalls += 1;
-        self.stalls += 1;
     }
 
     /// The connection closed: its sampled request (if any) never completed.
@@ -159,8 +155,10 @@ impl Why {
         self.groups.entry(key).or_default()
     }
 
-    /// Groups ranked by over-representation among stalls, then by stalls.
-    pub fn report(&self) -> Vec<WhyRow> {
+    /// The groups `select` keeps, ranked by over-representation among stalls, then by
+    /// stalls. Shares are of the selected groups' stalls and completed requests: asked about
+    /// one port, the answer is about that port's traffic.
+    pub fn report(&self, select: impl Fn(&WhyKey) -> bool) -> Vec<WhyRow> {
         let share = |part: u64, whole: u64| {
             if whole == 0 {
                 0.0
@@ -169,12 +167,15 @@ impl Why {
             }
         };
         let ms = |micros: Option<u64>| micros.map(|us| us as f64 / 1000.0);
-        let mut rows: Vec<WhyRow> = self
-            .groups
-            .iter()
+        let selected: Vec<(&WhyKey, &Group)> =
+            self.groups.iter().filter(|(key, _)| select(key)).collect();
+        let stalls = selected.iter().map(|(_, g)| g.stalls).sum();
+        let completed = selected.iter().map(|(_, g)| g.completed).sum();
+        let mut rows: Vec<WhyRow> = selected
+            .into_iter()
             .map(|(key, group)| {
-                let stall_share = share(group.stalls, self.stalls);
-                let completed_share = share(group.completed, self.completed);
+                let stall_share = share(group.stalls, stalls);
+                let completed_share = share(group.completed, completed);
                 WhyRow {
                     key: key.clone(),
                     stalls: group.stalls,
@@ -232,7 +233,7 @@ mod tests {
         }
         why.request_started(9999, key("GET /coupon/apply"), 0);
         why.exchange_completed(9999, 40 * MS);
-        let rows = why.report();
+        let rows = why.report(|_| true);
         assert_eq!(rows[0].key.signature, "GET /coupon/apply");
         assert_eq!(rows[0].stalls, 30);
         assert!((rows[0].stall_share - 1.0).abs() < 1e-9);
@@ -266,7 +267,7 @@ mod tests {
         }
         assert_eq!(why.groups.len(), MAX_GROUPS + 1);
         let other = why
-            .report()
+            .report(|_| true)
             .into_iter()
             .find(|r| r.key.signature == OTHER)
             .unwrap();
@@ -279,6 +280,28 @@ mod tests {
         why.request_started(1, key("GET /a"), 0);
         why.forget(1);
         why.exchange_completed(1, 5 * MS);
-        assert!(why.report().is_empty());
+        assert!(why.report(|_| true).is_empty());
+    }
+
+    #[test]
+    fn shares_are_of_the_selected_groups() {
+        let mut why = Why::new();
+        let on = |endpoint: &str, signature: &str| WhyKey {
+            endpoint: endpoint.into(),
+            ..key(signature)
+        };
+        why.stalled(1, on(":80", "GET /a"));
+        why.stalled(2, on(":81", "GET /b"));
+        why.stalled(3, on(":81", "GET /b"));
+        why.request_started(4, on(":80", "GET /c"), 0);
+        why.exchange_completed(4, 1_000_000);
+        let rows = why.report(|key| key.endpoint == ":80");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].key.signature, "GET /a");
+        assert_eq!(rows[0].stall_share, 1.0, "the only stall on :80");
+        assert_eq!(rows[1].completed_share, 1.0);
+        let all = why.report(|_| true);
+        let a = all.iter().find(|r| r.key.signature == "GET /a").unwrap();
+        assert!((a.stall_share - 1.0 / 3.0).abs() < 1e-9);
     }
 }

@@ -37,7 +37,7 @@ pub(crate) struct BenchArgs {
     #[arg(long)]
     smoke: bool,
     /// Run only these parts (comma-separated): pingpong1, pingpong32, nginx, churn, fileio,
-    /// paced, idle, programs, micro.
+    /// paced, idle, stalls, programs, micro.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -180,10 +180,16 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         paced_cpu(&paths, if args.smoke { 0.5 } else { 5.0 })
     });
     let scale = run("idle", &|| idle_scale(&paths, args.idle_conns));
+    let stall_sizes: &[usize] = if args.smoke {
+        &[500]
+    } else {
+        &[500, 3_000, 10_000]
+    };
+    let stalls = run("stalls", &|| mass_stalls(&paths, stall_sizes, args.smoke));
     let program_cost = run("programs", &|| program_cost(&paths, &secs));
     let micro = run("micro", &microbenchmark);
     drop(nginx);
-    let failed = [&paced, &scale, &program_cost, &micro]
+    let failed = [&paced, &scale, &stalls, &program_cost, &micro]
         .into_iter()
         .chain(&results)
         .filter(|v| v.get("error").is_some())
@@ -196,6 +202,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         "workloads": results,
         "paced_20k_rps": paced,
         "idle_scale": scale,
+        "mass_stalls": stalls,
         "program_cost": program_cost,
         "userspace_microbenchmark": micro,
     });
@@ -711,6 +718,95 @@ fn idle_scale(paths: &Paths, conns: usize) -> Result<Value> {
     }))
 }
 
+/// The stall threshold of the mass-stall scenario.
+const MASS_STALL_AFTER_MS: u64 = 2_000;
+
+/// Thousands of requests stalling at once (each connection stalls on both ends): how long
+/// until all are reported and diagnosed, what the daemon costs while they stay open, and how
+/// fast `stalls` answers.
+fn mass_stalls(paths: &Paths, sizes: &[usize], smoke: bool) -> Result<Value> {
+    let mut rows = Vec::new();
+    for &conns in sizes {
+        let stalls = 2 * conns;
+        progress(&format!(
+            "{stalls} open stalls ({conns} connections, both ends)"
+        ));
+        let threshold = format!("{MASS_STALL_AFTER_MS}ms");
+        let daemon = Daemon::start(paths, &["--stall-after", &threshold])?;
+        let mut load = Command::new(&paths.loadgen)
+            .args(["stalled", "--conns", &conns.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the stalled-connection generator")?;
+        let mut ready = String::new();
+        BufReader::new(load.stdout.take().expect("piped")).read_line(&mut ready)?;
+        if ready.trim() != "ready" {
+            let _ = load.kill();
+            bail!("the stalled-connection generator failed (fd limits?)");
+        }
+        // The last request went out just now: every stall is due threshold from here.
+        let sent = Instant::now();
+        let deadline = sent + Duration::from_secs(60);
+        let mut status = daemon.status()?;
+        let diagnosed_in = loop {
+            let open = status["connections"]["stalled"].as_u64().unwrap_or(0);
+            let held = status["diagnosis"]["held"].as_u64().unwrap_or(u64::MAX);
+            if open >= stalls as u64 && held == 0 {
+                break Some(sent.elapsed());
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            thread::sleep(Duration::from_millis(100));
+            status = daemon.status()?;
+        };
+        // Steady state: after the first looks at the new stalls (their refreshes back off).
+        thread::sleep(Duration::from_secs(if smoke { 0 } else { 5 }));
+        let steady = Duration::from_secs(if smoke { 1 } else { 10 });
+        let before = daemon.sample()?;
+        let started = Instant::now();
+        thread::sleep(steady);
+        let cpu = daemon.metrics_since(&before, started.elapsed())?;
+        let query_started = Instant::now();
+        let answer = Command::new(&paths.stalltrace)
+            .args(["stalls", "-o", "json", "--socket"])
+            .arg(&daemon.socket)
+            .output()?;
+        let stalls_query_ms = query_started.elapsed().as_millis() as u64;
+        let listed = serde_json::from_slice::<Value>(&answer.stdout)
+            .ok()
+            .and_then(|v| v.as_array().map(Vec::len));
+        let settled = daemon.status()?;
+        let rss = current_rss_mib(daemon.pid());
+        drop(load.stdin.take());
+        let _ = load.wait();
+        daemon.stop()?;
+        rows.push(json!({
+            "stalls": stalls,
+            "stall_after_ms": MASS_STALL_AFTER_MS,
+            "all_reported_and_diagnosed_ms": diagnosed_in.map(|d| d.as_millis() as u64),
+            "steady_cpu_share_of_one_core": cpu.cpu_share_of_one_core,
+            "steady_secs": steady.as_secs(),
+            "daemon_rss_mib": rss,
+            "stalls_query_ms": stalls_query_ms,
+            "stalls_listed": listed,
+            "diagnosis": settled["diagnosis"],
+            "lost": settled["lost_total"],
+        }));
+    }
+    Ok(json!(rows))
+}
+
+/// The mass-stall row for `stalls` open stalls, if it was measured.
+fn mass_stall_row(report: &Value, stalls: u64) -> Option<&Value> {
+    report["mass_stalls"]
+        .as_array()?
+        .iter()
+        .find(|row| row["stalls"].as_u64() == Some(stalls))
+}
+
 /// Per-program cost from the kernel's BPF statistics, on 32-connection ping-pong.
 fn program_cost(paths: &Paths, secs: &str) -> Result<Value> {
     progress("per-program cost (kernel BPF statistics)");
@@ -853,6 +949,29 @@ fn targets(report: &Value) -> Value {
         rss,
         rss.map_or("-".into(), |r| format!("{r:.1} MiB")),
         rss.is_some_and(|r| r <= 64.0),
+    );
+    let mass = mass_stall_row(report, 6_000);
+    let cpu = mass.and_then(|row| row["steady_cpu_share_of_one_core"].as_f64());
+    row(
+        "6 000 open stalls: daemon <= 5% of one core",
+        cpu,
+        cpu.map_or("-".into(), |c| format!("{:.2}%", 100.0 * c)),
+        cpu.is_some_and(|c| c <= 0.05),
+    );
+    let answer = mass.and_then(|row| row["stalls_query_ms"].as_f64());
+    row(
+        "6 000 open stalls: `stalls` answers in < 1 s",
+        answer,
+        answer.map_or("-".into(), |ms| format!("{ms:.0} ms")),
+        answer.is_some_and(|ms| ms < 1000.0),
+    );
+    let onset = mass.and_then(|row| row["all_reported_and_diagnosed_ms"].as_f64());
+    let bound = (MASS_STALL_AFTER_MS + 2_000) as f64;
+    row(
+        "6 000 stalls: all diagnosed within threshold + 2 s",
+        onset,
+        onset.map_or("-".into(), |ms| format!("{:.1} s", ms / 1000.0)),
+        onset.is_some_and(|ms| ms <= bound),
     );
     let micro = report["userspace_microbenchmark"]["decode_and_track_per_sec"].as_f64();
     row(

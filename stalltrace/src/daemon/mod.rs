@@ -65,9 +65,6 @@ const LOSS_REPORT_EVERY: Duration = Duration::from_secs(1);
 /// after a burst of new connections.
 const SWEEP_BUDGET: usize = 20_000;
 const RECALIBRATE_EVERY: Duration = Duration::from_secs(10);
-/// Findings of the diagnosis worker taken in one go (stalls found together are chained
-/// together).
-const FINDINGS_PER_BATCH: usize = 4096;
 
 /// Sweeps often enough that a stall is reported well within a second of crossing the
 /// threshold, and at least five times per threshold.
@@ -217,7 +214,7 @@ impl Daemon {
         probes: &mut Probes,
         mut ring: AsyncFd<RingBuf<MapData>>,
         mut queries: mpsc::Receiver<Query>,
-        mut findings: mpsc::Receiver<Finding>,
+        mut findings: mpsc::Receiver<Vec<Finding>>,
     ) -> Result<()> {
         let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -252,11 +249,10 @@ impl Daemon {
                     let response = self.answer(query.command, probes);
                     let _ = query.reply.send(response);
                 }
-                Some(finding) = findings.recv() => {
-                    let mut batch = vec![finding];
-                    while batch.len() < FINDINGS_PER_BATCH {
-                        let Ok(finding) = findings.try_recv() else { break };
-                        batch.push(finding);
+                Some(mut batch) = findings.recv() => {
+                    // Stalls found together are chained together: take what else is waiting.
+                    while let Ok(mut more) = findings.try_recv() {
+                        batch.append(&mut more);
                     }
                     self.on_findings(batch, monotonic_ns());
                 }

@@ -158,19 +158,12 @@ impl Daemon {
     }
 
     fn why(&self, filter: &Filter) -> Vec<stalltrace_core::why::WhyRow> {
-        self.why
-            .report()
-            .into_iter()
-            .filter(|row| {
-                filter
-                    .comm
-                    .as_deref()
-                    .is_none_or(|c| c == row.key.executable)
-                    && filter
-                        .port
-                        .is_none_or(|p| row.key.endpoint.ends_with(&format!(":{p}")))
-            })
-            .collect()
+        self.why.report(|key| {
+            filter.comm.as_deref().is_none_or(|c| c == key.executable)
+                && filter
+                    .port
+                    .is_none_or(|p| key.endpoint.ends_with(&format!(":{p}")))
+        })
     }
 }
 

@@ -4,9 +4,9 @@
 //!
 //! Cost: a thread is first sampled when its request has been quiet for half the threshold (so
 //! that the stall's first report has a CPU-share window). An open stall is looked at again
-//! after 1 s, then less and less often as it ages (every quarter of its age, at most every
-//! 30 s), and at most [`REFRESH_BUDGET`] looks are asked for per sweep: thousands of open
-//! stalls cost a few percent of a core, not a core.
+//! after 1 s, then less and less often as it ages (at its age, so 1, 2, 4, 8… s after onset,
+//! at most every 30 s), and refresh looks are rationed to [`REFRESHES_PER_SEC`]: thousands of
+//! open stalls cost a few percent of a core, not a core. First looks are never rationed.
 use std::collections::{HashMap, HashSet};
 
 use anyhow::Result;
@@ -26,8 +26,8 @@ use super::{
 };
 use crate::probes::KernelMaps;
 
-/// Refresh looks asked for per sweep at most (sweeps run 4–50 times a second).
-pub(crate) const REFRESH_BUDGET: usize = 250;
+/// Refresh looks asked for per second at most (~50 µs of I/O each, on the worker).
+const REFRESHES_PER_SEC: u64 = 200;
 const SEC: u64 = 1_000_000_000;
 /// The first refresh of a stall comes this soon after its onset.
 const FIRST_REFRESH_NS: u64 = SEC;
@@ -71,12 +71,18 @@ pub(crate) struct Diagnoser {
     presampled: HashSet<u64>,
     /// When the daemon last lost events: stalls on connections older than that are partial.
     last_loss_ns: Option<u64>,
+    /// Refresh looks that may be asked for now (a token bucket of one second's worth).
+    refresh_tokens: u64,
+    tokens_at_ns: u64,
 }
 
 impl Diagnoser {
     /// Starts the diagnosis worker; its findings arrive on the returned receiver, for
     /// [`Diagnoser::apply`].
-    pub(crate) fn new(stall_after_ns: u64, capture_raw: bool) -> Result<(Self, Receiver<Finding>)> {
+    pub(crate) fn new(
+        stall_after_ns: u64,
+        capture_raw: bool,
+    ) -> Result<(Self, Receiver<Vec<Finding>>)> {
         let (worker, findings) = Worker::spawn()?;
         let diagnoser = Self {
             stall_after_ns,
@@ -85,6 +91,8 @@ impl Diagnoser {
             open: HashMap::new(),
             presampled: HashSet::new(),
             last_loss_ns: None,
+            refresh_tokens: REFRESHES_PER_SEC,
+            tokens_at_ns: 0,
         };
         Ok((diagnoser, findings))
     }
@@ -182,11 +190,15 @@ impl Diagnoser {
         }
     }
 
-    /// Asks the worker for fresh looks at the open stalls that are due, within the budget.
+    /// Asks the worker for fresh looks at the open stalls that are due, as the ration allows.
     pub(crate) fn refresh_due(&mut self, tracker: &Tracker, now: u64) {
-        let mut budget = REFRESH_BUDGET;
+        let earned = now.saturating_sub(self.tokens_at_ns) * REFRESHES_PER_SEC / SEC;
+        if earned > 0 {
+            self.refresh_tokens = (self.refresh_tokens + earned).min(REFRESHES_PER_SEC);
+            self.tokens_at_ns = now;
+        }
         for (id, open) in &mut self.open {
-            if budget == 0 {
+            if self.refresh_tokens == 0 {
                 break;
             }
             if open.in_flight || open.next_look_ns > now {
@@ -195,9 +207,9 @@ impl Diagnoser {
             let Some((_, conn)) = tracker.find_by_id(*id) else {
                 continue;
             };
-            budget -= 1;
+            self.refresh_tokens -= 1;
             let age = now.saturating_sub(open.since_ns);
-            open.next_look_ns = now + (age / 4).clamp(FIRST_REFRESH_NS, MAX_REFRESH_NS);
+            open.next_look_ns = now + age.clamp(FIRST_REFRESH_NS, MAX_REFRESH_NS);
             open.in_flight = self.worker.submit(Job::Diagnose {
                 subject: subject(conn),
                 onset: false,

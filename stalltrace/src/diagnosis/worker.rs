@@ -51,6 +51,9 @@ pub(crate) enum Job {
     Forget { id: u64 },
 }
 
+/// Findings sent to the loop in one message at most: the loop wakes once per batch.
+const FINDINGS_PER_MESSAGE: usize = 512;
+
 pub(crate) enum Finding {
     Diagnosed {
         id: u64,
@@ -73,10 +76,11 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    /// Starts the worker; its findings arrive on the returned receiver.
-    pub(crate) fn spawn() -> Result<(Self, async_mpsc::Receiver<Finding>)> {
+    /// Starts the worker; its findings arrive on the returned receiver, in batches.
+    pub(crate) fn spawn() -> Result<(Self, async_mpsc::Receiver<Vec<Finding>>)> {
         let (jobs, queue) = mpsc::sync_channel(QUEUE);
-        let (findings, receiver) = async_mpsc::channel(QUEUE);
+        // Batches in flight at most: the worker waits when the loop is this far behind.
+        let (findings, receiver) = async_mpsc::channel(64);
         std::thread::Builder::new()
             .name("diagnosis".into())
             .spawn(move || run(queue, findings))
@@ -108,10 +112,33 @@ struct State {
     symbolizer: Symbolizer,
 }
 
-fn run(jobs: mpsc::Receiver<Job>, findings: async_mpsc::Sender<Finding>) {
+fn run(jobs: mpsc::Receiver<Job>, findings: async_mpsc::Sender<Vec<Finding>>) {
     let mut state = State::default();
+    let mut batch = Vec::new();
     // Ends when the loop drops its sender (daemon exit) or stops reading findings.
     while let Ok(job) = jobs.recv() {
+        if let Some(finding) = state.work(job) {
+            batch.push(finding);
+        }
+        // Keep going while jobs are queued: the loop gets one message for all of them.
+        while batch.len() < FINDINGS_PER_MESSAGE {
+            let Ok(job) = jobs.try_recv() else {
+                break;
+            };
+            if let Some(finding) = state.work(job) {
+                batch.push(finding);
+            }
+        }
+        if !batch.is_empty() && findings.blocking_send(std::mem::take(&mut batch)).is_err() {
+            return;
+        }
+    }
+}
+
+impl State {
+    /// Does one job; what it found, if the loop needs to know.
+    fn work(&mut self, job: Job) -> Option<Finding> {
+        let state = self;
         let finding = match job {
             Job::Presample { id, pid, tid } => {
                 if state.presamples.len() < MAX_SAMPLES {
@@ -119,12 +146,12 @@ fn run(jobs: mpsc::Receiver<Job>, findings: async_mpsc::Sender<Finding>) {
                         state.presamples.insert(id, sample);
                     }
                 }
-                continue;
+                return None;
             }
             Job::Forget { id } => {
                 state.presamples.remove(&id);
                 state.windows.remove(&id);
-                continue;
+                return None;
             }
             Job::Diagnose { subject, onset } => {
                 let first = state
@@ -151,8 +178,6 @@ fn run(jobs: mpsc::Receiver<Job>, findings: async_mpsc::Sender<Finding>) {
                 frames: state.symbolizer.symbolize(pid, &addresses),
             },
         };
-        if findings.blocking_send(finding).is_err() {
-            return;
-        }
+        Some(finding)
     }
 }

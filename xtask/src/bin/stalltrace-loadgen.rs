@@ -58,6 +58,15 @@ enum Workload {
     IdleWorker {
         #[arg(long)]
         conns: usize,
+        /// Send a request on each that the server reads and never answers.
+        #[arg(long)]
+        stalled: bool,
+    },
+    /// Like `idle`, but each client sends a request that its server reads and never
+    /// answers: `conns` connections stall on both ends (2 × `conns` stalls).
+    Stalled {
+        #[arg(long)]
+        conns: usize,
     },
 }
 
@@ -66,8 +75,9 @@ fn main() -> Result<()> {
         Workload::Pingpong { conns, secs, rate } => pingpong(conns, secs, rate),
         Workload::Churn { workers, secs } => churn(workers, secs),
         Workload::Fileio { secs } => fileio(secs),
-        Workload::Idle { conns } => idle(conns),
-        Workload::IdleWorker { conns } => idle_worker(conns),
+        Workload::Idle { conns } => idle(conns, false),
+        Workload::Stalled { conns } => idle(conns, true),
+        Workload::IdleWorker { conns, stalled } => idle_worker(conns, stalled),
     }
 }
 
@@ -294,7 +304,7 @@ fn fileio(secs: f64) -> Result<()> {
 /// Each connection costs two descriptors (both ends are local). The hard open-file limit may
 /// not be raisable (no CAP_SYS_RESOURCE in some sandboxes), so the connections are spread over
 /// worker processes that each stay under it.
-fn idle(conns: usize) -> Result<()> {
+fn idle(conns: usize, stalled: bool) -> Result<()> {
     let per_worker = (open_file_limit()?.saturating_sub(128) / 2).max(1) as usize;
     let workers = conns.div_ceil(per_worker);
     let started = Instant::now();
@@ -303,9 +313,13 @@ fn idle(conns: usize) -> Result<()> {
     for _ in 0..workers {
         let share = remaining.min(per_worker);
         remaining -= share;
+        let mut worker = std::process::Command::new(std::env::current_exe()?);
+        worker.args(["idle-worker", "--conns", &share.to_string()]);
+        if stalled {
+            worker.arg("--stalled");
+        }
         children.push(
-            std::process::Command::new(std::env::current_exe()?)
-                .args(["idle-worker", "--conns", &share.to_string()])
+            worker
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
                 .spawn()?,
@@ -334,14 +348,22 @@ fn idle(conns: usize) -> Result<()> {
     Ok(())
 }
 
-fn idle_worker(conns: usize) -> Result<()> {
+fn idle_worker(conns: usize, stalled: bool) -> Result<()> {
     let (listener, addr) = listener()?;
     let mut held = Vec::with_capacity(2 * conns);
     // Connect and accept in lockstep: the accept queue never overflows (an overflowing queue
     // drops SYNs, and each costs a 1 s retransmit).
     for i in 0..conns {
-        held.push(TcpStream::connect(addr).with_context(|| format!("connection {i} of {conns}"))?);
-        held.push(listener.accept()?.0);
+        let mut client =
+            TcpStream::connect(addr).with_context(|| format!("connection {i} of {conns}"))?;
+        let (mut server, _) = listener.accept()?;
+        if stalled {
+            client.write_all(b"GET /never/answered HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+            let mut request = [0u8; 64];
+            let _ = server.read(&mut request)?;
+        }
+        held.push(client);
+        held.push(server);
     }
     println!("ready");
     std::io::stdout().flush()?;
