@@ -142,7 +142,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         why: Why::new(),
         timelines: timelines::Timelines::default(),
         next_stacks_ns: 0,
-        next_unread_scan_ns: 0,
+        unread: unread::UnreadScan::default(),
         tracker,
         sink,
         started: Instant::now(),
@@ -191,7 +191,7 @@ struct Daemon {
     why: Why,
     timelines: timelines::Timelines,
     next_stacks_ns: u64,
-    next_unread_scan_ns: u64,
+    unread: unread::UnreadScan,
     sink: EventSink,
     started: Instant,
     offsets: Offsets,
@@ -254,7 +254,7 @@ impl Daemon {
                     while let Ok(mut more) = findings.try_recv() {
                         batch.append(&mut more);
                     }
-                    self.on_findings(batch, monotonic_ns());
+                    self.on_findings(batch, &probes.maps, monotonic_ns());
                 }
             }
         }
@@ -288,9 +288,7 @@ impl Daemon {
         let now = monotonic_ns();
         self.tracker
             .sweep(now, self.epoch, |sock| maps.lookup(sock), &mut self.out);
-        if now >= self.next_unread_scan_ns {
-            self.scan_unread(now);
-        }
+        self.request_unread_scan(now);
         self.emit(maps);
         self.release_held(now, false);
         self.diagnoser.refresh_due(&self.tracker, now);

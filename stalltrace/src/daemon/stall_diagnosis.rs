@@ -109,10 +109,19 @@ impl Daemon {
         self.out.clear();
     }
 
-    /// Takes in what the diagnosis worker found: first diagnoses release their held events,
-    /// changed ones become `stall.update`s.
-    pub(super) fn on_findings(&mut self, findings: Vec<Finding>, now: u64) {
+    /// Takes in what the diagnosis worker found: unread requests open stalls, first diagnoses
+    /// release their held events, changed ones become `stall.update`s.
+    pub(super) fn on_findings(&mut self, findings: Vec<Finding>, maps: &KernelMaps, now: u64) {
         self.out.clear();
+        let (scans, findings): (Vec<_>, Vec<_>) = findings
+            .into_iter()
+            .partition(|f| matches!(f, Finding::Unread { .. }));
+        for scan in scans {
+            if let Finding::Unread { found, took } = scan {
+                self.on_unread(found, took, now);
+            }
+        }
+        self.emit(maps);
         for outcome in self.diagnoser.apply(findings, &self.tracker) {
             match outcome {
                 Outcome::Onset(id, found) => {

@@ -1,59 +1,63 @@
 //! Requests nobody reads: a server that never reads a request moves no data, so no kernel
-//! program sees it. A paced sock_diag dump of established sockets finds them.
-use std::{
-    collections::HashMap,
-    time::{Duration, Instant},
-};
+//! program sees it. A paced sock_diag dump of established sockets, on the diagnosis worker,
+//! finds them; the loop matches what it found with the tracked connections.
+use std::time::Duration;
 
 use stalltrace_core::tracker::model::Role;
 
 use super::Daemon;
-use crate::sources::{procfs, sock_diag};
+use crate::diagnosis::UnreadRequest;
+
+/// When the next scan for unread requests is due, and whether one is under way.
+#[derive(Default)]
+pub(super) struct UnreadScan {
+    next_ns: u64,
+    in_flight: bool,
+}
 
 impl Daemon {
-    /// Finds requests that sit unread in a server connection's receive queue: the
-    /// application never read them, so no transfer was reported. A dump of established
-    /// sockets costs in proportion to the host's sockets, so the scan is spaced to stay under
-    /// ~2 % of a core.
-    pub(super) fn scan_unread(&mut self, now: u64) {
-        let started = Instant::now();
-        let entries = match sock_diag::dump_established_unread() {
-            Ok(entries) => entries,
-            Err(err) => {
-                log::warn!("sock_diag dump failed ({err}); unread requests go undetected");
-                self.next_unread_scan_ns = now + Duration::from_secs(60).as_nanos() as u64;
-                return;
-            }
+    /// Has the worker scan for unread requests when a scan is due and none is under way.
+    pub(super) fn request_unread_scan(&mut self, now: u64) {
+        if self.unread.in_flight || now < self.unread.next_ns {
+            return;
+        }
+        self.unread.in_flight = self.diagnoser.scan_unread();
+        if !self.unread.in_flight {
+            self.unread.next_ns = now + Duration::from_secs(1).as_nanos() as u64;
+        }
+    }
+
+    /// Opens an `unanswered_request` stall for each server connection whose request has sat
+    /// unread for the threshold. A dump costs in proportion to the host's sockets, so the next
+    /// scan waits 50 times as long as this one took (1–30 s): under ~2 % of the worker's core.
+    pub(super) fn on_unread(
+        &mut self,
+        found: Option<Vec<UnreadRequest>>,
+        took: Duration,
+        now: u64,
+    ) {
+        self.unread.in_flight = false;
+        let pause = match &found {
+            Some(_) => (took * 50).clamp(Duration::from_secs(1), Duration::from_secs(30)),
+            None => Duration::from_secs(60),
         };
-        let pause = (started.elapsed() * 50).clamp(Duration::from_secs(1), Duration::from_secs(30));
-        self.next_unread_scan_ns = now + pause.as_nanos() as u64;
-        let mut owners: Option<HashMap<u64, _>> = None;
-        for entry in &entries {
-            let Some((Some(sock), conn)) = self.tracker.find_by_endpoints(&entry.endpoints) else {
+        self.unread.next_ns = now + pause.as_nanos() as u64;
+        for request in found.into_iter().flatten() {
+            let Some((Some(sock), conn)) = self.tracker.find_by_endpoints(&request.endpoints)
+            else {
                 continue;
             };
             // A request that was read is the sweep's business.
             if conn.role != Role::Server || conn.stall.is_some() || conn.quiet_since.is_some() {
                 continue;
             }
-            let Some(signals) = sock_diag::query(&entry.endpoints)
-                .ok()
-                .flatten()
-                .and_then(|e| e.signals)
-            else {
-                continue;
-            };
-            let quiet_since = now.saturating_sub(u64::from(signals.last_data_recv_ms) * 1_000_000);
-            if now.saturating_sub(quiet_since) < self.tracker.stall_after_ns() {
-                continue;
-            }
             if conn.owner.pid == 0 {
-                // Never read, so never attributed: find its process in /proc.
-                let owners = owners.get_or_insert_with(procfs::socket_owners);
-                if let Some(owner) = owners.get(&entry.inode) {
-                    self.tracker.set_owner(sock, *owner);
+                // Never read, so never attributed: its process comes from /proc.
+                if let Some(owner) = request.owner {
+                    self.tracker.set_owner(sock, owner);
                 }
             }
+            let quiet_since = now.saturating_sub(u64::from(request.waiting_ms) * 1_000_000);
             self.tracker
                 .request_unread(sock, quiet_since, now, &mut self.out);
         }

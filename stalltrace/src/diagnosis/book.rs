@@ -217,6 +217,13 @@ impl Diagnoser {
         }
     }
 
+    /// Has the worker look for requests nobody reads; false when its queue is full.
+    pub(crate) fn scan_unread(&mut self) -> bool {
+        self.worker.submit(Job::ScanUnread {
+            stall_after_ns: self.stall_after_ns,
+        })
+    }
+
     /// Has the worker name the functions of a spinning thread's stack.
     pub(crate) fn symbolize(&mut self, id: u64, pid: u32, addresses: Vec<u64>) {
         self.worker.submit(Job::Symbolize { id, pid, addresses });
@@ -252,6 +259,8 @@ impl Diagnoser {
                         outcomes.push(Outcome::Changed(id, diagnosis));
                     }
                 }
+                // The daemon takes these before (they open stalls rather than explain them).
+                Finding::Unread { .. } => {}
             }
         }
         for (id, onset) in looked_at {

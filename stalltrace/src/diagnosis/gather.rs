@@ -1,14 +1,16 @@
 //! The I/O of a diagnosis, run on the diagnosis worker (never on the event loop): the thread
 //! behind a stall (/proc), what its blocking fd is (pidfd_getfd), and TCP signals (sock_diag).
 //! Classification is pure (`stalltrace_core::diagnosis`).
+use std::io;
+
 use stalltrace_core::{
     diagnosis::{classify, TcpSignals, ThreadReport, ThreadSample, ThreadVerdict},
-    tracker::model::Endpoints,
+    tracker::model::{Endpoints, Owner},
 };
 
 use super::worker::Subject;
 use crate::sources::{
-    sock_diag,
+    procfs, sock_diag,
     threads::{self, FdTarget},
 };
 
@@ -81,4 +83,39 @@ fn thread_report(
         }
     }
     (Some(ThreadReport { id: tid, verdict }), fd_peer, last)
+}
+
+/// A socket with a request sitting unread in its receive queue.
+pub(crate) struct UnreadRequest {
+    pub(crate) endpoints: Endpoints,
+    /// Since the last data arrived (ms): how long the request has been waiting.
+    pub(crate) waiting_ms: u32,
+    /// The process holding the socket (from /proc): a request never read was never
+    /// attributed by a transfer.
+    pub(crate) owner: Option<Owner>,
+}
+
+/// Finds the established sockets whose unread bytes have waited at least `stall_after_ns`,
+/// with their owners. The /proc walk for owners (every process's fds) runs only when there
+/// is such a socket.
+pub(super) fn scan_unread(stall_after_ns: u64) -> io::Result<Vec<UnreadRequest>> {
+    let waited = |ms: u32| u64::from(ms) * 1_000_000 >= stall_after_ns;
+    let entries: Vec<_> = sock_diag::dump_established_unread()?
+        .into_iter()
+        .filter_map(|entry| Some((entry.signals?.last_data_recv_ms, entry)))
+        .filter(|(ms, _)| waited(*ms))
+        .collect();
+    let owners = if entries.is_empty() {
+        Default::default()
+    } else {
+        procfs::socket_owners()
+    };
+    Ok(entries
+        .into_iter()
+        .map(|(waiting_ms, entry)| UnreadRequest {
+            endpoints: entry.endpoints,
+            waiting_ms,
+            owner: owners.get(&entry.inode).copied(),
+        })
+        .collect())
 }

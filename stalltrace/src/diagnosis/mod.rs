@@ -9,4 +9,5 @@ mod gather;
 mod worker;
 
 pub(crate) use book::{Diagnoser, Outcome};
+pub(crate) use gather::UnreadRequest;
 pub(crate) use worker::Finding;

@@ -14,7 +14,7 @@ use stalltrace_core::{
 };
 use tokio::sync::mpsc as async_mpsc;
 
-use super::gather::gather;
+use super::gather::{gather, scan_unread, UnreadRequest};
 use crate::sources::{symbols::Symbolizer, threads};
 
 /// Jobs waiting for the worker at most. A mass stall of 20 000 connections submits as many
@@ -49,6 +49,8 @@ pub(crate) enum Job {
     },
     /// The stall ended or the request was answered: drop its samples.
     Forget { id: u64 },
+    /// Look for requests that sit unread, quiet for at least `stall_after_ns`.
+    ScanUnread { stall_after_ns: u64 },
 }
 
 /// Findings sent to the loop in one message at most: the loop wakes once per batch.
@@ -65,6 +67,11 @@ pub(crate) enum Finding {
     Stack {
         id: u64,
         frames: Vec<String>,
+    },
+    /// What a [`Job::ScanUnread`] found (`None`: the dump failed), and how long it took.
+    Unread {
+        found: Option<Vec<UnreadRequest>>,
+        took: std::time::Duration,
     },
 }
 
@@ -177,6 +184,18 @@ impl State {
                 id,
                 frames: state.symbolizer.symbolize(pid, &addresses),
             },
+            Job::ScanUnread { stall_after_ns } => {
+                let started = std::time::Instant::now();
+                let found = scan_unread(stall_after_ns)
+                    .inspect_err(|err| {
+                        log::warn!("sock_diag dump failed ({err}); unread requests go undetected");
+                    })
+                    .ok();
+                Finding::Unread {
+                    found,
+                    took: started.elapsed(),
+                }
+            }
         };
         Some(finding)
     }

@@ -207,16 +207,18 @@ mod tests {
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (_server, _) = listener.accept().unwrap();
         let local_port = client.local_addr().unwrap().port();
+        let server_port = listener.local_addr().unwrap().port();
         let adopted = adoptions(&tcp_sockets());
+        // Both ports: on a busy host another connection may share one of them.
         let mine = adopted
             .iter()
-            .find(|a| a.endpoints.local_port == local_port)
+            .find(|a| a.endpoints.local_port == local_port && a.endpoints.peer_port == server_port)
             .expect("the client side is listed");
         assert_eq!(mine.role, Role::Client);
         assert_eq!(mine.owner.pid, std::process::id());
         let server_side = adopted
             .iter()
-            .find(|a| a.endpoints.peer_port == local_port)
+            .find(|a| a.endpoints.peer_port == local_port && a.endpoints.local_port == server_port)
             .expect("the server side is listed");
         assert_eq!(server_side.role, Role::Server);
     }

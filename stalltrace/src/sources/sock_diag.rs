@@ -55,12 +55,13 @@ pub(crate) fn query(endpoints: &Endpoints) -> io::Result<Option<DiagEntry>> {
     Ok(None)
 }
 
-/// The established TCP sockets of the host's network namespace with unread bytes, without
+/// The established TCP sockets of the host's network namespace with unread bytes, with
 /// tcp_info. Filtered while parsing: a host may have hundreds of thousands of sockets.
 pub(crate) fn dump_established_unread() -> io::Result<Vec<DiagEntry>> {
     let mut entries = Vec::new();
     for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        let request = request(family, 1 << tcp_state::ESTABLISHED, 0, None, true);
+        let info = 1 << (INET_DIAG_INFO - 1);
+        let request = request(family, 1 << tcp_state::ESTABLISHED, info, None, true);
         entries.extend(exchange(&request, |entry| entry.recv_queue > 0)?);
     }
     Ok(entries)
