@@ -115,6 +115,14 @@ fn render_status(status: &Value) -> String {
             "  {recovered} connections recovered from the kernel's map after lost events\n"
         ));
     }
+    out.push_str(&format!(
+        "diagnosis:       {} open stalls, {} awaiting their first look; {} reported before \
+         it, {} looks dropped (worker busy)\n",
+        number("/diagnosis/open"),
+        number("/diagnosis/held"),
+        number("/diagnosis/reported_before_diagnosis"),
+        number("/diagnosis/jobs_dropped"),
+    ));
     out.push_str("hooks:\n");
     for program in status["programs"].as_array().into_iter().flatten() {
         let runs = program["run_count"].as_u64().unwrap_or(0);
@@ -622,6 +630,8 @@ mod tests {
             "connections": {"tracked": 3, "stalled": 1, "watched": 2, "capacity": 10, "recovered": 7},
             "events": {"kernel": 9, "written": 4}, "events_to": "stdout",
             "lost": {"kernel_ringbuf_full": 2, "watch_dropped": 0}, "lost_total": 2,
+            "diagnosis": {"open": 1, "held": 0, "reported_before_diagnosis": 4,
+                "jobs_dropped": 0},
             "programs": [{"program": "p", "hook": "tracepoint/a/b"}]
         }));
         assert!(text.contains("up 1m01s"), "{text}");
@@ -629,5 +639,7 @@ mod tests {
         assert!(!text.contains("watch_dropped"), "{text}");
         assert!(text.contains("7 connections recovered"), "{text}");
         assert!(text.contains("p -> tracepoint/a/b"), "{text}");
+        assert!(text.contains("1 open stalls, 0 awaiting"), "{text}");
+        assert!(text.contains("4 reported before it"), "{text}");
     }
 }
