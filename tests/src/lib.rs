@@ -182,6 +182,24 @@ impl Daemon {
         }
     }
 
+    /// Waits for the first event named `name` touching `port` that passes `test`.
+    pub fn wait_for_event(
+        &self,
+        name: &str,
+        port: u16,
+        within: Duration,
+        test: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
+        let deadline = Instant::now() + within;
+        loop {
+            let found = self.events_named(name, port).into_iter().find(|e| test(e));
+            if found.is_some() || Instant::now() > deadline {
+                return found;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// SIGTERM, then the exit status.
     pub fn stop(mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();

@@ -11,29 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
 use stalltrace_integration::{pid, require_root, with_role, Daemon, REPORT_WITHIN};
-
-/// Waits until the event stream holds a `name` event touching `port` that satisfies `test`.
-fn wait_for_event(
-    daemon: &Daemon,
-    name: &str,
-    port: u16,
-    within: Duration,
-    test: impl Fn(&Value) -> bool,
-) -> Option<Value> {
-    let deadline = Instant::now() + within;
-    loop {
-        let found = daemon
-            .events_named(name, port)
-            .into_iter()
-            .find(|e| test(e));
-        if found.is_some() || Instant::now() > deadline {
-            return found;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// Loops on the CPU until `stop`: arithmetic only, no calls in the hot loop, so that samples
 /// land in this function even in a debug build.
@@ -79,10 +57,11 @@ fn spinning_server_thread_is_named_with_its_stack_and_request() {
         .unwrap();
     let server_tid = tid_rx.recv().unwrap();
 
-    let start = wait_for_event(&daemon, "stall.start", port, REPORT_WITHIN, |e| {
-        e["conn"]["role"] == "server"
-    })
-    .unwrap_or_else(|| panic!("no server stall:\n{}", daemon.stderr()));
+    let start = daemon
+        .wait_for_event("stall.start", port, REPORT_WITHIN, |e| {
+            e["conn"]["role"] == "server"
+        })
+        .unwrap_or_else(|| panic!("no server stall:\n{}", daemon.stderr()));
     let stall = &start["stall"];
     assert_eq!(stall["kind"], "unanswered_request", "{start:#}");
     assert_eq!(
@@ -103,10 +82,11 @@ fn spinning_server_thread_is_named_with_its_stack_and_request() {
     );
 
     // The stack comes from perf sampling started at the stall: in a stall.update.
-    let update = wait_for_event(&daemon, "stall.update", port, Duration::from_secs(6), |e| {
-        e["stall"]["thread"]["stack"].is_array()
-    })
-    .unwrap_or_else(|| panic!("no stack reported:\n{}", daemon.stderr()));
+    let update = daemon
+        .wait_for_event("stall.update", port, Duration::from_secs(6), |e| {
+            e["stall"]["thread"]["stack"].is_array()
+        })
+        .unwrap_or_else(|| panic!("no stack reported:\n{}", daemon.stderr()));
     let stack: Vec<&str> = update["stall"]["thread"]["stack"]
         .as_array()
         .unwrap()
@@ -175,36 +155,25 @@ fn proxy_stall_blames_the_silent_upstream() {
     assert_eq!(upstream_peer.recv().unwrap(), proxy_to_upstream);
 
     // The inbound stall on the proxy (server side of the client's connection).
-    let start = wait_for_event(
-        &daemon,
-        "stall.start",
-        proxy_addr.port(),
-        REPORT_WITHIN,
-        |e| {
+    let start = daemon
+        .wait_for_event("stall.start", proxy_addr.port(), REPORT_WITHIN, |e| {
             e["conn"]["role"] == "server"
                 && e["stall"]["blame"].as_array().is_some_and(|b| b.len() >= 3)
-        },
-    )
-    .or_else(|| {
-        // The chain may complete in a later update, once every stall is open.
-        wait_for_event(
-            &daemon,
-            "stall.update",
-            proxy_addr.port(),
-            REPORT_WITHIN,
-            |e| {
+        })
+        .or_else(|| {
+            // The chain may complete in a later update, once every stall is open.
+            daemon.wait_for_event("stall.update", proxy_addr.port(), REPORT_WITHIN, |e| {
                 e["conn"]["role"] == "server"
                     && e["stall"]["blame"].as_array().is_some_and(|b| b.len() >= 3)
-            },
-        )
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "no blame chain: {:#?}\n{}",
-            daemon.events_named("stall.start", proxy_addr.port()),
-            daemon.stderr()
-        )
-    });
+            })
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no blame chain: {:#?}\n{}",
+                daemon.events_named("stall.start", proxy_addr.port()),
+                daemon.stderr()
+            )
+        });
     let blame = start["stall"]["blame"].as_array().unwrap();
     // Symptom first: the proxy's inbound connection…
     assert_eq!(blame[0]["conn"], start["conn"]["id"]);

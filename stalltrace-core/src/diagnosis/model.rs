@@ -115,7 +115,7 @@ impl Cause {
     }
 }
 
-display_as_str!(Cause, Confidence);
+display_as_str!(Cause, Confidence, Evidence);
 
 /// How far a diagnosis can be trusted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,10 +195,44 @@ pub struct BlameLink {
     pub executable: Option<String>,
     pub local: SocketAddr,
     pub peer: SocketAddr,
-    /// How the previous link leads here: `thread 12 blocked in recvfrom(fd 7)`, or `peer`
-    /// (the other end of a local connection).
+    /// How the previous link leads here, for people: `thread 12 blocked in recvfrom(fd 7)`,
+    /// `peer` (the other end of a local connection), or the timing that links an event loop's
+    /// inbound request to its outbound one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
+    /// How the previous link leads here, as a fixed word (see [`Evidence`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<Evidence>,
+}
+
+/// The evidence for a blame link, strongest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Evidence {
+    /// The thread behind the previous link is blocked in a syscall on this connection's fd.
+    #[serde(rename = "fd")]
+    Fd,
+    /// This is the other end of the previous link, a connection between two local processes.
+    #[serde(rename = "peer")]
+    Peer,
+    /// The previous link's process (an event loop: no fd to follow) sent this stalled request
+    /// shortly after it read its own stalled request, and both requests have the same
+    /// signature (a proxied path, a forwarded query).
+    #[serde(rename = "timing+signature")]
+    TimingAndSignature,
+    /// As above, without a signature to compare: the closest outbound request in time.
+    #[serde(rename = "timing")]
+    Timing,
+}
+
+impl Evidence {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Fd => "fd",
+            Self::Peer => "peer",
+            Self::TimingAndSignature => "timing+signature",
+            Self::Timing => "timing",
+        }
+    }
 }
 
 impl Diagnosis {

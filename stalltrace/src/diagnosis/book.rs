@@ -21,7 +21,7 @@ use stalltrace_core::{
 use tokio::sync::mpsc::Receiver;
 
 use super::{
-    blame::blame_chain,
+    blame::{blame_chain, Outbound, Outbounds},
     worker::{Finding, Job, Subject, Worker},
 };
 use crate::probes::KernelMaps;
@@ -263,6 +263,11 @@ impl Diagnoser {
                 Finding::Unread { .. } => {}
             }
         }
+        let outbounds = if looked_at.is_empty() {
+            Outbounds::default()
+        } else {
+            self.outbounds(tracker)
+        };
         for (id, onset) in looked_at {
             let Some((_, conn)) = tracker.find_by_id(id) else {
                 continue;
@@ -270,7 +275,7 @@ impl Diagnoser {
             let Some(open) = self.open.get(&id) else {
                 continue;
             };
-            let mut next = self.compose(conn, open, Some(tracker));
+            let mut next = self.compose(conn, open, Some((tracker, &outbounds)));
             let open = self.open.get_mut(&id).expect("looked up above");
             if open.retransmits_at_start.is_none() {
                 open.retransmits_at_start = next.tcp.map(|t| t.total_retransmits);
@@ -331,8 +336,43 @@ impl Diagnoser {
         self.open.get(&id).map(|open| &open.diagnosis)
     }
 
-    /// The diagnosis of `conn` from what is known of it; the blame chain only with a tracker.
-    fn compose(&self, conn: &Conn, open: &Open, tracker: Option<&Tracker>) -> Diagnosis {
+    /// The open stalls' outbound requests by process, and every open stall's request
+    /// signature: what links an event loop's inbound stall to its outbound one.
+    fn outbounds(&self, tracker: &Tracker) -> Outbounds {
+        let mut outbounds = Outbounds::default();
+        for (id, open) in &self.open {
+            let signature = open.request.as_ref().map(|r| r.signature.clone());
+            if let Some(signature) = &signature {
+                outbounds.signatures.insert(*id, signature.clone());
+            }
+            let Some((_, conn)) = tracker.find_by_id(*id) else {
+                continue;
+            };
+            let (Role::Client, Some(stall)) = (conn.role, conn.stall.as_deref()) else {
+                continue;
+            };
+            outbounds
+                .by_pid
+                .entry(conn.owner.pid)
+                .or_default()
+                .push(Outbound {
+                    conn: conn.id,
+                    tid: conn.owner.tid,
+                    sent_ns: stall.quiet_since_ns,
+                    signature,
+                });
+        }
+        outbounds
+    }
+
+    /// The diagnosis of `conn` from what is known of it; the blame chain only with a tracker
+    /// (and the open stalls' outbound requests).
+    fn compose(
+        &self,
+        conn: &Conn,
+        open: &Open,
+        context: Option<(&Tracker, &Outbounds)>,
+    ) -> Diagnosis {
         let (confidence, confidence_reason) =
             diagnosis::confidence(conn.opened_ns, self.last_loss_ns);
         let mut found = Diagnosis {
@@ -348,13 +388,13 @@ impl Diagnoser {
             found.cause = Some(diagnosis::tcp_cause(conn.role == Role::Server, &signals));
             found.tcp = Some(signals);
         }
-        let Some(tracker) = tracker else {
+        let Some((tracker, outbounds)) = context else {
             found.thread = facts.thread.clone();
             return found;
         };
         found.thread = resolved_thread(conn, facts, tracker);
         let verdict = found.thread.as_ref().map(|t| t.verdict.clone());
-        found.blame = blame_chain(conn, verdict, tracker, |next| {
+        found.blame = blame_chain(conn, verdict, tracker, outbounds, |next| {
             let facts = self.open.get(&next.id)?.facts.as_ref()?;
             resolved_thread(next, facts, tracker).map(|t| t.verdict)
         });

@@ -1,0 +1,174 @@
+//! Blame chains through an event-loop proxy: the proxy's thread waits in epoll on everything
+//! at once, so there is no fd to follow from its stalled inbound request to the upstream
+//! request it waits on. The chain must still reach the silent upstream, and healthy requests
+//! through the same proxy must never be blamed.
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use stalltrace_integration::{require_root, Daemon, REPORT_WITHIN};
+
+/// A one-thread asyncio HTTP proxy: `/slow…` goes to the first upstream, the rest to the
+/// second; one upstream connection per request.
+const PROXY: &str = r#"
+import asyncio, sys
+slow, fast = int(sys.argv[1]), int(sys.argv[2])
+
+async def handle(reader, writer):
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            port = slow if head.split(b" ")[1].startswith(b"/slow") else fast
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+            up_writer.write(head)
+            await up_writer.drain()
+            reply = await up_reader.read(65536)
+            up_writer.close()
+            writer.write(reply)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
+
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+"#;
+
+struct Proxy(Child);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An upstream that reads each request and never answers.
+fn silent_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming().flatten() {
+            let mut conn = conn;
+            let mut request = [0u8; 512];
+            let _ = conn.read(&mut request);
+            held.push(conn);
+        }
+    });
+    addr
+}
+
+/// An upstream that answers each request at once.
+fn fast_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut conn = conn;
+            let mut request = [0u8; 512];
+            let _ = conn.read(&mut request);
+            let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        }
+    });
+    addr
+}
+
+fn get(proxy: SocketAddr, path: &str) -> TcpStream {
+    let mut conn = TcpStream::connect(proxy).unwrap();
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: shop\r\n\r\n").as_bytes())
+        .unwrap();
+    conn
+}
+
+#[test]
+fn an_event_loop_proxy_stall_is_blamed_on_its_upstream_never_on_healthy_requests() {
+    require_root();
+    let daemon = Daemon::start("blame-event-loop");
+    let (slow, fast) = (silent_upstream(), fast_upstream());
+    let mut child = Command::new("python3")
+        .args([
+            "-c",
+            PROXY,
+            &slow.port().to_string(),
+            &fast.port().to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs the asyncio proxy");
+    let mut port = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut port)
+        .unwrap();
+    let _proxy = Proxy(child);
+    let proxy: SocketAddr = format!("127.0.0.1:{}", port.trim()).parse().unwrap();
+
+    // Healthy requests through the same proxy, before, around and after the one that stalls.
+    let healthy = thread::spawn(move || {
+        let until = Instant::now() + Duration::from_secs(3);
+        let mut answered = 0;
+        while Instant::now() < until {
+            let mut conn = get(proxy, "/cart");
+            let mut reply = [0u8; 64];
+            if conn.read(&mut reply).unwrap_or(0) > 0 {
+                answered += 1;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        answered
+    });
+    thread::sleep(Duration::from_millis(300));
+    let _stuck = get(proxy, "/slow/checkout");
+    let answered = healthy.join().unwrap();
+    assert!(answered > 20, "healthy traffic flowed: {answered} answers");
+
+    let chained = |e: &Value| {
+        e["conn"]["role"] == "server"
+            && e["stall"]["blame"].as_array().is_some_and(|b| b.len() >= 3)
+    };
+    let found = daemon
+        .wait_for_event("stall.start", proxy.port(), REPORT_WITHIN, chained)
+        .or_else(|| daemon.wait_for_event("stall.update", proxy.port(), REPORT_WITHIN, chained))
+        .unwrap_or_else(|| {
+            panic!(
+                "no chain from the proxy: {:#?}\n{}",
+                daemon.events_named("stall.start", proxy.port()),
+                daemon.stderr()
+            )
+        });
+    let blame = found["stall"]["blame"].as_array().unwrap();
+    // The proxy's inbound connection…
+    assert_eq!(blame[0]["local"], proxy.to_string(), "{blame:#?}");
+    // …waits on its outbound connection to the silent upstream, found by timing and the
+    // request's signature (there is no fd to follow: the proxy waits in epoll)…
+    assert_eq!(blame[1]["role"], "client", "{blame:#?}");
+    assert_eq!(blame[1]["peer"], slow.to_string(), "{blame:#?}");
+    assert_eq!(blame[1]["evidence"], "timing+signature", "{blame:#?}");
+    assert_eq!(blame[1]["stall"], "awaiting_response", "{blame:#?}");
+    // …whose other end is the upstream's server side, which never answered.
+    assert_eq!(blame[2]["local"], slow.to_string(), "{blame:#?}");
+    assert_eq!(blame[2]["evidence"], "peer", "{blame:#?}");
+    assert_eq!(blame.len(), 3, "{blame:#?}");
+
+    // No chain anywhere ever names a healthy request's connection.
+    for event in daemon.events() {
+        for link in event["stall"]["blame"].as_array().into_iter().flatten() {
+            for end in ["local", "peer"] {
+                assert_ne!(
+                    link[end],
+                    fast.to_string(),
+                    "healthy request blamed: {event:#}"
+                );
+            }
+        }
+    }
+}
