@@ -1,6 +1,7 @@
 //! `stalltrace daemon`: loads the programs, then one loop owns all state and runs, in turn,
 //! the ring buffer drain, the stall sweep (with the diagnosis of new and open stalls), the scan
-//! for unread requests, loss reports and API queries.
+//! for unread requests, loss reports and API queries. Event lines are written by a thread of
+//! their own (`sinks/writer.rs`), so a slow output never holds this loop.
 mod insight;
 mod queries;
 mod resync;
@@ -31,6 +32,7 @@ use crate::{
     sinks::{
         api::{ApiServer, Query},
         ndjson::EventSink,
+        writer::FileOptions,
     },
     sources::{btf, procfs, tracefs},
     timefmt::monotonic_ns,
@@ -49,7 +51,20 @@ pub struct DaemonConfig {
     pub capture_bytes: u32,
     /// Include captured bytes (hex) in stall reports, not only their signature.
     pub capture_raw: bool,
+    /// Mode of an events file the daemon creates.
+    pub events_file_mode: u32,
+    /// Rotate the events file past this size.
+    pub events_file_max_size: Option<u64>,
+    /// Rotated events files kept.
+    pub events_file_keep: u32,
+    /// Bytes of events queued for a slow output before lines are dropped.
+    pub events_buffer: usize,
+    /// Group given the API socket.
+    pub socket_group: Option<String>,
 }
+
+/// How long the writer may take to write out queued events at shutdown.
+const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 
 /// How often the ring buffer is drained when the kernel does not wake the daemon (it does
 /// when the buffer is a quarter full).
@@ -77,11 +92,13 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     if config.stall_after.is_zero() {
         bail!("--stall-after must be greater than zero");
     }
+    // First: SIGHUP's default action would kill the daemon (e.g. when logrotate signals it).
+    let sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let tracefs_root = tracefs::ensure_mounted()?;
     let offsets = kernel_offsets();
     let listening = procfs::listening_ports(&procfs::tcp_sockets());
     // Bind first: a second daemon must fail before it loads anything.
-    let api = ApiServer::bind(&config.socket)?;
+    let api = ApiServer::bind(&config.socket, config.socket_group.as_deref())?;
     let stall_after_ns = config.stall_after.as_nanos() as u64;
     let probe_config = ProbeConfig {
         stall_after_ns,
@@ -92,7 +109,13 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         capture_bytes: config.capture_bytes,
     };
     let mut probes = Probes::load(&tracefs_root, &probe_config, &listening)?;
-    let mut sink = EventSink::open(config.events_file.as_deref())?;
+    let file = config.events_file.clone().map(|path| FileOptions {
+        path,
+        mode: config.events_file_mode,
+        max_size: config.events_file_max_size,
+        keep: config.events_file_keep,
+    });
+    let mut sink = EventSink::open(file, config.events_buffer)?;
     let mut tracker = Tracker::new(stall_after_ns);
     tracker.set_sweep_budget(SWEEP_BUDGET);
 
@@ -145,14 +168,15 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         watch_dropped,
         malformed: 0,
         reported_loss: LossCounters::default(),
+        logged_loss: LossCounters::default(),
         resync: resync::ResyncPolicy::default(),
         sweeps: 0,
         sweep_busy: Duration::ZERO,
         sweep_max: Duration::ZERO,
         out,
     };
-    let result = daemon.main_loop(&mut probes, ring, queries).await;
-    daemon.sink.flush();
+    let result = daemon.main_loop(&mut probes, ring, queries, sighup).await;
+    daemon.sink.close(OUTPUT_GRACE);
     if let Err(err) = std::fs::remove_file(&socket) {
         log::warn!("removing {}: {err}", socket.display());
     }
@@ -192,7 +216,10 @@ struct Daemon {
     epoch: u32,
     watch_dropped: Arc<AtomicU64>,
     malformed: u64,
+    /// Losses as of the last `loss` event written.
     reported_loss: LossCounters,
+    /// Losses as of the last log message about them.
+    logged_loss: LossCounters,
     resync: resync::ResyncPolicy,
     sweeps: u64,
     sweep_busy: Duration,
@@ -207,6 +234,7 @@ impl Daemon {
         probes: &mut Probes,
         mut ring: AsyncFd<RingBuf<MapData>>,
         mut queries: mpsc::Receiver<Query>,
+        mut sighup: tokio::signal::unix::Signal,
     ) -> Result<()> {
         let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -221,6 +249,13 @@ impl Daemon {
             tokio::select! {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
+                _ = sighup.recv() => {
+                    if self.config.events_file.is_some() {
+                        self.sink.reopen();
+                    } else {
+                        log::info!("SIGHUP: events go to stdout, nothing to reopen");
+                    }
+                }
                 guard = ring.readable_mut() => {
                     let mut guard = guard.context("polling the ring buffer")?;
                     self.drain(guard.get_inner_mut(), &probes.maps);
@@ -321,6 +356,7 @@ impl Daemon {
             malformed_records: self.malformed + stats.unknown_events,
             events_write_failed: self.sink.write_failed(),
             watch_dropped: self.watch_dropped.load(Ordering::Relaxed),
+            output_blocked: self.sink.output_blocked(),
         }
     }
 
@@ -330,12 +366,26 @@ impl Daemon {
         if new.total() == 0 {
             return;
         }
-        log::warn!("lost since last report: {new:?}");
-        self.diagnoser.losses_seen_at(monotonic_ns());
-        self.sink
-            .write_loss(&LossReport { new, total }, monotonic_ns());
-        self.sink.flush();
-        self.reported_loss = total;
+        let unlogged = total.since(&self.logged_loss);
+        if unlogged.total() > 0 {
+            log::warn!("lost since last report: {unlogged:?}");
+            self.logged_loss = total;
+        }
+        // Undelivered output does not make the tracker's state stale.
+        let delivery =
+            unlogged.watch_dropped + unlogged.events_write_failed + unlogged.output_blocked;
+        if unlogged.total() > delivery {
+            self.diagnoser.losses_seen_at(monotonic_ns());
+        }
+        // With the output still full, the same losses are reported again once it has room:
+        // the report then follows the gap in the stream.
+        if self
+            .sink
+            .write_loss(&LossReport { new, total }, monotonic_ns())
+        {
+            self.sink.flush();
+            self.reported_loss = total;
+        }
     }
 }
 

@@ -2,3 +2,4 @@
 pub mod api;
 pub mod json;
 pub mod ndjson;
+pub mod writer;
