@@ -273,6 +273,10 @@ impl Daemon {
                 }
                 _ = recalibrate.tick() => self.sink.recalibrate(),
                 Some(query) = queries.recv() => {
+                    // Its client gave up (timed out) while the query waited: save the work.
+                    if query.reply.is_closed() {
+                        continue;
+                    }
                     let response = self.answer(query.command, probes);
                     let _ = query.reply.send(response);
                 }

@@ -26,8 +26,9 @@ use crate::{
 
 const MAX_CLIENTS: usize = 64;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long writing an answer (or one `watch` line) may take before the client is dropped,
-/// with its slot and the answer's memory.
+/// How long after its request an answer may take to be computed and written (and writing one
+/// `watch` line may take) before the client is dropped, with its slot and the answer's memory:
+/// clients that stop reading hold slots for at most this long.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Answers above this size (bytes) are followed by returning their memory to the OS.
 const LARGE_ANSWER: usize = 1 << 20;
@@ -141,6 +142,7 @@ impl Client {
         let mut reader = BufReader::new(read).take(api::MAX_REQUEST_BYTES as u64 + 1);
         let mut line = String::new();
         let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
+        let mut deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
         let response = match read {
             Err(_) => Response::error(
                 "timeout",
@@ -161,11 +163,21 @@ impl Client {
                         self.watch(write, filter).await;
                         return;
                     }
-                    command => self.ask(command).await,
+                    command => match tokio::time::timeout_at(deadline, self.ask(command)).await {
+                        Ok(response) => response,
+                        Err(_) => {
+                            // A short error line: it fits in the socket's buffer.
+                            deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+                            Response::error(
+                                "timeout",
+                                format!("no answer within {}s", WRITE_TIMEOUT.as_secs()),
+                            )
+                        }
+                    },
                 },
             },
         };
-        let _ = write_answer(&mut write, &response).await;
+        let _ = write_answer(&mut write, &response, deadline).await;
         if response
             .result
             .as_ref()
@@ -190,7 +202,8 @@ impl Client {
     async fn watch(self, mut write: tokio::net::unix::OwnedWriteHalf, filter: Filter) {
         let mut events = self.watchers.subscribe();
         let started = Response::ok(&serde_json::json!({"watching": true}));
-        if write_answer(&mut write, &started).await.is_err() {
+        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+        if write_answer(&mut write, &started, deadline).await.is_err() {
             return;
         }
         loop {
@@ -234,12 +247,13 @@ async fn write_response(
     write.flush().await
 }
 
-/// Writes an answer, giving up after `WRITE_TIMEOUT`.
+/// Writes an answer, giving up at `deadline`.
 async fn write_answer(
     write: &mut (impl tokio::io::AsyncWrite + Unpin),
     response: &Response,
+    deadline: tokio::time::Instant,
 ) -> std::io::Result<()> {
-    tokio::time::timeout(WRITE_TIMEOUT, write_response(write, response))
+    tokio::time::timeout_at(deadline, write_response(write, response))
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
@@ -256,7 +270,8 @@ async fn write_line(
 }
 
 async fn reply_and_close(mut stream: UnixStream, response: Response) {
-    let _ = write_answer(&mut stream, &response).await;
+    let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+    let _ = write_answer(&mut stream, &response, deadline).await;
 }
 
 /// The id of the group `name`.
