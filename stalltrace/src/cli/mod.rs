@@ -43,7 +43,8 @@ pub enum Command {
     #[command(
         after_help = "Events are NDJSON, one object per line (see docs/events.md): \
         conn.open, conn.close, stall.start, stall.end, and loss whenever anything was dropped.\n\
-        Stop with SIGINT or SIGTERM: the programs are detached and the events file flushed."
+        Stop with SIGINT or SIGTERM: the programs are detached and the events file flushed. \
+        SIGHUP reopens the events file (for log rotation) and never stops the daemon."
     )]
     Daemon(DaemonArgs),
     /// Show the daemon's hooks, uptime, connections tracked, events seen and events lost.

@@ -4,7 +4,7 @@
 //! (`output_blocked`), never waited for.
 use std::{io::Write, sync::Arc, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
@@ -70,7 +70,10 @@ impl EventSink {
             None => {
                 use std::os::fd::AsFd as _;
                 // Our own descriptor: written without std's stdout lock and line buffering.
-                let stdout = std::io::stdout().as_fd().try_clone_to_owned()?;
+                let stdout = std::io::stdout()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .context("duplicating stdout to write events to it")?;
                 Self::with_writer(
                     Writer::to_stream(Box::new(std::fs::File::from(stdout)), buffer),
                     "stdout".to_owned(),

@@ -191,6 +191,14 @@ impl Writer {
     }
 }
 
+impl Drop for Writer {
+    /// Lets the thread write out what is queued and end, without waiting for it.
+    fn drop(&mut self) {
+        self.shared.lock().closing = true;
+        self.shared.wake.notify_one();
+    }
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
