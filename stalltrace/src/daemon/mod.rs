@@ -69,6 +69,9 @@ const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 /// How often the ring buffer is drained when the kernel does not wake the daemon (it does
 /// when the buffer is a quarter full).
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
+/// Ring buffer records handled per turn of the loop: a burst is drained in several turns, with
+/// API queries (and the API task, which shares the thread) served in between.
+const DRAIN_BUDGET: usize = 512;
 const LOSS_REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Kernel entries read per sweep at most (one syscall each, ~1 µs): bounds a sweep to ~20 ms
 /// after a burst of new connections.
@@ -245,6 +248,10 @@ impl Daemon {
         for timer in [&mut drain, &mut sweep, &mut loss, &mut recalibrate] {
             timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
+        // Records left in the ring after a turn's budget, and a sweep put off until they are
+        // handled (it would take their connections' closes for lost).
+        let mut backlog = false;
+        let mut sweep_due = false;
         loop {
             tokio::select! {
                 _ = sigint.recv() => break,
@@ -258,13 +265,23 @@ impl Daemon {
                 }
                 guard = ring.readable_mut() => {
                     let mut guard = guard.context("polling the ring buffer")?;
-                    self.drain(guard.get_inner_mut(), &probes.maps);
+                    backlog = self.drain_some(guard.get_inner_mut(), &probes.maps);
                     guard.clear_ready();
                 }
-                _ = drain.tick() => self.drain(ring.get_mut(), &probes.maps),
+                _ = drain.tick() => backlog = self.drain_some(ring.get_mut(), &probes.maps),
+                _ = tokio::task::yield_now(), if backlog => {
+                    backlog = self.drain_some(ring.get_mut(), &probes.maps);
+                    if !backlog && std::mem::take(&mut sweep_due) {
+                        self.sweep(probes)?;
+                    }
+                }
                 _ = sweep.tick() => {
-                    self.drain(ring.get_mut(), &probes.maps);
-                    self.sweep(probes)?;
+                    backlog = self.drain_some(ring.get_mut(), &probes.maps);
+                    if backlog {
+                        sweep_due = true;
+                    } else {
+                        self.sweep(probes)?;
+                    }
                 }
                 _ = loss.tick() => {
                     self.report_loss(&probes.maps);
@@ -288,9 +305,20 @@ impl Daemon {
         Ok(())
     }
 
+    /// Handles everything in the ring buffer.
     fn drain(&mut self, ring: &mut RingBuf<MapData>, maps: &KernelMaps) {
+        while self.drain_some(ring, maps) {}
+    }
+
+    /// Handles at most `DRAIN_BUDGET` records; whether more are left.
+    fn drain_some(&mut self, ring: &mut RingBuf<MapData>, maps: &KernelMaps) -> bool {
         self.out.clear();
-        while let Some(record) = ring.next() {
+        let mut handled = 0;
+        while handled < DRAIN_BUDGET {
+            let Some(record) = ring.next() else {
+                break;
+            };
+            handled += 1;
             match ConnEvent::from_bytes(&record) {
                 Some(event) => {
                     self.tracker.on_event(&event, &mut self.out);
@@ -300,6 +328,7 @@ impl Daemon {
             }
         }
         self.emit(maps);
+        handled == DRAIN_BUDGET
     }
 
     fn sweep(&mut self, probes: &mut Probes) -> Result<()> {
