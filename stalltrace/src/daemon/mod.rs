@@ -271,17 +271,10 @@ impl Daemon {
                 _ = drain.tick() => backlog = self.drain_some(ring.get_mut(), &probes.maps),
                 _ = tokio::task::yield_now(), if backlog => {
                     backlog = self.drain_some(ring.get_mut(), &probes.maps);
-                    if !backlog && std::mem::take(&mut sweep_due) {
-                        self.sweep(probes)?;
-                    }
                 }
                 _ = sweep.tick() => {
                     backlog = self.drain_some(ring.get_mut(), &probes.maps);
-                    if backlog {
-                        sweep_due = true;
-                    } else {
-                        self.sweep(probes)?;
-                    }
+                    sweep_due = true;
                 }
                 _ = loss.tick() => {
                     self.report_loss(&probes.maps);
@@ -297,6 +290,9 @@ impl Daemon {
                     let response = self.answer(query.command, probes);
                     let _ = query.reply.send(response);
                 }
+            }
+            if !backlog && std::mem::take(&mut sweep_due) {
+                self.sweep(probes)?;
             }
         }
         // Deliver what the kernel reported before the signal.
