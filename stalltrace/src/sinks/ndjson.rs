@@ -84,7 +84,12 @@ impl EventSink {
 
     /// A sink writing to `out`, described as `destination` in messages.
     pub fn new(out: Box<dyn Write + Send>, destination: String) -> Self {
-        Self::with_writer(Writer::to_stream(out, DEFAULT_EVENTS_BUFFER), destination)
+        Self::to_stream(out, destination, DEFAULT_EVENTS_BUFFER)
+    }
+
+    /// A sink writing to `out`, with at most `buffer` bytes waiting for it.
+    pub fn to_stream(out: Box<dyn Write + Send>, destination: String, buffer: usize) -> Self {
+        Self::with_writer(Writer::to_stream(out, buffer), destination)
     }
 
     fn with_writer(writer: Writer, destination: String) -> Self {
@@ -229,5 +234,120 @@ impl EventSink {
             self.writer.push(self.pending.clone());
             self.pending.clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{Condvar, Mutex},
+        time::Instant,
+    };
+
+    use super::*;
+    use crate::{
+        loss::LossCounters,
+        tracker::{
+            model::{Comm, Owner, Role},
+            Detail,
+        },
+    };
+
+    /// An output that takes nothing until opened, then keeps what it is given.
+    #[derive(Clone, Default)]
+    struct Gate {
+        open: Arc<(Mutex<bool>, Condvar)>,
+        seen: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (lock, cv) = &*self.open;
+            let mut open = lock.lock().unwrap();
+            while !*open {
+                open = cv.wait(open).unwrap();
+            }
+            self.seen.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn open_event(id: u64) -> Event {
+        Event {
+            at_ns: 0,
+            conn: ConnRef {
+                id,
+                role: Role::Client,
+                owner: Owner {
+                    pid: 1,
+                    tid: 1,
+                    comm: Comm::new("t"),
+                },
+                endpoints: Endpoints {
+                    local: "127.0.0.1".parse().unwrap(),
+                    local_port: 1,
+                    peer: "127.0.0.1".parse().unwrap(),
+                    peer_port: 2,
+                },
+            },
+            detail: Detail::Open { adopted: false },
+        }
+    }
+
+    #[test]
+    fn a_blocked_output_drops_lines_and_reports_the_gap_right_after_it() {
+        let gate = Gate::default();
+        let mut sink = EventSink::to_stream(Box::new(gate.clone()), "test".into(), 2000);
+        let started = Instant::now();
+        for id in 0..50 {
+            sink.write_events(&[open_event(id)]);
+            sink.flush();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the sink waited"
+        );
+        let dropped = sink.output_blocked();
+        assert!(dropped > 0 && dropped < 50, "{dropped} dropped");
+        let accepted = 50 - dropped;
+
+        // The consumer catches up; lines are still dropped until the gap is reported.
+        *gate.open.0.lock().unwrap() = true;
+        gate.open.1.notify_all();
+        while sink.written() < accepted {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        sink.write_events(&[open_event(100)]);
+        assert_eq!(sink.output_blocked(), dropped + 1);
+        let total = LossCounters {
+            output_blocked: sink.output_blocked(),
+            ..LossCounters::default()
+        };
+        assert!(sink.write_loss(&LossReport { new: total, total }, 0));
+        sink.write_events(&[open_event(101)]);
+        sink.close(Duration::from_secs(5));
+
+        let text = String::from_utf8(gate.seen.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert_eq!(lines.len() as u64, accepted + 2);
+        let ids: Vec<u64> = lines[..accepted as usize]
+            .iter()
+            .map(|line| line["conn"]["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            ids,
+            (0..accepted).collect::<Vec<_>>(),
+            "the lines before the gap, in order"
+        );
+        let report = &lines[accepted as usize];
+        assert_eq!(report["event"], "loss");
+        assert_eq!(report["loss"]["new"]["output_blocked"], dropped + 1);
+        assert_eq!(lines[accepted as usize + 1]["conn"]["id"], 101);
     }
 }
