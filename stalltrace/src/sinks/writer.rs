@@ -328,6 +328,8 @@ struct LogFile {
     file: File,
     /// Bytes in the file, as far as we know (re-read before rotation decisions).
     size: u64,
+    /// The last reopening failed (logged once, retried every second).
+    reopen_failing: bool,
 }
 
 impl LogFile {
@@ -339,6 +341,7 @@ impl LogFile {
             options,
             file,
             size,
+            reopen_failing: false,
         })
     }
 
@@ -352,11 +355,18 @@ impl LogFile {
             Ok(file) => {
                 self.size = file.metadata().map_or(0, |m| m.len());
                 self.file = file;
+                self.reopen_failing = false;
             }
-            Err(err) => log::error!(
-                "reopening the events file {}: {err}; still writing to the file open before",
-                self.options.path.display()
-            ),
+            Err(err) => {
+                if !self.reopen_failing {
+                    log::error!(
+                        "reopening the events file {}: {err}; still writing to the file open \
+                         before, retrying every second",
+                        self.options.path.display()
+                    );
+                }
+                self.reopen_failing = true;
+            }
         }
     }
 
@@ -371,6 +381,10 @@ impl LogFile {
             Err(_) => return,
         };
         if named != open {
+            if self.reopen_failing {
+                self.reopen();
+                return;
+            }
             log::info!(
                 "the events file {} was {}: reopening it",
                 self.options.path.display(),
