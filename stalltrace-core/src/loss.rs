@@ -18,6 +18,8 @@ pub struct LossCounters {
     pub events_write_failed: u64,
     /// Event lines dropped for `watch` clients that read too slowly.
     pub watch_dropped: u64,
+    /// Event lines dropped because stdout or the events file did not keep up.
+    pub output_blocked: u64,
 }
 
 impl LossCounters {
@@ -25,7 +27,7 @@ impl LossCounters {
         self.fields().iter().sum()
     }
 
-    fn fields(&self) -> [u64; 7] {
+    fn fields(&self) -> [u64; 8] {
         [
             self.kernel_ringbuf_full,
             self.kernel_conn_insert_failed,
@@ -34,6 +36,7 @@ impl LossCounters {
             self.malformed_records,
             self.events_write_failed,
             self.watch_dropped,
+            self.output_blocked,
         ]
     }
 
@@ -55,6 +58,7 @@ impl LossCounters {
                 .events_write_failed
                 .saturating_sub(earlier.events_write_failed),
             watch_dropped: self.watch_dropped.saturating_sub(earlier.watch_dropped),
+            output_blocked: self.output_blocked.saturating_sub(earlier.output_blocked),
         }
     }
 }

@@ -21,6 +21,11 @@ fn main() -> ExitCode {
                 bpf_stats: args.bpf_stats,
                 capture_bytes: args.capture_bytes,
                 capture_raw: args.capture_raw,
+                events_file_mode: args.events_file_mode,
+                events_file_max_size: args.events_file_max_size,
+                events_file_keep: args.events_file_keep,
+                events_buffer: usize::try_from(args.events_buffer).unwrap_or(usize::MAX),
+                socket_group: args.socket_group,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

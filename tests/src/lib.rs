@@ -94,6 +94,73 @@ impl Daemon {
         daemon
     }
 
+    /// Starts a daemon that writes its events to stdout, a pipe returned to the caller (who may
+    /// leave it unread), and waits until it answers.
+    pub fn start_to_stdout(name: &str, extra: &[&str]) -> (Self, std::process::ChildStdout) {
+        let dir = std::env::temp_dir().join(format!("stalltrace-it-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("api.sock");
+        let stall_after = format!("{}ms", STALL_AFTER.as_millis());
+        let mut child = Command::new(binary())
+            .arg("daemon")
+            .args(["--stall-after", &stall_after])
+            .arg("--socket")
+            .arg(&socket)
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary().display()));
+        let stdout = child.stdout.take().unwrap();
+        let daemon = Self {
+            child: Some(child),
+            events: dir.join("no-events-file"),
+            dir,
+            socket,
+        };
+        daemon.wait_until_answering();
+        (daemon, stdout)
+    }
+
+    fn wait_until_answering(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.cli(&["status"]).status.success() {
+            assert!(self.running(), "daemon exited at start:\n{}", self.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "daemon not answering:\n{}",
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The daemon's directory (socket, events file, stderr.log).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.as_ref().unwrap().id() as i32;
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+
+    /// The daemon process has not exited.
+    pub fn running(&self) -> bool {
+        let pid = self.child.as_ref().unwrap().id();
+        // Not reaped (so `stop` still gets its status): an exited child is a zombie.
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let state = stat.rsplit_once(") ")?.1.chars().next()?;
+                Some(state != 'Z' && state != 'X')
+            })
+            .unwrap_or(false)
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
     }

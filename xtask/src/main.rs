@@ -37,9 +37,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Fuzz the request recognizers with cargo fuzz (a nightly toolchain) for a bounded time.
+    /// Fuzz the request recognizers and the API request decoder with cargo fuzz (a nightly
+    /// toolchain) for a bounded time.
     Fuzz {
-        /// How long to fuzz.
+        /// How long to fuzz, split evenly between the targets.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
@@ -95,6 +96,12 @@ fn run_daemon(args: &[String]) -> Result<()> {
     Err(err).with_context(|| format!("executing {}", binary.display()))
 }
 
+/// The cargo-fuzz targets (stalltrace/fuzz/fuzz_targets), sharing the time budget.
+const FUZZ_TARGETS: [(&str, &str); 2] = [
+    ("recognizers", "the request recognizers"),
+    ("api_request", "the API request decoder"),
+];
+
 fn fuzz(seconds: u64) -> Result<()> {
     if !setup::has_nightly() {
         println!(
@@ -104,21 +111,28 @@ fn fuzz(seconds: u64) -> Result<()> {
         return Ok(());
     }
     setup::install_cargo_fuzz()?;
-    println!("xtask fuzz: fuzzing the request recognizers for {seconds} s");
-    setup::run_checked(
-        setup::rustup()
-            .current_dir(workspace_root().join("stalltrace-core"))
-            .args([
-                "run",
-                "nightly",
-                "cargo",
-                "fuzz",
-                "run",
-                "recognizers",
-                "--",
-            ])
-            .arg(format!("-max_total_time={seconds}")),
-    )
+    // Both targets within the budget: build them first (not counted by libFuzzer), then split
+    // the seconds.
+    let each = (seconds / FUZZ_TARGETS.len() as u64).max(1);
+    for (target, what) in FUZZ_TARGETS {
+        setup::run_checked(
+            setup::rustup()
+                .current_dir(workspace_root().join("stalltrace-core"))
+                .args(["run", "nightly", "cargo", "fuzz", "build", target]),
+        )?;
+        println!("xtask fuzz: fuzzing {what} for {each} s");
+        let mut run = setup::rustup();
+        run.current_dir(workspace_root().join("stalltrace-core"))
+            .args(["run", "nightly", "cargo", "fuzz", "run", target, "--"])
+            .arg(format!("-max_total_time={each}"));
+        // A dictionary of the input's tokens, when the target has one.
+        let dict = workspace_root().join(format!("stalltrace-core/fuzz/{target}.dict"));
+        if dict.exists() {
+            run.arg(format!("-dict={}", dict.display()));
+        }
+        setup::run_checked(&mut run)?;
+    }
+    Ok(())
 }
 
 fn test(args: &[String]) -> Result<()> {

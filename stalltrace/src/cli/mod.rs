@@ -43,7 +43,8 @@ pub enum Command {
     #[command(
         after_help = "Events are NDJSON, one object per line (see docs/events.md): \
         conn.open, conn.close, stall.start, stall.end, and loss whenever anything was dropped.\n\
-        Stop with SIGINT or SIGTERM: the programs are detached and the events file flushed."
+        Stop with SIGINT or SIGTERM: the programs are detached and the events file flushed. \
+        SIGHUP reopens the events file (for log rotation) and never stops the daemon."
     )]
     Daemon(DaemonArgs),
     /// Show the daemon's hooks, uptime, connections tracked, events seen and events lost.
@@ -97,9 +98,36 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s")]
     pub stall_after: HumanDuration,
 
-    /// Append events to this file instead of writing them to stdout.
+    /// Append events to this file instead of writing them to stdout. It is reopened on SIGHUP
+    /// and, within a second, when renamed or deleted (logrotate `create`); truncation in place
+    /// (`copytruncate`) needs nothing.
     #[arg(long, value_name = "PATH")]
     pub events_file: Option<PathBuf>,
+
+    /// Permissions (octal) of the events file when the daemon creates it, also on rotation
+    /// and reopening. Only applies on creation: an existing file keeps its mode.
+    #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = parse_mode,
+          requires = "events_file")]
+    pub events_file_mode: u32,
+
+    /// Rotate the events file before it grows past this size (e.g. 100MiB): PATH becomes
+    /// PATH.1, PATH.1 becomes PATH.2…
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "events_file")]
+    pub events_file_max_size: Option<u64>,
+
+    /// Rotated events files kept with --events-file-max-size (PATH.1 … PATH.N).
+    #[arg(long, value_name = "N", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=1000), requires = "events_file")]
+    pub events_file_keep: u32,
+
+    /// Event bytes queued for a slow stdout or events file; beyond it lines are dropped and
+    /// counted as loss (output_blocked) rather than holding up tracing.
+    #[arg(long, value_name = "SIZE", default_value = "4MiB", value_parser = parse_size)]
+    pub events_buffer: u64,
+
+    /// Give the API socket this group (its members may query the daemon: mode 0660).
+    #[arg(long, value_name = "NAME")]
+    pub socket_group: Option<String>,
 
     /// Connections the kernel tracks at once (both ends of a local connection count); beyond
     /// it the least recently used are evicted, which is counted as loss.
@@ -162,6 +190,37 @@ impl LogLevel {
             Self::Debug => log::LevelFilter::Debug,
         }
     }
+}
+
+/// `100MiB`, `512KiB`, `1G`, `4096`: a size in bytes, above zero.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, ""), |at| text.split_at(at));
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        other => return Err(format!("unknown size unit `{other}` (use KiB, MiB or GiB)")),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .filter(|&bytes| bytes > 0)
+        .ok_or_else(|| format!("invalid size `{text}` (examples: 100MiB, 512KiB)"))
+}
+
+/// `600`, `0640`: permission bits in octal.
+fn parse_mode(text: &str) -> Result<u32, String> {
+    let text = text.trim();
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|&mode| mode <= 0o7777)
+        .ok_or_else(|| format!("invalid mode `{text}`: octal permission bits, e.g. 600 or 0640"))
 }
 
 /// `8MiB`, `512KiB`, `4096`: a power of two of at least one page.
@@ -231,5 +290,38 @@ mod tests {
             .unwrap_err()
             .contains("unknown size unit"));
         assert!(parse_ring_size("lots").is_err());
+    }
+
+    #[test]
+    fn sizes_and_modes() {
+        assert_eq!(parse_size("100MiB"), Ok(100 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("300"), Ok(300));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("9XB").is_err());
+        assert_eq!(parse_mode("600"), Ok(0o600));
+        assert_eq!(parse_mode("0640"), Ok(0o640));
+        assert!(parse_mode("8").is_err());
+        assert!(parse_mode("rw").is_err());
+    }
+
+    #[test]
+    fn events_file_options_need_an_events_file() {
+        let cli = Cli::try_parse_from(["stalltrace", "daemon"]).unwrap();
+        let Command::Daemon(args) = cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert_eq!(args.events_file_mode, 0o600);
+        assert_eq!(args.events_file_keep, 5);
+        assert!(Cli::try_parse_from(["stalltrace", "daemon", "--events-file-keep", "3"]).is_err());
+        assert!(Cli::try_parse_from([
+            "stalltrace",
+            "daemon",
+            "--events-file",
+            "/tmp/e",
+            "--events-file-max-size",
+            "1MiB"
+        ])
+        .is_ok());
     }
 }

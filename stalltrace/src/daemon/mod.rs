@@ -1,6 +1,8 @@
 //! `stalltrace daemon`: loads the programs, then one loop owns all state and runs, in turn,
 //! the ring buffer drain, the stall sweep (with the diagnosis of new and open stalls), the scan
-//! for unread requests, loss reports and API queries.
+//! for unread requests, loss reports and API queries. Event lines are written by a thread of
+//! their own (`sinks/writer.rs`), and the I/O of diagnoses runs on the diagnosis worker
+//! (`diagnosis/worker.rs`), so neither a slow output nor /proc or netlink ever holds this loop.
 mod queries;
 mod resync;
 mod stall_diagnosis;
@@ -40,6 +42,7 @@ use crate::{
     sinks::{
         api_server::{ApiServer, Query},
         ndjson::EventSink,
+        writer::FileOptions,
     },
     sources::{btf, procfs, tracefs},
 };
@@ -55,11 +58,27 @@ pub struct DaemonConfig {
     pub capture_bytes: u32,
     /// Include captured bytes (hex) in stall reports, not only their signature.
     pub capture_raw: bool,
+    /// Mode of an events file the daemon creates.
+    pub events_file_mode: u32,
+    /// Rotate the events file past this size.
+    pub events_file_max_size: Option<u64>,
+    /// Rotated events files kept.
+    pub events_file_keep: u32,
+    /// Bytes of events queued for a slow output before lines are dropped.
+    pub events_buffer: usize,
+    /// Group given the API socket.
+    pub socket_group: Option<String>,
 }
+
+/// How long the writer may take to write out queued events at shutdown.
+const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 
 /// How often the ring buffer is drained when the kernel does not wake the daemon (it does
 /// when the buffer is a quarter full).
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
+/// Ring buffer records handled per turn of the loop: a burst is drained in several turns, with
+/// API queries (and the API task, which shares the thread) served in between.
+const DRAIN_BUDGET: usize = 512;
 const LOSS_REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Kernel entries read per sweep at most (one syscall each, ~1 µs): bounds a sweep to ~20 ms
 /// after a burst of new connections.
@@ -83,11 +102,13 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     if config.stall_after.is_zero() {
         bail!("--stall-after must be greater than zero");
     }
+    // First: SIGHUP's default action would kill the daemon (e.g. when logrotate signals it).
+    let sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let tracefs_root = tracefs::ensure_mounted()?;
     let offsets = kernel_offsets();
     let listening = procfs::listening_ports(&procfs::tcp_sockets());
     // Bind first: a second daemon must fail before it loads anything.
-    let api = ApiServer::bind(&config.socket)?;
+    let api = ApiServer::bind(&config.socket, config.socket_group.as_deref())?;
     let stall_after_ns = config.stall_after.as_nanos() as u64;
     let probe_config = ProbeConfig {
         stall_after_ns,
@@ -98,7 +119,13 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         capture_bytes: config.capture_bytes,
     };
     let mut probes = Probes::load(&tracefs_root, &probe_config, &listening)?;
-    let mut sink = EventSink::open(config.events_file.as_deref())?;
+    let file = config.events_file.clone().map(|path| FileOptions {
+        path,
+        mode: config.events_file_mode,
+        max_size: config.events_file_max_size,
+        keep: config.events_file_keep,
+    });
+    let mut sink = EventSink::open(file, config.events_buffer)?;
     let mut tracker = Tracker::new(stall_after_ns);
     tracker.set_sweep_budget(SWEEP_BUDGET);
 
@@ -152,14 +179,17 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         watch_dropped,
         malformed: 0,
         reported_loss: LossCounters::default(),
+        logged_loss: LossCounters::default(),
         resync: resync::ResyncPolicy::default(),
         sweeps: 0,
         sweep_busy: Duration::ZERO,
         sweep_max: Duration::ZERO,
         out,
     };
-    let result = daemon.main_loop(&mut probes, ring, queries, findings).await;
-    daemon.sink.flush();
+    let result = daemon
+        .main_loop(&mut probes, ring, queries, findings, sighup)
+        .await;
+    daemon.sink.close(OUTPUT_GRACE);
     if let Err(err) = std::fs::remove_file(&socket) {
         log::warn!("removing {}: {err}", socket.display());
     }
@@ -199,7 +229,10 @@ struct Daemon {
     epoch: u32,
     watch_dropped: Arc<AtomicU64>,
     malformed: u64,
+    /// Losses as of the last `loss` event written.
     reported_loss: LossCounters,
+    /// Losses as of the last log message about them.
+    logged_loss: LossCounters,
     resync: resync::ResyncPolicy,
     sweeps: u64,
     sweep_busy: Duration,
@@ -215,6 +248,7 @@ impl Daemon {
         mut ring: AsyncFd<RingBuf<MapData>>,
         mut queries: mpsc::Receiver<Query>,
         mut findings: mpsc::Receiver<Vec<Finding>>,
+        mut sighup: tokio::signal::unix::Signal,
     ) -> Result<()> {
         let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -225,19 +259,33 @@ impl Daemon {
         for timer in [&mut drain, &mut sweep, &mut loss, &mut recalibrate] {
             timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
+        // Records left in the ring after a turn's budget, and a sweep put off until they are
+        // handled (it would take their connections' closes for lost).
+        let mut backlog = false;
+        let mut sweep_due = false;
         loop {
             tokio::select! {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
+                _ = sighup.recv() => {
+                    if self.config.events_file.is_some() {
+                        self.sink.reopen();
+                    } else {
+                        log::info!("SIGHUP: events go to stdout, nothing to reopen");
+                    }
+                }
                 guard = ring.readable_mut() => {
                     let mut guard = guard.context("polling the ring buffer")?;
-                    self.drain(guard.get_inner_mut(), &probes.maps);
+                    backlog = self.drain_some(guard.get_inner_mut(), &probes.maps);
                     guard.clear_ready();
                 }
-                _ = drain.tick() => self.drain(ring.get_mut(), &probes.maps),
+                _ = drain.tick() => backlog = self.drain_some(ring.get_mut(), &probes.maps),
+                _ = tokio::task::yield_now(), if backlog => {
+                    backlog = self.drain_some(ring.get_mut(), &probes.maps);
+                }
                 _ = sweep.tick() => {
-                    self.drain(ring.get_mut(), &probes.maps);
-                    self.sweep(probes)?;
+                    backlog = self.drain_some(ring.get_mut(), &probes.maps);
+                    sweep_due = true;
                 }
                 _ = loss.tick() => {
                     self.report_loss(&probes.maps);
@@ -246,6 +294,10 @@ impl Daemon {
                 }
                 _ = recalibrate.tick() => self.sink.recalibrate(),
                 Some(query) = queries.recv() => {
+                    // Its client gave up (timed out) while the query waited: save the work.
+                    if query.reply.is_closed() {
+                        continue;
+                    }
                     let response = self.answer(query.command, probes);
                     let _ = query.reply.send(response);
                 }
@@ -257,6 +309,9 @@ impl Daemon {
                     self.on_findings(batch, &probes.maps, monotonic_ns());
                 }
             }
+            if !backlog && std::mem::take(&mut sweep_due) {
+                self.sweep(probes)?;
+            }
         }
         // Deliver what the kernel reported before the signal.
         self.drain(ring.get_mut(), &probes.maps);
@@ -265,9 +320,20 @@ impl Daemon {
         Ok(())
     }
 
+    /// Handles everything in the ring buffer.
     fn drain(&mut self, ring: &mut RingBuf<MapData>, maps: &KernelMaps) {
+        while self.drain_some(ring, maps) {}
+    }
+
+    /// Handles at most `DRAIN_BUDGET` records; whether more are left.
+    fn drain_some(&mut self, ring: &mut RingBuf<MapData>, maps: &KernelMaps) -> bool {
         self.out.clear();
-        while let Some(record) = ring.next() {
+        let mut handled = 0;
+        while handled < DRAIN_BUDGET {
+            let Some(record) = ring.next() else {
+                break;
+            };
+            handled += 1;
             match ConnEvent::from_bytes(&record) {
                 Some(event) => {
                     self.tracker.on_event(&event, &mut self.out);
@@ -277,6 +343,7 @@ impl Daemon {
             }
         }
         self.emit(maps);
+        handled == DRAIN_BUDGET
     }
 
     fn sweep(&mut self, probes: &mut Probes) -> Result<()> {
@@ -327,6 +394,7 @@ impl Daemon {
             malformed_records: self.malformed + stats.unknown_events,
             events_write_failed: self.sink.write_failed(),
             watch_dropped: self.watch_dropped.load(Ordering::Relaxed),
+            output_blocked: self.sink.output_blocked(),
         }
     }
 
@@ -336,12 +404,26 @@ impl Daemon {
         if new.total() == 0 {
             return;
         }
-        log::warn!("lost since last report: {new:?}");
-        self.diagnoser.losses_seen_at(monotonic_ns());
-        self.sink
-            .write_loss(&LossReport { new, total }, monotonic_ns());
-        self.sink.flush();
-        self.reported_loss = total;
+        let unlogged = total.since(&self.logged_loss);
+        if unlogged.total() > 0 {
+            log::warn!("lost since last report: {unlogged:?}");
+            self.logged_loss = total;
+        }
+        // Undelivered output does not make the tracker's state stale.
+        let delivery =
+            unlogged.watch_dropped + unlogged.events_write_failed + unlogged.output_blocked;
+        if unlogged.total() > delivery {
+            self.diagnoser.losses_seen_at(monotonic_ns());
+        }
+        // With the output still full, the same losses are reported again once it has room:
+        // the report then follows the gap in the stream.
+        if self
+            .sink
+            .write_loss(&LossReport { new, total }, monotonic_ns())
+        {
+            self.sink.flush();
+            self.reported_loss = total;
+        }
     }
 }
 

@@ -1,8 +1,9 @@
 //! The control API server: a Unix socket (mode 0660), one task per client. Queries go to the
 //! daemon's main loop, which owns all state; `watch` clients stream event lines. A malformed,
-//! oversized or slow request gets an error reply and never disturbs the daemon.
+//! oversized or slow request gets an error reply and never disturbs the daemon; a client that
+//! stops reading its answer (or its `watch` stream) is dropped after `WRITE_TIMEOUT`.
 use std::{
-    os::unix::fs::PermissionsExt as _,
+    os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -24,6 +25,10 @@ use crate::sinks::ndjson::WatchLine;
 
 const MAX_CLIENTS: usize = 64;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long after its request an answer may take to be computed and written (and writing one
+/// `watch` line may take) before the client is dropped, with its slot and the answer's memory:
+/// clients that stop reading hold slots for at most this long.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Answers above this size (bytes) are followed by returning their memory to the OS.
 const LARGE_ANSWER: usize = 1 << 20;
 
@@ -39,13 +44,22 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    /// Binds the socket, refusing to steal it from a running daemon and replacing a stale one.
-    pub fn bind(path: &Path) -> Result<Self> {
+    /// Binds the socket, refusing to steal it from a running daemon and replacing a stale one
+    /// (never anything that is not a socket); `group` becomes its group.
+    pub fn bind(path: &Path, group: Option<&str>) -> Result<Self> {
+        let gid = group.map(group_id).transpose()?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating the socket directory {}", dir.display()))?;
         }
-        if path.exists() {
+        if let Ok(existing) = std::fs::symlink_metadata(path) {
+            if !existing.file_type().is_socket() {
+                bail!(
+                    "{} exists and is not a socket; refusing to delete it: give another \
+                     --socket, or remove it yourself",
+                    path.display()
+                );
+            }
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 bail!(
                     "another stalltrace daemon is already serving {}; stop it first, or give \
@@ -60,6 +74,10 @@ impl ApiServer {
             .with_context(|| format!("binding the API socket {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
             .with_context(|| format!("setting the mode of {}", path.display()))?;
+        if let Some(gid) = gid {
+            std::os::unix::fs::chown(path, None, Some(gid))
+                .with_context(|| format!("setting the group of {}", path.display()))?;
+        }
         Ok(Self {
             listener,
             path: path.to_owned(),
@@ -126,6 +144,7 @@ impl Client {
         let mut reader = BufReader::new(read).take(api::MAX_REQUEST_BYTES as u64 + 1);
         let mut line = String::new();
         let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
+        let mut deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
         let response = match read {
             Err(_) => Response::error(
                 ErrorCode::Timeout,
@@ -148,11 +167,21 @@ impl Client {
                         self.watch(write, filter).await;
                         return;
                     }
-                    command => self.ask(command).await,
+                    command => match tokio::time::timeout_at(deadline, self.ask(command)).await {
+                        Ok(response) => response,
+                        Err(_) => {
+                            // A short error line: it fits in the socket's buffer.
+                            deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+                            Response::error(
+                                ErrorCode::Timeout,
+                                format!("no answer within {}s", WRITE_TIMEOUT.as_secs()),
+                            )
+                        }
+                    },
                 },
             },
         };
-        let _ = write_response(&mut write, &response).await;
+        let _ = write_answer(&mut write, &response, deadline).await;
         if response
             .result
             .as_ref()
@@ -177,7 +206,8 @@ impl Client {
     async fn watch(self, mut write: tokio::net::unix::OwnedWriteHalf, filter: Filter) {
         let mut events = self.watchers.subscribe();
         let started = Response::ok(&serde_json::json!({"watching": true}));
-        if write_response(&mut write, &started).await.is_err() {
+        let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+        if write_answer(&mut write, &started, deadline).await.is_err() {
             return;
         }
         loop {
@@ -190,8 +220,7 @@ impl Client {
                         "event": "loss",
                         "loss": {"watch_dropped": dropped},
                     });
-                    if write
-                        .write_all(format!("{notice}\n").as_bytes())
+                    if write_line(&mut write, format!("{notice}\n").as_bytes())
                         .await
                         .is_err()
                     {
@@ -205,7 +234,7 @@ impl Client {
                 Some(endpoints) => filter.matches(line.pid, &line.comm, endpoints),
                 None => true,
             };
-            if selected && write.write_all(line.line.as_bytes()).await.is_err() {
+            if selected && write_line(&mut write, line.line.as_bytes()).await.is_err() {
                 return;
             }
         }
@@ -222,6 +251,65 @@ async fn write_response(
     write.flush().await
 }
 
+/// Writes an answer, giving up at `deadline`.
+async fn write_answer(
+    write: &mut (impl tokio::io::AsyncWrite + Unpin),
+    response: &Response,
+    deadline: tokio::time::Instant,
+) -> std::io::Result<()> {
+    tokio::time::timeout_at(deadline, write_response(write, response))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// Writes one `watch` line, giving up after `WRITE_TIMEOUT`: a client that stopped reading
+/// loses its stream (lines it misses meanwhile are counted by the broadcast channel).
+async fn write_line(
+    write: &mut (impl tokio::io::AsyncWrite + Unpin),
+    line: &[u8],
+) -> std::io::Result<()> {
+    tokio::time::timeout(WRITE_TIMEOUT, write.write_all(line))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
 async fn reply_and_close(mut stream: UnixStream, response: Response) {
-    let _ = write_response(&mut stream, &response).await;
+    let deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
+    let _ = write_answer(&mut stream, &response, deadline).await;
+}
+
+/// The id of the group `name`.
+fn group_id(name: &str) -> Result<u32> {
+    let c_name =
+        std::ffi::CString::new(name).with_context(|| format!("invalid group name {name:?}"))?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    loop {
+        // SAFETY: all-zero is a valid `group` (null pointers, zero ids).
+        let mut group: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the duration of the call; `buf` outlives `group`.
+        let rc = unsafe {
+            libc::getgrnam_r(
+                c_name.as_ptr(),
+                &mut group,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        if rc == libc::ERANGE && buf.len() < 1 << 20 {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if rc != 0 {
+            bail!(
+                "looking up the group {name:?} for --socket-group: {}",
+                std::io::Error::from_raw_os_error(rc)
+            );
+        }
+        if found.is_null() {
+            bail!("--socket-group: no group named {name:?} on this system");
+        }
+        return Ok(group.gr_gid);
+    }
 }

@@ -2,3 +2,4 @@
 //! server. Sinks never hold up the loop that feeds them.
 pub mod api_server;
 pub mod ndjson;
+pub mod writer;

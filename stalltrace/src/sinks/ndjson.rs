@@ -1,11 +1,8 @@
 //! The NDJSON event stream: one JSON object per line to stdout or an events file (appended,
-//! never truncated), and to every `watch` client.
-use std::{
-    fs::OpenOptions,
-    io::{BufWriter, Write},
-    path::Path,
-    sync::Arc,
-};
+//! never truncated), and to every `watch` client. Lines for stdout or the file go through the
+//! writer thread (`writer.rs`): when its queue is full they are dropped and counted
+//! (`output_blocked`), never waited for.
+use std::{io::Write, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result};
 use serde::Serialize;
@@ -18,8 +15,14 @@ use stalltrace_core::{
     tracker::{model::Endpoints, ConnRef, Event},
 };
 
+use crate::sinks::writer::{FileOptions, Writer};
+
 /// Lines buffered per `watch` client before the slowest starts losing them (counted).
 const WATCH_BUFFER: usize = 8192;
+/// Bytes of event lines queued for a slow stdout or events file before lines are dropped.
+pub const DEFAULT_EVENTS_BUFFER: usize = 4 << 20;
+/// Lines are handed to the writer thread in chunks of about this size (and at every flush).
+const CHUNK: usize = 64 * 1024;
 
 /// An event line as sent to `watch` clients, with what their filters select on.
 #[derive(Debug)]
@@ -32,12 +35,17 @@ pub struct WatchLine {
 }
 
 pub struct EventSink {
-    out: BufWriter<Box<dyn Write + Send>>,
+    writer: Writer,
+    /// Lines accepted for the writer, not handed over yet.
+    pending: Vec<u8>,
+    /// Lines were dropped for a full queue and their `loss` event is not written yet: until
+    /// it is, every line is dropped, so that the report follows the gap in the stream.
+    blocked: bool,
+    /// Lines dropped because the output did not keep up.
+    output_blocked: u64,
     destination: String,
     clock: Clock,
     watchers: broadcast::Sender<Arc<WatchLine>>,
-    write_failed: u64,
-    written: u64,
     /// Reused encoding buffer.
     line: Vec<u8>,
 }
@@ -50,32 +58,49 @@ struct LossEventJson<'a> {
 }
 
 impl EventSink {
-    /// Events go to `path` (created if missing, appended to) or, without one, to stdout.
-    pub fn open(path: Option<&Path>) -> Result<Self> {
-        let (out, destination): (Box<dyn Write + Send>, String) = match path {
-            Some(path) => {
-                let file = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .with_context(|| format!("opening the events file {}", path.display()))?;
-                (Box::new(file), path.display().to_string())
+    /// Events go to the file described by `file` (created if missing, appended to) or, without
+    /// one, to stdout; at most `buffer` bytes wait for a slow output.
+    pub fn open(file: Option<FileOptions>, buffer: usize) -> Result<Self> {
+        Ok(match file {
+            Some(options) => {
+                let destination = options.path.display().to_string();
+                Self::with_writer(Writer::to_file(options, buffer)?, destination)
             }
-            None => (Box::new(std::io::stdout()), "stdout".to_owned()),
-        };
-        Ok(Self::new(out, destination))
+            None => {
+                use std::os::fd::AsFd as _;
+                // Our own descriptor: written without std's stdout lock and line buffering.
+                let stdout = std::io::stdout()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .context("duplicating stdout to write events to it")?;
+                Self::with_writer(
+                    Writer::to_stream(Box::new(std::fs::File::from(stdout)), buffer),
+                    "stdout".to_owned(),
+                )
+            }
+        })
     }
 
     /// A sink writing to `out`, described as `destination` in messages.
     pub fn new(out: Box<dyn Write + Send>, destination: String) -> Self {
+        Self::to_stream(out, destination, DEFAULT_EVENTS_BUFFER)
+    }
+
+    /// A sink writing to `out`, with at most `buffer` bytes waiting for it.
+    pub fn to_stream(out: Box<dyn Write + Send>, destination: String, buffer: usize) -> Self {
+        Self::with_writer(Writer::to_stream(out, buffer), destination)
+    }
+
+    fn with_writer(writer: Writer, destination: String) -> Self {
         let (watchers, _) = broadcast::channel(WATCH_BUFFER);
         Self {
-            out: BufWriter::with_capacity(64 * 1024, out),
+            writer,
+            pending: Vec::with_capacity(CHUNK),
+            blocked: false,
+            output_blocked: 0,
             destination,
             clock: Clock::calibrate(),
             watchers,
-            write_failed: 0,
-            written: 0,
             line: Vec::with_capacity(1024),
         }
     }
@@ -103,11 +128,33 @@ impl EventSink {
 
     /// Lines that could not be written (counted as loss).
     pub fn write_failed(&self) -> u64 {
-        self.write_failed
+        self.writer.failed()
+    }
+
+    /// Lines dropped because the output did not keep up (counted as loss).
+    pub fn output_blocked(&self) -> u64 {
+        self.output_blocked
     }
 
     pub fn written(&self) -> u64 {
-        self.written
+        self.writer.written()
+    }
+
+    /// Reopens the events file (SIGHUP), on the writer thread.
+    pub fn reopen(&self) {
+        self.writer.reopen();
+    }
+
+    /// Hands over what is pending and waits at most `grace` for the writer to finish.
+    pub fn close(&mut self, grace: Duration) {
+        self.flush();
+        let abandoned = self.writer.close(grace);
+        if abandoned > 0 {
+            log::warn!(
+                "{abandoned} bytes of events not written: {} did not take them within {grace:?}",
+                self.destination
+            );
+        }
     }
 
     pub fn write_events(&mut self, events: &[Event]) {
@@ -117,25 +164,54 @@ impl EventSink {
         }
     }
 
-    pub fn write_loss(&mut self, report: &LossReport, at_ns: u64) {
+    /// Writes a `loss` event; `false` when the output has no room for it yet (nothing was
+    /// written anywhere: report the same losses again later).
+    pub fn write_loss(&mut self, report: &LossReport, at_ns: u64) -> bool {
         let json = LossEventJson {
             time: self.clock.rfc3339(at_ns),
             event: "loss",
             loss: report,
         };
-        self.write_line(&json, None);
+        self.encode(&json);
+        if !self.writer.has_room(self.pending.len(), self.line.len()) {
+            return false;
+        }
+        // The report of a gap goes first after it.
+        self.blocked = false;
+        self.send(None);
+        true
     }
 
     /// Writes one line; `conn` is what `watch` filters select on (`None`: not about one
     /// connection).
     fn write_line(&mut self, json: &impl Serialize, conn: Option<&ConnRef>) {
+        self.encode(json);
+        if !self.blocked && !self.writer.has_room(self.pending.len(), self.line.len()) {
+            self.blocked = true;
+            log::debug!(
+                "{} is not keeping up: dropping event lines",
+                self.destination
+            );
+        }
+        if self.blocked {
+            self.output_blocked += 1;
+        }
+        self.send(conn);
+    }
+
+    fn encode(&mut self, json: &impl Serialize) {
         self.line.clear();
         serde_json::to_writer(&mut self.line, json).expect("event JSON serializes");
         self.line.push(b'\n');
-        if self.out.write_all(&self.line).is_ok() {
-            self.written += 1;
-        } else {
-            self.count_write_failure();
+    }
+
+    /// The encoded line to the output (unless blocked) and to `watch` clients.
+    fn send(&mut self, conn: Option<&ConnRef>) {
+        if !self.blocked {
+            self.pending.extend_from_slice(&self.line);
+            if self.pending.len() >= CHUNK {
+                self.flush();
+            }
         }
         if self.watchers.receiver_count() > 0 {
             let _ = self.watchers.send(Arc::new(WatchLine {
@@ -149,21 +225,128 @@ impl EventSink {
         }
     }
 
-    /// Pushes buffered lines out; called after every batch so shippers see events promptly.
+    /// Hands the pending lines to the writer thread, which writes them out promptly; never
+    /// blocks.
     pub fn flush(&mut self) {
-        if self.out.flush().is_err() {
-            self.count_write_failure();
+        if !self.pending.is_empty() {
+            // An exact-size copy: queued chunks hold no spare capacity.
+            self.writer.push(self.pending.clone());
+            self.pending.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{Condvar, Mutex},
+        time::Instant,
+    };
+
+    use super::*;
+    use stalltrace_core::{
+        loss::LossCounters,
+        tracker::{
+            model::{Comm, Owner, Role},
+            Detail,
+        },
+    };
+
+    /// An output that takes nothing until opened, then keeps what it is given.
+    #[derive(Clone, Default)]
+    struct Gate {
+        open: Arc<(Mutex<bool>, Condvar)>,
+        seen: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (lock, cv) = &*self.open;
+            let mut open = lock.lock().unwrap();
+            while !*open {
+                open = cv.wait(open).unwrap();
+            }
+            self.seen.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
         }
     }
 
-    fn count_write_failure(&mut self) {
-        if self.write_failed == 0 {
-            log::error!(
-                "writing events to {} failed; further failures are counted as loss \
-                 (events_write_failed)",
-                self.destination
-            );
+    fn open_event(id: u64) -> Event {
+        Event {
+            at_ns: 0,
+            conn: ConnRef {
+                id,
+                role: Role::Client,
+                owner: Owner {
+                    pid: 1,
+                    tid: 1,
+                    comm: Comm::new("t"),
+                },
+                endpoints: Endpoints {
+                    local: "127.0.0.1".parse().unwrap(),
+                    local_port: 1,
+                    peer: "127.0.0.1".parse().unwrap(),
+                    peer_port: 2,
+                },
+            },
+            detail: Detail::Open { adopted: false },
         }
-        self.write_failed += 1;
+    }
+
+    #[test]
+    fn a_blocked_output_drops_lines_and_reports_the_gap_right_after_it() {
+        let gate = Gate::default();
+        let mut sink = EventSink::to_stream(Box::new(gate.clone()), "test".into(), 2000);
+        let started = Instant::now();
+        for id in 0..50 {
+            sink.write_events(&[open_event(id)]);
+            sink.flush();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the sink waited"
+        );
+        let dropped = sink.output_blocked();
+        assert!(dropped > 0 && dropped < 50, "{dropped} dropped");
+        let accepted = 50 - dropped;
+
+        // The consumer catches up; lines are still dropped until the gap is reported.
+        *gate.open.0.lock().unwrap() = true;
+        gate.open.1.notify_all();
+        while sink.written() < accepted {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        sink.write_events(&[open_event(100)]);
+        assert_eq!(sink.output_blocked(), dropped + 1);
+        let total = LossCounters {
+            output_blocked: sink.output_blocked(),
+            ..LossCounters::default()
+        };
+        assert!(sink.write_loss(&LossReport { new: total, total }, 0));
+        sink.write_events(&[open_event(101)]);
+        sink.close(Duration::from_secs(5));
+
+        let text = String::from_utf8(gate.seen.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        assert_eq!(lines.len() as u64, accepted + 2);
+        let ids: Vec<u64> = lines[..accepted as usize]
+            .iter()
+            .map(|line| line["conn"]["id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            ids,
+            (0..accepted).collect::<Vec<_>>(),
+            "the lines before the gap, in order"
+        );
+        let report = &lines[accepted as usize];
+        assert_eq!(report["event"], "loss");
+        assert_eq!(report["loss"]["new"]["output_blocked"], dropped + 1);
+        assert_eq!(lines[accepted as usize + 1]["conn"]["id"], 101);
     }
 }
