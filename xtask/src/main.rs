@@ -96,7 +96,7 @@ fn run_daemon(args: &[String]) -> Result<()> {
     Err(err).with_context(|| format!("executing {}", binary.display()))
 }
 
-/// The cargo-fuzz targets (stalltrace/fuzz/fuzz_targets), sharing the time budget.
+/// The cargo-fuzz targets (stalltrace-core/fuzz/fuzz_targets), sharing the time budget.
 const FUZZ_TARGETS: [(&str, &str); 2] = [
     ("recognizers", "the request recognizers"),
     ("api_request", "the API request decoder"),
