@@ -47,7 +47,9 @@ struct Proxy(Child);
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        // SIGTERM, not SIGKILL: nginx's master then takes its workers down with it.
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
         let _ = self.0.wait();
     }
 }
@@ -91,9 +93,9 @@ fn get(proxy: SocketAddr, path: &str) -> TcpStream {
 }
 
 #[test]
-fn an_event_loop_proxy_stall_is_blamed_on_its_upstream_never_on_healthy_requests() {
+fn an_asyncio_proxy_stall_is_blamed_on_its_upstream_never_on_healthy_requests() {
     require_root();
-    let daemon = Daemon::start("blame-event-loop");
+    let daemon = Daemon::start("blame-asyncio");
     let (slow, fast) = (silent_upstream(), fast_upstream());
     let mut child = Command::new("python3")
         .args([
@@ -111,8 +113,120 @@ fn an_event_loop_proxy_stall_is_blamed_on_its_upstream_never_on_healthy_requests
         .unwrap();
     let _proxy = Proxy(child);
     let proxy: SocketAddr = format!("127.0.0.1:{}", port.trim()).parse().unwrap();
+    check_chain(&daemon, proxy, slow, fast);
+}
 
-    // Healthy requests through the same proxy, before, around and after the one that stalls.
+#[test]
+fn an_nginx_stall_is_blamed_on_its_upstream_with_and_without_keepalive() {
+    require_root();
+    let daemon = Daemon::start("blame-nginx");
+    for keepalive in [true, false] {
+        let (slow, fast) = (silent_upstream(), fast_upstream());
+        let proxy = free_port();
+        let dir = daemon_dir(&daemon, &format!("nginx-{keepalive}"));
+        let pool = if keepalive { "keepalive 4;" } else { "" };
+        let reuse = if keepalive {
+            "proxy_http_version 1.1; proxy_set_header Connection \"\";"
+        } else {
+            ""
+        };
+        let temp = dir.display();
+        let config = format!(
+            "daemon off; worker_processes 1; pid {temp}/nginx.pid; error_log {temp}/error.log;
+             events {{ worker_connections 256; }}
+             http {{
+               access_log off;
+               client_body_temp_path {temp}; proxy_temp_path {temp};
+               fastcgi_temp_path {temp}; uwsgi_temp_path {temp}; scgi_temp_path {temp};
+               upstream slow {{ server {slow}; {pool} }}
+               upstream fast {{ server {fast}; {pool} }}
+               server {{
+                 listen {proxy};
+                 location /slow/ {{ proxy_pass http://slow; proxy_read_timeout 60s; {reuse} }}
+                 location / {{ proxy_pass http://fast; {reuse} }}
+               }}
+             }}"
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, config).unwrap();
+        let _nginx = Proxy(
+            Command::new("nginx")
+                .arg("-c")
+                .arg(&path)
+                .spawn()
+                .expect("nginx is installed by cargo xtask test"),
+        );
+        wait_until_listening(proxy);
+        check_chain(&daemon, proxy, slow, fast);
+    }
+}
+
+#[test]
+fn an_haproxy_stall_is_blamed_on_its_upstream() {
+    require_root();
+    let daemon = Daemon::start("blame-haproxy");
+    let (slow, fast) = (silent_upstream(), fast_upstream());
+    let proxy = free_port();
+    let dir = daemon_dir(&daemon, "haproxy");
+    let config = format!(
+        "global
+           nbthread 2
+         defaults
+           mode http
+           timeout connect 5s
+           timeout client 60s
+           timeout server 60s
+         frontend shop
+           bind {proxy}
+           use_backend slow if {{ path_beg /slow/ }}
+           default_backend fast
+         backend slow
+           server slow {slow}
+         backend fast
+           server fast {fast}
+"
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, config).unwrap();
+    let _haproxy = Proxy(
+        Command::new("haproxy")
+            .arg("-f")
+            .arg(&path)
+            .arg("-db")
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy is installed by cargo xtask test"),
+    );
+    wait_until_listening(proxy);
+    check_chain(&daemon, proxy, slow, fast);
+}
+
+/// A loopback address with a port nobody listens on now.
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn daemon_dir(daemon: &Daemon, name: &str) -> std::path::PathBuf {
+    let dir = daemon.events.parent().unwrap().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn wait_until_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Healthy requests through `proxy` to `fast` around one request to `slow`, which never
+/// answers: the proxy's inbound stall must chain to the silent upstream, and no chain may
+/// name a healthy request's connection.
+fn check_chain(daemon: &Daemon, proxy: SocketAddr, slow: SocketAddr, fast: SocketAddr) {
     let healthy = thread::spawn(move || {
         let until = Instant::now() + Duration::from_secs(3);
         let mut answered = 0;

@@ -135,9 +135,13 @@ fn fuzz(seconds: u64) -> Result<()> {
     Ok(())
 }
 
+/// Servers the integration tests run for real (the blame chains through proxies).
+const TEST_PACKAGES: &[&str] = &["nginx", "haproxy"];
+
 fn test(args: &[String]) -> Result<()> {
     setup::run()?;
     setup::require_root("the integration tests (they load eBPF programs)")?;
+    setup::install_packages(TEST_PACKAGES)?;
     println!("xtask: building the daemon for the integration tests");
     setup::run_checked(cargo().args(["build", "--package", "stalltrace"]))?;
     let binary = workspace_root().join("target/debug/stalltrace");
