@@ -5,7 +5,8 @@
 //! - `tcp_signals`: retransmits and received resets (`tcp/*`).
 //!
 //! Per-connection state lives in the `CONNS` LRU map; the ring buffer carries only lifecycle
-//! events and, at most once per sweep epoch per connection, request starts (see `conn.rs`).
+//! events and request starts: a connection's first, then at most one per sweep epoch (see
+//! `transfer.rs`).
 #![no_std]
 #![no_main]
 
