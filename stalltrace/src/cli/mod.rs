@@ -26,7 +26,11 @@ use crate::{api, duration::HumanDuration};
         stalltrace stalls                  # open stalls, oldest first\n  \
         stalltrace stalls --older-than 30s -o json\n  \
         stalltrace conns --comm nginx      # live connections of nginx\n  \
-        stalltrace watch --port 5432       # live NDJSON events touching port 5432"
+        stalltrace watch --port 5432       # live NDJSON events touching port 5432\n\n\
+        Exit status:\n  \
+        0  success\n  \
+        1  error: the daemon is unreachable, refused the request, or failed to start\n  \
+        2  usage error: unknown command or flag, bad value, flag that does not apply"
 )]
 pub struct Cli {
     /// The daemon's control socket.
@@ -271,6 +275,13 @@ mod tests {
         for command in ["conns", "stalls", "watch"] {
             Cli::try_parse_from(["stalltrace", command, "--pid", "1"]).unwrap();
         }
+    }
+
+    #[test]
+    fn help_documents_the_exit_codes() {
+        let help = Cli::command().render_help().to_string();
+        assert!(help.contains("Exit status:"), "{help}");
+        assert!(help.contains("2  usage error"), "{help}");
     }
 
     #[test]
