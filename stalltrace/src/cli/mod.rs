@@ -84,6 +84,10 @@ pub enum Command {
     },
     /// What is different about the requests that stall: request groups (process, endpoint,
     /// signature) ranked by their share of stalls against their share of completed requests.
+    #[command(
+        after_help = "Groups count requests per executable name across processes (and their \
+        restarts): select them with --comm or --port; --pid is refused."
+    )]
     Why {
         #[command(flatten)]
         filter: WhyFilter,
