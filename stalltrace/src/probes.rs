@@ -432,10 +432,8 @@ fn attach_all(ebpf: &mut Ebpf, tracefs_root: &Path) -> Result<Vec<Attached>> {
                 run_time_ns: 0,
             }),
             (Err(err), Some(lost)) => log::warn!("not attaching {label}: {err:#}; {lost}"),
-            (Err(err), None) => bail!(
-                "cannot attach {label}, which stalltrace needs: {err:#}\n\
-                 hint: sock_send_length and sock_recv_length appeared in Linux 6.3"
-            ),
+            // Its tracepoint exists (checked before loading): no hint about kernel versions.
+            (Err(err), None) => bail!("cannot attach {label}, which stalltrace needs: {err:#}"),
         }
     }
     Ok(attached)
