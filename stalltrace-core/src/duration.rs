@@ -40,13 +40,14 @@ impl FromStr for HumanDuration {
                 return Err(invalid("expected a number"));
             }
             let (number, tail) = rest.split_at(number_len);
+            // Not only ASCII letters: `µs` starts with the micro sign.
             let unit_len = tail
-                .find(|c: char| !c.is_ascii_alphabetic())
+                .find(|c: char| !c.is_alphabetic())
                 .unwrap_or(tail.len());
             let (unit, tail) = tail.split_at(unit_len);
             let unit_ns: u128 = match unit {
                 "ns" => 1,
-                "us" | "µs" => 1_000,
+                "us" | "µs" | "μs" => 1_000,
                 "ms" => 1_000_000,
                 "s" | "sec" => 1_000_000_000,
                 "m" | "min" => 60_000_000_000,
@@ -114,6 +115,17 @@ mod tests {
         assert_eq!(parse("1h").unwrap(), Duration::from_secs(3600));
         assert_eq!(parse("250us").unwrap(), Duration::from_micros(250));
         assert_eq!(parse(" 7s ").unwrap(), Duration::from_secs(7));
+    }
+
+    #[test]
+    fn parses_microseconds_with_the_micro_sign() {
+        // The micro sign (U+00B5) and the Greek mu (U+03BC) look alike; both are accepted.
+        assert_eq!(parse("250µs").unwrap(), Duration::from_micros(250));
+        assert_eq!(parse("250μs").unwrap(), Duration::from_micros(250));
+        assert_eq!(parse("1ms500µs").unwrap(), Duration::from_micros(1500));
+        assert_eq!(parse("1.5us").unwrap(), Duration::from_nanos(1500));
+        let err = parse("5µ").unwrap_err().to_string();
+        assert!(err.contains("unknown unit `µ`"), "{err}");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - `tcp_signals`: retransmits and received resets (`tcp/*`).
 //!
 //! Per-connection state lives in the `CONNS` LRU map; the ring buffer carries only lifecycle
-//! events and, at most once per sweep epoch per connection, request starts (see `conn.rs`).
+//! events and request starts: a connection's first, then at most one per sweep epoch (see
+//! `transfer.rs`).
 //! Logic userspace also needs (the transfer accounting) lives in `stalltrace_common`, not here.
 //! Every instruction here runs on someone else's syscall: do the least that keeps the daemon
 //! correct, and leave interpretation to userspace.

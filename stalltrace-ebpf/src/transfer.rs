@@ -4,9 +4,9 @@
 //! arguments without building a trace record, which is most of a classic tracepoint's cost.
 //!
 //! Work per call on a tracked connection: one map lookup and a few stores; an event only when a
-//! request starts on a connection not yet reported this epoch, or a stall ends. Only TCP
-//! connections are in the map, so a miss is either another kind of socket (checked by reading
-//! its protocol) or a TCP connection the map does not hold yet.
+//! connection's first request starts, a request starts on a connection not yet reported this
+//! epoch, or a stall ends. Only TCP connections are in the map, so a miss is either another kind
+//! of socket (checked by reading its protocol) or a TCP connection the map does not hold yet.
 use aya_ebpf::{
     bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, macros::raw_tracepoint,
     programs::RawTracePointContext,
@@ -89,9 +89,14 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
     } else if turn == Turn::ReplyStarted && conn.flags & conn_flags::SAMPLED != 0 {
         conn.flags &= !conn_flags::SAMPLED;
         emit(EventKind::ExchangeCompleted, sock, conn, now);
-    } else if turn == Turn::RequestStarted && conn.notified_epoch != current_epoch() {
+    } else if turn == Turn::RequestStarted
+        && (conn.requests == 1 || conn.notified_epoch != current_epoch())
+    {
         // One request per connection and epoch is reported, with its bytes; its completion
-        // follows. These samples feed `stalltrace why`.
+        // follows. These samples feed `stalltrace why`. A connection's first request is
+        // reported even in the epoch of its open: a client's open was reported at connect(),
+        // and its first request would otherwise never be sampled, unlike a server's (sampled
+        // at its first transfer, above). Cost: one more ring record per client connection.
         conn.flags |= conn_flags::SAMPLED;
         match capture {
             Some(capture) => emit_request(EventKind::RequestStarted, sock, conn, capture, now),

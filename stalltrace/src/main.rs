@@ -51,7 +51,7 @@ fn main() -> ExitCode {
             filter,
             limit,
             output,
-        } => client::why(&cli.socket, filter, limit, output.format),
+        } => client::why(&cli.socket, filter.into_filter(), limit, output.format),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

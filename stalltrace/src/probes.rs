@@ -172,21 +172,25 @@ impl KernelMaps {
 impl Probes {
     /// Loads the programs, seeds their maps, then attaches them. `listening` are the ports
     /// with a listener already (their role decides how pre-existing connections are read).
+    ///
+    /// A missing required tracepoint fails at once, naming it. Request capture is dropped (with
+    /// a warning) only when loading fails with it and succeeds without it.
     pub(crate) fn load(
         tracefs_root: &Path,
         config: &ProbeConfig,
         listening: &[u16],
     ) -> Result<Self> {
-        match Self::load_once(tracefs_root, config, listening, config.capture_bytes) {
-            Err(err) if config.capture_bytes > 0 => {
-                log::warn!(
-                    "request capture is unavailable on this kernel ({err:#}); stalls are \
-                     reported without request signatures"
-                );
-                Self::load_once(tracefs_root, config, listening, 0)
-            }
-            loaded => loaded,
+        check_required_hooks(tracefs_root)?;
+        let (probes, capture_error) = with_capture_fallback(config.capture_bytes, |bytes| {
+            Self::load_once(tracefs_root, config, listening, bytes)
+        })?;
+        if let Some(err) = capture_error {
+            log::warn!(
+                "request capture is unavailable on this kernel ({err:#}); stalls are reported \
+                 without request signatures"
+            );
         }
+        Ok(probes)
     }
 
     fn load_once(
@@ -354,6 +358,40 @@ impl Probes {
     }
 }
 
+/// Checks, before anything is loaded, that the tracepoints of the required hooks exist with
+/// the layout the programs expect; the error names every one that does not.
+fn check_required_hooks(tracefs_root: &Path) -> Result<()> {
+    let problems: Vec<String> = HOOKS
+        .iter()
+        .filter(|hook| hook.optional.is_none())
+        .filter_map(|hook| tracefs::check_layout(tracefs_root, hook.category, hook.name).err())
+        .map(|err| format!("{err:#}"))
+        .collect();
+    if problems.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "stalltrace cannot run on this kernel: {}\n\
+         hint: it needs the tracepoints sock/inet_sock_set_state (Linux 4.16), \
+         sock/sock_send_length and sock/sock_recv_length (Linux 6.3)",
+        problems.join("; ")
+    )
+}
+
+/// Runs `load` with `capture_bytes`; if that fails with capture on, runs it again with capture
+/// off. The capture is to blame only if that succeeds: then the first error comes back with
+/// the result, for a warning. Otherwise the error without capture is the one that matters.
+fn with_capture_fallback<T>(
+    capture_bytes: u32,
+    mut load: impl FnMut(u32) -> Result<T>,
+) -> Result<(T, Option<anyhow::Error>)> {
+    match load(capture_bytes) {
+        Ok(loaded) => Ok((loaded, None)),
+        Err(err) if capture_bytes > 0 => load(0).map(|loaded| (loaded, Some(err))),
+        Err(err) => Err(err),
+    }
+}
+
 const STACK_PROGRAM: &str = "stalltrace_stack";
 
 fn load_stack_sampling(ebpf: &mut Ebpf) -> Result<StackSampling> {
@@ -399,10 +437,8 @@ fn attach_all(ebpf: &mut Ebpf, tracefs_root: &Path) -> Result<Vec<Attached>> {
                 run_time_ns: 0,
             }),
             (Err(err), Some(lost)) => log::warn!("not attaching {label}: {err:#}; {lost}"),
-            (Err(err), None) => bail!(
-                "cannot attach {label}, which stalltrace needs: {err:#}\n\
-                 hint: sock_send_length and sock_recv_length appeared in Linux 6.3"
-            ),
+            // Its tracepoint exists (checked before loading): no hint about kernel versions.
+            (Err(err), None) => bail!("cannot attach {label}, which stalltrace needs: {err:#}"),
         }
     }
     Ok(attached)
@@ -493,5 +529,91 @@ mod tests {
             );
         }
         assert!(tracefs::expected_fields("sock", "no_such_tracepoint").is_none());
+    }
+
+    /// A tracefs with a `format` file, in the layout the programs expect, for each of
+    /// `tracepoints` (category/name).
+    fn fake_tracefs(name: &str, tracepoints: &[&str]) -> std::path::PathBuf {
+        let root =
+            std::env::temp_dir().join(format!("stalltrace-probes-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for tracepoint in tracepoints {
+            let (category, event) = tracepoint.split_once('/').unwrap();
+            let mut format = format!("name: {event}\nformat:\n");
+            for (field, (offset, size)) in tracefs::expected_fields(category, event).unwrap() {
+                format.push_str(&format!(
+                    "\tfield:int {field};\toffset:{offset};\tsize:{size};\tsigned:0;\n"
+                ));
+            }
+            let dir = root.join("events").join(tracepoint);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("format"), format).unwrap();
+        }
+        root
+    }
+
+    #[test]
+    fn a_missing_required_tracepoint_is_named_before_anything_loads() {
+        let root = fake_tracefs(
+            "missing",
+            &["sock/inet_sock_set_state", "sock/sock_recv_length"],
+        );
+        let err = format!("{:#}", check_required_hooks(&root).unwrap_err());
+        assert!(
+            err.contains("tracepoint sock/sock_send_length is not available"),
+            "{err}"
+        );
+        assert!(!err.contains("sock/sock_recv_length is"), "{err}");
+        assert!(!err.contains("inet_sock_set_state is"), "{err}");
+        assert!(!err.contains("capture"), "{err}");
+        std::fs::remove_dir_all(root).unwrap();
+
+        // Optional hooks (tcp/*) may be missing.
+        let root = fake_tracefs(
+            "required",
+            &[
+                "sock/inet_sock_set_state",
+                "sock/sock_send_length",
+                "sock/sock_recv_length",
+            ],
+        );
+        check_required_hooks(&root).unwrap();
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn capture_is_blamed_only_when_loading_without_it_works() {
+        // Fails with capture, works without: capture dropped, with the reason.
+        let mut tries = Vec::new();
+        let (loaded, capture_error) = with_capture_fallback(64, |bytes| {
+            tries.push(bytes);
+            if bytes > 0 {
+                anyhow::bail!("bpf_task_pt_regs unknown")
+            }
+            Ok("loaded")
+        })
+        .unwrap();
+        assert_eq!((loaded, tries), ("loaded", vec![64, 0]));
+        assert!(capture_error.unwrap().to_string().contains("pt_regs"));
+
+        // Fails either way: the error without capture, and no capture warning to give.
+        let err = with_capture_fallback(64, |bytes| -> Result<()> {
+            anyhow::bail!("ring buffers unsupported (capture {bytes})")
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "ring buffers unsupported (capture 0)");
+
+        // Works at once: no warning.
+        let (_, capture_error) = with_capture_fallback(64, |_| Ok(())).unwrap();
+        assert!(capture_error.is_none());
+
+        // Capture off and failing: one try, its error.
+        let mut tries = 0;
+        let err = with_capture_fallback(0, |_| -> Result<()> {
+            tries += 1;
+            anyhow::bail!("no BPF")
+        })
+        .unwrap_err();
+        assert_eq!((err.to_string(), tries), ("no BPF".to_owned(), 1));
     }
 }

@@ -332,7 +332,14 @@ fn why_ranks_the_path_that_stalls_first() {
     let top = &rows[0];
     assert_eq!(top["signature"], "GET /coupon/apply", "{rows:#?}");
     assert!(top["stalls"].as_u64().unwrap() >= 2, "{rows:#?}");
-    assert!(top["stall_share"].as_f64().unwrap() >= 0.4, "{rows:#?}");
+    // Shares are of every stall on the host, and the tests running alongside stall too: compare
+    // with this server's stalls only.
+    let stalls_here: u64 = rows.iter().filter_map(|r| r["stalls"].as_u64()).sum();
+    assert!(
+        top["stalls"].as_u64().unwrap() as f64 >= 0.4 * stalls_here as f64,
+        "{rows:#?}"
+    );
+    assert!(top["stall_share"].as_f64().unwrap() > 0.0, "{rows:#?}");
     let healthy = rows
         .iter()
         .find(|r| r["signature"] == "GET /cart" && r["role"] == "server")

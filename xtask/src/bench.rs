@@ -913,27 +913,31 @@ fn targets(report: &Value) -> Value {
     for workload in ["ping-pong, 32", "nginx"] {
         let ours = median_ratio(report, workload, "stalltrace").map(|r| 1.0 - r);
         let peer = median_ratio(report, workload, "bpftrace").map(|r| 1.0 - r);
-        let (ours, peer) = (ours.unwrap_or(f64::NAN), peer.unwrap_or(f64::NAN));
+        let both = ours.zip(peer);
         row(
             &format!("{workload}: overhead at most half of bpftrace's"),
-            Some(peer / ours),
-            format!("{:.1}% vs {:.1}%", 100.0 * ours, 100.0 * peer),
-            2.0 * ours <= peer,
+            both.map(|(ours, peer)| peer / ours),
+            both.map_or("-".into(), |(ours, peer)| {
+                format!("{:.1}% vs {:.1}%", 100.0 * ours, 100.0 * peer)
+            }),
+            both.is_some_and(|(ours, peer)| 2.0 * ours <= peer),
         );
     }
-    let lost: u64 = report["workloads"]
+    let traced_losses: Vec<u64> = report["workloads"]
         .as_array()
         .into_iter()
         .flatten()
         .flat_map(|w| w["variants"].as_array().into_iter().flatten())
         .filter(|v| v["variant"] == "stalltrace")
         .map(|v| v["tracer"]["lost"].as_u64().unwrap_or(0))
-        .sum();
+        .collect();
+    // No traced workload ran (--only): nothing was measured, not "0 lost".
+    let lost = (!traced_losses.is_empty()).then(|| traced_losses.iter().sum::<u64>());
     row(
         "0 events lost in the workloads",
-        Some(lost as f64),
-        lost.to_string(),
-        lost == 0,
+        lost.map(|l| l as f64),
+        lost.map_or("-".into(), |l| l.to_string()),
+        lost == Some(0),
     );
     let cpu = report["paced_20k_rps"]["daemon"]["cpu_share_of_one_core"].as_f64();
     row(
@@ -943,7 +947,9 @@ fn targets(report: &Value) -> Value {
         cpu.is_some_and(|c| c <= 0.03),
     );
     let rss = report["idle_scale"]["daemon_rss_mib"].as_f64();
-    let conns = report["idle_scale"]["connections"].as_u64().unwrap_or(0);
+    let conns = report["idle_scale"]["connections"]
+        .as_u64()
+        .map_or("the idle".to_owned(), |c| c.to_string());
     row(
         &format!("daemon <= 64 MiB RSS with {conns} connections tracked"),
         rss,
@@ -984,20 +990,60 @@ fn targets(report: &Value) -> Value {
 }
 
 fn print_report(report: &Value) {
-    println!();
-    println!(
-        "{:<32} {:>12} {:>12} {:>22} {:>9} {:>8} {:>11} {:>5}",
-        "workload / tracer",
-        "ops/s",
-        "untraced",
-        "ratio min/med/max",
-        "CPU",
-        "RSS MiB",
-        "events/s",
-        "lost"
-    );
-    for workload in report["workloads"].as_array().into_iter().flatten() {
-        println!("{}", workload["workload"].as_str().unwrap_or("?"));
+    print!("{}", render_report(report));
+}
+
+/// Why a part has no results: `Some("not measured")` when `--only` left it out, `Some("failed:
+/// …")` when it failed; `None` when it has results.
+fn unmeasured(part: &Value) -> Option<String> {
+    if let Some(error) = part["error"].as_str() {
+        return Some(format!("failed: {error}"));
+    }
+    (part.is_null() || part["skipped"] == true).then(|| "not measured".to_owned())
+}
+
+/// The report as a table, in plain words: a part that did not run says so rather than showing
+/// zeros, and an absent value is `-`.
+fn render_report(report: &Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::from("\n");
+    let workloads: Vec<&Value> = report["workloads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
+    if workloads.is_empty() {
+        out.push_str("workloads: not measured\n");
+    } else {
+        let _ = writeln!(
+            out,
+            "{:<32} {:>12} {:>12} {:>22} {:>9} {:>8} {:>11} {:>5}",
+            "workload / tracer",
+            "ops/s",
+            "untraced",
+            "ratio min/med/max",
+            "CPU",
+            "RSS MiB",
+            "events/s",
+            "lost"
+        );
+    }
+    let number = |value: &Value, precision: usize| {
+        value
+            .as_f64()
+            .map_or("-".to_owned(), |v| format!("{v:.precision$}"))
+    };
+    for workload in workloads {
+        let name = workload["workload"].as_str().unwrap_or("?");
+        match unmeasured(workload) {
+            Some(why) => {
+                let _ = writeln!(out, "{name}: {why}");
+                continue;
+            }
+            None => {
+                let _ = writeln!(out, "{name}");
+            }
+        }
         let untraced = &workload["variants"][0]["ops_per_sec"]["median"];
         for variant in workload["variants"]
             .as_array()
@@ -1007,76 +1053,201 @@ fn print_report(report: &Value) {
         {
             let ratio = &variant["ratio"];
             let tracer = &variant["tracer"];
-            println!(
-                "  {:<30} {:>12.0} {:>12.0} {:>6.3} /{:>6.3} /{:>6.3} {:>8.1}% {:>8.1} {:>11.0} {:>5}",
+            let cpu = tracer["cpu_share_of_one_core"]["median"]
+                .as_f64()
+                .map_or("-".to_owned(), |c| format!("{:.1}%", 100.0 * c));
+            let _ = writeln!(
+                out,
+                "  {:<30} {:>12} {:>12} {:>6} /{:>6} /{:>6} {:>9} {:>8} {:>11} {:>5}",
                 variant["variant"].as_str().unwrap_or("?"),
-                variant["ops_per_sec"]["median"].as_f64().unwrap_or(0.0),
-                untraced.as_f64().unwrap_or(0.0),
-                ratio["min"].as_f64().unwrap_or(0.0),
-                ratio["median"].as_f64().unwrap_or(0.0),
-                ratio["max"].as_f64().unwrap_or(0.0),
-                100.0 * tracer["cpu_share_of_one_core"]["median"].as_f64().unwrap_or(0.0),
-                tracer["peak_rss_mib"].as_f64().unwrap_or(0.0),
-                tracer["events_per_sec"]["median"].as_f64().unwrap_or(0.0),
-                tracer["lost"].as_u64().unwrap_or(0),
+                number(&variant["ops_per_sec"]["median"], 0),
+                number(untraced, 0),
+                number(&ratio["min"], 3),
+                number(&ratio["median"], 3),
+                number(&ratio["max"], 3),
+                cpu,
+                number(&tracer["peak_rss_mib"], 1),
+                number(&tracer["events_per_sec"]["median"], 0),
+                tracer["lost"]
+                    .as_u64()
+                    .map_or("-".to_owned(), |n| n.to_string()),
             );
         }
     }
     let paced = &report["paced_20k_rps"];
-    println!(
-        "\ndaemon at {:.0} requests/s: {:.2}% of one core, {:.1} MiB peak RSS, {} lost",
-        paced["requests_per_sec"].as_f64().unwrap_or(0.0),
-        100.0
-            * paced["daemon"]["cpu_share_of_one_core"]
+    let _ = match unmeasured(paced) {
+        Some(why) => writeln!(out, "\ndaemon at 20 000 requests/s: {why}"),
+        None => writeln!(
+            out,
+            "\ndaemon at {} requests/s: {} of one core, {} MiB peak RSS, {} lost",
+            number(&paced["requests_per_sec"], 0),
+            paced["daemon"]["cpu_share_of_one_core"]
                 .as_f64()
-                .unwrap_or(0.0),
-        paced["daemon"]["peak_rss_mib"].as_f64().unwrap_or(0.0),
-        paced["daemon"]["lost"],
-    );
+                .map_or("-".to_owned(), |c| format!("{:.2}%", 100.0 * c)),
+            number(&paced["daemon"]["peak_rss_mib"], 1),
+            paced["daemon"]["lost"],
+        ),
+    };
     let scale = &report["idle_scale"];
-    println!(
-        "{} idle connections ({} tracked ends): daemon RSS {:.1} MiB ({:.1} after a full `conns` \
-         query, peak {:.1}), sweep max {} µs (avg {} µs), `conns` query {} ms, {} lost",
-        scale["connections"],
-        scale["tracked"],
-        scale["daemon_rss_mib"].as_f64().unwrap_or(0.0),
-        scale["daemon_rss_after_conns_query_mib"]
-            .as_f64()
-            .unwrap_or(0.0),
-        scale["daemon_peak_rss_mib"].as_f64().unwrap_or(0.0),
-        scale["sweep_max_us"],
-        scale["sweep_avg_us"],
-        scale["conns_query_ms"],
-        scale["lost"],
-    );
-    print!("kernel programs on 32-connection ping-pong:");
-    for program in report["program_cost"].as_array().into_iter().flatten() {
-        if program["runs"].as_u64().unwrap_or(0) > 0 {
-            print!(
-                " {} {} ns",
-                program["program"].as_str().unwrap_or("?"),
-                program["avg_ns"]
-            );
+    let _ = match unmeasured(scale) {
+        Some(why) => writeln!(out, "idle connections: {why}"),
+        None => writeln!(
+            out,
+            "{} idle connections ({} tracked ends): daemon RSS {} MiB ({} after a full `conns` \
+             query, peak {}), sweep max {} µs (avg {} µs), `conns` query {} ms, {} lost",
+            scale["connections"],
+            scale["tracked"],
+            number(&scale["daemon_rss_mib"], 1),
+            number(&scale["daemon_rss_after_conns_query_mib"], 1),
+            number(&scale["daemon_peak_rss_mib"], 1),
+            scale["sweep_max_us"],
+            scale["sweep_avg_us"],
+            scale["conns_query_ms"],
+            scale["lost"],
+        ),
+    };
+    out.push_str("kernel programs on 32-connection ping-pong:");
+    match unmeasured(&report["program_cost"]) {
+        Some(why) => {
+            let _ = write!(out, " {why}");
+        }
+        None => {
+            let mut any = false;
+            for program in report["program_cost"].as_array().into_iter().flatten() {
+                if program["runs"].as_u64().unwrap_or(0) > 0 {
+                    any = true;
+                    let _ = write!(
+                        out,
+                        " {} {} ns",
+                        program["program"].as_str().unwrap_or("?"),
+                        program["avg_ns"]
+                    );
+                }
+            }
+            if !any {
+                out.push_str(" no runs counted");
+            }
         }
     }
+    out.push('\n');
     let micro = &report["userspace_microbenchmark"];
-    println!(
-        "\nuserspace, one core: {:.2} M records/s decoded and tracked, {:.2} M/s with NDJSON \
-         output",
-        micro["decode_and_track_per_sec"].as_f64().unwrap_or(0.0) / 1e6,
-        micro["with_ndjson_per_sec"].as_f64().unwrap_or(0.0) / 1e6,
-    );
-    println!("\ntargets:");
+    let per_sec = |value: &Value| {
+        value
+            .as_f64()
+            .map_or("-".to_owned(), |v| format!("{:.2}", v / 1e6))
+    };
+    let _ = match unmeasured(micro) {
+        Some(why) => writeln!(out, "userspace, one core: {why}"),
+        None => writeln!(
+            out,
+            "userspace, one core: {} M records/s decoded and tracked, {} M/s with NDJSON output",
+            per_sec(&micro["decode_and_track_per_sec"]),
+            per_sec(&micro["with_ndjson_per_sec"]),
+        ),
+    };
+    out.push_str("\ntargets:\n");
     for row in report["targets"].as_array().into_iter().flatten() {
-        println!(
+        let (status, shown) = match row["met"].as_bool() {
+            Some(true) => ("met", row["shown"].as_str().unwrap_or("?")),
+            Some(false) => ("MISS", row["shown"].as_str().unwrap_or("?")),
+            None => ("n/a", "not measured"),
+        };
+        let _ = writeln!(
+            out,
             "  {:<4} {:<58} {}",
-            match row["met"].as_bool() {
-                Some(true) => "met",
-                Some(false) => "MISS",
-                None => "n/a",
-            },
+            status,
             row["target"].as_str().unwrap_or("?"),
-            row["shown"].as_str().unwrap_or("?"),
+            shown,
         );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report of `--only fileio`: one workload, every other part skipped.
+    fn partial_report() -> Value {
+        let mut report = json!({
+            "workloads": [{
+                "workload": "file I/O, 64-byte reads/writes",
+                "variants": [
+                    {"variant": "untraced", "ops_per_sec": {"min": 1e6, "median": 1e6, "max": 1e6},
+                     "ratio": {"min": 1.0, "median": 1.0, "max": 1.0}, "tracer": null},
+                    {"variant": "stalltrace", "ops_per_sec": {"min": 9.9e5, "median": 9.9e5, "max": 9.9e5},
+                     "ratio": {"min": 0.99, "median": 0.99, "max": 0.99},
+                     "tracer": {"cpu_share_of_one_core": {"median": 0.001}, "peak_rss_mib": 12.0,
+                                "events_per_sec": {"median": 0.0}, "lost": 0}}
+                ]
+            }],
+            "paced_20k_rps": {"skipped": true},
+            "idle_scale": {"skipped": true},
+            "program_cost": {"skipped": true},
+            "userspace_microbenchmark": {"workload": "micro", "error": "no result line"},
+        });
+        report["targets"] = targets(&report);
+        report
+    }
+
+    #[test]
+    fn parts_not_run_say_so_instead_of_showing_zeros() {
+        let text = render_report(&partial_report());
+        assert!(
+            text.contains("daemon at 20 000 requests/s: not measured"),
+            "{text}"
+        );
+        assert!(text.contains("idle connections: not measured"), "{text}");
+        assert!(
+            text.contains("kernel programs on 32-connection ping-pong: not measured"),
+            "{text}"
+        );
+        assert!(
+            text.contains("userspace, one core: failed: no result line"),
+            "{text}"
+        );
+        for zero_or_null in [
+            "0.00%",
+            "null",
+            "0.0 MiB",
+            "NaN",
+            "daemon at 0",
+            "with 0 connections",
+        ] {
+            assert!(!text.contains(zero_or_null), "{zero_or_null}: {text}");
+        }
+        // What did run is shown.
+        assert!(text.contains("file I/O, 64-byte reads/writes\n"), "{text}");
+        assert!(text.contains(" 0.990 "), "{text}");
+        assert!(
+            text.contains("met  file I/O: traced/untraced >= 0.99"),
+            "{text}"
+        );
+        assert!(
+            text.contains("n/a  nginx: traced/untraced >= 0.99"),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .filter(|l| l.contains("bpftrace's"))
+                .all(|l| l.trim_start().starts_with("n/a") && l.ends_with("not measured")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_empty_run_measures_nothing() {
+        let mut report = json!({
+            "workloads": [],
+            "paced_20k_rps": {"skipped": true},
+            "idle_scale": {"skipped": true},
+            "program_cost": {"skipped": true},
+            "userspace_microbenchmark": {"skipped": true},
+        });
+        report["targets"] = targets(&report);
+        let text = render_report(&report);
+        assert!(text.contains("workloads: not measured"), "{text}");
+        assert!(!text.contains("met "), "{text}");
+        assert!(!text.contains("ops/s"), "{text}");
     }
 }

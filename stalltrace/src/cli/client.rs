@@ -514,7 +514,10 @@ fn render_why(rows: &[WhyRow], limit: usize) -> String {
             rows.len() - limit
         ));
     }
-    out.push_str("completed requests are sampled (one per connection per sweep)\n");
+    out.push_str(
+        "completed requests are sampled (each connection's first, then one per connection per \
+         sweep)\n",
+    );
     out
 }
 

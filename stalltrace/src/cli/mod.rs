@@ -26,7 +26,11 @@ use stalltrace_core::{api, duration::HumanDuration};
         stalltrace stalls                  # open stalls, oldest first\n  \
         stalltrace stalls --older-than 30s -o json\n  \
         stalltrace conns --comm nginx      # live connections of nginx\n  \
-        stalltrace watch --port 5432       # live NDJSON events touching port 5432"
+        stalltrace watch --port 5432       # live NDJSON events touching port 5432\n\n\
+        Exit status:\n  \
+        0  success\n  \
+        1  error: the daemon is unreachable, refused the request, or failed to start\n  \
+        2  usage error: unknown command or flag, bad value, flag that does not apply"
 )]
 pub struct Cli {
     /// The daemon's control socket.
@@ -81,9 +85,13 @@ pub enum Command {
     },
     /// What is different about the requests that stall: request groups (process, endpoint,
     /// signature) ranked by their share of stalls against their share of completed requests.
+    #[command(
+        after_help = "Groups count requests per executable name across processes (and their \
+        restarts): select them with --comm or --port; --pid is refused."
+    )]
     Why {
         #[command(flatten)]
-        filter: api::Filter,
+        filter: WhyFilter,
         /// Rows shown in the table (all with -o json).
         #[arg(long, default_value_t = 15)]
         limit: usize,
@@ -158,6 +166,41 @@ pub struct DaemonArgs {
     /// Log verbosity on stderr.
     #[arg(long, value_enum, default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,
+}
+
+/// The filters of `why`. Its groups count requests per executable name, endpoint and request
+/// over the daemon's life, across processes: a process id cannot select among them, so
+/// `--pid` is refused rather than accepted and ignored.
+#[derive(Args, Debug, Default)]
+pub struct WhyFilter {
+    /// Only groups of processes with this executable name (comm, at most 15 characters).
+    #[arg(long, value_name = "NAME")]
+    pub comm: Option<String>,
+    /// Only groups whose endpoint has this port: the port a server serves, or the port a client
+    /// calls.
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+    /// Refused with an explanation (groups are per executable name, not per process).
+    #[arg(long, value_name = "PID", hide = true, value_parser = refuse_pid_for_why)]
+    pub pid: Option<u32>,
+}
+
+impl WhyFilter {
+    pub fn into_filter(self) -> api::Filter {
+        api::Filter {
+            pid: None,
+            comm: self.comm,
+            port: self.port,
+        }
+    }
+}
+
+fn refuse_pid_for_why(_: &str) -> Result<u32, String> {
+    Err(
+        "`why` groups requests by executable name across processes, not by process id: \
+         select with --comm NAME or --port PORT"
+            .into(),
+    )
 }
 
 #[derive(Args, Debug)]
@@ -267,6 +310,41 @@ mod tests {
             panic!("parsed {:?}", cli.command);
         };
         assert_eq!(filter.pid, Some(3));
+    }
+
+    #[test]
+    fn why_refuses_pid_and_filters_by_comm_and_port() {
+        let err = Cli::try_parse_from(["stalltrace", "why", "--pid", "1"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let text = err.to_string();
+        assert!(
+            text.contains("--pid") && text.contains("--comm NAME or --port PORT"),
+            "{text}"
+        );
+        let cli =
+            Cli::try_parse_from(["stalltrace", "why", "--comm", "shop", "--port", "80"]).unwrap();
+        let Command::Why { filter, .. } = cli.command else {
+            panic!("parsed {:?}", cli.command);
+        };
+        assert_eq!(
+            filter.into_filter(),
+            api::Filter {
+                pid: None,
+                comm: Some("shop".into()),
+                port: Some(80),
+            }
+        );
+        // The other listing commands do filter by pid.
+        for command in ["conns", "stalls", "watch"] {
+            Cli::try_parse_from(["stalltrace", command, "--pid", "1"]).unwrap();
+        }
+    }
+
+    #[test]
+    fn help_documents_the_exit_codes() {
+        let help = Cli::command().render_help().to_string();
+        assert!(help.contains("Exit status:"), "{help}");
+        assert!(help.contains("2  usage error"), "{help}");
     }
 
     #[test]

@@ -26,6 +26,13 @@ impl Daemon {
                 older_than_ms,
             } => Response::ok(&self.stalls(&filter, older_than_ms.unwrap_or(0), now)),
             Command::Show { id } => self.show(id, &probes.maps, now),
+            // Groups are per executable name, across processes: a pid cannot select among
+            // them, and a filter accepted must filter.
+            Command::Why { filter } if filter.pid.is_some() => Response::error(
+                ErrorCode::BadRequest,
+                "why groups requests by executable name across processes, not by process id: \
+                 filter by comm or port",
+            ),
             Command::Why { filter } => Response::ok(&self.why(&filter)),
             Command::Watch { .. } => {
                 Response::error(ErrorCode::BadRequest, "watch is served by the API task")
