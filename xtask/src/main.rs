@@ -37,9 +37,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Fuzz the request recognizers with cargo fuzz (a nightly toolchain) for a bounded time.
+    /// Fuzz the parsers of untrusted input (request recognizers, BTF) with cargo fuzz (a
+    /// nightly toolchain), all targets within the time given.
     Fuzz {
-        /// How long to fuzz.
+        /// How long to fuzz, in total (shared by the targets).
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
@@ -95,30 +96,30 @@ fn run_daemon(args: &[String]) -> Result<()> {
     Err(err).with_context(|| format!("executing {}", binary.display()))
 }
 
+/// The cargo-fuzz targets of `stalltrace-core/fuzz`, all run by `cargo xtask fuzz`.
+const FUZZ_TARGETS: &[&str] = &["recognizers", "btf"];
+
 fn fuzz(seconds: u64) -> Result<()> {
     if !setup::has_nightly() {
         println!(
             "xtask fuzz: skipped: no nightly Rust toolchain (cargo fuzz needs one; the \
-             recognizers' random-input unit test still runs in `cargo xtask test`)"
+             parsers' malformed-input unit tests still run in `cargo xtask test`)"
         );
         return Ok(());
     }
     setup::install_cargo_fuzz()?;
-    println!("xtask fuzz: fuzzing the request recognizers for {seconds} s");
-    setup::run_checked(
-        setup::rustup()
-            .current_dir(workspace_root().join("stalltrace-core"))
-            .args([
-                "run",
-                "nightly",
-                "cargo",
-                "fuzz",
-                "run",
-                "recognizers",
-                "--",
-            ])
-            .arg(format!("-max_total_time={seconds}")),
-    )
+    // The budget is shared: each target gets its slice, at least a second.
+    let each = (seconds / FUZZ_TARGETS.len() as u64).max(1);
+    for target in FUZZ_TARGETS {
+        println!("xtask fuzz: fuzzing {target} for {each} s");
+        setup::run_checked(
+            setup::rustup()
+                .current_dir(workspace_root().join("stalltrace-core"))
+                .args(["run", "nightly", "cargo", "fuzz", "run", target, "--"])
+                .arg(format!("-max_total_time={each}")),
+        )?;
+    }
+    Ok(())
 }
 
 fn test(args: &[String]) -> Result<()> {

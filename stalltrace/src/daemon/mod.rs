@@ -168,7 +168,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
 
 fn kernel_offsets() -> Offsets {
     let lost = "connections open before the daemon started are not adopted";
-    match btf::Btf::from_kernel() {
+    match btf::from_kernel() {
         Ok(kernel_btf) => {
             let (offsets, missing) = btf::resolve_offsets(&kernel_btf);
             if !missing.is_empty() {
