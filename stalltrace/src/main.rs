@@ -21,6 +21,10 @@ fn main() -> ExitCode {
                 bpf_stats: args.bpf_stats,
                 capture_bytes: args.capture_bytes,
                 capture_raw: args.capture_raw,
+                privacy: stalltrace_core::protocols::Privacy {
+                    preview: args.capture_preview,
+                    path_templates: !args.no_path_templates,
+                },
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -51,7 +55,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("stalltrace: error: {err:#}");
+            eprintln!(
+                "stalltrace: error: {}",
+                stalltrace::cli::table::terminal_safe(&format!("{err:#}"))
+            );
             ExitCode::FAILURE
         }
     }

@@ -55,6 +55,8 @@ pub struct DaemonConfig {
     pub capture_bytes: u32,
     /// Include captured bytes (hex) in stall reports, not only their signature.
     pub capture_raw: bool,
+    /// What request signatures may reveal (previews, templated paths).
+    pub privacy: stalltrace_core::protocols::Privacy,
 }
 
 /// How often the ring buffer is drained when the kernel does not wake the daemon (it does
@@ -136,7 +138,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     // SAFETY: the ring buffer map owns its fd and keeps it open for as long as the AsyncFd.
     let ring = unsafe { AsyncFd::register(ring) }.context("polling the ring buffer")?;
     let mut daemon = Daemon {
-        diagnoser: Diagnoser::new(stall_after_ns, config.capture_raw),
+        diagnoser: Diagnoser::new(stall_after_ns, config.capture_raw, config.privacy),
         symbolizer: crate::sources::symbols::Symbolizer::default(),
         why: Why::new(),
         timelines: timelines::Timelines::default(),

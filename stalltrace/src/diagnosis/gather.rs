@@ -36,6 +36,7 @@ struct Open {
 pub(crate) struct Diagnoser {
     stall_after_ns: u64,
     capture_raw: bool,
+    privacy: protocols::Privacy,
     /// First samples of threads whose request is about to stall, by connection id.
     presamples: HashMap<u64, ThreadSample>,
     open: HashMap<u64, Open>,
@@ -44,10 +45,11 @@ pub(crate) struct Diagnoser {
 }
 
 impl Diagnoser {
-    pub(crate) fn new(stall_after_ns: u64, capture_raw: bool) -> Self {
+    pub(crate) fn new(stall_after_ns: u64, capture_raw: bool, privacy: protocols::Privacy) -> Self {
         Self {
             stall_after_ns,
             capture_raw,
+            privacy,
             presamples: HashMap::new(),
             open: HashMap::new(),
             last_loss_ns: None,
@@ -196,11 +198,12 @@ impl Diagnoser {
             }
         }
         if let Some(capture) = sock.and_then(|sock| maps.capture(sock)) {
-            diagnosis.request = protocols::recognize(capture.data()).map(|s| RequestReport {
-                protocol: s.protocol.to_owned(),
-                signature: s.display(),
-                raw_hex: self.capture_raw.then(|| diagnosis::hex(capture.data())),
-            });
+            diagnosis.request =
+                protocols::recognize_with(capture.data(), self.privacy).map(|s| RequestReport {
+                    protocol: s.protocol.to_owned(),
+                    signature: s.display(),
+                    raw_hex: self.capture_raw.then(|| diagnosis::hex(capture.data())),
+                });
         }
         diagnosis.blame = blame_chain(conn, thread.as_ref().map(|t| &t.verdict), tracker);
         diagnosis.thread = thread;
