@@ -252,6 +252,11 @@ impl Btf {
         })
     }
 
+    /// The names of the (non-empty) structs the blob defines.
+    pub fn struct_names(&self) -> impl Iterator<Item = &str> {
+        self.structs_by_name.keys().map(String::as_str)
+    }
+
     /// Offset and size of `path` (members, outermost first) within `struct name`.
     pub fn member(&self, struct_name: &str, path: &[&str]) -> Option<Member> {
         let mut id = *self.structs_by_name.get(struct_name)?;

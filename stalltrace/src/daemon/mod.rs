@@ -158,6 +158,8 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         sweep_busy: Duration::ZERO,
         sweep_max: Duration::ZERO,
         out,
+        unsampled: std::collections::HashSet::new(),
+        stack_threads_unsampled: 0,
     };
     let result = daemon.main_loop(&mut probes, ring, queries).await;
     daemon.sink.flush();
@@ -207,6 +209,10 @@ struct Daemon {
     sweep_max: Duration,
     /// Reused output buffer.
     out: Vec<Event>,
+    /// Spinning threads refused stack sampling (the most are sampled), until they stop
+    /// spinning; and how many were, in all.
+    unsampled: std::collections::HashSet<u32>,
+    stack_threads_unsampled: u64,
 }
 
 impl Daemon {
@@ -329,6 +335,11 @@ impl Daemon {
             malformed_records: self.malformed + stats.unknown_events,
             events_write_failed: self.sink.write_failed(),
             watch_dropped: self.watch_dropped.load(Ordering::Relaxed),
+            why_groups_evicted: self.why.losses().0,
+            why_samples_dropped: self.why.losses().1,
+            symbol_cache_evicted: self.symbolizer.evicted(),
+            stack_threads_unsampled: self.stack_threads_unsampled,
+            diagnoses_dropped: self.diagnoser.dropped(),
         }
     }
 
@@ -339,7 +350,9 @@ impl Daemon {
             return;
         }
         log::warn!("lost since last report: {new:?}");
-        self.diagnoser.losses_seen_at(monotonic_ns());
+        if new.tracking() > 0 {
+            self.diagnoser.losses_seen_at(monotonic_ns());
+        }
         self.sink
             .write_loss(&LossReport { new, total }, monotonic_ns());
         self.sink.flush();

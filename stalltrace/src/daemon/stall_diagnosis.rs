@@ -14,6 +14,9 @@ use crate::probes::{KernelMaps, Probes};
 
 /// Frames of a spinning thread's stack reported.
 const MAX_FRAMES: usize = 12;
+/// Threads whose stacks are sampled at once at most (one perf event per CPU each); more
+/// spinning threads are reported without a stack, and counted.
+pub(super) const MAX_SAMPLED_THREADS: usize = 64;
 
 impl Daemon {
     /// Diagnoses new stalls (in their `stall.start`), counts them for `why`, and keeps the
@@ -55,7 +58,16 @@ impl Daemon {
                 probes.stop_stacks(tid);
             }
         }
+        self.unsampled
+            .retain(|tid| spinning.iter().any(|(_, _, t)| t == tid));
         for (id, pid, tid) in spinning {
+            let sampled = probes.sampled_threads();
+            if !sampled.contains(&tid) && sampled.len() >= MAX_SAMPLED_THREADS {
+                if self.unsampled.insert(tid) {
+                    self.stack_threads_unsampled += 1;
+                }
+                continue;
+            }
             if !probes.sample_stacks(tid) {
                 continue;
             }

@@ -25,6 +25,11 @@ use crate::{
 
 /// How often open stalls are re-diagnosed.
 pub(crate) const REFRESH_EVERY_NS: u64 = 1_000_000_000;
+/// Threads sampled ahead of their stall at most.
+const MAX_PRESAMPLES: usize = 4096;
+/// Open stalls whose diagnosis is kept (and refreshed) at most; later ones get a diagnosis in
+/// their `stall.start`, not kept.
+const MAX_OPEN: usize = 16_384;
 
 struct Open {
     diagnosis: Diagnosis,
@@ -42,6 +47,8 @@ pub(crate) struct Diagnoser {
     open: HashMap<u64, Open>,
     /// When the daemon last lost events: stalls on connections older than that are partial.
     last_loss_ns: Option<u64>,
+    /// Presamples and open diagnoses not kept: their tables were full.
+    dropped: u64,
 }
 
 impl Diagnoser {
@@ -53,7 +60,13 @@ impl Diagnoser {
             presamples: HashMap::new(),
             open: HashMap::new(),
             last_loss_ns: None,
+            dropped: 0,
         }
+    }
+
+    /// Presamples and diagnoses not kept because their tables were full.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped
     }
 
     pub(crate) fn losses_seen_at(&mut self, now: u64) {
@@ -74,6 +87,10 @@ impl Diagnoser {
                 continue;
             };
             if conn.owner.pid != 0 && !self.presamples.contains_key(&conn.id) {
+                if self.presamples.len() >= MAX_PRESAMPLES {
+                    self.dropped += 1;
+                    continue;
+                }
                 if let Some(sample) = threads::sample(conn.owner.pid, conn.owner.tid) {
                     self.presamples.insert(conn.id, sample);
                 }
@@ -86,6 +103,10 @@ impl Diagnoser {
         let first = self.presamples.remove(&id);
         let (diagnosis, sample) = self.diagnose(id, tracker, maps, first);
         let retransmits_at_start = diagnosis.tcp.map(|t| t.total_retransmits);
+        if self.open.len() >= MAX_OPEN && !self.open.contains_key(&id) {
+            self.dropped += 1;
+            return diagnosis;
+        }
         self.open.insert(
             id,
             Open {
