@@ -115,10 +115,17 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     sink.flush();
     // Start-up (BTF, /proc, program loading) leaves freed heap behind.
     heap::release_free_memory();
+    // Everything that needs root at start-up is done: keep only what run time needs. Before
+    // any thread starts (capabilities are per thread).
+    let privileges = crate::privileges::drop_to_runtime().context("dropping privileges")?;
 
     let (queries_tx, queries) = mpsc::channel(64);
     let watch_dropped = Arc::new(AtomicU64::new(0));
     let socket = api.spawn(queries_tx, sink.watchers(), watch_dropped.clone());
+    log::info!(
+        "privileges dropped: keeping {} only; no_new_privs set",
+        privileges.capabilities.join(", ")
+    );
     log::info!(
         "stalltrace {} running: {} hooks attached, {} connections adopted, stall threshold {:?}; \
          events to {}; API on {}",
@@ -158,6 +165,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         sweep_busy: Duration::ZERO,
         sweep_max: Duration::ZERO,
         out,
+        privileges,
         unsampled: std::collections::HashSet::new(),
         stack_threads_unsampled: 0,
     };
@@ -209,6 +217,8 @@ struct Daemon {
     sweep_max: Duration,
     /// Reused output buffer.
     out: Vec<Event>,
+    /// What the daemon runs with after start-up.
+    privileges: crate::privileges::Privileges,
     /// Spinning threads refused stack sampling (the most are sampled), until they stop
     /// spinning; and how many were, in all.
     unsampled: std::collections::HashSet<u32>,
