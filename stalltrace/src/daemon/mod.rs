@@ -38,7 +38,7 @@ use crate::{
     heap,
     probes::{KernelMaps, ProbeConfig, Probes},
     sinks::{
-        api_server::{ApiServer, Query},
+        api_server::{Answer, ApiServer, Query},
         ndjson::EventSink,
     },
     sources::{btf, procfs, tracefs},
@@ -166,6 +166,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         sweep_max: Duration::ZERO,
         out,
         privileges,
+        streams: std::collections::VecDeque::new(),
         unsampled: std::collections::HashSet::new(),
         stack_threads_unsampled: 0,
     };
@@ -219,6 +220,8 @@ struct Daemon {
     out: Vec<Event>,
     /// What the daemon runs with after start-up.
     privileges: crate::privileges::Privileges,
+    /// `conns` answers being streamed, oldest first (served one at a time).
+    streams: std::collections::VecDeque<queries::ConnsStream>,
     /// Spinning threads refused stack sampling (the most are sampled), until they stop
     /// spinning; and how many were, in all.
     unsampled: std::collections::HashSet<u32>,
@@ -242,6 +245,9 @@ impl Daemon {
             timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
         loop {
+            // The `conns` answer being streamed, if any: a chunk is made when its client can
+            // take one.
+            let next_stream = self.streams.front().map(|s| s.chunks.clone());
             tokio::select! {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
@@ -261,9 +267,18 @@ impl Daemon {
                     self.compact();
                 }
                 _ = recalibrate.tick() => self.sink.recalibrate(),
-                Some(query) = queries.recv() => {
-                    let response = self.answer(query.command, probes);
-                    let _ = query.reply.send(response);
+                Some(query) = queries.recv() => match query.command {
+                    stalltrace_core::api::Command::Conns { filter } => {
+                        let chunks = self.stream_conns(&filter);
+                        let _ = query.reply.send(Answer::Items(chunks));
+                    }
+                    command => {
+                        let response = self.answer(command, probes);
+                        let _ = query.reply.send(Answer::Whole(response));
+                    }
+                },
+                permit = queries::next_permit(&next_stream) => {
+                    self.send_conns_chunk(permit, &probes.maps);
                 }
             }
         }

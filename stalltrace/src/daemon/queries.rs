@@ -12,7 +12,33 @@ use stalltrace_core::{
     tracker::{activity, Conn, Totals},
 };
 
+use tokio::sync::mpsc;
+
 use super::Daemon;
+
+/// Items per chunk of a streamed `conns` answer (~200 KB).
+const CHUNK_ITEMS: usize = 512;
+
+/// A `conns` answer being streamed.
+pub(super) struct ConnsStream {
+    /// The selected connections, by id, when the query came.
+    ids: Vec<u64>,
+    /// The first id not answered yet.
+    next: usize,
+    /// Whether an item was sent (the next one follows a comma).
+    started: bool,
+    pub(super) chunks: mpsc::Sender<String>,
+}
+
+/// Room for the next chunk of the stream whose sender is `next`; never ready without one.
+pub(super) async fn next_permit(
+    next: &Option<mpsc::Sender<String>>,
+) -> Result<mpsc::OwnedPermit<String>, mpsc::error::SendError<()>> {
+    match next {
+        Some(sender) => sender.clone().reserve_owned().await,
+        None => std::future::pending().await,
+    }
+}
 use crate::probes::{KernelMaps, Probes};
 
 impl Daemon {
@@ -20,7 +46,9 @@ impl Daemon {
         let now = monotonic_ns();
         match command {
             Command::Status => Response::ok(&self.status(probes)),
-            Command::Conns { filter } => self.conns(&filter, &probes.maps, now),
+            Command::Conns { .. } => {
+                Response::error(ErrorCode::Internal, "conns answers are streamed")
+            }
             Command::Stalls {
                 filter,
                 older_than_ms,
@@ -75,25 +103,64 @@ impl Daemon {
         })
     }
 
-    /// The `conns` answer, serialized item by item: on a host with 100 000 connections the
-    /// items would take several times the memory of their text.
-    fn conns(&self, filter: &Filter, maps: &KernelMaps, now: u64) -> Response {
-        let mut selected: Vec<(Option<u64>, &Conn)> = self
+    /// Starts streaming the `conns` answer: the ids of the selected connections now, their
+    /// items made a chunk at a time as the client reads them ([`Self::send_conns_chunk`]).
+    /// The daemon holds 8 bytes per connection and two chunks, not the whole answer (which
+    /// is ~400 bytes per connection: 80 MB on a host with 100 000 connections, both ends).
+    /// Connections that close while the answer streams are left out.
+    pub(super) fn stream_conns(&mut self, filter: &Filter) -> mpsc::Receiver<String> {
+        let mut ids: Vec<u64> = self
             .tracker
             .conns()
             .filter(|(_, conn)| selected(filter, conn))
+            .map(|(_, conn)| conn.id)
             .collect();
-        selected.sort_by_key(|(_, conn)| conn.id);
-        let mut text = String::from("[");
-        for (index, (sock, conn)) in selected.into_iter().enumerate() {
-            if index > 0 {
-                text.push(',');
+        ids.sort_unstable();
+        let (chunks, receiver) = mpsc::channel(2);
+        self.streams.push_back(ConnsStream {
+            ids,
+            next: 0,
+            started: false,
+            chunks,
+        });
+        receiver
+    }
+
+    /// Makes the next chunk of the oldest `conns` stream (`permit` is room for it in its
+    /// channel, or an error when its client went away); drops the stream when it is done.
+    pub(super) fn send_conns_chunk(
+        &mut self,
+        permit: Result<mpsc::OwnedPermit<String>, mpsc::error::SendError<()>>,
+        maps: &KernelMaps,
+    ) {
+        let Some(stream) = self.streams.front_mut() else {
+            return;
+        };
+        let Ok(permit) = permit else {
+            self.streams.pop_front();
+            return;
+        };
+        let now = monotonic_ns();
+        let mut chunk = Vec::new();
+        let end = (stream.next + CHUNK_ITEMS).min(stream.ids.len());
+        for &id in &stream.ids[stream.next..end] {
+            // Closed since the query: left out.
+            let Some((sock, conn)) = self.tracker.find_by_id(id) else {
+                continue;
+            };
+            if stream.started {
+                chunk.push(b',');
             }
+            stream.started = true;
             let item = conn_item(conn, sock.and_then(|sock| maps.lookup(sock)), now);
-            text.push_str(&serde_json::to_string(&item).expect("items serialize"));
+            serde_json::to_writer(&mut chunk, &item).expect("items serialize");
         }
-        text.push(']');
-        Response::ok_raw(text)
+        stream.next = end;
+        let chunk = String::from_utf8(chunk).expect("JSON is UTF-8");
+        permit.send(chunk);
+        if stream.next >= stream.ids.len() {
+            self.streams.pop_front();
+        }
     }
 
     fn stalls(&self, filter: &Filter, older_than_ms: u64, now: u64) -> Vec<ConnItemJson> {

@@ -30,7 +30,16 @@ const LARGE_ANSWER: usize = 1 << 20;
 /// A query for the main loop, with where to send its answer.
 pub struct Query {
     pub command: Command,
-    pub reply: oneshot::Sender<Response>,
+    pub reply: oneshot::Sender<Answer>,
+}
+
+/// The main loop's answer to a query.
+pub enum Answer {
+    Whole(Response),
+    /// A successful list answer, streamed: chunks of serialized items, each starting with a
+    /// comma but the first, until the sender is dropped. The daemon never holds the whole
+    /// list (`conns` on a host with 100 000 connections).
+    Items(mpsc::Receiver<String>),
 }
 
 pub struct ApiServer {
@@ -148,7 +157,13 @@ impl Client {
                         self.watch(write, filter).await;
                         return;
                     }
-                    command => self.ask(command).await,
+                    command => match self.ask(command).await {
+                        Answer::Whole(response) => response,
+                        Answer::Items(chunks) => {
+                            let _ = write_items(&mut write, chunks).await;
+                            return;
+                        }
+                    },
                 },
             },
         };
@@ -163,13 +178,19 @@ impl Client {
         }
     }
 
-    async fn ask(&self, command: Command) -> Response {
+    async fn ask(&self, command: Command) -> Answer {
         let (reply, answer) = oneshot::channel();
         if self.queries.send(Query { command, reply }).await.is_err() {
-            return Response::error(ErrorCode::Internal, "the daemon is shutting down");
+            return Answer::Whole(Response::error(
+                ErrorCode::Internal,
+                "the daemon is shutting down",
+            ));
         }
         answer.await.unwrap_or_else(|_| {
-            Response::error(ErrorCode::Internal, "the daemon dropped the query")
+            Answer::Whole(Response::error(
+                ErrorCode::Internal,
+                "the daemon dropped the query",
+            ))
         })
     }
 
@@ -219,6 +240,20 @@ async fn write_response(
     let mut text = serde_json::to_string(response).expect("responses serialize");
     text.push('\n');
     write.write_all(text.as_bytes()).await?;
+    write.flush().await
+}
+
+/// Writes a streamed list answer as one response line, chunk by chunk as they come.
+async fn write_items(
+    write: &mut (impl tokio::io::AsyncWrite + Unpin),
+    mut chunks: mpsc::Receiver<String>,
+) -> std::io::Result<()> {
+    let head = format!("{{\"version\":{},\"ok\":true,\"result\":[", api::VERSION);
+    write.write_all(head.as_bytes()).await?;
+    while let Some(chunk) = chunks.recv().await {
+        write.write_all(chunk.as_bytes()).await?;
+    }
+    write.write_all(b"]}\n").await?;
     write.flush().await
 }
 
