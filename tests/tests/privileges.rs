@@ -1,6 +1,15 @@
 //! Least privilege: after start-up the daemon runs with the documented capabilities only, in
 //! every thread, with no_new_privs set.
-use stalltrace_integration::{require_root, Daemon};
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::TcpStream,
+    os::unix::process::CommandExt as _,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use stalltrace_integration::{require_root, Daemon, REPORT_WITHIN};
 
 /// The run-time set of docs/design.md ("Least privilege"), with capability numbers.
 const DOCUMENTED: &[(&str, u32)] = &[
@@ -66,5 +75,60 @@ fn daemon_keeps_only_the_documented_capabilities_and_sets_no_new_privs() {
         daemon.stderr().contains("privileges dropped: keeping CAP_"),
         "{}",
         daemon.stderr()
+    );
+}
+
+/// The reduced set still reads what it must of other users' processes: the owner of a request
+/// nobody reads, run by `nobody`, is found from its /proc/PID/fd (mode 0500, owned by
+/// `nobody`: needs CAP_DAC_READ_SEARCH, and CAP_SYS_PTRACE for the links).
+#[test]
+fn the_owner_of_another_users_socket_is_still_found() {
+    require_root();
+    let daemon = Daemon::start("privileges-other-user");
+    let script = "import socket, time\n\
+                  s = socket.socket()\n\
+                  s.bind(('127.0.0.1', 0))\n\
+                  s.listen()\n\
+                  print(s.getsockname()[1], flush=True)\n\
+                  c, _ = s.accept()\n\
+                  time.sleep(30)\n";
+    let mut server = Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .uid(65534)
+        .gid(65534)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("running /usr/bin/python3 as nobody");
+    let mut port = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut port)
+        .unwrap();
+    let port: u16 = port.trim().parse().expect("the server prints its port");
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    client.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+
+    let deadline = Instant::now() + REPORT_WITHIN + Duration::from_secs(2);
+    let on_server = loop {
+        let stalls = daemon.stalls(port);
+        if let Some(stall) = stalls.iter().find(|s| s["conn"]["role"] == "server") {
+            break stall.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not found: {stalls:#?}\n{}",
+            daemon.stderr()
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(
+        on_server["stall"]["cause"], "request_unread",
+        "{on_server:#}"
+    );
+    assert_eq!(
+        on_server["process"]["pid"],
+        server.id(),
+        "the owner, from /proc/PID/fd of another user: {on_server:#}"
     );
 }
