@@ -24,6 +24,8 @@ use crate::sinks::ndjson::WatchLine;
 
 const MAX_CLIENTS: usize = 64;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client reading a streamed answer must take each chunk within this time.
+const CHUNK_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Answers above this size (bytes) are followed by returning their memory to the OS.
 const LARGE_ANSWER: usize = 1 << 20;
 
@@ -251,7 +253,11 @@ async fn write_items(
     let head = format!("{{\"version\":{},\"ok\":true,\"result\":[", api::VERSION);
     write.write_all(head.as_bytes()).await?;
     while let Some(chunk) = chunks.recv().await {
-        write.write_all(chunk.as_bytes()).await?;
+        // A client that stops reading must not hold the stream (and the `conns` answers
+        // queued behind it) forever: dropping `chunks` ends it in the main loop.
+        tokio::time::timeout(CHUNK_WRITE_TIMEOUT, write.write_all(chunk.as_bytes()))
+            .await
+            .map_err(|_| std::io::Error::other("client stopped reading"))??;
     }
     write.write_all(b"]}\n").await?;
     write.flush().await
