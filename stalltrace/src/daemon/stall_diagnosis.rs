@@ -14,7 +14,7 @@ use crate::probes::{KernelMaps, Probes};
 
 /// Frames of a spinning thread's stack reported.
 const MAX_FRAMES: usize = 12;
-/// Threads whose stacks are sampled at once at most (one perf event per CPU each); more
+/// Threads whose stacks are sampled at once at most (one perf event each); more
 /// spinning threads are reported without a stack, and counted.
 pub(super) const MAX_SAMPLED_THREADS: usize = 64;
 
