@@ -12,7 +12,7 @@ use std::{
     collections::HashMap,
     fs,
     io::{Read, Seek, SeekFrom},
-    os::unix::fs::{FileTypeExt as _, MetadataExt as _},
+    os::unix::fs::MetadataExt as _,
     sync::Arc,
 };
 
@@ -248,8 +248,9 @@ fn load(pid: u32, mapping: &Mapping) -> Option<Binary> {
     let meta = file.metadata().ok()?;
     let same_inode = meta.ino() == mapping.inode
         && (libc::major(meta.dev()), libc::minor(meta.dev())) == mapping.dev;
-    let file_type = meta.file_type();
-    if !meta.is_file() || file_type.is_fifo() || file_type.is_char_device() || !same_inode {
+    // A regular file (not a FIFO or device that could block or never end), at least an ELF
+    // header long; larger ones are read only as far as the budget.
+    if !meta.is_file() || meta.len() < 64 || !same_inode {
         return None;
     }
     let cache = object::ReadCache::new(Budgeted {
