@@ -4,6 +4,7 @@
 //! - [`tracker`]: the connection lifecycle and stall state machine (kernel records in, events
 //!   out);
 //! - [`protocols`]: request recognizers over captured bytes;
+//! - [`btf`]: the BTF parser the daemon resolves kernel struct offsets with;
 //! - [`diagnosis`]: the model of "why is it stalled" and its pure classifiers;
 //! - [`why`]: what is different about the requests that stall;
 //! - [`loss`]: loss counters by cause;
@@ -25,6 +26,7 @@ macro_rules! display_as_str {
 }
 
 pub mod api;
+pub mod btf;
 pub mod diagnosis;
 pub mod duration;
 pub mod loss;

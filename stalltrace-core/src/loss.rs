@@ -2,7 +2,10 @@
 //! surfaced in `status` and in periodic `loss` events. Nothing is dropped silently.
 use serde::{Deserialize, Serialize};
 
+/// Every userspace table is bounded; what a full table turns away or evicts is counted here
+/// too (the last causes), next to what the kernel and the event output lost.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(default)]
 pub struct LossCounters {
     /// Kernel events dropped because the ring buffer was full.
     pub kernel_ringbuf_full: u64,
@@ -20,6 +23,17 @@ pub struct LossCounters {
     pub watch_dropped: u64,
     /// Event lines dropped because stdout or the events file did not keep up.
     pub output_blocked: u64,
+    /// Requests and stalls counted in an `(other signatures)` group of `why` because its
+    /// group table was full.
+    pub why_groups_evicted: u64,
+    /// Request samples `why` did not take because too many were awaiting their completion.
+    pub why_samples_dropped: u64,
+    /// Binaries evicted from the symbol cache (re-read when needed again).
+    pub symbol_cache_evicted: u64,
+    /// Spinning threads whose stack was not sampled because the most threads were sampled.
+    pub stack_threads_unsampled: u64,
+    /// Stalls (or threads about to stall) not diagnosed because the most were open.
+    pub diagnoses_dropped: u64,
 }
 
 impl LossCounters {
@@ -27,7 +41,17 @@ impl LossCounters {
         self.fields().iter().sum()
     }
 
-    fn fields(&self) -> [u64; 8] {
+    /// Losses of kernel events or of tracked state: they make stalls' diagnoses `partial`
+    /// (the bounded tables' evictions and the output's losses do not).
+    pub fn tracking(&self) -> u64 {
+        self.kernel_ringbuf_full
+            + self.kernel_conn_insert_failed
+            + self.conn_evicted
+            + self.close_unseen
+            + self.malformed_records
+    }
+
+    fn fields(&self) -> [u64; 13] {
         [
             self.kernel_ringbuf_full,
             self.kernel_conn_insert_failed,
@@ -37,6 +61,11 @@ impl LossCounters {
             self.events_write_failed,
             self.watch_dropped,
             self.output_blocked,
+            self.why_groups_evicted,
+            self.why_samples_dropped,
+            self.symbol_cache_evicted,
+            self.stack_threads_unsampled,
+            self.diagnoses_dropped,
         ]
     }
 
@@ -59,6 +88,21 @@ impl LossCounters {
                 .saturating_sub(earlier.events_write_failed),
             watch_dropped: self.watch_dropped.saturating_sub(earlier.watch_dropped),
             output_blocked: self.output_blocked.saturating_sub(earlier.output_blocked),
+            why_groups_evicted: self
+                .why_groups_evicted
+                .saturating_sub(earlier.why_groups_evicted),
+            why_samples_dropped: self
+                .why_samples_dropped
+                .saturating_sub(earlier.why_samples_dropped),
+            symbol_cache_evicted: self
+                .symbol_cache_evicted
+                .saturating_sub(earlier.symbol_cache_evicted),
+            stack_threads_unsampled: self
+                .stack_threads_unsampled
+                .saturating_sub(earlier.stack_threads_unsampled),
+            diagnoses_dropped: self
+                .diagnoses_dropped
+                .saturating_sub(earlier.diagnoses_dropped),
         }
     }
 }
@@ -95,5 +139,15 @@ mod tests {
         assert_eq!(delta.close_unseen, 2);
         assert_eq!(delta.total(), 5);
         assert_eq!(now.total(), 11);
+        assert_eq!(now.tracking(), 10);
+        let evicted = LossCounters {
+            symbol_cache_evicted: 4,
+            ..now
+        };
+        assert_eq!(evicted.since(&now).symbol_cache_evicted, 4);
+        assert_eq!(evicted.since(&now).tracking(), 0);
+        // Older daemons' answers lack the new causes.
+        let old: LossCounters = serde_json::from_str(r#"{"kernel_ringbuf_full":1}"#).unwrap();
+        assert_eq!(old.total(), 1);
     }
 }

@@ -9,9 +9,13 @@ use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
-/// At most this many groups; later ones share an `(other signatures)` group per endpoint.
+/// At most this many groups; later ones share an `(other signatures)` group per endpoint…
 const MAX_GROUPS: usize = 4096;
+/// …of which there are at most this many; beyond, one `(other signatures)` group for all.
+const MAX_OTHER_GROUPS: usize = 256;
 const OTHER: &str = "(other signatures)";
+/// Sampled requests awaiting their completion at most (one per connection at a time).
+const MAX_IN_FLIGHT: usize = 65_536;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct WhyKey {
@@ -110,6 +114,10 @@ pub struct Why {
     groups: HashMap<WhyKey, Group>,
     /// Sampled requests awaiting their completion, by sock address.
     in_flight: HashMap<u64, (WhyKey, u64)>,
+    /// Requests and stalls counted in an `(other signatures)` group: the table was full.
+    folded: u64,
+    /// Request samples not taken: too many awaiting their completion.
+    dropped: u64,
 }
 
 impl Why {
@@ -119,7 +127,17 @@ impl Why {
 
     /// A sampled request started at `at_ns`.
     pub fn request_started(&mut self, sock: u64, key: WhyKey, at_ns: u64) {
+        if self.in_flight.len() >= MAX_IN_FLIGHT && !self.in_flight.contains_key(&sock) {
+            self.dropped += 1;
+            return;
+        }
         self.in_flight.insert(sock, (key, at_ns));
+    }
+
+    /// Requests and stalls counted in an `(other signatures)` group because the group table
+    /// was full, and request samples dropped because too many were in flight.
+    pub fn losses(&self) -> (u64, u64) {
+        (self.folded, self.dropped)
     }
 
     /// The reply to the sampled request on `sock` began at `at_ns`.
@@ -145,9 +163,21 @@ impl Why {
 
     fn group(&mut self, key: WhyKey) -> &mut Group {
         let key = if self.groups.len() >= MAX_GROUPS && !self.groups.contains_key(&key) {
-            WhyKey {
+            self.folded += 1;
+            let other = WhyKey {
                 signature: OTHER.to_owned(),
                 ..key
+            };
+            if self.groups.len() < MAX_GROUPS + MAX_OTHER_GROUPS || self.groups.contains_key(&other)
+            {
+                other
+            } else {
+                WhyKey {
+                    executable: "*".to_owned(),
+                    role: "*".to_owned(),
+                    endpoint: "*".to_owned(),
+                    signature: OTHER.to_owned(),
+                }
             }
         } else {
             key
@@ -272,6 +302,24 @@ mod tests {
             .find(|r| r.key.signature == OTHER)
             .unwrap();
         assert_eq!(other.stalls, 100);
+        assert_eq!(why.losses(), (100, 0));
+
+        // Overflow groups are bounded too, whatever the number of endpoints.
+        for i in 0..10_000u64 {
+            let mut k = key(&format!("GET /x/{i}"));
+            k.endpoint = format!("10.0.{}.{}:80", i / 256, i % 256);
+            why.stalled(i, k);
+        }
+        assert!(why.groups.len() <= MAX_GROUPS + MAX_OTHER_GROUPS + 1);
+        assert_eq!(why.losses().0, 10_100);
+        assert!(why.report(|_| true).iter().any(|r| r.key.endpoint == "*"));
+
+        // Samples awaiting completion are bounded; closes free them.
+        for sock in 0..(MAX_IN_FLIGHT as u64 + 10) {
+            why.request_started(sock, key("GET /a"), 0);
+        }
+        assert_eq!(why.in_flight.len(), MAX_IN_FLIGHT);
+        assert_eq!(why.losses().1, 10);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod daemon;
 mod diagnosis;
 mod heap;
 pub mod logger;
+mod privileges;
 mod probes;
 pub mod sinks;
 mod sources;

@@ -26,6 +26,10 @@ fn main() -> ExitCode {
                 events_file_keep: args.events_file_keep,
                 events_buffer: usize::try_from(args.events_buffer).unwrap_or(usize::MAX),
                 socket_group: args.socket_group,
+                privacy: stalltrace_core::protocols::Privacy {
+                    preview: args.capture_preview,
+                    path_templates: !args.no_path_templates,
+                },
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -56,7 +60,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("stalltrace: error: {err:#}");
+            eprintln!(
+                "stalltrace: error: {}",
+                stalltrace::cli::table::terminal_safe(&format!("{err:#}"))
+            );
             ExitCode::FAILURE
         }
     }

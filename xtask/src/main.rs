@@ -37,10 +37,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Fuzz the request recognizers and the API request decoder with cargo fuzz (a nightly
-    /// toolchain) for a bounded time.
+    /// Fuzz the parsers of untrusted input (request recognizers, API request decoder, BTF) with
+    /// cargo fuzz (a nightly toolchain), all targets within the time given.
     Fuzz {
-        /// How long to fuzz, split evenly between the targets.
+        /// How long to fuzz, in total (shared by the targets).
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
@@ -97,16 +97,17 @@ fn run_daemon(args: &[String]) -> Result<()> {
 }
 
 /// The cargo-fuzz targets (stalltrace-core/fuzz/fuzz_targets), sharing the time budget.
-const FUZZ_TARGETS: [(&str, &str); 2] = [
+const FUZZ_TARGETS: [(&str, &str); 3] = [
     ("recognizers", "the request recognizers"),
     ("api_request", "the API request decoder"),
+    ("btf", "the BTF parser"),
 ];
 
 fn fuzz(seconds: u64) -> Result<()> {
     if !setup::has_nightly() {
         println!(
             "xtask fuzz: skipped: no nightly Rust toolchain (cargo fuzz needs one; the \
-             recognizers' random-input unit test still runs in `cargo xtask test`)"
+             parsers' malformed-input unit tests still run in `cargo xtask test`)"
         );
         return Ok(());
     }

@@ -27,36 +27,95 @@ impl Signature {
     pub fn display(&self) -> String {
         match self.protocol {
             "http" => self.text.clone(),
+            "bytes" if self.text == UNRECOGNIZED => self.text.clone(),
             protocol => format!("{protocol} {}", self.text),
         }
     }
 }
+
+/// What a signature may reveal of a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Privacy {
+    /// Unrecognized requests get a printable preview of their first bytes (else they are all
+    /// `(unrecognized)`): the preview may show anything the request carries.
+    pub preview: bool,
+    /// HTTP path segments that look like identifiers (numbers, hex of 8+ digits, UUIDs)
+    /// become `{id}`: no user or object ids leave the daemon, and `why` groups stay few.
+    pub path_templates: bool,
+}
+
+impl Default for Privacy {
+    /// Private by default: no preview, templated paths.
+    fn default() -> Self {
+        Self {
+            preview: false,
+            path_templates: true,
+        }
+    }
+}
+
+/// The signature text of unrecognized requests when previews are off.
+pub const UNRECOGNIZED: &str = "(unrecognized)";
 
 /// Longest preview of unrecognized bytes, in characters.
 const PREVIEW_CHARS: usize = 24;
 /// Longest keyword or path segment kept, so that signatures stay short and few.
 const MAX_TOKEN: usize = 64;
 
-/// The signature of a request starting with `bytes`; `None` when nothing was captured.
+/// The signature of a request starting with `bytes`, as private as [`Privacy::default`];
+/// `None` when nothing was captured.
 pub fn recognize(bytes: &[u8]) -> Option<Signature> {
+    recognize_with(bytes, Privacy::default())
+}
+
+/// The signature of a request starting with `bytes`, revealing what `privacy` allows.
+pub fn recognize_with(bytes: &[u8], privacy: Privacy) -> Option<Signature> {
     if bytes.is_empty() {
         return None;
     }
-    Some(
-        http(bytes)
-            .or_else(|| redis(bytes))
-            .or_else(|| postgresql(bytes))
-            .or_else(|| mysql(bytes))
-            .unwrap_or_else(|| preview(bytes)),
-    )
+    let found = http(bytes, privacy.path_templates)
+        .or_else(|| redis(bytes))
+        .or_else(|| postgresql(bytes))
+        .or_else(|| mysql(bytes));
+    Some(found.unwrap_or_else(|| {
+        if privacy.preview {
+            preview(bytes)
+        } else {
+            Signature::new("bytes", UNRECOGNIZED)
+        }
+    }))
+}
+
+/// `/users/1234/orders/9f86d081884c7d65` → `/users/{id}/orders/{id}`: segments that are
+/// decimal numbers, hex strings of 8 or more digits, or UUIDs become `{id}`.
+pub fn template_path(path: &str) -> String {
+    path.split('/')
+        .map(|segment| if is_id(segment) { "{id}" } else { segment })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+fn is_id(segment: &str) -> bool {
+    let bytes = segment.as_bytes();
+    let hex = |b: &[u8]| b.iter().all(u8::is_ascii_hexdigit);
+    let uuid = bytes.len() == 36
+        && [8, 13, 18, 23].iter().all(|&at| bytes[at] == b'-')
+        && bytes
+            .split(|&b| b == b'-')
+            .map(<[u8]>::len)
+            .eq([8, 4, 4, 4, 12])
+        && bytes.split(|&b| b == b'-').all(hex);
+    !bytes.is_empty()
+        && (bytes.iter().all(u8::is_ascii_digit) || (bytes.len() >= 8 && hex(bytes)) || uuid)
 }
 
 const HTTP_METHODS: &[&str] = &[
     "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
 ];
 
-/// HTTP/1.x request line: method, then the path without query string or fragment.
-fn http(bytes: &[u8]) -> Option<Signature> {
+/// HTTP/1.x request line: method, then the path without query string or fragment
+/// (templated when `templates`).
+fn http(bytes: &[u8], templates: bool) -> Option<Signature> {
     let space = bytes.iter().take(8).position(|&b| b == b' ')?;
     let method = std::str::from_utf8(&bytes[..space]).ok()?;
     if !HTTP_METHODS.contains(&method) {
@@ -76,6 +135,14 @@ fn http(bytes: &[u8]) -> Option<Signature> {
         return None;
     }
     let path = std::str::from_utf8(path).ok()?;
+    let path = if templates {
+        // `{id}` is longer than a one-digit segment: keep the signature short.
+        let mut templated = template_path(path);
+        templated.truncate(2 * MAX_TOKEN);
+        templated
+    } else {
+        path.to_owned()
+    };
     Some(Signature::new("http", format!("{method} {path}")))
 }
 
@@ -215,9 +282,15 @@ mod tests {
     use super::*;
 
     fn sig(bytes: &[u8]) -> (&'static str, String) {
-        let s = recognize(bytes).unwrap();
+        let s = recognize_with(bytes, OPEN).unwrap();
         (s.protocol, s.text)
     }
+
+    /// Everything shown: the recognizers' raw output.
+    const OPEN: Privacy = Privacy {
+        preview: true,
+        path_templates: false,
+    };
 
     #[test]
     fn http_method_and_path_without_query() {
@@ -303,6 +376,65 @@ mod tests {
     }
 
     #[test]
+    fn private_by_default_no_preview_and_templated_paths() {
+        let unknown = recognize(b"HELO mail.example.com\r\n").unwrap();
+        assert_eq!(
+            (unknown.protocol, unknown.display()),
+            ("bytes", UNRECOGNIZED.into())
+        );
+        assert_eq!(
+            recognize(b"GET /users/1234/orders/9f86d081884c7d65?token=s3cret HTTP/1.1")
+                .unwrap()
+                .display(),
+            "GET /users/{id}/orders/{id}"
+        );
+        assert_eq!(
+            recognize_with(
+                b"GET /users/1234 HTTP/1.1",
+                Privacy {
+                    path_templates: false,
+                    ..Privacy::default()
+                }
+            )
+            .unwrap()
+            .display(),
+            "GET /users/1234"
+        );
+        // Recognized protocols are unaffected.
+        assert_eq!(
+            recognize(b"*1\r\n$4\r\nPING\r\n").unwrap().display(),
+            "redis PING"
+        );
+    }
+
+    #[test]
+    fn templates_id_segments_only() {
+        assert_eq!(template_path("/coupon/apply"), "/coupon/apply");
+        assert_eq!(template_path("/v1/items/42"), "/v1/items/{id}");
+        assert_eq!(
+            template_path("/o/123e4567-e89b-12d3-a456-426614174000/x"),
+            "/o/{id}/x"
+        );
+        assert_eq!(template_path("/blob/DEADBEEF00"), "/blob/{id}");
+        // Short hex and words that merely contain digits stay.
+        assert_eq!(template_path("/cafe/v2/abc123"), "/cafe/v2/abc123");
+        assert_eq!(template_path("/beefcafe"), "/{id}");
+        assert_eq!(template_path("/"), "/");
+        assert_eq!(template_path("*"), "*");
+        assert_eq!(template_path("/a//7/"), "/a//{id}/");
+        // Found by the fuzzer: many one-digit segments grow; the signature stays short.
+        let many = format!("PUT {} HTTP/1.1", "/1".repeat(32));
+        let shown = recognize(many.as_bytes()).unwrap().display();
+        assert!(shown.len() <= 4 + 2 * MAX_TOKEN, "{shown}");
+        assert!(shown.starts_with("PUT /{id}/{id}/"), "{shown}");
+        // A UUID with misplaced dashes is not one (and not all hex either).
+        assert_eq!(
+            template_path("/123e4567e-89b-12d3-a456-426614174000"),
+            "/123e4567e-89b-12d3-a456-426614174000"
+        );
+    }
+
+    #[test]
     fn display_qualifies_all_but_http() {
         assert_eq!(recognize(b"GET /a HTTP/1.1").unwrap().display(), "GET /a");
         assert_eq!(
@@ -340,6 +472,7 @@ mod tests {
                 }
             }
             let _ = recognize(&input);
+            let _ = recognize_with(&input, OPEN);
         }
     }
 }

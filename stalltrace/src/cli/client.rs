@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _, Result};
 use serde_json::{value::RawValue, Value};
 
 use super::{
-    table::{bytes, endpoint, Table},
+    table::{bytes, endpoint, sanitize_json, terminal_safe, Table},
     Format,
 };
 use stalltrace_core::{
@@ -59,11 +59,19 @@ fn read_response(reader: &mut impl std::io::BufRead) -> Result<Box<RawValue>> {
         (true, Some(result), _) => Ok(result),
         (_, _, Some(error)) => bail!(
             "the daemon refused the request ({}): {}",
-            error.code,
-            error.message
+            terminal_safe(&error.code.to_string()),
+            terminal_safe(&error.message)
         ),
         _ => bail!("the daemon sent an empty answer"),
     }
+}
+
+/// An answer, with every string made terminal-safe, as the type a text renderer takes.
+fn for_terminal<T: serde::de::DeserializeOwned>(result: &RawValue) -> Result<T> {
+    let mut value: Value =
+        serde_json::from_str(result.get()).context("the daemon's answer is not valid JSON")?;
+    sanitize_json(&mut value);
+    serde_json::from_value(value).context("the daemon's answer has an unexpected shape")
 }
 
 /// Sends `command` and returns the `result` of the answer, as raw JSON.
@@ -75,10 +83,13 @@ pub fn query(socket: &Path, command: Command) -> Result<Box<RawValue>> {
 }
 
 pub fn status(socket: &Path, format: Format) -> Result<()> {
-    let status: Value = serde_json::from_str(query(socket, Command::Status)?.get())?;
+    let result = query(socket, Command::Status)?;
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&status)?),
-        Format::Table => print!("{}", render_status(&status)),
+        Format::Json => {
+            let status: Value = serde_json::from_str(result.get())?;
+            println!("{}", serde_json::to_string_pretty(&status)?);
+        }
+        Format::Table => print!("{}", render_status(&for_terminal(&result)?)),
     }
     Ok(())
 }
@@ -153,11 +164,13 @@ fn print_items(
     format: Format,
     render: fn(&[ConnItemJson]) -> String,
 ) -> Result<()> {
-    let items: Vec<ConnItemJson> = serde_json::from_str(result.get())
-        .context("the daemon's answer has an unexpected shape")?;
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&items)?),
-        Format::Table => print!("{}", render(&items)),
+        Format::Json => {
+            let items: Vec<ConnItemJson> = serde_json::from_str(result.get())
+                .context("the daemon's answer has an unexpected shape")?;
+            println!("{}", serde_json::to_string_pretty(&items)?);
+        }
+        Format::Table => print!("{}", render(&for_terminal::<Vec<ConnItemJson>>(result)?)),
     }
     Ok(())
 }
@@ -319,10 +332,12 @@ fn verdict_text(verdict: &ThreadVerdict) -> String {
 
 pub fn show(socket: &Path, id: u64, format: Format) -> Result<()> {
     let result = query(socket, Command::Show { id })?;
-    let answer: Value = serde_json::from_str(result.get())?;
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
-        Format::Table => print!("{}", render_show(&answer)?),
+        Format::Json => {
+            let answer: Value = serde_json::from_str(result.get())?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+        }
+        Format::Table => print!("{}", render_show(&for_terminal(&result)?)?),
     }
     Ok(())
 }
@@ -455,11 +470,16 @@ fn render_diagnosis(diagnosis: &Diagnosis) -> String {
 
 pub fn why(socket: &Path, filter: api::Filter, limit: usize, format: Format) -> Result<()> {
     let result = query(socket, Command::Why { filter })?;
-    let rows: Vec<WhyRow> = serde_json::from_str(result.get())
-        .context("the daemon's answer has an unexpected shape")?;
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-        Format::Table => print!("{}", render_why(&rows, limit)),
+        Format::Json => {
+            let rows: Vec<WhyRow> = serde_json::from_str(result.get())
+                .context("the daemon's answer has an unexpected shape")?;
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        }
+        Format::Table => print!(
+            "{}",
+            render_why(&for_terminal::<Vec<WhyRow>>(&result)?, limit)
+        ),
     }
     Ok(())
 }

@@ -166,6 +166,19 @@ pub struct DaemonArgs {
     /// Log verbosity on stderr.
     #[arg(long, value_enum, default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,
+
+    /// Name unrecognized requests (not HTTP, Redis, PostgreSQL or MySQL) with a printable
+    /// preview of their first 24 bytes, in events, `stalls`, `show` and `why`, instead of
+    /// `(unrecognized)`. The preview exposes whatever those bytes hold: credentials, tokens,
+    /// personal data.
+    #[arg(long)]
+    pub capture_preview: bool,
+
+    /// Report HTTP paths as captured, instead of with identifier-like segments (numbers, hex
+    /// of 8+ digits, UUIDs) replaced by `{id}`. Exposes the ids in paths, and makes one `why`
+    /// group per distinct path.
+    #[arg(long)]
+    pub no_path_templates: bool,
 }
 
 /// The filters of `why`. Its groups count requests per executable name, endpoint and request

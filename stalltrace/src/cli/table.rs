@@ -18,9 +18,11 @@ impl Table {
         }
     }
 
+    /// Adds a row; every cell is made [`terminal_safe`].
     pub fn push(&mut self, row: Vec<String>) {
         debug_assert_eq!(row.len(), self.headers.len());
-        self.rows.push(row);
+        self.rows
+            .push(row.into_iter().map(|cell| terminal_safe(&cell)).collect());
     }
 
     pub fn render(&self) -> String {
@@ -51,6 +53,42 @@ impl Table {
             out.push('\n');
         }
         out
+    }
+}
+
+/// `text` safe to print on a terminal: control characters (C0 including newlines and ESC,
+/// DEL, C1 including CSI) and bidirectional-override characters each become `?`, so that a
+/// process name, path, symbol, request signature or error message chosen by a local user cannot
+/// move the cursor, rewrite the screen, forge lines or reorder what is shown. Every text
+/// renderer of the CLI goes through it (JSON output is escaped by the serializer instead).
+pub fn terminal_safe(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}' | '\u{061c}');
+            if c.is_control() || bidi {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// Makes every string of a JSON answer (keys included) [`terminal_safe`], before a text
+/// renderer sees it.
+pub fn sanitize_json(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => *text = terminal_safe(text),
+        Value::Array(items) => items.iter_mut().for_each(sanitize_json),
+        Value::Object(members) => {
+            let taken = std::mem::take(members);
+            for (key, mut member) in taken {
+                sanitize_json(&mut member);
+                members.insert(terminal_safe(&key), member);
+            }
+        }
+        _ => {}
     }
 }
 
@@ -88,6 +126,26 @@ mod tests {
             table.render(),
             "  ID  NAME   PEER\n   7  nginx  a\n1234  x      bbb\n"
         );
+    }
+
+    #[test]
+    fn strips_control_and_escape_characters() {
+        assert_eq!(terminal_safe("nginx"), "nginx");
+        assert_eq!(terminal_safe("GET /caf\u{e9}"), "GET /caf\u{e9}");
+        assert_eq!(terminal_safe("\x1b[2J\x1b]0;pwned\x07x"), "?[2J?]0;pwned?x");
+        assert_eq!(terminal_safe("a\nb\rc\td\x7f\u{9b}31m"), "a?b?c?d??31m");
+        assert_eq!(terminal_safe("evil\u{202e}txt.exe"), "evil?txt.exe");
+
+        let mut answer = serde_json::json!({"comm\x1b": ["\x1b[31mred", 3, {"s": "ok\n"}]});
+        sanitize_json(&mut answer);
+        assert_eq!(
+            answer,
+            serde_json::json!({"comm?": ["?[31mred", 3, {"s": "ok?"}]})
+        );
+
+        let mut table = Table::new(&[("NAME", false)]);
+        table.push(vec!["a\x1b[1mb".into()]);
+        assert_eq!(table.render(), "NAME\na?[1mb\n");
     }
 
     #[test]

@@ -40,7 +40,7 @@ use crate::{
     heap,
     probes::{KernelMaps, ProbeConfig, Probes},
     sinks::{
-        api_server::{ApiServer, Query},
+        api_server::{Answer, ApiServer, Query},
         ndjson::EventSink,
         writer::FileOptions,
     },
@@ -68,6 +68,8 @@ pub struct DaemonConfig {
     pub events_buffer: usize,
     /// Group given the API socket.
     pub socket_group: Option<String>,
+    /// What request signatures may reveal (previews, templated paths).
+    pub privacy: stalltrace_core::protocols::Privacy,
 }
 
 /// How long the writer may take to write out queued events at shutdown.
@@ -84,6 +86,8 @@ const LOSS_REPORT_EVERY: Duration = Duration::from_secs(1);
 /// after a burst of new connections.
 const SWEEP_BUDGET: usize = 20_000;
 const RECALIBRATE_EVERY: Duration = Duration::from_secs(10);
+/// How often streamed `conns` answers get their next chunks.
+const STREAM_EVERY: Duration = Duration::from_millis(5);
 
 /// Sweeps often enough that a stall is reported well within a second of crossing the
 /// threshold, and at least five times per threshold.
@@ -119,6 +123,11 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         capture_bytes: config.capture_bytes,
     };
     let mut probes = Probes::load(&tracefs_root, &probe_config, &listening)?;
+    // Everything that needs root at start-up is done: keep only what run time needs. Before
+    // any thread starts (capabilities are per thread): the events writer and the diagnosis
+    // worker run with the reduced set, and the events file is opened (and later reopened)
+    // with it.
+    let privileges = crate::privileges::drop_to_runtime().context("dropping privileges")?;
     let file = config.events_file.clone().map(|path| FileOptions {
         path,
         mode: config.events_file_mode,
@@ -145,6 +154,10 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     let watch_dropped = Arc::new(AtomicU64::new(0));
     let socket = api.spawn(queries_tx, sink.watchers(), watch_dropped.clone());
     log::info!(
+        "privileges dropped: keeping {} only; no_new_privs set",
+        privileges.capabilities.join(", ")
+    );
+    log::info!(
         "stalltrace {} running: {} hooks attached, {} connections adopted, stall threshold {:?}; \
          events to {}; API on {}",
         env!("CARGO_PKG_VERSION"),
@@ -162,7 +175,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         .expect("ring buffer map taken once");
     // SAFETY: the ring buffer map owns its fd and keeps it open for as long as the AsyncFd.
     let ring = unsafe { AsyncFd::register(ring) }.context("polling the ring buffer")?;
-    let (diagnoser, findings) = Diagnoser::new(stall_after_ns, config.capture_raw)?;
+    let (diagnoser, findings) = Diagnoser::new(stall_after_ns, config.capture_raw, config.privacy)?;
     let mut daemon = Daemon {
         diagnoser,
         held: stall_diagnosis::Held::default(),
@@ -185,6 +198,10 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         sweep_busy: Duration::ZERO,
         sweep_max: Duration::ZERO,
         out,
+        privileges,
+        streams: std::collections::VecDeque::new(),
+        unsampled: std::collections::HashSet::new(),
+        stack_threads_unsampled: 0,
     };
     let result = daemon
         .main_loop(&mut probes, ring, queries, findings, sighup)
@@ -199,7 +216,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
 
 fn kernel_offsets() -> Offsets {
     let lost = "connections open before the daemon started are not adopted";
-    match btf::Btf::from_kernel() {
+    match btf::from_kernel() {
         Ok(kernel_btf) => {
             let (offsets, missing) = btf::resolve_offsets(&kernel_btf);
             if !missing.is_empty() {
@@ -239,6 +256,14 @@ struct Daemon {
     sweep_max: Duration,
     /// Reused output buffer.
     out: Vec<Event>,
+    /// What the daemon runs with after start-up.
+    privileges: crate::privileges::Privileges,
+    /// `conns` answers being streamed, oldest first (served one at a time).
+    streams: std::collections::VecDeque<queries::ConnsStream>,
+    /// Spinning threads refused stack sampling (the most are sampled), until they stop
+    /// spinning; and how many were, in all.
+    unsampled: std::collections::HashSet<u32>,
+    stack_threads_unsampled: u64,
 }
 
 impl Daemon {
@@ -256,7 +281,15 @@ impl Daemon {
         let mut sweep = tokio::time::interval(sweep_interval(self.config.stall_after));
         let mut loss = tokio::time::interval(LOSS_REPORT_EVERY);
         let mut recalibrate = tokio::time::interval(RECALIBRATE_EVERY);
-        for timer in [&mut drain, &mut sweep, &mut loss, &mut recalibrate] {
+        // While `conns` answers stream, chunks are made for the clients that have room.
+        let mut streams = tokio::time::interval(STREAM_EVERY);
+        for timer in [
+            &mut drain,
+            &mut sweep,
+            &mut loss,
+            &mut recalibrate,
+            &mut streams,
+        ] {
             timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
         // Records left in the ring after a turn's budget, and a sweep put off until they are
@@ -264,6 +297,8 @@ impl Daemon {
         let mut backlog = false;
         let mut sweep_due = false;
         loop {
+            // The `conns` answer being streamed, if any: a chunk is made when its client can
+            // take one.
             tokio::select! {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
@@ -298,8 +333,19 @@ impl Daemon {
                     if query.reply.is_closed() {
                         continue;
                     }
-                    let response = self.answer(query.command, probes);
-                    let _ = query.reply.send(response);
+                    match query.command {
+                        stalltrace_core::api::Command::Conns { filter } => {
+                            let chunks = self.stream_conns(&filter);
+                            let _ = query.reply.send(Answer::Items(chunks));
+                        }
+                        command => {
+                            let response = self.answer(command, probes);
+                            let _ = query.reply.send(Answer::Whole(response));
+                        }
+                    }
+                }
+                _ = streams.tick(), if !self.streams.is_empty() => {
+                    self.pump_conns_streams(&probes.maps);
                 }
                 Some(mut batch) = findings.recv() => {
                     // Stalls found together are chained together: take what else is waiting.
@@ -395,6 +441,11 @@ impl Daemon {
             events_write_failed: self.sink.write_failed(),
             watch_dropped: self.watch_dropped.load(Ordering::Relaxed),
             output_blocked: self.sink.output_blocked(),
+            why_groups_evicted: self.why.losses().0,
+            why_samples_dropped: self.why.losses().1,
+            symbol_cache_evicted: self.diagnoser.symbols_evicted(),
+            stack_threads_unsampled: self.stack_threads_unsampled,
+            diagnoses_dropped: self.diagnoser.dropped(),
         }
     }
 
@@ -409,10 +460,8 @@ impl Daemon {
             log::warn!("lost since last report: {unlogged:?}");
             self.logged_loss = total;
         }
-        // Undelivered output does not make the tracker's state stale.
-        let delivery =
-            unlogged.watch_dropped + unlogged.events_write_failed + unlogged.output_blocked;
-        if unlogged.total() > delivery {
+        // Undelivered output and full userspace tables do not make the tracker's state stale.
+        if unlogged.tracking() > 0 {
             self.diagnoser.losses_seen_at(monotonic_ns());
         }
         // With the output still full, the same losses are reported again once it has room:

@@ -12,7 +12,27 @@ use stalltrace_core::{
     tracker::{activity, Conn, Totals},
 };
 
+use tokio::sync::mpsc;
+
 use super::Daemon;
+
+/// Items per chunk of a streamed `conns` answer (~200 KB).
+const CHUNK_ITEMS: usize = 512;
+
+/// A `conns` answer being streamed.
+pub(super) struct ConnsStream {
+    /// The selected connections, by id, when the query came.
+    ids: Vec<u64>,
+    /// The first id not answered yet.
+    next: usize,
+    /// Whether an item was sent (the next one follows a comma).
+    started: bool,
+    pub(super) chunks: mpsc::Sender<String>,
+}
+
+/// Chunks made per turn of the loop at most, over all streams (~200 KB each).
+const CHUNKS_PER_TURN: usize = 8;
+
 use crate::probes::{KernelMaps, Probes};
 
 impl Daemon {
@@ -20,7 +40,9 @@ impl Daemon {
         let now = monotonic_ns();
         match command {
             Command::Status => Response::ok(&self.status(probes)),
-            Command::Conns { filter } => self.conns(&filter, &probes.maps, now),
+            Command::Conns { .. } => {
+                Response::error(ErrorCode::Internal, "conns answers are streamed")
+            }
             Command::Stalls {
                 filter,
                 older_than_ms,
@@ -74,7 +96,7 @@ impl Daemon {
             "diagnosis": {
                 "open": self.diagnoser.open_count(),
                 "held": self.held.len(),
-                "jobs_dropped": self.diagnoser.dropped(),
+                "jobs_dropped": self.diagnoser.jobs_dropped(),
                 "reported_before_diagnosis": self.held.late,
             },
             "sweeps": {
@@ -82,30 +104,84 @@ impl Daemon {
                 "avg_us": sweep_avg_us as u64,
                 "max_us": self.sweep_max.as_micros() as u64,
             },
+            "privileges": self.privileges,
             "lost": loss,
             "lost_total": loss.total(),
         })
     }
 
-    /// The `conns` answer, serialized item by item: on a host with 100 000 connections the
-    /// items would take several times the memory of their text.
-    fn conns(&self, filter: &Filter, maps: &KernelMaps, now: u64) -> Response {
-        let mut selected: Vec<(Option<u64>, &Conn)> = self
+    /// Starts streaming the `conns` answer: the ids of the selected connections now, their
+    /// items made a chunk at a time as the client reads them ([`Self::send_conns_chunk`]).
+    /// The daemon holds 8 bytes per connection and two chunks, not the whole answer (which
+    /// is ~400 bytes per connection: 80 MB on a host with 100 000 connections, both ends).
+    /// Connections that close while the answer streams are left out.
+    pub(super) fn stream_conns(&mut self, filter: &Filter) -> mpsc::Receiver<String> {
+        let mut ids: Vec<u64> = self
             .tracker
             .conns()
             .filter(|(_, conn)| selected(filter, conn))
+            .map(|(_, conn)| conn.id)
             .collect();
-        selected.sort_by_key(|(_, conn)| conn.id);
-        let mut text = String::from("[");
-        for (index, (sock, conn)) in selected.into_iter().enumerate() {
-            if index > 0 {
-                text.push(',');
+        ids.sort_unstable();
+        let (chunks, receiver) = mpsc::channel(2);
+        self.streams.push_back(ConnsStream {
+            ids,
+            next: 0,
+            started: false,
+            chunks,
+        });
+        receiver
+    }
+
+    /// Makes the next chunks of the `conns` streams whose clients have room for one, in turn,
+    /// so that a client that stops reading holds up no other; drops the streams that are done
+    /// or whose client went away (a client that reads nothing for 5 s is dropped by the API
+    /// task).
+    pub(super) fn pump_conns_streams(&mut self, maps: &KernelMaps) {
+        let now = monotonic_ns();
+        for _ in 0..CHUNKS_PER_TURN {
+            let mut made = false;
+            for _ in 0..self.streams.len() {
+                let Some(mut stream) = self.streams.pop_front() else {
+                    break;
+                };
+                match stream.chunks.clone().try_reserve_owned() {
+                    Ok(permit) => {
+                        permit.send(self.conns_chunk(&mut stream, maps, now));
+                        made = true;
+                        if stream.next < stream.ids.len() {
+                            self.streams.push_back(stream);
+                        }
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Full(_)) => self.streams.push_back(stream),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
             }
-            let item = conn_item(conn, sock.and_then(|sock| maps.lookup(sock)), now);
-            text.push_str(&serde_json::to_string(&item).expect("items serialize"));
+            if !made {
+                return;
+            }
         }
-        text.push(']');
-        Response::ok_raw(text)
+    }
+
+    /// The next chunk of `stream`: up to `CHUNK_ITEMS` items, comma-separated.
+    fn conns_chunk(&self, stream: &mut ConnsStream, maps: &KernelMaps, now: u64) -> String {
+        let mut chunk = Vec::new();
+        let end = (stream.next + CHUNK_ITEMS).min(stream.ids.len());
+        for &id in &stream.ids[stream.next..end] {
+            // Closed since the query: left out.
+            let Some((sock, conn)) = self.tracker.find_by_id(id) else {
+                continue;
+            };
+            if stream.started {
+                chunk.push(b',');
+            }
+            stream.started = true;
+            let item = conn_item(conn, sock.and_then(|sock| maps.lookup(sock)), now);
+            serde_json::to_writer(&mut chunk, &item).expect("items serialize");
+        }
+        stream.next = end;
+        String::from_utf8(chunk).expect("JSON is UTF-8")
     }
 
     fn stalls(&self, filter: &Filter, older_than_ms: u64, now: u64) -> Vec<ConnItemJson> {

@@ -47,6 +47,9 @@ struct HeldEvents {
     events: Vec<Event>,
     deadline_ns: u64,
 }
+/// Threads whose stacks are sampled at once at most (one perf event each); more
+/// spinning threads are reported without a stack, and counted.
+pub(super) const MAX_SAMPLED_THREADS: usize = 64;
 
 impl Daemon {
     /// Sends `self.out` on its way: new stalls are handed to the diagnoser and their events
@@ -174,7 +177,16 @@ impl Daemon {
                 probes.stop_stacks(tid);
             }
         }
+        self.unsampled
+            .retain(|tid| spinning.iter().any(|(_, _, t)| t == tid));
         for (id, pid, tid) in spinning {
+            let sampled = probes.sampled_threads();
+            if !sampled.contains(&tid) && sampled.len() >= MAX_SAMPLED_THREADS {
+                if self.unsampled.insert(tid) {
+                    self.stack_threads_unsampled += 1;
+                }
+                continue;
+            }
             if !probes.sample_stacks(tid) {
                 continue;
             }

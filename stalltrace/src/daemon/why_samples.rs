@@ -37,7 +37,8 @@ impl Daemon {
         let Some(conn) = self.tracker.conn(sock) else {
             return;
         };
-        let signature = capture.and_then(|c| protocols::recognize(c.data()));
+        let signature =
+            capture.and_then(|c| protocols::recognize_with(c.data(), self.config.privacy));
         let signature = signature.map_or_else(|| NOT_CAPTURED.to_owned(), |s| s.display());
         self.why
             .request_started(sock, why_key(conn, signature), event.header.ts_ns);

@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use anyhow::Result;
 use stalltrace_core::{
     diagnosis::{self, Diagnosis, RequestReport, TcpSignals, ThreadReport, ThreadVerdict},
-    protocols,
+    protocols::{self, Privacy},
     tracker::{
         model::{Endpoints, Role},
         Conn, Tracker,
@@ -28,6 +28,11 @@ use crate::probes::KernelMaps;
 
 /// Refresh looks asked for per second at most (~50 µs of I/O each, on the worker).
 const REFRESHES_PER_SEC: u64 = 200;
+/// Open stalls whose diagnosis is kept (and refreshed) at most; later ones are reported with
+/// what is known at their start, and counted.
+const MAX_OPEN: usize = 16_384;
+/// Threads sampled ahead of their stall at most.
+const MAX_PRESAMPLED: usize = 4_096;
 const SEC: u64 = 1_000_000_000;
 /// The first refresh of a stall comes this soon after its onset.
 const FIRST_REFRESH_NS: u64 = SEC;
@@ -65,7 +70,10 @@ pub(crate) enum Outcome {
 pub(crate) struct Diagnoser {
     stall_after_ns: u64,
     capture_raw: bool,
+    privacy: Privacy,
     worker: Worker,
+    /// Presamples and open stalls not kept: their tables were full.
+    dropped: u64,
     open: HashMap<u64, Open>,
     /// Connections whose thread was sampled ahead of a likely stall.
     presampled: HashSet<u64>,
@@ -82,12 +90,15 @@ impl Diagnoser {
     pub(crate) fn new(
         stall_after_ns: u64,
         capture_raw: bool,
+        privacy: Privacy,
     ) -> Result<(Self, Receiver<Vec<Finding>>)> {
         let (worker, findings) = Worker::spawn()?;
         let diagnoser = Self {
             stall_after_ns,
             capture_raw,
+            privacy,
             worker,
+            dropped: 0,
             open: HashMap::new(),
             presampled: HashSet::new(),
             last_loss_ns: None,
@@ -101,9 +112,20 @@ impl Diagnoser {
         self.last_loss_ns = Some(now);
     }
 
-    /// Jobs the worker's full queue refused (their stalls were reported with less).
-    pub(crate) fn dropped(&self) -> u64 {
+    /// Looks the worker's full queue refused (their stalls were reported with less).
+    pub(crate) fn jobs_dropped(&self) -> u64 {
         self.worker.dropped()
+    }
+
+    /// Diagnoses not done or not kept: looks the worker's full queue refused, and presamples
+    /// and open stalls past their tables' bounds.
+    pub(crate) fn dropped(&self) -> u64 {
+        self.worker.dropped() + self.dropped
+    }
+
+    /// Binaries the worker's symbol cache evicted.
+    pub(crate) fn symbols_evicted(&self) -> u64 {
+        self.worker.symbols_evicted()
     }
 
     /// Open stalls being diagnosed.
@@ -122,6 +144,10 @@ impl Diagnoser {
             };
             suspects.insert(conn.id);
             if conn.owner.pid != 0 && !self.presampled.contains(&conn.id) {
+                if self.presampled.len() >= MAX_PRESAMPLED {
+                    self.dropped += 1;
+                    continue;
+                }
                 let job = Job::Presample {
                     id: conn.id,
                     pid: conn.owner.pid,
@@ -157,7 +183,7 @@ impl Diagnoser {
         let request = sock
             .and_then(|sock| maps.capture(sock))
             .and_then(|capture| {
-                protocols::recognize(capture.data()).map(|s| RequestReport {
+                protocols::recognize_with(capture.data(), self.privacy).map(|s| RequestReport {
                     protocol: s.protocol.to_owned(),
                     signature: s.display(),
                     raw_hex: self.capture_raw.then(|| diagnosis::hex(capture.data())),
@@ -173,6 +199,10 @@ impl Diagnoser {
             in_flight: false,
         };
         open.diagnosis = self.compose(conn, &open, None);
+        if self.open.len() >= MAX_OPEN && !self.open.contains_key(&conn.id) {
+            self.dropped += 1;
+            return (open.diagnosis, false);
+        }
         open.in_flight = self.worker.submit(Job::Diagnose {
             subject: subject(conn),
             onset: true,

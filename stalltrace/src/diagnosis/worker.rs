@@ -4,7 +4,11 @@
 //! as they come.
 use std::{
     collections::HashMap,
-    sync::mpsc::{self, SyncSender, TrySendError},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc::{self, SyncSender, TrySendError},
+        Arc,
+    },
 };
 
 use anyhow::{Context as _, Result};
@@ -80,6 +84,8 @@ pub(crate) struct Worker {
     jobs: SyncSender<Job>,
     /// Jobs dropped because the queue was full.
     dropped: u64,
+    /// Binaries the worker's symbol cache evicted.
+    symbols_evicted: Arc<AtomicU64>,
 }
 
 impl Worker {
@@ -88,11 +94,21 @@ impl Worker {
         let (jobs, queue) = mpsc::sync_channel(QUEUE);
         // Batches in flight at most: the worker waits when the loop is this far behind.
         let (findings, receiver) = async_mpsc::channel(64);
+        let symbols_evicted = Arc::new(AtomicU64::new(0));
+        let state = State {
+            symbols_evicted: symbols_evicted.clone(),
+            ..State::default()
+        };
         std::thread::Builder::new()
             .name("diagnosis".into())
-            .spawn(move || run(queue, findings))
+            .spawn(move || run(state, queue, findings))
             .context("starting the diagnosis thread")?;
-        Ok((Self { jobs, dropped: 0 }, receiver))
+        let worker = Self {
+            jobs,
+            dropped: 0,
+            symbols_evicted,
+        };
+        Ok((worker, receiver))
     }
 
     /// Queues `job` without waiting; false (and counted) when the queue is full.
@@ -109,6 +125,10 @@ impl Worker {
     pub(crate) fn dropped(&self) -> u64 {
         self.dropped
     }
+
+    pub(crate) fn symbols_evicted(&self) -> u64 {
+        self.symbols_evicted.load(Ordering::Relaxed)
+    }
 }
 
 /// The worker's state: samples that open the next CPU-share window of each stall's thread.
@@ -117,10 +137,10 @@ struct State {
     presamples: HashMap<u64, ThreadSample>,
     windows: HashMap<u64, ThreadSample>,
     symbolizer: Symbolizer,
+    symbols_evicted: Arc<AtomicU64>,
 }
 
-fn run(jobs: mpsc::Receiver<Job>, findings: async_mpsc::Sender<Vec<Finding>>) {
-    let mut state = State::default();
+fn run(mut state: State, jobs: mpsc::Receiver<Job>, findings: async_mpsc::Sender<Vec<Finding>>) {
     let mut batch = Vec::new();
     // Ends when the loop drops its sender (daemon exit) or stops reading findings.
     while let Ok(job) = jobs.recv() {
@@ -180,10 +200,12 @@ impl State {
                     tcp: gathered.tcp,
                 }
             }
-            Job::Symbolize { id, pid, addresses } => Finding::Stack {
-                id,
-                frames: state.symbolizer.symbolize(pid, &addresses),
-            },
+            Job::Symbolize { id, pid, addresses } => {
+                let frames = state.symbolizer.symbolize(pid, &addresses);
+                let evicted = state.symbolizer.evicted();
+                state.symbols_evicted.store(evicted, Ordering::Relaxed);
+                Finding::Stack { id, frames }
+            }
             Job::ScanUnread { stall_after_ns } => {
                 let started = std::time::Instant::now();
                 let found = scan_unread(stall_after_ns)

@@ -35,7 +35,16 @@ const LARGE_ANSWER: usize = 1 << 20;
 /// A query for the main loop, with where to send its answer.
 pub struct Query {
     pub command: Command,
-    pub reply: oneshot::Sender<Response>,
+    pub reply: oneshot::Sender<Answer>,
+}
+
+/// The main loop's answer to a query.
+pub enum Answer {
+    Whole(Response),
+    /// A successful list answer, streamed: chunks of serialized items, each starting with a
+    /// comma but the first, until the sender is dropped. The daemon never holds the whole
+    /// list (`conns` on a host with 100 000 connections).
+    Items(mpsc::Receiver<String>),
 }
 
 pub struct ApiServer {
@@ -168,7 +177,11 @@ impl Client {
                         return;
                     }
                     command => match tokio::time::timeout_at(deadline, self.ask(command)).await {
-                        Ok(response) => response,
+                        Ok(Answer::Whole(response)) => response,
+                        Ok(Answer::Items(chunks)) => {
+                            let _ = write_items(&mut write, chunks).await;
+                            return;
+                        }
                         Err(_) => {
                             // A short error line: it fits in the socket's buffer.
                             deadline = tokio::time::Instant::now() + WRITE_TIMEOUT;
@@ -192,13 +205,19 @@ impl Client {
         }
     }
 
-    async fn ask(&self, command: Command) -> Response {
+    async fn ask(&self, command: Command) -> Answer {
         let (reply, answer) = oneshot::channel();
         if self.queries.send(Query { command, reply }).await.is_err() {
-            return Response::error(ErrorCode::Internal, "the daemon is shutting down");
+            return Answer::Whole(Response::error(
+                ErrorCode::Internal,
+                "the daemon is shutting down",
+            ));
         }
         answer.await.unwrap_or_else(|_| {
-            Response::error(ErrorCode::Internal, "the daemon dropped the query")
+            Answer::Whole(Response::error(
+                ErrorCode::Internal,
+                "the daemon dropped the query",
+            ))
         })
     }
 
@@ -271,6 +290,24 @@ async fn write_line(
     tokio::time::timeout(WRITE_TIMEOUT, write.write_all(line))
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// Writes a streamed list answer as one response line, chunk by chunk as they come.
+async fn write_items(
+    write: &mut (impl tokio::io::AsyncWrite + Unpin),
+    mut chunks: mpsc::Receiver<String>,
+) -> std::io::Result<()> {
+    let head = format!("{{\"version\":{},\"ok\":true,\"result\":[", api::VERSION);
+    write.write_all(head.as_bytes()).await?;
+    while let Some(chunk) = chunks.recv().await {
+        // A client that stops reading must not hold its slot and the stream forever: dropping
+        // `chunks` ends it in the main loop.
+        tokio::time::timeout(WRITE_TIMEOUT, write.write_all(chunk.as_bytes()))
+            .await
+            .map_err(|_| std::io::Error::other("client stopped reading"))??;
+    }
+    write.write_all(b"]}\n").await?;
+    write.flush().await
 }
 
 async fn reply_and_close(mut stream: UnixStream, response: Response) {

@@ -99,8 +99,25 @@ pub(crate) enum FdTarget {
     File(String),
 }
 
+/// Longest fd description reported (a file path can be 4 KiB).
+const MAX_DESCRIPTION: usize = 256;
+
 impl FdTarget {
+    /// `socket A -> B`, `pipe (inode N)`, `file /path`…, at most 256 bytes.
     pub(crate) fn describe(&self) -> String {
+        let mut text = self.describe_all();
+        if text.len() > MAX_DESCRIPTION {
+            let mut end = MAX_DESCRIPTION;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+            text.push('…');
+        }
+        text
+    }
+
+    fn describe_all(&self) -> String {
         match self {
             Self::Socket {
                 local: Some(local),
@@ -241,6 +258,8 @@ mod tests {
             parse_fd_link("/var/lib/db"),
             FdTarget::File("/var/lib/db".into())
         );
+        let long = FdTarget::File(format!("/{}", "d/".repeat(2000))).describe();
+        assert!(long.len() <= MAX_DESCRIPTION + 3 && long.ends_with('…'));
     }
 
     #[test]
