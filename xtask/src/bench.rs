@@ -653,24 +653,31 @@ fn paced_cpu(paths: &Paths, secs: f64) -> Result<Value> {
     Ok(json!({"requests_per_sec": ops_per_sec, "daemon": metrics}))
 }
 
+/// Starts `stalltrace-loadgen WORKLOAD --conns N` (idle or stalled connections), and waits
+/// until it holds them all; they are held until its stdin closes.
+fn hold_connections(paths: &Paths, workload: &str, conns: usize) -> Result<Child> {
+    let mut load = Command::new(&paths.loadgen)
+        .args([workload, "--conns", &conns.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting the {workload}-connection generator"))?;
+    let mut ready = String::new();
+    BufReader::new(load.stdout.take().expect("piped")).read_line(&mut ready)?;
+    if ready.trim() != "ready" {
+        let _ = load.kill();
+        bail!("the {workload}-connection generator failed (fd limits?)");
+    }
+    Ok(load)
+}
+
 /// Many idle connections: daemon memory, and how long sweeps take.
 fn idle_scale(paths: &Paths, conns: usize) -> Result<Value> {
     progress(&format!("{conns} idle connections"));
     let daemon = Daemon::start(paths, &[])?;
     let started = Instant::now();
-    let mut idle = Command::new(&paths.loadgen)
-        .args(["idle", "--conns", &conns.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting the idle-connection generator")?;
-    let mut ready = String::new();
-    BufReader::new(idle.stdout.take().expect("piped")).read_line(&mut ready)?;
-    if ready.trim() != "ready" {
-        let _ = idle.kill();
-        bail!("the idle-connection generator failed (fd limits?)");
-    }
+    let mut idle = hold_connections(paths, "idle", conns)?;
     let opened_in = started.elapsed();
     // Wait until the daemon tracks them all (or stops gaining: events lost in the burst),
     // then until sweeps have gone idle.
@@ -733,19 +740,7 @@ fn mass_stalls(paths: &Paths, sizes: &[usize], smoke: bool) -> Result<Value> {
         ));
         let threshold = format!("{MASS_STALL_AFTER_MS}ms");
         let daemon = Daemon::start(paths, &["--stall-after", &threshold])?;
-        let mut load = Command::new(&paths.loadgen)
-            .args(["stalled", "--conns", &conns.to_string()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting the stalled-connection generator")?;
-        let mut ready = String::new();
-        BufReader::new(load.stdout.take().expect("piped")).read_line(&mut ready)?;
-        if ready.trim() != "ready" {
-            let _ = load.kill();
-            bail!("the stalled-connection generator failed (fd limits?)");
-        }
+        let mut load = hold_connections(paths, "stalled", conns)?;
         // The last request went out just now: every stall is due threshold from here.
         let sent = Instant::now();
         let deadline = sent + Duration::from_secs(60);

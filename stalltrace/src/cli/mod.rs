@@ -281,21 +281,7 @@ fn parse_mode(text: &str) -> Result<u32, String> {
 
 /// `8MiB`, `512KiB`, `4096`: a power of two of at least one page.
 fn parse_ring_size(text: &str) -> Result<u32, String> {
-    let text = text.trim();
-    let (number, unit) = text
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((text, ""), |at| text.split_at(at));
-    let multiplier: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "K" | "KiB" => 1 << 10,
-        "M" | "MiB" => 1 << 20,
-        "G" | "GiB" => 1 << 30,
-        other => return Err(format!("unknown size unit `{other}` (use KiB, MiB or GiB)")),
-    };
-    let bytes = number
-        .parse::<u64>()
-        .map_err(|_| format!("invalid size `{text}` (examples: 4MiB, 512KiB)"))?
-        * multiplier;
+    let bytes = parse_size(text)?;
     if bytes < 4096 || !bytes.is_power_of_two() || bytes > 1 << 30 {
         return Err(format!(
             "ring buffer size must be a power of two between 4KiB and 1GiB, got {bytes} bytes"
