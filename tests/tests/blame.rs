@@ -97,6 +97,91 @@ fn an_asyncio_proxy_stall_is_blamed_on_its_upstream_never_on_healthy_requests() 
     require_root();
     let daemon = Daemon::start("blame-asyncio");
     let (slow, fast) = (silent_upstream(), fast_upstream());
+    let (_proxy, proxy) = asyncio_proxy(slow, fast);
+    check_chain(&daemon, proxy, slow, fast);
+}
+
+#[test]
+fn an_nginx_stall_is_blamed_on_its_upstream_with_and_without_keepalive() {
+    require_root();
+    let daemon = Daemon::start("blame-nginx");
+    for keepalive in [true, false] {
+        let (slow, fast) = (silent_upstream(), fast_upstream());
+        let (_nginx, proxy) = nginx(&daemon, slow, fast, keepalive);
+        check_chain(&daemon, proxy, slow, fast);
+    }
+}
+
+/// client → nginx → an asyncio app → a database that never answers: the client's stall is
+/// chained hop by hop to the database's side, through two event loops.
+#[test]
+fn a_chain_crosses_every_hop_to_the_root() {
+    require_root();
+    let daemon = Daemon::start("blame-hops");
+    let (database, fast) = (silent_upstream(), fast_upstream());
+    let (_app, app) = asyncio_proxy(database, fast);
+    let (_nginx, edge) = nginx(&daemon, app, fast, true);
+    let client = get(edge, "/slow/checkout");
+    let local = client.local_addr().unwrap();
+    let reaches_the_database = |e: &Value| {
+        e["conn"]["role"] == "client"
+            && e["network"]["local"]["port"] == local.port()
+            && e["stall"]["blame"]
+                .as_array()
+                .and_then(|b| b.last())
+                .is_some_and(|root| root["local"] == database.to_string())
+    };
+    let found = daemon
+        .wait_for_event(
+            "stall.start",
+            local.port(),
+            REPORT_WITHIN,
+            reaches_the_database,
+        )
+        .or_else(|| {
+            daemon.wait_for_event(
+                "stall.update",
+                local.port(),
+                REPORT_WITHIN,
+                reaches_the_database,
+            )
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no chain from the client to the database: {:#?}",
+                daemon.events_named("stall.start", local.port())
+            )
+        });
+    let blame = found["stall"]["blame"].as_array().unwrap();
+    let hops: Vec<(&str, &str)> = blame
+        .iter()
+        .skip(1)
+        .map(|l| {
+            (
+                l["evidence"].as_str().unwrap(),
+                l["local"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    let (edge, app, database) = (edge.to_string(), app.to_string(), database.to_string());
+    // client → (peer) nginx's inbound → (timing+signature) nginx → app → (peer) the app's
+    // inbound → (timing+signature) the app → database → (peer) the database's side.
+    assert_eq!(blame.len(), 6, "{blame:#?}");
+    assert_eq!(hops[0], ("peer", edge.as_str()), "{blame:#?}");
+    assert_eq!(hops[1].0, "timing+signature", "{blame:#?}");
+    assert_eq!(blame[2]["peer"], app, "{blame:#?}");
+    assert_eq!(hops[2], ("peer", app.as_str()), "{blame:#?}");
+    assert_eq!(hops[3].0, "timing+signature", "{blame:#?}");
+    assert_eq!(blame[4]["peer"], database, "{blame:#?}");
+    assert_eq!(hops[4], ("peer", database.as_str()), "{blame:#?}");
+    assert!(
+        blame.iter().all(|l| l["stall"].is_string()),
+        "every link is stalled: {blame:#?}"
+    );
+}
+
+/// Starts the asyncio proxy in front of `slow` and `fast`.
+fn asyncio_proxy(slow: SocketAddr, fast: SocketAddr) -> (Proxy, SocketAddr) {
     let mut child = Command::new("python3")
         .args([
             "-c",
@@ -111,54 +196,54 @@ fn an_asyncio_proxy_stall_is_blamed_on_its_upstream_never_on_healthy_requests() 
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut port)
         .unwrap();
-    let _proxy = Proxy(child);
-    let proxy: SocketAddr = format!("127.0.0.1:{}", port.trim()).parse().unwrap();
-    check_chain(&daemon, proxy, slow, fast);
+    let addr = format!("127.0.0.1:{}", port.trim()).parse().unwrap();
+    (Proxy(child), addr)
 }
 
-#[test]
-fn an_nginx_stall_is_blamed_on_its_upstream_with_and_without_keepalive() {
-    require_root();
-    let daemon = Daemon::start("blame-nginx");
-    for keepalive in [true, false] {
-        let (slow, fast) = (silent_upstream(), fast_upstream());
-        let proxy = free_port();
-        let dir = daemon_dir(&daemon, &format!("nginx-{keepalive}"));
-        let pool = if keepalive { "keepalive 4;" } else { "" };
-        let reuse = if keepalive {
-            "proxy_http_version 1.1; proxy_set_header Connection \"\";"
-        } else {
-            ""
-        };
-        let temp = dir.display();
-        let config = format!(
-            "daemon off; worker_processes 1; pid {temp}/nginx.pid; error_log {temp}/error.log;
-             events {{ worker_connections 256; }}
-             http {{
-               access_log off;
-               client_body_temp_path {temp}; proxy_temp_path {temp};
-               fastcgi_temp_path {temp}; uwsgi_temp_path {temp}; scgi_temp_path {temp};
-               upstream slow {{ server {slow}; {pool} }}
-               upstream fast {{ server {fast}; {pool} }}
-               server {{
-                 listen {proxy};
-                 location /slow/ {{ proxy_pass http://slow; proxy_read_timeout 60s; {reuse} }}
-                 location / {{ proxy_pass http://fast; {reuse} }}
-               }}
-             }}"
-        );
-        let path = dir.join("nginx.conf");
-        std::fs::write(&path, config).unwrap();
-        let _nginx = Proxy(
-            Command::new("nginx")
-                .arg("-c")
-                .arg(&path)
-                .spawn()
-                .expect("nginx is installed by cargo xtask test"),
-        );
-        wait_until_listening(proxy);
-        check_chain(&daemon, proxy, slow, fast);
-    }
+/// Starts nginx in front of `slow` (paths under /slow/) and `fast`, with a pool of
+/// keep-alive connections to them or a new connection per request.
+fn nginx(
+    daemon: &Daemon,
+    slow: SocketAddr,
+    fast: SocketAddr,
+    keepalive: bool,
+) -> (Proxy, SocketAddr) {
+    let proxy = free_port();
+    let dir = daemon_dir(daemon, &format!("nginx-{}", proxy.port()));
+    let pool = if keepalive { "keepalive 4;" } else { "" };
+    let reuse = if keepalive {
+        "proxy_http_version 1.1; proxy_set_header Connection \"\";"
+    } else {
+        ""
+    };
+    let temp = dir.display();
+    let config = format!(
+        "daemon off; worker_processes 1; pid {temp}/nginx.pid; error_log {temp}/error.log;
+         events {{ worker_connections 256; }}
+         http {{
+           access_log off;
+           client_body_temp_path {temp}; proxy_temp_path {temp};
+           fastcgi_temp_path {temp}; uwsgi_temp_path {temp}; scgi_temp_path {temp};
+           upstream slow {{ server {slow}; {pool} }}
+           upstream fast {{ server {fast}; {pool} }}
+           server {{
+             listen {proxy};
+             location /slow/ {{ proxy_pass http://slow; proxy_read_timeout 60s; {reuse} }}
+             location / {{ proxy_pass http://fast; {reuse} }}
+           }}
+         }}"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, config).unwrap();
+    let nginx = Proxy(
+        Command::new("nginx")
+            .arg("-c")
+            .arg(&path)
+            .spawn()
+            .expect("nginx is installed by cargo xtask test"),
+    );
+    wait_until_listening(proxy);
+    (nginx, proxy)
 }
 
 #[test]
