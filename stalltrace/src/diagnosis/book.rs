@@ -28,11 +28,11 @@ use crate::probes::KernelMaps;
 
 /// Refresh looks asked for per second at most (~50 µs of I/O each, on the worker).
 const REFRESHES_PER_SEC: u64 = 200;
-/// Open stalls whose diagnosis is kept (and refreshed) at most; later ones are reported with
-/// what is known at their start, and counted.
-const MAX_OPEN: usize = 16_384;
-/// Threads sampled ahead of their stall at most.
-const MAX_PRESAMPLED: usize = 4_096;
+/// Open stalls whose diagnosis is kept (and refreshed) at most (~1 KiB each); later ones are
+/// reported with what is known at their start, and counted.
+const MAX_OPEN: usize = 32_768;
+/// Threads sampled ahead of their stall at most: the worker keeps as many samples.
+const MAX_PRESAMPLED: usize = super::worker::MAX_SAMPLES;
 const SEC: u64 = 1_000_000_000;
 /// The first refresh of a stall comes this soon after its onset.
 const FIRST_REFRESH_NS: u64 = SEC;
@@ -138,6 +138,9 @@ impl Diagnoser {
     pub(crate) fn presample(&mut self, tracker: &Tracker, now: u64) {
         let since = now.saturating_sub(self.stall_after_ns / 2);
         let mut suspects = HashSet::new();
+        // More requests about to stall than samples kept: counted once per sweep, not once
+        // per request and sweep.
+        let mut refused = false;
         for sock in tracker.suspects(since) {
             let Some(conn) = tracker.conn(sock) else {
                 continue;
@@ -145,7 +148,7 @@ impl Diagnoser {
             suspects.insert(conn.id);
             if conn.owner.pid != 0 && !self.presampled.contains(&conn.id) {
                 if self.presampled.len() >= MAX_PRESAMPLED {
-                    self.dropped += 1;
+                    refused = true;
                     continue;
                 }
                 let job = Job::Presample {
@@ -158,6 +161,7 @@ impl Diagnoser {
                 }
             }
         }
+        self.dropped += u64::from(refused);
         let answered: Vec<u64> = self
             .presampled
             .iter()

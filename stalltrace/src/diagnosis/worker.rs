@@ -27,7 +27,7 @@ use crate::sources::{symbols::Symbolizer, threads};
 const QUEUE: usize = 32_768;
 /// Thread samples kept at most, ahead of a likely stall and per open stall (~100 bytes each).
 /// Past it a window simply starts at the next look.
-const MAX_SAMPLES: usize = 65_536;
+pub(super) const MAX_SAMPLES: usize = 65_536;
 
 /// A stalled (or about to stall) connection, as the worker needs to see it.
 #[derive(Clone, Debug)]
