@@ -79,6 +79,10 @@ pub(crate) struct Diagnoser {
     presampled: HashSet<u64>,
     /// When the daemon last lost events: stalls on connections older than that are partial.
     last_loss_ns: Option<u64>,
+    /// Bumped whenever a stall opens or ends: the cached `outbounds` are of that generation.
+    generation: u64,
+    /// The open stalls' outbound requests, as of a generation.
+    outbounds: (u64, Outbounds),
     /// Refresh looks that may be asked for now (a token bucket of one second's worth).
     refresh_tokens: u64,
     tokens_at_ns: u64,
@@ -102,6 +106,8 @@ impl Diagnoser {
             open: HashMap::new(),
             presampled: HashSet::new(),
             last_loss_ns: None,
+            generation: 1,
+            outbounds: (0, Outbounds::default()),
             refresh_tokens: REFRESHES_PER_SEC,
             tokens_at_ns: 0,
         };
@@ -213,12 +219,14 @@ impl Diagnoser {
         });
         let result = (open.diagnosis.clone(), open.in_flight);
         self.open.insert(conn.id, open);
+        self.generation += 1;
         result
     }
 
     /// The stall on connection `id` ended, or its connection closed.
     pub(crate) fn end(&mut self, id: u64) {
         let known = self.open.remove(&id).is_some() | self.presampled.remove(&id);
+        self.generation += 1;
         if known {
             self.worker.submit(Job::Forget { id });
         }
@@ -297,11 +305,12 @@ impl Diagnoser {
                 Finding::Unread { .. } => {}
             }
         }
-        let outbounds = if looked_at.is_empty() {
-            Outbounds::default()
-        } else {
-            self.outbounds(tracker)
-        };
+        // The open stalls' outbound requests change only when stalls open or end: reuse them
+        // until then (a refresh of thousands of open stalls would rebuild them at every batch).
+        let mut outbounds = std::mem::take(&mut self.outbounds);
+        if !looked_at.is_empty() && outbounds.0 != self.generation {
+            outbounds = (self.generation, self.outbounds(tracker));
+        }
         for (id, onset) in looked_at {
             let Some((_, conn)) = tracker.find_by_id(id) else {
                 continue;
@@ -309,7 +318,7 @@ impl Diagnoser {
             let Some(open) = self.open.get(&id) else {
                 continue;
             };
-            let mut next = self.compose(conn, open, Some((tracker, &outbounds)));
+            let mut next = self.compose(conn, open, Some((tracker, &outbounds.1)));
             let open = self.open.get_mut(&id).expect("looked up above");
             if open.retransmits_at_start.is_none() {
                 open.retransmits_at_start = next.tcp.map(|t| t.total_retransmits);
@@ -327,6 +336,7 @@ impl Diagnoser {
                 outcomes.push(Outcome::Changed(id, next));
             }
         }
+        self.outbounds = outbounds;
         outcomes
     }
 
