@@ -287,7 +287,11 @@ impl Output {
             self.torn = false;
         }
         let (done, error) = write_fully(out, bytes);
-        let written = bytecount(&bytes[..done]);
+        let written = if done == bytes.len() {
+            lines
+        } else {
+            bytecount(&bytes[..done])
+        };
         if let Some(error) = error {
             self.torn = done > 0 && bytes[done - 1] != b'\n';
             if !self.failures_logged {
@@ -318,8 +322,9 @@ fn write_fully(out: &mut dyn Write, bytes: &[u8]) -> (usize, Option<io::Error>) 
     (done, None)
 }
 
+/// Lines in `bytes` (SIMD search: chunks are megabytes a second under load).
 fn bytecount(bytes: &[u8]) -> u64 {
-    bytes.iter().filter(|&&b| b == b'\n').count() as u64
+    memchr::memchr_iter(b'\n', bytes).count() as u64
 }
 
 /// The events file, as the writer thread keeps it.
