@@ -21,7 +21,7 @@ use stalltrace_core::{
 use tokio::sync::mpsc::Receiver;
 
 use super::{
-    blame::{blame_chain, Outbound, Outbounds},
+    blame::{blame_chain, is_event_loop, Links, Request},
     worker::{Finding, Job, Subject, Worker},
 };
 use crate::probes::KernelMaps;
@@ -79,10 +79,11 @@ pub(crate) struct Diagnoser {
     presampled: HashSet<u64>,
     /// When the daemon last lost events: stalls on connections older than that are partial.
     last_loss_ns: Option<u64>,
-    /// Bumped whenever a stall opens or ends: the cached `outbounds` are of that generation.
+    /// Bumped whenever a stall opens or ends, or its thread starts or stops waiting in an event
+    /// loop: the cached `links` are of that generation.
     generation: u64,
-    /// The open stalls' outbound requests, as of a generation.
-    outbounds: (u64, Outbounds),
+    /// The links between event loops' stalled requests, as of a generation.
+    links: (u64, Links),
     /// Refresh looks that may be asked for now (a token bucket of one second's worth).
     refresh_tokens: u64,
     tokens_at_ns: u64,
@@ -107,7 +108,7 @@ impl Diagnoser {
             presampled: HashSet::new(),
             last_loss_ns: None,
             generation: 1,
-            outbounds: (0, Outbounds::default()),
+            links: (0, Links::default()),
             refresh_tokens: REFRESHES_PER_SEC,
             tokens_at_ns: 0,
         };
@@ -287,12 +288,16 @@ impl Diagnoser {
                     tcp,
                 } => {
                     if let Some(open) = self.open.get_mut(&id) {
+                        let waited = waits_in_event_loop(open);
                         open.in_flight = false;
                         open.facts = Some(Facts {
                             thread,
                             fd_peer,
                             tcp,
                         });
+                        if waits_in_event_loop(open) != waited {
+                            self.generation += 1;
+                        }
                         looked_at.push((id, onset));
                     }
                 }
@@ -305,11 +310,12 @@ impl Diagnoser {
                 Finding::Unread { .. } => {}
             }
         }
-        // The open stalls' outbound requests change only when stalls open or end: reuse them
-        // until then (a refresh of thousands of open stalls would rebuild them at every batch).
-        let mut outbounds = std::mem::take(&mut self.outbounds);
-        if !looked_at.is_empty() && outbounds.0 != self.generation {
-            outbounds = (self.generation, self.outbounds(tracker));
+        // The links between event loops' requests change only when stalls open or end, or a
+        // thread starts or stops waiting in an event loop: reuse them until then (a refresh of
+        // thousands of open stalls would rebuild them at every batch).
+        let mut links = std::mem::take(&mut self.links);
+        if !looked_at.is_empty() && links.0 != self.generation {
+            links = (self.generation, self.links(tracker));
         }
         for (id, onset) in looked_at {
             let Some((_, conn)) = tracker.find_by_id(id) else {
@@ -318,7 +324,7 @@ impl Diagnoser {
             let Some(open) = self.open.get(&id) else {
                 continue;
             };
-            let mut next = self.compose(conn, open, Some((tracker, &outbounds.1)));
+            let mut next = self.compose(conn, open, Some((tracker, &links.1)));
             let open = self.open.get_mut(&id).expect("looked up above");
             if open.retransmits_at_start.is_none() {
                 open.retransmits_at_start = next.tcp.map(|t| t.total_retransmits);
@@ -336,7 +342,7 @@ impl Diagnoser {
                 outcomes.push(Outcome::Changed(id, next));
             }
         }
-        self.outbounds = outbounds;
+        self.links = links;
         outcomes
     }
 
@@ -380,43 +386,36 @@ impl Diagnoser {
         self.open.get(&id).map(|open| &open.diagnosis)
     }
 
-    /// The open stalls' outbound requests by process, and every open stall's request
-    /// signature: what links an event loop's inbound stall to its outbound one.
-    fn outbounds(&self, tracker: &Tracker) -> Outbounds {
-        let mut outbounds = Outbounds::default();
+    /// The links from event loops' stalled inbound requests to the stalled outbound requests
+    /// they wait on, from the open stalls.
+    fn links(&self, tracker: &Tracker) -> Links {
+        let mut inbound: HashMap<u32, Vec<Request>> = HashMap::new();
+        let mut outbound: HashMap<u32, Vec<Request>> = HashMap::new();
         for (id, open) in &self.open {
-            let signature = open.request.as_ref().map(|r| r.signature.clone());
-            if let Some(signature) = &signature {
-                outbounds.signatures.insert(*id, signature.clone());
-            }
             let Some((_, conn)) = tracker.find_by_id(*id) else {
                 continue;
             };
-            let (Role::Client, Some(stall)) = (conn.role, conn.stall.as_deref()) else {
+            let Some(stall) = conn.stall.as_deref() else {
                 continue;
             };
-            outbounds
-                .by_pid
-                .entry(conn.owner.pid)
-                .or_default()
-                .push(Outbound {
-                    conn: conn.id,
-                    tid: conn.owner.tid,
-                    sent_ns: stall.quiet_since_ns,
-                    signature,
-                });
+            let request = Request {
+                conn: conn.id,
+                at_ns: stall.quiet_since_ns,
+                signature: open.request.as_ref().map(|r| r.signature.clone()),
+            };
+            let side = match conn.role {
+                Role::Client => &mut outbound,
+                Role::Server if waits_in_event_loop(open) => &mut inbound,
+                Role::Server => continue,
+            };
+            side.entry(conn.owner.pid).or_default().push(request);
         }
-        outbounds
+        Links::assign(inbound, outbound)
     }
 
     /// The diagnosis of `conn` from what is known of it; the blame chain only with a tracker
     /// (and the open stalls' outbound requests).
-    fn compose(
-        &self,
-        conn: &Conn,
-        open: &Open,
-        context: Option<(&Tracker, &Outbounds)>,
-    ) -> Diagnosis {
+    fn compose(&self, conn: &Conn, open: &Open, context: Option<(&Tracker, &Links)>) -> Diagnosis {
         let (confidence, confidence_reason) =
             diagnosis::confidence(conn.opened_ns, self.last_loss_ns);
         let mut found = Diagnosis {
@@ -432,18 +431,29 @@ impl Diagnoser {
             found.cause = Some(diagnosis::tcp_cause(conn.role == Role::Server, &signals));
             found.tcp = Some(signals);
         }
-        let Some((tracker, outbounds)) = context else {
+        let Some((tracker, links)) = context else {
             found.thread = facts.thread.clone();
             return found;
         };
         found.thread = resolved_thread(conn, facts, tracker);
         let verdict = found.thread.as_ref().map(|t| t.verdict.clone());
-        found.blame = blame_chain(conn, verdict, tracker, outbounds, |next| {
+        found.blame = blame_chain(conn, verdict, tracker, links, |next| {
             let facts = self.open.get(&next.id)?.facts.as_ref()?;
             resolved_thread(next, facts, tracker).map(|t| t.verdict)
         });
         found
     }
+}
+
+/// The thread behind this stall waits in an event loop (as last seen).
+fn waits_in_event_loop(open: &Open) -> bool {
+    matches!(
+        open.facts.as_ref().and_then(|f| f.thread.as_ref()),
+        Some(ThreadReport {
+            verdict: ThreadVerdict::Waiting { syscall },
+            ..
+        }) if is_event_loop(syscall)
+    )
 }
 
 fn subject(conn: &Conn) -> Subject {
