@@ -133,6 +133,8 @@ pub fn tcp_cause(server_side: bool, signals: &TcpSignals) -> Cause {
         } else {
             Cause::ReadNoReply
         }
+    } else if signals.recv_queue > 0 {
+        Cause::ResponseUnread
     } else if signals.send_queue > 0 {
         Cause::RequestNotDelivered
     } else {
@@ -294,5 +296,10 @@ mod tests {
             tcp_cause(false, &TcpSignals::default()),
             Cause::AwaitingPeer
         );
+        let answered = TcpSignals {
+            recv_queue: 40,
+            ..Default::default()
+        };
+        assert_eq!(tcp_cause(false, &answered), Cause::ResponseUnread);
     }
 }

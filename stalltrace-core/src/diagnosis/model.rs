@@ -98,6 +98,9 @@ pub enum Cause {
     NetworkRetransmitting,
     /// Client: the request is still in the send queue, unacknowledged.
     RequestNotDelivered,
+    /// Client: bytes from the peer wait unread in the receive queue: the answer (or part of
+    /// it) arrived, and the client has not read it. The client is stuck, not the server.
+    ResponseUnread,
     /// Client: the request was delivered; the peer has not answered.
     AwaitingPeer,
 }
@@ -110,6 +113,7 @@ impl Cause {
             Self::PeerNotReading => "peer_not_reading",
             Self::NetworkRetransmitting => "network_retransmitting",
             Self::RequestNotDelivered => "request_not_delivered",
+            Self::ResponseUnread => "response_unread",
             Self::AwaitingPeer => "awaiting_peer",
         }
     }

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::Result;
 use stalltrace_core::{
-    diagnosis::{self, Diagnosis, RequestReport, TcpSignals, ThreadReport, ThreadVerdict},
+    diagnosis::{self, Cause, Diagnosis, RequestReport, TcpSignals, ThreadReport, ThreadVerdict},
     protocols::{self, Privacy},
     tracker::{
         model::{Endpoints, Role},
@@ -436,6 +436,10 @@ impl Diagnoser {
             return found;
         };
         found.thread = resolved_thread(conn, facts, tracker);
+        if found.cause == Some(Cause::ResponseUnread) {
+            // The peer answered: this client is the root, there is nobody to blame behind it.
+            return found;
+        }
         let verdict = found.thread.as_ref().map(|t| t.verdict.clone());
         found.blame = blame_chain(conn, verdict, tracker, links, |next| {
             let facts = self.open.get(&next.id)?.facts.as_ref()?;
