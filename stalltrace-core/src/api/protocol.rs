@@ -52,17 +52,28 @@ pub enum Command {
 #[serde(deny_unknown_fields)]
 pub struct Filter {
     /// Only connections of this process id.
-    #[arg(long, value_name = "PID")]
+    #[arg(long, value_name = "PID", value_parser = clap::value_parser!(u32).range(1..))]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
     /// Only connections of processes with this executable name (comm, at most 15 characters).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", value_parser = parse_comm)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comm: Option<String>,
     /// Only connections with this local or peer port.
     #[arg(long, value_name = "PORT")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+}
+
+/// An executable name as the kernel keeps it: a longer one would silently match nothing.
+pub fn parse_comm(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.len() > 15 {
+        return Err(format!(
+            "`{text}` cannot be a process name: the kernel keeps 1 to 15 bytes of it (comm); \
+             use its first 15 characters"
+        ));
+    }
+    Ok(text.to_owned())
 }
 
 impl Filter {

@@ -24,15 +24,22 @@ use stalltrace_core::{
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn connect(socket: &Path) -> Result<UnixStream> {
-    UnixStream::connect(socket).with_context(|| {
-        format!(
-            "cannot reach the stalltrace daemon at {} (is `stalltrace daemon` running? \
-             start it as root, or pass --socket)",
+    UnixStream::connect(socket).map_err(|err| {
+        let hint = if err.kind() == std::io::ErrorKind::PermissionDenied {
+            "the socket is the daemon's (mode 0660): run as root, or as a member of the group \
+             the daemon gives it with --socket-group"
+        } else {
+            "is `stalltrace daemon` running? start it as root, or pass --socket"
+        };
+        anyhow::anyhow!(
+            "cannot reach the stalltrace daemon at {} ({hint}): {err}",
             socket.display()
         )
     })
 }
 
+/// Sends `command`. A daemon that refuses a client (too many already: `busy`) answers and
+/// closes at once, so the request may not go out: its answer is then what to report.
 fn send(stream: &mut UnixStream, command: Command) -> Result<()> {
     let request = Request {
         version: api::VERSION,
@@ -40,9 +47,14 @@ fn send(stream: &mut UnixStream, command: Command) -> Result<()> {
     };
     let mut line = serde_json::to_string(&request)?;
     line.push('\n');
-    stream
-        .write_all(line.as_bytes())
-        .context("sending the request")
+    match stream.write_all(line.as_bytes()) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => {
+            read_response(&mut BufReader::new(&*stream))?;
+            Err(err).context("sending the request")
+        }
+        Err(err) => Err(err).context("sending the request"),
+    }
 }
 
 fn read_response(reader: &mut impl std::io::BufRead) -> Result<Box<RawValue>> {

@@ -103,7 +103,7 @@ pub enum Command {
 #[derive(Args, Debug)]
 pub struct DaemonArgs {
     /// How long a connection with a request outstanding may stay quiet before it is a stall.
-    #[arg(long, value_name = "DURATION", default_value = "5s")]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_threshold)]
     pub stall_after: HumanDuration,
 
     /// Append events to this file instead of writing them to stdout. It is reopened on SIGHUP
@@ -139,7 +139,12 @@ pub struct DaemonArgs {
 
     /// Connections the kernel tracks at once (both ends of a local connection count); beyond
     /// it the least recently used are evicted, which is counted as loss.
-    #[arg(long, value_name = "N", default_value_t = 262_144)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 262_144,
+        value_parser = clap::value_parser!(u32).range(1..=16_777_216)
+    )]
     pub max_conns: u32,
 
     /// Size of the kernel → daemon ring buffer: a power of two, at least 4KiB (e.g. 8MiB). Larger
@@ -187,7 +192,7 @@ pub struct DaemonArgs {
 #[derive(Args, Debug, Default)]
 pub struct WhyFilter {
     /// Only groups of processes with this executable name (comm, at most 15 characters).
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", value_parser = stalltrace_core::api::parse_comm)]
     pub comm: Option<String>,
     /// Only groups whose endpoint has this port: the port a server serves, or the port a client
     /// calls.
@@ -246,6 +251,19 @@ impl LogLevel {
             Self::Debug => log::LevelFilter::Debug,
         }
     }
+}
+
+/// A stall threshold: a duration above zero (`0` alone is refused as that, not for its unit).
+fn parse_threshold(text: &str) -> Result<HumanDuration, String> {
+    let zero = || "the threshold must be greater than zero (e.g. 500ms, 5s)".to_owned();
+    if !text.is_empty() && text.trim().chars().all(|c| c == '0') {
+        return Err(zero());
+    }
+    let duration: HumanDuration = text.parse().map_err(|e| format!("{e}"))?;
+    if duration.0.is_zero() {
+        return Err(zero());
+    }
+    Ok(duration)
 }
 
 /// `100MiB`, `512KiB`, `1G`, `4096`: a size in bytes, above zero.
@@ -400,5 +418,25 @@ mod tests {
             "1MiB"
         ])
         .is_ok());
+    }
+
+    #[test]
+    fn values_that_could_only_mislead_are_usage_errors() {
+        let usage = |args: &[&str]| {
+            let err = Cli::try_parse_from(args).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+            err.to_string()
+        };
+        for zero in ["0", "0s", "0ms"] {
+            let text = usage(&["stalltrace", "daemon", "--stall-after", zero]);
+            assert!(text.contains("greater than zero"), "{text}");
+        }
+        usage(&["stalltrace", "daemon", "--max-conns", "0"]);
+        usage(&["stalltrace", "daemon", "--max-conns", "4294967295"]);
+        usage(&["stalltrace", "stalls", "--pid", "0"]);
+        let text = usage(&["stalltrace", "conns", "--comm", "python3.11-very-long-name"]);
+        assert!(text.contains("15"), "{text}");
+        usage(&["stalltrace", "why", "--comm", "python3.11-very-long-name"]);
+        assert!(Cli::try_parse_from(["stalltrace", "daemon", "--stall-after", "250ms"]).is_ok());
     }
 }
