@@ -88,6 +88,12 @@ pub fn recognize_with(bytes: &[u8], privacy: Privacy) -> Option<Signature> {
 
 /// `/users/1234/orders/9f86d081884c7d65` → `/users/{id}/orders/{id}`: segments that are
 /// decimal numbers, hex strings of 8 or more digits, or UUIDs become `{id}`.
+/// The start of an id cut short: hex digits and dashes, with a digit among them.
+fn is_partial_id(segment: &str) -> bool {
+    segment.bytes().any(|b| b.is_ascii_digit())
+        && segment.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+}
+
 pub fn template_path(path: &str) -> String {
     path.split('/')
         .map(|segment| if is_id(segment) { "{id}" } else { segment })
@@ -126,6 +132,8 @@ fn http(bytes: &[u8], templates: bool) -> Option<Signature> {
         .iter()
         .position(|&b| matches!(b, b' ' | b'?' | b'#' | b'\r' | b'\n'))
         .unwrap_or(target.len());
+    // Cut short by the capture or the token bound: the last segment may be part of an id.
+    let cut = end == target.len() || end > MAX_TOKEN;
     let path = &target[..end.min(MAX_TOKEN)];
     let plausible = path.first().is_some_and(|&b| b == b'/' || b == b'*')
         || path.starts_with(b"http://")
@@ -138,6 +146,14 @@ fn http(bytes: &[u8], templates: bool) -> Option<Signature> {
     let path = if templates {
         // `{id}` is longer than a one-digit segment: keep the signature short.
         let mut templated = template_path(path);
+        if cut {
+            // A UUID or a number cut short is still an id: template what is left of it.
+            if let Some((head, last)) = templated.rsplit_once('/') {
+                if is_partial_id(last) {
+                    templated = format!("{head}/{{id}}");
+                }
+            }
+        }
         templated.truncate(2 * MAX_TOKEN);
         templated
     } else {
@@ -432,6 +448,19 @@ mod tests {
             template_path("/123e4567e-89b-12d3-a456-426614174000"),
             "/123e4567e-89b-12d3-a456-426614174000"
         );
+    }
+
+    #[test]
+    fn an_id_cut_short_by_the_capture_is_still_templated() {
+        let request = b"POST /api/v2/item/0123456789abcdef/550e8400-e29b-41d4-a716-44665";
+        let found = recognize_with(request, Privacy::default()).unwrap();
+        assert_eq!(found.display(), "POST /api/v2/item/{id}/{id}");
+        // A word cut short is not an id.
+        let found = recognize_with(b"GET /api/v2/ite", Privacy::default()).unwrap();
+        assert_eq!(found.display(), "GET /api/v2/ite");
+        // Complete requests are unchanged.
+        let found = recognize_with(b"GET /v1/x12 HTTP/1.1\r\n", Privacy::default()).unwrap();
+        assert_eq!(found.display(), "GET /v1/x12");
     }
 
     #[test]
