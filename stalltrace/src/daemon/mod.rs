@@ -457,7 +457,7 @@ impl Daemon {
         }
         let unlogged = total.since(&self.logged_loss);
         if unlogged.total() > 0 {
-            log::warn!("lost since last report: {unlogged:?}");
+            log::warn!("lost since last report: {unlogged}");
             self.logged_loss = total;
         }
         // Undelivered output and full userspace tables do not make the tracker's state stale.

@@ -394,7 +394,7 @@ impl LogFile {
                 "the events file {} was {}: reopening it",
                 self.options.path.display(),
                 if named.is_none() {
-                    "deleted"
+                    "moved or deleted"
                 } else {
                     "replaced"
                 }
