@@ -46,7 +46,8 @@ pub enum Command {
     /// Run the tracer (needs root): load the eBPF programs, track connections, stream events.
     #[command(
         after_help = "Events are NDJSON, one object per line (see docs/events.md): \
-        conn.open, conn.close, stall.start, stall.end, and loss whenever anything was dropped.\n\
+        conn.open, conn.close, stall.start, stall.update, stall.end, and loss whenever anything \
+        was dropped.\n\
         Stop with SIGINT or SIGTERM: the programs are detached and the events file flushed. \
         SIGHUP reopens the events file (for log rotation) and never stops the daemon."
     )]
