@@ -87,6 +87,9 @@ pub struct TcpSignals {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Cause {
+    /// Server: the connection waits in its listener's accept queue; the application never
+    /// called accept() for it (a full or stuck accept loop), so nobody can read its request.
+    NotAccepted,
     /// Server: the request sits in the receive queue, never read by the application.
     RequestUnread,
     /// Server: the request was read and nothing was sent back.
@@ -108,6 +111,7 @@ pub enum Cause {
 impl Cause {
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::NotAccepted => "not_accepted",
             Self::RequestUnread => "request_unread",
             Self::ReadNoReply => "read_no_reply",
             Self::PeerNotReading => "peer_not_reading",

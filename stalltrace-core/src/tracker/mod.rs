@@ -340,7 +340,15 @@ impl Tracker {
             return false;
         }
         let mark = out.len();
-        start_stall(conn, StallKind::UnansweredRequest, quiet_since, now, 0, out);
+        // Its exchanges so far are unknown here: only a reply (or a close) ends it.
+        start_stall(
+            conn,
+            StallKind::UnansweredRequest,
+            quiet_since,
+            now,
+            u64::MAX,
+            out,
+        );
         self.conns.note_stalls(&out[mark..]);
         self.watch(sock);
         true
@@ -730,7 +738,11 @@ fn observe(
             (_, Activity::Ending { at, how }) => Some((at, how)),
             (StallKind::ConnectPending, Activity::ConnectPending { .. }) => None,
             (StallKind::ConnectPending, _) => Some((state.state_ns, Resolution::Response)),
-            (_, Activity::Idle) => Some((state.dir_since_ns, Resolution::Response)),
+            // A reply went out since the quiet began. (A request nobody has read yet leaves
+            // the connection idle as the kernel saw it: that is no reply, and no end.)
+            (_, Activity::Idle) if state.dir_since_ns > stall.quiet_since_ns => {
+                Some((state.dir_since_ns, Resolution::Response))
+            }
             // A reply came and a new request went since (its end event was lost): the reply
             // time is unknown, the new request's start bounds it.
             (_, Activity::Outstanding { .. }) if state.exchanges > stall.exchanges_at_start => {

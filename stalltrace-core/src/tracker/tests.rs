@@ -878,3 +878,41 @@ fn stalled_connections_are_re_read_once_a_second_not_every_sweep() {
         }]
     );
 }
+
+#[test]
+fn a_request_nobody_reads_stays_stalled_until_it_is_answered() {
+    for earlier_exchange in [false, true] {
+        let mut t = tracker();
+        let mut k = Kernel::new(role::SERVER, 0);
+        if earlier_exchange {
+            k.transfer(direction::IN, SEC);
+            k.transfer(direction::OUT, SEC + MS);
+        }
+        feed(&mut t, k.event(EventKind::Discovered, 0));
+        // The request arrived at 2 s and sits unread: no transfer, the kernel entry is idle.
+        let mut out = Vec::new();
+        assert!(t.request_unread(SOCK, 2 * SEC, 2 * SEC + THRESHOLD, &mut out));
+        for step in 1..=12 {
+            let now = 2 * SEC + THRESHOLD + step * 250 * MS;
+            assert!(
+                sweep(&mut t, &mut k, now).is_empty(),
+                "earlier exchange {earlier_exchange}: nothing moved at {now}"
+            );
+        }
+        assert_eq!(t.stalled(), 1);
+        // Read at last, still unanswered: still stalled.
+        k.transfer(direction::IN, 11 * SEC);
+        assert!(sweep(&mut t, &mut k, 12 * SEC).is_empty());
+        // Answered: the stall ends then.
+        k.transfer(direction::OUT, 13 * SEC);
+        let events = sweep(&mut t, &mut k, 14 * SEC);
+        assert_eq!(
+            details(&events),
+            [&Detail::StallEnd {
+                kind: StallKind::UnansweredRequest,
+                duration_ms: 11_000,
+                resolution: Resolution::Response
+            }]
+        );
+    }
+}

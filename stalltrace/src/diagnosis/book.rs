@@ -45,6 +45,7 @@ struct Facts {
     thread: Option<ThreadReport>,
     fd_peer: Option<Endpoints>,
     tcp: Option<TcpSignals>,
+    not_accepted: bool,
 }
 
 struct Open {
@@ -286,6 +287,7 @@ impl Diagnoser {
                     thread,
                     fd_peer,
                     tcp,
+                    not_accepted,
                 } => {
                     if let Some(open) = self.open.get_mut(&id) {
                         let waited = waits_in_event_loop(open);
@@ -294,6 +296,7 @@ impl Diagnoser {
                             thread,
                             fd_peer,
                             tcp,
+                            not_accepted,
                         });
                         if waits_in_event_loop(open) != waited {
                             self.generation += 1;
@@ -431,6 +434,9 @@ impl Diagnoser {
             found.cause = Some(diagnosis::tcp_cause(conn.role == Role::Server, &signals));
             found.tcp = Some(signals);
         }
+        if facts.not_accepted {
+            found.cause = Some(Cause::NotAccepted);
+        }
         let Some((tracker, links)) = context else {
             found.thread = facts.thread.clone();
             return found;
@@ -466,6 +472,7 @@ fn subject(conn: &Conn) -> Subject {
         pid: conn.owner.pid,
         tid: conn.owner.tid,
         endpoints: conn.endpoints,
+        server: conn.role == Role::Server,
     }
 }
 

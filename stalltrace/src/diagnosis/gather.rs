@@ -1,8 +1,9 @@
 //! The I/O of a diagnosis, run on the diagnosis worker (never on the event loop): the thread
 //! behind a stall (/proc), what its blocking fd is (pidfd_getfd), and TCP signals (sock_diag).
 //! Classification is pure (`stalltrace_core::diagnosis`).
-use std::io;
+use std::{collections::HashMap, io};
 
+use stalltrace_common::tcp_state;
 use stalltrace_core::{
     diagnosis::{classify, TcpSignals, ThreadReport, ThreadSample, ThreadVerdict},
     tracker::model::{Endpoints, Owner},
@@ -20,6 +21,8 @@ pub(super) struct Gathered {
     /// The endpoints of the socket the thread is blocked on, if it is one.
     pub(super) fd_peer: Option<Endpoints>,
     pub(super) tcp: Option<TcpSignals>,
+    /// The connection waits in its listener's accept queue: no process holds it yet.
+    pub(super) not_accepted: bool,
     /// The sample that ends this CPU-share window and starts the next.
     pub(super) sample: Option<ThreadSample>,
 }
@@ -31,14 +34,13 @@ pub(super) fn gather(subject: &Subject, first: Option<ThreadSample>) -> Gathered
     } else {
         thread_report(subject.pid, subject.tid, first)
     };
-    let tcp = sock_diag::query(&subject.endpoints)
-        .ok()
-        .flatten()
-        .and_then(|entry| entry.signals);
+    let entry = sock_diag::query(&subject.endpoints).ok().flatten();
     Gathered {
         thread,
         fd_peer,
-        tcp,
+        // An established socket gets its inode when accept() takes it from the queue.
+        not_accepted: subject.server && entry.as_ref().is_some_and(|e| e.inode == 0),
+        tcp: entry.and_then(|entry| entry.signals),
         sample,
     }
 }
@@ -110,12 +112,29 @@ pub(super) fn scan_unread(stall_after_ns: u64) -> io::Result<Vec<UnreadRequest>>
     } else {
         procfs::socket_owners()
     };
+    // A connection still in its listener's accept queue has no socket inode yet: no process
+    // holds it, and the process to name is the one that owns the listener and never accepts.
+    let listeners: HashMap<u16, u64> = if entries.iter().any(|(_, e)| e.inode == 0) {
+        procfs::tcp_sockets()
+            .into_iter()
+            .filter(|s| s.state == tcp_state::LISTEN)
+            .map(|s| (s.endpoints.local_port, s.inode))
+            .collect()
+    } else {
+        HashMap::new()
+    };
     Ok(entries
         .into_iter()
-        .map(|(waiting_ms, entry)| UnreadRequest {
-            endpoints: entry.endpoints,
-            waiting_ms,
-            owner: owners.get(&entry.inode).copied(),
+        .map(|(waiting_ms, entry)| {
+            let holder = match entry.inode {
+                0 => listeners.get(&entry.endpoints.local_port).copied(),
+                inode => Some(inode),
+            };
+            UnreadRequest {
+                endpoints: entry.endpoints,
+                waiting_ms,
+                owner: holder.and_then(|inode| owners.get(&inode).copied()),
+            }
         })
         .collect())
 }

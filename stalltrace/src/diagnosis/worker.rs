@@ -36,6 +36,8 @@ pub(crate) struct Subject {
     pub(crate) pid: u32,
     pub(crate) tid: u32,
     pub(crate) endpoints: Endpoints,
+    /// It is the server side (accepted, or waiting to be).
+    pub(crate) server: bool,
 }
 
 pub(crate) enum Job {
@@ -67,6 +69,7 @@ pub(crate) enum Finding {
         thread: Option<ThreadReport>,
         fd_peer: Option<Endpoints>,
         tcp: Option<TcpSignals>,
+        not_accepted: bool,
     },
     Stack {
         id: u64,
@@ -198,6 +201,7 @@ impl State {
                     thread: gathered.thread,
                     fd_peer: gathered.fd_peer,
                     tcp: gathered.tcp,
+                    not_accepted: gathered.not_accepted,
                 }
             }
             Job::Symbolize { id, pid, addresses } => {
