@@ -243,6 +243,16 @@ fn connect_that_never_completes_is_connect_pending() {
     assert_eq!(stall["conn"]["role"], "client");
     assert_eq!(stall["process"]["pid"], pid());
     assert_eq!(stall["network"]["peer"]["port"], addr.port());
+    // Its first diagnosis (the connecting thread was looked at) has no TCP window or data
+    // figures: before a handshake there are none.
+    let start = daemon
+        .wait_for_event("stall.start", addr.port(), REPORT_WITHIN, |e| {
+            e["stall"]["kind"] == "connect_pending"
+        })
+        .expect("a stall.start for the pending connect");
+    assert!(start["stall"]["thread"].is_object(), "{start:#}");
+    assert!(start["stall"].get("tcp").is_none(), "{start:#}");
+    assert!(start["stall"].get("cause").is_none(), "{start:#}");
 
     // Closing the listener makes the next SYN retransmit fail with a reset.
     listener.close();

@@ -14,7 +14,7 @@ use stalltrace_core::{
     diagnosis::{self, Cause, Diagnosis, RequestReport, TcpSignals, ThreadReport, ThreadVerdict},
     protocols::{self, Privacy},
     tracker::{
-        model::{Endpoints, Role},
+        model::{Endpoints, Role, StallKind},
         Conn, Tracker,
     },
 };
@@ -430,7 +430,10 @@ impl Diagnoser {
         let Some(facts) = &open.facts else {
             return found;
         };
-        if let Some(signals) = facts.tcp {
+        // Before the handshake completes there is no window and no data: tcp_info's data
+        // and window fields mean nothing for a pending connect.
+        let connecting = conn.stall.as_ref().map(|s| s.kind) == Some(StallKind::ConnectPending);
+        if let Some(signals) = facts.tcp.filter(|_| !connecting) {
             found.cause = Some(diagnosis::tcp_cause(conn.role == Role::Server, &signals));
             found.tcp = Some(signals);
         }
