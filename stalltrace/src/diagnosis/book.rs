@@ -184,7 +184,8 @@ impl Diagnoser {
 
     /// A stall opened on `conn` (kernel key `sock`) at `now`: asks the worker for a first look
     /// and returns what is known without it (request, confidence), to report if the look
-    /// cannot be had in time. `None` when the worker's queue is full: report it at once.
+    /// cannot be had in time, and whether a look was asked for (false: the worker's queue or
+    /// the table of open stalls is full; report the stall at once).
     pub(crate) fn begin(
         &mut self,
         conn: &Conn,
@@ -227,9 +228,11 @@ impl Diagnoser {
 
     /// The stall on connection `id` ended, or its connection closed.
     pub(crate) fn end(&mut self, id: u64) {
-        let known = self.open.remove(&id).is_some() | self.presampled.remove(&id);
-        self.generation += 1;
-        if known {
+        let was_open = self.open.remove(&id).is_some();
+        if was_open {
+            self.generation += 1;
+        }
+        if was_open | self.presampled.remove(&id) {
             self.worker.submit(Job::Forget { id });
         }
     }
