@@ -249,6 +249,24 @@ impl Daemon {
         }
     }
 
+    /// Waits for an open stall on `port` whose connection has `role`; fails the test, with the
+    /// stalls seen and the daemon's log, if none comes `within`.
+    pub fn wait_for_stall(&self, port: u16, role: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let stalls = self.stalls(port);
+            if let Some(stall) = stalls.iter().find(|s| s["conn"]["role"] == role) {
+                return stall.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {role} stall on port {port}: {stalls:#?}\n{}",
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits for the first event named `name` touching `port` that passes `test`.
     pub fn wait_for_event(
         &self,

@@ -22,19 +22,7 @@ fn a_connection_never_accepted_is_one_steady_stall_of_the_listeners_process() {
         .unwrap();
 
     // Found by the periodic scan for unread requests: one scan interval on top.
-    let deadline = Instant::now() + REPORT_WITHIN + Duration::from_secs(2);
-    let server = loop {
-        let stalls = daemon.stalls(port);
-        if let Some(stall) = stalls.iter().find(|s| s["conn"]["role"] == "server") {
-            break stall.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no server stall: {stalls:#?}\n{}",
-            daemon.stderr()
-        );
-        thread::sleep(Duration::from_millis(100));
-    };
+    let server = daemon.wait_for_stall(port, "server", REPORT_WITHIN + Duration::from_secs(2));
     assert_eq!(server["stall"]["kind"], "unanswered_request", "{server:#}");
     assert_eq!(
         server["process"]["pid"],

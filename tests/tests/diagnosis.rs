@@ -216,20 +216,7 @@ fn request_nobody_reads_is_request_unread() {
     client.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
 
     // Found by the periodic sock_diag scan: allow one scan interval on top.
-    let within = REPORT_WITHIN + Duration::from_secs(2);
-    let deadline = Instant::now() + within;
-    let on_server = loop {
-        let stalls = daemon.stalls(port);
-        if let Some(stall) = stalls.iter().find(|s| s["conn"]["role"] == "server") {
-            break stall.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not found: {stalls:#?}\n{}",
-            daemon.stderr()
-        );
-        thread::sleep(Duration::from_millis(100));
-    };
+    let on_server = daemon.wait_for_stall(port, "server", REPORT_WITHIN + Duration::from_secs(2));
     assert_eq!(on_server["stall"]["kind"], "unanswered_request");
     assert_eq!(
         on_server["stall"]["cause"], "request_unread",

@@ -5,8 +5,7 @@ use std::{
     net::TcpStream,
     os::unix::process::CommandExt as _,
     process::{Command, Stdio},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use stalltrace_integration::{require_root, Daemon, REPORT_WITHIN};
@@ -107,19 +106,7 @@ fn the_owner_of_another_users_socket_is_still_found() {
     let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     client.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
 
-    let deadline = Instant::now() + REPORT_WITHIN + Duration::from_secs(2);
-    let on_server = loop {
-        let stalls = daemon.stalls(port);
-        if let Some(stall) = stalls.iter().find(|s| s["conn"]["role"] == "server") {
-            break stall.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not found: {stalls:#?}\n{}",
-            daemon.stderr()
-        );
-        thread::sleep(Duration::from_millis(100));
-    };
+    let on_server = daemon.wait_for_stall(port, "server", REPORT_WITHIN + Duration::from_secs(2));
     let _ = server.kill();
     let _ = server.wait();
     assert_eq!(
