@@ -2,52 +2,71 @@
 //! surfaced in `status` and in periodic `loss` events. Nothing is dropped silently.
 use serde::{Deserialize, Serialize};
 
-/// Every userspace table is bounded; what a full table turns away or evicts is counted here
-/// too (the last causes), next to what the kernel and the event output lost.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[serde(default)]
-pub struct LossCounters {
+/// Declares the counters once: the struct, and what is done to every field (sum, difference,
+/// names), so that a new cause cannot be forgotten in one of them.
+macro_rules! loss_counters {
+    ($($(#[doc = $doc:expr])+ $field:ident,)+) => {
+        /// Every userspace table is bounded; what a full table turns away or evicts is counted
+        /// here too (the last causes), next to what the kernel and the event output lost.
+        #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+        #[serde(default)]
+        pub struct LossCounters {
+            $($(#[doc = $doc])+ pub $field: u64,)+
+        }
+
+        impl LossCounters {
+            /// Every cause with its count, in declaration order.
+            fn causes(&self) -> impl Iterator<Item = (&'static str, u64)> {
+                [$((stringify!($field), self.$field)),+].into_iter()
+            }
+
+            /// What was lost since `earlier`.
+            pub fn since(&self, earlier: &Self) -> Self {
+                Self {
+                    $($field: self.$field.saturating_sub(earlier.$field),)+
+                }
+            }
+        }
+    };
+}
+
+loss_counters! {
     /// Kernel events dropped because the ring buffer was full.
-    pub kernel_ringbuf_full: u64,
+    kernel_ringbuf_full,
     /// Connections the kernel could not start tracking (map insert failed).
-    pub kernel_conn_insert_failed: u64,
+    kernel_conn_insert_failed,
     /// Connections whose kernel state was evicted from the full connection map.
-    pub conn_evicted: u64,
+    conn_evicted,
     /// Connections whose close was never observed.
-    pub close_unseen: u64,
+    close_unseen,
     /// Ring buffer records that could not be decoded.
-    pub malformed_records: u64,
+    malformed_records,
     /// Events not written to the events file or stdout (write errors).
-    pub events_write_failed: u64,
+    events_write_failed,
     /// Event lines dropped for `watch` clients that read too slowly.
-    pub watch_dropped: u64,
+    watch_dropped,
     /// Event lines dropped because stdout or the events file did not keep up.
-    pub output_blocked: u64,
+    output_blocked,
     /// Requests and stalls counted in an `(other signatures)` group of `why` because its
     /// group table was full.
-    pub why_groups_evicted: u64,
+    why_groups_evicted,
     /// Request samples `why` did not take because too many were awaiting their completion.
-    pub why_samples_dropped: u64,
+    why_samples_dropped,
     /// Binaries evicted from the symbol cache (re-read when needed again).
-    pub symbol_cache_evicted: u64,
+    symbol_cache_evicted,
     /// Spinning threads whose stack was not sampled because the most threads were sampled.
-    pub stack_threads_unsampled: u64,
-    /// Stalls (or threads about to stall) not diagnosed because the most were open.
-    pub diagnoses_dropped: u64,
+    stack_threads_unsampled,
+    /// Diagnoses not done or not kept: the worker's queue or the diagnosis tables were full.
+    diagnoses_dropped,
 }
 
 /// The causes with something lost, as `cause=count` pairs: for log lines.
 impl std::fmt::Display for LossCounters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let value = serde_json::to_value(self).map_err(|_| std::fmt::Error)?;
-        let mut first = true;
-        for (cause, count) in value.as_object().into_iter().flatten() {
-            if count.as_u64().unwrap_or(0) == 0 {
-                continue;
-            }
-            let separator = if first { "" } else { ", " };
+        let mut separator = "";
+        for (cause, count) in self.causes().filter(|(_, count)| *count > 0) {
             write!(f, "{separator}{cause}={count}")?;
-            first = false;
+            separator = ", ";
         }
         Ok(())
     }
@@ -55,7 +74,7 @@ impl std::fmt::Display for LossCounters {
 
 impl LossCounters {
     pub fn total(&self) -> u64 {
-        self.fields().iter().sum()
+        self.causes().map(|(_, count)| count).sum()
     }
 
     /// Losses that may have been any connection's events or state: they make stalls'
@@ -66,61 +85,6 @@ impl LossCounters {
             + self.kernel_conn_insert_failed
             + self.conn_evicted
             + self.malformed_records
-    }
-
-    fn fields(&self) -> [u64; 13] {
-        [
-            self.kernel_ringbuf_full,
-            self.kernel_conn_insert_failed,
-            self.conn_evicted,
-            self.close_unseen,
-            self.malformed_records,
-            self.events_write_failed,
-            self.watch_dropped,
-            self.output_blocked,
-            self.why_groups_evicted,
-            self.why_samples_dropped,
-            self.symbol_cache_evicted,
-            self.stack_threads_unsampled,
-            self.diagnoses_dropped,
-        ]
-    }
-
-    /// What was lost since `earlier`.
-    pub fn since(&self, earlier: &Self) -> Self {
-        Self {
-            kernel_ringbuf_full: self
-                .kernel_ringbuf_full
-                .saturating_sub(earlier.kernel_ringbuf_full),
-            kernel_conn_insert_failed: self
-                .kernel_conn_insert_failed
-                .saturating_sub(earlier.kernel_conn_insert_failed),
-            conn_evicted: self.conn_evicted.saturating_sub(earlier.conn_evicted),
-            close_unseen: self.close_unseen.saturating_sub(earlier.close_unseen),
-            malformed_records: self
-                .malformed_records
-                .saturating_sub(earlier.malformed_records),
-            events_write_failed: self
-                .events_write_failed
-                .saturating_sub(earlier.events_write_failed),
-            watch_dropped: self.watch_dropped.saturating_sub(earlier.watch_dropped),
-            output_blocked: self.output_blocked.saturating_sub(earlier.output_blocked),
-            why_groups_evicted: self
-                .why_groups_evicted
-                .saturating_sub(earlier.why_groups_evicted),
-            why_samples_dropped: self
-                .why_samples_dropped
-                .saturating_sub(earlier.why_samples_dropped),
-            symbol_cache_evicted: self
-                .symbol_cache_evicted
-                .saturating_sub(earlier.symbol_cache_evicted),
-            stack_threads_unsampled: self
-                .stack_threads_unsampled
-                .saturating_sub(earlier.stack_threads_unsampled),
-            diagnoses_dropped: self
-                .diagnoses_dropped
-                .saturating_sub(earlier.diagnoses_dropped),
-        }
     }
 }
 

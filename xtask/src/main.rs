@@ -136,8 +136,9 @@ fn fuzz(seconds: u64) -> Result<()> {
     Ok(())
 }
 
-/// Servers the integration tests run for real (the blame chains through proxies).
-const TEST_PACKAGES: &[&str] = &["nginx", "haproxy"];
+/// Servers and clients the integration tests run for real (proxies for the blame chains,
+/// python3 for an asyncio proxy and for servers owned by another user).
+const TEST_PACKAGES: &[&str] = &["nginx", "haproxy", "python3"];
 
 fn test(args: &[String]) -> Result<()> {
     setup::run()?;

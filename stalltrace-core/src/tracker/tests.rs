@@ -97,6 +97,19 @@ fn sweep(tracker: &mut Tracker, kernel: &mut Kernel, now: u64) -> Vec<Event> {
     out
 }
 
+/// `events` is exactly one stall end, of this kind, duration and resolution.
+#[track_caller]
+fn assert_ended(events: &[Event], kind: StallKind, duration_ms: u64, resolution: Resolution) {
+    assert_eq!(
+        details(events),
+        [&Detail::StallEnd {
+            kind,
+            duration_ms,
+            resolution
+        }]
+    );
+}
+
 fn details(events: &[Event]) -> Vec<&Detail> {
     events.iter().map(|e| &e.detail).collect()
 }
@@ -196,13 +209,11 @@ fn reply_after_a_stall_ends_it_with_the_true_duration() {
     let reply_at = SEC + 7_300 * MS;
     k.transfer(direction::OUT, reply_at);
     let events = feed(&mut t, k.event(EventKind::QuietEnded, reply_at));
-    assert_eq!(
-        details(&events),
-        [&Detail::StallEnd {
-            kind: StallKind::UnansweredRequest,
-            duration_ms: 7_300,
-            resolution: Resolution::Response
-        }]
+    assert_ended(
+        &events,
+        StallKind::UnansweredRequest,
+        7_300,
+        Resolution::Response,
     );
     assert_eq!(events[0].at_ns, reply_at);
     assert!(t.stalls().is_empty());
@@ -238,13 +249,11 @@ fn a_sweep_also_ends_a_stall_whose_end_event_was_lost() {
     sweep(&mut t, &mut k, SEC + THRESHOLD);
     k.transfer(direction::OUT, 9 * SEC);
     let events = sweep(&mut t, &mut k, 9 * SEC + 100 * MS);
-    assert_eq!(
-        details(&events),
-        [&Detail::StallEnd {
-            kind: StallKind::UnansweredRequest,
-            duration_ms: 8_000,
-            resolution: Resolution::Response
-        }]
+    assert_ended(
+        &events,
+        StallKind::UnansweredRequest,
+        8_000,
+        Resolution::Response,
     );
 }
 
@@ -285,13 +294,11 @@ fn peer_fin_while_stalled_ends_the_stall_before_the_close() {
     sweep(&mut t, &mut k, SEC + THRESHOLD);
     k.set_state(tcp_state::CLOSE_WAIT, 8 * SEC);
     let events = feed(&mut t, k.event(EventKind::QuietEnded, 8 * SEC));
-    assert_eq!(
-        details(&events),
-        [&Detail::StallEnd {
-            kind: StallKind::UnansweredRequest,
-            duration_ms: 7_000,
-            resolution: Resolution::Closed
-        }]
+    assert_ended(
+        &events,
+        StallKind::UnansweredRequest,
+        7_000,
+        Resolution::Closed,
     );
     k.set_state(tcp_state::CLOSE, 9 * SEC);
     let events = feed(&mut t, k.event(EventKind::Closed, 9 * SEC));
@@ -413,13 +420,11 @@ fn connect_that_hangs_is_connect_pending_until_established() {
     assert_eq!(events[1].conn.endpoints.local_port, 40_000);
     k.set_state(tcp_state::ESTABLISHED, 8 * SEC);
     let events = feed(&mut t, k.event(EventKind::Established, 8 * SEC));
-    assert_eq!(
-        details(&events),
-        [&Detail::StallEnd {
-            kind: StallKind::ConnectPending,
-            duration_ms: 7_000,
-            resolution: Resolution::Response
-        }]
+    assert_ended(
+        &events,
+        StallKind::ConnectPending,
+        7_000,
+        Resolution::Response,
     );
 }
 
@@ -869,13 +874,11 @@ fn stalled_connections_are_re_read_once_a_second_not_every_sweep() {
     // Its end is still found by the next re-read, dated when the reply began.
     k.transfer(direction::OUT, 9 * SEC);
     let events = sweep(&mut t, &mut k, 9 * SEC + 500 * MS);
-    assert_eq!(
-        details(&events),
-        [&Detail::StallEnd {
-            kind: StallKind::UnansweredRequest,
-            duration_ms: 8_000,
-            resolution: Resolution::Response
-        }]
+    assert_ended(
+        &events,
+        StallKind::UnansweredRequest,
+        8_000,
+        Resolution::Response,
     );
 }
 
@@ -906,13 +909,11 @@ fn a_request_nobody_reads_stays_stalled_until_it_is_answered() {
         // Answered: the stall ends then.
         k.transfer(direction::OUT, 13 * SEC);
         let events = sweep(&mut t, &mut k, 14 * SEC);
-        assert_eq!(
-            details(&events),
-            [&Detail::StallEnd {
-                kind: StallKind::UnansweredRequest,
-                duration_ms: 11_000,
-                resolution: Resolution::Response
-            }]
+        assert_ended(
+            &events,
+            StallKind::UnansweredRequest,
+            11_000,
+            Resolution::Response,
         );
     }
 }
