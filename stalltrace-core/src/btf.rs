@@ -6,7 +6,7 @@
 //! struct/union members. The blob is untrusted input: every read is bounds-checked, type
 //! chains and nesting are depth-limited, and malformed blobs are an error, never a panic or a
 //! hang (fuzzed: `fuzz/fuzz_targets/btf.rs`).
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 const MAGIC: u16 = 0xeb9f;
 /// Typedef/qualifier chains, array element chains and anonymous-member nesting followed at
@@ -221,12 +221,23 @@ impl Btf {
     }
 
     /// Finds `name` among the members of the struct/union `id`, looking inside anonymous
-    /// members. Returns (byte offset, member type id).
-    fn find_member(&self, id: u32, name: &str, depth: u32) -> Option<(u32, u32)> {
+    /// members. Returns (byte offset, member type id). Each struct is searched once (`seen`):
+    /// a malformed blob whose anonymous members lead back to their own struct, many times
+    /// over, would otherwise cost exponential time within the depth bound.
+    fn find_member(
+        &self,
+        id: u32,
+        name: &str,
+        depth: u32,
+        seen: &mut HashSet<u32>,
+    ) -> Option<(u32, u32)> {
         if depth >= MAX_DEPTH {
             return None;
         }
-        let (_, ty) = self.resolve(id)?;
+        let (resolved, ty) = self.resolve(id)?;
+        if !seen.insert(resolved) {
+            return None;
+        }
         if ty.kind != kind::STRUCT && ty.kind != kind::UNION {
             return None;
         }
@@ -247,7 +258,7 @@ impl Btf {
             }
         }
         anonymous.into_iter().find_map(|(bit_offset, member_type)| {
-            let (offset, found) = self.find_member(member_type, name, depth + 1)?;
+            let (offset, found) = self.find_member(member_type, name, depth + 1, seen)?;
             Some(((bit_offset / 8).checked_add(offset)?, found))
         })
     }
@@ -262,7 +273,8 @@ impl Btf {
         let mut id = *self.structs_by_name.get(struct_name)?;
         let mut offset: u32 = 0;
         for step in path {
-            let (member_offset, member_type) = self.find_member(id, step, 0)?;
+            let (member_offset, member_type) =
+                self.find_member(id, step, 0, &mut HashSet::new())?;
             offset = offset.checked_add(member_offset)?;
             id = member_type;
         }
@@ -520,5 +532,17 @@ mod tests {
         assert_eq!(btf.member("sock", &["b"]), None);
         assert_eq!(btf.member("sock", &["zz"]), None);
         assert_eq!(btf.string(u32::MAX), "");
+    }
+
+    #[test]
+    fn anonymous_members_leading_back_many_times_are_searched_once() {
+        // 64 anonymous members, each the struct itself: within the depth bound that was
+        // 64^32 lookups (the fuzzer found it); each struct is now searched once.
+        let mut b = Builder::new();
+        let looped = b.count + 1;
+        let members: Vec<(&str, u32, u32)> = (0..64).map(|_| ("", looped, 0)).collect();
+        b.composite(kind::STRUCT, "sock", 8, &members);
+        let btf = Btf::parse(b.build()).unwrap();
+        assert_eq!(btf.member("sock", &["skc_daddr"]), None);
     }
 }

@@ -125,7 +125,10 @@ fn fuzz(seconds: u64) -> Result<()> {
         let mut run = setup::rustup();
         run.current_dir(workspace_root().join("stalltrace-core"))
             .args(["run", "nightly", "cargo", "fuzz", "run", target, "--"])
-            .arg(format!("-max_total_time={each}"));
+            .arg(format!("-max_total_time={each}"))
+            // An input that takes seconds is a hang in a parser of untrusted input: a failure,
+            // reported at once (libFuzzer's default waits 20 minutes per input).
+            .arg("-timeout=5");
         // A dictionary of the input's tokens, when the target has one.
         let dict = workspace_root().join(format!("stalltrace-core/fuzz/{target}.dict"));
         if dict.exists() {
