@@ -10,6 +10,10 @@
 //! nothing that would not pass the BPF verifier; aya only behind the `user` feature.
 #![no_std]
 
+#[cfg(test)]
+extern crate std;
+
+pub mod message;
 pub mod transfer;
 
 /// Length of a task's `comm` (executable name) in the kernel, NUL padded.
@@ -85,6 +89,9 @@ pub mod conn_flags {
     pub const ABORTED: u8 = 1 << 3;
     /// The request in flight was reported (`RequestStarted`): report its completion.
     pub const SAMPLED: u8 = 1 << 4;
+    /// The connection carries one-way messages (see `message::Message::StreamStart`): no
+    /// exchange is judged any more.
+    pub const STREAM: u8 = 1 << 5;
 }
 
 /// Linux TCP states (`include/net/tcp_states.h`), as reported by `sock/inet_sock_set_state`.
@@ -150,7 +157,9 @@ pub struct ConnState {
     pub last_dir: u8,
     /// Bits of [`conn_flags`].
     pub flags: u8,
-    pub _pad: [u8; 6],
+    /// One of [`message::proto`]: recognized from the first captured request bytes.
+    pub proto: u8,
+    pub _pad: [u8; 5],
     pub local_addr: [u8; 16],
     pub peer_addr: [u8; 16],
     pub comm: [u8; COMM_LEN],
@@ -276,6 +285,12 @@ pub struct Offsets {
     /// Address family and protocol: tell TCP sockets from others on the raw data hooks.
     pub skc_family: u32,
     pub sk_protocol: u32,
+    /// `sock_common.skc_state` (u8): the TCP state, for sockets found through their traffic.
+    pub skc_state: u32,
+    /// `tcp_sock.rcv_nxt` and `tcp_sock.copied_seq` (u32 sequence numbers): their difference
+    /// is what sits unread in the receive queue (as `tcp_inq()` computes it).
+    pub tcp_rcv_nxt: u32,
+    pub tcp_copied_seq: u32,
 }
 
 impl Offsets {
@@ -292,6 +307,9 @@ impl Offsets {
             skc_v6_rcv_saddr: u,
             skc_family: u,
             sk_protocol: u,
+            skc_state: u,
+            tcp_rcv_nxt: u,
+            tcp_copied_seq: u,
         }
     }
 
@@ -303,6 +321,11 @@ impl Offsets {
             && self.skc_rcv_saddr != Self::UNKNOWN
             && self.skc_dport != Self::UNKNOWN
             && self.skc_num != Self::UNKNOWN
+    }
+
+    /// The receive queue's unread byte count can be read from a `struct tcp_sock`.
+    pub const fn can_read_receive_queue(&self) -> bool {
+        self.tcp_rcv_nxt != Self::UNKNOWN && self.tcp_copied_seq != Self::UNKNOWN
     }
 
     /// IPv6 addresses can be read from a `struct sock` (absent on kernels without IPv6).
@@ -357,7 +380,7 @@ const _: () = assert!(core::mem::size_of::<ConnEvent>() == 192);
 const _: () = assert!(core::mem::size_of::<Control>() == 8);
 const _: () = assert!(core::mem::size_of::<Capture>() == 88);
 const _: () = assert!(core::mem::size_of::<RequestEvent>() == 280);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 32);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 44);
 
 /// Userspace side: lets the types live in aya's maps.
 #[cfg(feature = "user")]
@@ -459,7 +482,8 @@ mod tests {
                 tcp_state: tcp_state::ESTABLISHED,
                 last_dir: direction::IN,
                 flags: conn_flags::ESTABLISHED,
-                _pad: [0; 6],
+                proto: 0,
+                _pad: [0; 5],
                 local_addr: [0xfe; 16],
                 peer_addr: [0x01; 16],
                 comm,

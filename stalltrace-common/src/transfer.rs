@@ -3,7 +3,7 @@
 //! Written once for both sides: the kernel programs run it on every transfer, and the
 //! tracker's tests run it on their model of the kernel, so the two cannot drift apart. Keep it
 //! cheap and branch-light: it is on the hot path of every socket call.
-use crate::{direction, role, ConnState};
+use crate::{conn_flags, direction, message::Message, role, tcp_state, ConnState};
 
 /// What a transfer did to the connection's exchange.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,6 +17,10 @@ pub enum Turn {
     /// The first transfer of a connection whose first bytes went in the reply direction
     /// (nothing to answer: e.g. a server greeting).
     Unsolicited,
+    /// A protocol control message in the request direction: nothing asked, nothing answered.
+    Control,
+    /// The connection became a stream of one-way messages: no exchange is judged from here on.
+    StreamStarted,
 }
 
 /// The direction in which this connection's requests travel: inbound for a server, outbound
@@ -30,10 +34,50 @@ pub fn request_direction(conn: &ConnState) -> u8 {
     }
 }
 
-/// A request is outstanding: the last transfer went in the request direction.
+/// A request is outstanding: the last transfer that counted went in the request direction.
 #[inline(always)]
 pub fn is_outstanding(conn: &ConnState) -> bool {
     conn.last_dir != direction::NONE && conn.last_dir == request_direction(conn)
+}
+
+/// Whose first bytes a transfer needs read, to be classified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Look {
+    /// None: the transfer continues a run, or nothing it could say changes the verdict.
+    Skip,
+    /// It may start a request: the direction turns to the request direction on a connection
+    /// that is not a stream ([`crate::message::classify`]; the capture also names it).
+    Request,
+    /// It may answer the outstanding request on a protocol whose peers send housekeeping in
+    /// the reply direction too ([`crate::message::classify_reply`]).
+    Reply,
+}
+
+/// Whose first bytes a transfer in direction `dir` needs read.
+#[inline(always)]
+pub fn look(conn: &ConnState, dir: u8) -> Look {
+    if dir == conn.last_dir || conn.flags & conn_flags::STREAM != 0 {
+        Look::Skip
+    } else if dir == request_direction(conn) {
+        Look::Request
+    } else if is_outstanding(conn) && crate::message::reads_reply_head(conn.proto) {
+        Look::Reply
+    } else {
+        Look::Skip
+    }
+}
+
+/// In TCP state `state`, this side can still complete an outstanding exchange: a server can
+/// still send its reply after the peer's FIN (`CLOSE_WAIT`: the peer half-closed after its
+/// request, `shutdown(SHUT_WR)`), and a client can still receive one after its own FIN
+/// (`FIN_WAIT1`/`FIN_WAIT2`) or read one that arrived with the peer's (`CLOSE_WAIT`).
+#[inline(always)]
+pub fn can_complete(conn: &ConnState, state: u8) -> bool {
+    match state {
+        tcp_state::ESTABLISHED | tcp_state::CLOSE_WAIT => true,
+        tcp_state::FIN_WAIT1 | tcp_state::FIN_WAIT2 => conn.role != role::SERVER,
+        _ => false,
+    }
 }
 
 /// When the request direction last moved (ns): the start of the current quiet stretch while a
@@ -53,22 +97,39 @@ pub fn quiet_past_threshold(conn: &ConnState, now: u64, stall_after_ns: u64) -> 
     is_outstanding(conn) && now.saturating_sub(last_request_ns(conn)) >= stall_after_ns
 }
 
-/// A transfer in direction `dir` at `now` would end a quiet stretch of at least the threshold:
-/// the stall (reported or not yet swept) ends with it. Call before [`record_transfer`].
+/// A transfer in direction `dir` at `now`, of kind `message`, would end a quiet stretch of at
+/// least the threshold: the stall (reported or not yet swept) ends with it. Call before
+/// [`record_transfer`].
 #[inline(always)]
-pub fn ends_quiet(conn: &ConnState, dir: u8, now: u64, stall_after_ns: u64) -> bool {
-    conn.last_dir != dir && quiet_past_threshold(conn, now, stall_after_ns)
+pub fn ends_quiet(
+    conn: &ConnState,
+    dir: u8,
+    message: Message,
+    now: u64,
+    stall_after_ns: u64,
+) -> bool {
+    conn.last_dir != dir
+        && message == Message::Data
+        && quiet_past_threshold(conn, now, stall_after_ns)
 }
 
 /// Records a transfer of `bytes` in direction `dir` ([`direction::IN`] or
 /// [`direction::OUT`]) at `now` (ns): counters, last-transfer times and the request/reply
-/// turn. A zeroed entry (a connection first seen through its traffic) is set up correctly.
+/// turn. `message` is what the transfer's first bytes are, when they were read ([`look`];
+/// else [`Message::Data`]): control messages change no turn, either way. A zeroed entry (a
+/// connection first seen through its traffic) is set up correctly.
 ///
 /// Counters are plain increments: sends and receives touch different fields, and two threads
 /// sending on one socket in the same instant is rare enough that a lost count is acceptable
 /// (the BPF target's `core` has no atomic read-modify-write on stable Rust).
 #[inline(always)]
-pub fn record_transfer(conn: &mut ConnState, dir: u8, bytes: u64, now: u64) -> Turn {
+pub fn record_transfer(
+    conn: &mut ConnState,
+    dir: u8,
+    bytes: u64,
+    now: u64,
+    message: Message,
+) -> Turn {
     if dir == direction::IN {
         conn.bytes_recv += bytes;
         conn.recv_calls += 1;
@@ -79,8 +140,18 @@ pub fn record_transfer(conn: &mut ConnState, dir: u8, bytes: u64, now: u64) -> T
         conn.last_send_ns = now;
     }
     let previous = conn.last_dir;
-    if previous == dir {
+    if previous == dir || conn.flags & conn_flags::STREAM != 0 {
         return Turn::Continued;
+    }
+    match message {
+        Message::Data => {}
+        Message::Control => return Turn::Control,
+        Message::StreamStart => {
+            conn.flags |= conn_flags::STREAM;
+            conn.last_dir = direction::NONE;
+            conn.dir_since_ns = now;
+            return Turn::StreamStarted;
+        }
     }
     conn.last_dir = dir;
     conn.dir_since_ns = now;
@@ -110,17 +181,17 @@ mod tests {
     fn a_server_request_then_reply_is_one_exchange() {
         let mut conn = server();
         assert_eq!(
-            record_transfer(&mut conn, direction::IN, 10, 1),
+            record_transfer(&mut conn, direction::IN, 10, 1, Message::Data),
             Turn::RequestStarted
         );
         assert!(is_outstanding(&conn));
         assert_eq!(
-            record_transfer(&mut conn, direction::IN, 5, 2),
+            record_transfer(&mut conn, direction::IN, 5, 2, Message::Data),
             Turn::Continued
         );
         assert_eq!(last_request_ns(&conn), 2);
         assert_eq!(
-            record_transfer(&mut conn, direction::OUT, 20, 3),
+            record_transfer(&mut conn, direction::OUT, 20, 3, Message::Data),
             Turn::ReplyStarted
         );
         assert!(!is_outstanding(&conn));
@@ -143,7 +214,7 @@ mod tests {
     fn a_greeting_before_any_request_is_no_exchange() {
         let mut conn = server();
         assert_eq!(
-            record_transfer(&mut conn, direction::OUT, 5, 1),
+            record_transfer(&mut conn, direction::OUT, 5, 1, Message::Data),
             Turn::Unsolicited
         );
         assert_eq!((conn.requests, conn.exchanges), (0, 0));
@@ -156,14 +227,96 @@ mod tests {
             role: role::CLIENT,
             ..Default::default()
         };
-        record_transfer(&mut conn, direction::OUT, 10, 100);
+        record_transfer(&mut conn, direction::OUT, 10, 100, Message::Data);
         assert!(is_outstanding(&conn));
         assert!(!quiet_past_threshold(&conn, 150, 100));
         assert!(quiet_past_threshold(&conn, 200, 100));
-        assert!(ends_quiet(&conn, direction::IN, 200, 100));
+        assert!(ends_quiet(&conn, direction::IN, Message::Data, 200, 100));
         assert!(
-            !ends_quiet(&conn, direction::OUT, 200, 100),
+            !ends_quiet(&conn, direction::OUT, Message::Data, 200, 100),
             "more request bytes"
         );
+        assert!(
+            !ends_quiet(&conn, direction::IN, Message::Control, 200, 100),
+            "housekeeping is no reply"
+        );
+    }
+
+    #[test]
+    fn half_closed_connections_can_still_complete_on_the_open_side() {
+        let server = server();
+        let client = ConnState {
+            role: role::CLIENT,
+            ..Default::default()
+        };
+        for (state, server_can, client_can) in [
+            (tcp_state::ESTABLISHED, true, true),
+            (tcp_state::CLOSE_WAIT, true, true),
+            (tcp_state::FIN_WAIT1, false, true),
+            (tcp_state::FIN_WAIT2, false, true),
+            (tcp_state::LAST_ACK, false, false),
+            (tcp_state::CLOSING, false, false),
+            (tcp_state::CLOSE, false, false),
+            (tcp_state::SYN_SENT, false, false),
+        ] {
+            assert_eq!(can_complete(&server, state), server_can, "server {state}");
+            assert_eq!(can_complete(&client, state), client_can, "client {state}");
+        }
+    }
+
+    #[test]
+    fn control_messages_neither_ask_nor_answer() {
+        let mut conn = ConnState {
+            role: role::CLIENT,
+            ..Default::default()
+        };
+        record_transfer(&mut conn, direction::OUT, 10, 1, Message::Data);
+        record_transfer(&mut conn, direction::IN, 10, 2, Message::Data);
+        assert_eq!(look(&conn, direction::OUT), Look::Request);
+        assert_eq!(
+            record_transfer(&mut conn, direction::OUT, 13, 3, Message::Control),
+            Turn::Control
+        );
+        assert!(!is_outstanding(&conn), "a WINDOW_UPDATE is owed nothing");
+        assert_eq!(
+            (conn.requests, conn.bytes_sent, conn.last_send_ns),
+            (1, 23, 3)
+        );
+        assert_eq!(
+            look(&conn, direction::OUT),
+            Look::Request,
+            "the next send is read"
+        );
+        assert_eq!(
+            record_transfer(&mut conn, direction::OUT, 40, 4, Message::Data),
+            Turn::RequestStarted
+        );
+        assert!(is_outstanding(&conn));
+    }
+
+    #[test]
+    fn a_stream_is_never_outstanding() {
+        let mut conn = ConnState {
+            role: role::SERVER,
+            ..Default::default()
+        };
+        assert_eq!(
+            record_transfer(&mut conn, direction::IN, 40, 1, Message::StreamStart),
+            Turn::StreamStarted
+        );
+        for t in 2..10 {
+            let dir = if t % 3 == 0 {
+                direction::OUT
+            } else {
+                direction::IN
+            };
+            assert_eq!(look(&conn, dir), Look::Skip);
+            assert_eq!(
+                record_transfer(&mut conn, dir, 5, t, Message::Data),
+                Turn::Continued
+            );
+            assert!(!is_outstanding(&conn));
+        }
+        assert_eq!((conn.requests, conn.recv_calls), (0, 6));
     }
 }

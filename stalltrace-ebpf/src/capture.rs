@@ -10,7 +10,7 @@ use aya_ebpf::helpers::{
 };
 use stalltrace_common::{capture_slot, Capture, CAPTURE_MAX};
 
-use crate::maps::{CAPTURES, CAPTURE_BYTES, CAPTURE_SLOTS};
+use crate::maps::{CAPTURES, CAPTURE_BYTES, CAPTURE_SLOTS, REPLY_HEADS};
 
 /// `struct pt_regs` offsets on x86-64.
 const PT_REGS_SI: u64 = 13 * 8;
@@ -41,20 +41,44 @@ pub(crate) fn capture_request(sock: u64, len: u64, now: u64) -> Option<&'static 
     // CPU can only garble a capture, which `sock` then no longer matches or the recognizers
     // survive (they are fuzzed).
     let slot = unsafe { &mut *CAPTURES.get_ptr_mut(capture_slot(sock, slots))? };
-    let buffer = user_buffer()?;
-    let size = len.min(limit).min(CAPTURE_MAX as u64) as u32;
-    // SAFETY: `size` ≤ CAPTURE_MAX, the destination's length; a fault is reported, not taken.
-    let copied =
-        unsafe { probe_read_user_raw(slot.bytes.as_mut_ptr().cast(), size, buffer as *const _) };
+    read_head(slot, len.min(u64::from(limit)))?;
     slot.sock = sock;
     slot.request_ns = now;
-    slot.len = if copied == 0 { size } else { 0 };
     Some(slot)
 }
 
-/// The user address of the data the current syscall moved.
+/// Reads the first bytes of the reply-direction run that just moved `len` bytes into this
+/// CPU's scratch slot (never reported: only classified). `None` when capture is off or the
+/// buffer cannot be located.
+#[inline(never)]
+pub(crate) fn reply_head(len: u64) -> Option<&'static Capture> {
+    if CAPTURE_BYTES.load() == 0 {
+        return None;
+    }
+    // SAFETY: per-CPU slot pointer, valid for the program run; nothing else runs on this CPU.
+    let slot = unsafe { &mut *REPLY_HEADS.get_ptr_mut(0)? };
+    read_head(slot, len)?;
+    Some(slot)
+}
+
+/// Copies up to `len` bytes from the current syscall's user buffer into `slot` (zeros after
+/// them, as `message::Head` needs); sets `slot.len` to the count read (0 on a fault).
 #[inline(always)]
-fn user_buffer() -> Option<u64> {
+fn read_head(slot: &mut Capture, len: u64) -> Option<()> {
+    let (buffer, available) = user_buffer()?;
+    let size = len.min(available).min(CAPTURE_MAX as u64) as u32;
+    slot.bytes = [0; CAPTURE_MAX];
+    // SAFETY: `size` ≤ CAPTURE_MAX, the destination's length; a fault is reported, not taken.
+    let copied =
+        unsafe { probe_read_user_raw(slot.bytes.as_mut_ptr().cast(), size, buffer as *const _) };
+    slot.len = if copied == 0 { size } else { 0 };
+    Some(())
+}
+
+/// The user address of the data the current syscall moved, and how many bytes are there: a
+/// vectored call's first buffer (`iov[0]`) may hold fewer than the call moved.
+#[inline(always)]
+fn user_buffer() -> Option<(u64, u64)> {
     // SAFETY: `regs` is a BTF-typed `struct pt_regs *` from the kernel: the verifier turns
     // these loads into fault-safe ones at their (BTF-checked) offsets, with no helper call.
     // User memory is read with probe reads: failures are returned, not faulted.
@@ -62,15 +86,15 @@ fn user_buffer() -> Option<u64> {
         let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u64;
         let nr = regs.byte_add(PT_REGS_ORIG_AX as usize).read_volatile();
         let arg1 = regs.byte_add(PT_REGS_SI as usize).read_volatile();
-        match nr {
-            READ | WRITE | SENDTO | RECVFROM => Some(arg1),
-            // iov[0].iov_base
-            READV | WRITEV => bpf_probe_read_user(arg1 as *const u64).ok(),
-            SENDMSG | RECVMSG => {
-                let iov: u64 = bpf_probe_read_user((arg1 + MSGHDR_IOV) as *const u64).ok()?;
-                bpf_probe_read_user(iov as *const u64).ok()
-            }
-            _ => None,
-        }
+        let iov = match nr {
+            READ | WRITE | SENDTO | RECVFROM => return Some((arg1, u64::MAX)),
+            READV | WRITEV => arg1,
+            SENDMSG | RECVMSG => bpf_probe_read_user((arg1 + MSGHDR_IOV) as *const u64).ok()?,
+            _ => return None,
+        };
+        // struct iovec { iov_base, iov_len } of iov[0].
+        let base: u64 = bpf_probe_read_user(iov as *const u64).ok()?;
+        let len: u64 = bpf_probe_read_user((iov + 8) as *const u64).ok()?;
+        Some((base, len))
     }
 }

@@ -63,3 +63,28 @@ pub(crate) fn read_endpoints(
     }
     true
 }
+
+/// The socket's TCP state (`sock_common.skc_state`), if readable.
+#[inline(always)]
+pub(crate) fn tcp_state_of(sock: u64, offsets: &Offsets) -> Option<u8> {
+    if offsets.skc_state == Offsets::UNKNOWN {
+        return None;
+    }
+    // SAFETY: probe read of kernel memory; a failure is returned, not faulted.
+    unsafe { read::<u8>(sock, offsets.skc_state) }
+}
+
+/// Sequence space received but not yet read by the application (`rcv_nxt - copied_seq`, as
+/// `tcp_inq()` computes it; a received FIN counts one).
+#[inline(always)]
+pub(crate) fn unread_sequence(sock: u64, offsets: &Offsets) -> Option<u32> {
+    if !offsets.can_read_receive_queue() {
+        return None;
+    }
+    // SAFETY: probe reads of kernel memory; failures are returned, not faulted.
+    unsafe {
+        let rcv_nxt = read::<u32>(sock, offsets.tcp_rcv_nxt)?;
+        let copied = read::<u32>(sock, offsets.tcp_copied_seq)?;
+        Some(rcv_nxt.wrapping_sub(copied))
+    }
+}

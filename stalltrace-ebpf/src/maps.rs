@@ -57,6 +57,11 @@ pub(crate) fn scratch_conn() -> Option<&'static mut ConnState> {
 #[map]
 pub(crate) static CAPTURES: Array<Capture> = Array::with_max_entries(1, 0);
 
+/// Per CPU, the first bytes of a reply-direction run, read to tell housekeeping from a reply
+/// (see `message::classify_reply`); never reported.
+#[map]
+pub(crate) static REPLY_HEADS: PerCpuArray<Capture> = PerCpuArray::with_max_entries(1, 0);
+
 /// Slot 0 holds the daemon's current sweep epoch.
 #[map]
 pub(crate) static CONTROL: Array<Control> = Array::with_max_entries(1, 0);

@@ -5,13 +5,18 @@ use aya_ebpf::{
     EbpfContext,
 };
 use stalltrace_common::{
-    conn_flags, loss, role, tcp_state, tracepoint::InetSockSetState,
-    transfer::quiet_past_threshold, ConnState, EventKind, AF_INET6, IPPROTO_TCP,
+    conn_flags, direction, loss,
+    message::Message,
+    role, tcp_state,
+    tracepoint::InetSockSetState,
+    transfer::{can_complete, is_outstanding, quiet_past_threshold, record_transfer},
+    ConnState, EventKind, AF_INET6, IPPROTO_TCP,
 };
 
 use crate::{
     conn::{emit, set_owner_to_current},
-    maps::{count_loss, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS},
+    kernel_read::unread_sequence,
+    maps::{count_loss, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS},
     words::{copy_addr16, copy_addr4},
 };
 
@@ -138,8 +143,9 @@ fn on_passive_established(args: &InetSockSetState) {
     }
 }
 
-/// Closing transitions. Leaving ESTABLISHED (our FIN, the peer's FIN, a reset) ends any
-/// outstanding exchange; reaching CLOSE ends the connection.
+/// Closing transitions. An outstanding exchange ends when this side can no longer complete it
+/// (`can_complete`: a half-closed connection still can on its open side); reaching CLOSE ends
+/// the connection.
 fn on_other_transition(args: &InetSockSetState, old: u8, new: u8) {
     let Some(conn) = CONNS.get_ptr_mut(args.skaddr) else {
         if new == tcp_state::CLOSE {
@@ -151,6 +157,10 @@ fn on_other_transition(args: &InetSockSetState, old: u8, new: u8) {
     let conn = unsafe { &mut *conn };
     let now = unsafe { bpf_ktime_get_ns() };
     let quiet_ended = quiet_past_threshold(conn, now, stall_after_ns());
+    let exchange_ends = can_complete(conn, old) && !can_complete(conn, new);
+    if exchange_ends && conn.role == role::CLIENT && is_outstanding(conn) {
+        count_unread_reply(args.skaddr, conn, old, new, now);
+    }
     conn.tcp_state = new;
     conn.state_ns = now;
     if new == tcp_state::CLOSE
@@ -162,12 +172,32 @@ fn on_other_transition(args: &InetSockSetState, old: u8, new: u8) {
         // Closed without the FIN handshake: a reset sent or received.
         conn.flags |= conn_flags::ABORTED;
     }
-    if quiet_ended && old == tcp_state::ESTABLISHED {
+    if quiet_ended && exchange_ends {
         emit(EventKind::QuietEnded, args.skaddr, conn, now);
     }
     if new == tcp_state::CLOSE {
         emit(EventKind::Closed, args.skaddr, conn, now);
         let _ = CONNS.remove(args.skaddr);
+    }
+}
+
+/// A client's reply that arrived (with the peer's FIN) but that the application had not read
+/// when the connection closed: the reply came first, and its bytes count. The application
+/// may still read them from the closed socket, which no hook then attributes.
+#[inline(never)]
+fn count_unread_reply(sock: u64, conn: &mut ConnState, old: u8, new: u8, now: u64) {
+    let Some(mut unread) = unread_sequence(sock, &OFFSETS.load()) else {
+        return;
+    };
+    // A received FIN takes one sequence number: it is why these transitions happen.
+    let fin_received = matches!(old, tcp_state::CLOSE_WAIT | tcp_state::FIN_WAIT2)
+        || matches!(new, tcp_state::CLOSING | tcp_state::TIME_WAIT);
+    if fin_received {
+        unread = unread.saturating_sub(1);
+    }
+    // Bounded: a garbled read must not count gigabytes.
+    if unread > 0 && unread < 1 << 30 {
+        record_transfer(conn, direction::IN, u64::from(unread), now, Message::Data);
     }
 }
 

@@ -13,15 +13,17 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use stalltrace_common::{
-    conn_flags, direction, loss, role, tcp_state,
-    transfer::{ends_quiet, record_transfer, Turn},
-    ConnState, EventKind,
+    conn_flags, direction, loss,
+    message::{classify, classify_reply, Head, Message},
+    role, tcp_state,
+    transfer::{ends_quiet, look, record_transfer, Look, Turn},
+    Capture, ConnState, EventKind,
 };
 
 use crate::{
-    capture::capture_request,
+    capture::{capture_request, reply_head},
     conn::{emit, emit_request, set_owner_to_current},
-    kernel_read::{read_endpoints, tcp_family},
+    kernel_read::{read_endpoints, tcp_family, tcp_state_of},
     maps::{count_loss, current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS},
 };
 
@@ -67,13 +69,24 @@ fn on_transfer(ctx: &RawTracePointContext, dir: u8) {
 #[inline(always)]
 fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
     let new_owner = set_owner_to_current(conn);
-    let quiet_ended = ends_quiet(conn, dir, now, stall_after_ns());
-    let turn = record_transfer(conn, dir, bytes, now);
-    let capture = if turn == Turn::RequestStarted {
-        capture_request(sock, bytes, now)
-    } else {
-        None
+    // Only a run that may start a request, or answer one with housekeeping in between, has
+    // its first bytes read: to tell data from protocol housekeeping, and to name requests.
+    let (message, capture) = match look(conn, dir) {
+        Look::Request => read_message(sock, conn, bytes, now),
+        Look::Reply => {
+            let message = match reply_head(bytes) {
+                Some(head) => classify_reply(
+                    conn.proto,
+                    &Head::new(&head.bytes, head.len as usize, bytes),
+                ),
+                None => Message::Data,
+            };
+            (message, None)
+        }
+        Look::Skip => (Message::Data, None),
     };
+    let quiet_ended = ends_quiet(conn, dir, message, now, stall_after_ns());
+    let turn = record_transfer(conn, dir, bytes, now, message);
     if new_owner {
         // A passive connection's first transfer is usually its first request: sample it.
         match capture {
@@ -105,12 +118,49 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
     }
 }
 
+/// Captures the first bytes of a run in the request direction and classifies them. A capture
+/// that is not a request is released (its slot no longer names this connection).
+#[inline(never)]
+fn read_message(
+    sock: u64,
+    conn: &mut ConnState,
+    bytes: u64,
+    now: u64,
+) -> (Message, Option<&'static mut Capture>) {
+    let Some(capture) = capture_request(sock, bytes, now) else {
+        return (Message::Data, None);
+    };
+    let message = classify(
+        &mut conn.proto,
+        &Head::new(&capture.bytes, capture.len as usize, bytes),
+    );
+    if message == Message::Data {
+        (message, Some(capture))
+    } else {
+        capture.sock = 0;
+        (message, None)
+    }
+}
+
 #[inline(never)]
 fn discover(ctx: &RawTracePointContext, sock: u64, dir: u8, bytes: u64, now: u64) {
     let offsets = OFFSETS.load();
     let Some(family) = tcp_family(sock, &offsets) else {
         return;
     };
+    // Data read after the close (it arrived with the peer's FIN) belongs to a connection
+    // that already ended: tracking it anew would report a phantom connection.
+    if !matches!(
+        tcp_state_of(sock, &offsets),
+        Some(
+            tcp_state::ESTABLISHED
+                | tcp_state::CLOSE_WAIT
+                | tcp_state::FIN_WAIT1
+                | tcp_state::FIN_WAIT2
+        )
+    ) {
+        return;
+    }
     let Some(conn) = scratch_conn() else {
         return;
     };
@@ -129,7 +179,8 @@ fn discover(ctx: &RawTracePointContext, sock: u64, dir: u8, bytes: u64, now: u64
         role::CLIENT
     };
     set_owner_to_current(conn);
-    record_transfer(conn, dir, bytes, now);
+    // Its first bytes are not read: the direction rule alone, until its next request.
+    record_transfer(conn, dir, bytes, now, Message::Data);
     match CONNS.insert(sock, &*conn, BPF_NOEXIST.into()) {
         Ok(()) => {}
         // Another CPU discovered it first and reported it.

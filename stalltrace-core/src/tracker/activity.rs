@@ -8,7 +8,10 @@
 //!   (keep-alive), and is never a stall.
 //!
 //! A connection is *quiet* for as long as nothing moved in the request direction; an outstanding
-//! exchange quiet for the threshold is a stall.
+//! exchange quiet for the threshold is a stall. A half-closed connection is judged like an
+//! open one for as long as its open side can still complete the exchange
+//! (`transfer::can_complete`): a client that sent its request and then its FIN still awaits the
+//! reply, and the server that read both still owes it.
 use stalltrace_common::{conn_flags, tcp_state, transfer, ConnState};
 
 use super::model::{Resolution, Role};
@@ -49,10 +52,15 @@ pub fn assess(state: &ConnState) -> Activity {
         tcp_state::SYN_SENT => Activity::ConnectPending {
             since: state.open_ns,
         },
-        tcp_state::ESTABLISHED if transfer::is_outstanding(state) => Activity::Outstanding {
-            quiet_since: last_request_ns(state),
-        },
-        tcp_state::ESTABLISHED => Activity::Idle,
+        open if transfer::can_complete(state, open) => {
+            if transfer::is_outstanding(state) {
+                Activity::Outstanding {
+                    quiet_since: last_request_ns(state),
+                }
+            } else {
+                Activity::Idle
+            }
+        }
         _ => Activity::Ending {
             at: state.state_ns,
             how: ending(state),
@@ -109,9 +117,21 @@ mod tests {
     }
 
     #[test]
+    fn a_half_closed_exchange_is_still_outstanding_on_its_open_side() {
+        let mut client = conn(role::CLIENT, direction::OUT);
+        client.tcp_state = tcp_state::FIN_WAIT2;
+        assert_eq!(assess(&client), Activity::Outstanding { quiet_since: 200 });
+        let mut server = conn(role::SERVER, direction::IN);
+        server.tcp_state = tcp_state::CLOSE_WAIT;
+        assert_eq!(assess(&server), Activity::Outstanding { quiet_since: 100 });
+        server.last_dir = direction::OUT;
+        assert_eq!(assess(&server), Activity::Idle);
+    }
+
+    #[test]
     fn leaving_established_is_an_ending_with_its_cause() {
         let mut state = conn(role::SERVER, direction::IN);
-        state.tcp_state = tcp_state::CLOSE_WAIT;
+        state.tcp_state = tcp_state::LAST_ACK;
         state.state_ns = 900;
         assert_eq!(
             assess(&state),

@@ -17,7 +17,7 @@ mod table;
 
 use std::collections::VecDeque;
 
-use stalltrace_common::{conn_flags, ConnEvent, ConnState, EventKind};
+use stalltrace_common::{conn_flags, transfer, ConnEvent, ConnState, EventKind};
 
 use crate::diagnosis::Diagnosis;
 use activity::Activity;
@@ -461,8 +461,10 @@ impl Tracker {
                     let threshold_at = quiet_since + stall_after_ns;
                     start_stall(conn, kind, quiet_since, threshold_at, state.exchanges, out);
                 }
+                // What happened first decides: a reply (the request is no longer outstanding,
+                // even if a FIN came with it), else the close.
                 let how = match activity::assess(state) {
-                    Activity::Ending { how, .. } => how,
+                    Activity::Ending { how, .. } if transfer::is_outstanding(state) => how,
                     _ => Resolution::Response,
                 };
                 end_stall(conn, at, how, out);

@@ -1,8 +1,11 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use stalltrace_common::{
-    conn_flags, direction, role, tcp_state, transfer::record_transfer, ConnEvent, ConnState,
-    EventHeader, EventKind, AF_INET,
+    conn_flags, direction,
+    message::{classify, classify_reply, Head, Message},
+    role, tcp_state,
+    transfer::{look, record_transfer, Look},
+    ConnEvent, ConnState, EventHeader, EventKind, AF_INET, CAPTURE_MAX,
 };
 
 use super::model::{Comm, Endpoints, Owner, Resolution, Role, StallKind};
@@ -49,10 +52,26 @@ impl Kernel {
         Self { state, epoch: 1 }
     }
 
-    /// A transfer, recorded by the kernel programs' own accounting.
+    /// A transfer whose bytes were not captured, recorded by the kernel programs' own
+    /// accounting.
     fn transfer(&mut self, dir: u8, at: u64) {
         let bytes = if dir == direction::IN { 10 } else { 20 };
-        record_transfer(&mut self.state, dir, bytes, at);
+        record_transfer(&mut self.state, dir, bytes, at, Message::Data);
+    }
+
+    /// A transfer of `data`, whose first bytes are read and classified as the kernel programs
+    /// do with capture on.
+    fn transfer_bytes(&mut self, dir: u8, at: u64, data: &[u8]) {
+        let mut head = [0u8; CAPTURE_MAX];
+        let len = data.len().min(CAPTURE_MAX);
+        head[..len].copy_from_slice(&data[..len]);
+        let head = Head::new(&head, len, data.len() as u64);
+        let message = match look(&self.state, dir) {
+            Look::Request => classify(&mut self.state.proto, &head),
+            Look::Reply => classify_reply(self.state.proto, &head),
+            Look::Skip => Message::Data,
+        };
+        record_transfer(&mut self.state, dir, data.len() as u64, at, message);
     }
 
     fn set_state(&mut self, new_state: u8, at: u64) {
@@ -289,10 +308,39 @@ fn close_while_stalled_ends_the_stall_as_closed() {
 }
 
 #[test]
-fn peer_fin_while_stalled_ends_the_stall_before_the_close() {
+fn a_peer_half_close_leaves_the_server_owing_until_it_answers() {
+    // `printf 'QUERY\n' | socat -t 20 - TCP:…`: the request, then the client's FIN.
+    let (mut t, mut k) = server_with_request();
+    k.set_state(tcp_state::CLOSE_WAIT, SEC + MS);
+    let events = sweep(&mut t, &mut k, SEC + THRESHOLD);
+    assert!(
+        matches!(
+            details(&events)[..],
+            [Detail::StallStart {
+                kind: StallKind::UnansweredRequest,
+                ..
+            }]
+        ),
+        "{events:?}"
+    );
+    assert!(sweep(&mut t, &mut k, 7 * SEC).is_empty(), "still owed");
+    k.transfer(direction::OUT, 7 * SEC);
+    let events = feed(&mut t, k.event(EventKind::QuietEnded, 7 * SEC));
+    assert_ended(
+        &events,
+        StallKind::UnansweredRequest,
+        6_000,
+        Resolution::Response,
+    );
+}
+
+#[test]
+fn closing_without_an_answer_ends_the_stall_closed() {
     let (mut t, mut k) = server_with_request();
     sweep(&mut t, &mut k, SEC + THRESHOLD);
-    k.set_state(tcp_state::CLOSE_WAIT, 8 * SEC);
+    k.set_state(tcp_state::CLOSE_WAIT, 7 * SEC);
+    assert!(sweep(&mut t, &mut k, 8 * SEC).is_empty());
+    k.set_state(tcp_state::LAST_ACK, 8 * SEC);
     let events = feed(&mut t, k.event(EventKind::QuietEnded, 8 * SEC));
     assert_ended(
         &events,
@@ -310,6 +358,30 @@ fn peer_fin_while_stalled_ends_the_stall_before_the_close() {
         panic!("expected only conn.close, got {events:?}");
     };
     assert!(summary.closed_while_stalled);
+}
+
+#[test]
+fn a_reply_that_came_with_the_fin_ends_the_stall_as_a_response() {
+    // The client reads the whole answer and closes at once: the reply was first.
+    let mut t = tracker();
+    let mut k = Kernel::new(role::CLIENT, 0);
+    feed(&mut t, k.event(EventKind::Established, 0));
+    k.transfer(direction::OUT, SEC);
+    sweep(&mut t, &mut k, SEC + THRESHOLD);
+    k.set_state(tcp_state::CLOSE_WAIT, 8 * SEC);
+    assert!(
+        sweep(&mut t, &mut k, 8 * SEC + MS).is_empty(),
+        "the reply may be unread"
+    );
+    k.transfer(direction::IN, 8 * SEC + 2 * MS);
+    k.set_state(tcp_state::CLOSE, 8 * SEC + 2 * MS);
+    let events = feed(&mut t, k.event(EventKind::QuietEnded, 8 * SEC + 2 * MS));
+    assert_ended(
+        &events,
+        StallKind::AwaitingResponse,
+        7_002,
+        Resolution::Response,
+    );
 }
 
 #[test]
@@ -916,4 +988,80 @@ fn a_request_nobody_reads_stays_stalled_until_it_is_answered() {
             Resolution::Response,
         );
     }
+}
+
+/// Conversations of real clients (see `replay/record.py`): each fixture's connection must get
+/// its expected verdict at every pause of a second or more, and at its end.
+#[test]
+fn recorded_conversations_get_the_right_verdicts() {
+    let fixtures = [
+        (
+            "grpc-channel-idle",
+            include_str!("replay/grpc-channel-idle.txt"),
+        ),
+        (
+            "grpc-call-unanswered",
+            include_str!("replay/grpc-call-unanswered.txt"),
+        ),
+        (
+            "tls13-pool-idle",
+            include_str!("replay/tls13-pool-idle.txt"),
+        ),
+        (
+            "tls13-after-requests-idle",
+            include_str!("replay/tls13-after-requests-idle.txt"),
+        ),
+        (
+            "websocket-one-way",
+            include_str!("replay/websocket-one-way.txt"),
+        ),
+    ];
+    for (name, text) in fixtures {
+        let expect = text
+            .lines()
+            .find_map(|line| line.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{name}: no `# expect:` line"));
+        let mut kernel = Kernel::new(role::CLIENT, 0);
+        let mut last_ms = None;
+        let mut transfers = 0;
+        for line in text.lines().filter(|line| !line.starts_with('#')) {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let [ms, dir, len, hex] = fields[..] else {
+                panic!("{name}: bad line {line:?}");
+            };
+            let ms: u64 = ms.parse().unwrap();
+            if last_ms.is_some_and(|last| ms >= last + 1_000) {
+                assert_eq!(
+                    verdict(&kernel.state),
+                    expect,
+                    "{name}: pause before {line:?}"
+                );
+            }
+            last_ms = Some(ms);
+            let mut data = hex_bytes(hex);
+            data.resize(len.parse().unwrap(), 0);
+            let dir = if dir == "out" {
+                direction::OUT
+            } else {
+                direction::IN
+            };
+            kernel.transfer_bytes(dir, SEC + ms * MS, &data);
+            transfers += 1;
+        }
+        assert!(transfers > 2, "{name}: an empty recording proves nothing");
+        assert_eq!(verdict(&kernel.state), expect, "{name}: at its end");
+    }
+}
+
+fn verdict(state: &ConnState) -> &'static str {
+    match super::activity::assess(state) {
+        super::activity::Activity::Outstanding { .. } => "outstanding",
+        _ => "idle",
+    }
+}
+
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
 }

@@ -215,7 +215,8 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
 }
 
 fn kernel_offsets() -> Offsets {
-    let lost = "connections open before the daemon started are not adopted";
+    let lost = "connections open before the daemon started are not adopted, and a reply that \
+                arrives with the peer's close may end its stall as `closed`";
     match btf::from_kernel() {
         Ok(kernel_btf) => {
             let (offsets, missing) = btf::resolve_offsets(&kernel_btf);

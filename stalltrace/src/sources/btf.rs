@@ -19,7 +19,7 @@ pub(crate) fn from_kernel() -> Result<Btf> {
 pub(crate) fn resolve_offsets(btf: &Btf) -> (Offsets, Vec<&'static str>) {
     let mut offsets = Offsets::unknown();
     let mut missing = Vec::new();
-    let wanted: [(&mut u32, &str, &[&str], u32, &'static str); 8] = [
+    let wanted: [(&mut u32, &str, &[&str], u32, &'static str); 11] = [
         (
             &mut offsets.skc_family,
             "sock",
@@ -75,6 +75,27 @@ pub(crate) fn resolve_offsets(btf: &Btf) -> (Offsets, Vec<&'static str>) {
             &["__sk_common", "skc_v6_rcv_saddr"],
             16,
             "sock.skc_v6_rcv_saddr",
+        ),
+        (
+            &mut offsets.skc_state,
+            "sock",
+            &["__sk_common", "skc_state"],
+            1,
+            "sock.skc_state",
+        ),
+        (
+            &mut offsets.tcp_rcv_nxt,
+            "tcp_sock",
+            &["rcv_nxt"],
+            4,
+            "tcp_sock.rcv_nxt",
+        ),
+        (
+            &mut offsets.tcp_copied_seq,
+            "tcp_sock",
+            &["copied_seq"],
+            4,
+            "tcp_sock.copied_seq",
         ),
     ];
     for (slot, struct_name, path, size, label) in wanted {

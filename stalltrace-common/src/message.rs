@@ -1,0 +1,560 @@
+//! What the first bytes of a run of transfers in the request direction say it is: a request,
+//! a protocol control message that neither asks nor answers anything, or the start of a
+//! stream (after which the connection carries one-way messages, not requests).
+//!
+//! Run by the kernel programs on the bytes they capture when a request would start (the
+//! first bytes a client sends or a server reads after the other direction moved), so the
+//! verdict's [`transfer`](crate::transfer) rule never has to look at bytes itself; and by the
+//! tracker's tests on their model of the kernel. Written for the BPF verifier: fixed-size
+//! buffer, bounded loops, no panicking indexing (`get` everywhere).
+//!
+//! A connection's protocol ([`proto`]) is recognized from its first request-direction bytes
+//! and kept in [`ConnState::proto`](crate::ConnState::proto); the rules per protocol:
+//! - HTTP/2 (RFC 9113; the client preface, also after an `Upgrade: h2c` exchange): a run whose frames
+//!   (those whose header lies in the captured bytes) are all control frames — SETTINGS, PING,
+//!   WINDOW_UPDATE, PRIORITY, RST_STREAM, GOAWAY, PUSH_PROMISE — is [`Message::Control`];
+//!   a HEADERS or DATA frame makes it a request.
+//! - TLS (RFC 8446 / 5246 record layer): a run whose first record is a handshake,
+//!   change_cipher_spec or alert record is control; application_data is a request. (A TLS 1.3
+//!   client's Finished travels as application_data; clients in middlebox-compatibility mode —
+//!   OpenSSL, Go, rustls, browsers — send a change_cipher_spec record before it.)
+//! - PostgreSQL: a `START_REPLICATION` simple query starts a stream (the standby's status
+//!   updates are never answered).
+//! - Redis (RESP or inline): `SUBSCRIBE`, `PSUBSCRIBE`, `SSUBSCRIBE` and `MONITOR` start a
+//!   stream (the server pushes; the client's later commands are not judged).
+//! - HTTP/1.x: a run that starts with a masked WebSocket frame (what a client sends after an
+//!   `Upgrade: websocket` exchange) starts a stream.
+//!
+//! Anything else is a request, as before: the direction rule stays the fallback.
+use crate::CAPTURE_MAX;
+
+/// Protocols told apart by their first bytes (stable ids, in `ConnState::proto`).
+pub mod proto {
+    /// Not looked at yet (no capture).
+    pub const UNKNOWN: u8 = 0;
+    /// Looked at, none of the below: the direction rule alone.
+    pub const OTHER: u8 = 1;
+    pub const HTTP1: u8 = 2;
+    pub const HTTP2: u8 = 3;
+    pub const TLS: u8 = 4;
+    pub const REDIS: u8 = 5;
+    pub const POSTGRESQL: u8 = 6;
+
+    /// The name used in events (OpenTelemetry `network.protocol.name` where one exists).
+    pub const fn name(id: u8) -> Option<&'static str> {
+        Some(match id {
+            HTTP1 => "http",
+            HTTP2 => "http2",
+            TLS => "tls",
+            REDIS => "redis",
+            POSTGRESQL => "postgresql",
+            _ => return None,
+        })
+    }
+}
+
+/// What a run of transfers is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Application data: in the request direction a request (a reply is owed), in the reply
+    /// direction a reply.
+    Data,
+    /// Protocol housekeeping: neither asks nor answers.
+    Control,
+    /// From here on the connection carries one-way messages: it is no longer judged.
+    StreamStart,
+}
+
+/// The first captured bytes of a request-direction run: `len` (≤ [`CAPTURE_MAX`]) valid bytes
+/// of a transfer of `total` bytes; the buffer past `len` must be zeros. Bytes are read at
+/// offsets that do not depend on `len` (zeros match no pattern that matters), so that the
+/// verifier explores one path per pattern, not one per possible capture length.
+pub struct Head<'a> {
+    bytes: &'a [u8; CAPTURE_MAX],
+    len: usize,
+    total: u64,
+}
+
+impl<'a> Head<'a> {
+    pub fn new(bytes: &'a [u8; CAPTURE_MAX], len: usize, total: u64) -> Self {
+        Self {
+            bytes,
+            len: if len > CAPTURE_MAX { CAPTURE_MAX } else { len },
+            total,
+        }
+    }
+
+    #[inline(always)]
+    fn at(&self, i: usize) -> Option<u8> {
+        self.bytes.get(i).copied()
+    }
+
+    /// `pattern` (ASCII, upper case) at `at`, ignoring the case of letters.
+    #[inline(always)]
+    fn has_at(&self, at: usize, pattern: &[u8]) -> bool {
+        let mut i = 0;
+        while i < pattern.len() {
+            match self.at(at + i) {
+                Some(b) if b.to_ascii_uppercase() == pattern[i] => {}
+                _ => return false,
+            }
+            i += 1;
+        }
+        true
+    }
+}
+
+/// The first bytes of a run in the reply direction are worth reading: a request is
+/// outstanding on a protocol whose peers send housekeeping of their own accord (HTTP/2
+/// SETTINGS, PING, WINDOW_UPDATE — grpcio's flow-control probes among them), which must not
+/// pass for the reply.
+#[inline(always)]
+pub fn reads_reply_head(protocol: u8) -> bool {
+    protocol == proto::HTTP2
+}
+
+/// Classifies a run in the reply direction of a connection of protocol `protocol`: control
+/// frames are no reply; anything else is (including HTTP/2 RST_STREAM and GOAWAY, which end
+/// requests).
+#[inline(always)]
+pub fn classify_reply(protocol: u8, head: &Head) -> Message {
+    if protocol == proto::HTTP2 {
+        http2(head, true)
+    } else {
+        Message::Data
+    }
+}
+
+/// Classifies the run that `head` begins in the request direction on a connection of
+/// protocol `*protocol`, recognizing
+/// the protocol first if it is [`proto::UNKNOWN`] (then `*protocol` is updated).
+#[inline(always)]
+pub fn classify(protocol: &mut u8, head: &Head) -> Message {
+    if head.len == 0 {
+        return Message::Data;
+    }
+    if *protocol == proto::UNKNOWN {
+        *protocol = recognize(head);
+    } else if is_tls_client_hello(head) {
+        // STARTTLS-style: TLS after a plaintext exchange (PostgreSQL's SSLRequest, SMTP…).
+        *protocol = proto::TLS;
+    } else if is_http2_preface(head) {
+        // HTTP/2 after an HTTP/1.1 `Upgrade: h2c` exchange.
+        *protocol = proto::HTTP2;
+    }
+    match *protocol {
+        proto::HTTP2 => http2(head, false),
+        proto::TLS => tls(head),
+        // After an HTTP/1.1 `Upgrade: websocket` exchange, the client sends frames.
+        proto::HTTP1 if is_websocket_client_frame(head) => Message::StreamStart,
+        proto::POSTGRESQL if is_start_replication(head) => Message::StreamStart,
+        proto::REDIS if is_redis_subscription(head) => Message::StreamStart,
+        _ => Message::Data,
+    }
+}
+
+fn is_http2_preface(head: &Head) -> bool {
+    head.has_at(0, b"PRI * HTTP/2.0")
+}
+
+fn recognize(head: &Head) -> u8 {
+    if is_http2_preface(head) {
+        proto::HTTP2
+    } else if is_tls_client_hello(head) {
+        proto::TLS
+    } else if is_http1_request(head) {
+        proto::HTTP1
+    } else if matches!(head.at(0), Some(b'*')) || is_redis_subscription(head) {
+        proto::REDIS
+    } else if is_postgres_startup(head) {
+        proto::POSTGRESQL
+    } else {
+        proto::OTHER
+    }
+}
+
+const HTTP1_METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"HEAD ",
+    b"DELETE ",
+    b"PATCH ",
+    b"OPTIONS ",
+    b"CONNECT ",
+    b"TRACE ",
+];
+
+fn is_http1_request(head: &Head) -> bool {
+    let mut i = 0;
+    while i < HTTP1_METHODS.len() {
+        if head.has_at(0, HTTP1_METHODS[i]) {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// A client-to-server WebSocket frame (RFC 6455 §5.2): FIN/RSV/opcode with a defined opcode
+/// (RSV2/RSV3 clear), and the mask bit that every client frame must set. No HTTP/1.x request
+/// starts with such a byte (method names are ASCII letters).
+fn is_websocket_client_frame(head: &Head) -> bool {
+    match (head.at(0), head.at(1)) {
+        (Some(b0), Some(b1)) => {
+            b0 & 0x30 == 0 && matches!(b0 & 0x0f, 0..=2 | 8..=10) && b1 & 0x80 != 0
+        }
+        _ => false,
+    }
+}
+
+/// A TLS handshake record holding a ClientHello: `16 03 0x len len 01`.
+fn is_tls_client_hello(head: &Head) -> bool {
+    head.at(0) == Some(0x16)
+        && head.at(1) == Some(0x03)
+        && matches!(head.at(2), Some(0..=4))
+        && head.at(5) == Some(0x01)
+}
+
+/// A PostgreSQL StartupMessage (protocol 3.x) or SSLRequest / GSSENCRequest: a 4-byte length,
+/// then the code `00 03 00 00`, `04 d2 16 2f` or `04 d2 16 30`.
+fn is_postgres_startup(head: &Head) -> bool {
+    if head.at(0) != Some(0) {
+        return false;
+    }
+    match (head.at(4), head.at(5), head.at(6)) {
+        (Some(0), Some(3), Some(0)) => true,
+        (Some(0x04), Some(0xd2), Some(0x16)) => matches!(head.at(7), Some(0x2f | 0x30)),
+        _ => false,
+    }
+}
+
+/// A simple query (`Q`, length, text) starting with `START_REPLICATION`.
+fn is_start_replication(head: &Head) -> bool {
+    head.at(0) == Some(b'Q') && head.has_at(5, b"START_REPLICATION")
+}
+
+/// Redis commands that turn the connection into a push stream, as RESP arrays
+/// (`*2\r\n$9\r\nSUBSCRIBE…`, with up to 99 arguments) or inline commands.
+fn is_redis_subscription(head: &Head) -> bool {
+    if head.at(0) != Some(b'*') {
+        return redis_subscription_at(head, 0);
+    }
+    // `*N\r\n` then `$L\r\n`: the command starts at 8 to 10 (N and L of 1 or 2 digits).
+    redis_subscription_at(head, 8)
+        || redis_subscription_at(head, 9)
+        || redis_subscription_at(head, 10)
+}
+
+#[inline(always)]
+fn redis_subscription_at(head: &Head, at: usize) -> bool {
+    if at > 0 && head.at(at - 1) != Some(b'\n') {
+        return false;
+    }
+    let command_ends = |len: usize| matches!(head.at(at + len), Some(0 | b'\r' | b' '));
+    (head.has_at(at, b"SUBSCRIBE") && command_ends(9))
+        || ((head.has_at(at, b"PSUBSCRIBE") || head.has_at(at, b"SSUBSCRIBE")) && command_ends(10))
+        || (head.has_at(at, b"MONITOR") && command_ends(7))
+}
+
+/// HTTP/2 frame types (RFC 9113 §6) that carry requests and replies: DATA, HEADERS,
+/// CONTINUATION; and those that end requests when they come from the server.
+const H2_DATA: u8 = 0;
+const H2_HEADERS: u8 = 1;
+const H2_RST_STREAM: u8 = 3;
+const H2_GOAWAY: u8 = 7;
+const H2_CONTINUATION: u8 = 9;
+const H2_PREFACE_LEN: usize = 24;
+const H2_FRAME_HEADER_LEN: usize = 9;
+
+/// A transfer of frames: control only if every frame it holds was seen to be a control frame.
+/// A DATA, HEADERS, CONTINUATION or unknown frame (in a `reply`, also RST_STREAM and
+/// GOAWAY), or a frame header past the captured bytes, makes it data.
+fn http2(head: &Head, reply: bool) -> Message {
+    let mut at = if is_http2_preface(head) {
+        H2_PREFACE_LEN
+    } else {
+        0
+    };
+    // At most CAPTURE_MAX / 9 frame headers fit in the capture.
+    let mut frames = 0;
+    while frames < CAPTURE_MAX / H2_FRAME_HEADER_LEN {
+        if at as u64 >= head.total {
+            // Every frame of the transfer was seen: all control frames (if any).
+            return if frames == 0 {
+                Message::Data
+            } else {
+                Message::Control
+            };
+        }
+        let (Some(l0), Some(l1), Some(l2), Some(kind)) = (
+            head.at(at),
+            head.at(at + 1),
+            head.at(at + 2),
+            head.at(at + 3),
+        ) else {
+            break;
+        };
+        if kind > H2_CONTINUATION
+            || matches!(kind, H2_DATA | H2_HEADERS | H2_CONTINUATION)
+            || (reply && matches!(kind, H2_RST_STREAM | H2_GOAWAY))
+        {
+            return Message::Data;
+        }
+        let length = (usize::from(l0) << 16) | (usize::from(l1) << 8) | usize::from(l2);
+        at += H2_FRAME_HEADER_LEN + length;
+        frames += 1;
+    }
+    // A frame not seen: it may carry a request.
+    Message::Data
+}
+
+const TLS_CHANGE_CIPHER_SPEC: u8 = 20;
+const TLS_ALERT: u8 = 21;
+const TLS_HANDSHAKE: u8 = 22;
+
+fn tls(head: &Head) -> Message {
+    match head.at(0) {
+        Some(TLS_CHANGE_CIPHER_SPEC | TLS_ALERT | TLS_HANDSHAKE) => Message::Control,
+        _ => Message::Data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::vec;
+
+    fn classify_bytes(protocol: &mut u8, bytes: &[u8]) -> Message {
+        let mut buffer = [0u8; CAPTURE_MAX];
+        let len = bytes.len().min(CAPTURE_MAX);
+        buffer[..len].copy_from_slice(&bytes[..len]);
+        classify(protocol, &Head::new(&buffer, len, bytes.len() as u64))
+    }
+
+    fn h2_frame(kind: u8, stream: u32, payload: &[u8]) -> [u8; 9] {
+        let len = payload.len() as u32;
+        let s = stream.to_be_bytes();
+        [
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            kind,
+            0,
+            s[0],
+            s[1],
+            s[2],
+            s[3],
+        ]
+    }
+
+    #[test]
+    fn http2_preface_and_settings_alone_are_housekeeping() {
+        let mut p = proto::UNKNOWN;
+        let mut run = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        run.extend_from_slice(&h2_frame(4, 0, &[0; 12]));
+        run.extend_from_slice(&[0; 12]);
+        assert_eq!(classify_bytes(&mut p, &run), Message::Control);
+        assert_eq!(p, proto::HTTP2);
+    }
+
+    #[test]
+    fn http2_window_update_and_ping_ack_are_housekeeping_headers_are_requests() {
+        let mut p = proto::HTTP2;
+        let mut run = h2_frame(8, 0, &[0, 0, 0, 17]).to_vec();
+        run.extend_from_slice(&[0, 0, 0, 17]);
+        run.extend_from_slice(&h2_frame(6, 0, &[0; 8]));
+        run.extend_from_slice(&[0; 8]);
+        assert_eq!(classify_bytes(&mut p, &run), Message::Control);
+        let mut run = h2_frame(8, 0, &[0, 0, 0, 17]).to_vec();
+        run.extend_from_slice(&[0, 0, 0, 17]);
+        run.extend_from_slice(&h2_frame(H2_HEADERS, 3, &[0x82; 20]));
+        assert_eq!(classify_bytes(&mut p, &run), Message::Data);
+        assert_eq!(
+            classify_bytes(&mut p, &h2_frame(H2_DATA, 3, b"x")),
+            Message::Data
+        );
+    }
+
+    #[test]
+    fn http2_server_housekeeping_is_no_reply() {
+        let mut head = [0u8; CAPTURE_MAX];
+        let mut run = h2_frame(8, 0, &[0, 0, 0, 9]).to_vec();
+        run.extend_from_slice(&[0, 0, 0, 9]);
+        run.extend_from_slice(&h2_frame(6, 0, &[1; 8]));
+        run.extend_from_slice(&[1; 8]);
+        head[..run.len()].copy_from_slice(&run);
+        let at = Head::new(&head, run.len(), run.len() as u64);
+        assert!(reads_reply_head(proto::HTTP2) && !reads_reply_head(proto::HTTP1));
+        assert_eq!(classify_reply(proto::HTTP2, &at), Message::Control);
+        let reset = h2_frame(H2_RST_STREAM, 1, &[0, 0, 0, 8]);
+        let mut head = [0u8; CAPTURE_MAX];
+        head[..9].copy_from_slice(&reset);
+        head[9..13].copy_from_slice(&[0, 0, 0, 8]);
+        assert_eq!(
+            classify_reply(proto::HTTP2, &Head::new(&head, 13, 13)),
+            Message::Data,
+            "a reset stream is answered"
+        );
+        let mut p = proto::HTTP2;
+        assert_eq!(
+            classify(&mut p, &Head::new(&head, 13, 13)),
+            Message::Control,
+            "a client's reset asks nothing"
+        );
+    }
+
+    #[test]
+    fn http2_frames_past_the_capture_may_be_requests() {
+        // grpcio's first write: preface, SETTINGS, WINDOW_UPDATE, then HEADERS past 64 bytes.
+        let mut p = proto::UNKNOWN;
+        let mut run = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        run.extend_from_slice(&h2_frame(4, 0, &[0; 24]));
+        run.extend_from_slice(&[0; 24]);
+        run.extend_from_slice(&h2_frame(8, 0, &[0; 4]));
+        run.extend_from_slice(&[0; 4]);
+        run.extend_from_slice(&h2_frame(H2_HEADERS, 1, &[0x82; 30]));
+        run.extend_from_slice(&[0x82; 30]);
+        assert_eq!(classify_bytes(&mut p, &run), Message::Data);
+        // The same without the HEADERS frame: every frame header seen (the last payload is
+        // past the capture), all control.
+        let mut p = proto::UNKNOWN;
+        run.truncate(run.len() - 39);
+        assert!(run.len() > CAPTURE_MAX);
+        assert_eq!(classify_bytes(&mut p, &run), Message::Control);
+        // A frame header past the capture: unknown, so a request.
+        let mut p = proto::HTTP2;
+        let mut run = h2_frame(4, 0, &[0; 60]).to_vec();
+        run.extend_from_slice(&[0; 60]);
+        run.extend_from_slice(&h2_frame(8, 0, &[0; 4]));
+        run.extend_from_slice(&[0; 4]);
+        assert_eq!(classify_bytes(&mut p, &run), Message::Data);
+        let mut p = proto::HTTP2;
+        let mut settings_ack = h2_frame(4, 0, &[]).to_vec();
+        settings_ack.extend_from_slice(&h2_frame(8, 0, &[0; 4]));
+        settings_ack.extend_from_slice(&[0; 4]);
+        assert_eq!(classify_bytes(&mut p, &settings_ack), Message::Control);
+    }
+
+    #[test]
+    fn tls_handshake_records_are_housekeeping_application_data_is_a_request() {
+        let mut p = proto::UNKNOWN;
+        let client_hello = [
+            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+        ];
+        assert_eq!(classify_bytes(&mut p, &client_hello), Message::Control);
+        assert_eq!(p, proto::TLS);
+        // TLS 1.3 client's second flight: change_cipher_spec, then Finished (as app data).
+        let finished = [
+            0x14, 0x03, 0x03, 0x00, 0x01, 0x01, 0x17, 0x03, 0x03, 0x00, 0x35,
+        ];
+        assert_eq!(classify_bytes(&mut p, &finished), Message::Control);
+        let request = [0x17, 0x03, 0x03, 0x00, 0x40, 0xaa, 0xbb];
+        assert_eq!(classify_bytes(&mut p, &request), Message::Data);
+        let close_notify = [0x15, 0x03, 0x03, 0x00, 0x13];
+        assert_eq!(classify_bytes(&mut p, &close_notify), Message::Control);
+    }
+
+    #[test]
+    fn starttls_after_a_postgres_ssl_request_switches_to_tls() {
+        let mut p = proto::UNKNOWN;
+        let ssl_request = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+        assert_eq!(classify_bytes(&mut p, &ssl_request), Message::Data);
+        assert_eq!(p, proto::POSTGRESQL);
+        let client_hello = [0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00];
+        assert_eq!(classify_bytes(&mut p, &client_hello), Message::Control);
+        assert_eq!(p, proto::TLS);
+    }
+
+    #[test]
+    fn postgres_start_replication_starts_a_stream() {
+        let mut p = proto::UNKNOWN;
+        let mut startup = vec![0, 0, 0, 0x50, 0, 3, 0, 0];
+        startup.extend_from_slice(b"user\0postgres\0database\0replication\0replication\0true\0");
+        assert_eq!(classify_bytes(&mut p, &startup), Message::Data);
+        assert_eq!(p, proto::POSTGRESQL);
+        assert_eq!(
+            classify_bytes(&mut p, b"Q\0\0\0\x16IDENTIFY_SYSTEM\0"),
+            Message::Data
+        );
+        assert_eq!(
+            classify_bytes(
+                &mut p,
+                b"Q\0\0\0\x2bSTART_REPLICATION 0/3000000 TIMELINE 1\0"
+            ),
+            Message::StreamStart
+        );
+        assert_eq!(
+            classify_bytes(&mut p, b"Q\0\0\0\x0eSELECT 1;\0"),
+            Message::Data
+        );
+    }
+
+    #[test]
+    fn redis_subscriptions_and_monitor_start_streams() {
+        let mut p = proto::UNKNOWN;
+        assert_eq!(
+            classify_bytes(&mut p, b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"),
+            Message::Data
+        );
+        assert_eq!(p, proto::REDIS);
+        for command in [
+            &b"*2\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n"[..],
+            b"*2\r\n$10\r\nPSUBSCRIBE\r\n$2\r\nn*\r\n",
+            b"*1\r\n$7\r\nMONITOR\r\n",
+            b"SUBSCRIBE news\r\n",
+        ] {
+            assert_eq!(classify_bytes(&mut p, command), Message::StreamStart);
+        }
+        assert_eq!(
+            classify_bytes(&mut p, b"*2\r\n$13\r\nSUBSCRIBEXXXXX\r\n"),
+            Message::Data
+        );
+        let mut inline = proto::UNKNOWN;
+        assert_eq!(
+            classify_bytes(&mut inline, b"MONITOR\r\n"),
+            Message::StreamStart
+        );
+    }
+
+    #[test]
+    fn after_an_upgrade_websocket_frames_start_a_stream_and_h2c_speaks_http2() {
+        let mut p = proto::UNKNOWN;
+        let upgrade = b"GET /chat HTTP/1.1\r\nHost: a\r\nUser-Agent: x\r\nUpgrade: websocket\r\n";
+        assert_eq!(classify_bytes(&mut p, upgrade), Message::Data);
+        assert_eq!(p, proto::HTTP1);
+        // A masked text frame "hi".
+        let frame = [0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
+        assert_eq!(classify_bytes(&mut p, &frame), Message::StreamStart);
+        let mut p = proto::HTTP1;
+        let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        preface.extend_from_slice(&h2_frame(4, 0, &[]));
+        assert_eq!(classify_bytes(&mut p, &preface), Message::Control);
+        assert_eq!(p, proto::HTTP2);
+        let mut p = proto::HTTP1;
+        assert_eq!(
+            classify_bytes(&mut p, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Message::Data
+        );
+    }
+
+    #[test]
+    fn anything_else_is_a_request_and_never_panics() {
+        let mut p = proto::UNKNOWN;
+        assert_eq!(classify_bytes(&mut p, b"\x00\x01"), Message::Data);
+        assert_eq!(p, proto::OTHER);
+        let mut p = proto::UNKNOWN;
+        assert_eq!(classify_bytes(&mut p, b""), Message::Data);
+        assert_eq!(p, proto::UNKNOWN, "nothing seen, nothing decided");
+        for protocol in 0..=8 {
+            for len in 0..=CAPTURE_MAX {
+                for fill in [0u8, 0xff, b'\n', b'*', 0x16] {
+                    let mut bytes = [0u8; CAPTURE_MAX];
+                    bytes[..len].fill(fill);
+                    let mut p = protocol;
+                    classify(&mut p, &Head::new(&bytes, len, 200));
+                }
+            }
+        }
+    }
+}
