@@ -141,7 +141,15 @@ fn fuzz(seconds: u64) -> Result<()> {
 
 /// Servers and clients the integration tests run for real (proxies for the blame chains,
 /// python3 for an asyncio proxy and for servers owned by another user).
-const TEST_PACKAGES: &[&str] = &["nginx", "haproxy", "python3"];
+const TEST_PACKAGES: &[&str] = &[
+    "nginx",
+    "haproxy",
+    "python3",
+    "socat",
+    "openssl",
+    "python3-grpcio",
+    "python3-websockets",
+];
 
 fn test(args: &[String]) -> Result<()> {
     setup::run()?;

@@ -1,0 +1,394 @@
+//! Verdicts on real protocols, with real clients and servers: what the protocol says is owed,
+//! not only which direction moved last. Each case is one of the field cases the direction rule
+//! got wrong: a half-closed request (socat), a reply that comes with the server's FIN, idle TLS
+//! 1.3 connections (Python's `ssl`, i.e. OpenSSL), an idle gRPC channel (grpcio: HTTP/2
+//! control frames), and WebSocket messages that are never answered by design (websockets).
+//!
+//! grpcio and websockets are the Debian packages (`python3-grpcio`, `python3-websockets`,
+//! installed by `cargo xtask test`), so these run under Debian's `/usr/bin/python3`.
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Shutdown, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use stalltrace_integration::{require_root, with_role, Daemon, REPORT_WITHIN, STALL_AFTER};
+
+const DEBIAN_PYTHON: &str = "/usr/bin/python3";
+
+/// Long enough past the threshold that a wrong verdict would have been reported.
+fn past_threshold() -> Duration {
+    STALL_AFTER * 3
+}
+
+struct Script(Child);
+
+impl Script {
+    /// Runs `code` under Debian's python3 with `args`; waits for its first output line (a port
+    /// or "ready") and returns it.
+    fn start(code: &str, args: &[&str]) -> (Self, String) {
+        let mut child = Command::new(DEBIAN_PYTHON)
+            .arg("-c")
+            .arg(code)
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{DEBIAN_PYTHON}: {e} (cargo xtask test installs it)"));
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(!line.is_empty(), "the script exited before it was ready");
+        (Self(child), line.trim().to_string())
+    }
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Stall events (start or end) touching `port`.
+fn stall_events(daemon: &Daemon, port: u16) -> Vec<Value> {
+    let mut events = daemon.events_named("stall.start", port);
+    events.extend(daemon.events_named("stall.end", port));
+    events
+}
+
+/// Nothing on `port` is or was flagged, seen after `past_threshold()`.
+#[track_caller]
+fn assert_never_flagged(daemon: &Daemon, port: u16, what: &str) {
+    thread::sleep(past_threshold());
+    assert_eq!(daemon.stalls(port), Vec::<Value>::new(), "{what}");
+    assert_eq!(stall_events(daemon, port), Vec::<Value>::new(), "{what}");
+    let conns = daemon.cli_json(&["conns", "-o", "json", "--port", &port.to_string()]);
+    assert!(
+        conns.as_array().is_some_and(|c| !c.is_empty()),
+        "{what}: the connections must be tracked, or this test proves nothing: {conns:#}"
+    );
+}
+
+/// `printf 'QUERY-42\n' | socat -t 20 - TCP:…` against a server that reads to end-of-stream,
+/// waits, answers 19 bytes and closes: live stalls on both ends during the wait, ended by the
+/// response, socat's close counts the 19 bytes, and no phantom connection appears.
+#[test]
+fn a_half_closed_request_is_flagged_on_both_ends_and_ends_with_the_response() {
+    require_root();
+    let daemon = Daemon::start("half-close");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let answer_after = STALL_AFTER * 4;
+    let server = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut request = Vec::new();
+        stream.read_to_end(&mut request).unwrap();
+        thread::sleep(answer_after);
+        stream.write_all(b"ANSWER-42 is ready\n").unwrap();
+        request
+    });
+    let mut socat = Command::new("socat")
+        .args(["-t", "20", "-", &format!("TCP:127.0.0.1:{port}")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("socat (cargo xtask test installs it)");
+    socat
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"QUERY-42\n")
+        .unwrap(); // dropped: socat sends the request, then its FIN
+
+    let client = daemon.wait_for_stall(port, "client", REPORT_WITHIN);
+    let server_stall = daemon.wait_for_stall(port, "server", REPORT_WITHIN);
+    assert_eq!(client["stall"]["kind"], "awaiting_response", "{client:#}");
+    assert_eq!(
+        server_stall["stall"]["kind"], "unanswered_request",
+        "{server_stall:#}"
+    );
+    assert_eq!(server.join().unwrap(), b"QUERY-42\n");
+    let output = socat.wait_with_output().unwrap();
+    assert_eq!(output.stdout, b"ANSWER-42 is ready\n");
+
+    let ends = daemon.wait_for_events("stall.end", port, 2, REPORT_WITHIN);
+    assert_eq!(ends.len(), 2, "{ends:#?}");
+    for end in &ends {
+        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
+        let duration = end["stall"]["duration_ms"].as_u64().unwrap();
+        assert!(
+            duration + 300 >= answer_after.as_millis() as u64,
+            "true duration: {end:#}"
+        );
+    }
+    let closes = daemon.wait_for_events("conn.close", port, 2, REPORT_WITHIN);
+    let client_close = with_role(&closes, "client");
+    assert_eq!(
+        client_close["conn"]["bytes_received"], 19,
+        "{client_close:#}"
+    );
+    thread::sleep(STALL_AFTER);
+    let opens = daemon.events_named("conn.open", port);
+    assert_eq!(opens.len(), 2, "one open per end, no phantom: {opens:#?}");
+    let conns = daemon.cli_json(&["conns", "-o", "json", "--port", &port.to_string()]);
+    assert_eq!(conns, serde_json::json!([]), "nothing left behind");
+}
+
+/// An HTTP/1.0-style server answers late, then closes at once: the client reads the whole
+/// answer and closes. The reply came first: its stall ends `response`, not `closed`.
+#[test]
+fn a_reply_that_comes_with_the_close_ends_the_stall_as_a_response() {
+    require_root();
+    let daemon = Daemon::start("reply-close");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut request = [0u8; 64];
+        let _ = stream.read(&mut request).unwrap();
+        thread::sleep(STALL_AFTER * 3);
+        stream
+            .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .unwrap();
+        // Dropped: the FIN follows the answer at once.
+    });
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    client.write_all(b"GET /slow HTTP/1.0\r\n\r\n").unwrap();
+    daemon.wait_for_stall(port, "client", REPORT_WITHIN);
+    server.join().unwrap();
+    thread::sleep(Duration::from_millis(200)); // answer and FIN are both queued
+    let mut answer = Vec::new();
+    client.read_to_end(&mut answer).unwrap();
+    drop(client);
+    let end = daemon
+        .wait_for_event("stall.end", port, REPORT_WITHIN, |e| {
+            e["conn"]["role"] == "client"
+        })
+        .expect("the client's stall ends");
+    assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
+}
+
+/// A self-signed certificate for the TLS server, made with the openssl CLI.
+fn certificate(dir: &std::path::Path) -> (String, String) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success());
+    (
+        cert.to_string_lossy().into_owned(),
+        key.to_string_lossy().into_owned(),
+    )
+}
+
+/// A TLS server: answers each request line after the delay in seconds it names.
+const TLS_SERVER: &str = r#"
+import socket, ssl, sys, threading, time
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[1], sys.argv[2])
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+print(listener.getsockname()[1], flush=True)
+def serve(conn):
+    with context.wrap_socket(conn, server_side=True) as tls:
+        while True:
+            line = tls.recv(100)
+            if not line:
+                return
+            time.sleep(float(line))
+            tls.sendall(b"done\n")
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"#;
+
+/// A TLS client: handshakes (TLS 1.3 unless told 1.2), sends the given requests, then idles.
+const TLS_CLIENT: &str = r#"
+import socket, ssl, sys, time
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+if sys.argv[2] == "1.2":
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+tls = context.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1]))))
+print(tls.version(), flush=True)
+for delay in sys.argv[3:]:
+    tls.sendall(delay.encode() + b"\n")
+    assert tls.recv(100) == b"done\n"
+print("idle", flush=True)
+time.sleep(60)
+"#;
+
+/// A pre-warmed TLS 1.3 pool connection: handshake done, nothing sent; the server's session
+/// tickets sit unread in the client's receive queue. Idle, on both ends; likewise after a
+/// completed request, and for TLS 1.2.
+#[test]
+fn idle_tls_connections_are_never_flagged() {
+    require_root();
+    let daemon = Daemon::start("tls-idle");
+    let (cert, key) = certificate(daemon.dir());
+    let (_server, port) = Script::start(TLS_SERVER, &[&cert, &key]);
+    let (_fresh, version) = Script::start(TLS_CLIENT, &[&port, "1.3"]);
+    assert_eq!(version, "TLSv1.3");
+    let (_used, _) = Script::start(TLS_CLIENT, &[&port, "1.3", "0", "0.1"]);
+    let (_old, version) = Script::start(TLS_CLIENT, &[&port, "1.2", "0"]);
+    assert_eq!(version, "TLSv1.2");
+    assert_never_flagged(&daemon, port.parse().unwrap(), "idle TLS connections");
+}
+
+/// A request on a TLS 1.3 connection answered late: the server is flagged, and the stall
+/// ends with the response and its true duration.
+#[test]
+fn a_late_tls_reply_is_flagged_on_the_server() {
+    require_root();
+    let daemon = Daemon::start("tls-late");
+    let (cert, key) = certificate(daemon.dir());
+    let (_server, port) = Script::start(TLS_SERVER, &[&cert, &key]);
+    let port_number: u16 = port.parse().unwrap();
+    let delay = STALL_AFTER.as_secs_f64() * 4.0;
+    let (_client, _) = Script::start(TLS_CLIENT, &[&port, "1.3", "0", &delay.to_string()]);
+    let stall = daemon.wait_for_stall(port_number, "server", REPORT_WITHIN);
+    assert_eq!(stall["stall"]["kind"], "unanswered_request", "{stall:#}");
+    let end = daemon
+        .wait_for_event("stall.end", port_number, REPORT_WITHIN * 2, |e| {
+            e["conn"]["role"] == "server"
+        })
+        .expect("the server's stall ends");
+    assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
+    let duration = end["stall"]["duration_ms"].as_u64().unwrap() as f64;
+    assert!(duration + 300.0 >= delay * 1000.0, "{end:#}");
+}
+
+/// A gRPC server (grpcio) with one unary method that sleeps the seconds its request names.
+const GRPC_SERVER: &str = r#"
+import grpc, sys, time
+from concurrent import futures
+def sleep(request, context):
+    time.sleep(float(request))
+    return request
+handler = grpc.method_handlers_generic_handler(
+    "stalltrace.Test", {"Sleep": grpc.unary_unary_rpc_method_handler(sleep)})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+server.add_generic_rpc_handlers((handler,))
+port = server.add_insecure_port("127.0.0.1:0")
+server.start()
+print(port, flush=True)
+server.wait_for_termination()
+"#;
+
+/// A gRPC client: one channel, the given calls in turn, then the channel idles.
+const GRPC_CLIENT: &str = r#"
+import grpc, sys, time
+channel = grpc.insecure_channel("127.0.0.1:" + sys.argv[1])
+call = channel.unary_unary("/stalltrace.Test/Sleep")
+for delay in sys.argv[2:]:
+    assert call(delay.encode()) == delay.encode()
+print("idle", flush=True)
+time.sleep(60)
+"#;
+
+/// After completed calls, an idle gRPC channel (HTTP/2: the client's last frames are
+/// WINDOW_UPDATE and PING ACK, control frames that ask nothing) is never flagged.
+#[test]
+fn an_idle_grpc_channel_is_never_flagged() {
+    require_root();
+    let daemon = Daemon::start("grpc-idle");
+    let (_server, port) = Script::start(GRPC_SERVER, &[]);
+    let (_client, _) = Script::start(GRPC_CLIENT, &[&port, "0", "0.2", "0"]);
+    assert_never_flagged(&daemon, port.parse().unwrap(), "an idle gRPC channel");
+}
+
+/// A unary gRPC call answered late is flagged on both ends and ends with the response.
+#[test]
+fn a_late_grpc_call_is_flagged_on_both_ends() {
+    require_root();
+    let daemon = Daemon::start("grpc-late");
+    let (_server, port) = Script::start(GRPC_SERVER, &[]);
+    let port_number: u16 = port.parse().unwrap();
+    let delay = (STALL_AFTER * 4).as_secs_f64().to_string();
+    let started = Instant::now();
+    let (_client, _) = Script::start(GRPC_CLIENT, &[&port, "0", &delay]);
+    // The script printed "idle": the late call completed.
+    assert!(started.elapsed() >= STALL_AFTER * 4);
+    for role in ["client", "server"] {
+        let end = daemon
+            .wait_for_event("stall.end", port_number, REPORT_WITHIN, |e| {
+                e["conn"]["role"] == role
+            })
+            .unwrap_or_else(|| panic!("no {role} stall ended: {}", daemon.stderr()));
+        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
+    }
+}
+
+/// A WebSocket server (websockets) that reads every message and never answers.
+const WEBSOCKET_SERVER: &str = r#"
+import asyncio, websockets
+async def sink(socket):
+    async for message in socket:
+        pass
+async def main():
+    async with websockets.serve(sink, "127.0.0.1", 0) as server:
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await asyncio.Future()
+asyncio.run(main())
+"#;
+
+/// A WebSocket client that sends a message every `interval` seconds.
+const WEBSOCKET_CLIENT: &str = r#"
+import asyncio, sys, websockets
+async def main():
+    async with websockets.connect("ws://127.0.0.1:" + sys.argv[1], ping_interval=None) as ws:
+        print("open", flush=True)
+        while True:
+            await ws.send("tick")
+            await asyncio.sleep(float(sys.argv[2]))
+asyncio.run(main())
+"#;
+
+/// WebSocket messages are one-way by design: after the upgrade, the connection is a stream,
+/// judged on neither end, however long each message goes unanswered.
+#[test]
+fn websocket_messages_that_are_never_answered_are_not_stalls() {
+    require_root();
+    let daemon = Daemon::start("websocket");
+    let (_server, port) = Script::start(WEBSOCKET_SERVER, &[]);
+    let interval = (STALL_AFTER * 2).as_secs_f64().to_string();
+    let (_client, _) = Script::start(WEBSOCKET_CLIENT, &[&port, &interval]);
+    assert_never_flagged(&daemon, port.parse().unwrap(), "one-way WebSocket messages");
+}
+
+/// Control: a plain TCP request that is never answered is still flagged once its connection
+/// has shown what it is (the protocol rules only remove what the protocol says is not owed).
+#[test]
+fn an_unrecognized_request_still_falls_back_to_the_direction_rule() {
+    require_root();
+    let daemon = Daemon::start("fallback");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    client.write_all(b"\x00\x01binary request").unwrap();
+    let mut buffer = [0u8; 64];
+    let _ = server.read(&mut buffer).unwrap();
+    daemon.wait_for_stall(port, "client", REPORT_WITHIN);
+    daemon.wait_for_stall(port, "server", REPORT_WITHIN);
+    client.shutdown(Shutdown::Both).unwrap();
+}
