@@ -83,6 +83,15 @@ pub struct NetworkJson {
     pub kind: Name,
     pub local: EndpointJson,
     pub peer: EndpointJson,
+    /// `network.protocol.name`: the application protocol recognized from the connection's
+    /// first request bytes (`http`, `http2`, `tls`, `redis`, `postgresql`), in `conns` items.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<ProtocolJson>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ProtocolJson {
+    pub name: Name,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -164,6 +173,7 @@ pub fn network(endpoints: &Endpoints) -> NetworkJson {
             address: endpoints.peer,
             port: endpoints.peer_port,
         },
+        protocol: None,
     }
 }
 

@@ -76,11 +76,18 @@ pub struct TcpSignals {
     pub total_retransmits: u32,
     /// Zero-window probes sent: the peer advertises no room.
     pub zero_window_probes: u8,
-    /// The peer's advertised window is zero (when the kernel reports it, Linux 6.2+).
+    /// The peer's advertised window is zero (when the kernel reports it, Linux 6.2+; never
+    /// before the handshake completed: there is no window yet).
     pub zero_window: bool,
-    pub last_data_recv_ms: u32,
-    pub last_data_sent_ms: u32,
-    pub last_ack_recv_ms: u32,
+    /// Milliseconds since the last data received / sent and the last ACK received
+    /// (`tcpi_last_*`); absent before the handshake completed, when the kernel reports the
+    /// time since boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_data_recv_ms: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_data_sent_ms: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ack_recv_ms: Option<u32>,
 }
 
 /// What TCP says about a stall (`stall.cause`), from the socket's queues and `tcp_info`.

@@ -1,11 +1,11 @@
 //! Answers to API queries: status, conns, stalls, show, why. Read-only views of the daemon's
 //! state, serialized in the shapes of docs/api.md.
 use serde_json::json;
-use stalltrace_common::ConnState;
+use stalltrace_common::{conn_flags, message::proto, ConnState};
 
 use stalltrace_core::{
     api::{
-        schema::{self as json, ConnItemJson, StallJson},
+        schema::{self as json, ConnItemJson, ProtocolJson, StallJson},
         Command, ErrorCode, Filter, Response,
     },
     timefmt::monotonic_ns,
@@ -254,8 +254,10 @@ impl Daemon {
 fn conn_item(conn: &Conn, snapshot: Option<ConnState>, now: u64) -> ConnItemJson {
     let mut item = ConnItemJson::new(&conn.reference());
     item.conn.adopted = Some(conn.adopted);
+    let stream = snapshot.is_some_and(|s| s.flags & conn_flags::STREAM != 0);
     let state = match (&conn.stall, snapshot.as_ref().map(activity::assess)) {
         (Some(_), _) => "stalled",
+        (None, Some(activity::Activity::Idle)) if stream => "stream",
         (None, Some(activity::Activity::Outstanding { .. }))
         | (None, Some(activity::Activity::ConnectPending { .. })) => "active",
         (None, Some(activity::Activity::Ending { .. })) => "closing",
@@ -263,6 +265,7 @@ fn conn_item(conn: &Conn, snapshot: Option<ConnState>, now: u64) -> ConnItemJson
     };
     item.conn.state = Some(state.into());
     if let Some(s) = snapshot {
+        item.network.protocol = proto::name(s.proto).map(|name| ProtocolJson { name: name.into() });
         json::add_totals(&mut item.conn, &Totals::from_kernel(&s));
         let ago = |at: u64| (at != 0).then(|| now.saturating_sub(at) / 1_000_000);
         item.conn.last_send_ago_ms = ago(s.last_send_ns);

@@ -104,7 +104,7 @@ pub(super) fn scan_unread(stall_after_ns: u64) -> io::Result<Vec<UnreadRequest>>
     let waited = |ms: u32| u64::from(ms) * 1_000_000 >= stall_after_ns;
     let entries: Vec<_> = sock_diag::dump_established_unread()?
         .into_iter()
-        .filter_map(|entry| Some((entry.signals?.last_data_recv_ms, entry)))
+        .filter_map(|entry| Some((entry.signals?.last_data_recv_ms?, entry)))
         .filter(|(ms, _)| waited(*ms))
         .collect();
     let owners = if entries.is_empty() {

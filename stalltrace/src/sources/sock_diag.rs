@@ -254,6 +254,10 @@ fn parse_tcp_info(info: &[u8], entry: &DiagEntry) -> TcpSignals {
             .map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap()))
     };
     const SND_WND: usize = 228;
+    // tcpi_state: before the handshake completes (SYN_SENT, SYN_RECV) there is no window and
+    // no data, and the last_* times count from boot.
+    let handshaken = !matches!(u8_at(0), 2 | 3);
+    let since = |at: usize| handshaken.then(|| u32_at(at));
     TcpSignals {
         recv_queue: entry.recv_queue,
         send_queue: entry.send_queue,
@@ -261,10 +265,10 @@ fn parse_tcp_info(info: &[u8], entry: &DiagEntry) -> TcpSignals {
         retransmitting: u8_at(2),
         zero_window_probes: u8_at(3),
         total_retransmits: u32_at(100),
-        zero_window: info.len() >= SND_WND + 4 && u32_at(SND_WND) == 0,
-        last_data_sent_ms: u32_at(44),
-        last_data_recv_ms: u32_at(52),
-        last_ack_recv_ms: u32_at(56),
+        zero_window: handshaken && info.len() >= SND_WND + 4 && u32_at(SND_WND) == 0,
+        last_data_sent_ms: since(44),
+        last_data_recv_ms: since(52),
+        last_ack_recv_ms: since(56),
     }
 }
 
