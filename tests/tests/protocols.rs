@@ -24,7 +24,12 @@ fn past_threshold() -> Duration {
     STALL_AFTER * 3
 }
 
-struct Script(Child);
+/// A running script; its stdout stays open (a script that prints more must not die of a
+/// broken pipe).
+struct Script {
+    child: Child,
+    _stdout: BufReader<std::process::ChildStdout>,
+}
 
 impl Script {
     /// Runs `code` under Debian's python3 with `args`; waits for its first output line (a port
@@ -38,18 +43,21 @@ impl Script {
             .spawn()
             .unwrap_or_else(|e| panic!("{DEBIAN_PYTHON}: {e} (cargo xtask test installs it)"));
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        stdout.read_line(&mut line).unwrap();
         assert!(!line.is_empty(), "the script exited before it was ready");
-        (Self(child), line.trim().to_string())
+        let script = Self {
+            child,
+            _stdout: stdout,
+        };
+        (script, line.trim().to_string())
     }
 }
 
 impl Drop for Script {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

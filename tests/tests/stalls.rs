@@ -168,12 +168,21 @@ fn close_while_stalled_ends_the_stall_as_closed() {
     assert_eq!(daemon.wait_for_stalls(port, 2, REPORT_WITHIN).len(), 2);
 
     drop(client); // the client gives up
+    let ends = daemon.wait_for_events("stall.end", port, 1, REPORT_WITHIN);
+    let end = with_role(&ends, "client");
+    assert_eq!(end["stall"]["resolution"], "closed", "{end:#}");
+    assert!(end["stall"]["duration_ms"].as_u64().unwrap() >= STALL_AFTER.as_millis() as u64);
+    // The server still has not answered: its thread is as stuck as before, and a half-close
+    // looks the same from here. Its stall lasts until it answers or closes.
+    thread::sleep(STALL_AFTER);
+    let stalls = daemon.stalls(port);
+    assert_eq!(stalls.len(), 1, "{stalls:#?}");
+    assert_eq!(stalls[0]["conn"]["role"], "server", "{stalls:#?}");
+    server.close();
     let ends = daemon.wait_for_events("stall.end", port, 2, REPORT_WITHIN);
     assert_eq!(ends.len(), 2, "{ends:#?}");
-    for end in &ends {
-        assert_eq!(end["stall"]["resolution"], "closed", "{end:#}");
-        assert!(end["stall"]["duration_ms"].as_u64().unwrap() >= STALL_AFTER.as_millis() as u64);
-    }
+    let end = with_role(&ends, "server");
+    assert_eq!(end["stall"]["resolution"], "closed", "{end:#}");
     let closes = daemon.wait_for_events("conn.close", client_port, 1, REPORT_WITHIN);
     let close = with_role(&closes, "client");
     assert_eq!(close["conn"]["closed_while_stalled"], true, "{close:#}");
