@@ -400,3 +400,125 @@ fn an_unrecognized_request_still_falls_back_to_the_direction_rule() {
     daemon.wait_for_stall(port, "server", REPORT_WITHIN);
     client.shutdown(Shutdown::Both).unwrap();
 }
+
+/// A PostgreSQL server of its own (Debian's `postgresql`), run as the `postgres` user in a
+/// scratch directory; stopped on drop.
+struct Postgres {
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl Postgres {
+    fn bin(name: &str) -> std::path::PathBuf {
+        let lib = std::path::Path::new("/usr/lib/postgresql");
+        let version = std::fs::read_dir(lib)
+            .expect("postgresql is installed (cargo xtask test installs it)")
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .max_by_key(|name| name.parse::<u32>().unwrap_or(0))
+            .expect("a postgresql version");
+        lib.join(version).join("bin").join(name)
+    }
+
+    fn as_postgres(program: &std::path::Path) -> Command {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    }
+
+    fn start(dir: std::path::PathBuf) -> Self {
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        assert!(Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&dir)
+            .status()
+            .unwrap()
+            .success());
+        let data = dir.join("data");
+        let initdb = Self::as_postgres(&Self::bin("initdb"))
+            .args(["-A", "trust", "-U", "postgres", "-D"])
+            .arg(&data)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(initdb.success(), "initdb failed");
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c wal_level=replica",
+            dir.display()
+        );
+        let started = Self::as_postgres(&Self::bin("pg_ctl"))
+            .args(["-w", "-D"])
+            .arg(&data)
+            .args(["-o", &options, "-l"])
+            .arg(dir.join("postgres.log"))
+            .arg("start")
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(started.success(), "pg_ctl start failed");
+        Self { dir, port }
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = Self::as_postgres(&Self::bin("pg_ctl"))
+            .args(["-m", "immediate", "-D"])
+            .arg(self.dir.join("data"))
+            .arg("stop")
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+/// A standby's WAL stream from an idle primary (`pg_receivewal`, which speaks the replication
+/// protocol like a standby's walreceiver, sending a status update every second that the
+/// primary never answers): a stream on both ends, never a stall.
+#[test]
+fn postgres_streaming_replication_is_not_a_stall() {
+    require_root();
+    let daemon = Daemon::start("pg-replication");
+    let postgres = Postgres::start(daemon.dir().join("pg"));
+    let wal = postgres.dir.join("wal");
+    std::fs::create_dir_all(&wal).unwrap();
+    assert!(Command::new("chown")
+        .args(["postgres:postgres"])
+        .arg(&wal)
+        .status()
+        .unwrap()
+        .success());
+    let mut receiver = Postgres::as_postgres(&Postgres::bin("pg_receivewal"))
+        .args(["-h", "127.0.0.1", "-p", &postgres.port.to_string()])
+        .args(["-U", "postgres", "--status-interval=1", "--no-loop", "-D"])
+        .arg(&wal)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + REPORT_WITHIN;
+    let streaming = loop {
+        let conns = daemon.cli_json(&["conns", "-o", "json", "--port", &postgres.port.to_string()]);
+        let streams: Vec<Value> = conns
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["conn"]["state"] == "stream")
+            .cloned()
+            .collect();
+        if streams.len() == 2 || Instant::now() > deadline {
+            break streams;
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(
+        streaming.len(),
+        2,
+        "both ends of the replication connection are streams: {streaming:#?}"
+    );
+    assert_never_flagged(&daemon, postgres.port, "an idle primary's WAL stream");
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+}

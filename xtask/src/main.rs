@@ -149,6 +149,7 @@ const TEST_PACKAGES: &[&str] = &[
     "openssl",
     "python3-grpcio",
     "python3-websockets",
+    "postgresql",
 ];
 
 fn test(args: &[String]) -> Result<()> {
