@@ -419,6 +419,17 @@ pub fn echo_server(ip: &str) -> SocketAddr {
     addr
 }
 
+/// One request/reply on a new connection to a new echo server on 127.0.0.1; returns the
+/// server's port.
+pub fn exchange() -> u16 {
+    let echo = echo_server("127.0.0.1");
+    let mut conn = TcpStream::connect(echo).unwrap();
+    conn.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    conn.read_exact(&mut buf).unwrap();
+    echo.port()
+}
+
 /// A listener with a zero-length accept queue that never accepts: after one connection fills
 /// the queue, the kernel drops further SYNs and their connect() hangs.
 pub struct FullListener {

@@ -12,8 +12,7 @@
 //! The package comes from `STALLTRACE_DEB`, set by `cargo xtask test` (which builds it).
 use std::{
     fs,
-    io::{Read as _, Write as _},
-    net::TcpStream,
+    io::Write as _,
     os::unix::{fs::MetadataExt as _, net::UnixDatagram},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -22,7 +21,7 @@ use std::{
 };
 
 use serde_json::Value;
-use stalltrace_integration::{echo_server, require_root};
+use stalltrace_integration::{exchange, require_root};
 
 const UNIT: &str = "/usr/lib/systemd/system/stalltrace.service";
 const LOGROTATE: &str = "/etc/logrotate.d/stalltrace";
@@ -127,16 +126,6 @@ fn wait_for_notification(
             "no {state} notification within {within:?}"
         );
     }
-}
-
-/// One request/reply on a fresh connection to a local echo server; returns the server's port.
-fn exchange() -> u16 {
-    let addr = echo_server("127.0.0.1");
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.write_all(b"ping").unwrap();
-    let mut reply = [0u8; 4];
-    stream.read_exact(&mut reply).unwrap();
-    addr.port()
 }
 
 /// Waits until `path` holds an event of a connection to `port`, and returns it.
