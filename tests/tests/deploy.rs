@@ -11,7 +11,7 @@ use std::{
 };
 
 use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Container};
-use stalltrace_integration::{binary, require_root};
+use stalltrace_integration::{binary, require_root, RUNTIME_CAPABILITIES};
 
 fn manifest_text() -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/daemonset.yaml");
@@ -173,12 +173,7 @@ fn the_daemonsets_command_runs_with_its_capabilities() {
     let exit = daemon.wait().unwrap();
     assert_eq!(
         status["privileges"]["capabilities"],
-        serde_json::json!([
-            "CAP_CHECKPOINT_RESTORE",
-            "CAP_DAC_READ_SEARCH",
-            "CAP_PERFMON",
-            "CAP_SYS_PTRACE"
-        ])
+        serde_json::json!(RUNTIME_CAPABILITIES)
     );
     assert!(exit.success(), "{exit}");
     assert!(

@@ -21,7 +21,7 @@ use std::{
 };
 
 use serde_json::Value;
-use stalltrace_integration::{exchange, require_root};
+use stalltrace_integration::{exchange, require_root, RUNTIME_CAPABILITIES};
 
 const UNIT: &str = "/usr/lib/systemd/system/stalltrace.service";
 const LOGROTATE: &str = "/etc/logrotate.d/stalltrace";
@@ -163,6 +163,17 @@ fn the_package_installs_runs_from_its_unit_upgrades_and_purges() {
         );
         run(Command::new("dpkg").args(["--purge", "stalltrace"]));
     }
+    // The package's scripts start the unit where systemd runs, and the daemon started here
+    // from ExecStart needs the default socket: neither may be taken already.
+    assert!(
+        !Path::new("/run/systemd/system").exists(),
+        "systemd is PID 1 here: installing the package would start the real service; this test \
+         plays the service manager itself and runs where systemd does not (like CI's machine)"
+    );
+    assert!(
+        std::os::unix::net::UnixStream::connect("/run/stalltrace/stalltrace.sock").is_err(),
+        "a stalltrace daemon already answers on /run/stalltrace/stalltrace.sock: stop it first"
+    );
     let mut installed = Installed { daemon: None };
 
     // Install.
@@ -264,12 +275,7 @@ fn the_package_installs_runs_from_its_unit_upgrades_and_purges() {
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(
         status["privileges"]["capabilities"],
-        serde_json::json!([
-            "CAP_CHECKPOINT_RESTORE",
-            "CAP_DAC_READ_SEARCH",
-            "CAP_PERFMON",
-            "CAP_SYS_PTRACE"
-        ]),
+        serde_json::json!(RUNTIME_CAPABILITIES),
         "{status}"
     );
     let socket = fs::metadata("/run/stalltrace/stalltrace.sock").unwrap();
