@@ -56,6 +56,10 @@ fn main() -> ExitCode {
             limit,
             output,
         } => client::why(&cli.socket, filter.into_filter(), limit, output.format),
+        Command::Completions { shell } => {
+            stalltrace::cli::generate::completion(shell, &mut std::io::stdout());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,6 +19,15 @@ use serde_json::Value;
 /// The stall threshold the tests run the daemon with.
 pub const STALL_AFTER: Duration = Duration::from_secs(1);
 
+/// The capabilities the daemon keeps after start-up (docs/design.md, "Least privilege"), as
+/// `status -o json` lists them (`privileges.capabilities`, sorted).
+pub const RUNTIME_CAPABILITIES: [&str; 4] = [
+    "CAP_CHECKPOINT_RESTORE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_PERFMON",
+    "CAP_SYS_PTRACE",
+];
+
 /// A stall must be reported no later than threshold + 1 s; allow for a loaded CI machine.
 pub const REPORT_WITHIN: Duration = Duration::from_secs(4);
 
@@ -417,6 +426,17 @@ pub fn echo_server(ip: &str) -> SocketAddr {
         }
     });
     addr
+}
+
+/// One request/reply on a new connection to a new echo server on 127.0.0.1; returns the
+/// server's port.
+pub fn exchange() -> u16 {
+    let echo = echo_server("127.0.0.1");
+    let mut conn = TcpStream::connect(echo).unwrap();
+    conn.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    conn.read_exact(&mut buf).unwrap();
+    echo.port()
 }
 
 /// A listener with a zero-length accept queue that never accepts: after one connection fills

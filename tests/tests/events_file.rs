@@ -2,8 +2,6 @@
 //! when logrotate moves or deletes it, appended to after `copytruncate`, rotated by size, and
 //! every line it cannot take counted.
 use std::{
-    io::{Read as _, Write as _},
-    net::TcpStream,
     os::unix::fs::PermissionsExt as _,
     path::Path,
     thread,
@@ -11,17 +9,7 @@ use std::{
 };
 
 use serde_json::Value;
-use stalltrace_integration::{echo_server, require_root, touches, Daemon};
-
-/// One exchange on a new connection to a new echo server; returns the server's port.
-fn exchange() -> u16 {
-    let echo = echo_server("127.0.0.1");
-    let mut conn = TcpStream::connect(echo).unwrap();
-    conn.write_all(b"ping").unwrap();
-    let mut buf = [0u8; 4];
-    conn.read_exact(&mut buf).unwrap();
-    echo.port()
-}
+use stalltrace_integration::{exchange, require_root, touches, Daemon};
 
 /// Parsed lines of `path` (every line must be whole JSON).
 fn lines(path: &Path) -> Vec<Value> {

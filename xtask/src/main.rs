@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup | run | test | bench`.
+//! Project tasks: `cargo xtask setup | run | test | package | fuzz | bench`.
 //!
 //! Each task first makes the machine ready, idempotently, saying what it does: Debian packages
 //! for the BPF compiler toolchain, the rustup link to it, bpf-linker, and tracefs. A second run
 //! finds everything in place and changes nothing.
 mod bench;
+mod package;
 mod setup;
 
 use std::{
@@ -37,6 +38,10 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, then build the Debian package (target/debian/stalltrace_VERSION_ARCH.deb) with
+    /// cargo-deb: the release binary, the systemd unit, the logrotate snippet, man pages and
+    /// shell completions. `cargo xtask test` builds it too, and installs and removes it.
+    Package,
     /// Fuzz the parsers of untrusted input (request recognizers, API request decoder, BTF) with
     /// cargo fuzz (a nightly toolchain), all targets within the time given.
     Fuzz {
@@ -55,6 +60,7 @@ fn main() {
         Task::Setup => setup::run(),
         Task::Run { args } => run_daemon(&args),
         Task::Test { args } => test(&args),
+        Task::Package => package::build().map(|_| ()),
         Task::Bench(args) => bench::run(args),
         Task::Fuzz { seconds } => fuzz(seconds),
     };
@@ -140,7 +146,10 @@ fn fuzz(seconds: u64) -> Result<()> {
 }
 
 /// Servers and clients the integration tests run for real (proxies for the blame chains,
-/// python3 for an asyncio proxy and for servers owned by another user).
+/// python3 for an asyncio proxy and for servers owned by another user), the peers of the
+/// protocol-verdict tests (socat, openssl, grpcio, websockets, postgresql), and the tools of the
+/// package and log-shipping tests (a real syslog-ng reading the events file, logrotate rotating
+/// it with the packaged snippet, systemd-analyze checking the unit).
 const TEST_PACKAGES: &[&str] = &[
     "nginx",
     "haproxy",
@@ -150,12 +159,17 @@ const TEST_PACKAGES: &[&str] = &[
     "python3-grpcio",
     "python3-websockets",
     "postgresql",
+    "syslog-ng-core",
+    "logrotate",
+    "systemd",
 ];
 
 fn test(args: &[String]) -> Result<()> {
     setup::run()?;
     setup::require_root("the integration tests (they load eBPF programs)")?;
     setup::install_packages(TEST_PACKAGES)?;
+    // The package tests install it, start the daemon from its unit's ExecStart and remove it.
+    let deb = package::build()?;
     println!("xtask: building the daemon for the integration tests");
     setup::run_checked(cargo().args(["build", "--package", "stalltrace"]))?;
     let binary = workspace_root().join("target/debug/stalltrace");
@@ -172,6 +186,7 @@ fn test(args: &[String]) -> Result<()> {
                 "stalltrace-ebpf",
             ])
             .args(args)
-            .env("STALLTRACE_BIN", binary),
+            .env("STALLTRACE_BIN", binary)
+            .env("STALLTRACE_DEB", deb),
     )
 }

@@ -14,11 +14,18 @@ use crate::{
 /// an event allocates only for its time and executable name.
 pub type Name = Cow<'static, str>;
 
-/// An NDJSON event: its time and name, then the same objects as an API item.
+/// The version of the NDJSON event format, carried by every event as `schema` so that
+/// downstream parsers can pin it. Adding a field or an enum value keeps it; renaming, removing
+/// or retyping a field, or changing a field's meaning, bumps it (docs/events.md).
+pub const EVENT_SCHEMA: u32 = 1;
+
+/// An NDJSON event: its time, name and schema version ([`EVENT_SCHEMA`]), then the same
+/// objects as an API item.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct EventJson {
     pub time: String,
     pub event: Name,
+    pub schema: u32,
     #[serde(flatten)]
     pub item: ConnItemJson,
 }
@@ -242,6 +249,7 @@ pub fn event_json(event: &Event, time: String) -> EventJson {
     EventJson {
         time,
         event: name.into(),
+        schema: EVENT_SCHEMA,
         item,
     }
 }
@@ -310,6 +318,7 @@ mod tests {
             json!({
                 "time": "T",
                 "event": "stall.start",
+                "schema": 1,
                 "conn": {"id": 7, "role": "server"},
                 "process": {"pid": 100, "executable": {"name": "api"}},
                 "thread": {"id": 101},
@@ -331,6 +340,7 @@ mod tests {
             resolution: Resolution::Closed,
         });
         assert_eq!(value["event"], "stall.end");
+        assert_eq!(value["schema"], EVENT_SCHEMA);
         assert_eq!(
             value["stall"],
             json!({"kind": "awaiting_response", "duration_ms": 7300, "resolution": "closed"})
@@ -355,6 +365,7 @@ mod tests {
             complete: true,
         }));
         assert_eq!(value["event"], "conn.close");
+        assert_eq!(value["schema"], EVENT_SCHEMA);
         assert_eq!(
             value["conn"],
             json!({
@@ -377,6 +388,7 @@ mod tests {
             detail: Detail::Open { adopted: true },
         };
         let value = serde_json::to_value(event_json(&event, "T".into())).unwrap();
+        assert_eq!(value["schema"], EVENT_SCHEMA);
         assert!(value.get("process").is_none());
         assert!(value.get("thread").is_none());
         assert_eq!(value["conn"]["adopted"], true);

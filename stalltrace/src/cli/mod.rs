@@ -1,6 +1,7 @@
 //! Command-line interface: `stalltrace daemon` runs the tracer; every other command is a client
 //! of its API. Clients only render what the daemon answers: they must not compute verdicts.
 pub mod client;
+pub mod generate;
 pub mod table;
 
 use std::path::PathBuf;
@@ -98,6 +99,17 @@ pub enum Command {
         limit: usize,
         #[command(flatten)]
         output: OutputArgs,
+    },
+    /// Print a shell completion script to stdout (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = "Examples:\n  \
+        stalltrace completions bash > /etc/bash_completion.d/stalltrace\n  \
+        stalltrace completions zsh > /usr/local/share/zsh/site-functions/_stalltrace\n  \
+        stalltrace completions fish > ~/.config/fish/completions/stalltrace.fish\n\
+        The Debian package installs the bash, zsh and fish scripts already.")]
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
 }
 

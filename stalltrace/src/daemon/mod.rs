@@ -203,15 +203,36 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         unsampled: std::collections::HashSet::new(),
         stack_threads_unsampled: 0,
     };
+    // The programs are attached, the API answers and the diagnosis worker runs: a systemd unit
+    // of Type=notify is started now (units ordered after it may rely on the tracer). Without
+    // NOTIFY_SOCKET this does nothing.
+    notify_service_manager(
+        sd_notify::NotifyState::Ready,
+        &format!(
+            "tracing {} hooks; stall threshold {:?}",
+            probes.attached_count(),
+            daemon.config.stall_after
+        ),
+    );
     let result = daemon
         .main_loop(&mut probes, ring, queries, findings, sighup)
         .await;
+    notify_service_manager(sd_notify::NotifyState::Stopping, "stopping");
     daemon.sink.close(OUTPUT_GRACE);
     if let Err(err) = std::fs::remove_file(&socket) {
         log::warn!("removing {}: {err}", socket.display());
     }
     log::info!("stopped; programs detached");
     result
+}
+
+/// Tells systemd (`$NOTIFY_SOCKET`) the daemon's state with a one-line status for `systemctl
+/// status`. A failure is logged, never fatal: the daemon traces all the same, and systemd
+/// reports the unit's start as timed out.
+fn notify_service_manager(state: sd_notify::NotifyState<'_>, status: &str) {
+    if let Err(err) = sd_notify::notify(&[state, sd_notify::NotifyState::Status(status)]) {
+        log::warn!("notifying the service manager (NOTIFY_SOCKET): {err}");
+    }
 }
 
 fn kernel_offsets() -> Offsets {

@@ -237,6 +237,7 @@ impl Client {
                     let notice = serde_json::json!({
                         "time": stalltrace_core::timefmt::rfc3339_ns(stalltrace_core::timefmt::realtime_ns()),
                         "event": "loss",
+                        "schema": stalltrace_core::api::schema::EVENT_SCHEMA,
                         "loss": {"watch_dropped": dropped},
                     });
                     if write_line(&mut write, format!("{notice}\n").as_bytes())

@@ -9,7 +9,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 use stalltrace_core::{
-    api::schema::event_json,
+    api::schema::{event_json, EVENT_SCHEMA},
     loss::LossReport,
     timefmt::Clock,
     tracker::{model::Endpoints, ConnRef, Event},
@@ -54,6 +54,7 @@ pub struct EventSink {
 struct LossEventJson<'a> {
     time: String,
     event: &'static str,
+    schema: u32,
     loss: &'a LossReport,
 }
 
@@ -170,6 +171,7 @@ impl EventSink {
         let json = LossEventJson {
             time: self.clock.rfc3339(at_ns),
             event: "loss",
+            schema: EVENT_SCHEMA,
             loss: report,
         };
         self.encode(&json);
@@ -346,6 +348,10 @@ mod tests {
         );
         let report = &lines[accepted as usize];
         assert_eq!(report["event"], "loss");
+        assert!(
+            lines.iter().all(|line| line["schema"] == EVENT_SCHEMA),
+            "every event carries the schema version"
+        );
         assert_eq!(report["loss"]["new"]["output_blocked"], dropped + 1);
         assert_eq!(lines[accepted as usize + 1]["conn"]["id"], 101);
     }
