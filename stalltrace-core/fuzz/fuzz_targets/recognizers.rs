@@ -1,8 +1,12 @@
-//! Request recognizers on arbitrary bytes: they must never panic, and their output must stay a
-//! short signature whatever the input.
+//! Request recognizers and the kernel programs' message classifier on arbitrary bytes: they
+//! must never panic, the signature must stay short, and a protocol once recognized stays one.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use stalltrace_common::{
+    message::{classify, classify_reply, proto, Head},
+    CAPTURE_MAX,
+};
 use stalltrace_core::protocols;
 
 fuzz_target!(|data: &[u8]| {
@@ -17,5 +21,16 @@ fuzz_target!(|data: &[u8]| {
             assert!(shown.len() <= 160, "signature too long: {shown:?}");
             assert!(!shown.contains('\n'), "signature spans lines: {shown:?}");
         }
+    }
+    // As the kernel reads them: up to CAPTURE_MAX bytes, zeros after, of a longer transfer.
+    let mut head = [0u8; CAPTURE_MAX];
+    let len = data.len().min(CAPTURE_MAX);
+    head[..len].copy_from_slice(&data[..len]);
+    let head = Head::new(&head, len, data.len() as u64);
+    for protocol in 0..=proto::POSTGRESQL + 1 {
+        let mut recognized = protocol;
+        classify(&mut recognized, &head);
+        assert!(protocol == proto::UNKNOWN || recognized != proto::UNKNOWN);
+        classify_reply(protocol, &head);
     }
 });
