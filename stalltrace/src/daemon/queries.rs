@@ -66,6 +66,7 @@ impl Daemon {
         let loss = self.loss(&probes.maps);
         let stats = self.tracker.stats();
         let stalled = self.tracker.stalled();
+        let (deferred, ignored_open) = self.policy.counts();
         let sweep_avg_us = self
             .sweep_busy
             .as_micros()
@@ -75,7 +76,15 @@ impl Daemon {
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
             "uptime_ms": self.started.elapsed().as_millis() as u64,
-            "stall_after_ms": self.config.stall_after.as_millis() as u64,
+            "stall_after_ms": self.policy.default_ns() / 1_000_000,
+            "kernel_stall_after_ms": self.kernel_threshold.as_millis() as u64,
+            "rules": {
+                "loaded": self.policy.rules().rules.len(),
+                "deferred_open": deferred,
+                "ignored_open": ignored_open,
+                "ignored_total": self.policy.ignored,
+                "ended_below_rule_threshold": self.policy.below_rule,
+            },
             "events_to": self.sink.destination(),
             "programs": probes.attached(),
             "features": {
@@ -189,17 +198,22 @@ impl Daemon {
         self.tracker
             .stalls()
             .into_iter()
-            .filter(|(conn, _)| selected(filter, conn))
+            .filter(|(conn, _)| selected(filter, conn) && !self.policy.hides(conn.id))
             .filter_map(|(conn, stall)| {
                 let age_ms = now.saturating_sub(stall.quiet_since_ns) / 1_000_000;
                 if age_ms < older_than_ms {
                     return None;
                 }
                 let mut item = ConnItemJson::new(&conn.reference());
+                let annotation = self.policy.annotation(conn.id);
                 item.stall = Some(StallJson {
                     kind: stall.kind.as_str().into(),
                     age_ms: Some(age_ms),
                     since: Some(clock.rfc3339(stall.quiet_since_ns)),
+                    severity: annotation
+                        .and_then(|a| a.severity)
+                        .map(|s| s.as_str().into()),
+                    rule: annotation.and_then(|a| a.rule.clone()).map(Into::into),
                     diagnosis: self.diagnoser.current(conn.id).cloned(),
                     ..StallJson::default()
                 });

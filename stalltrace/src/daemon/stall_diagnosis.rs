@@ -96,20 +96,29 @@ impl Daemon {
         self.write_out();
     }
 
-    /// Writes `self.out` to the sinks, recording timelines and closing the books of stalls
-    /// that ended.
-    fn write_out(&mut self) {
+    /// Writes `self.out` to the sinks as the rules decide (`policy.rs`), recording timelines
+    /// and closing the books of stalls that ended or are ignored.
+    pub(super) fn write_out(&mut self) {
+        if self.out.is_empty() {
+            return;
+        }
         for event in &self.out {
             if matches!(event.detail, Detail::StallEnd { .. } | Detail::Close(_)) {
                 self.diagnoser.end(event.conn.id);
             }
-            self.timelines.record(event);
         }
-        if !self.out.is_empty() {
-            self.sink.write_events(&self.out);
+        let events = std::mem::take(&mut self.out);
+        let reported = self.policy.filter(events, &mut self.metrics);
+        for id in self.policy.stop_diagnosing.drain(..) {
+            self.diagnoser.end(id);
+        }
+        for (event, annotation) in &reported {
+            self.timelines.record(event);
+            self.sink.write_event(event, annotation.as_ref());
+        }
+        if !reported.is_empty() {
             self.sink.flush();
         }
-        self.out.clear();
     }
 
     /// Takes in what the diagnosis worker found: unread requests open stalls, first diagnoses
