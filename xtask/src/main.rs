@@ -140,8 +140,9 @@ fn fuzz(seconds: u64) -> Result<()> {
 }
 
 /// Servers and clients the integration tests run for real (proxies for the blame chains,
-/// python3 for an asyncio proxy and for servers owned by another user).
-const TEST_PACKAGES: &[&str] = &["nginx", "haproxy", "python3"];
+/// python3 for an asyncio proxy and for servers owned by another user; prometheus to scrape
+/// the daemon's metrics, with promtool to check and unit-test the shipped alerting rules).
+const TEST_PACKAGES: &[&str] = &["nginx", "haproxy", "python3", "prometheus"];
 
 fn test(args: &[String]) -> Result<()> {
     setup::run()?;

@@ -397,6 +397,7 @@ impl Daemon {
                     self.report_loss(&probes.maps);
                     let lost = self.loss(&probes.maps);
                     self.metrics.update(self.tracker.len(), &lost, std::mem::take(&mut self.ring_fill));
+                    self.metrics.oldest(&self.policy.oldest(monotonic_ns()));
                     self.resync_if_due(ring.get_mut(), &probes.maps);
                     self.compact();
                 }

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Result};
-use stalltrace_core::tracker::{Detail, Event};
+use stalltrace_core::tracker::{model::StallKind, Detail, Event};
 
 use crate::{
     config::{Annotation, Rules, Subject},
@@ -26,6 +26,9 @@ enum Open {
     Reported {
         annotation: Annotation,
         labels: StallLabels,
+        kind: StallKind,
+        /// Start of the stall's quiet stretch (CLOCK_MONOTONIC ns).
+        quiet_since_ns: u64,
     },
     Ignored,
     Deferred {
@@ -140,6 +143,9 @@ impl Policy {
                     quiet_ms,
                     diagnosis,
                 } => {
+                    let quiet_since_ns = event
+                        .at_ns
+                        .saturating_sub(quiet_ms.saturating_mul(1_000_000));
                     if let Some(Open::Reported { labels, .. }) = self.open.get(&id) {
                         // A deferred stall released.
                         metrics.stall_started(labels);
@@ -184,7 +190,16 @@ impl Policy {
                             false
                         } else {
                             metrics.stall_started(&labels);
-                            self.open.insert(id, Open::Reported { annotation, labels });
+                            let kind = *kind;
+                            self.open.insert(
+                                id,
+                                Open::Reported {
+                                    annotation,
+                                    labels,
+                                    kind,
+                                    quiet_since_ns,
+                                },
+                            );
                             true
                         }
                     }
@@ -214,7 +229,9 @@ impl Policy {
                         metrics.stall_below_rule(&labels);
                         false
                     }
-                    Some(Open::Reported { labels, annotation }) => {
+                    Some(Open::Reported {
+                        labels, annotation, ..
+                    }) => {
                         metrics.stall_ended(&labels, *resolution, *duration_ms);
                         out.push((event, Some(annotation)));
                         continue;
@@ -245,6 +262,32 @@ impl Policy {
         out
     }
 
+    /// How long the oldest reported stall of each kind has been quiet, as of `now` (s; 0 when
+    /// none is open).
+    pub(super) fn oldest(&self, now: u64) -> [(StallKind, f64); 3] {
+        let mut oldest = [
+            (StallKind::UnansweredRequest, 0.0),
+            (StallKind::AwaitingResponse, 0.0),
+            (StallKind::ConnectPending, 0.0),
+        ];
+        for open in self.open.values() {
+            if let Open::Reported {
+                kind,
+                quiet_since_ns,
+                ..
+            } = open
+            {
+                let age = now.saturating_sub(*quiet_since_ns) as f64 / 1e9;
+                for (k, max) in &mut oldest {
+                    if k == kind && age > *max {
+                        *max = age;
+                    }
+                }
+            }
+        }
+        oldest
+    }
+
     /// The held starts whose threshold has come, as of `now`: reported from now on.
     pub(super) fn release_due(&mut self, now: u64) -> Vec<Event> {
         let mut due: Vec<u64> = self
@@ -265,14 +308,24 @@ impl Policy {
             else {
                 continue;
             };
-            if let Detail::StallStart { quiet_ms, .. } = &mut start.detail {
-                let quiet_since = start
-                    .at_ns
-                    .saturating_sub(quiet_ms.saturating_mul(1_000_000));
-                *quiet_ms = now.saturating_sub(quiet_since) / 1_000_000;
-            }
+            let Detail::StallStart { quiet_ms, kind, .. } = &mut start.detail else {
+                continue;
+            };
+            let quiet_since_ns = start
+                .at_ns
+                .saturating_sub(quiet_ms.saturating_mul(1_000_000));
+            *quiet_ms = now.saturating_sub(quiet_since_ns) / 1_000_000;
+            let kind = *kind;
             start.at_ns = now;
-            self.open.insert(id, Open::Reported { annotation, labels });
+            self.open.insert(
+                id,
+                Open::Reported {
+                    annotation,
+                    labels,
+                    kind,
+                    quiet_since_ns,
+                },
+            );
             released.push(start);
         }
         released
@@ -295,7 +348,7 @@ mod tests {
     use super::*;
     use crate::config::{self, Severity};
     use stalltrace_core::tracker::{
-        model::{Comm, Endpoints, Owner, Resolution, Role, StallKind},
+        model::{Comm, Endpoints, Owner, Resolution, Role},
         ConnRef,
     };
 
@@ -390,6 +443,12 @@ mod tests {
         ));
         assert_eq!(policy.filter(released, &mut metrics).len(), 1);
         assert!(!policy.hides(3));
+        // Stalls 1 and 3 have been quiet since 0 s: 3 s at 3 s.
+        assert_eq!(
+            policy.oldest(3000 * MS)[1],
+            (StallKind::AwaitingResponse, 3.0)
+        );
+        assert_eq!(policy.oldest(3000 * MS)[0].1, 0.0);
         // The worker answers at 5 s: never reported, counted.
         assert!(policy
             .filter(vec![end(2, 5000, 5000)], &mut metrics)

@@ -64,6 +64,7 @@ pub struct Metrics {
     ring_fill: Gauge<f64, std::sync::atomic::AtomicU64>,
     stall_after: Gauge<f64, std::sync::atomic::AtomicU64>,
     rules: Gauge,
+    oldest: Family<Vec<(&'static str, &'static str)>, Gauge<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl Metrics {
@@ -155,6 +156,12 @@ impl Metrics {
             "The stall threshold of stalls no rule sets another for",
             stall_after.clone(),
         );
+        let oldest = Family::<_, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "oldest_stall_age_seconds",
+            "How long the oldest open stall of each kind has been quiet (0: none open)",
+            oldest.clone(),
+        );
         let rules = Gauge::default();
         registry.register("rules", "Rules loaded from --config", rules.clone());
         registry.register(
@@ -162,6 +169,23 @@ impl Metrics {
             "The daemon's version",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
+        // Without opt-in labels every series is known: export them at zero from the start,
+        // so that queries and alerts see 0, not nothing, until a stall comes.
+        if extra.is_empty() {
+            for kind in [
+                StallKind::UnansweredRequest,
+                StallKind::AwaitingResponse,
+                StallKind::ConnectPending,
+            ] {
+                let labels = vec![
+                    ("kind", kind.as_str().to_owned()),
+                    ("transport", "tcp".to_owned()),
+                ];
+                open_stalls.get_or_create(&labels);
+                stall_starts.get_or_create(&labels);
+                oldest.get_or_create(&vec![("kind", kind.as_str())]);
+            }
+        }
         Self {
             registry: Arc::new(registry),
             extra: extra.to_vec(),
@@ -181,6 +205,7 @@ impl Metrics {
             ring_fill,
             stall_after,
             rules,
+            oldest,
         }
     }
 
@@ -297,6 +322,15 @@ impl Metrics {
                     .get_or_create(&vec![("cause", cause)])
                     .inc_by(count);
             }
+        }
+    }
+
+    /// How long the oldest open stall of each kind has been quiet (s).
+    pub fn oldest(&self, ages: &[(StallKind, f64)]) {
+        for (kind, age) in ages {
+            self.oldest
+                .get_or_create(&vec![("kind", kind.as_str())])
+                .set(*age);
         }
     }
 
