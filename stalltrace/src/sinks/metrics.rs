@@ -181,9 +181,11 @@ impl Metrics {
                     ("kind", kind.as_str().to_owned()),
                     ("transport", "tcp".to_owned()),
                 ];
-                open_stalls.get_or_create(&labels);
-                stall_starts.get_or_create(&labels);
-                oldest.get_or_create(&vec![("kind", kind.as_str())]);
+                open_stalls.get_or_create(&labels).set(0);
+                stall_starts.get_or_create(&labels).inc_by(0);
+                oldest
+                    .get_or_create(&vec![("kind", kind.as_str())])
+                    .set(0.0);
             }
         }
         Self {
