@@ -23,7 +23,8 @@ impl Terminal {
         let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
         Self {
             colour: !no_color,
-            width: comfy_table::Table::new().width(),
+            // A pty without a size (0 columns) is no width to fit.
+            width: comfy_table::Table::new().width().filter(|&w| w >= 20),
         }
     }
 
