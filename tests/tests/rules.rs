@@ -84,6 +84,17 @@ fn rules_ignore_long_polls_and_hold_slow_endpoints_to_their_threshold() {
     assert!(rules["ignored_total"].as_u64().unwrap() >= 2, "{rules}");
     assert!(rules["ignored_open"].as_u64().unwrap() >= 2, "{rules}");
     assert!(rules["deferred_open"].as_u64().unwrap() >= 2, "{rules}");
+    let state_of = |port: u16| -> Vec<Value> {
+        let conns = daemon.cli_json(&["conns", "-o", "json", "--port", &port.to_string()]);
+        conns
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["conn"]["state"].clone())
+            .collect()
+    };
+    assert_eq!(state_of(watch_server.addr.port()), ["ignored", "ignored"]);
+    assert_eq!(state_of(slow_server.addr.port()), ["active", "active"]);
 
     // The slow request is reported once quiet for its rule's 4 s, with the rule's severity.
     let stalls = daemon.wait_for_stalls(slow_server.addr.port(), 2, SLOW_AFTER + REPORT_WITHIN);

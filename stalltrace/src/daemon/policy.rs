@@ -104,6 +104,16 @@ impl Policy {
         )
     }
 
+    /// What `conns` and `show` call a connection whose open stall the rules keep out of
+    /// listings: `ignored`, or `active` (a request outstanding, not past its rule's threshold).
+    pub(super) fn shown_as(&self, id: u64) -> Option<&'static str> {
+        match self.open.get(&id) {
+            Some(Open::Ignored) => Some("ignored"),
+            Some(Open::Deferred { .. }) => Some("active"),
+            _ => None,
+        }
+    }
+
     /// The rule's additions to the open stall of connection `id`.
     pub(super) fn annotation(&self, id: u64) -> Option<&Annotation> {
         match self.open.get(&id) {

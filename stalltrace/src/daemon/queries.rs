@@ -93,7 +93,8 @@ impl Daemon {
             },
             "connections": {
                 "tracked": self.tracker.len(),
-                "stalled": stalled,
+                // Stalls the rules hold back or ignore are not (yet) stalls to the user.
+                "stalled": stalled.saturating_sub(deferred + ignored_open),
                 "watched": self.tracker.watched(),
                 "capacity": self.config.max_conns,
                 "recovered": stats.recovered,
@@ -186,7 +187,8 @@ impl Daemon {
                 chunk.push(b',');
             }
             stream.started = true;
-            let item = conn_item(conn, sock.and_then(|sock| maps.lookup(sock)), now);
+            let snapshot = sock.and_then(|sock| maps.lookup(sock));
+            let item = conn_item(conn, snapshot, self.policy.shown_as(conn.id), now);
             serde_json::to_writer(&mut chunk, &item).expect("items serialize");
         }
         stream.next = end;
@@ -234,7 +236,8 @@ impl Daemon {
             );
         };
         let clock = self.sink.clock();
-        let mut item = conn_item(conn, sock.and_then(|sock| maps.lookup(sock)), now);
+        let snapshot = sock.and_then(|sock| maps.lookup(sock));
+        let mut item = conn_item(conn, snapshot, self.policy.shown_as(id), now);
         item.stall = conn.stall.as_deref().map(|stall| StallJson {
             kind: stall.kind.as_str().into(),
             age_ms: Some(now.saturating_sub(stall.quiet_since_ns) / 1_000_000),
@@ -264,12 +267,18 @@ impl Daemon {
     }
 }
 
-/// A `conns` item: identity, state and the kernel's counters.
-fn conn_item(conn: &Conn, snapshot: Option<ConnState>, now: u64) -> ConnItemJson {
+/// A `conns` item: identity, state and the kernel's counters. `ruled`: the state the rules
+/// give an open stall they keep out of listings.
+fn conn_item(
+    conn: &Conn,
+    snapshot: Option<ConnState>,
+    ruled: Option<&'static str>,
+    now: u64,
+) -> ConnItemJson {
     let mut item = ConnItemJson::new(&conn.reference());
     item.conn.adopted = Some(conn.adopted);
     let state = match (&conn.stall, snapshot.as_ref().map(activity::assess)) {
-        (Some(_), _) => "stalled",
+        (Some(_), _) => ruled.unwrap_or("stalled"),
         (None, Some(activity::Activity::Outstanding { .. }))
         | (None, Some(activity::Activity::ConnectPending { .. })) => "active",
         (None, Some(activity::Activity::Ending { .. })) => "closing",
