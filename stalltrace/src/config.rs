@@ -273,11 +273,12 @@ pub struct Loaded {
 /// what it does) with warnings for keys not matched yet, and the threshold the kernel will
 /// run with.
 pub fn describe(path: &Path, loaded: &Loaded) -> Vec<String> {
+    let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
     let mut lines = vec![format!(
-        "{}: valid: {} keys, {} rules",
+        "{}: valid: {}, {}",
         path.display(),
-        loaded.keys.len(),
-        loaded.rules.rules.len()
+        plural(loaded.keys.len(), "key"),
+        plural(loaded.rules.rules.len(), "rule")
     )];
     if !loaded.keys.is_empty() {
         lines.push(format!("keys: {}", loaded.keys.join(", ")));
@@ -789,6 +790,23 @@ mod tests {
         assert_eq!(rules.rules[0].unmatched_keys(), vec!["cgroup"]);
         assert_eq!(rules.rules[1].unmatched_keys().len(), 1);
         assert_eq!(rules.decide(&subject("app", 1, 2, None)).rule, None);
+    }
+
+    #[test]
+    fn the_documented_example_is_valid() {
+        let doc = include_str!("../../docs/config.md");
+        let example = doc
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("docs/config.md has a TOML example");
+        let loaded = parse(example).unwrap();
+        assert_eq!(loaded.rules.rules.len(), 4);
+        let lines = describe(Path::new("/etc/stalltrace/stalltrace.toml"), &loaded);
+        // The doc shows what check-config prints for it.
+        for line in &lines {
+            assert!(doc.contains(line.as_str()), "docs/config.md lacks {line:?}");
+        }
     }
 
     #[test]
