@@ -267,3 +267,36 @@ fn the_metrics_address_must_be_free() {
         "{stderr}"
     );
 }
+
+#[test]
+fn clients_that_say_nothing_hold_no_thread_and_not_for_long() {
+    require_root();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let daemon = Daemon::start_with("metrics-idle", &["--metrics-address", &metrics.to_string()]);
+    let pid = daemon.cli_json(&["status", "-o", "json"])["pid"]
+        .as_u64()
+        .unwrap();
+    let threads = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .count()
+    };
+    let before = threads();
+    // Far more silent connections than the endpoint serves at once (16).
+    let idle: Vec<TcpStream> = (0..200)
+        .map(|_| TcpStream::connect(metrics).unwrap())
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(threads(), before, "a thread per connection?");
+    // They are closed within the 5 s allowed for a request's headers; scrapes work again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !matches!(http(metrics, "GET", "/metrics"), Ok((200, _, _))) {
+        assert!(
+            Instant::now() < deadline,
+            "no scrape answered with silent clients around"
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
+    drop(idle);
+    assert!(daemon.running());
+}

@@ -1,6 +1,9 @@
 //! Prometheus metrics (`--metrics-address`): the event loop updates atomic counters and gauges
 //! (prometheus-client), a thread of its own serves `GET /metrics` in the Prometheus text
-//! format (0.0.4). A scrape reads the counters and never waits on the loop, nor the loop on it.
+//! format (0.0.4) with hyper. A scrape reads the counters and never waits on the loop, nor the
+//! loop on it. At most [`MAX_SCRAPERS`] connections are served at once, each for at most
+//! [`SCRAPE_DEADLINE`]: clients that open connections and say nothing cost neither threads nor
+//! memory beyond that.
 //!
 //! Labels are bounded: stall kind, resolution, transport, event type, loss cause. Only
 //! `--metrics-labels` adds per-process labels (`comm`, the server's `port`), capped at
@@ -30,6 +33,10 @@ use crate::cli::MetricsLabel;
 
 /// Distinct `--metrics-labels` value sets kept per daemon; more are labelled `other`.
 pub const MAX_EXTRA_LABEL_SETS: usize = 500;
+/// Connections to the metrics endpoint served at once; more are closed at once.
+pub const MAX_SCRAPERS: usize = 16;
+/// How long one connection may take (request, answer, keep-alive) before it is closed.
+pub const SCRAPE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A stall metric's labels: `kind` and `transport`, then the opt-in ones.
 pub type StallLabels = Vec<(&'static str, String)>;
@@ -226,22 +233,21 @@ impl Metrics {
         }
     }
 
-    /// Serves `GET /metrics` on `listener` from a thread of its own, until the process ends.
+    /// Serves `GET /metrics` on `listener` from a thread of its own (with a runtime of its
+    /// own), until the process ends.
     pub fn serve(&self, listener: TcpListener) -> Result<SocketAddr> {
         let address = listener.local_addr()?;
-        let server = tiny_http::Server::from_listener(listener, None)
-            .map_err(|err| anyhow::anyhow!("serving metrics on {address}: {err}"))?;
+        listener
+            .set_nonblocking(true)
+            .context("setting the metrics socket non-blocking")?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the metrics runtime")?;
         let registry = self.registry.clone();
         std::thread::Builder::new()
             .name("metrics".into())
-            .spawn(move || {
-                for request in server.incoming_requests() {
-                    let response = respond(&registry, &request);
-                    if let Err(err) = request.respond(response) {
-                        log::debug!("metrics: answering a scrape: {err}");
-                    }
-                }
-            })
+            .spawn(move || runtime.block_on(serve_scrapes(listener, registry)))
             .context("starting the metrics thread")?;
         Ok(address)
     }
@@ -368,36 +374,84 @@ impl Metrics {
     }
 }
 
-fn respond(
-    registry: &Registry,
-    request: &tiny_http::Request,
-) -> tiny_http::Response<std::io::Cursor<Vec<u8>>> {
-    let path = request.url().split('?').next().unwrap_or("");
-    let (status, content_type, body) = match (request.method(), path) {
-        (tiny_http::Method::Get | tiny_http::Method::Head, "/metrics") => {
+/// Accepts scrapes until the process ends.
+async fn serve_scrapes(listener: TcpListener, registry: Arc<Registry>) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(err) => {
+            log::error!("metrics: cannot serve: {err}");
+            return;
+        }
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPERS));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                log::debug!("metrics: accept failed: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue; // dropped: closed at once
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let answer = respond(&registry, &request);
+                async move { Ok::<_, std::convert::Infallible>(answer) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(SCRAPE_DEADLINE, connection).await;
+            drop(slot);
+        });
+    }
+}
+
+type Body = http_body_util::Full<hyper::body::Bytes>;
+
+/// The answer to one HTTP request: the metrics at `/metrics`, a pointer to them at `/`.
+fn respond<B>(registry: &Registry, request: &hyper::Request<B>) -> hyper::Response<Body> {
+    use hyper::{Method, StatusCode};
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/metrics") => {
             let mut text = String::new();
             match prometheus_text::encode(&mut text, registry) {
-                Ok(()) => (200, prometheus_text::CONTENT_TYPE, text),
-                Err(err) => (500, "text/plain", format!("encoding metrics: {err}\n")),
+                Ok(()) => (StatusCode::OK, prometheus_text::CONTENT_TYPE, text),
+                Err(err) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("encoding metrics: {err}\n"),
+                ),
             }
         }
-        (_, "/metrics") => (405, "text/plain", "GET /metrics\n".into()),
+        (_, "/metrics") => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET /metrics\n".into(),
+        ),
         (_, "/") => (
-            200,
+            StatusCode::OK,
             "text/plain",
             "stalltrace: metrics at /metrics (Prometheus text format)\n".into(),
         ),
         _ => (
-            404,
+            StatusCode::NOT_FOUND,
             "text/plain",
             "not found: metrics are at /metrics\n".into(),
         ),
     };
-    let header =
-        tiny_http::Header::from_bytes("Content-Type", content_type).expect("a valid header");
-    tiny_http::Response::from_string(body)
-        .with_status_code(status)
-        .with_header(header)
+    let mut response = hyper::Response::new(Body::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    response
 }
 
 /// Binds the metrics address (before privileges are dropped: ports below 1024 need root).
