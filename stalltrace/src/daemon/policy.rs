@@ -153,9 +153,7 @@ impl Policy {
                     quiet_ms,
                     diagnosis,
                 } => {
-                    let quiet_since_ns = event
-                        .at_ns
-                        .saturating_sub(quiet_ms.saturating_mul(1_000_000));
+                    let quiet_since_ns = quiet_since(event.at_ns, *quiet_ms);
                     if let Some(Open::Reported { labels, .. }) = self.open.get(&id) {
                         // A deferred stall released.
                         metrics.stall_started(labels);
@@ -200,16 +198,7 @@ impl Policy {
                             false
                         } else {
                             metrics.stall_started(&labels);
-                            let kind = *kind;
-                            self.open.insert(
-                                id,
-                                Open::Reported {
-                                    annotation,
-                                    labels,
-                                    kind,
-                                    quiet_since_ns,
-                                },
-                            );
+                            self.reported(id, *kind, quiet_since_ns, annotation, labels);
                             true
                         }
                     }
@@ -272,6 +261,24 @@ impl Policy {
         out
     }
 
+    /// Records the stall open on connection `id` as reported.
+    fn reported(
+        &mut self,
+        id: u64,
+        kind: StallKind,
+        quiet_since_ns: u64,
+        annotation: Annotation,
+        labels: StallLabels,
+    ) {
+        let open = Open::Reported {
+            annotation,
+            labels,
+            kind,
+            quiet_since_ns,
+        };
+        self.open.insert(id, open);
+    }
+
     /// How long the oldest reported stall of each kind has been quiet, as of `now` (s; 0 when
     /// none is open).
     pub(super) fn oldest(&self, now: u64) -> [(StallKind, f64); 3] {
@@ -321,25 +328,20 @@ impl Policy {
             let Detail::StallStart { quiet_ms, kind, .. } = &mut start.detail else {
                 continue;
             };
-            let quiet_since_ns = start
-                .at_ns
-                .saturating_sub(quiet_ms.saturating_mul(1_000_000));
+            let quiet_since_ns = quiet_since(start.at_ns, *quiet_ms);
             *quiet_ms = now.saturating_sub(quiet_since_ns) / 1_000_000;
             let kind = *kind;
             start.at_ns = now;
-            self.open.insert(
-                id,
-                Open::Reported {
-                    annotation,
-                    labels,
-                    kind,
-                    quiet_since_ns,
-                },
-            );
+            self.reported(id, kind, quiet_since_ns, annotation, labels);
             released.push(start);
         }
         released
     }
+}
+
+/// When the quiet stretch of a stall reported at `at_ns`, quiet for `quiet_ms`, began.
+fn quiet_since(at_ns: u64, quiet_ms: u64) -> u64 {
+    at_ns.saturating_sub(quiet_ms.saturating_mul(1_000_000))
 }
 
 /// The `event` field of an event.
