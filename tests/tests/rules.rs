@@ -138,6 +138,18 @@ fn rules_ignore_long_polls_and_hold_slow_endpoints_to_their_threshold() {
         .collect();
     assert_eq!(about_watch, Vec::<Value>::new());
     assert_eq!(status_rules(&daemon)["ignored_open"], 0);
+    // `why` counts the reported stalls, not the long polls.
+    let stalls_in_why = |port: u16, signature: &str| -> u64 {
+        let rows = daemon.cli_json(&["why", "-o", "json", "--port", &port.to_string()]);
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["signature"] == signature)
+            .map(|r| r["stalls"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(stalls_in_why(port, "GET /v1/watch/orders"), 0);
+    assert_eq!(stalls_in_why(slow_server.addr.port(), "GET /slow"), 2);
     drop(slow);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -489,6 +489,7 @@ impl Daemon {
         self.emit(maps);
         self.release_held(now, false);
         self.out = self.policy.release_due(now);
+        self.count_released_stalls();
         self.write_out();
         self.diagnoser.refresh_due(&self.tracker, now);
         self.diagnoser.presample(&self.tracker, now);

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Result};
-use stalltrace_core::tracker::{model::StallKind, Detail, Event};
+use stalltrace_core::tracker::{model::StallKind, ConnRef, Detail, Event};
 
 use crate::{
     config::{Annotation, Rules, Subject},
@@ -37,6 +37,17 @@ enum Open {
         annotation: Annotation,
         labels: StallLabels,
     },
+}
+
+/// What the rules make of a stall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Verdict {
+    Ignore,
+    /// Not past its threshold: held this much longer (ns).
+    Hold {
+        for_ns: u64,
+    },
+    Report,
 }
 
 pub(super) struct Policy {
@@ -137,6 +148,40 @@ impl Policy {
         (deferred, ignored)
     }
 
+    /// What the rules make of a stall starting on `conn`, quiet for `quiet_ms`, whose request
+    /// is `request`; with what the matching rule adds to its events.
+    pub(super) fn decide(
+        &self,
+        conn: &ConnRef,
+        request: Option<&str>,
+        quiet_ms: u64,
+    ) -> (Verdict, Annotation) {
+        let comm = conn.owner.comm.as_str();
+        let decision = self.rules.decide(&Subject {
+            comm: &comm,
+            local_port: conn.endpoints.local_port,
+            peer: conn.endpoints.peer,
+            peer_port: conn.endpoints.peer_port,
+            request,
+        });
+        let annotation = Annotation {
+            severity: decision.severity,
+            rule: decision.rule.map(|i| self.rules.rules[i].name.clone()),
+        };
+        let threshold_ns = decision.stall_after_ns.unwrap_or(self.default_ns);
+        let quiet_ns = quiet_ms.saturating_mul(1_000_000);
+        let verdict = if decision.ignore {
+            Verdict::Ignore
+        } else if quiet_ns < threshold_ns {
+            Verdict::Hold {
+                for_ns: threshold_ns - quiet_ns,
+            }
+        } else {
+            Verdict::Report
+        };
+        (verdict, annotation)
+    }
+
     /// Applies the rules to `events` in order: returns those to report, each with its
     /// annotation; counts them in `metrics`.
     pub(super) fn filter(
@@ -160,32 +205,19 @@ impl Policy {
                         true
                     } else {
                         let labels = metrics.stall_labels(*kind, &event.conn);
-                        let comm = event.conn.owner.comm.as_str();
                         let request = diagnosis
                             .as_ref()
                             .and_then(|d| d.request.as_ref())
                             .map(|r| r.signature.as_str());
-                        let decision = self.rules.decide(&Subject {
-                            comm: &comm,
-                            local_port: event.conn.endpoints.local_port,
-                            peer: event.conn.endpoints.peer,
-                            peer_port: event.conn.endpoints.peer_port,
-                            request,
-                        });
-                        let annotation = Annotation {
-                            severity: decision.severity,
-                            rule: decision.rule.map(|i| self.rules.rules[i].name.clone()),
-                        };
-                        let threshold_ns = decision.stall_after_ns.unwrap_or(self.default_ns);
-                        let quiet_ns = quiet_ms.saturating_mul(1_000_000);
-                        if decision.ignore {
+                        let (verdict, annotation) = self.decide(&event.conn, request, *quiet_ms);
+                        if verdict == Verdict::Ignore {
                             self.ignored += 1;
                             metrics.stall_ignored(&labels);
                             self.stop_diagnosing.push(id);
                             self.open.insert(id, Open::Ignored);
                             false
-                        } else if quiet_ns < threshold_ns {
-                            let due_ns = event.at_ns + (threshold_ns - quiet_ns);
+                        } else if let Verdict::Hold { for_ns } = verdict {
+                            let due_ns = event.at_ns + for_ns;
                             self.open.insert(
                                 id,
                                 Open::Deferred {
@@ -359,10 +391,7 @@ fn event_name(detail: &Detail) -> &'static str {
 mod tests {
     use super::*;
     use crate::config::{self, Severity};
-    use stalltrace_core::tracker::{
-        model::{Comm, Endpoints, Owner, Resolution, Role},
-        ConnRef,
-    };
+    use stalltrace_core::tracker::model::{Comm, Endpoints, Owner, Resolution, Role};
 
     const MS: u64 = 1_000_000;
 

@@ -12,6 +12,7 @@ use stalltrace_core::{
 };
 
 use super::{
+    policy,
     why_samples::{why_key, NOT_CAPTURED},
     Daemon,
 };
@@ -66,18 +67,28 @@ impl Daemon {
                 held.events.push(event);
                 continue;
             }
-            if let Detail::StallStart { diagnosis, .. } = &mut event.detail {
+            if let Detail::StallStart {
+                diagnosis,
+                quiet_ms,
+                ..
+            } = &mut event.detail
+            {
                 let Some((sock, conn)) = self.tracker.find_by_id(id) else {
                     ready.push(event);
                     continue;
                 };
                 let (known, asked) = self.diagnoser.begin(conn, sock, maps, now);
-                if let Some(sock) = sock {
-                    let signature = known
-                        .request
-                        .as_ref()
-                        .map_or_else(|| NOT_CAPTURED.to_owned(), |r| r.signature.clone());
-                    self.why.stalled(sock, why_key(conn, signature));
+                // `why` counts the stalls the rules report; one they ignore or hold (a long
+                // poll) is a request that completes late, or is counted when released.
+                let request = known.request.as_ref().map(|r| r.signature.as_str());
+                let (verdict, _) = self.policy.decide(&event.conn, request, *quiet_ms);
+                if verdict == policy::Verdict::Report {
+                    if let Some(sock) = sock {
+                        self.why.stalled(
+                            sock,
+                            why_key(conn, request.unwrap_or(NOT_CAPTURED).to_owned()),
+                        );
+                    }
                 }
                 *diagnosis = Some(Box::new(known));
                 if asked {
@@ -94,6 +105,23 @@ impl Daemon {
         }
         self.out = ready;
         self.write_out();
+    }
+
+    /// Counts in `why` the stalls in `self.out` the rules held until now.
+    pub(super) fn count_released_stalls(&mut self) {
+        for event in &self.out {
+            let Detail::StallStart { diagnosis, .. } = &event.detail else {
+                continue;
+            };
+            let Some((Some(sock), conn)) = self.tracker.find_by_id(event.conn.id) else {
+                continue;
+            };
+            let signature = diagnosis
+                .as_ref()
+                .and_then(|d| d.request.as_ref())
+                .map_or(NOT_CAPTURED, |r| r.signature.as_str());
+            self.why.stalled(sock, why_key(conn, signature.to_owned()));
+        }
     }
 
     /// Writes `self.out` to the sinks as the rules decide (`policy.rs`), recording timelines
