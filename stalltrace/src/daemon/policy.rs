@@ -170,9 +170,11 @@ impl Policy {
         };
         let threshold_ns = decision.stall_after_ns.unwrap_or(self.default_ns);
         let quiet_ns = quiet_ms.saturating_mul(1_000_000);
+        // Compared in whole ms, as `quiet_ms` is: a stall the tracker found at this very
+        // threshold (quiet_ms rounded down) is past it.
         let verdict = if decision.ignore {
             Verdict::Ignore
-        } else if quiet_ns < threshold_ns {
+        } else if quiet_ms < threshold_ns / 1_000_000 {
             Verdict::Hold {
                 for_ns: threshold_ns - quiet_ns,
             }
@@ -515,6 +517,15 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("stalltrace_stalls_below_rule_threshold_total{kind=\"awaiting_response\",transport=\"tcp\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn a_stall_found_at_a_fractional_threshold_is_past_it() {
+        // 1.5 ms: the tracker reports quiet_ms 1; held, its immediate end would drop it.
+        let mut policy = Policy::new(Rules::default(), 1_500_000, 1_500_000);
+        let mut metrics = Metrics::new(&[], 4096);
+        let out = policy.filter(vec![start(7, "app", 10, 1), end(7, 10, 1)], &mut metrics);
+        assert_eq!(out.len(), 2);
     }
 
     #[test]
