@@ -135,9 +135,9 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "PATH")]
     pub config: Option<PathBuf>,
 
-    /// Serve Prometheus metrics on http://ADDR:PORT/metrics (off by default). Use a loopback
-    /// address (127.0.0.1:9464) unless the network in front of it is trusted: the metrics say
-    /// what stalls on this host.
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics (off by default). ADDR is an IP
+    /// address: use loopback (127.0.0.1:9464, [::1]:9464) unless the network in front of it is
+    /// trusted, as the metrics say what stalls on this host.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_address: Option<std::net::SocketAddr>,
 
