@@ -2,14 +2,15 @@
 //! `stalls --fail-if-any`, colour and width only on a terminal (a real pty, from `script`).
 use std::{
     io::{BufRead as _, BufReader},
+    net::{TcpListener, TcpStream},
     process::{Command, Output, Stdio},
     sync::mpsc,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use stalltrace_integration::{
-    binary, require_root, send_request, Daemon, SilentServer, REPORT_WITHIN,
+    binary, pid, require_root, send_request, Daemon, SilentServer, REPORT_WITHIN,
 };
 
 /// Runs `stalltrace <args>` on a pseudo-terminal `columns` wide (util-linux `script`), with
@@ -126,7 +127,14 @@ fn watch_as_a_table_is_one_readable_line_per_event() {
     let server = SilentServer::bind("127.0.0.1");
     let port = server.addr.port().to_string();
     let mut watch = Command::new(binary())
-        .args(["watch", "-o", "table", "--port", &port, "--socket"])
+        .args([
+            "watch",
+            "-o",
+            "table",
+            "--pid",
+            &pid().to_string(),
+            "--socket",
+        ])
         .arg(&daemon.socket)
         .stdout(Stdio::piped())
         .spawn()
@@ -141,8 +149,17 @@ fn watch_as_a_table_is_one_readable_line_per_event() {
             }
         }
     });
-    // Let the watch subscribe before the traffic starts.
-    thread::sleep(Duration::from_millis(500));
+    // The watch is subscribed once it shows our probe connections.
+    let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+    let deadline = Instant::now() + REPORT_WITHIN;
+    loop {
+        let _connection = TcpStream::connect(probe.local_addr().unwrap()).unwrap();
+        if lines.recv_timeout(Duration::from_millis(300)).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "watch -o table shows nothing");
+    }
+    while lines.recv_timeout(Duration::from_millis(300)).is_ok() {}
     let _client = send_request(server.addr);
     let mut seen = Vec::new();
     let start = loop {
@@ -150,7 +167,10 @@ fn watch_as_a_table_is_one_readable_line_per_event() {
             .recv_timeout(REPORT_WITHIN)
             .unwrap_or_else(|_| panic!("no stall.start line; seen {seen:#?}"));
         seen.push(line.clone());
-        if line.contains("stall.start") && line.contains("unanswered_request") {
+        if line.contains("stall.start")
+            && line.contains("unanswered_request")
+            && line.contains(&format!("127.0.0.1:{port} ->"))
+        {
             break line;
         }
     };
@@ -171,7 +191,8 @@ fn watch_as_a_table_is_one_readable_line_per_event() {
     assert!(start.ends_with("GET /slow"), "{start}");
     assert!(!start.contains('\x1b') && !start.contains('{'), "{start}");
     assert!(
-        seen.iter().any(|l| l.contains("conn.open")),
+        seen.iter()
+            .any(|l| l.contains("conn.open") && l.contains(&format!("127.0.0.1:{port}"))),
         "the opening comes first: {seen:#?}"
     );
 }
