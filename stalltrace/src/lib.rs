@@ -6,6 +6,7 @@
 //! [`diagnosis`] (gathering what explains a stall) and `why` → [`sinks`] (NDJSON events, the
 //! control API). [`daemon`] owns the loop that runs them; [`cli`] is the client side of the API.
 pub mod cli;
+pub mod config;
 pub mod daemon;
 mod diagnosis;
 mod heap;

@@ -1,21 +1,46 @@
 use std::process::ExitCode;
 
-use clap::Parser as _;
+use clap::{parser::ValueSource, CommandFactory as _, FromArgMatches as _};
 use stalltrace::{
     cli::{client, Cli, Command},
+    config,
     daemon::{self, DaemonConfig},
     logger,
 };
 
+/// `stalls --fail-if-any` found stalls.
+const EXIT_STALLS: u8 = 2;
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
     let result = match cli.command {
-        Command::Daemon(args) => {
+        Command::Daemon(mut args) => {
+            let mut socket = cli.socket;
+            let daemon_matches = matches.subcommand_matches("daemon");
+            let given = |id: &str| {
+                daemon_matches.and_then(|m| m.value_source(id)) == Some(ValueSource::CommandLine)
+            };
+            let mut rules = config::Rules::default();
+            if let Some(path) = args.config.clone() {
+                match config::load(&path) {
+                    Ok(loaded) => {
+                        rules = loaded.rules;
+                        loaded.file.apply(&mut args, &mut socket, given);
+                    }
+                    Err(err) => return fail(&err.context("invalid configuration")),
+                }
+            }
             logger::init(args.log_level.filter());
             let config = DaemonConfig {
                 stall_after: args.stall_after.0,
+                rules,
+                config_path: args.config,
+                stall_after_from_flag: given("stall_after"),
+                metrics_address: args.metrics_address,
+                metrics_labels: args.metrics_labels,
                 events_file: args.events_file,
-                socket: cli.socket,
+                socket,
                 max_conns: args.max_conns,
                 ring_buffer_bytes: args.ring_buffer_size,
                 bpf_stats: args.bpf_stats,
@@ -37,19 +62,24 @@ fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
                 .and_then(|runtime| runtime.block_on(daemon::run(config)))
         }
+        Command::CheckConfig { file } => check_config(&file),
         Command::Status(output) => client::status(&cli.socket, output.format),
         Command::Conns { filter, output } => client::conns(&cli.socket, filter, output.format),
         Command::Stalls {
             older_than,
+            fail_if_any,
             filter,
             output,
-        } => client::stalls(
+        } => match client::stalls(
             &cli.socket,
             filter,
             older_than.map(|d| d.0.as_millis() as u64),
             output.format,
-        ),
-        Command::Watch { filter } => client::watch(&cli.socket, filter),
+        ) {
+            Ok(count) if fail_if_any && count > 0 => return ExitCode::from(EXIT_STALLS),
+            other => other.map(drop),
+        },
+        Command::Watch { filter, format } => client::watch(&cli.socket, filter, format),
         Command::Show { id, output } => client::show(&cli.socket, id, output.format),
         Command::Why {
             filter,
@@ -63,12 +93,23 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!(
-                "stalltrace: error: {}",
-                stalltrace::cli::table::terminal_safe(&format!("{err:#}"))
-            );
-            ExitCode::FAILURE
-        }
+        Err(err) => fail(&err),
     }
+}
+
+fn fail(err: &anyhow::Error) -> ExitCode {
+    eprintln!(
+        "stalltrace: error: {}",
+        stalltrace::cli::table::terminal_safe(&format!("{err:#}"))
+    );
+    ExitCode::FAILURE
+}
+
+/// `check-config FILE`: what the daemon would make of the file, or its first error.
+fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
+    let loaded = config::load(path)?;
+    for line in config::describe(path, &loaded) {
+        println!("{}", stalltrace::cli::table::terminal_safe(&line));
+    }
+    Ok(())
 }

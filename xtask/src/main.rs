@@ -147,9 +147,10 @@ fn fuzz(seconds: u64) -> Result<()> {
 
 /// Servers and clients the integration tests run for real (proxies for the blame chains,
 /// python3 for an asyncio proxy and for servers owned by another user), the peers of the
-/// protocol-verdict tests (socat, openssl, grpcio, websockets, postgresql), and the tools of the
+/// protocol-verdict tests (socat, openssl, grpcio, websockets, postgresql), the tools of the
 /// package and log-shipping tests (a real syslog-ng reading the events file, logrotate rotating
-/// it with the packaged snippet, systemd-analyze checking the unit).
+/// it with the packaged snippet, systemd-analyze checking the unit), and prometheus to scrape
+/// the daemon's metrics, with promtool to check and unit-test the shipped alerting rules.
 const TEST_PACKAGES: &[&str] = &[
     "nginx",
     "haproxy",
@@ -162,6 +163,7 @@ const TEST_PACKAGES: &[&str] = &[
     "syslog-ng-core",
     "logrotate",
     "systemd",
+    "prometheus",
 ];
 
 fn test(args: &[String]) -> Result<()> {

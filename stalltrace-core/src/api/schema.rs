@@ -122,6 +122,12 @@ pub struct StallJson {
     /// When the quiet stretch began (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
+    /// Set by the `severity` of the configuration rule that matched the stall.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<Name>,
+    /// The name of the configuration rule that matched the stall, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<Name>,
     /// Why: cause, confidence, thread, blame chain, TCP signals, request.
     #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
     pub diagnosis: Option<Diagnosis>,

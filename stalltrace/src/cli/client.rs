@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _, Result};
 use serde_json::{value::RawValue, Value};
 
 use super::{
-    table::{bytes, endpoint, sanitize_json, terminal_safe, Table},
+    table::{bytes, endpoint, sanitize_json, terminal_safe, Table, Terminal},
     Format,
 };
 use stalltrace_core::{
@@ -94,14 +94,22 @@ pub fn query(socket: &Path, command: Command) -> Result<Box<RawValue>> {
     read_response(&mut BufReader::new(stream))
 }
 
+/// Prints `value` as pretty JSON or as YAML (one document); false for `Format::Table`, which
+/// the caller renders.
+fn print_structured(value: &impl serde::Serialize, format: Format) -> Result<bool> {
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Format::Yaml => print!("{}", serde_norway::to_string(value)?),
+        Format::Table => return Ok(false),
+    }
+    Ok(true)
+}
+
 pub fn status(socket: &Path, format: Format) -> Result<()> {
     let result = query(socket, Command::Status)?;
-    match format {
-        Format::Json => {
-            let status: Value = serde_json::from_str(result.get())?;
-            println!("{}", serde_json::to_string_pretty(&status)?);
-        }
-        Format::Table => print!("{}", render_status(&for_terminal(&result)?)),
+    let status: Value = serde_json::from_str(result.get())?;
+    if !print_structured(&status, format)? {
+        print!("{}", render_status(&for_terminal(&result)?));
     }
     Ok(())
 }
@@ -167,27 +175,26 @@ fn render_status(status: &Value) -> String {
 
 pub fn conns(socket: &Path, filter: api::Filter, format: Format) -> Result<()> {
     let result = query(socket, Command::Conns { filter })?;
-    print_items(&result, format, render_conns)
+    print_items(&result, format, render_conns).map(drop)
 }
 
-/// Prints a list answer as JSON, or as the table `render` makes of its items.
+/// Prints a list answer as JSON or YAML, or as the table `render` makes of its items;
+/// returns how many items it had.
 fn print_items(
     result: &RawValue,
     format: Format,
-    render: fn(&[ConnItemJson]) -> String,
-) -> Result<()> {
-    match format {
-        Format::Json => {
-            let items: Vec<ConnItemJson> = serde_json::from_str(result.get())
-                .context("the daemon's answer has an unexpected shape")?;
-            println!("{}", serde_json::to_string_pretty(&items)?);
-        }
-        Format::Table => print!("{}", render(&for_terminal::<Vec<ConnItemJson>>(result)?)),
+    render: fn(&[ConnItemJson], &Terminal) -> String,
+) -> Result<usize> {
+    let items: Vec<ConnItemJson> = serde_json::from_str(result.get())
+        .context("the daemon's answer has an unexpected shape")?;
+    if !print_structured(&items, format)? {
+        let items = for_terminal::<Vec<ConnItemJson>>(result)?;
+        print!("{}", render(&items, &Terminal::stdout()));
     }
-    Ok(())
+    Ok(items.len())
 }
 
-fn render_conns(items: &[ConnItemJson]) -> String {
+fn render_conns(items: &[ConnItemJson], terminal: &Terminal) -> String {
     let mut table = Table::new(&[
         ("ID", true),
         ("ROLE", false),
@@ -221,7 +228,11 @@ fn render_conns(items: &[ConnItemJson]) -> String {
             ago(conn.last_receive_ago_ms),
         ]);
     }
-    format!("{}{} connections\n", table.render(), items.len())
+    format!(
+        "{}{} connections\n",
+        table.render_for(terminal),
+        items.len()
+    )
 }
 
 fn process_cells(process: &Option<stalltrace_core::api::schema::ProcessJson>) -> (String, String) {
@@ -231,12 +242,13 @@ fn process_cells(process: &Option<stalltrace_core::api::schema::ProcessJson>) ->
     }
 }
 
+/// Prints the open stalls; returns how many there are.
 pub fn stalls(
     socket: &Path,
     filter: api::Filter,
     older_than_ms: Option<u64>,
     format: Format,
-) -> Result<()> {
+) -> Result<usize> {
     let result = query(
         socket,
         Command::Stalls {
@@ -247,7 +259,7 @@ pub fn stalls(
     print_items(&result, format, render_stalls)
 }
 
-fn render_stalls(items: &[ConnItemJson]) -> String {
+fn render_stalls(items: &[ConnItemJson], terminal: &Terminal) -> String {
     if items.is_empty() {
         return "no open stalls\n".into();
     }
@@ -285,7 +297,11 @@ fn render_stalls(items: &[ConnItemJson]) -> String {
             why_summary(&diagnosis),
         ]);
     }
-    format!("{}{} open stalls\n", table.render(), items.len())
+    format!(
+        "{}{} open stalls\n",
+        table.render_for(terminal),
+        items.len()
+    )
 }
 
 /// One line on why: the TCP cause, what the thread does, where the chain leads.
@@ -344,12 +360,9 @@ fn verdict_text(verdict: &ThreadVerdict) -> String {
 
 pub fn show(socket: &Path, id: u64, format: Format) -> Result<()> {
     let result = query(socket, Command::Show { id })?;
-    match format {
-        Format::Json => {
-            let answer: Value = serde_json::from_str(result.get())?;
-            println!("{}", serde_json::to_string_pretty(&answer)?);
-        }
-        Format::Table => print!("{}", render_show(&for_terminal(&result)?)?),
+    let answer: Value = serde_json::from_str(result.get())?;
+    if !print_structured(&answer, format)? {
+        print!("{}", render_show(&for_terminal(&result)?)?);
     }
     Ok(())
 }
@@ -482,21 +495,16 @@ fn render_diagnosis(diagnosis: &Diagnosis) -> String {
 
 pub fn why(socket: &Path, filter: api::Filter, limit: usize, format: Format) -> Result<()> {
     let result = query(socket, Command::Why { filter })?;
-    match format {
-        Format::Json => {
-            let rows: Vec<WhyRow> = serde_json::from_str(result.get())
-                .context("the daemon's answer has an unexpected shape")?;
-            println!("{}", serde_json::to_string_pretty(&rows)?);
-        }
-        Format::Table => print!(
-            "{}",
-            render_why(&for_terminal::<Vec<WhyRow>>(&result)?, limit)
-        ),
+    let rows: Vec<WhyRow> = serde_json::from_str(result.get())
+        .context("the daemon's answer has an unexpected shape")?;
+    if !print_structured(&rows, format)? {
+        let rows = for_terminal::<Vec<WhyRow>>(&result)?;
+        print!("{}", render_why(&rows, limit, &Terminal::stdout()));
     }
     Ok(())
 }
 
-fn render_why(rows: &[WhyRow], limit: usize) -> String {
+fn render_why(rows: &[WhyRow], limit: usize, terminal: &Terminal) -> String {
     if rows.is_empty() {
         return "no requests sampled yet\n".into();
     }
@@ -528,7 +536,7 @@ fn render_why(rows: &[WhyRow], limit: usize) -> String {
             row.key.signature.clone(),
         ]);
     }
-    let mut out = table.render();
+    let mut out = table.render_for(terminal);
     if let Some(top) = rows.first().filter(|r| r.stalls > 0) {
         out.push_str(&format!(
             "\n{} accounts for {} of stalls and {} of completed requests{}.\n",
@@ -553,8 +561,11 @@ fn render_why(rows: &[WhyRow], limit: usize) -> String {
     out
 }
 
-/// Copies the daemon's event stream to stdout until the daemon or the reader goes away.
-pub fn watch(socket: &Path, filter: api::Filter) -> Result<()> {
+/// Prints the daemon's event stream until the daemon or the reader goes away: the NDJSON lines
+/// as they come (`json`), one YAML document per event, or one readable line per event
+/// (`table`).
+pub fn watch(socket: &Path, filter: api::Filter, format: Format) -> Result<()> {
+    let terminal = Terminal::stdout();
     let mut stream = connect(socket)?;
     send(&mut stream, Command::Watch { filter })?;
     let mut reader = BufReader::new(stream);
@@ -566,9 +577,23 @@ pub fn watch(socket: &Path, filter: api::Filter) -> Result<()> {
         if reader.read_line(&mut line).context("reading events")? == 0 {
             bail!("the daemon closed the event stream (stopped?)");
         }
+        let text = match format {
+            Format::Json => std::borrow::Cow::Borrowed(line.as_str()),
+            Format::Yaml => {
+                let event: Value =
+                    serde_json::from_str(&line).context("the daemon sent an invalid event")?;
+                format!("---\n{}", serde_norway::to_string(&event)?).into()
+            }
+            Format::Table => {
+                let mut event: Value =
+                    serde_json::from_str(&line).context("the daemon sent an invalid event")?;
+                sanitize_json(&mut event);
+                format!("{}\n", event_line(&event, &terminal)).into()
+            }
+        };
         let mut out = stdout.lock();
         if out
-            .write_all(line.as_bytes())
+            .write_all(text.as_bytes())
             .and_then(|()| out.flush())
             .is_err()
         {
@@ -576,6 +601,92 @@ pub fn watch(socket: &Path, filter: api::Filter) -> Result<()> {
             return Ok(());
         }
     }
+}
+
+/// One event on one line: time (UTC, ms), event, connection, process, endpoints, then what
+/// the event says (stall kind, quiet time or duration, resolution, cause, request; losses by
+/// cause). `event`'s strings must be terminal-safe already.
+fn event_line(event: &Value, terminal: &Terminal) -> String {
+    use anstyle::{AnsiColor, Style};
+    let text = |pointer: &str| event.pointer(pointer).and_then(Value::as_str);
+    let number = |pointer: &str| event.pointer(pointer).and_then(Value::as_u64);
+    // `2026-11-27T22:58:42.633452694Z` -> `22:58:42.633`
+    let time = text("/time").map_or("?", |t| t.get(11..23).unwrap_or(t));
+    let name = text("/event").unwrap_or("?");
+    let colour = match name {
+        "stall.start" | "loss" => Some(AnsiColor::Red),
+        "stall.update" => Some(AnsiColor::Yellow),
+        "stall.end" => Some(AnsiColor::Green),
+        _ => None,
+    };
+    let style = colour.map_or(Style::new(), |c| {
+        Style::new().fg_color(Some(c.into())).bold()
+    });
+    let mut line = format!("{time}  {}", terminal.paint(&format!("{name:<12}"), style));
+    if name == "loss" {
+        let causes = event["loss"]["new"]
+            .as_object()
+            .or(event["loss"].as_object())
+            .into_iter()
+            .flatten()
+            .filter(|(_, n)| n.as_u64().is_some_and(|n| n > 0))
+            .map(|(cause, n)| format!("{cause}={n}"))
+            .collect::<Vec<_>>();
+        line.push_str(&format!(" {}", causes.join(" ")));
+        return line;
+    }
+    let endpoint_of = |side: &str| {
+        let address = text(&format!("/network/{side}/address")).unwrap_or("?");
+        let port = number(&format!("/network/{side}/port")).unwrap_or(0);
+        match address.parse::<std::net::IpAddr>() {
+            Ok(ip) => endpoint(&ip, port as u16),
+            Err(_) => format!("{address}:{port}"),
+        }
+    };
+    line.push_str(&format!(
+        " conn {} {} {}[{}] {} -> {}",
+        number("/conn/id").unwrap_or(0),
+        text("/conn/role").unwrap_or("?"),
+        text("/process/executable/name").unwrap_or("-"),
+        number("/process/pid").map_or("-".into(), |p| p.to_string()),
+        endpoint_of("local"),
+        endpoint_of("peer"),
+    ));
+    let stall = &event["stall"];
+    let mut details = Vec::new();
+    if let Some(kind) = stall["kind"].as_str() {
+        details.push(kind.to_owned());
+    }
+    if let Some(severity) = stall["severity"].as_str() {
+        details.push(format!("severity {severity}"));
+    }
+    if let Some(quiet) = stall["quiet_ms"].as_u64() {
+        details.push(format!("quiet {}", format_millis(quiet)));
+    }
+    if let Some(resolution) = stall["resolution"].as_str() {
+        let after = stall["duration_ms"]
+            .as_u64()
+            .map_or("?".into(), format_millis);
+        details.push(format!("{resolution} after {after}"));
+    }
+    if let Some(cause) = stall["cause"].as_str() {
+        details.push(cause.to_owned());
+    }
+    if let Some(signature) = stall.pointer("/request/signature").and_then(Value::as_str) {
+        details.push(signature.to_owned());
+    }
+    if let Some(end) = text("/conn/end") {
+        let after = number("/conn/duration_ms").map_or("?".into(), format_millis);
+        details.push(format!("{end} after {after}"));
+    }
+    if event.pointer("/conn/adopted") == Some(&Value::Bool(true)) {
+        details.push("adopted".into());
+    }
+    if !details.is_empty() {
+        line.push_str("  ");
+        line.push_str(&details.join(", "));
+    }
+    line
 }
 
 #[cfg(test)]
@@ -605,7 +716,7 @@ mod tests {
                 "request": {"protocol": "http", "signature": "GET /coupon/apply"}}
         }))
         .unwrap();
-        let text = render_stalls(&[item]);
+        let text = render_stalls(&[item], &Terminal::plain());
         let header = text.lines().next().unwrap();
         assert!(
             header.starts_with("ID  KIND                  AGE  PID  COMM  TID  LOCAL"),
@@ -624,7 +735,7 @@ mod tests {
             ),
             "{text}"
         );
-        assert_eq!(render_stalls(&[]), "no open stalls\n");
+        assert_eq!(render_stalls(&[], &Terminal::plain()), "no open stalls\n");
     }
 
     #[test]
@@ -639,7 +750,7 @@ mod tests {
              "completed": 998, "completed_share": 0.998, "over_representation": -0.968}
         ]))
         .unwrap();
-        let text = render_why(&rows, 1);
+        let text = render_why(&rows, 1, &Terminal::plain());
         assert!(
             text.contains(
                 "GET /coupon/apply accounts for 97.0% of stalls and 0.2% of completed \
@@ -648,7 +759,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("(1 more groups"), "{text}");
-        assert_eq!(render_why(&[], 5), "no requests sampled yet\n");
+        assert_eq!(
+            render_why(&[], 5, &Terminal::plain()),
+            "no requests sampled yet\n"
+        );
     }
 
     #[test]

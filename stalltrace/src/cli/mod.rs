@@ -26,12 +26,19 @@ use stalltrace_core::{api, duration::HumanDuration};
         sudo stalltrace daemon --stall-after 2s --events-file /var/log/stalltrace.ndjson\n  \
         stalltrace stalls                  # open stalls, oldest first\n  \
         stalltrace stalls --older-than 30s -o json\n  \
+        stalltrace stalls --fail-if-any    # exit status 2 when a stall is open (scripts)\n  \
         stalltrace conns --comm nginx      # live connections of nginx\n  \
-        stalltrace watch --port 5432       # live NDJSON events touching port 5432\n\n\
+        stalltrace watch --port 5432       # live NDJSON events touching port 5432\n  \
+        stalltrace watch -o table          # one readable line per event\n  \
+        stalltrace check-config /etc/stalltrace/stalltrace.toml\n\n\
+        Text output is coloured only on a terminal, never with NO_COLOR set; tables wrap to \
+        the terminal's width.\n\n\
         Exit status:\n  \
         0  success\n  \
-        1  error: the daemon is unreachable, refused the request, or failed to start\n  \
-        2  usage error: unknown command or flag, bad value, flag that does not apply"
+        1  error: the daemon is unreachable, refused the request, or failed to start; an \
+        invalid configuration file\n  \
+        2  usage error: unknown command or flag, bad value, flag that does not apply; or \
+        `stalls --fail-if-any` found open stalls"
 )]
 pub struct Cli {
     /// The daemon's control socket.
@@ -50,7 +57,10 @@ pub enum Command {
         conn.open, conn.close, stall.start, stall.update, stall.end, and loss whenever anything \
         was dropped.\n\
         Stop with SIGINT or SIGTERM: the programs are detached and the events file flushed. \
-        SIGHUP reopens the events file (for log rotation) and never stops the daemon."
+        SIGHUP reopens the events file (for log rotation) and reloads the rules of --config \
+        (and its stall_after), keeping every connection and stall; it never stops the daemon.\n\
+        Every flag is also a key of the --config file (same name, with underscores); a flag \
+        given on the command line overrides the file. See docs/config.md."
     )]
     Daemon(DaemonArgs),
     /// Show the daemon's hooks, uptime, connections tracked, events seen and events lost.
@@ -67,15 +77,24 @@ pub enum Command {
         /// Only stalls quiet for at least this long (e.g. 30s, 2m).
         #[arg(long, value_name = "DURATION")]
         older_than: Option<HumanDuration>,
+        /// Exit with status 2 when any stall is listed (after printing them): for scripts
+        /// and health checks.
+        #[arg(long)]
+        fail_if_any: bool,
         #[command(flatten)]
         filter: api::Filter,
         #[command(flatten)]
         output: OutputArgs,
     },
-    /// Stream the daemon's events as NDJSON until interrupted.
+    /// Stream the daemon's events until interrupted: NDJSON lines as the daemon writes them,
+    /// one readable line per event (`-o table`), or YAML documents.
     Watch {
         #[command(flatten)]
         filter: api::Filter,
+        /// Output format: the NDJSON lines (json), one line per event (table), or one YAML
+        /// document per event (yaml).
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Json)]
+        format: Format,
     },
     /// One connection in detail: identity, counters, its open stall with the full diagnosis
     /// (thread, blame chain, TCP signals, request) and its stall timeline.
@@ -111,11 +130,37 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Validate a configuration file (TOML) without starting the daemon: every key and rule,
+    /// with the line and the reason of the first error. Exit status 0 when it is valid.
+    #[command(name = "check-config")]
+    CheckConfig {
+        /// The file, e.g. /etc/stalltrace/stalltrace.toml.
+        file: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
 pub struct DaemonArgs {
+    /// Read settings and `[[rule]]`s from this TOML file (see docs/config.md). Flags given on
+    /// the command line override its keys. An invalid file is refused at start with the line
+    /// and the reason; SIGHUP reloads its rules.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics (off by default). ADDR is an IP
+    /// address: use loopback (127.0.0.1:9464, [::1]:9464) unless the network in front of it is
+    /// trusted, as the metrics say what stalls on this host.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_address: Option<std::net::SocketAddr>,
+
+    /// Extra labels on the stall metrics, comma-separated: `comm` (executable name) and
+    /// `port` (the server's port: local for servers, peer for clients). Each adds a series per
+    /// value; past 500 label sets per metric, new values are labelled `other`.
+    #[arg(long, value_name = "LABELS", value_delimiter = ',', value_enum)]
+    pub metrics_labels: Vec<MetricsLabel>,
+
     /// How long a connection with a request outstanding may stay quiet before it is a stall.
+    /// Rules of --config may set another threshold for the stalls they match.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_threshold)]
     pub stall_after: HumanDuration,
 
@@ -236,7 +281,8 @@ fn refuse_pid_for_why(_: &str) -> Result<u32, String> {
 
 #[derive(Args, Debug)]
 pub struct OutputArgs {
-    /// Output format: an aligned table, or JSON (an array for lists, an object for status).
+    /// Output format: an aligned table (text for status and show), or JSON or YAML (a list
+    /// for lists, a mapping for status and show).
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
     pub format: Format,
 }
@@ -245,9 +291,21 @@ pub struct OutputArgs {
 pub enum Format {
     Table,
     Json,
+    Yaml,
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+/// Opt-in labels of the stall metrics (`--metrics-labels`).
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricsLabel {
+    /// The executable name (comm) of the stalled connection's process.
+    Comm,
+    /// The server's port: the local port of a server connection, the peer port of a client's.
+    Port,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LogLevel {
     Error,
     Warn,
@@ -267,7 +325,7 @@ impl LogLevel {
 }
 
 /// A stall threshold: a duration above zero (`0` alone is refused as that, not for its unit).
-fn parse_threshold(text: &str) -> Result<HumanDuration, String> {
+pub(crate) fn parse_threshold(text: &str) -> Result<HumanDuration, String> {
     let zero = || "the threshold must be greater than zero (e.g. 500ms, 5s)".to_owned();
     if !text.is_empty() && text.trim().chars().all(|c| c == '0') {
         return Err(zero());
@@ -280,7 +338,7 @@ fn parse_threshold(text: &str) -> Result<HumanDuration, String> {
 }
 
 /// `100MiB`, `512KiB`, `1G`, `4096`: a size in bytes, above zero.
-fn parse_size(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let (number, unit) = text
         .find(|c: char| !c.is_ascii_digit())
@@ -301,7 +359,7 @@ fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 /// `600`, `0640`: permission bits in octal.
-fn parse_mode(text: &str) -> Result<u32, String> {
+pub(crate) fn parse_mode(text: &str) -> Result<u32, String> {
     let text = text.trim();
     let digits = text.strip_prefix("0o").unwrap_or(text);
     u32::from_str_radix(digits, 8)
@@ -311,7 +369,7 @@ fn parse_mode(text: &str) -> Result<u32, String> {
 }
 
 /// `8MiB`, `512KiB`, `4096`: a power of two of at least one page.
-fn parse_ring_size(text: &str) -> Result<u32, String> {
+pub(crate) fn parse_ring_size(text: &str) -> Result<u32, String> {
     let bytes = parse_size(text)?;
     if bytes < 4096 || !bytes.is_power_of_two() || bytes > 1 << 30 {
         return Err(format!(

@@ -1,5 +1,47 @@
-//! Aligned text tables and human formatting for the CLI.
-use std::fmt::Write as _;
+//! Text tables (comfy-table), terminal detection and human formatting for the CLI.
+use std::io::IsTerminal as _;
+
+use comfy_table::{CellAlignment, ContentArrangement, TableComponent};
+
+/// How text output may look on this stdout: colour only on a terminal and without `NO_COLOR`
+/// (<https://no-color.org>), tables fitted to the terminal's width only on a terminal.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Terminal {
+    /// ANSI colours and bold.
+    pub colour: bool,
+    /// The terminal's width in columns: wide tables wrap their cells to fit.
+    pub width: Option<u16>,
+}
+
+impl Terminal {
+    /// What stdout is: a terminal (its width; colour unless `NO_COLOR` is set to anything
+    /// non-empty), or a pipe or file (plain text at full width).
+    pub fn stdout() -> Self {
+        if !std::io::stdout().is_terminal() {
+            return Self::plain();
+        }
+        let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+        Self {
+            colour: !no_color,
+            // A pty without a size (0 columns) is no width to fit.
+            width: comfy_table::Table::new().width().filter(|&w| w >= 20),
+        }
+    }
+
+    /// No colour, no width limit (pipes, files, tests).
+    pub fn plain() -> Self {
+        Self::default()
+    }
+
+    /// `text` in `style` when colour is on.
+    pub fn paint(&self, text: &str, style: anstyle::Style) -> String {
+        if self.colour {
+            format!("{}{text}{}", style.render(), style.render_reset())
+        } else {
+            text.to_owned()
+        }
+    }
+}
 
 pub struct Table {
     headers: Vec<&'static str>,
@@ -25,30 +67,74 @@ impl Table {
             .push(row.into_iter().map(|cell| terminal_safe(&cell)).collect());
     }
 
+    /// Plain text: columns two spaces apart, numbers right-aligned, no trailing spaces.
     pub fn render(&self) -> String {
-        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.len()).collect();
+        self.render_for(&Terminal::plain())
+    }
+
+    /// As [`Self::render`], with a bold header when `terminal` has colour, and cells wrapped
+    /// so that the table fits `terminal`'s width when it has one.
+    pub fn render_for(&self, terminal: &Terminal) -> String {
+        let mut table = comfy_table::Table::new();
+        table.load_preset(comfy_table::presets::NOTHING);
+        for border in [
+            TableComponent::LeftBorder,
+            TableComponent::RightBorder,
+            TableComponent::TopBorder,
+            TableComponent::BottomBorder,
+            TableComponent::LeftHeaderIntersection,
+            TableComponent::HeaderLines,
+            TableComponent::MiddleHeaderIntersections,
+            TableComponent::RightHeaderIntersection,
+            TableComponent::LeftBorderIntersections,
+            TableComponent::HorizontalLines,
+            TableComponent::MiddleIntersections,
+            TableComponent::RightBorderIntersections,
+            TableComponent::TopBorderIntersections,
+            TableComponent::BottomBorderIntersections,
+            TableComponent::TopLeftCorner,
+            TableComponent::TopRightCorner,
+            TableComponent::BottomLeftCorner,
+            TableComponent::BottomRightCorner,
+        ] {
+            table.remove_style(border);
+        }
+        // One space of padding and the (blank) vertical line: columns two spaces apart.
+        table.set_style(TableComponent::VerticalLines, ' ');
+        match terminal.width {
+            Some(width) => {
+                table.set_width(width);
+                table.set_content_arrangement(ContentArrangement::Dynamic);
+            }
+            None => {
+                table.set_content_arrangement(ContentArrangement::Disabled);
+            }
+        }
+        if terminal.colour {
+            table.enforce_styling();
+        } else {
+            table.force_no_tty();
+        }
+        let header = self.headers.iter().map(|h| {
+            let cell = comfy_table::Cell::new(h);
+            if terminal.colour {
+                cell.add_attribute(comfy_table::Attribute::Bold)
+            } else {
+                cell
+            }
+        });
+        table.set_header(header);
         for row in &self.rows {
-            for (width, cell) in widths.iter_mut().zip(row) {
-                *width = (*width).max(cell.chars().count());
+            table.add_row(row.iter().map(String::as_str));
+        }
+        for (index, column) in table.column_iter_mut().enumerate() {
+            column.set_padding((0, 1));
+            if self.numeric[index] {
+                column.set_cell_alignment(CellAlignment::Right);
             }
         }
         let mut out = String::new();
-        let headers: Vec<String> = self.headers.iter().map(|h| h.to_string()).collect();
-        for row in std::iter::once(&headers).chain(&self.rows) {
-            let mut line = String::new();
-            for (i, cell) in row.iter().enumerate() {
-                let pad = widths[i] - cell.chars().count();
-                if i > 0 {
-                    line.push_str("  ");
-                }
-                if self.numeric[i] {
-                    let _ = write!(line, "{}{cell}", " ".repeat(pad));
-                } else if i + 1 < row.len() {
-                    let _ = write!(line, "{cell}{}", " ".repeat(pad));
-                } else {
-                    line.push_str(cell);
-                }
-            }
+        for line in table.lines() {
             out.push_str(line.trim_end());
             out.push('\n');
         }

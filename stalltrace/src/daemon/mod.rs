@@ -3,6 +3,7 @@
 //! for unread requests, loss reports and API queries. Event lines are written by a thread of
 //! their own (`sinks/writer.rs`), and the I/O of diagnoses runs on the diagnosis worker
 //! (`diagnosis/worker.rs`), so neither a slow output nor /proc or netlink ever holds this loop.
+mod policy;
 mod queries;
 mod resync;
 mod stall_diagnosis;
@@ -36,11 +37,14 @@ use stalltrace_core::{
 };
 
 use crate::{
+    cli::MetricsLabel,
+    config::Rules,
     diagnosis::{Diagnoser, Finding},
     heap,
     probes::{KernelMaps, ProbeConfig, Probes},
     sinks::{
         api_server::{Answer, ApiServer, Query},
+        metrics::Metrics,
         ndjson::EventSink,
         writer::FileOptions,
     },
@@ -48,7 +52,18 @@ use crate::{
 };
 
 pub struct DaemonConfig {
+    /// The threshold of stalls no rule sets one for.
     pub stall_after: Duration,
+    /// `[[rule]]`s of the configuration file.
+    pub rules: Rules,
+    /// The configuration file, reloaded on SIGHUP.
+    pub config_path: Option<PathBuf>,
+    /// `--stall-after` was given on the command line: a reload keeps it over the file's.
+    pub stall_after_from_flag: bool,
+    /// Where to serve Prometheus metrics.
+    pub metrics_address: Option<std::net::SocketAddr>,
+    /// Opt-in labels of the stall metrics.
+    pub metrics_labels: Vec<MetricsLabel>,
     pub events_file: Option<PathBuf>,
     pub socket: PathBuf,
     pub max_conns: u32,
@@ -95,7 +110,7 @@ pub fn sweep_interval(stall_after: Duration) -> Duration {
     (stall_after / 5).clamp(Duration::from_millis(20), Duration::from_millis(250))
 }
 
-pub async fn run(config: DaemonConfig) -> Result<()> {
+pub async fn run(mut config: DaemonConfig) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
@@ -113,7 +128,35 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     let listening = procfs::listening_ports(&procfs::tcp_sockets());
     // Bind first: a second daemon must fail before it loads anything.
     let api = ApiServer::bind(&config.socket, config.socket_group.as_deref())?;
-    let stall_after_ns = config.stall_after.as_nanos() as u64;
+    let metrics_listener = config
+        .metrics_address
+        .map(crate::sinks::metrics::bind)
+        .transpose()?;
+    // The kernel reports the end of a quiet stretch past one threshold: the smallest of all.
+    // Stalls held to a larger one are reported when they reach it (`policy.rs`).
+    let kernel_threshold = config
+        .rules
+        .min_stall_after()
+        .map_or(config.stall_after, |lowest| lowest.min(config.stall_after));
+    if kernel_threshold < config.stall_after {
+        log::info!(
+            "a rule sets stall_after {kernel_threshold:?}: the kernel and the sweeps run at that \
+             threshold; other stalls are reported at {:?}",
+            config.stall_after
+        );
+    }
+    for rule in &config.rules.rules {
+        let keys = rule.unmatched_keys();
+        if !keys.is_empty() {
+            log::warn!(
+                "{} (line {}): {} not matched yet: this rule never applies",
+                rule.name,
+                rule.line,
+                keys.join(", ")
+            );
+        }
+    }
+    let stall_after_ns = kernel_threshold.as_nanos() as u64;
     let probe_config = ProbeConfig {
         stall_after_ns,
         max_conns: config.max_conns,
@@ -135,6 +178,14 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         keep: config.events_file_keep,
     });
     let mut sink = EventSink::open(file, config.events_buffer)?;
+    let metrics = Metrics::new(&config.metrics_labels, config.ring_buffer_bytes);
+    metrics.configured(config.stall_after, config.rules.rules.len());
+    let metrics_on = metrics_listener
+        .map(|listener| metrics.serve(listener))
+        .transpose()?
+        .map_or_else(String::new, |address| {
+            format!("; metrics on http://{address}/metrics")
+        });
     let mut tracker = Tracker::new(stall_after_ns);
     tracker.set_sweep_budget(SWEEP_BUDGET);
 
@@ -159,11 +210,11 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     );
     log::info!(
         "stalltrace {} running: {} hooks attached, {} connections adopted, stall threshold {:?}; \
-         events to {}; API on {}",
+         events to {}; API on {}{metrics_on}",
         env!("CARGO_PKG_VERSION"),
         probes.attached_count(),
         adopted,
-        config.stall_after,
+        kernel_threshold,
         sink.destination(),
         socket.display(),
     );
@@ -176,7 +227,17 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     // SAFETY: the ring buffer map owns its fd and keeps it open for as long as the AsyncFd.
     let ring = unsafe { AsyncFd::register(ring) }.context("polling the ring buffer")?;
     let (diagnoser, findings) = Diagnoser::new(stall_after_ns, config.capture_raw, config.privacy)?;
+    let policy = policy::Policy::new(
+        std::mem::take(&mut config.rules),
+        config.stall_after.as_nanos() as u64,
+        stall_after_ns,
+    );
     let mut daemon = Daemon {
+        policy,
+        metrics,
+        ring_cycle_bytes: 0,
+        ring_fill: 0.0,
+        kernel_threshold,
         diagnoser,
         held: stall_diagnosis::Held::default(),
         why: Why::new(),
@@ -255,6 +316,15 @@ fn kernel_offsets() -> Offsets {
 
 struct Daemon {
     tracker: Tracker,
+    /// The rules of `--config`, applied to stalls before they are reported.
+    policy: policy::Policy,
+    metrics: Metrics,
+    /// Ring buffer bytes read since the last drain that emptied it.
+    ring_cycle_bytes: u64,
+    /// The largest share of the ring buffer found filled at a drain since the last report.
+    ring_fill: f64,
+    /// The threshold the kernel and the tracker run with (the smallest of all).
+    kernel_threshold: Duration,
     diagnoser: Diagnoser,
     held: stall_diagnosis::Held,
     why: Why,
@@ -300,7 +370,7 @@ impl Daemon {
         let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
         let mut sigterm = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
         let mut drain = tokio::time::interval(DRAIN_EVERY);
-        let mut sweep = tokio::time::interval(sweep_interval(self.config.stall_after));
+        let mut sweep = tokio::time::interval(sweep_interval(self.kernel_threshold));
         let mut loss = tokio::time::interval(LOSS_REPORT_EVERY);
         let mut recalibrate = tokio::time::interval(RECALIBRATE_EVERY);
         // While `conns` answers stream, chunks are made for the clients that have room.
@@ -327,9 +397,10 @@ impl Daemon {
                 _ = sighup.recv() => {
                     if self.config.events_file.is_some() {
                         self.sink.reopen();
-                    } else {
+                    } else if self.config.config_path.is_none() {
                         log::info!("SIGHUP: events go to stdout, nothing to reopen");
                     }
+                    self.reload_config();
                 }
                 guard = ring.readable_mut() => {
                     let mut guard = guard.context("polling the ring buffer")?;
@@ -346,6 +417,9 @@ impl Daemon {
                 }
                 _ = loss.tick() => {
                     self.report_loss(&probes.maps);
+                    let lost = self.loss(&probes.maps);
+                    self.metrics.update(self.tracker.len(), &lost, std::mem::take(&mut self.ring_fill));
+                    self.metrics.oldest(&self.policy.oldest(monotonic_ns()));
                     self.resync_if_due(ring.get_mut(), &probes.maps);
                     self.compact();
                 }
@@ -402,6 +476,8 @@ impl Daemon {
                 break;
             };
             handled += 1;
+            // Each record takes an 8-byte header and is padded to 8 bytes in the ring.
+            self.ring_cycle_bytes += (record.len() as u64 + 8 + 7) & !7;
             match ConnEvent::from_bytes(&record) {
                 Some(event) => {
                     self.tracker.on_event(&event, &mut self.out);
@@ -411,7 +487,15 @@ impl Daemon {
             }
         }
         self.emit(maps);
-        handled == DRAIN_BUDGET
+        self.metrics.kernel_records(handled as u64);
+        let backlog = handled == DRAIN_BUDGET;
+        if !backlog {
+            // What one drain read is about what the ring held when it began.
+            let fill = self.ring_cycle_bytes as f64 / f64::from(self.config.ring_buffer_bytes);
+            self.ring_fill = self.ring_fill.max(fill.min(1.0));
+            self.ring_cycle_bytes = 0;
+        }
+        backlog
     }
 
     fn sweep(&mut self, probes: &mut Probes) -> Result<()> {
@@ -426,6 +510,9 @@ impl Daemon {
         self.request_unread_scan(now);
         self.emit(maps);
         self.release_held(now, false);
+        self.out = self.policy.release_due(now);
+        self.count_released_stalls();
+        self.write_out();
         self.diagnoser.refresh_due(&self.tracker, now);
         self.diagnoser.presample(&self.tracker, now);
         if now >= self.next_stacks_ns {
@@ -433,6 +520,7 @@ impl Daemon {
             self.update_stacks(probes);
         }
         let took = started.elapsed();
+        self.metrics.sweep(took);
         self.sweeps += 1;
         self.sweep_busy += took;
         self.sweep_max = self.sweep_max.max(took);
@@ -493,8 +581,47 @@ impl Daemon {
             .write_loss(&LossReport { new, total }, monotonic_ns())
         {
             self.sink.flush();
+            self.metrics.event("loss");
             self.reported_loss = total;
         }
+    }
+
+    /// SIGHUP: reads the configuration file again and puts its rules (and `stall_after`,
+    /// unless given as a flag) in force for the stalls that start from now on. An invalid
+    /// file, or a threshold below the kernel's, keeps what is in force.
+    fn reload_config(&mut self) {
+        let Some(path) = self.config.config_path.clone() else {
+            return;
+        };
+        let loaded = match crate::config::load(&path) {
+            Ok(loaded) => loaded,
+            Err(err) => {
+                log::error!("SIGHUP: {err:#}; keeping the rules in force");
+                return;
+            }
+        };
+        let stall_after = match loaded.file.stall_after {
+            Some(file) if !self.config.stall_after_from_flag => file.0,
+            _ => self.config.stall_after,
+        };
+        let count = loaded.rules.rules.len();
+        if let Err(err) = self
+            .policy
+            .replace(loaded.rules, stall_after.as_nanos() as u64)
+        {
+            log::error!(
+                "SIGHUP: {}: {err:#}; keeping the rules in force",
+                path.display()
+            );
+            return;
+        }
+        self.config.stall_after = stall_after;
+        self.metrics.configured(stall_after, count);
+        log::info!(
+            "SIGHUP: {}: {count} rules in force, stall threshold {stall_after:?} (other keys \
+             take effect at restart)",
+            path.display()
+        );
     }
 }
 

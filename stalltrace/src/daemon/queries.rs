@@ -66,6 +66,7 @@ impl Daemon {
         let loss = self.loss(&probes.maps);
         let stats = self.tracker.stats();
         let stalled = self.tracker.stalled();
+        let (deferred, ignored_open) = self.policy.counts();
         let sweep_avg_us = self
             .sweep_busy
             .as_micros()
@@ -75,7 +76,15 @@ impl Daemon {
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
             "uptime_ms": self.started.elapsed().as_millis() as u64,
-            "stall_after_ms": self.config.stall_after.as_millis() as u64,
+            "stall_after_ms": self.policy.default_ns() / 1_000_000,
+            "kernel_stall_after_ms": self.kernel_threshold.as_millis() as u64,
+            "rules": {
+                "loaded": self.policy.rules().rules.len(),
+                "deferred_open": deferred,
+                "ignored_open": ignored_open,
+                "ignored_total": self.policy.ignored,
+                "ended_below_rule_threshold": self.policy.below_rule,
+            },
             "events_to": self.sink.destination(),
             "programs": probes.attached(),
             "features": {
@@ -84,7 +93,8 @@ impl Daemon {
             },
             "connections": {
                 "tracked": self.tracker.len(),
-                "stalled": stalled,
+                // Stalls the rules hold back or ignore are not (yet) stalls to the user.
+                "stalled": stalled.saturating_sub(deferred + ignored_open),
                 "watched": self.tracker.watched(),
                 "capacity": self.config.max_conns,
                 "recovered": stats.recovered,
@@ -177,7 +187,8 @@ impl Daemon {
                 chunk.push(b',');
             }
             stream.started = true;
-            let item = conn_item(conn, sock.and_then(|sock| maps.lookup(sock)), now);
+            let snapshot = sock.and_then(|sock| maps.lookup(sock));
+            let item = conn_item(conn, snapshot, self.policy.shown_as(conn.id), now);
             serde_json::to_writer(&mut chunk, &item).expect("items serialize");
         }
         stream.next = end;
@@ -189,17 +200,22 @@ impl Daemon {
         self.tracker
             .stalls()
             .into_iter()
-            .filter(|(conn, _)| selected(filter, conn))
+            .filter(|(conn, _)| selected(filter, conn) && !self.policy.hides(conn.id))
             .filter_map(|(conn, stall)| {
                 let age_ms = now.saturating_sub(stall.quiet_since_ns) / 1_000_000;
                 if age_ms < older_than_ms {
                     return None;
                 }
                 let mut item = ConnItemJson::new(&conn.reference());
+                let annotation = self.policy.annotation(conn.id);
                 item.stall = Some(StallJson {
                     kind: stall.kind.as_str().into(),
                     age_ms: Some(age_ms),
                     since: Some(clock.rfc3339(stall.quiet_since_ns)),
+                    severity: annotation
+                        .and_then(|a| a.severity)
+                        .map(|s| s.as_str().into()),
+                    rule: annotation.and_then(|a| a.rule.clone()).map(Into::into),
                     diagnosis: self.diagnoser.current(conn.id).cloned(),
                     ..StallJson::default()
                 });
@@ -220,7 +236,8 @@ impl Daemon {
             );
         };
         let clock = self.sink.clock();
-        let mut item = conn_item(conn, sock.and_then(|sock| maps.lookup(sock)), now);
+        let snapshot = sock.and_then(|sock| maps.lookup(sock));
+        let mut item = conn_item(conn, snapshot, self.policy.shown_as(id), now);
         item.stall = conn.stall.as_deref().map(|stall| StallJson {
             kind: stall.kind.as_str().into(),
             age_ms: Some(now.saturating_sub(stall.quiet_since_ns) / 1_000_000),
@@ -250,13 +267,19 @@ impl Daemon {
     }
 }
 
-/// A `conns` item: identity, state and the kernel's counters.
-fn conn_item(conn: &Conn, snapshot: Option<ConnState>, now: u64) -> ConnItemJson {
+/// A `conns` item: identity, state and the kernel's counters. `ruled`: the state the rules
+/// give an open stall they keep out of listings.
+fn conn_item(
+    conn: &Conn,
+    snapshot: Option<ConnState>,
+    ruled: Option<&'static str>,
+    now: u64,
+) -> ConnItemJson {
     let mut item = ConnItemJson::new(&conn.reference());
     item.conn.adopted = Some(conn.adopted);
     let stream = snapshot.is_some_and(|s| s.flags & conn_flags::STREAM != 0);
     let state = match (&conn.stall, snapshot.as_ref().map(activity::assess)) {
-        (Some(_), _) => "stalled",
+        (Some(_), _) => ruled.unwrap_or("stalled"),
         (None, Some(activity::Activity::Idle)) if stream => "stream",
         (None, Some(activity::Activity::Outstanding { .. }))
         | (None, Some(activity::Activity::ConnectPending { .. })) => "active",

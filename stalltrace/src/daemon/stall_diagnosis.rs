@@ -12,6 +12,7 @@ use stalltrace_core::{
 };
 
 use super::{
+    policy,
     why_samples::{why_key, NOT_CAPTURED},
     Daemon,
 };
@@ -66,18 +67,28 @@ impl Daemon {
                 held.events.push(event);
                 continue;
             }
-            if let Detail::StallStart { diagnosis, .. } = &mut event.detail {
+            if let Detail::StallStart {
+                diagnosis,
+                quiet_ms,
+                ..
+            } = &mut event.detail
+            {
                 let Some((sock, conn)) = self.tracker.find_by_id(id) else {
                     ready.push(event);
                     continue;
                 };
                 let (known, asked) = self.diagnoser.begin(conn, sock, maps, now);
-                if let Some(sock) = sock {
-                    let signature = known
-                        .request
-                        .as_ref()
-                        .map_or_else(|| NOT_CAPTURED.to_owned(), |r| r.signature.clone());
-                    self.why.stalled(sock, why_key(conn, signature));
+                // `why` counts the stalls the rules report; one they ignore or hold (a long
+                // poll) is a request that completes late, or is counted when released.
+                let request = known.request.as_ref().map(|r| r.signature.as_str());
+                let (verdict, _) = self.policy.decide(&event.conn, request, *quiet_ms);
+                if verdict == policy::Verdict::Report {
+                    if let Some(sock) = sock {
+                        self.why.stalled(
+                            sock,
+                            why_key(conn, request.unwrap_or(NOT_CAPTURED).to_owned()),
+                        );
+                    }
                 }
                 *diagnosis = Some(Box::new(known));
                 if asked {
@@ -96,20 +107,46 @@ impl Daemon {
         self.write_out();
     }
 
-    /// Writes `self.out` to the sinks, recording timelines and closing the books of stalls
-    /// that ended.
-    fn write_out(&mut self) {
+    /// Counts in `why` the stalls in `self.out` the rules held until now.
+    pub(super) fn count_released_stalls(&mut self) {
+        for event in &self.out {
+            let Detail::StallStart { diagnosis, .. } = &event.detail else {
+                continue;
+            };
+            let Some((Some(sock), conn)) = self.tracker.find_by_id(event.conn.id) else {
+                continue;
+            };
+            let signature = diagnosis
+                .as_ref()
+                .and_then(|d| d.request.as_ref())
+                .map_or(NOT_CAPTURED, |r| r.signature.as_str());
+            self.why.stalled(sock, why_key(conn, signature.to_owned()));
+        }
+    }
+
+    /// Writes `self.out` to the sinks as the rules decide (`policy.rs`), recording timelines
+    /// and closing the books of stalls that ended or are ignored.
+    pub(super) fn write_out(&mut self) {
+        if self.out.is_empty() {
+            return;
+        }
         for event in &self.out {
             if matches!(event.detail, Detail::StallEnd { .. } | Detail::Close(_)) {
                 self.diagnoser.end(event.conn.id);
             }
-            self.timelines.record(event);
         }
-        if !self.out.is_empty() {
-            self.sink.write_events(&self.out);
+        let events = std::mem::take(&mut self.out);
+        let reported = self.policy.filter(events, &mut self.metrics);
+        for id in self.policy.stop_diagnosing.drain(..) {
+            self.diagnoser.end(id);
+        }
+        for (event, annotation) in &reported {
+            self.timelines.record(event);
+            self.sink.write_event(event, annotation.as_ref());
+        }
+        if !reported.is_empty() {
             self.sink.flush();
         }
-        self.out.clear();
     }
 
     /// Takes in what the diagnosis worker found: unread requests open stalls, first diagnoses

@@ -15,7 +15,10 @@ use stalltrace_core::{
     tracker::{model::Endpoints, ConnRef, Event},
 };
 
-use crate::sinks::writer::{FileOptions, Writer};
+use crate::{
+    config::Annotation,
+    sinks::writer::{FileOptions, Writer},
+};
 
 /// Lines buffered per `watch` client before the slowest starts losing them (counted).
 const WATCH_BUFFER: usize = 8192;
@@ -160,9 +163,19 @@ impl EventSink {
 
     pub fn write_events(&mut self, events: &[Event]) {
         for event in events {
-            let json = event_json(event, self.clock.rfc3339(event.at_ns));
-            self.write_line(&json, Some(&event.conn));
+            self.write_event(event, None);
         }
+    }
+
+    /// Writes `event`, with what the rule that matched its stall adds (`stall.severity`,
+    /// `stall.rule`).
+    pub fn write_event(&mut self, event: &Event, annotation: Option<&Annotation>) {
+        let mut json = event_json(event, self.clock.rfc3339(event.at_ns));
+        if let (Some(annotation), Some(stall)) = (annotation, json.item.stall.as_mut()) {
+            stall.severity = annotation.severity.map(|s| s.as_str().into());
+            stall.rule = annotation.rule.clone().map(Into::into);
+        }
+        self.write_line(&json, Some(&event.conn));
     }
 
     /// Writes a `loss` event; `false` when the output has no room for it yet (nothing was
