@@ -92,6 +92,10 @@ pub mod conn_flags {
     /// The connection carries one-way messages (see `message::Message::StreamStart`): no
     /// exchange is judged any more.
     pub const STREAM: u8 = 1 << 5;
+    /// TLS: the last record in the request direction was a change_cipher_spec, so the next
+    /// application_data record is the handshake's Finished (TLS 1.3 in middlebox
+    /// compatibility mode), not a request.
+    pub const TLS_FINISHED_NEXT: u8 = 1 << 6;
 }
 
 /// Linux TCP states (`include/net/tcp_states.h`), as reported by `sock/inet_sock_set_state`.
@@ -159,7 +163,11 @@ pub struct ConnState {
     pub flags: u8,
     /// One of [`message::proto`]: recognized from the first captured request bytes.
     pub proto: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// Bytes of a housekeeping record still to come in the request direction (a TLS server
+    /// reads a record's 5-byte header first, then its body): they are housekeeping too.
+    pub housekeeping_left: u16,
+    pub _pad2: [u8; 2],
     pub local_addr: [u8; 16],
     pub peer_addr: [u8; 16],
     pub comm: [u8; COMM_LEN],
@@ -483,7 +491,9 @@ mod tests {
                 last_dir: direction::IN,
                 flags: conn_flags::ESTABLISHED,
                 proto: 0,
-                _pad: [0; 5],
+                _pad: 0,
+                housekeeping_left: 0,
+                _pad2: [0; 2],
                 local_addr: [0xfe; 16],
                 peer_addr: [0x01; 16],
                 comm,

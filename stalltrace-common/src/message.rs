@@ -26,7 +26,7 @@
 //!   `Upgrade: websocket` exchange) starts a stream.
 //!
 //! Anything else is a request, as before: the direction rule stays the fallback.
-use crate::CAPTURE_MAX;
+use crate::{conn_flags, transfer::Look, ConnState, CAPTURE_MAX};
 
 /// Protocols told apart by their first bytes (stable ids, in `ConnState::proto`).
 pub mod proto {
@@ -89,6 +89,21 @@ impl<'a> Head<'a> {
         self.bytes.get(i).copied()
     }
 
+    /// The 4 captured bytes at `at`, if they are all in the capture. `at` itself is compared
+    /// with a constant first: the verifier must see the bound on the register it indexes with.
+    #[inline(always)]
+    fn word(&self, at: usize) -> Option<[u8; 4]> {
+        if at > CAPTURE_MAX - 4 || at + 4 > self.len {
+            return None;
+        }
+        Some([
+            *self.bytes.get(at)?,
+            *self.bytes.get(at + 1)?,
+            *self.bytes.get(at + 2)?,
+            *self.bytes.get(at + 3)?,
+        ])
+    }
+
     /// `pattern` (ASCII, upper case) at `at`, ignoring the case of letters.
     #[inline(always)]
     fn has_at(&self, at: usize, pattern: &[u8]) -> bool {
@@ -104,35 +119,46 @@ impl<'a> Head<'a> {
     }
 }
 
-/// The first bytes of a run in the reply direction are worth reading: a request is
-/// outstanding on a protocol whose peers send housekeeping of their own accord (HTTP/2
-/// SETTINGS, PING, WINDOW_UPDATE — grpcio's flow-control probes among them), which must not
-/// pass for the reply.
+/// Housekeeping may travel in the request direction while a request is outstanding, and in
+/// the reply direction before its reply (HTTP/2 SETTINGS, PING, WINDOW_UPDATE — grpcio's
+/// keepalives and flow-control probes among them): such transfers are read too, so that they
+/// neither restart the quiet nor pass for the reply.
 #[inline(always)]
-pub fn reads_reply_head(protocol: u8) -> bool {
+pub fn judges_housekeeping(protocol: u8) -> bool {
     protocol == proto::HTTP2
 }
 
-/// Classifies a run in the reply direction of a connection of protocol `protocol`: control
-/// frames are no reply; anything else is (including HTTP/2 RST_STREAM and GOAWAY, which end
-/// requests).
+/// Where to read frame headers past the captured bytes: `more(offset)` returns the 4 bytes at
+/// `offset` of the transfer's buffer (the kernel reads them from the user buffer), or `None`.
+pub trait More: FnMut(usize) -> Option<[u8; 4]> {}
+impl<F: FnMut(usize) -> Option<[u8; 4]>> More for F {}
+
+/// Classifies a transfer whose first bytes `head` were read because [`look`](crate::transfer::look)
+/// said `look`: a run that may start a request (recognizing the connection's protocol first if
+/// it is [`proto::UNKNOWN`]), a continuation of an outstanding request, or a run that may
+/// answer it.
 #[inline(always)]
-pub fn classify_reply(protocol: u8, head: &Head) -> Message {
-    if protocol == proto::HTTP2 {
-        http2(head, true)
-    } else {
-        Message::Data
+pub fn classify(conn: &mut ConnState, look: Look, head: &Head, more: impl More) -> Message {
+    match look {
+        Look::Skip => Message::Data,
+        Look::Request => request(conn, head, more),
+        Look::Continuation if conn.proto == proto::HTTP2 => http2(head, false, more),
+        Look::Reply if conn.proto == proto::HTTP2 => http2(head, true, more),
+        Look::Continuation | Look::Reply => Message::Data,
     }
 }
 
-/// Classifies the run that `head` begins in the request direction on a connection of
-/// protocol `*protocol`, recognizing
-/// the protocol first if it is [`proto::UNKNOWN`] (then `*protocol` is updated).
 #[inline(always)]
-pub fn classify(protocol: &mut u8, head: &Head) -> Message {
+fn request(conn: &mut ConnState, head: &Head, more: impl More) -> Message {
     if head.len == 0 {
         return Message::Data;
     }
+    if conn.housekeeping_left > 0 {
+        let body = head.total.min(u64::from(conn.housekeeping_left)) as u16;
+        conn.housekeeping_left -= body;
+        return Message::Control;
+    }
+    let protocol = &mut conn.proto;
     if *protocol == proto::UNKNOWN {
         *protocol = recognize(head);
     } else if is_tls_client_hello(head) {
@@ -143,8 +169,8 @@ pub fn classify(protocol: &mut u8, head: &Head) -> Message {
         *protocol = proto::HTTP2;
     }
     match *protocol {
-        proto::HTTP2 => http2(head, false),
-        proto::TLS => tls(head),
+        proto::HTTP2 => http2(head, false, more),
+        proto::TLS => tls(conn, head, more),
         // After an HTTP/1.1 `Upgrade: websocket` exchange, the client sends frames.
         proto::HTTP1 if is_websocket_client_frame(head) => Message::StreamStart,
         proto::POSTGRESQL if is_start_replication(head) => Message::StreamStart,
@@ -208,12 +234,13 @@ fn is_websocket_client_frame(head: &Head) -> bool {
     }
 }
 
-/// A TLS handshake record holding a ClientHello: `16 03 0x len len 01`.
+/// A TLS handshake record holding a ClientHello: `16 03 0x len len 01`; or the record header
+/// alone, as a server built on OpenSSL reads it (5 bytes first, then the body).
 fn is_tls_client_hello(head: &Head) -> bool {
     head.at(0) == Some(0x16)
         && head.at(1) == Some(0x03)
         && matches!(head.at(2), Some(0..=4))
-        && head.at(5) == Some(0x01)
+        && (head.len == 5 || head.at(5) == Some(0x01))
 }
 
 /// A PostgreSQL StartupMessage (protocol 3.x) or SSLRequest / GSSENCRequest: a 4-byte length,
@@ -266,19 +293,21 @@ const H2_GOAWAY: u8 = 7;
 const H2_CONTINUATION: u8 = 9;
 const H2_PREFACE_LEN: usize = 24;
 const H2_FRAME_HEADER_LEN: usize = 9;
+/// Frames of one transfer looked at, at most.
+pub const H2_MAX_FRAMES: usize = 8;
 
 /// A transfer of frames: control only if every frame it holds was seen to be a control frame.
 /// A DATA, HEADERS, CONTINUATION or unknown frame (in a `reply`, also RST_STREAM and
-/// GOAWAY), or a frame header past the captured bytes, makes it data.
-fn http2(head: &Head, reply: bool) -> Message {
+/// GOAWAY), or a frame header that cannot be read, makes it data. Headers past the captured
+/// bytes are read with `more`, up to [`H2_MAX_FRAMES`] frames.
+fn http2(head: &Head, reply: bool, mut more: impl More) -> Message {
     let mut at = if is_http2_preface(head) {
         H2_PREFACE_LEN
     } else {
         0
     };
-    // At most CAPTURE_MAX / 9 frame headers fit in the capture.
     let mut frames = 0;
-    while frames < CAPTURE_MAX / H2_FRAME_HEADER_LEN {
+    while frames < H2_MAX_FRAMES {
         if at as u64 >= head.total {
             // Every frame of the transfer was seen: all control frames (if any).
             return if frames == 0 {
@@ -287,12 +316,11 @@ fn http2(head: &Head, reply: bool) -> Message {
                 Message::Control
             };
         }
-        let (Some(l0), Some(l1), Some(l2), Some(kind)) = (
-            head.at(at),
-            head.at(at + 1),
-            head.at(at + 2),
-            head.at(at + 3),
-        ) else {
+        let header = match head.word(at) {
+            Some(word) => Some(word),
+            None => more(at),
+        };
+        let Some([l0, l1, l2, kind]) = header else {
             break;
         };
         if kind > H2_CONTINUATION
@@ -312,24 +340,92 @@ fn http2(head: &Head, reply: bool) -> Message {
 const TLS_CHANGE_CIPHER_SPEC: u8 = 20;
 const TLS_ALERT: u8 = 21;
 const TLS_HANDSHAKE: u8 = 22;
+const TLS_APPLICATION_DATA: u8 = 23;
 
-fn tls(head: &Head) -> Message {
-    match head.at(0) {
-        Some(TLS_CHANGE_CIPHER_SPEC | TLS_ALERT | TLS_HANDSHAKE) => Message::Control,
-        _ => Message::Data,
+/// Records of TLS a transfer looks at, at most.
+const TLS_MAX_RECORDS: usize = 4;
+
+/// A transfer of TLS records: housekeeping if every record it holds is handshake,
+/// change_cipher_spec or alert — or the application_data record that follows a
+/// change_cipher_spec, which is the TLS 1.3 Finished. A housekeeping record whose body the
+/// transfer does not hold (a server reading the 5-byte header first) leaves that body to come
+/// as housekeeping too.
+fn tls(conn: &mut ConnState, head: &Head, mut more: impl More) -> Message {
+    let mut finished_next = conn.flags & conn_flags::TLS_FINISHED_NEXT != 0;
+    conn.flags &= !conn_flags::TLS_FINISHED_NEXT;
+    let mut at = 0usize;
+    let mut records = 0;
+    while records < TLS_MAX_RECORDS {
+        if at as u64 >= head.total {
+            break;
+        }
+        // [type, version, version, length high] and [version, version, length high, low].
+        let first = match head.word(at) {
+            Some(word) => Some(word),
+            None => more(at),
+        };
+        let second = match head.word(at + 1) {
+            Some(word) => Some(word),
+            None => more(at + 1),
+        };
+        let (Some([kind, ..]), Some([_, _, hi, lo])) = (first, second) else {
+            return Message::Data;
+        };
+        match kind {
+            TLS_CHANGE_CIPHER_SPEC => finished_next = true,
+            TLS_ALERT | TLS_HANDSHAKE => {}
+            TLS_APPLICATION_DATA if finished_next => finished_next = false,
+            _ => return Message::Data,
+        }
+        at += 5 + usize::from(u16::from_be_bytes([hi, lo]));
+        records += 1;
     }
+    if records == 0 || (at as u64) < head.total {
+        // Nothing seen, or records past those looked at: they may hold a request.
+        return Message::Data;
+    }
+    conn.housekeeping_left = (at as u64 - head.total).min(u64::from(u16::MAX)) as u16;
+    if finished_next {
+        conn.flags |= conn_flags::TLS_FINISHED_NEXT;
+    }
+    Message::Control
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::vec;
+    use std::{vec, vec::Vec};
 
-    fn classify_bytes(protocol: &mut u8, bytes: &[u8]) -> Message {
+    fn conn(protocol: u8) -> ConnState {
+        ConnState {
+            proto: protocol,
+            ..Default::default()
+        }
+    }
+
+    /// Frame headers past the capture are read from `bytes`, as the kernel reads them.
+    fn from(bytes: &[u8]) -> impl More + '_ {
+        |at: usize| bytes.get(at..at + 4).map(|b| [b[0], b[1], b[2], b[3]])
+    }
+
+    fn no_more(_: usize) -> Option<[u8; 4]> {
+        None
+    }
+
+    fn classify_look(conn: &mut ConnState, look: Look, bytes: &[u8]) -> Message {
         let mut buffer = [0u8; CAPTURE_MAX];
         let len = bytes.len().min(CAPTURE_MAX);
         buffer[..len].copy_from_slice(&bytes[..len]);
-        classify(protocol, &Head::new(&buffer, len, bytes.len() as u64))
+        classify(
+            conn,
+            look,
+            &Head::new(&buffer, len, bytes.len() as u64),
+            from(bytes),
+        )
+    }
+
+    fn classify_bytes(conn: &mut ConnState, bytes: &[u8]) -> Message {
+        classify_look(conn, Look::Request, bytes)
     }
 
     fn h2_frame(kind: u8, stream: u32, payload: &[u8]) -> [u8; 9] {
@@ -350,17 +446,17 @@ mod tests {
 
     #[test]
     fn http2_preface_and_settings_alone_are_housekeeping() {
-        let mut p = proto::UNKNOWN;
+        let mut p = conn(proto::UNKNOWN);
         let mut run = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         run.extend_from_slice(&h2_frame(4, 0, &[0; 12]));
         run.extend_from_slice(&[0; 12]);
         assert_eq!(classify_bytes(&mut p, &run), Message::Control);
-        assert_eq!(p, proto::HTTP2);
+        assert_eq!(p.proto, proto::HTTP2);
     }
 
     #[test]
     fn http2_window_update_and_ping_ack_are_housekeeping_headers_are_requests() {
-        let mut p = proto::HTTP2;
+        let mut p = conn(proto::HTTP2);
         let mut run = h2_frame(8, 0, &[0, 0, 0, 17]).to_vec();
         run.extend_from_slice(&[0, 0, 0, 17]);
         run.extend_from_slice(&h2_frame(6, 0, &[0; 8]));
@@ -385,20 +481,28 @@ mod tests {
         run.extend_from_slice(&[1; 8]);
         head[..run.len()].copy_from_slice(&run);
         let at = Head::new(&head, run.len(), run.len() as u64);
-        assert!(reads_reply_head(proto::HTTP2) && !reads_reply_head(proto::HTTP1));
-        assert_eq!(classify_reply(proto::HTTP2, &at), Message::Control);
+        assert!(judges_housekeeping(proto::HTTP2) && !judges_housekeeping(proto::HTTP1));
+        assert_eq!(
+            classify(&mut conn(proto::HTTP2), Look::Reply, &at, no_more),
+            Message::Control
+        );
         let reset = h2_frame(H2_RST_STREAM, 1, &[0, 0, 0, 8]);
         let mut head = [0u8; CAPTURE_MAX];
         head[..9].copy_from_slice(&reset);
         head[9..13].copy_from_slice(&[0, 0, 0, 8]);
         assert_eq!(
-            classify_reply(proto::HTTP2, &Head::new(&head, 13, 13)),
+            classify(
+                &mut conn(proto::HTTP2),
+                Look::Reply,
+                &Head::new(&head, 13, 13),
+                no_more
+            ),
             Message::Data,
             "a reset stream is answered"
         );
-        let mut p = proto::HTTP2;
+        let mut p = conn(proto::HTTP2);
         assert_eq!(
-            classify(&mut p, &Head::new(&head, 13, 13)),
+            classify(&mut p, Look::Request, &Head::new(&head, 13, 13), no_more),
             Message::Control,
             "a client's reset asks nothing"
         );
@@ -407,7 +511,7 @@ mod tests {
     #[test]
     fn http2_frames_past_the_capture_may_be_requests() {
         // grpcio's first write: preface, SETTINGS, WINDOW_UPDATE, then HEADERS past 64 bytes.
-        let mut p = proto::UNKNOWN;
+        let mut p = conn(proto::UNKNOWN);
         let mut run = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         run.extend_from_slice(&h2_frame(4, 0, &[0; 24]));
         run.extend_from_slice(&[0; 24]);
@@ -418,18 +522,26 @@ mod tests {
         assert_eq!(classify_bytes(&mut p, &run), Message::Data);
         // The same without the HEADERS frame: every frame header seen (the last payload is
         // past the capture), all control.
-        let mut p = proto::UNKNOWN;
+        let mut p = conn(proto::UNKNOWN);
         run.truncate(run.len() - 39);
         assert!(run.len() > CAPTURE_MAX);
         assert_eq!(classify_bytes(&mut p, &run), Message::Control);
-        // A frame header past the capture: unknown, so a request.
-        let mut p = proto::HTTP2;
+        // A frame header past the capture is read from the buffer; unreadable, it may be a
+        // request.
+        let mut p = conn(proto::HTTP2);
         let mut run = h2_frame(4, 0, &[0; 60]).to_vec();
         run.extend_from_slice(&[0; 60]);
         run.extend_from_slice(&h2_frame(8, 0, &[0; 4]));
         run.extend_from_slice(&[0; 4]);
-        assert_eq!(classify_bytes(&mut p, &run), Message::Data);
-        let mut p = proto::HTTP2;
+        assert_eq!(classify_bytes(&mut p, &run), Message::Control);
+        let mut head = [0u8; CAPTURE_MAX];
+        head.copy_from_slice(&run[..CAPTURE_MAX]);
+        let head = Head::new(&head, CAPTURE_MAX, run.len() as u64);
+        assert_eq!(
+            classify(&mut p, Look::Request, &head, no_more),
+            Message::Data
+        );
+        let mut p = conn(proto::HTTP2);
         let mut settings_ack = h2_frame(4, 0, &[]).to_vec();
         settings_ack.extend_from_slice(&h2_frame(8, 0, &[0; 4]));
         settings_ack.extend_from_slice(&[0; 4]);
@@ -438,41 +550,97 @@ mod tests {
 
     #[test]
     fn tls_handshake_records_are_housekeeping_application_data_is_a_request() {
-        let mut p = proto::UNKNOWN;
+        let mut p = conn(proto::UNKNOWN);
         let client_hello = [
-            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+            0x16, 0x03, 0x01, 0x00, 0x06, 0x01, 0x00, 0x00, 0x02, 0x03, 0x03,
         ];
         assert_eq!(classify_bytes(&mut p, &client_hello), Message::Control);
-        assert_eq!(p, proto::TLS);
+        assert_eq!(p.proto, proto::TLS);
+        assert_eq!(
+            p.housekeeping_left, 0,
+            "the whole record was in the transfer"
+        );
         // TLS 1.3 client's second flight: change_cipher_spec, then Finished (as app data).
-        let finished = [
-            0x14, 0x03, 0x03, 0x00, 0x01, 0x01, 0x17, 0x03, 0x03, 0x00, 0x35,
-        ];
+        let mut finished = vec![0x14, 0x03, 0x03, 0x00, 0x01, 0x01];
+        finished.extend_from_slice(&record(0x17, 0x35));
         assert_eq!(classify_bytes(&mut p, &finished), Message::Control);
-        let request = [0x17, 0x03, 0x03, 0x00, 0x40, 0xaa, 0xbb];
-        assert_eq!(classify_bytes(&mut p, &request), Message::Data);
-        let close_notify = [0x15, 0x03, 0x03, 0x00, 0x13];
-        assert_eq!(classify_bytes(&mut p, &close_notify), Message::Control);
+        assert_eq!(classify_bytes(&mut p, &record(0x17, 0x40)), Message::Data);
+        assert_eq!(
+            classify_bytes(&mut p, &record(0x15, 0x13)),
+            Message::Control
+        );
+        // change_cipher_spec alone, then the Finished in the next write.
+        let mut p = conn(proto::TLS);
+        let ccs = [0x14, 0x03, 0x03, 0x00, 0x01, 0x01];
+        assert_eq!(classify_bytes(&mut p, &ccs), Message::Control);
+        assert_eq!(
+            classify_bytes(&mut p, &record(0x17, 0x35)),
+            Message::Control
+        );
+        assert_eq!(classify_bytes(&mut p, &record(0x17, 0x35)), Message::Data);
+        // A Finished and the first request in one write: a request.
+        let mut p = conn(proto::TLS);
+        let mut both = ccs.to_vec();
+        both.extend_from_slice(&record(0x17, 0x35));
+        both.extend_from_slice(&record(0x17, 0x40));
+        assert_eq!(classify_bytes(&mut p, &both), Message::Data);
+    }
+
+    /// A whole TLS record of `kind` with a body of `len` bytes.
+    fn record(kind: u8, len: u16) -> Vec<u8> {
+        let mut record = vec![kind, 0x03, 0x03];
+        record.extend_from_slice(&len.to_be_bytes());
+        record.resize(5 + usize::from(len), 0xaa);
+        record
+    }
+
+    #[test]
+    fn a_server_reading_the_record_header_alone_sees_tls() {
+        // OpenSSL's server reads each record's 5-byte header, then its body.
+        let mut p = conn(proto::UNKNOWN);
+        let header = [0x16, 0x03, 0x01, 0x00, 0x20];
+        assert_eq!(classify_bytes(&mut p, &header), Message::Control);
+        assert_eq!(p.proto, proto::TLS);
+        assert_eq!(p.housekeeping_left, 0x20);
+        let mut body = [0u8; 0x20];
+        body[0] = 0x01;
+        assert_eq!(classify_bytes(&mut p, &body), Message::Control, "its body");
+        // The TLS 1.3 client's second flight: change_cipher_spec, then Finished.
+        assert_eq!(
+            classify_bytes(&mut p, &[0x14, 0x03, 0x03, 0x00, 0x01]),
+            Message::Control
+        );
+        assert_eq!(classify_bytes(&mut p, &[0x01]), Message::Control);
+        assert_eq!(p.housekeeping_left, 0);
+        let finished = [0x17, 0x03, 0x03, 0x00, 0x35];
+        assert_eq!(classify_bytes(&mut p, &finished), Message::Control);
+        assert_eq!(classify_bytes(&mut p, &[0xaa; 0x35]), Message::Control);
+        assert_eq!(
+            classify_bytes(&mut p, &[0x17, 0x03, 0x03, 0x00, 0x40]),
+            Message::Data,
+            "the first request"
+        );
     }
 
     #[test]
     fn starttls_after_a_postgres_ssl_request_switches_to_tls() {
-        let mut p = proto::UNKNOWN;
+        let mut p = conn(proto::UNKNOWN);
         let ssl_request = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
         assert_eq!(classify_bytes(&mut p, &ssl_request), Message::Data);
-        assert_eq!(p, proto::POSTGRESQL);
-        let client_hello = [0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00];
+        assert_eq!(p.proto, proto::POSTGRESQL);
+        let mut client_hello = record(0x16, 0x200);
+        client_hello[5] = 0x01;
         assert_eq!(classify_bytes(&mut p, &client_hello), Message::Control);
-        assert_eq!(p, proto::TLS);
+        assert_eq!(p.proto, proto::TLS);
     }
 
     #[test]
     fn postgres_start_replication_starts_a_stream() {
-        let mut p = proto::UNKNOWN;
+        let mut p = conn(proto::UNKNOWN);
         let mut startup = vec![0, 0, 0, 0x50, 0, 3, 0, 0];
         startup.extend_from_slice(b"user\0postgres\0database\0replication\0replication\0true\0");
         assert_eq!(classify_bytes(&mut p, &startup), Message::Data);
-        assert_eq!(p, proto::POSTGRESQL);
+        assert_eq!(p.proto, proto::POSTGRESQL);
         assert_eq!(
             classify_bytes(&mut p, b"Q\0\0\0\x16IDENTIFY_SYSTEM\0"),
             Message::Data
@@ -492,12 +660,12 @@ mod tests {
 
     #[test]
     fn redis_subscriptions_and_monitor_start_streams() {
-        let mut p = proto::UNKNOWN;
+        let mut p = conn(proto::UNKNOWN);
         assert_eq!(
             classify_bytes(&mut p, b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"),
             Message::Data
         );
-        assert_eq!(p, proto::REDIS);
+        assert_eq!(p.proto, proto::REDIS);
         for command in [
             &b"*2\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n"[..],
             b"*2\r\n$10\r\nPSUBSCRIBE\r\n$2\r\nn*\r\n",
@@ -510,7 +678,7 @@ mod tests {
             classify_bytes(&mut p, b"*2\r\n$13\r\nSUBSCRIBEXXXXX\r\n"),
             Message::Data
         );
-        let mut inline = proto::UNKNOWN;
+        let mut inline = conn(proto::UNKNOWN);
         assert_eq!(
             classify_bytes(&mut inline, b"MONITOR\r\n"),
             Message::StreamStart
@@ -519,19 +687,19 @@ mod tests {
 
     #[test]
     fn after_an_upgrade_websocket_frames_start_a_stream_and_h2c_speaks_http2() {
-        let mut p = proto::UNKNOWN;
+        let mut p = conn(proto::UNKNOWN);
         let upgrade = b"GET /chat HTTP/1.1\r\nHost: a\r\nUser-Agent: x\r\nUpgrade: websocket\r\n";
         assert_eq!(classify_bytes(&mut p, upgrade), Message::Data);
-        assert_eq!(p, proto::HTTP1);
+        assert_eq!(p.proto, proto::HTTP1);
         // A masked text frame "hi".
         let frame = [0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
         assert_eq!(classify_bytes(&mut p, &frame), Message::StreamStart);
-        let mut p = proto::HTTP1;
+        let mut p = conn(proto::HTTP1);
         let mut preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         preface.extend_from_slice(&h2_frame(4, 0, &[]));
         assert_eq!(classify_bytes(&mut p, &preface), Message::Control);
-        assert_eq!(p, proto::HTTP2);
-        let mut p = proto::HTTP1;
+        assert_eq!(p.proto, proto::HTTP2);
+        let mut p = conn(proto::HTTP1);
         assert_eq!(
             classify_bytes(&mut p, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"),
             Message::Data
@@ -540,19 +708,21 @@ mod tests {
 
     #[test]
     fn anything_else_is_a_request_and_never_panics() {
-        let mut p = proto::UNKNOWN;
+        let mut p = conn(proto::UNKNOWN);
         assert_eq!(classify_bytes(&mut p, b"\x00\x01"), Message::Data);
-        assert_eq!(p, proto::OTHER);
-        let mut p = proto::UNKNOWN;
+        assert_eq!(p.proto, proto::OTHER);
+        let mut p = conn(proto::UNKNOWN);
         assert_eq!(classify_bytes(&mut p, b""), Message::Data);
-        assert_eq!(p, proto::UNKNOWN, "nothing seen, nothing decided");
-        for protocol in 0..=8 {
+        assert_eq!(p.proto, proto::UNKNOWN, "nothing seen, nothing decided");
+        for protocol in 0..=8u8 {
             for len in 0..=CAPTURE_MAX {
                 for fill in [0u8, 0xff, b'\n', b'*', 0x16] {
                     let mut bytes = [0u8; CAPTURE_MAX];
                     bytes[..len].fill(fill);
-                    let mut p = protocol;
-                    classify(&mut p, &Head::new(&bytes, len, 200));
+                    let head = Head::new(&bytes, len, 200);
+                    for look in [Look::Request, Look::Continuation, Look::Reply] {
+                        classify(&mut conn(protocol), look, &head, no_more);
+                    }
                 }
             }
         }

@@ -40,27 +40,37 @@ pub fn is_outstanding(conn: &ConnState) -> bool {
     conn.last_dir != direction::NONE && conn.last_dir == request_direction(conn)
 }
 
-/// Whose first bytes a transfer needs read, to be classified.
+/// Whose first bytes a transfer needs read, to be classified ([`crate::message::classify`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Look {
     /// None: the transfer continues a run, or nothing it could say changes the verdict.
     Skip,
     /// It may start a request: the direction turns to the request direction on a connection
-    /// that is not a stream ([`crate::message::classify`]; the capture also names it).
+    /// that is not a stream (the capture also names the request).
     Request,
-    /// It may answer the outstanding request on a protocol whose peers send housekeeping in
-    /// the reply direction too ([`crate::message::classify_reply`]).
+    /// It continues an outstanding request on a protocol whose housekeeping must not restart
+    /// the quiet ([`crate::message::judges_housekeeping`]).
+    Continuation,
+    /// It may answer the outstanding request on such a protocol.
     Reply,
 }
 
 /// Whose first bytes a transfer in direction `dir` needs read.
 #[inline(always)]
 pub fn look(conn: &ConnState, dir: u8) -> Look {
-    if dir == conn.last_dir || conn.flags & conn_flags::STREAM != 0 {
-        Look::Skip
-    } else if dir == request_direction(conn) {
-        Look::Request
-    } else if is_outstanding(conn) && crate::message::reads_reply_head(conn.proto) {
+    if conn.flags & conn_flags::STREAM != 0 {
+        return Look::Skip;
+    }
+    let housekeeping = crate::message::judges_housekeeping(conn.proto) && is_outstanding(conn);
+    if dir == request_direction(conn) {
+        if dir != conn.last_dir {
+            Look::Request
+        } else if housekeeping {
+            Look::Continuation
+        } else {
+            Look::Skip
+        }
+    } else if dir != conn.last_dir && housekeeping {
         Look::Reply
     } else {
         Look::Skip
@@ -133,25 +143,28 @@ pub fn record_transfer(
     if dir == direction::IN {
         conn.bytes_recv += bytes;
         conn.recv_calls += 1;
-        conn.last_recv_ns = now;
     } else {
         conn.bytes_sent += bytes;
         conn.send_calls += 1;
+    }
+    if message == Message::Control {
+        // Housekeeping moves no exchange, and no quiet clock: times are those of data.
+        return Turn::Control;
+    }
+    if dir == direction::IN {
+        conn.last_recv_ns = now;
+    } else {
         conn.last_send_ns = now;
     }
     let previous = conn.last_dir;
     if previous == dir || conn.flags & conn_flags::STREAM != 0 {
         return Turn::Continued;
     }
-    match message {
-        Message::Data => {}
-        Message::Control => return Turn::Control,
-        Message::StreamStart => {
-            conn.flags |= conn_flags::STREAM;
-            conn.last_dir = direction::NONE;
-            conn.dir_since_ns = now;
-            return Turn::StreamStarted;
-        }
+    if message == Message::StreamStart {
+        conn.flags |= conn_flags::STREAM;
+        conn.last_dir = direction::NONE;
+        conn.dir_since_ns = now;
+        return Turn::StreamStarted;
     }
     conn.last_dir = dir;
     conn.dir_since_ns = now;
@@ -280,7 +293,8 @@ mod tests {
         assert!(!is_outstanding(&conn), "a WINDOW_UPDATE is owed nothing");
         assert_eq!(
             (conn.requests, conn.bytes_sent, conn.last_send_ns),
-            (1, 23, 3)
+            (1, 23, 1),
+            "counted, but no quiet clock moved"
         );
         assert_eq!(
             look(&conn, direction::OUT),

@@ -13,6 +13,7 @@ use stalltrace_common::{capture_slot, Capture, CAPTURE_MAX};
 use crate::maps::{CAPTURES, CAPTURE_BYTES, CAPTURE_SLOTS, REPLY_HEADS};
 
 /// `struct pt_regs` offsets on x86-64.
+const PT_REGS_DX: u64 = 12 * 8;
 const PT_REGS_SI: u64 = 13 * 8;
 const PT_REGS_ORIG_AX: u64 = 15 * 8;
 
@@ -25,8 +26,12 @@ const SENDTO: u64 = 44;
 const RECVFROM: u64 = 45;
 const SENDMSG: u64 = 46;
 const RECVMSG: u64 = 47;
-/// `struct user_msghdr.msg_iov`.
+/// `struct user_msghdr.msg_iov` and `.msg_iovlen`.
 const MSGHDR_IOV: u64 = 16;
+const MSGHDR_IOVLEN: u64 = 24;
+/// `struct iovec` entries walked to find an offset past the first (grpcio writes a frame per
+/// entry).
+const MAX_IOVECS: u64 = 8;
 
 /// Copies up to `len` bytes of the request that just started on `sock` into its slot.
 /// Returns the slot, or `None` when capture is off or the buffer cannot be located.
@@ -61,6 +66,66 @@ pub(crate) fn reply_head(len: u64) -> Option<&'static Capture> {
     Some(slot)
 }
 
+/// The 4 bytes at `offset` of the current syscall's user buffer (an HTTP/2 frame header past
+/// the captured bytes; see `message::More`), if the buffer holds them.
+#[inline(always)]
+pub(crate) fn bytes_at(offset: usize) -> Option<[u8; 4]> {
+    match word_at(offset as u64) {
+        NO_WORD => None,
+        word => Some((word as u32).to_ne_bytes()),
+    }
+}
+
+const NO_WORD: u64 = u64::MAX;
+
+/// The `u32` at `offset` of the data the syscall moved, in memory order, or [`NO_WORD`]. A
+/// plain scalar across the call: an `Option<[u8; 4]>` came back packed in a way the verifier
+/// refused. In a vectored call, the entry holding `offset` is found (a word that straddles two
+/// entries is not read).
+#[inline(never)]
+fn word_at(offset: u64) -> u64 {
+    // The address of the word, and the bytes there are from it on.
+    let (address, available) = match syscall_data() {
+        Some(Data::Buffer(base)) => (base + offset, u64::MAX),
+        Some(Data::Vector(iov, count)) => match iovec_holding(iov, count, offset) {
+            Some(found) => found,
+            None => return NO_WORD,
+        },
+        None => return NO_WORD,
+    };
+    if available < 4 {
+        return NO_WORD;
+    }
+    // SAFETY: a probe read of user memory: a fault is returned, not taken.
+    match unsafe { bpf_probe_read_user(address as *const u32) } {
+        Ok(word) => u64::from(word),
+        Err(_) => NO_WORD,
+    }
+}
+
+/// In the `count` entries of the `struct iovec` array at `iov`, the address of byte `offset`
+/// of the data and the bytes its entry holds from there.
+#[inline(always)]
+fn iovec_holding(iov: u64, count: u64, mut offset: u64) -> Option<(u64, u64)> {
+    let mut i = 0;
+    while i < MAX_IOVECS && i < count {
+        let entry = iov + 16 * i;
+        // SAFETY: probe reads of user memory: failures are returned, not faulted.
+        let (base, len) = unsafe {
+            (
+                bpf_probe_read_user(entry as *const u64).ok()?,
+                bpf_probe_read_user((entry + 8) as *const u64).ok()?,
+            )
+        };
+        if offset < len {
+            return Some((base + offset, len - offset));
+        }
+        offset -= len;
+        i += 1;
+    }
+    None
+}
+
 /// Copies up to `len` bytes from the current syscall's user buffer into `slot` (zeros after
 /// them, as `message::Head` needs); sets `slot.len` to the count read (0 on a fault).
 #[inline(always)]
@@ -75,10 +140,16 @@ fn read_head(slot: &mut Capture, len: u64) -> Option<()> {
     Some(())
 }
 
-/// The user address of the data the current syscall moved, and how many bytes are there: a
-/// vectored call's first buffer (`iov[0]`) may hold fewer than the call moved.
+/// Where the data of the current syscall is.
+enum Data {
+    /// One buffer (read, write, sendto, recvfrom).
+    Buffer(u64),
+    /// An array of `struct iovec` and its length (readv, writev, sendmsg, recvmsg).
+    Vector(u64, u64),
+}
+
 #[inline(always)]
-fn user_buffer() -> Option<(u64, u64)> {
+fn syscall_data() -> Option<Data> {
     // SAFETY: `regs` is a BTF-typed `struct pt_regs *` from the kernel: the verifier turns
     // these loads into fault-safe ones at their (BTF-checked) offsets, with no helper call.
     // User memory is read with probe reads: failures are returned, not faulted.
@@ -86,15 +157,35 @@ fn user_buffer() -> Option<(u64, u64)> {
         let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u64;
         let nr = regs.byte_add(PT_REGS_ORIG_AX as usize).read_volatile();
         let arg1 = regs.byte_add(PT_REGS_SI as usize).read_volatile();
-        let iov = match nr {
-            READ | WRITE | SENDTO | RECVFROM => return Some((arg1, u64::MAX)),
-            READV | WRITEV => arg1,
-            SENDMSG | RECVMSG => bpf_probe_read_user((arg1 + MSGHDR_IOV) as *const u64).ok()?,
-            _ => return None,
-        };
-        // struct iovec { iov_base, iov_len } of iov[0].
-        let base: u64 = bpf_probe_read_user(iov as *const u64).ok()?;
-        let len: u64 = bpf_probe_read_user((iov + 8) as *const u64).ok()?;
-        Some((base, len))
+        match nr {
+            READ | WRITE | SENDTO | RECVFROM => Some(Data::Buffer(arg1)),
+            READV | WRITEV => {
+                let count = regs.byte_add(PT_REGS_DX as usize).read_volatile();
+                Some(Data::Vector(arg1, count))
+            }
+            SENDMSG | RECVMSG => {
+                let iov = bpf_probe_read_user((arg1 + MSGHDR_IOV) as *const u64).ok()?;
+                let count = bpf_probe_read_user((arg1 + MSGHDR_IOVLEN) as *const u64).ok()?;
+                Some(Data::Vector(iov, count))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The user address of the data the current syscall moved, and how many bytes are there: a
+/// vectored call's first buffer (`iov[0]`) may hold fewer than the call moved.
+#[inline(always)]
+fn user_buffer() -> Option<(u64, u64)> {
+    match syscall_data()? {
+        Data::Buffer(base) => Some((base, u64::MAX)),
+        Data::Vector(iov, _) => {
+            // SAFETY: probe reads of user memory: failures are returned, not faulted.
+            unsafe {
+                let base: u64 = bpf_probe_read_user(iov as *const u64).ok()?;
+                let len: u64 = bpf_probe_read_user((iov + 8) as *const u64).ok()?;
+                Some((base, len))
+            }
+        }
     }
 }

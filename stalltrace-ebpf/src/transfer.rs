@@ -14,14 +14,14 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, warn};
 use stalltrace_common::{
     conn_flags, direction, loss,
-    message::{classify, classify_reply, Head, Message},
+    message::{classify, Head, Message},
     role, tcp_state,
     transfer::{ends_quiet, look, record_transfer, Look, Turn},
     Capture, ConnState, EventKind,
 };
 
 use crate::{
-    capture::{capture_request, reply_head},
+    capture::{bytes_at, capture_request, reply_head},
     conn::{emit, emit_request, set_owner_to_current},
     kernel_read::{read_endpoints, tcp_family, tcp_state_of},
     maps::{count_loss, current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS},
@@ -72,18 +72,9 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
     // Only a run that may start a request, or answer one with housekeeping in between, has
     // its first bytes read: to tell data from protocol housekeeping, and to name requests.
     let (message, capture) = match look(conn, dir) {
-        Look::Request => read_message(sock, conn, bytes, now),
-        Look::Reply => {
-            let message = match reply_head(bytes) {
-                Some(head) => classify_reply(
-                    conn.proto,
-                    &Head::new(&head.bytes, head.len as usize, bytes),
-                ),
-                None => Message::Data,
-            };
-            (message, None)
-        }
         Look::Skip => (Message::Data, None),
+        Look::Request => read_message(sock, conn, bytes, now),
+        look @ (Look::Continuation | Look::Reply) => (read_housekeeping(conn, look, bytes), None),
     };
     let quiet_ended = ends_quiet(conn, dir, message, now, stall_after_ns());
     let turn = record_transfer(conn, dir, bytes, now, message);
@@ -130,15 +121,26 @@ fn read_message(
     let Some(capture) = capture_request(sock, bytes, now) else {
         return (Message::Data, None);
     };
-    let message = classify(
-        &mut conn.proto,
-        &Head::new(&capture.bytes, capture.len as usize, bytes),
-    );
+    let head = Head::new(&capture.bytes, capture.len as usize, bytes);
+    let message = classify(conn, Look::Request, &head, bytes_at);
     if message == Message::Data {
         (message, Some(capture))
     } else {
         capture.sock = 0;
         (message, None)
+    }
+}
+
+/// Classifies a transfer that continues or may answer an outstanding request, from its first
+/// bytes read into this CPU's scratch slot (never reported).
+#[inline(never)]
+fn read_housekeeping(conn: &mut ConnState, look: Look, bytes: u64) -> Message {
+    match reply_head(bytes) {
+        Some(head) => {
+            let head = Head::new(&head.bytes, head.len as usize, bytes);
+            classify(conn, look, &head, bytes_at)
+        }
+        None => Message::Data,
     }
 }
 

@@ -4,8 +4,9 @@
 
 use libfuzzer_sys::fuzz_target;
 use stalltrace_common::{
-    message::{classify, classify_reply, proto, Head},
-    CAPTURE_MAX,
+    message::{classify, proto, Head},
+    transfer::Look,
+    ConnState, CAPTURE_MAX,
 };
 use stalltrace_core::protocols;
 
@@ -27,10 +28,16 @@ fuzz_target!(|data: &[u8]| {
     let len = data.len().min(CAPTURE_MAX);
     head[..len].copy_from_slice(&data[..len]);
     let head = Head::new(&head, len, data.len() as u64);
+    let more = |at: usize| data.get(at..at + 4).map(|b| [b[0], b[1], b[2], b[3]]);
     for protocol in 0..=proto::POSTGRESQL + 1 {
-        let mut recognized = protocol;
-        classify(&mut recognized, &head);
-        assert!(protocol == proto::UNKNOWN || recognized != proto::UNKNOWN);
-        classify_reply(protocol, &head);
+        for look in [Look::Request, Look::Continuation, Look::Reply] {
+            let mut conn = ConnState {
+                proto: protocol,
+                housekeeping_left: u16::from(data.first().copied().unwrap_or(0)),
+                ..Default::default()
+            };
+            classify(&mut conn, look, &head, more);
+            assert!(protocol == proto::UNKNOWN || conn.proto != proto::UNKNOWN);
+        }
     }
 });

@@ -2,9 +2,9 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use stalltrace_common::{
     conn_flags, direction,
-    message::{classify, classify_reply, Head, Message},
+    message::{classify, Head, Message},
     role, tcp_state,
-    transfer::{look, record_transfer, Look},
+    transfer::{look, record_transfer},
     ConnEvent, ConnState, EventHeader, EventKind, AF_INET, CAPTURE_MAX,
 };
 
@@ -66,11 +66,10 @@ impl Kernel {
         let len = data.len().min(CAPTURE_MAX);
         head[..len].copy_from_slice(&data[..len]);
         let head = Head::new(&head, len, data.len() as u64);
-        let message = match look(&self.state, dir) {
-            Look::Request => classify(&mut self.state.proto, &head),
-            Look::Reply => classify_reply(self.state.proto, &head),
-            Look::Skip => Message::Data,
-        };
+        let look = look(&self.state, dir);
+        // Frame headers past the capture come from the buffer, as the kernel reads them.
+        let more = |at: usize| data.get(at..at + 4).map(|b| [b[0], b[1], b[2], b[3]]);
+        let message = classify(&mut self.state, look, &head, more);
         record_transfer(&mut self.state, dir, data.len() as u64, at, message);
     }
 

@@ -223,10 +223,17 @@ fn parse_entry(payload: &[u8]) -> Option<DiagEntry> {
         peer: address(24),
         peer_port: u16::from_be_bytes([msg[6], msg[7]]),
     };
+    let state = msg[1];
+    // The kernel counts a received FIN in the receive queue (rcv_nxt - copied_seq): it is no
+    // unread data (a client that gave up must not make its request look unread).
+    let fin_received = matches!(
+        state,
+        tcp_state::CLOSE_WAIT | tcp_state::LAST_ACK | tcp_state::CLOSING
+    );
     let mut entry = DiagEntry {
         endpoints,
-        state: msg[1],
-        recv_queue: u32_at(56),
+        state,
+        recv_queue: u32_at(56).saturating_sub(u32::from(fin_received)),
         send_queue: u32_at(60),
         inode: u64::from(u32_at(68)),
         signals: None,
@@ -349,5 +356,27 @@ mod tests {
         assert_eq!(query(&endpoints(&server)).unwrap().unwrap().recv_queue, 0);
         let unread = dump_established_unread().unwrap();
         assert!(!unread.iter().any(|e| e.endpoints == endpoints(&server)));
+    }
+
+    #[test]
+    fn a_peers_fin_is_not_unread_data() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        client.write_all(b"request").unwrap();
+        let mut buf = [0u8; 7];
+        server.read_exact(&mut buf).unwrap();
+        drop(client); // the client gives up: its FIN waits in the server's receive queue
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let entry = query(&endpoints(&server))
+            .unwrap()
+            .expect("the server socket");
+        assert_eq!(entry.state, tcp_state::CLOSE_WAIT);
+        assert_eq!(entry.recv_queue, 0, "the FIN is no request");
+        let signals = entry.signals.expect("tcp_info requested");
+        assert_eq!(
+            stalltrace_core::diagnosis::tcp_cause(true, &signals),
+            stalltrace_core::diagnosis::Cause::ReadNoReply
+        );
     }
 }
