@@ -199,6 +199,10 @@ pub struct Reconciled {
 
 /// Sweeps a kernel entry may be missing before the connection's close is taken as lost.
 const MISSING_SWEEPS_BEFORE_LOST: u8 = 3;
+/// Idle connections each sweep also re-reads, in turn: a connection whose close was never
+/// reported (its kernel entry gone) is found and closed as lost within a cycle through the
+/// table, instead of staying listed for ever.
+const AUDIT_PER_SWEEP: usize = 128;
 /// How often sweeps re-read the kernel entry of a stalled connection. The kernel reports a
 /// stall's end the moment it happens; the re-read catches an end whose event was lost, or
 /// one no transfer reports (a request that sat unread, then read and answered), dated
@@ -216,6 +220,8 @@ pub struct Tracker {
     next_ticket: u64,
     /// Most kernel entries one sweep reads; the rest wait for the next sweeps.
     sweep_budget: usize,
+    /// Connections still to audit in the current cycle through the table.
+    audit: Vec<u64>,
     next_id: u64,
     stats: Stats,
 }
@@ -229,6 +235,7 @@ impl Tracker {
             watch_queue: VecDeque::new(),
             next_ticket: 0,
             sweep_budget: usize::MAX,
+            audit: Vec::new(),
             next_id: 1,
             stats: Stats::default(),
         }
@@ -534,6 +541,7 @@ impl Tracker {
         out: &mut Vec<Event>,
     ) {
         let mark = out.len();
+        self.schedule_audit();
         let stall_after_ns = self.stall_after_ns;
         let mut budget = self.sweep_budget;
         let mut lost = Vec::new();
@@ -595,6 +603,23 @@ impl Tracker {
             }
         }
         self.conns.note_stalls(&out[mark..]);
+    }
+
+    /// Watches the next [`AUDIT_PER_SWEEP`] connections of the audit cycle (starting a new
+    /// cycle through the table when one ends): the sweep re-reads them, and drops those it
+    /// finds idle from the watch list again.
+    fn schedule_audit(&mut self) {
+        if self.audit.is_empty() {
+            self.audit.extend(self.conns.socks());
+        }
+        for _ in 0..AUDIT_PER_SWEEP {
+            let Some(sock) = self.audit.pop() else {
+                break;
+            };
+            if self.conns.contains(sock) {
+                self.watch(sock);
+            }
+        }
     }
 
     fn take_id(&mut self) -> u64 {

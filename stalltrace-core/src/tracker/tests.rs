@@ -1064,3 +1064,32 @@ fn hex_bytes(hex: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
         .collect()
 }
+
+/// A connection whose close was never reported (its kernel entry vanished, e.g. the event was
+/// lost) and that nothing re-reads any more is found by the audit and closed as lost, instead
+/// of being listed for ever.
+#[test]
+fn an_idle_connection_whose_entry_vanished_is_closed_as_lost() {
+    let (mut t, mut k) = server_with_request();
+    k.transfer(direction::OUT, 2 * SEC);
+    feed(&mut t, k.event(EventKind::RequestStarted, 2 * SEC));
+    // Two sweeps: the reported connection is re-read, found idle and dropped from the watch
+    // list... and the audit reads it again at every sweep, as it is the only one.
+    sweep(&mut t, &mut k, 3 * SEC);
+    sweep(&mut t, &mut k, 4 * SEC);
+    assert_eq!(t.len(), 1);
+    let mut out = Vec::new();
+    for i in 0..u64::from(super::MISSING_SWEEPS_BEFORE_LOST) {
+        t.sweep(5 * SEC + i, 10 + i as u32, |_| None, &mut out);
+    }
+    let [Event {
+        detail: Detail::Close(summary),
+        ..
+    }] = &out[..]
+    else {
+        panic!("expected one conn.close, got {out:?}");
+    };
+    assert!(!summary.complete);
+    assert_eq!(t.len(), 0);
+    assert_eq!(t.stats().lost_closes, 1);
+}
