@@ -8,7 +8,8 @@
 /// A recognized request.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Signature {
-    /// `http`, `redis`, `postgresql`, `mysql`, or `bytes` (unrecognized: a printable preview).
+    /// `http`, `redis`, `postgresql`, `mysql`, `tls` (encrypted), or `bytes` (unrecognized: a
+    /// printable preview).
     pub protocol: &'static str,
     /// E.g. `GET /coupon/apply`, `GET` (Redis), `Query SELECT`, `Query UPDATE` (MySQL).
     pub text: String,
@@ -76,7 +77,8 @@ pub fn recognize_with(bytes: &[u8], privacy: Privacy) -> Option<Signature> {
     let found = http(bytes, privacy.path_templates)
         .or_else(|| redis(bytes))
         .or_else(|| postgresql(bytes))
-        .or_else(|| mysql(bytes));
+        .or_else(|| mysql(bytes))
+        .or_else(|| tls(bytes));
     Some(found.unwrap_or_else(|| {
         if privacy.preview {
             preview(bytes)
@@ -254,6 +256,15 @@ fn sql(protocol: &'static str, label: &str, text: &[u8]) -> Option<Signature> {
     ))
 }
 
+/// A TLS application_data record (`17 03 0x`): encrypted, so named by what it is; the
+/// request itself is not visible without the plaintext.
+fn tls(bytes: &[u8]) -> Option<Signature> {
+    match bytes {
+        [0x17, 0x03, 0..=4, ..] => Some(Signature::new("tls", "application data (encrypted)")),
+        _ => None,
+    }
+}
+
 /// MySQL client command packets: 3-byte little-endian length, sequence id 0, command byte.
 fn mysql(bytes: &[u8]) -> Option<Signature> {
     let header = bytes.get(..5)?;
@@ -326,6 +337,20 @@ mod tests {
         );
         assert_eq!(recognize(b"GET").unwrap().protocol, "bytes");
         assert_eq!(recognize(b"GETX /a HTTP/1.1").unwrap().protocol, "bytes");
+    }
+
+    #[test]
+    fn tls_application_data_is_named_as_encrypted() {
+        assert_eq!(
+            sig(&[0x17, 0x03, 0x03, 0x00, 0x40, 0xaa]),
+            ("tls", "application data (encrypted)".into())
+        );
+        assert_eq!(
+            recognize_with(&[0x17, 0x03, 0x03], Privacy::default())
+                .unwrap()
+                .display(),
+            "tls application data (encrypted)"
+        );
     }
 
     #[test]
