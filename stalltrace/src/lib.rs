@@ -12,5 +12,6 @@ mod heap;
 pub mod logger;
 mod privileges;
 mod probes;
+pub use probes::Rung;
 pub mod sinks;
 mod sources;

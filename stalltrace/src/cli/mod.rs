@@ -173,6 +173,15 @@ pub struct DaemonArgs {
     #[arg(long, value_enum, default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,
 
+    /// How to hook the data transfers (every TCP send and receive). `auto` takes the first that
+    /// works on this kernel, in this order: `tracepoint` (sock_send_length/sock_recv_length,
+    /// Linux 6.3+, cheapest), `fentry` (fexit on tcp_sendmsg/tcp_recvmsg: BTF trampolines,
+    /// 5.5+), `kprobe` (kprobe/kretprobe pairs on the same functions). Events and verdicts are
+    /// the same whichever is used; `status` shows it. Forcing one that the kernel lacks is an
+    /// error naming the missing kernel feature.
+    #[arg(long, value_enum, default_value_t = HooksArg::Auto, env = "STALLTRACE_HOOKS")]
+    pub hooks: HooksArg,
+
     /// Name unrecognized requests (not HTTP, Redis, PostgreSQL or MySQL) with a printable
     /// preview of their first 24 bytes, in events, `stalls`, `show` and `why`, instead of
     /// `(unrecognized)`. The preview exposes whatever those bytes hold: credentials, tokens,
@@ -233,6 +242,27 @@ pub struct OutputArgs {
 pub enum Format {
     Table,
     Json,
+}
+
+/// `--hooks`: a rung of the data transfer hooks, or `auto`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HooksArg {
+    Auto,
+    Tracepoint,
+    Fentry,
+    Kprobe,
+}
+
+impl HooksArg {
+    /// The rung forced, if any.
+    pub fn rung(self) -> Option<crate::Rung> {
+        match self {
+            HooksArg::Auto => None,
+            HooksArg::Tracepoint => Some(crate::Rung::Tracepoint),
+            HooksArg::Fentry => Some(crate::Rung::Fentry),
+            HooksArg::Kprobe => Some(crate::Rung::Kprobe),
+        }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

@@ -38,7 +38,7 @@ use stalltrace_core::{
 use crate::{
     diagnosis::{Diagnoser, Finding},
     heap,
-    probes::{KernelMaps, ProbeConfig, Probes},
+    probes::{KernelFunctions, KernelMaps, ProbeConfig, Probes, Rung},
     sinks::{
         api_server::{Answer, ApiServer, Query},
         ndjson::EventSink,
@@ -56,6 +56,8 @@ pub struct DaemonConfig {
     pub bpf_stats: bool,
     /// Request bytes captured at each request start (0: off).
     pub capture_bytes: u32,
+    /// How to hook the data transfers (`--hooks`); `None`: the best rung that attaches.
+    pub hooks: Option<Rung>,
     /// Include captured bytes (hex) in stall reports, not only their signature.
     pub capture_raw: bool,
     /// Mode of an events file the daemon creates.
@@ -109,7 +111,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     // First: SIGHUP's default action would kill the daemon (e.g. when logrotate signals it).
     let sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let tracefs_root = tracefs::ensure_mounted()?;
-    let offsets = kernel_offsets();
+    let (offsets, functions) = kernel_layout();
     let listening = procfs::listening_ports(&procfs::tcp_sockets());
     // Bind first: a second daemon must fail before it loads anything.
     let api = ApiServer::bind(&config.socket, config.socket_group.as_deref())?;
@@ -121,6 +123,8 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         offsets,
         bpf_stats: config.bpf_stats,
         capture_bytes: config.capture_bytes,
+        hooks: config.hooks,
+        functions,
     };
     let mut probes = Probes::load(&tracefs_root, &probe_config, &listening)?;
     // Everything that needs root at start-up is done: keep only what run time needs. Before
@@ -158,10 +162,18 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
         privileges.capabilities.join(", ")
     );
     log::info!(
-        "stalltrace {} running: {} hooks attached, {} connections adopted, stall threshold {:?}; \
-         events to {}; API on {}",
+        "stalltrace {} running: {} hooks attached (data transfers by {}{}), {} connections \
+         adopted, stall threshold {:?}; events to {}; API on {}",
         env!("CARGO_PKG_VERSION"),
         probes.attached_count(),
+        probes.transfers.rung.name(),
+        if probes.transfers.forced {
+            ", forced by --hooks".to_owned()
+        } else if probes.transfers.passed_over.is_empty() {
+            String::new()
+        } else {
+            format!(" after {}", probes.transfers.passed_over.join("; "))
+        },
         adopted,
         config.stall_after,
         sink.destination(),
@@ -214,19 +226,27 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     result
 }
 
-fn kernel_offsets() -> Offsets {
+/// What the programs need to know about the running kernel: member offsets and the shape of
+/// its TCP functions, from its BTF. Without BTF, adoption is lost (said once) and the
+/// functions' shape comes from the kernel version.
+fn kernel_layout() -> (Offsets, KernelFunctions) {
     let lost = "connections open before the daemon started are not adopted";
+    let from_release = || {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        KernelFunctions::from_release(release.trim())
+    };
     match btf::from_kernel() {
         Ok(kernel_btf) => {
             let (offsets, missing) = btf::resolve_offsets(&kernel_btf);
             if !missing.is_empty() {
                 log::warn!("kernel BTF lacks {}: {lost}", missing.join(", "));
             }
-            offsets
+            let functions = KernelFunctions::from_btf(&kernel_btf).unwrap_or_else(from_release);
+            (offsets, functions)
         }
         Err(err) => {
-            log::warn!("{err:#}: {lost}");
-            Offsets::unknown()
+            log::warn!("{err:#}: {lost}; the fentry hooks are unavailable");
+            (Offsets::unknown(), from_release())
         }
     }
 }

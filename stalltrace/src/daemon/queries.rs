@@ -78,6 +78,9 @@ impl Daemon {
             "stall_after_ms": self.config.stall_after.as_millis() as u64,
             "events_to": self.sink.destination(),
             "programs": probes.attached(),
+            "hooks": {
+                "transfers": probes.transfers,
+            },
             "features": {
                 "adopt_existing": self.offsets.can_read_sock(),
                 "request_capture_bytes": probes.capture_bytes,

@@ -1,0 +1,131 @@
+//! The transfers of `transfer.rs` on kernels without its sock tracepoints (Linux < 6.3), taken
+//! where the TCP send and receive functions return. The daemon picks one rung at start-up:
+//!
+//! - fexit (BPF trampolines; BTF, Linux 5.5+): arguments and return value in one program;
+//! - kprobe + kretprobe (any kernel with CONFIG_KPROBES): the entry keeps the arguments per
+//!   thread in `CALLS`, the return reads them back.
+//!
+//! Both end in the same `on_transfer` as the tracepoints, so events and verdicts do not depend
+//! on the rung. Only TCP functions are hooked: files, pipes and other sockets run nothing.
+//! `tcp_sendpage` carries sendfile/splice sends, which bypass `tcp_sendmsg` before Linux 6.5
+//! (the daemon hooks it where the kernel has it).
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
+    macros::{fexit, kprobe, kretprobe, map},
+    maps::LruHashMap,
+    programs::{FExitContext, ProbeContext, RetProbeContext},
+    Global,
+};
+use stalltrace_common::direction;
+
+use crate::transfer::on_transfer;
+
+/// Parameters of `tcp_recvmsg`: 6 before Linux 5.19 (sk, msg, len, nonblock, flags, addr_len),
+/// 5 from then on (nonblock folded into flags), 4 once addr_len went too (6.18). Set by the
+/// daemon from the kernel's BTF; the verifier sees a constant and drops the other branches.
+#[unsafe(no_mangle)]
+static TCP_RECVMSG_ARGS: Global<u32> = Global::new(5);
+
+// int tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)
+#[fexit(function = "tcp_sendmsg")]
+pub(crate) fn stalltrace_send_fexit(ctx: FExitContext) -> i32 {
+    let ret = ctx.arg::<u64>(3) as i32;
+    on_transfer(&ctx, ctx.arg::<u64>(0), direction::OUT, ret, 0);
+    0
+}
+
+// int tcp_sendpage(struct sock *sk, struct page *page, int offset, size_t size, int flags)
+#[fexit(function = "tcp_sendpage")]
+pub(crate) fn stalltrace_sendpage_fexit(ctx: FExitContext) -> i32 {
+    let ret = ctx.arg::<u64>(5) as i32;
+    on_transfer(&ctx, ctx.arg::<u64>(0), direction::OUT, ret, 0);
+    0
+}
+
+#[fexit(function = "tcp_recvmsg")]
+pub(crate) fn stalltrace_recv_fexit(ctx: FExitContext) -> i32 {
+    // The return value follows the arguments.
+    let (flags, ret) = match TCP_RECVMSG_ARGS.load() {
+        6 => (ctx.arg::<u64>(4), ctx.arg::<u64>(6)),
+        4 => (ctx.arg::<u64>(3), ctx.arg::<u64>(4)),
+        _ => (ctx.arg::<u64>(3), ctx.arg::<u64>(5)),
+    };
+    on_transfer(
+        &ctx,
+        ctx.arg::<u64>(0),
+        direction::IN,
+        ret as i32,
+        flags as i32,
+    );
+    0
+}
+
+/// What a kprobe keeps for its kretprobe.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Call {
+    sock: u64,
+    flags: u64,
+}
+
+/// Threads inside a hooked function, by pid_tgid. LRU: an entry whose return was missed (the
+/// kernel's kretprobe instances ran out) is evicted in time rather than leaked.
+#[map]
+static CALLS: LruHashMap<u64, Call> = LruHashMap::with_max_entries(1 << 14, 0);
+
+#[inline(always)]
+fn enter(sock: Option<u64>, flags: Option<u64>) -> u32 {
+    let (Some(sock), Some(flags)) = (sock, flags) else {
+        return 0;
+    };
+    let _ = CALLS.insert(bpf_get_current_pid_tgid(), Call { sock, flags }, 0);
+    0
+}
+
+#[inline(always)]
+fn leave(ctx: &RetProbeContext, dir: u8) -> u32 {
+    let key = bpf_get_current_pid_tgid();
+    // SAFETY: map value pointer, copied out before the entry is removed.
+    let Some(call) = CALLS.get_ptr(key).map(|call| unsafe { *call }) else {
+        return 0;
+    };
+    let _ = CALLS.remove(key);
+    let ret = ctx.ret::<u64>() as i32;
+    on_transfer(ctx, call.sock, dir, ret, call.flags as i32);
+    0
+}
+
+#[kprobe(function = "tcp_sendmsg")]
+pub(crate) fn stalltrace_send_kprobe(ctx: ProbeContext) -> u32 {
+    enter(ctx.arg(0), Some(0))
+}
+
+#[kretprobe(function = "tcp_sendmsg")]
+pub(crate) fn stalltrace_send_kretprobe(ctx: RetProbeContext) -> u32 {
+    leave(&ctx, direction::OUT)
+}
+
+#[kprobe(function = "tcp_sendpage")]
+pub(crate) fn stalltrace_sendpage_kprobe(ctx: ProbeContext) -> u32 {
+    enter(ctx.arg(0), Some(0))
+}
+
+#[kretprobe(function = "tcp_sendpage")]
+pub(crate) fn stalltrace_sendpage_kretprobe(ctx: RetProbeContext) -> u32 {
+    leave(&ctx, direction::OUT)
+}
+
+#[kprobe(function = "tcp_recvmsg")]
+pub(crate) fn stalltrace_recv_kprobe(ctx: ProbeContext) -> u32 {
+    let flags = if TCP_RECVMSG_ARGS.load() == 6 {
+        ctx.arg(4)
+    } else {
+        ctx.arg(3)
+    };
+    enter(ctx.arg(0), flags)
+}
+
+#[kretprobe(function = "tcp_recvmsg")]
+pub(crate) fn stalltrace_recv_kretprobe(ctx: RetProbeContext) -> u32 {
+    leave(&ctx, direction::IN)
+}
