@@ -10,11 +10,11 @@
 //! `tcp_sendpage` carries sendfile/splice sends, which bypass `tcp_sendmsg` before Linux 6.5
 //! (the daemon hooks it where the kernel has it).
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     macros::{fexit, kprobe, kretprobe, map},
     maps::LruHashMap,
     programs::{FExitContext, ProbeContext, RetProbeContext},
-    Global,
+    EbpfContext, Global,
 };
 use stalltrace_common::direction;
 
@@ -26,11 +26,23 @@ use crate::transfer::on_transfer;
 #[unsafe(no_mangle)]
 static TCP_RECVMSG_ARGS: Global<u32> = Global::new(5);
 
+/// The `struct sock *` first argument as a plain number. Read from the context directly it is
+/// a typed kernel pointer, on which the verifier forbids the arithmetic the map keys and
+/// capture slots need.
+#[inline(always)]
+fn sock_of(ctx: &FExitContext) -> Option<u64> {
+    // SAFETY: the first word of an fexit context is the first argument; a failed read is
+    // returned, not faulted.
+    unsafe { bpf_probe_read_kernel(ctx.as_ptr() as *const u64).ok() }
+}
+
 // int tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)
 #[fexit(function = "tcp_sendmsg")]
 pub(crate) fn stalltrace_send_fexit(ctx: FExitContext) -> i32 {
     let ret = ctx.arg::<u64>(3) as i32;
-    on_transfer(&ctx, ctx.arg::<u64>(0), direction::OUT, ret, 0);
+    if let Some(sock) = sock_of(&ctx) {
+        on_transfer(&ctx, sock, direction::OUT, ret, 0);
+    }
     0
 }
 
@@ -38,7 +50,9 @@ pub(crate) fn stalltrace_send_fexit(ctx: FExitContext) -> i32 {
 #[fexit(function = "tcp_sendpage")]
 pub(crate) fn stalltrace_sendpage_fexit(ctx: FExitContext) -> i32 {
     let ret = ctx.arg::<u64>(5) as i32;
-    on_transfer(&ctx, ctx.arg::<u64>(0), direction::OUT, ret, 0);
+    if let Some(sock) = sock_of(&ctx) {
+        on_transfer(&ctx, sock, direction::OUT, ret, 0);
+    }
     0
 }
 
@@ -50,13 +64,9 @@ pub(crate) fn stalltrace_recv_fexit(ctx: FExitContext) -> i32 {
         4 => (ctx.arg::<u64>(3), ctx.arg::<u64>(4)),
         _ => (ctx.arg::<u64>(3), ctx.arg::<u64>(5)),
     };
-    on_transfer(
-        &ctx,
-        ctx.arg::<u64>(0),
-        direction::IN,
-        ret as i32,
-        flags as i32,
-    );
+    if let Some(sock) = sock_of(&ctx) {
+        on_transfer(&ctx, sock, direction::IN, ret as i32, flags as i32);
+    }
     0
 }
 
@@ -117,10 +127,16 @@ pub(crate) fn stalltrace_sendpage_kretprobe(ctx: RetProbeContext) -> u32 {
 
 #[kprobe(function = "tcp_recvmsg")]
 pub(crate) fn stalltrace_recv_kprobe(ctx: ProbeContext) -> u32 {
+    // Both registers are read, then one is chosen: a register picked by index would be a
+    // context access at a variable offset, which the verifier refuses.
+    let (fourth, fifth) = (
+        core::hint::black_box(ctx.arg::<u64>(3)),
+        core::hint::black_box(ctx.arg::<u64>(4)),
+    );
     let flags = if TCP_RECVMSG_ARGS.load() == 6 {
-        ctx.arg(4)
+        fifth
     } else {
-        ctx.arg(3)
+        fourth
     };
     enter(ctx.arg(0), flags)
 }

@@ -154,6 +154,20 @@ const KPROBE_TRANSFERS: &[TransferHook] = &[
     },
 ];
 
+/// (major, minor) of a kernel release such as "5.10.0-32-amd64"; (0, 0) if unreadable.
+pub(crate) fn release_version(release: &str) -> (u32, u32) {
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0))
+}
+
+/// The running kernel's (major, minor).
+pub(crate) fn running_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    release_version(release.trim())
+}
+
 /// What the fallback rungs need to know about the kernel's TCP functions (from its BTF, or
 /// its version when there is none).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,10 +196,7 @@ impl KernelFunctions {
 
     /// From the kernel release (e.g. "5.10.0-32-amd64") when there is no BTF to read.
     pub(crate) fn from_release(release: &str) -> Self {
-        let mut numbers = release
-            .split(|c: char| !c.is_ascii_digit())
-            .map(|n| n.parse::<u32>().unwrap_or(0));
-        let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+        let version = release_version(release);
         Self {
             tcp_recvmsg_args: match version {
                 v if v < (5, 19) => 6,
@@ -327,9 +338,11 @@ impl Probes {
             Self::load_once(tracefs_root, config, listening, bytes)
         })?;
         if let Some(err) = capture_error {
+            log::debug!("loading with request capture failed: {err:#}");
             log::warn!(
-                "request capture is unavailable on this kernel ({err:#}); stalls are reported \
-                 without request signatures"
+                "request capture is unavailable on this kernel (it needs the BPF helpers \
+                 bpf_get_current_task_btf and bpf_task_pt_regs, Linux 5.15; --log-level debug \
+                 shows the kernel's refusal); stalls are reported without request signatures"
             );
         }
         Ok(probes)
@@ -561,9 +574,9 @@ fn attach_transfers(
             passed_over.join("; ")
         ),
         None => bail!(
-            "stalltrace cannot hook the data transfers on this kernel; it needs one of: {}.\n{}",
+            "stalltrace cannot hook the data transfers on this kernel; it needs one of: {}. {}",
             Rung::LADDER.map(Rung::needs).join("; or "),
-            passed_over.join("\n")
+            passed_over.join("; ")
         ),
     }
 }
