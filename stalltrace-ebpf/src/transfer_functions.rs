@@ -26,22 +26,22 @@ use crate::transfer::on_transfer;
 #[unsafe(no_mangle)]
 static TCP_RECVMSG_ARGS: Global<u32> = Global::new(5);
 
-/// The `struct sock *` first argument as a plain number. Read from the context directly it is
-/// a typed kernel pointer, on which the verifier forbids the arithmetic the map keys and
-/// capture slots need.
+/// Word `index` of an fexit context (the arguments, then the return value), read with a
+/// helper. Read directly, a pointer argument is a typed kernel pointer (the verifier forbids
+/// the arithmetic map keys and capture slots need), and LLVM may turn a choice between slots
+/// into a context access at a computed offset (which the verifier refuses).
 #[inline(always)]
-fn sock_of(ctx: &FExitContext) -> Option<u64> {
-    // SAFETY: the first word of an fexit context is the first argument; a failed read is
-    // returned, not faulted.
-    unsafe { bpf_probe_read_kernel(ctx.as_ptr() as *const u64).ok() }
+fn ctx_word(ctx: &FExitContext, index: usize) -> Option<u64> {
+    // SAFETY: `index` is within the traced function's arguments and return value (the callers
+    // choose it by the function's prototype); a failed read is returned, not faulted.
+    unsafe { bpf_probe_read_kernel((ctx.as_ptr() as *const u64).add(index)).ok() }
 }
 
 // int tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)
 #[fexit(function = "tcp_sendmsg")]
 pub(crate) fn stalltrace_send_fexit(ctx: FExitContext) -> i32 {
-    let ret = ctx.arg::<u64>(3) as i32;
-    if let Some(sock) = sock_of(&ctx) {
-        on_transfer(&ctx, sock, direction::OUT, ret, 0);
+    if let (Some(sock), Some(ret)) = (ctx_word(&ctx, 0), ctx_word(&ctx, 3)) {
+        on_transfer(&ctx, sock, direction::OUT, ret as i32, 0);
     }
     0
 }
@@ -49,9 +49,8 @@ pub(crate) fn stalltrace_send_fexit(ctx: FExitContext) -> i32 {
 // int tcp_sendpage(struct sock *sk, struct page *page, int offset, size_t size, int flags)
 #[fexit(function = "tcp_sendpage")]
 pub(crate) fn stalltrace_sendpage_fexit(ctx: FExitContext) -> i32 {
-    let ret = ctx.arg::<u64>(5) as i32;
-    if let Some(sock) = sock_of(&ctx) {
-        on_transfer(&ctx, sock, direction::OUT, ret, 0);
+    if let (Some(sock), Some(ret)) = (ctx_word(&ctx, 0), ctx_word(&ctx, 5)) {
+        on_transfer(&ctx, sock, direction::OUT, ret as i32, 0);
     }
     0
 }
@@ -60,11 +59,11 @@ pub(crate) fn stalltrace_sendpage_fexit(ctx: FExitContext) -> i32 {
 pub(crate) fn stalltrace_recv_fexit(ctx: FExitContext) -> i32 {
     // The return value follows the arguments.
     let (flags, ret) = match TCP_RECVMSG_ARGS.load() {
-        6 => (ctx.arg::<u64>(4), ctx.arg::<u64>(6)),
-        4 => (ctx.arg::<u64>(3), ctx.arg::<u64>(4)),
-        _ => (ctx.arg::<u64>(3), ctx.arg::<u64>(5)),
+        6 => (ctx_word(&ctx, 4), ctx_word(&ctx, 6)),
+        4 => (ctx_word(&ctx, 3), ctx_word(&ctx, 4)),
+        _ => (ctx_word(&ctx, 3), ctx_word(&ctx, 5)),
     };
-    if let Some(sock) = sock_of(&ctx) {
+    if let (Some(sock), Some(flags), Some(ret)) = (ctx_word(&ctx, 0), flags, ret) {
         on_transfer(&ctx, sock, direction::IN, ret as i32, flags as i32);
     }
     0
