@@ -52,7 +52,16 @@ pub(crate) fn capture_request(sock: u64, len: u64, now: u64) -> Option<&'static 
     Some(slot)
 }
 
+/// The user address of the data the current syscall moved. Other architectures have other
+/// registers and syscall numbers: there the daemon turns capture off (this is never reached).
+#[cfg(not(bpf_target_arch = "x86_64"))]
+#[inline(always)]
+fn user_buffer() -> Option<u64> {
+    None
+}
+
 /// The user address of the data the current syscall moved.
+#[cfg(bpf_target_arch = "x86_64")]
 #[inline(always)]
 fn user_buffer() -> Option<u64> {
     // SAFETY: `regs` is a BTF-typed `struct pt_regs *` from the kernel: the verifier turns

@@ -334,7 +334,19 @@ impl Probes {
         listening: &[u16],
     ) -> Result<Self> {
         check_required_hooks(tracefs_root)?;
-        let (probes, capture_error) = with_capture_fallback(config.capture_bytes, |bytes| {
+        let capture_bytes = if cfg!(target_arch = "x86_64") {
+            config.capture_bytes
+        } else {
+            if config.capture_bytes > 0 {
+                log::warn!(
+                    "request capture reads x86-64 syscall registers and is off on {}: stalls \
+                     are reported without request signatures",
+                    std::env::consts::ARCH
+                );
+            }
+            0
+        };
+        let (probes, capture_error) = with_capture_fallback(capture_bytes, |bytes| {
             Self::load_once(tracefs_root, config, listening, bytes)
         })?;
         if let Some(err) = capture_error {
