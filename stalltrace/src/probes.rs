@@ -16,7 +16,7 @@ use aya::{
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
-        FExit, KProbe, PerfEvent, ProgramError, RawTracePoint, TracePoint,
+        FExit, KProbe, PerfEvent, ProgramError, ProgramFd, RawTracePoint, TracePoint,
     },
     Ebpf, EbpfLoader,
 };
@@ -281,6 +281,8 @@ pub(crate) struct KernelMaps {
     listen_ports: HashMap<MapData, u16, u32>,
     captures: Array<MapData, Capture>,
     capture_slots: u32,
+    /// The data transfer programs, for the kernel's count of runs it skipped.
+    transfer_programs: Vec<ProgramFd>,
 }
 
 /// Kernel-side loss counters, summed over CPUs.
@@ -288,6 +290,8 @@ pub(crate) struct KernelMaps {
 pub(crate) struct KernelLoss {
     pub ringbuf_full: u64,
     pub conn_insert_failed: u64,
+    /// Runs of the data transfer programs the kernel skipped (`recursion_misses`, 5.12+).
+    pub hook_missed: u64,
 }
 
 impl KernelMaps {
@@ -318,6 +322,7 @@ impl KernelMaps {
         KernelLoss {
             ringbuf_full: sum(loss::RINGBUF_FULL),
             conn_insert_failed: sum(loss::CONN_INSERT_FAILED),
+            hook_missed: self.transfer_programs.iter().map(recursion_misses).sum(),
         }
     }
 }
@@ -396,6 +401,7 @@ impl Probes {
             listen_ports: take_map(&mut ebpf, "LISTEN_PORTS")?,
             captures: take_map(&mut ebpf, "CAPTURES")?,
             capture_slots,
+            transfer_programs: Vec::new(),
         };
         // Epoch 0 is what a fresh kernel entry carries: start above it so that every entry's
         // first request start is reported.
@@ -407,6 +413,20 @@ impl Probes {
         }
         let mut attached = attach_all(&mut ebpf, tracefs_root)?;
         let transfers = attach_transfers(&mut ebpf, tracefs_root, config, &mut attached)?;
+        for hook in attached.iter().filter(|a| {
+            transfers
+                .rung
+                .hooks()
+                .iter()
+                .any(|h| h.program == a.program)
+        }) {
+            let fd = ebpf
+                .program(hook.program)
+                .map(|p| p.fd().map(|fd| fd.try_clone()));
+            if let Some(Ok(Ok(fd))) = fd {
+                maps.transfer_programs.push(fd);
+            }
+        }
         let stacks = match load_stack_sampling(&mut ebpf) {
             Ok(stacks) => Some(stacks),
             Err(err) => {
@@ -526,6 +546,21 @@ impl Probes {
     pub(crate) fn attached_count(&self) -> usize {
         self.attached.len()
     }
+}
+
+/// How many runs the kernel skipped for a program, from its fdinfo (`recursion_misses`, Linux
+/// 5.12+; 0 where the kernel does not count them).
+fn recursion_misses(program: &ProgramFd) -> u64 {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let path = format!("/proc/self/fdinfo/{}", program.as_fd().as_raw_fd());
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("recursion_misses:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Checks, before anything is loaded, that the tracepoints of the required hooks exist with

@@ -182,6 +182,14 @@ pub struct DaemonArgs {
     #[arg(long, value_enum, default_value_t = HooksArg::Auto, env = "STALLTRACE_HOOKS")]
     pub hooks: HooksArg,
 
+    /// Read the kernel's BTF from this file instead of /sys/kernel/btf/vmlinux: for kernels
+    /// built without CONFIG_DEBUG_INFO_BTF, with a BTF file made for that exact kernel build
+    /// (e.g. from BTFHub). It gives the socket offsets (adoption, connections found by their
+    /// traffic) and the shape of tcp_recvmsg for the kprobe hooks; the fentry hooks still need
+    /// the kernel's own BTF.
+    #[arg(long, value_name = "PATH")]
+    pub btf: Option<PathBuf>,
+
     /// Name unrecognized requests (not HTTP, Redis, PostgreSQL or MySQL) with a printable
     /// preview of their first 24 bytes, in events, `stalls`, `show` and `why`, instead of
     /// `(unrecognized)`. The preview exposes whatever those bytes hold: credentials, tokens,

@@ -58,6 +58,8 @@ pub struct DaemonConfig {
     pub capture_bytes: u32,
     /// How to hook the data transfers (`--hooks`); `None`: the best rung that attaches.
     pub hooks: Option<Rung>,
+    /// The kernel's BTF from this file instead of /sys/kernel/btf/vmlinux (`--btf`).
+    pub btf: Option<PathBuf>,
     /// Include captured bytes (hex) in stall reports, not only their signature.
     pub capture_raw: bool,
     /// Mode of an events file the daemon creates.
@@ -111,7 +113,7 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
     // First: SIGHUP's default action would kill the daemon (e.g. when logrotate signals it).
     let sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let tracefs_root = tracefs::ensure_mounted()?;
-    let (offsets, functions) = kernel_layout();
+    let (offsets, functions) = kernel_layout(config.btf.as_deref())?;
     let listening = procfs::listening_ports(&procfs::tcp_sockets());
     // Bind first: a second daemon must fail before it loads anything.
     let api = ApiServer::bind(&config.socket, config.socket_group.as_deref())?;
@@ -229,13 +231,18 @@ pub async fn run(config: DaemonConfig) -> Result<()> {
 /// What the programs need to know about the running kernel: member offsets and the shape of
 /// its TCP functions, from its BTF. Without BTF, adoption is lost (said once) and the
 /// functions' shape comes from the kernel version.
-fn kernel_layout() -> (Offsets, KernelFunctions) {
+fn kernel_layout(btf_file: Option<&std::path::Path>) -> Result<(Offsets, KernelFunctions)> {
     let lost = "connections open before the daemon started are not adopted";
     let from_release = || {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
         KernelFunctions::from_release(release.trim())
     };
-    match btf::from_kernel() {
+    // A file the user named must be usable: failing to read it is an error, not a warning.
+    let kernel_btf = match btf_file {
+        Some(path) => Ok(btf::from_file(path)?),
+        None => btf::from_kernel(),
+    };
+    Ok(match kernel_btf {
         Ok(kernel_btf) => {
             let (offsets, missing) = btf::resolve_offsets(&kernel_btf);
             if !missing.is_empty() {
@@ -248,7 +255,7 @@ fn kernel_layout() -> (Offsets, KernelFunctions) {
             log::warn!("{err:#}: {lost}; the fentry hooks are unavailable");
             (Offsets::unknown(), from_release())
         }
-    }
+    })
 }
 
 struct Daemon {
@@ -455,6 +462,7 @@ impl Daemon {
         LossCounters {
             kernel_ringbuf_full: kernel.ringbuf_full,
             kernel_conn_insert_failed: kernel.conn_insert_failed,
+            kernel_hook_missed: kernel.hook_missed,
             conn_evicted: stats.evictions,
             close_unseen: stats.lost_closes,
             malformed_records: self.malformed + stats.unknown_events,
