@@ -1,5 +1,6 @@
 //! `cargo xtask vm-test`: the kernel matrix. Boots Debian's own kernels under QEMU, with this
-//! machine's root filesystem shared read-only over 9p so the binaries built here run inside
+//! machine's root filesystem and the workspace (at its own path, which may lie under the
+//! guest's fresh /tmp) shared read-only over 9p so the binaries built here run inside
 //! unchanged, and runs in each guest the root integration tests that cover every stall rule
 //! (`stalls`: lifecycle, stall on both ends, idle keep-alive, true duration, adoption, close,
 //! connect pending; `file_io`: file I/O runs no program), once per hook rung that kernel can
@@ -904,7 +905,7 @@ fn write_executable(path: &Path, text: &str) -> Result<()> {
 }
 
 /// Bumped when the initramfs changes, so cached ones are rebuilt.
-const INIT_VERSION: &str = "1";
+const INIT_VERSION: &str = "2";
 
 /// PID 1 in the initramfs: load the boot modules, mount the host's root read-only with fresh
 /// tmpfs over its writable places, and hand over to the second stage in the run directory.
@@ -928,6 +929,10 @@ mkdir -p $R/run/vm $R/run/vm-modules
 mount9p vmrun $R/run/vm cache=none || { say "cannot mount the run directory"; poweroff -f; }
 mount9p vmmodules $R/run/vm-modules ro,cache=loose || say "cannot mount the modules"
 for d in tmp var/tmp; do mount -t tmpfs -o mode=1777 tmpfs $R/$d; done
+# The workspace (its binaries) at its own path: it may lie under a tmpfs mounted above.
+W=$(cat $R/run/vm/workspace)
+mkdir -p "$R$W" 2>/dev/null
+mount9p vmworkspace "$R$W" ro,cache=loose || { say "cannot mount the workspace $W"; poweroff -f; }
 mount -o move /dev $R/dev
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts devpts $R/dev/pts; mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
@@ -1027,6 +1032,11 @@ fn boot(extracted: &Extracted, label: &str, script: &str, auto: &str, keep: bool
     fs::create_dir_all(&share)?;
     write_executable(&share.join("stage2"), STAGE2)?;
     fs::write(share.join("script"), script)?;
+    let workspace = workspace_root();
+    fs::write(
+        share.join("workspace"),
+        workspace.to_string_lossy().as_bytes(),
+    )?;
     let out = run.join("out");
     fs::write(&out, "")?;
     let accel = if kvm_usable() {
@@ -1082,6 +1092,12 @@ fn boot(extracted: &Extracted, label: &str, script: &str, auto: &str, keep: bool
     .arg("-fsdev")
     .arg(fsdev("vmrun", &share, false))
     .args(["-device", "virtio-9p-pci,fsdev=vmrun,mount_tag=vmrun"])
+    .arg("-fsdev")
+    .arg(fsdev("vmworkspace", &workspace, true))
+    .args([
+        "-device",
+        "virtio-9p-pci,fsdev=vmworkspace,mount_tag=vmworkspace",
+    ])
     .arg("-fsdev")
     .arg(fsdev("vmmodules", &extracted.modules, true))
     .args([
