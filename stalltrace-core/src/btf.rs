@@ -283,6 +283,23 @@ impl Btf {
             size: self.size_of(id, 0)?,
         })
     }
+    /// The parameter names of the kernel function `name` (a BTF FUNC and its FUNC_PROTO), in
+    /// order; `None` when the blob has no such function. Unnamed parameters are "".
+    pub fn function_params(&self, name: &str) -> Option<Vec<&str>> {
+        let func = self
+            .types
+            .iter()
+            .find(|ty| ty.kind == kind::FUNC && self.string(ty.name_off) == name)?;
+        let proto = self.ty(func.size_or_type)?;
+        if proto.kind != kind::FUNC_PROTO {
+            return None;
+        }
+        Some(
+            (0..usize::from(proto.vlen))
+                .map(|index| self.string(self.u32_at(proto.extra + index * 8)))
+                .collect(),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -380,6 +397,28 @@ mod tests {
             blob.extend_from_slice(&self.strings);
             blob
         }
+    }
+
+    #[test]
+    fn function_params_come_from_the_func_proto() {
+        let mut b = Builder::new();
+        let int = b.int("int", 4);
+        let proto = b.header("", kind::FUNC_PROTO, 3, false, int);
+        for (param, ty) in [("sk", int), ("", int), ("flags", int)] {
+            let param = b.name(param);
+            b.types.extend_from_slice(&param.to_le_bytes());
+            b.types.extend_from_slice(&ty.to_le_bytes());
+        }
+        b.header("tcp_recvmsg", kind::FUNC, 0, false, proto);
+        // A FUNC whose type is not a prototype is no function to hook.
+        b.header("broken", kind::FUNC, 0, false, int);
+        let btf = Btf::parse(b.build()).unwrap();
+        assert_eq!(
+            btf.function_params("tcp_recvmsg"),
+            Some(vec!["sk", "", "flags"])
+        );
+        assert_eq!(btf.function_params("tcp_sendpage"), None);
+        assert_eq!(btf.function_params("broken"), None);
     }
 
     /// A sock_common shaped like Linux's: addresses inside an anonymous struct inside an

@@ -35,6 +35,10 @@ loss_counters! {
     kernel_ringbuf_full,
     /// Connections the kernel could not start tracking (map insert failed).
     kernel_conn_insert_failed,
+    /// Transfers the kernel did not run our program for: its recursion guard skips a program
+    /// already running on that CPU (an fexit program preempted mid-run; on the tracepoint and
+    /// kprobe rungs, only a program nested from an interrupt).
+    kernel_hook_missed,
     /// Connections whose kernel state was evicted from the full connection map.
     conn_evicted,
     /// Connections whose close was never observed.
@@ -83,6 +87,7 @@ impl LossCounters {
     pub fn tracking(&self) -> u64 {
         self.kernel_ringbuf_full
             + self.kernel_conn_insert_failed
+            + self.kernel_hook_missed
             + self.conn_evicted
             + self.malformed_records
     }

@@ -148,6 +148,15 @@ enum Data {
     Vector(u64, u64),
 }
 
+/// Other architectures have other registers and syscall numbers: there the daemon turns
+/// capture off (this is never reached).
+#[cfg(not(bpf_target_arch = "x86_64"))]
+#[inline(always)]
+fn syscall_data() -> Option<Data> {
+    None
+}
+
+#[cfg(bpf_target_arch = "x86_64")]
 #[inline(always)]
 fn syscall_data() -> Option<Data> {
     // SAFETY: `regs` is a BTF-typed `struct pt_regs *` from the kernel: the verifier turns

@@ -1,7 +1,9 @@
-//! stalltrace's kernel programs: tracepoints only (no kprobes, no fentry), one concern per file.
+//! stalltrace's kernel programs, one concern per file. Tracepoints wherever the kernel has them;
+//! the data transfers fall back to fexit or kprobes on kernels older than their tracepoints.
 //!
 //! - `tcp_state`: connection open/close and listening ports (`sock/inet_sock_set_state`);
 //! - `transfer`: bytes each way and request/reply turns (`sock/sock_{send,recv}_length`);
+//! - `transfer_functions`: the same from `tcp_sendmsg`/`tcp_recvmsg` (Linux < 6.3);
 //! - `tcp_signals`: retransmits and received resets (`tcp/*`).
 //!
 //! Per-connection state lives in the `CONNS` LRU map; the ring buffer carries only lifecycle
@@ -21,6 +23,7 @@ mod stacks;
 mod tcp_signals;
 mod tcp_state;
 mod transfer;
+mod transfer_functions;
 mod words;
 
 #[cfg(not(test))]

@@ -2,6 +2,8 @@
 //! `sock_send_length` and `sock_recv_length`. They fire only for sockets (never for files or
 //! pipes), after the transfer, with its byte count; as *raw* tracepoints they pass their
 //! arguments without building a trace record, which is most of a classic tracepoint's cost.
+//! Kernels without them (< 6.3) reach the same `on_transfer` from the TCP send/receive
+//! functions instead (`transfer_functions.rs`).
 //!
 //! Work per call on a tracked connection: one map lookup and a few stores; an event only when a
 //! connection's first request starts, a request starts on a connection not yet reported this
@@ -9,7 +11,7 @@
 //! of socket (checked by reading its protocol) or a TCP connection the map does not hold yet.
 use aya_ebpf::{
     bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, macros::raw_tracepoint,
-    programs::RawTracePointContext,
+    programs::RawTracePointContext, EbpfContext,
 };
 use aya_log_ebpf::{debug, warn};
 use stalltrace_common::{
@@ -36,27 +38,39 @@ const ARG_FLAGS: usize = 2;
 
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
 pub(crate) fn stalltrace_recv(ctx: RawTracePointContext) -> i32 {
-    on_transfer(&ctx, direction::IN);
+    // Integer arguments arrive widened to u64.
+    on_transfer(
+        &ctx,
+        ctx.arg::<u64>(ARG_SOCK),
+        direction::IN,
+        ctx.arg::<u64>(ARG_RET) as i32,
+        ctx.arg::<u64>(ARG_FLAGS) as i32,
+    );
     0
 }
 
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub(crate) fn stalltrace_send(ctx: RawTracePointContext) -> i32 {
-    on_transfer(&ctx, direction::OUT);
+    on_transfer(
+        &ctx,
+        ctx.arg::<u64>(ARG_SOCK),
+        direction::OUT,
+        ctx.arg::<u64>(ARG_RET) as i32,
+        0,
+    );
     0
 }
 
+/// One send (`dir` OUT) or receive (IN) on `sock` that returned `ret` (bytes moved, or a
+/// negative errno), with the call's `flags` (receives only). Every hook kind calls this.
 #[inline(always)]
-fn on_transfer(ctx: &RawTracePointContext, dir: u8) {
-    // Integer arguments arrive widened to u64.
-    let ret = ctx.arg::<u64>(ARG_RET) as i32;
+pub(crate) fn on_transfer<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, ret: i32, flags: i32) {
     if ret <= 0 {
         return;
     }
-    if dir == direction::IN && ctx.arg::<u64>(ARG_FLAGS) as i32 & MSG_PEEK != 0 {
+    if dir == direction::IN && flags & MSG_PEEK != 0 {
         return;
     }
-    let sock = ctx.arg::<u64>(ARG_SOCK);
     let now = unsafe { bpf_ktime_get_ns() };
     let bytes = ret as u64;
     match CONNS.get_ptr_mut(sock) {
@@ -145,7 +159,7 @@ fn read_housekeeping(conn: &mut ConnState, look: Look, bytes: u64) -> Message {
 }
 
 #[inline(never)]
-fn discover(ctx: &RawTracePointContext, sock: u64, dir: u8, bytes: u64, now: u64) {
+fn discover<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, bytes: u64, now: u64) {
     let offsets = OFFSETS.load();
     let Some(family) = tcp_family(sock, &offsets) else {
         return;

@@ -14,7 +14,7 @@ use anyhow::{bail, Context as _, Result};
 use serde::{de::Error as _, Deserialize, Deserializer};
 use stalltrace_core::duration::HumanDuration;
 
-use crate::cli::{self, LogLevel, MetricsLabel};
+use crate::cli::{self, HooksArg, LogLevel, MetricsLabel};
 
 /// Configuration files larger than this are refused (a rules file is a few KiB).
 const MAX_FILE_BYTES: u64 = 1 << 20;
@@ -52,6 +52,8 @@ pub struct FileConfig {
     pub no_path_templates: Option<bool>,
     pub metrics_address: Option<SocketAddr>,
     pub metrics_labels: Option<Vec<MetricsLabel>>,
+    pub hooks: Option<HooksArg>,
+    pub btf: Option<PathBuf>,
     #[serde(default)]
     pub rule: Vec<toml::Spanned<RuleSpec>>,
 }
@@ -76,6 +78,8 @@ pub const KEYS: &[&str] = &[
     "no_path_templates",
     "metrics_address",
     "metrics_labels",
+    "hooks",
+    "btf",
 ];
 
 /// One `[[rule]]` as written: what it matches (all given keys must match) and what it does.
@@ -491,12 +495,14 @@ impl FileConfig {
             capture_preview,
             no_path_templates,
             metrics_labels,
+            hooks,
         );
         take_some!(
             events_file,
             events_file_max_size,
             socket_group,
-            metrics_address
+            metrics_address,
+            btf
         );
         if let Some(path) = self.socket {
             if !given("socket") {

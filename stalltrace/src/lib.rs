@@ -13,5 +13,6 @@ mod heap;
 pub mod logger;
 mod privileges;
 mod probes;
+pub use probes::Rung;
 pub mod sinks;
 mod sources;

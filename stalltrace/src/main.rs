@@ -45,6 +45,8 @@ fn main() -> ExitCode {
                 ring_buffer_bytes: args.ring_buffer_size,
                 bpf_stats: args.bpf_stats,
                 capture_bytes: args.capture_bytes,
+                hooks: args.hooks.rung(),
+                btf: args.btf,
                 capture_raw: args.capture_raw,
                 events_file_mode: args.events_file_mode,
                 events_file_max_size: args.events_file_max_size,

@@ -31,6 +31,23 @@ pub(crate) const RUNTIME: &[(Capability, &str)] = &[
     ),
 ];
 
+/// Kept in addition on kernels before 6.5, where every bpf() command (the daemon's map reads
+/// and its epoch writes included) needs CAP_BPF or CAP_SYS_ADMIN unless unprivileged BPF is
+/// enabled; from 6.5 only loading programs and creating maps do.
+pub(crate) const MAP_ACCESS_BEFORE_6_5: (Capability, &str) = (
+    Capability::CAP_BPF,
+    "bpf() map reads and writes (kernels before 6.5 check it on every command)",
+);
+
+/// The capabilities to keep on a kernel of this (major, minor) version.
+pub(crate) fn runtime_set(version: (u32, u32)) -> Vec<(Capability, &'static str)> {
+    let mut set = RUNTIME.to_vec();
+    if version < (6, 5) {
+        set.push(MAP_ACCESS_BEFORE_6_5);
+    }
+    set
+}
+
 /// The privileges the daemon runs with, as `status` shows them.
 #[derive(Clone, Debug, Default, Serialize)]
 pub(crate) struct Privileges {
@@ -39,9 +56,12 @@ pub(crate) struct Privileges {
     pub no_new_privs: bool,
 }
 
-/// Drops every capability but [`RUNTIME`] from this thread and sets no_new_privs.
+/// Drops every capability but [`runtime_set`] from this thread and sets no_new_privs.
 pub(crate) fn drop_to_runtime() -> Result<Privileges> {
-    let keep: CapsHashSet = RUNTIME.iter().map(|(cap, _)| *cap).collect();
+    let keep: CapsHashSet = runtime_set(crate::probes::running_version())
+        .iter()
+        .map(|(cap, _)| *cap)
+        .collect();
     // The bounding set first: changing it needs CAP_SETPCAP, dropped below.
     for cap in caps::all().difference(&keep) {
         if caps::has_cap(None, CapSet::Bounding, *cap).unwrap_or(false) {
@@ -91,5 +111,16 @@ mod tests {
         assert_eq!(names.len(), RUNTIME.len());
         assert!(names.iter().all(|name| name.starts_with("CAP_")));
         assert!(!names.contains("CAP_SYS_ADMIN") && !names.contains("CAP_BPF"));
+    }
+
+    #[test]
+    fn cap_bpf_is_kept_only_where_map_access_needs_it() {
+        let has_bpf = |version| {
+            runtime_set(version)
+                .iter()
+                .any(|(cap, _)| *cap == Capability::CAP_BPF)
+        };
+        assert!(has_bpf((5, 10)) && has_bpf((6, 1)) && has_bpf((6, 4)));
+        assert!(!has_bpf((6, 5)) && !has_bpf((6, 18)) && !has_bpf((7, 3)));
     }
 }

@@ -3,6 +3,10 @@
 //!
 //! Required hooks (the daemon cannot work without them) fail the start with a message naming
 //! the missing kernel feature; optional ones are skipped with a warning saying what is lost.
+//!
+//! The data transfers (every TCP send and receive) are hooked by the first rung of a ladder
+//! that attaches on the running kernel: the sock tracepoints (Linux 6.3), fexit on the TCP
+//! functions (BTF trampolines, 5.5), kprobes on them. All rungs run the same kernel logic.
 use std::path::Path;
 
 use anyhow::{bail, Context as _, Result};
@@ -12,7 +16,7 @@ use aya::{
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
-        PerfEvent, ProgramError, RawTracePoint, TracePoint,
+        FExit, KProbe, PerfEvent, ProgramError, ProgramFd, RawTracePoint, TracePoint,
     },
     Ebpf, EbpfLoader,
 };
@@ -23,13 +27,11 @@ use crate::sources::tracefs;
 /// The object built by build.rs from stalltrace-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stalltrace"));
 
-/// A program and the tracepoint it attaches to.
+/// A program and the tracepoint it attaches to, on every kernel.
 pub(crate) struct Hook {
     pub program: &'static str,
     pub category: &'static str,
     pub name: &'static str,
-    /// Attached as a raw tracepoint (arguments by position, no trace record built).
-    pub raw: bool,
     /// Without it the daemon cannot work; otherwise what is lost without it.
     pub optional: Option<&'static str>,
 }
@@ -37,40 +39,174 @@ pub(crate) struct Hook {
 pub(crate) const HOOKS: &[Hook] = &[
     Hook {
         program: "stalltrace_tcp_state",
-        raw: false,
         category: "sock",
         name: "inet_sock_set_state",
         optional: None,
     },
     Hook {
-        program: "stalltrace_send",
-        raw: true,
-        category: "sock",
-        name: "sock_send_length",
-        optional: None,
-    },
-    Hook {
-        program: "stalltrace_recv",
-        raw: true,
-        category: "sock",
-        name: "sock_recv_length",
-        optional: None,
-    },
-    Hook {
         program: "stalltrace_retransmit",
-        raw: false,
         category: "tcp",
         name: "tcp_retransmit_skb",
         optional: Some("retransmits are not counted"),
     },
     Hook {
         program: "stalltrace_reset",
-        raw: false,
         category: "tcp",
         name: "tcp_receive_reset",
         optional: Some("resets received are reported as plain closes"),
     },
 ];
+
+/// How the data transfers are hooked: the rungs of the ladder, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rung {
+    /// Raw tracepoints `sock_send_length` / `sock_recv_length` (Linux 6.3): fire for sockets
+    /// only, cheapest.
+    Tracepoint,
+    /// fexit programs on `tcp_sendmsg` / `tcp_recvmsg` (BPF trampolines, Linux 5.5).
+    Fentry,
+    /// kprobe + kretprobe pairs on the same functions (CONFIG_KPROBES).
+    Kprobe,
+}
+
+impl Rung {
+    pub const LADDER: [Rung; 3] = [Rung::Tracepoint, Rung::Fentry, Rung::Kprobe];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Rung::Tracepoint => "tracepoint",
+            Rung::Fentry => "fentry",
+            Rung::Kprobe => "kprobe",
+        }
+    }
+
+    /// What the kernel must provide for this rung.
+    fn needs(self) -> &'static str {
+        match self {
+            Rung::Tracepoint => {
+                "the tracepoints sock/sock_send_length and sock/sock_recv_length (Linux 6.3)"
+            }
+            Rung::Fentry => {
+                "fentry/fexit programs (BPF trampolines: kernel BTF with CONFIG_DEBUG_INFO_BTF, \
+                 CONFIG_BPF_JIT and CONFIG_FUNCTION_TRACER, Linux 5.5)"
+            }
+            Rung::Kprobe => "kprobes (CONFIG_KPROBES)",
+        }
+    }
+
+    /// The programs of this rung and what they attach to.
+    fn hooks(self) -> &'static [TransferHook] {
+        match self {
+            Rung::Tracepoint => TRACEPOINT_TRANSFERS,
+            Rung::Fentry => FENTRY_TRANSFERS,
+            Rung::Kprobe => KPROBE_TRANSFERS,
+        }
+    }
+}
+
+/// A data transfer program and the tracepoint or kernel function it attaches to.
+struct TransferHook {
+    program: &'static str,
+    target: &'static str,
+    /// Only some kernels have it (checked in BTF); elsewhere its work is done by the others.
+    only_if_present: bool,
+}
+
+const fn transfer(program: &'static str, target: &'static str) -> TransferHook {
+    TransferHook {
+        program,
+        target,
+        only_if_present: false,
+    }
+}
+
+/// sendfile()/splice() sends bypass tcp_sendmsg before Linux 6.5, which removed this function.
+const SENDPAGE: &str = "tcp_sendpage";
+
+const TRACEPOINT_TRANSFERS: &[TransferHook] = &[
+    transfer("stalltrace_send", "sock_send_length"),
+    transfer("stalltrace_recv", "sock_recv_length"),
+];
+const FENTRY_TRANSFERS: &[TransferHook] = &[
+    transfer("stalltrace_send_fexit", "tcp_sendmsg"),
+    transfer("stalltrace_recv_fexit", "tcp_recvmsg"),
+    TransferHook {
+        program: "stalltrace_sendpage_fexit",
+        target: SENDPAGE,
+        only_if_present: true,
+    },
+];
+const KPROBE_TRANSFERS: &[TransferHook] = &[
+    transfer("stalltrace_send_kprobe", "tcp_sendmsg"),
+    transfer("stalltrace_send_kretprobe", "tcp_sendmsg"),
+    transfer("stalltrace_recv_kprobe", "tcp_recvmsg"),
+    transfer("stalltrace_recv_kretprobe", "tcp_recvmsg"),
+    TransferHook {
+        program: "stalltrace_sendpage_kprobe",
+        target: SENDPAGE,
+        only_if_present: true,
+    },
+    TransferHook {
+        program: "stalltrace_sendpage_kretprobe",
+        target: SENDPAGE,
+        only_if_present: true,
+    },
+];
+
+/// (major, minor) of a kernel release such as "5.10.0-32-amd64"; (0, 0) if unreadable.
+pub(crate) fn release_version(release: &str) -> (u32, u32) {
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0))
+}
+
+/// The running kernel's (major, minor).
+pub(crate) fn running_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    release_version(release.trim())
+}
+
+/// What the fallback rungs need to know about the kernel's TCP functions (from its BTF, or
+/// its version when there is none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct KernelFunctions {
+    /// Parameters of `tcp_recvmsg`: 6 before Linux 5.19 (a `nonblock` before `flags`), 5
+    /// after, 4 from 6.18 (no `addr_len`). `flags` is the fifth, else the fourth.
+    pub tcp_recvmsg_args: u32,
+    pub has_tcp_sendpage: bool,
+}
+
+impl KernelFunctions {
+    /// From the kernel's BTF; `None` when the BTF has no `tcp_recvmsg` of a known shape.
+    pub(crate) fn from_btf(btf: &crate::sources::btf::Btf) -> Option<Self> {
+        let params = btf.function_params("tcp_recvmsg")?;
+        let tcp_recvmsg_args = match params.as_slice() {
+            [_, _, _, _, "flags", _] => 6,
+            [_, _, _, "flags", _] => 5,
+            [_, _, _, "flags"] => 4,
+            _ => return None,
+        };
+        Some(Self {
+            tcp_recvmsg_args,
+            has_tcp_sendpage: btf.function_params(SENDPAGE).is_some(),
+        })
+    }
+
+    /// From the kernel release (e.g. "5.10.0-32-amd64") when there is no BTF to read.
+    pub(crate) fn from_release(release: &str) -> Self {
+        let version = release_version(release);
+        Self {
+            tcp_recvmsg_args: match version {
+                v if v < (5, 19) => 6,
+                v if v < (6, 18) => 5,
+                _ => 4,
+            },
+            has_tcp_sendpage: version < (6, 5),
+        }
+    }
+}
 
 pub(crate) struct ProbeConfig {
     pub stall_after_ns: u64,
@@ -81,6 +217,9 @@ pub(crate) struct ProbeConfig {
     pub bpf_stats: bool,
     /// Request bytes captured at each request start (0: off).
     pub capture_bytes: u32,
+    /// The transfer rung to use (`--hooks`); `None`: the first that attaches.
+    pub hooks: Option<Rung>,
+    pub functions: KernelFunctions,
 }
 
 /// Entries of the request capture array when capture is on: one per concurrently outstanding
@@ -92,6 +231,8 @@ const CAPTURE_SLOTS: u32 = 1 << 16;
 pub(crate) struct Attached {
     pub program: &'static str,
     pub hook: String,
+    /// How the hook is attached: tracepoint, fentry or kprobe.
+    pub rung: Rung,
     /// Runs and time spent, counted only while BPF statistics are enabled (`--bpf-stats` or
     /// the sysctl kernel.bpf_stats_enabled).
     pub run_count: u64,
@@ -108,6 +249,18 @@ pub(crate) struct Probes {
     /// Request bytes captured (0 when off or unavailable).
     pub capture_bytes: u32,
     stacks: Option<StackSampling>,
+    /// How the data transfers are hooked, and why the better rungs were passed over.
+    pub transfers: TransferHooks,
+}
+
+/// The rung the data transfers use, for the start-up line and `status`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub(crate) struct TransferHooks {
+    pub rung: Rung,
+    /// True when `--hooks` chose it; false when probed.
+    pub forced: bool,
+    /// The better rungs that did not attach, each with the reason.
+    pub passed_over: Vec<String>,
 }
 
 /// User-stack sampling of chosen threads (perf events), for spinning stalls.
@@ -128,6 +281,8 @@ pub(crate) struct KernelMaps {
     listen_ports: HashMap<MapData, u16, u32>,
     captures: Array<MapData, Capture>,
     capture_slots: u32,
+    /// The data transfer programs, for the kernel's count of runs it skipped.
+    transfer_programs: Vec<ProgramFd>,
 }
 
 /// Kernel-side loss counters, summed over CPUs.
@@ -135,6 +290,8 @@ pub(crate) struct KernelMaps {
 pub(crate) struct KernelLoss {
     pub ringbuf_full: u64,
     pub conn_insert_failed: u64,
+    /// Runs of the data transfer programs the kernel skipped (`recursion_misses`, 5.12+).
+    pub hook_missed: u64,
 }
 
 impl KernelMaps {
@@ -165,6 +322,7 @@ impl KernelMaps {
         KernelLoss {
             ringbuf_full: sum(loss::RINGBUF_FULL),
             conn_insert_failed: sum(loss::CONN_INSERT_FAILED),
+            hook_missed: self.transfer_programs.iter().map(recursion_misses).sum(),
         }
     }
 }
@@ -181,13 +339,27 @@ impl Probes {
         listening: &[u16],
     ) -> Result<Self> {
         check_required_hooks(tracefs_root)?;
-        let (probes, capture_error) = with_capture_fallback(config.capture_bytes, |bytes| {
+        let capture_bytes = if cfg!(target_arch = "x86_64") {
+            config.capture_bytes
+        } else {
+            if config.capture_bytes > 0 {
+                log::warn!(
+                    "request capture reads x86-64 syscall registers and is off on {}: stalls \
+                     are reported without request signatures",
+                    std::env::consts::ARCH
+                );
+            }
+            0
+        };
+        let (probes, capture_error) = with_capture_fallback(capture_bytes, |bytes| {
             Self::load_once(tracefs_root, config, listening, bytes)
         })?;
         if let Some(err) = capture_error {
+            log::debug!("loading with request capture failed: {err:#}");
             log::warn!(
-                "request capture is unavailable on this kernel ({err:#}); stalls are reported \
-                 without request signatures"
+                "request capture is unavailable on this kernel (it needs the BPF helpers \
+                 bpf_get_current_task_btf and bpf_task_pt_regs, Linux 5.15; --log-level debug \
+                 shows the kernel's refusal); stalls are reported without request signatures"
             );
         }
         Ok(probes)
@@ -211,9 +383,10 @@ impl Probes {
             .override_global("CAPTURE_BYTES", &capture_bytes, true)
             .override_global("CAPTURE_SLOTS", &capture_slots, true)
             .map_max_entries("CAPTURES", capture_slots)
+            .override_global("TCP_RECVMSG_ARGS", &config.functions.tcp_recvmsg_args, true)
             .load(OBJECT)
             .context(
-                "loading the eBPF maps and programs failed; stalltrace needs Linux >= 6.3 with \
+                "loading the eBPF maps and programs failed; stalltrace needs Linux >= 5.8 with \
                  BPF ring buffers and tracepoints (CONFIG_BPF_SYSCALL, CONFIG_BPF_EVENTS), run \
                  as root",
             )?;
@@ -228,6 +401,7 @@ impl Probes {
             listen_ports: take_map(&mut ebpf, "LISTEN_PORTS")?,
             captures: take_map(&mut ebpf, "CAPTURES")?,
             capture_slots,
+            transfer_programs: Vec::new(),
         };
         // Epoch 0 is what a fresh kernel entry carries: start above it so that every entry's
         // first request start is reported.
@@ -237,7 +411,22 @@ impl Probes {
                 .insert(port, 1, 0)
                 .with_context(|| format!("seeding listening port {port}"))?;
         }
-        let attached = attach_all(&mut ebpf, tracefs_root)?;
+        let mut attached = attach_all(&mut ebpf, tracefs_root)?;
+        let transfers = attach_transfers(&mut ebpf, tracefs_root, config, &mut attached)?;
+        for hook in attached.iter().filter(|a| {
+            transfers
+                .rung
+                .hooks()
+                .iter()
+                .any(|h| h.program == a.program)
+        }) {
+            let fd = ebpf
+                .program(hook.program)
+                .map(|p| p.fd().map(|fd| fd.try_clone()));
+            if let Some(Ok(Ok(fd))) = fd {
+                maps.transfer_programs.push(fd);
+            }
+        }
         let stacks = match load_stack_sampling(&mut ebpf) {
             Ok(stacks) => Some(stacks),
             Err(err) => {
@@ -257,6 +446,7 @@ impl Probes {
             _stats: stats,
             capture_bytes,
             stacks,
+            transfers,
         })
     }
 
@@ -358,6 +548,21 @@ impl Probes {
     }
 }
 
+/// How many runs the kernel skipped for a program, from its fdinfo (`recursion_misses`, Linux
+/// 5.12+; 0 where the kernel does not count them).
+fn recursion_misses(program: &ProgramFd) -> u64 {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let path = format!("/proc/self/fdinfo/{}", program.as_fd().as_raw_fd());
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("recursion_misses:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Checks, before anything is loaded, that the tracepoints of the required hooks exist with
 /// the layout the programs expect; the error names every one that does not.
 fn check_required_hooks(tracefs_root: &Path) -> Result<()> {
@@ -372,10 +577,141 @@ fn check_required_hooks(tracefs_root: &Path) -> Result<()> {
     }
     bail!(
         "stalltrace cannot run on this kernel: {}\n\
-         hint: it needs the tracepoints sock/inet_sock_set_state (Linux 4.16), \
-         sock/sock_send_length and sock/sock_recv_length (Linux 6.3)",
+         hint: it needs the tracepoint sock/inet_sock_set_state (Linux 4.16)",
         problems.join("; ")
     )
+}
+
+/// Attaches the data transfer programs of the first rung that works (or of the forced one),
+/// adding them to `attached`. A rung that fails half-way is unloaded before the next is tried.
+fn attach_transfers(
+    ebpf: &mut Ebpf,
+    tracefs_root: &Path,
+    config: &ProbeConfig,
+    attached: &mut Vec<Attached>,
+) -> Result<TransferHooks> {
+    let candidates = match config.hooks {
+        Some(rung) => vec![rung],
+        None => Rung::LADDER.to_vec(),
+    };
+    let mut passed_over = Vec::new();
+    for rung in candidates {
+        match attach_rung(ebpf, tracefs_root, rung, config.functions) {
+            Ok(hooks) => {
+                attached.extend(hooks);
+                return Ok(TransferHooks {
+                    rung,
+                    forced: config.hooks.is_some(),
+                    passed_over,
+                });
+            }
+            Err(err) => {
+                for hook in rung.hooks() {
+                    unload(ebpf, hook.program);
+                }
+                passed_over.push(format!("{}: {err:#}", rung.name()));
+            }
+        }
+    }
+    match config.hooks {
+        Some(rung) => bail!(
+            "--hooks {}: cannot hook the data transfers this way on this kernel: it needs {}; {}",
+            rung.name(),
+            rung.needs(),
+            passed_over.join("; ")
+        ),
+        None => bail!(
+            "stalltrace cannot hook the data transfers on this kernel; it needs one of: {}. {}",
+            Rung::LADDER.map(Rung::needs).join("; or "),
+            passed_over.join("; ")
+        ),
+    }
+}
+
+/// Loads and attaches the programs of one rung; the first failure is the error.
+fn attach_rung(
+    ebpf: &mut Ebpf,
+    tracefs_root: &Path,
+    rung: Rung,
+    functions: KernelFunctions,
+) -> Result<Vec<Attached>> {
+    let btf = match rung {
+        Rung::Fentry => Some(aya::Btf::from_sys_fs().with_context(|| {
+            format!(
+                "no usable kernel BTF ({}; needs CONFIG_DEBUG_INFO_BTF)",
+                crate::sources::btf::VMLINUX_BTF
+            )
+        })?),
+        Rung::Kprobe if !kprobes_available(tracefs_root) => bail!(
+            "this kernel has no kprobes (no {} and no kprobe PMU; CONFIG_KPROBES is off)",
+            tracefs_root.join("kprobe_events").display()
+        ),
+        _ => None,
+    };
+    let mut attached = Vec::new();
+    for hook in rung.hooks() {
+        if hook.only_if_present && !functions.has_tcp_sendpage {
+            continue;
+        }
+        let program = ebpf
+            .program_mut(hook.program)
+            .with_context(|| format!("the eBPF object has no program {}", hook.program))?;
+        let label = match rung {
+            Rung::Tracepoint => {
+                tracefs::check_layout(tracefs_root, "sock", hook.target)?;
+                let program: &mut RawTracePoint = program.try_into()?;
+                load_program(hook.program, program.load())?;
+                program.attach(hook.target)?;
+                format!("raw_tracepoint/{}", hook.target)
+            }
+            Rung::Fentry => {
+                let program: &mut FExit = program.try_into()?;
+                let btf = btf.as_ref().expect("parsed for this rung");
+                load_program(hook.program, program.load(hook.target, btf))?;
+                program.attach()?;
+                format!("fexit/{}", hook.target)
+            }
+            Rung::Kprobe => {
+                let program: &mut KProbe = program.try_into()?;
+                load_program(hook.program, program.load())?;
+                program.attach(hook.target, 0)?;
+                let kind = if hook.program.ends_with("kretprobe") {
+                    "kretprobe"
+                } else {
+                    "kprobe"
+                };
+                format!("{kind}/{}", hook.target)
+            }
+        };
+        attached.push(Attached {
+            program: hook.program,
+            hook: label,
+            rung,
+            run_count: 0,
+            run_time_ns: 0,
+        });
+    }
+    Ok(attached)
+}
+
+/// kprobes can be created through the kprobe PMU or tracefs.
+fn kprobes_available(tracefs_root: &Path) -> bool {
+    Path::new("/sys/bus/event_source/devices/kprobe").exists()
+        || tracefs_root.join("kprobe_events").exists()
+}
+
+/// Detaches and unloads a program of a rung that failed; one never loaded is left as it is.
+fn unload(ebpf: &mut Ebpf, program: &str) {
+    use aya::programs::Program;
+    let result = match ebpf.program_mut(program) {
+        Some(Program::RawTracePoint(p)) => p.unload(),
+        Some(Program::FExit(p)) => p.unload(),
+        Some(Program::KProbe(p)) => p.unload(),
+        _ => Ok(()),
+    };
+    if let Err(err) = result {
+        log::debug!("unloading {program}: {err}");
+    }
 }
 
 /// Runs `load` with `capture_bytes`; if that fails with capture on, runs it again with capture
@@ -422,17 +758,14 @@ fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 fn attach_all(ebpf: &mut Ebpf, tracefs_root: &Path) -> Result<Vec<Attached>> {
     let mut attached = Vec::new();
     for hook in HOOKS {
-        let label = if hook.raw {
-            format!("raw_tracepoint/{}", hook.name)
-        } else {
-            format!("tracepoint/{}/{}", hook.category, hook.name)
-        };
+        let label = format!("tracepoint/{}/{}", hook.category, hook.name);
         let result = tracefs::check_layout(tracefs_root, hook.category, hook.name)
             .and_then(|()| attach(ebpf, hook));
         match (result, hook.optional) {
             (Ok(()), _) => attached.push(Attached {
                 program: hook.program,
                 hook: label,
+                rung: Rung::Tracepoint,
                 run_count: 0,
                 run_time_ns: 0,
             }),
@@ -448,26 +781,14 @@ fn attach(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
     let program = ebpf
         .program_mut(hook.program)
         .with_context(|| format!("the eBPF object has no program {}", hook.program))?;
-    if hook.raw {
-        let program: &mut RawTracePoint = program.try_into()?;
-        load(hook, program.load())?;
-        program.attach(hook.name)?;
-    } else {
-        let program: &mut TracePoint = program.try_into()?;
-        load(hook, program.load())?;
-        program.attach(hook.category, hook.name)?;
-    }
+    let program: &mut TracePoint = program.try_into()?;
+    load_program(hook.program, program.load())?;
+    program.attach(hook.category, hook.name)?;
     Ok(())
 }
 
-fn load(hook: &Hook, result: Result<(), ProgramError>) -> Result<()> {
-    result.map_err(|err| {
-        anyhow::anyhow!(
-            "loading {} failed: {}",
-            hook.program,
-            summarize_load_error(err)
-        )
-    })
+fn load_program(program: &str, result: Result<(), ProgramError>) -> Result<()> {
+    result.map_err(|err| anyhow::anyhow!("loading {program} failed: {}", summarize_load_error(err)))
 }
 
 /// The verifier log can run to thousands of lines: keep its conclusion in the error, the whole
@@ -479,6 +800,10 @@ fn summarize_load_error(err: ProgramError) -> String {
             verifier_log,
         } => {
             let log = verifier_log.to_string();
+            if log.trim().is_empty() {
+                // Refused before verification: the program type or attach point is unsupported.
+                return format!("the kernel refused the program before verifying it ({io_error})");
+            }
             log::debug!("verifier log:\n{log}");
             let lines: Vec<&str> = log.lines().collect();
             let tail = lines[lines.len().saturating_sub(6)..].join("\n  ");
@@ -515,20 +840,66 @@ mod tests {
 
     #[test]
     fn every_hook_has_a_known_record_layout() {
+        // Classic tracepoints are read through fields, which the start-up check compares with
+        // the running kernel's format files; raw ones by argument position.
         for hook in HOOKS {
             let fields = tracefs::expected_fields(hook.category, hook.name)
                 .unwrap_or_else(|| panic!("{}/{}: no layout", hook.category, hook.name));
-            // Raw tracepoints are read by argument position; classic ones through fields,
-            // which the start-up check compares with the running kernel's format files.
-            assert_eq!(
-                fields.is_empty(),
-                hook.raw,
-                "{}/{}: raw hooks read no record fields, classic ones do",
-                hook.category,
-                hook.name
-            );
+            assert!(!fields.is_empty(), "{}/{}", hook.category, hook.name);
+        }
+        for hook in Rung::Tracepoint.hooks() {
+            let fields = tracefs::expected_fields("sock", hook.target)
+                .unwrap_or_else(|| panic!("sock/{}: no layout", hook.target));
+            assert!(fields.is_empty(), "sock/{}: raw", hook.target);
         }
         assert!(tracefs::expected_fields("sock", "no_such_tracepoint").is_none());
+    }
+
+    #[test]
+    fn every_rung_hooks_both_directions_with_distinct_programs() {
+        let mut programs = std::collections::HashSet::new();
+        for rung in Rung::LADDER {
+            let hooks = rung.hooks();
+            assert!(hooks.iter().any(|h| h.program.contains("send")), "{rung:?}");
+            assert!(hooks.iter().any(|h| h.program.contains("recv")), "{rung:?}");
+            for hook in hooks {
+                assert!(programs.insert(hook.program), "{} twice", hook.program);
+                // Optional hooks are the sendpage path only: the rest is required.
+                assert_eq!(hook.only_if_present, hook.target == SENDPAGE);
+            }
+        }
+    }
+
+    #[test]
+    fn tcp_recvmsg_shape_follows_the_kernel() {
+        assert_eq!(
+            KernelFunctions::from_release("5.10.0-32-amd64"),
+            KernelFunctions {
+                tcp_recvmsg_args: 6,
+                has_tcp_sendpage: true
+            }
+        );
+        assert_eq!(
+            KernelFunctions::from_release("6.1.0-57-amd64"),
+            KernelFunctions {
+                tcp_recvmsg_args: 5,
+                has_tcp_sendpage: true
+            }
+        );
+        assert_eq!(
+            KernelFunctions::from_release("6.12.117+deb13-amd64"),
+            KernelFunctions {
+                tcp_recvmsg_args: 5,
+                has_tcp_sendpage: false
+            }
+        );
+        // The running kernel's BTF says the same as its version.
+        let btf = crate::sources::btf::from_kernel().unwrap();
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        assert_eq!(
+            KernelFunctions::from_btf(&btf),
+            Some(KernelFunctions::from_release(release.trim()))
+        );
     }
 
     /// A tracefs with a `format` file, in the layout the programs expect, for each of
@@ -554,29 +925,18 @@ mod tests {
 
     #[test]
     fn a_missing_required_tracepoint_is_named_before_anything_loads() {
-        let root = fake_tracefs(
-            "missing",
-            &["sock/inet_sock_set_state", "sock/sock_recv_length"],
-        );
+        let root = fake_tracefs("missing", &["sock/sock_send_length"]);
         let err = format!("{:#}", check_required_hooks(&root).unwrap_err());
         assert!(
-            err.contains("tracepoint sock/sock_send_length is not available"),
+            err.contains("tracepoint sock/inet_sock_set_state is not available"),
             "{err}"
         );
-        assert!(!err.contains("sock/sock_recv_length is"), "{err}");
-        assert!(!err.contains("inet_sock_set_state is"), "{err}");
         assert!(!err.contains("capture"), "{err}");
         std::fs::remove_dir_all(root).unwrap();
 
-        // Optional hooks (tcp/*) may be missing.
-        let root = fake_tracefs(
-            "required",
-            &[
-                "sock/inet_sock_set_state",
-                "sock/sock_send_length",
-                "sock/sock_recv_length",
-            ],
-        );
+        // Optional hooks (tcp/*) may be missing, and so may the sock tracepoints of the
+        // transfers (other rungs take over).
+        let root = fake_tracefs("required", &["sock/inet_sock_set_state"]);
         check_required_hooks(&root).unwrap();
         std::fs::remove_dir_all(root).unwrap();
     }

@@ -210,16 +210,29 @@ fn connection_opened_before_the_daemon_is_adopted_and_flagged() {
     assert_eq!(with_role(conns, "server")["network"]["local"]["port"], port);
 
     std::io::Write::write_all(&mut client, b"GET /after-start HTTP/1.1\r\n\r\n").unwrap();
-    let stalls = daemon.wait_for_stalls(port, 2, REPORT_WITHIN);
-    assert_eq!(stalls.len(), 2, "{stalls:#?}\n{}", daemon.stderr());
-    let client_addr = client.local_addr().unwrap();
-    assert_conn(
-        with_role(&stalls, "server"),
-        "server",
-        server.addr,
-        client_addr,
-        server_tid,
+    // The server thread has been blocked in recv() since before the daemon attached. The sock
+    // tracepoints fire as that call returns; fexit and kprobes wrap the call, so one already
+    // in progress at attach time is not seen (docs/design.md): on those rungs the server end
+    // is flagged from its next transfer on, and only the client end is flagged here.
+    let rung = daemon.cli_json(&["status", "-o", "json"])["hooks"]["transfers"]["rung"].clone();
+    let expected = if rung == "tracepoint" { 2 } else { 1 };
+    let stalls = daemon.wait_for_stalls(port, expected, REPORT_WITHIN);
+    assert_eq!(
+        stalls.len(),
+        expected,
+        "{rung}: {stalls:#?}\n{}",
+        daemon.stderr()
     );
+    let client_addr = client.local_addr().unwrap();
+    if rung == "tracepoint" {
+        assert_conn(
+            with_role(&stalls, "server"),
+            "server",
+            server.addr,
+            client_addr,
+            server_tid,
+        );
+    }
     assert_conn(
         with_role(&stalls, "client"),
         "client",

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | run | test | package | fuzz | bench`.
+//! Project tasks: `cargo xtask setup | run | test | package | fuzz | bench | vm-test`.
 //!
 //! Each task first makes the machine ready, idempotently, saying what it does: Debian packages
 //! for the BPF compiler toolchain, the rustup link to it, bpf-linker, and tracefs. A second run
@@ -6,6 +6,7 @@
 mod bench;
 mod package;
 mod setup;
+mod vm_test;
 
 use std::{
     path::{Path, PathBuf},
@@ -52,6 +53,11 @@ enum Task {
     /// Measure stalltrace's overhead on real workloads (release builds, alternating untraced
     /// and traced runs); writes target/bench/latest.json. Needs root.
     Bench(bench::BenchArgs),
+    /// The kernel matrix: boot Debian's kernels 5.10, 6.1, 6.12 and 7.x under QEMU and run the
+    /// stall and file I/O integration tests inside each, once per hook rung (tracepoint, fentry,
+    /// kprobe), plus on this machine's kernel. Downloads the kernels with apt (once); needs
+    /// root. Fails if a kernel does not boot or a test fails.
+    VmTest(vm_test::VmTestArgs),
 }
 
 fn main() {
@@ -63,6 +69,7 @@ fn main() {
         Task::Package => package::build().map(|_| ()),
         Task::Bench(args) => bench::run(args),
         Task::Fuzz { seconds } => fuzz(seconds),
+        Task::VmTest(args) => vm_test::run(args),
     };
     if let Err(err) = result {
         eprintln!("xtask: error: {err:#}");

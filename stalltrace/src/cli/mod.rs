@@ -230,6 +230,23 @@ pub struct DaemonArgs {
     #[arg(long, value_enum, default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,
 
+    /// How to hook the data transfers (every TCP send and receive). `auto` takes the first that
+    /// works on this kernel, in this order: `tracepoint` (sock_send_length/sock_recv_length,
+    /// Linux 6.3+, cheapest), `fentry` (fexit on tcp_sendmsg/tcp_recvmsg: BTF trampolines,
+    /// 5.5+), `kprobe` (kprobe/kretprobe pairs on the same functions). Events and verdicts are
+    /// the same whichever is used; `status` shows it. Forcing one that the kernel lacks is an
+    /// error naming the missing kernel feature.
+    #[arg(long, value_enum, default_value_t = HooksArg::Auto, env = "STALLTRACE_HOOKS")]
+    pub hooks: HooksArg,
+
+    /// Read the kernel's BTF from this file instead of /sys/kernel/btf/vmlinux: for kernels
+    /// built without CONFIG_DEBUG_INFO_BTF, with a BTF file made for that exact kernel build
+    /// (e.g. from BTFHub). It gives the socket offsets (adoption, connections found by their
+    /// traffic) and the shape of tcp_recvmsg for the kprobe hooks; the fentry hooks still need
+    /// the kernel's own BTF.
+    #[arg(long, value_name = "PATH")]
+    pub btf: Option<PathBuf>,
+
     /// Name unrecognized requests (not HTTP, Redis, PostgreSQL or MySQL) with a printable
     /// preview of their first 24 bytes, in events, `stalls`, `show` and `why`, instead of
     /// `(unrecognized)`. The preview exposes whatever those bytes hold: credentials, tokens,
@@ -302,6 +319,28 @@ pub enum MetricsLabel {
     Comm,
     /// The server's port: the local port of a server connection, the peer port of a client's.
     Port,
+}
+
+/// `--hooks`: a rung of the data transfer hooks, or `auto`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HooksArg {
+    Auto,
+    Tracepoint,
+    Fentry,
+    Kprobe,
+}
+
+impl HooksArg {
+    /// The rung forced, if any.
+    pub fn rung(self) -> Option<crate::Rung> {
+        match self {
+            HooksArg::Auto => None,
+            HooksArg::Tracepoint => Some(crate::Rung::Tracepoint),
+            HooksArg::Fentry => Some(crate::Rung::Fentry),
+            HooksArg::Kprobe => Some(crate::Rung::Kprobe),
+        }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]

@@ -41,7 +41,7 @@ use crate::{
     config::Rules,
     diagnosis::{Diagnoser, Finding},
     heap,
-    probes::{KernelMaps, ProbeConfig, Probes},
+    probes::{KernelFunctions, KernelMaps, ProbeConfig, Probes, Rung},
     sinks::{
         api_server::{Answer, ApiServer, Query},
         metrics::Metrics,
@@ -71,6 +71,10 @@ pub struct DaemonConfig {
     pub bpf_stats: bool,
     /// Request bytes captured at each request start (0: off).
     pub capture_bytes: u32,
+    /// How to hook the data transfers (`--hooks`); `None`: the best rung that attaches.
+    pub hooks: Option<Rung>,
+    /// The kernel's BTF from this file instead of /sys/kernel/btf/vmlinux (`--btf`).
+    pub btf: Option<PathBuf>,
     /// Include captured bytes (hex) in stall reports, not only their signature.
     pub capture_raw: bool,
     /// Mode of an events file the daemon creates.
@@ -124,7 +128,7 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
     // First: SIGHUP's default action would kill the daemon (e.g. when logrotate signals it).
     let sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let tracefs_root = tracefs::ensure_mounted()?;
-    let offsets = kernel_offsets();
+    let (offsets, functions) = kernel_layout(config.btf.as_deref())?;
     let listening = procfs::listening_ports(&procfs::tcp_sockets());
     // Bind first: a second daemon must fail before it loads anything.
     let api = ApiServer::bind(&config.socket, config.socket_group.as_deref())?;
@@ -164,6 +168,8 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
         offsets,
         bpf_stats: config.bpf_stats,
         capture_bytes: config.capture_bytes,
+        hooks: config.hooks,
+        functions,
     };
     let mut probes = Probes::load(&tracefs_root, &probe_config, &listening)?;
     // Everything that needs root at start-up is done: keep only what run time needs. Before
@@ -209,10 +215,18 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
         privileges.capabilities.join(", ")
     );
     log::info!(
-        "stalltrace {} running: {} hooks attached, {} connections adopted, stall threshold {:?}; \
-         events to {}; API on {}{metrics_on}",
+        "stalltrace {} running: {} hooks attached (data transfers by {}{}), {} connections \
+         adopted, stall threshold {:?}; events to {}; API on {}{metrics_on}",
         env!("CARGO_PKG_VERSION"),
         probes.attached_count(),
+        probes.transfers.rung.name(),
+        if probes.transfers.forced {
+            ", forced by --hooks".to_owned()
+        } else if probes.transfers.passed_over.is_empty() {
+            String::new()
+        } else {
+            format!(" after {}", probes.transfers.passed_over.join("; "))
+        },
         adopted,
         kernel_threshold,
         sink.destination(),
@@ -296,22 +310,35 @@ fn notify_service_manager(state: sd_notify::NotifyState<'_>, status: &str) {
     }
 }
 
-fn kernel_offsets() -> Offsets {
+/// What the programs need to know about the running kernel: member offsets and the shape of
+/// its TCP functions, from its BTF. Without BTF, adoption is lost (said once) and the
+/// functions' shape comes from the kernel version.
+fn kernel_layout(btf_file: Option<&std::path::Path>) -> Result<(Offsets, KernelFunctions)> {
     let lost = "connections open before the daemon started are not adopted, and a reply that \
                 arrives with the peer's close may end its stall as `closed`";
-    match btf::from_kernel() {
+    let from_release = || {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        KernelFunctions::from_release(release.trim())
+    };
+    // A file the user named must be usable: failing to read it is an error, not a warning.
+    let kernel_btf = match btf_file {
+        Some(path) => Ok(btf::from_file(path)?),
+        None => btf::from_kernel(),
+    };
+    Ok(match kernel_btf {
         Ok(kernel_btf) => {
             let (offsets, missing) = btf::resolve_offsets(&kernel_btf);
             if !missing.is_empty() {
                 log::warn!("kernel BTF lacks {}: {lost}", missing.join(", "));
             }
-            offsets
+            let functions = KernelFunctions::from_btf(&kernel_btf).unwrap_or_else(from_release);
+            (offsets, functions)
         }
         Err(err) => {
-            log::warn!("{err:#}: {lost}");
-            Offsets::unknown()
+            log::warn!("{err:#}: {lost}; the fentry hooks are unavailable");
+            (Offsets::unknown(), from_release())
         }
-    }
+    })
 }
 
 struct Daemon {
@@ -545,6 +572,7 @@ impl Daemon {
         LossCounters {
             kernel_ringbuf_full: kernel.ringbuf_full,
             kernel_conn_insert_failed: kernel.conn_insert_failed,
+            kernel_hook_missed: kernel.hook_missed,
             conn_evicted: stats.evictions,
             close_unseen: stats.lost_closes,
             malformed_records: self.malformed + stats.unknown_events,

@@ -87,6 +87,9 @@ impl Daemon {
             },
             "events_to": self.sink.destination(),
             "programs": probes.attached(),
+            "hooks": {
+                "transfers": probes.transfers,
+            },
             "features": {
                 "adopt_existing": self.offsets.can_read_sock(),
                 "request_capture_bytes": probes.capture_bytes,

@@ -9,9 +9,20 @@ pub(crate) const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// Reads and parses the running kernel's BTF.
 pub(crate) fn from_kernel() -> Result<Btf> {
     let data = std::fs::read(VMLINUX_BTF).with_context(|| {
-        format!("reading {VMLINUX_BTF} (needs a kernel built with CONFIG_DEBUG_INFO_BTF=y)")
+        format!(
+            "reading {VMLINUX_BTF} (needs a kernel built with CONFIG_DEBUG_INFO_BTF=y, or the \
+             kernel's BTF from a file with --btf)"
+        )
     })?;
     Btf::parse(data).with_context(|| format!("parsing {VMLINUX_BTF}"))
+}
+
+/// Reads and parses BTF for the running kernel from a file (`--btf`, e.g. from BTFHub for a
+/// kernel built without BTF). It must describe the exact kernel build that runs.
+pub(crate) fn from_file(path: &std::path::Path) -> Result<Btf> {
+    let data =
+        std::fs::read(path).with_context(|| format!("reading the BTF file {}", path.display()))?;
+    Btf::parse(data).with_context(|| format!("parsing the BTF file {}", path.display()))
 }
 
 /// The offsets the kernel programs use; members that cannot be found (or have an unexpected
