@@ -89,19 +89,26 @@ impl<'a> Head<'a> {
         self.bytes.get(i).copied()
     }
 
-    /// The 4 captured bytes at `at`, if they are all in the capture. `at` itself is compared
-    /// with a constant first: the verifier must see the bound on the register it indexes with.
+    /// The 4 bytes at `at` of the transfer: from the capture at the offsets the verifier can
+    /// bound (the first two: constants), else from `more` — never by an index computed from
+    /// the data, which older verifiers (6.1) cannot bound however it is checked.
     #[inline(always)]
-    fn word(&self, at: usize) -> Option<[u8; 4]> {
-        if at > CAPTURE_MAX - 4 || at + 4 > self.len {
-            return None;
+    fn word(&self, at: usize, more: &mut impl More) -> Option<[u8; 4]> {
+        let captured = |first: usize| {
+            (first + 4 <= self.len).then(|| {
+                [
+                    self.at(first).unwrap_or(0),
+                    self.at(first + 1).unwrap_or(0),
+                    self.at(first + 2).unwrap_or(0),
+                    self.at(first + 3).unwrap_or(0),
+                ]
+            })
+        };
+        match at {
+            0 => captured(0).or_else(|| more(0)),
+            1 => captured(1).or_else(|| more(1)),
+            _ => more(at),
         }
-        Some([
-            *self.bytes.get(at)?,
-            *self.bytes.get(at + 1)?,
-            *self.bytes.get(at + 2)?,
-            *self.bytes.get(at + 3)?,
-        ])
     }
 
     /// `pattern` (ASCII, upper case) at `at`, ignoring the case of letters.
@@ -316,10 +323,7 @@ fn http2(head: &Head, reply: bool, mut more: impl More) -> Message {
                 Message::Control
             };
         }
-        let header = match head.word(at) {
-            Some(word) => Some(word),
-            None => more(at),
-        };
+        let header = head.word(at, &mut more);
         let Some([l0, l1, l2, kind]) = header else {
             break;
         };
@@ -360,14 +364,8 @@ fn tls(conn: &mut ConnState, head: &Head, mut more: impl More) -> Message {
             break;
         }
         // [type, version, version, length high] and [version, version, length high, low].
-        let first = match head.word(at) {
-            Some(word) => Some(word),
-            None => more(at),
-        };
-        let second = match head.word(at + 1) {
-            Some(word) => Some(word),
-            None => more(at + 1),
-        };
+        let first = head.word(at, &mut more);
+        let second = head.word(at + 1, &mut more);
         let (Some([kind, ..]), Some([_, _, hi, lo])) = (first, second) else {
             return Message::Data;
         };
@@ -483,8 +481,13 @@ mod tests {
         let at = Head::new(&head, run.len(), run.len() as u64);
         assert!(judges_housekeeping(proto::HTTP2) && !judges_housekeeping(proto::HTTP1));
         assert_eq!(
-            classify(&mut conn(proto::HTTP2), Look::Reply, &at, no_more),
+            classify(&mut conn(proto::HTTP2), Look::Reply, &at, from(&run)),
             Message::Control
+        );
+        assert_eq!(
+            classify(&mut conn(proto::HTTP2), Look::Reply, &at, no_more),
+            Message::Data,
+            "a frame that cannot be read may be the reply"
         );
         let reset = h2_frame(H2_RST_STREAM, 1, &[0, 0, 0, 8]);
         let mut head = [0u8; CAPTURE_MAX];

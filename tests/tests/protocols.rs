@@ -81,27 +81,6 @@ fn assert_never_flagged(daemon: &Daemon, port: u16, what: &str) {
     );
 }
 
-/// Every verdict above rests on the kernel reading request bytes: the programs that do it must
-/// pass the verifier (a version that did not fell back, with one warning, to the direction
-/// rule alone, and every protocol case went quietly wrong).
-#[test]
-fn request_capture_loads() {
-    require_root();
-    let daemon = Daemon::start("capture-loads");
-    let status = daemon.cli_json(&["status", "-o", "json"]);
-    assert_eq!(
-        status["features"]["request_capture_bytes"],
-        64,
-        "capture is off: {status:#}\n{}",
-        daemon.stderr()
-    );
-    assert!(
-        !daemon.stderr().contains("capture is unavailable"),
-        "{}",
-        daemon.stderr()
-    );
-}
-
 /// `printf 'QUERY-42\n' | socat -t 20 - TCP:…` against a server that reads to end-of-stream,
 /// waits, answers 19 bytes and closes: live stalls on both ends during the wait, ended by the
 /// response, socat's close counts the 19 bytes, and no phantom connection appears.

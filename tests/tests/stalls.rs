@@ -287,3 +287,33 @@ fn connect_that_never_completes_is_connect_pending() {
         .unwrap_or_else(|| panic!("no connect_pending end in {ends:#?}"));
     assert_eq!(end["stall"]["resolution"], "reset", "{end:#}");
 }
+
+/// The protocol verdict rules and request signatures rest on the kernel reading request
+/// bytes (`bpf_task_pt_regs`, Linux 5.15): where the kernel has it, the programs that do it
+/// must pass its verifier — a rejection only warns and quietly leaves the direction rule.
+/// Runs in the kernel matrix too, where 5.10 must say capture is off.
+#[test]
+fn request_capture_loads_where_the_kernel_has_it() {
+    require_root();
+    let daemon = Daemon::start("capture-loads");
+    let status = daemon.cli_json(&["status", "-o", "json"]);
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut numbers = release
+        .trim()
+        .split(['.', '-'])
+        .map(|part| part.parse::<u32>().unwrap_or(0));
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    let expected = if version >= (5, 15) { 64 } else { 0 };
+    assert_eq!(
+        status["features"]["request_capture_bytes"],
+        expected,
+        "kernel {release}: {status:#}\n{}",
+        daemon.stderr()
+    );
+    assert_eq!(
+        daemon.stderr().contains("capture is unavailable"),
+        expected == 0,
+        "{}",
+        daemon.stderr()
+    );
+}
