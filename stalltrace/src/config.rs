@@ -91,7 +91,7 @@ pub struct RuleSpec {
     /// Executable name (comm, at most 15 characters), glob (`python3*`).
     #[serde(default, deserialize_with = "glob")]
     pub comm: Option<Glob>,
-    /// Executable path, glob. Accepted, not matched yet (see [`Rule::unmatched_keys`]).
+    /// Executable path (`/proc/PID/exe`, read by the diagnosis worker's first look), glob.
     #[serde(default, deserialize_with = "glob")]
     pub exe: Option<Glob>,
     pub local_port: Option<u16>,
@@ -170,14 +170,20 @@ pub struct Subject<'a> {
     pub peer_port: u16,
     /// The request signature, if the request was captured and recognized.
     pub request: Option<&'a str>,
+    /// The executable's path, if the diagnosis worker's first look came before the stall was
+    /// reported (`/proc/PID/exe`).
+    pub exe: Option<&'a str>,
 }
 
 impl Rule {
-    /// Whether every key the rule gives matches `subject`. Keys not matched yet (`exe`,
-    /// `cgroup`) and a transport other than TCP match nothing.
+    /// Whether every key the rule gives matches `subject`. A key not matched yet (`cgroup`),
+    /// an `exe` not known (no first look in time) and a transport other than TCP match
+    /// nothing.
     pub fn matches(&self, subject: &Subject<'_>) -> bool {
         let spec = &self.spec;
-        spec.exe.is_none()
+        spec.exe
+            .as_ref()
+            .is_none_or(|g| subject.exe.is_some_and(|exe| g.matches(exe)))
             && spec.cgroup.is_none()
             && spec.transport.is_none_or(|t| t == Transport::Tcp)
             && spec.comm.as_ref().is_none_or(|g| g.matches(subject.comm))
@@ -194,9 +200,6 @@ impl Rule {
     pub fn unmatched_keys(&self) -> Vec<&'static str> {
         let spec = &self.spec;
         let mut keys = Vec::new();
-        if spec.exe.is_some() {
-            keys.push("exe");
-        }
         if spec.cgroup.is_some() {
             keys.push("cgroup");
         }
@@ -637,6 +640,7 @@ mod tests {
             peer: "10.1.2.3".parse().unwrap(),
             peer_port,
             request,
+            exe: Some("/usr/bin/python3.11"),
         }
     }
 
@@ -783,6 +787,27 @@ mod tests {
         };
         assert_eq!(rules.decide(&elsewhere), Decision::default());
         assert_eq!(rules.min_stall_after(), Some(Duration::from_secs(45)));
+    }
+
+    #[test]
+    fn exe_matches_the_executable_path_once_known() {
+        let loaded = parse("[[rule]]\nexe = \"/usr/bin/python3*\"\nignore = true\n").unwrap();
+        let rules = loaded.rules;
+        assert!(rules.rules[0].unmatched_keys().is_empty());
+        assert!(rules.decide(&subject("app", 1, 2, None)).ignore);
+        let elsewhere = Subject {
+            exe: Some("/opt/app/bin/server"),
+            ..subject("app", 1, 2, None)
+        };
+        assert!(!rules.decide(&elsewhere).ignore);
+        let unknown = Subject {
+            exe: None,
+            ..subject("app", 1, 2, None)
+        };
+        assert!(
+            !rules.decide(&unknown).ignore,
+            "an executable not known (no first look in time) matches no exe rule"
+        );
     }
 
     #[test]

@@ -249,3 +249,41 @@ fn invalid_files_are_refused_at_start_and_by_check_config() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A rule on the executable's path (`/proc/PID/exe`, read by the diagnosis worker's first
+/// look before the stall is reported): this test's own binary, both ends of its stall.
+#[test]
+fn an_exe_rule_matches_the_executable_path() {
+    require_root();
+    let exe = std::env::current_exe().unwrap();
+    let dir = config_dir("exe");
+    let text = format!(
+        "[[rule]]\nname = \"this test\"\nexe = \"{}\"\nignore = true\n",
+        exe.display()
+    );
+    let config = write_config(&dir, "stalltrace.toml", &text);
+    let daemon = Daemon::start_with("rules-exe", &["--config", config.to_str().unwrap()]);
+    let server = SilentServer::bind("127.0.0.1");
+    let _client = send_request(server.addr);
+    let port = server.addr.port();
+    let deadline = Instant::now() + STALL_AFTER + REPORT_WITHIN;
+    let rules = loop {
+        let rules = status_rules(&daemon);
+        if rules["ignored_open"].as_u64().unwrap() >= 2 || Instant::now() > deadline {
+            break rules;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        rules["ignored_open"].as_u64().unwrap() >= 2,
+        "{rules}\n{}",
+        daemon.stderr()
+    );
+    assert_eq!(daemon.stalls(port), Vec::<Value>::new());
+    assert!(
+        !daemon.stderr().contains("not matched"),
+        "{}",
+        daemon.stderr()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

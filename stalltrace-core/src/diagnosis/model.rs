@@ -176,6 +176,10 @@ pub struct Diagnosis {
     pub retransmits: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<RequestReport>,
+    /// The path of the process's executable (`/proc/PID/exe`, read by the diagnosis worker's
+    /// first look), for the rules' `exe` key. Not reported: events name the executable.
+    #[serde(skip)]
+    pub executable_path: Option<String>,
 }
 
 /// A thread and its verdict.

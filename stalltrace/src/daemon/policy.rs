@@ -14,7 +14,10 @@
 use std::collections::HashMap;
 
 use anyhow::{bail, Result};
-use stalltrace_core::tracker::{model::StallKind, ConnRef, Detail, Event};
+use stalltrace_core::{
+    diagnosis::Diagnosis,
+    tracker::{model::StallKind, ConnRef, Detail, Event},
+};
 
 use crate::{
     config::{Annotation, Rules, Subject},
@@ -148,14 +151,18 @@ impl Policy {
         (deferred, ignored)
     }
 
-    /// What the rules make of a stall starting on `conn`, quiet for `quiet_ms`, whose request
-    /// is `request`; with what the matching rule adds to its events.
+    /// What the rules make of a stall starting on `conn`, quiet for `quiet_ms`, whose
+    /// diagnosis so far is `diagnosis` (its request, its executable); with what the matching
+    /// rule adds to its events.
     pub(super) fn decide(
         &self,
         conn: &ConnRef,
-        request: Option<&str>,
+        diagnosis: Option<&Diagnosis>,
         quiet_ms: u64,
     ) -> (Verdict, Annotation) {
+        let request = diagnosis
+            .and_then(|d| d.request.as_ref())
+            .map(|r| r.signature.as_str());
         let comm = conn.owner.comm.as_str();
         let decision = self.rules.decide(&Subject {
             comm: &comm,
@@ -163,6 +170,7 @@ impl Policy {
             peer: conn.endpoints.peer,
             peer_port: conn.endpoints.peer_port,
             request,
+            exe: diagnosis.and_then(|d| d.executable_path.as_deref()),
         });
         let annotation = Annotation {
             severity: decision.severity,
@@ -207,11 +215,8 @@ impl Policy {
                         true
                     } else {
                         let labels = metrics.stall_labels(*kind, &event.conn);
-                        let request = diagnosis
-                            .as_ref()
-                            .and_then(|d| d.request.as_ref())
-                            .map(|r| r.signature.as_str());
-                        let (verdict, annotation) = self.decide(&event.conn, request, *quiet_ms);
+                        let (verdict, annotation) =
+                            self.decide(&event.conn, diagnosis.as_deref(), *quiet_ms);
                         if verdict == Verdict::Ignore {
                             self.ignored += 1;
                             metrics.stall_ignored(&labels);

@@ -81,7 +81,7 @@ impl Daemon {
                 // `why` counts the stalls the rules report; one they ignore or hold (a long
                 // poll) is a request that completes late, or is counted when released.
                 let request = known.request.as_ref().map(|r| r.signature.as_str());
-                let (verdict, _) = self.policy.decide(&event.conn, request, *quiet_ms);
+                let (verdict, _) = self.policy.decide(&event.conn, Some(&known), *quiet_ms);
                 if verdict == policy::Verdict::Report {
                     if let Some(sock) = sock {
                         self.why.stalled(

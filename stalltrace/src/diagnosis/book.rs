@@ -46,6 +46,7 @@ struct Facts {
     fd_peer: Option<Endpoints>,
     tcp: Option<TcpSignals>,
     not_accepted: bool,
+    executable_path: Option<String>,
 }
 
 struct Open {
@@ -291,6 +292,7 @@ impl Diagnoser {
                     fd_peer,
                     tcp,
                     not_accepted,
+                    executable_path,
                 } => {
                     if let Some(open) = self.open.get_mut(&id) {
                         let waited = waits_in_event_loop(open);
@@ -300,6 +302,7 @@ impl Diagnoser {
                             fd_peer,
                             tcp,
                             not_accepted,
+                            executable_path,
                         });
                         if waits_in_event_loop(open) != waited {
                             self.generation += 1;
@@ -433,6 +436,7 @@ impl Diagnoser {
         let Some(facts) = &open.facts else {
             return found;
         };
+        found.executable_path = facts.executable_path.clone();
         // Before the handshake completes there is no window and no data: tcp_info's data
         // and window fields mean nothing for a pending connect.
         let connecting = conn.stall.as_ref().map(|s| s.kind) == Some(StallKind::ConnectPending);

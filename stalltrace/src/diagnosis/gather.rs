@@ -25,6 +25,8 @@ pub(super) struct Gathered {
     pub(super) not_accepted: bool,
     /// The sample that ends this CPU-share window and starts the next.
     pub(super) sample: Option<ThreadSample>,
+    /// The process's executable (`/proc/PID/exe`), for the rules' `exe` key.
+    pub(super) executable_path: Option<String>,
 }
 
 /// Looks at the stall of `subject`; `first` is the sample that opens the CPU-share window.
@@ -35,7 +37,12 @@ pub(super) fn gather(subject: &Subject, first: Option<ThreadSample>) -> Gathered
         thread_report(subject.pid, subject.tid, first)
     };
     let entry = sock_diag::query(&subject.endpoints).ok().flatten();
+    let executable_path = (subject.pid != 0)
+        .then(|| std::fs::read_link(format!("/proc/{}/exe", subject.pid)).ok())
+        .flatten()
+        .map(|path| path.to_string_lossy().into_owned());
     Gathered {
+        executable_path,
         thread,
         fd_peer,
         // An established socket gets its inode when accept() takes it from the queue.

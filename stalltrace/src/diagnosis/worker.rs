@@ -70,6 +70,7 @@ pub(crate) enum Finding {
         fd_peer: Option<Endpoints>,
         tcp: Option<TcpSignals>,
         not_accepted: bool,
+        executable_path: Option<String>,
     },
     Stack {
         id: u64,
@@ -202,6 +203,7 @@ impl State {
                     fd_peer: gathered.fd_peer,
                     tcp: gathered.tcp,
                     not_accepted: gathered.not_accepted,
+                    executable_path: gathered.executable_path,
                 }
             }
             Job::Symbolize { id, pid, addresses } => {
