@@ -100,7 +100,8 @@ pub struct RuleSpec {
     #[serde(default, deserialize_with = "network")]
     pub peer: Option<ipnet::IpNet>,
     pub transport: Option<Transport>,
-    /// cgroup path (as in /proc/PID/cgroup), glob. Accepted, not matched yet.
+    /// cgroup path (from /proc/PID/cgroup, read by the diagnosis worker's first look; the
+    /// unified v2 path, or the deeper v1 one on hybrid hosts), glob: container ids are in it.
     #[serde(default, deserialize_with = "glob")]
     pub cgroup: Option<Glob>,
     /// Request signature as reported (`redis BLPOP`, `GET /v1/watch/{id}`), glob.
@@ -173,18 +174,22 @@ pub struct Subject<'a> {
     /// The executable's path, if the diagnosis worker's first look came before the stall was
     /// reported (`/proc/PID/exe`).
     pub exe: Option<&'a str>,
+    /// The process's cgroup v2 path, known like `exe`.
+    pub cgroup: Option<&'a str>,
 }
 
 impl Rule {
-    /// Whether every key the rule gives matches `subject`. A key not matched yet (`cgroup`),
-    /// an `exe` not known (no first look in time) and a transport other than TCP match
-    /// nothing.
+    /// Whether every key the rule gives matches `subject`. An `exe` or `cgroup` not known
+    /// (no first look in time) and a transport other than TCP match nothing.
     pub fn matches(&self, subject: &Subject<'_>) -> bool {
         let spec = &self.spec;
         spec.exe
             .as_ref()
             .is_none_or(|g| subject.exe.is_some_and(|exe| g.matches(exe)))
-            && spec.cgroup.is_none()
+            && spec
+                .cgroup
+                .as_ref()
+                .is_none_or(|g| subject.cgroup.is_some_and(|c| g.matches(c)))
             && spec.transport.is_none_or(|t| t == Transport::Tcp)
             && spec.comm.as_ref().is_none_or(|g| g.matches(subject.comm))
             && spec.local_port.is_none_or(|p| p == subject.local_port)
@@ -200,9 +205,6 @@ impl Rule {
     pub fn unmatched_keys(&self) -> Vec<&'static str> {
         let spec = &self.spec;
         let mut keys = Vec::new();
-        if spec.cgroup.is_some() {
-            keys.push("cgroup");
-        }
         if spec
             .transport
             .is_some_and(|transport| transport != Transport::Tcp)
@@ -641,6 +643,7 @@ mod tests {
             peer_port,
             request,
             exe: Some("/usr/bin/python3.11"),
+            cgroup: Some("/system.slice/app.service"),
         }
     }
 
@@ -811,16 +814,21 @@ mod tests {
     }
 
     #[test]
-    fn keys_not_matched_yet_never_apply_and_say_so() {
+    fn cgroup_matches_the_cgroup_path_and_other_transports_never_apply() {
         let loaded = parse(
             "[[rule]]\ncomm = \"app\"\ncgroup = \"/system.slice/*\"\nignore = true\n\
              [[rule]]\ncomm = \"app\"\ntransport = \"udp\"\nignore = true\n",
         )
         .unwrap();
         let rules = loaded.rules;
-        assert_eq!(rules.rules[0].unmatched_keys(), vec!["cgroup"]);
+        assert!(rules.rules[0].unmatched_keys().is_empty());
         assert_eq!(rules.rules[1].unmatched_keys().len(), 1);
-        assert_eq!(rules.decide(&subject("app", 1, 2, None)).rule, None);
+        assert_eq!(rules.decide(&subject("app", 1, 2, None)).rule, Some(0));
+        let in_docker = Subject {
+            cgroup: Some("/docker/3f2a9c"),
+            ..subject("app", 1, 2, None)
+        };
+        assert_eq!(rules.decide(&in_docker).rule, None);
     }
 
     #[test]

@@ -250,16 +250,36 @@ fn invalid_files_are_refused_at_start_and_by_check_config() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A rule on the executable's path (`/proc/PID/exe`, read by the diagnosis worker's first
-/// look before the stall is reported): this test's own binary, both ends of its stall.
+/// This process's cgroup as docs/config.md says the daemon picks it: the unified path, or on
+/// a hybrid host the first deeper v1 one.
+fn own_cgroup() -> String {
+    let text = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let path = |line: &str| line.splitn(3, ':').nth(2).map(str::to_owned);
+    let unified = text.lines().find(|l| l.starts_with("0::")).and_then(path);
+    let legacy = text
+        .lines()
+        .filter(|l| !l.starts_with("0::"))
+        .filter_map(path)
+        .find(|p| p != "/");
+    match (unified, legacy) {
+        (Some(root), Some(deeper)) if root == "/" => deeper,
+        (Some(path), _) => path,
+        (None, legacy) => legacy.expect("a cgroup"),
+    }
+}
+
+/// Rules on the executable's path and the cgroup (`/proc/PID/exe` and `/proc/PID/cgroup`, read
+/// by the diagnosis worker's first look before the stall is reported): this test's own binary
+/// and cgroup, both ends of its stall.
 #[test]
-fn an_exe_rule_matches_the_executable_path() {
+fn exe_and_cgroup_rules_match_the_process() {
     require_root();
     let exe = std::env::current_exe().unwrap();
     let dir = config_dir("exe");
     let text = format!(
-        "[[rule]]\nname = \"this test\"\nexe = \"{}\"\nignore = true\n",
-        exe.display()
+        "[[rule]]\nname = \"this test\"\nexe = \"{}\"\ncgroup = \"{}\"\nignore = true\n",
+        exe.display(),
+        own_cgroup()
     );
     let config = write_config(&dir, "stalltrace.toml", &text);
     let daemon = Daemon::start_with("rules-exe", &["--config", config.to_str().unwrap()]);

@@ -180,6 +180,10 @@ pub struct Diagnosis {
     /// first look), for the rules' `exe` key. Not reported: events name the executable.
     #[serde(skip)]
     pub executable_path: Option<String>,
+    /// The process's cgroup (v2 path from `/proc/PID/cgroup`, read with the executable), for
+    /// the rules' `cgroup` key (container ids are part of it). Not reported.
+    #[serde(skip)]
+    pub cgroup_path: Option<String>,
 }
 
 /// A thread and its verdict.

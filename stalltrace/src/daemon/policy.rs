@@ -171,6 +171,7 @@ impl Policy {
             peer_port: conn.endpoints.peer_port,
             request,
             exe: diagnosis.and_then(|d| d.executable_path.as_deref()),
+            cgroup: diagnosis.and_then(|d| d.cgroup_path.as_deref()),
         });
         let annotation = Annotation {
             severity: decision.severity,

@@ -47,6 +47,7 @@ struct Facts {
     tcp: Option<TcpSignals>,
     not_accepted: bool,
     executable_path: Option<String>,
+    cgroup_path: Option<String>,
 }
 
 struct Open {
@@ -293,6 +294,7 @@ impl Diagnoser {
                     tcp,
                     not_accepted,
                     executable_path,
+                    cgroup_path,
                 } => {
                     if let Some(open) = self.open.get_mut(&id) {
                         let waited = waits_in_event_loop(open);
@@ -303,6 +305,7 @@ impl Diagnoser {
                             tcp,
                             not_accepted,
                             executable_path,
+                            cgroup_path,
                         });
                         if waits_in_event_loop(open) != waited {
                             self.generation += 1;
@@ -437,6 +440,7 @@ impl Diagnoser {
             return found;
         };
         found.executable_path = facts.executable_path.clone();
+        found.cgroup_path = facts.cgroup_path.clone();
         // Before the handshake completes there is no window and no data: tcp_info's data
         // and window fields mean nothing for a pending connect.
         let connecting = conn.stall.as_ref().map(|s| s.kind) == Some(StallKind::ConnectPending);

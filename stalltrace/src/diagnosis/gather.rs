@@ -27,6 +27,8 @@ pub(super) struct Gathered {
     pub(super) sample: Option<ThreadSample>,
     /// The process's executable (`/proc/PID/exe`), for the rules' `exe` key.
     pub(super) executable_path: Option<String>,
+    /// The process's cgroup v2 path (`/proc/PID/cgroup`), for the rules' `cgroup` key.
+    pub(super) cgroup_path: Option<String>,
 }
 
 /// Looks at the stall of `subject`; `first` is the sample that opens the CPU-share window.
@@ -41,8 +43,12 @@ pub(super) fn gather(subject: &Subject, first: Option<ThreadSample>) -> Gathered
         .then(|| std::fs::read_link(format!("/proc/{}/exe", subject.pid)).ok())
         .flatten()
         .map(|path| path.to_string_lossy().into_owned());
+    let cgroup_path = (subject.pid != 0)
+        .then(|| procfs::cgroup_path(subject.pid))
+        .flatten();
     Gathered {
         executable_path,
+        cgroup_path,
         thread,
         fd_peer,
         // An established socket gets its inode when accept() takes it from the queue.

@@ -71,6 +71,7 @@ pub(crate) enum Finding {
         tcp: Option<TcpSignals>,
         not_accepted: bool,
         executable_path: Option<String>,
+        cgroup_path: Option<String>,
     },
     Stack {
         id: u64,
@@ -204,6 +205,7 @@ impl State {
                     tcp: gathered.tcp,
                     not_accepted: gathered.not_accepted,
                     executable_path: gathered.executable_path,
+                    cgroup_path: gathered.cgroup_path,
                 }
             }
             Job::Symbolize { id, pid, addresses } => {

@@ -147,6 +147,35 @@ pub(crate) fn adoptions(sockets: &[ProcSocket]) -> Vec<Adoption> {
         .collect()
 }
 
+/// The cgroup of process `pid` (`/proc/PID/cgroup`), as [`cgroup_of`] picks it.
+pub(crate) fn cgroup_path(pid: u32) -> Option<String> {
+    cgroup_of(&fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?)
+}
+
+/// The path a process's cgroup file gives: the unified (v2, `0::`) one, unless it is the root
+/// and a v1 hierarchy places the process deeper (hybrid hosts, where container runtimes use
+/// the v1 controllers); then the first such v1 path.
+pub(crate) fn cgroup_of(text: &str) -> Option<String> {
+    let mut unified = None;
+    let mut legacy = None;
+    for line in text.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(id), Some(_), Some(path)) = (fields.next(), fields.next(), fields.next()) else {
+            continue;
+        };
+        if id == "0" {
+            unified = Some(path);
+        } else if legacy.is_none() && path != "/" {
+            legacy = Some(path);
+        }
+    }
+    match (unified, legacy) {
+        (Some("/"), Some(deeper)) | (None, Some(deeper)) => Some(deeper.to_owned()),
+        (Some(path), _) => Some(path.to_owned()),
+        (None, None) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,5 +250,18 @@ mod tests {
             .find(|a| a.endpoints.peer_port == local_port && a.endpoints.local_port == server_port)
             .expect("the server side is listed");
         assert_eq!(server_side.role, Role::Server);
+    }
+
+    #[test]
+    fn the_cgroup_is_the_unified_path_or_the_deeper_legacy_one() {
+        assert_eq!(
+            cgroup_of("0::/system.slice/nginx.service\n").as_deref(),
+            Some("/system.slice/nginx.service")
+        );
+        let hybrid = "9:name=systemd:/\n4:memory:/docker/3f2a9c\n1:cpu:/docker/3f2a9c\n0::/\n";
+        assert_eq!(cgroup_of(hybrid).as_deref(), Some("/docker/3f2a9c"));
+        assert_eq!(cgroup_of("0::/\n").as_deref(), Some("/"));
+        assert_eq!(cgroup_of("garbage").as_deref(), None);
+        assert_eq!(cgroup_of("").as_deref(), None);
     }
 }
