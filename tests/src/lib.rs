@@ -28,6 +28,11 @@ pub const RUNTIME_CAPABILITIES: [&str; 4] = [
     "CAP_SYS_PTRACE",
 ];
 
+/// How long a daemon may take to answer after it was started: the kernel verifies its programs
+/// first, which takes about a second natively and up to ~20 s on the kernel matrix's emulated
+/// CPUs (Linux 6.1's verifier is the slowest with the message classifier).
+pub const START_WITHIN: Duration = Duration::from_secs(90);
+
 /// A stall must be reported no later than threshold + 1 s; allow for a loaded CI machine.
 pub const REPORT_WITHIN: Duration = Duration::from_secs(4);
 
@@ -88,7 +93,7 @@ impl Daemon {
             socket,
             events,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + START_WITHIN;
         while !daemon.cli(&["status"]).status.success() {
             if let Some(status) = daemon.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("daemon exited at start ({status}):\n{}", daemon.stderr());
@@ -133,7 +138,7 @@ impl Daemon {
     }
 
     fn wait_until_answering(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + START_WITHIN;
         while !self.cli(&["status"]).status.success() {
             assert!(self.running(), "daemon exited at start:\n{}", self.stderr());
             assert!(
