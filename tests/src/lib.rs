@@ -333,6 +333,18 @@ impl Drop for Daemon {
     }
 }
 
+/// The daemon's `status -o json` on `socket`, once it answers.
+pub fn status_at(socket: &Path) -> Option<Value> {
+    let out = Command::new(binary())
+        .args(["status", "-o", "json", "--socket"])
+        .arg(socket)
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).expect("status -o json is JSON"))
+}
+
 /// The event or item involves a connection with `port` at either end.
 pub fn touches(value: &Value, port: u16) -> bool {
     let network = &value["network"];

@@ -11,7 +11,7 @@ use std::{
 };
 
 use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Container};
-use stalltrace_integration::{binary, require_root, RUNTIME_CAPABILITIES};
+use stalltrace_integration::{binary, require_root, status_at, RUNTIME_CAPABILITIES, START_WITHIN};
 
 fn manifest_text() -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/daemonset.yaml");
@@ -149,15 +149,10 @@ fn the_daemonsets_command_runs_with_its_capabilities() {
         .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + START_WITHIN;
     let status = loop {
-        let out = Command::new(binary())
-            .args(["status", "-o", "json", "--socket"])
-            .arg(&socket)
-            .output()
-            .unwrap();
-        if out.status.success() {
-            break serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+        if let Some(status) = status_at(&socket) {
+            break status;
         }
         if let Some(exit) = daemon.try_wait().unwrap() {
             panic!(

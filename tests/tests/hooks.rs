@@ -8,7 +8,7 @@ use std::{
 };
 
 use serde_json::Value;
-use stalltrace_integration::{binary, require_root};
+use stalltrace_integration::{binary, require_root, status_at, START_WITHIN};
 
 /// Starts `stalltrace daemon ARGS`; `Ok(status)` once it answers, `Err(stderr)` if it exits.
 fn start(name: &str, args: &[&str]) -> Result<(Child, Value), String> {
@@ -28,19 +28,14 @@ fn start(name: &str, args: &[&str]) -> Result<(Child, Value), String> {
         .stderr(std::fs::File::create(&stderr).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + START_WITHIN;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             assert_eq!(status.code(), Some(1), "start-up failures exit with 1");
             return Err(std::fs::read_to_string(&stderr).unwrap());
         }
-        let out = Command::new(binary())
-            .args(["status", "-o", "json", "--socket"])
-            .arg(&socket)
-            .output()
-            .unwrap();
-        if out.status.success() {
-            return Ok((child, serde_json::from_slice(&out.stdout).unwrap()));
+        if let Some(status) = status_at(&socket) {
+            return Ok((child, status));
         }
         assert!(Instant::now() < deadline, "daemon not answering");
         thread::sleep(Duration::from_millis(100));
