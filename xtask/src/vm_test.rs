@@ -64,9 +64,12 @@ const MATRIX: &[Kernel] = &[
         auto: "fentry",
         cost: false,
     },
+    // Debian 12's own kernel: the rung it uses. (Its verifier is the slowest of the matrix with
+    // the message classifier, ~20 s per daemon start under emulation: kprobe is proven on
+    // 5.10 and 7.3 instead, to keep the matrix within CI's budget.)
     Kernel {
         suite: "bookworm-security",
-        rungs: &["fentry", "kprobe"],
+        rungs: &["fentry"],
         auto: "fentry",
         cost: false,
     },
