@@ -114,9 +114,20 @@ pub mod tcp_state {
     pub const NEW_SYN_RECV: u8 = 12;
 }
 
+/// Transport of a tracked socket ([`ConnState::transport`]). TCP is 0 so that a zeroed entry
+/// (every TCP path before other transports were traced) reads as TCP.
+pub mod transport {
+    pub const TCP: u8 = 0;
+    pub const UDP: u8 = 1;
+    /// `AF_UNIX` `SOCK_STREAM` or `SOCK_SEQPACKET`.
+    pub const UNIX: u8 = 2;
+}
+
+pub const AF_UNIX: u16 = 1;
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
+pub const IPPROTO_UDP: u16 = 17;
 
 /// Per-connection state, kept by the kernel programs in the `CONNS` map (keyed by the kernel's
 /// `struct sock` address) and copied whole into every event.
@@ -163,7 +174,8 @@ pub struct ConnState {
     pub flags: u8,
     /// One of [`message::proto`]: recognized from the first captured request bytes.
     pub proto: u8,
-    pub _pad: u8,
+    /// One of [`transport`].
+    pub transport: u8,
     /// Bytes of a housekeeping record still to come in the request direction (a TLS server
     /// reads a record's 5-byte header first, then its body): they are housekeeping too.
     pub housekeeping_left: u16,
@@ -491,7 +503,7 @@ mod tests {
                 last_dir: direction::IN,
                 flags: conn_flags::ESTABLISHED,
                 proto: 0,
-                _pad: 0,
+                transport: transport::TCP,
                 housekeeping_left: 0,
                 _pad2: [0; 2],
                 local_addr: [0xfe; 16],

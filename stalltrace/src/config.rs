@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use serde::{de::Error as _, Deserialize, Deserializer};
-use stalltrace_core::duration::HumanDuration;
+use stalltrace_core::{duration::HumanDuration, tracker::model::Transport};
 
 use crate::cli::{self, HooksArg, LogLevel, MetricsLabel};
 
@@ -113,14 +113,9 @@ pub struct RuleSpec {
     pub severity: Option<Severity>,
 }
 
-/// `transport` of a rule. Only TCP is traced today: rules for the others match nothing yet.
-#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Transport {
-    Tcp,
-    Udp,
-    Unix,
-}
+/// The transports the probes follow; a rule for another one matches nothing (said by
+/// `check-config`).
+const TRACED_TRANSPORTS: &[Transport] = &[Transport::Tcp];
 
 /// `stall.severity` of the stalls a rule matches.
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -165,6 +160,7 @@ pub struct Rule {
 /// What is known of a stall when it starts, for rules to match on.
 #[derive(Debug, Clone, Copy)]
 pub struct Subject<'a> {
+    pub transport: Transport,
     pub comm: &'a str,
     pub local_port: u16,
     pub peer: IpAddr,
@@ -180,7 +176,7 @@ pub struct Subject<'a> {
 
 impl Rule {
     /// Whether every key the rule gives matches `subject`. An `exe` or `cgroup` not known
-    /// (no first look in time) and a transport other than TCP match nothing.
+    /// (no first look in time) matches nothing.
     pub fn matches(&self, subject: &Subject<'_>) -> bool {
         let spec = &self.spec;
         spec.exe
@@ -190,7 +186,7 @@ impl Rule {
                 .cgroup
                 .as_ref()
                 .is_none_or(|g| subject.cgroup.is_some_and(|c| g.matches(c)))
-            && spec.transport.is_none_or(|t| t == Transport::Tcp)
+            && spec.transport.is_none_or(|t| t == subject.transport)
             && spec.comm.as_ref().is_none_or(|g| g.matches(subject.comm))
             && spec.local_port.is_none_or(|p| p == subject.local_port)
             && spec.peer_port.is_none_or(|p| p == subject.peer_port)
@@ -207,9 +203,9 @@ impl Rule {
         let mut keys = Vec::new();
         if spec
             .transport
-            .is_some_and(|transport| transport != Transport::Tcp)
+            .is_some_and(|transport| !TRACED_TRANSPORTS.contains(&transport))
         {
-            keys.push("transport (only tcp is traced)");
+            keys.push("transport (not traced yet)");
         }
         keys
     }
@@ -637,6 +633,7 @@ mod tests {
         request: Option<&'a str>,
     ) -> Subject<'a> {
         Subject {
+            transport: Transport::Tcp,
             comm,
             local_port,
             peer: "10.1.2.3".parse().unwrap(),
@@ -814,16 +811,20 @@ mod tests {
     }
 
     #[test]
-    fn cgroup_matches_the_cgroup_path_and_other_transports_never_apply() {
+    fn cgroup_and_transport_match_and_untraced_transports_are_said() {
         let loaded = parse(
-            "[[rule]]\ncomm = \"app\"\ncgroup = \"/system.slice/*\"\nignore = true\n\
-             [[rule]]\ncomm = \"app\"\ntransport = \"udp\"\nignore = true\n",
+            "[[rule]]\ncomm = \"app\"\ntransport = \"udp\"\nignore = true\n\
+             [[rule]]\ncomm = \"app\"\ncgroup = \"/system.slice/*\"\ntransport = \"tcp\"\n\
+             ignore = true\n",
         )
         .unwrap();
         let rules = loaded.rules;
-        assert!(rules.rules[0].unmatched_keys().is_empty());
-        assert_eq!(rules.rules[1].unmatched_keys().len(), 1);
-        assert_eq!(rules.decide(&subject("app", 1, 2, None)).rule, Some(0));
+        assert!(rules.rules[1].unmatched_keys().is_empty());
+        assert_eq!(
+            rules.rules[0].unmatched_keys().is_empty(),
+            TRACED_TRANSPORTS.contains(&Transport::Udp)
+        );
+        assert_eq!(rules.decide(&subject("app", 1, 2, None)).rule, Some(1));
         let in_docker = Subject {
             cgroup: Some("/docker/3f2a9c"),
             ..subject("app", 1, 2, None)

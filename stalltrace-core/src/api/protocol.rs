@@ -207,6 +207,7 @@ pub fn parse_request(line: &str) -> Result<Request, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tracker::model::Transport;
 
     #[test]
     fn requests_round_trip() {
@@ -259,6 +260,7 @@ mod tests {
     #[test]
     fn filters_match_all_given_criteria() {
         let endpoints = Endpoints {
+            transport: Transport::Tcp,
             local: "127.0.0.1".parse().unwrap(),
             local_port: 8080,
             peer: "127.0.0.1".parse().unwrap(),

@@ -176,7 +176,7 @@ pub fn identity(conn: &ConnRef) -> (Option<ProcessJson>, Option<ThreadJson>, Net
 
 pub fn network(endpoints: &Endpoints) -> NetworkJson {
     NetworkJson {
-        transport: "tcp".into(),
+        transport: endpoints.transport.as_str().into(),
         kind: endpoints.network_type().into(),
         local: EndpointJson {
             address: endpoints.local,
@@ -282,7 +282,7 @@ pub fn add_totals(conn: &mut ConnJson, totals: &Totals) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tracker::model::{Comm, Owner, Resolution, Role, StallKind};
+    use crate::tracker::model::{Comm, Owner, Resolution, Role, StallKind, Transport};
     use serde_json::json;
 
     fn conn_ref() -> ConnRef {
@@ -295,6 +295,7 @@ mod tests {
                 comm: Comm::new("api"),
             },
             endpoints: Endpoints {
+                transport: Transport::Tcp,
                 local: "::1".parse().unwrap(),
                 local_port: 8080,
                 peer: "::1".parse().unwrap(),

@@ -2,7 +2,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
-use stalltrace_common::{role, ConnState, AF_INET6, COMM_LEN};
+use stalltrace_common::{role, transport, ConnState, AF_INET6, COMM_LEN};
 
 /// Which side opened the connection: `client` called `connect()`, `server` accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -29,11 +29,43 @@ impl Role {
     }
 }
 
-/// Addresses and ports of a connection. IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`, as seen
+/// `network.transport`: the kernel's transport of a tracked socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    #[default]
+    Tcp,
+    Udp,
+    /// A Unix domain stream or seqpacket socket.
+    Unix,
+}
+
+impl Transport {
+    /// From [`ConnState::transport`]; an id this build does not know reads as TCP, the
+    /// transport of every record before the others were traced.
+    pub fn from_kernel(value: u8) -> Self {
+        match value {
+            transport::UDP => Self::Udp,
+            transport::UNIX => Self::Unix,
+            _ => Self::Tcp,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Unix => "unix",
+        }
+    }
+}
+
+/// Transport, addresses and ports of a connection. IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`, as seen
 /// on dual-stack sockets) are stored as IPv4: that is the network the traffic uses, and it
 /// makes the same connection compare equal whichever source reported it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Endpoints {
+    pub transport: Transport,
     pub local: IpAddr,
     pub local_port: u16,
     pub peer: IpAddr,
@@ -43,6 +75,7 @@ pub struct Endpoints {
 impl Endpoints {
     pub fn from_kernel(state: &ConnState) -> Self {
         Self {
+            transport: Transport::from_kernel(state.transport),
             local: ip_from_kernel(state.family, &state.local_addr),
             local_port: state.local_port,
             peer: ip_from_kernel(state.family, &state.peer_addr),
@@ -58,10 +91,11 @@ impl Endpoints {
         }
     }
 
-    /// The endpoints of a socket whose addresses were read from the socket itself
+    /// The endpoints of a `transport` socket whose addresses were read from the socket itself
     /// (getsockname/getpeername): IPv4-mapped addresses are unmapped as everywhere else.
-    pub fn from_socket_addrs(local: SocketAddr, peer: SocketAddr) -> Self {
+    pub fn from_socket_addrs(transport: Transport, local: SocketAddr, peer: SocketAddr) -> Self {
         Self {
+            transport,
             local: local.ip().to_canonical(),
             local_port: local.port(),
             peer: peer.ip().to_canonical(),
@@ -80,6 +114,7 @@ impl Endpoints {
     /// The same connection seen from its other end.
     pub fn reversed(&self) -> Self {
         Self {
+            transport: self.transport,
             local: self.peer,
             local_port: self.peer_port,
             peer: self.local,
@@ -198,7 +233,7 @@ impl Resolution {
     }
 }
 
-display_as_str!(Role, StallKind, Resolution);
+display_as_str!(Transport, Role, StallKind, Resolution);
 
 #[cfg(test)]
 mod tests {

@@ -165,6 +165,7 @@ impl Policy {
             .map(|r| r.signature.as_str());
         let comm = conn.owner.comm.as_str();
         let decision = self.rules.decide(&Subject {
+            transport: conn.endpoints.transport,
             comm: &comm,
             local_port: conn.endpoints.local_port,
             peer: conn.endpoints.peer,
@@ -399,7 +400,7 @@ fn event_name(detail: &Detail) -> &'static str {
 mod tests {
     use super::*;
     use crate::config::{self, Severity};
-    use stalltrace_core::tracker::model::{Comm, Endpoints, Owner, Resolution, Role};
+    use stalltrace_core::tracker::model::{Comm, Endpoints, Owner, Resolution, Role, Transport};
 
     const MS: u64 = 1_000_000;
 
@@ -415,6 +416,7 @@ mod tests {
                     comm: Comm::new(comm),
                 },
                 endpoints: Endpoints {
+                    transport: Transport::Tcp,
                     local: "127.0.0.1".parse().unwrap(),
                     local_port: 40000,
                     peer: "127.0.0.1".parse().unwrap(),

@@ -6,7 +6,7 @@ use std::{collections::HashMap, io};
 use stalltrace_common::tcp_state;
 use stalltrace_core::{
     diagnosis::{classify, TcpSignals, ThreadReport, ThreadSample, ThreadVerdict},
-    tracker::model::{Endpoints, Owner},
+    tracker::model::{Endpoints, Owner, Transport},
 };
 
 use super::worker::Subject;
@@ -92,7 +92,7 @@ fn thread_report(
                 ..
             } = &target
             {
-                fd_peer = Some(Endpoints::from_socket_addrs(*local, *peer));
+                fd_peer = Some(Endpoints::from_socket_addrs(Transport::Tcp, *local, *peer));
             }
             *fd_target = Some(target.describe());
         }

@@ -256,7 +256,7 @@ impl Metrics {
     pub fn stall_labels(&mut self, kind: StallKind, conn: &ConnRef) -> StallLabels {
         let mut labels = vec![
             ("kind", kind.as_str().to_owned()),
-            ("transport", "tcp".to_owned()),
+            ("transport", conn.endpoints.transport.as_str().to_owned()),
         ];
         if self.extra.is_empty() {
             return labels;
@@ -464,7 +464,7 @@ pub fn bind(address: SocketAddr) -> Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stalltrace_core::tracker::model::{Comm, Endpoints, Owner};
+    use stalltrace_core::tracker::model::{Comm, Endpoints, Owner, Transport};
 
     fn conn(comm: &str, role: Role, local_port: u16) -> ConnRef {
         ConnRef {
@@ -476,6 +476,7 @@ mod tests {
                 comm: Comm::new(comm),
             },
             endpoints: Endpoints {
+                transport: Transport::Tcp,
                 local: "127.0.0.1".parse().unwrap(),
                 local_port,
                 peer: "127.0.0.1".parse().unwrap(),

@@ -262,7 +262,7 @@ mod tests {
     use stalltrace_core::{
         loss::LossCounters,
         tracker::{
-            model::{Comm, Owner, Role},
+            model::{Comm, Owner, Role, Transport},
             Detail,
         },
     };
@@ -301,6 +301,7 @@ mod tests {
                     comm: Comm::new("t"),
                 },
                 endpoints: Endpoints {
+                    transport: Transport::Tcp,
                     local: "127.0.0.1".parse().unwrap(),
                     local_port: 1,
                     peer: "127.0.0.1".parse().unwrap(),

@@ -8,7 +8,7 @@ use std::{
 
 use stalltrace_common::tcp_state;
 use stalltrace_core::tracker::{
-    model::{Comm, Endpoints, Owner, Role},
+    model::{Comm, Endpoints, Owner, Role, Transport},
     Adoption,
 };
 
@@ -31,6 +31,7 @@ pub(crate) fn parse_tcp_line(line: &str) -> Option<ProcSocket> {
     let inode = columns.nth(5)?.parse().ok()?;
     Some(ProcSocket {
         endpoints: Endpoints {
+            transport: Transport::Tcp,
             local,
             local_port,
             peer,

@@ -8,7 +8,10 @@ use std::{
 };
 
 use stalltrace_common::tcp_state;
-use stalltrace_core::{diagnosis::TcpSignals, tracker::model::Endpoints};
+use stalltrace_core::{
+    diagnosis::TcpSignals,
+    tracker::model::{Endpoints, Transport},
+};
 
 const NETLINK_SOCK_DIAG: i32 = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -218,6 +221,7 @@ fn parse_entry(payload: &[u8]) -> Option<DiagEntry> {
         }
     };
     let endpoints = Endpoints {
+        transport: Transport::Tcp,
         local: address(8),
         local_port: u16::from_be_bytes([msg[4], msg[5]]),
         peer: address(24),
@@ -290,6 +294,7 @@ mod tests {
     fn endpoints(stream: &TcpStream) -> Endpoints {
         let (local, peer) = (stream.local_addr().unwrap(), stream.peer_addr().unwrap());
         Endpoints {
+            transport: Transport::Tcp,
             local: local.ip().to_canonical(),
             local_port: local.port(),
             peer: peer.ip().to_canonical(),
@@ -300,6 +305,7 @@ mod tests {
     #[test]
     fn requests_have_the_uapi_layout() {
         let ends = Endpoints {
+            transport: Transport::Tcp,
             local: "127.0.0.1".parse().unwrap(),
             local_port: 8080,
             peer: "127.0.0.2".parse().unwrap(),
