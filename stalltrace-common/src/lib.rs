@@ -354,6 +354,99 @@ impl Offsets {
     }
 }
 
+/// Where request capture finds the current syscall's number and data arguments in the task's
+/// `struct pt_regs` (read through `bpf_task_pt_regs`), per architecture. The layout is kernel
+/// internal: the daemon checks it against the running kernel's BTF and turns capture off when
+/// it differs, so the programs never read at a wrong offset.
+pub mod syscall_regs {
+    /// A `struct pt_regs` member: its BTF name (a path from the struct) and byte offset.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Member {
+        pub path: &'static [&'static str],
+        pub offset: usize,
+        /// Bytes.
+        pub size: usize,
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Layout {
+        /// The syscall number.
+        pub nr: Member,
+        /// The second and third syscall arguments (the buffer or iovec array, and the count).
+        pub arg1: Member,
+        pub arg2: Member,
+        /// Syscall numbers whose second argument locates the data moved.
+        pub read: u64,
+        pub write: u64,
+        pub readv: u64,
+        pub writev: u64,
+        pub sendto: u64,
+        pub recvfrom: u64,
+        pub sendmsg: u64,
+        pub recvmsg: u64,
+    }
+
+    /// x86-64: `orig_ax` holds the number; arguments in `di`, `si`, `dx`.
+    pub const X86_64: Layout = Layout {
+        nr: Member {
+            path: &["orig_ax"],
+            offset: 15 * 8,
+            size: 8,
+        },
+        arg1: Member {
+            path: &["si"],
+            offset: 13 * 8,
+            size: 8,
+        },
+        arg2: Member {
+            path: &["dx"],
+            offset: 12 * 8,
+            size: 8,
+        },
+        read: 0,
+        write: 1,
+        readv: 19,
+        writev: 20,
+        sendto: 44,
+        recvfrom: 45,
+        sendmsg: 46,
+        recvmsg: 47,
+    };
+
+    /// arm64: `regs[31]`, `sp`, `pc`, `pstate`, `orig_x0`, then `syscallno` (s32). Arguments
+    /// are `regs[0..]`: the return value replaces `regs[0]` only after the syscall returns,
+    /// and the socket tracepoints fire inside it. Numbers from the generic syscall table.
+    pub const AARCH64: Layout = Layout {
+        nr: Member {
+            path: &["syscallno"],
+            offset: 35 * 8,
+            size: 4,
+        },
+        arg1: Member {
+            path: &["regs"],
+            offset: 8,
+            size: 8,
+        },
+        arg2: Member {
+            path: &["regs"],
+            offset: 2 * 8,
+            size: 8,
+        },
+        read: 63,
+        write: 64,
+        readv: 65,
+        writev: 66,
+        sendto: 206,
+        recvfrom: 207,
+        sendmsg: 211,
+        recvmsg: 212,
+    };
+
+    /// `struct user_msghdr.msg_iov` and `.msg_iovlen` (the same on every 64-bit architecture).
+    pub const MSGHDR_IOV: u64 = 16;
+    pub const MSGHDR_IOVLEN: u64 = 24;
+}
+
 /// Records of the tracepoints the programs read directly, as laid out by the kernel (see
 /// `/sys/kernel/tracing/events/<category>/<name>/format`). The daemon checks each field's offset
 /// and size against the running kernel's format files before attaching.

@@ -20,7 +20,9 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use stalltrace_common::{capture_slot, loss, Capture, ConnState, Control, Offsets, StackKey};
+use stalltrace_common::{
+    capture_slot, loss, syscall_regs, Capture, ConnState, Control, Offsets, StackKey,
+};
 
 use crate::sources::tracefs;
 
@@ -168,15 +170,29 @@ pub(crate) fn running_version() -> (u32, u32) {
     release_version(release.trim())
 }
 
-/// What the fallback rungs need to know about the kernel's TCP functions (from its BTF, or
-/// its version when there is none).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What the fallback rungs need to know about the kernel's TCP functions, and request capture
+/// about its syscall registers (from its BTF, or its version when there is none).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct KernelFunctions {
     /// Parameters of `tcp_recvmsg`: 6 before Linux 5.19 (a `nonblock` before `flags`), 5
     /// after, 4 from 6.18 (no `addr_len`). `flags` is the fifth, else the fourth.
     pub tcp_recvmsg_args: u32,
     pub has_tcp_sendpage: bool,
+    /// `struct pt_regs` has the layout capture reads on this architecture
+    /// ([`SYSCALL_REGS`]), or there is no BTF to tell (capture then fails to load and is
+    /// dropped: it needs BTF).
+    pub syscall_regs: Result<(), String>,
 }
+
+/// Where capture reads the syscall's registers on the architecture the daemon was built for;
+/// `None` where it does not know them (capture off).
+pub(crate) const SYSCALL_REGS: Option<syscall_regs::Layout> = if cfg!(target_arch = "x86_64") {
+    Some(syscall_regs::X86_64)
+} else if cfg!(target_arch = "aarch64") {
+    Some(syscall_regs::AARCH64)
+} else {
+    None
+};
 
 impl KernelFunctions {
     /// From the kernel's BTF; `None` when the BTF has no `tcp_recvmsg` of a known shape.
@@ -191,6 +207,7 @@ impl KernelFunctions {
         Some(Self {
             tcp_recvmsg_args,
             has_tcp_sendpage: btf.function_params(SENDPAGE).is_some(),
+            syscall_regs: SYSCALL_REGS.map_or(Ok(()), |layout| check_syscall_regs(btf, &layout)),
         })
     }
 
@@ -204,8 +221,35 @@ impl KernelFunctions {
                 _ => 4,
             },
             has_tcp_sendpage: version < (6, 5),
+            syscall_regs: Ok(()),
         }
     }
+}
+
+/// Whether the kernel's `struct pt_regs` holds each register capture reads where `layout`
+/// says; the mismatch, named, if not.
+fn check_syscall_regs(
+    btf: &crate::sources::btf::Btf,
+    layout: &syscall_regs::Layout,
+) -> Result<(), String> {
+    for wanted in [layout.nr, layout.arg1, layout.arg2] {
+        let name = wanted.path.join(".");
+        let member = btf
+            .member("pt_regs", wanted.path)
+            .ok_or_else(|| format!("struct pt_regs has no member {name}"))?;
+        let (start, end) = (
+            member.offset as usize,
+            (member.offset + member.size) as usize,
+        );
+        if wanted.offset < start || wanted.offset + wanted.size > end {
+            return Err(format!(
+                "struct pt_regs.{name} is at bytes {start}..{end}, capture reads {}..{}",
+                wanted.offset,
+                wanted.offset + wanted.size
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) struct ProbeConfig {
@@ -339,17 +383,24 @@ impl Probes {
         listening: &[u16],
     ) -> Result<Self> {
         check_required_hooks(tracefs_root)?;
-        let capture_bytes = if cfg!(target_arch = "x86_64") {
-            config.capture_bytes
-        } else {
-            if config.capture_bytes > 0 {
+        let capture_bytes = match (SYSCALL_REGS, &config.functions.syscall_regs) {
+            _ if config.capture_bytes == 0 => 0,
+            (None, _) => {
                 log::warn!(
-                    "request capture reads x86-64 syscall registers and is off on {}: stalls \
-                     are reported without request signatures",
+                    "request capture reads syscall registers it knows on x86-64 and arm64 only, \
+                     so it is off on {}: stalls are reported without request signatures",
                     std::env::consts::ARCH
                 );
+                0
             }
-            0
+            (Some(_), Err(mismatch)) => {
+                log::warn!(
+                    "request capture is off: {mismatch} on this kernel (from its BTF); stalls \
+                     are reported without request signatures"
+                );
+                0
+            }
+            (Some(_), Ok(())) => config.capture_bytes,
         };
         let (probes, capture_error) = with_capture_fallback(capture_bytes, |bytes| {
             Self::load_once(tracefs_root, config, listening, bytes)
@@ -596,7 +647,7 @@ fn attach_transfers(
     };
     let mut passed_over = Vec::new();
     for rung in candidates {
-        match attach_rung(ebpf, tracefs_root, rung, config.functions) {
+        match attach_rung(ebpf, tracefs_root, rung, &config.functions) {
             Ok(hooks) => {
                 attached.extend(hooks);
                 return Ok(TransferHooks {
@@ -633,7 +684,7 @@ fn attach_rung(
     ebpf: &mut Ebpf,
     tracefs_root: &Path,
     rung: Rung,
-    functions: KernelFunctions,
+    functions: &KernelFunctions,
 ) -> Result<Vec<Attached>> {
     let btf = match rung {
         Rung::Fentry => Some(aya::Btf::from_sys_fs().with_context(|| {
@@ -876,30 +927,48 @@ mod tests {
             KernelFunctions::from_release("5.10.0-32-amd64"),
             KernelFunctions {
                 tcp_recvmsg_args: 6,
-                has_tcp_sendpage: true
+                has_tcp_sendpage: true,
+                syscall_regs: Ok(()),
             }
         );
         assert_eq!(
             KernelFunctions::from_release("6.1.0-57-amd64"),
             KernelFunctions {
                 tcp_recvmsg_args: 5,
-                has_tcp_sendpage: true
+                has_tcp_sendpage: true,
+                syscall_regs: Ok(()),
             }
         );
         assert_eq!(
             KernelFunctions::from_release("6.12.117+deb13-amd64"),
             KernelFunctions {
                 tcp_recvmsg_args: 5,
-                has_tcp_sendpage: false
+                has_tcp_sendpage: false,
+                syscall_regs: Ok(()),
             }
         );
-        // The running kernel's BTF says the same as its version.
+        // The running kernel's BTF says the same as its version, and its registers are where
+        // capture reads them.
         let btf = crate::sources::btf::from_kernel().unwrap();
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
         assert_eq!(
             KernelFunctions::from_btf(&btf),
             Some(KernelFunctions::from_release(release.trim()))
         );
+    }
+
+    #[test]
+    fn capture_is_refused_registers_the_kernel_does_not_have_there() {
+        let btf = crate::sources::btf::from_kernel().unwrap();
+        let mut layout = SYSCALL_REGS.expect("capture knows this architecture's registers");
+        assert_eq!(check_syscall_regs(&btf, &layout), Ok(()));
+        layout.nr.offset += 8;
+        let mismatch = check_syscall_regs(&btf, &layout).unwrap_err();
+        assert!(mismatch.contains("capture reads"), "{mismatch}");
+        layout.nr.offset -= 8;
+        layout.arg2.path = &["no_such_register"];
+        let missing = check_syscall_regs(&btf, &layout).unwrap_err();
+        assert!(missing.contains("no member no_such_register"), "{missing}");
     }
 
     /// A tracefs with a `format` file, in the layout the programs expect, for each of
