@@ -354,6 +354,41 @@ impl Offsets {
     }
 }
 
+/// Byte offsets of the kernel members that lead from a file descriptor to its socket
+/// (`current->files->fdt->fd[fd]`, then the file's inode mode and `private_data`, a
+/// `struct socket`, and its `sk`): the syscall tracepoint rung sees descriptors, not sockets.
+/// Resolved by the daemon from BTF like [`Offsets`]; [`Offsets::UNKNOWN`] when missing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdOffsets {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    /// `fdtable.max_fds` (u32) and `fdtable.fd` (`struct file **`).
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_inode: u32,
+    pub file_private_data: u32,
+    /// `inode.i_mode` (u16): `S_IFSOCK` tells a socket.
+    pub inode_mode: u32,
+    pub socket_sk: u32,
+}
+
+impl FdOffsets {
+    pub const fn unknown() -> Self {
+        let u = Offsets::UNKNOWN;
+        Self {
+            task_files: u,
+            files_fdt: u,
+            fdtable_max_fds: u,
+            fdtable_fd: u,
+            file_inode: u,
+            file_private_data: u,
+            inode_mode: u,
+            socket_sk: u,
+        }
+    }
+}
+
 /// Where request capture finds the current syscall's number and data arguments in the task's
 /// `struct pt_regs` (read through `bpf_task_pt_regs`), per architecture. The layout is kernel
 /// internal: the daemon checks it against the running kernel's BTF and turns capture off when
@@ -484,6 +519,44 @@ pub mod tracepoint {
         pub common: u64,
         pub skaddr: u64,
     }
+
+    /// Leading fields of `syscalls/sys_enter_*` for the calls whose first argument is a file
+    /// descriptor. Every syscall argument takes 8 bytes in these records.
+    #[repr(C)]
+    pub struct SysEnterFd {
+        pub common: u64,
+        pub syscall_nr: u64,
+        pub fd: u64,
+    }
+
+    /// `syscalls/sys_enter_recvfrom` up to its `flags`.
+    #[repr(C)]
+    pub struct SysEnterRecvfrom {
+        pub common: u64,
+        pub syscall_nr: u64,
+        pub fd: u64,
+        pub ubuf: u64,
+        pub size: u64,
+        pub flags: u64,
+    }
+
+    /// `syscalls/sys_enter_recvmsg` up to its `flags`.
+    #[repr(C)]
+    pub struct SysEnterRecvmsg {
+        pub common: u64,
+        pub syscall_nr: u64,
+        pub fd: u64,
+        pub msg: u64,
+        pub flags: u64,
+    }
+
+    /// `syscalls/sys_exit_*`.
+    #[repr(C)]
+    pub struct SysExit {
+        pub common: u64,
+        pub syscall_nr: u64,
+        pub ret: i64,
+    }
 }
 
 // Layouts are part of the ABI: pin them so both sides fail to build on an accidental change.
@@ -494,6 +567,7 @@ const _: () = assert!(core::mem::size_of::<Control>() == 8);
 const _: () = assert!(core::mem::size_of::<Capture>() == 88);
 const _: () = assert!(core::mem::size_of::<RequestEvent>() == 280);
 const _: () = assert!(core::mem::size_of::<Offsets>() == 44);
+const _: () = assert!(core::mem::size_of::<FdOffsets>() == 32);
 
 /// Userspace side: lets the types live in aya's maps.
 #[cfg(feature = "user")]
@@ -515,6 +589,8 @@ mod user {
     unsafe impl aya::Pod for StackKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Offsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FdOffsets {}
 }
 
 impl ConnEvent {

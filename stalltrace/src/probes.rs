@@ -21,7 +21,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use stalltrace_common::{
-    capture_slot, loss, syscall_regs, Capture, ConnState, Control, Offsets, StackKey,
+    capture_slot, loss, syscall_regs, Capture, ConnState, Control, FdOffsets, Offsets, StackKey,
 };
 
 use crate::sources::tracefs;
@@ -70,16 +70,20 @@ pub enum Rung {
     Fentry,
     /// kprobe + kretprobe pairs on the same functions (CONFIG_KPROBES).
     Kprobe,
+    /// The syscall tracepoints of the read/write family, descriptor resolved to its socket
+    /// (kernel BTF): the last resort, since they run for file I/O too.
+    Syscall,
 }
 
 impl Rung {
-    pub const LADDER: [Rung; 3] = [Rung::Tracepoint, Rung::Fentry, Rung::Kprobe];
+    pub const LADDER: [Rung; 4] = [Rung::Tracepoint, Rung::Fentry, Rung::Kprobe, Rung::Syscall];
 
     pub fn name(self) -> &'static str {
         match self {
             Rung::Tracepoint => "tracepoint",
             Rung::Fentry => "fentry",
             Rung::Kprobe => "kprobe",
+            Rung::Syscall => "syscall",
         }
     }
 
@@ -94,6 +98,10 @@ impl Rung {
                  CONFIG_BPF_JIT and CONFIG_FUNCTION_TRACER, Linux 5.5)"
             }
             Rung::Kprobe => "kprobes (CONFIG_KPROBES)",
+            Rung::Syscall => {
+                "the syscall tracepoints (CONFIG_FTRACE_SYSCALLS) and kernel BTF for the path \
+                 from a file descriptor to its socket"
+            }
         }
     }
 
@@ -103,6 +111,7 @@ impl Rung {
             Rung::Tracepoint => TRACEPOINT_TRANSFERS,
             Rung::Fentry => FENTRY_TRANSFERS,
             Rung::Kprobe => KPROBE_TRANSFERS,
+            Rung::Syscall => SYSCALL_TRANSFERS,
         }
     }
 }
@@ -156,6 +165,26 @@ const KPROBE_TRANSFERS: &[TransferHook] = &[
     },
 ];
 
+/// One program per role, attached to every syscall of the family (each is loaded once).
+const SYSCALL_TRANSFERS: &[TransferHook] = &[
+    transfer("stalltrace_sys_enter_fd", "sys_enter_read"),
+    transfer("stalltrace_sys_enter_fd", "sys_enter_readv"),
+    transfer("stalltrace_sys_enter_recvfrom", "sys_enter_recvfrom"),
+    transfer("stalltrace_sys_enter_recvmsg", "sys_enter_recvmsg"),
+    transfer("stalltrace_sys_exit_recv", "sys_exit_read"),
+    transfer("stalltrace_sys_exit_recv", "sys_exit_readv"),
+    transfer("stalltrace_sys_exit_recv", "sys_exit_recvfrom"),
+    transfer("stalltrace_sys_exit_recv", "sys_exit_recvmsg"),
+    transfer("stalltrace_sys_enter_fd", "sys_enter_write"),
+    transfer("stalltrace_sys_enter_fd", "sys_enter_writev"),
+    transfer("stalltrace_sys_enter_fd", "sys_enter_sendto"),
+    transfer("stalltrace_sys_enter_fd", "sys_enter_sendmsg"),
+    transfer("stalltrace_sys_exit_send", "sys_exit_write"),
+    transfer("stalltrace_sys_exit_send", "sys_exit_writev"),
+    transfer("stalltrace_sys_exit_send", "sys_exit_sendto"),
+    transfer("stalltrace_sys_exit_send", "sys_exit_sendmsg"),
+];
+
 /// (major, minor) of a kernel release such as "5.10.0-32-amd64"; (0, 0) if unreadable.
 pub(crate) fn release_version(release: &str) -> (u32, u32) {
     let mut numbers = release
@@ -178,6 +207,9 @@ pub(crate) struct KernelFunctions {
     /// after, 4 from 6.18 (no `addr_len`). `flags` is the fifth, else the fourth.
     pub tcp_recvmsg_args: u32,
     pub has_tcp_sendpage: bool,
+    /// The members the syscall rung follows from a descriptor to its socket, or which the
+    /// kernel's BTF lacks.
+    pub fd_offsets: Result<FdOffsets, String>,
     /// `struct pt_regs` has the layout capture reads on this architecture
     /// ([`SYSCALL_REGS`]), or there is no BTF to tell (capture then fails to load and is
     /// dropped: it needs BTF).
@@ -207,6 +239,7 @@ impl KernelFunctions {
         Some(Self {
             tcp_recvmsg_args,
             has_tcp_sendpage: btf.function_params(SENDPAGE).is_some(),
+            fd_offsets: crate::sources::btf::resolve_fd_offsets(btf),
             syscall_regs: SYSCALL_REGS.map_or(Ok(()), |layout| check_syscall_regs(btf, &layout)),
         })
     }
@@ -221,6 +254,7 @@ impl KernelFunctions {
                 _ => 4,
             },
             has_tcp_sendpage: version < (6, 5),
+            fd_offsets: Err("no kernel BTF".into()),
             syscall_regs: Ok(()),
         }
     }
@@ -429,6 +463,15 @@ impl Probes {
             .btf(None)
             .override_global("STALL_AFTER_NS", &config.stall_after_ns, true)
             .override_global("OFFSETS", &config.offsets, true)
+            .override_global(
+                "FD_OFFSETS",
+                config
+                    .functions
+                    .fd_offsets
+                    .as_ref()
+                    .unwrap_or(&FdOffsets::unknown()),
+                true,
+            )
             .map_max_entries("CONNS", config.max_conns)
             .map_max_entries("EVENTS", config.ring_buffer_bytes)
             .override_global("CAPTURE_BYTES", &capture_bytes, true)
@@ -697,9 +740,16 @@ fn attach_rung(
             "this kernel has no kprobes (no {} and no kprobe PMU; CONFIG_KPROBES is off)",
             tracefs_root.join("kprobe_events").display()
         ),
+        Rung::Syscall => {
+            if let Err(missing) = &functions.fd_offsets {
+                bail!("{missing}");
+            }
+            None
+        }
         _ => None,
     };
     let mut attached = Vec::new();
+    let mut loaded = Vec::new();
     for hook in rung.hooks() {
         if hook.only_if_present && !functions.has_tcp_sendpage {
             continue;
@@ -721,6 +771,16 @@ fn attach_rung(
                 load_program(hook.program, program.load(hook.target, btf))?;
                 program.attach()?;
                 format!("fexit/{}", hook.target)
+            }
+            Rung::Syscall => {
+                tracefs::check_layout(tracefs_root, "syscalls", hook.target)?;
+                let program: &mut TracePoint = program.try_into()?;
+                if !loaded.contains(&hook.program) {
+                    load_program(hook.program, program.load())?;
+                    loaded.push(hook.program);
+                }
+                program.attach("syscalls", hook.target)?;
+                format!("tracepoint/syscalls/{}", hook.target)
             }
             Rung::Kprobe => {
                 let program: &mut KProbe = program.try_into()?;
@@ -758,6 +818,7 @@ fn unload(ebpf: &mut Ebpf, program: &str) {
         Some(Program::RawTracePoint(p)) => p.unload(),
         Some(Program::FExit(p)) => p.unload(),
         Some(Program::KProbe(p)) => p.unload(),
+        Some(Program::TracePoint(p)) => p.unload(),
         _ => Ok(()),
     };
     if let Err(err) = result {
@@ -907,54 +968,71 @@ mod tests {
     }
 
     #[test]
-    fn every_rung_hooks_both_directions_with_distinct_programs() {
-        let mut programs = std::collections::HashSet::new();
+    fn every_rung_hooks_both_directions_with_programs_of_its_own() {
+        let mut owner = std::collections::HashMap::new();
         for rung in Rung::LADDER {
             let hooks = rung.hooks();
             assert!(hooks.iter().any(|h| h.program.contains("send")), "{rung:?}");
             assert!(hooks.iter().any(|h| h.program.contains("recv")), "{rung:?}");
+            let mut pairs = std::collections::HashSet::new();
             for hook in hooks {
-                assert!(programs.insert(hook.program), "{} twice", hook.program);
+                assert_eq!(
+                    *owner.entry(hook.program).or_insert(rung),
+                    rung,
+                    "{}",
+                    hook.program
+                );
+                assert!(
+                    pairs.insert((hook.program, hook.target)),
+                    "{} twice",
+                    hook.target
+                );
                 // Optional hooks are the sendpage path only: the rest is required.
                 assert_eq!(hook.only_if_present, hook.target == SENDPAGE);
             }
+        }
+        // The syscall rung keeps each call's socket at its entry for its exit: both hooked,
+        // and the exit's direction matches the call.
+        let targets: Vec<&str> = Rung::Syscall.hooks().iter().map(|h| h.target).collect();
+        for hook in Rung::Syscall.hooks() {
+            let Some(call) = hook.target.strip_prefix("sys_exit_") else {
+                continue;
+            };
+            assert!(
+                targets.contains(&format!("sys_enter_{call}").as_str()),
+                "{call}"
+            );
+            let receives = matches!(call, "read" | "readv" | "recvfrom" | "recvmsg");
+            assert_eq!(hook.program.ends_with("recv"), receives, "{call}");
+            assert!(
+                tracefs::expected_fields("syscalls", hook.target).is_some_and(|f| !f.is_empty())
+            );
         }
     }
 
     #[test]
     fn tcp_recvmsg_shape_follows_the_kernel() {
-        assert_eq!(
-            KernelFunctions::from_release("5.10.0-32-amd64"),
-            KernelFunctions {
-                tcp_recvmsg_args: 6,
-                has_tcp_sendpage: true,
-                syscall_regs: Ok(()),
-            }
-        );
-        assert_eq!(
-            KernelFunctions::from_release("6.1.0-57-amd64"),
-            KernelFunctions {
-                tcp_recvmsg_args: 5,
-                has_tcp_sendpage: true,
-                syscall_regs: Ok(()),
-            }
-        );
-        assert_eq!(
-            KernelFunctions::from_release("6.12.117+deb13-amd64"),
-            KernelFunctions {
-                tcp_recvmsg_args: 5,
-                has_tcp_sendpage: false,
-                syscall_regs: Ok(()),
-            }
-        );
-        // The running kernel's BTF says the same as its version, and its registers are where
-        // capture reads them.
+        let shape = |f: &KernelFunctions| (f.tcp_recvmsg_args, f.has_tcp_sendpage);
+        for (release, expected) in [
+            ("5.10.0-32-amd64", (6, true)),
+            ("6.1.0-57-amd64", (5, true)),
+            ("6.12.117+deb13-amd64", (5, false)),
+        ] {
+            let functions = KernelFunctions::from_release(release);
+            assert_eq!(shape(&functions), expected, "{release}");
+            assert!(functions.fd_offsets.is_err(), "no BTF, no syscall rung");
+        }
+        // The running kernel's BTF says the same as its version, has the path from a
+        // descriptor to its socket, and its registers are where capture reads them.
         let btf = crate::sources::btf::from_kernel().unwrap();
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let from_btf = KernelFunctions::from_btf(&btf).unwrap();
         assert_eq!(
-            KernelFunctions::from_btf(&btf),
-            Some(KernelFunctions::from_release(release.trim()))
+            shape(&from_btf),
+            shape(&KernelFunctions::from_release(release.trim()))
         );
+        assert!(from_btf.fd_offsets.is_ok(), "{:?}", from_btf.fd_offsets);
+        assert_eq!(from_btf.syscall_regs, Ok(()));
     }
 
     #[test]

@@ -125,10 +125,11 @@ struct Kernel {
 }
 
 const MATRIX: &[Kernel] = &[
+    // The oldest kernel also proves the last-resort syscall rung.
     Kernel {
         suite: "bullseye",
         arch: &AMD64,
-        rungs: &["fentry", "kprobe"],
+        rungs: &["fentry", "kprobe", "syscall"],
         auto: "fentry",
         cost: false,
         opt_in: false,
@@ -467,14 +468,15 @@ for rung in sys.argv[1:]:
           f"transfer_ns_traced={traced:.0f} transfers={c1 - c0}")
 "#;
 
-/// The same tests on this machine's own kernel (its rung: the tracepoints), and a check that
-/// forcing a rung it lacks fails with an error naming the kernel feature.
+/// The same tests on this machine's own kernel (its rung, the tracepoints, and the last-resort
+/// syscall rung), and a check that forcing a rung it lacks fails with an error naming the
+/// kernel feature.
 fn run_host(binaries: &Binaries) -> Result<Vec<Row>> {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease")?
         .trim()
         .to_owned();
     println!("xtask vm-test: this machine's kernel {release}");
-    let script = test_script(binaries, &["tracepoint"], false);
+    let script = test_script(binaries, &["tracepoint", "syscall"], false);
     let t0 = Instant::now();
     let mut child = Command::new("bash")
         .arg("-c")
