@@ -15,6 +15,7 @@ extern crate std;
 
 pub mod message;
 pub mod transfer;
+pub mod udp;
 
 /// Length of a task's `comm` (executable name) in the kernel, NUL padded.
 pub const COMM_LEN: usize = 16;
@@ -182,6 +183,16 @@ pub struct ConnState {
     pub _pad2: [u8; 2],
     pub local_addr: [u8; 16],
     pub peer_addr: [u8; 16],
+    /// UDP: datagrams sent again while the exchange was outstanding (DNS: a query id already
+    /// sent in it), see [`udp`].
+    pub retries: u32,
+    /// UDP DNS: the query ids outstanding in the current exchange (valid per `udp_pending`).
+    pub query_ids: [u16; 2],
+    /// UDP: bits of [`udp::flags`].
+    pub udp_flags: u8,
+    /// UDP DNS: bit `i` set when `query_ids[i]` awaits its answer.
+    pub udp_pending: u8,
+    pub _pad3: [u8; 6],
     pub comm: [u8; COMM_LEN],
 }
 
@@ -394,12 +405,12 @@ pub mod tracepoint {
 }
 
 // Layouts are part of the ABI: pin them so both sides fail to build on an accidental change.
-const _: () = assert!(core::mem::size_of::<ConnState>() == 168);
+const _: () = assert!(core::mem::size_of::<ConnState>() == 184);
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
-const _: () = assert!(core::mem::size_of::<ConnEvent>() == 192);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 208);
 const _: () = assert!(core::mem::size_of::<Control>() == 8);
 const _: () = assert!(core::mem::size_of::<Capture>() == 88);
-const _: () = assert!(core::mem::size_of::<RequestEvent>() == 280);
+const _: () = assert!(core::mem::size_of::<RequestEvent>() == 296);
 const _: () = assert!(core::mem::size_of::<Offsets>() == 44);
 
 /// Userspace side: lets the types live in aya's maps.
@@ -508,6 +519,11 @@ mod tests {
                 _pad2: [0; 2],
                 local_addr: [0xfe; 16],
                 peer_addr: [0x01; 16],
+                retries: 0,
+                query_ids: [0; 2],
+                udp_flags: 0,
+                udp_pending: 0,
+                _pad3: [0; 6],
                 comm,
             },
         }
@@ -537,7 +553,7 @@ mod tests {
         assert_eq!(&bytes[conn + 88..conn + 92], &12u32.to_ne_bytes());
         assert_eq!(&bytes[conn + 104..conn + 106], &8080u16.to_ne_bytes());
         assert_eq!(bytes[conn + 110], role::SERVER);
-        assert_eq!(&bytes[conn + 152..conn + 157], b"nginx");
+        assert_eq!(&bytes[conn + 168..conn + 173], b"nginx");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use stalltrace_common::{capture_slot, Capture, CAPTURE_MAX};
 use crate::maps::{CAPTURES, CAPTURE_BYTES, CAPTURE_SLOTS, REPLY_HEADS};
 
 /// `struct pt_regs` offsets on x86-64.
+const PT_REGS_R8: u64 = 9 * 8;
 const PT_REGS_DX: u64 = 12 * 8;
 const PT_REGS_SI: u64 = 13 * 8;
 const PT_REGS_ORIG_AX: u64 = 15 * 8;
@@ -26,6 +27,14 @@ const SENDTO: u64 = 44;
 const RECVFROM: u64 = 45;
 const SENDMSG: u64 = 46;
 const RECVMSG: u64 = 47;
+const RECVMMSG: u64 = 299;
+const SENDMMSG: u64 = 307;
+/// `struct mmsghdr`: a `user_msghdr`, then `msg_len` (the bytes the kernel moved, written
+/// after each message).
+const MMSGHDR_SIZE: u64 = 64;
+const MMSGHDR_LEN: u64 = 56;
+/// `struct mmsghdr` entries looked at to find the one being moved.
+const MAX_MMSGS: u64 = 4;
 /// `struct user_msghdr.msg_iov` and `.msg_iovlen`.
 const MSGHDR_IOV: u64 = 16;
 const MSGHDR_IOVLEN: u64 = 24;
@@ -144,7 +153,8 @@ fn read_head(slot: &mut Capture, len: u64) -> Option<()> {
 enum Data {
     /// One buffer (read, write, sendto, recvfrom).
     Buffer(u64),
-    /// An array of `struct iovec` and its length (readv, writev, sendmsg, recvmsg).
+    /// An array of `struct iovec` and its length (readv, writev, sendmsg, recvmsg; the
+    /// message being moved of sendmmsg, recvmmsg).
     Vector(u64, u64),
 }
 
@@ -172,14 +182,90 @@ fn syscall_data() -> Option<Data> {
                 let count = regs.byte_add(PT_REGS_DX as usize).read_volatile();
                 Some(Data::Vector(arg1, count))
             }
-            SENDMSG | RECVMSG => {
-                let iov = bpf_probe_read_user((arg1 + MSGHDR_IOV) as *const u64).ok()?;
-                let count = bpf_probe_read_user((arg1 + MSGHDR_IOVLEN) as *const u64).ok()?;
+            SENDMSG | RECVMSG | SENDMMSG | RECVMMSG => {
+                let msghdr = if nr == SENDMSG || nr == RECVMSG {
+                    arg1
+                } else {
+                    current_mmsghdr(arg1)
+                };
+                let iov = bpf_probe_read_user((msghdr + MSGHDR_IOV) as *const u64).ok()?;
+                let count = bpf_probe_read_user((msghdr + MSGHDR_IOVLEN) as *const u64).ok()?;
                 Some(Data::Vector(iov, count))
             }
             _ => None,
         }
     }
+}
+
+/// In a `sendmmsg`/`recvmmsg` array at `base`, the entry the kernel is moving: the first
+/// whose `msg_len` is still 0 (the kernel writes each entry's after moving it). Callers zero
+/// them, as glibc's resolver does; an array that does not reads as its first entry.
+#[inline(always)]
+fn current_mmsghdr(base: u64) -> u64 {
+    let mut i = 0;
+    while i < MAX_MMSGS {
+        let entry = base + i * MMSGHDR_SIZE;
+        // SAFETY: a probe read of user memory: a fault is returned, not taken.
+        match unsafe { bpf_probe_read_user((entry + MMSGHDR_LEN) as *const u32) } {
+            Ok(0) => return entry,
+            Ok(_) => i += 1,
+            Err(_) => break,
+        }
+    }
+    base
+}
+
+/// The destination address of the datagram the current `sendto`/`sendmsg`/`sendmmsg` is
+/// sending, written into `port` (host order) and `addr` (network order, IPv4 in the first 4
+/// bytes) if it is an address of `family`. False when the call names no address (a
+/// connected socket) or it cannot be read.
+#[cfg(bpf_target_arch = "x86_64")]
+#[inline(never)]
+pub(crate) fn syscall_peer(family: u16, port: &mut u16, addr: &mut [u8; 16]) -> bool {
+    // SAFETY: as in `syscall_data`: BTF-typed register loads, probe reads of user memory.
+    unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u64;
+        let nr = regs.byte_add(PT_REGS_ORIG_AX as usize).read_volatile();
+        let arg1 = regs.byte_add(PT_REGS_SI as usize).read_volatile();
+        let name = match nr {
+            SENDTO => regs.byte_add(PT_REGS_R8 as usize).read_volatile(),
+            SENDMSG => match bpf_probe_read_user(arg1 as *const u64) {
+                Ok(name) => name,
+                Err(_) => return false,
+            },
+            SENDMMSG => match bpf_probe_read_user(current_mmsghdr(arg1) as *const u64) {
+                Ok(name) => name,
+                Err(_) => return false,
+            },
+            _ => return false,
+        };
+        if name == 0 {
+            return false;
+        }
+        // sockaddr_in: family, port, address at 4; sockaddr_in6: address at 8.
+        let Ok(head) = bpf_probe_read_user(name as *const [u16; 2]) else {
+            return false;
+        };
+        if head[0] != family {
+            return false;
+        }
+        let (at, len) = if family == stalltrace_common::AF_INET6 {
+            (8, 16)
+        } else {
+            (4, 4)
+        };
+        if probe_read_user_raw(addr.as_mut_ptr().cast(), len, (name + at) as *const _) != 0 {
+            return false;
+        }
+        *port = u16::from_be(head[1]);
+        true
+    }
+}
+
+#[cfg(not(bpf_target_arch = "x86_64"))]
+#[inline(always)]
+pub(crate) fn syscall_peer(_family: u16, _port: &mut u16, _addr: &mut [u8; 16]) -> bool {
+    false
 }
 
 /// The user address of the data the current syscall moved, and how many bytes are there: a

@@ -19,14 +19,18 @@ use stalltrace_common::{
     message::{classify, Head, Message},
     role, tcp_state,
     transfer::{ends_quiet, look, record_transfer, Look, Turn},
-    Capture, ConnState, EventKind,
+    transport, Capture, ConnState, EventKind, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
     capture::{bytes_at, capture_request, reply_head},
     conn::{emit, emit_request, set_owner_to_current},
-    kernel_read::{read_endpoints, tcp_family, tcp_state_of},
-    maps::{count_loss, current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS},
+    kernel_read::{inet_socket, read_endpoints, tcp_state_of},
+    maps::{
+        count_loss, current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS,
+        UDP_TRACED,
+    },
+    udp,
 };
 
 const MSG_PEEK: i32 = 2;
@@ -74,8 +78,15 @@ pub(crate) fn on_transfer<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, ret: i32,
     let now = unsafe { bpf_ktime_get_ns() };
     let bytes = ret as u64;
     match CONNS.get_ptr_mut(sock) {
-        // SAFETY: map value pointer, valid for the duration of the program.
-        Some(conn) => record(sock, unsafe { &mut *conn }, dir, bytes, now),
+        Some(conn) => {
+            // SAFETY: map value pointer, valid for the duration of the program.
+            let conn = unsafe { &mut *conn };
+            if conn.transport == transport::UDP {
+                udp::record(sock, conn, dir, bytes, now);
+            } else {
+                record(sock, conn, dir, bytes, now);
+            }
+        }
         None => discover(ctx, sock, dir, bytes, now),
     }
 }
@@ -161,9 +172,16 @@ fn read_housekeeping(conn: &mut ConnState, look: Look, bytes: u64) -> Message {
 #[inline(never)]
 fn discover<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, bytes: u64, now: u64) {
     let offsets = OFFSETS.load();
-    let Some(family) = tcp_family(sock, &offsets) else {
+    let Some((family, protocol)) = inet_socket(sock, &offsets) else {
         return;
     };
+    if protocol == IPPROTO_UDP && UDP_TRACED.load() != 0 {
+        udp::discover(sock, family, dir, bytes, now);
+        return;
+    }
+    if protocol != IPPROTO_TCP {
+        return;
+    }
     // Data read after the close (it arrived with the peer's FIN) belongs to a connection
     // that already ended: tracking it anew would report a phantom connection.
     if !matches!(

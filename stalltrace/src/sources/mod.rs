@@ -2,6 +2,7 @@
 //! /proc, sock_diag and ELF symbol tables. Each source reads and parses one thing; it must not
 //! decide verdicts (the core's job) nor keep state across calls beyond a bounded cache.
 pub(crate) mod btf;
+pub(crate) mod cgroup;
 pub(crate) mod procfs;
 pub(crate) mod sock_diag;
 pub(crate) mod symbols;
