@@ -183,8 +183,8 @@ pub struct ConnState {
     pub _pad2: [u8; 2],
     pub local_addr: [u8; 16],
     pub peer_addr: [u8; 16],
-    /// UDP: datagrams sent again while the exchange was outstanding (DNS: a query id already
-    /// sent in it), see [`udp`].
+    /// UDP: datagrams sent again during the current (or last) exchange while it was
+    /// outstanding (DNS: a query id already sent in it), see [`udp`].
     pub retries: u32,
     /// UDP DNS: the query ids outstanding in the current exchange (valid per `udp_pending`).
     pub query_ids: [u16; 2],

@@ -120,6 +120,7 @@ pub fn record_datagram(
         conn.last_dir = direction::OUT;
         conn.dir_since_ns = now;
         conn.requests += 1;
+        conn.retries = 0;
         conn.udp_pending = 0;
         if let Some(id) = id {
             add_query(conn, id);

@@ -123,7 +123,8 @@ fn assert_ended(events: &[Event], kind: StallKind, duration_ms: u64, resolution:
         [&Detail::StallEnd {
             kind,
             duration_ms,
-            resolution
+            resolution,
+            retries: 0
         }]
     );
 }
@@ -254,7 +255,8 @@ fn a_stall_that_ended_between_sweeps_is_still_reported() {
             &Detail::StallEnd {
                 kind: StallKind::UnansweredRequest,
                 duration_ms: 5_050,
-                resolution: Resolution::Response
+                resolution: Resolution::Response,
+                retries: 0
             }
         ]
     );
@@ -290,7 +292,8 @@ fn close_while_stalled_ends_the_stall_as_closed() {
         Detail::StallEnd {
             kind: StallKind::UnansweredRequest,
             duration_ms: 9_000,
-            resolution: Resolution::Closed
+            resolution: Resolution::Closed,
+            retries: 0
         }
     );
     let Detail::Close(summary) = &close.detail else {
@@ -420,7 +423,8 @@ fn reset_after_an_unswept_stall_reports_it() {
             &Detail::StallEnd {
                 kind: StallKind::UnansweredRequest,
                 duration_ms: 5_010,
-                resolution: Resolution::Reset
+                resolution: Resolution::Reset,
+                retries: 0
             }
         ]
     );
@@ -451,7 +455,8 @@ fn connect_that_times_out_between_sweeps_is_reported() {
             &Detail::StallEnd {
                 kind: StallKind::ConnectPending,
                 duration_ms: 5_100,
-                resolution: Resolution::Closed
+                resolution: Resolution::Closed,
+                retries: 0
             }
         ]
     );

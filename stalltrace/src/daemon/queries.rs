@@ -215,6 +215,7 @@ impl Daemon {
                     kind: stall.kind.as_str().into(),
                     age_ms: Some(age_ms),
                     since: Some(clock.rfc3339(stall.quiet_since_ns)),
+                    retries: json::udp_retries(&conn.endpoints, conn.retries),
                     severity: annotation
                         .and_then(|a| a.severity)
                         .map(|s| s.as_str().into()),
@@ -245,6 +246,7 @@ impl Daemon {
             kind: stall.kind.as_str().into(),
             age_ms: Some(now.saturating_sub(stall.quiet_since_ns) / 1_000_000),
             since: Some(clock.rfc3339(stall.quiet_since_ns)),
+            retries: json::udp_retries(&conn.endpoints, conn.retries),
             diagnosis: self.diagnoser.current(id).cloned(),
             ..StallJson::default()
         });
