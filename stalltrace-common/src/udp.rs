@@ -131,6 +131,11 @@ pub fn record_datagram(
     conn.udp_flags |= flags::ANSWERED;
     if conn.last_dir != direction::OUT {
         if conn.last_dir == direction::NONE && first_answer {
+            if conn.send_calls > 0 {
+                // The exchange that showed the flow answers: counted, though not judged.
+                conn.requests += 1;
+                conn.exchanges += 1;
+            }
             conn.last_dir = direction::IN;
             conn.dir_since_ns = now;
             return Turn::Unsolicited;
@@ -218,6 +223,7 @@ mod tests {
             Turn::Unsolicited
         );
         assert!(judged(&conn));
+        assert_eq!((conn.requests, conn.exchanges), (1, 1));
         assert_eq!(
             record_datagram(&mut conn, direction::OUT, 10, 3, true, None),
             Turn::RequestStarted
@@ -228,7 +234,7 @@ mod tests {
             Turn::ReplyStarted
         );
         assert!(!is_outstanding(&conn));
-        assert_eq!((conn.requests, conn.exchanges), (1, 1));
+        assert_eq!((conn.requests, conn.exchanges), (2, 2));
     }
 
     #[test]
