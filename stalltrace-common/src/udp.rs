@@ -210,7 +210,10 @@ mod tests {
             assert_eq!(turn, Turn::Continued);
             assert!(!is_outstanding(&conn));
         }
-        assert_eq!((conn.send_calls, conn.bytes_sent, conn.requests), (1000, 20_000, 0));
+        assert_eq!(
+            (conn.send_calls, conn.bytes_sent, conn.requests),
+            (1000, 20_000, 0)
+        );
         assert_eq!(conn.last_send_ns, 999);
     }
 
@@ -249,7 +252,11 @@ mod tests {
         record_datagram(&mut conn, direction::OUT, 40, 5_000, true, Some(0xbeef));
         record_datagram(&mut conn, direction::OUT, 40, 5_001, true, Some(0x1234));
         assert_eq!(conn.retries, 2);
-        assert_eq!(last_request_ns(&conn), 100, "the wait counts from the first query");
+        assert_eq!(
+            last_request_ns(&conn),
+            100,
+            "the wait counts from the first query"
+        );
         // A stray id answers nothing; A's answer leaves AAAA outstanding.
         record_datagram(&mut conn, direction::IN, 60, 5_100, true, Some(7));
         record_datagram(&mut conn, direction::IN, 60, 5_200, true, Some(0xbeef));

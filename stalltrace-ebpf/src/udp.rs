@@ -11,10 +11,7 @@
 //! first bytes are read only when a judged exchange starts (to name it) and on DNS flows (the
 //! query id). One-way senders never reach either.
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::bpf_ktime_get_ns,
-    macros::cgroup_sock,
-    programs::SockContext,
+    bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, macros::cgroup_sock, programs::SockContext,
 };
 use stalltrace_common::{
     conn_flags, direction, loss,
@@ -94,7 +91,9 @@ pub(crate) fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: 
 fn sent_to_peer(conn: &ConnState) -> bool {
     let mut port = 0;
     let mut addr = [0u8; 16];
-    syscall_peer(conn.family, &mut port, &mut addr) && port == conn.peer_port && addr == conn.peer_addr
+    syscall_peer(conn.family, &mut port, &mut addr)
+        && port == conn.peer_port
+        && addr == conn.peer_addr
 }
 
 /// The first datagram seen on a UDP socket: tracks it from here on.

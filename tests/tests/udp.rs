@@ -185,7 +185,10 @@ fn a_resolver_waiting_on_a_dead_server_is_named_and_ends_closed_with_its_retries
     );
     // The server's side of a UDP socket that only reads is never judged.
     assert!(
-        daemon.stalls(53).iter().all(|s| s["conn"]["role"] == "client"),
+        daemon
+            .stalls(53)
+            .iter()
+            .all(|s| s["conn"]["role"] == "client"),
         "{:#?}",
         daemon.stalls(53)
     );
@@ -233,11 +236,25 @@ fn an_answer_ends_the_stall_with_its_true_duration_and_a_quick_one_is_no_stall()
     // Not port 53: recognized as DNS by its header.
     let mut fast = python(
         DNS_CLIENT,
-        &args(&[&"127.0.0.1", &quick, &"fast.example", &10_000, &10_000, &"connected"]),
+        &args(&[
+            &"127.0.0.1",
+            &quick,
+            &"fast.example",
+            &10_000,
+            &10_000,
+            &"connected",
+        ]),
     );
     let mut slow_client = python(
         DNS_CLIENT,
-        &args(&[&"127.0.0.1", &slow, &"slow.example", &10_000, &10_000, &"connected"]),
+        &args(&[
+            &"127.0.0.1",
+            &slow,
+            &"slow.example",
+            &10_000,
+            &10_000,
+            &"connected",
+        ]),
     );
     let stall = daemon.wait_for_stall(slow, "client", STALL_AFTER + REPORT_WITHIN);
     assert_eq!(stall["stall"]["request"]["signature"], "dns A slow.example");
@@ -278,7 +295,14 @@ fn a_retried_query_is_counted_and_its_late_answer_ends_it() {
     let retry_ms = STALL_AFTER.as_millis() as u64 + 500;
     let mut client = python(
         DNS_CLIENT,
-        &args(&[&"127.0.0.1", &port, &"retry.example", &retry_ms, &10_000, &"unconnected"]),
+        &args(&[
+            &"127.0.0.1",
+            &port,
+            &"retry.example",
+            &retry_ms,
+            &10_000,
+            &"unconnected",
+        ]),
     );
     daemon.wait_for_stall(port, "client", STALL_AFTER + REPORT_WITHIN);
     assert!(client.wait().unwrap().success());
@@ -332,8 +356,14 @@ fn one_way_senders_are_never_flagged() {
     let every_ms = 50;
     let count = (3 * STALL_AFTER.as_millis() as u64 / every_ms).to_string();
     let mut senders = vec![
-        python(ONE_WAY, &args(&[&connected, &count, &every_ms, &"connected"])),
-        python(ONE_WAY, &args(&[&unconnected, &count, &every_ms, &"unconnected"])),
+        python(
+            ONE_WAY,
+            &args(&[&connected, &count, &every_ms, &"connected"]),
+        ),
+        python(
+            ONE_WAY,
+            &args(&[&unconnected, &count, &every_ms, &"unconnected"]),
+        ),
     ];
     // A syslog collector that never answers, and util-linux's logger sending to it.
     let _collector = Reaped(server(
@@ -370,7 +400,12 @@ fn one_way_senders_are_never_flagged() {
         .find(|e| {
             e["event"] == "conn.close" && touches(e, connected) && e["conn"]["role"] == "client"
         })
-        .map(|close| (close["conn"]["sends"].clone(), close["conn"]["requests"].clone()));
+        .map(|close| {
+            (
+                close["conn"]["sends"].clone(),
+                close["conn"]["requests"].clone(),
+            )
+        });
     let count: u64 = count.parse().unwrap();
     assert_eq!(sent, Some((count.into(), 0.into())), "sends and requests");
 }

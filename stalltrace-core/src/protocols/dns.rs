@@ -20,7 +20,10 @@ pub(super) fn query(bytes: &[u8]) -> Option<Signature> {
     }
     let (name, end) = name(bytes, HEADER);
     let text = match end.and_then(|at| bytes.get(at..at + 2)) {
-        Some(qtype) => format!("{} {name}", type_name(u16::from_be_bytes([qtype[0], qtype[1]]))),
+        Some(qtype) => format!(
+            "{} {name}",
+            type_name(u16::from_be_bytes([qtype[0], qtype[1]]))
+        ),
         None => format!("? {name}…"),
     };
     Some(Signature::new("dns", text))
@@ -40,7 +43,14 @@ fn name(bytes: &[u8], start: usize) -> (String, Option<usize>) {
         match len {
             0 => {
                 let end = end.unwrap_or(at + 1);
-                return (if out.is_empty() { ".".into() } else { shown(out) }, Some(end));
+                return (
+                    if out.is_empty() {
+                        ".".into()
+                    } else {
+                        shown(out)
+                    },
+                    Some(end),
+                );
             }
             1..=63 => {
                 let Some(label) = bytes.get(at + 1..at + 1 + usize::from(len)) else {
@@ -142,10 +152,7 @@ mod tests {
         assert_eq!(text(&q).as_deref(), Some("dns A example.com"));
         let q = query_bytes(1, &[b"_http", b"_tcp", b"svc"], 33);
         assert_eq!(text(&q).as_deref(), Some("dns SRV _http._tcp.svc"));
-        assert_eq!(
-            text(&query_bytes(2, &[], 2)).as_deref(),
-            Some("dns NS .")
-        );
+        assert_eq!(text(&query_bytes(2, &[], 2)).as_deref(), Some("dns NS ."));
         assert_eq!(
             text(&query_bytes(3, &[b"x"], 4242)).as_deref(),
             Some("dns TYPE4242 x")
@@ -154,7 +161,11 @@ mod tests {
 
     #[test]
     fn a_query_cut_short_keeps_what_was_captured() {
-        let q = query_bytes(7, &[b"a-very-long-label-for-a-service", b"example", b"org"], 28);
+        let q = query_bytes(
+            7,
+            &[b"a-very-long-label-for-a-service", b"example", b"org"],
+            28,
+        );
         let cut = &q[..50];
         assert_eq!(
             text(cut).as_deref(),

@@ -1098,3 +1098,69 @@ fn an_idle_connection_whose_entry_vanished_is_closed_as_lost() {
     assert_eq!(t.len(), 0);
     assert_eq!(t.stats().lost_closes, 1);
 }
+
+/// A UDP DNS client, its entry evolved by the kernel programs' datagram rule: a query resent
+/// once, nothing back, the socket released while waiting.
+#[test]
+fn a_udp_query_stalls_counts_its_retry_and_ends_closed_at_release() {
+    use stalltrace_common::{message::proto, transport, udp};
+    let mut tracker = tracker();
+    let mut kernel = Kernel::new(role::CLIENT, 0);
+    kernel.state.transport = transport::UDP;
+    kernel.state.proto = proto::DNS;
+    kernel.state.peer_port = 53;
+    udp::record_datagram(&mut kernel.state, direction::OUT, 40, 0, true, Some(7));
+    let opened = feed(&mut tracker, kernel.event(EventKind::Discovered, 0));
+    assert!(matches!(
+        opened[..],
+        [Event {
+            detail: Detail::Open { .. },
+            ..
+        }]
+    ));
+    assert_eq!(opened[0].conn.endpoints.transport.as_str(), "udp");
+    udp::record_datagram(
+        &mut kernel.state,
+        direction::OUT,
+        40,
+        3 * SEC,
+        true,
+        Some(7),
+    );
+    let started = sweep(&mut tracker, &mut kernel, THRESHOLD + SEC);
+    assert!(
+        matches!(
+            started[..],
+            [Event {
+                detail: Detail::StallStart {
+                    kind: StallKind::AwaitingResponse,
+                    quiet_ms: 6_000,
+                    ..
+                },
+                ..
+            }]
+        ),
+        "the wait counts from the first query: {started:?}"
+    );
+    // Released: the kernel reports the stall's end, then the close.
+    kernel.set_state(tcp_state::CLOSE, 8 * SEC);
+    let ended = feed(&mut tracker, kernel.event(EventKind::QuietEnded, 8 * SEC));
+    assert_eq!(
+        ended.iter().map(|e| &e.detail).collect::<Vec<_>>(),
+        [&Detail::StallEnd {
+            kind: StallKind::AwaitingResponse,
+            duration_ms: 8_000,
+            resolution: Resolution::Closed,
+            retries: 1,
+        }]
+    );
+    let closed = feed(&mut tracker, kernel.event(EventKind::Closed, 8 * SEC));
+    assert!(matches!(
+        closed[..],
+        [Event {
+            detail: Detail::Close(_),
+            ..
+        }]
+    ));
+    assert!(tracker.is_empty());
+}

@@ -16,8 +16,8 @@ const PRIVATE_MOUNT: &str = "/run/stalltrace/cgroup2";
 /// mounted at [`PRIVATE_MOUNT`], opened and unmounted again (the open directory keeps naming
 /// the hierarchy's root).
 pub(crate) fn open_root() -> Result<File> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-        .context("reading /proc/self/mountinfo")?;
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     if let Some(path) = root_mount(&mountinfo) {
         return File::open(&path).with_context(|| format!("opening {}", path.display()));
     }
