@@ -103,6 +103,23 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
     };
     let quiet_ended = ends_quiet(conn, dir, message, now, stall_after_ns());
     let turn = record_transfer(conn, dir, bytes, now, message);
+    report(sock, conn, new_owner, quiet_ended, turn, capture, now);
+}
+
+/// Reports what a transfer did to `conn`, if the daemon must hear of it: a new owner (with the
+/// request's bytes when captured), the end of a quiet stretch past the threshold, a sampled
+/// exchange's completion, or a request start not yet reported this epoch. Shared by the TCP and
+/// UDP paths (`udp.rs`).
+#[inline(always)]
+pub(crate) fn report(
+    sock: u64,
+    conn: &mut ConnState,
+    new_owner: bool,
+    quiet_ended: bool,
+    turn: Turn,
+    capture: Option<&'static mut Capture>,
+    now: u64,
+) {
     if new_owner {
         // A passive connection's first transfer is usually its first request: sample it.
         match capture {

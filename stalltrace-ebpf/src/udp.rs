@@ -25,9 +25,10 @@ use stalltrace_common::{
 
 use crate::{
     capture::{capture_request, reply_head, syscall_peer},
-    conn::{emit, emit_request, set_owner_to_current},
+    conn::{emit, set_owner_to_current},
     kernel_read::{read_endpoints, tcp_state_of},
-    maps::{count_loss, current_epoch, scratch_conn, stall_after_ns, CONNS, OFFSETS},
+    maps::{count_loss, scratch_conn, stall_after_ns, CONNS, OFFSETS},
+    transfer::report,
 };
 
 const DNS_PORT: u16 = 53;
@@ -61,29 +62,9 @@ pub(crate) fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: 
     }
     let quiet_ended = dir == direction::IN && quiet_past_threshold(conn, now, stall_after_ns());
     let turn = record_datagram(conn, dir, bytes, now, from_peer, id);
-    if new_owner {
-        match capture {
-            Some(capture) => {
-                conn.flags |= conn_flags::SAMPLED;
-                emit_request(EventKind::Discovered, sock, conn, capture, now);
-            }
-            None => emit(EventKind::Discovered, sock, conn, now),
-        }
-    } else if turn == Turn::ReplyStarted && quiet_ended {
-        conn.flags &= !conn_flags::SAMPLED;
-        emit(EventKind::QuietEnded, sock, conn, now);
-    } else if turn == Turn::ReplyStarted && conn.flags & conn_flags::SAMPLED != 0 {
-        conn.flags &= !conn_flags::SAMPLED;
-        emit(EventKind::ExchangeCompleted, sock, conn, now);
-    } else if turn == Turn::RequestStarted
-        && (conn.requests == 1 || conn.notified_epoch != current_epoch())
-    {
-        conn.flags |= conn_flags::SAMPLED;
-        match capture {
-            Some(capture) => emit_request(EventKind::RequestStarted, sock, conn, capture, now),
-            None => emit(EventKind::RequestStarted, sock, conn, now),
-        }
-    }
+    // Only an answer ends the quiet (a partial DNS answer does not).
+    let quiet_ended = quiet_ended && turn == Turn::ReplyStarted;
+    report(sock, conn, new_owner, quiet_ended, turn, capture, now);
 }
 
 /// The datagram an unconnected socket is sending goes to the peer its entry follows.

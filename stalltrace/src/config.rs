@@ -815,7 +815,7 @@ mod tests {
         let loaded = parse(
             "[[rule]]\ncomm = \"app\"\ntransport = \"udp\"\nignore = true\n\
              [[rule]]\ncomm = \"app\"\ncgroup = \"/system.slice/*\"\ntransport = \"tcp\"\n\
-             ignore = true\n[[rule]]\ncomm = \"app\"\ntransport = \"unix\"\n",
+             ignore = true\n[[rule]]\ncomm = \"app\"\ntransport = \"unix\"\nignore = true\n",
         )
         .unwrap();
         let rules = loaded.rules;

@@ -354,15 +354,27 @@ impl Probes {
             }
             0
         };
-        let udp_cgroup = match cgroup::open_root() {
-            Ok(root) => Some(root),
-            Err(err) => {
-                log::warn!(
-                    "UDP is not traced: its closes are seen through a cgroup/sock_release \
-                     program on the cgroup v2 root, and there is none ({err:#})"
-                );
-                None
-            }
+        // Only the sock tracepoints see UDP: without them (older kernels, where the verifier
+        // is slowest) the UDP code is left out of the programs (a constant the verifier
+        // prunes), and no cgroup is needed.
+        let sock_tracepoints = TRACEPOINT_TRANSFERS
+            .iter()
+            .all(|hook| tracefs::check_layout(tracefs_root, "sock", hook.target).is_ok());
+        let udp_cgroup = if !sock_tracepoints {
+            log::warn!(
+                "UDP is not traced: it needs the sock_send_length/sock_recv_length tracepoints \
+                 (Linux 6.3)"
+            );
+            None
+        } else {
+            cgroup::open_root()
+                .inspect_err(|err| {
+                    log::warn!(
+                        "UDP is not traced: its closes are seen through a cgroup/sock_release \
+                         program on the cgroup v2 root, and there is none ({err:#})"
+                    )
+                })
+                .ok()
         };
         let (mut probes, capture_error) = with_capture_fallback(capture_bytes, |bytes| {
             Self::load_once(tracefs_root, config, listening, bytes, udp_cgroup.is_some())
@@ -383,8 +395,7 @@ impl Probes {
             },
             (Some(_), rung) => {
                 log::warn!(
-                    "UDP is not traced: the {} rung hooks TCP functions only (UDP needs the \
-                     sock_send_length/sock_recv_length tracepoints, Linux 6.3)",
+                    "UDP is not traced: the {} rung (--hooks) hooks TCP functions only",
                     rung.name()
                 );
                 false

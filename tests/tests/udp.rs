@@ -352,6 +352,16 @@ fn a_peer_that_answered_before_is_judged_when_it_stops_and_a_close_ends_it() {
 fn one_way_senders_are_never_flagged() {
     require_root();
     let daemon = Daemon::start("udp-one-way");
+    let status = daemon.cli_json(&["status", "-o", "json"]);
+    assert_eq!(status["features"]["udp"], true, "{status:#}");
+    assert!(
+        status["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["hook"] == "cgroup/sock_release"),
+        "{status:#}"
+    );
     let (connected, unconnected, syslog) = (47_535, 47_536, 47_537);
     let every_ms = 50;
     let count = (3 * STALL_AFTER.as_millis() as u64 / every_ms).to_string();

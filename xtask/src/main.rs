@@ -163,6 +163,10 @@ const TEST_PACKAGES: &[&str] = &[
     "nginx",
     "haproxy",
     "python3",
+    // unshare (a private resolv.conf for glibc's resolver) and logger (one-way syslog over
+    // UDP): essential packages, named for the UDP tests.
+    "util-linux",
+    "bsdutils",
     "socat",
     "openssl",
     "python3-grpcio",

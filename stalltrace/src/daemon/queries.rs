@@ -93,6 +93,7 @@ impl Daemon {
             "features": {
                 "adopt_existing": self.offsets.can_read_sock(),
                 "request_capture_bytes": probes.capture_bytes,
+                "udp": probes.udp,
             },
             "connections": {
                 "tracked": self.tracker.len(),

@@ -22,22 +22,10 @@ pub(crate) fn open_root() -> Result<File> {
         return File::open(&path).with_context(|| format!("opening {}", path.display()));
     }
     std::fs::create_dir_all(PRIVATE_MOUNT).with_context(|| format!("creating {PRIVATE_MOUNT}"))?;
-    let target = CString::new(PRIVATE_MOUNT).expect("no NUL");
-    let fstype = CString::new("cgroup2").expect("no NUL");
-    // SAFETY: valid NUL-terminated strings; no mount data.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
+    if let Err(err) = super::mount("cgroup2", PRIVATE_MOUNT) {
         bail!("no cgroup2 mount, and mounting one at {PRIVATE_MOUNT} failed: {err}");
     }
+    let target = CString::new(PRIVATE_MOUNT).expect("no NUL");
     let root = File::open(PRIVATE_MOUNT).with_context(|| format!("opening {PRIVATE_MOUNT}"));
     // SAFETY: a valid NUL-terminated path.
     unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };

@@ -8,3 +8,24 @@ pub(crate) mod sock_diag;
 pub(crate) mod symbols;
 pub(crate) mod threads;
 pub(crate) mod tracefs;
+
+/// Mounts a pseudo-filesystem of type `fstype` (also its source name) at `target`.
+pub(crate) fn mount(fstype: &str, target: &str) -> std::io::Result<()> {
+    let target = std::ffi::CString::new(target)?;
+    let fstype = std::ffi::CString::new(fstype)?;
+    // SAFETY: valid NUL-terminated strings; no mount data.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
