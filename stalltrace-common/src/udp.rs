@@ -98,7 +98,8 @@ pub fn record_datagram(
         conn.send_calls += 1;
     }
     if !from_peer || conn.role != role::CLIENT {
-        if dir == direction::OUT {
+        // Datagrams to another peer leave the exchange with this one, and its quiet, alone.
+        if dir == direction::OUT && conn.last_dir != direction::OUT {
             conn.last_send_ns = now;
         }
         return Turn::Continued;
@@ -297,6 +298,11 @@ mod tests {
             Turn::Continued
         );
         assert!(!is_outstanding(&conn));
+        // Waiting on the followed peer, datagrams to another do not restart the quiet.
+        record_datagram(&mut conn, direction::OUT, 4, 2, true, Some(1));
+        record_datagram(&mut conn, direction::OUT, 4, 9, false, Some(2));
+        assert!(is_outstanding(&conn));
+        assert_eq!((last_request_ns(&conn), conn.retries), (2, 0));
 
         let mut mdns = client(proto::DNS);
         mdns.udp_flags = flags::ONE_TO_MANY;

@@ -82,7 +82,11 @@ pub(crate) fn on_transfer<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, ret: i32,
             // SAFETY: map value pointer, valid for the duration of the program.
             let conn = unsafe { &mut *conn };
             if conn.transport == transport::UDP {
-                udp::record(sock, conn, dir, bytes, now);
+                // Never true where UDP is not traced; the constant lets the verifier drop the
+                // UDP path there (it calls helpers older kernels lack).
+                if UDP_TRACED.load() != 0 {
+                    udp::record(sock, conn, dir, bytes, now);
+                }
             } else {
                 record(sock, conn, dir, bytes, now);
             }
