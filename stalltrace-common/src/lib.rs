@@ -15,6 +15,7 @@ extern crate std;
 
 pub mod message;
 pub mod transfer;
+pub mod udp;
 
 /// Length of a task's `comm` (executable name) in the kernel, NUL padded.
 pub const COMM_LEN: usize = 16;
@@ -182,6 +183,16 @@ pub struct ConnState {
     pub _pad2: [u8; 2],
     pub local_addr: [u8; 16],
     pub peer_addr: [u8; 16],
+    /// UDP: datagrams sent again during the current (or last) exchange while it was
+    /// outstanding (DNS: a query id already sent in it), see [`udp`].
+    pub retries: u32,
+    /// UDP DNS: the query ids outstanding in the current exchange (valid per `udp_pending`).
+    pub query_ids: [u16; 2],
+    /// UDP: bits of [`udp::flags`].
+    pub udp_flags: u8,
+    /// UDP DNS: bit `i` set when `query_ids[i]` awaits its answer.
+    pub udp_pending: u8,
+    pub _pad3: [u8; 6],
     pub comm: [u8; COMM_LEN],
 }
 
@@ -407,9 +418,11 @@ pub mod syscall_regs {
     pub struct Layout {
         /// The syscall number.
         pub nr: Member,
-        /// The second and third syscall arguments (the buffer or iovec array, and the count).
+        /// The second, third and fifth syscall arguments (the buffer or iovec array, the
+        /// count, and `sendto`'s destination address).
         pub arg1: Member,
         pub arg2: Member,
+        pub arg4: Member,
         /// Syscall numbers whose second argument locates the data moved.
         pub read: u64,
         pub write: u64,
@@ -419,9 +432,11 @@ pub mod syscall_regs {
         pub recvfrom: u64,
         pub sendmsg: u64,
         pub recvmsg: u64,
+        pub sendmmsg: u64,
+        pub recvmmsg: u64,
     }
 
-    /// x86-64: `orig_ax` holds the number; arguments in `di`, `si`, `dx`.
+    /// x86-64: `orig_ax` holds the number; arguments in `di`, `si`, `dx`, `r10`, `r8`.
     pub const X86_64: Layout = Layout {
         nr: Member {
             path: &["orig_ax"],
@@ -438,6 +453,11 @@ pub mod syscall_regs {
             offset: 12 * 8,
             size: 8,
         },
+        arg4: Member {
+            path: &["r8"],
+            offset: 9 * 8,
+            size: 8,
+        },
         read: 0,
         write: 1,
         readv: 19,
@@ -446,6 +466,8 @@ pub mod syscall_regs {
         recvfrom: 45,
         sendmsg: 46,
         recvmsg: 47,
+        sendmmsg: 307,
+        recvmmsg: 299,
     };
 
     /// arm64: `regs[31]`, `sp`, `pc`, `pstate`, `orig_x0`, then `syscallno` (s32). Arguments
@@ -467,6 +489,11 @@ pub mod syscall_regs {
             offset: 2 * 8,
             size: 8,
         },
+        arg4: Member {
+            path: &["regs"],
+            offset: 4 * 8,
+            size: 8,
+        },
         read: 63,
         write: 64,
         readv: 65,
@@ -475,6 +502,8 @@ pub mod syscall_regs {
         recvfrom: 207,
         sendmsg: 211,
         recvmsg: 212,
+        sendmmsg: 269,
+        recvmmsg: 243,
     };
 
     /// `struct user_msghdr.msg_iov` and `.msg_iovlen` (the same on every 64-bit architecture).
@@ -560,12 +589,12 @@ pub mod tracepoint {
 }
 
 // Layouts are part of the ABI: pin them so both sides fail to build on an accidental change.
-const _: () = assert!(core::mem::size_of::<ConnState>() == 168);
+const _: () = assert!(core::mem::size_of::<ConnState>() == 184);
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
-const _: () = assert!(core::mem::size_of::<ConnEvent>() == 192);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 208);
 const _: () = assert!(core::mem::size_of::<Control>() == 8);
 const _: () = assert!(core::mem::size_of::<Capture>() == 88);
-const _: () = assert!(core::mem::size_of::<RequestEvent>() == 280);
+const _: () = assert!(core::mem::size_of::<RequestEvent>() == 296);
 const _: () = assert!(core::mem::size_of::<Offsets>() == 44);
 const _: () = assert!(core::mem::size_of::<FdOffsets>() == 32);
 
@@ -677,6 +706,11 @@ mod tests {
                 _pad2: [0; 2],
                 local_addr: [0xfe; 16],
                 peer_addr: [0x01; 16],
+                retries: 0,
+                query_ids: [0; 2],
+                udp_flags: 0,
+                udp_pending: 0,
+                _pad3: [0; 6],
                 comm,
             },
         }
@@ -706,7 +740,7 @@ mod tests {
         assert_eq!(&bytes[conn + 88..conn + 92], &12u32.to_ne_bytes());
         assert_eq!(&bytes[conn + 104..conn + 106], &8080u16.to_ne_bytes());
         assert_eq!(bytes[conn + 110], role::SERVER);
-        assert_eq!(&bytes[conn + 152..conn + 157], b"nginx");
+        assert_eq!(&bytes[conn + 168..conn + 173], b"nginx");
     }
 
     #[test]

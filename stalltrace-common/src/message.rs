@@ -39,6 +39,8 @@ pub mod proto {
     pub const TLS: u8 = 4;
     pub const REDIS: u8 = 5;
     pub const POSTGRESQL: u8 = 6;
+    /// DNS over UDP (RFC 1035): port 53, or a query header (see `udp::looks_like_dns_query`).
+    pub const DNS: u8 = 7;
 
     /// The name used in events (OpenTelemetry `network.protocol.name` where one exists).
     pub const fn name(id: u8) -> Option<&'static str> {
@@ -48,6 +50,7 @@ pub mod proto {
             TLS => "tls",
             REDIS => "redis",
             POSTGRESQL => "postgresql",
+            DNS => "dns",
             _ => return None,
         })
     }

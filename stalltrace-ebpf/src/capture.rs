@@ -17,6 +17,12 @@ const REGS: syscall_regs::Layout = syscall_regs::X86_64;
 #[cfg(bpf_target_arch = "aarch64")]
 const REGS: syscall_regs::Layout = syscall_regs::AARCH64;
 
+/// `struct mmsghdr` (the same on every 64-bit architecture): a `user_msghdr`, then `msg_len`
+/// (the bytes the kernel moved, written after each message).
+const MMSGHDR_SIZE: u64 = 64;
+const MMSGHDR_LEN: u64 = 56;
+/// `struct mmsghdr` entries looked at to find the one being moved.
+const MAX_MMSGS: u64 = 4;
 /// `struct iovec` entries walked to find an offset past the first (grpcio writes a frame per
 /// entry).
 const MAX_IOVECS: u64 = 8;
@@ -132,7 +138,8 @@ fn read_head(slot: &mut Capture, len: u64) -> Option<()> {
 enum Data {
     /// One buffer (read, write, sendto, recvfrom).
     Buffer(u64),
-    /// An array of `struct iovec` and its length (readv, writev, sendmsg, recvmsg).
+    /// An array of `struct iovec` and its length (readv, writev, sendmsg, recvmsg; the
+    /// message being moved of sendmmsg, recvmmsg).
     Vector(u64, u64),
 }
 
@@ -153,11 +160,7 @@ fn syscall_data() -> Option<Data> {
     // User memory is read with probe reads: failures are returned, not faulted.
     unsafe {
         let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8;
-        let nr = if REGS.nr.size == 4 {
-            u64::from(regs.add(REGS.nr.offset).cast::<u32>().read_volatile())
-        } else {
-            regs.add(REGS.nr.offset).cast::<u64>().read_volatile()
-        };
+        let nr = syscall_nr(regs);
         let arg1 = regs.add(REGS.arg1.offset).cast::<u64>().read_volatile();
         match nr {
             n if n == REGS.read || n == REGS.write || n == REGS.sendto || n == REGS.recvfrom => {
@@ -167,14 +170,112 @@ fn syscall_data() -> Option<Data> {
                 let count = regs.add(REGS.arg2.offset).cast::<u64>().read_volatile();
                 Some(Data::Vector(arg1, count))
             }
-            n if n == REGS.sendmsg || n == REGS.recvmsg => {
-                let iov = bpf_probe_read_user((arg1 + MSGHDR_IOV) as *const u64).ok()?;
-                let count = bpf_probe_read_user((arg1 + MSGHDR_IOVLEN) as *const u64).ok()?;
+            n if n == REGS.sendmsg
+                || n == REGS.recvmsg
+                || n == REGS.sendmmsg
+                || n == REGS.recvmmsg =>
+            {
+                let msghdr = if n == REGS.sendmsg || n == REGS.recvmsg {
+                    arg1
+                } else {
+                    current_mmsghdr(arg1)
+                };
+                let iov = bpf_probe_read_user((msghdr + MSGHDR_IOV) as *const u64).ok()?;
+                let count = bpf_probe_read_user((msghdr + MSGHDR_IOVLEN) as *const u64).ok()?;
                 Some(Data::Vector(iov, count))
             }
             _ => None,
         }
     }
+}
+
+/// In a `sendmmsg`/`recvmmsg` array at `base`, the entry the kernel is moving: the first
+/// whose `msg_len` is still 0 (the kernel writes each entry's after moving it). Callers zero
+/// them, as glibc's resolver does; an array that does not reads as its first entry.
+#[inline(always)]
+fn current_mmsghdr(base: u64) -> u64 {
+    let mut i = 0;
+    while i < MAX_MMSGS {
+        let entry = base + i * MMSGHDR_SIZE;
+        // SAFETY: a probe read of user memory: a fault is returned, not taken.
+        match unsafe { bpf_probe_read_user((entry + MMSGHDR_LEN) as *const u32) } {
+            Ok(0) => return entry,
+            Ok(_) => i += 1,
+            Err(_) => break,
+        }
+    }
+    base
+}
+
+/// The destination address of the datagram the current `sendto`/`sendmsg`/`sendmmsg` is
+/// sending, written into `port` (host order) and `addr` (network order, IPv4 in the first 4
+/// bytes) if it is an address of `family`. False when the call names no address (a
+/// connected socket) or it cannot be read.
+#[cfg(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64"))]
+#[inline(never)]
+pub(crate) fn syscall_peer(family: u16, port: &mut u16, addr: &mut [u8; 16]) -> bool {
+    // SAFETY: as in `syscall_data`: BTF-typed register loads, probe reads of user memory.
+    unsafe {
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8;
+        let nr = syscall_nr(regs);
+        let arg1 = regs.add(REGS.arg1.offset).cast::<u64>().read_volatile();
+        let name = match nr {
+            n if n == REGS.sendto => regs.add(REGS.arg4.offset).cast::<u64>().read_volatile(),
+            n if n == REGS.sendmsg => match bpf_probe_read_user(arg1 as *const u64) {
+                Ok(name) => name,
+                Err(_) => return false,
+            },
+            n if n == REGS.sendmmsg => {
+                match bpf_probe_read_user(current_mmsghdr(arg1) as *const u64) {
+                    Ok(name) => name,
+                    Err(_) => return false,
+                }
+            }
+            _ => return false,
+        };
+        if name == 0 {
+            return false;
+        }
+        // sockaddr_in: family, port, address at 4; sockaddr_in6: address at 8.
+        let Ok(head) = bpf_probe_read_user(name as *const [u16; 2]) else {
+            return false;
+        };
+        if head[0] != family {
+            return false;
+        }
+        let (at, len) = if family == stalltrace_common::AF_INET6 {
+            (8, 16)
+        } else {
+            (4, 4)
+        };
+        if probe_read_user_raw(addr.as_mut_ptr().cast(), len, (name + at) as *const _) != 0 {
+            return false;
+        }
+        *port = u16::from_be(head[1]);
+        true
+    }
+}
+
+/// The current syscall's number, from the task's registers (see `syscall_regs`).
+///
+/// # Safety
+/// `regs` is the BTF-typed `struct pt_regs *` of the current task.
+#[cfg(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64"))]
+#[inline(always)]
+unsafe fn syscall_nr(regs: *const u8) -> u64 {
+    unsafe {
+        if REGS.nr.size == 4 {
+            u64::from(regs.add(REGS.nr.offset).cast::<u32>().read_volatile())
+        } else {
+            regs.add(REGS.nr.offset).cast::<u64>().read_volatile()
+        }
+    }
+}
+
+#[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
+#[inline(always)]
+pub(crate) fn syscall_peer(_family: u16, _port: &mut u16, _addr: &mut [u8; 16]) -> bool {
+    false
 }
 
 /// The user address of the data the current syscall moved, and how many bytes are there: a

@@ -5,7 +5,9 @@
 //! - `transfer`: bytes each way and request/reply turns (`sock/sock_{send,recv}_length`);
 //! - `transfer_functions`: the same from `tcp_sendmsg`/`tcp_recvmsg` (Linux < 6.3);
 //! - `syscall_transfers`: the same from the syscall tracepoints (the last resort);
-//! - `tcp_signals`: retransmits and received resets (`tcp/*`).
+//! - `tcp_signals`: retransmits and received resets (`tcp/*`);
+//! - `udp`: UDP request/response flows (the same transfer hooks; closes from
+//!   `cgroup/sock_release`).
 //!
 //! Per-connection state lives in the `CONNS` LRU map; the ring buffer carries only lifecycle
 //! events and request starts: a connection's first, then at most one per sweep epoch (see
@@ -26,6 +28,7 @@ mod tcp_signals;
 mod tcp_state;
 mod transfer;
 mod transfer_functions;
+mod udp;
 mod words;
 
 #[cfg(not(test))]

@@ -19,6 +19,11 @@ pub(crate) static CAPTURE_BYTES: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub(crate) static CAPTURE_SLOTS: Global<u32> = Global::new(1);
 
+/// Non-zero when UDP sockets are traced: set by the daemon when it can see their closes (the
+/// `cgroup/sock_release` program attaches), on the tracepoint rung.
+#[unsafe(no_mangle)]
+pub(crate) static UDP_TRACED: Global<u32> = Global::new(0);
+
 /// Kernel struct member offsets, resolved by the daemon from BTF.
 #[unsafe(no_mangle)]
 pub(crate) static OFFSETS: Global<Offsets> = Global::new(Offsets::unknown());

@@ -19,14 +19,18 @@ use stalltrace_common::{
     message::{classify, Head, Message},
     role, tcp_state,
     transfer::{ends_quiet, look, record_transfer, Look, Turn},
-    Capture, ConnState, EventKind,
+    transport, Capture, ConnState, EventKind, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
     capture::{bytes_at, capture_request, reply_head},
     conn::{emit, emit_request, set_owner_to_current},
-    kernel_read::{read_endpoints, tcp_family, tcp_state_of},
-    maps::{count_loss, current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS},
+    kernel_read::{inet_socket, read_endpoints, tcp_state_of},
+    maps::{
+        count_loss, current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS,
+        UDP_TRACED,
+    },
+    udp,
 };
 
 const MSG_PEEK: i32 = 2;
@@ -74,8 +78,19 @@ pub(crate) fn on_transfer<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, ret: i32,
     let now = unsafe { bpf_ktime_get_ns() };
     let bytes = ret as u64;
     match CONNS.get_ptr_mut(sock) {
-        // SAFETY: map value pointer, valid for the duration of the program.
-        Some(conn) => record(sock, unsafe { &mut *conn }, dir, bytes, now),
+        Some(conn) => {
+            // SAFETY: map value pointer, valid for the duration of the program.
+            let conn = unsafe { &mut *conn };
+            if conn.transport == transport::UDP {
+                // Never true where UDP is not traced; the constant lets the verifier drop the
+                // UDP path there (it calls helpers older kernels lack).
+                if UDP_TRACED.load() != 0 {
+                    udp::record(sock, conn, dir, bytes, now);
+                }
+            } else {
+                record(sock, conn, dir, bytes, now);
+            }
+        }
         None => discover(ctx, sock, dir, bytes, now),
     }
 }
@@ -92,6 +107,23 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
     };
     let quiet_ended = ends_quiet(conn, dir, message, now, stall_after_ns());
     let turn = record_transfer(conn, dir, bytes, now, message);
+    report(sock, conn, new_owner, quiet_ended, turn, capture, now);
+}
+
+/// Reports what a transfer did to `conn`, if the daemon must hear of it: a new owner (with the
+/// request's bytes when captured), the end of a quiet stretch past the threshold, a sampled
+/// exchange's completion, or a request start not yet reported this epoch. Shared by the TCP and
+/// UDP paths (`udp.rs`).
+#[inline(always)]
+pub(crate) fn report(
+    sock: u64,
+    conn: &mut ConnState,
+    new_owner: bool,
+    quiet_ended: bool,
+    turn: Turn,
+    capture: Option<&'static mut Capture>,
+    now: u64,
+) {
     if new_owner {
         // A passive connection's first transfer is usually its first request: sample it.
         match capture {
@@ -161,9 +193,16 @@ fn read_housekeeping(conn: &mut ConnState, look: Look, bytes: u64) -> Message {
 #[inline(never)]
 fn discover<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, bytes: u64, now: u64) {
     let offsets = OFFSETS.load();
-    let Some(family) = tcp_family(sock, &offsets) else {
+    let Some((family, protocol)) = inet_socket(sock, &offsets) else {
         return;
     };
+    if protocol == IPPROTO_UDP && UDP_TRACED.load() != 0 {
+        udp::discover(sock, family, dir, bytes, now);
+        return;
+    }
+    if protocol != IPPROTO_TCP {
+        return;
+    }
     // Data read after the close (it arrived with the peer's FIN) belongs to a connection
     // that already ended: tracking it anew would report a phantom connection.
     if !matches!(

@@ -115,7 +115,7 @@ pub struct RuleSpec {
 
 /// The transports the probes follow; a rule for another one matches nothing (said by
 /// `check-config`).
-const TRACED_TRANSPORTS: &[Transport] = &[Transport::Tcp];
+const TRACED_TRANSPORTS: &[Transport] = &[Transport::Tcp, Transport::Udp];
 
 /// `stall.severity` of the stalls a rule matches.
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -815,14 +815,21 @@ mod tests {
         let loaded = parse(
             "[[rule]]\ncomm = \"app\"\ntransport = \"udp\"\nignore = true\n\
              [[rule]]\ncomm = \"app\"\ncgroup = \"/system.slice/*\"\ntransport = \"tcp\"\n\
-             ignore = true\n",
+             ignore = true\n[[rule]]\ncomm = \"app\"\ntransport = \"unix\"\nignore = true\n",
         )
         .unwrap();
         let rules = loaded.rules;
         assert!(rules.rules[1].unmatched_keys().is_empty());
+        // UDP is traced: its rule applies, to UDP stalls only.
+        assert!(rules.rules[0].unmatched_keys().is_empty());
+        let over_udp = Subject {
+            transport: Transport::Udp,
+            ..subject("app", 1, 53, Some("dns A example.com"))
+        };
+        assert_eq!(rules.decide(&over_udp).rule, Some(0));
         assert_eq!(
-            rules.rules[0].unmatched_keys().is_empty(),
-            TRACED_TRANSPORTS.contains(&Transport::Udp)
+            rules.rules[2].unmatched_keys().is_empty(),
+            TRACED_TRANSPORTS.contains(&Transport::Unix)
         );
         assert_eq!(rules.decide(&subject("app", 1, 2, None)).rule, Some(1));
         let in_docker = Subject {

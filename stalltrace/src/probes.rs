@@ -16,7 +16,8 @@ use aya::{
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
-        FExit, KProbe, PerfEvent, ProgramError, ProgramFd, RawTracePoint, TracePoint,
+        CgroupAttachMode, CgroupSock, FExit, KProbe, PerfEvent, ProgramError, ProgramFd,
+        RawTracePoint, TracePoint,
     },
     Ebpf, EbpfLoader,
 };
@@ -24,7 +25,7 @@ use stalltrace_common::{
     capture_slot, loss, syscall_regs, Capture, ConnState, Control, FdOffsets, Offsets, StackKey,
 };
 
-use crate::sources::tracefs;
+use crate::sources::{cgroup, tracefs};
 
 /// The object built by build.rs from stalltrace-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stalltrace"));
@@ -266,7 +267,7 @@ fn check_syscall_regs(
     btf: &crate::sources::btf::Btf,
     layout: &syscall_regs::Layout,
 ) -> Result<(), String> {
-    for wanted in [layout.nr, layout.arg1, layout.arg2] {
+    for wanted in [layout.nr, layout.arg1, layout.arg2, layout.arg4] {
         let name = wanted.path.join(".");
         let member = btf
             .member("pt_regs", wanted.path)
@@ -329,6 +330,8 @@ pub(crate) struct Probes {
     stacks: Option<StackSampling>,
     /// How the data transfers are hooked, and why the better rungs were passed over.
     pub transfers: TransferHooks,
+    /// UDP sockets are traced (the tracepoint rung, and a cgroup v2 root for their closes).
+    pub udp: bool,
 }
 
 /// The rung the data transfers use, for the start-up line and `status`.
@@ -436,9 +439,54 @@ impl Probes {
             }
             (Some(_), Ok(())) => config.capture_bytes,
         };
-        let (probes, capture_error) = with_capture_fallback(capture_bytes, |bytes| {
-            Self::load_once(tracefs_root, config, listening, bytes)
+        // Only the sock tracepoints see UDP: without them (older kernels, where the verifier
+        // is slowest) the UDP code is left out of the programs (a constant the verifier
+        // prunes), and no cgroup is needed.
+        let sock_tracepoints = TRACEPOINT_TRANSFERS
+            .iter()
+            .all(|hook| tracefs::check_layout(tracefs_root, "sock", hook.target).is_ok());
+        let udp_cgroup = if !sock_tracepoints {
+            log::warn!(
+                "UDP is not traced: it needs the sock_send_length/sock_recv_length tracepoints \
+                 (Linux 6.3)"
+            );
+            None
+        } else {
+            cgroup::open_root()
+                .inspect_err(|err| {
+                    log::warn!(
+                        "UDP is not traced: its closes are seen through a cgroup/sock_release \
+                         program on the cgroup v2 root, and there is none ({err:#})"
+                    )
+                })
+                .ok()
+        };
+        let (mut probes, capture_error) = with_capture_fallback(capture_bytes, |bytes| {
+            Self::load_once(tracefs_root, config, listening, bytes, udp_cgroup.is_some())
         })?;
+        probes.udp = match (&udp_cgroup, probes.transfers.rung) {
+            (Some(root), Rung::Tracepoint) => match attach_sock_release(&mut probes.ebpf, root) {
+                Ok(hook) => {
+                    probes.attached.push(hook);
+                    true
+                }
+                Err(err) => {
+                    log::warn!(
+                        "UDP is traced without its closes ({err:#}): a UDP socket stays listed \
+                         until its entry is evicted"
+                    );
+                    true
+                }
+            },
+            (Some(_), rung) => {
+                log::warn!(
+                    "UDP is not traced: the {} rung (--hooks) hooks TCP functions only",
+                    rung.name()
+                );
+                false
+            }
+            (None, _) => false,
+        };
         if let Some(err) = capture_error {
             log::debug!("loading with request capture failed: {err:#}");
             log::warn!(
@@ -455,6 +503,7 @@ impl Probes {
         config: &ProbeConfig,
         listening: &[u16],
         capture_bytes: u32,
+        udp: bool,
     ) -> Result<Self> {
         let capture_slots = if capture_bytes > 0 { CAPTURE_SLOTS } else { 1 };
         let mut ebpf = EbpfLoader::new()
@@ -478,6 +527,7 @@ impl Probes {
             .override_global("CAPTURE_SLOTS", &capture_slots, true)
             .map_max_entries("CAPTURES", capture_slots)
             .override_global("TCP_RECVMSG_ARGS", &config.functions.tcp_recvmsg_args, true)
+            .override_global("UDP_TRACED", &u32::from(udp), true)
             .load(OBJECT)
             .context(
                 "loading the eBPF maps and programs failed; stalltrace needs Linux >= 5.8 with \
@@ -541,6 +591,7 @@ impl Probes {
             capture_bytes,
             stacks,
             transfers,
+            udp: false,
         })
     }
 
@@ -803,6 +854,28 @@ fn attach_rung(
         });
     }
     Ok(attached)
+}
+
+/// Attaches the UDP close program to the cgroup v2 root. As a BPF link (Linux 5.7+; UDP
+/// needs 6.3) it shares the cgroup with other programs and runs for every cgroup below; link
+/// creation takes no flags (`Single` is 0), multiple attachment is implied.
+fn attach_sock_release(ebpf: &mut Ebpf, root: &std::fs::File) -> Result<Attached> {
+    const PROGRAM: &str = "stalltrace_sock_release";
+    let program: &mut CgroupSock = ebpf
+        .program_mut(PROGRAM)
+        .with_context(|| format!("the eBPF object has no program {PROGRAM}"))?
+        .try_into()?;
+    load_program(PROGRAM, program.load())?;
+    program
+        .attach(root, CgroupAttachMode::Single)
+        .context("attaching cgroup/sock_release to the cgroup v2 root")?;
+    Ok(Attached {
+        program: PROGRAM,
+        hook: "cgroup/sock_release".to_owned(),
+        rung: Rung::Tracepoint,
+        run_count: 0,
+        run_time_ns: 0,
+    })
 }
 
 /// kprobes can be created through the kprobe PMU or tracefs.

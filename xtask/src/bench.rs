@@ -37,7 +37,7 @@ pub(crate) struct BenchArgs {
     #[arg(long)]
     smoke: bool,
     /// Run only these parts (comma-separated): pingpong1, pingpong32, nginx, churn, fileio,
-    /// paced, idle, stalls, programs, micro.
+    /// udp, paced, idle, stalls, programs, micro.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -151,6 +151,18 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
             loadgen(&paths, &["fileio", "--secs", &secs]),
             false,
         ),
+        (
+            "udp",
+            "one-way UDP, sendto",
+            loadgen(&paths, &["udp", "--secs", &secs]),
+            false,
+        ),
+        (
+            "udp",
+            "one-way UDP, connected",
+            loadgen(&paths, &["udp", "--connected", "--secs", &secs]),
+            false,
+        ),
     ];
     let mut results = Vec::new();
     for (part, name, command, with_bpftrace) in &workloads {
@@ -186,10 +198,20 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         &[500, 3_000, 10_000]
     };
     let stalls = run("stalls", &|| mass_stalls(&paths, stall_sizes, args.smoke));
-    let program_cost = run("programs", &|| program_cost(&paths, &secs));
+    let programs = run("programs", &|| {
+        program_cost(
+            &paths,
+            &loadgen(&paths, &["pingpong", "--conns", "32", "--secs", &secs]),
+        )
+    });
+    // The per-datagram cost of a one-way sender (statsd): the send, and the collector's
+    // receive, each run the data transfer programs.
+    let programs_udp = run("udp", &|| {
+        program_cost(&paths, &loadgen(&paths, &["udp", "--secs", &secs]))
+    });
     let micro = run("micro", &microbenchmark);
     drop(nginx);
-    let failed = [&paced, &scale, &stalls, &program_cost, &micro]
+    let failed = [&paced, &scale, &stalls, &programs, &programs_udp, &micro]
         .into_iter()
         .chain(&results)
         .filter(|v| v.get("error").is_some())
@@ -203,7 +225,8 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         "paced_20k_rps": paced,
         "idle_scale": scale,
         "mass_stalls": stalls,
-        "program_cost": program_cost,
+        "program_cost": programs,
+        "program_cost_udp": programs_udp,
         "userspace_microbenchmark": micro,
     });
     report["targets"] = targets(&report);
@@ -803,13 +826,11 @@ fn mass_stall_row(report: &Value, stalls: u64) -> Option<&Value> {
 }
 
 /// Per-program cost from the kernel's BPF statistics, on 32-connection ping-pong.
-fn program_cost(paths: &Paths, secs: &str) -> Result<Value> {
+/// Runs `workload` under a daemon with `--bpf-stats`: each program's runs and average time.
+fn program_cost(paths: &Paths, workload: &[String]) -> Result<Value> {
     progress("per-program cost (kernel BPF statistics)");
     let daemon = Daemon::start(paths, &["--bpf-stats"])?;
-    run_workload(&loadgen(
-        paths,
-        &["pingpong", "--conns", "32", "--secs", secs],
-    ))?;
+    run_workload(workload)?;
     let status = daemon.status()?;
     daemon.stop()?;
     let programs: Vec<Value> = status["programs"]
@@ -999,6 +1020,35 @@ fn unmeasured(part: &Value) -> Option<String> {
 
 /// The report as a table, in plain words: a part that did not run says so rather than showing
 /// zeros, and an absent value is `-`.
+/// One line: each program that ran, with its average time per run.
+fn render_programs(out: &mut String, title: &str, programs: &Value) {
+    use std::fmt::Write as _;
+    out.push_str(title);
+    match unmeasured(programs) {
+        Some(why) => {
+            let _ = write!(out, " {why}");
+        }
+        None => {
+            let mut any = false;
+            for program in programs.as_array().into_iter().flatten() {
+                if program["runs"].as_u64().unwrap_or(0) > 0 {
+                    any = true;
+                    let _ = write!(
+                        out,
+                        " {} {} ns",
+                        program["program"].as_str().unwrap_or("?"),
+                        program["avg_ns"]
+                    );
+                }
+            }
+            if !any {
+                out.push_str(" no runs counted");
+            }
+        }
+    }
+    out.push('\n');
+}
+
 fn render_report(report: &Value) -> String {
     use std::fmt::Write as _;
     let mut out = String::from("\n");
@@ -1101,30 +1151,16 @@ fn render_report(report: &Value) -> String {
             scale["lost"],
         ),
     };
-    out.push_str("kernel programs on 32-connection ping-pong:");
-    match unmeasured(&report["program_cost"]) {
-        Some(why) => {
-            let _ = write!(out, " {why}");
-        }
-        None => {
-            let mut any = false;
-            for program in report["program_cost"].as_array().into_iter().flatten() {
-                if program["runs"].as_u64().unwrap_or(0) > 0 {
-                    any = true;
-                    let _ = write!(
-                        out,
-                        " {} {} ns",
-                        program["program"].as_str().unwrap_or("?"),
-                        program["avg_ns"]
-                    );
-                }
-            }
-            if !any {
-                out.push_str(" no runs counted");
-            }
-        }
-    }
-    out.push('\n');
+    render_programs(
+        &mut out,
+        "kernel programs on 32-connection ping-pong:",
+        &report["program_cost"],
+    );
+    render_programs(
+        &mut out,
+        "kernel programs on one-way UDP (sendto):",
+        &report["program_cost_udp"],
+    );
     let micro = &report["userspace_microbenchmark"];
     let per_sec = |value: &Value| {
         value
@@ -1179,6 +1215,7 @@ mod tests {
             "paced_20k_rps": {"skipped": true},
             "idle_scale": {"skipped": true},
             "program_cost": {"skipped": true},
+            "program_cost_udp": {"skipped": true},
             "userspace_microbenchmark": {"workload": "micro", "error": "no result line"},
         });
         report["targets"] = targets(&report);
@@ -1237,6 +1274,7 @@ mod tests {
             "paced_20k_rps": {"skipped": true},
             "idle_scale": {"skipped": true},
             "program_cost": {"skipped": true},
+            "program_cost_udp": {"skipped": true},
             "userspace_microbenchmark": {"skipped": true},
         });
         report["targets"] = targets(&report);

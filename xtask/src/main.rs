@@ -110,8 +110,9 @@ fn run_daemon(args: &[String]) -> Result<()> {
 }
 
 /// The cargo-fuzz targets (stalltrace-core/fuzz/fuzz_targets), sharing the time budget.
-const FUZZ_TARGETS: [(&str, &str); 3] = [
+const FUZZ_TARGETS: [(&str, &str); 4] = [
     ("recognizers", "the request recognizers"),
+    ("dns", "the DNS query recognizer and the UDP datagram rule"),
     ("api_request", "the API request decoder"),
     ("btf", "the BTF parser"),
 ];
@@ -162,6 +163,10 @@ const TEST_PACKAGES: &[&str] = &[
     "nginx",
     "haproxy",
     "python3",
+    // unshare (a private resolv.conf for glibc's resolver) and logger (one-way syslog over
+    // UDP): essential packages, named for the UDP tests.
+    "util-linux",
+    "bsdutils",
     "socat",
     "openssl",
     "python3-grpcio",

@@ -29,7 +29,7 @@ fuzz_target!(|data: &[u8]| {
     head[..len].copy_from_slice(&data[..len]);
     let head = Head::new(&head, len, data.len() as u64);
     let more = |at: usize| data.get(at..at + 4).map(|b| [b[0], b[1], b[2], b[3]]);
-    for protocol in 0..=proto::POSTGRESQL + 1 {
+    for protocol in 0..=proto::DNS + 1 {
         for look in [Look::Request, Look::Continuation, Look::Reply] {
             let mut conn = ConnState {
                 proto: protocol,

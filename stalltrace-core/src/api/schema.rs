@@ -7,7 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     diagnosis::Diagnosis,
-    tracker::{model::Endpoints, CloseSummary, ConnRef, Detail, Event, Totals},
+    tracker::{
+        model::{Endpoints, Transport},
+        CloseSummary, ConnRef, Detail, Event, Totals,
+    },
 };
 
 /// A fixed vocabulary word (event name, role, kind…): borrowed when encoding, so that writing
@@ -119,6 +122,9 @@ pub struct StallJson {
     pub resolution: Option<Name>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub age_ms: Option<u64>,
+    /// UDP only: times the request was sent again while it waited (DNS: the same query id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
     /// When the quiet stretch began (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
@@ -241,12 +247,14 @@ pub fn event_json(event: &Event, time: String) -> EventJson {
             kind,
             duration_ms,
             resolution,
+            retries,
         } => (
             "stall.end",
             Some(StallJson {
                 kind: kind.as_str().into(),
                 duration_ms: Some(*duration_ms),
                 resolution: Some(resolution.as_str().into()),
+                retries: udp_retries(&event.conn.endpoints, *retries),
                 ..StallJson::default()
             }),
         ),
@@ -258,6 +266,11 @@ pub fn event_json(event: &Event, time: String) -> EventJson {
         schema: EVENT_SCHEMA,
         item,
     }
+}
+
+/// `stall.retries`: UDP only (TCP retransmits are counted by the kernel, not by requests).
+pub fn udp_retries(endpoints: &Endpoints, retries: u32) -> Option<u32> {
+    (endpoints.transport == Transport::Udp).then_some(retries)
 }
 
 fn add_close(conn: &mut ConnJson, summary: &CloseSummary) {
@@ -345,6 +358,7 @@ mod tests {
             kind: StallKind::AwaitingResponse,
             duration_ms: 7_300,
             resolution: Resolution::Closed,
+            retries: 0,
         });
         assert_eq!(value["event"], "stall.end");
         assert_eq!(value["schema"], EVENT_SCHEMA);
@@ -352,6 +366,25 @@ mod tests {
             value["stall"],
             json!({"kind": "awaiting_response", "duration_ms": 7300, "resolution": "closed"})
         );
+    }
+
+    #[test]
+    fn a_udp_stall_end_counts_its_retries() {
+        let mut conn = conn_ref();
+        conn.endpoints.transport = Transport::Udp;
+        let event = Event {
+            at_ns: 1,
+            conn,
+            detail: Detail::StallEnd {
+                kind: StallKind::AwaitingResponse,
+                duration_ms: 10_000,
+                resolution: Resolution::Response,
+                retries: 2,
+            },
+        };
+        let value = serde_json::to_value(event_json(&event, "t".into())).unwrap();
+        assert_eq!(value["network"]["transport"], "udp");
+        assert_eq!(value["stall"]["retries"], 2);
     }
 
     #[test]

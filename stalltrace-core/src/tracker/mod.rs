@@ -67,6 +67,9 @@ pub enum Detail {
         /// From the start of the quiet stretch to its end.
         duration_ms: u64,
         resolution: Resolution,
+        /// UDP: the request was sent again this many times while it waited (see
+        /// `stalltrace_common::udp`); 0 on other transports.
+        retries: u32,
     },
 }
 
@@ -135,6 +138,8 @@ pub struct Conn {
     pub quiet_since: Option<u64>,
     /// Some of this connection's history is missing (see [`CloseSummary::complete`]).
     pub incomplete: bool,
+    /// UDP: retries of the current (or last) exchange, as of the latest kernel snapshot.
+    pub retries: u32,
     /// `open_ns` of the kernel entry this record follows: tells a reused sock address apart.
     kernel_open_ns: u64,
     announced: bool,
@@ -158,6 +163,7 @@ impl Conn {
         if let Some(owner) = Owner::from_kernel(state) {
             self.owner = owner;
         }
+        self.retries = state.retries;
         if self.endpoints.local_port == 0 {
             // connect() picks the local port after the SYN_SENT transition.
             self.endpoints = Endpoints::from_kernel(state);
@@ -396,6 +402,7 @@ impl Tracker {
             stall: None,
             quiet_since: None,
             incomplete: true,
+            retries: 0,
             kernel_open_ns: 0,
             announced: false,
             closed_while_stalled: false,
@@ -673,6 +680,7 @@ impl Tracker {
                     stall: None,
                     quiet_since: None,
                     incomplete: discovered,
+                    retries: state.retries,
                     kernel_open_ns: state.open_ns,
                     announced: false,
                     closed_while_stalled: false,
@@ -841,6 +849,7 @@ fn end_stall(conn: &mut Conn, at: u64, resolution: Resolution, out: &mut Vec<Eve
             kind: stall.kind,
             duration_ms: ms(at.saturating_sub(stall.quiet_since_ns)),
             resolution,
+            retries: conn.retries,
         },
     });
 }

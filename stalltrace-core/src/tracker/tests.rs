@@ -123,7 +123,8 @@ fn assert_ended(events: &[Event], kind: StallKind, duration_ms: u64, resolution:
         [&Detail::StallEnd {
             kind,
             duration_ms,
-            resolution
+            resolution,
+            retries: 0
         }]
     );
 }
@@ -254,7 +255,8 @@ fn a_stall_that_ended_between_sweeps_is_still_reported() {
             &Detail::StallEnd {
                 kind: StallKind::UnansweredRequest,
                 duration_ms: 5_050,
-                resolution: Resolution::Response
+                resolution: Resolution::Response,
+                retries: 0
             }
         ]
     );
@@ -290,7 +292,8 @@ fn close_while_stalled_ends_the_stall_as_closed() {
         Detail::StallEnd {
             kind: StallKind::UnansweredRequest,
             duration_ms: 9_000,
-            resolution: Resolution::Closed
+            resolution: Resolution::Closed,
+            retries: 0
         }
     );
     let Detail::Close(summary) = &close.detail else {
@@ -420,7 +423,8 @@ fn reset_after_an_unswept_stall_reports_it() {
             &Detail::StallEnd {
                 kind: StallKind::UnansweredRequest,
                 duration_ms: 5_010,
-                resolution: Resolution::Reset
+                resolution: Resolution::Reset,
+                retries: 0
             }
         ]
     );
@@ -451,7 +455,8 @@ fn connect_that_times_out_between_sweeps_is_reported() {
             &Detail::StallEnd {
                 kind: StallKind::ConnectPending,
                 duration_ms: 5_100,
-                resolution: Resolution::Closed
+                resolution: Resolution::Closed,
+                retries: 0
             }
         ]
     );
@@ -1092,4 +1097,70 @@ fn an_idle_connection_whose_entry_vanished_is_closed_as_lost() {
     assert!(!summary.complete);
     assert_eq!(t.len(), 0);
     assert_eq!(t.stats().lost_closes, 1);
+}
+
+/// A UDP DNS client, its entry evolved by the kernel programs' datagram rule: a query resent
+/// once, nothing back, the socket released while waiting.
+#[test]
+fn a_udp_query_stalls_counts_its_retry_and_ends_closed_at_release() {
+    use stalltrace_common::{message::proto, transport, udp};
+    let mut tracker = tracker();
+    let mut kernel = Kernel::new(role::CLIENT, 0);
+    kernel.state.transport = transport::UDP;
+    kernel.state.proto = proto::DNS;
+    kernel.state.peer_port = 53;
+    udp::record_datagram(&mut kernel.state, direction::OUT, 40, 0, true, Some(7));
+    let opened = feed(&mut tracker, kernel.event(EventKind::Discovered, 0));
+    assert!(matches!(
+        opened[..],
+        [Event {
+            detail: Detail::Open { .. },
+            ..
+        }]
+    ));
+    assert_eq!(opened[0].conn.endpoints.transport.as_str(), "udp");
+    udp::record_datagram(
+        &mut kernel.state,
+        direction::OUT,
+        40,
+        3 * SEC,
+        true,
+        Some(7),
+    );
+    let started = sweep(&mut tracker, &mut kernel, THRESHOLD + SEC);
+    assert!(
+        matches!(
+            started[..],
+            [Event {
+                detail: Detail::StallStart {
+                    kind: StallKind::AwaitingResponse,
+                    quiet_ms: 6_000,
+                    ..
+                },
+                ..
+            }]
+        ),
+        "the wait counts from the first query: {started:?}"
+    );
+    // Released: the kernel reports the stall's end, then the close.
+    kernel.set_state(tcp_state::CLOSE, 8 * SEC);
+    let ended = feed(&mut tracker, kernel.event(EventKind::QuietEnded, 8 * SEC));
+    assert_eq!(
+        ended.iter().map(|e| &e.detail).collect::<Vec<_>>(),
+        [&Detail::StallEnd {
+            kind: StallKind::AwaitingResponse,
+            duration_ms: 8_000,
+            resolution: Resolution::Closed,
+            retries: 1,
+        }]
+    );
+    let closed = feed(&mut tracker, kernel.event(EventKind::Closed, 8 * SEC));
+    assert!(matches!(
+        closed[..],
+        [Event {
+            detail: Detail::Close(_),
+            ..
+        }]
+    ));
+    assert!(tracker.is_empty());
 }

@@ -399,6 +399,9 @@ fn render_show(answer: &Value) -> Result<String> {
             stall.age_ms.map_or("?".into(), format_millis),
             stall.since.as_deref().unwrap_or("?")
         ));
+        if let Some(retries) = stall.retries {
+            out.push_str(&format!("  retries:    {retries} (request sent again)\n"));
+        }
         if let Some(diagnosis) = &stall.diagnosis {
             out.push_str(&render_diagnosis(diagnosis));
         }

@@ -449,6 +449,7 @@ mod tests {
                 kind: StallKind::AwaitingResponse,
                 duration_ms,
                 resolution: Resolution::Response,
+                retries: 0,
             },
         )
     }

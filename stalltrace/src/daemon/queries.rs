@@ -93,6 +93,7 @@ impl Daemon {
             "features": {
                 "adopt_existing": self.offsets.can_read_sock(),
                 "request_capture_bytes": probes.capture_bytes,
+                "udp": probes.udp,
             },
             "connections": {
                 "tracked": self.tracker.len(),
@@ -215,6 +216,7 @@ impl Daemon {
                     kind: stall.kind.as_str().into(),
                     age_ms: Some(age_ms),
                     since: Some(clock.rfc3339(stall.quiet_since_ns)),
+                    retries: json::udp_retries(&conn.endpoints, conn.retries),
                     severity: annotation
                         .and_then(|a| a.severity)
                         .map(|s| s.as_str().into()),
@@ -245,6 +247,7 @@ impl Daemon {
             kind: stall.kind.as_str().into(),
             age_ms: Some(now.saturating_sub(stall.quiet_since_ns) / 1_000_000),
             since: Some(clock.rfc3339(stall.quiet_since_ns)),
+            retries: json::udp_retries(&conn.endpoints, conn.retries),
             diagnosis: self.diagnoser.current(id).cloned(),
             ..StallJson::default()
         });

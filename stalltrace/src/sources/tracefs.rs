@@ -2,7 +2,6 @@
 //! are checked against what the kernel programs were compiled for before anything attaches.
 use std::{
     collections::HashMap,
-    ffi::CString,
     mem::{offset_of, size_of},
     path::{Path, PathBuf},
 };
@@ -23,20 +22,7 @@ pub(crate) fn ensure_mounted() -> Result<PathBuf> {
             return Ok(PathBuf::from(root));
         }
     }
-    let target = CString::new(TRACEFS).expect("no NUL");
-    let fstype = CString::new("tracefs").expect("no NUL");
-    // SAFETY: valid NUL-terminated strings; no mount data.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
+    if let Err(err) = super::mount("tracefs", TRACEFS) {
         bail!(
             "tracefs is not mounted and mounting it at {TRACEFS} failed: {err}; mount it with \
              `mount -t tracefs nodev {TRACEFS}` (needs a kernel with CONFIG_TRACING)"

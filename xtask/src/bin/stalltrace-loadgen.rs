@@ -5,10 +5,12 @@
 //!   and one server thread (almost pure syscalls: the worst case for a socket tracer);
 //! - `churn`: connect, one 1-byte exchange, close, as fast as possible;
 //! - `fileio`: 64-byte writes then reads on a regular file;
+//! - `udp`: one-way datagrams, statsd-style (`sendto` of 32-byte lines to a collector that
+//!   only reads, or `send` on a connected socket): what a metrics-heavy host costs;
 //! - `idle`: opens N connections, prints `ready`, holds them until stdin closes.
 use std::{
     io::{Read, Seek, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -47,6 +49,14 @@ enum Workload {
         #[arg(long, default_value_t = 3.0)]
         secs: f64,
     },
+    /// One-way UDP: a sender thread and a collector thread that only reads.
+    Udp {
+        #[arg(long, default_value_t = 3.0)]
+        secs: f64,
+        /// `connect()` the sender and use `send` (else `sendto` on an unconnected socket).
+        #[arg(long)]
+        connected: bool,
+    },
     /// Opens `conns` loopback connections across as many worker processes as the open-file
     /// limit requires, prints `ready`, and holds them until stdin closes.
     Idle {
@@ -75,6 +85,7 @@ fn main() -> Result<()> {
         Workload::Pingpong { conns, secs, rate } => pingpong(conns, secs, rate),
         Workload::Churn { workers, secs } => churn(workers, secs),
         Workload::Fileio { secs } => fileio(secs),
+        Workload::Udp { secs, connected } => udp(secs, connected),
         Workload::Idle { conns } => idle(conns, false),
         Workload::Stalled { conns } => idle(conns, true),
         Workload::IdleWorker { conns, stalled } => idle_worker(conns, stalled),
@@ -268,6 +279,49 @@ fn churn(workers: usize, secs: f64) -> Result<()> {
         client.join().expect("client thread");
     }
     report(ops.load(Ordering::Relaxed), elapsed);
+    Ok(())
+}
+
+/// Sends 32-byte datagrams for `secs` to a collector thread that reads them and never
+/// answers; ops are datagrams sent (a full receive buffer drops some: they still cost a
+/// send).
+fn udp(secs: f64, connected: bool) -> Result<()> {
+    let collector = UdpSocket::bind("127.0.0.1:0").context("binding the collector")?;
+    let to = collector.local_addr()?;
+    collector.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let done = Arc::clone(&done);
+        thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            while !done.load(Ordering::Relaxed) {
+                let _ = collector.recv(&mut buf);
+            }
+        })
+    };
+    let sender = UdpSocket::bind("127.0.0.1:0")?;
+    if connected {
+        sender.connect(to)?;
+    }
+    let line = *b"app.requests.count:1|c|#env:dev
+";
+    const BATCH: u64 = 1024;
+    let mut ops = 0;
+    let started = Instant::now();
+    while started.elapsed().as_secs_f64() < secs {
+        for _ in 0..BATCH {
+            if connected {
+                sender.send(&line)?;
+            } else {
+                sender.send_to(&line, to)?;
+            }
+        }
+        ops += BATCH;
+    }
+    let elapsed = started.elapsed();
+    done.store(true, Ordering::Relaxed);
+    reader.join().expect("collector thread");
+    report(ops, elapsed);
     Ok(())
 }
 
