@@ -182,6 +182,14 @@ pub struct ConnState {
     pub _pad2: [u8; 2],
     pub local_addr: [u8; 16],
     pub peer_addr: [u8; 16],
+    /// cgroup v2 id of the owner ([`ConnState::tgid`]) when it became the owner
+    /// (`bpf_get_current_cgroup_id`: the inode of its directory under `/sys/fs/cgroup`); 0 until
+    /// an owner is known.
+    pub cgroup_id: u64,
+    /// Inode of the socket's network namespace (`sock.skc_net->ns.inum`, what
+    /// `/proc/PID/ns/net` links to); 0 when it cannot be read (see [`Offsets::can_read_netns`]).
+    pub netns: u32,
+    pub _pad3: u32,
     pub comm: [u8; COMM_LEN],
 }
 
@@ -311,6 +319,10 @@ pub struct Offsets {
     /// is what sits unread in the receive queue (as `tcp_inq()` computes it).
     pub tcp_rcv_nxt: u32,
     pub tcp_copied_seq: u32,
+    /// `sock_common.skc_net.net` (a `struct net *`) and `net.ns.inum` (u32): the socket's
+    /// network namespace, so that identical endpoints in two namespaces stay two connections.
+    pub skc_net: u32,
+    pub net_ns_inum: u32,
 }
 
 impl Offsets {
@@ -330,7 +342,14 @@ impl Offsets {
             skc_state: u,
             tcp_rcv_nxt: u,
             tcp_copied_seq: u,
+            skc_net: u,
+            net_ns_inum: u,
         }
+    }
+
+    /// The network namespace inode can be read from a `struct sock`.
+    pub const fn can_read_netns(&self) -> bool {
+        self.skc_net != Self::UNKNOWN && self.net_ns_inum != Self::UNKNOWN
     }
 
     /// The connection's protocol, addresses and ports can be read from a `struct sock`.
@@ -394,13 +413,13 @@ pub mod tracepoint {
 }
 
 // Layouts are part of the ABI: pin them so both sides fail to build on an accidental change.
-const _: () = assert!(core::mem::size_of::<ConnState>() == 168);
+const _: () = assert!(core::mem::size_of::<ConnState>() == 184);
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
-const _: () = assert!(core::mem::size_of::<ConnEvent>() == 192);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 208);
 const _: () = assert!(core::mem::size_of::<Control>() == 8);
 const _: () = assert!(core::mem::size_of::<Capture>() == 88);
-const _: () = assert!(core::mem::size_of::<RequestEvent>() == 280);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 44);
+const _: () = assert!(core::mem::size_of::<RequestEvent>() == 296);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 52);
 
 /// Userspace side: lets the types live in aya's maps.
 #[cfg(feature = "user")]
@@ -508,6 +527,9 @@ mod tests {
                 _pad2: [0; 2],
                 local_addr: [0xfe; 16],
                 peer_addr: [0x01; 16],
+                cgroup_id: 0x1122_3344_5566_7788,
+                netns: 4_026_531_840,
+                _pad3: 0,
                 comm,
             },
         }
@@ -537,7 +559,15 @@ mod tests {
         assert_eq!(&bytes[conn + 88..conn + 92], &12u32.to_ne_bytes());
         assert_eq!(&bytes[conn + 104..conn + 106], &8080u16.to_ne_bytes());
         assert_eq!(bytes[conn + 110], role::SERVER);
-        assert_eq!(&bytes[conn + 152..conn + 157], b"nginx");
+        assert_eq!(
+            &bytes[conn + 152..conn + 160],
+            &0x1122_3344_5566_7788u64.to_ne_bytes()
+        );
+        assert_eq!(
+            &bytes[conn + 160..conn + 164],
+            &4_026_531_840u32.to_ne_bytes()
+        );
+        assert_eq!(&bytes[conn + 168..conn + 173], b"nginx");
     }
 
     #[test]

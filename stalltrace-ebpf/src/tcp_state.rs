@@ -14,7 +14,7 @@ use stalltrace_common::{
 };
 
 use crate::{
-    conn::{emit, set_owner_to_current},
+    conn::{emit, set_netns, set_owner_to_current},
     kernel_read::unread_sequence,
     maps::{count_loss, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS},
     words::{copy_addr16, copy_addr4},
@@ -74,6 +74,7 @@ fn new_conn(args: &InetSockSetState, conn_role: u8, now: u64) -> Option<&'static
     conn.tcp_state = args.newstate as u8;
     conn.family = args.family;
     fill_endpoints(args, conn);
+    set_netns(args.skaddr, conn);
     Some(conn)
 }
 

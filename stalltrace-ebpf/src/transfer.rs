@@ -24,7 +24,7 @@ use stalltrace_common::{
 
 use crate::{
     capture::{bytes_at, capture_request, reply_head},
-    conn::{emit, emit_request, set_owner_to_current},
+    conn::{emit, emit_request, set_netns, set_owner_to_current},
     kernel_read::{read_endpoints, tcp_family, tcp_state_of},
     maps::{count_loss, current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS},
 };
@@ -189,6 +189,7 @@ fn discover<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, bytes: u64, now: u64) {
         debug!(ctx, "cannot read the endpoints of TCP socket {:x}", sock);
         return;
     }
+    set_netns(sock, conn);
     conn.role = if LISTEN_PORTS.get_ptr(conn.local_port).is_some() {
         role::SERVER
     } else {

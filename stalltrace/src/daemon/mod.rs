@@ -328,8 +328,17 @@ fn kernel_layout(btf_file: Option<&std::path::Path>) -> Result<(Offsets, KernelF
     Ok(match kernel_btf {
         Ok(kernel_btf) => {
             let (offsets, missing) = btf::resolve_offsets(&kernel_btf);
-            if !missing.is_empty() {
-                log::warn!("kernel BTF lacks {}: {lost}", missing.join(", "));
+            let (netns, other): (Vec<&str>, Vec<&str>) = missing
+                .iter()
+                .partition(|member| matches!(**member, "sock.skc_net" | "net.ns.inum"));
+            if !other.is_empty() {
+                log::warn!("kernel BTF lacks {}: {lost}", other.join(", "));
+            }
+            if !netns.is_empty() {
+                log::warn!(
+                    "kernel BTF lacks {}: connections are not told apart by network namespace",
+                    netns.join(", ")
+                );
             }
             let functions = KernelFunctions::from_btf(&kernel_btf).unwrap_or_else(from_release);
             (offsets, functions)
