@@ -48,7 +48,7 @@ use crate::{
         ndjson::EventSink,
         writer::FileOptions,
     },
-    sources::{btf, procfs, tracefs},
+    sources::{btf, cgroups, netns, procfs, tracefs},
 };
 
 pub struct DaemonConfig {
@@ -129,6 +129,7 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
     let sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let tracefs_root = tracefs::ensure_mounted()?;
     let (offsets, functions) = kernel_layout(config.btf.as_deref())?;
+    netns::set_known(offsets.can_read_netns());
     let listening = procfs::listening_ports(&procfs::tcp_sockets());
     // Bind first: a second daemon must fail before it loads anything.
     let api = ApiServer::bind(&config.socket, config.socket_group.as_deref())?;
@@ -176,6 +177,12 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
     // any thread starts (capabilities are per thread): the events writer and the diagnosis
     // worker run with the reduced set, and the events file is opened (and later reopened)
     // with it.
+    if let Err(err) = netns::Broker::start() {
+        log::warn!(
+            "{err:#}: sock_diag sees the daemon's network namespace only (TCP signals and \
+             unread requests of other namespaces are left out)"
+        );
+    }
     let privileges = crate::privileges::drop_to_runtime().context("dropping privileges")?;
     let file = config.events_file.clone().map(|path| FileOptions {
         path,
@@ -184,6 +191,7 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
         keep: config.events_file_keep,
     });
     let mut sink = EventSink::open(file, config.events_buffer)?;
+    sink.resolve_cgroups(cgroups::Names::spawn()?);
     let metrics = Metrics::new(&config.metrics_labels, config.ring_buffer_bytes);
     metrics.configured(config.stall_after, config.rules.rules.len());
     let metrics_on = metrics_listener

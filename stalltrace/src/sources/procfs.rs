@@ -1,7 +1,7 @@
 //! /proc: TCP sockets that exist before the daemon starts (adopted so that a stall on them is
-//! still flagged), their owning processes, and listening ports.
+//! still flagged), in every network namespace, their owning processes, and listening ports.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
@@ -11,6 +11,8 @@ use stalltrace_core::tracker::{
     model::{Comm, Endpoints, Owner, Role, Transport},
     Adoption,
 };
+
+use super::{cgroups, netns};
 
 /// A line of /proc/net/tcp or /proc/net/tcp6.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +38,7 @@ pub(crate) fn parse_tcp_line(line: &str) -> Option<ProcSocket> {
             local_port,
             peer,
             peer_port,
+            netns: 0,
         },
         state,
         inode,
@@ -64,13 +67,24 @@ fn parse_address(text: &str) -> Option<(IpAddr, u16)> {
     Some((ip, port))
 }
 
-/// All TCP sockets of the host's network namespace.
+/// All TCP sockets of every network namespace a process is in: `/proc/PID/net/tcp{,6}` of
+/// one process per namespace (it lists that process's namespace), each socket labelled with
+/// its namespace.
 pub(crate) fn tcp_sockets() -> Vec<ProcSocket> {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|path| fs::read_to_string(path).ok())
-        .flat_map(|text| text.lines().filter_map(parse_tcp_line).collect::<Vec<_>>())
-        .collect()
+    let mut sockets = Vec::new();
+    for (inode, pid) in netns::all() {
+        let label = netns::label(inode);
+        for file in ["tcp", "tcp6"] {
+            let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{file}")) else {
+                continue;
+            };
+            sockets.extend(text.lines().filter_map(parse_tcp_line).map(|mut socket| {
+                socket.endpoints.netns = label;
+                socket
+            }));
+        }
+    }
+    sockets
 }
 
 pub(crate) fn listening_ports(sockets: &[ProcSocket]) -> Vec<u16> {
@@ -107,6 +121,7 @@ pub(crate) fn socket_owners() -> HashMap<u64, Owner> {
             pid,
             tid: pid,
             comm: Comm::new(comm.trim_end()),
+            cgroup_id: cgroups::id_of_process(pid).unwrap_or(0),
         };
         for fd in fds.flatten() {
             let Ok(target) = fs::read_link(fd.path()) else {
@@ -128,17 +143,26 @@ fn socket_inode(link: &str) -> Option<u64> {
         .ok()
 }
 
+/// The (network namespace, port) pairs with a listener.
+pub(crate) fn listeners(sockets: &[ProcSocket]) -> HashSet<(u32, u16)> {
+    sockets
+        .iter()
+        .filter(|s| s.state == tcp_state::LISTEN)
+        .map(|s| (s.endpoints.netns, s.endpoints.local_port))
+        .collect()
+}
+
 /// Established connections with their owners and roles (server when the local port has a
-/// listener).
+/// listener in the connection's namespace).
 pub(crate) fn adoptions(sockets: &[ProcSocket]) -> Vec<Adoption> {
-    let listening = listening_ports(sockets);
+    let listening = listeners(sockets);
     let owners = socket_owners();
     sockets
         .iter()
         .filter(|s| s.state == tcp_state::ESTABLISHED)
         .map(|s| Adoption {
             endpoints: s.endpoints,
-            role: if listening.binary_search(&s.endpoints.local_port).is_ok() {
+            role: if listening.contains(&(s.endpoints.netns, s.endpoints.local_port)) {
                 Role::Server
             } else {
                 Role::Client
