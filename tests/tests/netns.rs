@@ -380,3 +380,66 @@ fn identical_endpoints_in_two_namespaces_stay_apart() {
     );
     daemon.stop();
 }
+
+fn status_field(status: &str, name: &str) -> String {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {name} in /proc status:\n{status}"))
+        .trim()
+        .to_owned()
+}
+
+/// The namespace broker (the process that enters namespaces for sock_diag) keeps
+/// `CAP_SYS_ADMIN` and nothing else, sets no_new_privs, holds no descriptor of the daemon's,
+/// and ends with the daemon.
+#[test]
+fn the_namespace_broker_keeps_cap_sys_admin_alone_and_ends_with_the_daemon() {
+    require_root();
+    let daemon = Daemon::start("netns-broker");
+    let status = daemon.cli_json(&["status", "-o", "json"]);
+    assert_eq!(status["features"]["network_namespaces"], true, "{status:#}");
+    let pid = status["features"]["namespace_broker_pid"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no namespace broker: {status:#}\n{}", daemon.stderr()));
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(status_field(&text, "Name"), "stalltrace-ns");
+    assert_eq!(
+        status_field(&text, "PPid"),
+        status["pid"].to_string(),
+        "a child of the daemon"
+    );
+    const CAP_SYS_ADMIN: u64 = 1 << 21;
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        let value = u64::from_str_radix(&status_field(&text, set), 16).unwrap();
+        assert_eq!(value, CAP_SYS_ADMIN, "{set} {value:#x}");
+    }
+    assert_eq!(status_field(&text, "CapInh"), "0000000000000000");
+    assert_eq!(status_field(&text, "NoNewPrivs"), "1");
+    let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|entry| {
+            entry
+                .unwrap()
+                .file_name()
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    fds.sort_unstable();
+    assert_eq!(fds, [0, 1, 2, 3], "stdio and its channel only");
+    daemon.stop();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{pid}/status")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .is_ok_and(|text| status_field(&text, "Name") == "stalltrace-ns")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broker outlived the daemon"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

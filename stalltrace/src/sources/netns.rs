@@ -4,7 +4,7 @@
 //! sock_diag answers about the namespace its netlink socket was created in, and creating one
 //! in another namespace takes `setns`, which needs `CAP_SYS_ADMIN`: the daemon drops it after
 //! start-up. So, before dropping it, the daemon forks the *namespace broker*: a process of its
-//! own (`stalltrace-netns`) that keeps `CAP_SYS_ADMIN` alone, holds no other descriptor and
+//! own (`stalltrace-ns`) that keeps `CAP_SYS_ADMIN` alone, holds no other descriptor and
 //! does one thing: given a namespace descriptor (`/proc/PID/ns/net`, opened by the daemon with
 //! its `CAP_SYS_PTRACE`), it enters the namespace and sends back a new sock_diag socket
 //! created there. The daemon's own threads never change namespace. The broker dies with the
@@ -201,7 +201,7 @@ fn serve(channel: OwnedFd, parent: libc::pid_t) -> Result<()> {
     // SAFETY: prctl with integer arguments; a name of at most 16 bytes with its NUL.
     unsafe {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-        libc::prctl(libc::PR_SET_NAME, c"stalltrace-netns".as_ptr(), 0, 0, 0);
+        libc::prctl(libc::PR_SET_NAME, c"stalltrace-ns".as_ptr(), 0, 0, 0);
         // The daemon may have died before PR_SET_PDEATHSIG took effect.
         if libc::getppid() != parent {
             return Ok(());
