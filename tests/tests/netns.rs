@@ -13,7 +13,7 @@ use std::{
 };
 
 use serde_json::Value;
-use stalltrace_integration::{require_root, Daemon, STALL_AFTER};
+use stalltrace_integration::{require_root, status_field, Daemon, STALL_AFTER};
 
 /// The peers, in Python (Debian's python3, installed by `cargo xtask test`):
 /// - `idle PORT`: an established connection to itself that never carries data;
@@ -381,15 +381,6 @@ fn identical_endpoints_in_two_namespaces_stay_apart() {
     daemon.stop();
 }
 
-fn status_field(status: &str, name: &str) -> String {
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-        .unwrap_or_else(|| panic!("no {name} in /proc status:\n{status}"))
-        .trim()
-        .to_owned()
-}
-
 /// The namespace broker (the process that enters namespaces for sock_diag) keeps
 /// `CAP_SYS_ADMIN` and nothing else, sets no_new_privs, holds no descriptor of the daemon's,
 /// and ends with the daemon.
@@ -411,7 +402,7 @@ fn the_namespace_broker_keeps_cap_sys_admin_alone_and_ends_with_the_daemon() {
     );
     const CAP_SYS_ADMIN: u64 = 1 << 21;
     for set in ["CapEff", "CapPrm", "CapBnd"] {
-        let value = u64::from_str_radix(&status_field(&text, set), 16).unwrap();
+        let value = u64::from_str_radix(status_field(&text, set), 16).unwrap();
         assert_eq!(value, CAP_SYS_ADMIN, "{set} {value:#x}");
     }
     assert_eq!(status_field(&text, "CapInh"), "0000000000000000");

@@ -26,7 +26,6 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-const NETLINK_SOCK_DIAG: i32 = 4;
 /// Namespaces whose sock_diag socket is kept open at most. A socket holds its namespace
 /// alive, so sockets of namespaces that no process is in any more are closed at every scan
 /// ([`Namespaces::retain`]).
@@ -72,18 +71,8 @@ pub(crate) fn own() -> u64 {
 pub(crate) fn all() -> Vec<(u64, u32)> {
     let mut seen = HashSet::new();
     let mut namespaces = Vec::new();
-    let Ok(processes) = fs::read_dir("/proc") else {
-        return namespaces;
-    };
-    for process in processes.flatten() {
-        let Some(pid) = process
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if let Ok(meta) = fs::metadata(process.path().join("ns/net")) {
+    for (pid, process) in super::procfs::processes() {
+        if let Ok(meta) = fs::metadata(process.join("ns/net")) {
             if seen.insert(meta.ino()) {
                 namespaces.push((meta.ino(), pid));
             }
@@ -244,21 +233,11 @@ fn serve(channel: OwnedFd, parent: libc::pid_t) -> Result<()> {
 
 /// Enters `namespace` (this whole single-threaded process) and creates a sock_diag socket.
 fn socket_inside(namespace: &OwnedFd) -> io::Result<OwnedFd> {
-    // SAFETY: setns on a descriptor we own; socket creates a new descriptor.
-    unsafe {
-        if libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        );
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(OwnedFd::from_raw_fd(fd))
+    // SAFETY: setns on a descriptor we own.
+    if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
     }
+    super::sock_diag::open()
 }
 
 fn set_timeout(socket: &OwnedFd, timeout: Duration) -> Result<()> {

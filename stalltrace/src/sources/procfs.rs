@@ -4,6 +4,7 @@ use std::{
     collections::{HashMap, HashSet},
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
 };
 
 use stalltrace_common::tcp_state;
@@ -98,25 +99,26 @@ pub(crate) fn listening_ports(sockets: &[ProcSocket]) -> Vec<u16> {
     ports
 }
 
+/// Every process: its pid and `/proc/<pid>`. Processes come and go during a walk: callers skip
+/// what vanished.
+pub(crate) fn processes() -> impl Iterator<Item = (u32, PathBuf)> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flat_map(|entries| entries.flatten())
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((pid, entry.path()))
+        })
+}
+
 /// Socket inode → the process holding it, from every /proc/<pid>/fd.
 pub(crate) fn socket_owners() -> HashMap<u64, Owner> {
     let mut owners = HashMap::new();
-    let Ok(processes) = fs::read_dir("/proc") else {
-        return owners;
-    };
-    for process in processes.flatten() {
-        let Some(pid) = process
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
+    for (pid, process) in processes() {
+        let Ok(fds) = fs::read_dir(process.join("fd")) else {
             continue;
         };
-        // Processes come and go during the scan: skip what vanished.
-        let Ok(fds) = fs::read_dir(process.path().join("fd")) else {
-            continue;
-        };
-        let comm = fs::read_to_string(process.path().join("comm")).unwrap_or_default();
+        let comm = fs::read_to_string(process.join("comm")).unwrap_or_default();
         let owner = Owner {
             pid,
             tid: pid,

@@ -119,8 +119,8 @@ pub(crate) fn dump_established_unread() -> io::Result<Vec<DiagEntry>> {
     Ok(entries)
 }
 
-/// A sock_diag socket in the daemon's own namespace.
-fn open() -> io::Result<OwnedFd> {
+/// A sock_diag socket in the calling thread's network namespace.
+pub(crate) fn open() -> io::Result<OwnedFd> {
     // SAFETY: a plain socket syscall; the descriptor is owned from here on.
     unsafe {
         let fd = libc::socket(
