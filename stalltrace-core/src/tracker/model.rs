@@ -119,7 +119,48 @@ impl Endpoints {
     /// `network.community_id`: the Community ID v1 flow hash (seed 0) that Zeek, Suricata and
     /// Elastic compute for the same flow, so that a log backend joins both ends of a
     /// connection seen on two hosts. TCP and UDP only; `None` for other transports.
+    ///
+    /// Every event carries it, and a SHA-1 costs about as much as encoding the rest of an
+    /// event: the last flows hashed are remembered per thread (a direct-mapped table of
+    /// [`COMMUNITY_ID_MEMO`] entries), so the events of one connection hash it once.
     pub fn community_id(&self) -> Option<String> {
+        let key = self.in_netns(0);
+        let slot = key.memo_slot();
+        let known = COMMUNITY_IDS.with_borrow(|memo| {
+            memo.get(slot)
+                .and_then(|entry| entry.as_ref())
+                .filter(|(endpoints, _)| *endpoints == key)
+                .map(|(_, id)| id.clone())
+        });
+        if known.is_some() {
+            return known;
+        }
+        let id = key.hash_community_id()?;
+        COMMUNITY_IDS.with_borrow_mut(|memo| {
+            if memo.is_empty() {
+                memo.resize(COMMUNITY_ID_MEMO, None);
+            }
+            memo[slot] = Some((key, id.clone()));
+        });
+        Some(id)
+    }
+
+    fn memo_slot(&self) -> usize {
+        let fold = |ip: IpAddr| match ip {
+            IpAddr::V4(v4) => u64::from(u32::from(v4)),
+            IpAddr::V6(v6) => {
+                let bits = u128::from(v6);
+                (bits as u64) ^ ((bits >> 64) as u64)
+            }
+        };
+        let ports = u64::from(self.local_port) << 16 | u64::from(self.peer_port);
+        let mixed = stalltrace_common::mix_sock(
+            ports ^ fold(self.local).rotate_left(32) ^ fold(self.peer).rotate_left(17),
+        );
+        mixed as usize & (COMMUNITY_ID_MEMO - 1)
+    }
+
+    fn hash_community_id(&self) -> Option<String> {
         let protocol = match self.transport {
             Transport::Tcp => stalltrace_common::IPPROTO_TCP as u8,
             Transport::Udp => stalltrace_common::IPPROTO_UDP as u8,
@@ -168,6 +209,14 @@ impl Endpoints {
     pub fn has_port(&self, port: u16) -> bool {
         self.local_port == port || self.peer_port == port
     }
+}
+
+/// Flows whose Community ID each thread remembers (a power of two; ~100 bytes each).
+pub const COMMUNITY_ID_MEMO: usize = 1024;
+
+thread_local! {
+    static COMMUNITY_IDS: std::cell::RefCell<Vec<Option<(Endpoints, String)>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn to_v6(ip: IpAddr) -> IpAddr {
@@ -408,6 +457,36 @@ mod tests {
             );
         }
         assert_eq!(flow(Transport::Unix, "::", 0, "::", 0).community_id(), None);
+    }
+
+    /// The memo never answers for another flow: every flow of many more than it holds, asked
+    /// twice in a row and again later, gets the hash computed afresh.
+    #[test]
+    fn remembered_community_ids_are_those_of_the_flow_asked() {
+        let flows: Vec<Endpoints> = (0..4 * COMMUNITY_ID_MEMO as u16)
+            .map(|port| flow(Transport::Tcp, "10.0.0.1", port, "10.0.0.2", 443))
+            .collect();
+        for round in 0..2 {
+            for endpoints in &flows {
+                let fresh = endpoints.hash_community_id();
+                assert_eq!(
+                    endpoints.community_id(),
+                    fresh,
+                    "round {round}: {endpoints:?}"
+                );
+                assert_eq!(
+                    endpoints.community_id(),
+                    fresh,
+                    "round {round}: {endpoints:?}"
+                );
+            }
+        }
+        let tcp = flows[0];
+        let udp = Endpoints {
+            transport: Transport::Udp,
+            ..tcp
+        };
+        assert_ne!(tcp.community_id(), udp.community_id());
     }
 
     #[test]
