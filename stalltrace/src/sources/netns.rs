@@ -84,12 +84,12 @@ pub(crate) fn all() -> Vec<(u64, u32)> {
 /// The daemon's handle on the broker process.
 pub(crate) struct Broker {
     channel: OwnedFd,
-    pid: libc::pid_t,
     /// Number of the last request.
     sequence: u8,
 }
 
 static BROKER: OnceLock<Mutex<Broker>> = OnceLock::new();
+static BROKER_PID: OnceLock<u32> = OnceLock::new();
 
 impl Broker {
     /// Forks the broker. Must run while the daemon still has `CAP_SYS_ADMIN` and before it
@@ -136,22 +136,22 @@ impl Broker {
                 if BROKER
                     .set(Mutex::new(Broker {
                         channel: ours,
-                        pid,
                         sequence: 0,
                     }))
                     .is_err()
                 {
                     bail!("the namespace broker was already started");
                 }
+                let _ = BROKER_PID.set(pid.unsigned_abs());
                 Ok(())
             }
         }
     }
 
-    /// The broker's process id, if it was started.
+    /// The broker's process id, if it was started. Never waits (the worker may hold the
+    /// broker's lock for its answer; the loop asks this for `status`).
     pub(crate) fn pid() -> Option<u32> {
-        let broker = BROKER.get()?.lock().ok()?;
-        u32::try_from(broker.pid).ok()
+        BROKER_PID.get().copied()
     }
 }
 
