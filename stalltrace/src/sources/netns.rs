@@ -28,7 +28,7 @@ use anyhow::{bail, Context as _, Result};
 
 /// Namespaces whose sock_diag socket is kept open at most. A socket holds its namespace
 /// alive, so sockets of namespaces that no process is in any more are closed at every scan
-/// ([`Namespaces::retain`]).
+/// ([`retain`]).
 const MAX_SOCKETS: usize = 4096;
 
 /// Whether the kernel programs read connections' namespaces; when they cannot, every source
@@ -333,7 +333,7 @@ fn recv_fd(channel: &OwnedFd) -> io::Result<([u8; 2], Option<OwnedFd>)> {
 /// sock_diag sockets per namespace, kept open between scans; used by one thread (the diagnosis
 /// worker), behind a lock only because it is process-wide.
 #[derive(Default)]
-pub(crate) struct Namespaces {
+struct Namespaces {
     sockets: HashMap<u64, OwnedFd>,
     /// Namespaces that could not be entered, said once each.
     failed: HashSet<u64>,
