@@ -266,6 +266,14 @@ pub const fn capture_slot(sock: u64, slots: u32) -> u32 {
     (mix_sock(sock) as u32) & (slots - 1)
 }
 
+/// Key of the `LISTEN_PORTS` map: a listening port in a network namespace (its inode, 0 when
+/// namespaces are not read), so that a port listened on in one container does not make the
+/// connections of another look like servers.
+#[inline(always)]
+pub const fn listen_key(netns: u32, port: u16) -> u64 {
+    ((netns as u64) << 16) | port as u64
+}
+
 /// Key of the `STACK_COUNTS` map: how often a thread was sampled in a user stack.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -605,6 +613,14 @@ mod tests {
             .collect();
         assert!(slots.len() > 800, "{}", slots.len());
         assert!(slots.iter().all(|&s| s < 4096));
+    }
+
+    #[test]
+    fn listen_keys_tell_namespaces_apart() {
+        assert_ne!(listen_key(1, 8080), listen_key(2, 8080));
+        assert_ne!(listen_key(1, 8080), listen_key(1, 8081));
+        assert_eq!(listen_key(0, 8080), 8080);
+        assert_eq!(listen_key(u32::MAX, u16::MAX), (1 << 48) - 1);
     }
 
     #[test]

@@ -108,23 +108,24 @@ pub(crate) fn set_owner_to_current(conn: &mut ConnState) -> bool {
 /// 0 when the kernel's BTF lacks the members or a read fails.
 #[inline(always)]
 pub(crate) fn set_netns(sock: u64, conn: &mut ConnState) {
+    conn.netns = netns_of(sock);
+}
+
+/// The inode of the network namespace of `sock`; 0 when it cannot be read.
+#[inline(always)]
+pub(crate) fn netns_of(sock: u64) -> u32 {
     let offsets = OFFSETS.load();
     if !offsets.can_read_netns() {
-        return;
+        return 0;
     }
     // SAFETY: probe reads of kernel memory; failures are returned, not faulted.
     unsafe {
-        let Ok(net) = bpf_probe_read_kernel((sock + u64::from(offsets.skc_net)) as *const u64)
-        else {
-            return;
-        };
-        if net == 0 {
-            return;
-        }
-        if let Ok(inum) =
-            bpf_probe_read_kernel((net + u64::from(offsets.net_ns_inum)) as *const u32)
-        {
-            conn.netns = inum;
+        match bpf_probe_read_kernel((sock + u64::from(offsets.skc_net)) as *const u64) {
+            Ok(net) if net != 0 => {
+                bpf_probe_read_kernel((net + u64::from(offsets.net_ns_inum)) as *const u32)
+                    .unwrap_or(0)
+            }
+            _ => 0,
         }
     }
 }

@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use stalltrace_common::{
-    conn_flags, direction, loss,
+    conn_flags, direction, listen_key, loss,
     message::{classify, Head, Message},
     role, tcp_state,
     transfer::{ends_quiet, look, record_transfer, Look, Turn},
@@ -190,7 +190,10 @@ fn discover<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, bytes: u64, now: u64) {
         return;
     }
     set_netns(sock, conn);
-    conn.role = if LISTEN_PORTS.get_ptr(conn.local_port).is_some() {
+    conn.role = if LISTEN_PORTS
+        .get_ptr(listen_key(conn.netns, conn.local_port))
+        .is_some()
+    {
         role::SERVER
     } else {
         role::CLIENT

@@ -278,7 +278,8 @@ pub(crate) struct KernelMaps {
     pub control: Array<MapData, Control>,
     pub loss: PerCpuArray<MapData, u64>,
     pub events: Option<RingBuf<MapData>>,
-    listen_ports: HashMap<MapData, u16, u32>,
+    /// Keyed by `stalltrace_common::listen_key` (namespace, port).
+    listen_ports: HashMap<MapData, u64, u32>,
     captures: Array<MapData, Capture>,
     capture_slots: u32,
     /// The data transfer programs, for the kernel's count of runs it skipped.
@@ -328,15 +329,15 @@ impl KernelMaps {
 }
 
 impl Probes {
-    /// Loads the programs, seeds their maps, then attaches them. `listening` are the ports
-    /// with a listener already (their role decides how pre-existing connections are read).
+    /// Loads the programs, seeds their maps, then attaches them. `listening` are the
+    /// (network namespace, port) pairs with a listener already (their role decides how pre-existing connections are read).
     ///
     /// A missing required tracepoint fails at once, naming it. Request capture is dropped (with
     /// a warning) only when loading fails with it and succeeds without it.
     pub(crate) fn load(
         tracefs_root: &Path,
         config: &ProbeConfig,
-        listening: &[u16],
+        listening: &[(u32, u16)],
     ) -> Result<Self> {
         check_required_hooks(tracefs_root)?;
         let capture_bytes = if cfg!(target_arch = "x86_64") {
@@ -368,7 +369,7 @@ impl Probes {
     fn load_once(
         tracefs_root: &Path,
         config: &ProbeConfig,
-        listening: &[u16],
+        listening: &[(u32, u16)],
         capture_bytes: u32,
     ) -> Result<Self> {
         let capture_slots = if capture_bytes > 0 { CAPTURE_SLOTS } else { 1 };
@@ -406,10 +407,12 @@ impl Probes {
         // Epoch 0 is what a fresh kernel entry carries: start above it so that every entry's
         // first request start is reported.
         maps.set_epoch(1)?;
-        for &port in listening {
+        for &(netns, port) in listening {
             maps.listen_ports
-                .insert(port, 1, 0)
-                .with_context(|| format!("seeding listening port {port}"))?;
+                .insert(stalltrace_common::listen_key(netns, port), 1, 0)
+                .with_context(|| {
+                    format!("seeding listening port {port} of network namespace {netns}")
+                })?;
         }
         let mut attached = attach_all(&mut ebpf, tracefs_root)?;
         let transfers = attach_transfers(&mut ebpf, tracefs_root, config, &mut attached)?;

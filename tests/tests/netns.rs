@@ -19,7 +19,8 @@ use stalltrace_integration::{require_root, status_field, Daemon, STALL_AFTER};
 /// - `idle PORT`: an established connection to itself that never carries data;
 /// - `hang SERVER_PORT CLIENT_PORT`: a client bound to CLIENT_PORT sends a request to a server
 ///   on SERVER_PORT that never reads it;
-/// - `busy SERVER_PORT CLIENT_PORT`: the same pair, answered at once, a request every 5 ms.
+/// - `busy SERVER_PORT CLIENT_PORT`: the same pair, answered at once, a request every 5 ms;
+/// - `late SERVER_PORT CLIENT_PORT`: like `hang`, but the request waits for a line on stdin.
 ///
 /// Each prints `ready` and runs until its stdin closes.
 const PEERS: &str = r#"
@@ -43,6 +44,7 @@ c = connect(ports[0], ports[1] if len(ports) > 1 else 0)
 s, _ = l.accept()
 if mode == "hang":
     c.sendall(b"GET /hang HTTP/1.1\r\nHost: ns\r\n\r\n")
+
 elif mode == "busy":
     def serve():
         while True:
@@ -57,6 +59,9 @@ elif mode == "busy":
     threading.Thread(target=serve, daemon=True).start()
     threading.Thread(target=ask, daemon=True).start()
 print("ready", flush=True)
+if mode == "late":
+    sys.stdin.readline()
+    c.sendall(b"GET /hang HTTP/1.1\r\nHost: ns\r\n\r\n")
 sys.stdin.read()
 "#;
 
@@ -76,8 +81,9 @@ struct Namespace {
 }
 
 impl Namespace {
-    fn create() -> Self {
-        let name = format!("stalltrace-it-{}", std::process::id());
+    /// `tag` tells apart the namespaces of tests running at once.
+    fn create(tag: &str) -> Self {
+        let name = format!("stalltrace-it-{tag}-{}", std::process::id());
         let _ = Command::new("ip")
             .args(["netns", "del", &name])
             .stderr(Stdio::null())
@@ -139,6 +145,12 @@ impl Namespace {
         let stdin = child.stdin.take().unwrap();
         self.peers.push((child, stdin));
         pid
+    }
+
+    /// Sends a line to the last peers started (`late` sends its request then).
+    fn go(&mut self) {
+        let (_, stdin) = self.peers.last_mut().expect("peers started");
+        std::io::Write::write_all(stdin, b"go\n").unwrap();
     }
 }
 
@@ -207,7 +219,7 @@ fn cgroup_path(pid: u32) -> String {
 #[test]
 fn identical_endpoints_in_two_namespaces_stay_apart() {
     require_root();
-    let mut namespace = Namespace::create();
+    let mut namespace = Namespace::create("pair");
     let inside = namespace.inode();
     let root = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
     assert_ne!(inside, root);
@@ -433,4 +445,28 @@ fn the_namespace_broker_keeps_cap_sys_admin_alone_and_ends_with_the_daemon() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A connection that predates the daemon is found by its first traffic, and the kernel guesses
+/// its role from the ports with a listener: in its own namespace only. Here the client's local
+/// port is listened on in the root namespace: it is still a client, and its request stalls as
+/// one.
+#[test]
+fn a_listener_in_another_namespace_does_not_make_a_client_a_server() {
+    require_root();
+    let mut namespace = Namespace::create("roles");
+    let (server_port, client_port) = free_ports();
+    let _root_listener = TcpListener::bind(("127.0.0.1", client_port)).unwrap();
+    let ports = [server_port.to_string(), client_port.to_string()];
+    namespace.peers(true, &[&["late".to_owned()][..], &ports].concat());
+    let daemon = Daemon::start("netns-roles");
+    namespace.go();
+    let client = daemon.wait_for_stall(server_port, "client", STALL_AFTER * 6);
+    assert_eq!(client["stall"]["kind"], "awaiting_response", "{client:#}");
+    assert_eq!(
+        client["network"]["local"]["port"], client_port,
+        "{client:#}"
+    );
+    assert_eq!(netns_of(&client), namespace.inode(), "{client:#}");
+    daemon.stop();
 }

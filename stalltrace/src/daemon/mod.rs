@@ -130,7 +130,9 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
     let tracefs_root = tracefs::ensure_mounted()?;
     let (offsets, functions) = kernel_layout(config.btf.as_deref())?;
     netns::set_known(offsets.can_read_netns());
-    let listening = procfs::listening_ports(&procfs::tcp_sockets());
+    let listening: Vec<(u32, u16)> = procfs::listeners(&procfs::tcp_sockets())
+        .into_iter()
+        .collect();
     // Bind first: a second daemon must fail before it loads anything.
     let api = ApiServer::bind(&config.socket, config.socket_group.as_deref())?;
     let metrics_listener = config

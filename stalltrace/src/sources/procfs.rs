@@ -88,17 +88,6 @@ pub(crate) fn tcp_sockets() -> Vec<ProcSocket> {
     sockets
 }
 
-pub(crate) fn listening_ports(sockets: &[ProcSocket]) -> Vec<u16> {
-    let mut ports: Vec<u16> = sockets
-        .iter()
-        .filter(|s| s.state == tcp_state::LISTEN)
-        .map(|s| s.endpoints.local_port)
-        .collect();
-    ports.sort_unstable();
-    ports.dedup();
-    ports
-}
-
 /// Every process: its pid and `/proc/<pid>`. Processes come and go during a walk: callers skip
 /// what vanished.
 pub(crate) fn processes() -> impl Iterator<Item = (u32, PathBuf)> {
@@ -249,7 +238,7 @@ mod tests {
             .iter()
             .filter_map(|l| parse_tcp_line(l))
             .collect();
-        assert_eq!(listening_ports(&sockets), [8080]);
+        assert_eq!(listeners(&sockets), [(0, 8080)].into_iter().collect());
         assert_eq!(socket_inode("socket:[8]"), Some(8));
         assert_eq!(socket_inode("pipe:[8]"), None);
         let adopted = adoptions(&sockets);
