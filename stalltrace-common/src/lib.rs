@@ -183,6 +183,13 @@ pub struct ConnState {
     pub _pad2: [u8; 2],
     pub local_addr: [u8; 16],
     pub peer_addr: [u8; 16],
+    /// cgroup v2 id of the owner ([`ConnState::tgid`]) when it became the owner
+    /// (`bpf_get_current_cgroup_id`: the inode of its directory under `/sys/fs/cgroup`); 0 until
+    /// an owner is known.
+    pub cgroup_id: u64,
+    /// Inode of the socket's network namespace (`sock.skc_net->ns.inum`, what
+    /// `/proc/PID/ns/net` links to); 0 when it cannot be read (see [`Offsets::can_read_netns`]).
+    pub netns: u32,
     /// UDP: datagrams sent again during the current (or last) exchange while it was
     /// outstanding (DNS: a query id already sent in it), see [`udp`].
     pub retries: u32,
@@ -192,7 +199,7 @@ pub struct ConnState {
     pub udp_flags: u8,
     /// UDP DNS: bit `i` set when `query_ids[i]` awaits its answer.
     pub udp_pending: u8,
-    pub _pad3: [u8; 6],
+    pub _pad3: [u8; 2],
     pub comm: [u8; COMM_LEN],
 }
 
@@ -269,6 +276,14 @@ pub const fn capture_slot(sock: u64, slots: u32) -> u32 {
     (mix_sock(sock) as u32) & (slots - 1)
 }
 
+/// Key of the `LISTEN_PORTS` map: a listening port in a network namespace (its inode, 0 when
+/// namespaces are not read), so that a port listened on in one container does not make the
+/// connections of another look like servers.
+#[inline(always)]
+pub const fn listen_key(netns: u32, port: u16) -> u64 {
+    ((netns as u64) << 16) | port as u64
+}
+
 /// Key of the `STACK_COUNTS` map: how often a thread was sampled in a user stack.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -322,6 +337,10 @@ pub struct Offsets {
     /// is what sits unread in the receive queue (as `tcp_inq()` computes it).
     pub tcp_rcv_nxt: u32,
     pub tcp_copied_seq: u32,
+    /// `sock_common.skc_net.net` (a `struct net *`) and `net.ns.inum` (u32): the socket's
+    /// network namespace, so that identical endpoints in two namespaces stay two connections.
+    pub skc_net: u32,
+    pub net_ns_inum: u32,
 }
 
 impl Offsets {
@@ -341,7 +360,14 @@ impl Offsets {
             skc_state: u,
             tcp_rcv_nxt: u,
             tcp_copied_seq: u,
+            skc_net: u,
+            net_ns_inum: u,
         }
+    }
+
+    /// The network namespace inode can be read from a `struct sock`.
+    pub const fn can_read_netns(&self) -> bool {
+        self.skc_net != Self::UNKNOWN && self.net_ns_inum != Self::UNKNOWN
     }
 
     /// The connection's protocol, addresses and ports can be read from a `struct sock`.
@@ -589,13 +615,13 @@ pub mod tracepoint {
 }
 
 // Layouts are part of the ABI: pin them so both sides fail to build on an accidental change.
-const _: () = assert!(core::mem::size_of::<ConnState>() == 184);
+const _: () = assert!(core::mem::size_of::<ConnState>() == 192);
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
-const _: () = assert!(core::mem::size_of::<ConnEvent>() == 208);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 216);
 const _: () = assert!(core::mem::size_of::<Control>() == 8);
 const _: () = assert!(core::mem::size_of::<Capture>() == 88);
-const _: () = assert!(core::mem::size_of::<RequestEvent>() == 296);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 44);
+const _: () = assert!(core::mem::size_of::<RequestEvent>() == 304);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 52);
 const _: () = assert!(core::mem::size_of::<FdOffsets>() == 32);
 
 /// Userspace side: lets the types live in aya's maps.
@@ -706,11 +732,13 @@ mod tests {
                 _pad2: [0; 2],
                 local_addr: [0xfe; 16],
                 peer_addr: [0x01; 16],
+                cgroup_id: 0x1122_3344_5566_7788,
+                netns: 4_026_531_840,
                 retries: 0,
                 query_ids: [0; 2],
                 udp_flags: 0,
                 udp_pending: 0,
-                _pad3: [0; 6],
+                _pad3: [0; 2],
                 comm,
             },
         }
@@ -740,7 +768,15 @@ mod tests {
         assert_eq!(&bytes[conn + 88..conn + 92], &12u32.to_ne_bytes());
         assert_eq!(&bytes[conn + 104..conn + 106], &8080u16.to_ne_bytes());
         assert_eq!(bytes[conn + 110], role::SERVER);
-        assert_eq!(&bytes[conn + 168..conn + 173], b"nginx");
+        assert_eq!(
+            &bytes[conn + 152..conn + 160],
+            &0x1122_3344_5566_7788u64.to_ne_bytes()
+        );
+        assert_eq!(
+            &bytes[conn + 160..conn + 164],
+            &4_026_531_840u32.to_ne_bytes()
+        );
+        assert_eq!(&bytes[conn + 176..conn + 181], b"nginx");
     }
 
     #[test]
@@ -778,6 +814,14 @@ mod tests {
             .collect();
         assert!(slots.len() > 800, "{}", slots.len());
         assert!(slots.iter().all(|&s| s < 4096));
+    }
+
+    #[test]
+    fn listen_keys_tell_namespaces_apart() {
+        assert_ne!(listen_key(1, 8080), listen_key(2, 8080));
+        assert_ne!(listen_key(1, 8080), listen_key(1, 8081));
+        assert_eq!(listen_key(0, 8080), 8080);
+        assert_eq!(listen_key(u32::MAX, u16::MAX), (1 << 48) - 1);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //!   out);
 //! - [`protocols`]: request recognizers over captured bytes;
 //! - [`btf`]: the BTF parser the daemon resolves kernel struct offsets with;
+//! - [`cgroup`]: container ids in cgroup paths;
 //! - [`diagnosis`]: the model of "why is it stalled" and its pure classifiers;
 //! - [`why`]: what is different about the requests that stall;
 //! - [`loss`]: loss counters by cause;
@@ -27,6 +28,7 @@ macro_rules! display_as_str {
 
 pub mod api;
 pub mod btf;
+pub mod cgroup;
 pub mod diagnosis;
 pub mod duration;
 pub mod loss;

@@ -2,14 +2,17 @@
 //! itself is `stalltrace_common::transfer`, shared with userspace.
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
-    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_current_comm},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel,
+        generated::{bpf_get_current_cgroup_id, bpf_get_current_comm},
+    },
 };
 use stalltrace_common::{
     loss, Capture, ConnEvent, ConnState, EventHeader, EventKind, RequestEvent, COMM_LEN,
 };
 
 use crate::{
-    maps::{count_loss, current_epoch, EVENTS},
+    maps::{count_loss, current_epoch, EVENTS, OFFSETS},
     words::copy_words,
 };
 
@@ -80,8 +83,9 @@ fn wakeup_flag() -> u64 {
     }
 }
 
-/// Records the calling thread as the connection's last user. Returns true when the process is
-/// new to the connection (first owner, or handed over to another process).
+/// Records the calling thread as the connection's last user, and a new owner's cgroup. Returns
+/// true when the process is new to the connection (first owner, or handed over to another
+/// process). Call it only in the context of a task that uses the socket (not in softirq).
 #[inline(always)]
 pub(crate) fn set_owner_to_current(conn: &mut ConnState) -> bool {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -91,7 +95,37 @@ pub(crate) fn set_owner_to_current(conn: &mut ConnState) -> bool {
         return false;
     }
     conn.tgid = tgid;
+    // SAFETY: no arguments; the cgroup v2 id of the current task.
+    conn.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: the helper writes at most COMM_LEN bytes into the connection's comm field.
     unsafe { bpf_get_current_comm(conn.comm.as_mut_ptr().cast(), COMM_LEN as u32) };
     true
+}
+
+/// Records the network namespace of `sock` (the inode of `sock->__sk_common.skc_net.net->ns`)
+/// in a new connection's entry: every program that creates an entry calls this, so that equal
+/// endpoints in two namespaces are two connections. Two probe reads, once per connection; left
+/// 0 when the kernel's BTF lacks the members or a read fails.
+#[inline(always)]
+pub(crate) fn set_netns(sock: u64, conn: &mut ConnState) {
+    conn.netns = netns_of(sock);
+}
+
+/// The inode of the network namespace of `sock`; 0 when it cannot be read.
+#[inline(always)]
+pub(crate) fn netns_of(sock: u64) -> u32 {
+    let offsets = OFFSETS.load();
+    if !offsets.can_read_netns() {
+        return 0;
+    }
+    // SAFETY: probe reads of kernel memory; failures are returned, not faulted.
+    unsafe {
+        match bpf_probe_read_kernel((sock + u64::from(offsets.skc_net)) as *const u64) {
+            Ok(net) if net != 0 => {
+                bpf_probe_read_kernel((net + u64::from(offsets.net_ns_inum)) as *const u32)
+                    .unwrap_or(0)
+            }
+            _ => 0,
+        }
+    }
 }

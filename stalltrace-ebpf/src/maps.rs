@@ -75,10 +75,11 @@ pub(crate) static REPLY_HEADS: PerCpuArray<Capture> = PerCpuArray::with_max_entr
 #[map]
 pub(crate) static CONTROL: Array<Control> = Array::with_max_entries(1, 0);
 
-/// Local ports with a listening TCP socket, with the number of listeners on each; used to guess
-/// the role of a connection that was already open when the daemon started.
+/// Local ports with a listening TCP socket, per network namespace (`listen_key`), with the
+/// number of listeners on each; used to guess the role of a connection that was already open
+/// when the daemon started.
 #[map]
-pub(crate) static LISTEN_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(4096, 0);
+pub(crate) static LISTEN_PORTS: HashMap<u64, u32> = HashMap::with_max_entries(4096, 0);
 
 #[inline(always)]
 pub(crate) fn stall_after_ns() -> u64 {

@@ -5,7 +5,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use stalltrace_common::{
-    conn_flags, direction, loss,
+    conn_flags, direction, listen_key, loss,
     message::Message,
     role, tcp_state,
     tracepoint::InetSockSetState,
@@ -14,7 +14,7 @@ use stalltrace_common::{
 };
 
 use crate::{
-    conn::{emit, set_owner_to_current},
+    conn::{emit, netns_of, set_netns, set_owner_to_current},
     kernel_read::unread_sequence,
     maps::{count_loss, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS},
     words::{copy_addr16, copy_addr4},
@@ -29,8 +29,10 @@ pub(crate) fn stalltrace_tcp_state(ctx: TracePointContext) -> u32 {
     }
     let (old, new) = (args.oldstate as u8, args.newstate as u8);
     match new {
-        tcp_state::LISTEN => add_listener(args.sport),
-        tcp_state::CLOSE if old == tcp_state::LISTEN => remove_listener(args.sport),
+        tcp_state::LISTEN => add_listener(listen_key(netns_of(args.skaddr), args.sport)),
+        tcp_state::CLOSE if old == tcp_state::LISTEN => {
+            remove_listener(listen_key(netns_of(args.skaddr), args.sport))
+        }
         // A passive child is cloned from its listener, so it starts "from" LISTEN.
         tcp_state::SYN_RECV => {}
         tcp_state::SYN_SENT => on_connect(args),
@@ -41,19 +43,20 @@ pub(crate) fn stalltrace_tcp_state(ctx: TracePointContext) -> u32 {
     0
 }
 
-fn add_listener(port: u16) {
-    match LISTEN_PORTS.get_ptr_mut(port) {
+/// `key`: [`listen_key`] of the port in its socket's namespace.
+fn add_listener(key: u64) {
+    match LISTEN_PORTS.get_ptr_mut(key) {
         // SAFETY: map value pointer; listen/close on one port race only in exotic setups, and a
         // wrong count only affects the role guessed for pre-existing connections.
         Some(count) => unsafe { *count += 1 },
         None => {
-            let _ = LISTEN_PORTS.insert(port, 1u32, BPF_ANY.into());
+            let _ = LISTEN_PORTS.insert(key, 1u32, BPF_ANY.into());
         }
     }
 }
 
-fn remove_listener(port: u16) {
-    if let Some(count) = LISTEN_PORTS.get_ptr_mut(port) {
+fn remove_listener(key: u64) {
+    if let Some(count) = LISTEN_PORTS.get_ptr_mut(key) {
         // SAFETY: as in add_listener.
         unsafe {
             if *count > 1 {
@@ -61,7 +64,7 @@ fn remove_listener(port: u16) {
                 return;
             }
         }
-        let _ = LISTEN_PORTS.remove(port);
+        let _ = LISTEN_PORTS.remove(key);
     }
 }
 
@@ -74,6 +77,7 @@ fn new_conn(args: &InetSockSetState, conn_role: u8, now: u64) -> Option<&'static
     conn.tcp_state = args.newstate as u8;
     conn.family = args.family;
     fill_endpoints(args, conn);
+    set_netns(args.skaddr, conn);
     Some(conn)
 }
 

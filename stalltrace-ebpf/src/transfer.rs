@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use stalltrace_common::{
-    conn_flags, direction, loss,
+    conn_flags, direction, listen_key, loss,
     message::{classify, Head, Message},
     role, tcp_state,
     transfer::{ends_quiet, look, record_transfer, Look, Turn},
@@ -24,7 +24,7 @@ use stalltrace_common::{
 
 use crate::{
     capture::{bytes_at, capture_request, reply_head},
-    conn::{emit, emit_request, set_owner_to_current},
+    conn::{emit, emit_request, set_netns, set_owner_to_current},
     kernel_read::{inet_socket, read_endpoints, tcp_state_of},
     maps::{
         count_loss, current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS,
@@ -228,7 +228,11 @@ fn discover<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, bytes: u64, now: u64) {
         debug!(ctx, "cannot read the endpoints of TCP socket {:x}", sock);
         return;
     }
-    conn.role = if LISTEN_PORTS.get_ptr(conn.local_port).is_some() {
+    set_netns(sock, conn);
+    conn.role = if LISTEN_PORTS
+        .get_ptr(listen_key(conn.netns, conn.local_port))
+        .is_some()
+    {
         role::SERVER
     } else {
         role::CLIENT

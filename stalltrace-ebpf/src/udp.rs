@@ -25,7 +25,7 @@ use stalltrace_common::{
 
 use crate::{
     capture::{capture_request, reply_head, syscall_peer},
-    conn::{emit, set_owner_to_current},
+    conn::{emit, set_netns, set_owner_to_current},
     kernel_read::{read_endpoints, tcp_state_of},
     maps::{count_loss, scratch_conn, stall_after_ns, CONNS, OFFSETS},
     transfer::report,
@@ -94,6 +94,7 @@ pub(crate) fn discover(sock: u64, family: u16, dir: u8, bytes: u64, now: u64) {
     if !read_endpoints(sock, family, offsets, conn) {
         return;
     }
+    set_netns(sock, conn);
     // Connected UDP sockets are in TCP_ESTABLISHED (`ip4_datagram_connect`).
     let connected = tcp_state_of(sock, offsets) == Some(tcp_state::ESTABLISHED);
     conn.role = if dir == direction::IN {

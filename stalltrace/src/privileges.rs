@@ -62,8 +62,15 @@ pub(crate) fn drop_to_runtime() -> Result<Privileges> {
         .iter()
         .map(|(cap, _)| *cap)
         .collect();
+    drop_to(&keep)?;
+    current()
+}
+
+/// Drops every capability but `keep` from all the sets of this thread (bounding included)
+/// and sets no_new_privs.
+pub(crate) fn drop_to(keep: &CapsHashSet) -> Result<()> {
     // The bounding set first: changing it needs CAP_SETPCAP, dropped below.
-    for cap in caps::all().difference(&keep) {
+    for cap in caps::all().difference(keep) {
         if caps::has_cap(None, CapSet::Bounding, *cap).unwrap_or(false) {
             caps::drop(None, CapSet::Bounding, *cap)
                 .with_context(|| format!("dropping {cap} from the bounding set"))?;
@@ -81,7 +88,7 @@ pub(crate) fn drop_to_runtime() -> Result<Privileges> {
     if set != 0 {
         return Err(std::io::Error::last_os_error()).context("setting no_new_privs");
     }
-    current()
+    Ok(())
 }
 
 /// The privileges of the calling thread.

@@ -25,7 +25,7 @@ use stalltrace_common::{
     capture_slot, loss, syscall_regs, Capture, ConnState, Control, FdOffsets, Offsets, StackKey,
 };
 
-use crate::sources::{cgroup, tracefs};
+use crate::sources::{cgroups, tracefs};
 
 /// The object built by build.rs from stalltrace-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stalltrace"));
@@ -359,7 +359,8 @@ pub(crate) struct KernelMaps {
     pub control: Array<MapData, Control>,
     pub loss: PerCpuArray<MapData, u64>,
     pub events: Option<RingBuf<MapData>>,
-    listen_ports: HashMap<MapData, u16, u32>,
+    /// Keyed by `stalltrace_common::listen_key` (namespace, port).
+    listen_ports: HashMap<MapData, u64, u32>,
     captures: Array<MapData, Capture>,
     capture_slots: u32,
     /// The data transfer programs, for the kernel's count of runs it skipped.
@@ -409,15 +410,15 @@ impl KernelMaps {
 }
 
 impl Probes {
-    /// Loads the programs, seeds their maps, then attaches them. `listening` are the ports
-    /// with a listener already (their role decides how pre-existing connections are read).
+    /// Loads the programs, seeds their maps, then attaches them. `listening` are the
+    /// (network namespace, port) pairs with a listener already (their role decides how pre-existing connections are read).
     ///
     /// A missing required tracepoint fails at once, naming it. Request capture is dropped (with
     /// a warning) only when loading fails with it and succeeds without it.
     pub(crate) fn load(
         tracefs_root: &Path,
         config: &ProbeConfig,
-        listening: &[u16],
+        listening: &[(u32, u16)],
     ) -> Result<Self> {
         check_required_hooks(tracefs_root)?;
         let capture_bytes = match (SYSCALL_REGS, &config.functions.syscall_regs) {
@@ -452,7 +453,7 @@ impl Probes {
             );
             None
         } else {
-            cgroup::open_root()
+            cgroups::open_root()
                 .inspect_err(|err| {
                     log::warn!(
                         "UDP is not traced: its closes are seen through a cgroup/sock_release \
@@ -501,7 +502,7 @@ impl Probes {
     fn load_once(
         tracefs_root: &Path,
         config: &ProbeConfig,
-        listening: &[u16],
+        listening: &[(u32, u16)],
         capture_bytes: u32,
         udp: bool,
     ) -> Result<Self> {
@@ -550,10 +551,12 @@ impl Probes {
         // Epoch 0 is what a fresh kernel entry carries: start above it so that every entry's
         // first request start is reported.
         maps.set_epoch(1)?;
-        for &port in listening {
+        for &(netns, port) in listening {
             maps.listen_ports
-                .insert(port, 1, 0)
-                .with_context(|| format!("seeding listening port {port}"))?;
+                .insert(stalltrace_common::listen_key(netns, port), 1, 0)
+                .with_context(|| {
+                    format!("seeding listening port {port} of network namespace {netns}")
+                })?;
         }
         let mut attached = attach_all(&mut ebpf, tracefs_root)?;
         let transfers = attach_transfers(&mut ebpf, tracefs_root, config, &mut attached)?;

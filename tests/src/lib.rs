@@ -50,6 +50,15 @@ pub fn require_root() {
     );
 }
 
+/// The value of field `name` of a `/proc/PID/status` text (`CapEff`, `NoNewPrivs`…).
+pub fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {name} in /proc status:\n{status}"))
+        .trim()
+}
+
 pub fn binary() -> PathBuf {
     std::env::var_os("STALLTRACE_BIN").map_or_else(
         || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/stalltrace"),

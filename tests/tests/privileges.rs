@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use stalltrace_integration::{require_root, Daemon, REPORT_WITHIN};
+use stalltrace_integration::{require_root, status_field, Daemon, REPORT_WITHIN};
 
 /// The run-time set of docs/design.md ("Least privilege"), with capability numbers.
 const DOCUMENTED: &[(&str, u32)] = &[
@@ -17,14 +17,6 @@ const DOCUMENTED: &[(&str, u32)] = &[
     ("CAP_PERFMON", 38),
     ("CAP_SYS_PTRACE", 19),
 ];
-
-fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-        .unwrap_or_else(|| panic!("no {name} in /proc status:\n{status}"))
-        .trim()
-}
 
 #[test]
 fn daemon_keeps_only_the_documented_capabilities_and_sets_no_new_privs() {

@@ -45,6 +45,16 @@ fn assert_conn(item: &Value, role: &str, local: SocketAddr, peer: SocketAddr, ti
         "{item:#}"
     );
     assert_eq!(network["peer"]["port"], peer.port(), "{item:#}");
+    // Read by the programs at BTF offsets on every kernel: this process's namespace, and the
+    // owner's cgroup.
+    let netns =
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata("/proc/self/ns/net").unwrap());
+    assert_eq!(network["netns"], netns, "{item:#}");
+    assert!(network["community_id"].is_string(), "{item:#}");
+    assert!(
+        item["cgroup"]["id"].as_u64().is_some_and(|id| id > 0),
+        "{item:#}"
+    );
 }
 
 #[test]

@@ -158,7 +158,8 @@ fn fuzz(seconds: u64) -> Result<()> {
 /// protocol-verdict tests (socat, openssl, grpcio, websockets, postgresql), the tools of the
 /// package and log-shipping tests (a real syslog-ng reading the events file, logrotate rotating
 /// it with the packaged snippet, systemd-analyze checking the unit), and prometheus to scrape
-/// the daemon's metrics, with promtool to check and unit-test the shipped alerting rules.
+/// the daemon's metrics, with promtool to check and unit-test the shipped alerting rules, and
+/// iproute2 (`ip netns`) for the network namespace test.
 const TEST_PACKAGES: &[&str] = &[
     "nginx",
     "haproxy",
@@ -176,6 +177,7 @@ const TEST_PACKAGES: &[&str] = &[
     "logrotate",
     "systemd",
     "prometheus",
+    "iproute2",
 ];
 
 fn test(args: &[String]) -> Result<()> {

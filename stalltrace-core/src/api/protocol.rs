@@ -63,6 +63,21 @@ pub struct Filter {
     #[arg(long, value_name = "PORT")]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// Only connections in this network namespace: its inode, as `ls -Li /proc/PID/ns/net` or
+    /// `ip netns list-id` … `stat -L -c %i /run/netns/NAME` give it (`network.netns`).
+    #[arg(long, value_name = "INODE", value_parser = clap::value_parser!(u32).range(1..))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u32>,
+    /// Only connections of processes in this cgroup or below it: a cgroup v2 path
+    /// (`/system.slice/nginx.service`, `/kubepods.slice`) or a cgroup id (`cgroup.id`).
+    #[arg(long, value_name = "PATH|ID", value_parser = parse_cgroup)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// Only connections of processes in this container: its id (docker, containerd, cri-o,
+    /// podman), or an unambiguous prefix of it as `docker ps` shows (at least 4 digits).
+    #[arg(long, value_name = "ID", value_parser = parse_container)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 /// An executable name as the kernel keeps it: a longer one would silently match nothing.
@@ -76,11 +91,59 @@ pub fn parse_comm(text: &str) -> Result<String, String> {
     Ok(text.to_owned())
 }
 
+/// A cgroup path (absolute) or id, as `--cgroup` takes it.
+pub fn parse_cgroup(text: &str) -> Result<String, String> {
+    if text.starts_with('/') || text.parse::<u64>().is_ok_and(|id| id > 0) {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "`{text}` is neither a cgroup path (it starts with `/`, as in \
+             /proc/PID/cgroup: `/system.slice/nginx.service`) nor a cgroup id (a number)"
+        ))
+    }
+}
+
+/// A container id or a prefix of it, as `--container` takes it: 4 to 64 hexadecimal digits.
+pub fn parse_container(text: &str) -> Result<String, String> {
+    if (4..=64).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(text.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "`{text}` is not a container id: give 4 to 64 hexadecimal digits of it (the \
+             12 `docker ps` shows will do)"
+        ))
+    }
+}
+
 impl Filter {
     pub fn matches(&self, pid: u32, comm: &str, endpoints: &Endpoints) -> bool {
         self.pid.is_none_or(|want| want == pid)
             && self.comm.as_deref().is_none_or(|want| want == comm)
             && self.port.is_none_or(|want| endpoints.has_port(want))
+            && self.netns.is_none_or(|want| want == endpoints.netns)
+    }
+
+    /// Whether the filter selects on the owner's cgroup (`--cgroup`, `--container`): then
+    /// [`Filter::matches_cgroup`] must hold too.
+    pub fn selects_cgroup(&self) -> bool {
+        self.cgroup.is_some() || self.container.is_some()
+    }
+
+    /// The `--cgroup` and `--container` criteria, for an owner in cgroup `id` whose path is
+    /// `path` (`None`: not resolved, which selects nothing but an id given as such).
+    pub fn matches_cgroup(&self, id: u64, path: Option<&str>) -> bool {
+        let cgroup = self
+            .cgroup
+            .as_deref()
+            .is_none_or(|want| match want.parse::<u64>() {
+                Ok(want) => want == id,
+                Err(_) => path.is_some_and(|path| crate::cgroup::is_within(path, want)),
+            });
+        let container = self.container.as_deref().is_none_or(|want| {
+            path.and_then(crate::cgroup::container_id)
+                .is_some_and(|container| container.starts_with(want))
+        });
+        cgroup && container
     }
 }
 
@@ -216,8 +279,8 @@ mod tests {
             command: Command::Stalls {
                 filter: Filter {
                     pid: Some(7),
-                    comm: None,
                     port: Some(80),
+                    ..Filter::default()
                 },
                 older_than_ms: Some(1500),
             },
@@ -265,12 +328,15 @@ mod tests {
             local_port: 8080,
             peer: "127.0.0.1".parse().unwrap(),
             peer_port: 50_000,
+            netns: 4_026_531_840,
         };
         assert!(Filter::default().matches(1, "x", &endpoints));
         let filter = Filter {
             pid: Some(1),
             comm: Some("nginx".into()),
             port: Some(50_000),
+            netns: Some(4_026_531_840),
+            ..Filter::default()
         };
         assert!(filter.matches(1, "nginx", &endpoints));
         assert!(!filter.matches(2, "nginx", &endpoints));
@@ -280,5 +346,35 @@ mod tests {
             ..Filter::default()
         };
         assert!(!port.matches(1, "nginx", &endpoints));
+        let other_namespace = Filter {
+            netns: Some(4_026_532_000),
+            ..Filter::default()
+        };
+        assert!(!other_namespace.matches(1, "nginx", &endpoints));
+    }
+
+    #[test]
+    fn cgroup_and_container_filters() {
+        let id = "3f2a9c1b8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3";
+        let docker = format!("/system.slice/docker-{id}.scope");
+        let by = |cgroup: Option<&str>, container: Option<&str>| Filter {
+            cgroup: cgroup.map(|c| parse_cgroup(c).unwrap()),
+            container: container.map(|c| parse_container(c).unwrap()),
+            ..Filter::default()
+        };
+        assert!(!Filter::default().selects_cgroup());
+        assert!(by(Some("/system.slice"), None).matches_cgroup(9, Some(&docker)));
+        assert!(by(Some("9"), None).matches_cgroup(9, None));
+        assert!(!by(Some("10"), None).matches_cgroup(9, Some(&docker)));
+        assert!(!by(Some("/user.slice"), None).matches_cgroup(9, Some(&docker)));
+        assert!(!by(Some("/system.slice"), None).matches_cgroup(9, None));
+        assert!(by(None, Some("3F2A9C1B8E7D")).matches_cgroup(9, Some(&docker)));
+        assert!(by(None, Some(id)).matches_cgroup(9, Some(&docker)));
+        assert!(!by(None, Some("3f2b")).matches_cgroup(9, Some(&docker)));
+        assert!(!by(None, Some("3f2a")).matches_cgroup(9, Some("/system.slice/x.service")));
+        assert!(parse_cgroup("system.slice").is_err());
+        assert!(parse_cgroup("0").is_err());
+        assert!(parse_container("3f2").is_err());
+        assert!(parse_container("docker-3f2a").is_err());
     }
 }

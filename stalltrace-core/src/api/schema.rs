@@ -97,6 +97,28 @@ pub struct NetworkJson {
     /// first request bytes (`http`, `http2`, `tls`, `redis`, `postgresql`), in `conns` items.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<ProtocolJson>,
+    /// `network.community_id`: the Community ID v1 flow hash (TCP and UDP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub community_id: Option<String>,
+    /// `network.netns`: inode of the connection's network namespace, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u32>,
+}
+
+/// `cgroup.*`: the owner's cgroup v2.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct CgroupJson {
+    /// The cgroup id (inode of its directory under `/sys/fs/cgroup`).
+    pub id: u64,
+    /// Its path below the cgroup v2 root, once the daemon has resolved the id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// `container.*` (OpenTelemetry's `container.id`).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ContainerJson {
+    pub id: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -149,6 +171,10 @@ pub struct ConnItemJson {
     pub thread: Option<ThreadJson>,
     pub network: NetworkJson,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<CgroupJson>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerJson>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stall: Option<StallJson>,
 }
 
@@ -161,7 +187,22 @@ impl ConnItemJson {
             process,
             thread,
             network,
+            cgroup: (conn.owner.cgroup_id != 0).then_some(CgroupJson {
+                id: conn.owner.cgroup_id,
+                path: None,
+            }),
+            container: None,
             stall: None,
+        }
+    }
+
+    /// Adds the path of the owner's cgroup (resolved from its id by the daemon) and the
+    /// container id it holds, if any.
+    pub fn set_cgroup_path(&mut self, path: &str) {
+        if let Some(cgroup) = self.cgroup.as_mut() {
+            cgroup.path = Some(path.to_owned());
+            self.container =
+                crate::cgroup::container_id(path).map(|id| ContainerJson { id: id.to_owned() });
         }
     }
 }
@@ -193,6 +234,8 @@ pub fn network(endpoints: &Endpoints) -> NetworkJson {
             port: endpoints.peer_port,
         },
         protocol: None,
+        community_id: endpoints.community_id(),
+        netns: (endpoints.netns != 0).then_some(endpoints.netns),
     }
 }
 
@@ -306,6 +349,7 @@ mod tests {
                 pid: 100,
                 tid: 101,
                 comm: Comm::new("api"),
+                cgroup_id: 4242,
             },
             endpoints: Endpoints {
                 transport: Transport::Tcp,
@@ -313,6 +357,7 @@ mod tests {
                 local_port: 8080,
                 peer: "::1".parse().unwrap(),
                 peer_port: 50_000,
+                netns: 4_026_532_001,
             },
         }
     }
@@ -345,11 +390,36 @@ mod tests {
                 "network": {
                     "transport": "tcp", "type": "ipv6",
                     "local": {"address": "::1", "port": 8080},
-                    "peer": {"address": "::1", "port": 50000}
+                    "peer": {"address": "::1", "port": 50000},
+                    "community_id": "1:sc6jUb5yNHzMBPE4mkZKbUeyci8=",
+                    "netns": 4_026_532_001u32
                 },
+                "cgroup": {"id": 4242},
                 "stall": {"kind": "unanswered_request", "quiet_ms": 5003}
             })
         );
+    }
+
+    #[test]
+    fn a_resolved_cgroup_path_names_the_container() {
+        let id = "3f2a9c1b8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3";
+        let mut item = ConnItemJson::new(&conn_ref());
+        item.set_cgroup_path(&format!("/system.slice/docker-{id}.scope"));
+        let value = serde_json::to_value(&item).unwrap();
+        assert_eq!(value["cgroup"]["id"], 4242);
+        assert_eq!(
+            value["cgroup"]["path"],
+            format!("/system.slice/docker-{id}.scope")
+        );
+        assert_eq!(value["container"]["id"], id);
+        item.set_cgroup_path("/system.slice/nginx.service");
+        assert!(item.container.is_none());
+        // No owner, no cgroup: a path has nothing to describe.
+        let mut anonymous = conn_ref();
+        anonymous.owner = Default::default();
+        let mut item = ConnItemJson::new(&anonymous);
+        item.set_cgroup_path("/system.slice/nginx.service");
+        assert!(item.cgroup.is_none() && item.container.is_none());
     }
 
     #[test]

@@ -585,6 +585,7 @@ fn adopted_connection_keeps_its_id_when_the_kernel_discovers_it() {
                 pid: 4242,
                 tid: 4242,
                 comm: Comm::new("worker"),
+                cgroup_id: 0,
             },
         },
         SEC,

@@ -283,9 +283,9 @@ pub struct WhyFilter {
 impl WhyFilter {
     pub fn into_filter(self) -> api::Filter {
         api::Filter {
-            pid: None,
             comm: self.comm,
             port: self.port,
+            ..api::Filter::default()
         }
     }
 }
@@ -461,9 +461,9 @@ mod tests {
         assert_eq!(
             filter.into_filter(),
             api::Filter {
-                pid: None,
                 comm: Some("shop".into()),
                 port: Some(80),
+                ..api::Filter::default()
             }
         );
         // The other listing commands do filter by pid.

@@ -48,7 +48,7 @@ use crate::{
         ndjson::EventSink,
         writer::FileOptions,
     },
-    sources::{btf, procfs, tracefs},
+    sources::{btf, cgroups, netns, procfs, tracefs},
 };
 
 pub struct DaemonConfig {
@@ -129,7 +129,10 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
     let sighup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let tracefs_root = tracefs::ensure_mounted()?;
     let (offsets, functions) = kernel_layout(config.btf.as_deref())?;
-    let listening = procfs::listening_ports(&procfs::tcp_sockets());
+    netns::set_known(offsets.can_read_netns());
+    let listening: Vec<(u32, u16)> = procfs::listeners(&procfs::tcp_sockets())
+        .into_iter()
+        .collect();
     // Bind first: a second daemon must fail before it loads anything.
     let api = ApiServer::bind(&config.socket, config.socket_group.as_deref())?;
     let metrics_listener = config
@@ -176,6 +179,12 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
     // any thread starts (capabilities are per thread): the events writer and the diagnosis
     // worker run with the reduced set, and the events file is opened (and later reopened)
     // with it.
+    if let Err(err) = netns::Broker::start() {
+        log::warn!(
+            "{err:#}: sock_diag sees the daemon's network namespace only (TCP signals and \
+             unread requests of other namespaces are left out)"
+        );
+    }
     let privileges = crate::privileges::drop_to_runtime().context("dropping privileges")?;
     let file = config.events_file.clone().map(|path| FileOptions {
         path,
@@ -184,6 +193,7 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
         keep: config.events_file_keep,
     });
     let mut sink = EventSink::open(file, config.events_buffer)?;
+    sink.resolve_cgroups(cgroups::Names::spawn()?);
     let metrics = Metrics::new(&config.metrics_labels, config.ring_buffer_bytes);
     metrics.configured(config.stall_after, config.rules.rules.len());
     let metrics_on = metrics_listener
@@ -328,8 +338,17 @@ fn kernel_layout(btf_file: Option<&std::path::Path>) -> Result<(Offsets, KernelF
     Ok(match kernel_btf {
         Ok(kernel_btf) => {
             let (offsets, missing) = btf::resolve_offsets(&kernel_btf);
-            if !missing.is_empty() {
-                log::warn!("kernel BTF lacks {}: {lost}", missing.join(", "));
+            let (netns, other): (Vec<&str>, Vec<&str>) = missing
+                .iter()
+                .partition(|member| matches!(**member, "sock.skc_net" | "net.ns.inum"));
+            if !other.is_empty() {
+                log::warn!("kernel BTF lacks {}: {lost}", other.join(", "));
+            }
+            if !netns.is_empty() {
+                log::warn!(
+                    "kernel BTF lacks {}: connections are not told apart by network namespace",
+                    netns.join(", ")
+                );
             }
             let functions = KernelFunctions::from_btf(&kernel_btf).unwrap_or_else(from_release);
             (offsets, functions)

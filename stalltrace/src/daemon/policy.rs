@@ -414,6 +414,7 @@ mod tests {
                     pid: 5,
                     tid: 5,
                     comm: Comm::new(comm),
+                    cgroup_id: 0,
                 },
                 endpoints: Endpoints {
                     transport: Transport::Tcp,
@@ -421,6 +422,7 @@ mod tests {
                     local_port: 40000,
                     peer: "127.0.0.1".parse().unwrap(),
                     peer_port: 6379,
+                    netns: 0,
                 },
             },
             detail,

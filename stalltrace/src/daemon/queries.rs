@@ -50,6 +50,13 @@ impl Daemon {
             Command::Show { id } => self.show(id, &probes.maps, now),
             // Groups are per executable name, across processes: a pid cannot select among
             // them, and a filter accepted must filter.
+            Command::Why { filter } if filter.netns.is_some() || filter.selects_cgroup() => {
+                Response::error(
+                    ErrorCode::BadRequest,
+                    "why groups requests by executable name and endpoint across namespaces \
+                     and cgroups: filter by comm or port",
+                )
+            }
             Command::Why { filter } if filter.pid.is_some() => Response::error(
                 ErrorCode::BadRequest,
                 "why groups requests by executable name across processes, not by process id: \
@@ -92,6 +99,8 @@ impl Daemon {
             },
             "features": {
                 "adopt_existing": self.offsets.can_read_sock(),
+                "network_namespaces": self.offsets.can_read_netns(),
+                "namespace_broker_pid": crate::sources::netns::Broker::pid(),
                 "request_capture_bytes": probes.capture_bytes,
                 "udp": probes.udp,
             },
@@ -113,6 +122,9 @@ impl Daemon {
                 "jobs_dropped": self.diagnoser.jobs_dropped(),
                 "reported_before_diagnosis": self.held.late,
             },
+            "cgroups": {
+                "unresolved_dropped": self.sink.cgroups_dropped(),
+            },
             "sweeps": {
                 "count": self.sweeps,
                 "avg_us": sweep_avg_us as u64,
@@ -133,7 +145,7 @@ impl Daemon {
         let mut ids: Vec<u64> = self
             .tracker
             .conns()
-            .filter(|(_, conn)| selected(filter, conn))
+            .filter(|(_, conn)| self.selected(filter, conn))
             .map(|(_, conn)| conn.id)
             .collect();
         ids.sort_unstable();
@@ -192,7 +204,8 @@ impl Daemon {
             }
             stream.started = true;
             let snapshot = sock.and_then(|sock| maps.lookup(sock));
-            let item = conn_item(conn, snapshot, self.policy.shown_as(conn.id), now);
+            let mut item = conn_item(conn, snapshot, self.policy.shown_as(conn.id), now);
+            self.add_cgroup_path(&mut item, conn);
             serde_json::to_writer(&mut chunk, &item).expect("items serialize");
         }
         stream.next = end;
@@ -204,13 +217,14 @@ impl Daemon {
         self.tracker
             .stalls()
             .into_iter()
-            .filter(|(conn, _)| selected(filter, conn) && !self.policy.hides(conn.id))
+            .filter(|(conn, _)| self.selected(filter, conn) && !self.policy.hides(conn.id))
             .filter_map(|(conn, stall)| {
                 let age_ms = now.saturating_sub(stall.quiet_since_ns) / 1_000_000;
                 if age_ms < older_than_ms {
                     return None;
                 }
                 let mut item = ConnItemJson::new(&conn.reference());
+                self.add_cgroup_path(&mut item, conn);
                 let annotation = self.policy.annotation(conn.id);
                 item.stall = Some(StallJson {
                     kind: stall.kind.as_str().into(),
@@ -243,6 +257,7 @@ impl Daemon {
         let clock = self.sink.clock();
         let snapshot = sock.and_then(|sock| maps.lookup(sock));
         let mut item = conn_item(conn, snapshot, self.policy.shown_as(id), now);
+        self.add_cgroup_path(&mut item, conn);
         item.stall = conn.stall.as_deref().map(|stall| StallJson {
             kind: stall.kind.as_str().into(),
             age_ms: Some(now.saturating_sub(stall.quiet_since_ns) / 1_000_000),
@@ -303,6 +318,22 @@ fn conn_item(
     item
 }
 
-fn selected(filter: &Filter, conn: &Conn) -> bool {
-    filter.matches(conn.owner.pid, &conn.owner.comm.as_str(), &conn.endpoints)
+impl Daemon {
+    /// Whether `filter` selects `conn`; its cgroup's path, for `--cgroup PATH` and
+    /// `--container`, as resolved so far.
+    fn selected(&self, filter: &Filter, conn: &Conn) -> bool {
+        filter.matches(conn.owner.pid, &conn.owner.comm.as_str(), &conn.endpoints)
+            && (!filter.selects_cgroup()
+                || filter.matches_cgroup(
+                    conn.owner.cgroup_id,
+                    self.sink.cgroup_path(conn.owner.cgroup_id).as_deref(),
+                ))
+    }
+
+    /// `cgroup.path` and `container.id` of an item, when its owner's cgroup is resolved.
+    fn add_cgroup_path(&self, item: &mut ConnItemJson, conn: &Conn) {
+        if let Some(path) = self.sink.cgroup_path(conn.owner.cgroup_id) {
+            item.set_cgroup_path(&path);
+        }
+    }
 }

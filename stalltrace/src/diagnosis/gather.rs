@@ -11,7 +11,7 @@ use stalltrace_core::{
 
 use super::worker::Subject;
 use crate::sources::{
-    procfs, sock_diag,
+    netns, procfs, sock_diag,
     threads::{self, FdTarget},
 };
 
@@ -38,7 +38,9 @@ pub(super) fn gather(subject: &Subject, first: Option<ThreadSample>) -> Gathered
     } else {
         thread_report(subject.pid, subject.tid, first)
     };
-    let entry = sock_diag::query(&subject.endpoints).ok().flatten();
+    let entry = sock_diag::query(&subject.endpoints, subject.pid)
+        .ok()
+        .flatten();
     let executable_path = (subject.pid != 0)
         .then(|| std::fs::read_link(format!("/proc/{}/exe", subject.pid)).ok())
         .flatten()
@@ -92,7 +94,12 @@ fn thread_report(
                 ..
             } = &target
             {
-                fd_peer = Some(Endpoints::from_socket_addrs(Transport::Tcp, *local, *peer));
+                // The socket is taken to be in its process's namespace (reading its own
+                // would take CAP_NET_ADMIN: SIOCGSKNS).
+                fd_peer = Some(
+                    Endpoints::from_socket_addrs(Transport::Tcp, *local, *peer)
+                        .in_netns(netns::of_pid(pid).unwrap_or(0)),
+                );
             }
             *fd_target = Some(target.describe());
         }
@@ -127,11 +134,11 @@ pub(super) fn scan_unread(stall_after_ns: u64) -> io::Result<Vec<UnreadRequest>>
     };
     // A connection still in its listener's accept queue has no socket inode yet: no process
     // holds it, and the process to name is the one that owns the listener and never accepts.
-    let listeners: HashMap<u16, u64> = if entries.iter().any(|(_, e)| e.inode == 0) {
+    let listeners: HashMap<(u32, u16), u64> = if entries.iter().any(|(_, e)| e.inode == 0) {
         procfs::tcp_sockets()
             .into_iter()
             .filter(|s| s.state == tcp_state::LISTEN)
-            .map(|s| (s.endpoints.local_port, s.inode))
+            .map(|s| ((s.endpoints.netns, s.endpoints.local_port), s.inode))
             .collect()
     } else {
         HashMap::new()
@@ -140,7 +147,9 @@ pub(super) fn scan_unread(stall_after_ns: u64) -> io::Result<Vec<UnreadRequest>>
         .into_iter()
         .map(|(waiting_ms, entry)| {
             let holder = match entry.inode {
-                0 => listeners.get(&entry.endpoints.local_port).copied(),
+                0 => listeners
+                    .get(&(entry.endpoints.netns, entry.endpoints.local_port))
+                    .copied(),
                 inode => Some(inode),
             };
             UnreadRequest {

@@ -251,7 +251,11 @@ impl Client {
                 Err(broadcast::error::RecvError::Closed) => return,
             };
             let selected = match &line.endpoints {
-                Some(endpoints) => filter.matches(line.pid, &line.comm, endpoints),
+                Some(endpoints) => {
+                    filter.matches(line.pid, &line.comm, endpoints)
+                        && (!filter.selects_cgroup()
+                            || filter.matches_cgroup(line.cgroup_id, line.cgroup_path.as_deref()))
+                }
                 None => true,
             };
             if selected && write_line(&mut write, line.line.as_bytes()).await.is_err() {

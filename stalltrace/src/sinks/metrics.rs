@@ -474,6 +474,7 @@ mod tests {
                 pid: 10,
                 tid: 10,
                 comm: Comm::new(comm),
+                cgroup_id: 0,
             },
             endpoints: Endpoints {
                 transport: Transport::Tcp,
@@ -481,6 +482,7 @@ mod tests {
                 local_port,
                 peer: "127.0.0.1".parse().unwrap(),
                 peer_port: 6379,
+                netns: 0,
             },
         }
     }

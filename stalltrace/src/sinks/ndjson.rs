@@ -18,6 +18,7 @@ use stalltrace_core::{
 use crate::{
     config::Annotation,
     sinks::writer::{FileOptions, Writer},
+    sources::cgroups::Names,
 };
 
 /// Lines buffered per `watch` client before the slowest starts losing them (counted).
@@ -35,6 +36,9 @@ pub struct WatchLine {
     pub comm: String,
     /// `None` for events not about one connection (`loss`).
     pub endpoints: Option<Endpoints>,
+    /// The owner's cgroup id (0: none known) and its path, if resolved.
+    pub cgroup_id: u64,
+    pub cgroup_path: Option<Arc<str>>,
 }
 
 pub struct EventSink {
@@ -51,6 +55,8 @@ pub struct EventSink {
     watchers: broadcast::Sender<Arc<WatchLine>>,
     /// Reused encoding buffer.
     line: Vec<u8>,
+    /// Resolves owners' cgroup ids to paths (`None`: events carry the id alone).
+    cgroups: Option<Names>,
 }
 
 #[derive(Serialize)]
@@ -106,7 +112,23 @@ impl EventSink {
             clock: Clock::calibrate(),
             watchers,
             line: Vec::with_capacity(1024),
+            cgroups: None,
         }
+    }
+
+    /// Adds `cgroup.path` and `container.id` to events from now on, resolved by `names`.
+    pub(crate) fn resolve_cgroups(&mut self, names: Names) {
+        self.cgroups = Some(names);
+    }
+
+    /// The path of cgroup `id`, if resolved (never waits: see [`Names::path`]).
+    pub(crate) fn cgroup_path(&self, id: u64) -> Option<Arc<str>> {
+        self.cgroups.as_ref()?.path(id)
+    }
+
+    /// Lookups of cgroup ids turned away by a full table or queue.
+    pub(crate) fn cgroups_dropped(&self) -> u64 {
+        self.cgroups.as_ref().map_or(0, Names::dropped)
     }
 
     pub fn destination(&self) -> &str {
@@ -175,7 +197,12 @@ impl EventSink {
             stall.severity = annotation.severity.map(|s| s.as_str().into());
             stall.rule = annotation.rule.clone().map(Into::into);
         }
-        self.write_line(&json, Some(&event.conn));
+        let cgroup_path = self.cgroup_path(event.conn.owner.cgroup_id);
+        if let Some(path) = &cgroup_path {
+            json.item.set_cgroup_path(path);
+        }
+        self.encode(&json);
+        self.write_encoded(Some((&event.conn, cgroup_path)));
     }
 
     /// Writes a `loss` event; `false` when the output has no room for it yet (nothing was
@@ -197,10 +224,9 @@ impl EventSink {
         true
     }
 
-    /// Writes one line; `conn` is what `watch` filters select on (`None`: not about one
-    /// connection).
-    fn write_line(&mut self, json: &impl Serialize, conn: Option<&ConnRef>) {
-        self.encode(json);
+    /// Writes the encoded line; `conn` is what `watch` filters select on, with its cgroup's
+    /// path (`None`: not about one connection).
+    fn write_encoded(&mut self, conn: Option<(&ConnRef, Option<Arc<str>>)>) {
         if !self.blocked && !self.writer.has_room(self.pending.len(), self.line.len()) {
             self.blocked = true;
             log::debug!(
@@ -221,7 +247,7 @@ impl EventSink {
     }
 
     /// The encoded line to the output (unless blocked) and to `watch` clients.
-    fn send(&mut self, conn: Option<&ConnRef>) {
+    fn send(&mut self, conn: Option<(&ConnRef, Option<Arc<str>>)>) {
         if !self.blocked {
             self.pending.extend_from_slice(&self.line);
             if self.pending.len() >= CHUNK {
@@ -231,11 +257,14 @@ impl EventSink {
         if self.watchers.receiver_count() > 0 {
             let _ = self.watchers.send(Arc::new(WatchLine {
                 line: String::from_utf8_lossy(&self.line).into_owned(),
-                pid: conn.map_or(0, |c| c.owner.pid),
+                pid: conn.as_ref().map_or(0, |(c, _)| c.owner.pid),
                 comm: conn
-                    .map(|c| c.owner.comm.as_str().into_owned())
+                    .as_ref()
+                    .map(|(c, _)| c.owner.comm.as_str().into_owned())
                     .unwrap_or_default(),
-                endpoints: conn.map(|c| c.endpoints),
+                endpoints: conn.as_ref().map(|(c, _)| c.endpoints),
+                cgroup_id: conn.as_ref().map_or(0, |(c, _)| c.owner.cgroup_id),
+                cgroup_path: conn.and_then(|(_, path)| path),
             }));
         }
     }
@@ -299,6 +328,7 @@ mod tests {
                     pid: 1,
                     tid: 1,
                     comm: Comm::new("t"),
+                    cgroup_id: 0,
                 },
                 endpoints: Endpoints {
                     transport: Transport::Tcp,
@@ -306,6 +336,7 @@ mod tests {
                     local_port: 1,
                     peer: "127.0.0.1".parse().unwrap(),
                     peer_port: 2,
+                    netns: 0,
                 },
             },
             detail: Detail::Open { adopted: false },

@@ -30,7 +30,7 @@ pub(crate) fn from_file(path: &std::path::Path) -> Result<Btf> {
 pub(crate) fn resolve_offsets(btf: &Btf) -> (Offsets, Vec<&'static str>) {
     let mut offsets = Offsets::unknown();
     let mut missing = Vec::new();
-    let wanted: [Wanted; 11] = [
+    let wanted: [Wanted; 13] = [
         (
             &mut offsets.skc_family,
             "sock",
@@ -107,6 +107,20 @@ pub(crate) fn resolve_offsets(btf: &Btf) -> (Offsets, Vec<&'static str>) {
             &["copied_seq"],
             4,
             "tcp_sock.copied_seq",
+        ),
+        (
+            &mut offsets.skc_net,
+            "sock",
+            &["__sk_common", "skc_net", "net"],
+            8,
+            "sock.skc_net",
+        ),
+        (
+            &mut offsets.net_ns_inum,
+            "net",
+            &["ns", "inum"],
+            4,
+            "net.ns.inum",
         ),
     ];
     resolve(btf, wanted, &mut missing);

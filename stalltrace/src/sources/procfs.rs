@@ -1,9 +1,10 @@
 //! /proc: TCP sockets that exist before the daemon starts (adopted so that a stall on them is
-//! still flagged), their owning processes, and listening ports.
+//! still flagged), in every network namespace, their owning processes, and listening ports.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
 };
 
 use stalltrace_common::tcp_state;
@@ -11,6 +12,8 @@ use stalltrace_core::tracker::{
     model::{Comm, Endpoints, Owner, Role, Transport},
     Adoption,
 };
+
+use super::{cgroups, netns};
 
 /// A line of /proc/net/tcp or /proc/net/tcp6.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +39,7 @@ pub(crate) fn parse_tcp_line(line: &str) -> Option<ProcSocket> {
             local_port,
             peer,
             peer_port,
+            netns: 0,
         },
         state,
         inode,
@@ -64,49 +68,51 @@ fn parse_address(text: &str) -> Option<(IpAddr, u16)> {
     Some((ip, port))
 }
 
-/// All TCP sockets of the host's network namespace.
+/// All TCP sockets of every network namespace a process is in: `/proc/PID/net/tcp{,6}` of
+/// one process per namespace (it lists that process's namespace), each socket labelled with
+/// its namespace.
 pub(crate) fn tcp_sockets() -> Vec<ProcSocket> {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|path| fs::read_to_string(path).ok())
-        .flat_map(|text| text.lines().filter_map(parse_tcp_line).collect::<Vec<_>>())
-        .collect()
+    let mut sockets = Vec::new();
+    for (inode, pid) in netns::all() {
+        let label = netns::label(inode);
+        for file in ["tcp", "tcp6"] {
+            let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{file}")) else {
+                continue;
+            };
+            sockets.extend(text.lines().filter_map(parse_tcp_line).map(|mut socket| {
+                socket.endpoints.netns = label;
+                socket
+            }));
+        }
+    }
+    sockets
 }
 
-pub(crate) fn listening_ports(sockets: &[ProcSocket]) -> Vec<u16> {
-    let mut ports: Vec<u16> = sockets
-        .iter()
-        .filter(|s| s.state == tcp_state::LISTEN)
-        .map(|s| s.endpoints.local_port)
-        .collect();
-    ports.sort_unstable();
-    ports.dedup();
-    ports
+/// Every process: its pid and `/proc/<pid>`. Processes come and go during a walk: callers skip
+/// what vanished.
+pub(crate) fn processes() -> impl Iterator<Item = (u32, PathBuf)> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flat_map(|entries| entries.flatten())
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((pid, entry.path()))
+        })
 }
 
 /// Socket inode → the process holding it, from every /proc/<pid>/fd.
 pub(crate) fn socket_owners() -> HashMap<u64, Owner> {
     let mut owners = HashMap::new();
-    let Ok(processes) = fs::read_dir("/proc") else {
-        return owners;
-    };
-    for process in processes.flatten() {
-        let Some(pid) = process
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
+    for (pid, process) in processes() {
+        let Ok(fds) = fs::read_dir(process.join("fd")) else {
             continue;
         };
-        // Processes come and go during the scan: skip what vanished.
-        let Ok(fds) = fs::read_dir(process.path().join("fd")) else {
-            continue;
-        };
-        let comm = fs::read_to_string(process.path().join("comm")).unwrap_or_default();
+        let comm = fs::read_to_string(process.join("comm")).unwrap_or_default();
         let owner = Owner {
             pid,
             tid: pid,
             comm: Comm::new(comm.trim_end()),
+            cgroup_id: cgroups::id_of_process(pid).unwrap_or(0),
         };
         for fd in fds.flatten() {
             let Ok(target) = fs::read_link(fd.path()) else {
@@ -128,17 +134,26 @@ fn socket_inode(link: &str) -> Option<u64> {
         .ok()
 }
 
+/// The (network namespace, port) pairs with a listener.
+pub(crate) fn listeners(sockets: &[ProcSocket]) -> HashSet<(u32, u16)> {
+    sockets
+        .iter()
+        .filter(|s| s.state == tcp_state::LISTEN)
+        .map(|s| (s.endpoints.netns, s.endpoints.local_port))
+        .collect()
+}
+
 /// Established connections with their owners and roles (server when the local port has a
-/// listener).
+/// listener in the connection's namespace).
 pub(crate) fn adoptions(sockets: &[ProcSocket]) -> Vec<Adoption> {
-    let listening = listening_ports(sockets);
+    let listening = listeners(sockets);
     let owners = socket_owners();
     sockets
         .iter()
         .filter(|s| s.state == tcp_state::ESTABLISHED)
         .map(|s| Adoption {
             endpoints: s.endpoints,
-            role: if listening.binary_search(&s.endpoints.local_port).is_ok() {
+            role: if listening.contains(&(s.endpoints.netns, s.endpoints.local_port)) {
                 Role::Server
             } else {
                 Role::Client
@@ -223,7 +238,7 @@ mod tests {
             .iter()
             .filter_map(|l| parse_tcp_line(l))
             .collect();
-        assert_eq!(listening_ports(&sockets), [8080]);
+        assert_eq!(listeners(&sockets), [(0, 8080)].into_iter().collect());
         assert_eq!(socket_inode("socket:[8]"), Some(8));
         assert_eq!(socket_inode("pipe:[8]"), None);
         let adopted = adoptions(&sockets);

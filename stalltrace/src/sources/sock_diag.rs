@@ -1,13 +1,17 @@
 //! The kernel's view of TCP sockets over NETLINK_SOCK_DIAG (what `ss` uses): queue sizes,
-//! owning inode, and tcp_info. Messages are built and parsed by hand (the layouts are stable
-//! UAPI).
+//! owning inode, and tcp_info, in every network namespace (a netlink socket answers for the
+//! namespace it was created in: those of other namespaces come from the broker, `netns.rs`).
+//! Messages are built and parsed by hand (the layouts are stable UAPI).
 use std::{
+    collections::HashSet,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
 use stalltrace_common::tcp_state;
+
+use super::netns;
 use stalltrace_core::{
     diagnosis::TcpSignals,
     tracker::model::{Endpoints, Transport},
@@ -36,38 +40,99 @@ pub(crate) struct DiagEntry {
     pub signals: Option<TcpSignals>,
 }
 
-/// The socket with these endpoints, with tcp_info; `None` if it no longer exists.
-pub(crate) fn query(endpoints: &Endpoints) -> io::Result<Option<DiagEntry>> {
+/// The socket with these endpoints, in their namespace, with tcp_info; `None` if it no
+/// longer exists, or if its namespace cannot be queried (then its signals are left out).
+/// `pid` is a process that may be in that namespace (the connection's owner): it is used to
+/// reach the namespace only if it is in it.
+pub(crate) fn query(endpoints: &Endpoints, pid: u32) -> io::Result<Option<DiagEntry>> {
     // A dual-stack socket carrying IPv4 is an AF_INET6 socket with mapped addresses.
     let families: &[u8] = match endpoints.local {
         IpAddr::V4(_) => &[libc::AF_INET as u8, libc::AF_INET6 as u8],
         IpAddr::V6(_) => &[libc::AF_INET6 as u8],
     };
-    for &family in families {
-        let request = request(
-            family,
-            !0,
-            1 << (INET_DIAG_INFO - 1),
-            Some(endpoints),
-            false,
-        );
-        if let Some(entry) = exchange(&request, |_| true)?.into_iter().next() {
-            return Ok(Some(entry));
+    let ask = |socket: &OwnedFd| -> io::Result<Option<DiagEntry>> {
+        for &family in families {
+            let request = request(
+                family,
+                !0,
+                1 << (INET_DIAG_INFO - 1),
+                Some(endpoints),
+                false,
+            );
+            if let Some(entry) = exchange(socket, &request, |_| true, endpoints.netns)?
+                .into_iter()
+                .next()
+            {
+                return Ok(Some(entry));
+            }
         }
+        Ok(None)
+    };
+    let own = netns::own();
+    if endpoints.netns == 0 || endpoints.netns == netns::label(own) {
+        return ask(&open()?);
     }
-    Ok(None)
+    if netns::of_pid(pid) != Some(endpoints.netns) {
+        // No process known to be in it; the periodic dump reaches every namespace.
+        return Ok(None);
+    }
+    Ok(netns::with_socket(u64::from(endpoints.netns), pid, ask)?.flatten())
 }
 
-/// The established TCP sockets of the host's network namespace with unread bytes, with
-/// tcp_info. Filtered while parsing: a host may have hundreds of thousands of sockets.
+/// The established TCP sockets with unread bytes, with tcp_info, in every network namespace
+/// a process is in (each namespace once; those that cannot be queried are said once and
+/// skipped). Filtered while parsing: a host may have hundreds of thousands of sockets.
 pub(crate) fn dump_established_unread() -> io::Result<Vec<DiagEntry>> {
-    let mut entries = Vec::new();
-    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-        let info = 1 << (INET_DIAG_INFO - 1);
-        let request = request(family, 1 << tcp_state::ESTABLISHED, info, None, true);
-        entries.extend(exchange(&request, |entry| entry.recv_queue > 0)?);
+    let dump = |socket: &OwnedFd, label: u32| -> io::Result<Vec<DiagEntry>> {
+        let mut entries = Vec::new();
+        for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+            let info = 1 << (INET_DIAG_INFO - 1);
+            let request = request(family, 1 << tcp_state::ESTABLISHED, info, None, true);
+            entries.extend(exchange(
+                socket,
+                &request,
+                |entry| entry.recv_queue > 0,
+                label,
+            )?);
+        }
+        Ok(entries)
+    };
+    let own = netns::own();
+    let namespaces = netns::all();
+    let mut entries = dump(&open()?, netns::label(own))?;
+    for &(inode, pid) in namespaces.iter().filter(|(inode, _)| *inode != own) {
+        let label = netns::label(inode);
+        // A namespace that vanished since the walk, or whose dump failed, is skipped: the
+        // others are still worth reporting.
+        match netns::with_socket(inode, pid, |socket| dump(socket, label)) {
+            Ok(Some(found)) => entries.extend(found),
+            Ok(None) => {}
+            Err(err) => log::debug!("sock_diag dump of network namespace {inode}: {err}"),
+        }
     }
+    netns::retain(
+        &namespaces
+            .iter()
+            .map(|(inode, _)| *inode)
+            .collect::<HashSet<_>>(),
+    );
     Ok(entries)
+}
+
+/// A sock_diag socket in the calling thread's network namespace.
+pub(crate) fn open() -> io::Result<OwnedFd> {
+    // SAFETY: a plain socket syscall; the descriptor is owned from here on.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            NETLINK_SOCK_DIAG,
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
 }
 
 fn request(
@@ -110,20 +175,19 @@ fn wire_address(family: u8, ip: IpAddr) -> [u8; 16] {
     out
 }
 
-/// Sends `request` and collects the answered sockets that `keep` selects.
-fn exchange(request: &[u8], keep: fn(&DiagEntry) -> bool) -> io::Result<Vec<DiagEntry>> {
-    // SAFETY: plain socket syscalls on an fd we own.
-    let socket = unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        );
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        OwnedFd::from_raw_fd(fd)
-    };
+/// Sends `request` on `socket` and collects the answered sockets that `keep` selects,
+/// labelled with namespace `netns`. Sockets are reused across requests: answers to an earlier
+/// request (left unread by a failure) are skipped by their sequence number.
+fn exchange(
+    socket: &OwnedFd,
+    request: &[u8],
+    keep: fn(&DiagEntry) -> bool,
+    netns: u32,
+) -> io::Result<Vec<DiagEntry>> {
+    static SEQUENCE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let sequence = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut request = request.to_vec();
+    request[8..12].copy_from_slice(&sequence.to_ne_bytes());
     // SAFETY: the buffer is valid for its length.
     let sent = unsafe {
         libc::send(
@@ -151,10 +215,14 @@ fn exchange(request: &[u8], keep: fn(&DiagEntry) -> bool) -> io::Result<Vec<Diag
         if received < 0 {
             return Err(io::Error::last_os_error());
         }
-        match parse_messages(&buffer[..received as usize], keep, &mut entries) {
+        match parse_messages(&buffer[..received as usize], sequence, keep, &mut entries) {
             Parsed::More => continue,
-            Parsed::Done => return Ok(entries),
-            Parsed::Error(0) | Parsed::Error(libc::ENOENT) => return Ok(entries),
+            Parsed::Done | Parsed::Error(0) | Parsed::Error(libc::ENOENT) => {
+                for entry in &mut entries {
+                    entry.endpoints.netns = netns;
+                }
+                return Ok(entries);
+            }
             Parsed::Error(errno) => return Err(io::Error::from_raw_os_error(errno)),
         }
     }
@@ -167,9 +235,11 @@ enum Parsed {
     Error(i32),
 }
 
-/// Parses a datagram of netlink messages into `entries` (those `keep` selects).
+/// Parses a datagram of netlink messages into `entries` (those `keep` selects); messages
+/// of another request than `sequence` are skipped.
 fn parse_messages(
     mut data: &[u8],
+    sequence: u32,
     keep: fn(&DiagEntry) -> bool,
     entries: &mut Vec<DiagEntry>,
 ) -> Parsed {
@@ -177,10 +247,15 @@ fn parse_messages(
         let len = u32::from_ne_bytes(data[0..4].try_into().unwrap()) as usize;
         let kind = u16::from_ne_bytes(data[4..6].try_into().unwrap());
         let flags = u16::from_ne_bytes(data[6..8].try_into().unwrap());
+        let answers = u32::from_ne_bytes(data[8..12].try_into().unwrap());
         if len < NLMSG_HDR || len > data.len() {
             return Parsed::Error(libc::EBADMSG);
         }
         let payload = &data[NLMSG_HDR..len];
+        if answers != sequence {
+            data = &data[align4(len).min(data.len())..];
+            continue;
+        }
         match kind {
             NLMSG_DONE => return Parsed::Done,
             NLMSG_ERROR => {
@@ -226,6 +301,8 @@ fn parse_entry(payload: &[u8]) -> Option<DiagEntry> {
         local_port: u16::from_be_bytes([msg[4], msg[5]]),
         peer: address(24),
         peer_port: u16::from_be_bytes([msg[6], msg[7]]),
+        // Set by `exchange`: the namespace of the socket that asked.
+        netns: 0,
     };
     let state = msg[1];
     // The kernel counts a received FIN in the receive queue (rcv_nxt - copied_seq): it is no
@@ -293,13 +370,8 @@ mod tests {
 
     fn endpoints(stream: &TcpStream) -> Endpoints {
         let (local, peer) = (stream.local_addr().unwrap(), stream.peer_addr().unwrap());
-        Endpoints {
-            transport: Transport::Tcp,
-            local: local.ip().to_canonical(),
-            local_port: local.port(),
-            peer: peer.ip().to_canonical(),
-            peer_port: peer.port(),
-        }
+        Endpoints::from_socket_addrs(Transport::Tcp, local, peer)
+            .in_netns(netns::label(netns::own()))
     }
 
     #[test]
@@ -310,6 +382,7 @@ mod tests {
             local_port: 8080,
             peer: "127.0.0.2".parse().unwrap(),
             peer_port: 50_000,
+            netns: 0,
         };
         let message = request(libc::AF_INET as u8, !0, 2, Some(&ends), false);
         assert_eq!(message.len(), 72);
@@ -325,13 +398,20 @@ mod tests {
     fn garbage_answers_are_errors_not_panics() {
         let mut entries = Vec::new();
         let all = |_: &DiagEntry| true;
-        assert_eq!(parse_messages(&[0; 8], all, &mut entries), Parsed::More);
+        assert_eq!(parse_messages(&[0; 8], 1, all, &mut entries), Parsed::More);
         let mut bad = vec![0u8; 16];
         bad[0] = 200; // longer than the datagram
         assert_eq!(
-            parse_messages(&bad, all, &mut entries),
+            parse_messages(&bad, 1, all, &mut entries),
             Parsed::Error(libc::EBADMSG)
         );
+        // The end of an earlier request's dump does not end this one.
+        let mut stale = vec![0u8; 16];
+        stale[0] = 16;
+        stale[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
+        stale[8..12].copy_from_slice(&1u32.to_ne_bytes());
+        assert_eq!(parse_messages(&stale, 2, all, &mut entries), Parsed::More);
+        assert_eq!(parse_messages(&stale, 1, all, &mut entries), Parsed::Done);
         assert!(parse_entry(&[1, 2, 3]).is_none());
     }
 
@@ -344,7 +424,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(50));
         // A kernel without NETLINK_SOCK_DIAG fails this test, loudly: the daemon loses its TCP
         // signals there.
-        let found = query(&endpoints(&server)).expect("NETLINK_SOCK_DIAG must answer");
+        let found = query(&endpoints(&server), 0).expect("NETLINK_SOCK_DIAG must answer");
         let entry = found.expect("the server socket exists");
         assert_eq!(entry.recv_queue, 14);
         let signals = entry.signals.expect("tcp_info requested");
@@ -359,7 +439,10 @@ mod tests {
         assert!(unread.iter().all(|e| e.recv_queue > 0));
         let mut buf = [0u8; 14];
         server.read_exact(&mut buf).unwrap();
-        assert_eq!(query(&endpoints(&server)).unwrap().unwrap().recv_queue, 0);
+        assert_eq!(
+            query(&endpoints(&server), 0).unwrap().unwrap().recv_queue,
+            0
+        );
         let unread = dump_established_unread().unwrap();
         assert!(!unread.iter().any(|e| e.endpoints == endpoints(&server)));
     }
@@ -374,7 +457,7 @@ mod tests {
         server.read_exact(&mut buf).unwrap();
         drop(client); // the client gives up: its FIN waits in the server's receive queue
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let entry = query(&endpoints(&server))
+        let entry = query(&endpoints(&server), 0)
             .unwrap()
             .expect("the server socket");
         assert_eq!(entry.state, tcp_state::CLOSE_WAIT);
