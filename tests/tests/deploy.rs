@@ -175,5 +175,10 @@ fn the_daemonsets_command_runs_with_its_capabilities() {
         dir.join("events.ndjson").exists(),
         "the events file is where the args say"
     );
+    // With exactly its capabilities, nothing is lost: no warning at start, every program
+    // attached (the cgroup program for UDP closes needs NET_ADMIN).
+    let stderr = std::fs::read_to_string(dir.join("stderr.log")).unwrap();
+    assert!(!stderr.contains("warn:"), "{stderr}");
+    assert_eq!(status["features"]["udp"], true, "{status:#}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -278,6 +278,11 @@ fn the_package_installs_runs_from_its_unit_upgrades_and_purges() {
         serde_json::json!(RUNTIME_CAPABILITIES),
         "{status}"
     );
+    // Under its unit's bounding set nothing is lost: no warning at start, every program
+    // attached (the cgroup program for UDP closes needs CAP_NET_ADMIN).
+    let log = fs::read_to_string(scratch.join("daemon.log")).unwrap();
+    assert!(!log.contains("warn:"), "{log}");
+    assert_eq!(status["features"]["udp"], true, "{status}");
     let socket = fs::metadata("/run/stalltrace/stalltrace.sock").unwrap();
     assert_eq!(socket.gid(), gid, "the API socket's group");
     assert_eq!(socket.mode() & 0o777, 0o660, "the API socket's mode");
