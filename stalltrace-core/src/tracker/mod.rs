@@ -15,13 +15,13 @@ pub mod activity;
 pub mod model;
 mod table;
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, sync::Arc};
 
-use stalltrace_common::{conn_flags, transfer, ConnEvent, ConnState, EventKind};
+use stalltrace_common::{conn_flags, transfer, ConnEvent, ConnState, EventKind, UnixNames};
 
 use crate::diagnosis::Diagnosis;
 use activity::Activity;
-use model::{Endpoints, Owner, Resolution, Role, StallKind};
+use model::{Endpoints, Owner, Resolution, Role, StallKind, UnixInfo};
 pub use table::SockHasher;
 use table::{BySock, Table};
 
@@ -41,6 +41,9 @@ pub struct ConnRef {
     pub role: Role,
     pub owner: Owner,
     pub endpoints: Endpoints,
+    /// Unix connections: names and peer process (`None` for other transports, or when the
+    /// record that carries them was lost).
+    pub unix: Option<Arc<UnixInfo>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -127,6 +130,8 @@ pub struct Conn {
     pub role: Role,
     pub endpoints: Endpoints,
     pub owner: Owner,
+    /// Unix connections: see [`ConnRef::unix`].
+    pub unix: Option<Arc<UnixInfo>>,
     pub opened_ns: u64,
     pub adopted: bool,
     /// Boxed: stalls are rare, and every tracked connection pays for this field.
@@ -150,6 +155,7 @@ impl Conn {
             role: self.role,
             owner: self.owner,
             endpoints: self.endpoints,
+            unix: self.unix.clone(),
         }
     }
 
@@ -391,6 +397,7 @@ impl Tracker {
             role: adoption.role,
             endpoints: adoption.endpoints,
             owner: adoption.owner,
+            unix: None,
             opened_ns: now,
             adopted: true,
             stall: None,
@@ -409,11 +416,19 @@ impl Tracker {
     /// Applies one kernel record.
     pub fn on_event(&mut self, event: &ConnEvent, out: &mut Vec<Event>) {
         let mark = out.len();
-        self.apply_event(event, out);
+        self.apply_event(event, None, out);
         self.conns.note_stalls(&out[mark..]);
     }
 
-    fn apply_event(&mut self, event: &ConnEvent, out: &mut Vec<Event>) {
+    /// Applies a [`EventKind::UnixDiscovered`] record with the socket names it carries.
+    pub fn on_unix_event(&mut self, event: &ConnEvent, names: &UnixNames, out: &mut Vec<Event>) {
+        let mark = out.len();
+        let info = Arc::new(UnixInfo::from_kernel(&event.conn, names));
+        self.apply_event(event, Some(info), out);
+        self.conns.note_stalls(&out[mark..]);
+    }
+
+    fn apply_event(&mut self, event: &ConnEvent, unix: Option<Arc<UnixInfo>>, out: &mut Vec<Event>) {
         self.stats.events += 1;
         let Some(kind) = event.kind() else {
             self.stats.unknown_events += 1;
@@ -435,6 +450,9 @@ impl Tracker {
         self.conn_for(sock, state, at, out);
         self.conns.refresh(sock, state);
         let conn = self.conns.get_mut(sock).expect("conn_for tracks it");
+        if unix.is_some() && conn.unix.is_none() {
+            conn.unix = unix;
+        }
         match kind {
             // A passive connection waits for its first transfer to be reported with its owner.
             EventKind::Established if conn.role == Role::Server => {}
@@ -478,7 +496,9 @@ impl Tracker {
             }
             // A passive connection is reported at its first transfer (its owner is only known
             // then), dated when it was established.
-            EventKind::Discovered => announce(conn, state.open_ns.min(at), out),
+            EventKind::Discovered | EventKind::UnixDiscovered => {
+                announce(conn, state.open_ns.min(at), out)
+            }
             EventKind::RequestStarted | EventKind::ExchangeCompleted => announce(conn, at, out),
             EventKind::ConnectStarted => {}
             EventKind::Closed => unreachable!("handled above"),
@@ -668,6 +688,7 @@ impl Tracker {
                     role: activity::role_of(state),
                     endpoints,
                     owner: Owner::default(),
+                    unix: None,
                     opened_ns: state.open_ns,
                     adopted: false,
                     stall: None,

@@ -60,6 +60,64 @@ impl Transport {
     }
 }
 
+/// The inode numbers of a Unix connection's two sockets: its identity (Unix sockets have no
+/// addresses and ports that tell connections apart: every connection accepted on a listener
+/// shares its path).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UnixInodes {
+    pub local: u64,
+    pub peer: u64,
+}
+
+/// What is known of a Unix connection beyond its identity, fixed when it is made: the names
+/// both sockets are bound to, as shown (see [`unix_name`]), and the peer's process as the
+/// kernel recorded it (`SO_PEERCRED`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnixInfo {
+    pub local_name: String,
+    pub peer_name: String,
+    /// 0 when the kernel had none.
+    pub peer_pid: u32,
+}
+
+impl UnixInfo {
+    pub fn from_kernel(state: &ConnState, names: &stalltrace_common::UnixNames) -> Self {
+        Self {
+            local_name: unix_name(names.local()),
+            peer_name: unix_name(names.peer()),
+            peer_pid: state.peer_tgid,
+        }
+    }
+
+    /// The connection's path: the name of whichever end is bound (the listener's, which an
+    /// accepted socket shares), the local one first; "" for two unbound ends (a socketpair).
+    pub fn path(&self) -> &str {
+        if self.local_name.is_empty() {
+            &self.peer_name
+        } else {
+            &self.local_name
+        }
+    }
+}
+
+/// A Unix socket name (`sun_path` bytes, as long as the kernel's `unix_address.len` says) as
+/// `ss` shows it: a path up to its first NUL; an abstract name (leading NUL) as `@` and the
+/// rest, its NULs shown as `@`; "" for an unbound socket. Bytes that are not UTF-8 become
+/// U+FFFD: names are arbitrary bytes chosen by local users.
+pub fn unix_name(raw: &[u8]) -> String {
+    match raw.split_first() {
+        None => String::new(),
+        Some((0, rest)) => {
+            let shown: Vec<u8> = rest.iter().map(|&b| if b == 0 { b'@' } else { b }).collect();
+            format!("@{}", String::from_utf8_lossy(&shown))
+        }
+        Some(_) => {
+            let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+            String::from_utf8_lossy(&raw[..end]).into_owned()
+        }
+    }
+}
+
 /// Transport, addresses and ports of a connection. IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`, as seen
 /// on dual-stack sockets) are stored as IPv4: that is the network the traffic uses, and it
 /// makes the same connection compare equal whichever source reported it.
@@ -70,21 +128,31 @@ pub struct Endpoints {
     pub local_port: u16,
     pub peer: IpAddr,
     pub peer_port: u16,
+    /// Unix connections: both sockets' inodes (addresses and ports are then unspecified/0).
+    pub unix: Option<UnixInodes>,
 }
 
 impl Endpoints {
     pub fn from_kernel(state: &ConnState) -> Self {
+        let transport = Transport::from_kernel(state.transport);
         Self {
-            transport: Transport::from_kernel(state.transport),
+            transport,
             local: ip_from_kernel(state.family, &state.local_addr),
             local_port: state.local_port,
             peer: ip_from_kernel(state.family, &state.peer_addr),
             peer_port: state.peer_port,
+            unix: (transport == Transport::Unix).then_some(UnixInodes {
+                local: state.inode,
+                peer: state.peer_inode,
+            }),
         }
     }
 
-    /// `network.type` in OpenTelemetry terms.
+    /// `network.type` in OpenTelemetry terms (`unix` for Unix sockets, which it leaves open).
     pub fn network_type(&self) -> &'static str {
+        if self.unix.is_some() {
+            return "unix";
+        }
         match self.local {
             IpAddr::V4(_) => "ipv4",
             IpAddr::V6(_) => "ipv6",
@@ -100,6 +168,22 @@ impl Endpoints {
             local_port: local.port(),
             peer: peer.ip().to_canonical(),
             peer_port: peer.port(),
+            unix: None,
+        }
+    }
+
+    /// A Unix connection's endpoints from its two sockets' inodes.
+    pub fn unix(local_inode: u64, peer_inode: u64) -> Self {
+        Self {
+            transport: Transport::Unix,
+            local: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            local_port: 0,
+            peer: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            peer_port: 0,
+            unix: Some(UnixInodes {
+                local: local_inode,
+                peer: peer_inode,
+            }),
         }
     }
 
@@ -119,11 +203,15 @@ impl Endpoints {
             local_port: self.peer_port,
             peer: self.local,
             peer_port: self.local_port,
+            unix: self.unix.map(|unix| UnixInodes {
+                local: unix.peer,
+                peer: unix.local,
+            }),
         }
     }
 
     pub fn has_port(&self, port: u16) -> bool {
-        self.local_port == port || self.peer_port == port
+        self.unix.is_none() && (self.local_port == port || self.peer_port == port)
     }
 }
 
@@ -267,6 +355,31 @@ mod tests {
             Endpoints::from_kernel(&state).peer,
             IpAddr::from([10, 1, 2, 3])
         );
+    }
+
+    #[test]
+    fn unix_names_are_shown_as_ss_does() {
+        assert_eq!(unix_name(b""), "");
+        assert_eq!(unix_name(b"/run/php/fpm.sock\0"), "/run/php/fpm.sock");
+        assert_eq!(unix_name(b"\0app\0x"), "@app@x");
+        assert_eq!(unix_name(b"/tmp/\xff.sock"), "/tmp/\u{fffd}.sock");
+        assert_eq!(unix_name(b"\0"), "@");
+    }
+
+    #[test]
+    fn unix_endpoints_are_their_inodes_and_reverse() {
+        let state = ConnState {
+            transport: stalltrace_common::transport::UNIX,
+            inode: 5,
+            peer_inode: 6,
+            ..Default::default()
+        };
+        let endpoints = Endpoints::from_kernel(&state);
+        assert_eq!(endpoints, Endpoints::unix(5, 6));
+        assert_eq!(endpoints.reversed(), Endpoints::unix(6, 5));
+        assert_ne!(endpoints, Endpoints::unix(5, 7));
+        assert_eq!(endpoints.network_type(), "unix");
+        assert!(!endpoints.has_port(0));
     }
 
     #[test]
