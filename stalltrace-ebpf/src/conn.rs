@@ -70,7 +70,7 @@ pub(crate) fn emit_request(
 /// The daemon drains the ring on a short timer, so waking it for every record would only burn
 /// CPU; wake it early only when the ring is a quarter full.
 #[inline(always)]
-fn wakeup_flag() -> u64 {
+pub(crate) fn wakeup_flag() -> u64 {
     let used = EVENTS.query(BPF_RB_AVAIL_DATA.into());
     let size = EVENTS.query(BPF_RB_RING_SIZE.into());
     if used > size / 4 {

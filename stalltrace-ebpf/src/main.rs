@@ -4,7 +4,8 @@
 //! - `tcp_state`: connection open/close and listening ports (`sock/inet_sock_set_state`);
 //! - `transfer`: bytes each way and request/reply turns (`sock/sock_{send,recv}_length`);
 //! - `transfer_functions`: the same from `tcp_sendmsg`/`tcp_recvmsg` (Linux < 6.3);
-//! - `tcp_signals`: retransmits and received resets (`tcp/*`).
+//! - `tcp_signals`: retransmits and received resets (`tcp/*`);
+//! - `unix`: Unix stream/seqpacket connections, found through the same transfer tracepoints.
 //!
 //! Per-connection state lives in the `CONNS` LRU map; the ring buffer carries only lifecycle
 //! events and request starts: a connection's first, then at most one per sweep epoch (see
@@ -24,6 +25,7 @@ mod tcp_signals;
 mod tcp_state;
 mod transfer;
 mod transfer_functions;
+mod unix;
 mod words;
 
 #[cfg(not(test))]

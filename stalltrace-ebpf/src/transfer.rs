@@ -7,8 +7,9 @@
 //!
 //! Work per call on a tracked connection: one map lookup and a few stores; an event only when a
 //! connection's first request starts, a request starts on a connection not yet reported this
-//! epoch, or a stall ends. Only TCP connections are in the map, so a miss is either another kind
-//! of socket (checked by reading its protocol) or a TCP connection the map does not hold yet.
+//! epoch, or a stall ends. Only TCP and Unix stream connections are in the map, so a miss is
+//! either another kind of socket (checked by reading its family and protocol) or a connection
+//! the map does not hold yet (every Unix connection starts so: `unix.rs`).
 use aya_ebpf::{
     bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, macros::raw_tracepoint,
     programs::RawTracePointContext, EbpfContext,
@@ -19,14 +20,15 @@ use stalltrace_common::{
     message::{classify, Head, Message},
     role, tcp_state,
     transfer::{ends_quiet, look, record_transfer, Look, Turn},
-    Capture, ConnState, EventKind,
+    Capture, ConnState, EventKind, AF_INET, AF_INET6, AF_UNIX, IPPROTO_TCP,
 };
 
 use crate::{
     capture::{bytes_at, capture_request, reply_head},
     conn::{emit, emit_request, set_owner_to_current},
-    kernel_read::{read_endpoints, tcp_family, tcp_state_of},
+    kernel_read::{read_endpoints, socket_family, tcp_state_of},
     maps::{count_loss, current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS},
+    unix,
 };
 
 const MSG_PEEK: i32 = 2;
@@ -73,11 +75,21 @@ pub(crate) fn on_transfer<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, ret: i32,
     }
     let now = unsafe { bpf_ktime_get_ns() };
     let bytes = ret as u64;
-    match CONNS.get_ptr_mut(sock) {
+    let conn = match CONNS.get_ptr_mut(sock) {
         // SAFETY: map value pointer, valid for the duration of the program.
-        Some(conn) => record(sock, unsafe { &mut *conn }, dir, bytes, now),
-        None => discover(ctx, sock, dir, bytes, now),
-    }
+        Some(conn) if unix::still_same(sock, unsafe { &*conn }) => conn,
+        // SAFETY: as above.
+        Some(stale) => match unix::replace(ctx, sock, unsafe { &mut *stale }, dir, now) {
+            Some(conn) => conn,
+            None => return,
+        },
+        None => match discover(ctx, sock, dir, bytes, now) {
+            Some(conn) => conn,
+            None => return,
+        },
+    };
+    // SAFETY: map value pointer, valid for the duration of the program.
+    record(sock, unsafe { &mut *conn }, dir, bytes, now);
 }
 
 #[inline(always)]
@@ -158,11 +170,22 @@ fn read_housekeeping(conn: &mut ConnState, look: Look, bytes: u64) -> Message {
     }
 }
 
+/// A transfer on a socket the map does not hold. A TCP connection is tracked and reported
+/// here, its transfer recorded; a new Unix connection's entry is returned for the caller to
+/// record the transfer on (its first bytes are read: it is seen from its first transfer).
 #[inline(never)]
-fn discover<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, bytes: u64, now: u64) {
+fn discover<C: EbpfContext>(
+    ctx: &C,
+    sock: u64,
+    dir: u8,
+    bytes: u64,
+    now: u64,
+) -> Option<*mut ConnState> {
     let offsets = OFFSETS.load();
-    let Some(family) = tcp_family(sock, &offsets) else {
-        return;
+    let family = match socket_family(sock, &offsets)? {
+        (AF_UNIX, _) => return unix::discover(ctx, sock, dir, now),
+        (family, IPPROTO_TCP) if family == AF_INET || family == AF_INET6 => family,
+        _ => return None,
     };
     // Data read after the close (it arrived with the peer's FIN) belongs to a connection
     // that already ended: tracking it anew would report a phantom connection.
@@ -175,10 +198,10 @@ fn discover<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, bytes: u64, now: u64) {
                 | tcp_state::FIN_WAIT2
         )
     ) {
-        return;
+        return None;
     }
     let Some(conn) = scratch_conn() else {
-        return;
+        return None;
     };
     conn.open_ns = now;
     conn.state_ns = now;
@@ -187,7 +210,7 @@ fn discover<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, bytes: u64, now: u64) {
     conn.flags = conn_flags::DISCOVERED | conn_flags::ESTABLISHED;
     if !read_endpoints(sock, family, &offsets, conn) {
         debug!(ctx, "cannot read the endpoints of TCP socket {:x}", sock);
-        return;
+        return None;
     }
     conn.role = if LISTEN_PORTS.get_ptr(conn.local_port).is_some() {
         role::SERVER
@@ -200,20 +223,21 @@ fn discover<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, bytes: u64, now: u64) {
     match CONNS.insert(sock, &*conn, BPF_NOEXIST.into()) {
         Ok(()) => {}
         // Another CPU discovered it first and reported it.
-        Err(EEXIST) => return,
+        Err(EEXIST) => return None,
         Err(err) => {
             warn!(
                 ctx,
                 "tracking a connection failed: map insert returned {}", err
             );
             count_loss(loss::CONN_INSERT_FAILED);
-            return;
+            return None;
         }
     }
     if let Some(conn) = CONNS.get_ptr_mut(sock) {
         // SAFETY: map value pointer, valid for the duration of the program.
         emit(EventKind::Discovered, sock, unsafe { &mut *conn }, now);
     }
+    None
 }
 
 const EEXIST: i32 = -17;

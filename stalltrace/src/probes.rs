@@ -16,7 +16,8 @@ use aya::{
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
-        FExit, KProbe, PerfEvent, ProgramError, ProgramFd, RawTracePoint, TracePoint,
+        FExit, KProbe, PerfEvent, ProgramError, ProgramFd, RawTracePoint,
+        RawTracePointRunOptions, TestRun as _, TracePoint,
     },
     Ebpf, EbpfLoader,
 };
@@ -251,7 +252,12 @@ pub(crate) struct Probes {
     stacks: Option<StackSampling>,
     /// How the data transfers are hooked, and why the better rungs were passed over.
     pub transfers: TransferHooks,
+    /// Whether Unix stream/seqpacket connections are traced, or why not.
+    pub unix: Result<(), String>,
 }
+
+/// The program the daemon runs (never attached) to ask whether a Unix socket still lives.
+const UNIX_ALIVE_PROGRAM: &str = "stalltrace_unix_alive";
 
 /// The rung the data transfers use, for the start-up line and `status`.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -292,11 +298,18 @@ pub(crate) struct KernelLoss {
     pub conn_insert_failed: u64,
     /// Runs of the data transfer programs the kernel skipped (`recursion_misses`, 5.12+).
     pub hook_missed: u64,
+    pub unix_close_late: u64,
 }
 
 impl KernelMaps {
     pub(crate) fn lookup(&self, sock: u64) -> Option<ConnState> {
         self.conns.get(&sock, 0).ok()
+    }
+
+    /// Drops the entry of a connection that ended without the kernel seeing it end (a
+    /// released Unix socket).
+    pub(crate) fn forget(&mut self, sock: u64) {
+        let _ = self.conns.remove(&sock);
     }
 
     /// The captured start of the request in flight on `sock`, if its slot still holds it.
@@ -323,6 +336,7 @@ impl KernelMaps {
             ringbuf_full: sum(loss::RINGBUF_FULL),
             conn_insert_failed: sum(loss::CONN_INSERT_FAILED),
             hook_missed: self.transfer_programs.iter().map(recursion_misses).sum(),
+            unix_close_late: sum(loss::UNIX_CLOSE_LATE),
         }
     }
 }
@@ -434,6 +448,7 @@ impl Probes {
                 None
             }
         };
+        let unix = unix_tracing(&mut ebpf, transfers.rung, &config.offsets);
         let stats = config
             .bpf_stats
             .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime))
@@ -447,7 +462,28 @@ impl Probes {
             capture_bytes,
             stacks,
             transfers,
+            unix,
         })
+    }
+
+    /// Whether the Unix socket at `sock` with inode `inode` was released (closed) or its
+    /// memory now holds another socket: one `BPF_PROG_TEST_RUN` of `stalltrace_unix_alive`
+    /// (~1 µs). False when it lives, and when that cannot be told.
+    pub(crate) fn unix_released(&self, sock: u64, inode: u64) -> bool {
+        if self.unix.is_err() {
+            return false;
+        }
+        let Some(Ok(program)) = self
+            .ebpf
+            .program(UNIX_ALIVE_PROGRAM)
+            .map(<&RawTracePoint>::try_from)
+        else {
+            return false;
+        };
+        let mut options = RawTracePointRunOptions::new();
+        options.args[0] = sock;
+        options.args[1] = inode;
+        matches!(program.test_run(options), Ok(result) if result.return_value == 0)
     }
 
     /// Starts sampling the user stack of thread `tid`; false when perf events are unavailable.
@@ -753,6 +789,36 @@ fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
         .take_map(name)
         .with_context(|| format!("the eBPF object has no map {name}"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// Unix connections are found on the transfer tracepoints only (their transfers pass through
+/// no TCP function), need their members in the kernel's BTF, and need the liveness program
+/// (their closes are seen through it). `Err` says what is missing.
+fn unix_tracing(ebpf: &mut Ebpf, rung: Rung, offsets: &Offsets) -> Result<(), String> {
+    if rung != Rung::Tracepoint {
+        return Err(format!(
+            "Unix domain sockets are traced only through the sock_send_length/sock_recv_length \
+             tracepoints (Linux 6.3+); data transfers here use the {} rung",
+            rung.name()
+        ));
+    }
+    if !offsets.can_read_unix() {
+        return Err(
+            "Unix domain sockets are not traced: the kernel's BTF lacks members they need \
+             (sk_type, sk_socket, unix_sock.peer/addr, unix_address, socket_alloc.vfs_inode)"
+                .into(),
+        );
+    }
+    let program = ebpf
+        .program_mut(UNIX_ALIVE_PROGRAM)
+        .ok_or_else(|| format!("the eBPF object has no program {UNIX_ALIVE_PROGRAM}"))
+        .and_then(|p| <&mut RawTracePoint>::try_from(p).map_err(|e| e.to_string()))?;
+    load_program(UNIX_ALIVE_PROGRAM, program.load()).map_err(|err| {
+        format!(
+            "Unix connections are traced but their closes are seen only when their socket's \
+             memory is reused: {err:#}"
+        )
+    })
 }
 
 fn attach_all(ebpf: &mut Ebpf, tracefs_root: &Path) -> Result<Vec<Attached>> {

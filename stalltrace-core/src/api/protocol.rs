@@ -317,7 +317,6 @@ mod tests {
             local_port: 8080,
             peer: "127.0.0.1".parse().unwrap(),
             peer_port: 50_000,
-            unix: None,
         };
         assert!(Filter::default().matches(1, "x", &endpoints));
         let filter = Filter {

@@ -191,7 +191,7 @@ pub fn identity(conn: &ConnRef) -> (Option<ProcessJson>, Option<ThreadJson>, Net
 
 /// The `network` object of a connection; `unix` is what is known of a Unix connection.
 pub fn network(endpoints: &Endpoints, unix: Option<&UnixInfo>) -> NetworkJson {
-    let (local, peer) = match endpoints.unix {
+    let (local, peer) = match endpoints.unix_inodes() {
         Some(inodes) => {
             let unknown = UnixInfo::default();
             let info = unix.unwrap_or(&unknown);
@@ -344,7 +344,6 @@ mod tests {
                 local_port: 8080,
                 peer: "::1".parse().unwrap(),
                 peer_port: 50_000,
-                unix: None,
             },
             unix: None,
         }

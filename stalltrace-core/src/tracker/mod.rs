@@ -165,8 +165,12 @@ impl Conn {
             self.owner = owner;
         }
         if self.endpoints.local_port == 0 {
-            // connect() picks the local port after the SYN_SENT transition.
-            self.endpoints = Endpoints::from_kernel(state);
+            // connect() picks the local port after the SYN_SENT transition. (A Unix entry's
+            // peer inode may be 0, where the tracker knows it from the peer: keep that.)
+            let endpoints = Endpoints::from_kernel(state);
+            if endpoints.unix_inodes().is_none_or(|inodes| inodes.peer != 0) {
+                self.endpoints = endpoints;
+            }
         }
     }
 }
@@ -449,6 +453,9 @@ impl Tracker {
         let stall_after_ns = self.stall_after_ns;
         self.conn_for(sock, state, at, out);
         self.conns.refresh(sock, state);
+        if state.peer_sock != 0 {
+            self.conns.link_unix_peers(sock, state.peer_sock);
+        }
         let conn = self.conns.get_mut(sock).expect("conn_for tracks it");
         if unix.is_some() && conn.unix.is_none() {
             conn.unix = unix;

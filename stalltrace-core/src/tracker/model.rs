@@ -60,9 +60,8 @@ impl Transport {
     }
 }
 
-/// The inode numbers of a Unix connection's two sockets: its identity (Unix sockets have no
-/// addresses and ports that tell connections apart: every connection accepted on a listener
-/// shares its path).
+/// The inode numbers of a Unix connection's two sockets: its identity (see
+/// [`Endpoints::unix`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct UnixInodes {
     pub local: u64,
@@ -128,29 +127,26 @@ pub struct Endpoints {
     pub local_port: u16,
     pub peer: IpAddr,
     pub peer_port: u16,
-    /// Unix connections: both sockets' inodes (addresses and ports are then unspecified/0).
-    pub unix: Option<UnixInodes>,
 }
 
 impl Endpoints {
     pub fn from_kernel(state: &ConnState) -> Self {
         let transport = Transport::from_kernel(state.transport);
+        if transport == Transport::Unix {
+            return Self::unix(state.inode, state.peer_inode);
+        }
         Self {
             transport,
             local: ip_from_kernel(state.family, &state.local_addr),
             local_port: state.local_port,
             peer: ip_from_kernel(state.family, &state.peer_addr),
             peer_port: state.peer_port,
-            unix: (transport == Transport::Unix).then_some(UnixInodes {
-                local: state.inode,
-                peer: state.peer_inode,
-            }),
         }
     }
 
     /// `network.type` in OpenTelemetry terms (`unix` for Unix sockets, which it leaves open).
     pub fn network_type(&self) -> &'static str {
-        if self.unix.is_some() {
+        if self.transport == Transport::Unix {
             return "unix";
         }
         match self.local {
@@ -168,23 +164,35 @@ impl Endpoints {
             local_port: local.port(),
             peer: peer.ip().to_canonical(),
             peer_port: peer.port(),
-            unix: None,
         }
     }
 
-    /// A Unix connection's endpoints from its two sockets' inodes.
+    /// A Unix connection's endpoints from its two sockets' inodes. Unix connections have no
+    /// addresses that tell them apart (every connection accepted on a listener shares its
+    /// path): their identity is the inode pair, kept in the address fields as 128-bit
+    /// integers so that `Endpoints` stays one plain key for every transport (hashing,
+    /// `reversed`, the blame chain's peer lookup all work unchanged). Read them back with
+    /// [`Endpoints::unix_inodes`]; never show these "addresses".
     pub fn unix(local_inode: u64, peer_inode: u64) -> Self {
         Self {
             transport: Transport::Unix,
-            local: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            local: IpAddr::V6(Ipv6Addr::from(u128::from(local_inode))),
             local_port: 0,
-            peer: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            peer: IpAddr::V6(Ipv6Addr::from(u128::from(peer_inode))),
             peer_port: 0,
-            unix: Some(UnixInodes {
-                local: local_inode,
-                peer: peer_inode,
-            }),
         }
+    }
+
+    /// A Unix connection's inodes (see [`Endpoints::unix`]); `None` for other transports.
+    pub fn unix_inodes(&self) -> Option<UnixInodes> {
+        let inode = |address: IpAddr| match address {
+            IpAddr::V6(v6) => u64::try_from(u128::from(v6)).unwrap_or(0),
+            IpAddr::V4(v4) => u64::from(u32::from(v4)),
+        };
+        (self.transport == Transport::Unix).then(|| UnixInodes {
+            local: inode(self.local),
+            peer: inode(self.peer),
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -203,15 +211,11 @@ impl Endpoints {
             local_port: self.peer_port,
             peer: self.local,
             peer_port: self.local_port,
-            unix: self.unix.map(|unix| UnixInodes {
-                local: unix.peer,
-                peer: unix.local,
-            }),
         }
     }
 
     pub fn has_port(&self, port: u16) -> bool {
-        self.unix.is_none() && (self.local_port == port || self.peer_port == port)
+        self.transport != Transport::Unix && (self.local_port == port || self.peer_port == port)
     }
 }
 
@@ -377,6 +381,9 @@ mod tests {
         let endpoints = Endpoints::from_kernel(&state);
         assert_eq!(endpoints, Endpoints::unix(5, 6));
         assert_eq!(endpoints.reversed(), Endpoints::unix(6, 5));
+        let inodes = endpoints.unix_inodes().unwrap();
+        assert_eq!((inodes.local, inodes.peer), (5, 6));
+        assert_eq!(Endpoints::unix(u64::MAX, 0).unix_inodes().unwrap().local, u64::MAX);
         assert_ne!(endpoints, Endpoints::unix(5, 7));
         assert_eq!(endpoints.network_type(), "unix");
         assert!(!endpoints.has_port(0));

@@ -153,6 +153,39 @@ impl Table {
         }
     }
 
+    /// Completes the identity of two Unix ends, `sock` and its peer `peer_sock`: an end first
+    /// seen before its peer was accepted could not read the peer's inode (an accepted socket
+    /// has none until `accept()`), which the peer's own entry has. Both must agree on the
+    /// inode they know.
+    pub(super) fn link_unix_peers(&mut self, sock: u64, peer_sock: u64) {
+        let ends = |table: &Self, sock| {
+            let conn = table.kernel.get(&sock)?;
+            conn.endpoints.unix_inodes()
+        };
+        let (Some(mine), Some(theirs)) = (ends(self, sock), ends(self, peer_sock)) else {
+            return;
+        };
+        for (sock, own, other, expected_other) in [
+            (sock, mine.local, theirs.local, mine.peer),
+            (peer_sock, theirs.local, mine.local, theirs.peer),
+        ] {
+            // Only a missing inode is filled, and only between ends that name each other.
+            let pair_agrees = mine.peer == theirs.local || theirs.peer == mine.local;
+            if expected_other == 0 && own != 0 && other != 0 && pair_agrees {
+                self.set_endpoints(sock, Endpoints::unix(own, other));
+            }
+        }
+    }
+
+    fn set_endpoints(&mut self, sock: u64, endpoints: Endpoints) {
+        let Some(conn) = self.kernel.get_mut(&sock) else {
+            return;
+        };
+        let before = std::mem::replace(&mut conn.endpoints, endpoints);
+        self.unindex_endpoints(sock, &before);
+        self.by_endpoints.insert(self.endpoint_key(&endpoints), sock);
+    }
+
     /// A connection by id, with its kernel key.
     pub(super) fn by_id(&self, id: u64) -> Option<(Option<u64>, &Conn)> {
         if let Some(&sock) = self.by_id.get(&id) {

@@ -9,12 +9,12 @@ use stalltrace_core::{
         Command, ErrorCode, Filter, Response,
     },
     timefmt::monotonic_ns,
-    tracker::{activity, Conn, Totals},
+    tracker::{activity, model::UnixInfo, Conn, Totals},
 };
 
 use tokio::sync::mpsc;
 
-use super::Daemon;
+use super::{why_samples::UNIX_ENDPOINT, Daemon};
 
 /// Items per chunk of a streamed `conns` answer (~200 KB).
 const CHUNK_ITEMS: usize = 512;
@@ -266,6 +266,7 @@ impl Daemon {
                 && filter
                     .port
                     .is_none_or(|p| key.endpoint.ends_with(&format!(":{p}")))
+                && filter.matches_path(key.endpoint.strip_prefix(UNIX_ENDPOINT))
         })
     }
 }
@@ -302,4 +303,5 @@ fn conn_item(
 
 fn selected(filter: &Filter, conn: &Conn) -> bool {
     filter.matches(conn.owner.pid, &conn.owner.comm.as_str(), &conn.endpoints)
+        && filter.matches_path(conn.unix.as_deref().map(UnixInfo::path))
 }

@@ -251,7 +251,10 @@ impl Client {
                 Err(broadcast::error::RecvError::Closed) => return,
             };
             let selected = match &line.endpoints {
-                Some(endpoints) => filter.matches(line.pid, &line.comm, endpoints),
+                Some(endpoints) => {
+                    filter.matches(line.pid, &line.comm, endpoints)
+                        && filter.matches_path(line.path.as_deref())
+                }
                 None => true,
             };
             if selected && write_line(&mut write, line.line.as_bytes()).await.is_err() {

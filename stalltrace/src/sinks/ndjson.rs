@@ -35,6 +35,8 @@ pub struct WatchLine {
     pub comm: String,
     /// `None` for events not about one connection (`loss`).
     pub endpoints: Option<Endpoints>,
+    /// The connection's Unix path (`--path`), if it is a Unix connection.
+    pub path: Option<String>,
 }
 
 pub struct EventSink {
@@ -236,6 +238,7 @@ impl EventSink {
                     .map(|c| c.owner.comm.as_str().into_owned())
                     .unwrap_or_default(),
                 endpoints: conn.map(|c| c.endpoints),
+                path: conn.and_then(|c| c.unix.as_ref()).map(|u| u.path().to_owned()),
             }));
         }
     }
@@ -307,6 +310,7 @@ mod tests {
                     peer: "127.0.0.1".parse().unwrap(),
                     peer_port: 2,
                 },
+                unix: None,
             },
             detail: Detail::Open { adopted: false },
         }
