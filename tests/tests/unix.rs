@@ -1,0 +1,416 @@
+//! Unix domain sockets (stream and seqpacket): the same lifecycle and verdicts as TCP, named by
+//! their path, with both ends' processes from the kernel; idle keep-alive never flagged;
+//! blame chains across a Unix socket (nginx → a backend that hangs).
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use stalltrace_integration::{require_root, with_role, Daemon, REPORT_WITHIN, STALL_AFTER};
+
+/// A Unix server in its own process: `hang` reads one request per connection and never
+/// answers, `echo` answers every read. argv: path (`@name`: abstract), type, mode.
+const SERVER: &str = r#"
+import os, socket, sys, threading
+path, kind, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+kind = socket.SOCK_SEQPACKET if kind == "seqpacket" else socket.SOCK_STREAM
+listener = socket.socket(socket.AF_UNIX, kind)
+listener.bind("\0" + path[1:] if path.startswith("@") else path)
+listener.listen(16)
+print("ready", flush=True)
+held = []
+def serve(conn):
+    while True:
+        data = conn.recv(4096)
+        if not data:
+            return
+        if mode == "hang":
+            held.append(conn)
+            return
+        conn.sendall(data)
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"#;
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SIGTERM, not SIGKILL: nginx's master then takes its workers down with it.
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+impl Server {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+fn python_server(path: &str, kind: &str, mode: &str) -> Server {
+    let mut child = Command::new("python3")
+        .args(["-c", SERVER, path, kind, mode])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 is installed by cargo xtask test");
+    let mut ready = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    Server(child)
+}
+
+/// Connects a socket of `kind` to `path` (a filesystem path), from this process.
+fn connect(path: &Path, kind: libc::c_int) -> std::os::fd::OwnedFd {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    // SAFETY: plain socket/connect calls on a sockaddr_un we fill within its bounds.
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, kind | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        let bytes = path.as_os_str().as_bytes();
+        for (slot, byte) in addr.sun_path.iter_mut().zip(bytes) {
+            *slot = *byte as libc::c_char;
+        }
+        let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+        let ret = libc::connect(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            (&raw const addr).cast(),
+            len as libc::socklen_t,
+        );
+        assert_eq!(ret, 0, "connect: {}", std::io::Error::last_os_error());
+        fd
+    }
+}
+
+fn write_all(fd: &std::os::fd::OwnedFd, bytes: &[u8]) {
+    let mut file = std::fs::File::from(fd.try_clone().unwrap());
+    file.write_all(bytes).unwrap();
+}
+
+/// `stalltrace <command> -o json --path <glob>` items.
+fn items(daemon: &Daemon, command: &str, glob: &str) -> Vec<Value> {
+    daemon
+        .cli_json(&[command, "-o", "json", "--path", glob])
+        .as_array()
+        .expect("an array")
+        .clone()
+}
+
+fn wait_for_items(daemon: &Daemon, command: &str, glob: &str, count: usize) -> Vec<Value> {
+    let deadline = Instant::now() + REPORT_WITHIN;
+    loop {
+        let found = items(daemon, command, glob);
+        if found.len() >= count || Instant::now() > deadline {
+            return found;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The first event named `name` on a Unix connection with this inode (either end) that
+/// passes `test`, waited for.
+fn wait_for_unix_event(
+    daemon: &Daemon,
+    name: &str,
+    inode: &Value,
+    test: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + REPORT_WITHIN;
+    loop {
+        let found = daemon.events().into_iter().find(|e| {
+            e["event"] == name && e["network"]["local"]["inode"] == *inode && test(e)
+        });
+        if let Some(found) = found {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {name} on inode {inode}:\n{}",
+            daemon.stderr()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn test_dir(daemon: &Daemon, name: &str) -> PathBuf {
+    let dir = daemon.events.parent().unwrap().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn an_unanswered_unix_request_stalls_both_ends_named_by_path_and_pids() {
+    require_root();
+    let daemon = Daemon::start("unix-stall");
+    for (kind, socket_type) in [
+        ("stream", libc::SOCK_STREAM),
+        ("seqpacket", libc::SOCK_SEQPACKET),
+    ] {
+        let dir = test_dir(&daemon, kind);
+        let path = dir.join("app.sock");
+        let server = python_server(path.to_str().unwrap(), kind, "hang");
+        let client = connect(&path, socket_type);
+        write_all(&client, b"GET /slow/report HTTP/1.1\r\nHost: app\r\n\r\n");
+        let glob = format!("{}/*.sock", dir.display());
+        let stalls = wait_for_items(&daemon, "stalls", &glob, 2);
+        assert_eq!(stalls.len(), 2, "{kind}: {stalls:#?}\n{}", daemon.stderr());
+        let (waiting, unanswered) = (with_role(&stalls, "client"), with_role(&stalls, "server"));
+        assert_eq!(waiting["stall"]["kind"], "awaiting_response");
+        assert_eq!(unanswered["stall"]["kind"], "unanswered_request");
+        let path = path.to_str().unwrap();
+        let ours = std::process::id();
+        // Identity: transport, the path on the bound (accepting) end, both processes, and the
+        // peers' pids as the kernel recorded them.
+        for (item, local, peer, pid, peer_pid) in [
+            (waiting, "", path, ours, server.pid()),
+            (unanswered, path, "", server.pid(), ours),
+        ] {
+            let network = &item["network"];
+            assert_eq!(network["transport"], "unix", "{item:#}");
+            assert_eq!(network["local"]["address"], local, "{item:#}");
+            assert_eq!(network["peer"]["address"], peer, "{item:#}");
+            assert!(network["local"]["port"].is_null(), "{item:#}");
+            assert_eq!(item["process"]["pid"], pid, "{item:#}");
+            assert_eq!(network["peer"]["pid"], peer_pid, "{item:#}");
+            assert_eq!(
+                item["stall"]["request"]["signature"], "GET /slow/report",
+                "{item:#}"
+            );
+        }
+        // Both ends name each other's inode; the client's stall is blamed on the server's.
+        let (client_inode, server_inode) = (
+            &waiting["network"]["local"]["inode"],
+            &unanswered["network"]["local"]["inode"],
+        );
+        assert!(client_inode.as_u64().is_some_and(|inode| inode > 0));
+        assert_eq!(&waiting["network"]["peer"]["inode"], server_inode);
+        assert_eq!(&unanswered["network"]["peer"]["inode"], client_inode);
+        let root = waiting["stall"]["blame"].as_array().and_then(|b| b.last());
+        assert!(
+            root.is_some_and(|root| root["conn"] == unanswered["conn"]["id"]
+                && root["evidence"] == "peer"
+                && root["local"] == path),
+            "{waiting:#}"
+        );
+        // The filters: a path that does not match selects nothing, nor does a port.
+        assert!(items(&daemon, "stalls", "/nowhere/*").is_empty());
+        let conns = items(&daemon, "conns", &glob);
+        assert_eq!(conns.len(), 2, "{conns:#?}");
+        assert!(conns.iter().all(|c| c["conn"]["state"] == "stalled"));
+        let id = unanswered["conn"]["id"].to_string();
+        let show = daemon.cli(&["show", &id]);
+        let shown = String::from_utf8_lossy(&show.stdout);
+        assert!(
+            show.status.success() && shown.contains(path),
+            "{shown}"
+        );
+
+        // The client gives up: its stall ends `closed`, with its true duration.
+        drop(client);
+        let end = wait_for_unix_event(&daemon, "stall.end", client_inode, |_| true);
+        assert_eq!(end["stall"]["resolution"], "closed", "{end:#}");
+        let duration = end["stall"]["duration_ms"].as_u64().unwrap();
+        assert!(duration >= STALL_AFTER.as_millis() as u64, "{end:#}");
+        let close = wait_for_unix_event(&daemon, "conn.close", client_inode, |_| true);
+        assert_eq!(close["conn"]["end"], "closed", "{close:#}");
+        assert_eq!(close["conn"]["closed_while_stalled"], true, "{close:#}");
+        // The server's stall outlives the client (it still owes the reply), until it exits.
+        drop(server);
+        let end = wait_for_unix_event(&daemon, "stall.end", server_inode, |_| true);
+        assert_eq!(end["stall"]["kind"], "unanswered_request", "{end:#}");
+        assert_eq!(end["stall"]["resolution"], "closed", "{end:#}");
+    }
+}
+
+#[test]
+fn an_idle_unix_keep_alive_connection_is_never_flagged() {
+    require_root();
+    let daemon = Daemon::start("unix-idle");
+    let name = format!("@stalltrace-idle-{}", std::process::id());
+    let _server = python_server(&name, "stream", "echo");
+    let mut addr = vec![0u8];
+    addr.extend_from_slice(&name.as_bytes()[1..]);
+    let client = {
+        use std::os::linux::net::SocketAddrExt as _;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(&addr[1..]).unwrap();
+        UnixStream::connect_addr(&addr).unwrap()
+    };
+    let mut client = client;
+    for _ in 0..3 {
+        client.write_all(b"ping\n").unwrap();
+        let mut reply = [0u8; 5];
+        client.read_exact(&mut reply).unwrap();
+    }
+    let glob = format!("{name}*");
+    let conns = wait_for_items(&daemon, "conns", &glob, 2);
+    assert_eq!(conns.len(), 2, "{conns:#?}");
+    assert!(conns.iter().all(|c| c["network"]["transport"] == "unix"));
+    let server = with_role(&conns, "server");
+    assert_eq!(server["network"]["local"]["address"], name.as_str());
+    assert_eq!(server["conn"]["exchanges"], 3, "{server:#}");
+    // Idle for three thresholds: never a stall.
+    thread::sleep(3 * STALL_AFTER);
+    assert!(items(&daemon, "stalls", &glob).is_empty());
+    let conns = items(&daemon, "conns", &glob);
+    assert!(conns.iter().all(|c| c["conn"]["state"] == "idle"), "{conns:#?}");
+    let inode = &server["network"]["local"]["inode"];
+    assert!(!daemon.events().iter().any(|e| e["event"] == "stall.start"
+        && (e["network"]["local"]["inode"] == *inode || e["network"]["peer"]["inode"] == *inode)));
+}
+
+/// A backend on a Unix socket, behind nginx: `/slow/` requests are read and never answered.
+const HTTP_BACKEND: &str = r#"
+import os, socket, sys, threading
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(sys.argv[1])
+os.chmod(sys.argv[1], 0o777)
+listener.listen(64)
+print("ready", flush=True)
+held = []
+def serve(conn):
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = conn.recv(4096)
+        if not data:
+            return
+        head += data
+    if b" /slow/" in head:
+        held.append(conn)
+        return
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    conn.close()
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"#;
+
+/// client → nginx (TCP) → Unix socket → a backend that hangs: the client's stall chains through
+/// nginx's inbound request and its Unix upstream connection to the backend's
+/// `unanswered_request`, while healthy requests through the same nginx are never blamed.
+#[test]
+fn a_blame_chain_crosses_a_unix_socket_from_nginx_to_its_backend() {
+    require_root();
+    let daemon = Daemon::start("unix-nginx");
+    let dir = test_dir(&daemon, "nginx");
+    let socket = dir.join("backend.sock");
+    let mut backend = Command::new("python3")
+        .args(["-c", HTTP_BACKEND, socket.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(backend.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    let backend = Server(backend);
+    let proxy = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let temp = dir.display();
+    let config = format!(
+        "daemon off; worker_processes 1; pid {temp}/nginx.pid; error_log {temp}/error.log;
+         events {{ worker_connections 256; }}
+         http {{
+           access_log off;
+           client_body_temp_path {temp}; proxy_temp_path {temp};
+           fastcgi_temp_path {temp}; uwsgi_temp_path {temp}; scgi_temp_path {temp};
+           server {{
+             listen {proxy};
+             location / {{ proxy_pass http://unix:{socket}:; proxy_read_timeout 60s; }}
+           }}
+         }}",
+        socket = socket.display()
+    );
+    let conf = dir.join("nginx.conf");
+    std::fs::write(&conf, config).unwrap();
+    let _nginx = Server(
+        Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .spawn()
+            .expect("nginx is installed by cargo xtask test"),
+    );
+    wait_until_listening(proxy);
+    let healthy = thread::spawn(move || {
+        let until = Instant::now() + Duration::from_secs(3);
+        let mut answered = 0;
+        while Instant::now() < until {
+            let mut conn = get(proxy, "/cart");
+            let mut reply = Vec::new();
+            if conn.read_to_end(&mut reply).is_ok() && reply.ends_with(b"ok") {
+                answered += 1;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        answered
+    });
+    thread::sleep(Duration::from_millis(300));
+    let stuck = get(proxy, "/slow/checkout");
+    let local = stuck.local_addr().unwrap();
+    assert!(healthy.join().unwrap() > 10, "the healthy path works");
+    let path = socket.to_str().unwrap();
+    let reaches_the_backend = |e: &Value| {
+        e["conn"]["role"] == "client"
+            && e["network"]["local"]["port"] == local.port()
+            && e["stall"]["blame"]
+                .as_array()
+                .and_then(|b| b.last())
+                .is_some_and(|root| {
+                    root["stall"] == "unanswered_request"
+                        && root["local"] == path
+                        && root["pid"] == backend.pid()
+                })
+    };
+    let found = daemon
+        .wait_for_event("stall.start", local.port(), REPORT_WITHIN, reaches_the_backend)
+        .or_else(|| {
+            daemon.wait_for_event("stall.update", local.port(), REPORT_WITHIN, reaches_the_backend)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no chain from the client to the backend: {:#?}\n{}",
+                daemon.events_named("stall.start", local.port()),
+                daemon.stderr()
+            )
+        });
+    let blame = found["stall"]["blame"].as_array().unwrap();
+    // client → (peer) nginx's inbound → (timing+signature) nginx's Unix upstream connection
+    // → (peer) the backend's side.
+    assert_eq!(blame.len(), 4, "{blame:#?}");
+    assert_eq!(blame[1]["evidence"], "peer", "{blame:#?}");
+    assert_eq!(blame[1]["local"], proxy.to_string(), "{blame:#?}");
+    assert_eq!(blame[2]["evidence"], "timing+signature", "{blame:#?}");
+    assert_eq!(blame[2]["peer"], path, "{blame:#?}");
+    assert_eq!(blame[2]["stall"], "awaiting_response", "{blame:#?}");
+    assert_eq!(blame[3]["evidence"], "peer", "{blame:#?}");
+    // The Unix stalls are listed under the socket's path, and only the stuck request's.
+    let stalls = items(&daemon, "stalls", &format!("{}/*", dir.display()));
+    assert_eq!(stalls.len(), 2, "nginx's upstream and the backend: {stalls:#?}");
+    drop(stuck);
+}
+
+fn get(proxy: SocketAddr, path: &str) -> TcpStream {
+    let mut conn = TcpStream::connect(proxy).unwrap();
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n").as_bytes())
+        .unwrap();
+    conn
+}
+
+fn wait_until_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
