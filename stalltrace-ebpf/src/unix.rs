@@ -185,13 +185,7 @@ fn peer_pid(sock: u64, offsets: &Offsets) -> u32 {
 
 /// Writes a `UnixDiscovered` record: the snapshot, then both names read straight into it.
 #[inline(never)]
-fn emit_discovered(
-    sock: u64,
-    conn: &mut ConnState,
-    addr: u64,
-    peer_addr: u64,
-    now: u64,
-) {
+fn emit_discovered(sock: u64, conn: &mut ConnState, addr: u64, peer_addr: u64, now: u64) {
     let offsets = &crate::maps::OFFSETS.load();
     let Some(mut entry) = EVENTS.reserve::<UnixEvent>(0) else {
         count_loss(loss::RINGBUF_FULL);

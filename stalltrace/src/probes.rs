@@ -16,8 +16,8 @@ use aya::{
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
-        FExit, KProbe, PerfEvent, ProgramError, ProgramFd, RawTracePoint,
-        RawTracePointRunOptions, TestRun as _, TracePoint,
+        FExit, KProbe, PerfEvent, ProgramError, ProgramFd, RawTracePoint, RawTracePointRunOptions,
+        TestRun as _, TracePoint,
     },
     Ebpf, EbpfLoader,
 };

@@ -130,9 +130,10 @@ fn wait_for_unix_event(
 ) -> Value {
     let deadline = Instant::now() + REPORT_WITHIN;
     loop {
-        let found = daemon.events().into_iter().find(|e| {
-            e["event"] == name && e["network"]["local"]["inode"] == *inode && test(e)
-        });
+        let found = daemon
+            .events()
+            .into_iter()
+            .find(|e| e["event"] == name && e["network"]["local"]["inode"] == *inode && test(e));
         if let Some(found) = found {
             return found;
         }
@@ -213,10 +214,7 @@ fn an_unanswered_unix_request_stalls_both_ends_named_by_path_and_pids() {
         let id = unanswered["conn"]["id"].to_string();
         let show = daemon.cli(&["show", &id]);
         let shown = String::from_utf8_lossy(&show.stdout);
-        assert!(
-            show.status.success() && shown.contains(path),
-            "{shown}"
-        );
+        assert!(show.status.success() && shown.contains(path), "{shown}");
 
         // The client gives up: its stall ends `closed`, with its true duration.
         drop(client);
@@ -265,7 +263,10 @@ fn an_idle_unix_keep_alive_connection_is_never_flagged() {
     thread::sleep(3 * STALL_AFTER);
     assert!(items(&daemon, "stalls", &glob).is_empty());
     let conns = items(&daemon, "conns", &glob);
-    assert!(conns.iter().all(|c| c["conn"]["state"] == "idle"), "{conns:#?}");
+    assert!(
+        conns.iter().all(|c| c["conn"]["state"] == "idle"),
+        "{conns:#?}"
+    );
     let inode = &server["network"]["local"]["inode"];
     assert!(!daemon.events().iter().any(|e| e["event"] == "stall.start"
         && (e["network"]["local"]["inode"] == *inode || e["network"]["peer"]["inode"] == *inode)));
@@ -316,7 +317,10 @@ fn a_blame_chain_crosses_a_unix_socket_from_nginx_to_its_backend() {
         .read_line(&mut ready)
         .unwrap();
     let backend = Server(backend);
-    let proxy = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let proxy = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let temp = dir.display();
     let config = format!(
         "daemon off; worker_processes 1; pid {temp}/nginx.pid; error_log {temp}/error.log;
@@ -373,9 +377,19 @@ fn a_blame_chain_crosses_a_unix_socket_from_nginx_to_its_backend() {
                 })
     };
     let found = daemon
-        .wait_for_event("stall.start", local.port(), REPORT_WITHIN, reaches_the_backend)
+        .wait_for_event(
+            "stall.start",
+            local.port(),
+            REPORT_WITHIN,
+            reaches_the_backend,
+        )
         .or_else(|| {
-            daemon.wait_for_event("stall.update", local.port(), REPORT_WITHIN, reaches_the_backend)
+            daemon.wait_for_event(
+                "stall.update",
+                local.port(),
+                REPORT_WITHIN,
+                reaches_the_backend,
+            )
         })
         .unwrap_or_else(|| {
             panic!(
@@ -396,14 +410,20 @@ fn a_blame_chain_crosses_a_unix_socket_from_nginx_to_its_backend() {
     assert_eq!(blame[3]["evidence"], "peer", "{blame:#?}");
     // The Unix stalls are listed under the socket's path, and only the stuck request's.
     let stalls = items(&daemon, "stalls", &format!("{}/*", dir.display()));
-    assert_eq!(stalls.len(), 2, "nginx's upstream and the backend: {stalls:#?}");
+    assert_eq!(
+        stalls.len(),
+        2,
+        "nginx's upstream and the backend: {stalls:#?}"
+    );
     drop(stuck);
 }
 
 fn get(proxy: SocketAddr, path: &str) -> TcpStream {
     let mut conn = TcpStream::connect(proxy).unwrap();
-    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n").as_bytes())
-        .unwrap();
+    conn.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
     conn
 }
 

@@ -348,7 +348,10 @@ mod tests {
         assert!(filter("/run/*").matches_path(Some("/run/php/fpm.sock")));
         assert!(filter("@app-*").matches_path(Some("@app-1")));
         assert!(!filter("/run/php/*.sock").matches_path(Some("/var/run/docker.sock")));
-        assert!(!filter("*").matches_path(None), "TCP never matches a path filter");
+        assert!(
+            !filter("*").matches_path(None),
+            "TCP never matches a path filter"
+        );
         assert!(PathGlob::parse("[").is_err());
         // Over the API, a bad pattern is a bad request, not a panic.
         let bad = parse_request(r#"{"version":1,"command":"conns","filter":{"path":"[x"}}"#);

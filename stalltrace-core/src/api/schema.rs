@@ -186,7 +186,11 @@ pub fn identity(conn: &ConnRef) -> (Option<ProcessJson>, Option<ThreadJson>, Net
         },
     });
     let thread = (owner.tid != 0).then_some(ThreadJson { id: owner.tid });
-    (process, thread, network(&conn.endpoints, conn.unix.as_deref()))
+    (
+        process,
+        thread,
+        network(&conn.endpoints, conn.unix.as_deref()),
+    )
 }
 
 /// The `network` object of a connection; `unix` is what is known of a Unix connection.

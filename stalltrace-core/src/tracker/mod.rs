@@ -168,7 +168,10 @@ impl Conn {
             // connect() picks the local port after the SYN_SENT transition. (A Unix entry's
             // peer inode may be 0, where the tracker knows it from the peer: keep that.)
             let endpoints = Endpoints::from_kernel(state);
-            if endpoints.unix_inodes().is_none_or(|inodes| inodes.peer != 0) {
+            if endpoints
+                .unix_inodes()
+                .is_none_or(|inodes| inodes.peer != 0)
+            {
                 self.endpoints = endpoints;
             }
         }
@@ -432,7 +435,12 @@ impl Tracker {
         self.conns.note_stalls(&out[mark..]);
     }
 
-    fn apply_event(&mut self, event: &ConnEvent, unix: Option<Arc<UnixInfo>>, out: &mut Vec<Event>) {
+    fn apply_event(
+        &mut self,
+        event: &ConnEvent,
+        unix: Option<Arc<UnixInfo>>,
+        out: &mut Vec<Event>,
+    ) {
         self.stats.events += 1;
         let Some(kind) = event.kind() else {
             self.stats.unknown_events += 1;

@@ -107,7 +107,10 @@ pub fn unix_name(raw: &[u8]) -> String {
     match raw.split_first() {
         None => String::new(),
         Some((0, rest)) => {
-            let shown: Vec<u8> = rest.iter().map(|&b| if b == 0 { b'@' } else { b }).collect();
+            let shown: Vec<u8> = rest
+                .iter()
+                .map(|&b| if b == 0 { b'@' } else { b })
+                .collect();
             format!("@{}", String::from_utf8_lossy(&shown))
         }
         Some(_) => {
@@ -383,7 +386,10 @@ mod tests {
         assert_eq!(endpoints.reversed(), Endpoints::unix(6, 5));
         let inodes = endpoints.unix_inodes().unwrap();
         assert_eq!((inodes.local, inodes.peer), (5, 6));
-        assert_eq!(Endpoints::unix(u64::MAX, 0).unix_inodes().unwrap().local, u64::MAX);
+        assert_eq!(
+            Endpoints::unix(u64::MAX, 0).unix_inodes().unwrap().local,
+            u64::MAX
+        );
         assert_ne!(endpoints, Endpoints::unix(5, 7));
         assert_eq!(endpoints.network_type(), "unix");
         assert!(!endpoints.has_port(0));

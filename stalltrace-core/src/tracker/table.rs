@@ -183,7 +183,8 @@ impl Table {
         };
         let before = std::mem::replace(&mut conn.endpoints, endpoints);
         self.unindex_endpoints(sock, &before);
-        self.by_endpoints.insert(self.endpoint_key(&endpoints), sock);
+        self.by_endpoints
+            .insert(self.endpoint_key(&endpoints), sock);
     }
 
     /// A connection by id, with its kernel key.

@@ -1146,7 +1146,12 @@ fn unix_server_stalls_like_tcp_and_names_its_path() {
     // The daemon finds the socket released: a close with the entry's totals.
     server.set_state(tcp_state::CLOSE, 9 * SEC);
     let closed = feed(&mut tracker, server.event(EventKind::Closed, 9 * SEC));
-    assert_ended(&closed[..1], StallKind::UnansweredRequest, 7_000, Resolution::Closed);
+    assert_ended(
+        &closed[..1],
+        StallKind::UnansweredRequest,
+        7_000,
+        Resolution::Closed,
+    );
     assert!(matches!(&closed[1].detail, Detail::Close(c) if c.totals.bytes_received == 10));
 }
 
@@ -1172,7 +1177,10 @@ fn unix_ends_complete_each_others_inodes() {
     let mut tracker = tracker();
     let mut client = unix_end(role::CLIENT, 300, 0, server_sock);
     client.transfer(direction::OUT, 2 * SEC);
-    feed(&mut tracker, client.event(EventKind::UnixDiscovered, 2 * SEC));
+    feed(
+        &mut tracker,
+        client.event(EventKind::UnixDiscovered, 2 * SEC),
+    );
     let mut server = unix_end(role::SERVER, 301, 300, SOCK);
     server.transfer(direction::IN, 3 * SEC);
     let mut event = server.event(EventKind::UnixDiscovered, 3 * SEC);
@@ -1189,5 +1197,7 @@ fn unix_ends_complete_each_others_inodes() {
     assert_eq!((sock, found.role), (Some(server_sock), Role::Server));
     // A later snapshot of the client's entry (peer inode still 0) does not undo it.
     sweep(&mut tracker, &mut client, 4 * SEC);
-    assert!(tracker.find_by_endpoints(&Endpoints::unix(300, 301)).is_some());
+    assert!(tracker
+        .find_by_endpoints(&Endpoints::unix(300, 301))
+        .is_some());
 }

@@ -463,6 +463,7 @@ mod tests {
                 pid: None,
                 comm: Some("shop".into()),
                 port: Some(80),
+                path: None,
             }
         );
         // The other listing commands do filter by pid.

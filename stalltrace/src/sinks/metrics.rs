@@ -482,6 +482,7 @@ mod tests {
                 peer: "127.0.0.1".parse().unwrap(),
                 peer_port: 6379,
             },
+            unix: None,
         }
     }
 

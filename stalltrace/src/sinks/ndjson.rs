@@ -238,7 +238,9 @@ impl EventSink {
                     .map(|c| c.owner.comm.as_str().into_owned())
                     .unwrap_or_default(),
                 endpoints: conn.map(|c| c.endpoints),
-                path: conn.and_then(|c| c.unix.as_ref()).map(|u| u.path().to_owned()),
+                path: conn
+                    .and_then(|c| c.unix.as_ref())
+                    .map(|u| u.path().to_owned()),
             }));
         }
     }

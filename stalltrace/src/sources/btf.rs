@@ -112,7 +112,13 @@ pub(crate) fn resolve_offsets(btf: &Btf) -> (Offsets, Vec<&'static str>) {
             "tcp_sock.copied_seq",
         ),
         // Unix domain sockets (docs/design.md, "Unix domain sockets").
-        (&mut offsets.sk_type, "sock", &["sk_type"], 2, "sock.sk_type"),
+        (
+            &mut offsets.sk_type,
+            "sock",
+            &["sk_type"],
+            2,
+            "sock.sk_type",
+        ),
         (
             &mut offsets.sk_socket,
             "sock",
@@ -127,8 +133,20 @@ pub(crate) fn resolve_offsets(btf: &Btf) -> (Offsets, Vec<&'static str>) {
             8,
             "sock.sk_peer_pid",
         ),
-        (&mut offsets.unix_peer, "unix_sock", &["peer"], 8, "unix_sock.peer"),
-        (&mut offsets.unix_addr, "unix_sock", &["addr"], 8, "unix_sock.addr"),
+        (
+            &mut offsets.unix_peer,
+            "unix_sock",
+            &["peer"],
+            8,
+            "unix_sock.peer",
+        ),
+        (
+            &mut offsets.unix_addr,
+            "unix_sock",
+            &["addr"],
+            8,
+            "unix_sock.addr",
+        ),
         (
             &mut offsets.unix_address_len,
             "unix_address",
@@ -151,7 +169,13 @@ pub(crate) fn resolve_offsets(btf: &Btf) -> (Offsets, Vec<&'static str>) {
             ANY_SIZE,
             "socket_alloc.vfs_inode",
         ),
-        (&mut offsets.inode_ino, "inode", &["i_ino"], 8, "inode.i_ino"),
+        (
+            &mut offsets.inode_ino,
+            "inode",
+            &["i_ino"],
+            8,
+            "inode.i_ino",
+        ),
         (
             &mut offsets.pid_numbers,
             "pid",
