@@ -36,8 +36,8 @@ pub(crate) struct BenchArgs {
     /// One short round of everything, to check that the harness works (used by CI).
     #[arg(long)]
     smoke: bool,
-    /// Run only these parts (comma-separated): pingpong1, pingpong32, nginx, churn, fileio,
-    /// paced, idle, stalls, programs, micro.
+    /// Run only these parts (comma-separated): pingpong1, pingpong32, unix1, unix32, nginx,
+    /// churn, fileio, paced, idle, stalls, programs, unixprograms, micro.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -129,6 +129,12 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
     let secs = args.secs.to_string();
     let wanted = |part: &str| args.only.is_empty() || args.only.iter().any(|o| o == part);
     let pingpong = |conns: &str| loadgen(&paths, &["pingpong", "--conns", conns, "--secs", &secs]);
+    let unix_pingpong = |conns: &str| {
+        loadgen(
+            &paths,
+            &["pingpong", "--unix", "--conns", conns, "--secs", &secs],
+        )
+    };
     // (part, name, command, also run with the bpftrace peer and an untraced control)
     let workloads: Vec<(&str, &str, Vec<String>, bool)> = vec![
         ("pingpong1", "ping-pong, 1 connection", pingpong("1"), false),
@@ -137,6 +143,18 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
             "ping-pong, 32 connections",
             pingpong("32"),
             true,
+        ),
+        (
+            "unix1",
+            "ping-pong over Unix sockets, 1 connection",
+            unix_pingpong("1"),
+            false,
+        ),
+        (
+            "unix32",
+            "ping-pong over Unix sockets, 32 connections",
+            unix_pingpong("32"),
+            false,
         ),
         ("nginx", "nginx + wrk, 64 connections", wrk(args.secs), true),
         (
@@ -186,10 +204,18 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         &[500, 3_000, 10_000]
     };
     let stalls = run("stalls", &|| mass_stalls(&paths, stall_sizes, args.smoke));
-    let program_cost = run("programs", &|| program_cost(&paths, &secs));
+    let unix_program_cost = run("unixprograms", &|| program_cost(&paths, &secs, true));
+    let program_cost = run("programs", &|| program_cost(&paths, &secs, false));
     let micro = run("micro", &microbenchmark);
     drop(nginx);
-    let failed = [&paced, &scale, &stalls, &program_cost, &micro]
+    let failed = [
+        &paced,
+        &scale,
+        &stalls,
+        &program_cost,
+        &unix_program_cost,
+        &micro,
+    ]
         .into_iter()
         .chain(&results)
         .filter(|v| v.get("error").is_some())
@@ -204,6 +230,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         "idle_scale": scale,
         "mass_stalls": stalls,
         "program_cost": program_cost,
+        "unix_program_cost": unix_program_cost,
         "userspace_microbenchmark": micro,
     });
     report["targets"] = targets(&report);
@@ -803,13 +830,19 @@ fn mass_stall_row(report: &Value, stalls: u64) -> Option<&Value> {
 }
 
 /// Per-program cost from the kernel's BPF statistics, on 32-connection ping-pong.
-fn program_cost(paths: &Paths, secs: &str) -> Result<Value> {
-    progress("per-program cost (kernel BPF statistics)");
+/// Average run time of each kernel program on a 32-connection ping-pong, over TCP or over
+/// Unix stream sockets (`unix`): what tracking adds to each send and receive.
+fn program_cost(paths: &Paths, secs: &str, unix: bool) -> Result<Value> {
+    progress(&format!(
+        "per-program cost (kernel BPF statistics), {}",
+        if unix { "Unix sockets" } else { "TCP" }
+    ));
     let daemon = Daemon::start(paths, &["--bpf-stats"])?;
-    run_workload(&loadgen(
-        paths,
-        &["pingpong", "--conns", "32", "--secs", secs],
-    ))?;
+    let mut args = vec!["pingpong", "--conns", "32", "--secs", secs];
+    if unix {
+        args.push("--unix");
+    }
+    run_workload(&loadgen(paths, &args))?;
     let status = daemon.status()?;
     daemon.stop()?;
     let programs: Vec<Value> = status["programs"]
@@ -1101,30 +1134,35 @@ fn render_report(report: &Value) -> String {
             scale["lost"],
         ),
     };
-    out.push_str("kernel programs on 32-connection ping-pong:");
-    match unmeasured(&report["program_cost"]) {
-        Some(why) => {
-            let _ = write!(out, " {why}");
-        }
-        None => {
-            let mut any = false;
-            for program in report["program_cost"].as_array().into_iter().flatten() {
-                if program["runs"].as_u64().unwrap_or(0) > 0 {
-                    any = true;
-                    let _ = write!(
-                        out,
-                        " {} {} ns",
-                        program["program"].as_str().unwrap_or("?"),
-                        program["avg_ns"]
-                    );
+    for (key, label) in [
+        ("program_cost", "32-connection ping-pong"),
+        ("unix_program_cost", "32-connection Unix ping-pong"),
+    ] {
+        let _ = write!(out, "kernel programs on {label}:");
+        match unmeasured(&report[key]) {
+            Some(why) => {
+                let _ = write!(out, " {why}");
+            }
+            None => {
+                let mut any = false;
+                for program in report[key].as_array().into_iter().flatten() {
+                    if program["runs"].as_u64().unwrap_or(0) > 0 {
+                        any = true;
+                        let _ = write!(
+                            out,
+                            " {} {} ns",
+                            program["program"].as_str().unwrap_or("?"),
+                            program["avg_ns"]
+                        );
+                    }
+                }
+                if !any {
+                    out.push_str(" no runs counted");
                 }
             }
-            if !any {
-                out.push_str(" no runs counted");
-            }
         }
+        out.push('\n');
     }
-    out.push('\n');
     let micro = &report["userspace_microbenchmark"];
     let per_sec = |value: &Value| {
         value
@@ -1179,6 +1217,7 @@ mod tests {
             "paced_20k_rps": {"skipped": true},
             "idle_scale": {"skipped": true},
             "program_cost": {"skipped": true},
+            "unix_program_cost": {"skipped": true},
             "userspace_microbenchmark": {"workload": "micro", "error": "no result line"},
         });
         report["targets"] = targets(&report);
