@@ -338,10 +338,7 @@ pub mod loss {
     pub const RINGBUF_FULL: u32 = 0;
     /// A new connection could not be inserted into the `CONNS` map.
     pub const CONN_INSERT_FAILED: u32 = 1;
-    /// A Unix connection's entry was found holding an earlier socket at the same `struct sock`
-    /// address (its close not yet noticed): that close is reported late, dated when noticed.
-    pub const UNIX_CLOSE_LATE: u32 = 2;
-    pub const SLOTS: u32 = 3;
+    pub const SLOTS: u32 = 2;
 }
 
 /// Written by the daemon into the single slot of the `CONTROL` array at every sweep.

@@ -39,10 +39,6 @@ loss_counters! {
     /// already running on that CPU (an fexit program preempted mid-run; on the tracepoint and
     /// kprobe rungs, only a program nested from an interrupt).
     kernel_hook_missed,
-    /// Unix connections whose close the kernel noticed only when their socket's memory was
-    /// reused by another, before the daemon's check found it released: closed late, dated
-    /// when noticed.
-    kernel_unix_close_late,
     /// Connections whose kernel state was evicted from the full connection map.
     conn_evicted,
     /// Connections whose close was never observed.

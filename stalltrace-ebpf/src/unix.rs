@@ -57,8 +57,9 @@ pub(crate) fn still_same(sock: u64, conn: &ConnState) -> bool {
     inode_of(sock, &crate::maps::OFFSETS.load()).is_none_or(|inode| inode == conn.inode)
 }
 
-/// `stale` held an earlier socket at this address: report its close (late, counted) and
-/// track the new one.
+/// `stale` held an earlier socket at this address, whose close the daemon had not noticed yet
+/// (slab memory is reused last-freed first, so a per-request connection often gets its
+/// predecessor's address within milliseconds): report that close now, then track the new one.
 #[inline(never)]
 pub(crate) fn replace<C: EbpfContext>(
     ctx: &C,
@@ -70,7 +71,6 @@ pub(crate) fn replace<C: EbpfContext>(
     stale.tcp_state = tcp_state::CLOSE;
     stale.state_ns = now;
     emit(EventKind::Closed, sock, stale, now);
-    count_loss(loss::UNIX_CLOSE_LATE);
     let _ = CONNS.remove(sock);
     discover(ctx, sock, dir, now)
 }

@@ -298,7 +298,6 @@ pub(crate) struct KernelLoss {
     pub conn_insert_failed: u64,
     /// Runs of the data transfer programs the kernel skipped (`recursion_misses`, 5.12+).
     pub hook_missed: u64,
-    pub unix_close_late: u64,
 }
 
 impl KernelMaps {
@@ -336,7 +335,6 @@ impl KernelMaps {
             ringbuf_full: sum(loss::RINGBUF_FULL),
             conn_insert_failed: sum(loss::CONN_INSERT_FAILED),
             hook_missed: self.transfer_programs.iter().map(recursion_misses).sum(),
-            unix_close_late: sum(loss::UNIX_CLOSE_LATE),
         }
     }
 }

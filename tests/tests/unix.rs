@@ -434,3 +434,66 @@ fn wait_until_listening(addr: SocketAddr) {
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A thread-per-request TCP server whose handler calls a Unix backend and blocks reading it.
+const APP: &str = r#"
+import socket, sys, threading
+backend = sys.argv[1]
+listener = socket.socket(); listener.bind(("127.0.0.1", 0)); listener.listen(16)
+print(listener.getsockname()[1], flush=True)
+def handle(conn):
+    conn.recv(4096)
+    upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    upstream.connect(backend)
+    upstream.sendall(b"GET /inventory HTTP/1.1\r\n\r\n")
+    conn.sendall(upstream.recv(4096))
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=handle, args=(conn,), daemon=True).start()
+"#;
+
+/// The thread that read a stalled TCP request is blocked in `recv` on a Unix socket: the chain
+/// follows that fd (by its inode) to the Unix connection, then to the backend's stall.
+#[test]
+fn a_thread_blocked_on_a_unix_socket_is_followed_to_the_backend() {
+    require_root();
+    let daemon = Daemon::start("unix-fd");
+    let dir = test_dir(&daemon, "fd");
+    let socket = dir.join("inventory.sock");
+    let backend = python_server(socket.to_str().unwrap(), "stream", "hang");
+    let mut app = Command::new("python3")
+        .args(["-c", APP, socket.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut port = String::new();
+    BufReader::new(app.stdout.take().unwrap())
+        .read_line(&mut port)
+        .unwrap();
+    let _app = Server(app);
+    let port: u16 = port.trim().parse().unwrap();
+    let _client = get(SocketAddr::from(([127, 0, 0, 1], port)), "/order");
+    let path = socket.to_str().unwrap();
+    let reaches_the_backend = |e: &Value| {
+        e["conn"]["role"] == "server"
+            && e["stall"]["blame"].as_array().is_some_and(|blame| {
+                blame.len() == 3
+                    && blame[1]["evidence"] == "fd"
+                    && blame[1]["peer"] == path
+                    && blame[2]["evidence"] == "peer"
+                    && blame[2]["local"] == path
+                    && blame[2]["pid"] == backend.pid()
+            })
+    };
+    let found = daemon
+        .wait_for_event("stall.start", port, REPORT_WITHIN, reaches_the_backend)
+        .or_else(|| {
+            daemon.wait_for_event("stall.update", port, REPORT_WITHIN, reaches_the_backend)
+        });
+    assert!(
+        found.is_some(),
+        "no fd chain to the backend: {:#?}\n{}",
+        daemon.events_named("stall.start", port),
+        daemon.stderr()
+    );
+}

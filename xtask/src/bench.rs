@@ -216,10 +216,10 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         &unix_program_cost,
         &micro,
     ]
-        .into_iter()
-        .chain(&results)
-        .filter(|v| v.get("error").is_some())
-        .count();
+    .into_iter()
+    .chain(&results)
+    .filter(|v| v.get("error").is_some())
+    .count();
 
     let mut report = json!({
         "machine": machine(),

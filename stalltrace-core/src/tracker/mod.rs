@@ -320,6 +320,11 @@ impl Tracker {
         self.conns.by_endpoints(endpoints)
     }
 
+    /// The Unix connection end whose socket has inode `inode`, with its kernel key.
+    pub fn find_unix_by_inode(&self, inode: u64) -> Option<(Option<u64>, &Conn)> {
+        self.conns.by_unix_inode(inode)
+    }
+
     /// Watched connections whose outstanding request has been quiet since before `since_ns`
     /// and is not (yet) a stall: the ones about to stall.
     pub fn suspects(&self, since_ns: u64) -> Vec<u64> {

@@ -54,6 +54,9 @@ pub(super) struct Table {
     /// briefly share endpoints (a 4-tuple reused before the old record's close was seen): the
     /// newer one is indexed.
     by_endpoints: BySock<u64>,
+    /// Unix socket inode → sock address, for Unix connections (a thread blocked on a Unix
+    /// socket fd is joined to its connection by the fd's inode).
+    unix_inodes: BySock<u64>,
     /// Keys the endpoint hash, so that peers cannot choose colliding endpoints.
     endpoint_hasher: RandomState,
     /// Ids of connections with an open stall, kept from the stall events themselves.
@@ -97,6 +100,9 @@ impl Table {
 
     pub(super) fn insert(&mut self, sock: u64, conn: Conn) {
         self.by_id.insert(conn.id, sock);
+        if let Some(inodes) = conn.endpoints.unix_inodes() {
+            self.unix_inodes.insert(inodes.local, sock);
+        }
         self.by_endpoints
             .insert(self.endpoint_key(&conn.endpoints), sock);
         if let Some(old) = self.kernel.insert(sock, conn) {
@@ -129,6 +135,11 @@ impl Table {
             self.stalled.remove(&conn.id);
         }
         self.unindex_endpoints(sock, &conn.endpoints);
+        if let Some(inodes) = conn.endpoints.unix_inodes() {
+            if self.unix_inodes.get(&inodes.local) == Some(&sock) {
+                self.unix_inodes.remove(&inodes.local);
+            }
+        }
     }
 
     fn unindex_endpoints(&mut self, sock: u64, endpoints: &Endpoints) {
@@ -196,6 +207,13 @@ impl Table {
         self.adopted.get(endpoints).map(|conn| (None, conn))
     }
 
+    /// A Unix connection end by its socket's inode, with its kernel key.
+    pub(super) fn by_unix_inode(&self, inode: u64) -> Option<(Option<u64>, &Conn)> {
+        let sock = *self.unix_inodes.get(&inode)?;
+        let conn = self.kernel.get(&sock)?;
+        (conn.endpoints.unix_inodes()?.local == inode).then_some((Some(sock), conn))
+    }
+
     /// A connection by its endpoints, with its kernel key.
     pub(super) fn by_endpoints(&self, endpoints: &Endpoints) -> Option<(Option<u64>, &Conn)> {
         let key = self.endpoint_key(endpoints);
@@ -244,6 +262,7 @@ impl Table {
         self.kernel.shrink_to(2 * live);
         self.by_id.shrink_to(2 * live);
         self.by_endpoints.shrink_to(2 * live);
+        self.unix_inodes.shrink_to(2 * live);
         true
     }
 }

@@ -1200,4 +1200,14 @@ fn unix_ends_complete_each_others_inodes() {
     assert!(tracker
         .find_by_endpoints(&Endpoints::unix(300, 301))
         .is_some());
+    // A thread blocked on a Unix socket fd is joined to its end by the fd's inode.
+    let (sock, found) = tracker.find_unix_by_inode(301).unwrap();
+    assert_eq!((sock, found.role), (Some(server_sock), Role::Server));
+    assert!(tracker.find_unix_by_inode(999).is_none());
+    client.set_state(tcp_state::CLOSE, 5 * SEC);
+    feed(&mut tracker, client.event(EventKind::Closed, 5 * SEC));
+    assert!(
+        tracker.find_unix_by_inode(300).is_none(),
+        "closed ends leave the index"
+    );
 }
