@@ -497,3 +497,124 @@ fn a_thread_blocked_on_a_unix_socket_is_followed_to_the_backend() {
         daemon.stderr()
     );
 }
+
+/// client → nginx → FastCGI over a Unix socket → php-fpm, whose script hangs: the client's
+/// stall chains to the php-fpm worker's `unanswered_request` (the FastCGI request has no
+/// signature to match nginx's inbound one: the event-loop link is by timing alone).
+#[test]
+fn a_php_fpm_worker_that_hangs_is_the_root_of_the_nginx_chain() {
+    require_root();
+    let daemon = Daemon::start("unix-php");
+    let dir = test_dir(&daemon, "php");
+    let socket = dir.join("php-fpm.sock");
+    let temp = dir.display();
+    std::fs::write(dir.join("slow.php"), "<?php sleep(3600);\n").unwrap();
+    std::fs::write(
+        dir.join("php-fpm.conf"),
+        format!(
+            "[global]\npid = {temp}/php-fpm.pid\nerror_log = {temp}/php-fpm.log\n\
+             daemonize = no\n\
+             [app]\nuser = nobody\ngroup = nogroup\nlisten = {socket}\nlisten.mode = 0666\n\
+             pm = static\npm.max_children = 2\n",
+            socket = socket.display()
+        ),
+    )
+    .unwrap();
+    let php_fpm = std::fs::read_dir("/usr/sbin")
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with("php-fpm"))
+        })
+        .expect("php-fpm is installed by cargo xtask test (php8.2-fpm)");
+    let _php = Server(
+        Command::new(php_fpm)
+            .args(["--nodaemonize", "--fpm-config"])
+            .arg(dir.join("php-fpm.conf"))
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(&socket).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "php-fpm does not listen on {temp}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    let proxy = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            "daemon off; worker_processes 1; pid {temp}/nginx.pid; error_log {temp}/error.log;
+             events {{ worker_connections 64; }}
+             http {{
+               access_log off;
+               client_body_temp_path {temp}; proxy_temp_path {temp};
+               fastcgi_temp_path {temp}; uwsgi_temp_path {temp}; scgi_temp_path {temp};
+               server {{
+                 listen {proxy};
+                 location ~ \\.php$ {{
+                   include /etc/nginx/fastcgi_params;
+                   fastcgi_param SCRIPT_FILENAME {temp}$fastcgi_script_name;
+                   fastcgi_pass unix:{socket};
+                   fastcgi_read_timeout 60s;
+                 }}
+               }}
+             }}",
+            socket = socket.display()
+        ),
+    )
+    .unwrap();
+    let _nginx = Server(
+        Command::new("nginx")
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .spawn()
+            .unwrap(),
+    );
+    wait_until_listening(proxy);
+    let stuck = get(proxy, "/slow.php");
+    let local = stuck.local_addr().unwrap();
+    let path = socket.to_str().unwrap();
+    let reaches_php = |e: &Value| {
+        e["conn"]["role"] == "client"
+            && e["network"]["local"]["port"] == local.port()
+            && e["stall"]["blame"]
+                .as_array()
+                .and_then(|b| b.last())
+                .is_some_and(|root| {
+                    root["stall"] == "unanswered_request"
+                        && root["local"] == path
+                        && root["executable"]
+                            .as_str()
+                            .is_some_and(|name| name.starts_with("php-fpm"))
+                })
+    };
+    let found = daemon
+        .wait_for_event("stall.start", local.port(), REPORT_WITHIN, reaches_php)
+        .or_else(|| daemon.wait_for_event("stall.update", local.port(), REPORT_WITHIN, reaches_php))
+        .unwrap_or_else(|| {
+            panic!(
+                "no chain from the client to php-fpm: {:#?}\n{}",
+                daemon.events_named("stall.start", local.port()),
+                daemon.stderr()
+            )
+        });
+    let blame = found["stall"]["blame"].as_array().unwrap();
+    assert_eq!(blame.len(), 4, "{blame:#?}");
+    assert_eq!(blame[2]["evidence"], "timing", "{blame:#?}");
+    assert_eq!(blame[2]["peer"], path, "{blame:#?}");
+    assert_eq!(blame[3]["evidence"], "peer", "{blame:#?}");
+    // The php-fpm worker's own stall, found by its path.
+    let stalls = items(&daemon, "stalls", &format!("{}/*", dir.display()));
+    let worker = with_role(&stalls, "server");
+    assert_eq!(worker["stall"]["kind"], "unanswered_request", "{worker:#}");
+    assert_eq!(worker["network"]["local"]["address"], path, "{worker:#}");
+    drop(stuck);
+}
