@@ -11,12 +11,11 @@
 //! either another kind of socket (checked by reading its family and protocol) or a connection
 //! the map does not hold yet (every Unix connection starts so: `unix.rs`).
 use aya_ebpf::{
-    bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, macros::raw_tracepoint,
-    programs::RawTracePointContext, EbpfContext,
+    helpers::bpf_ktime_get_ns, macros::raw_tracepoint, programs::RawTracePointContext, EbpfContext,
 };
-use aya_log_ebpf::{debug, warn};
+use aya_log_ebpf::debug;
 use stalltrace_common::{
-    conn_flags, direction, loss,
+    conn_flags, direction,
     message::{classify, Head, Message},
     role, tcp_state,
     transfer::{ends_quiet, look, record_transfer, Look, Turn},
@@ -25,9 +24,9 @@ use stalltrace_common::{
 
 use crate::{
     capture::{bytes_at, capture_request, reply_head},
-    conn::{emit, emit_request, set_owner_to_current},
+    conn::{emit, emit_request, insert_new, set_owner_to_current},
     kernel_read::{read_endpoints, socket_family, tcp_state_of},
-    maps::{count_loss, current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS},
+    maps::{current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS},
     unix,
 };
 
@@ -220,18 +219,8 @@ fn discover<C: EbpfContext>(
     set_owner_to_current(conn);
     // Its first bytes are not read: the direction rule alone, until its next request.
     record_transfer(conn, dir, bytes, now, Message::Data);
-    match CONNS.insert(sock, &*conn, BPF_NOEXIST.into()) {
-        Ok(()) => {}
-        // Another CPU discovered it first and reported it.
-        Err(EEXIST) => return None,
-        Err(err) => {
-            warn!(
-                ctx,
-                "tracking a connection failed: map insert returned {}", err
-            );
-            count_loss(loss::CONN_INSERT_FAILED);
-            return None;
-        }
+    if !insert_new(ctx, sock, conn) {
+        return None;
     }
     if let Some(conn) = CONNS.get_ptr_mut(sock) {
         // SAFETY: map value pointer, valid for the duration of the program.
@@ -239,5 +228,3 @@ fn discover<C: EbpfContext>(
     }
     None
 }
-
-const EEXIST: i32 = -17;

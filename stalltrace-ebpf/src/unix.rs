@@ -12,20 +12,17 @@
 //! the end whose peer is already tracked takes the other role, and failing that the first
 //! transfer decides: the sender of the first bytes is the client.
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
     helpers::{bpf_probe_read_kernel, generated},
     EbpfContext,
 };
-use aya_log_ebpf::warn;
 use stalltrace_common::{
-    conn_flags, direction, loss, role, tcp_state, transport, ConnState, EventHeader, EventKind,
-    Offsets, UnixEvent, AF_UNIX, SOCK_SEQPACKET, SOCK_STREAM, UNIX_PATH_MAX,
+    conn_flags, direction, role, tcp_state, transport, ConnState, EventKind, Offsets, UnixEvent,
+    AF_UNIX, SOCK_SEQPACKET, SOCK_STREAM, UNIX_PATH_MAX,
 };
 
 use crate::{
-    conn::{emit, set_owner_to_current, wakeup_flag},
-    maps::{count_loss, current_epoch, scratch_conn, CONNS, EVENTS},
-    words::copy_words,
+    conn::{emit, emit_record, insert_new, set_owner_to_current},
+    maps::{scratch_conn, CONNS},
 };
 
 #[inline(always)]
@@ -122,26 +119,14 @@ pub(crate) fn discover<C: EbpfContext>(
     conn.peer_tgid = peer_pid(sock, &offsets);
     conn.role = role_of(addr, peer_addr, peer, dir);
     set_owner_to_current(conn);
-    match CONNS.insert(sock, &*conn, BPF_NOEXIST.into()) {
-        Ok(()) => {}
-        // Another CPU discovered it first and reported it.
-        Err(EEXIST) => return None,
-        Err(err) => {
-            warn!(
-                ctx,
-                "tracking a Unix connection failed: map insert returned {}", err
-            );
-            count_loss(loss::CONN_INSERT_FAILED);
-            return None;
-        }
+    if !insert_new(ctx, sock, conn) {
+        return None;
     }
     let entry = CONNS.get_ptr_mut(sock)?;
     // SAFETY: map value pointer, valid for the duration of the program.
     emit_discovered(sock, unsafe { &mut *entry }, addr, peer_addr, now);
     Some(entry)
 }
-
-const EEXIST: i32 = -17;
 
 /// See the module comment.
 #[inline(always)]
@@ -187,28 +172,17 @@ fn peer_pid(sock: u64, offsets: &Offsets) -> u32 {
 #[inline(never)]
 fn emit_discovered(sock: u64, conn: &mut ConnState, addr: u64, peer_addr: u64, now: u64) {
     let offsets = &crate::maps::OFFSETS.load();
-    let Some(mut entry) = EVENTS.reserve::<UnixEvent>(0) else {
-        count_loss(loss::RINGBUF_FULL);
-        return;
-    };
-    conn.notified_epoch = current_epoch();
-    let record = entry.as_mut_ptr();
-    // SAFETY: `record` points to a reserved, writable record of UnixEvent's size.
-    unsafe {
-        (*record).event.header = EventHeader {
-            kind: EventKind::UnixDiscovered as u32,
-            _pad: 0,
-            ts_ns: now,
-            sock,
-        };
-        copy_words(&raw mut (*record).event.conn, conn);
-        (*record).names._pad = 0;
-        (*record).names.local_len =
-            read_name(addr, offsets, (&raw mut (*record).names.local).cast());
-        (*record).names.peer_len =
-            read_name(peer_addr, offsets, (&raw mut (*record).names.peer).cast());
-    }
-    entry.submit(wakeup_flag());
+    let kind = EventKind::UnixDiscovered;
+    emit_record::<UnixEvent>(kind, sock, conn, now, |record| {
+        // SAFETY: `record` points to a reserved, writable UnixEvent.
+        unsafe {
+            (*record).names._pad = 0;
+            (*record).names.local_len =
+                read_name(addr, offsets, (&raw mut (*record).names.local).cast());
+            (*record).names.peer_len =
+                read_name(peer_addr, offsets, (&raw mut (*record).names.peer).cast());
+        }
+    });
 }
 
 /// Copies the `sun_path` bytes of `unix_address` `addr` (0: unbound) to `dst`

@@ -12,7 +12,9 @@ use std::{
 };
 
 use serde_json::Value;
-use stalltrace_integration::{require_root, with_role, Daemon, REPORT_WITHIN, STALL_AFTER};
+use stalltrace_integration::{
+    require_root, wait_until_listening, with_role, Daemon, REPORT_WITHIN, STALL_AFTER,
+};
 
 /// A Unix server in its own process: `hang` reads one request per connection and never
 /// answers, `echo` answers every read. argv: path (`@name`: abstract), type, mode.
@@ -317,35 +319,11 @@ fn a_blame_chain_crosses_a_unix_socket_from_nginx_to_its_backend() {
         .read_line(&mut ready)
         .unwrap();
     let backend = Server(backend);
-    let proxy = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let temp = dir.display();
-    let config = format!(
-        "daemon off; worker_processes 1; pid {temp}/nginx.pid; error_log {temp}/error.log;
-         events {{ worker_connections 256; }}
-         http {{
-           access_log off;
-           client_body_temp_path {temp}; proxy_temp_path {temp};
-           fastcgi_temp_path {temp}; uwsgi_temp_path {temp}; scgi_temp_path {temp};
-           server {{
-             listen {proxy};
-             location / {{ proxy_pass http://unix:{socket}:; proxy_read_timeout 60s; }}
-           }}
-         }}",
-        socket = socket.display()
+    let location = format!(
+        "location / {{ proxy_pass http://unix:{}:; proxy_read_timeout 60s; }}",
+        socket.display()
     );
-    let conf = dir.join("nginx.conf");
-    std::fs::write(&conf, config).unwrap();
-    let _nginx = Server(
-        Command::new("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .spawn()
-            .expect("nginx is installed by cargo xtask test"),
-    );
-    wait_until_listening(proxy);
+    let (_nginx, proxy) = nginx(&dir, &location);
     let healthy = thread::spawn(move || {
         let until = Instant::now() + Duration::from_secs(3);
         let mut answered = 0;
@@ -418,6 +396,37 @@ fn a_blame_chain_crosses_a_unix_socket_from_nginx_to_its_backend() {
     drop(stuck);
 }
 
+/// Starts nginx on a free loopback port with one `location` block, its files in `dir`.
+fn nginx(dir: &Path, location: &str) -> (Server, SocketAddr) {
+    let proxy = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let temp = dir.display();
+    let config = format!(
+        "daemon off; worker_processes 1; pid {temp}/nginx.pid; error_log {temp}/error.log;
+         events {{ worker_connections 256; }}
+         http {{
+           access_log off;
+           client_body_temp_path {temp}; proxy_temp_path {temp};
+           fastcgi_temp_path {temp}; uwsgi_temp_path {temp}; scgi_temp_path {temp};
+           server {{ listen {proxy}; {location} }}
+         }}"
+    );
+    let conf = dir.join("nginx.conf");
+    std::fs::write(&conf, config).unwrap();
+    let nginx = Server(
+        Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .spawn()
+            .expect("nginx is installed by cargo xtask test"),
+    );
+    wait_until_listening(proxy);
+    (nginx, proxy)
+}
+
+/// A request that asks the server to close after answering.
 fn get(proxy: SocketAddr, path: &str) -> TcpStream {
     let mut conn = TcpStream::connect(proxy).unwrap();
     conn.write_all(
@@ -425,14 +434,6 @@ fn get(proxy: SocketAddr, path: &str) -> TcpStream {
     )
     .unwrap();
     conn
-}
-
-fn wait_until_listening(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {addr}");
-        thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// A thread-per-request TCP server whose handler calls a Unix backend and blocks reading it.
@@ -544,41 +545,13 @@ fn a_php_fpm_worker_that_hangs_is_the_root_of_the_nginx_chain() {
         );
         thread::sleep(Duration::from_millis(50));
     }
-    let proxy = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    std::fs::write(
-        dir.join("nginx.conf"),
-        format!(
-            "daemon off; worker_processes 1; pid {temp}/nginx.pid; error_log {temp}/error.log;
-             events {{ worker_connections 64; }}
-             http {{
-               access_log off;
-               client_body_temp_path {temp}; proxy_temp_path {temp};
-               fastcgi_temp_path {temp}; uwsgi_temp_path {temp}; scgi_temp_path {temp};
-               server {{
-                 listen {proxy};
-                 location ~ \\.php$ {{
-                   include /etc/nginx/fastcgi_params;
-                   fastcgi_param SCRIPT_FILENAME {temp}$fastcgi_script_name;
-                   fastcgi_pass unix:{socket};
-                   fastcgi_read_timeout 60s;
-                 }}
-               }}
-             }}",
-            socket = socket.display()
-        ),
-    )
-    .unwrap();
-    let _nginx = Server(
-        Command::new("nginx")
-            .arg("-c")
-            .arg(dir.join("nginx.conf"))
-            .spawn()
-            .unwrap(),
+    let location = format!(
+        "location ~ \\.php$ {{ include /etc/nginx/fastcgi_params; \
+         fastcgi_param SCRIPT_FILENAME {temp}$fastcgi_script_name; \
+         fastcgi_pass unix:{}; fastcgi_read_timeout 60s; }}",
+        socket.display()
     );
-    wait_until_listening(proxy);
+    let (_nginx, proxy) = nginx(&dir, &location);
     let stuck = get(proxy, "/slow.php");
     let local = stuck.local_addr().unwrap();
     let path = socket.to_str().unwrap();
