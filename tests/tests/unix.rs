@@ -59,17 +59,25 @@ impl Server {
 }
 
 fn python_server(path: &str, kind: &str, mode: &str) -> Server {
+    let (server, ready) = python(SERVER, &[path, kind, mode]);
+    assert_eq!(ready, "ready");
+    server
+}
+
+/// Runs a python3 `script` with `args` and waits for the first line it prints (trimmed).
+fn python(script: &str, args: &[&str]) -> (Server, String) {
     let mut child = Command::new("python3")
-        .args(["-c", SERVER, path, kind, mode])
+        .arg("-c")
+        .arg(script)
+        .args(args)
         .stdout(Stdio::piped())
         .spawn()
         .expect("python3 is installed by cargo xtask test");
-    let mut ready = String::new();
+    let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut ready)
+        .read_line(&mut line)
         .unwrap();
-    assert_eq!(ready.trim(), "ready");
-    Server(child)
+    (Server(child), line.trim().to_owned())
 }
 
 /// Connects a socket of `kind` to `path` (a filesystem path), from this process.
@@ -120,6 +128,21 @@ fn wait_for_items(daemon: &Daemon, command: &str, glob: &str, count: usize) -> V
         }
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The first `stall.start` or `stall.update` on `port` that passes `test`, waited for; fails
+/// the test with the stalls seen and the daemon's log if none comes.
+fn wait_for_diagnosis(daemon: &Daemon, port: u16, test: impl Fn(&Value) -> bool) -> Value {
+    daemon
+        .wait_for_event("stall.start", port, REPORT_WITHIN, &test)
+        .or_else(|| daemon.wait_for_event("stall.update", port, REPORT_WITHIN, &test))
+        .unwrap_or_else(|| {
+            panic!(
+                "no such diagnosis on port {port}: {:#?}\n{}",
+                daemon.events_named("stall.start", port),
+                daemon.stderr()
+            )
+        })
 }
 
 /// The first event named `name` on a Unix connection with this inode (either end) that
@@ -309,16 +332,8 @@ fn a_blame_chain_crosses_a_unix_socket_from_nginx_to_its_backend() {
     let daemon = Daemon::start("unix-nginx");
     let dir = test_dir(&daemon, "nginx");
     let socket = dir.join("backend.sock");
-    let mut backend = Command::new("python3")
-        .args(["-c", HTTP_BACKEND, socket.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut ready = String::new();
-    BufReader::new(backend.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
-    let backend = Server(backend);
+    let (backend, ready) = python(HTTP_BACKEND, &[socket.to_str().unwrap()]);
+    assert_eq!(ready, "ready");
     let location = format!(
         "location / {{ proxy_pass http://unix:{}:; proxy_read_timeout 60s; }}",
         socket.display()
@@ -354,28 +369,7 @@ fn a_blame_chain_crosses_a_unix_socket_from_nginx_to_its_backend() {
                         && root["pid"] == backend.pid()
                 })
     };
-    let found = daemon
-        .wait_for_event(
-            "stall.start",
-            local.port(),
-            REPORT_WITHIN,
-            reaches_the_backend,
-        )
-        .or_else(|| {
-            daemon.wait_for_event(
-                "stall.update",
-                local.port(),
-                REPORT_WITHIN,
-                reaches_the_backend,
-            )
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "no chain from the client to the backend: {:#?}\n{}",
-                daemon.events_named("stall.start", local.port()),
-                daemon.stderr()
-            )
-        });
+    let found = wait_for_diagnosis(&daemon, local.port(), reaches_the_backend);
     let blame = found["stall"]["blame"].as_array().unwrap();
     // client → (peer) nginx's inbound → (timing+signature) nginx's Unix upstream connection
     // → (peer) the backend's side.
@@ -462,17 +456,8 @@ fn a_thread_blocked_on_a_unix_socket_is_followed_to_the_backend() {
     let dir = test_dir(&daemon, "fd");
     let socket = dir.join("inventory.sock");
     let backend = python_server(socket.to_str().unwrap(), "stream", "hang");
-    let mut app = Command::new("python3")
-        .args(["-c", APP, socket.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut port = String::new();
-    BufReader::new(app.stdout.take().unwrap())
-        .read_line(&mut port)
-        .unwrap();
-    let _app = Server(app);
-    let port: u16 = port.trim().parse().unwrap();
+    let (_app, port) = python(APP, &[socket.to_str().unwrap()]);
+    let port: u16 = port.parse().unwrap();
     let _client = get(SocketAddr::from(([127, 0, 0, 1], port)), "/order");
     let path = socket.to_str().unwrap();
     let reaches_the_backend = |e: &Value| {
@@ -486,17 +471,7 @@ fn a_thread_blocked_on_a_unix_socket_is_followed_to_the_backend() {
                     && blame[2]["pid"] == backend.pid()
             })
     };
-    let found = daemon
-        .wait_for_event("stall.start", port, REPORT_WITHIN, reaches_the_backend)
-        .or_else(|| {
-            daemon.wait_for_event("stall.update", port, REPORT_WITHIN, reaches_the_backend)
-        });
-    assert!(
-        found.is_some(),
-        "no fd chain to the backend: {:#?}\n{}",
-        daemon.events_named("stall.start", port),
-        daemon.stderr()
-    );
+    wait_for_diagnosis(&daemon, port, reaches_the_backend);
 }
 
 /// client → nginx → FastCGI over a Unix socket → php-fpm, whose script hangs: the client's
@@ -569,16 +544,7 @@ fn a_php_fpm_worker_that_hangs_is_the_root_of_the_nginx_chain() {
                             .is_some_and(|name| name.starts_with("php-fpm"))
                 })
     };
-    let found = daemon
-        .wait_for_event("stall.start", local.port(), REPORT_WITHIN, reaches_php)
-        .or_else(|| daemon.wait_for_event("stall.update", local.port(), REPORT_WITHIN, reaches_php))
-        .unwrap_or_else(|| {
-            panic!(
-                "no chain from the client to php-fpm: {:#?}\n{}",
-                daemon.events_named("stall.start", local.port()),
-                daemon.stderr()
-            )
-        });
+    let found = wait_for_diagnosis(&daemon, local.port(), reaches_php);
     let blame = found["stall"]["blame"].as_array().unwrap();
     assert_eq!(blame.len(), 4, "{blame:#?}");
     assert_eq!(blame[2]["evidence"], "timing", "{blame:#?}");
