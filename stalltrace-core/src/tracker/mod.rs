@@ -237,6 +237,9 @@ pub struct Tracker {
     audit: Vec<u64>,
     next_id: u64,
     stats: Stats,
+    /// Inodes of the Unix sockets connected when the daemon started (their connections are
+    /// found at their first transfer, like new ones): each is taken out when found.
+    preexisting_unix: std::collections::HashSet<u64>,
 }
 
 impl Tracker {
@@ -251,7 +254,15 @@ impl Tracker {
             audit: Vec::new(),
             next_id: 1,
             stats: Stats::default(),
+            preexisting_unix: Default::default(),
         }
+    }
+
+    /// The inodes of the Unix sockets connected before the daemon started (/proc/net/unix):
+    /// a Unix connection is found at its first transfer, and one of these is then reported
+    /// as adopted, its totals incomplete.
+    pub fn set_preexisting_unix(&mut self, inodes: std::collections::HashSet<u64>) {
+        self.preexisting_unix = inodes;
     }
 
     pub fn stats(&self) -> Stats {
@@ -692,6 +703,9 @@ impl Tracker {
         }
         if !self.conns.contains(sock) {
             let endpoints = Endpoints::from_kernel(state);
+            let preexisting = endpoints
+                .unix_inodes()
+                .is_some_and(|inodes| self.preexisting_unix.remove(&inodes.local));
             // Adopted connections are a start-up affair: skip hashing once they are all known.
             let adopted = if self.conns.has_adopted() {
                 self.conns.remove_adopted(&endpoints)
@@ -710,10 +724,10 @@ impl Tracker {
                     owner: Owner::default(),
                     unix: None,
                     opened_ns: state.open_ns,
-                    adopted: false,
+                    adopted: preexisting,
                     stall: None,
                     quiet_since: None,
-                    incomplete: discovered,
+                    incomplete: discovered || preexisting,
                     kernel_open_ns: state.open_ns,
                     announced: false,
                     closed_while_stalled: false,

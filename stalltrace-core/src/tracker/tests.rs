@@ -1211,3 +1211,21 @@ fn unix_ends_complete_each_others_inodes() {
         "closed ends leave the index"
     );
 }
+
+#[test]
+fn a_unix_connection_older_than_the_daemon_is_adopted_with_incomplete_totals() {
+    let mut tracker = tracker();
+    tracker.set_preexisting_unix([500].into());
+    let mut old = unix_end(role::SERVER, 500, 501, 0);
+    old.transfer(direction::IN, 2 * SEC);
+    let opened = feed(&mut tracker, old.event(EventKind::UnixDiscovered, 2 * SEC));
+    assert!(matches!(opened[0].detail, Detail::Open { adopted: true }));
+    old.set_state(tcp_state::CLOSE, 3 * SEC);
+    let closed = feed(&mut tracker, old.event(EventKind::Closed, 3 * SEC));
+    assert!(matches!(&closed[0].detail, Detail::Close(c) if !c.complete));
+    // A new connection is not.
+    let mut new = unix_end(role::SERVER, 502, 503, 0);
+    new.transfer(direction::IN, 4 * SEC);
+    let opened = feed(&mut tracker, new.event(EventKind::UnixDiscovered, 4 * SEC));
+    assert!(matches!(opened[0].detail, Detail::Open { adopted: false }));
+}

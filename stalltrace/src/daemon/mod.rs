@@ -200,6 +200,7 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
     let mut out = Vec::new();
     let adoptions = procfs::adoptions(&procfs::tcp_sockets());
     let adopted = adoptions.len();
+    tracker.set_preexisting_unix(procfs::connected_unix_inodes());
     for adoption in adoptions {
         tracker.adopt(adoption, monotonic_ns(), &mut out);
     }
