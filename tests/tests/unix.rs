@@ -187,10 +187,11 @@ fn an_unanswered_unix_request_stalls_both_ends_named_by_path_and_pids() {
     ] {
         let dir = test_dir(&daemon, kind);
         let path = dir.join("app.sock");
+        let glob = format!("{}/*.sock", dir.display());
+        let watch = Watch::start(&daemon, kind, &glob);
         let server = python_server(path.to_str().unwrap(), kind, "hang");
         let client = connect(&path, socket_type);
         write_all(&client, b"GET /slow/report HTTP/1.1\r\nHost: app\r\n\r\n");
-        let glob = format!("{}/*.sock", dir.display());
         let stalls = wait_for_items(&daemon, "stalls", &glob, 2);
         assert_eq!(stalls.len(), 2, "{kind}: {stalls:#?}\n{}", daemon.stderr());
         let (waiting, unanswered) = (with_role(&stalls, "client"), with_role(&stalls, "server"));
@@ -240,6 +241,17 @@ fn an_unanswered_unix_request_stalls_both_ends_named_by_path_and_pids() {
         let show = daemon.cli(&["show", &id]);
         let shown = String::from_utf8_lossy(&show.stdout);
         assert!(show.status.success() && shown.contains(path), "{shown}");
+        // `why` groups both ends under the path.
+        let why = daemon.cli_json(&["why", "-o", "json", "--path", &glob]);
+        let groups = why.as_array().unwrap();
+        assert!(
+            !groups.is_empty()
+                && groups
+                    .iter()
+                    .all(|g| g["endpoint"] == format!("unix:{path}"))
+                && groups.iter().any(|g| g["signature"] == "GET /slow/report"),
+            "{groups:#?}"
+        );
 
         // The client gives up: its stall ends `closed`, with its true duration.
         drop(client);
@@ -255,6 +267,61 @@ fn an_unanswered_unix_request_stalls_both_ends_named_by_path_and_pids() {
         let end = wait_for_unix_event(&daemon, "stall.end", server_inode, |_| true);
         assert_eq!(end["stall"]["kind"], "unanswered_request", "{end:#}");
         assert_eq!(end["stall"]["resolution"], "closed", "{end:#}");
+        // `watch --path` streamed this connection's events, and only its path's.
+        let watched = watch.events();
+        for (inode, kind) in [
+            (client_inode, "awaiting_response"),
+            (server_inode, "unanswered_request"),
+        ] {
+            assert!(
+                watched.iter().any(|e| e["event"] == "stall.start"
+                    && e["network"]["local"]["inode"] == *inode
+                    && e["stall"]["kind"] == kind),
+                "{watched:#?}"
+            );
+        }
+        assert!(
+            watched.iter().all(|e| e["network"]["transport"] == "unix"
+                && [
+                    &e["network"]["local"]["address"],
+                    &e["network"]["peer"]["address"]
+                ]
+                .contains(&&Value::from(path))),
+            "{watched:#?}"
+        );
+    }
+}
+
+/// A `watch -o json --path GLOB`, its output going to a file read when stopped.
+struct Watch {
+    child: Child,
+    out: PathBuf,
+}
+
+impl Watch {
+    fn start(daemon: &Daemon, name: &str, glob: &str) -> Self {
+        let out = daemon.events.with_extension(format!("watch-{name}"));
+        let child = Command::new(stalltrace_integration::binary())
+            .args(["watch", "-o", "json", "--path", glob, "--socket"])
+            .arg(&daemon.socket)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .spawn()
+            .unwrap();
+        // The watch is registered once the daemon has answered it.
+        thread::sleep(Duration::from_millis(500));
+        Self { child, out }
+    }
+
+    /// Stops the watch; its events, without `loss` lines (which always pass).
+    fn events(mut self) -> Vec<Value> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::fs::read_to_string(&self.out)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str::<Value>(line).unwrap())
+            .filter(|event| event["event"] != "loss")
+            .collect()
     }
 }
 
