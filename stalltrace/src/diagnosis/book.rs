@@ -44,7 +44,6 @@ const MAX_REFRESH_NS: u64 = 30 * SEC;
 struct Facts {
     thread: Option<ThreadReport>,
     fd_peer: Option<Endpoints>,
-    fd_inode: Option<u64>,
     tcp: Option<TcpSignals>,
     not_accepted: bool,
     executable_path: Option<String>,
@@ -292,7 +291,6 @@ impl Diagnoser {
                     onset,
                     thread,
                     fd_peer,
-                    fd_inode,
                     tcp,
                     not_accepted,
                     executable_path,
@@ -304,7 +302,6 @@ impl Diagnoser {
                         open.facts = Some(Facts {
                             thread,
                             fd_peer,
-                            fd_inode,
                             tcp,
                             not_accepted,
                             executable_path,
@@ -500,11 +497,11 @@ fn resolved_thread(conn: &Conn, facts: &Facts, tracker: &Tracker) -> Option<Thre
         fd_conn, fd_target, ..
     } = &mut thread.verdict
     {
-        let target = match (facts.fd_peer, facts.fd_inode) {
-            (Some(endpoints), _) => tracker.find_by_endpoints(&endpoints),
-            (None, Some(inode)) => tracker.find_unix_by_inode(inode),
-            (None, None) => None,
-        };
+        // A Unix socket's fd tells its own inode only (`gather::Gathered::fd_peer`).
+        let target = facts.fd_peer.and_then(|e| match e.unix_inodes() {
+            Some(inodes) => tracker.find_unix_by_inode(inodes.local),
+            None => tracker.find_by_endpoints(&e),
+        });
         *fd_conn = target.map(|(_, c)| c.id);
         if *fd_conn == Some(conn.id) {
             // Waiting on the stalled connection itself: the answer is its peer's.

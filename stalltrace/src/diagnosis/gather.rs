@@ -18,11 +18,10 @@ use crate::sources::{
 /// What one look at a stall found.
 pub(super) struct Gathered {
     pub(super) thread: Option<ThreadReport>,
-    /// The endpoints of the socket the thread is blocked on, if it is one.
+    /// The endpoints of the socket the thread is blocked on, if it is one. For a socket with
+    /// no IP endpoints (a Unix socket; or one they could not be read from, which then matches
+    /// nothing), `Endpoints::unix(its inode, 0)`: its fd tells its own inode, not its peer's.
     pub(super) fd_peer: Option<Endpoints>,
-    /// The inode of the socket the thread is blocked on, when it has no IP endpoints (a Unix
-    /// socket): tracked Unix connections are found by it.
-    pub(super) fd_inode: Option<u64>,
     pub(super) tcp: Option<TcpSignals>,
     /// The connection waits in its listener's accept queue: no process holds it yet.
     pub(super) not_accepted: bool,
@@ -36,8 +35,8 @@ pub(super) struct Gathered {
 
 /// Looks at the stall of `subject`; `first` is the sample that opens the CPU-share window.
 pub(super) fn gather(subject: &Subject, first: Option<ThreadSample>) -> Gathered {
-    let (thread, (fd_peer, fd_inode), sample) = if subject.pid == 0 {
-        (None, (None, None), None)
+    let (thread, fd_peer, sample) = if subject.pid == 0 {
+        (None, None, None)
     } else {
         thread_report(subject.pid, subject.tid, first)
     };
@@ -57,7 +56,6 @@ pub(super) fn gather(subject: &Subject, first: Option<ThreadSample>) -> Gathered
         cgroup_path,
         thread,
         fd_peer,
-        fd_inode,
         // An established socket gets its inode when accept() takes it from the queue.
         not_accepted: subject.server && entry.as_ref().is_some_and(|e| e.inode == 0),
         tcp: entry.and_then(|entry| entry.signals),
@@ -65,15 +63,15 @@ pub(super) fn gather(subject: &Subject, first: Option<ThreadSample>) -> Gathered
     }
 }
 
-/// The verdict on thread `tid` of `pid`, the socket it is blocked on (its endpoints, or its
-/// inode when it has none: a Unix socket), and the sample that ends its window.
+/// The verdict on thread `tid` of `pid`, the endpoints of the socket it is blocked on (see
+/// [`Gathered::fd_peer`]), and the sample that ends its window.
 fn thread_report(
     pid: u32,
     tid: u32,
     first: Option<ThreadSample>,
 ) -> (
     Option<ThreadReport>,
-    (Option<Endpoints>, Option<u64>),
+    Option<Endpoints>,
     Option<ThreadSample>,
 ) {
     let last = threads::sample(pid, tid);
@@ -82,10 +80,10 @@ fn thread_report(
             id: tid,
             verdict: ThreadVerdict::Gone,
         };
-        return (Some(gone), (None, None), None);
+        return (Some(gone), None, None);
     };
     let mut verdict = classify(&first, last.as_ref());
-    let (mut fd_peer, mut fd_inode) = (None, None);
+    let mut fd_peer = None;
     if let ThreadVerdict::Blocked {
         fd: Some(fd),
         fd_target,
@@ -99,17 +97,13 @@ fn thread_report(
                     peer: Some(peer),
                     ..
                 } => fd_peer = Some(Endpoints::from_socket_addrs(Transport::Tcp, *local, *peer)),
-                FdTarget::Socket { inode, .. } => fd_inode = Some(*inode),
+                FdTarget::Socket { inode, .. } => fd_peer = Some(Endpoints::unix(*inode, 0)),
                 _ => {}
             }
             *fd_target = Some(target.describe());
         }
     }
-    (
-        Some(ThreadReport { id: tid, verdict }),
-        (fd_peer, fd_inode),
-        last,
-    )
+    (Some(ThreadReport { id: tid, verdict }), fd_peer, last)
 }
 
 /// A socket with a request sitting unread in its receive queue.
