@@ -364,6 +364,7 @@ mod tests {
                     local_name: String::new(),
                     peer_name: "/run/php/fpm.sock".into(),
                     peer_pid: 900,
+                    one_way: false,
                 })),
                 ..conn_ref()
             },

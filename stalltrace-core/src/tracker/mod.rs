@@ -863,6 +863,9 @@ fn start_stall(
     exchanges_at_start: u64,
     out: &mut Vec<Event>,
 ) {
+    if conn.unix.as_ref().is_some_and(|unix| unix.one_way) {
+        return;
+    }
     announce(conn, at, out);
     conn.stall = Some(Box::new(Stall {
         kind,

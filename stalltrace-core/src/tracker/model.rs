@@ -77,15 +77,27 @@ pub struct UnixInfo {
     pub peer_name: String,
     /// 0 when the kernel had none.
     pub peer_pid: u32,
+    /// Its path is one of [`ONE_WAY_UNIX_PATHS`]: it carries one-way messages and is never
+    /// judged.
+    pub one_way: bool,
 }
+
+/// Unix stream sockets whose connections only ever flow one way, on any host that runs them:
+/// judged by the direction rule, each would look like a request nobody answers.
+/// `/run/systemd/journal/stdout`: the stdout and stderr of every systemd service, streamed to
+/// journald.
+pub const ONE_WAY_UNIX_PATHS: &[&str] = &["/run/systemd/journal/stdout"];
 
 impl UnixInfo {
     pub fn from_kernel(state: &ConnState, names: &stalltrace_common::UnixNames) -> Self {
-        Self {
+        let mut info = Self {
             local_name: unix_name(names.local()),
             peer_name: unix_name(names.peer()),
             peer_pid: state.peer_tgid,
-        }
+            one_way: false,
+        };
+        info.one_way = ONE_WAY_UNIX_PATHS.contains(&info.path());
+        info
     }
 
     /// The connection's path: the name of whichever end is bound (the listener's, which an

@@ -1229,3 +1229,20 @@ fn a_unix_connection_older_than_the_daemon_is_adopted_with_incomplete_totals() {
     let opened = feed(&mut tracker, new.event(EventKind::UnixDiscovered, 4 * SEC));
     assert!(matches!(opened[0].detail, Detail::Open { adopted: false }));
 }
+
+#[test]
+fn journald_stdout_streams_are_never_judged() {
+    let mut tracker = tracker();
+    // A service writes its logs; journald reads them and never answers.
+    let mut service = unix_end(role::CLIENT, 600, 601, 0);
+    service.transfer(direction::OUT, 2 * SEC);
+    let mut out = Vec::new();
+    let record = service.event(EventKind::UnixDiscovered, 2 * SEC);
+    let names = unix_names(b"", b"/run/systemd/journal/stdout\0");
+    tracker.on_unix_event(&record, &names, &mut out);
+    assert!(out[0].conn.unix.as_ref().unwrap().one_way);
+    assert!(sweep(&mut tracker, &mut service, 2 * SEC + 3 * THRESHOLD).is_empty());
+    // Nor when the kernel reports the end of a quiet stretch on it.
+    service.transfer(direction::OUT, 60 * SEC);
+    assert!(feed(&mut tracker, service.event(EventKind::QuietEnded, 60 * SEC)).is_empty());
+}

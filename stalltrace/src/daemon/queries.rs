@@ -282,9 +282,15 @@ fn conn_item(
     let mut item = ConnItemJson::new(&conn.reference());
     item.conn.adopted = Some(conn.adopted);
     let stream = snapshot.is_some_and(|s| s.flags & conn_flags::STREAM != 0);
+    let one_way = conn.unix.as_ref().is_some_and(|unix| unix.one_way);
     let state = match (&conn.stall, snapshot.as_ref().map(activity::assess)) {
         (Some(_), _) => ruled.unwrap_or("stalled"),
         (None, Some(activity::Activity::Idle)) if stream => "stream",
+        (None, Some(activity::Activity::Idle | activity::Activity::Outstanding { .. }))
+            if one_way =>
+        {
+            "stream"
+        }
         (None, Some(activity::Activity::Outstanding { .. }))
         | (None, Some(activity::Activity::ConnectPending { .. })) => "active",
         (None, Some(activity::Activity::Ending { .. })) => "closing",
