@@ -624,3 +624,61 @@ fn a_php_fpm_worker_that_hangs_is_the_root_of_the_nginx_chain() {
     assert_eq!(worker["network"]["local"]["address"], path, "{worker:#}");
     drop(stuck);
 }
+
+/// A parent asks its child over a `socketpair()` and the child never answers.
+const SOCKETPAIR: &str = r#"
+import os, socket, sys, time
+parent_end, child_end = socket.socketpair()
+child = os.fork()
+if child == 0:
+    parent_end.close()
+    child_end.recv(4096)
+    time.sleep(3600)
+    sys.exit(0)
+child_end.close()
+print(child, flush=True)
+parent_end.sendall(b"GET /job HTTP/1.1\r\n\r\n")
+parent_end.recv(4096)
+"#;
+
+/// A socketpair has no listener and no name: the end that sent first is the client; both ends
+/// are judged, and the kernel names the pair's creator as both ends' peer process.
+#[test]
+fn a_socketpair_request_never_answered_stalls_both_ends() {
+    require_root();
+    let daemon = Daemon::start("unix-pair");
+    let (parent, child) = python(SOCKETPAIR, &[]);
+    let child: u32 = child.parse().unwrap();
+    let stalls_of = |pid: u32| {
+        let deadline = Instant::now() + REPORT_WITHIN;
+        loop {
+            let stalls = daemon.cli_json(&["stalls", "-o", "json", "--pid", &pid.to_string()]);
+            let stalls = stalls.as_array().unwrap().clone();
+            if !stalls.is_empty() || Instant::now() > deadline {
+                return stalls;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let (asking, asked) = (stalls_of(parent.pid()), stalls_of(child));
+    assert_eq!(asking.len(), 1, "{asking:#?}\n{}", daemon.stderr());
+    assert_eq!(asked.len(), 1, "{asked:#?}");
+    let (asking, asked) = (&asking[0], &asked[0]);
+    assert_eq!(asking["stall"]["kind"], "awaiting_response", "{asking:#}");
+    assert_eq!(asked["stall"]["kind"], "unanswered_request", "{asked:#}");
+    for item in [asking, asked] {
+        let network = &item["network"];
+        assert_eq!(network["transport"], "unix", "{item:#}");
+        assert_eq!(network["local"]["address"], "", "{item:#}");
+        assert_eq!(network["peer"]["address"], "", "{item:#}");
+        assert_eq!(network["peer"]["pid"], parent.pid(), "{item:#}");
+    }
+    assert_eq!(
+        asking["network"]["peer"]["inode"], asked["network"]["local"]["inode"],
+        "{asking:#} {asked:#}"
+    );
+    // Stop both: the parent (its guard), then the child it forked.
+    drop(parent);
+    // SAFETY: signalling the child this test's script forked.
+    unsafe { libc::kill(child as i32, libc::SIGKILL) };
+}
