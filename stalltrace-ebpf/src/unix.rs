@@ -87,8 +87,10 @@ pub(crate) fn discover<C: EbpfContext>(
         return None;
     }
     // SAFETY: probe reads of kernel memory; failures are returned, not faulted.
-    let (kind, state, peer, addr) = unsafe {
+    let (family, kind, state, peer, addr) = unsafe {
         (
+            // Checked again here: `replace` comes with any socket whose memory held a Unix one.
+            read::<u16>(sock, offsets.skc_family)?,
             read::<u16>(sock, offsets.sk_type)?,
             read::<u8>(sock, offsets.skc_state)?,
             read::<u64>(sock, offsets.unix_peer)?,
@@ -96,7 +98,8 @@ pub(crate) fn discover<C: EbpfContext>(
         )
     };
     // Connected (unix_sock uses TCP_ESTABLISHED for it); datagram sockets are not followed.
-    if (kind != SOCK_STREAM && kind != SOCK_SEQPACKET)
+    if family != AF_UNIX
+        || (kind != SOCK_STREAM && kind != SOCK_SEQPACKET)
         || state != tcp_state::ESTABLISHED
         || peer == 0
     {
