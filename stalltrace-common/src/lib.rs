@@ -472,6 +472,134 @@ impl Offsets {
     }
 }
 
+/// Byte offsets of the kernel members that lead from a file descriptor to its socket
+/// (`current->files->fdt->fd[fd]`, then the file's inode mode and `private_data`, a
+/// `struct socket`, and its `sk`): the syscall tracepoint rung sees descriptors, not sockets.
+/// Resolved by the daemon from BTF like [`Offsets`]; [`Offsets::UNKNOWN`] when missing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdOffsets {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    /// `fdtable.max_fds` (u32) and `fdtable.fd` (`struct file **`).
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_inode: u32,
+    pub file_private_data: u32,
+    /// `inode.i_mode` (u16): `S_IFSOCK` tells a socket.
+    pub inode_mode: u32,
+    pub socket_sk: u32,
+}
+
+impl FdOffsets {
+    pub const fn unknown() -> Self {
+        let u = Offsets::UNKNOWN;
+        Self {
+            task_files: u,
+            files_fdt: u,
+            fdtable_max_fds: u,
+            fdtable_fd: u,
+            file_inode: u,
+            file_private_data: u,
+            inode_mode: u,
+            socket_sk: u,
+        }
+    }
+}
+
+/// Where request capture finds the current syscall's number and data arguments in the task's
+/// `struct pt_regs` (read through `bpf_task_pt_regs`), per architecture. The layout is kernel
+/// internal: the daemon checks it against the running kernel's BTF and turns capture off when
+/// it differs, so the programs never read at a wrong offset.
+pub mod syscall_regs {
+    /// A `struct pt_regs` member: its BTF name (a path from the struct) and byte offset.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Member {
+        pub path: &'static [&'static str],
+        pub offset: usize,
+        /// Bytes.
+        pub size: usize,
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Layout {
+        /// The syscall number.
+        pub nr: Member,
+        /// The second and third syscall arguments (the buffer or iovec array, and the count).
+        pub arg1: Member,
+        pub arg2: Member,
+        /// Syscall numbers whose second argument locates the data moved.
+        pub read: u64,
+        pub write: u64,
+        pub readv: u64,
+        pub writev: u64,
+        pub sendto: u64,
+        pub recvfrom: u64,
+        pub sendmsg: u64,
+        pub recvmsg: u64,
+    }
+
+    /// x86-64: `orig_ax` holds the number; arguments in `di`, `si`, `dx`.
+    pub const X86_64: Layout = Layout {
+        nr: Member {
+            path: &["orig_ax"],
+            offset: 15 * 8,
+            size: 8,
+        },
+        arg1: Member {
+            path: &["si"],
+            offset: 13 * 8,
+            size: 8,
+        },
+        arg2: Member {
+            path: &["dx"],
+            offset: 12 * 8,
+            size: 8,
+        },
+        read: 0,
+        write: 1,
+        readv: 19,
+        writev: 20,
+        sendto: 44,
+        recvfrom: 45,
+        sendmsg: 46,
+        recvmsg: 47,
+    };
+
+    /// arm64: `regs[31]`, `sp`, `pc`, `pstate`, `orig_x0`, then `syscallno` (s32). Arguments
+    /// are `regs[0..]`: the return value replaces `regs[0]` only after the syscall returns,
+    /// and the socket tracepoints fire inside it. Numbers from the generic syscall table.
+    pub const AARCH64: Layout = Layout {
+        nr: Member {
+            path: &["syscallno"],
+            offset: 35 * 8,
+            size: 4,
+        },
+        arg1: Member {
+            path: &["regs"],
+            offset: 8,
+            size: 8,
+        },
+        arg2: Member {
+            path: &["regs"],
+            offset: 2 * 8,
+            size: 8,
+        },
+        read: 63,
+        write: 64,
+        readv: 65,
+        writev: 66,
+        sendto: 206,
+        recvfrom: 207,
+        sendmsg: 211,
+        recvmsg: 212,
+    };
+
+    /// `struct user_msghdr.msg_iov` and `.msg_iovlen` (the same on every 64-bit architecture).
+    pub const MSGHDR_IOV: u64 = 16;
+    pub const MSGHDR_IOVLEN: u64 = 24;
+}
+
 /// Records of the tracepoints the programs read directly, as laid out by the kernel (see
 /// `/sys/kernel/tracing/events/<category>/<name>/format`). The daemon checks each field's offset
 /// and size against the running kernel's format files before attaching.
@@ -509,6 +637,44 @@ pub mod tracepoint {
         pub common: u64,
         pub skaddr: u64,
     }
+
+    /// Leading fields of `syscalls/sys_enter_*` for the calls whose first argument is a file
+    /// descriptor. Every syscall argument takes 8 bytes in these records.
+    #[repr(C)]
+    pub struct SysEnterFd {
+        pub common: u64,
+        pub syscall_nr: u64,
+        pub fd: u64,
+    }
+
+    /// `syscalls/sys_enter_recvfrom` up to its `flags`.
+    #[repr(C)]
+    pub struct SysEnterRecvfrom {
+        pub common: u64,
+        pub syscall_nr: u64,
+        pub fd: u64,
+        pub ubuf: u64,
+        pub size: u64,
+        pub flags: u64,
+    }
+
+    /// `syscalls/sys_enter_recvmsg` up to its `flags`.
+    #[repr(C)]
+    pub struct SysEnterRecvmsg {
+        pub common: u64,
+        pub syscall_nr: u64,
+        pub fd: u64,
+        pub msg: u64,
+        pub flags: u64,
+    }
+
+    /// `syscalls/sys_exit_*`.
+    #[repr(C)]
+    pub struct SysExit {
+        pub common: u64,
+        pub syscall_nr: u64,
+        pub ret: i64,
+    }
 }
 
 // Layouts are part of the ABI: pin them so both sides fail to build on an accidental change.
@@ -521,6 +687,7 @@ const _: () = assert!(core::mem::size_of::<Control>() == 8);
 const _: () = assert!(core::mem::size_of::<Capture>() == 88);
 const _: () = assert!(core::mem::size_of::<RequestEvent>() == 312);
 const _: () = assert!(core::mem::size_of::<Offsets>() == 92);
+const _: () = assert!(core::mem::size_of::<FdOffsets>() == 32);
 
 /// Userspace side: lets the types live in aya's maps.
 #[cfg(feature = "user")]
@@ -544,6 +711,8 @@ mod user {
     unsafe impl aya::Pod for Offsets {}
     // SAFETY: as above.
     unsafe impl aya::Pod for UnixNames {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FdOffsets {}
 }
 
 impl ConnEvent {

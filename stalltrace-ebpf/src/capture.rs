@@ -1,34 +1,22 @@
 //! Request capture: the first bytes of each request, read from the user buffer of the syscall
 //! that moved them (the data is there: the socket tracepoints fire after the copy). The buffer
 //! is found in the syscall's registers (`bpf_task_pt_regs`), so no syscall hook is needed.
-//! x86-64 only (register layout and syscall numbers).
+//! The register layout and syscall numbers are per architecture (x86-64 and arm64, below);
+//! elsewhere capture is off.
+#[cfg(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64"))]
+use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs};
 use aya_ebpf::helpers::{
-    bpf_probe_read_user,
-    generated::{
-        bpf_get_current_task_btf, bpf_probe_read_user as probe_read_user_raw, bpf_task_pt_regs,
-    },
+    bpf_probe_read_user, generated::bpf_probe_read_user as probe_read_user_raw,
 };
-use stalltrace_common::{capture_slot, Capture, CAPTURE_MAX};
+use stalltrace_common::{capture_slot, syscall_regs, Capture, CAPTURE_MAX};
 
 use crate::maps::{CAPTURES, CAPTURE_BYTES, CAPTURE_SLOTS, REPLY_HEADS};
 
-/// `struct pt_regs` offsets on x86-64.
-const PT_REGS_DX: u64 = 12 * 8;
-const PT_REGS_SI: u64 = 13 * 8;
-const PT_REGS_ORIG_AX: u64 = 15 * 8;
+#[cfg(bpf_target_arch = "x86_64")]
+const REGS: syscall_regs::Layout = syscall_regs::X86_64;
+#[cfg(bpf_target_arch = "aarch64")]
+const REGS: syscall_regs::Layout = syscall_regs::AARCH64;
 
-// x86-64 syscall numbers whose second argument locates the data.
-const READ: u64 = 0;
-const WRITE: u64 = 1;
-const READV: u64 = 19;
-const WRITEV: u64 = 20;
-const SENDTO: u64 = 44;
-const RECVFROM: u64 = 45;
-const SENDMSG: u64 = 46;
-const RECVMSG: u64 = 47;
-/// `struct user_msghdr.msg_iov` and `.msg_iovlen`.
-const MSGHDR_IOV: u64 = 16;
-const MSGHDR_IOVLEN: u64 = 24;
 /// `struct iovec` entries walked to find an offset past the first (grpcio writes a frame per
 /// entry).
 const MAX_IOVECS: u64 = 8;
@@ -150,29 +138,36 @@ enum Data {
 
 /// Other architectures have other registers and syscall numbers: there the daemon turns
 /// capture off (this is never reached).
-#[cfg(not(bpf_target_arch = "x86_64"))]
+#[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
 #[inline(always)]
 fn syscall_data() -> Option<Data> {
     None
 }
 
-#[cfg(bpf_target_arch = "x86_64")]
+#[cfg(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64"))]
 #[inline(always)]
 fn syscall_data() -> Option<Data> {
+    use syscall_regs::{MSGHDR_IOV, MSGHDR_IOVLEN};
     // SAFETY: `regs` is a BTF-typed `struct pt_regs *` from the kernel: the verifier turns
     // these loads into fault-safe ones at their (BTF-checked) offsets, with no helper call.
     // User memory is read with probe reads: failures are returned, not faulted.
     unsafe {
-        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u64;
-        let nr = regs.byte_add(PT_REGS_ORIG_AX as usize).read_volatile();
-        let arg1 = regs.byte_add(PT_REGS_SI as usize).read_volatile();
+        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8;
+        let nr = if REGS.nr.size == 4 {
+            u64::from(regs.add(REGS.nr.offset).cast::<u32>().read_volatile())
+        } else {
+            regs.add(REGS.nr.offset).cast::<u64>().read_volatile()
+        };
+        let arg1 = regs.add(REGS.arg1.offset).cast::<u64>().read_volatile();
         match nr {
-            READ | WRITE | SENDTO | RECVFROM => Some(Data::Buffer(arg1)),
-            READV | WRITEV => {
-                let count = regs.byte_add(PT_REGS_DX as usize).read_volatile();
+            n if n == REGS.read || n == REGS.write || n == REGS.sendto || n == REGS.recvfrom => {
+                Some(Data::Buffer(arg1))
+            }
+            n if n == REGS.readv || n == REGS.writev => {
+                let count = regs.add(REGS.arg2.offset).cast::<u64>().read_volatile();
                 Some(Data::Vector(arg1, count))
             }
-            SENDMSG | RECVMSG => {
+            n if n == REGS.sendmsg || n == REGS.recvmsg => {
                 let iov = bpf_probe_read_user((arg1 + MSGHDR_IOV) as *const u64).ok()?;
                 let count = bpf_probe_read_user((arg1 + MSGHDR_IOVLEN) as *const u64).ok()?;
                 Some(Data::Vector(iov, count))

@@ -4,6 +4,7 @@
 //! - `tcp_state`: connection open/close and listening ports (`sock/inet_sock_set_state`);
 //! - `transfer`: bytes each way and request/reply turns (`sock/sock_{send,recv}_length`);
 //! - `transfer_functions`: the same from `tcp_sendmsg`/`tcp_recvmsg` (Linux < 6.3);
+//! - `syscall_transfers`: the same from the syscall tracepoints (the last resort);
 //! - `tcp_signals`: retransmits and received resets (`tcp/*`);
 //! - `unix`: Unix stream/seqpacket connections, found through the same transfer tracepoints.
 //!
@@ -21,6 +22,7 @@ mod conn;
 mod kernel_read;
 mod maps;
 mod stacks;
+mod syscall_transfers;
 mod tcp_signals;
 mod tcp_state;
 mod transfer;

@@ -4,7 +4,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     Global,
 };
-use stalltrace_common::{loss, Capture, ConnState, Control, Offsets};
+use stalltrace_common::{loss, Capture, ConnState, Control, FdOffsets, Offsets};
 
 /// The stall threshold: a reply or close after at least this much quiet is reported at once.
 /// Set by the daemon at load (`EbpfLoader::set_global`), like `OFFSETS`.
@@ -22,6 +22,10 @@ pub(crate) static CAPTURE_SLOTS: Global<u32> = Global::new(1);
 /// Kernel struct member offsets, resolved by the daemon from BTF.
 #[unsafe(no_mangle)]
 pub(crate) static OFFSETS: Global<Offsets> = Global::new(Offsets::unknown());
+
+/// Members leading from a file descriptor to its socket (the syscall rung), from BTF.
+#[unsafe(no_mangle)]
+pub(crate) static FD_OFFSETS: Global<FdOffsets> = Global::new(FdOffsets::unknown());
 
 /// Live TCP connections keyed by `struct sock` address. The daemon sizes it at load; when full,
 /// the least recently used entry is evicted (the daemon notices and reports it).
@@ -61,6 +65,17 @@ pub(crate) static CAPTURES: Array<Capture> = Array::with_max_entries(1, 0);
 /// (see `message::classify_reply`); never reported.
 #[map]
 pub(crate) static REPLY_HEADS: PerCpuArray<Capture> = PerCpuArray::with_max_entries(1, 0);
+
+/// Slot 0 is 1 once the daemon can tell when a Unix socket closes (`stalltrace_unix_alive`
+/// loaded, on a rung that sees Unix transfers): until then Unix connections are not tracked,
+/// since nothing would ever remove their entries.
+#[map]
+pub(crate) static UNIX_TRACED: Array<u32> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub(crate) fn unix_traced() -> bool {
+    UNIX_TRACED.get(0).is_some_and(|on| *on != 0)
+}
 
 /// Slot 0 holds the daemon's current sweep epoch.
 #[map]

@@ -77,13 +77,14 @@ struct Call {
     flags: u64,
 }
 
-/// Threads inside a hooked function, by pid_tgid. LRU: an entry whose return was missed (the
-/// kernel's kretprobe instances ran out) is evicted in time rather than leaked.
+/// Threads inside a hooked function or syscall, by pid_tgid. LRU: an entry whose return was
+/// missed (the kernel's kretprobe instances ran out) is evicted in time rather than leaked.
 #[map]
 static CALLS: LruHashMap<u64, Call> = LruHashMap::with_max_entries(1 << 14, 0);
 
+/// Keeps the socket and flags of a call for its return (kprobe and syscall rungs).
 #[inline(always)]
-fn enter(sock: Option<u64>, flags: Option<u64>) -> u32 {
+pub(crate) fn enter(sock: Option<u64>, flags: Option<u64>) -> u32 {
     let (Some(sock), Some(flags)) = (sock, flags) else {
         return 0;
     };
@@ -91,15 +92,15 @@ fn enter(sock: Option<u64>, flags: Option<u64>) -> u32 {
     0
 }
 
+/// The return of a call `enter` kept (`ret`: bytes moved or a negative errno): the transfer.
 #[inline(always)]
-fn leave(ctx: &RetProbeContext, dir: u8) -> u32 {
+pub(crate) fn leave<C: EbpfContext>(ctx: &C, dir: u8, ret: i32) -> u32 {
     let key = bpf_get_current_pid_tgid();
     // SAFETY: map value pointer, copied out before the entry is removed.
     let Some(call) = CALLS.get_ptr(key).map(|call| unsafe { *call }) else {
         return 0;
     };
     let _ = CALLS.remove(key);
-    let ret = ctx.ret::<u64>() as i32;
     on_transfer(ctx, call.sock, dir, ret, call.flags as i32);
     0
 }
@@ -111,7 +112,7 @@ pub(crate) fn stalltrace_send_kprobe(ctx: ProbeContext) -> u32 {
 
 #[kretprobe(function = "tcp_sendmsg")]
 pub(crate) fn stalltrace_send_kretprobe(ctx: RetProbeContext) -> u32 {
-    leave(&ctx, direction::OUT)
+    leave(&ctx, direction::OUT, ctx.ret::<u64>() as i32)
 }
 
 #[kprobe(function = "tcp_sendpage")]
@@ -121,7 +122,7 @@ pub(crate) fn stalltrace_sendpage_kprobe(ctx: ProbeContext) -> u32 {
 
 #[kretprobe(function = "tcp_sendpage")]
 pub(crate) fn stalltrace_sendpage_kretprobe(ctx: RetProbeContext) -> u32 {
-    leave(&ctx, direction::OUT)
+    leave(&ctx, direction::OUT, ctx.ret::<u64>() as i32)
 }
 
 #[kprobe(function = "tcp_recvmsg")]
@@ -142,5 +143,5 @@ pub(crate) fn stalltrace_recv_kprobe(ctx: ProbeContext) -> u32 {
 
 #[kretprobe(function = "tcp_recvmsg")]
 pub(crate) fn stalltrace_recv_kretprobe(ctx: RetProbeContext) -> u32 {
-    leave(&ctx, direction::IN)
+    leave(&ctx, direction::IN, ctx.ret::<u64>() as i32)
 }

@@ -83,7 +83,7 @@ pub(crate) fn discover<C: EbpfContext>(
     now: u64,
 ) -> Option<*mut ConnState> {
     let offsets = crate::maps::OFFSETS.load();
-    if !offsets.can_read_unix() {
+    if !offsets.can_read_unix() || !crate::maps::unix_traced() {
         return None;
     }
     // SAFETY: probe reads of kernel memory; failures are returned, not faulted.

@@ -21,7 +21,9 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use stalltrace_common::{capture_slot, loss, Capture, ConnState, Control, Offsets, StackKey};
+use stalltrace_common::{
+    capture_slot, loss, syscall_regs, Capture, ConnState, Control, FdOffsets, Offsets, StackKey,
+};
 
 use crate::sources::tracefs;
 
@@ -69,16 +71,20 @@ pub enum Rung {
     Fentry,
     /// kprobe + kretprobe pairs on the same functions (CONFIG_KPROBES).
     Kprobe,
+    /// The syscall tracepoints of the read/write family, descriptor resolved to its socket
+    /// (kernel BTF): the last resort, since they run for file I/O too.
+    Syscall,
 }
 
 impl Rung {
-    pub const LADDER: [Rung; 3] = [Rung::Tracepoint, Rung::Fentry, Rung::Kprobe];
+    pub const LADDER: [Rung; 4] = [Rung::Tracepoint, Rung::Fentry, Rung::Kprobe, Rung::Syscall];
 
     pub fn name(self) -> &'static str {
         match self {
             Rung::Tracepoint => "tracepoint",
             Rung::Fentry => "fentry",
             Rung::Kprobe => "kprobe",
+            Rung::Syscall => "syscall",
         }
     }
 
@@ -93,6 +99,10 @@ impl Rung {
                  CONFIG_BPF_JIT and CONFIG_FUNCTION_TRACER, Linux 5.5)"
             }
             Rung::Kprobe => "kprobes (CONFIG_KPROBES)",
+            Rung::Syscall => {
+                "the syscall tracepoints (CONFIG_FTRACE_SYSCALLS) and kernel BTF for the path \
+                 from a file descriptor to its socket"
+            }
         }
     }
 
@@ -102,6 +112,7 @@ impl Rung {
             Rung::Tracepoint => TRACEPOINT_TRANSFERS,
             Rung::Fentry => FENTRY_TRANSFERS,
             Rung::Kprobe => KPROBE_TRANSFERS,
+            Rung::Syscall => SYSCALL_TRANSFERS,
         }
     }
 }
@@ -155,6 +166,26 @@ const KPROBE_TRANSFERS: &[TransferHook] = &[
     },
 ];
 
+/// One program per role, attached to every syscall of the family (each is loaded once).
+const SYSCALL_TRANSFERS: &[TransferHook] = &[
+    transfer("stalltrace_sys_enter_fd", "sys_enter_read"),
+    transfer("stalltrace_sys_enter_fd", "sys_enter_readv"),
+    transfer("stalltrace_sys_enter_recvfrom", "sys_enter_recvfrom"),
+    transfer("stalltrace_sys_enter_recvmsg", "sys_enter_recvmsg"),
+    transfer("stalltrace_sys_exit_recv", "sys_exit_read"),
+    transfer("stalltrace_sys_exit_recv", "sys_exit_readv"),
+    transfer("stalltrace_sys_exit_recv", "sys_exit_recvfrom"),
+    transfer("stalltrace_sys_exit_recv", "sys_exit_recvmsg"),
+    transfer("stalltrace_sys_enter_fd", "sys_enter_write"),
+    transfer("stalltrace_sys_enter_fd", "sys_enter_writev"),
+    transfer("stalltrace_sys_enter_fd", "sys_enter_sendto"),
+    transfer("stalltrace_sys_enter_fd", "sys_enter_sendmsg"),
+    transfer("stalltrace_sys_exit_send", "sys_exit_write"),
+    transfer("stalltrace_sys_exit_send", "sys_exit_writev"),
+    transfer("stalltrace_sys_exit_send", "sys_exit_sendto"),
+    transfer("stalltrace_sys_exit_send", "sys_exit_sendmsg"),
+];
+
 /// (major, minor) of a kernel release such as "5.10.0-32-amd64"; (0, 0) if unreadable.
 pub(crate) fn release_version(release: &str) -> (u32, u32) {
     let mut numbers = release
@@ -169,15 +200,32 @@ pub(crate) fn running_version() -> (u32, u32) {
     release_version(release.trim())
 }
 
-/// What the fallback rungs need to know about the kernel's TCP functions (from its BTF, or
-/// its version when there is none).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What the fallback rungs need to know about the kernel's TCP functions, and request capture
+/// about its syscall registers (from its BTF, or its version when there is none).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct KernelFunctions {
     /// Parameters of `tcp_recvmsg`: 6 before Linux 5.19 (a `nonblock` before `flags`), 5
     /// after, 4 from 6.18 (no `addr_len`). `flags` is the fifth, else the fourth.
     pub tcp_recvmsg_args: u32,
     pub has_tcp_sendpage: bool,
+    /// The members the syscall rung follows from a descriptor to its socket, or which the
+    /// kernel's BTF lacks.
+    pub fd_offsets: Result<FdOffsets, String>,
+    /// `struct pt_regs` has the layout capture reads on this architecture
+    /// ([`SYSCALL_REGS`]), or there is no BTF to tell (capture then fails to load and is
+    /// dropped: it needs BTF).
+    pub syscall_regs: Result<(), String>,
 }
+
+/// Where capture reads the syscall's registers on the architecture the daemon was built for;
+/// `None` where it does not know them (capture off).
+pub(crate) const SYSCALL_REGS: Option<syscall_regs::Layout> = if cfg!(target_arch = "x86_64") {
+    Some(syscall_regs::X86_64)
+} else if cfg!(target_arch = "aarch64") {
+    Some(syscall_regs::AARCH64)
+} else {
+    None
+};
 
 impl KernelFunctions {
     /// From the kernel's BTF; `None` when the BTF has no `tcp_recvmsg` of a known shape.
@@ -192,6 +240,8 @@ impl KernelFunctions {
         Some(Self {
             tcp_recvmsg_args,
             has_tcp_sendpage: btf.function_params(SENDPAGE).is_some(),
+            fd_offsets: crate::sources::btf::resolve_fd_offsets(btf),
+            syscall_regs: SYSCALL_REGS.map_or(Ok(()), |layout| check_syscall_regs(btf, &layout)),
         })
     }
 
@@ -205,8 +255,36 @@ impl KernelFunctions {
                 _ => 4,
             },
             has_tcp_sendpage: version < (6, 5),
+            fd_offsets: Err("no kernel BTF".into()),
+            syscall_regs: Ok(()),
         }
     }
+}
+
+/// Whether the kernel's `struct pt_regs` holds each register capture reads where `layout`
+/// says; the mismatch, named, if not.
+fn check_syscall_regs(
+    btf: &crate::sources::btf::Btf,
+    layout: &syscall_regs::Layout,
+) -> Result<(), String> {
+    for wanted in [layout.nr, layout.arg1, layout.arg2] {
+        let name = wanted.path.join(".");
+        let member = btf
+            .member("pt_regs", wanted.path)
+            .ok_or_else(|| format!("struct pt_regs has no member {name}"))?;
+        let (start, end) = (
+            member.offset as usize,
+            (member.offset + member.size) as usize,
+        );
+        if wanted.offset < start || wanted.offset + wanted.size > end {
+            return Err(format!(
+                "struct pt_regs.{name} is at bytes {start}..{end}, capture reads {}..{}",
+                wanted.offset,
+                wanted.offset + wanted.size
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) struct ProbeConfig {
@@ -351,17 +429,24 @@ impl Probes {
         listening: &[u16],
     ) -> Result<Self> {
         check_required_hooks(tracefs_root)?;
-        let capture_bytes = if cfg!(target_arch = "x86_64") {
-            config.capture_bytes
-        } else {
-            if config.capture_bytes > 0 {
+        let capture_bytes = match (SYSCALL_REGS, &config.functions.syscall_regs) {
+            _ if config.capture_bytes == 0 => 0,
+            (None, _) => {
                 log::warn!(
-                    "request capture reads x86-64 syscall registers and is off on {}: stalls \
-                     are reported without request signatures",
+                    "request capture reads syscall registers it knows on x86-64 and arm64 only, \
+                     so it is off on {}: stalls are reported without request signatures",
                     std::env::consts::ARCH
                 );
+                0
             }
-            0
+            (Some(_), Err(mismatch)) => {
+                log::warn!(
+                    "request capture is off: {mismatch} on this kernel (from its BTF); stalls \
+                     are reported without request signatures"
+                );
+                0
+            }
+            (Some(_), Ok(())) => config.capture_bytes,
         };
         let (probes, capture_error) = with_capture_fallback(capture_bytes, |bytes| {
             Self::load_once(tracefs_root, config, listening, bytes)
@@ -390,6 +475,15 @@ impl Probes {
             .btf(None)
             .override_global("STALL_AFTER_NS", &config.stall_after_ns, true)
             .override_global("OFFSETS", &config.offsets, true)
+            .override_global(
+                "FD_OFFSETS",
+                config
+                    .functions
+                    .fd_offsets
+                    .as_ref()
+                    .unwrap_or(&FdOffsets::unknown()),
+                true,
+            )
             .map_max_entries("CONNS", config.max_conns)
             .map_max_entries("EVENTS", config.ring_buffer_bytes)
             .override_global("CAPTURE_BYTES", &capture_bytes, true)
@@ -447,6 +541,12 @@ impl Probes {
             }
         };
         let unix = unix_tracing(&mut ebpf, transfers.rung, &config.offsets);
+        if unix.is_ok() {
+            let mut traced: Array<MapData, u32> = take_map(&mut ebpf, "UNIX_TRACED")?;
+            traced
+                .set(0, 1, 0)
+                .context("enabling Unix sockets in the UNIX_TRACED map")?;
+        }
         let stats = config
             .bpf_stats
             .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime))
@@ -630,7 +730,7 @@ fn attach_transfers(
     };
     let mut passed_over = Vec::new();
     for rung in candidates {
-        match attach_rung(ebpf, tracefs_root, rung, config.functions) {
+        match attach_rung(ebpf, tracefs_root, rung, &config.functions) {
             Ok(hooks) => {
                 attached.extend(hooks);
                 return Ok(TransferHooks {
@@ -667,7 +767,7 @@ fn attach_rung(
     ebpf: &mut Ebpf,
     tracefs_root: &Path,
     rung: Rung,
-    functions: KernelFunctions,
+    functions: &KernelFunctions,
 ) -> Result<Vec<Attached>> {
     let btf = match rung {
         Rung::Fentry => Some(aya::Btf::from_sys_fs().with_context(|| {
@@ -680,9 +780,16 @@ fn attach_rung(
             "this kernel has no kprobes (no {} and no kprobe PMU; CONFIG_KPROBES is off)",
             tracefs_root.join("kprobe_events").display()
         ),
+        Rung::Syscall => {
+            if let Err(missing) = &functions.fd_offsets {
+                bail!("{missing}");
+            }
+            None
+        }
         _ => None,
     };
     let mut attached = Vec::new();
+    let mut loaded = Vec::new();
     for hook in rung.hooks() {
         if hook.only_if_present && !functions.has_tcp_sendpage {
             continue;
@@ -704,6 +811,16 @@ fn attach_rung(
                 load_program(hook.program, program.load(hook.target, btf))?;
                 program.attach()?;
                 format!("fexit/{}", hook.target)
+            }
+            Rung::Syscall => {
+                tracefs::check_layout(tracefs_root, "syscalls", hook.target)?;
+                let program: &mut TracePoint = program.try_into()?;
+                if !loaded.contains(&hook.program) {
+                    load_program(hook.program, program.load())?;
+                    loaded.push(hook.program);
+                }
+                program.attach("syscalls", hook.target)?;
+                format!("tracepoint/syscalls/{}", hook.target)
             }
             Rung::Kprobe => {
                 let program: &mut KProbe = program.try_into()?;
@@ -741,6 +858,7 @@ fn unload(ebpf: &mut Ebpf, program: &str) {
         Some(Program::RawTracePoint(p)) => p.unload(),
         Some(Program::FExit(p)) => p.unload(),
         Some(Program::KProbe(p)) => p.unload(),
+        Some(Program::TracePoint(p)) => p.unload(),
         _ => Ok(()),
     };
     if let Err(err) = result {
@@ -789,14 +907,15 @@ fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
-/// Unix connections are found on the transfer tracepoints only (their transfers pass through
-/// no TCP function), need their members in the kernel's BTF, and need the liveness program
-/// (their closes are seen through it). `Err` says what is missing.
+/// Unix connections are found on the rungs that see every socket's transfers (the sock
+/// tracepoints, the syscall tracepoints; not the TCP functions'), need their members in the
+/// kernel's BTF, and need the liveness program (their closes are seen through it): then the
+/// kernel is told to track them (`UNIX_TRACED`). `Err` says what is missing.
 fn unix_tracing(ebpf: &mut Ebpf, rung: Rung, offsets: &Offsets) -> Result<(), String> {
-    if rung != Rung::Tracepoint {
+    if !matches!(rung, Rung::Tracepoint | Rung::Syscall) {
         return Err(format!(
-            "Unix domain sockets are traced only through the sock_send_length/sock_recv_length \
-             tracepoints (Linux 6.3+); data transfers here use the {} rung",
+            "Unix domain sockets are not traced on the {} rung, which hooks TCP functions only \
+             (they are with the sock_send_length/sock_recv_length tracepoints of Linux 6.3+)",
             rung.name()
         ));
     }
@@ -812,10 +931,7 @@ fn unix_tracing(ebpf: &mut Ebpf, rung: Rung, offsets: &Offsets) -> Result<(), St
         .ok_or_else(|| format!("the eBPF object has no program {UNIX_ALIVE_PROGRAM}"))
         .and_then(|p| <&mut RawTracePoint>::try_from(p).map_err(|e| e.to_string()))?;
     load_program(UNIX_ALIVE_PROGRAM, program.load()).map_err(|err| {
-        format!(
-            "Unix connections are traced but their closes are seen only when their socket's \
-             memory is reused: {err:#}"
-        )
+        format!("Unix domain sockets are not traced: their closes could not be seen: {err:#}")
     })
 }
 
@@ -920,50 +1036,85 @@ mod tests {
     }
 
     #[test]
-    fn every_rung_hooks_both_directions_with_distinct_programs() {
-        let mut programs = std::collections::HashSet::new();
+    fn every_rung_hooks_both_directions_with_programs_of_its_own() {
+        let mut owner = std::collections::HashMap::new();
         for rung in Rung::LADDER {
             let hooks = rung.hooks();
             assert!(hooks.iter().any(|h| h.program.contains("send")), "{rung:?}");
             assert!(hooks.iter().any(|h| h.program.contains("recv")), "{rung:?}");
+            let mut pairs = std::collections::HashSet::new();
             for hook in hooks {
-                assert!(programs.insert(hook.program), "{} twice", hook.program);
+                assert_eq!(
+                    *owner.entry(hook.program).or_insert(rung),
+                    rung,
+                    "{}",
+                    hook.program
+                );
+                assert!(
+                    pairs.insert((hook.program, hook.target)),
+                    "{} twice",
+                    hook.target
+                );
                 // Optional hooks are the sendpage path only: the rest is required.
                 assert_eq!(hook.only_if_present, hook.target == SENDPAGE);
             }
+        }
+        // The syscall rung keeps each call's socket at its entry for its exit: both hooked,
+        // and the exit's direction matches the call.
+        let targets: Vec<&str> = Rung::Syscall.hooks().iter().map(|h| h.target).collect();
+        for hook in Rung::Syscall.hooks() {
+            let Some(call) = hook.target.strip_prefix("sys_exit_") else {
+                continue;
+            };
+            assert!(
+                targets.contains(&format!("sys_enter_{call}").as_str()),
+                "{call}"
+            );
+            let receives = matches!(call, "read" | "readv" | "recvfrom" | "recvmsg");
+            assert_eq!(hook.program.ends_with("recv"), receives, "{call}");
+            assert!(
+                tracefs::expected_fields("syscalls", hook.target).is_some_and(|f| !f.is_empty())
+            );
         }
     }
 
     #[test]
     fn tcp_recvmsg_shape_follows_the_kernel() {
-        assert_eq!(
-            KernelFunctions::from_release("5.10.0-32-amd64"),
-            KernelFunctions {
-                tcp_recvmsg_args: 6,
-                has_tcp_sendpage: true
-            }
-        );
-        assert_eq!(
-            KernelFunctions::from_release("6.1.0-57-amd64"),
-            KernelFunctions {
-                tcp_recvmsg_args: 5,
-                has_tcp_sendpage: true
-            }
-        );
-        assert_eq!(
-            KernelFunctions::from_release("6.12.117+deb13-amd64"),
-            KernelFunctions {
-                tcp_recvmsg_args: 5,
-                has_tcp_sendpage: false
-            }
-        );
-        // The running kernel's BTF says the same as its version.
+        let shape = |f: &KernelFunctions| (f.tcp_recvmsg_args, f.has_tcp_sendpage);
+        for (release, expected) in [
+            ("5.10.0-32-amd64", (6, true)),
+            ("6.1.0-57-amd64", (5, true)),
+            ("6.12.117+deb13-amd64", (5, false)),
+        ] {
+            let functions = KernelFunctions::from_release(release);
+            assert_eq!(shape(&functions), expected, "{release}");
+            assert!(functions.fd_offsets.is_err(), "no BTF, no syscall rung");
+        }
+        // The running kernel's BTF says the same as its version, has the path from a
+        // descriptor to its socket, and its registers are where capture reads them.
         let btf = crate::sources::btf::from_kernel().unwrap();
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let from_btf = KernelFunctions::from_btf(&btf).unwrap();
         assert_eq!(
-            KernelFunctions::from_btf(&btf),
-            Some(KernelFunctions::from_release(release.trim()))
+            shape(&from_btf),
+            shape(&KernelFunctions::from_release(release.trim()))
         );
+        assert!(from_btf.fd_offsets.is_ok(), "{:?}", from_btf.fd_offsets);
+        assert_eq!(from_btf.syscall_regs, Ok(()));
+    }
+
+    #[test]
+    fn capture_is_refused_registers_the_kernel_does_not_have_there() {
+        let btf = crate::sources::btf::from_kernel().unwrap();
+        let mut layout = SYSCALL_REGS.expect("capture knows this architecture's registers");
+        assert_eq!(check_syscall_regs(&btf, &layout), Ok(()));
+        layout.nr.offset += 8;
+        let mismatch = check_syscall_regs(&btf, &layout).unwrap_err();
+        assert!(mismatch.contains("capture reads"), "{mismatch}");
+        layout.nr.offset -= 8;
+        layout.arg2.path = &["no_such_register"];
+        let missing = check_syscall_regs(&btf, &layout).unwrap_err();
+        assert!(missing.contains("no member no_such_register"), "{missing}");
     }
 
     /// A tracefs with a `format` file, in the layout the programs expect, for each of

@@ -7,8 +7,8 @@ use std::{
 
 use serde_json::Value;
 use stalltrace_integration::{
-    echo_server, pid, require_root, send_request, with_role, Daemon, FullListener, SilentServer,
-    REPORT_WITHIN, STALL_AFTER,
+    echo_server, expected_capture_bytes, pid, require_root, send_request, with_role, Daemon,
+    FullListener, SilentServer, REPORT_WITHIN, STALL_AFTER,
 };
 
 fn gettid() -> u64 {
@@ -297,17 +297,11 @@ fn request_capture_loads_where_the_kernel_has_it() {
     require_root();
     let daemon = Daemon::start("capture-loads");
     let status = daemon.cli_json(&["status", "-o", "json"]);
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut numbers = release
-        .trim()
-        .split(['.', '-'])
-        .map(|part| part.parse::<u32>().unwrap_or(0));
-    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-    let expected = if version >= (5, 15) { 64 } else { 0 };
+    let expected = expected_capture_bytes();
     assert_eq!(
         status["features"]["request_capture_bytes"],
         expected,
-        "kernel {release}: {status:#}\n{}",
+        "{status:#}\n{}",
         daemon.stderr()
     );
     assert_eq!(

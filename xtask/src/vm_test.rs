@@ -44,40 +44,114 @@ const APT_SOURCES: &str = "/etc/apt/sources.list.d/stalltrace-vm-test.sources";
 const APT_PIN: &str = "/etc/apt/preferences.d/stalltrace-vm-test";
 /// Suites added to apt for their kernels (bookworm and bookworm-security are the host's own).
 const EXTRA_SUITES: &[&str] = &["bullseye", "trixie", "trixie-backports"];
-/// Integration test targets run in each guest.
-const SUITES: &[&str] = &["stalls", "file_io"];
 
-/// A kernel of the matrix: Debian's `linux-image-amd64` from one suite, and the rungs it is
+/// An architecture the guests run. Other than this machine's, it is emulated whole: the
+/// binaries are cross-compiled (Debian's cross gcc and its Rust standard library for that
+/// architecture, multiarch), and the guest runs on an initramfs of its own (static busybox and
+/// the C libraries the binaries need) instead of this machine's root filesystem.
+struct Arch {
+    /// Debian's name (`dpkg --print-architecture`).
+    debian: &'static str,
+    /// Rust target to cross-compile for; `None` for this machine's.
+    cross: Option<CrossTarget>,
+    qemu: &'static str,
+    machine: &'static str,
+    console: &'static str,
+    /// Integration test targets run in its guests.
+    suites: &'static [&'static str],
+}
+
+struct CrossTarget {
+    triple: &'static str,
+    /// The linker environment variable cargo reads for the target, and its value.
+    linker: (&'static str, &'static str),
+    /// Where the cross C libraries are, and those the binaries load.
+    libs: &'static str,
+    lib_names: &'static [&'static str],
+    /// Host packages: the emulator, the cross linker and libc, the Rust standard library.
+    packages: &'static [&'static str],
+}
+
+const AMD64: Arch = Arch {
+    debian: "amd64",
+    cross: None,
+    qemu: "qemu-system-x86_64",
+    machine: "pc",
+    console: "ttyS0",
+    suites: &["stalls", "file_io"],
+};
+
+const ARM64: Arch = Arch {
+    debian: "arm64",
+    cross: Some(CrossTarget {
+        triple: "aarch64-unknown-linux-gnu",
+        linker: (
+            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
+            "aarch64-linux-gnu-gcc",
+        ),
+        libs: "/usr/aarch64-linux-gnu/lib",
+        lib_names: &[
+            "ld-linux-aarch64.so.1",
+            "libc.so.6",
+            "libm.so.6",
+            "libgcc_s.so.1",
+        ],
+        packages: &[
+            "qemu-system-arm",
+            "gcc-aarch64-linux-gnu",
+            "libc6-dev-arm64-cross",
+            "libstd-rust-web-dev:arm64",
+        ],
+    }),
+    qemu: "qemu-system-aarch64",
+    machine: "virt",
+    console: "ttyAMA0",
+    // Each daemon start verifies the programs for ~2 min on emulated arm64: one daemon, every
+    // core rule.
+    suites: &["smoke"],
+};
+
+/// A kernel of the matrix: Debian's `linux-image-ARCH` from one suite, and the rungs it is
 /// tested with. Every rung runs on at least two kernels; `auto` is what probing must pick.
 struct Kernel {
     suite: &'static str,
+    arch: &'static Arch,
     rungs: &'static [&'static str],
     auto: &'static str,
     /// Measure the per-call cost of every rung here (one kernel that has all three).
     cost: bool,
+    /// Run only when named with `--kernel` (too slow for CI's budget).
+    opt_in: bool,
 }
 
 const MATRIX: &[Kernel] = &[
+    // The oldest kernel also proves the last-resort syscall rung.
     Kernel {
         suite: "bullseye",
-        rungs: &["fentry", "kprobe"],
+        arch: &AMD64,
+        rungs: &["fentry", "kprobe", "syscall"],
         auto: "fentry",
         cost: false,
+        opt_in: false,
     },
     // Debian 12's own kernel: the rung it uses. (Its verifier is the slowest of the matrix with
     // the message classifier, ~20 s per daemon start under emulation: kprobe is proven on
     // 5.10 and 7.3 instead, to keep the matrix within CI's budget.)
     Kernel {
         suite: "bookworm-security",
+        arch: &AMD64,
         rungs: &["fentry"],
         auto: "fentry",
         cost: false,
+        opt_in: false,
     },
     Kernel {
         suite: "trixie",
+        arch: &AMD64,
         rungs: &["tracepoint", "fentry"],
         auto: "tracepoint",
         cost: false,
+        opt_in: false,
     },
     // A preemptible kernel (PREEMPT_LAZY): an fexit program preempted mid-run makes the
     // kernel skip the same program for other tasks on that CPU (counted as
@@ -85,11 +159,33 @@ const MATRIX: &[Kernel] = &[
     // on this kernel. fentry is tested where it is used: 5.10, 6.1 and 6.12 (voluntary).
     Kernel {
         suite: "trixie-backports",
+        arch: &AMD64,
         rungs: &["tracepoint", "kprobe"],
         auto: "tracepoint",
         cost: true,
+        opt_in: false,
+    },
+    // arm64: request capture reads other registers there, and fentry has its own trampolines.
+    // Opt-in: cross-building takes ~8 min and the guest ~7 (docs/performance.md).
+    Kernel {
+        suite: "trixie",
+        arch: &ARM64,
+        rungs: &["tracepoint", "fentry"],
+        auto: "tracepoint",
+        cost: false,
+        opt_in: true,
     },
 ];
+
+impl Kernel {
+    /// How `--kernel` names it: the suite, with the architecture when it is not amd64.
+    fn name(&self) -> String {
+        match self.arch.cross {
+            None => self.suite.to_owned(),
+            Some(_) => format!("{}-{}", self.suite, self.arch.debian),
+        }
+    }
+}
 
 /// Guest size and limits.
 const GUEST_MEMORY: &str = "2G";
@@ -100,7 +196,8 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(900);
 #[derive(clap::Args)]
 pub(crate) struct VmTestArgs {
     /// Only these kernels, by Debian suite (bullseye, bookworm-security, trixie,
-    /// trixie-backports); default: all of them.
+    /// trixie-backports), or trixie-arm64 for the arm64 one; default: all but arm64 (an
+    /// emulated arm64 run takes ~15 min with its cross-build).
     #[arg(long = "kernel", value_name = "SUITE")]
     kernels: Vec<String>,
     /// Skip the run on this machine's own kernel.
@@ -127,17 +224,17 @@ pub(crate) fn run(args: VmTestArgs) -> Result<()> {
     setup::require_root("the kernel matrix (it loads eBPF programs, here and in the guests)")?;
     setup::install_packages(HOST_PACKAGES)?;
     let kernels: Vec<&Kernel> = if args.kernels.is_empty() {
-        MATRIX.iter().collect()
+        MATRIX.iter().filter(|k| !k.opt_in).collect()
     } else {
         args.kernels
             .iter()
             .map(|suite| {
-                MATRIX.iter().find(|k| k.suite == suite).with_context(|| {
+                MATRIX.iter().find(|k| k.name() == *suite).with_context(|| {
                     format!(
                         "--kernel {suite}: not in the matrix ({})",
                         MATRIX
                             .iter()
-                            .map(|k| k.suite)
+                            .map(Kernel::name)
                             .collect::<Vec<_>>()
                             .join(", ")
                     )
@@ -146,14 +243,25 @@ pub(crate) fn run(args: VmTestArgs) -> Result<()> {
             .collect::<Result<_>>()?
     };
     add_kernel_suites()?;
-    let binaries = build()?;
+    let binaries = build(&AMD64)?;
+    let cross = match kernels.iter().find(|k| k.arch.cross.is_some()) {
+        Some(kernel) => {
+            enable_arch(kernel.arch)?;
+            Some(build(kernel.arch)?)
+        }
+        None => None,
+    };
     let mut rows = Vec::new();
     let mut costs = Vec::new();
     if !args.no_host {
         rows.extend(run_host(&binaries)?);
     }
     for kernel in kernels {
-        let (kernel_rows, kernel_costs) = run_kernel(kernel, &binaries, args.keep)?;
+        let binaries = match kernel.arch.cross {
+            None => &binaries,
+            Some(_) => cross.as_ref().expect("built for the cross kernel above"),
+        };
+        let (kernel_rows, kernel_costs) = run_kernel(kernel, binaries, args.keep)?;
         rows.extend(kernel_rows);
         costs.extend(kernel_costs);
     }
@@ -184,9 +292,36 @@ struct Binaries {
     tests: Vec<(String, PathBuf)>,
 }
 
-fn build() -> Result<Binaries> {
-    println!("xtask vm-test: building the daemon and the integration tests (release)");
-    setup::run_checked(cargo().args(["build", "--release", "--package", "stalltrace"]))?;
+fn build(arch: &'static Arch) -> Result<Binaries> {
+    println!(
+        "xtask vm-test: building the daemon and the integration tests (release, {})",
+        arch.debian
+    );
+    // This machine's rustup toolchain has no standard library for other targets; Debian's
+    // (the BPF toolchain) has it for every architecture installed with multiarch.
+    let cargo = || match &arch.cross {
+        None => cargo(),
+        Some(cross) => {
+            let mut command = setup::rustup();
+            command
+                .args(["run", setup::BPF_TOOLCHAIN, "cargo"])
+                .current_dir(workspace_root())
+                .env_remove("RUSTUP_TOOLCHAIN")
+                .env_remove("RUSTC")
+                .env(cross.linker.0, cross.linker.1);
+            command
+        }
+    };
+    let target: Vec<&str> = arch
+        .cross
+        .as_ref()
+        .map(|cross| vec!["--target", cross.triple])
+        .unwrap_or_default();
+    setup::run_checked(
+        cargo()
+            .args(["build", "--release", "--package", "stalltrace"])
+            .args(&target),
+    )?;
     let out = cargo()
         .args([
             "test",
@@ -196,6 +331,8 @@ fn build() -> Result<Binaries> {
             "--no-run",
             "--message-format=json",
         ])
+        .args(arch.suites.iter().flat_map(|suite| ["--test", suite]))
+        .args(&target)
         .stderr(Stdio::inherit())
         .output()
         .context("building the integration tests")?;
@@ -208,36 +345,46 @@ fn build() -> Result<Binaries> {
             continue;
         };
         let name = message["target"]["name"].as_str().unwrap_or_default();
-        if let (true, Some(executable)) = (SUITES.contains(&name), message["executable"].as_str()) {
+        if let (true, Some(executable)) =
+            (arch.suites.contains(&name), message["executable"].as_str())
+        {
             tests.push((name.to_owned(), PathBuf::from(executable)));
         }
     }
-    for suite in SUITES {
+    for suite in arch.suites {
         if !tests.iter().any(|(name, _)| name == suite) {
             bail!("cargo built no integration test named {suite}");
         }
     }
+    let out_dir = match &arch.cross {
+        None => workspace_root().join("target/release"),
+        Some(cross) => workspace_root()
+            .join("target")
+            .join(cross.triple)
+            .join("release"),
+    };
     Ok(Binaries {
-        stalltrace: workspace_root().join("target/release/stalltrace"),
+        stalltrace: out_dir.join("stalltrace"),
         tests,
     })
 }
 
 /// The script each guest (and the host run) executes: for each rung, every test suite, with
 /// one result line per suite for the host side to parse.
+/// POSIX sh: a guest of another architecture runs it with busybox.
 fn test_script(binaries: &Binaries, rungs: &[&str], cost: bool) -> String {
     let mut script = format!(
-        "set -u\ncd /tmp\nexport STALLTRACE_BIN={}\nST=$STALLTRACE_BIN\n",
+        "#!/bin/sh\nset -u\ncd /tmp\nexport STALLTRACE_BIN={}\nST=$STALLTRACE_BIN\n{UPTIME_MS}",
         binaries.stalltrace.display()
     );
     script.push_str(AUTO_PROBE);
     for rung in rungs {
         for (name, path) in &binaries.tests {
             script.push_str(&format!(
-                "t0=$(date +%s%N)\n\
+                "t0=$(uptime_ms)\n\
                  STALLTRACE_HOOKS={rung} {} --test-threads=1 2>&1\n\
                  rc=$?\n\
-                 echo \"vm-test: done rung={rung} suite={name} rc=$rc ms=$(( ($(date +%s%N) - t0) / 1000000 ))\"\n",
+                 echo \"vm-test: done rung={rung} suite={name} rc=$rc ms=$(( $(uptime_ms) - t0 ))\"\n",
                 path.display()
             ));
         }
@@ -250,7 +397,12 @@ fn test_script(binaries: &Binaries, rungs: &[&str], cost: bool) -> String {
     script
 }
 
-/// Starts the daemon with `--hooks auto` and prints the rung it picked.
+/// Milliseconds since boot (busybox's `date` has no `%N`).
+const UPTIME_MS: &str = r#"uptime_ms() { read -r up _ < /proc/uptime; echo $(( ${up%.*} * 1000 + 1${up#*.} * 10 - 1000 )); }
+"#;
+
+/// Starts the daemon with `--hooks auto` and prints the rung it picked (from `status`, without
+/// a JSON tool: a guest of another architecture has only busybox).
 const AUTO_PROBE: &str = r#"
 "$ST" daemon --stall-after 1s --socket /tmp/auto.sock > /dev/null 2> /tmp/auto.err &
 pid=$!
@@ -258,7 +410,7 @@ rung=none
 for _ in $(seq 1 300); do
   kill -0 $pid 2>/dev/null || break
   if "$ST" status -o json --socket /tmp/auto.sock > /tmp/auto.json 2>/dev/null; then
-    rung=$(python3 -c 'import json; print(json.load(open("/tmp/auto.json"))["hooks"]["transfers"]["rung"])')
+    rung=$(tr -d ' \n' < /tmp/auto.json | sed -n 's/.*"transfers":{[^}]*"rung":"\([a-z]*\)".*/\1/p')
     break
   fi
   sleep 0.2
@@ -316,14 +468,15 @@ for rung in sys.argv[1:]:
           f"transfer_ns_traced={traced:.0f} transfers={c1 - c0}")
 "#;
 
-/// The same tests on this machine's own kernel (its rung: the tracepoints), and a check that
-/// forcing a rung it lacks fails with an error naming the kernel feature.
+/// The same tests on this machine's own kernel (its rung, the tracepoints, and the last-resort
+/// syscall rung), and a check that forcing a rung it lacks fails with an error naming the
+/// kernel feature.
 fn run_host(binaries: &Binaries) -> Result<Vec<Row>> {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease")?
         .trim()
         .to_owned();
     println!("xtask vm-test: this machine's kernel {release}");
-    let script = test_script(binaries, &["tracepoint"], false);
+    let script = test_script(binaries, &["tracepoint", "syscall"], false);
     let t0 = Instant::now();
     let mut child = Command::new("bash")
         .arg("-c")
@@ -538,6 +691,24 @@ fn add_kernel_suites() -> Result<()> {
     setup::run_checked(Command::new("apt-get").args(["update", "-q"]))
 }
 
+/// Lets apt install and download packages of `arch` (multiarch), and installs what building
+/// and booting for it needs.
+fn enable_arch(arch: &Arch) -> Result<()> {
+    let Some(cross) = &arch.cross else {
+        return Ok(());
+    };
+    let foreign = command_output(Command::new("dpkg").arg("--print-foreign-architectures"))?;
+    if !foreign.lines().any(|a| a.trim() == arch.debian) {
+        println!(
+            "xtask vm-test: adding the {} architecture to dpkg (multiarch)",
+            arch.debian
+        );
+        setup::run_checked(Command::new("dpkg").args(["--add-architecture", arch.debian]))?;
+        setup::run_checked(Command::new("apt-get").args(["update", "-q"]))?;
+    }
+    setup::install_packages(cross.packages)
+}
+
 /// The URI apt uses for bookworm (deb822 .sources or one-line .list files).
 fn bookworm_mirror() -> Result<String> {
     let mut texts = Vec::new();
@@ -597,41 +768,51 @@ fn madison(package: &str) -> Result<Vec<(String, String)>> {
         .collect())
 }
 
-/// Downloads (once) `name=version` into the cache; returns the .deb.
-fn download(name: &str, version: &str) -> Result<PathBuf> {
+/// Downloads (once) `name:arch=version` into the cache; returns the .deb.
+fn download(name: &str, version: &str, arch: &Arch) -> Result<PathBuf> {
     let debs = Path::new(CACHE).join("debs");
     fs::create_dir_all(&debs)?;
     let prefix = format!("{name}_{}_", version.replace(':', "%3a"));
+    let suffix = format!("_{}.deb", arch.debian);
     let find = || {
         fs::read_dir(&debs).ok().and_then(|dir| {
             dir.flatten().map(|e| e.path()).find(|p| {
-                p.file_name()
-                    .is_some_and(|f| f.to_string_lossy().starts_with(&prefix))
+                p.file_name().is_some_and(|f| {
+                    let f = f.to_string_lossy();
+                    f.starts_with(&prefix) && (f.ends_with(&suffix) || f.ends_with("_all.deb"))
+                })
             })
         })
     };
     if let Some(deb) = find() {
         return Ok(deb);
     }
-    println!("xtask vm-test: apt-get download {name}={version}");
+    let package = format!("{name}:{}={version}", arch.debian);
+    println!("xtask vm-test: apt-get download {package}");
     setup::run_checked(
         Command::new("apt-get")
-            .args(["download", "-q", &format!("{name}={version}")])
+            .args(["download", "-q", &package])
             .current_dir(&debs),
     )?;
-    find().with_context(|| format!("apt-get download left no {prefix}*.deb"))
+    find().with_context(|| format!("apt-get download left no {prefix}*{suffix}"))
 }
 
-/// The packages holding the kernel image and modules of `linux-image-amd64` in `suite`,
-/// following the metapackage (and, from Linux 7, the split into linux-binary / linux-modules /
-/// linux-base).
-fn kernel_debs(suite: &str) -> Result<(String, Vec<PathBuf>)> {
-    let version = madison("linux-image-amd64")?
+/// The version of `package` for `arch` in `suite`.
+fn version_in(package: &str, arch: &Arch, suite: &str) -> Result<String> {
+    madison(&format!("{package}:{}", arch.debian))?
         .into_iter()
         .find(|(_, s)| s == suite)
         .map(|(v, _)| v)
-        .with_context(|| format!("apt knows no linux-image-amd64 in {suite}"))?;
-    let mut pending = vec![("linux-image-amd64".to_owned(), version.clone())];
+        .with_context(|| format!("apt knows no {package}:{} in {suite}", arch.debian))
+}
+
+/// The packages holding the kernel image and modules of `linux-image-ARCH` in `suite`,
+/// following the metapackage (and, from Linux 7, the split into linux-binary / linux-modules /
+/// linux-base).
+fn kernel_debs(suite: &str, arch: &Arch) -> Result<(String, Vec<PathBuf>)> {
+    let meta = format!("linux-image-{}", arch.debian);
+    let version = version_in(&meta, arch, suite)?;
+    let mut pending = vec![(meta, version.clone())];
     let mut seen = Vec::new();
     let mut debs = Vec::new();
     while let Some((name, version)) = pending.pop() {
@@ -639,7 +820,7 @@ fn kernel_debs(suite: &str) -> Result<(String, Vec<PathBuf>)> {
             continue;
         }
         seen.push(name.clone());
-        let deb = download(&name, &version)?;
+        let deb = download(&name, &version, arch)?;
         let depends = command_output(
             Command::new("dpkg-deb")
                 .args(["-f"])
@@ -686,14 +867,15 @@ fn command_output(command: &mut Command) -> Result<String> {
 
 /// An extracted kernel: the image to boot and its modules directory.
 struct Extracted {
+    arch: &'static Arch,
     release: String,
     image: PathBuf,
     modules: PathBuf,
     initrd: PathBuf,
 }
 
-fn prepare(suite: &str) -> Result<Extracted> {
-    let (version, debs) = kernel_debs(suite)?;
+fn prepare(suite: &str, arch: &'static Arch) -> Result<Extracted> {
+    let (version, debs) = kernel_debs(suite, arch)?;
     let mut names: Vec<String> = debs
         .iter()
         .map(|d| {
@@ -705,9 +887,11 @@ fn prepare(suite: &str) -> Result<Extracted> {
         .collect();
     names.sort();
     // Named after the metapackage: the joined package names exceed NAME_MAX from Linux 7 on.
-    let root = Path::new(CACHE)
-        .join("kernels")
-        .join(format!("{suite}_{}", version.replace([':', '/', '~'], "_")));
+    let root = Path::new(CACHE).join("kernels").join(format!(
+        "{suite}_{}_{}",
+        arch.debian,
+        version.replace([':', '/', '~'], "_")
+    ));
     if !root.join(".extracted").exists() {
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(&root)?;
@@ -748,9 +932,14 @@ fn prepare(suite: &str) -> Result<Extracted> {
         };
         setup::run_checked(Command::new("depmod").arg("-b").arg(&base).arg(&release))?;
     }
-    let image = vmlinux(&bzimage, &root)?;
-    let initrd = initramfs(&root, &modules, &release)?;
+    // arm64's image is not compressed.
+    let image = match arch.cross {
+        None => vmlinux(&bzimage, &root)?,
+        Some(_) => bzimage,
+    };
+    let initrd = initramfs(&root, &modules, &release, arch)?;
     Ok(Extracted {
+        arch,
         release,
         image,
         modules,
@@ -814,8 +1003,9 @@ const BOOT_MODULES: &[&str] = &[
     "virtio_rng",
 ];
 
-/// The initramfs: static busybox, the boot modules (decompressed) and the first stage.
-fn initramfs(root: &Path, modules: &Path, release: &str) -> Result<PathBuf> {
+/// The initramfs: static busybox, the boot modules (decompressed) and the first stage; for
+/// another architecture also the C libraries its binaries load, since its root stays here.
+fn initramfs(root: &Path, modules: &Path, release: &str, arch: &Arch) -> Result<PathBuf> {
     let initrd = root.join("initrd.cpio.gz");
     let stamp = root.join("initrd.version");
     if initrd.exists() && fs::read_to_string(&stamp).is_ok_and(|v| v == INIT_VERSION) {
@@ -824,10 +1014,32 @@ fn initramfs(root: &Path, modules: &Path, release: &str) -> Result<PathBuf> {
     println!("xtask vm-test: building the initramfs for {release}");
     let stage = root.join("initrd.stage");
     let _ = fs::remove_dir_all(&stage);
-    for dir in ["bin", "dev", "proc", "sys", "newroot", "mods"] {
+    for dir in [
+        "bin", "dev", "proc", "sys", "newroot", "mods", "lib", "run", "tmp",
+    ] {
         fs::create_dir_all(stage.join(dir))?;
     }
-    fs::copy("/bin/busybox", stage.join("bin/busybox")).context("copying static busybox")?;
+    match &arch.cross {
+        None => {
+            fs::copy("/bin/busybox", stage.join("bin/busybox"))
+                .context("copying static busybox")?;
+        }
+        Some(cross) => {
+            let deb = download(
+                "busybox-static",
+                &version_in("busybox-static", arch, "bookworm")?,
+                arch,
+            )?;
+            let unpacked = root.join("busybox.unpacked");
+            setup::run_checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+            fs::copy(unpacked.join("bin/busybox"), stage.join("bin/busybox"))
+                .context("copying the static busybox of the guest's architecture")?;
+            for lib in cross.lib_names {
+                fs::copy(Path::new(cross.libs).join(lib), stage.join("lib").join(lib))
+                    .with_context(|| format!("copying {}/{lib}", cross.libs))?;
+            }
+        }
+    }
     let base = modules
         .parent()
         .and_then(Path::parent)
@@ -882,6 +1094,9 @@ fn initramfs(root: &Path, modules: &Path, release: &str) -> Result<PathBuf> {
         list.push('\n');
     }
     fs::write(stage.join("modules.list"), list)?;
+    if arch.cross.is_some() {
+        fs::write(stage.join("own-root"), "")?;
+    }
     write_executable(&stage.join("init"), STAGE1)?;
     let cpio = Command::new("sh")
         .arg("-c")
@@ -908,16 +1123,18 @@ fn write_executable(path: &Path, text: &str) -> Result<()> {
 }
 
 /// Bumped when the initramfs changes, so cached ones are rebuilt.
-const INIT_VERSION: &str = "2";
+const INIT_VERSION: &str = "3";
 
 /// PID 1 in the initramfs: load the boot modules, mount the host's root read-only with fresh
-/// tmpfs over its writable places, and hand over to the second stage in the run directory.
+/// tmpfs over its writable places, and hand over to the second stage in the run directory. A
+/// guest of another architecture (`/own-root`) stays on the initramfs instead: it only mounts
+/// the run directory, the modules and the workspace.
 const STAGE1: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
-say() { echo "vm-test init: $*" > /dev/ttyS0; }
-while read -r ko; do [ -n "$ko" ] && { insmod "/mods/$ko" 2> /dev/ttyS0 || say "insmod $ko failed"; }; done < /modules.list
+say() { echo "vm-test init: $*" > /dev/console; }
+while read -r ko; do [ -n "$ko" ] && { insmod "/mods/$ko" 2> /dev/console || say "insmod $ko failed"; }; done < /modules.list
 mount9p() {  # tag dir options; the device may show up a moment after its driver
   for _ in $(seq 1 100); do
     mount -t 9p -o "trans=virtio,version=9p2000.L,msize=262144,$3" "$1" "$2" 2>/dev/null && return 0
@@ -925,23 +1142,28 @@ mount9p() {  # tag dir options; the device may show up a moment after its driver
   done
   return 1
 }
-R=/newroot
-mount9p hostroot $R ro,cache=loose || { say "cannot mount the host root"; poweroff -f; }
+if [ -e /own-root ]; then
+  R=
+else
+  R=/newroot
+  mount9p hostroot $R ro,cache=loose || { say "cannot mount the host root"; poweroff -f; }
+fi
 mount -t tmpfs -o mode=755 tmpfs $R/run
 mkdir -p $R/run/vm $R/run/vm-modules
 mount9p vmrun $R/run/vm cache=none || { say "cannot mount the run directory"; poweroff -f; }
 mount9p vmmodules $R/run/vm-modules ro,cache=loose || say "cannot mount the modules"
-for d in tmp var/tmp; do mount -t tmpfs -o mode=1777 tmpfs $R/$d; done
+for d in tmp var/tmp; do mkdir -p $R/$d; mount -t tmpfs -o mode=1777 tmpfs $R/$d; done
 # The workspace (its binaries) at its own path: it may lie under a tmpfs mounted above.
 W=$(cat $R/run/vm/workspace)
 mkdir -p "$R$W" 2>/dev/null
 mount9p vmworkspace "$R$W" ro,cache=loose || { say "cannot mount the workspace $W"; poweroff -f; }
-mount -o move /dev $R/dev
+[ -n "$R" ] && mount -o move /dev $R/dev
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts devpts $R/dev/pts; mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
 cp /bin/busybox $R/run/busybox
 umount /proc /sys
-exec switch_root $R /run/vm/stage2
+[ -n "$R" ] && exec switch_root $R /run/vm/stage2
+exec /run/vm/stage2
 "#;
 
 /// PID 1 on the host's root: kernel filesystems, module autoloading from the shared modules,
@@ -962,12 +1184,12 @@ printf '#!/bin/sh\nexec /usr/sbin/modprobe -d /run/modroot "$@"\n' > /run/modpro
 $BB chmod 755 /run/modprobe
 echo /run/modprobe > /proc/sys/kernel/modprobe
 $BB ip link set lo up
-OUT=/dev/ttyS0
+OUT=/dev/console
 for p in /sys/class/virtio-ports/*; do
   [ "$($BB cat $p/name 2>/dev/null)" = vmtest.out ] && OUT=/dev/${p##*/}
 done
 echo started > /run/vm/started
-$BB env -i PATH="$PATH" HOME=/root LANG=C.UTF-8 /bin/bash /run/vm/script < /dev/null > "$OUT" 2>&1
+$BB env -i PATH="$PATH" HOME=/root LANG=C.UTF-8 /run/vm/script < /dev/null > "$OUT" 2>&1
 echo $? > /run/vm/rc
 $BB sync
 $BB poweroff -f
@@ -986,7 +1208,7 @@ fn kvm_usable() -> bool {
 }
 
 fn run_kernel(kernel: &Kernel, binaries: &Binaries, keep: bool) -> Result<(Vec<Row>, Vec<String>)> {
-    let extracted = prepare(kernel.suite)?;
+    let extracted = prepare(kernel.suite, kernel.arch)?;
     let label = format!("{} ({})", extracted.release, kernel.suite);
     let script = test_script(binaries, kernel.rungs, kernel.cost);
     // A guest that dies before the script starts (rare early-boot crashes under TCG) is booted
@@ -1034,7 +1256,7 @@ fn boot(extracted: &Extracted, label: &str, script: &str, auto: &str, keep: bool
     let share = run.join("share");
     fs::create_dir_all(&share)?;
     write_executable(&share.join("stage2"), STAGE2)?;
-    fs::write(share.join("script"), script)?;
+    write_executable(&share.join("script"), script)?;
     let workspace = workspace_root();
     fs::write(
         share.join("workspace"),
@@ -1066,7 +1288,8 @@ fn boot(extracted: &Extracted, label: &str, script: &str, auto: &str, keep: bool
             }
         )
     };
-    let mut qemu = Command::new("qemu-system-x86_64");
+    let arch = extracted.arch;
+    let mut qemu = Command::new(arch.qemu);
     qemu.args([
         "-nodefaults",
         "-no-user-config",
@@ -1076,22 +1299,30 @@ fn boot(extracted: &Extracted, label: &str, script: &str, auto: &str, keep: bool
         "none",
         "-no-reboot",
     ])
-    .args(["-machine", "pc", "-m", GUEST_MEMORY, "-smp", GUEST_CPUS])
+    .args([
+        "-machine",
+        arch.machine,
+        "-m",
+        GUEST_MEMORY,
+        "-smp",
+        GUEST_CPUS,
+    ])
     .args(&accel)
     .arg("-kernel")
     .arg(&extracted.image)
     .arg("-initrd")
     .arg(&extracted.initrd)
-    .args(["-append", "console=ttyS0 rdinit=/init panic=-1 quiet"])
+    .arg("-append")
+    .arg(format!(
+        "console={} rdinit=/init panic=-1 quiet",
+        arch.console
+    ))
     .arg("-serial")
     .arg(format!("file:{}", run.join("console.log").display()))
     .args(["-device", "virtio-serial-pci"])
     .arg("-chardev")
     .arg(format!("file,id=out,path={},append=on", out.display()))
     .args(["-device", "virtserialport,chardev=out,name=vmtest.out"])
-    .arg("-fsdev")
-    .arg(fsdev("hostroot", Path::new("/"), true))
-    .args(["-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot"])
     .arg("-fsdev")
     .arg(fsdev("vmrun", &share, false))
     .args(["-device", "virtio-9p-pci,fsdev=vmrun,mount_tag=vmrun"])
@@ -1107,11 +1338,18 @@ fn boot(extracted: &Extracted, label: &str, script: &str, auto: &str, keep: bool
         "-device",
         "virtio-9p-pci,fsdev=vmmodules,mount_tag=vmmodules",
     ])
-    .args(["-device", "virtio-rng-pci"])
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(fs::File::create(run.join("qemu.stderr"))?);
-    let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
+    .args(["-device", "virtio-rng-pci"]);
+    if arch.cross.is_none() {
+        qemu.arg("-fsdev")
+            .arg(fsdev("hostroot", Path::new("/"), true))
+            .args(["-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot"]);
+    }
+    qemu.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(run.join("qemu.stderr"))?);
+    let mut child = qemu
+        .spawn()
+        .with_context(|| format!("starting {}", arch.qemu))?;
     let t0 = Instant::now();
     let mut parse = Parse::new(label, auto);
     let mut reader = BufReader::new(fs::File::open(&out)?);

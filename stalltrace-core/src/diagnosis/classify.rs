@@ -50,49 +50,54 @@ fn round2(value: f64) -> f64 {
     (value * 100.0).round() / 100.0
 }
 
-/// x86-64 syscall numbers worth naming: I/O, waits and sleeps.
-#[cfg(target_arch = "x86_64")]
+/// Syscall numbers worth naming (I/O, waits and sleeps), from the libc crate's table for the
+/// architecture the daemon runs on (`/proc/PID/syscall` gives that architecture's numbers).
 const SYSCALLS: &[(i64, &str, Kind)] = &[
-    (0, "read", Kind::Fd),
-    (1, "write", Kind::Fd),
-    (7, "poll", Kind::Wait),
-    (17, "pread64", Kind::Fd),
-    (18, "pwrite64", Kind::Fd),
-    (19, "readv", Kind::Fd),
-    (20, "writev", Kind::Fd),
-    (23, "select", Kind::Wait),
-    (34, "pause", Kind::Wait),
-    (35, "nanosleep", Kind::Wait),
-    (40, "sendfile", Kind::Fd),
-    (42, "connect", Kind::Fd),
-    (43, "accept", Kind::Fd),
-    (44, "sendto", Kind::Fd),
-    (45, "recvfrom", Kind::Fd),
-    (46, "sendmsg", Kind::Fd),
-    (47, "recvmsg", Kind::Fd),
-    (61, "wait4", Kind::Wait),
-    (73, "flock", Kind::Fd),
-    (74, "fsync", Kind::Fd),
-    (75, "fdatasync", Kind::Fd),
-    (130, "rt_sigsuspend", Kind::Wait),
-    (202, "futex", Kind::Wait),
-    (230, "clock_nanosleep", Kind::Wait),
-    (232, "epoll_wait", Kind::Wait),
-    (247, "waitid", Kind::Wait),
-    (270, "pselect6", Kind::Wait),
-    (271, "ppoll", Kind::Wait),
-    (281, "epoll_pwait", Kind::Wait),
-    (288, "accept4", Kind::Fd),
-    (295, "preadv", Kind::Fd),
-    (296, "pwritev", Kind::Fd),
-    (299, "recvmmsg", Kind::Fd),
-    (307, "sendmmsg", Kind::Fd),
-    (426, "io_uring_enter", Kind::Other),
-    (441, "epoll_pwait2", Kind::Wait),
-    (449, "futex_waitv", Kind::Wait),
+    (libc::SYS_read, "read", Kind::Fd),
+    (libc::SYS_write, "write", Kind::Fd),
+    (libc::SYS_pread64, "pread64", Kind::Fd),
+    (libc::SYS_pwrite64, "pwrite64", Kind::Fd),
+    (libc::SYS_readv, "readv", Kind::Fd),
+    (libc::SYS_writev, "writev", Kind::Fd),
+    (libc::SYS_nanosleep, "nanosleep", Kind::Wait),
+    (libc::SYS_sendfile, "sendfile", Kind::Fd),
+    (libc::SYS_connect, "connect", Kind::Fd),
+    (libc::SYS_accept, "accept", Kind::Fd),
+    (libc::SYS_sendto, "sendto", Kind::Fd),
+    (libc::SYS_recvfrom, "recvfrom", Kind::Fd),
+    (libc::SYS_sendmsg, "sendmsg", Kind::Fd),
+    (libc::SYS_recvmsg, "recvmsg", Kind::Fd),
+    (libc::SYS_wait4, "wait4", Kind::Wait),
+    (libc::SYS_flock, "flock", Kind::Fd),
+    (libc::SYS_fsync, "fsync", Kind::Fd),
+    (libc::SYS_fdatasync, "fdatasync", Kind::Fd),
+    (libc::SYS_rt_sigsuspend, "rt_sigsuspend", Kind::Wait),
+    (libc::SYS_futex, "futex", Kind::Wait),
+    (libc::SYS_clock_nanosleep, "clock_nanosleep", Kind::Wait),
+    (libc::SYS_waitid, "waitid", Kind::Wait),
+    (libc::SYS_pselect6, "pselect6", Kind::Wait),
+    (libc::SYS_ppoll, "ppoll", Kind::Wait),
+    (libc::SYS_epoll_pwait, "epoll_pwait", Kind::Wait),
+    (libc::SYS_accept4, "accept4", Kind::Fd),
+    (libc::SYS_preadv, "preadv", Kind::Fd),
+    (libc::SYS_pwritev, "pwritev", Kind::Fd),
+    (libc::SYS_recvmmsg, "recvmmsg", Kind::Fd),
+    (libc::SYS_sendmmsg, "sendmmsg", Kind::Fd),
+    (libc::SYS_io_uring_enter, "io_uring_enter", Kind::Other),
+    (libc::SYS_epoll_pwait2, "epoll_pwait2", Kind::Wait),
+    (libc::SYS_futex_waitv, "futex_waitv", Kind::Wait),
+];
+
+/// The older calls x86-64 keeps and the generic table (arm64) dropped for their successors.
+#[cfg(target_arch = "x86_64")]
+const LEGACY_SYSCALLS: &[(i64, &str, Kind)] = &[
+    (libc::SYS_poll, "poll", Kind::Wait),
+    (libc::SYS_select, "select", Kind::Wait),
+    (libc::SYS_pause, "pause", Kind::Wait),
+    (libc::SYS_epoll_wait, "epoll_wait", Kind::Wait),
 ];
 #[cfg(not(target_arch = "x86_64"))]
-const SYSCALLS: &[(i64, &str, Kind)] = &[];
+const LEGACY_SYSCALLS: &[(i64, &str, Kind)] = &[];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -104,7 +109,10 @@ enum Kind {
 }
 
 fn lookup(nr: i64) -> Option<&'static (i64, &'static str, Kind)> {
-    SYSCALLS.iter().find(|(n, _, _)| *n == nr)
+    SYSCALLS
+        .iter()
+        .chain(LEGACY_SYSCALLS)
+        .find(|(n, _, _)| *n == nr)
 }
 
 pub fn syscall_name(nr: i64) -> Option<&'static str> {
@@ -188,7 +196,7 @@ mod tests {
     fn a_thread_in_a_socket_read_is_blocked_with_its_fd() {
         let first = sample(0, 5, 'S', SyscallState::Outside);
         let blocked = SyscallState::In {
-            nr: 45,
+            nr: libc::SYS_recvfrom,
             args: [9, 0, 0, 0, 0, 0],
         };
         let last = sample(1000, 5, 'S', blocked);
@@ -207,10 +215,10 @@ mod tests {
     fn event_waits_and_locks_are_waiting() {
         let first = sample(0, 5, 'S', SyscallState::Outside);
         for (nr, name) in [
-            (232, "epoll_wait"),
-            (202, "futex"),
-            (7, "poll"),
-            (35, "nanosleep"),
+            (libc::SYS_epoll_pwait, "epoll_pwait"),
+            (libc::SYS_futex, "futex"),
+            (libc::SYS_ppoll, "ppoll"),
+            (libc::SYS_nanosleep, "nanosleep"),
         ] {
             let last = sample(1000, 6, 'S', SyscallState::In { nr, args: [0; 6] });
             assert_eq!(

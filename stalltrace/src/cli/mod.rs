@@ -233,9 +233,11 @@ pub struct DaemonArgs {
     /// How to hook the data transfers (every TCP send and receive). `auto` takes the first that
     /// works on this kernel, in this order: `tracepoint` (sock_send_length/sock_recv_length,
     /// Linux 6.3+, cheapest), `fentry` (fexit on tcp_sendmsg/tcp_recvmsg: BTF trampolines,
-    /// 5.5+), `kprobe` (kprobe/kretprobe pairs on the same functions). Events and verdicts are
-    /// the same whichever is used; `status` shows it. Forcing one that the kernel lacks is an
-    /// error naming the missing kernel feature.
+    /// 5.5+), `kprobe` (kprobe/kretprobe pairs on the same functions), `syscall` (the
+    /// read/write/send/recv syscall tracepoints: the last resort, since every syscall of every
+    /// process then takes the kernel's slower traced path and file I/O runs our programs too).
+    /// Events and verdicts are the same whichever is used; `status` shows it. Forcing one that
+    /// the kernel lacks is an error naming the missing kernel feature.
     #[arg(long, value_enum, default_value_t = HooksArg::Auto, env = "STALLTRACE_HOOKS")]
     pub hooks: HooksArg,
 
@@ -333,6 +335,8 @@ pub enum HooksArg {
     Tracepoint,
     Fentry,
     Kprobe,
+    /// The syscall tracepoints: the last resort (runs for file I/O too).
+    Syscall,
 }
 
 impl HooksArg {
@@ -343,6 +347,7 @@ impl HooksArg {
             HooksArg::Tracepoint => Some(crate::Rung::Tracepoint),
             HooksArg::Fentry => Some(crate::Rung::Fentry),
             HooksArg::Kprobe => Some(crate::Rung::Kprobe),
+            HooksArg::Syscall => Some(crate::Rung::Syscall),
         }
     }
 }

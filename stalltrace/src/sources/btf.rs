@@ -1,7 +1,7 @@
 //! The running kernel's BTF (`/sys/kernel/btf/vmlinux`) and the member offsets the kernel
 //! programs need from it. The parser itself is pure and fuzzed: `stalltrace_core::btf`.
 use anyhow::{Context as _, Result};
-use stalltrace_common::Offsets;
+use stalltrace_common::{FdOffsets, Offsets};
 pub(crate) use stalltrace_core::btf::Btf;
 
 pub(crate) const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -33,7 +33,7 @@ const ANY_SIZE: u32 = u32::MAX;
 pub(crate) fn resolve_offsets(btf: &Btf) -> (Offsets, Vec<&'static str>) {
     let mut offsets = Offsets::unknown();
     let mut missing = Vec::new();
-    let wanted: [(&mut u32, &str, &[&str], u32, &'static str); 22] = [
+    let wanted: [Wanted; 22] = [
         (
             &mut offsets.skc_family,
             "sock",
@@ -185,13 +185,90 @@ pub(crate) fn resolve_offsets(btf: &Btf) -> (Offsets, Vec<&'static str>) {
         ),
         (&mut offsets.upid_nr, "upid", &["nr"], 4, "upid.nr"),
     ];
+    resolve(btf, wanted, &mut missing);
+    (offsets, missing)
+}
+
+/// A member to resolve: where its offset goes, its struct and path, its size (bytes), its name.
+type Wanted<'a> = (
+    &'a mut u32,
+    &'static str,
+    &'static [&'static str],
+    u32,
+    &'static str,
+);
+
+/// Fills each wanted member's offset; those absent or of another size are named in `missing`.
+fn resolve<'a>(
+    btf: &Btf,
+    wanted: impl IntoIterator<Item = Wanted<'a>>,
+    missing: &mut Vec<&'static str>,
+) {
     for (slot, struct_name, path, size, label) in wanted {
         match btf.member(struct_name, path) {
             Some(member) if member.size == size || size == ANY_SIZE => *slot = member.offset,
             _ => missing.push(label),
         }
     }
-    (offsets, missing)
+}
+
+/// The members the syscall rung follows from a file descriptor to its socket; the missing
+/// ones, named, if any is.
+pub(crate) fn resolve_fd_offsets(btf: &Btf) -> Result<FdOffsets, String> {
+    let mut offsets = FdOffsets::unknown();
+    let mut missing = Vec::new();
+    let wanted: [Wanted; 8] = [
+        (
+            &mut offsets.task_files,
+            "task_struct",
+            &["files"],
+            8,
+            "task_struct.files",
+        ),
+        (
+            &mut offsets.files_fdt,
+            "files_struct",
+            &["fdt"],
+            8,
+            "files_struct.fdt",
+        ),
+        (
+            &mut offsets.fdtable_max_fds,
+            "fdtable",
+            &["max_fds"],
+            4,
+            "fdtable.max_fds",
+        ),
+        (&mut offsets.fdtable_fd, "fdtable", &["fd"], 8, "fdtable.fd"),
+        (
+            &mut offsets.file_inode,
+            "file",
+            &["f_inode"],
+            8,
+            "file.f_inode",
+        ),
+        (
+            &mut offsets.file_private_data,
+            "file",
+            &["private_data"],
+            8,
+            "file.private_data",
+        ),
+        (
+            &mut offsets.inode_mode,
+            "inode",
+            &["i_mode"],
+            2,
+            "inode.i_mode",
+        ),
+        (&mut offsets.socket_sk, "socket", &["sk"], 8, "socket.sk"),
+    ];
+    resolve(btf, wanted, &mut missing);
+    if missing.is_empty() {
+        Ok(offsets)
+    } else {
+        Err(format!("kernel BTF lacks {}", missing.join(", ")))
+    }
 }
 
 #[cfg(test)]
@@ -214,5 +291,8 @@ mod tests {
         assert!(offsets.can_read_unix() && offsets.can_read_peer_pid());
         // `struct socket_alloc { struct socket socket; struct inode vfs_inode; }`.
         assert!(offsets.socket_inode > 0);
+        let fd = resolve_fd_offsets(&btf).unwrap();
+        // `struct socket` starts with its state and type, and fdtable with max_fds.
+        assert!(fd.socket_sk > 0 && fd.fdtable_max_fds == 0, "{fd:?}");
     }
 }

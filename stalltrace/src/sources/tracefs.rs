@@ -8,7 +8,10 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use stalltrace_common::tracepoint::{InetSockSetState, TcpReceiveReset, TcpRetransmitSkb};
+use stalltrace_common::tracepoint::{
+    InetSockSetState, SysEnterFd, SysEnterRecvfrom, SysEnterRecvmsg, SysExit, TcpReceiveReset,
+    TcpRetransmitSkb,
+};
 
 pub(crate) const TRACEFS: &str = "/sys/kernel/tracing";
 const DEBUGFS_TRACING: &str = "/sys/kernel/debug/tracing";
@@ -101,6 +104,10 @@ pub(crate) fn expected_fields(
         ("tcp", "tcp_retransmit_skb") => fields!(TcpRetransmitSkb: skaddr, sport),
         ("tcp", "tcp_receive_reset") => fields!(TcpReceiveReset: skaddr),
         ("sock", "sock_send_length" | "sock_recv_length") => Vec::new(),
+        ("syscalls", "sys_enter_recvfrom") => fields!(SysEnterRecvfrom: fd, flags),
+        ("syscalls", "sys_enter_recvmsg") => fields!(SysEnterRecvmsg: fd, flags),
+        ("syscalls", name) if name.starts_with("sys_enter_") => fields!(SysEnterFd: fd),
+        ("syscalls", name) if name.starts_with("sys_exit_") => fields!(SysExit: ret),
         _ => return None,
     })
 }

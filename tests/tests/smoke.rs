@@ -1,0 +1,77 @@
+//! Every core rule against one daemon: the proof for a kernel where each daemon start is costly
+//! (the kernel matrix's emulated arm64 guest verifies the programs for about two minutes). A
+//! stuck request is flagged on both ends with its captured signature, an idle keep-alive
+//! connection next to it is not, and the reply ends both stalls with their true duration.
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    thread,
+};
+
+use stalltrace_integration::{
+    echo_server, expected_capture_bytes, require_root, send_request, with_role, Daemon,
+    SilentServer, REPORT_WITHIN, STALL_AFTER,
+};
+
+#[test]
+fn one_daemon_flags_the_stuck_never_the_idle_and_times_the_end() {
+    require_root();
+    let daemon = Daemon::start("smoke");
+    let capture = expected_capture_bytes();
+    let status = daemon.cli_json(&["status", "-o", "json"]);
+    assert_eq!(
+        status["features"]["request_capture_bytes"],
+        capture,
+        "{status:#}\n{}",
+        daemon.stderr()
+    );
+
+    let echo = echo_server("127.0.0.1");
+    let mut idle = TcpStream::connect(echo).unwrap();
+    for _ in 0..3 {
+        idle.write_all(b"PING\r\n").unwrap();
+        let mut reply = [0u8; 16];
+        assert!(idle.read(&mut reply).unwrap() > 0);
+    }
+    let server = SilentServer::bind("127.0.0.1");
+    let mut client = send_request(server.addr);
+    let port = server.addr.port();
+
+    let stalls = daemon.wait_for_stalls(port, 2, REPORT_WITHIN);
+    assert_eq!(stalls.len(), 2, "{stalls:#?}\n{}", daemon.stderr());
+    for (role, kind) in [
+        ("server", "unanswered_request"),
+        ("client", "awaiting_response"),
+    ] {
+        let stall = with_role(&stalls, role);
+        assert_eq!(stall["stall"]["kind"], kind, "{stall:#}");
+        if capture > 0 {
+            assert_eq!(
+                stall["stall"]["request"]["signature"], "GET /slow",
+                "{stall:#}"
+            );
+        }
+    }
+
+    thread::sleep(STALL_AFTER * 2);
+    assert!(
+        daemon.stalls(echo.port()).is_empty(),
+        "idle keep-alive flagged"
+    );
+    assert!(daemon.events_named("stall.start", echo.port()).is_empty());
+
+    let held = server.reply(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+    let mut reply = [0u8; 64];
+    assert!(client.read(&mut reply).unwrap() > 0);
+    let ends = daemon.wait_for_events("stall.end", port, 2, REPORT_WITHIN);
+    assert_eq!(ends.len(), 2, "{ends:#?}");
+    for end in &ends {
+        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
+        let duration = end["stall"]["duration_ms"].as_u64().unwrap() as i64;
+        let held = held.as_millis() as i64;
+        assert!(
+            (duration - held).abs() <= 50,
+            "daemon {duration} ms, server {held} ms: {end:#}"
+        );
+    }
+}
