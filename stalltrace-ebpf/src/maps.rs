@@ -19,6 +19,11 @@ pub(crate) static CAPTURE_BYTES: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 pub(crate) static CAPTURE_SLOTS: Global<u32> = Global::new(1);
 
+/// The daemon's own process id: Unix connections to or from it (its API socket: the CLI's
+/// queries, `watch`) are not tracked, so that the tracer does not report itself.
+#[unsafe(no_mangle)]
+pub(crate) static SELF_TGID: Global<u32> = Global::new(0);
+
 /// Kernel struct member offsets, resolved by the daemon from BTF.
 #[unsafe(no_mangle)]
 pub(crate) static OFFSETS: Global<Offsets> = Global::new(Offsets::unknown());

@@ -122,6 +122,10 @@ pub(crate) fn discover<C: EbpfContext>(
     conn.peer_tgid = peer_pid(sock, &offsets);
     conn.role = role_of(addr, peer_addr, peer, dir);
     set_owner_to_current(conn);
+    let daemon = crate::maps::SELF_TGID.load();
+    if daemon != 0 && (conn.tgid == daemon || conn.peer_tgid == daemon) {
+        return None;
+    }
     if !insert_new(ctx, sock, conn) {
         return None;
     }
