@@ -44,6 +44,10 @@ pub enum EventKind {
     /// The reply to a request reported by `RequestStarted` began: a sampled exchange is
     /// complete (its latency is this record's time minus the request's).
     ExchangeCompleted = 8,
+    /// First traffic on a Unix stream/seqpacket connection the map did not hold (every Unix
+    /// connection is found this way: Unix sockets have no lifecycle tracepoint). The record is
+    /// a [`UnixEvent`]: the event, then both ends' socket names.
+    UnixDiscovered = 9,
 }
 
 impl EventKind {
@@ -56,6 +60,7 @@ impl EventKind {
             6 => Self::QuietEnded,
             7 => Self::Closed,
             8 => Self::ExchangeCompleted,
+            9 => Self::UnixDiscovered,
             _ => return None,
         })
     }
@@ -129,6 +134,9 @@ pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 pub const IPPROTO_TCP: u16 = 6;
 pub const IPPROTO_UDP: u16 = 17;
+/// Socket types (`sock.sk_type`).
+pub const SOCK_STREAM: u16 = 1;
+pub const SOCK_SEQPACKET: u16 = 5;
 
 /// Per-connection state, kept by the kernel programs in the `CONNS` map (keyed by the kernel's
 /// `struct sock` address) and copied whole into every event.
@@ -200,6 +208,16 @@ pub struct ConnState {
     /// UDP DNS: bit `i` set when `query_ids[i]` awaits its answer.
     pub udp_pending: u8,
     pub _pad3: [u8; 2],
+    /// Unix sockets: the peer's `struct sock` address (the key of its own entry); 0 otherwise.
+    pub peer_sock: u64,
+    /// Unix sockets: the inode numbers of this socket and of its peer (as `ss -x` and
+    /// /proc/net/unix show them); they tell a reused sock address apart. 0 otherwise.
+    pub inode: u64,
+    pub peer_inode: u64,
+    /// Unix sockets: the peer's process (thread group id) as the kernel recorded it when the
+    /// connection was made (`sk_peer_pid`, what `SO_PEERCRED` returns); 0 otherwise.
+    pub peer_tgid: u32,
+    pub _pad4: u32,
     pub comm: [u8; COMM_LEN],
 }
 
@@ -255,6 +273,52 @@ impl Capture {
 pub struct RequestEvent {
     pub event: ConnEvent,
     pub capture: Capture,
+}
+
+/// Longest Unix socket name (`sizeof(sockaddr_un.sun_path)`).
+pub const UNIX_PATH_MAX: usize = 108;
+
+/// The names (`sun_path` bytes) both ends of a Unix connection are bound to, read from the
+/// kernel's `unix_sock.addr` when the connection is first seen. An accepted socket carries its
+/// listener's name; an unbound end (a connecting client, a socketpair) has none (length 0).
+/// Abstract names start with a NUL byte and may contain more: they are bytes, not strings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixNames {
+    /// Bytes valid in `local` / `peer` (at most [`UNIX_PATH_MAX`]).
+    pub local_len: u16,
+    pub peer_len: u16,
+    pub _pad: u32,
+    pub local: [u8; UNIX_PATH_MAX],
+    pub peer: [u8; UNIX_PATH_MAX],
+}
+
+impl UnixNames {
+    /// The local name's bytes.
+    pub fn local(&self) -> &[u8] {
+        &self.local[..usize::from(self.local_len).min(UNIX_PATH_MAX)]
+    }
+
+    /// The peer's name's bytes.
+    pub fn peer(&self) -> &[u8] {
+        &self.peer[..usize::from(self.peer_len).min(UNIX_PATH_MAX)]
+    }
+
+    /// The names carried by a [`EventKind::UnixDiscovered`] record.
+    pub fn from_record_tail(bytes: &[u8]) -> Option<Self> {
+        let start = core::mem::size_of::<ConnEvent>();
+        let tail = bytes.get(start..start + core::mem::size_of::<Self>())?;
+        // SAFETY: length checked; every bit pattern is a valid UnixNames.
+        Some(unsafe { core::ptr::read_unaligned(tail.as_ptr().cast::<Self>()) })
+    }
+}
+
+/// A [`EventKind::UnixDiscovered`] record: the event, then the socket names.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct UnixEvent {
+    pub event: ConnEvent,
+    pub names: UnixNames,
 }
 
 /// Mixes all bits of a `struct sock` address (the murmur3 64-bit finalizer). Sock addresses
@@ -341,6 +405,25 @@ pub struct Offsets {
     /// network namespace, so that identical endpoints in two namespaces stay two connections.
     pub skc_net: u32,
     pub net_ns_inum: u32,
+    /// `sock.sk_type` (u16): `SOCK_STREAM`, `SOCK_SEQPACKET`… (Unix sockets).
+    pub sk_type: u32,
+    /// `sock.sk_socket` (pointer to the `struct socket`, NULL once the socket is released).
+    pub sk_socket: u32,
+    /// `sock.sk_peer_pid` (pointer to the peer's `struct pid`).
+    pub sk_peer_pid: u32,
+    /// `unix_sock.peer` and `unix_sock.addr` (pointers).
+    pub unix_peer: u32,
+    pub unix_addr: u32,
+    /// `unix_address.len` (int: bytes of `name`, `sun_family` included) and `unix_address.name`.
+    pub unix_address_len: u32,
+    pub unix_address_name: u32,
+    /// `socket_alloc.vfs_inode` (the inode after the `struct socket`, `SOCK_INODE()`), and
+    /// `inode.i_ino`.
+    pub socket_inode: u32,
+    pub inode_ino: u32,
+    /// `pid.numbers` and `upid.nr`: `numbers[0].nr` is the pid in the initial namespace.
+    pub pid_numbers: u32,
+    pub upid_nr: u32,
 }
 
 impl Offsets {
@@ -362,7 +445,40 @@ impl Offsets {
             tcp_copied_seq: u,
             skc_net: u,
             net_ns_inum: u,
+            sk_type: u,
+            sk_socket: u,
+            sk_peer_pid: u,
+            unix_peer: u,
+            unix_addr: u,
+            unix_address_len: u,
+            unix_address_name: u,
+            socket_inode: u,
+            inode_ino: u,
+            pid_numbers: u,
+            upid_nr: u,
         }
+    }
+
+    /// Unix stream/seqpacket connections can be tracked: their type, peer, names and inodes
+    /// can be read. (The peer's pid is optional: `sk_peer_pid` and `pid.numbers`.)
+    pub const fn can_read_unix(&self) -> bool {
+        self.skc_family != Self::UNKNOWN
+            && self.skc_state != Self::UNKNOWN
+            && self.sk_type != Self::UNKNOWN
+            && self.sk_socket != Self::UNKNOWN
+            && self.unix_peer != Self::UNKNOWN
+            && self.unix_addr != Self::UNKNOWN
+            && self.unix_address_len != Self::UNKNOWN
+            && self.unix_address_name != Self::UNKNOWN
+            && self.socket_inode != Self::UNKNOWN
+            && self.inode_ino != Self::UNKNOWN
+    }
+
+    /// The peer's pid can be read (`sk_peer_pid` → `pid.numbers[0].nr`).
+    pub const fn can_read_peer_pid(&self) -> bool {
+        self.sk_peer_pid != Self::UNKNOWN
+            && self.pid_numbers != Self::UNKNOWN
+            && self.upid_nr != Self::UNKNOWN
     }
 
     /// The network namespace inode can be read from a `struct sock`.
@@ -615,13 +731,15 @@ pub mod tracepoint {
 }
 
 // Layouts are part of the ABI: pin them so both sides fail to build on an accidental change.
-const _: () = assert!(core::mem::size_of::<ConnState>() == 192);
+const _: () = assert!(core::mem::size_of::<ConnState>() == 224);
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
-const _: () = assert!(core::mem::size_of::<ConnEvent>() == 216);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 248);
+const _: () = assert!(core::mem::size_of::<UnixNames>() == 224);
+const _: () = assert!(core::mem::size_of::<UnixEvent>() == 472);
 const _: () = assert!(core::mem::size_of::<Control>() == 8);
 const _: () = assert!(core::mem::size_of::<Capture>() == 88);
-const _: () = assert!(core::mem::size_of::<RequestEvent>() == 304);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 52);
+const _: () = assert!(core::mem::size_of::<RequestEvent>() == 336);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 96);
 const _: () = assert!(core::mem::size_of::<FdOffsets>() == 32);
 
 /// Userspace side: lets the types live in aya's maps.
@@ -644,6 +762,8 @@ mod user {
     unsafe impl aya::Pod for StackKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Offsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for UnixNames {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FdOffsets {}
 }
@@ -739,6 +859,11 @@ mod tests {
                 udp_flags: 0,
                 udp_pending: 0,
                 _pad3: [0; 2],
+                peer_sock: 0,
+                inode: 0,
+                peer_inode: 0,
+                peer_tgid: 0,
+                _pad4: 0,
                 comm,
             },
         }
@@ -776,7 +901,7 @@ mod tests {
             &bytes[conn + 160..conn + 164],
             &4_026_531_840u32.to_ne_bytes()
         );
-        assert_eq!(&bytes[conn + 176..conn + 181], b"nginx");
+        assert_eq!(&bytes[conn + 208..conn + 213], b"nginx");
     }
 
     #[test]
@@ -805,6 +930,39 @@ mod tests {
         assert_eq!(decoded, capture);
         assert_eq!(decoded.data(), b"GET /");
         assert!(Capture::from_record_tail(record.event.as_bytes()).is_none());
+    }
+
+    #[test]
+    fn unix_names_ride_at_the_end_of_unix_records() {
+        let mut names = UnixNames {
+            local_len: 0,
+            peer_len: 5,
+            _pad: 0,
+            local: [0; UNIX_PATH_MAX],
+            peer: [0; UNIX_PATH_MAX],
+        };
+        names.peer[..5].copy_from_slice(b"\0abc\0");
+        let record = UnixEvent {
+            event: sample(),
+            names,
+        };
+        // SAFETY: UnixEvent is repr(C) without implicit padding.
+        let bytes = unsafe {
+            core::slice::from_raw_parts(
+                (&record as *const UnixEvent).cast::<u8>(),
+                core::mem::size_of::<UnixEvent>(),
+            )
+        };
+        let decoded = UnixNames::from_record_tail(bytes).unwrap();
+        assert_eq!(decoded.local(), b"");
+        assert_eq!(decoded.peer(), b"\0abc\0");
+        assert!(UnixNames::from_record_tail(record.event.as_bytes()).is_none());
+        // A garbled length never reads past the name.
+        let garbled = UnixNames {
+            local_len: u16::MAX,
+            ..names
+        };
+        assert_eq!(garbled.local().len(), UNIX_PATH_MAX);
     }
 
     #[test]
@@ -840,12 +998,13 @@ mod tests {
             (6, EventKind::QuietEnded),
             (7, EventKind::Closed),
             (8, EventKind::ExchangeCompleted),
+            (9, EventKind::UnixDiscovered),
         ] {
             assert_eq!(EventKind::from_u32(id), Some(kind));
             assert_eq!(kind as u32, id);
         }
         assert_eq!(EventKind::from_u32(0), None);
         assert_eq!(EventKind::from_u32(3), None, "retired id");
-        assert_eq!(EventKind::from_u32(9), None);
+        assert_eq!(EventKind::from_u32(10), None);
     }
 }

@@ -1,18 +1,22 @@
 //! Operations on one connection's state, shared by the programs. The transfer accounting
 //! itself is `stalltrace_common::transfer`, shared with userspace.
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
+    bindings::{
+        BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE,
+    },
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{bpf_get_current_cgroup_id, bpf_get_current_comm},
     },
+    EbpfContext,
 };
+use aya_log_ebpf::warn;
 use stalltrace_common::{
     loss, Capture, ConnEvent, ConnState, EventHeader, EventKind, RequestEvent, COMM_LEN,
 };
 
 use crate::{
-    maps::{count_loss, current_epoch, EVENTS, OFFSETS},
+    maps::{count_loss, current_epoch, CONNS, EVENTS, OFFSETS},
     words::copy_words,
 };
 
@@ -21,24 +25,7 @@ use crate::{
 /// request start is reported again.
 #[inline(always)]
 pub(crate) fn emit(kind: EventKind, sock: u64, conn: &mut ConnState, now: u64) {
-    let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
-        count_loss(loss::RINGBUF_FULL);
-        return;
-    };
-    conn.notified_epoch = current_epoch();
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points to a reserved, writable record of ConnEvent's size. Fields are
-    // written in place: a ConnEvent built on the stack would not fit the 512-byte BPF stack.
-    unsafe {
-        (*event).header = EventHeader {
-            kind: kind as u32,
-            _pad: 0,
-            ts_ns: now,
-            sock,
-        };
-        copy_words(&raw mut (*event).conn, conn);
-    }
-    entry.submit(wakeup_flag());
+    emit_record::<ConnEvent>(kind, sock, conn, now, |_| {});
 }
 
 /// Like `emit`, with the captured bytes of the request that just started appended.
@@ -50,25 +37,64 @@ pub(crate) fn emit_request(
     capture: &Capture,
     now: u64,
 ) {
-    let Some(mut entry) = EVENTS.reserve::<RequestEvent>(0) else {
+    emit_record::<RequestEvent>(kind, sock, conn, now, |record| {
+        // SAFETY: `record` points to a reserved, writable RequestEvent.
+        unsafe { copy_words(&raw mut (*record).capture, capture) }
+    });
+}
+
+/// Reserves a record of type `T`, which starts with a [`ConnEvent`], writes the header and the
+/// snapshot of `conn`, lets `tail` write the rest of it, and submits it (`emit`).
+#[inline(always)]
+pub(crate) fn emit_record<T: 'static>(
+    kind: EventKind,
+    sock: u64,
+    conn: &mut ConnState,
+    now: u64,
+    tail: impl FnOnce(*mut T),
+) {
+    let Some(mut entry) = EVENTS.reserve::<T>(0) else {
         count_loss(loss::RINGBUF_FULL);
         return;
     };
     conn.notified_epoch = current_epoch();
     let record = entry.as_mut_ptr();
-    // SAFETY: as in `emit`, for a RequestEvent-sized record.
+    let event = record.cast::<ConnEvent>();
+    // SAFETY: `record` points to a reserved, writable record of T's size, which starts with a
+    // ConnEvent. Fields are written in place: a record built on the stack would not fit the
+    // 512-byte BPF stack.
     unsafe {
-        (*record).event.header = EventHeader {
+        (*event).header = EventHeader {
             kind: kind as u32,
             _pad: 0,
             ts_ns: now,
             sock,
         };
-        copy_words(&raw mut (*record).event.conn, conn);
-        copy_words(&raw mut (*record).capture, capture);
+        copy_words(&raw mut (*event).conn, conn);
     }
+    tail(record);
     entry.submit(wakeup_flag());
 }
+
+/// Inserts the entry of a connection first seen now. False when another CPU inserted it first
+/// (and reported it), or when the map refused it (counted).
+#[inline(always)]
+pub(crate) fn insert_new<C: EbpfContext>(ctx: &C, sock: u64, conn: &ConnState) -> bool {
+    match CONNS.insert(sock, conn, BPF_NOEXIST.into()) {
+        Ok(()) => true,
+        Err(EEXIST) => false,
+        Err(err) => {
+            warn!(
+                ctx,
+                "tracking a connection failed: map insert returned {}", err
+            );
+            count_loss(loss::CONN_INSERT_FAILED);
+            false
+        }
+    }
+}
+
+const EEXIST: i32 = -17;
 
 /// The daemon drains the ring on a short timer, so waking it for every record would only burn
 /// CPU; wake it early only when the ring is a quarter full.

@@ -1,27 +1,26 @@
 //! Reads of kernel structures at member offsets the daemon resolved from BTF (see
 //! `stalltrace_common::Offsets`); used only off the hot path.
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
-use stalltrace_common::{ConnState, Offsets, AF_INET, AF_INET6};
+use stalltrace_common::{ConnState, Offsets, AF_INET6};
 
 #[inline(always)]
 unsafe fn read<T>(base: u64, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const T).ok() }
 }
 
-/// The socket's family and protocol, if it is an IPv4/IPv6 socket.
+/// The socket's address family and protocol (`sk_protocol`).
 #[inline(always)]
-pub(crate) fn inet_socket(sock: u64, offsets: &Offsets) -> Option<(u16, u16)> {
+pub(crate) fn socket_family(sock: u64, offsets: &Offsets) -> Option<(u16, u16)> {
     if !offsets.can_read_sock() {
         return None;
     }
     // SAFETY: probe reads of kernel memory; failures are returned, not faulted.
-    let (family, protocol) = unsafe {
-        (
+    unsafe {
+        Some((
             read::<u16>(sock, offsets.skc_family)?,
             read::<u16>(sock, offsets.sk_protocol)?,
-        )
-    };
-    (family == AF_INET || family == AF_INET6).then_some((family, protocol))
+        ))
+    }
 }
 
 /// Fills the connection's addresses and ports from its `struct sock`.

@@ -8,6 +8,7 @@
 //! - `tcp_signals`: retransmits and received resets (`tcp/*`);
 //! - `udp`: UDP request/response flows (the same transfer hooks; closes from
 //!   `cgroup/sock_release`).
+//! - `unix`: Unix stream/seqpacket connections, found through the same transfer tracepoints.
 //!
 //! Per-connection state lives in the `CONNS` LRU map; the ring buffer carries only lifecycle
 //! events and request starts: a connection's first, then at most one per sweep epoch (see
@@ -29,6 +30,7 @@ mod tcp_state;
 mod transfer;
 mod transfer_functions;
 mod udp;
+mod unix;
 mod words;
 
 #[cfg(not(test))]

@@ -23,6 +23,10 @@ pub(crate) static CAPTURE_SLOTS: Global<u32> = Global::new(1);
 /// `cgroup/sock_release` program attaches), on the tracepoint rung.
 #[unsafe(no_mangle)]
 pub(crate) static UDP_TRACED: Global<u32> = Global::new(0);
+/// The daemon's own process id: Unix connections to or from it (its API socket: the CLI's
+/// queries, `watch`) are not tracked, so that the tracer does not report itself.
+#[unsafe(no_mangle)]
+pub(crate) static SELF_TGID: Global<u32> = Global::new(0);
 
 /// Kernel struct member offsets, resolved by the daemon from BTF.
 #[unsafe(no_mangle)]
@@ -70,6 +74,17 @@ pub(crate) static CAPTURES: Array<Capture> = Array::with_max_entries(1, 0);
 /// (see `message::classify_reply`); never reported.
 #[map]
 pub(crate) static REPLY_HEADS: PerCpuArray<Capture> = PerCpuArray::with_max_entries(1, 0);
+
+/// Slot 0 is 1 once the daemon can tell when a Unix socket closes (`stalltrace_unix_alive`
+/// loaded, on a rung that sees Unix transfers): until then Unix connections are not tracked,
+/// since nothing would ever remove their entries.
+#[map]
+pub(crate) static UNIX_TRACED: Array<u32> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub(crate) fn unix_traced() -> bool {
+    UNIX_TRACED.get(0).is_some_and(|on| *on != 0)
+}
 
 /// Slot 0 holds the daemon's current sweep epoch.
 #[map]

@@ -7,30 +7,28 @@
 //!
 //! Work per call on a tracked connection: one map lookup and a few stores; an event only when a
 //! connection's first request starts, a request starts on a connection not yet reported this
-//! epoch, or a stall ends. Only TCP connections are in the map, so a miss is either another kind
-//! of socket (checked by reading its protocol) or a TCP connection the map does not hold yet.
+//! epoch, or a stall ends. Only TCP, UDP and Unix stream connections are in the map, so a miss
+//! is either another kind of socket (checked by reading its family and protocol) or a
+//! connection the map does not hold yet (every Unix and UDP one starts so: `unix.rs`,
+//! `udp.rs`).
 use aya_ebpf::{
-    bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, macros::raw_tracepoint,
-    programs::RawTracePointContext, EbpfContext,
+    helpers::bpf_ktime_get_ns, macros::raw_tracepoint, programs::RawTracePointContext, EbpfContext,
 };
-use aya_log_ebpf::{debug, warn};
+use aya_log_ebpf::debug;
 use stalltrace_common::{
-    conn_flags, direction, listen_key, loss,
+    conn_flags, direction, listen_key,
     message::{classify, Head, Message},
     role, tcp_state,
     transfer::{ends_quiet, look, record_transfer, Look, Turn},
-    transport, Capture, ConnState, EventKind, IPPROTO_TCP, IPPROTO_UDP,
+    transport, Capture, ConnState, EventKind, AF_INET, AF_INET6, AF_UNIX, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
     capture::{bytes_at, capture_request, reply_head},
-    conn::{emit, emit_request, set_netns, set_owner_to_current},
-    kernel_read::{inet_socket, read_endpoints, tcp_state_of},
-    maps::{
-        count_loss, current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS,
-        UDP_TRACED,
-    },
-    udp,
+    conn::{emit, emit_request, insert_new, set_netns, set_owner_to_current},
+    kernel_read::{read_endpoints, socket_family, tcp_state_of},
+    maps::{current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS, UDP_TRACED},
+    udp, unix,
 };
 
 const MSG_PEEK: i32 = 2;
@@ -77,21 +75,29 @@ pub(crate) fn on_transfer<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, ret: i32,
     }
     let now = unsafe { bpf_ktime_get_ns() };
     let bytes = ret as u64;
-    match CONNS.get_ptr_mut(sock) {
-        Some(conn) => {
-            // SAFETY: map value pointer, valid for the duration of the program.
-            let conn = unsafe { &mut *conn };
-            if conn.transport == transport::UDP {
-                // Never true where UDP is not traced; the constant lets the verifier drop the
-                // UDP path there (it calls helpers older kernels lack).
-                if UDP_TRACED.load() != 0 {
-                    udp::record(sock, conn, dir, bytes, now);
-                }
-            } else {
-                record(sock, conn, dir, bytes, now);
-            }
+    let conn = match CONNS.get_ptr_mut(sock) {
+        // SAFETY: map value pointer, valid for the duration of the program.
+        Some(conn) if unix::still_same(sock, unsafe { &*conn }) => conn,
+        // SAFETY: as above.
+        Some(stale) => match unix::replace(ctx, sock, unsafe { &mut *stale }, dir, now) {
+            Some(conn) => conn,
+            None => return,
+        },
+        None => match discover(ctx, sock, dir, bytes, now) {
+            Some(conn) => conn,
+            None => return,
+        },
+    };
+    // SAFETY: map value pointer, valid for the duration of the program.
+    let conn = unsafe { &mut *conn };
+    if conn.transport == transport::UDP {
+        // Never true where UDP is not traced; the constant lets the verifier drop the UDP
+        // path there (it calls helpers older kernels lack).
+        if UDP_TRACED.load() != 0 {
+            udp::record(sock, conn, dir, bytes, now);
         }
-        None => discover(ctx, sock, dir, bytes, now),
+    } else {
+        record(sock, conn, dir, bytes, now);
     }
 }
 
@@ -190,19 +196,29 @@ fn read_housekeeping(conn: &mut ConnState, look: Look, bytes: u64) -> Message {
     }
 }
 
+/// A transfer on a socket the map does not hold. A TCP connection is tracked and reported
+/// here, its transfer recorded; a new Unix connection's entry is returned for the caller to
+/// record the transfer on (its first bytes are read: it is seen from its first transfer).
 #[inline(never)]
-fn discover<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, bytes: u64, now: u64) {
+fn discover<C: EbpfContext>(
+    ctx: &C,
+    sock: u64,
+    dir: u8,
+    bytes: u64,
+    now: u64,
+) -> Option<*mut ConnState> {
     let offsets = OFFSETS.load();
-    let Some((family, protocol)) = inet_socket(sock, &offsets) else {
-        return;
+    let family = match socket_family(sock, &offsets)? {
+        (AF_UNIX, _) => return unix::discover(ctx, sock, dir, now),
+        (family, IPPROTO_UDP) if family == AF_INET || family == AF_INET6 => {
+            if UDP_TRACED.load() != 0 {
+                udp::discover(sock, family, dir, bytes, now);
+            }
+            return None;
+        }
+        (family, IPPROTO_TCP) if family == AF_INET || family == AF_INET6 => family,
+        _ => return None,
     };
-    if protocol == IPPROTO_UDP && UDP_TRACED.load() != 0 {
-        udp::discover(sock, family, dir, bytes, now);
-        return;
-    }
-    if protocol != IPPROTO_TCP {
-        return;
-    }
     // Data read after the close (it arrived with the peer's FIN) belongs to a connection
     // that already ended: tracking it anew would report a phantom connection.
     if !matches!(
@@ -214,10 +230,10 @@ fn discover<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, bytes: u64, now: u64) {
                 | tcp_state::FIN_WAIT2
         )
     ) {
-        return;
+        return None;
     }
     let Some(conn) = scratch_conn() else {
-        return;
+        return None;
     };
     conn.open_ns = now;
     conn.state_ns = now;
@@ -226,7 +242,7 @@ fn discover<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, bytes: u64, now: u64) {
     conn.flags = conn_flags::DISCOVERED | conn_flags::ESTABLISHED;
     if !read_endpoints(sock, family, &offsets, conn) {
         debug!(ctx, "cannot read the endpoints of TCP socket {:x}", sock);
-        return;
+        return None;
     }
     set_netns(sock, conn);
     conn.role = if LISTEN_PORTS
@@ -240,23 +256,12 @@ fn discover<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, bytes: u64, now: u64) {
     set_owner_to_current(conn);
     // Its first bytes are not read: the direction rule alone, until its next request.
     record_transfer(conn, dir, bytes, now, Message::Data);
-    match CONNS.insert(sock, &*conn, BPF_NOEXIST.into()) {
-        Ok(()) => {}
-        // Another CPU discovered it first and reported it.
-        Err(EEXIST) => return,
-        Err(err) => {
-            warn!(
-                ctx,
-                "tracking a connection failed: map insert returned {}", err
-            );
-            count_loss(loss::CONN_INSERT_FAILED);
-            return;
-        }
+    if !insert_new(ctx, sock, conn) {
+        return None;
     }
     if let Some(conn) = CONNS.get_ptr_mut(sock) {
         // SAFETY: map value pointer, valid for the duration of the program.
         emit(EventKind::Discovered, sock, unsafe { &mut *conn }, now);
     }
+    None
 }
-
-const EEXIST: i32 = -17;

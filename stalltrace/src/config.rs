@@ -100,6 +100,9 @@ pub struct RuleSpec {
     #[serde(default, deserialize_with = "network")]
     pub peer: Option<ipnet::IpNet>,
     pub transport: Option<Transport>,
+    /// A Unix connection's path (the bound end's name; `@name` for an abstract one), glob.
+    #[serde(default, deserialize_with = "glob")]
+    pub path: Option<Glob>,
     /// cgroup path (from /proc/PID/cgroup, read by the diagnosis worker's first look; the
     /// unified v2 path, or the deeper v1 one on hybrid hosts), glob: container ids are in it.
     #[serde(default, deserialize_with = "glob")]
@@ -115,7 +118,7 @@ pub struct RuleSpec {
 
 /// The transports the probes follow; a rule for another one matches nothing (said by
 /// `check-config`).
-const TRACED_TRANSPORTS: &[Transport] = &[Transport::Tcp, Transport::Udp];
+const TRACED_TRANSPORTS: &[Transport] = &[Transport::Tcp, Transport::Udp, Transport::Unix];
 
 /// `stall.severity` of the stalls a rule matches.
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -165,6 +168,8 @@ pub struct Subject<'a> {
     pub local_port: u16,
     pub peer: IpAddr,
     pub peer_port: u16,
+    /// A Unix connection's path ("" for a socketpair); `None` for other transports.
+    pub path: Option<&'a str>,
     /// The request signature, if the request was captured and recognized.
     pub request: Option<&'a str>,
     /// The executable's path, if the diagnosis worker's first look came before the stall was
@@ -190,7 +195,13 @@ impl Rule {
             && spec.comm.as_ref().is_none_or(|g| g.matches(subject.comm))
             && spec.local_port.is_none_or(|p| p == subject.local_port)
             && spec.peer_port.is_none_or(|p| p == subject.peer_port)
-            && spec.peer.is_none_or(|net| net.contains(&subject.peer))
+            && spec
+                .peer
+                .is_none_or(|net| subject.path.is_none() && net.contains(&subject.peer))
+            && spec
+                .path
+                .as_ref()
+                .is_none_or(|g| subject.path.is_some_and(|path| g.matches(path)))
             && spec
                 .request
                 .as_ref()
@@ -427,13 +438,14 @@ fn check_rule(spec: &RuleSpec) -> std::result::Result<(), String> {
         spec.peer_port.is_some(),
         spec.peer.is_some(),
         spec.transport.is_some(),
+        spec.path.is_some(),
         spec.cgroup.is_some(),
         spec.request.is_some(),
     ];
     if !matchers.contains(&true) {
         return Err(
             "matches every stall: give at least one of comm, exe, local_port, peer_port, \
-             peer, transport, cgroup, request (for every stall, set stall_after itself)"
+             peer, transport, path, cgroup, request (for every stall, set stall_after itself)"
                 .into(),
         );
     }
@@ -638,6 +650,7 @@ mod tests {
             local_port,
             peer: "10.1.2.3".parse().unwrap(),
             peer_port,
+            path: None,
             request,
             exe: Some("/usr/bin/python3.11"),
             cgroup: Some("/system.slice/app.service"),
@@ -837,6 +850,37 @@ mod tests {
             ..subject("app", 1, 2, None)
         };
         assert_eq!(rules.decide(&in_docker).rule, None);
+    }
+
+    #[test]
+    fn unix_rules_match_the_socket_path() {
+        let loaded = parse(
+            "[[rule]]\npath = \"/run/systemd/journal/*\"\nignore = true\n\
+             [[rule]]\ntransport = \"unix\"\nseverity = \"info\"\n\
+             [[rule]]\npeer = \"::/0\"\nseverity = \"critical\"\n",
+        )
+        .unwrap();
+        let rules = loaded.rules;
+        assert!(rules.rules.iter().all(|r| r.unmatched_keys().is_empty()));
+        let unix = |path| Subject {
+            transport: Transport::Unix,
+            path: Some(path),
+            local_port: 0,
+            peer_port: 0,
+            peer: "::1".parse().unwrap(),
+            ..subject("app", 0, 0, None)
+        };
+        assert_eq!(
+            rules.decide(&unix("/run/systemd/journal/stdout")).rule,
+            Some(0)
+        );
+        assert_eq!(rules.decide(&unix("/run/php/fpm.sock")).rule, Some(1));
+        // A TCP stall has no path; a Unix one has no peer address for `peer` to match.
+        let tcp = Subject {
+            peer: "::1".parse().unwrap(),
+            ..subject("app", 1, 2, None)
+        };
+        assert_eq!(rules.decide(&tcp).rule, Some(2));
     }
 
     #[test]

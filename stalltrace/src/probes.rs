@@ -17,7 +17,7 @@ use aya::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
         CgroupAttachMode, CgroupSock, FExit, KProbe, PerfEvent, ProgramError, ProgramFd,
-        RawTracePoint, TracePoint,
+        RawTracePoint, RawTracePointRunOptions, TestRun as _, TracePoint,
     },
     Ebpf, EbpfLoader,
 };
@@ -332,7 +332,12 @@ pub(crate) struct Probes {
     pub transfers: TransferHooks,
     /// UDP sockets are traced (the tracepoint rung, and a cgroup v2 root for their closes).
     pub udp: bool,
+    /// Whether Unix stream/seqpacket connections are traced, or why not.
+    pub unix: Result<(), String>,
 }
+
+/// The program the daemon runs (never attached) to ask whether a Unix socket still lives.
+const UNIX_ALIVE_PROGRAM: &str = "stalltrace_unix_alive";
 
 /// The rung the data transfers use, for the start-up line and `status`.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -379,6 +384,12 @@ pub(crate) struct KernelLoss {
 impl KernelMaps {
     pub(crate) fn lookup(&self, sock: u64) -> Option<ConnState> {
         self.conns.get(&sock, 0).ok()
+    }
+
+    /// Drops the entry of a connection that ended without the kernel seeing it end (a
+    /// released Unix socket).
+    pub(crate) fn forget(&mut self, sock: u64) {
+        let _ = self.conns.remove(&sock);
     }
 
     /// The captured start of the request in flight on `sock`, if its slot still holds it.
@@ -524,6 +535,7 @@ impl Probes {
             )
             .map_max_entries("CONNS", config.max_conns)
             .map_max_entries("EVENTS", config.ring_buffer_bytes)
+            .override_global("SELF_TGID", &std::process::id(), true)
             .override_global("CAPTURE_BYTES", &capture_bytes, true)
             .override_global("CAPTURE_SLOTS", &capture_slots, true)
             .map_max_entries("CAPTURES", capture_slots)
@@ -581,6 +593,13 @@ impl Probes {
                 None
             }
         };
+        let unix = unix_tracing(&mut ebpf, transfers.rung, &config.offsets);
+        if unix.is_ok() {
+            let mut traced: Array<MapData, u32> = take_map(&mut ebpf, "UNIX_TRACED")?;
+            traced
+                .set(0, 1, 0)
+                .context("enabling Unix sockets in the UNIX_TRACED map")?;
+        }
         let stats = config
             .bpf_stats
             .then(|| aya::sys::enable_stats(aya::sys::Stats::RunTime))
@@ -595,7 +614,28 @@ impl Probes {
             stacks,
             transfers,
             udp: false,
+            unix,
         })
+    }
+
+    /// Whether the Unix socket at `sock` with inode `inode` was released (closed) or its
+    /// memory now holds another socket: one `BPF_PROG_TEST_RUN` of `stalltrace_unix_alive`
+    /// (~1 µs). False when it lives, and when that cannot be told.
+    pub(crate) fn unix_released(&self, sock: u64, inode: u64) -> bool {
+        if self.unix.is_err() {
+            return false;
+        }
+        let Some(Ok(program)) = self
+            .ebpf
+            .program(UNIX_ALIVE_PROGRAM)
+            .map(<&RawTracePoint>::try_from)
+        else {
+            return false;
+        };
+        let mut options = RawTracePointRunOptions::new();
+        options.args[0] = sock;
+        options.args[1] = inode;
+        matches!(program.test_run(options), Ok(result) if result.return_value == 0)
     }
 
     /// Starts sampling the user stack of thread `tid`; false when perf events are unavailable.
@@ -941,6 +981,34 @@ fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
         .take_map(name)
         .with_context(|| format!("the eBPF object has no map {name}"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// Unix connections are found on the rungs that see every socket's transfers (the sock
+/// tracepoints, the syscall tracepoints; not the TCP functions'), need their members in the
+/// kernel's BTF, and need the liveness program (their closes are seen through it): then the
+/// kernel is told to track them (`UNIX_TRACED`). `Err` says what is missing.
+fn unix_tracing(ebpf: &mut Ebpf, rung: Rung, offsets: &Offsets) -> Result<(), String> {
+    if !matches!(rung, Rung::Tracepoint | Rung::Syscall) {
+        return Err(format!(
+            "Unix domain sockets are not traced on the {} rung, which hooks TCP functions only \
+             (they are with the sock_send_length/sock_recv_length tracepoints of Linux 6.3+)",
+            rung.name()
+        ));
+    }
+    if !offsets.can_read_unix() {
+        return Err(
+            "Unix domain sockets are not traced: the kernel's BTF lacks members they need \
+             (sk_type, sk_socket, unix_sock.peer/addr, unix_address, socket_alloc.vfs_inode)"
+                .into(),
+        );
+    }
+    let program = ebpf
+        .program_mut(UNIX_ALIVE_PROGRAM)
+        .ok_or_else(|| format!("the eBPF object has no program {UNIX_ALIVE_PROGRAM}"))
+        .and_then(|p| <&mut RawTracePoint>::try_from(p).map_err(|e| e.to_string()))?;
+    load_program(UNIX_ALIVE_PROGRAM, program.load()).map_err(|err| {
+        format!("Unix domain sockets are not traced: their closes could not be seen: {err:#}")
+    })
 }
 
 fn attach_all(ebpf: &mut Ebpf, tracefs_root: &Path) -> Result<Vec<Attached>> {

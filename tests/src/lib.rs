@@ -361,6 +361,16 @@ pub fn touches(value: &Value, port: u16) -> bool {
     network["local"]["port"] == port || network["peer"]["port"] == port
 }
 
+/// Waits (10 s at most) until something accepts connections on `addr`: a server started as a
+/// child process.
+pub fn wait_until_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The item with `role` ("client"/"server").
 pub fn with_role<'a>(items: &'a [Value], role: &str) -> &'a Value {
     items

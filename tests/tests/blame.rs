@@ -11,7 +11,7 @@ use std::{
 };
 
 use serde_json::Value;
-use stalltrace_integration::{require_root, Daemon, REPORT_WITHIN};
+use stalltrace_integration::{require_root, wait_until_listening, Daemon, REPORT_WITHIN};
 
 /// A one-thread asyncio HTTP proxy: `/slow…` goes to the first upstream, the rest to the
 /// second; one upstream connection per request.
@@ -298,14 +298,6 @@ fn daemon_dir(daemon: &Daemon, name: &str) -> std::path::PathBuf {
     let dir = daemon.events.parent().unwrap().join(name);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn wait_until_listening(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {addr}");
-        thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Healthy requests through `proxy` to `fast` around one request to `slow`, which never

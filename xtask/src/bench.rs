@@ -36,8 +36,8 @@ pub(crate) struct BenchArgs {
     /// One short round of everything, to check that the harness works (used by CI).
     #[arg(long)]
     smoke: bool,
-    /// Run only these parts (comma-separated): pingpong1, pingpong32, nginx, churn, fileio,
-    /// udp, paced, idle, stalls, programs, micro.
+    /// Run only these parts (comma-separated): pingpong1, pingpong32, unix1, unix32, nginx,
+    /// churn, fileio, udp, paced, idle, stalls, programs, unixprograms, micro.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -129,6 +129,12 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
     let secs = args.secs.to_string();
     let wanted = |part: &str| args.only.is_empty() || args.only.iter().any(|o| o == part);
     let pingpong = |conns: &str| loadgen(&paths, &["pingpong", "--conns", conns, "--secs", &secs]);
+    let unix_pingpong = |conns: &str| {
+        loadgen(
+            &paths,
+            &["pingpong", "--unix", "--conns", conns, "--secs", &secs],
+        )
+    };
     // (part, name, command, also run with the bpftrace peer and an untraced control)
     let workloads: Vec<(&str, &str, Vec<String>, bool)> = vec![
         ("pingpong1", "ping-pong, 1 connection", pingpong("1"), false),
@@ -137,6 +143,18 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
             "ping-pong, 32 connections",
             pingpong("32"),
             true,
+        ),
+        (
+            "unix1",
+            "ping-pong over Unix sockets, 1 connection",
+            unix_pingpong("1"),
+            false,
+        ),
+        (
+            "unix32",
+            "ping-pong over Unix sockets, 32 connections",
+            unix_pingpong("32"),
+            false,
         ),
         ("nginx", "nginx + wrk, 64 connections", wrk(args.secs), true),
         (
@@ -204,6 +222,16 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
             &loadgen(&paths, &["pingpong", "--conns", "32", "--secs", &secs]),
         )
     });
+    // What tracking adds to each send and receive over Unix stream sockets.
+    let programs_unix = run("unixprograms", &|| {
+        program_cost(
+            &paths,
+            &loadgen(
+                &paths,
+                &["pingpong", "--conns", "32", "--secs", &secs, "--unix"],
+            ),
+        )
+    });
     // The per-datagram cost of a one-way sender (statsd): the send, and the collector's
     // receive, each run the data transfer programs.
     let programs_udp = run("udp", &|| {
@@ -211,11 +239,19 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
     });
     let micro = run("micro", &microbenchmark);
     drop(nginx);
-    let failed = [&paced, &scale, &stalls, &programs, &programs_udp, &micro]
-        .into_iter()
-        .chain(&results)
-        .filter(|v| v.get("error").is_some())
-        .count();
+    let failed = [
+        &paced,
+        &scale,
+        &stalls,
+        &programs,
+        &programs_unix,
+        &programs_udp,
+        &micro,
+    ]
+    .into_iter()
+    .chain(&results)
+    .filter(|v| v.get("error").is_some())
+    .count();
 
     let mut report = json!({
         "machine": machine(),
@@ -226,6 +262,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         "idle_scale": scale,
         "mass_stalls": stalls,
         "program_cost": programs,
+        "program_cost_unix": programs_unix,
         "program_cost_udp": programs_udp,
         "userspace_microbenchmark": micro,
     });
@@ -1158,6 +1195,11 @@ fn render_report(report: &Value) -> String {
     );
     render_programs(
         &mut out,
+        "kernel programs on 32-connection Unix ping-pong:",
+        &report["program_cost_unix"],
+    );
+    render_programs(
+        &mut out,
         "kernel programs on one-way UDP (sendto):",
         &report["program_cost_udp"],
     );
@@ -1216,6 +1258,7 @@ mod tests {
             "idle_scale": {"skipped": true},
             "program_cost": {"skipped": true},
             "program_cost_udp": {"skipped": true},
+            "program_cost_unix": {"skipped": true},
             "userspace_microbenchmark": {"workload": "micro", "error": "no result line"},
         });
         report["targets"] = targets(&report);

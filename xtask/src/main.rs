@@ -154,7 +154,8 @@ fn fuzz(seconds: u64) -> Result<()> {
 }
 
 /// Servers and clients the integration tests run for real (proxies for the blame chains,
-/// python3 for an asyncio proxy and for servers owned by another user), the peers of the
+/// python3 for an asyncio proxy and for servers owned by another user, php-fpm behind nginx
+/// over a Unix socket), the peers of the
 /// protocol-verdict tests (socat, openssl, grpcio, websockets, postgresql), the tools of the
 /// package and log-shipping tests (a real syslog-ng reading the events file, logrotate rotating
 /// it with the packaged snippet, systemd-analyze checking the unit), and prometheus to scrape
@@ -163,6 +164,7 @@ fn fuzz(seconds: u64) -> Result<()> {
 const TEST_PACKAGES: &[&str] = &[
     "nginx",
     "haproxy",
+    "php8.2-fpm",
     "python3",
     // unshare (a private resolv.conf for glibc's resolver) and logger (one-way syslog over
     // UDP): essential packages, named for the UDP tests.

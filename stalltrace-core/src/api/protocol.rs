@@ -78,6 +78,48 @@ pub struct Filter {
     #[arg(long, value_name = "ID", value_parser = parse_container)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+    /// Only Unix domain socket connections whose path matches this shell pattern (`*`, `?`,
+    /// `[...]`; `*` also matches `/`). The path is the name of the bound end (the listener's,
+    /// which accepted connections share); abstract names start with `@`. Quote it from the shell.
+    #[arg(long, value_name = "GLOB", value_parser = PathGlob::parse)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathGlob>,
+}
+
+/// A compiled `--path` pattern, carried as its text in requests. A request whose pattern does
+/// not compile is refused as it is decoded (`bad_request`), like any malformed argument.
+#[derive(Debug, Clone)]
+pub struct PathGlob(glob::Pattern);
+
+impl PathGlob {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        glob::Pattern::new(text)
+            .map(Self)
+            .map_err(|err| format!("`{text}` is not a valid path pattern: {err}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl PartialEq for PathGlob {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Serialize for PathGlob {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for PathGlob {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Self::parse(&text).map_err(serde::de::Error::custom)
+    }
 }
 
 /// An executable name as the kernel keeps it: a longer one would silently match nothing.
@@ -144,6 +186,15 @@ impl Filter {
                 .is_some_and(|container| container.starts_with(want))
         });
         cgroup && container
+    }
+
+    /// The `path` criterion, for a connection with this Unix path (`None`: not a Unix
+    /// connection, which a `path` filter never selects).
+    pub fn matches_path(&self, path: Option<&str>) -> bool {
+        match &self.path {
+            None => true,
+            Some(glob) => path.is_some_and(|path| glob.0.matches(path)),
+        }
     }
 }
 
@@ -346,6 +397,8 @@ mod tests {
             ..Filter::default()
         };
         assert!(!port.matches(1, "nginx", &endpoints));
+        // A Unix connection has no port.
+        assert!(!port.matches(1, "nginx", &Endpoints::unix(10, 11)));
         let other_namespace = Filter {
             netns: Some(4_026_532_000),
             ..Filter::default()
@@ -376,5 +429,33 @@ mod tests {
         assert!(parse_cgroup("0").is_err());
         assert!(parse_container("3f2").is_err());
         assert!(parse_container("docker-3f2a").is_err());
+    }
+
+    #[test]
+    fn path_filters_glob_unix_paths_only() {
+        let filter = |text: &str| Filter {
+            path: Some(PathGlob::parse(text).unwrap()),
+            ..Filter::default()
+        };
+        assert!(Filter::default().matches_path(None));
+        assert!(filter("/run/php/*.sock").matches_path(Some("/run/php/php8.2-fpm.sock")));
+        assert!(filter("/run/*").matches_path(Some("/run/php/fpm.sock")));
+        assert!(filter("@app-*").matches_path(Some("@app-1")));
+        assert!(!filter("/run/php/*.sock").matches_path(Some("/var/run/docker.sock")));
+        assert!(
+            !filter("*").matches_path(None),
+            "TCP never matches a path filter"
+        );
+        assert!(PathGlob::parse("[").is_err());
+        // Over the API, a bad pattern is a bad request, not a panic.
+        let bad = parse_request(r#"{"version":1,"command":"conns","filter":{"path":"[x"}}"#);
+        assert_eq!(bad.unwrap_err().code, ErrorCode::BadRequest);
+        let good =
+            parse_request(r#"{"version":1,"command":"conns","filter":{"path":"/run/*.sock"}}"#)
+                .unwrap();
+        let Command::Conns { filter } = good.command else {
+            panic!("{good:?}")
+        };
+        assert!(filter.matches_path(Some("/run/a.sock")));
     }
 }

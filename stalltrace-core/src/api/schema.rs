@@ -1,14 +1,14 @@
 //! The public JSON shapes: NDJSON events and the items of API answers (`conns`, `stalls`).
 //! Nested objects whose flattened names are OpenTelemetry semantic-convention attributes
 //! (`process.pid`, `network.peer.address`, …). Documented field by field in docs/events.md.
-use std::{borrow::Cow, net::IpAddr};
+use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
     diagnosis::Diagnosis,
     tracker::{
-        model::{Endpoints, Transport},
+        model::{Endpoints, Transport, UnixInfo},
         CloseSummary, ConnRef, Detail, Event, Totals,
     },
 };
@@ -126,10 +126,22 @@ pub struct ProtocolJson {
     pub name: Name,
 }
 
+/// One end of a connection: `network.local.*` / `network.peer.*`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct EndpointJson {
-    pub address: IpAddr,
-    pub port: u16,
+    /// An IP address; for a Unix socket, its name (a path, `@` and an abstract name, or ""
+    /// for an unbound socket), as OpenTelemetry puts it in `network.*.address`.
+    pub address: String,
+    /// TCP/UDP only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Unix only: the socket's inode number (as `ss -x` and /proc/net/unix show it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inode: Option<u64>,
+    /// Unix only, on the peer: the peer's process id as the kernel recorded it when the
+    /// connection was made (what `SO_PEERCRED` returns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
 }
 
 /// `stall.*`.
@@ -218,21 +230,54 @@ pub fn identity(conn: &ConnRef) -> (Option<ProcessJson>, Option<ThreadJson>, Net
         },
     });
     let thread = (owner.tid != 0).then_some(ThreadJson { id: owner.tid });
-    (process, thread, network(&conn.endpoints))
+    (
+        process,
+        thread,
+        network(&conn.endpoints, conn.unix.as_deref()),
+    )
 }
 
-pub fn network(endpoints: &Endpoints) -> NetworkJson {
+/// The `network` object of a connection; `unix` is what is known of a Unix connection.
+pub fn network(endpoints: &Endpoints, unix: Option<&UnixInfo>) -> NetworkJson {
+    let (local, peer) = match endpoints.unix_inodes() {
+        Some(inodes) => {
+            let unknown = UnixInfo::default();
+            let info = unix.unwrap_or(&unknown);
+            (
+                EndpointJson {
+                    address: info.local_name.clone(),
+                    port: None,
+                    inode: Some(inodes.local),
+                    pid: None,
+                },
+                EndpointJson {
+                    address: info.peer_name.clone(),
+                    port: None,
+                    inode: Some(inodes.peer),
+                    pid: (info.peer_pid != 0).then_some(info.peer_pid),
+                },
+            )
+        }
+        None => (
+            EndpointJson {
+                address: endpoints.local.to_string(),
+                port: Some(endpoints.local_port),
+                inode: None,
+                pid: None,
+            },
+            EndpointJson {
+                address: endpoints.peer.to_string(),
+                port: Some(endpoints.peer_port),
+                inode: None,
+                pid: None,
+            },
+        ),
+    };
     NetworkJson {
         transport: endpoints.transport.as_str().into(),
         kind: endpoints.network_type().into(),
-        local: EndpointJson {
-            address: endpoints.local,
-            port: endpoints.local_port,
-        },
-        peer: EndpointJson {
-            address: endpoints.peer,
-            port: endpoints.peer_port,
-        },
+        local,
+        peer,
         protocol: None,
         community_id: endpoints.community_id(),
         netns: (endpoints.netns != 0).then_some(endpoints.netns),
@@ -359,7 +404,39 @@ mod tests {
                 peer_port: 50_000,
                 netns: 4_026_532_001,
             },
+            unix: None,
         }
+    }
+
+    #[test]
+    fn unix_connections_name_paths_inodes_and_the_peer_pid() {
+        let event = Event {
+            at_ns: 0,
+            conn: ConnRef {
+                role: Role::Client,
+                endpoints: Endpoints::unix(31, 32),
+                unix: Some(std::sync::Arc::new(UnixInfo {
+                    local_name: String::new(),
+                    peer_name: "/run/php/fpm.sock".into(),
+                    peer_pid: 900,
+                    one_way: false,
+                })),
+                ..conn_ref()
+            },
+            detail: Detail::Open { adopted: false },
+        };
+        let value = serde_json::to_value(event_json(&event, "T".into())).unwrap();
+        assert_eq!(
+            value["network"],
+            json!({
+                "transport": "unix", "type": "unix",
+                "local": {"address": "", "inode": 31},
+                "peer": {"address": "/run/php/fpm.sock", "inode": 32, "pid": 900}
+            })
+        );
+        // The CLI reads it back.
+        let item: EventJson = serde_json::from_value(value).unwrap();
+        assert_eq!(item.item.network.peer.pid, Some(900));
     }
 
     fn encode(detail: Detail) -> serde_json::Value {

@@ -1,7 +1,6 @@
 //! What a diagnosis says: the types carried by `stall.start`, `stall.update`, `stalls` and
 //! `show`, and the samples the classifier (`super::classify`) reads. Pure data; the daemon
 //! gathers the samples (`stalltrace::sources::{threads, sock_diag}`).
-use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -216,8 +215,10 @@ pub struct BlameLink {
     pub pid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executable: Option<String>,
-    pub local: SocketAddr,
-    pub peer: SocketAddr,
+    /// `ip:port`; for a Unix connection, the socket's name as in `network.local.address`
+    /// ("" when unbound).
+    pub local: String,
+    pub peer: String,
     /// How the previous link leads here, for people: `thread 12 blocked in recvfrom(fd 7)`,
     /// `peer` (the other end of a local connection), or the timing that links an event loop's
     /// inbound request to its outbound one.

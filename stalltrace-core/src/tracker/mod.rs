@@ -15,13 +15,13 @@ pub mod activity;
 pub mod model;
 mod table;
 
-use std::collections::VecDeque;
+use std::{collections::VecDeque, sync::Arc};
 
-use stalltrace_common::{conn_flags, transfer, ConnEvent, ConnState, EventKind};
+use stalltrace_common::{conn_flags, transfer, ConnEvent, ConnState, EventKind, UnixNames};
 
 use crate::diagnosis::Diagnosis;
 use activity::Activity;
-use model::{Endpoints, Owner, Resolution, Role, StallKind};
+use model::{Endpoints, Owner, Resolution, Role, StallKind, UnixInfo};
 pub use table::SockHasher;
 use table::{BySock, Table};
 
@@ -41,6 +41,9 @@ pub struct ConnRef {
     pub role: Role,
     pub owner: Owner,
     pub endpoints: Endpoints,
+    /// Unix connections: names and peer process (`None` for other transports, or when the
+    /// record that carries them was lost).
+    pub unix: Option<Arc<UnixInfo>>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -130,6 +133,8 @@ pub struct Conn {
     pub role: Role,
     pub endpoints: Endpoints,
     pub owner: Owner,
+    /// Unix connections: see [`ConnRef::unix`].
+    pub unix: Option<Arc<UnixInfo>>,
     pub opened_ns: u64,
     pub adopted: bool,
     /// Boxed: stalls are rare, and every tracked connection pays for this field.
@@ -155,6 +160,7 @@ impl Conn {
             role: self.role,
             owner: self.owner,
             endpoints: self.endpoints,
+            unix: self.unix.clone(),
         }
     }
 
@@ -165,8 +171,15 @@ impl Conn {
         }
         self.retries = state.retries;
         if self.endpoints.local_port == 0 {
-            // connect() picks the local port after the SYN_SENT transition.
-            self.endpoints = Endpoints::from_kernel(state);
+            // connect() picks the local port after the SYN_SENT transition. (A Unix entry's
+            // peer inode may be 0, where the tracker knows it from the peer: keep that.)
+            let endpoints = Endpoints::from_kernel(state);
+            if endpoints
+                .unix_inodes()
+                .is_none_or(|inodes| inodes.peer != 0)
+            {
+                self.endpoints = endpoints;
+            }
         }
     }
 }
@@ -230,6 +243,9 @@ pub struct Tracker {
     audit: Vec<u64>,
     next_id: u64,
     stats: Stats,
+    /// Inodes of the Unix sockets connected when the daemon started (their connections are
+    /// found at their first transfer, like new ones): each is taken out when found.
+    preexisting_unix: std::collections::HashSet<u64>,
 }
 
 impl Tracker {
@@ -244,7 +260,15 @@ impl Tracker {
             audit: Vec::new(),
             next_id: 1,
             stats: Stats::default(),
+            preexisting_unix: Default::default(),
         }
+    }
+
+    /// The inodes of the Unix sockets connected before the daemon started (/proc/net/unix):
+    /// a Unix connection is found at its first transfer, and one of these is then reported
+    /// as adopted, its totals incomplete.
+    pub fn set_preexisting_unix(&mut self, inodes: std::collections::HashSet<u64>) {
+        self.preexisting_unix = inodes;
     }
 
     pub fn stats(&self) -> Stats {
@@ -311,6 +335,11 @@ impl Tracker {
     /// A connection by its endpoints, with its kernel key.
     pub fn find_by_endpoints(&self, endpoints: &Endpoints) -> Option<(Option<u64>, &Conn)> {
         self.conns.by_endpoints(endpoints)
+    }
+
+    /// The Unix connection end whose socket has inode `inode`, with its kernel key.
+    pub fn find_unix_by_inode(&self, inode: u64) -> Option<(Option<u64>, &Conn)> {
+        self.conns.by_unix_inode(inode)
     }
 
     /// Watched connections whose outstanding request has been quiet since before `since_ns`
@@ -397,6 +426,7 @@ impl Tracker {
             role: adoption.role,
             endpoints: adoption.endpoints,
             owner: adoption.owner,
+            unix: None,
             opened_ns: now,
             adopted: true,
             stall: None,
@@ -416,11 +446,24 @@ impl Tracker {
     /// Applies one kernel record.
     pub fn on_event(&mut self, event: &ConnEvent, out: &mut Vec<Event>) {
         let mark = out.len();
-        self.apply_event(event, out);
+        self.apply_event(event, None, out);
         self.conns.note_stalls(&out[mark..]);
     }
 
-    fn apply_event(&mut self, event: &ConnEvent, out: &mut Vec<Event>) {
+    /// Applies a [`EventKind::UnixDiscovered`] record with the socket names it carries.
+    pub fn on_unix_event(&mut self, event: &ConnEvent, names: &UnixNames, out: &mut Vec<Event>) {
+        let mark = out.len();
+        let info = Arc::new(UnixInfo::from_kernel(&event.conn, names));
+        self.apply_event(event, Some(info), out);
+        self.conns.note_stalls(&out[mark..]);
+    }
+
+    fn apply_event(
+        &mut self,
+        event: &ConnEvent,
+        unix: Option<Arc<UnixInfo>>,
+        out: &mut Vec<Event>,
+    ) {
         self.stats.events += 1;
         let Some(kind) = event.kind() else {
             self.stats.unknown_events += 1;
@@ -441,7 +484,13 @@ impl Tracker {
         let stall_after_ns = self.stall_after_ns;
         self.conn_for(sock, state, at, out);
         self.conns.refresh(sock, state);
+        if state.peer_sock != 0 {
+            self.conns.link_unix_peers(sock, state.peer_sock);
+        }
         let conn = self.conns.get_mut(sock).expect("conn_for tracks it");
+        if unix.is_some() && conn.unix.is_none() {
+            conn.unix = unix;
+        }
         match kind {
             // A passive connection waits for its first transfer to be reported with its owner.
             EventKind::Established if conn.role == Role::Server => {}
@@ -485,7 +534,9 @@ impl Tracker {
             }
             // A passive connection is reported at its first transfer (its owner is only known
             // then), dated when it was established.
-            EventKind::Discovered => announce(conn, state.open_ns.min(at), out),
+            EventKind::Discovered | EventKind::UnixDiscovered => {
+                announce(conn, state.open_ns.min(at), out)
+            }
             EventKind::RequestStarted | EventKind::ExchangeCompleted => announce(conn, at, out),
             EventKind::ConnectStarted => {}
             EventKind::Closed => unreachable!("handled above"),
@@ -659,6 +710,9 @@ impl Tracker {
         }
         if !self.conns.contains(sock) {
             let endpoints = Endpoints::from_kernel(state);
+            let preexisting = endpoints
+                .unix_inodes()
+                .is_some_and(|inodes| self.preexisting_unix.remove(&inodes.local));
             // Adopted connections are a start-up affair: skip hashing once they are all known.
             let adopted = if self.conns.has_adopted() {
                 self.conns.remove_adopted(&endpoints)
@@ -675,11 +729,12 @@ impl Tracker {
                     role: activity::role_of(state),
                     endpoints,
                     owner: Owner::default(),
+                    unix: None,
                     opened_ns: state.open_ns,
-                    adopted: false,
+                    adopted: preexisting,
                     stall: None,
                     quiet_since: None,
-                    incomplete: discovered,
+                    incomplete: discovered || preexisting,
                     retries: state.retries,
                     kernel_open_ns: state.open_ns,
                     announced: false,
@@ -816,6 +871,9 @@ fn start_stall(
     exchanges_at_start: u64,
     out: &mut Vec<Event>,
 ) {
+    if conn.unix.as_ref().is_some_and(|unix| unix.one_way) {
+        return;
+    }
     announce(conn, at, out);
     conn.stall = Some(Box::new(Stall {
         kind,

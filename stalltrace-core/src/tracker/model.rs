@@ -60,6 +60,78 @@ impl Transport {
     }
 }
 
+/// The inode numbers of a Unix connection's two sockets: its identity (see
+/// [`Endpoints::unix`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UnixInodes {
+    pub local: u64,
+    pub peer: u64,
+}
+
+/// What is known of a Unix connection beyond its identity, fixed when it is made: the names
+/// both sockets are bound to, as shown (see [`unix_name`]), and the peer's process as the
+/// kernel recorded it (`SO_PEERCRED`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnixInfo {
+    pub local_name: String,
+    pub peer_name: String,
+    /// 0 when the kernel had none.
+    pub peer_pid: u32,
+    /// Its path is one of [`ONE_WAY_UNIX_PATHS`]: it carries one-way messages and is never
+    /// judged.
+    pub one_way: bool,
+}
+
+/// Unix stream sockets whose connections only ever flow one way, on any host that runs them:
+/// judged by the direction rule, each would look like a request nobody answers.
+/// `/run/systemd/journal/stdout`: the stdout and stderr of every systemd service, streamed to
+/// journald.
+pub const ONE_WAY_UNIX_PATHS: &[&str] = &["/run/systemd/journal/stdout"];
+
+impl UnixInfo {
+    pub fn from_kernel(state: &ConnState, names: &stalltrace_common::UnixNames) -> Self {
+        let mut info = Self {
+            local_name: unix_name(names.local()),
+            peer_name: unix_name(names.peer()),
+            peer_pid: state.peer_tgid,
+            one_way: false,
+        };
+        info.one_way = ONE_WAY_UNIX_PATHS.contains(&info.path());
+        info
+    }
+
+    /// The connection's path: the name of whichever end is bound (the listener's, which an
+    /// accepted socket shares), the local one first; "" for two unbound ends (a socketpair).
+    pub fn path(&self) -> &str {
+        if self.local_name.is_empty() {
+            &self.peer_name
+        } else {
+            &self.local_name
+        }
+    }
+}
+
+/// A Unix socket name (`sun_path` bytes, as long as the kernel's `unix_address.len` says) as
+/// `ss` shows it: a path up to its first NUL; an abstract name (leading NUL) as `@` and the
+/// rest, its NULs shown as `@`; "" for an unbound socket. Bytes that are not UTF-8 become
+/// U+FFFD: names are arbitrary bytes chosen by local users.
+pub fn unix_name(raw: &[u8]) -> String {
+    match raw.split_first() {
+        None => String::new(),
+        Some((0, rest)) => {
+            let shown: Vec<u8> = rest
+                .iter()
+                .map(|&b| if b == 0 { b'@' } else { b })
+                .collect();
+            format!("@{}", String::from_utf8_lossy(&shown))
+        }
+        Some(_) => {
+            let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+            String::from_utf8_lossy(&raw[..end]).into_owned()
+        }
+    }
+}
+
 /// Transport, addresses and ports of a connection, and the network namespace they are
 /// addresses in. IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`, as seen on dual-stack sockets)
 /// are stored as IPv4: that is the network the traffic uses, and it makes the same connection
@@ -79,8 +151,12 @@ pub struct Endpoints {
 
 impl Endpoints {
     pub fn from_kernel(state: &ConnState) -> Self {
+        let transport = Transport::from_kernel(state.transport);
+        if transport == Transport::Unix {
+            return Self::unix(state.inode, state.peer_inode);
+        }
         Self {
-            transport: Transport::from_kernel(state.transport),
+            transport,
             local: ip_from_kernel(state.family, &state.local_addr),
             local_port: state.local_port,
             peer: ip_from_kernel(state.family, &state.peer_addr),
@@ -89,8 +165,11 @@ impl Endpoints {
         }
     }
 
-    /// `network.type` in OpenTelemetry terms.
+    /// `network.type` in OpenTelemetry terms (`unix` for Unix sockets, which it leaves open).
     pub fn network_type(&self) -> &'static str {
+        if self.transport == Transport::Unix {
+            return "unix";
+        }
         match self.local {
             IpAddr::V4(_) => "ipv4",
             IpAddr::V6(_) => "ipv6",
@@ -194,6 +273,35 @@ impl Endpoints {
         .ok()
     }
 
+    /// A Unix connection's endpoints from its two sockets' inodes. Unix connections have no
+    /// addresses that tell them apart (every connection accepted on a listener shares its
+    /// path): their identity is the inode pair, kept in the address fields as 128-bit
+    /// integers so that `Endpoints` stays one plain key for every transport (hashing,
+    /// `reversed`, the blame chain's peer lookup all work unchanged). Read them back with
+    /// [`Endpoints::unix_inodes`]; never show these "addresses".
+    pub fn unix(local_inode: u64, peer_inode: u64) -> Self {
+        Self {
+            transport: Transport::Unix,
+            local: IpAddr::V6(Ipv6Addr::from(u128::from(local_inode))),
+            local_port: 0,
+            peer: IpAddr::V6(Ipv6Addr::from(u128::from(peer_inode))),
+            peer_port: 0,
+            netns: 0,
+        }
+    }
+
+    /// A Unix connection's inodes (see [`Endpoints::unix`]); `None` for other transports.
+    pub fn unix_inodes(&self) -> Option<UnixInodes> {
+        let inode = |address: IpAddr| match address {
+            IpAddr::V6(v6) => u64::try_from(u128::from(v6)).unwrap_or(0),
+            IpAddr::V4(v4) => u64::from(u32::from(v4)),
+        };
+        (self.transport == Transport::Unix).then(|| UnixInodes {
+            local: inode(self.local),
+            peer: inode(self.peer),
+        })
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         SocketAddr::new(self.local, self.local_port)
     }
@@ -215,7 +323,7 @@ impl Endpoints {
     }
 
     pub fn has_port(&self, port: u16) -> bool {
-        self.local_port == port || self.peer_port == port
+        self.transport != Transport::Unix && (self.local_port == port || self.peer_port == port)
     }
 }
 
@@ -504,6 +612,37 @@ mod tests {
         assert_ne!(root, other);
         assert_eq!(root.reversed().netns, 1);
         assert_eq!(root.reversed().reversed(), root);
+    }
+
+    #[test]
+    fn unix_names_are_shown_as_ss_does() {
+        assert_eq!(unix_name(b""), "");
+        assert_eq!(unix_name(b"/run/php/fpm.sock\0"), "/run/php/fpm.sock");
+        assert_eq!(unix_name(b"\0app\0x"), "@app@x");
+        assert_eq!(unix_name(b"/tmp/\xff.sock"), "/tmp/\u{fffd}.sock");
+        assert_eq!(unix_name(b"\0"), "@");
+    }
+
+    #[test]
+    fn unix_endpoints_are_their_inodes_and_reverse() {
+        let state = ConnState {
+            transport: stalltrace_common::transport::UNIX,
+            inode: 5,
+            peer_inode: 6,
+            ..Default::default()
+        };
+        let endpoints = Endpoints::from_kernel(&state);
+        assert_eq!(endpoints, Endpoints::unix(5, 6));
+        assert_eq!(endpoints.reversed(), Endpoints::unix(6, 5));
+        let inodes = endpoints.unix_inodes().unwrap();
+        assert_eq!((inodes.local, inodes.peer), (5, 6));
+        assert_eq!(
+            Endpoints::unix(u64::MAX, 0).unix_inodes().unwrap().local,
+            u64::MAX
+        );
+        assert_ne!(endpoints, Endpoints::unix(5, 7));
+        assert_eq!(endpoints.network_type(), "unix");
+        assert!(!endpoints.has_port(0));
     }
 
     #[test]

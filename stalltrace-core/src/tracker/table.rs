@@ -54,6 +54,9 @@ pub(super) struct Table {
     /// briefly share endpoints (a 4-tuple reused before the old record's close was seen): the
     /// newer one is indexed.
     by_endpoints: BySock<u64>,
+    /// Unix socket inode → sock address, for Unix connections (a thread blocked on a Unix
+    /// socket fd is joined to its connection by the fd's inode).
+    unix_inodes: BySock<u64>,
     /// Keys the endpoint hash, so that peers cannot choose colliding endpoints.
     endpoint_hasher: RandomState,
     /// Ids of connections with an open stall, kept from the stall events themselves.
@@ -97,6 +100,9 @@ impl Table {
 
     pub(super) fn insert(&mut self, sock: u64, conn: Conn) {
         self.by_id.insert(conn.id, sock);
+        if let Some(inodes) = conn.endpoints.unix_inodes() {
+            self.unix_inodes.insert(inodes.local, sock);
+        }
         self.by_endpoints
             .insert(self.endpoint_key(&conn.endpoints), sock);
         if let Some(old) = self.kernel.insert(sock, conn) {
@@ -129,6 +135,11 @@ impl Table {
             self.stalled.remove(&conn.id);
         }
         self.unindex_endpoints(sock, &conn.endpoints);
+        if let Some(inodes) = conn.endpoints.unix_inodes() {
+            if self.unix_inodes.get(&inodes.local) == Some(&sock) {
+                self.unix_inodes.remove(&inodes.local);
+            }
+        }
     }
 
     fn unindex_endpoints(&mut self, sock: u64, endpoints: &Endpoints) {
@@ -153,6 +164,40 @@ impl Table {
         }
     }
 
+    /// Completes the identity of two Unix ends, `sock` and its peer `peer_sock`: an end first
+    /// seen before its peer was accepted could not read the peer's inode (an accepted socket
+    /// has none until `accept()`), which the peer's own entry has. Both must agree on the
+    /// inode they know.
+    pub(super) fn link_unix_peers(&mut self, sock: u64, peer_sock: u64) {
+        let ends = |table: &Self, sock| {
+            let conn = table.kernel.get(&sock)?;
+            conn.endpoints.unix_inodes()
+        };
+        let (Some(mine), Some(theirs)) = (ends(self, sock), ends(self, peer_sock)) else {
+            return;
+        };
+        for (sock, own, other, expected_other) in [
+            (sock, mine.local, theirs.local, mine.peer),
+            (peer_sock, theirs.local, mine.local, theirs.peer),
+        ] {
+            // Only a missing inode is filled, and only between ends that name each other.
+            let pair_agrees = mine.peer == theirs.local || theirs.peer == mine.local;
+            if expected_other == 0 && own != 0 && other != 0 && pair_agrees {
+                self.set_endpoints(sock, Endpoints::unix(own, other));
+            }
+        }
+    }
+
+    fn set_endpoints(&mut self, sock: u64, endpoints: Endpoints) {
+        let Some(conn) = self.kernel.get_mut(&sock) else {
+            return;
+        };
+        let before = std::mem::replace(&mut conn.endpoints, endpoints);
+        self.unindex_endpoints(sock, &before);
+        self.by_endpoints
+            .insert(self.endpoint_key(&endpoints), sock);
+    }
+
     /// A connection by id, with its kernel key.
     pub(super) fn by_id(&self, id: u64) -> Option<(Option<u64>, &Conn)> {
         if let Some(&sock) = self.by_id.get(&id) {
@@ -160,6 +205,13 @@ impl Table {
         }
         let endpoints = self.adopted_ids.get(&id)?;
         self.adopted.get(endpoints).map(|conn| (None, conn))
+    }
+
+    /// A Unix connection end by its socket's inode, with its kernel key.
+    pub(super) fn by_unix_inode(&self, inode: u64) -> Option<(Option<u64>, &Conn)> {
+        let sock = *self.unix_inodes.get(&inode)?;
+        let conn = self.kernel.get(&sock)?;
+        (conn.endpoints.unix_inodes()?.local == inode).then_some((Some(sock), conn))
     }
 
     /// A connection by its endpoints, with its kernel key.
@@ -210,6 +262,7 @@ impl Table {
         self.kernel.shrink_to(2 * live);
         self.by_id.shrink_to(2 * live);
         self.by_endpoints.shrink_to(2 * live);
+        self.unix_inodes.shrink_to(2 * live);
         true
     }
 }

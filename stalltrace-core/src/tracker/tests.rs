@@ -1165,3 +1165,156 @@ fn a_udp_query_stalls_counts_its_retry_and_ends_closed_at_release() {
     ));
     assert!(tracker.is_empty());
 }
+
+/// A Unix end as `unix.rs` in the kernel reports it: no addresses, inodes, the peer's sock.
+fn unix_end(role_id: u8, inode: u64, peer_inode: u64, peer_sock: u64) -> Kernel {
+    let mut kernel = Kernel::new(role_id, SEC);
+    let state = &mut kernel.state;
+    state.transport = stalltrace_common::transport::UNIX;
+    state.family = stalltrace_common::AF_UNIX;
+    (state.local_port, state.peer_port) = (0, 0);
+    (state.local_addr, state.peer_addr) = ([0; 16], [0; 16]);
+    (state.inode, state.peer_inode, state.peer_sock) = (inode, peer_inode, peer_sock);
+    state.peer_tgid = 77;
+    kernel
+}
+
+fn unix_names(local: &[u8], peer: &[u8]) -> stalltrace_common::UnixNames {
+    let mut names = stalltrace_common::UnixNames {
+        local_len: local.len() as u16,
+        peer_len: peer.len() as u16,
+        _pad: 0,
+        local: [0; stalltrace_common::UNIX_PATH_MAX],
+        peer: [0; stalltrace_common::UNIX_PATH_MAX],
+    };
+    names.local[..local.len()].copy_from_slice(local);
+    names.peer[..peer.len()].copy_from_slice(peer);
+    names
+}
+
+#[test]
+fn unix_server_stalls_like_tcp_and_names_its_path() {
+    let mut tracker = tracker();
+    let mut server = unix_end(role::SERVER, 100, 101, 0xffff_8880_0000_2000);
+    server.transfer(direction::IN, 2 * SEC);
+    let mut out = Vec::new();
+    let names = unix_names(b"/run/php/fpm.sock\0", b"");
+    let record = server.event(EventKind::UnixDiscovered, 2 * SEC);
+    tracker.on_unix_event(&record, &names, &mut out);
+    assert!(matches!(out[0].detail, Detail::Open { adopted: false }));
+    let unix = out[0].conn.unix.clone().expect("names carried");
+    assert_eq!(unix.path(), "/run/php/fpm.sock");
+    assert_eq!(unix.peer_pid, 77);
+    assert_eq!(out[0].conn.endpoints, Endpoints::unix(100, 101));
+    let stalled = sweep(&mut tracker, &mut server, 2 * SEC + THRESHOLD);
+    assert!(matches!(
+        stalled[0].detail,
+        Detail::StallStart {
+            kind: StallKind::UnansweredRequest,
+            ..
+        }
+    ));
+    assert!(stalled[0].conn.unix.is_some(), "stall events name the path");
+    // The daemon finds the socket released: a close with the entry's totals.
+    server.set_state(tcp_state::CLOSE, 9 * SEC);
+    let closed = feed(&mut tracker, server.event(EventKind::Closed, 9 * SEC));
+    assert_ended(
+        &closed[..1],
+        StallKind::UnansweredRequest,
+        7_000,
+        Resolution::Closed,
+    );
+    assert!(matches!(&closed[1].detail, Detail::Close(c) if c.totals.bytes_received == 10));
+}
+
+#[test]
+fn unix_idle_keep_alive_is_never_a_stall() {
+    let mut tracker = tracker();
+    let mut client = unix_end(role::CLIENT, 200, 201, 0xffff_8880_0000_2000);
+    client.transfer(direction::OUT, 2 * SEC);
+    let mut out = Vec::new();
+    let record = client.event(EventKind::UnixDiscovered, 2 * SEC);
+    tracker.on_unix_event(&record, &unix_names(b"", b"\0app"), &mut out);
+    assert_eq!(out[0].conn.unix.as_ref().unwrap().path(), "@app");
+    client.transfer(direction::IN, 2 * SEC + MS);
+    for at in [10, 60, 600] {
+        assert!(sweep(&mut tracker, &mut client, at * SEC).is_empty());
+    }
+}
+
+#[test]
+fn unix_ends_complete_each_others_inodes() {
+    // The client wrote before the server accepted: its entry has no peer inode.
+    let server_sock = 0xffff_8880_0000_2000;
+    let mut tracker = tracker();
+    let mut client = unix_end(role::CLIENT, 300, 0, server_sock);
+    client.transfer(direction::OUT, 2 * SEC);
+    feed(
+        &mut tracker,
+        client.event(EventKind::UnixDiscovered, 2 * SEC),
+    );
+    let mut server = unix_end(role::SERVER, 301, 300, SOCK);
+    server.transfer(direction::IN, 3 * SEC);
+    let mut event = server.event(EventKind::UnixDiscovered, 3 * SEC);
+    event.header.sock = server_sock;
+    feed(&mut tracker, event);
+    let (_, found) = tracker
+        .find_by_endpoints(&Endpoints::unix(300, 301))
+        .expect("the client is found by the complete pair");
+    assert_eq!(found.role, Role::Client);
+    // The peer lookup the blame chain makes.
+    let (sock, found) = tracker
+        .find_by_endpoints(&Endpoints::unix(300, 301).reversed())
+        .unwrap();
+    assert_eq!((sock, found.role), (Some(server_sock), Role::Server));
+    // A later snapshot of the client's entry (peer inode still 0) does not undo it.
+    sweep(&mut tracker, &mut client, 4 * SEC);
+    assert!(tracker
+        .find_by_endpoints(&Endpoints::unix(300, 301))
+        .is_some());
+    // A thread blocked on a Unix socket fd is joined to its end by the fd's inode.
+    let (sock, found) = tracker.find_unix_by_inode(301).unwrap();
+    assert_eq!((sock, found.role), (Some(server_sock), Role::Server));
+    assert!(tracker.find_unix_by_inode(999).is_none());
+    client.set_state(tcp_state::CLOSE, 5 * SEC);
+    feed(&mut tracker, client.event(EventKind::Closed, 5 * SEC));
+    assert!(
+        tracker.find_unix_by_inode(300).is_none(),
+        "closed ends leave the index"
+    );
+}
+
+#[test]
+fn a_unix_connection_older_than_the_daemon_is_adopted_with_incomplete_totals() {
+    let mut tracker = tracker();
+    tracker.set_preexisting_unix([500].into());
+    let mut old = unix_end(role::SERVER, 500, 501, 0);
+    old.transfer(direction::IN, 2 * SEC);
+    let opened = feed(&mut tracker, old.event(EventKind::UnixDiscovered, 2 * SEC));
+    assert!(matches!(opened[0].detail, Detail::Open { adopted: true }));
+    old.set_state(tcp_state::CLOSE, 3 * SEC);
+    let closed = feed(&mut tracker, old.event(EventKind::Closed, 3 * SEC));
+    assert!(matches!(&closed[0].detail, Detail::Close(c) if !c.complete));
+    // A new connection is not.
+    let mut new = unix_end(role::SERVER, 502, 503, 0);
+    new.transfer(direction::IN, 4 * SEC);
+    let opened = feed(&mut tracker, new.event(EventKind::UnixDiscovered, 4 * SEC));
+    assert!(matches!(opened[0].detail, Detail::Open { adopted: false }));
+}
+
+#[test]
+fn journald_stdout_streams_are_never_judged() {
+    let mut tracker = tracker();
+    // A service writes its logs; journald reads them and never answers.
+    let mut service = unix_end(role::CLIENT, 600, 601, 0);
+    service.transfer(direction::OUT, 2 * SEC);
+    let mut out = Vec::new();
+    let record = service.event(EventKind::UnixDiscovered, 2 * SEC);
+    let names = unix_names(b"", b"/run/systemd/journal/stdout\0");
+    tracker.on_unix_event(&record, &names, &mut out);
+    assert!(out[0].conn.unix.as_ref().unwrap().one_way);
+    assert!(sweep(&mut tracker, &mut service, 2 * SEC + 3 * THRESHOLD).is_empty());
+    // Nor when the kernel reports the end of a quiet stretch on it.
+    service.transfer(direction::OUT, 60 * SEC);
+    assert!(feed(&mut tracker, service.event(EventKind::QuietEnded, 60 * SEC)).is_empty());
+}

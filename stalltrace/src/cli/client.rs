@@ -219,8 +219,8 @@ fn render_conns(items: &[ConnItemJson], terminal: &Terminal) -> String {
             conn.state.as_deref().unwrap_or_default().to_owned(),
             pid,
             comm,
-            endpoint(&item.network.local.address, item.network.local.port),
-            endpoint(&item.network.peer.address, item.network.peer.port),
+            endpoint(&item.network.local),
+            endpoint(&item.network.peer),
             conn.bytes_sent.map_or("-".into(), bytes),
             conn.bytes_received.map_or("-".into(), bytes),
             conn.exchanges.map_or("-".into(), |n| n.to_string()),
@@ -288,8 +288,8 @@ fn render_stalls(items: &[ConnItemJson], terminal: &Terminal) -> String {
             item.thread
                 .as_ref()
                 .map_or("-".into(), |t| t.id.to_string()),
-            endpoint(&item.network.local.address, item.network.local.port),
-            endpoint(&item.network.peer.address, item.network.peer.port),
+            endpoint(&item.network.local),
+            endpoint(&item.network.peer),
             diagnosis
                 .request
                 .as_ref()
@@ -372,8 +372,8 @@ fn render_show(answer: &Value) -> Result<String> {
         .context("the daemon's answer has an unexpected shape")?;
     let conn = &item.conn;
     let (pid, comm) = process_cells(&item.process);
-    let local = endpoint(&item.network.local.address, item.network.local.port);
-    let peer = endpoint(&item.network.peer.address, item.network.peer.port);
+    let local = endpoint(&item.network.local);
+    let peer = endpoint(&item.network.peer);
     let mut out = format!(
         "conn {} {} {}: {comm} (pid {pid}) {local} <-> {peer}\nopened {}\n",
         conn.id,
@@ -639,12 +639,10 @@ fn event_line(event: &Value, terminal: &Terminal) -> String {
         return line;
     }
     let endpoint_of = |side: &str| {
-        let address = text(&format!("/network/{side}/address")).unwrap_or("?");
-        let port = number(&format!("/network/{side}/port")).unwrap_or(0);
-        match address.parse::<std::net::IpAddr>() {
-            Ok(ip) => endpoint(&ip, port as u16),
-            Err(_) => format!("{address}:{port}"),
-        }
+        event
+            .pointer(&format!("/network/{side}"))
+            .and_then(|end| serde_json::from_value(end.clone()).ok())
+            .map_or_else(|| "?".to_owned(), |end| endpoint(&end))
     };
     line.push_str(&format!(
         " conn {} {} {}[{}] {} -> {}",

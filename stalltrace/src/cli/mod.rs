@@ -275,6 +275,9 @@ pub struct WhyFilter {
     /// calls.
     #[arg(long, value_name = "PORT")]
     pub port: Option<u16>,
+    /// Only groups of Unix connections whose path matches this shell pattern.
+    #[arg(long, value_name = "GLOB", value_parser = api::PathGlob::parse)]
+    pub path: Option<api::PathGlob>,
     /// Refused with an explanation (groups are per executable name, not per process).
     #[arg(long, value_name = "PID", hide = true, value_parser = refuse_pid_for_why)]
     pub pid: Option<u32>,
@@ -285,6 +288,7 @@ impl WhyFilter {
         api::Filter {
             comm: self.comm,
             port: self.port,
+            path: self.path,
             ..api::Filter::default()
         }
     }

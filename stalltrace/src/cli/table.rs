@@ -194,14 +194,47 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-/// `127.0.0.1:8080`, `[::1]:8080`.
-pub fn endpoint(address: &std::net::IpAddr, port: u16) -> String {
-    std::net::SocketAddr::new(*address, port).to_string()
+/// `127.0.0.1:8080`, `[::1]:8080`; a Unix socket's name (`/run/app.sock`, `@abstract`, `-`
+/// for an unbound one), with the peer's pid when the kernel gave it.
+pub fn endpoint(end: &stalltrace_core::api::schema::EndpointJson) -> String {
+    match (end.port, end.address.parse::<std::net::IpAddr>()) {
+        (Some(port), Ok(address)) => std::net::SocketAddr::new(address, port).to_string(),
+        (Some(port), Err(_)) => format!("{}:{port}", end.address),
+        (None, _) => {
+            let name = if end.address.is_empty() {
+                "-"
+            } else {
+                &end.address
+            };
+            match end.pid {
+                Some(pid) => format!("{name} (pid {pid})"),
+                None => name.to_owned(),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoints_show_addresses_and_unix_names() {
+        use stalltrace_core::api::schema::EndpointJson;
+        let end = |address: &str, port, pid| EndpointJson {
+            address: address.into(),
+            port,
+            inode: None,
+            pid,
+        };
+        assert_eq!(endpoint(&end("::1", Some(80), None)), "[::1]:80");
+        assert_eq!(endpoint(&end("10.0.0.1", Some(80), None)), "10.0.0.1:80");
+        assert_eq!(endpoint(&end("", None, None)), "-");
+        assert_eq!(
+            endpoint(&end("/run/php/fpm.sock", None, Some(42))),
+            "/run/php/fpm.sock (pid 42)"
+        );
+    }
 
     #[test]
     fn aligns_columns() {
@@ -235,11 +268,9 @@ mod tests {
     }
 
     #[test]
-    fn formats_bytes_and_endpoints() {
+    fn formats_bytes() {
         assert_eq!(bytes(12), "12B");
         assert_eq!(bytes(1536), "1.5KiB");
         assert_eq!(bytes(5 << 30), "5.0GiB");
-        assert_eq!(endpoint(&"::1".parse().unwrap(), 80), "[::1]:80");
-        assert_eq!(endpoint(&"10.0.0.1".parse().unwrap(), 80), "10.0.0.1:80");
     }
 }

@@ -8,6 +8,7 @@ mod queries;
 mod resync;
 mod stall_diagnosis;
 mod timelines;
+mod unix;
 mod unread;
 mod why_samples;
 
@@ -22,7 +23,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{MapData, RingBuf};
-use stalltrace_common::{Capture, ConnEvent, Offsets};
+use stalltrace_common::{Capture, ConnEvent, EventKind, Offsets, UnixNames};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -209,6 +210,7 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
     let mut out = Vec::new();
     let adoptions = procfs::adoptions(&procfs::tcp_sockets());
     let adopted = adoptions.len();
+    tracker.set_preexisting_unix(procfs::connected_unix_inodes());
     for adoption in adoptions {
         tracker.adopt(adoption, monotonic_ns(), &mut out);
     }
@@ -242,6 +244,9 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
         sink.destination(),
         socket.display(),
     );
+    if let Err(why) = &probes.unix {
+        log::warn!("{why}");
+    }
 
     let ring = probes
         .maps
@@ -525,6 +530,12 @@ impl Daemon {
             // Each record takes an 8-byte header and is padded to 8 bytes in the ring.
             self.ring_cycle_bytes += (record.len() as u64 + 8 + 7) & !7;
             match ConnEvent::from_bytes(&record) {
+                Some(event) if event.kind() == Some(EventKind::UnixDiscovered) => {
+                    match UnixNames::from_record_tail(&record) {
+                        Some(names) => self.tracker.on_unix_event(&event, &names, &mut self.out),
+                        None => self.tracker.on_event(&event, &mut self.out),
+                    }
+                }
                 Some(event) => {
                     self.tracker.on_event(&event, &mut self.out);
                     self.sample_exchange(&event, Capture::from_record_tail(&record));
@@ -548,12 +559,14 @@ impl Daemon {
         let started = Instant::now();
         self.epoch += 1;
         probes.maps.set_epoch(self.epoch)?;
-        let maps = &probes.maps;
         self.out.clear();
         let now = monotonic_ns();
-        self.tracker
-            .sweep(now, self.epoch, |sock| maps.lookup(sock), &mut self.out);
+        let mut released = Vec::new();
+        let lookup = |sock| unix::lookup(probes, sock, now, &mut released);
+        self.tracker.sweep(now, self.epoch, lookup, &mut self.out);
+        self.close_released_unix(probes, released, now);
         self.request_unread_scan(now);
+        let maps = &probes.maps;
         self.emit(maps);
         self.release_held(now, false);
         self.out = self.policy.release_due(now);

@@ -16,7 +16,10 @@ use std::collections::HashMap;
 use anyhow::{bail, Result};
 use stalltrace_core::{
     diagnosis::Diagnosis,
-    tracker::{model::StallKind, ConnRef, Detail, Event},
+    tracker::{
+        model::{StallKind, UnixInfo},
+        ConnRef, Detail, Event,
+    },
 };
 
 use crate::{
@@ -170,6 +173,7 @@ impl Policy {
             local_port: conn.endpoints.local_port,
             peer: conn.endpoints.peer,
             peer_port: conn.endpoints.peer_port,
+            path: conn.unix.as_deref().map(UnixInfo::path),
             request,
             exe: diagnosis.and_then(|d| d.executable_path.as_deref()),
             cgroup: diagnosis.and_then(|d| d.cgroup_path.as_deref()),
@@ -424,6 +428,7 @@ mod tests {
                     peer_port: 6379,
                     netns: 0,
                 },
+                unix: None,
             },
             detail,
         }

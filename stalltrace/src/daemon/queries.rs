@@ -9,12 +9,12 @@ use stalltrace_core::{
         Command, ErrorCode, Filter, Response,
     },
     timefmt::monotonic_ns,
-    tracker::{activity, Conn, Totals},
+    tracker::{activity, model::UnixInfo, Conn, Totals},
 };
 
 use tokio::sync::mpsc;
 
-use super::Daemon;
+use super::{why_samples::UNIX_ENDPOINT, Daemon};
 
 /// Items per chunk of a streamed `conns` answer (~200 KB).
 const CHUNK_ITEMS: usize = 512;
@@ -284,6 +284,7 @@ impl Daemon {
                 && filter
                     .port
                     .is_none_or(|p| key.endpoint.ends_with(&format!(":{p}")))
+                && filter.matches_path(key.endpoint.strip_prefix(UNIX_ENDPOINT))
         })
     }
 }
@@ -299,9 +300,15 @@ fn conn_item(
     let mut item = ConnItemJson::new(&conn.reference());
     item.conn.adopted = Some(conn.adopted);
     let stream = snapshot.is_some_and(|s| s.flags & conn_flags::STREAM != 0);
+    let one_way = conn.unix.as_ref().is_some_and(|unix| unix.one_way);
     let state = match (&conn.stall, snapshot.as_ref().map(activity::assess)) {
         (Some(_), _) => ruled.unwrap_or("stalled"),
         (None, Some(activity::Activity::Idle)) if stream => "stream",
+        (None, Some(activity::Activity::Idle | activity::Activity::Outstanding { .. }))
+            if one_way =>
+        {
+            "stream"
+        }
         (None, Some(activity::Activity::Outstanding { .. }))
         | (None, Some(activity::Activity::ConnectPending { .. })) => "active",
         (None, Some(activity::Activity::Ending { .. })) => "closing",
@@ -323,6 +330,7 @@ impl Daemon {
     /// `--container`, as resolved so far.
     fn selected(&self, filter: &Filter, conn: &Conn) -> bool {
         filter.matches(conn.owner.pid, &conn.owner.comm.as_str(), &conn.endpoints)
+            && filter.matches_path(conn.unix.as_deref().map(UnixInfo::path))
             && (!filter.selects_cgroup()
                 || filter.matches_cgroup(
                     conn.owner.cgroup_id,

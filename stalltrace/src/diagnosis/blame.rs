@@ -16,7 +16,10 @@ use std::collections::HashMap;
 
 use stalltrace_core::{
     diagnosis::{BlameLink, Evidence, ThreadVerdict},
-    tracker::{model::Role, Conn, Tracker},
+    tracker::{
+        model::{Role, Transport},
+        Conn, Tracker,
+    },
 };
 
 /// Links followed at most in a blame chain.
@@ -181,14 +184,23 @@ pub(super) fn is_event_loop(syscall: &str) -> bool {
 }
 
 fn link(conn: &Conn, via: Option<String>, evidence: Option<Evidence>) -> BlameLink {
+    let (local, peer) = match (&conn.unix, conn.endpoints.transport) {
+        (Some(unix), _) => (unix.local_name.clone(), unix.peer_name.clone()),
+        // Its names were lost with its first record: no address to show.
+        (None, Transport::Unix) => (String::new(), String::new()),
+        (None, _) => (
+            conn.endpoints.local_addr().to_string(),
+            conn.endpoints.peer_addr().to_string(),
+        ),
+    };
     BlameLink {
         conn: conn.id,
         role: conn.role,
         stall: conn.stall.as_ref().map(|s| s.kind),
         pid: (conn.owner.pid != 0).then_some(conn.owner.pid),
         executable: (conn.owner.pid != 0).then(|| conn.owner.comm.as_str().into_owned()),
-        local: conn.endpoints.local_addr(),
-        peer: conn.endpoints.peer_addr(),
+        local,
+        peer,
         via,
         evidence,
     }

@@ -497,7 +497,11 @@ fn resolved_thread(conn: &Conn, facts: &Facts, tracker: &Tracker) -> Option<Thre
         fd_conn, fd_target, ..
     } = &mut thread.verdict
     {
-        let target = facts.fd_peer.and_then(|e| tracker.find_by_endpoints(&e));
+        // A Unix socket's fd tells its own inode only (`gather::Gathered::fd_peer`).
+        let target = facts.fd_peer.and_then(|e| match e.unix_inodes() {
+            Some(inodes) => tracker.find_unix_by_inode(inodes.local),
+            None => tracker.find_by_endpoints(&e),
+        });
         *fd_conn = target.map(|(_, c)| c.id);
         if *fd_conn == Some(conn.id) {
             // Waiting on the stalled connection itself: the answer is its peer's.

@@ -18,7 +18,9 @@ use crate::sources::{
 /// What one look at a stall found.
 pub(super) struct Gathered {
     pub(super) thread: Option<ThreadReport>,
-    /// The endpoints of the socket the thread is blocked on, if it is one.
+    /// The endpoints of the socket the thread is blocked on, if it is one. For a socket with
+    /// no IP endpoints (a Unix socket; or one they could not be read from, which then matches
+    /// nothing), `Endpoints::unix(its inode, 0)`: its fd tells its own inode, not its peer's.
     pub(super) fd_peer: Option<Endpoints>,
     pub(super) tcp: Option<TcpSignals>,
     /// The connection waits in its listener's accept queue: no process holds it yet.
@@ -38,8 +40,13 @@ pub(super) fn gather(subject: &Subject, first: Option<ThreadSample>) -> Gathered
     } else {
         thread_report(subject.pid, subject.tid, first)
     };
-    let entry = sock_diag::query(&subject.endpoints, subject.pid)
-        .ok()
+    // TCP signals: a Unix socket has none (and no inet_diag entry to find).
+    let entry = (subject.endpoints.transport != Transport::Unix)
+        .then(|| {
+            sock_diag::query(&subject.endpoints, subject.pid)
+                .ok()
+                .flatten()
+        })
         .flatten();
     let executable_path = (subject.pid != 0)
         .then(|| std::fs::read_link(format!("/proc/{}/exe", subject.pid)).ok())
@@ -60,8 +67,8 @@ pub(super) fn gather(subject: &Subject, first: Option<ThreadSample>) -> Gathered
     }
 }
 
-/// The verdict on thread `tid` of `pid`, the endpoints of the socket it is blocked on, and the
-/// sample that ends its window.
+/// The verdict on thread `tid` of `pid`, the endpoints of the socket it is blocked on (see
+/// [`Gathered::fd_peer`]), and the sample that ends its window.
 fn thread_report(
     pid: u32,
     tid: u32,
@@ -88,18 +95,21 @@ fn thread_report(
     } = &mut verdict
     {
         if let Some(target) = threads::fd_target(pid, *fd) {
-            if let FdTarget::Socket {
-                local: Some(local),
-                peer: Some(peer),
-                ..
-            } = &target
-            {
-                // The socket is taken to be in its process's namespace (reading its own
-                // would take CAP_NET_ADMIN: SIOCGSKNS).
-                fd_peer = Some(
-                    Endpoints::from_socket_addrs(Transport::Tcp, *local, *peer)
-                        .in_netns(netns::of_pid(pid).unwrap_or(0)),
-                );
+            match &target {
+                FdTarget::Socket {
+                    local: Some(local),
+                    peer: Some(peer),
+                    ..
+                } => {
+                    // The socket is taken to be in its process's namespace (reading its own
+                    // would take CAP_NET_ADMIN: SIOCGSKNS).
+                    fd_peer = Some(
+                        Endpoints::from_socket_addrs(Transport::Tcp, *local, *peer)
+                            .in_netns(netns::of_pid(pid).unwrap_or(0)),
+                    );
+                }
+                FdTarget::Socket { inode, .. } => fd_peer = Some(Endpoints::unix(*inode, 0)),
+                _ => {}
             }
             *fd_target = Some(target.describe());
         }

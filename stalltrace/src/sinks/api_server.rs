@@ -253,6 +253,7 @@ impl Client {
             let selected = match &line.endpoints {
                 Some(endpoints) => {
                     filter.matches(line.pid, &line.comm, endpoints)
+                        && filter.matches_path(line.path.as_deref())
                         && (!filter.selects_cgroup()
                             || filter.matches_cgroup(line.cgroup_id, line.cgroup_path.as_deref()))
                 }

@@ -484,6 +484,7 @@ mod tests {
                 peer_port: 6379,
                 netns: 0,
             },
+            unix: None,
         }
     }
 

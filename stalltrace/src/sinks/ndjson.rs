@@ -39,6 +39,8 @@ pub struct WatchLine {
     /// The owner's cgroup id (0: none known) and its path, if resolved.
     pub cgroup_id: u64,
     pub cgroup_path: Option<Arc<str>>,
+    /// The connection's Unix path (`--path`), if it is a Unix connection.
+    pub path: Option<String>,
 }
 
 pub struct EventSink {
@@ -264,6 +266,10 @@ impl EventSink {
                     .unwrap_or_default(),
                 endpoints: conn.as_ref().map(|(c, _)| c.endpoints),
                 cgroup_id: conn.as_ref().map_or(0, |(c, _)| c.owner.cgroup_id),
+                path: conn
+                    .as_ref()
+                    .and_then(|(c, _)| c.unix.as_ref())
+                    .map(|u| u.path().to_owned()),
                 cgroup_path: conn.and_then(|(_, path)| path),
             }));
         }
@@ -338,6 +344,7 @@ mod tests {
                     peer_port: 2,
                     netns: 0,
                 },
+                unix: None,
             },
             detail: Detail::Open { adopted: false },
         }

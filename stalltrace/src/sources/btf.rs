@@ -25,12 +25,15 @@ pub(crate) fn from_file(path: &std::path::Path) -> Result<Btf> {
     Btf::parse(data).with_context(|| format!("parsing the BTF file {}", path.display()))
 }
 
+/// Expected size of a member whose size varies (a struct, a flexible array).
+const ANY_SIZE: u32 = u32::MAX;
+
 /// The offsets the kernel programs use; members that cannot be found (or have an unexpected
 /// size) stay unknown, which disables the feature that needs them. `missing` names them.
 pub(crate) fn resolve_offsets(btf: &Btf) -> (Offsets, Vec<&'static str>) {
     let mut offsets = Offsets::unknown();
     let mut missing = Vec::new();
-    let wanted: [Wanted; 13] = [
+    let wanted: [Wanted; 24] = [
         (
             &mut offsets.skc_family,
             "sock",
@@ -122,6 +125,79 @@ pub(crate) fn resolve_offsets(btf: &Btf) -> (Offsets, Vec<&'static str>) {
             4,
             "net.ns.inum",
         ),
+        // Unix domain sockets (docs/design.md, "Unix domain sockets").
+        (
+            &mut offsets.sk_type,
+            "sock",
+            &["sk_type"],
+            2,
+            "sock.sk_type",
+        ),
+        (
+            &mut offsets.sk_socket,
+            "sock",
+            &["sk_socket"],
+            8,
+            "sock.sk_socket",
+        ),
+        (
+            &mut offsets.sk_peer_pid,
+            "sock",
+            &["sk_peer_pid"],
+            8,
+            "sock.sk_peer_pid",
+        ),
+        (
+            &mut offsets.unix_peer,
+            "unix_sock",
+            &["peer"],
+            8,
+            "unix_sock.peer",
+        ),
+        (
+            &mut offsets.unix_addr,
+            "unix_sock",
+            &["addr"],
+            8,
+            "unix_sock.addr",
+        ),
+        (
+            &mut offsets.unix_address_len,
+            "unix_address",
+            &["len"],
+            4,
+            "unix_address.len",
+        ),
+        // A flexible array member: no size.
+        (
+            &mut offsets.unix_address_name,
+            "unix_address",
+            &["name"],
+            ANY_SIZE,
+            "unix_address.name",
+        ),
+        (
+            &mut offsets.socket_inode,
+            "socket_alloc",
+            &["vfs_inode"],
+            ANY_SIZE,
+            "socket_alloc.vfs_inode",
+        ),
+        (
+            &mut offsets.inode_ino,
+            "inode",
+            &["i_ino"],
+            8,
+            "inode.i_ino",
+        ),
+        (
+            &mut offsets.pid_numbers,
+            "pid",
+            &["numbers"],
+            ANY_SIZE,
+            "pid.numbers",
+        ),
+        (&mut offsets.upid_nr, "upid", &["nr"], 4, "upid.nr"),
     ];
     resolve(btf, wanted, &mut missing);
     (offsets, missing)
@@ -144,7 +220,7 @@ fn resolve<'a>(
 ) {
     for (slot, struct_name, path, size, label) in wanted {
         match btf.member(struct_name, path) {
-            Some(member) if member.size == size => *slot = member.offset,
+            Some(member) if member.size == size || size == ANY_SIZE => *slot = member.offset,
             _ => missing.push(label),
         }
     }
@@ -226,6 +302,9 @@ mod tests {
         assert_eq!(offsets.skc_rcv_saddr, 4);
         assert_eq!(offsets.skc_dport, 12);
         assert_eq!(offsets.skc_num, 14);
+        assert!(offsets.can_read_unix() && offsets.can_read_peer_pid());
+        // `struct socket_alloc { struct socket socket; struct inode vfs_inode; }`.
+        assert!(offsets.socket_inode > 0);
         let fd = resolve_fd_offsets(&btf).unwrap();
         // `struct socket` starts with its state and type, and fdtable with max_fds.
         assert!(fd.socket_sk > 0 && fd.fdtable_max_fds == 0, "{fd:?}");

@@ -68,6 +68,30 @@ fn parse_address(text: &str) -> Option<(IpAddr, u16)> {
     Some((ip, port))
 }
 
+/// Most Unix sockets remembered from /proc/net/unix at start-up (8 bytes each).
+const MAX_UNIX_INODES: usize = 1 << 20;
+
+/// The inodes of the connected Unix stream and seqpacket sockets of the daemon's network
+/// namespace (/proc/net/unix), at most [`MAX_UNIX_INODES`]: those that predate the daemon.
+pub(crate) fn connected_unix_inodes() -> std::collections::HashSet<u64> {
+    fs::read_to_string("/proc/net/unix")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(parse_unix_line)
+        .take(MAX_UNIX_INODES)
+        .collect()
+}
+
+/// The inode of a /proc/net/unix line (`Num RefCount Protocol Flags Type St Inode Path`) for a
+/// connected (`St` 03) stream (`Type` 0001) or seqpacket (0005) socket.
+pub(crate) fn parse_unix_line(line: &str) -> Option<u64> {
+    let fields: Vec<&str> = line.split_whitespace().take(7).collect();
+    let [_, _, _, _, kind, state, inode] = fields[..] else {
+        return None;
+    };
+    (matches!(kind, "0001" | "0005") && state == "03").then(|| inode.parse().ok())?
+}
+
 /// All TCP sockets of every network namespace a process is in: `/proc/PID/net/tcp{,6}` of
 /// one process per namespace (it lists that process's namespace), each socket labelled with
 /// its namespace.
@@ -195,6 +219,34 @@ pub(crate) fn cgroup_of(text: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unix_lines_give_connected_stream_inodes() {
+        let line = |text: &str| parse_unix_line(text);
+        assert_eq!(
+            line("00000000ced8c265: 00000003 00000000 00000000 0001 03 9212427"),
+            Some(9212427)
+        );
+        assert_eq!(
+            line("00000000b921b9a5: 00000003 00000000 00000000 0005 03 77 @app"),
+            Some(77)
+        );
+        // A listener (St 01), a datagram socket, the header, garbage.
+        assert_eq!(
+            line("0000000000000000: 00000002 00000000 00010000 0001 01 10 /run/a.sock"),
+            None
+        );
+        assert_eq!(
+            line("0000000000000000: 00000002 00000000 00000000 0002 01 11"),
+            None
+        );
+        assert_eq!(
+            line("Num       RefCount Protocol Flags    Type St Inode Path"),
+            None
+        );
+        assert_eq!(line("x: 1 2 3 0001 03 notanumber"), None);
+        assert_eq!(line(""), None);
+    }
 
     #[test]
     fn parses_ipv4_lines() {

@@ -1,8 +1,9 @@
 //! Load generators for `cargo xtask bench`, built in release mode. Each workload runs for a
 //! fixed time and prints one JSON line: `{"ops": N, "secs": S}`.
 //!
-//! - `pingpong`: 1-byte request / 1-byte response over loopback, one epoll-driven client thread
-//!   and one server thread (almost pure syscalls: the worst case for a socket tracer);
+//! - `pingpong`: 1-byte request / 1-byte response over loopback (or a Unix stream socket with
+//!   `--unix`), one epoll-driven client thread and one server thread (almost pure syscalls: the
+//!   worst case for a socket tracer);
 //! - `churn`: connect, one 1-byte exchange, close, as fast as possible;
 //! - `fileio`: 64-byte writes then reads on a regular file;
 //! - `udp`: one-way datagrams, statsd-style (`sendto` of 32-byte lines to a collector that
@@ -11,6 +12,10 @@
 use std::{
     io::{Read, Seek, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::{
+        fd::AsRawFd,
+        unix::net::{UnixListener, UnixStream},
+    },
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
@@ -38,6 +43,9 @@ enum Workload {
         /// Total request rate to pace to (requests/s); unpaced when absent.
         #[arg(long)]
         rate: Option<f64>,
+        /// Over Unix stream sockets instead of TCP.
+        #[arg(long)]
+        unix: bool,
     },
     Churn {
         #[arg(long, default_value_t = 2)]
@@ -82,7 +90,18 @@ enum Workload {
 
 fn main() -> Result<()> {
     match Cli::parse().workload {
-        Workload::Pingpong { conns, secs, rate } => pingpong(conns, secs, rate),
+        Workload::Pingpong {
+            conns,
+            secs,
+            rate,
+            unix: false,
+        } => pingpong(tcp_pairs(conns)?, secs, rate),
+        Workload::Pingpong {
+            conns,
+            secs,
+            rate,
+            unix: true,
+        } => pingpong(unix_pairs(conns)?, secs, rate),
         Workload::Churn { workers, secs } => churn(workers, secs),
         Workload::Fileio { secs } => fileio(secs),
         Workload::Udp { secs, connected } => udp(secs, connected),
@@ -105,20 +124,12 @@ fn listener() -> Result<(TcpListener, SocketAddr)> {
 /// One client thread and one server thread, each driving all its sockets through epoll: the
 /// cost is syscalls (epoll_wait, read, write), not scheduler ping-pong between many threads,
 /// which keeps run-to-run noise low. With `rate`, requests are paced per connection.
-fn pingpong(conns: usize, secs: f64, rate: Option<f64>) -> Result<()> {
-    let (listener, addr) = listener()?;
-    let mut clients = Vec::with_capacity(conns);
-    let mut servers = Vec::with_capacity(conns);
-    for _ in 0..conns {
-        let client = TcpStream::connect(addr)?;
-        let (server, _) = listener.accept()?;
-        for stream in [&client, &server] {
-            stream.set_nodelay(true)?;
-            stream.set_nonblocking(true)?;
-        }
-        clients.push(client);
-        servers.push(server);
-    }
+fn pingpong<S: Stream>(
+    (clients, servers): (Vec<S>, Vec<S>),
+    secs: f64,
+    rate: Option<f64>,
+) -> Result<()> {
+    let conns = clients.len();
     let stop = Arc::new(AtomicBool::new(false));
     let server = {
         let stop = stop.clone();
@@ -136,11 +147,69 @@ fn pingpong(conns: usize, secs: f64, rate: Option<f64>) -> Result<()> {
     Ok(())
 }
 
+/// A connected socket the ping-pong drives: TCP or Unix.
+trait Stream: AsRawFd + Send + 'static {
+    fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize>;
+    fn send(&self, buf: &[u8]) -> std::io::Result<()>;
+}
+
+macro_rules! stream {
+    ($($kind:ty),+) => {$(
+        impl Stream for $kind {
+            fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+                (&*self).read(buf)
+            }
+            fn send(&self, buf: &[u8]) -> std::io::Result<()> {
+                (&*self).write_all(buf)
+            }
+        }
+    )+};
+}
+
+stream!(TcpStream, UnixStream);
+
+/// `conns` loopback TCP connections: (client ends, server ends), non-blocking.
+fn tcp_pairs(conns: usize) -> Result<(Vec<TcpStream>, Vec<TcpStream>)> {
+    let (listener, addr) = listener()?;
+    let mut pairs = (Vec::with_capacity(conns), Vec::with_capacity(conns));
+    for _ in 0..conns {
+        let client = TcpStream::connect(addr)?;
+        let (server, _) = listener.accept()?;
+        for stream in [&client, &server] {
+            stream.set_nodelay(true)?;
+            stream.set_nonblocking(true)?;
+        }
+        pairs.0.push(client);
+        pairs.1.push(server);
+    }
+    Ok(pairs)
+}
+
+/// `conns` Unix stream connections through a listener on a temporary path (removed once
+/// they are made): (client ends, server ends), non-blocking.
+fn unix_pairs(conns: usize) -> Result<(Vec<UnixStream>, Vec<UnixStream>)> {
+    let path = std::env::temp_dir().join(format!("stalltrace-loadgen-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).context("binding a Unix listener")?;
+    let mut pairs = (Vec::with_capacity(conns), Vec::with_capacity(conns));
+    for _ in 0..conns {
+        let client = UnixStream::connect(&path)?;
+        let (server, _) = listener.accept()?;
+        for stream in [&client, &server] {
+            stream.set_nonblocking(true)?;
+        }
+        pairs.0.push(client);
+        pairs.1.push(server);
+    }
+    std::fs::remove_file(&path)?;
+    Ok(pairs)
+}
+
 struct Epoll(std::os::fd::OwnedFd);
 
 impl Epoll {
-    fn new(streams: &[TcpStream]) -> Result<Self> {
-        use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    fn new(streams: &[impl AsRawFd]) -> Result<Self> {
+        use std::os::fd::FromRawFd as _;
         // SAFETY: plain epoll syscalls on fds we own; events are initialized.
         unsafe {
             let fd = libc::epoll_create1(libc::EPOLL_CLOEXEC);
@@ -164,7 +233,6 @@ impl Epoll {
 
     /// Indexes of the readable streams.
     fn wait(&self, timeout: Duration, ready: &mut Vec<usize>) {
-        use std::os::fd::AsRawFd as _;
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
         let timeout_ms = timeout.as_millis().min(100) as i32;
         // SAFETY: the buffer holds 64 events.
@@ -176,16 +244,20 @@ impl Epoll {
 }
 
 /// The server side: answer every byte with a byte.
-fn serve_echo(streams: &[TcpStream], stop: &AtomicBool) -> Result<()> {
+fn serve_echo<S: Stream>(streams: &[S], stop: &AtomicBool) -> Result<()> {
     let epoll = Epoll::new(streams)?;
     let mut ready = Vec::new();
     let mut byte = [0u8; 1];
     while !stop.load(Ordering::Relaxed) {
         epoll.wait(Duration::from_millis(100), &mut ready);
         for &index in &ready {
-            let mut stream = &streams[index];
-            if let Ok(1) = stream.read(&mut byte) {
-                stream.write_all(&byte)?;
+            if let Ok(1) = streams[index].recv(&mut byte) {
+                match streams[index].send(&byte) {
+                    // The client closed at the end of the run, a request still in flight
+                    // (a Unix socket says so at once; TCP at the next write).
+                    Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => {}
+                    result => result?,
+                }
             }
         }
     }
@@ -193,8 +265,8 @@ fn serve_echo(streams: &[TcpStream], stop: &AtomicBool) -> Result<()> {
 }
 
 /// The client side: one request outstanding per connection; returns completed exchanges.
-fn drive_requests(
-    streams: &[TcpStream],
+fn drive_requests<S: Stream>(
+    streams: &[S],
     interval: Option<Duration>,
     deadline: Instant,
 ) -> Result<u64> {
@@ -216,8 +288,7 @@ fn drive_requests(
         }
         for (index, slot) in due.iter_mut().enumerate() {
             if slot.is_some_and(|at| at <= now) {
-                let mut stream = &streams[index];
-                stream.write_all(&byte)?;
+                streams[index].send(&byte)?;
                 *slot = None;
             }
         }
@@ -227,8 +298,7 @@ fn drive_requests(
         });
         epoll.wait(timeout, &mut ready);
         for &index in &ready {
-            let mut stream = &streams[index];
-            if let Ok(1) = stream.read(&mut byte) {
+            if let Ok(1) = streams[index].recv(&mut byte) {
                 ops += 1;
                 due[index] = Some(match interval {
                     Some(interval) => Instant::now().max(now + interval),

@@ -1,0 +1,60 @@
+//! Unix connections: the names their first record carries, and their closes, which no
+//! tracepoint reports. Every sweep re-reads some connections' kernel entries (watched ones,
+//! stalled ones once a second, and an audit cycle through the whole table); for a Unix entry,
+//! one test run of the kernel's `stalltrace_unix_alive` (~1 µs, no I/O) says whether its socket
+//! was released. A released one is closed like a TCP connection reaching CLOSE: its entry's
+//! final counters, dated when noticed (within a sweep of the close for a connection with a
+//! request outstanding or a stall, within an audit cycle for an idle one).
+use stalltrace_common::{tcp_state, transport, ConnEvent, ConnState, EventHeader, EventKind};
+
+use super::Daemon;
+use crate::probes::Probes;
+
+/// The kernel entry of `sock` as a sweep reads it; a Unix connection whose socket was released
+/// is noted in `released` and returned as closing (so the sweep starts no stall on it).
+pub(super) fn lookup(
+    probes: &Probes,
+    sock: u64,
+    now: u64,
+    released: &mut Vec<(u64, ConnState)>,
+) -> Option<ConnState> {
+    let mut state = probes.maps.lookup(sock)?;
+    if state.transport == transport::UNIX && probes.unix_released(sock, state.inode) {
+        state.tcp_state = tcp_state::CLOSE;
+        state.state_ns = now;
+        released.push((sock, state));
+    }
+    Some(state)
+}
+
+impl Daemon {
+    /// Closes the Unix connections a sweep found released, and drops their kernel entries.
+    pub(super) fn close_released_unix(
+        &mut self,
+        probes: &mut Probes,
+        released: Vec<(u64, ConnState)>,
+        now: u64,
+    ) {
+        for (sock, state) in released {
+            // Unless the kernel already put a new socket's entry there.
+            if probes
+                .maps
+                .lookup(sock)
+                .is_some_and(|current| current.inode == state.inode)
+            {
+                probes.maps.forget(sock);
+            }
+            let closed = ConnEvent {
+                header: EventHeader {
+                    kind: EventKind::Closed as u32,
+                    _pad: 0,
+                    ts_ns: now,
+                    sock,
+                },
+                conn: state,
+            };
+            self.tracker.on_event(&closed, &mut self.out);
+            self.sample_exchange(&closed, None);
+        }
+    }
+}
