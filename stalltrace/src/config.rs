@@ -116,10 +116,6 @@ pub struct RuleSpec {
     pub severity: Option<Severity>,
 }
 
-/// The transports the probes follow; a rule for another one matches nothing (said by
-/// `check-config`).
-const TRACED_TRANSPORTS: &[Transport] = &[Transport::Tcp, Transport::Udp, Transport::Unix];
-
 /// `stall.severity` of the stalls a rule matches.
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
@@ -207,19 +203,6 @@ impl Rule {
                 .as_ref()
                 .is_none_or(|g| subject.request.is_some_and(|r| g.matches(r)))
     }
-
-    /// Keys accepted but not matched yet: a rule with one of them never applies.
-    pub fn unmatched_keys(&self) -> Vec<&'static str> {
-        let spec = &self.spec;
-        let mut keys = Vec::new();
-        if spec
-            .transport
-            .is_some_and(|transport| !TRACED_TRANSPORTS.contains(&transport))
-        {
-            keys.push("transport (not traced yet)");
-        }
-        keys
-    }
 }
 
 /// What the rules decide for one stall.
@@ -286,8 +269,7 @@ pub struct Loaded {
 }
 
 /// What `check-config` says of a valid file: the keys it sets, each rule (what it matches,
-/// what it does) with warnings for keys not matched yet, and the threshold the kernel will
-/// run with.
+/// what it does), and the threshold the kernel will run with.
 pub fn describe(path: &Path, loaded: &Loaded) -> Vec<String> {
     let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
     let mut lines = vec![format!(
@@ -336,13 +318,6 @@ pub fn describe(path: &Path, loaded: &Loaded) -> Vec<String> {
             rule.line,
             matches.join(" ")
         ));
-        let unmatched = rule.unmatched_keys();
-        if !unmatched.is_empty() {
-            lines.push(format!(
-                "  warning: {} accepted but not matched yet: this rule never applies",
-                unmatched.join(", ")
-            ));
-        }
     }
     if let Some(lowest) = loaded.rules.min_stall_after() {
         let default = loaded
@@ -806,7 +781,6 @@ mod tests {
     fn exe_matches_the_executable_path_once_known() {
         let loaded = parse("[[rule]]\nexe = \"/usr/bin/python3*\"\nignore = true\n").unwrap();
         let rules = loaded.rules;
-        assert!(rules.rules[0].unmatched_keys().is_empty());
         assert!(rules.decide(&subject("app", 1, 2, None)).ignore);
         let elsewhere = Subject {
             exe: Some("/opt/app/bin/server"),
@@ -824,7 +798,7 @@ mod tests {
     }
 
     #[test]
-    fn cgroup_and_transport_match_and_untraced_transports_are_said() {
+    fn cgroup_and_transport_match() {
         let loaded = parse(
             "[[rule]]\ncomm = \"app\"\ntransport = \"udp\"\nignore = true\n\
              [[rule]]\ncomm = \"app\"\ncgroup = \"/system.slice/*\"\ntransport = \"tcp\"\n\
@@ -832,18 +806,17 @@ mod tests {
         )
         .unwrap();
         let rules = loaded.rules;
-        assert!(rules.rules[1].unmatched_keys().is_empty());
-        // UDP is traced: its rule applies, to UDP stalls only.
-        assert!(rules.rules[0].unmatched_keys().is_empty());
+        // Each transport's rule applies to its stalls only.
         let over_udp = Subject {
             transport: Transport::Udp,
             ..subject("app", 1, 53, Some("dns A example.com"))
         };
         assert_eq!(rules.decide(&over_udp).rule, Some(0));
-        assert_eq!(
-            rules.rules[2].unmatched_keys().is_empty(),
-            TRACED_TRANSPORTS.contains(&Transport::Unix)
-        );
+        let over_unix = Subject {
+            transport: Transport::Unix,
+            ..subject("app", 0, 0, None)
+        };
+        assert_eq!(rules.decide(&over_unix).rule, Some(2));
         assert_eq!(rules.decide(&subject("app", 1, 2, None)).rule, Some(1));
         let in_docker = Subject {
             cgroup: Some("/docker/3f2a9c"),
@@ -861,7 +834,6 @@ mod tests {
         )
         .unwrap();
         let rules = loaded.rules;
-        assert!(rules.rules.iter().all(|r| r.unmatched_keys().is_empty()));
         let unix = |path| Subject {
             transport: Transport::Unix,
             path: Some(path),

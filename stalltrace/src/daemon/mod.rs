@@ -153,17 +153,6 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
             config.stall_after
         );
     }
-    for rule in &config.rules.rules {
-        let keys = rule.unmatched_keys();
-        if !keys.is_empty() {
-            log::warn!(
-                "{} (line {}): {} not matched yet: this rule never applies",
-                rule.name,
-                rule.line,
-                keys.join(", ")
-            );
-        }
-    }
     let stall_after_ns = kernel_threshold.as_nanos() as u64;
     let probe_config = ProbeConfig {
         stall_after_ns,
