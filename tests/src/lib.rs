@@ -371,6 +371,60 @@ pub fn wait_until_listening(addr: SocketAddr) {
     }
 }
 
+/// A helper process (a server, a proxy) stopped with SIGTERM when dropped: nginx's master
+/// then takes its workers down with it.
+pub struct Terminated(pub Child);
+
+impl Drop for Terminated {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback address with a port nobody listens on now.
+pub fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A directory for `name`'s files next to the daemon's.
+pub fn daemon_dir(daemon: &Daemon, name: &str) -> PathBuf {
+    let dir = daemon.events.parent().unwrap().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Starts nginx (one worker, its files in `dir`) listening on `listen`, with `http` added to
+/// its `http` block (upstreams, a `server`), and waits until it accepts.
+pub fn start_nginx(dir: &Path, listen: SocketAddr, http: &str) -> Terminated {
+    let temp = dir.display();
+    let config = format!(
+        "daemon off; worker_processes 1; pid {temp}/nginx.pid; error_log {temp}/error.log;
+         events {{ worker_connections 256; }}
+         http {{
+           access_log off;
+           client_body_temp_path {temp}; proxy_temp_path {temp};
+           fastcgi_temp_path {temp}; uwsgi_temp_path {temp}; scgi_temp_path {temp};
+           {http}
+         }}"
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, config).unwrap();
+    let nginx = Terminated(
+        Command::new("nginx")
+            .arg("-c")
+            .arg(&path)
+            .spawn()
+            .expect("nginx is installed by cargo xtask test"),
+    );
+    wait_until_listening(listen);
+    nginx
+}
+
 /// The item with `role` ("client"/"server").
 pub fn with_role<'a>(items: &'a [Value], role: &str) -> &'a Value {
     items
@@ -432,6 +486,32 @@ impl SilentServer {
     pub fn close(&self) {
         self.control.send(None).unwrap();
     }
+}
+
+/// Has `server` answer the request `client` sent, reads the answer, and waits for both ends'
+/// `stall.end`: each must say `response` with the true duration — the daemon's, from kernel
+/// timestamps of the request's last byte and the reply's first, within 50 ms of the server's
+/// own measure from read() return to write(). Returns the two events.
+pub fn reply_and_check_true_durations(
+    daemon: &Daemon,
+    server: &SilentServer,
+    client: &mut TcpStream,
+) -> Vec<Value> {
+    let held = server.reply(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+    let mut reply = [0u8; 64];
+    assert!(client.read(&mut reply).unwrap() > 0);
+    let ends = daemon.wait_for_events("stall.end", server.addr.port(), 2, REPORT_WITHIN);
+    assert_eq!(ends.len(), 2, "{ends:#?}");
+    for end in &ends {
+        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
+        let duration = end["stall"]["duration_ms"].as_u64().unwrap() as i64;
+        let held = held.as_millis() as i64;
+        assert!(
+            (duration - held).abs() <= 50,
+            "daemon {duration} ms, server {held} ms: {end:#}"
+        );
+    }
+    ends
 }
 
 /// Connects to `addr` and sends a request; the stream stays open.

@@ -5,13 +5,16 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use stalltrace_integration::{require_root, wait_until_listening, Daemon, REPORT_WITHIN};
+use stalltrace_integration::{
+    daemon_dir, free_port, require_root, start_nginx, wait_until_listening, Daemon, Terminated,
+    REPORT_WITHIN,
+};
 
 /// A one-thread asyncio HTTP proxy: `/slow…` goes to the first upstream, the rest to the
 /// second; one upstream connection per request.
@@ -42,17 +45,6 @@ async def main():
 
 asyncio.run(main())
 "#;
-
-struct Proxy(Child);
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        // SIGTERM, not SIGKILL: nginx's master then takes its workers down with it.
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
 
 /// An upstream that reads each request and never answers.
 fn silent_upstream() -> SocketAddr {
@@ -181,7 +173,7 @@ fn a_chain_crosses_every_hop_to_the_root() {
 }
 
 /// Starts the asyncio proxy in front of `slow` and `fast`.
-fn asyncio_proxy(slow: SocketAddr, fast: SocketAddr) -> (Proxy, SocketAddr) {
+fn asyncio_proxy(slow: SocketAddr, fast: SocketAddr) -> (Terminated, SocketAddr) {
     let mut child = Command::new("python3")
         .args([
             "-c",
@@ -197,7 +189,7 @@ fn asyncio_proxy(slow: SocketAddr, fast: SocketAddr) -> (Proxy, SocketAddr) {
         .read_line(&mut port)
         .unwrap();
     let addr = format!("127.0.0.1:{}", port.trim()).parse().unwrap();
-    (Proxy(child), addr)
+    (Terminated(child), addr)
 }
 
 /// Starts nginx in front of `slow` (paths under /slow/) and `fast`, with a pool of
@@ -207,7 +199,7 @@ fn nginx(
     slow: SocketAddr,
     fast: SocketAddr,
     keepalive: bool,
-) -> (Proxy, SocketAddr) {
+) -> (Terminated, SocketAddr) {
     let proxy = free_port();
     let dir = daemon_dir(daemon, &format!("nginx-{}", proxy.port()));
     let pool = if keepalive { "keepalive 4;" } else { "" };
@@ -216,33 +208,16 @@ fn nginx(
     } else {
         ""
     };
-    let temp = dir.display();
-    let config = format!(
-        "daemon off; worker_processes 1; pid {temp}/nginx.pid; error_log {temp}/error.log;
-         events {{ worker_connections 256; }}
-         http {{
-           access_log off;
-           client_body_temp_path {temp}; proxy_temp_path {temp};
-           fastcgi_temp_path {temp}; uwsgi_temp_path {temp}; scgi_temp_path {temp};
-           upstream slow {{ server {slow}; {pool} }}
-           upstream fast {{ server {fast}; {pool} }}
-           server {{
-             listen {proxy};
-             location /slow/ {{ proxy_pass http://slow; proxy_read_timeout 60s; {reuse} }}
-             location / {{ proxy_pass http://fast; {reuse} }}
-           }}
+    let http = format!(
+        "upstream slow {{ server {slow}; {pool} }}
+         upstream fast {{ server {fast}; {pool} }}
+         server {{
+           listen {proxy};
+           location /slow/ {{ proxy_pass http://slow; proxy_read_timeout 60s; {reuse} }}
+           location / {{ proxy_pass http://fast; {reuse} }}
          }}"
     );
-    let path = dir.join("nginx.conf");
-    std::fs::write(&path, config).unwrap();
-    let nginx = Proxy(
-        Command::new("nginx")
-            .arg("-c")
-            .arg(&path)
-            .spawn()
-            .expect("nginx is installed by cargo xtask test"),
-    );
-    wait_until_listening(proxy);
+    let nginx = start_nginx(&dir, proxy, &http);
     (nginx, proxy)
 }
 
@@ -273,7 +248,7 @@ fn an_haproxy_stall_is_blamed_on_its_upstream() {
     );
     let path = dir.join("haproxy.cfg");
     std::fs::write(&path, config).unwrap();
-    let _haproxy = Proxy(
+    let _haproxy = Terminated(
         Command::new("haproxy")
             .arg("-f")
             .arg(&path)
@@ -284,20 +259,6 @@ fn an_haproxy_stall_is_blamed_on_its_upstream() {
     );
     wait_until_listening(proxy);
     check_chain(&daemon, proxy, slow, fast);
-}
-
-/// A loopback address with a port nobody listens on now.
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn daemon_dir(daemon: &Daemon, name: &str) -> std::path::PathBuf {
-    let dir = daemon.events.parent().unwrap().join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// Healthy requests through `proxy` to `fast` around one request to `slow`, which never

@@ -9,8 +9,8 @@ use std::{
 };
 
 use stalltrace_integration::{
-    echo_server, expected_capture_bytes, require_root, send_request, with_role, Daemon,
-    SilentServer, REPORT_WITHIN, STALL_AFTER,
+    echo_server, expected_capture_bytes, reply_and_check_true_durations, require_root,
+    send_request, with_role, Daemon, SilentServer, REPORT_WITHIN, STALL_AFTER,
 };
 
 #[test]
@@ -60,18 +60,5 @@ fn one_daemon_flags_the_stuck_never_the_idle_and_times_the_end() {
     );
     assert!(daemon.events_named("stall.start", echo.port()).is_empty());
 
-    let held = server.reply(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
-    let mut reply = [0u8; 64];
-    assert!(client.read(&mut reply).unwrap() > 0);
-    let ends = daemon.wait_for_events("stall.end", port, 2, REPORT_WITHIN);
-    assert_eq!(ends.len(), 2, "{ends:#?}");
-    for end in &ends {
-        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
-        let duration = end["stall"]["duration_ms"].as_u64().unwrap() as i64;
-        let held = held.as_millis() as i64;
-        assert!(
-            (duration - held).abs() <= 50,
-            "daemon {duration} ms, server {held} ms: {end:#}"
-        );
-    }
+    reply_and_check_true_durations(&daemon, &server, &mut client);
 }

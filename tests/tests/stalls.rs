@@ -7,8 +7,8 @@ use std::{
 
 use serde_json::Value;
 use stalltrace_integration::{
-    echo_server, expected_capture_bytes, pid, require_root, send_request, with_role, Daemon,
-    FullListener, SilentServer, REPORT_WITHIN, STALL_AFTER,
+    echo_server, expected_capture_bytes, pid, reply_and_check_true_durations, require_root,
+    send_request, with_role, Daemon, FullListener, SilentServer, REPORT_WITHIN, STALL_AFTER,
 };
 
 fn gettid() -> u64 {
@@ -115,23 +115,7 @@ fn reply_ends_the_stall_with_its_true_duration() {
     assert_eq!(daemon.wait_for_stalls(port, 2, REPORT_WITHIN).len(), 2);
     thread::sleep(Duration::from_millis(300));
 
-    let held = server.reply(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
-    let mut reply = [0u8; 64];
-    assert!(std::io::Read::read(&mut client, &mut reply).unwrap() > 0);
-
-    let ends = daemon.wait_for_events("stall.end", port, 2, REPORT_WITHIN);
-    assert_eq!(ends.len(), 2, "{ends:#?}");
-    for end in &ends {
-        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
-        // The daemon's duration is measured from kernel timestamps of the request's last byte
-        // and the reply's first; the server measured read() return to write().
-        let duration = end["stall"]["duration_ms"].as_u64().unwrap() as i64;
-        let held = held.as_millis() as i64;
-        assert!(
-            (duration - held).abs() <= 50,
-            "daemon {duration} ms, server {held} ms: {end:#}"
-        );
-    }
+    let ends = reply_and_check_true_durations(&daemon, &server, &mut client);
     assert_eq!(
         with_role(&ends, "server")["stall"]["kind"],
         "unanswered_request"

@@ -3,7 +3,7 @@
 //! blame chains across a Unix socket (nginx → a backend that hangs).
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -13,7 +13,8 @@ use std::{
 
 use serde_json::Value;
 use stalltrace_integration::{
-    require_root, wait_until_listening, with_role, Daemon, REPORT_WITHIN, STALL_AFTER,
+    daemon_dir, free_port, require_root, start_nginx, with_role, Daemon, Terminated, REPORT_WITHIN,
+    STALL_AFTER,
 };
 
 /// A Unix server in its own process: `hang` reads one request per connection and never
@@ -41,31 +42,14 @@ while True:
     threading.Thread(target=serve, args=(conn,), daemon=True).start()
 "#;
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // SIGTERM, not SIGKILL: nginx's master then takes its workers down with it.
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
-impl Server {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-fn python_server(path: &str, kind: &str, mode: &str) -> Server {
+fn python_server(path: &str, kind: &str, mode: &str) -> Terminated {
     let (server, ready) = python(SERVER, &[path, kind, mode]);
     assert_eq!(ready, "ready");
     server
 }
 
 /// Runs a python3 `script` with `args` and waits for the first line it prints (trimmed).
-fn python(script: &str, args: &[&str]) -> (Server, String) {
+fn python(script: &str, args: &[&str]) -> (Terminated, String) {
     let mut child = Command::new("python3")
         .arg("-c")
         .arg(script)
@@ -77,7 +61,7 @@ fn python(script: &str, args: &[&str]) -> (Server, String) {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    (Server(child), line.trim().to_owned())
+    (Terminated(child), line.trim().to_owned())
 }
 
 /// Connects a socket of `kind` to `path` (a filesystem path), from this process.
@@ -171,12 +155,6 @@ fn wait_for_unix_event(
     }
 }
 
-fn test_dir(daemon: &Daemon, name: &str) -> PathBuf {
-    let dir = daemon.events.parent().unwrap().join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[test]
 fn an_unanswered_unix_request_stalls_both_ends_named_by_path_and_pids() {
     require_root();
@@ -185,7 +163,7 @@ fn an_unanswered_unix_request_stalls_both_ends_named_by_path_and_pids() {
         ("stream", libc::SOCK_STREAM),
         ("seqpacket", libc::SOCK_SEQPACKET),
     ] {
-        let dir = test_dir(&daemon, kind);
+        let dir = daemon_dir(&daemon, kind);
         let path = dir.join("app.sock");
         let glob = format!("{}/*.sock", dir.display());
         let watch = Watch::start(&daemon, kind, &glob);
@@ -202,8 +180,8 @@ fn an_unanswered_unix_request_stalls_both_ends_named_by_path_and_pids() {
         // Identity: transport, the path on the bound (accepting) end, both processes, and the
         // peers' pids as the kernel recorded them.
         for (item, local, peer, pid, peer_pid) in [
-            (waiting, "", path, ours, server.pid()),
-            (unanswered, path, "", server.pid(), ours),
+            (waiting, "", path, ours, server.0.id()),
+            (unanswered, path, "", server.0.id(), ours),
         ] {
             let network = &item["network"];
             assert_eq!(network["transport"], "unix", "{item:#}");
@@ -410,7 +388,7 @@ while True:
 fn a_blame_chain_crosses_a_unix_socket_from_nginx_to_its_backend() {
     require_root();
     let daemon = Daemon::start("unix-nginx");
-    let dir = test_dir(&daemon, "nginx");
+    let dir = daemon_dir(&daemon, "nginx");
     let socket = dir.join("backend.sock");
     let (backend, ready) = python(HTTP_BACKEND, &[socket.to_str().unwrap()]);
     assert_eq!(ready, "ready");
@@ -446,7 +424,7 @@ fn a_blame_chain_crosses_a_unix_socket_from_nginx_to_its_backend() {
                 .is_some_and(|root| {
                     root["stall"] == "unanswered_request"
                         && root["local"] == path
-                        && root["pid"] == backend.pid()
+                        && root["pid"] == backend.0.id()
                 })
     };
     let found = wait_for_diagnosis(&daemon, local.port(), reaches_the_backend);
@@ -471,32 +449,13 @@ fn a_blame_chain_crosses_a_unix_socket_from_nginx_to_its_backend() {
 }
 
 /// Starts nginx on a free loopback port with one `location` block, its files in `dir`.
-fn nginx(dir: &Path, location: &str) -> (Server, SocketAddr) {
-    let proxy = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let temp = dir.display();
-    let config = format!(
-        "daemon off; worker_processes 1; pid {temp}/nginx.pid; error_log {temp}/error.log;
-         events {{ worker_connections 256; }}
-         http {{
-           access_log off;
-           client_body_temp_path {temp}; proxy_temp_path {temp};
-           fastcgi_temp_path {temp}; uwsgi_temp_path {temp}; scgi_temp_path {temp};
-           server {{ listen {proxy}; {location} }}
-         }}"
+fn nginx(dir: &Path, location: &str) -> (Terminated, SocketAddr) {
+    let proxy = free_port();
+    let nginx = start_nginx(
+        dir,
+        proxy,
+        &format!("server {{ listen {proxy}; {location} }}"),
     );
-    let conf = dir.join("nginx.conf");
-    std::fs::write(&conf, config).unwrap();
-    let nginx = Server(
-        Command::new("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .spawn()
-            .expect("nginx is installed by cargo xtask test"),
-    );
-    wait_until_listening(proxy);
     (nginx, proxy)
 }
 
@@ -533,7 +492,7 @@ while True:
 fn a_thread_blocked_on_a_unix_socket_is_followed_to_the_backend() {
     require_root();
     let daemon = Daemon::start("unix-fd");
-    let dir = test_dir(&daemon, "fd");
+    let dir = daemon_dir(&daemon, "fd");
     let socket = dir.join("inventory.sock");
     let backend = python_server(socket.to_str().unwrap(), "stream", "hang");
     let (_app, port) = python(APP, &[socket.to_str().unwrap()]);
@@ -548,7 +507,7 @@ fn a_thread_blocked_on_a_unix_socket_is_followed_to_the_backend() {
                     && blame[1]["peer"] == path
                     && blame[2]["evidence"] == "peer"
                     && blame[2]["local"] == path
-                    && blame[2]["pid"] == backend.pid()
+                    && blame[2]["pid"] == backend.0.id()
             })
     };
     wait_for_diagnosis(&daemon, port, reaches_the_backend);
@@ -561,7 +520,7 @@ fn a_thread_blocked_on_a_unix_socket_is_followed_to_the_backend() {
 fn a_php_fpm_worker_that_hangs_is_the_root_of_the_nginx_chain() {
     require_root();
     let daemon = Daemon::start("unix-php");
-    let dir = test_dir(&daemon, "php");
+    let dir = daemon_dir(&daemon, "php");
     let socket = dir.join("php-fpm.sock");
     let temp = dir.display();
     std::fs::write(dir.join("slow.php"), "<?php sleep(3600);\n").unwrap();
@@ -585,7 +544,7 @@ fn a_php_fpm_worker_that_hangs_is_the_root_of_the_nginx_chain() {
                 .is_some_and(|name| name.to_string_lossy().starts_with("php-fpm"))
         })
         .expect("php-fpm is installed by cargo xtask test (php8.2-fpm)");
-    let _php = Server(
+    let _php = Terminated(
         Command::new(php_fpm)
             .args(["--nodaemonize", "--fpm-config"])
             .arg(dir.join("php-fpm.conf"))
@@ -673,7 +632,7 @@ fn a_socketpair_request_never_answered_stalls_both_ends() {
             thread::sleep(Duration::from_millis(100));
         }
     };
-    let (asking, asked) = (stalls_of(parent.pid()), stalls_of(child));
+    let (asking, asked) = (stalls_of(parent.0.id()), stalls_of(child));
     assert_eq!(asking.len(), 1, "{asking:#?}\n{}", daemon.stderr());
     assert_eq!(asked.len(), 1, "{asked:#?}");
     let (asking, asked) = (&asking[0], &asked[0]);
@@ -684,7 +643,7 @@ fn a_socketpair_request_never_answered_stalls_both_ends() {
         assert_eq!(network["transport"], "unix", "{item:#}");
         assert_eq!(network["local"]["address"], "", "{item:#}");
         assert_eq!(network["peer"]["address"], "", "{item:#}");
-        assert_eq!(network["peer"]["pid"], parent.pid(), "{item:#}");
+        assert_eq!(network["peer"]["pid"], parent.0.id(), "{item:#}");
     }
     assert_eq!(
         asking["network"]["peer"]["inode"], asked["network"]["local"]["inode"],
