@@ -14,6 +14,13 @@ const EXIT_STALLS: u8 = 2;
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+    if !matches!(cli.command, Command::Daemon(_)) {
+        // A client piped into `head` stops quietly, as Unix tools do, instead of panicking on
+        // the broken pipe (Rust ignores SIGPIPE). The daemon keeps ignoring it: its writers
+        // handle a reader that went away.
+        // SAFETY: restoring a signal's default disposition, before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Daemon(mut args) => {
             let mut socket = cli.socket;

@@ -196,3 +196,34 @@ fn watch_as_a_table_is_one_readable_line_per_event() {
         "the opening comes first: {seen:#?}"
     );
 }
+
+/// A client piped into a reader that went away (`stalltrace status -o json | head -0`) stops
+/// as Unix tools do, killed by SIGPIPE, never with a panic message.
+#[test]
+fn a_client_whose_reader_is_gone_stops_quietly() {
+    use std::os::{fd::FromRawFd as _, unix::process::ExitStatusExt as _};
+    require_root();
+    let daemon = Daemon::start("broken-pipe");
+    for format in ["json", "yaml", "table"] {
+        let mut ends = [0; 2];
+        // SAFETY: a fresh pipe; each end is owned once below.
+        assert_eq!(unsafe { libc::pipe(ends.as_mut_ptr()) }, 0);
+        // SAFETY: the read end is closed at once, so the client's first write fails.
+        unsafe { libc::close(ends[0]) };
+        // SAFETY: the write end, owned by the child's stdout from here.
+        let stdout = unsafe { Stdio::from_raw_fd(ends[1]) };
+        let out = Command::new(binary())
+            .args(["status", "-o", format, "--socket"])
+            .arg(&daemon.socket)
+            .stdout(stdout)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{format}: {stderr}");
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGPIPE),
+            "{format}: {stderr}"
+        );
+    }
+}
