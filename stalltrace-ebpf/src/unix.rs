@@ -121,6 +121,11 @@ pub(crate) fn discover<C: EbpfContext>(
     conn.peer_inode = inode_of(peer, &offsets).unwrap_or(0);
     conn.peer_tgid = peer_pid(sock, &offsets);
     conn.role = role_of(addr, peer_addr, peer, dir);
+    if addr == 0 && peer_addr == 0 {
+        // Two unnamed ends: a socketpair, almost always an event loop's wake-up pair (asyncio's
+        // self-pipe: a byte one way, nothing back, by design). Listed, never judged.
+        conn.flags |= conn_flags::STREAM;
+    }
     set_netns(sock, conn);
     set_owner_to_current(conn);
     let daemon = crate::maps::SELF_TGID.load();
