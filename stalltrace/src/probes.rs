@@ -490,9 +490,18 @@ impl Probes {
                     true
                 }
             },
+            (Some(_), Rung::Syscall) => {
+                log::warn!(
+                    "UDP is not traced on the syscall rung: it does not see sendmmsg, which \
+                     resolvers use to send their queries (UDP is traced with the \
+                     sock_send_length/sock_recv_length tracepoints of Linux 6.3+)"
+                );
+                false
+            }
             (Some(_), rung) => {
                 log::warn!(
-                    "UDP is not traced: the {} rung (--hooks) hooks TCP functions only",
+                    "UDP is not traced on the {} rung, which hooks TCP functions only (it is \
+                     with the sock_send_length/sock_recv_length tracepoints of Linux 6.3+)",
                     rung.name()
                 );
                 false

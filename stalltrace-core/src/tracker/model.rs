@@ -197,7 +197,10 @@ impl Endpoints {
 
     /// `network.community_id`: the Community ID v1 flow hash (seed 0) that Zeek, Suricata and
     /// Elastic compute for the same flow, so that a log backend joins both ends of a
-    /// connection seen on two hosts. TCP and UDP only; `None` for other transports.
+    /// connection seen on two hosts. TCP and UDP only; `None` for other transports, and for a
+    /// flow whose addresses are not all known (an unconnected UDP socket's local address reads
+    /// `0.0.0.0`, a UDP server's peer `0.0.0.0:0`): a hash of those would never match the
+    /// wire's.
     ///
     /// Every event carries it, and a SHA-1 costs about as much as encoding the rest of an
     /// event: the last flows hashed are remembered per thread (a direct-mapped table of
@@ -205,6 +208,9 @@ impl Endpoints {
     /// once (measured: 45–75 ns remembered, ~190 ns hashed, against ~750 ns to encode an
     /// event).
     pub fn community_id(&self) -> Option<String> {
+        if self.local.is_unspecified() || self.peer.is_unspecified() || self.peer_port == 0 {
+            return None;
+        }
         // Both ends of a flow hash alike: remember it once, in one orientation.
         let key = self.in_netns(0);
         let key = if (key.local, key.local_port) <= (key.peer, key.peer_port) {
@@ -573,6 +579,15 @@ mod tests {
             );
         }
         assert_eq!(flow(Transport::Unix, "::", 0, "::", 0).community_id(), None);
+        // An unconnected UDP socket's local address, a UDP server's unknown peer.
+        assert_eq!(
+            flow(Transport::Udp, "0.0.0.0", 5353, "127.0.0.77", 53).community_id(),
+            None
+        );
+        assert_eq!(
+            flow(Transport::Udp, "127.0.0.1", 53, "0.0.0.0", 0).community_id(),
+            None
+        );
     }
 
     /// The memo never answers for another flow: every flow of many more than it holds, asked
