@@ -13,6 +13,7 @@
 #[cfg(test)]
 extern crate std;
 
+pub mod http1;
 pub mod message;
 pub mod transfer;
 pub mod udp;
@@ -48,6 +49,9 @@ pub enum EventKind {
     /// connection is found this way: Unix sockets have no lifecycle tracepoint). The record is
     /// a [`UnixEvent`]: the event, then both ends' socket names.
     UnixDiscovered = 9,
+    /// An HTTP/1.x response's bytes moved again after at least the stall threshold of quiet
+    /// mid-response: a `response_incomplete` stall (reported or not yet swept) just ended.
+    ReplyResumed = 10,
 }
 
 impl EventKind {
@@ -61,6 +65,7 @@ impl EventKind {
             7 => Self::Closed,
             8 => Self::ExchangeCompleted,
             9 => Self::UnixDiscovered,
+            10 => Self::ReplyResumed,
             _ => return None,
         })
     }
@@ -218,6 +223,10 @@ pub struct ConnState {
     /// connection was made (`sk_peer_pid`, what `SO_PEERCRED` returns); 0 otherwise.
     pub peer_tgid: u32,
     pub _pad4: u32,
+    /// HTTP/1.x: the last 8 bytes of the latest transfer in the reply direction (zeros before
+    /// them when it moved fewer; all `0xff` when they could not be read): whether a chunked
+    /// body's last chunk has gone by (see [`http1`]).
+    pub reply_tail: [u8; 8],
     pub comm: [u8; COMM_LEN],
 }
 
@@ -731,16 +740,17 @@ pub mod tracepoint {
 }
 
 // Layouts are part of the ABI: pin them so both sides fail to build on an accidental change.
-const _: () = assert!(core::mem::size_of::<ConnState>() == 224);
+const _: () = assert!(core::mem::size_of::<ConnState>() == 232);
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
-const _: () = assert!(core::mem::size_of::<ConnEvent>() == 248);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 256);
 const _: () = assert!(core::mem::size_of::<UnixNames>() == 224);
-const _: () = assert!(core::mem::size_of::<UnixEvent>() == 472);
+const _: () = assert!(core::mem::size_of::<UnixEvent>() == 480);
 const _: () = assert!(core::mem::size_of::<Control>() == 8);
 const _: () = assert!(core::mem::size_of::<Capture>() == 88);
-const _: () = assert!(core::mem::size_of::<RequestEvent>() == 336);
+const _: () = assert!(core::mem::size_of::<RequestEvent>() == 344);
 const _: () = assert!(core::mem::size_of::<Offsets>() == 96);
 const _: () = assert!(core::mem::size_of::<FdOffsets>() == 32);
+const _: () = assert!(core::mem::size_of::<http1::ReplyHead>() == 1112);
 
 /// Userspace side: lets the types live in aya's maps.
 #[cfg(feature = "user")]
@@ -766,6 +776,8 @@ mod user {
     unsafe impl aya::Pod for UnixNames {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FdOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::http1::ReplyHead {}
 }
 
 impl ConnEvent {
@@ -864,6 +876,7 @@ mod tests {
                 peer_inode: 0,
                 peer_tgid: 0,
                 _pad4: 0,
+                reply_tail: *b"a\r\n0\r\n\r\n",
                 comm,
             },
         }
@@ -901,7 +914,8 @@ mod tests {
             &bytes[conn + 160..conn + 164],
             &4_026_531_840u32.to_ne_bytes()
         );
-        assert_eq!(&bytes[conn + 208..conn + 213], b"nginx");
+        assert_eq!(&bytes[conn + 208..conn + 216], b"a\r\n0\r\n\r\n");
+        assert_eq!(&bytes[conn + 216..conn + 221], b"nginx");
     }
 
     #[test]
@@ -999,12 +1013,13 @@ mod tests {
             (7, EventKind::Closed),
             (8, EventKind::ExchangeCompleted),
             (9, EventKind::UnixDiscovered),
+            (10, EventKind::ReplyResumed),
         ] {
             assert_eq!(EventKind::from_u32(id), Some(kind));
             assert_eq!(kind as u32, id);
         }
         assert_eq!(EventKind::from_u32(0), None);
         assert_eq!(EventKind::from_u32(3), None, "retired id");
-        assert_eq!(EventKind::from_u32(10), None);
+        assert_eq!(EventKind::from_u32(11), None);
     }
 }

@@ -60,6 +60,26 @@ pub(crate) fn reply_head(len: u64) -> Option<&'static Capture> {
     Some(slot)
 }
 
+/// Copies up to `len` bytes (at most `N`) of the data the current syscall moved into `dest`;
+/// the count copied (0 when capture is off, the buffer cannot be located, or on a fault).
+#[inline(always)]
+pub(crate) fn read_data<const N: usize>(dest: &mut [u8; N], len: u64) -> u32 {
+    if CAPTURE_BYTES.load() == 0 {
+        return 0;
+    }
+    let Some((buffer, available)) = user_buffer() else {
+        return 0;
+    };
+    let size = len.min(available).min(N as u64) as u32;
+    // SAFETY: `size` ≤ N, the destination's length; a fault is reported, not taken.
+    let copied = unsafe { probe_read_user_raw(dest.as_mut_ptr().cast(), size, buffer as *const _) };
+    if copied == 0 {
+        size
+    } else {
+        0
+    }
+}
+
 /// The 4 bytes at `offset` of the current syscall's user buffer (an HTTP/2 frame header past
 /// the captured bytes; see `message::More`), if the buffer holds them.
 #[inline(always)]

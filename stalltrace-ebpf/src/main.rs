@@ -21,6 +21,7 @@
 
 mod capture;
 mod conn;
+mod http1;
 mod kernel_read;
 mod maps;
 mod stacks;

@@ -4,7 +4,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     Global,
 };
-use stalltrace_common::{loss, Capture, ConnState, Control, FdOffsets, Offsets};
+use stalltrace_common::{http1::ReplyHead, loss, Capture, ConnState, Control, FdOffsets, Offsets};
 
 /// The stall threshold: a reply or close after at least this much quiet is reported at once.
 /// Set by the daemon at load (`EbpfLoader::set_global`), like `OFFSETS`.
@@ -74,6 +74,17 @@ pub(crate) static CAPTURES: Array<Capture> = Array::with_max_entries(1, 0);
 /// (see `message::classify_reply`); never reported.
 #[map]
 pub(crate) static REPLY_HEADS: PerCpuArray<Capture> = PerCpuArray::with_max_entries(1, 0);
+
+/// The start of the latest response per HTTP/1.x connection (`stalltrace_common::http1`),
+/// keyed by `struct sock` address; the daemon reads it within a sweep of the response's start,
+/// so the least recently used entries can go.
+#[map]
+pub(crate) static HTTP1_REPLY_HEADS: LruHashMap<u64, ReplyHead> =
+    LruHashMap::with_max_entries(4096, 0);
+
+/// Per CPU, the `ReplyHead` being filled (too large for the BPF stack).
+#[map]
+pub(crate) static REPLY_HEAD_SCRATCH: PerCpuArray<ReplyHead> = PerCpuArray::with_max_entries(1, 0);
 
 /// Slot 0 is 1 once the daemon can tell when a Unix socket closes (`stalltrace_unix_alive`
 /// loaded, on a rung that sees Unix transfers): until then Unix connections are not tracked,

@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use stalltrace_common::{
-    conn_flags, direction, listen_key,
+    conn_flags, direction, http1, listen_key,
     message::{classify, Head, Message},
     role, tcp_state,
     transfer::{ends_quiet, look, record_transfer, Look, Turn},
@@ -111,9 +111,17 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
         Look::Request => read_message(sock, conn, bytes, now),
         look @ (Look::Continuation | Look::Reply) => (read_housekeeping(conn, look, bytes), None),
     };
+    let reply = http1::reply(conn, dir);
     let quiet_ended = ends_quiet(conn, dir, message, now, stall_after_ns());
+    let resumed = http1::resumes_after_quiet(conn, reply, now, stall_after_ns());
     let turn = record_transfer(conn, dir, bytes, now, message);
+    if reply != http1::Reply::Skip {
+        crate::http1::on_reply(sock, conn, reply, bytes, now);
+    }
     report(sock, conn, new_owner, quiet_ended, turn, capture, now);
+    if resumed {
+        emit(EventKind::ReplyResumed, sock, conn, now);
+    }
 }
 
 /// Reports what a transfer did to `conn`, if the daemon must hear of it: a new owner (with the

@@ -22,7 +22,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use stalltrace_common::{
-    capture_slot, loss, syscall_regs, Capture, ConnState, Control, FdOffsets, Offsets, StackKey,
+    capture_slot, http1::ReplyHead, loss, syscall_regs, Capture, ConnState, Control, FdOffsets,
+    Offsets, StackKey,
 };
 
 use crate::sources::{cgroups, tracefs};
@@ -304,6 +305,10 @@ pub(crate) struct ProbeConfig {
 /// Entries of the request capture array when capture is on: one per concurrently outstanding
 /// request is plenty; a collision loses one signature, never a stall.
 const CAPTURE_SLOTS: u32 = 1 << 16;
+/// HTTP/1.x responses whose start is kept (1 112 bytes each, ~4.6 MiB preallocated): the
+/// daemon reads each within a sweep of its start, so this bounds the responses starting per
+/// sweep on distinct connections, not the connections.
+const HTTP1_REPLY_HEADS: u32 = 4096;
 
 /// An attached program and what the kernel counted for it, for `stalltrace status`.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -368,6 +373,8 @@ pub(crate) struct KernelMaps {
     listen_ports: HashMap<MapData, u64, u32>,
     captures: Array<MapData, Capture>,
     capture_slots: u32,
+    /// The start of each HTTP/1.x connection's latest response (`stalltrace_common::http1`).
+    http1_reply_heads: HashMap<MapData, u64, ReplyHead>,
     /// The data transfer programs, for the kernel's count of runs it skipped.
     transfer_programs: Vec<ProgramFd>,
 }
@@ -384,6 +391,11 @@ pub(crate) struct KernelLoss {
 impl KernelMaps {
     pub(crate) fn lookup(&self, sock: u64) -> Option<ConnState> {
         self.conns.get(&sock, 0).ok()
+    }
+
+    /// The kernel's copy of the start of `sock`'s latest HTTP/1.x response.
+    pub(crate) fn reply_head(&self, sock: u64) -> Option<ReplyHead> {
+        self.http1_reply_heads.get(&sock, 0).ok()
     }
 
     /// Drops the entry of a connection that ended without the kernel seeing it end (a
@@ -527,6 +539,12 @@ impl Probes {
         udp: bool,
     ) -> Result<Self> {
         let capture_slots = if capture_bytes > 0 { CAPTURE_SLOTS } else { 1 };
+        // Response heads are read from user memory like request bytes: not without capture.
+        let reply_heads = if capture_bytes > 0 {
+            HTTP1_REPLY_HEADS
+        } else {
+            1
+        };
         let mut ebpf = EbpfLoader::new()
             // The programs carry no CO-RE relocations (offsets come from our own BTF read), so
             // aya need not parse the kernel's BTF: that saves ~25 MiB of peak memory.
@@ -548,6 +566,7 @@ impl Probes {
             .override_global("CAPTURE_BYTES", &capture_bytes, true)
             .override_global("CAPTURE_SLOTS", &capture_slots, true)
             .map_max_entries("CAPTURES", capture_slots)
+            .map_max_entries("HTTP1_REPLY_HEADS", reply_heads)
             .override_global("TCP_RECVMSG_ARGS", &config.functions.tcp_recvmsg_args, true)
             .override_global("UDP_TRACED", &u32::from(udp), true)
             .load(OBJECT)
@@ -567,6 +586,7 @@ impl Probes {
             listen_ports: take_map(&mut ebpf, "LISTEN_PORTS")?,
             captures: take_map(&mut ebpf, "CAPTURES")?,
             capture_slots,
+            http1_reply_heads: take_map(&mut ebpf, "HTTP1_REPLY_HEADS")?,
             transfer_programs: Vec::new(),
         };
         // Epoch 0 is what a fresh kernel entry carries: start above it so that every entry's

@@ -171,6 +171,8 @@ const TEST_PACKAGES: &[&str] = &[
     "util-linux",
     "bsdutils",
     "socat",
+    // The HTTP/1.x client of the response framing tests.
+    "curl",
     "openssl",
     "python3-grpcio",
     "python3-websockets",

@@ -112,6 +112,9 @@ pub enum Cause {
     ResponseUnread,
     /// Client: the request was delivered; the peer has not answered.
     AwaitingPeer,
+    /// Server, HTTP/1.x: part of the response went out, then the application stopped writing
+    /// it (nothing waits in the send queue).
+    ResponseStopped,
 }
 
 impl Cause {
@@ -125,6 +128,7 @@ impl Cause {
             Self::RequestNotDelivered => "request_not_delivered",
             Self::ResponseUnread => "response_unread",
             Self::AwaitingPeer => "awaiting_peer",
+            Self::ResponseStopped => "response_stopped",
         }
     }
 }
@@ -175,6 +179,10 @@ pub struct Diagnosis {
     pub retransmits: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<RequestReport>,
+    /// `response_incomplete`: bytes of the response's `Content-Length` body still owed when
+    /// the stall began (absent for a chunked body: its length is not known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owed_bytes: Option<u64>,
     /// The path of the process's executable (`/proc/PID/exe`, read by the diagnosis worker's
     /// first look), for the rules' `exe` key. Not reported: events name the executable.
     #[serde(skip)]

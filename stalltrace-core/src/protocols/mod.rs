@@ -6,6 +6,7 @@
 //! length): they never panic, whatever the input (fuzzed with cargo fuzz, see fuzz/).
 
 mod dns;
+pub mod http1;
 
 /// A recognized request.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -22,6 +22,9 @@ pub enum Activity {
     ConnectPending { since: u64 },
     /// A request awaits its reply; `quiet_since` is the last transfer in the request direction.
     Outstanding { quiet_since: u64 },
+    /// HTTP/1.x: a response started and its framing says more of it is owed; `quiet_since` is
+    /// the last transfer in the reply direction (see [`super::framing`]).
+    ResponseIncomplete { quiet_since: u64 },
     /// No exchange outstanding.
     Idle,
     /// The connection left ESTABLISHED at `at` (FIN either way, or reset).
@@ -36,6 +39,24 @@ pub fn role_of(state: &ConnState) -> Role {
 /// is outstanding (the kernel programs' rule, `stalltrace_common::transfer`).
 pub fn last_request_ns(state: &ConnState) -> u64 {
     transfer::last_request_ns(state)
+}
+
+/// When the reply direction last moved.
+pub fn last_reply_ns(state: &ConnState) -> u64 {
+    if transfer::request_direction(state) == stalltrace_common::direction::IN {
+        state.last_send_ns
+    } else {
+        state.last_recv_ns
+    }
+}
+
+/// Bytes moved in the reply direction.
+pub fn reply_bytes(state: &ConnState) -> u64 {
+    if transfer::request_direction(state) == stalltrace_common::direction::IN {
+        state.bytes_sent
+    } else {
+        state.bytes_recv
+    }
 }
 
 /// How a connection that left ESTABLISHED ended.

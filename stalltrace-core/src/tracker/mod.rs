@@ -12,15 +12,19 @@
 //! sweeps (nothing happens on a stalled connection, by definition); their ends are reported by
 //! the kernel the moment traffic or a close arrives.
 pub mod activity;
+pub mod framing;
 pub mod model;
 mod table;
 
 use std::{collections::VecDeque, sync::Arc};
 
-use stalltrace_common::{conn_flags, transfer, ConnEvent, ConnState, EventKind, UnixNames};
+use stalltrace_common::{
+    conn_flags, http1::ReplyHead, transfer, ConnEvent, ConnState, EventKind, UnixNames,
+};
 
 use crate::diagnosis::Diagnosis;
 use activity::Activity;
+use framing::ReplyFraming;
 use model::{Endpoints, Owner, Resolution, Role, StallKind, UnixInfo};
 pub use table::SockHasher;
 use table::{BySock, Table};
@@ -122,6 +126,9 @@ pub struct Stall {
     /// When it was reported.
     pub reported_ns: u64,
     exchanges_at_start: u64,
+    /// `response_incomplete` with a `Content-Length` body: the bytes of it still owed when the
+    /// stall began.
+    pub owed_bytes: Option<u64>,
     /// Sweeps re-read a stalled connection's kernel entry no earlier than this.
     next_check_ns: u64,
 }
@@ -145,6 +152,8 @@ pub struct Conn {
     pub incomplete: bool,
     /// UDP: retries of the current (or last) exchange, as of the latest kernel snapshot.
     pub retries: u32,
+    /// HTTP/1.x: the framing of the latest response, once a sweep read its head.
+    pub reply: Option<Box<ReplyFraming>>,
     /// `open_ns` of the kernel entry this record follows: tells a reused sock address apart.
     kernel_open_ns: u64,
     announced: bool,
@@ -154,6 +163,12 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// What the connection is doing as of the kernel snapshot `state`, its latest HTTP/1.x
+    /// response's framing considered.
+    pub fn activity(&self, state: &ConnState) -> Activity {
+        framing::assess(state, self.reply.as_deref())
+    }
+
     pub fn reference(&self) -> ConnRef {
         ConnRef {
             id: self.id,
@@ -205,6 +220,9 @@ pub struct Stats {
     pub lost_closes: u64,
     /// Connections reported late by [`Tracker::reconcile`], their opening events lost.
     pub recovered: u64,
+    /// HTTP/1.x responses whose head the kernel no longer held when a sweep looked (its slot
+    /// reused by a later response, or evicted): their framing is unknown, and not judged.
+    pub reply_heads_missed: u64,
 }
 
 /// What one [`Tracker::reconcile`] found.
@@ -438,6 +456,7 @@ impl Tracker {
             closed_while_stalled: false,
             watch_epoch: 0,
             missing_sweeps: 0,
+            reply: None,
         };
         announce(&mut conn, now, out);
         self.conns.insert_adopted(conn);
@@ -538,6 +557,35 @@ impl Tracker {
                 announce(conn, state.open_ns.min(at), out)
             }
             EventKind::RequestStarted | EventKind::ExchangeCompleted => announce(conn, at, out),
+            EventKind::ReplyResumed => {
+                // A response's bytes moved after quiet past the threshold. Ends its stall; one
+                // that began and ended between two sweeps is reported now, dated when it
+                // crossed the threshold.
+                let incomplete_since = conn.reply.as_ref().and_then(|r| r.incomplete_since);
+                match incomplete_since {
+                    Some(quiet_since) if conn.stall.is_none() => {
+                        let kind = StallKind::ResponseIncomplete;
+                        let threshold_at = quiet_since + stall_after_ns;
+                        if at >= threshold_at {
+                            start_stall(
+                                conn,
+                                kind,
+                                quiet_since,
+                                threshold_at,
+                                state.exchanges,
+                                out,
+                            );
+                        }
+                    }
+                    _ => {}
+                }
+                if conn.stall.as_ref().map(|s| s.kind) == Some(StallKind::ResponseIncomplete) {
+                    end_stall(conn, at, Resolution::Response, out);
+                }
+                if let Some(reply) = conn.reply.as_deref_mut() {
+                    reply.incomplete_since = None;
+                }
+            }
             EventKind::ConnectStarted => {}
             EventKind::Closed => unreachable!("handled above"),
         }
@@ -595,7 +643,21 @@ impl Tracker {
         &mut self,
         now: u64,
         epoch: u32,
+        lookup: impl FnMut(u64) -> Option<ConnState>,
+        out: &mut Vec<Event>,
+    ) {
+        self.sweep_with_heads(now, epoch, lookup, |_| None, out);
+    }
+
+    /// [`Tracker::sweep`], with `reply_head` returning the kernel's copy of the start of an
+    /// HTTP/1.x connection's latest response (the `HTTP1_REPLY_HEADS` map), read once per
+    /// response.
+    pub fn sweep_with_heads(
+        &mut self,
+        now: u64,
+        epoch: u32,
         mut lookup: impl FnMut(u64) -> Option<ConnState>,
+        mut reply_head: impl FnMut(u64) -> Option<ReplyHead>,
         out: &mut Vec<Event>,
     ) {
         let mark = out.len();
@@ -641,11 +703,28 @@ impl Tracker {
             if let Some(stall) = conn.stall.as_deref_mut() {
                 stall.next_check_ns = now + STALLED_RECHECK_NS;
             }
-            let activity = activity::assess(&state);
+            if framing::needs_head(&state, conn.reply.as_deref()) {
+                let head = reply_head(sock).filter(|head| head.reply_ns == state.dir_since_ns);
+                if head.is_none() {
+                    self.stats.reply_heads_missed += 1;
+                }
+                conn.reply = Some(Box::new(match head {
+                    Some(head) => ReplyFraming::from_head(&head),
+                    None => ReplyFraming {
+                        reply_ns: state.dir_since_ns,
+                        offset: 0,
+                        framing: crate::protocols::http1::Framing::Unknown("head not copied"),
+                        incomplete_since: None,
+                    },
+                }));
+            }
+            let activity = conn.activity(&state);
             observe(conn, &state, activity, now, stall_after_ns, out);
             let busy = matches!(
                 activity,
-                Activity::Outstanding { .. } | Activity::ConnectPending { .. }
+                Activity::Outstanding { .. }
+                    | Activity::ConnectPending { .. }
+                    | Activity::ResponseIncomplete { .. }
             );
             let recently_reported = conn.watch_epoch.saturating_add(1) >= epoch;
             if busy || conn.stall.is_some() || recently_reported {
@@ -741,6 +820,7 @@ impl Tracker {
                     closed_while_stalled: false,
                     watch_epoch: 0,
                     missing_sweeps: 0,
+                    reply: None,
                 },
             };
             self.conns.insert(sock, conn);
@@ -828,9 +908,24 @@ fn observe(
             (_, Activity::Ending { at, how }) => Some((at, how)),
             (StallKind::ConnectPending, Activity::ConnectPending { .. }) => None,
             (StallKind::ConnectPending, _) => Some((state.state_ns, Resolution::Response)),
+            // The response moved again (more of it, all of it, or a new request went).
+            (StallKind::ResponseIncomplete, Activity::ResponseIncomplete { quiet_since })
+                if quiet_since > stall.quiet_since_ns =>
+            {
+                Some((quiet_since, Resolution::Response))
+            }
+            (StallKind::ResponseIncomplete, Activity::ResponseIncomplete { .. }) => None,
+            (StallKind::ResponseIncomplete, Activity::Idle) => {
+                Some((activity::last_reply_ns(state), Resolution::Response))
+            }
+            (StallKind::ResponseIncomplete, Activity::Outstanding { .. }) => {
+                Some((state.dir_since_ns, Resolution::Response))
+            }
             // A reply went out since the quiet began. (A request nobody has read yet leaves
             // the connection idle as the kernel saw it: that is no reply, and no end.)
-            (_, Activity::Idle) if state.dir_since_ns > stall.quiet_since_ns => {
+            (_, Activity::Idle | Activity::ResponseIncomplete { .. })
+                if state.dir_since_ns > stall.quiet_since_ns =>
+            {
                 Some((state.dir_since_ns, Resolution::Response))
             }
             // A reply came and a new request went since (its end event was lost): the reply
@@ -848,16 +943,32 @@ fn observe(
         return;
     }
     conn.quiet_since = match activity {
-        Activity::Outstanding { quiet_since } => Some(quiet_since),
+        Activity::Outstanding { quiet_since } | Activity::ResponseIncomplete { quiet_since } => {
+            Some(quiet_since)
+        }
         _ => None,
     };
+    if let Some(reply) = conn.reply.as_deref_mut() {
+        reply.incomplete_since = match activity {
+            Activity::ResponseIncomplete { quiet_since } => Some(quiet_since),
+            _ => None,
+        };
+    }
     let (kind, quiet_since) = match activity {
         Activity::Outstanding { quiet_since } => (StallKind::for_role(conn.role), quiet_since),
+        Activity::ResponseIncomplete { quiet_since } => {
+            (StallKind::ResponseIncomplete, quiet_since)
+        }
         Activity::ConnectPending { since } => (StallKind::ConnectPending, since),
         Activity::Idle | Activity::Ending { .. } => return,
     };
     if now.saturating_sub(quiet_since) >= stall_after_ns {
+        let owed = conn.reply.as_deref().and_then(|reply| reply.owed(state));
         start_stall(conn, kind, quiet_since, now, state.exchanges, out);
+        if let (Some(stall), Some(framing::Owed::Bytes(bytes))) = (conn.stall.as_deref_mut(), owed)
+        {
+            stall.owed_bytes = Some(bytes);
+        }
     }
 }
 
@@ -880,6 +991,7 @@ fn start_stall(
         quiet_since_ns: quiet_since,
         reported_ns: at,
         exchanges_at_start,
+        owed_bytes: None,
         next_check_ns: at + STALLED_RECHECK_NS,
     }));
     out.push(Event {

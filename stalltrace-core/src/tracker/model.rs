@@ -418,6 +418,10 @@ pub enum StallKind {
     AwaitingResponse,
     /// `connect()` sent a SYN and the handshake has not completed.
     ConnectPending,
+    /// HTTP/1.x, either role: a response started and stopped short of what its framing
+    /// promised (`Content-Length` bytes, or a chunked body's last chunk), and nothing more of
+    /// it moved since.
+    ResponseIncomplete,
 }
 
 impl StallKind {
@@ -433,8 +437,17 @@ impl StallKind {
             Self::UnansweredRequest => "unanswered_request",
             Self::AwaitingResponse => "awaiting_response",
             Self::ConnectPending => "connect_pending",
+            Self::ResponseIncomplete => "response_incomplete",
         }
     }
+
+    /// Every kind, for listings that show each one (metrics series exported at zero).
+    pub const ALL: [Self; 4] = [
+        Self::UnansweredRequest,
+        Self::AwaitingResponse,
+        Self::ConnectPending,
+        Self::ResponseIncomplete,
+    ];
 }
 
 /// How a stall ended (`stall.resolution`), or how a connection ended (`conn.end`).

@@ -1318,3 +1318,138 @@ fn journald_stdout_streams_are_never_judged() {
     service.transfer(direction::OUT, 60 * SEC);
     assert!(feed(&mut tracker, service.event(EventKind::QuietEnded, 60 * SEC)).is_empty());
 }
+
+/// HTTP/1.x: the head of the latest response, as the kernel copies it.
+fn reply_head(
+    request: &[u8],
+    response: &[u8],
+    reply_ns: u64,
+    offset: u64,
+) -> stalltrace_common::http1::ReplyHead {
+    use stalltrace_common::http1::{ReplyHead, REPLY_HEAD_MAX};
+    let mut head = ReplyHead {
+        reply_ns,
+        offset,
+        len: response.len() as u32,
+        request_len: request.len() as u32,
+        request: [0; CAPTURE_MAX],
+        bytes: [0; REPLY_HEAD_MAX],
+    };
+    head.request[..request.len()].copy_from_slice(request);
+    head.bytes[..response.len()].copy_from_slice(response);
+    head
+}
+
+fn sweep_http1(
+    tracker: &mut Tracker,
+    kernel: &mut Kernel,
+    head: &stalltrace_common::http1::ReplyHead,
+    now: u64,
+) -> Vec<Event> {
+    kernel.epoch += 1;
+    let mut out = Vec::new();
+    let state = kernel.state;
+    tracker.sweep_with_heads(
+        now,
+        kernel.epoch,
+        |sock| (sock == SOCK).then_some(state),
+        |sock| (sock == SOCK).then_some(*head),
+        &mut out,
+    );
+    out
+}
+
+const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 10000\r\n\r\n";
+
+/// A server that got `GET /big` at 1 s and sent the head and 100 bytes of the body at 2 s.
+fn server_mid_response() -> (Tracker, Kernel, stalltrace_common::http1::ReplyHead) {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, 0);
+    k.transfer_bytes(direction::IN, SEC, b"GET /big HTTP/1.1\r\n\r\n");
+    feed(&mut t, k.event(EventKind::Discovered, SEC));
+    let start = [RESPONSE, &[b'a'; 100]].concat();
+    k.transfer_bytes(direction::OUT, 2 * SEC, &start);
+    let head = reply_head(b"GET /big HTTP/1.1", &start, 2 * SEC, 0);
+    (t, k, head)
+}
+
+#[test]
+fn a_response_short_of_its_length_is_a_stall_until_it_moves_again() {
+    let (mut t, mut k, head) = server_mid_response();
+    assert_eq!(sweep_http1(&mut t, &mut k, &head, 3 * SEC), []);
+    let started = sweep_http1(&mut t, &mut k, &head, 2 * SEC + THRESHOLD);
+    assert!(
+        matches!(
+            details(&started)[..],
+            [Detail::StallStart {
+                kind: StallKind::ResponseIncomplete,
+                quiet_ms: 5_000,
+                ..
+            }]
+        ),
+        "{started:?}"
+    );
+    assert_eq!(
+        t.conn(SOCK).unwrap().stall.as_ref().unwrap().owed_bytes,
+        Some(9_900)
+    );
+    k.transfer_bytes(direction::OUT, 9 * SEC, &[b'a'; 9_900]);
+    let ended = feed(&mut t, k.event(EventKind::ReplyResumed, 9 * SEC));
+    assert_ended(
+        &ended,
+        StallKind::ResponseIncomplete,
+        7_000,
+        Resolution::Response,
+    );
+    assert_eq!(
+        sweep_http1(&mut t, &mut k, &head, 20 * SEC),
+        [],
+        "complete: idle"
+    );
+}
+
+#[test]
+fn a_response_pause_between_two_sweeps_is_reported_when_it_ends() {
+    let (mut t, mut k, head) = server_mid_response();
+    assert_eq!(sweep_http1(&mut t, &mut k, &head, 3 * SEC), []);
+    // Resumed at 7.5 s: past the threshold, before the next sweep saw it.
+    k.transfer_bytes(direction::OUT, 7_500 * MS, &[b'a'; 100]);
+    let events = feed(&mut t, k.event(EventKind::ReplyResumed, 7_500 * MS));
+    assert!(
+        matches!(
+            details(&events)[..],
+            [
+                Detail::StallStart {
+                    kind: StallKind::ResponseIncomplete,
+                    ..
+                },
+                Detail::StallEnd {
+                    kind: StallKind::ResponseIncomplete,
+                    duration_ms: 5_500,
+                    resolution: Resolution::Response,
+                    ..
+                }
+            ]
+        ),
+        "{events:?}"
+    );
+    assert_eq!(
+        events[0].at_ns,
+        2 * SEC + THRESHOLD,
+        "dated when it crossed the threshold"
+    );
+}
+
+#[test]
+fn a_complete_response_leaves_an_idle_keep_alive_connection() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, 0);
+    k.transfer_bytes(direction::IN, SEC, b"GET /small HTTP/1.1\r\n\r\n");
+    feed(&mut t, k.event(EventKind::Discovered, SEC));
+    let response = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+    k.transfer_bytes(direction::OUT, 2 * SEC, response);
+    let head = reply_head(b"GET /small HTTP/1.1", response, 2 * SEC, 0);
+    for now in [3 * SEC, 10 * SEC, 60 * SEC] {
+        assert_eq!(sweep_http1(&mut t, &mut k, &head, now), []);
+    }
+}

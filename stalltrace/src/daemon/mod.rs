@@ -552,7 +552,9 @@ impl Daemon {
         let now = monotonic_ns();
         let mut released = Vec::new();
         let lookup = |sock| unix::lookup(probes, sock, now, &mut released);
-        self.tracker.sweep(now, self.epoch, lookup, &mut self.out);
+        let reply_head = |sock| probes.maps.reply_head(sock);
+        self.tracker
+            .sweep_with_heads(now, self.epoch, lookup, reply_head, &mut self.out);
         self.close_released_unix(probes, released, now);
         self.request_unread_scan(now);
         let maps = &probes.maps;

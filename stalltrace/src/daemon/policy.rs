@@ -326,12 +326,8 @@ impl Policy {
 
     /// How long the oldest reported stall of each kind has been quiet, as of `now` (s; 0 when
     /// none is open).
-    pub(super) fn oldest(&self, now: u64) -> [(StallKind, f64); 3] {
-        let mut oldest = [
-            (StallKind::UnansweredRequest, 0.0),
-            (StallKind::AwaitingResponse, 0.0),
-            (StallKind::ConnectPending, 0.0),
-        ];
+    pub(super) fn oldest(&self, now: u64) -> [(StallKind, f64); StallKind::ALL.len()] {
+        let mut oldest = StallKind::ALL.map(|kind| (kind, 0.0));
         for open in self.open.values() {
             if let Open::Reported {
                 kind,

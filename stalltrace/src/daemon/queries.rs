@@ -301,7 +301,7 @@ fn conn_item(
     item.conn.adopted = Some(conn.adopted);
     let stream = snapshot.is_some_and(|s| s.flags & conn_flags::STREAM != 0);
     let one_way = conn.unix.as_ref().is_some_and(|unix| unix.one_way);
-    let state = match (&conn.stall, snapshot.as_ref().map(activity::assess)) {
+    let state = match (&conn.stall, snapshot.as_ref().map(|s| conn.activity(s))) {
         (Some(_), _) => ruled.unwrap_or("stalled"),
         (None, Some(activity::Activity::Idle)) if stream => "stream",
         (None, Some(activity::Activity::Idle | activity::Activity::Outstanding { .. }))
@@ -310,6 +310,7 @@ fn conn_item(
             "stream"
         }
         (None, Some(activity::Activity::Outstanding { .. }))
+        | (None, Some(activity::Activity::ResponseIncomplete { .. }))
         | (None, Some(activity::Activity::ConnectPending { .. })) => "active",
         (None, Some(activity::Activity::Ending { .. })) => "closing",
         (None, _) => "idle",

@@ -443,9 +443,21 @@ impl Diagnoser {
         found.cgroup_path = facts.cgroup_path.clone();
         // Before the handshake completes there is no window and no data: tcp_info's data
         // and window fields mean nothing for a pending connect.
-        let connecting = conn.stall.as_ref().map(|s| s.kind) == Some(StallKind::ConnectPending);
+        let kind = conn.stall.as_ref().map(|s| s.kind);
+        found.owed_bytes = conn.stall.as_ref().and_then(|s| s.owed_bytes);
+        let connecting = kind == Some(StallKind::ConnectPending);
         if let Some(signals) = facts.tcp.filter(|_| !connecting) {
-            found.cause = Some(diagnosis::tcp_cause(conn.role == Role::Server, &signals));
+            let server = conn.role == Role::Server;
+            found.cause = Some(match diagnosis::tcp_cause(server, &signals) {
+                // Bytes waiting inbound are the next request, not this one: what is stuck is
+                // the response, and nothing of it waits to go out.
+                Cause::RequestUnread | Cause::ReadNoReply
+                    if kind == Some(StallKind::ResponseIncomplete) =>
+                {
+                    Cause::ResponseStopped
+                }
+                cause => cause,
+            });
             found.tcp = Some(signals);
         }
         if facts.not_accepted {

@@ -194,11 +194,7 @@ impl Metrics {
         // Without opt-in labels every series is known: export them at zero from the start,
         // so that queries and alerts see 0, not nothing, until a stall comes.
         if extra.is_empty() {
-            for kind in [
-                StallKind::UnansweredRequest,
-                StallKind::AwaitingResponse,
-                StallKind::ConnectPending,
-            ] {
+            for kind in StallKind::ALL {
                 let labels = vec![
                     ("kind", kind.as_str().to_owned()),
                     ("transport", "tcp".to_owned()),

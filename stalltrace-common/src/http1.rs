@@ -1,0 +1,195 @@
+//! HTTP/1.x response framing (RFC 9112 §6): what the kernel keeps of each response so that the
+//! daemon can tell a response that stopped half-way (`response_incomplete`) from a complete
+//! one on an idle keep-alive connection — which the direction rule alone cannot: both end
+//! with a transfer in the reply direction.
+//!
+//! The kernel does no parsing (a header block is up to a few KiB of text: too costly and too
+//! verifier-hungry on the hot path). When a response starts on an HTTP/1.x connection it
+//! copies the first [`REPLY_HEAD_MAX`] bytes, with the request's captured bytes and where the
+//! response starts in the reply direction's byte count, into a per-connection [`ReplyHead`]
+//! slot; on every transfer of the response it keeps the last 8 bytes in
+//! [`ConnState::reply_tail`] (a chunked body ends with `0\r\n\r\n`). The daemon reads the
+//! slot when it first sees the response, parses the header block
+//! (`stalltrace_core::protocols::http1`) and compares the byte count with the framing.
+use crate::{conn_flags, message::proto, transfer, ConnState, CAPTURE_MAX};
+
+/// Bytes of a response's start copied into its [`ReplyHead`]: the status line and header
+/// block must fit for the framing to be known (else it is not judged).
+pub const REPLY_HEAD_MAX: usize = 1024;
+
+/// The start of the latest response on an HTTP/1.x connection, kept by the kernel in the
+/// `HTTP1_REPLY_HEADS` map (keyed by `struct sock` address, least recently used evicted) and
+/// read by the daemon's sweep.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplyHead {
+    /// When the response started (`CLOCK_MONOTONIC` ns): the connection's
+    /// [`ConnState::dir_since_ns`] while it is the latest.
+    pub reply_ns: u64,
+    /// Bytes the connection had moved in the reply direction before the response
+    /// ([`ConnState::bytes_sent`] for a server, `bytes_recv` for a client).
+    pub offset: u64,
+    /// Valid bytes in `bytes` and in `request`.
+    pub len: u32,
+    pub request_len: u32,
+    /// The first bytes of the request it answers (its method tells whether a body follows:
+    /// none after `HEAD`), when the request's capture slot still held them.
+    pub request: [u8; CAPTURE_MAX],
+    /// The first bytes of the response.
+    pub bytes: [u8; REPLY_HEAD_MAX],
+}
+
+impl ReplyHead {
+    pub fn data(&self) -> &[u8] {
+        &self.bytes[..(self.len as usize).min(REPLY_HEAD_MAX)]
+    }
+
+    pub fn request(&self) -> &[u8] {
+        &self.request[..(self.request_len as usize).min(CAPTURE_MAX)]
+    }
+}
+
+/// What a transfer in direction `dir` is to an HTTP/1.x response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// Not a response's bytes (another protocol, the request direction, a stream).
+    Skip,
+    /// A response starts: the request was outstanding.
+    Starts,
+    /// More bytes of the current response.
+    Continues,
+}
+
+/// Call before [`transfer::record_transfer`].
+#[inline(always)]
+pub fn reply(conn: &ConnState, dir: u8) -> Reply {
+    if conn.proto != proto::HTTP1
+        || conn.flags & conn_flags::STREAM != 0
+        || dir == transfer::request_direction(conn)
+    {
+        Reply::Skip
+    } else if transfer::is_outstanding(conn) {
+        Reply::Starts
+    } else if conn.last_dir == dir {
+        Reply::Continues
+    } else {
+        Reply::Skip
+    }
+}
+
+/// A response's bytes moved again after at least `stall_after_ns` of quiet at `now`: a
+/// `response_incomplete` stall (reported or not yet swept) may have just ended. Call before
+/// [`transfer::record_transfer`].
+#[inline(always)]
+pub fn resumes_after_quiet(conn: &ConnState, reply: Reply, now: u64, stall_after_ns: u64) -> bool {
+    let last = if transfer::request_direction(conn) == crate::direction::IN {
+        conn.last_send_ns
+    } else {
+        conn.last_recv_ns
+    };
+    reply == Reply::Continues && now.saturating_sub(last) >= stall_after_ns
+}
+
+/// [`ConnState::reply_tail`] when the last bytes could not be read.
+pub const TAIL_UNKNOWN: [u8; 8] = [0xff; 8];
+
+/// The reply tail after a transfer of `bytes` bytes, whose 4-byte words at an offset `read`
+/// returns: its last 8 bytes, or for a shorter transfer (≥ 4 bytes) the previous tail's last
+/// bytes followed by the transfer's. A response's first transfer starts from zeros.
+#[inline(always)]
+pub fn tail_after(
+    previous: [u8; 8],
+    starts: bool,
+    bytes: u64,
+    mut read: impl FnMut(usize) -> Option<[u8; 4]>,
+) -> [u8; 8] {
+    if bytes < 4 || bytes > u64::from(u32::MAX) {
+        return TAIL_UNKNOWN;
+    }
+    let n = bytes as usize;
+    let (Some(first), Some(last)) = (read(n.saturating_sub(8)), read(n - 4)) else {
+        return TAIL_UNKNOWN;
+    };
+    let fresh = u64::from(u32::from_be_bytes(first)) << 32 | u64::from(u32::from_be_bytes(last));
+    if n >= 8 {
+        return fresh.to_be_bytes();
+    }
+    // 4 to 7 bytes: `first` is bytes 0..4, `last` bytes n-4..n; keep the `n` bytes of the
+    // transfer, after what came before.
+    let data = (u64::from(u32::from_be_bytes(first)) << (8 * (n - 4)))
+        | (u64::from(u32::from_be_bytes(last)) & ((1u64 << (8 * (n - 4))) - 1));
+    let before = if starts || previous == TAIL_UNKNOWN {
+        0
+    } else {
+        u64::from_be_bytes(previous) << (8 * n)
+    };
+    (before | data).to_be_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{direction, role};
+
+    fn reader(data: &[u8]) -> impl FnMut(usize) -> Option<[u8; 4]> + '_ {
+        |at| data.get(at..at + 4).map(|w| [w[0], w[1], w[2], w[3]])
+    }
+
+    #[test]
+    fn the_tail_is_the_last_eight_bytes() {
+        let data = b"5\r\nhello\r\n0\r\n\r\n";
+        let tail = tail_after([0; 8], true, data.len() as u64, reader(data));
+        assert_eq!(&tail, b"o\r\n0\r\n\r\n");
+    }
+
+    #[test]
+    fn a_short_transfer_shifts_in_after_the_previous_tail() {
+        let tail = tail_after(*b"hello\r\n!", false, 7, reader(b"\r\n0\r\n\r\n"));
+        assert_eq!(&tail, b"!\r\n0\r\n\r\n");
+        let tail = tail_after(*b"abcdefgh", false, 5, reader(b"0\r\n\r\n"));
+        assert_eq!(&tail, b"fgh0\r\n\r\n");
+        let tail = tail_after(*b"abcdefgh", true, 5, reader(b"0\r\n\r\n"));
+        assert_eq!(
+            &tail, b"\0\0\x000\r\n\r\n",
+            "a new response starts from zeros"
+        );
+        assert_eq!(
+            tail_after(*b"abcdefgh", false, 3, reader(b"abc")),
+            TAIL_UNKNOWN
+        );
+        assert_eq!(tail_after([0; 8], false, 20, |_| None), TAIL_UNKNOWN);
+        let tail = tail_after(TAIL_UNKNOWN, false, 4, reader(b"\r\n\r\n"));
+        assert_eq!(&tail, b"\0\0\0\0\r\n\r\n", "an unknown tail is not kept");
+    }
+
+    #[test]
+    fn responses_start_after_the_request_and_continue_in_the_reply_direction() {
+        let mut server = ConnState {
+            role: role::SERVER,
+            proto: proto::HTTP1,
+            last_dir: direction::IN,
+            last_send_ns: 100,
+            ..Default::default()
+        };
+        assert_eq!(reply(&server, direction::IN), Reply::Skip);
+        assert_eq!(reply(&server, direction::OUT), Reply::Starts);
+        server.last_dir = direction::OUT;
+        assert_eq!(reply(&server, direction::OUT), Reply::Continues);
+        assert!(!resumes_after_quiet(&server, Reply::Continues, 150, 100));
+        assert!(resumes_after_quiet(&server, Reply::Continues, 200, 100));
+        server.flags |= conn_flags::STREAM;
+        assert_eq!(reply(&server, direction::OUT), Reply::Skip);
+        let client = ConnState {
+            role: role::CLIENT,
+            proto: proto::HTTP1,
+            last_dir: direction::OUT,
+            ..Default::default()
+        };
+        assert_eq!(reply(&client, direction::IN), Reply::Starts);
+        let other = ConnState {
+            proto: proto::REDIS,
+            ..client
+        };
+        assert_eq!(reply(&other, direction::IN), Reply::Skip);
+    }
+}

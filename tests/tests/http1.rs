@@ -1,0 +1,225 @@
+//! HTTP/1.x response framing, with curl as the client: a response that stops short of its
+//! `Content-Length`, or before its chunked body's last chunk, is a `response_incomplete` stall
+//! on both ends, ended by the rest of the response with its true duration; complete responses
+//! on idle keep-alive connections, bodiless responses (`HEAD`, 204) and a server-sent event
+//! stream are never flagged.
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{TcpListener, TcpStream},
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::Duration,
+};
+
+use serde_json::Value;
+use stalltrace_integration::{require_root, with_role, Daemon, REPORT_WITHIN, STALL_AFTER};
+
+/// A response in parts: each is written, then the server sleeps for its pause.
+type Parts = Vec<(Vec<u8>, Duration)>;
+
+/// Serves each connection's requests in turn with `respond(path)`'s parts; returns its port.
+fn serve(respond: fn(&str) -> Parts) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            thread::spawn(move || serve_connection(stream, respond));
+        }
+    });
+    port
+}
+
+fn serve_connection(stream: TcpStream, respond: fn(&str) -> Parts) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        // Headers, up to the blank line (the requests here have no body).
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let path = request_line.split(' ').nth(1).unwrap_or("/").to_string();
+        for (bytes, pause) in respond(&path) {
+            if writer.write_all(&bytes).is_err() {
+                return;
+            }
+            thread::sleep(pause);
+        }
+    }
+}
+
+/// Reads from `stream` until what it read ends with `end`.
+fn read_until(stream: &mut TcpStream, end: &[u8]) {
+    let mut read = Vec::new();
+    let mut byte = [0u8; 1];
+    while !read.ends_with(end) {
+        let n = std::io::Read::read(stream, &mut byte).unwrap();
+        assert_eq!(n, 1, "the server closed; read so far: {read:?}");
+        read.push(byte[0]);
+    }
+}
+
+fn curl(args: &[&str]) -> Child {
+    Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "30"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl (cargo xtask test installs it)")
+}
+
+fn finished(child: Child) -> Output {
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "curl failed: {output:?}");
+    output
+}
+
+/// Both ends' `response_incomplete` stalls on `port`, then their ends: `response`, lasting
+/// at least `pause` (less scheduling slack).
+fn assert_flagged_on_both_ends_until(daemon: &Daemon, port: u16, pause: Duration) -> Vec<Value> {
+    let client = daemon.wait_for_stall(port, "client", REPORT_WITHIN);
+    let server = daemon.wait_for_stall(port, "server", REPORT_WITHIN);
+    for stall in [&client, &server] {
+        assert_eq!(stall["stall"]["kind"], "response_incomplete", "{stall:#}");
+    }
+    assert_eq!(server["stall"]["cause"], "response_stopped", "{server:#}");
+    let ends = daemon.wait_for_events("stall.end", port, 2, pause + REPORT_WITHIN);
+    assert_eq!(ends.len(), 2, "{ends:#?}");
+    for end in &ends {
+        assert_eq!(end["stall"]["kind"], "response_incomplete", "{end:#}");
+        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
+        let duration = end["stall"]["duration_ms"].as_u64().unwrap();
+        assert!(
+            duration + 300 >= pause.as_millis() as u64,
+            "true duration: {end:#}"
+        );
+    }
+    let starts = daemon.events_named("stall.start", port);
+    assert_eq!(starts.len(), 2, "one stall per end: {starts:#?}");
+    starts
+}
+
+const PAUSE: Duration = Duration::from_secs(4);
+
+#[test]
+fn a_response_short_of_its_content_length_is_flagged_on_both_ends() {
+    require_root();
+    let daemon = Daemon::start("http1-length");
+    let port = serve(|_| {
+        let head = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
+                     Content-Length: 10000\r\n\r\n";
+        vec![
+            ([head.as_slice(), &[b'a'; 100]].concat(), PAUSE),
+            (vec![b'a'; 9_900], Duration::ZERO),
+        ]
+    });
+    let client = curl(&[&format!("http://127.0.0.1:{port}/big"), "-o", "/dev/null"]);
+    let starts = assert_flagged_on_both_ends_until(&daemon, port, PAUSE);
+    let server = with_role(&starts, "server");
+    assert_eq!(server["stall"]["owed_bytes"], 9_900, "{server:#}");
+    assert_eq!(
+        server["stall"]["request"]["signature"], "GET /big",
+        "{server:#}"
+    );
+    finished(client);
+}
+
+#[test]
+fn a_chunked_response_without_its_last_chunk_is_flagged_on_both_ends() {
+    require_root();
+    let daemon = Daemon::start("http1-chunked");
+    let port = serve(|_| {
+        vec![
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n".to_vec(),
+                PAUSE,
+            ),
+            (b"6\r\n world\r\n".to_vec(), Duration::ZERO),
+            (b"0\r\n\r\n".to_vec(), Duration::ZERO),
+        ]
+    });
+    let client = curl(&[&format!("http://127.0.0.1:{port}/slow")]);
+    assert_flagged_on_both_ends_until(&daemon, port, PAUSE);
+    assert_eq!(finished(client).stdout, b"hello world");
+}
+
+/// Complete responses of every framing, then an idle keep-alive connection; and a server-sent
+/// event stream that pauses between events past the threshold: nothing is owed, nothing is
+/// flagged.
+#[test]
+fn complete_bodiless_and_streamed_responses_are_never_flagged() {
+    require_root();
+    let daemon = Daemon::start("http1-complete");
+    let port = serve(|path| match path {
+        "/length" => vec![(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_vec(),
+            Duration::ZERO,
+        )],
+        "/chunked" => vec![
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+                Duration::ZERO,
+            ),
+            (b"5\r\nhello\r\n".to_vec(), Duration::ZERO),
+            (b"0\r\n\r\n".to_vec(), Duration::ZERO),
+        ],
+        "/empty" => vec![(b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(), Duration::ZERO)],
+        "/events" => {
+            let mut parts = vec![(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\
+                  Transfer-Encoding: chunked\r\n\r\n"
+                    .to_vec(),
+                Duration::ZERO,
+            )];
+            for tick in 0..3 {
+                let event = format!("data: tick {tick}\n\n");
+                let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+                parts.push((chunk.into_bytes(), STALL_AFTER * 2));
+            }
+            parts.push((b"0\r\n\r\n".to_vec(), Duration::ZERO));
+            parts
+        }
+        // HEAD: the length of the body a GET would get, and no body.
+        _ => vec![(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10000\r\n\r\n".to_vec(),
+            Duration::ZERO,
+        )],
+    });
+    // One keep-alive connection for every framing, idle after its last response.
+    let mut keep_alive = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    for (request, expected) in [
+        ("GET /length", "hello"),
+        ("GET /chunked", "0\r\n\r\n"),
+        ("GET /empty", "No Content\r\n\r\n"),
+        ("HEAD /head", "Content-Length: 10000\r\n\r\n"),
+    ] {
+        write!(keep_alive, "{request} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        read_until(&mut keep_alive, expected.as_bytes());
+    }
+    let events = curl(&["--no-buffer", &format!("http://127.0.0.1:{port}/events")]);
+    thread::sleep(STALL_AFTER * 7);
+    assert_eq!(daemon.stalls(port), Vec::<Value>::new());
+    assert_eq!(
+        daemon.events_named("stall.start", port),
+        Vec::<Value>::new()
+    );
+    let stream = finished(events);
+    assert!(
+        String::from_utf8_lossy(&stream.stdout).contains("tick 2"),
+        "the stream ran to its end: {stream:?}"
+    );
+    let conns = daemon.cli_json(&["conns", "-o", "json", "--port", &port.to_string()]);
+    assert!(
+        conns.as_array().is_some_and(|c| c.len() >= 2),
+        "the connections must be tracked, or this test proves nothing: {conns:#}"
+    );
+}
