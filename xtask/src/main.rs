@@ -110,8 +110,9 @@ fn run_daemon(args: &[String]) -> Result<()> {
 }
 
 /// The cargo-fuzz targets (stalltrace-core/fuzz/fuzz_targets), sharing the time budget.
-const FUZZ_TARGETS: [(&str, &str); 4] = [
+const FUZZ_TARGETS: [(&str, &str); 5] = [
     ("recognizers", "the request recognizers"),
+    ("http1", "the HTTP/1.x response framing parser"),
     ("dns", "the DNS query recognizer and the UDP datagram rule"),
     ("api_request", "the API request decoder"),
     ("btf", "the BTF parser"),
