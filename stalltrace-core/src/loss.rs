@@ -62,6 +62,9 @@ loss_counters! {
     stack_threads_unsampled,
     /// Diagnoses not done or not kept: the worker's queue or the diagnosis tables were full.
     diagnoses_dropped,
+    /// HTTP/1.x responses not judged by their framing: the kernel's copy of their start was
+    /// gone (its slot reused or evicted) when the sweep looked.
+    http1_heads_missed,
 }
 
 /// The causes with something lost, as `cause=count` pairs: for log lines.

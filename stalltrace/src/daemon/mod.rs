@@ -607,6 +607,7 @@ impl Daemon {
             symbol_cache_evicted: self.diagnoser.symbols_evicted(),
             stack_threads_unsampled: self.stack_threads_unsampled,
             diagnoses_dropped: self.diagnoser.dropped(),
+            http1_heads_missed: stats.reply_heads_missed,
         }
     }
 
