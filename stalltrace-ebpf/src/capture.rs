@@ -60,14 +60,21 @@ pub(crate) fn reply_head(len: u64) -> Option<&'static Capture> {
     Some(slot)
 }
 
-/// Copies up to `len` bytes (at most `N`) of the data the current syscall moved into `dest`;
-/// the count copied (0 when capture is off, the buffer cannot be located, or on a fault).
+/// Where the current syscall's data is, when capture is on (request and response bytes are
+/// read only then).
 #[inline(always)]
-pub(crate) fn read_data<const N: usize>(dest: &mut [u8; N], len: u64) -> u32 {
+pub(crate) fn capture_data() -> Option<Data> {
     if CAPTURE_BYTES.load() == 0 {
-        return 0;
+        return None;
     }
-    let Some((buffer, available)) = user_buffer() else {
+    syscall_data()
+}
+
+/// Copies up to `len` bytes (at most `N`) of `data` (the first buffer of a vectored call)
+/// into `dest`; the count copied (0 on a fault).
+#[inline(always)]
+pub(crate) fn copy_data<const N: usize>(data: &Data, dest: &mut [u8; N], len: u64) -> u32 {
+    let Some((buffer, available)) = first_buffer(data) else {
         return 0;
     };
     let size = len.min(available).min(N as u64) as u32;
@@ -98,23 +105,35 @@ const NO_WORD: u64 = u64::MAX;
 /// entries is not read).
 #[inline(never)]
 fn word_at(offset: u64) -> u64 {
-    // The address of the word, and the bytes there are from it on.
-    let (address, available) = match syscall_data() {
-        Some(Data::Buffer(base)) => (base + offset, u64::MAX),
-        Some(Data::Vector(iov, count)) => match iovec_holding(iov, count, offset) {
-            Some(found) => found,
-            None => return NO_WORD,
-        },
-        None => return NO_WORD,
-    };
-    if available < 4 {
+    let Some(data) = syscall_data() else {
         return NO_WORD;
-    }
+    };
+    let Some(address) = address_of(&data, offset, 4) else {
+        return NO_WORD;
+    };
     // SAFETY: a probe read of user memory: a fault is returned, not taken.
     match unsafe { bpf_probe_read_user(address as *const u32) } {
         Ok(word) => u64::from(word),
         Err(_) => NO_WORD,
     }
+}
+
+/// The 8 bytes at `offset` of `data`, in memory order, if one buffer holds them all.
+#[inline(always)]
+pub(crate) fn bytes8_at(data: &Data, offset: u64) -> Option<[u8; 8]> {
+    let address = address_of(data, offset, 8)?;
+    // SAFETY: a probe read of user memory: a fault is returned, not taken.
+    unsafe { bpf_probe_read_user(address as *const [u8; 8]).ok() }
+}
+
+/// The user address of byte `offset` of `data`, if `size` bytes from it lie in one buffer.
+#[inline(always)]
+fn address_of(data: &Data, offset: u64, size: u64) -> Option<u64> {
+    let (address, available) = match *data {
+        Data::Buffer(base) => (base + offset, u64::MAX),
+        Data::Vector(iov, count) => iovec_holding(iov, count, offset)?,
+    };
+    (available >= size).then_some(address)
 }
 
 /// In the `count` entries of the `struct iovec` array at `iov`, the address of byte `offset`
@@ -123,14 +142,9 @@ fn word_at(offset: u64) -> u64 {
 fn iovec_holding(iov: u64, count: u64, mut offset: u64) -> Option<(u64, u64)> {
     let mut i = 0;
     while i < MAX_IOVECS && i < count {
-        let entry = iov + 16 * i;
-        // SAFETY: probe reads of user memory: failures are returned, not faulted.
-        let (base, len) = unsafe {
-            (
-                bpf_probe_read_user(entry as *const u64).ok()?,
-                bpf_probe_read_user((entry + 8) as *const u64).ok()?,
-            )
-        };
+        // One read per entry (base, length): a helper call costs more than the bytes.
+        // SAFETY: a probe read of user memory: a failure is returned, not faulted.
+        let [base, len] = unsafe { bpf_probe_read_user((iov + 16 * i) as *const [u64; 2]).ok()? };
         if offset < len {
             return Some((base + offset, len - offset));
         }
@@ -144,7 +158,7 @@ fn iovec_holding(iov: u64, count: u64, mut offset: u64) -> Option<(u64, u64)> {
 /// them, as `message::Head` needs); sets `slot.len` to the count read (0 on a fault).
 #[inline(always)]
 fn read_head(slot: &mut Capture, len: u64) -> Option<()> {
-    let (buffer, available) = user_buffer()?;
+    let (buffer, available) = first_buffer(&syscall_data()?)?;
     let size = len.min(available).min(CAPTURE_MAX as u64) as u32;
     slot.bytes = [0; CAPTURE_MAX];
     // SAFETY: `size` ≤ CAPTURE_MAX, the destination's length; a fault is reported, not taken.
@@ -155,7 +169,7 @@ fn read_head(slot: &mut Capture, len: u64) -> Option<()> {
 }
 
 /// Where the data of the current syscall is.
-enum Data {
+pub(crate) enum Data {
     /// One buffer (read, write, sendto, recvfrom).
     Buffer(u64),
     /// An array of `struct iovec` and its length (readv, writev, sendmsg, recvmsg; the
@@ -167,13 +181,13 @@ enum Data {
 /// capture off (this is never reached).
 #[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
 #[inline(always)]
-fn syscall_data() -> Option<Data> {
+pub(crate) fn syscall_data() -> Option<Data> {
     None
 }
 
 #[cfg(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64"))]
 #[inline(always)]
-fn syscall_data() -> Option<Data> {
+pub(crate) fn syscall_data() -> Option<Data> {
     use syscall_regs::{MSGHDR_IOV, MSGHDR_IOVLEN};
     // SAFETY: `regs` is a BTF-typed `struct pt_regs *` from the kernel: the verifier turns
     // these loads into fault-safe ones at their (BTF-checked) offsets, with no helper call.
@@ -298,19 +312,16 @@ pub(crate) fn syscall_peer(_family: u16, _port: &mut u16, _addr: &mut [u8; 16]) 
     false
 }
 
-/// The user address of the data the current syscall moved, and how many bytes are there: a
-/// vectored call's first buffer (`iov[0]`) may hold fewer than the call moved.
+/// The user address of `data`'s first buffer, and how many bytes it holds: a vectored
+/// call's first buffer (`iov[0]`) may hold fewer than the call moved.
 #[inline(always)]
-fn user_buffer() -> Option<(u64, u64)> {
-    match syscall_data()? {
+fn first_buffer(data: &Data) -> Option<(u64, u64)> {
+    match *data {
         Data::Buffer(base) => Some((base, u64::MAX)),
         Data::Vector(iov, _) => {
-            // SAFETY: probe reads of user memory: failures are returned, not faulted.
-            unsafe {
-                let base: u64 = bpf_probe_read_user(iov as *const u64).ok()?;
-                let len: u64 = bpf_probe_read_user((iov + 8) as *const u64).ok()?;
-                Some((base, len))
-            }
+            // SAFETY: a probe read of user memory: a failure is returned, not faulted.
+            let [base, len] = unsafe { bpf_probe_read_user(iov as *const [u64; 2]).ok()? };
+            Some((base, len))
         }
     }
 }

@@ -1,15 +1,16 @@
 //! HTTP/1.x responses (`stalltrace_common::http1`): the start of each response is copied into
 //! its connection's `HTTP1_REPLY_HEADS` slot for the daemon to parse, and each transfer of it
 //! leaves its last bytes in `ConnState::reply_tail`. Runs only on connections recognized as
-//! HTTP/1.x, for transfers in the reply direction.
+//! HTTP/1.x, for transfers in the reply direction, and only with capture on. The syscall's
+//! buffer is located once per transfer; a keep-alive connection's slot is rewritten in place.
 use stalltrace_common::{
     capture_slot,
-    http1::{tail_after, Reply},
+    http1::{tail_after, Reply, TAIL_UNKNOWN},
     role, ConnState,
 };
 
 use crate::{
-    capture::{bytes_at, read_data},
+    capture::{bytes8_at, capture_data, copy_data, Data},
     maps::{CAPTURES, CAPTURE_SLOTS, HTTP1_REPLY_HEADS, REPLY_HEAD_SCRATCH},
     words::copy_words,
 };
@@ -18,38 +19,45 @@ use crate::{
 /// to a response.
 #[inline(never)]
 pub(crate) fn on_reply(sock: u64, conn: &mut ConnState, reply: Reply, bytes: u64, now: u64) {
+    let Some(data) = capture_data() else {
+        conn.reply_tail = TAIL_UNKNOWN;
+        return;
+    };
     let starts = reply == Reply::Starts;
-    conn.reply_tail = tail_after(conn.reply_tail, starts, bytes, bytes_at);
+    conn.reply_tail = tail_after(conn.reply_tail, starts, bytes, |at| bytes8_at(&data, at));
     if starts {
         let moved = if conn.role == role::SERVER {
             conn.bytes_sent
         } else {
             conn.bytes_recv
         };
-        keep_head(sock, moved - bytes, bytes, now);
+        keep_head(sock, &data, moved - bytes, bytes, now);
     }
 }
 
 /// Copies the first bytes of the response that starts with this transfer, and those of the
-/// request it answers, into the connection's slot.
+/// request it answers, into the connection's slot: in place when it has one (a keep-alive
+/// connection's next response), else through this CPU's scratch entry.
 #[inline(always)]
-fn keep_head(sock: u64, offset: u64, bytes: u64, now: u64) {
-    let Some(head) = REPLY_HEAD_SCRATCH.get_ptr_mut(0) else {
-        return;
+fn keep_head(sock: u64, data: &Data, offset: u64, bytes: u64, now: u64) {
+    let (head, fresh) = match HTTP1_REPLY_HEADS.get_ptr_mut(&sock) {
+        Some(head) => (head, false),
+        None => match REPLY_HEAD_SCRATCH.get_ptr_mut(0) {
+            Some(head) => (head, true),
+            None => return,
+        },
     };
-    // SAFETY: per-CPU slot, used only within this program run.
+    // SAFETY: a map value pointer, valid for the program run. Another CPU writing the same
+    // socket's slot at once (two threads answering on one connection) can only garble it:
+    // the daemon's parser takes any bytes.
     let head = unsafe { &mut *head };
-    head.len = read_data(&mut head.bytes, bytes);
-    if head.len == 0 {
-        return;
-    }
+    head.len = copy_data(data, &mut head.bytes, bytes);
     head.reply_ns = now;
     head.offset = offset;
     head.request_len = 0;
     let slot = capture_slot(sock, CAPTURE_SLOTS.load());
     if let Some(capture) = CAPTURES.get_ptr(slot) {
-        // SAFETY: array slot pointer, valid for the program run; a concurrent writer can only
-        // garble it (the daemon's parser takes any bytes).
+        // SAFETY: as above.
         let capture = unsafe { &*capture };
         if capture.sock == sock {
             // SAFETY: both are 8-byte aligned arrays of the same size.
@@ -57,5 +65,7 @@ fn keep_head(sock: u64, offset: u64, bytes: u64, now: u64) {
             head.request_len = capture.len;
         }
     }
-    let _ = HTTP1_REPLY_HEADS.insert(&sock, head, 0);
+    if fresh {
+        let _ = HTTP1_REPLY_HEADS.insert(&sock, head, 0);
+    }
 }
