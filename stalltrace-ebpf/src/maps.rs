@@ -92,6 +92,16 @@ pub(crate) static REPLY_HEAD_SCRATCH: PerCpuArray<ReplyHead> = PerCpuArray::with
 #[map]
 pub(crate) static UNIX_TRACED: Array<u32> = Array::with_max_entries(1, 0);
 
+/// Slot 0 is 1 when HTTP/1.x responses are framed: the rung attached sees every byte a
+/// response sends (`sendfile` included), else their byte counts would fall short.
+#[map]
+pub(crate) static HTTP1_FRAMED: Array<u32> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub(crate) fn http1_framed() -> bool {
+    HTTP1_FRAMED.get(0).is_some_and(|on| *on != 0)
+}
+
 #[inline(always)]
 pub(crate) fn unix_traced() -> bool {
     UNIX_TRACED.get(0).is_some_and(|on| *on != 0)

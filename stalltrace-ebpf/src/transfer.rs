@@ -27,7 +27,10 @@ use crate::{
     capture::{bytes_at, capture_request, reply_head},
     conn::{emit, emit_request, insert_new, set_netns, set_owner_to_current},
     kernel_read::{read_endpoints, socket_family, tcp_state_of},
-    maps::{current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS, UDP_TRACED},
+    maps::{
+        current_epoch, http1_framed, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS,
+        UDP_TRACED,
+    },
     udp, unix,
 };
 
@@ -111,7 +114,11 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
         Look::Request => read_message(sock, conn, bytes, now),
         look @ (Look::Continuation | Look::Reply) => (read_housekeeping(conn, look, bytes), None),
     };
-    let reply = http1::reply(conn, dir);
+    let reply = match http1::reply(conn, dir) {
+        http1::Reply::Skip => http1::Reply::Skip,
+        _ if !http1_framed() => http1::Reply::Skip,
+        reply => reply,
+    };
     let quiet_ended = ends_quiet(conn, dir, message, now, stall_after_ns());
     let resumed = http1::resumes_after_quiet(conn, reply, now, stall_after_ns());
     let turn = record_transfer(conn, dir, bytes, now, message);

@@ -339,6 +339,9 @@ pub(crate) struct Probes {
     pub udp: bool,
     /// Whether Unix stream/seqpacket connections are traced, or why not.
     pub unix: Result<(), String>,
+    /// HTTP/1.x responses are judged by their framing (capture on, and a rung that counts
+    /// `sendfile`'s bytes: see `http1_framing`).
+    pub http1_framing: bool,
 }
 
 /// The program the daemon runs (never attached) to ask whether a Unix socket still lives.
@@ -622,6 +625,13 @@ impl Probes {
                 None
             }
         };
+        let framing = capture_bytes > 0 && http1_framing(transfers.rung, &config.functions);
+        if framing {
+            let mut framed: Array<MapData, u32> = take_map(&mut ebpf, "HTTP1_FRAMED")?;
+            framed
+                .set(0, 1, 0)
+                .context("enabling HTTP/1.x response framing in the HTTP1_FRAMED map")?;
+        }
         let unix = unix_tracing(&mut ebpf, transfers.rung, &config.offsets);
         if unix.is_ok() {
             let mut traced: Array<MapData, u32> = take_map(&mut ebpf, "UNIX_TRACED")?;
@@ -644,6 +654,7 @@ impl Probes {
             transfers,
             udp: false,
             unix,
+            http1_framing: framing,
         })
     }
 
@@ -1010,6 +1021,18 @@ fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
         .take_map(name)
         .with_context(|| format!("the eBPF object has no map {name}"))?;
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+/// Whether HTTP/1.x responses can be framed on `rung`: their byte counts must include what
+/// `sendfile` sends (nginx's static files). Before 6.5 it goes through `tcp_sendpage`, which
+/// the fentry and kprobe rungs hook and the sock tracepoints do not see; the syscall rung sees
+/// no `sendfile` at all.
+fn http1_framing(rung: Rung, functions: &KernelFunctions) -> bool {
+    match rung {
+        Rung::Fentry | Rung::Kprobe => true,
+        Rung::Tracepoint => !functions.has_tcp_sendpage,
+        Rung::Syscall => false,
+    }
 }
 
 /// Unix connections are found on the rungs that see every socket's transfers (the sock

@@ -114,6 +114,11 @@ const PAUSE: Duration = Duration::from_secs(4);
 fn a_response_short_of_its_content_length_is_flagged_on_both_ends() {
     require_root();
     let daemon = Daemon::start("http1-length");
+    let status = daemon.cli_json(&["status", "-o", "json"]);
+    assert_eq!(
+        status["features"]["http1_response_framing"], true,
+        "{status:#}"
+    );
     let port = serve(|_| {
         let head = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\
                      Content-Length: 10000\r\n\r\n";

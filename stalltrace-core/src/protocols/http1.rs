@@ -77,7 +77,7 @@ pub fn framing(request: &[u8], response: &[u8]) -> Framing {
             return Framing::Stream("streaming content type");
         }
     }
-    if let Some(codings) = value("transfer-encoding").last() {
+    if let Some(codings) = value("transfer-encoding").next_back() {
         // Chunked must be the last coding; else the body is delimited by the close.
         return if codings.rsplit(',').next().map(str::trim) == Some("chunked") {
             let target = request.split(|&b| b == b' ').nth(1).unwrap_or_default();
@@ -130,7 +130,7 @@ pub fn chunked_complete(tail: [u8; 8], trailers: bool) -> Option<bool> {
     Some(if trailers {
         tail.ends_with(b"\r\n\r\n")
     } else {
-        tail.ends_with(b"\r\n0\r\n\r\n") || tail == *b"\0\0\00\r\n\r\n"
+        tail.ends_with(b"\r\n0\r\n\r\n") || tail == *b"\0\0\x000\r\n\r\n"
     })
 }
 

@@ -103,6 +103,7 @@ impl Daemon {
                 "namespace_broker_pid": crate::sources::netns::Broker::pid(),
                 "request_capture_bytes": probes.capture_bytes,
                 "udp": probes.udp,
+                "http1_response_framing": probes.http1_framing,
             },
             "connections": {
                 "tracked": self.tracker.len(),
