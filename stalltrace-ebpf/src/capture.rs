@@ -118,10 +118,61 @@ fn word_at(offset: u64) -> u64 {
     }
 }
 
-/// The 8 bytes at `offset` of `data`, in memory order, if one buffer holds them all.
+/// Entries of a vectored call the 8 bytes at an offset may span (a writer's chunk-size line,
+/// data and `\r\n` each in an entry of their own: nginx).
+const MAX_TAIL_ENTRIES: u64 = 4;
+
+/// The 8 bytes at `offset` of `data`, in memory order, across up to [`MAX_TAIL_ENTRIES`]
+/// entries of a vectored call. Each entry's part is read as a whole word from where it starts
+/// (bytes past the part are user memory, shifted out).
 #[inline(always)]
 pub(crate) fn bytes8_at(data: &Data, offset: u64) -> Option<[u8; 8]> {
-    let address = address_of(data, offset, 8)?;
+    let (iov, count) = match *data {
+        Data::Buffer(base) => return read8(base + offset),
+        Data::Vector(iov, count) => (iov, count),
+    };
+    let entry = iovec_holding(iov, count, offset)?;
+    let (mut index, mut address, mut available) = (
+        entry.index,
+        entry.base + entry.within,
+        entry.len - entry.within,
+    );
+    let (mut word, mut missing) = (0u64, 8u64);
+    let mut step = 0;
+    while step < MAX_TAIL_ENTRIES {
+        let take = if available < missing {
+            available
+        } else {
+            missing
+        };
+        if take > 0 {
+            let part = u64::from_be_bytes(read8(address)?);
+            // take ≤ 8; a whole word only when nothing was taken before.
+            word = if take == 8 {
+                part
+            } else {
+                (word << (8 * take)) | (part >> (8 * (8 - take)))
+            };
+            missing -= take;
+        }
+        if missing == 0 {
+            return Some(word.to_be_bytes());
+        }
+        index += 1;
+        if index >= count {
+            return None;
+        }
+        // SAFETY: a probe read of user memory: a failure is returned, not faulted.
+        let [base, len] =
+            unsafe { bpf_probe_read_user((iov + 16 * index) as *const [u64; 2]).ok()? };
+        (address, available) = (base, len);
+        step += 1;
+    }
+    None
+}
+
+#[inline(always)]
+fn read8(address: u64) -> Option<[u8; 8]> {
     // SAFETY: a probe read of user memory: a fault is returned, not taken.
     unsafe { bpf_probe_read_user(address as *const [u8; 8]).ok() }
 }
@@ -131,22 +182,38 @@ pub(crate) fn bytes8_at(data: &Data, offset: u64) -> Option<[u8; 8]> {
 fn address_of(data: &Data, offset: u64, size: u64) -> Option<u64> {
     let (address, available) = match *data {
         Data::Buffer(base) => (base + offset, u64::MAX),
-        Data::Vector(iov, count) => iovec_holding(iov, count, offset)?,
+        Data::Vector(iov, count) => {
+            let entry = iovec_holding(iov, count, offset)?;
+            (entry.base + entry.within, entry.len - entry.within)
+        }
     };
     (available >= size).then_some(address)
 }
 
-/// In the `count` entries of the `struct iovec` array at `iov`, the address of byte `offset`
-/// of the data and the bytes its entry holds from there.
+/// An entry of a `struct iovec` array, and where in it a byte of the data lies.
+struct Entry {
+    index: u64,
+    base: u64,
+    len: u64,
+    within: u64,
+}
+
+/// In the `count` entries of the `struct iovec` array at `iov`, the entry holding byte
+/// `offset` of the data.
 #[inline(always)]
-fn iovec_holding(iov: u64, count: u64, mut offset: u64) -> Option<(u64, u64)> {
+fn iovec_holding(iov: u64, count: u64, mut offset: u64) -> Option<Entry> {
     let mut i = 0;
     while i < MAX_IOVECS && i < count {
         // One read per entry (base, length): a helper call costs more than the bytes.
         // SAFETY: a probe read of user memory: a failure is returned, not faulted.
         let [base, len] = unsafe { bpf_probe_read_user((iov + 16 * i) as *const [u64; 2]).ok()? };
         if offset < len {
-            return Some((base + offset, len - offset));
+            return Some(Entry {
+                index: i,
+                base,
+                len,
+                within: offset,
+            });
         }
         offset -= len;
         i += 1;

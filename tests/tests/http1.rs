@@ -12,7 +12,9 @@ use std::{
 };
 
 use serde_json::Value;
-use stalltrace_integration::{require_root, with_role, Daemon, REPORT_WITHIN, STALL_AFTER};
+use stalltrace_integration::{
+    daemon_dir, free_port, require_root, start_nginx, with_role, Daemon, REPORT_WITHIN, STALL_AFTER,
+};
 
 /// A response in parts: each is written, then the server sleeps for its pause.
 type Parts = Vec<(Vec<u8>, Duration)>;
@@ -155,6 +157,54 @@ fn a_chunked_response_without_its_last_chunk_is_flagged_on_both_ends() {
     let client = curl(&[&format!("http://127.0.0.1:{port}/slow")]);
     assert_flagged_on_both_ends_until(&daemon, port, PAUSE);
     assert_eq!(finished(client).stdout, b"hello world");
+}
+
+/// nginx relays a chunked response that stops before its last chunk: every hop is flagged —
+/// the upstream server, nginx's upstream connection, nginx's connection to curl (nginx writes
+/// each chunk's `\r\n` in an `iovec` entry of its own) and curl — and the blame chain from
+/// curl ends at the upstream server.
+#[test]
+fn a_chunked_response_relayed_by_nginx_is_flagged_on_every_hop() {
+    require_root();
+    let daemon = Daemon::start("http1-nginx");
+    // Four stalls are awaited one after the other: the pause outlasts all the waits.
+    let upstream = serve(|_| {
+        vec![
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n".to_vec(),
+                REPORT_WITHIN * 4,
+            ),
+            (b"0\r\n\r\n".to_vec(), Duration::ZERO),
+        ]
+    });
+    let proxy = free_port();
+    let http = format!(
+        "upstream up {{ server 127.0.0.1:{upstream}; }}
+         server {{ listen {proxy}; location / {{ proxy_pass http://up; proxy_buffering off; }} }}"
+    );
+    let _nginx = start_nginx(&daemon_dir(&daemon, "nginx"), proxy, &http);
+    let client = curl(&[&format!("http://{proxy}/stream")]);
+    let proxy_port = proxy.port();
+    let curl_end = daemon.wait_for_stall(proxy_port, "client", REPORT_WITHIN);
+    let nginx_front = daemon.wait_for_stall(proxy_port, "server", REPORT_WITHIN);
+    let nginx_up = daemon.wait_for_stall(upstream, "client", REPORT_WITHIN);
+    let server = daemon.wait_for_stall(upstream, "server", REPORT_WITHIN);
+    for stall in [&curl_end, &nginx_front, &nginx_up, &server] {
+        assert_eq!(stall["stall"]["kind"], "response_incomplete", "{stall:#}");
+    }
+    assert_eq!(server["stall"]["cause"], "response_stopped", "{server:#}");
+    let blame = curl_end["stall"]["blame"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let root = blame
+        .last()
+        .unwrap_or_else(|| panic!("no blame chain: {curl_end:#}"));
+    assert_eq!(
+        root["executable"], server["process"]["executable"]["name"],
+        "{curl_end:#}"
+    );
+    assert_eq!(finished(client).stdout, b"hello");
 }
 
 /// Complete responses of every framing, then an idle keep-alive connection; and a server-sent

@@ -19,8 +19,12 @@ use serde_json::{json, Value};
 
 use crate::{setup, workspace_root};
 
-const BENCH_PACKAGES: &[&str] = &["nginx", "wrk", "bpftrace"];
+// openssl makes the TLS workload's certificate; nghttp2-client has h2load, the HTTP/2 load.
+const BENCH_PACKAGES: &[&str] = &["nginx", "wrk", "bpftrace", "openssl", "nghttp2-client"];
 const NGINX_PORT: u16 = 18_080;
+/// The same file over TLS (a self-signed certificate), and over cleartext HTTP/2 (h2c).
+const NGINX_TLS_PORT: u16 = 18_443;
+const NGINX_H2C_PORT: u16 = 18_082;
 
 #[derive(clap::Args)]
 pub(crate) struct BenchArgs {
@@ -37,6 +41,7 @@ pub(crate) struct BenchArgs {
     #[arg(long)]
     smoke: bool,
     /// Run only these parts (comma-separated): pingpong1, pingpong32, unix1, unix32, nginx,
+    /// nginxtls, h2c,
     /// churn, fileio, udp, paced, idle, stalls, programs, unixprograms, micro.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -156,7 +161,30 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
             unix_pingpong("32"),
             false,
         ),
-        ("nginx", "nginx + wrk, 64 connections", wrk(args.secs), true),
+        (
+            "nginx",
+            "nginx + wrk, 64 connections",
+            wrk(
+                args.secs,
+                &format!("http://127.0.0.1:{NGINX_PORT}/index.html"),
+            ),
+            true,
+        ),
+        (
+            "nginxtls",
+            "nginx + wrk over TLS, 64 connections",
+            wrk(
+                args.secs,
+                &format!("https://127.0.0.1:{NGINX_TLS_PORT}/index.html"),
+            ),
+            false,
+        ),
+        (
+            "h2c",
+            "nginx + h2load over HTTP/2 (h2c), 16 connections x 8 streams",
+            h2load(args.secs),
+            false,
+        ),
         (
             "churn",
             "connection churn",
@@ -303,15 +331,24 @@ fn loadgen(paths: &Paths, args: &[&str]) -> Vec<String> {
         .collect()
 }
 
-fn wrk(secs: f64) -> Vec<String> {
+fn wrk(secs: f64, url: &str) -> Vec<String> {
     let duration = format!("{}s", secs.ceil().max(1.0) as u64);
+    ["wrk", "-t1", "-c64", "-d", &duration, url]
+        .iter()
+        .map(|a| a.to_string())
+        .collect()
+}
+
+/// h2load with prior knowledge of h2c: 16 connections, 8 concurrent streams each.
+fn h2load(secs: f64) -> Vec<String> {
+    let duration = format!("{}", secs.ceil().max(1.0) as u64);
     [
-        "wrk",
-        "-t1",
-        "-c64",
-        "-d",
+        "h2load",
+        "-c16",
+        "-m8",
+        "-D",
         &duration,
-        &format!("http://127.0.0.1:{NGINX_PORT}/index.html"),
+        &format!("http://127.0.0.1:{NGINX_H2C_PORT}/index.html"),
     ]
     .iter()
     .map(|a| a.to_string())
@@ -340,6 +377,19 @@ fn run_workload(command: &[String]) -> Result<f64> {
             .trim()
             .parse()
             .context("parsing wrk's Requests/sec");
+    }
+    if command[0] == "h2load" {
+        // "finished in 3.00s, 41234.50 req/s, 5.21MB/s"
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("finished in"))
+            .with_context(|| format!("no result line in h2load output: {stdout}"))?;
+        return line
+            .split(", ")
+            .find_map(|part| part.strip_suffix(" req/s"))
+            .context("no req/s in h2load's result line")?
+            .parse()
+            .context("parsing h2load's req/s");
     }
     let result: Value = serde_json::from_str(stdout.trim())
         .with_context(|| format!("loadgen printed {stdout:?}"))?;
@@ -590,6 +640,25 @@ impl Nginx {
             www.join("index.html"),
             "<html><body>stalltrace bench</body></html>\n",
         )?;
+        let (cert, key) = (prefix.join("cert.pem"), prefix.join("key.pem"));
+        if !cert.exists() || !key.exists() {
+            let made = Command::new("openssl")
+                .args([
+                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                ])
+                .args(["-subj", "/CN=localhost", "-keyout"])
+                .arg(&key)
+                .arg("-out")
+                .arg(&cert)
+                .output()
+                .context("running openssl for the TLS workload's certificate")?;
+            if !made.status.success() {
+                bail!(
+                    "openssl could not make a certificate: {}",
+                    String::from_utf8_lossy(&made.stderr)
+                );
+            }
+        }
         let conf = prefix.join("nginx.conf");
         fs::write(
             &conf,
@@ -597,10 +666,15 @@ impl Nginx {
                 "user root;\nworker_processes 1;\ndaemon off;\npid {prefix}/nginx.pid;\n\
                  error_log {prefix}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
                  http {{\n  access_log off;\n  keepalive_requests 10000000;\n  \
-                 keepalive_timeout 300s;\n  server {{\n    listen 127.0.0.1:{NGINX_PORT};\n    \
-                 root {www};\n  }}\n}}\n",
+                 keepalive_timeout 300s;\n  root {www};\n  \
+                 server {{ listen 127.0.0.1:{NGINX_PORT}; }}\n  \
+                 server {{ listen 127.0.0.1:{NGINX_H2C_PORT} http2; }}\n  \
+                 server {{\n    listen 127.0.0.1:{NGINX_TLS_PORT} ssl;\n    \
+                 ssl_certificate {cert};\n    ssl_certificate_key {key};\n  }}\n}}\n",
                 prefix = prefix.display(),
                 www = www.display(),
+                cert = cert.display(),
+                key = key.display(),
             ),
         )?;
         progress("starting nginx");

@@ -129,6 +129,10 @@ pub struct Stall {
     /// `response_incomplete` with a `Content-Length` body: the bytes of it still owed when the
     /// stall began.
     pub owed_bytes: Option<u64>,
+    /// When the request behind the stall last moved (ns): the quiet's start, except for
+    /// `response_incomplete`, whose quiet starts with the response. Blame chains pair a
+    /// proxy's inbound and outbound requests by it.
+    pub request_ns: u64,
     /// Sweeps re-read a stalled connection's kernel entry no earlier than this.
     next_check_ns: u64,
 }
@@ -965,9 +969,13 @@ fn observe(
     if now.saturating_sub(quiet_since) >= stall_after_ns {
         let owed = conn.reply.as_deref().and_then(|reply| reply.owed(state));
         start_stall(conn, kind, quiet_since, now, state.exchanges, out);
-        if let (Some(stall), Some(framing::Owed::Bytes(bytes))) = (conn.stall.as_deref_mut(), owed)
-        {
-            stall.owed_bytes = Some(bytes);
+        if let Some(stall) = conn.stall.as_deref_mut() {
+            if let Some(framing::Owed::Bytes(bytes)) = owed {
+                stall.owed_bytes = Some(bytes);
+            }
+            if kind == StallKind::ResponseIncomplete {
+                stall.request_ns = activity::last_request_ns(state);
+            }
         }
     }
 }
@@ -992,6 +1000,7 @@ fn start_stall(
         reported_ns: at,
         exchanges_at_start,
         owed_bytes: None,
+        request_ns: quiet_since,
         next_check_ns: at + STALLED_RECHECK_NS,
     }));
     out.push(Event {

@@ -412,7 +412,7 @@ impl Diagnoser {
             };
             let request = Request {
                 conn: conn.id,
-                at_ns: stall.quiet_since_ns,
+                at_ns: stall.request_ns,
                 signature: open.request.as_ref().map(|r| r.signature.clone()),
             };
             let side = match conn.role {
