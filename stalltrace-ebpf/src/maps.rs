@@ -23,6 +23,11 @@ pub(crate) static CAPTURE_SLOTS: Global<u32> = Global::new(1);
 /// `cgroup/sock_release` program attaches), on the tracepoint rung.
 #[unsafe(no_mangle)]
 pub(crate) static UDP_TRACED: Global<u32> = Global::new(0);
+/// Non-zero when the HTTP/1.x response code is in the programs (`http1.rs`): set by the daemon
+/// from Linux 6.5 only (see `HTTP1_FRAMED`). Elsewhere the constant lets the verifier drop it:
+/// 6.1's verifier gives up on the transfer programs with it (1M instructions).
+#[unsafe(no_mangle)]
+pub(crate) static HTTP1_CODE: Global<u32> = Global::new(0);
 /// The daemon's own process id: Unix connections to or from it (its API socket: the CLI's
 /// queries, `watch`) are not tracked, so that the tracer does not report itself.
 #[unsafe(no_mangle)]

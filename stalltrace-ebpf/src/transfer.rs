@@ -28,8 +28,8 @@ use crate::{
     conn::{emit, emit_request, insert_new, set_netns, set_owner_to_current},
     kernel_read::{read_endpoints, socket_family, tcp_state_of},
     maps::{
-        current_epoch, http1_framed, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS,
-        UDP_TRACED,
+        current_epoch, http1_framed, scratch_conn, stall_after_ns, CONNS, HTTP1_CODE, LISTEN_PORTS,
+        OFFSETS, UDP_TRACED,
     },
     udp, unix,
 };
@@ -114,10 +114,14 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
         Look::Request => read_message(sock, conn, bytes, now),
         look @ (Look::Continuation | Look::Reply) => (read_housekeeping(conn, look, bytes), None),
     };
-    let reply = match http1::reply(conn, dir) {
-        http1::Reply::Skip => http1::Reply::Skip,
-        _ if !http1_framed() => http1::Reply::Skip,
-        reply => reply,
+    let reply = if HTTP1_CODE.load() == 0 {
+        http1::Reply::Skip
+    } else {
+        match http1::reply(conn, dir) {
+            http1::Reply::Skip => http1::Reply::Skip,
+            _ if !http1_framed() => http1::Reply::Skip,
+            reply => reply,
+        }
     };
     let quiet_ended = ends_quiet(conn, dir, message, now, stall_after_ns());
     let resumed = http1::resumes_after_quiet(conn, reply, now, stall_after_ns());

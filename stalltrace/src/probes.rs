@@ -525,10 +525,16 @@ impl Probes {
         };
         if let Some(err) = capture_error {
             log::debug!("loading with request capture failed: {err:#}");
+            let why = if format!("{err:#}").contains("too large") {
+                "the kernel's verifier gave up on the programs with it (1M instructions)"
+            } else {
+                "it needs the BPF helpers bpf_get_current_task_btf and bpf_task_pt_regs, Linux \
+                 5.15"
+            };
             log::warn!(
-                "request capture is unavailable on this kernel (it needs the BPF helpers \
-                 bpf_get_current_task_btf and bpf_task_pt_regs, Linux 5.15; --log-level debug \
-                 shows the kernel's refusal); stalls are reported without request signatures"
+                "request capture is unavailable on this kernel ({why}; --log-level debug shows \
+                 the kernel's refusal); stalls are reported without request signatures and \
+                 protocol rules"
             );
         }
         Ok(probes)
@@ -572,6 +578,11 @@ impl Probes {
             .map_max_entries("HTTP1_REPLY_HEADS", reply_heads)
             .override_global("TCP_RECVMSG_ARGS", &config.functions.tcp_recvmsg_args, true)
             .override_global("UDP_TRACED", &u32::from(udp), true)
+            .override_global(
+                "HTTP1_CODE",
+                &u32::from(capture_bytes > 0 && !config.functions.has_tcp_sendpage),
+                true,
+            )
             .load(OBJECT)
             .context(
                 "loading the eBPF maps and programs failed; stalltrace needs Linux >= 5.8 with \
@@ -1024,15 +1035,11 @@ fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 }
 
 /// Whether HTTP/1.x responses can be framed on `rung`: their byte counts must include what
-/// `sendfile` sends (nginx's static files). Before 6.5 it goes through `tcp_sendpage`, which
-/// the fentry and kprobe rungs hook and the sock tracepoints do not see; the syscall rung sees
-/// no `sendfile` at all.
+/// `sendfile` sends (nginx's static files), which goes through `sock_sendmsg` from Linux 6.5
+/// (before, through `tcp_sendpage`); the syscall rung sees no `sendfile` at all. Before 6.5 the
+/// code is not even loaded: 6.1's verifier gives up on the transfer programs with it.
 fn http1_framing(rung: Rung, functions: &KernelFunctions) -> bool {
-    match rung {
-        Rung::Fentry | Rung::Kprobe => true,
-        Rung::Tracepoint => !functions.has_tcp_sendpage,
-        Rung::Syscall => false,
-    }
+    !functions.has_tcp_sendpage && rung != Rung::Syscall
 }
 
 /// Unix connections are found on the rungs that see every socket's transfers (the sock
