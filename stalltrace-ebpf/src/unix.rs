@@ -16,8 +16,9 @@ use aya_ebpf::{
     EbpfContext,
 };
 use stalltrace_common::{
-    conn_flags, direction, role, tcp_state, transport, ConnState, EventKind, Offsets, UnixEvent,
-    AF_UNIX, SOCK_SEQPACKET, SOCK_STREAM, UNIX_PATH_MAX,
+    conn_flags, direction, role, tcp_state, transport,
+    unix_alive::{PEER_CLOSED_DATA_UNREAD, PEER_CLOSED_NOTHING_UNREAD},
+    ConnState, EventKind, Offsets, UnixEvent, AF_UNIX, SOCK_SEQPACKET, SOCK_STREAM, UNIX_PATH_MAX,
 };
 
 use crate::{
@@ -227,8 +228,12 @@ unsafe fn read_name(addr: u64, offsets: &Offsets, dst: *mut u8) -> u16 {
 }
 
 /// Run by the daemon with `BPF_PROG_TEST_RUN`, never attached: arguments (sock address,
-/// inode); returns 1 if that socket is still open, 0 if it was released (its `sk_socket` is
-/// cleared then) or the memory now holds another socket, 2 if the kernel's layout is unknown.
+/// inode, ask about the peer); returns 1 if that socket is still open, 0 if it was released
+/// (its `sk_socket` is cleared then) or the memory now holds another socket, 2 if the kernel's
+/// layout is unknown. Asked about its peer (third argument not 0), an open socket the peer
+/// will send nothing more (`RCV_SHUTDOWN`: the peer was released, or shut down for writing)
+/// returns [`PEER_CLOSED_NOTHING_UNREAD`] or [`PEER_CLOSED_DATA_UNREAD`]: whether what the
+/// peer sent still waits in this socket's receive queue.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "raw_tp")]
 fn stalltrace_unix_alive(ctx: *mut core::ffi::c_void) -> u32 {
@@ -237,7 +242,32 @@ fn stalltrace_unix_alive(ctx: *mut core::ffi::c_void) -> u32 {
         return 2;
     }
     let args = ctx as *const u64;
-    // SAFETY: a raw tracepoint context is an array of u64 arguments; the daemon passes two.
-    let (sock, inode) = unsafe { (*args, *args.add(1)) };
-    u32::from(inode_of(sock, &offsets) == Some(inode))
+    // SAFETY: a raw tracepoint context is an array of u64 arguments; the daemon passes three.
+    let (sock, inode, ask_peer) = unsafe { (*args, *args.add(1), *args.add(2)) };
+    if inode_of(sock, &offsets) != Some(inode) {
+        return 0;
+    }
+    if ask_peer == 0 || offsets.sk_shutdown == Offsets::UNKNOWN {
+        return 1;
+    }
+    // SAFETY: probe reads of kernel memory; failures are returned, not faulted.
+    let shutdown = unsafe { read::<u8>(sock, offsets.sk_shutdown) }.unwrap_or(0);
+    if shutdown & RCV_SHUTDOWN == 0 {
+        return 1;
+    }
+    let queued = if offsets.sk_receive_queue_qlen == Offsets::UNKNOWN {
+        None
+    } else {
+        // SAFETY: as above.
+        unsafe { read::<u32>(sock, offsets.sk_receive_queue_qlen) }
+    };
+    // Unknown: the reply may be there.
+    if queued == Some(0) {
+        PEER_CLOSED_NOTHING_UNREAD
+    } else {
+        PEER_CLOSED_DATA_UNREAD
+    }
 }
+
+/// `sk_shutdown` bit: no more data will be received (`include/net/sock.h`).
+const RCV_SHUTDOWN: u8 = 1;

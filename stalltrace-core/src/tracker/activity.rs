@@ -129,6 +129,29 @@ mod tests {
     }
 
     #[test]
+    fn a_client_the_peer_closed_on_waits_only_for_a_reply_left_unread() {
+        let mut client = conn(role::CLIENT, direction::OUT);
+        client.tcp_state = tcp_state::CLOSE_WAIT;
+        client.state_ns = 700;
+        assert_eq!(
+            assess(&client),
+            Activity::Ending {
+                at: 700,
+                how: Resolution::Closed
+            },
+            "the server died after reading: nothing can answer"
+        );
+        client.verdict_flags = stalltrace_common::verdict_flags::REPLY_UNREAD_AT_PEER_FIN;
+        assert_eq!(
+            assess(&client),
+            Activity::Outstanding { quiet_since: 200 },
+            "the reply came with the FIN: it is there to read"
+        );
+        client.last_dir = direction::IN;
+        assert_eq!(assess(&client), Activity::Idle, "read");
+    }
+
+    #[test]
     fn leaving_established_is_an_ending_with_its_cause() {
         let mut state = conn(role::SERVER, direction::IN);
         state.tcp_state = tcp_state::LAST_ACK;

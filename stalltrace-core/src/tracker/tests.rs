@@ -5,7 +5,7 @@ use stalltrace_common::{
     message::{classify, Head, Message},
     role, tcp_state,
     transfer::{look, record_transfer},
-    ConnEvent, ConnState, EventHeader, EventKind, AF_INET, CAPTURE_MAX,
+    verdict_flags, ConnEvent, ConnState, EventHeader, EventKind, AF_INET, CAPTURE_MAX,
 };
 
 use super::model::{Comm, Endpoints, Owner, Resolution, Role, StallKind};
@@ -370,10 +370,12 @@ fn a_reply_that_came_with_the_fin_ends_the_stall_as_a_response() {
     feed(&mut t, k.event(EventKind::Established, 0));
     k.transfer(direction::OUT, SEC);
     sweep(&mut t, &mut k, SEC + THRESHOLD);
+    // The answer came with the FIN: the kernel finds it unread in the receive queue.
+    k.state.verdict_flags |= verdict_flags::REPLY_UNREAD_AT_PEER_FIN;
     k.set_state(tcp_state::CLOSE_WAIT, 8 * SEC);
     assert!(
         sweep(&mut t, &mut k, 8 * SEC + MS).is_empty(),
-        "the reply may be unread"
+        "the reply is there to read"
     );
     k.transfer(direction::IN, 8 * SEC + 2 * MS);
     k.set_state(tcp_state::CLOSE, 8 * SEC + 2 * MS);
@@ -384,6 +386,40 @@ fn a_reply_that_came_with_the_fin_ends_the_stall_as_a_response() {
         7_002,
         Resolution::Response,
     );
+}
+
+#[test]
+fn a_client_whose_server_closed_without_answering_stalls_no_more() {
+    // The server read the request and exited: its FIN, nothing unread behind it.
+    let mut t = tracker();
+    let mut k = Kernel::new(role::CLIENT, 0);
+    feed(&mut t, k.event(EventKind::Established, 0));
+    k.transfer(direction::OUT, SEC);
+    sweep(&mut t, &mut k, SEC + THRESHOLD);
+    k.set_state(tcp_state::CLOSE_WAIT, 5 * SEC);
+    let events = feed(&mut t, k.event(EventKind::QuietEnded, 5 * SEC));
+    assert_ended(
+        &events,
+        StallKind::AwaitingResponse,
+        4_000,
+        Resolution::Closed,
+    );
+    assert!(
+        sweep(&mut t, &mut k, 9 * SEC).is_empty(),
+        "nothing can answer: no new stall while the client keeps the socket"
+    );
+}
+
+#[test]
+fn a_client_the_peer_closed_on_before_the_threshold_is_never_flagged() {
+    // A Unix client: no kernel event at the peer's close, the sweep notices it.
+    let mut t = tracker();
+    let mut k = Kernel::new(role::CLIENT, 0);
+    feed(&mut t, k.event(EventKind::Established, 0));
+    k.transfer(direction::OUT, SEC);
+    assert!(sweep(&mut t, &mut k, SEC + THRESHOLD / 2).is_empty());
+    k.set_state(tcp_state::CLOSE_WAIT, SEC + THRESHOLD / 2);
+    assert!(sweep(&mut t, &mut k, 9 * SEC).is_empty());
 }
 
 #[test]

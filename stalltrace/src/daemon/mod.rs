@@ -481,7 +481,7 @@ impl Daemon {
                     }
                 }
                 _ = streams.tick(), if !self.streams.is_empty() => {
-                    self.pump_conns_streams(&probes.maps);
+                    self.pump_conns_streams(probes);
                 }
                 Some(mut batch) = findings.recv() => {
                     // Stalls found together are chained together: take what else is waiting.

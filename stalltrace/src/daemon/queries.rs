@@ -1,7 +1,7 @@
 //! Answers to API queries: status, conns, stalls, show, why. Read-only views of the daemon's
 //! state, serialized in the shapes of docs/api.md.
 use serde_json::json;
-use stalltrace_common::{conn_flags, message::proto, ConnState};
+use stalltrace_common::{conn_flags, message::proto, tcp_state, ConnState};
 
 use stalltrace_core::{
     api::{
@@ -33,7 +33,7 @@ pub(super) struct ConnsStream {
 /// Chunks made per turn of the loop at most, over all streams (~200 KB each).
 const CHUNKS_PER_TURN: usize = 8;
 
-use crate::probes::{KernelMaps, Probes};
+use crate::probes::Probes;
 
 impl Daemon {
     pub(super) fn answer(&self, command: Command, probes: &Probes) -> Response {
@@ -47,7 +47,7 @@ impl Daemon {
                 filter,
                 older_than_ms,
             } => Response::ok(&self.stalls(&filter, older_than_ms.unwrap_or(0), now)),
-            Command::Show { id } => self.show(id, &probes.maps, now),
+            Command::Show { id } => self.show(id, probes, now),
             // Groups are per executable name, across processes: a pid cannot select among
             // them, and a filter accepted must filter.
             Command::Why { filter } if filter.netns.is_some() || filter.selects_cgroup() => {
@@ -163,7 +163,7 @@ impl Daemon {
     /// so that a client that stops reading holds up no other; drops the streams that are done
     /// or whose client went away (a client that reads nothing for 5 s is dropped by the API
     /// task).
-    pub(super) fn pump_conns_streams(&mut self, maps: &KernelMaps) {
+    pub(super) fn pump_conns_streams(&mut self, probes: &Probes) {
         let now = monotonic_ns();
         for _ in 0..CHUNKS_PER_TURN {
             let mut made = false;
@@ -173,7 +173,7 @@ impl Daemon {
                 };
                 match stream.chunks.clone().try_reserve_owned() {
                     Ok(permit) => {
-                        permit.send(self.conns_chunk(&mut stream, maps, now));
+                        permit.send(self.conns_chunk(&mut stream, probes, now));
                         made = true;
                         if stream.next < stream.ids.len() {
                             self.streams.push_back(stream);
@@ -191,7 +191,7 @@ impl Daemon {
     }
 
     /// The next chunk of `stream`: up to `CHUNK_ITEMS` items, comma-separated.
-    fn conns_chunk(&self, stream: &mut ConnsStream, maps: &KernelMaps, now: u64) -> String {
+    fn conns_chunk(&self, stream: &mut ConnsStream, probes: &Probes, now: u64) -> String {
         let mut chunk = Vec::new();
         let end = (stream.next + CHUNK_ITEMS).min(stream.ids.len());
         for &id in &stream.ids[stream.next..end] {
@@ -203,7 +203,7 @@ impl Daemon {
                 chunk.push(b',');
             }
             stream.started = true;
-            let snapshot = sock.and_then(|sock| maps.lookup(sock));
+            let snapshot = sock.and_then(|sock| super::unix::snapshot(probes, sock, now));
             let mut item = conn_item(conn, snapshot, self.policy.shown_as(conn.id), now);
             self.add_cgroup_path(&mut item, conn);
             serde_json::to_writer(&mut chunk, &item).expect("items serialize");
@@ -247,7 +247,7 @@ impl Daemon {
 impl Daemon {
     /// One connection: its `conns` item, when it opened, its open stall with the current
     /// diagnosis, and its stall timeline.
-    fn show(&self, id: u64, maps: &KernelMaps, now: u64) -> Response {
+    fn show(&self, id: u64, probes: &Probes, now: u64) -> Response {
         let Some((sock, conn)) = self.tracker.find_by_id(id) else {
             return Response::error(
                 ErrorCode::NotFound,
@@ -255,7 +255,7 @@ impl Daemon {
             );
         };
         let clock = self.sink.clock();
-        let snapshot = sock.and_then(|sock| maps.lookup(sock));
+        let snapshot = sock.and_then(|sock| super::unix::snapshot(probes, sock, now));
         let mut item = conn_item(conn, snapshot, self.policy.shown_as(id), now);
         self.add_cgroup_path(&mut item, conn);
         item.stall = conn.stall.as_deref().map(|stall| StallJson {
@@ -311,6 +311,12 @@ fn conn_item(
         }
         (None, Some(activity::Activity::Outstanding { .. }))
         | (None, Some(activity::Activity::ConnectPending { .. })) => "active",
+        // The peer closed (FIN, or its Unix socket released) with nothing left to read.
+        (None, Some(activity::Activity::Ending { .. }))
+            if snapshot.is_some_and(|s| s.tcp_state == tcp_state::CLOSE_WAIT) =>
+        {
+            "peer_closed"
+        }
         (None, Some(activity::Activity::Ending { .. })) => "closing",
         (None, _) => "idle",
     };

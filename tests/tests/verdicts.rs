@@ -1,0 +1,238 @@
+//! Verdicts a fresh-eyes tester found wrong, each reproduced with real processes: a client
+//! whose server died after reading its request (TCP and Unix) must not be told to keep
+//! waiting, while one whose reply arrived with the server's close still waits for its read.
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::TcpStream,
+    os::unix::net::UnixStream,
+    path::Path,
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use stalltrace_integration::{
+    daemon_dir, require_root, Daemon, Terminated, REPORT_WITHIN, STALL_AFTER,
+};
+
+/// A server in its own process that takes one connection, reads the request, waits `delay`
+/// seconds, answers (`reply`) or not (`die`), and exits: its socket closes with the process.
+/// argv: `tcp` or a Unix path, delay, mode. Prints the TCP port, or `ready`.
+const ONE_SHOT_SERVER: &str = r#"
+import socket, sys, time
+where, delay, mode = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+if where == "tcp":
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    print(listener.getsockname()[1], flush=True)
+else:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(where)
+    listener.listen(1)
+    print("ready", flush=True)
+conn, _ = listener.accept()
+conn.recv(4096)
+time.sleep(delay)
+if mode == "reply":
+    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+sys.exit(0)
+"#;
+
+/// Starts [`ONE_SHOT_SERVER`]; returns it and the first line it printed.
+fn one_shot_server(where_: &str, delay: Duration, mode: &str) -> (Terminated, String) {
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(ONE_SHOT_SERVER)
+        .args([where_, &delay.as_secs_f64().to_string(), mode])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 is installed by cargo xtask test");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(!line.is_empty(), "the server exited before it was ready");
+    (Terminated(child), line.trim().to_owned())
+}
+
+/// Waits for the server process to exit (it closes its socket as it does).
+fn wait_exit(server: &mut Terminated) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the server did not exit");
+        thread::sleep(Duration::from_millis(20));
+    }
+    Instant::now()
+}
+
+/// How long the servers sit on the request before exiting: the client's stall is open by then.
+fn server_delay() -> Duration {
+    STALL_AFTER * 5 / 2
+}
+
+/// Items of `stalltrace <command> -o json` selected by `selector` (`--port N`, `--path GLOB`).
+fn items(daemon: &Daemon, command: &str, selector: &[&str]) -> Vec<Value> {
+    let mut args = vec![command, "-o", "json"];
+    args.extend_from_slice(selector);
+    daemon.cli_json(&args).as_array().expect("an array").clone()
+}
+
+fn client_of(items: &[Value]) -> Option<&Value> {
+    items.iter().find(|item| item["conn"]["role"] == "client")
+}
+
+/// Waits until the client's stall is listed; returns it.
+fn wait_for_client_stall(daemon: &Daemon, selector: &[&str]) -> Value {
+    let deadline = Instant::now() + server_delay();
+    loop {
+        if let Some(stall) = client_of(&items(daemon, "stalls", selector)) {
+            return stall.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no client stall for {selector:?}:\n{}",
+            daemon.stderr()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The `stall.end` of connection `id`, waited for.
+fn wait_for_end(daemon: &Daemon, id: &Value) -> Value {
+    let deadline = Instant::now() + REPORT_WITHIN;
+    loop {
+        let end = daemon
+            .events()
+            .into_iter()
+            .find(|e| e["event"] == "stall.end" && e["conn"]["id"] == *id);
+        if let Some(end) = end {
+            return end;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no stall.end for connection {id}:\n{}",
+            daemon.stderr()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The server died after reading the request: the client's stall ends `closed` at once, with
+/// the true duration, and the client is shown as `peer_closed`, not stalled or active.
+#[track_caller]
+fn assert_ended_by_the_peer(daemon: &Daemon, selector: &[&str], mut server: Terminated) {
+    let stall = wait_for_client_stall(daemon, selector);
+    assert_eq!(stall["stall"]["kind"], "awaiting_response", "{stall:#}");
+    let died = wait_exit(&mut server);
+    let end = wait_for_end(daemon, &stall["conn"]["id"]);
+    assert!(
+        died.elapsed() < REPORT_WITHIN,
+        "ended within a sweep or two of the death"
+    );
+    assert_eq!(end["stall"]["resolution"], "closed", "{end:#}");
+    let duration = end["stall"]["duration_ms"].as_u64().unwrap();
+    let delay = server_delay().as_millis() as u64;
+    assert!(
+        duration + 300 >= delay && duration < delay + REPORT_WITHIN.as_millis() as u64,
+        "the true duration, to the close: {end:#}"
+    );
+    thread::sleep(STALL_AFTER * 2);
+    assert!(
+        client_of(&items(daemon, "stalls", selector)).is_none(),
+        "no new stall: nothing can answer"
+    );
+    let conns = items(daemon, "conns", selector);
+    let client = client_of(&conns).unwrap_or_else(|| panic!("the client is live: {conns:#?}"));
+    assert_eq!(client["conn"]["state"], "peer_closed", "{client:#}");
+    let show = daemon.cli_json(&["show", &client["conn"]["id"].to_string(), "-o", "json"]);
+    assert_eq!(show["item"]["conn"]["state"], "peer_closed", "{show:#}");
+    assert!(
+        show["timeline"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|e| e["stall"]["resolution"] == "closed")),
+        "{show:#}"
+    );
+}
+
+/// The server answered and died at once; the client has not read yet: the reply is there, so
+/// its stall stays open past the server's close, and its read ends it `response`.
+#[track_caller]
+fn assert_waits_for_the_unread_reply(
+    daemon: &Daemon,
+    selector: &[&str],
+    mut server: Terminated,
+    read: impl FnOnce() -> Vec<u8>,
+) {
+    let stall = wait_for_client_stall(daemon, selector);
+    wait_exit(&mut server);
+    thread::sleep(STALL_AFTER * 2);
+    let open = items(daemon, "stalls", selector);
+    assert!(
+        client_of(&open).is_some_and(|s| s["conn"]["id"] == stall["conn"]["id"]),
+        "the reply waits unread: still awaited: {open:#?}"
+    );
+    assert_eq!(read(), b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    let end = wait_for_end(daemon, &stall["conn"]["id"]);
+    assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
+}
+
+#[test]
+fn a_tcp_client_whose_server_died_without_answering_is_no_longer_stalled() {
+    require_root();
+    let daemon = Daemon::start("peer-died-tcp");
+    let (server, port) = one_shot_server("tcp", server_delay(), "die");
+    let mut client = TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).unwrap();
+    client.write_all(b"GET /report HTTP/1.1\r\n\r\n").unwrap();
+    assert_ended_by_the_peer(&daemon, &["--port", &port], server);
+    drop(client);
+}
+
+#[test]
+fn a_tcp_client_whose_reply_came_with_the_close_waits_for_its_read() {
+    require_root();
+    let daemon = Daemon::start("peer-replied-tcp");
+    let (server, port) = one_shot_server("tcp", server_delay(), "reply");
+    let mut client = TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).unwrap();
+    client.write_all(b"GET /report HTTP/1.0\r\n\r\n").unwrap();
+    assert_waits_for_the_unread_reply(&daemon, &["--port", &port], server, || {
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).unwrap();
+        reply
+    });
+}
+
+fn unix_server(daemon: &Daemon, name: &str, mode: &str) -> (Terminated, String, String) {
+    let dir = daemon_dir(daemon, name);
+    let path = dir.join("app.sock");
+    let (server, ready) = one_shot_server(path.to_str().unwrap(), server_delay(), mode);
+    assert_eq!(ready, "ready");
+    let glob = format!("{}/*.sock", dir.display());
+    (server, path.to_str().unwrap().to_owned(), glob)
+}
+
+#[test]
+fn a_unix_client_whose_server_died_without_answering_is_no_longer_stalled() {
+    require_root();
+    let daemon = Daemon::start("peer-died-unix");
+    let (server, path, glob) = unix_server(&daemon, "died", "die");
+    let mut client = UnixStream::connect(Path::new(&path)).unwrap();
+    client.write_all(b"GET /report HTTP/1.1\r\n\r\n").unwrap();
+    assert_ended_by_the_peer(&daemon, &["--path", &glob], server);
+    drop(client);
+}
+
+#[test]
+fn a_unix_client_whose_reply_came_with_the_close_waits_for_its_read() {
+    require_root();
+    let daemon = Daemon::start("peer-replied-unix");
+    let (server, path, glob) = unix_server(&daemon, "replied", "reply");
+    let mut client = UnixStream::connect(Path::new(&path)).unwrap();
+    client.write_all(b"GET /report HTTP/1.0\r\n\r\n").unwrap();
+    assert_waits_for_the_unread_reply(&daemon, &["--path", &glob], server, || {
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).unwrap();
+        reply
+    });
+}
