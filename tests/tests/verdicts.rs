@@ -236,3 +236,115 @@ fn a_unix_client_whose_reply_came_with_the_close_waits_for_its_read() {
         reply
     });
 }
+
+/// A request already hung when the daemon starts (an on-call starting stalltrace mid-incident)
+/// is flagged on both ends from the sockets' own history, its stall dated from the request
+/// and marked `partial` (inferred, not seen), and ended by the late reply; a keep-alive
+/// connection whose exchange completed before is `idle`, and so is one that never carried
+/// data — neither flagged.
+#[test]
+fn a_request_hung_before_the_daemon_started_is_flagged_from_the_sockets_history() {
+    require_root();
+    let answer_after = STALL_AFTER * 8;
+    let (_server, port) = one_shot_server("tcp", answer_after, "reply");
+    let port_number = port.parse::<u16>().unwrap();
+    let mut client = TcpStream::connect(("127.0.0.1", port_number)).unwrap();
+    let asked = Instant::now();
+    client.write_all(b"GET /report HTTP/1.0\r\n\r\n").unwrap();
+    // An answered keep-alive exchange, and a connection that never carried data.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_port = listener.local_addr().unwrap().port();
+    let mut idle = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (mut idle_server, _) = listener.accept().unwrap();
+    idle.write_all(b"PING\r\n").unwrap();
+    let mut ping = [0u8; 6];
+    idle_server.read_exact(&mut ping).unwrap();
+    // The kernel dates data in milliseconds: a reply within the same one could not be told
+    // to come after the request (`unknown`).
+    thread::sleep(Duration::from_millis(50));
+    idle_server.write_all(b"+PONG\r\n").unwrap();
+    let mut pong = [0u8; 7];
+    idle.read_exact(&mut pong).unwrap();
+    let silent = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (_silent_server, _) = listener.accept().unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    thread::sleep(Duration::from_millis(300));
+
+    let daemon = Daemon::start("adopted-hung");
+    let stalls = daemon.wait_for_stalls(port_number, 2, REPORT_WITHIN);
+    assert_eq!(stalls.len(), 2, "{stalls:#?}\n{}", daemon.stderr());
+    let started = daemon.wait_for_events("stall.start", port_number, 2, REPORT_WITHIN);
+    assert_eq!(started.len(), 2, "{started:#?}");
+    for (role, kind) in [
+        ("client", "awaiting_response"),
+        ("server", "unanswered_request"),
+    ] {
+        let start = started
+            .iter()
+            .find(|s| s["conn"]["role"] == role)
+            .unwrap_or_else(|| panic!("no {role} stall: {started:#?}"));
+        assert_eq!(start["stall"]["kind"], kind, "{start:#}");
+        let opened = daemon.events_named("conn.open", port_number);
+        assert!(
+            opened
+                .iter()
+                .any(|open| open["conn"]["id"] == start["conn"]["id"]
+                    && open["conn"]["adopted"] == true),
+            "on the adopted connection: {opened:#?}"
+        );
+        let quiet = start["stall"]["quiet_ms"].as_u64().unwrap();
+        assert!(
+            quiet + 300 >= asked.elapsed().as_millis() as u64 - 1_000,
+            "dated from the request, before the daemon started: {start:#}"
+        );
+    }
+    let diagnosed = daemon
+        .wait_for_event("stall.start", port_number, REPORT_WITHIN, |e| {
+            e["stall"]["confidence"] == "partial"
+        })
+        .or_else(|| {
+            daemon.wait_for_event("stall.update", port_number, REPORT_WITHIN, |e| {
+                e["stall"]["confidence"] == "partial"
+            })
+        })
+        .unwrap_or_else(|| panic!("inferred stalls are partial: {started:#?}"));
+    assert!(
+        diagnosed["stall"]["confidence_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("inferred")),
+        "{diagnosed:#}"
+    );
+    let conns = items(&daemon, "conns", &["--port", &other_port.to_string()]);
+    let state_of = |port: u16| {
+        conns
+            .iter()
+            .find(|c| c["network"]["local"]["port"] == port)
+            .map(|c| c["conn"]["state"].clone())
+    };
+    assert_eq!(
+        state_of(idle.local_addr().unwrap().port()),
+        Some(Value::from("idle")),
+        "{conns:#?}"
+    );
+    assert_eq!(
+        state_of(silent_port),
+        Some(Value::from("idle")),
+        "nothing asked yet: {conns:#?}"
+    );
+    assert!(items(&daemon, "stalls", &["--port", &other_port.to_string()]).is_empty());
+
+    // The late answer ends both stalls, with their true durations.
+    let mut reply = Vec::new();
+    client.read_to_end(&mut reply).unwrap();
+    let ends = daemon.wait_for_events("stall.end", port_number, 2, REPORT_WITHIN);
+    assert_eq!(ends.len(), 2, "{ends:#?}\n{}", daemon.stderr());
+    for end in &ends {
+        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
+        let duration = end["stall"]["duration_ms"].as_u64().unwrap();
+        assert!(
+            duration + 300 >= answer_after.as_millis() as u64,
+            "true duration: {end:#}"
+        );
+    }
+    drop((idle, idle_server, silent));
+}

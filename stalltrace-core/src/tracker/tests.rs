@@ -9,7 +9,7 @@ use stalltrace_common::{
 };
 
 use super::model::{Comm, Endpoints, Owner, Resolution, Role, StallKind};
-use super::{Adoption, Detail, Event, Tracker};
+use super::{activity::AdoptedExchange, Adoption, Detail, Event, Tracker};
 
 const MS: u64 = 1_000_000;
 const SEC: u64 = 1_000 * MS;
@@ -643,6 +643,124 @@ fn adopted_connection_keeps_its_id_when_the_kernel_discovers_it() {
         }
     ));
     assert_eq!(t.stats().evictions, 0);
+}
+
+/// A server adopted at 10 s whose socket says it read a request at 4 s and answered nothing.
+fn adopted_hung_server(t: &mut Tracker, k: &Kernel, since: u64) -> u64 {
+    let endpoints = Endpoints::from_kernel(&k.state);
+    let mut out = Vec::new();
+    let adoption = Adoption {
+        endpoints,
+        role: Role::Server,
+        owner: Owner::default(),
+    };
+    t.adopt(adoption, 10 * SEC, &mut out);
+    let id = out[0].conn.id;
+    assert_eq!(t.adopted_exchange(id), None, "nothing said yet");
+    let exchange = AdoptedExchange::Outstanding { since };
+    t.set_adopted_exchange(&endpoints, exchange);
+    assert_eq!(t.adopted_exchange(id), Some(exchange));
+    id
+}
+
+#[test]
+fn a_request_hung_before_the_daemon_started_is_flagged_at_once() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, 50 * SEC);
+    let id = adopted_hung_server(&mut t, &k, 4 * SEC);
+    let out = sweep(&mut t, &mut k, 10 * SEC);
+    assert_eq!(
+        details(&out),
+        [&Detail::StallStart {
+            kind: StallKind::UnansweredRequest,
+            quiet_ms: 6_000,
+            diagnosis: None
+        }]
+    );
+    assert_eq!(out[0].conn.id, id);
+    assert_eq!(t.stalled(), 1);
+    // The answer, at last: the kernel's first sight of the connection ends the stall.
+    k.state.flags |= conn_flags::DISCOVERED;
+    k.transfer(direction::OUT, 12 * SEC);
+    feed(&mut t, k.event(EventKind::Discovered, 12 * SEC));
+    assert_eq!(
+        t.adopted_exchange(id),
+        None,
+        "the kernel's view judges it now"
+    );
+    assert_eq!(t.stalled(), 1, "still listed while the kernel takes over");
+    let events = sweep(&mut t, &mut k, 12 * SEC + MS);
+    assert_eq!(events[0].conn.id, id);
+    assert_ended(
+        &events,
+        StallKind::UnansweredRequest,
+        8_000,
+        Resolution::Response,
+    );
+    assert_eq!(t.stalled(), 0);
+}
+
+#[test]
+fn an_adopted_request_answered_then_closed_at_once_ends_with_the_response() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, 50 * SEC);
+    adopted_hung_server(&mut t, &k, 4 * SEC);
+    sweep(&mut t, &mut k, 10 * SEC);
+    // The reply is the kernel's first sight of it, its close follows before any sweep.
+    k.state.flags |= conn_flags::DISCOVERED;
+    k.transfer(direction::OUT, 12 * SEC);
+    feed(&mut t, k.event(EventKind::Discovered, 12 * SEC));
+    k.set_state(tcp_state::FIN_WAIT1, 12 * SEC + MS);
+    let events = sweep(&mut t, &mut k, 12 * SEC + 2 * MS);
+    assert_ended(
+        &events,
+        StallKind::UnansweredRequest,
+        8_000,
+        Resolution::Response,
+    );
+}
+
+#[test]
+fn an_adopted_request_answered_then_closed_before_a_sweep_ends_with_the_response() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, 50 * SEC);
+    adopted_hung_server(&mut t, &k, 4 * SEC);
+    sweep(&mut t, &mut k, 10 * SEC);
+    k.state.flags |= conn_flags::DISCOVERED;
+    k.transfer(direction::OUT, 12 * SEC);
+    feed(&mut t, k.event(EventKind::Discovered, 12 * SEC));
+    k.set_state(tcp_state::CLOSE, 12 * SEC + MS);
+    let events = feed(&mut t, k.event(EventKind::Closed, 12 * SEC + MS));
+    assert_eq!(
+        events[0].detail,
+        Detail::StallEnd {
+            kind: StallKind::UnansweredRequest,
+            duration_ms: 8_000,
+            resolution: Resolution::Response,
+            retries: 0
+        }
+    );
+}
+
+#[test]
+fn an_adopted_request_short_of_the_threshold_is_flagged_when_it_gets_there() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, 50 * SEC);
+    let since = 10 * SEC - THRESHOLD / 2;
+    adopted_hung_server(&mut t, &k, since);
+    assert!(sweep(&mut t, &mut k, 10 * SEC + THRESHOLD / 4).is_empty());
+    let events = sweep(&mut t, &mut k, since + THRESHOLD);
+    assert!(
+        matches!(
+            details(&events)[..],
+            [Detail::StallStart {
+                kind: StallKind::UnansweredRequest,
+                ..
+            }]
+        ),
+        "{events:?}"
+    );
+    assert!(sweep(&mut t, &mut k, 20 * SEC).is_empty(), "once");
 }
 
 #[test]

@@ -204,7 +204,13 @@ impl Daemon {
             }
             stream.started = true;
             let snapshot = sock.and_then(|sock| super::unix::snapshot(probes, sock, now));
-            let mut item = conn_item(conn, snapshot, self.policy.shown_as(conn.id), now);
+            let mut item = conn_item(
+                conn,
+                snapshot,
+                self.tracker.adopted_exchange(conn.id),
+                self.policy.shown_as(conn.id),
+                now,
+            );
             self.add_cgroup_path(&mut item, conn);
             serde_json::to_writer(&mut chunk, &item).expect("items serialize");
         }
@@ -256,7 +262,13 @@ impl Daemon {
         };
         let clock = self.sink.clock();
         let snapshot = sock.and_then(|sock| super::unix::snapshot(probes, sock, now));
-        let mut item = conn_item(conn, snapshot, self.policy.shown_as(id), now);
+        let mut item = conn_item(
+            conn,
+            snapshot,
+            self.tracker.adopted_exchange(conn.id),
+            self.policy.shown_as(id),
+            now,
+        );
         self.add_cgroup_path(&mut item, conn);
         item.stall = conn.stall.as_deref().map(|stall| StallJson {
             kind: stall.kind.as_str().into(),
@@ -294,6 +306,7 @@ impl Daemon {
 fn conn_item(
     conn: &Conn,
     snapshot: Option<ConnState>,
+    adopted: Option<activity::AdoptedExchange>,
     ruled: Option<&'static str>,
     now: u64,
 ) -> ConnItemJson {
@@ -318,6 +331,12 @@ fn conn_item(
             "peer_closed"
         }
         (None, Some(activity::Activity::Ending { .. })) => "closing",
+        // Adopted, its traffic not seen yet: what its socket said at start-up, if anything.
+        (None, None) if conn.adopted => match adopted {
+            Some(activity::AdoptedExchange::Outstanding { .. }) => "active",
+            Some(activity::AdoptedExchange::Completed) => "idle",
+            _ => "unknown",
+        },
         (None, _) => "idle",
     };
     item.conn.state = Some(state.into());
