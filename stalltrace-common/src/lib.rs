@@ -452,6 +452,11 @@ pub struct Offsets {
     /// `sock.sk_shutdown` (u8): `RCV_SHUTDOWN` (1) once the peer will send nothing more (a
     /// Unix peer released, or shut down for writing).
     pub sk_shutdown: u32,
+    /// `unix_address.refcnt` (a `refcount_t`, u32): a listener shares its address with every
+    /// socket it accepted, so a count above 1 marks the accepted end of a pair whose ends are
+    /// both bound.
+    pub unix_address_refcnt: u32,
+    pub _pad: u32,
 }
 
 impl Offsets {
@@ -486,6 +491,8 @@ impl Offsets {
             upid_nr: u,
             sk_receive_queue_qlen: u,
             sk_shutdown: u,
+            unix_address_refcnt: u,
+            _pad: 0,
         }
     }
 
@@ -769,7 +776,7 @@ const _: () = assert!(core::mem::size_of::<UnixEvent>() == 480);
 const _: () = assert!(core::mem::size_of::<Control>() == 8);
 const _: () = assert!(core::mem::size_of::<Capture>() == 88);
 const _: () = assert!(core::mem::size_of::<RequestEvent>() == 344);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 104);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 112);
 const _: () = assert!(core::mem::size_of::<FdOffsets>() == 32);
 
 /// Userspace side: lets the types live in aya's maps.

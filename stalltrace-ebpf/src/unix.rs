@@ -8,9 +8,11 @@
 //!
 //! The role: an accepted socket carries its listener's name (`unix_sock.addr`) and a
 //! connecting client usually has none, so the bound end of a pair with one bound end is the
-//! server. When both or neither are bound (a client that bound its own name, a socketpair),
-//! the end whose peer is already tracked takes the other role, and failing that the first
-//! transfer decides: the sender of the first bytes is the client.
+//! server. When both are bound (a client that bound its own name, or autobound), the accepted
+//! end is the one whose address is shared (with its listener: `unix_address.refcnt` above 1).
+//! Failing that (a socketpair, or a listener closed since), the end whose peer is already
+//! tracked takes the other role, and failing that the first transfer decides: the sender of
+//! the first bytes is the client.
 use aya_ebpf::{
     helpers::{bpf_probe_read_kernel, generated},
     EbpfContext,
@@ -151,6 +153,15 @@ fn role_of(addr: u64, peer_addr: u64, peer: u64, dir: u8) -> u8 {
     if addr == 0 && peer_addr != 0 {
         return role::CLIENT;
     }
+    if addr != 0 {
+        // Both bound (a client that bound its own name, autobind included): the accepted end
+        // shares its listener's address, which the connecting end's own does not.
+        match (shared_address(addr), shared_address(peer_addr)) {
+            (Some(true), Some(false)) => return role::SERVER,
+            (Some(false), Some(true)) => return role::CLIENT,
+            _ => {}
+        }
+    }
     if let Some(other) = CONNS.get_ptr(peer) {
         // SAFETY: map value pointer, valid for the duration of the program.
         return if unsafe { (*other).role } == role::SERVER {
@@ -164,6 +175,18 @@ fn role_of(addr: u64, peer_addr: u64, peer: u64, dir: u8) -> u8 {
     } else {
         role::SERVER
     }
+}
+
+/// Whether the `unix_address` at `addr` is held by more than one socket (a listener and the
+/// sockets it accepted); `None` when that cannot be read.
+#[inline(always)]
+fn shared_address(addr: u64) -> Option<bool> {
+    let offsets = crate::maps::OFFSETS.load();
+    if offsets.unix_address_refcnt == Offsets::UNKNOWN {
+        return None;
+    }
+    // SAFETY: probe read of kernel memory; a failure is returned, not faulted.
+    unsafe { read::<u32>(addr, offsets.unix_address_refcnt) }.map(|holders| holders > 1)
 }
 
 /// The pid (in the initial pid namespace) of the peer's process as recorded at connect() or

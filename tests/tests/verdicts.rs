@@ -17,8 +17,9 @@ use stalltrace_integration::{
 };
 
 /// A server in its own process that takes one connection, reads the request, waits `delay`
-/// seconds, answers (`reply`) or not (`die`), and exits: its socket closes with the process.
-/// argv: `tcp` or a Unix path, delay, mode. Prints the TCP port, or `ready`.
+/// seconds (`reply`, `die`) or for a line on its stdin (`reply-when-told`), answers (`reply…`)
+/// or not (`die`), and exits: its socket closes with the process. argv: `tcp` or a Unix path,
+/// delay, mode. Prints the TCP port, or `ready`.
 const ONE_SHOT_SERVER: &str = r#"
 import socket, sys, time
 where, delay, mode = sys.argv[1], float(sys.argv[2]), sys.argv[3]
@@ -34,8 +35,11 @@ else:
     print("ready", flush=True)
 conn, _ = listener.accept()
 conn.recv(4096)
-time.sleep(delay)
-if mode == "reply":
+if mode == "reply-when-told":
+    sys.stdin.readline()
+else:
+    time.sleep(delay)
+if mode.startswith("reply"):
     conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
 sys.exit(0)
 "#;
@@ -46,6 +50,7 @@ fn one_shot_server(where_: &str, delay: Duration, mode: &str) -> (Terminated, St
         .arg("-c")
         .arg(ONE_SHOT_SERVER)
         .args([where_, &delay.as_secs_f64().to_string(), mode])
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .expect("python3 is installed by cargo xtask test");
@@ -245,8 +250,7 @@ fn a_unix_client_whose_reply_came_with_the_close_waits_for_its_read() {
 #[test]
 fn a_request_hung_before_the_daemon_started_is_flagged_from_the_sockets_history() {
     require_root();
-    let answer_after = STALL_AFTER * 8;
-    let (_server, port) = one_shot_server("tcp", answer_after, "reply");
+    let (mut server, port) = one_shot_server("tcp", Duration::ZERO, "reply-when-told");
     let port_number = port.parse::<u16>().unwrap();
     let mut client = TcpStream::connect(("127.0.0.1", port_number)).unwrap();
     let asked = Instant::now();
@@ -334,6 +338,9 @@ fn a_request_hung_before_the_daemon_started_is_flagged_from_the_sockets_history(
     assert!(items(&daemon, "stalls", &["--port", &other_port.to_string()]).is_empty());
 
     // The late answer ends both stalls, with their true durations.
+    let answer_after = asked.elapsed();
+    let mut tell = server.0.stdin.take().unwrap();
+    tell.write_all(b"answer\n").unwrap();
     let mut reply = Vec::new();
     client.read_to_end(&mut reply).unwrap();
     let ends = daemon.wait_for_events("stall.end", port_number, 2, REPORT_WITHIN);
@@ -347,4 +354,85 @@ fn a_request_hung_before_the_daemon_started_is_flagged_from_the_sockets_history(
         );
     }
     drop((idle, idle_server, silent));
+}
+
+/// A Unix server that greets first (SMTP-like) and a client that bound its own address
+/// (autobind, `bind("")`): both ends are named, and the first bytes go the server's way. The
+/// roles must still follow who accepted: the client's command that is never answered is
+/// flagged on both ends.
+const GREETING_SERVER: &str = r#"
+import socket, sys, time
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(sys.argv[1])
+listener.listen(1)
+print("ready", flush=True)
+conn, _ = listener.accept()
+conn.sendall(b"220 mail.example ESMTP ready\r\n")
+conn.recv(4096)
+time.sleep(3600)
+"#;
+
+const AUTOBOUND_CLIENT: &str = r#"
+import socket, sys, time
+client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+client.bind("")
+client.connect(sys.argv[1])
+client.recv(4096)
+client.sendall(b"EHLO client.example\r\n")
+print(repr(client.getsockname()), flush=True)
+time.sleep(3600)
+"#;
+
+fn python(script: &str, args: &[&str]) -> (Terminated, String) {
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 is installed by cargo xtask test");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(!line.is_empty(), "the script exited before it was ready");
+    (Terminated(child), line.trim().to_owned())
+}
+
+#[test]
+fn a_unix_server_that_greets_an_autobound_client_keeps_its_role() {
+    require_root();
+    let daemon = Daemon::start("unix-greeting");
+    let dir = daemon_dir(&daemon, "greeting");
+    let path = dir.join("smtp.sock");
+    let glob = format!("{}/*.sock", dir.display());
+    let (server, ready) = python(GREETING_SERVER, &[path.to_str().unwrap()]);
+    assert_eq!(ready, "ready");
+    let (client, name) = python(AUTOBOUND_CLIENT, &[path.to_str().unwrap()]);
+    assert!(name.starts_with("b'\\x00"), "autobound: {name}");
+    let deadline = Instant::now() + REPORT_WITHIN;
+    let stalls = loop {
+        let stalls = items(&daemon, "stalls", &["--path", &glob]);
+        if stalls.len() >= 2 || Instant::now() > deadline {
+            break stalls;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(stalls.len(), 2, "{stalls:#?}\n{}", daemon.stderr());
+    for (role, kind, pid) in [
+        ("server", "unanswered_request", server.0.id()),
+        ("client", "awaiting_response", client.0.id()),
+    ] {
+        let stall = stalls
+            .iter()
+            .find(|s| s["conn"]["role"] == role)
+            .unwrap_or_else(|| panic!("no {role}: {stalls:#?}"));
+        assert_eq!(stall["stall"]["kind"], kind, "{stall:#}");
+        assert_eq!(stall["process"]["pid"], pid, "{stall:#}");
+    }
+    let server_end = stalls.iter().find(|s| s["conn"]["role"] == "server");
+    assert_eq!(
+        server_end.unwrap()["network"]["local"]["address"],
+        path.to_str().unwrap()
+    );
 }

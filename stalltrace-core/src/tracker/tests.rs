@@ -1390,6 +1390,13 @@ fn unix_idle_keep_alive_is_never_a_stall() {
     let record = client.event(EventKind::UnixDiscovered, 2 * SEC);
     tracker.on_unix_event(&record, &unix_names(b"", b"\0app"), &mut out);
     assert_eq!(out[0].conn.unix.as_ref().unwrap().path(), "@app");
+    let autobound = unix_names(b"\0f00d1", b"\0app");
+    let info = crate::tracker::model::UnixInfo::from_kernel(&client.state, &autobound);
+    assert_eq!(
+        info.path(),
+        "@app",
+        "the listener's name, not the client's own"
+    );
     client.transfer(direction::IN, 2 * SEC + MS);
     for at in [10, 60, 600] {
         assert!(sweep(&mut tracker, &mut client, at * SEC).is_empty());

@@ -33,7 +33,7 @@ const ANY_SIZE: u32 = u32::MAX;
 pub(crate) fn resolve_offsets(btf: &Btf) -> (Offsets, Vec<&'static str>) {
     let mut offsets = Offsets::unknown();
     let mut missing = Vec::new();
-    let wanted: [Wanted; 26] = [
+    let wanted: [Wanted; 27] = [
         (
             &mut offsets.skc_family,
             "sock",
@@ -211,6 +211,13 @@ pub(crate) fn resolve_offsets(btf: &Btf) -> (Offsets, Vec<&'static str>) {
             &["sk_shutdown"],
             1,
             "sock.sk_shutdown",
+        ),
+        (
+            &mut offsets.unix_address_refcnt,
+            "unix_address",
+            &["refcnt"],
+            4,
+            "unix_address.refcnt",
         ),
     ];
     resolve(btf, wanted, &mut missing);
