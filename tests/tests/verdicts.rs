@@ -436,3 +436,169 @@ fn a_unix_server_that_greets_an_autobound_client_keeps_its_role() {
         path.to_str().unwrap()
     );
 }
+
+/// Debian's python3 (with python3-dbus and python3-gi), not a pyenv shim.
+const DEBIAN_PYTHON: &str = "/usr/bin/python3";
+
+/// A D-Bus service on the bus at argv[1]: `org.example.Slow` answers `Wait(seconds)` after
+/// that many seconds.
+const DBUS_SERVICE: &str = r#"
+import sys, time, dbus, dbus.service
+from dbus.mainloop.glib import DBusGMainLoop
+from gi.repository import GLib
+DBusGMainLoop(set_as_default=True)
+bus = dbus.bus.BusConnection(sys.argv[1])
+class Slow(dbus.service.Object):
+    @dbus.service.method("org.example.Slow", in_signature="d", out_signature="s")
+    def Wait(self, seconds):
+        time.sleep(seconds)
+        return "done"
+name = dbus.service.BusName("org.example.Slow", bus)
+Slow(bus, "/org/example/Slow")
+print("ready", flush=True)
+GLib.MainLoop().run()
+"#;
+
+/// A client that emits a signal on the bus at argv[1], then stays connected.
+const DBUS_SIGNALLER: &str = r#"
+import sys, time, dbus
+bus = dbus.bus.BusConnection(sys.argv[1])
+message = dbus.lowlevel.SignalMessage("/org/example/Events", "org.example.Events", "Changed")
+bus.send_message(message)
+bus.flush()
+print("sent", flush=True)
+time.sleep(3600)
+"#;
+
+/// A client that calls `Wait(argv[2])` on the service, prints the answer, then stays.
+const DBUS_CALLER: &str = r#"
+import sys, time, dbus
+bus = dbus.bus.BusConnection(sys.argv[1])
+print("connected", flush=True)
+slow = bus.get_object("org.example.Slow", "/org/example/Slow")
+print(slow.Wait(float(sys.argv[2]), dbus_interface="org.example.Slow", timeout=60), flush=True)
+time.sleep(3600)
+"#;
+
+fn debian_python(
+    script: &str,
+    args: &[&str],
+) -> (Terminated, BufReader<std::process::ChildStdout>) {
+    let mut child = Command::new(DEBIAN_PYTHON)
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{DEBIAN_PYTHON}: {e} (cargo xtask test installs it)"));
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    (Terminated(child), stdout)
+}
+
+fn next_line(stdout: &mut BufReader<std::process::ChildStdout>) -> String {
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    line.trim().to_owned()
+}
+
+/// A private bus: dbus-daemon listening on `dir`/bus.sock, any local user allowed.
+fn dbus_daemon(dir: &Path) -> (Terminated, String) {
+    let config = dir.join("bus.conf");
+    std::fs::write(
+        &config,
+        format!(
+            r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path={}/bus.sock</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>"#,
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new("dbus-daemon")
+        .arg(format!("--config-file={}", config.display()))
+        .args(["--nofork", "--print-address"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("dbus-daemon (cargo xtask test installs the dbus package)");
+    let address = next_line(&mut BufReader::new(child.stdout.take().unwrap()));
+    assert!(address.starts_with("unix:path="), "{address}");
+    (Terminated(child), address)
+}
+
+/// D-Bus (issue 7 addendum): a client that emits a signal and stays connected owes nothing and
+/// is never flagged, nor is the bus's end of it; a method call the service answers after 6 s
+/// is flagged and ends `response`.
+#[test]
+fn dbus_signals_are_one_way_and_a_slow_method_call_is_flagged() {
+    require_root();
+    let daemon = Daemon::start("dbus");
+    let dir = daemon_dir(&daemon, "dbus");
+    let glob = format!("{}/bus.sock", dir.display());
+    let (_bus, address) = dbus_daemon(&dir);
+    let (_service, mut service_out) = debian_python(DBUS_SERVICE, &[&address]);
+    assert_eq!(next_line(&mut service_out), "ready");
+
+    let (signaller, mut signaller_out) = debian_python(DBUS_SIGNALLER, &[&address]);
+    assert_eq!(next_line(&mut signaller_out), "sent");
+    let signaller_pid = u64::from(signaller.0.id());
+    thread::sleep(STALL_AFTER * 3);
+    let flagged: Vec<_> = daemon
+        .events()
+        .into_iter()
+        .filter(|e| {
+            e["event"] == "stall.start"
+                && (e["process"]["pid"] == signaller_pid
+                    || e["network"]["peer"]["pid"] == signaller_pid)
+        })
+        .collect();
+    assert_eq!(flagged, Vec::<Value>::new(), "a signal asks nothing");
+    let conns = items(&daemon, "conns", &["--path", &glob]);
+    let signaller_end = conns
+        .iter()
+        .find(|c| c["process"]["pid"] == signaller_pid)
+        .unwrap_or_else(|| panic!("the signaller's connection is tracked: {conns:#?}"));
+    assert_eq!(
+        signaller_end["network"]["protocol"]["name"], "dbus",
+        "recognized, or this proves nothing: {signaller_end:#}"
+    );
+    assert_eq!(signaller_end["conn"]["state"], "idle", "{signaller_end:#}");
+
+    let answer_after = STALL_AFTER * 6;
+    let (caller, mut caller_out) = debian_python(
+        DBUS_CALLER,
+        &[&address, &answer_after.as_secs_f64().to_string()],
+    );
+    assert_eq!(next_line(&mut caller_out), "connected");
+    let caller_pid = u64::from(caller.0.id());
+    let deadline = Instant::now() + answer_after;
+    let stall = loop {
+        let stalls = items(&daemon, "stalls", &["--path", &glob]);
+        if let Some(stall) = stalls.iter().find(|s| s["process"]["pid"] == caller_pid) {
+            break stall.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slow call is flagged: {stalls:#?}\n{}",
+            daemon.stderr()
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(stall["stall"]["kind"], "awaiting_response", "{stall:#}");
+    assert_eq!(next_line(&mut caller_out), "done");
+    let end = wait_for_end(&daemon, &stall["conn"]["id"]);
+    assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
+    let duration = end["stall"]["duration_ms"].as_u64().unwrap();
+    assert!(
+        duration + 300 >= answer_after.as_millis() as u64,
+        "true duration: {end:#}"
+    );
+}
