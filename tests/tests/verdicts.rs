@@ -44,22 +44,54 @@ if mode.startswith("reply"):
 sys.exit(0)
 "#;
 
+/// Python scripts run with the `python3` on PATH; those that import Debian's modules
+/// (python3-dbus, python3-gi) with Debian's own, not a pyenv shim.
+const PYTHON: &str = "python3";
+const DEBIAN_PYTHON: &str = "/usr/bin/python3";
+
+/// A running script: its stdin and stdout are pipes (stdout kept open: a script that prints
+/// more must not die of a broken pipe).
+struct Script {
+    process: Terminated,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Script {
+    fn start(python: &str, code: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(python)
+            .arg("-c")
+            .arg(code)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{python}: {e} (cargo xtask test installs it)"));
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Self {
+            process: Terminated(child),
+            stdout,
+        }
+    }
+
+    /// The next line the script prints, trimmed; fails if it exited first.
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "the script exited before printing");
+        line.trim().to_owned()
+    }
+
+    fn pid(&self) -> u64 {
+        u64::from(self.process.0.id())
+    }
+}
+
 /// Starts [`ONE_SHOT_SERVER`]; returns it and the first line it printed.
 fn one_shot_server(where_: &str, delay: Duration, mode: &str) -> (Terminated, String) {
-    let mut child = Command::new("python3")
-        .arg("-c")
-        .arg(ONE_SHOT_SERVER)
-        .args([where_, &delay.as_secs_f64().to_string(), mode])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3 is installed by cargo xtask test");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(!line.is_empty(), "the server exited before it was ready");
-    (Terminated(child), line.trim().to_owned())
+    let delay = delay.as_secs_f64().to_string();
+    let mut server = Script::start(PYTHON, ONE_SHOT_SERVER, &[where_, &delay, mode]);
+    let ready = server.line();
+    (server.process, ready)
 }
 
 /// Waits for the server process to exit (it closes its socket as it does).
@@ -106,22 +138,9 @@ fn wait_for_client_stall(daemon: &Daemon, selector: &[&str]) -> Value {
 
 /// The `stall.end` of connection `id`, waited for.
 fn wait_for_end(daemon: &Daemon, id: &Value) -> Value {
-    let deadline = Instant::now() + REPORT_WITHIN;
-    loop {
-        let end = daemon
-            .events()
-            .into_iter()
-            .find(|e| e["event"] == "stall.end" && e["conn"]["id"] == *id);
-        if let Some(end) = end {
-            return end;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no stall.end for connection {id}:\n{}",
-            daemon.stderr()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    daemon
+        .wait_for_any_event("stall.end", REPORT_WITHIN, |e| e["conn"]["id"] == *id)
+        .unwrap_or_else(|| panic!("no stall.end for connection {id}:\n{}", daemon.stderr()))
 }
 
 /// The server died after reading the request: the client's stall ends `closed` at once, with
@@ -383,22 +402,6 @@ print(repr(client.getsockname()), flush=True)
 time.sleep(3600)
 "#;
 
-fn python(script: &str, args: &[&str]) -> (Terminated, String) {
-    let mut child = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3 is installed by cargo xtask test");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(!line.is_empty(), "the script exited before it was ready");
-    (Terminated(child), line.trim().to_owned())
-}
-
 #[test]
 fn a_unix_server_that_greets_an_autobound_client_keeps_its_role() {
     require_root();
@@ -406,9 +409,10 @@ fn a_unix_server_that_greets_an_autobound_client_keeps_its_role() {
     let dir = daemon_dir(&daemon, "greeting");
     let path = dir.join("smtp.sock");
     let glob = format!("{}/*.sock", dir.display());
-    let (server, ready) = python(GREETING_SERVER, &[path.to_str().unwrap()]);
-    assert_eq!(ready, "ready");
-    let (client, name) = python(AUTOBOUND_CLIENT, &[path.to_str().unwrap()]);
+    let mut server = Script::start(PYTHON, GREETING_SERVER, &[path.to_str().unwrap()]);
+    assert_eq!(server.line(), "ready");
+    let mut client = Script::start(PYTHON, AUTOBOUND_CLIENT, &[path.to_str().unwrap()]);
+    let name = client.line();
     assert!(name.starts_with("b'\\x00"), "autobound: {name}");
     let deadline = Instant::now() + REPORT_WITHIN;
     let stalls = loop {
@@ -420,8 +424,8 @@ fn a_unix_server_that_greets_an_autobound_client_keeps_its_role() {
     };
     assert_eq!(stalls.len(), 2, "{stalls:#?}\n{}", daemon.stderr());
     for (role, kind, pid) in [
-        ("server", "unanswered_request", server.0.id()),
-        ("client", "awaiting_response", client.0.id()),
+        ("server", "unanswered_request", server.pid()),
+        ("client", "awaiting_response", client.pid()),
     ] {
         let stall = stalls
             .iter()
@@ -436,9 +440,6 @@ fn a_unix_server_that_greets_an_autobound_client_keeps_its_role() {
         path.to_str().unwrap()
     );
 }
-
-/// Debian's python3 (with python3-dbus and python3-gi), not a pyenv shim.
-const DEBIAN_PYTHON: &str = "/usr/bin/python3";
 
 /// A D-Bus service on the bus at argv[1]: `org.example.Slow` answers `Wait(seconds)` after
 /// that many seconds.
@@ -480,27 +481,6 @@ print(slow.Wait(float(sys.argv[2]), dbus_interface="org.example.Slow", timeout=6
 time.sleep(3600)
 "#;
 
-fn debian_python(
-    script: &str,
-    args: &[&str],
-) -> (Terminated, BufReader<std::process::ChildStdout>) {
-    let mut child = Command::new(DEBIAN_PYTHON)
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{DEBIAN_PYTHON}: {e} (cargo xtask test installs it)"));
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    (Terminated(child), stdout)
-}
-
-fn next_line(stdout: &mut BufReader<std::process::ChildStdout>) -> String {
-    let mut line = String::new();
-    stdout.read_line(&mut line).unwrap();
-    line.trim().to_owned()
-}
-
 /// A private bus: dbus-daemon listening on `dir`/bus.sock, any local user allowed.
 fn dbus_daemon(dir: &Path) -> (Terminated, String) {
     let config = dir.join("bus.conf");
@@ -529,7 +509,11 @@ fn dbus_daemon(dir: &Path) -> (Terminated, String) {
         .stdout(Stdio::piped())
         .spawn()
         .expect("dbus-daemon (cargo xtask test installs the dbus package)");
-    let address = next_line(&mut BufReader::new(child.stdout.take().unwrap()));
+    let mut address = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut address)
+        .unwrap();
+    let address = address.trim().to_owned();
     assert!(address.starts_with("unix:path="), "{address}");
     (Terminated(child), address)
 }
@@ -544,12 +528,12 @@ fn dbus_signals_are_one_way_and_a_slow_method_call_is_flagged() {
     let dir = daemon_dir(&daemon, "dbus");
     let glob = format!("{}/bus.sock", dir.display());
     let (_bus, address) = dbus_daemon(&dir);
-    let (_service, mut service_out) = debian_python(DBUS_SERVICE, &[&address]);
-    assert_eq!(next_line(&mut service_out), "ready");
+    let mut service = Script::start(DEBIAN_PYTHON, DBUS_SERVICE, &[&address]);
+    assert_eq!(service.line(), "ready");
 
-    let (signaller, mut signaller_out) = debian_python(DBUS_SIGNALLER, &[&address]);
-    assert_eq!(next_line(&mut signaller_out), "sent");
-    let signaller_pid = u64::from(signaller.0.id());
+    let mut signaller = Script::start(DEBIAN_PYTHON, DBUS_SIGNALLER, &[&address]);
+    assert_eq!(signaller.line(), "sent");
+    let signaller_pid = signaller.pid();
     thread::sleep(STALL_AFTER * 3);
     let flagged: Vec<_> = daemon
         .events()
@@ -573,12 +557,10 @@ fn dbus_signals_are_one_way_and_a_slow_method_call_is_flagged() {
     assert_eq!(signaller_end["conn"]["state"], "idle", "{signaller_end:#}");
 
     let answer_after = STALL_AFTER * 6;
-    let (caller, mut caller_out) = debian_python(
-        DBUS_CALLER,
-        &[&address, &answer_after.as_secs_f64().to_string()],
-    );
-    assert_eq!(next_line(&mut caller_out), "connected");
-    let caller_pid = u64::from(caller.0.id());
+    let seconds = answer_after.as_secs_f64().to_string();
+    let mut caller = Script::start(DEBIAN_PYTHON, DBUS_CALLER, &[&address, &seconds]);
+    assert_eq!(caller.line(), "connected");
+    let caller_pid = caller.pid();
     let deadline = Instant::now() + answer_after;
     let stall = loop {
         let stalls = items(&daemon, "stalls", &["--path", &glob]);
@@ -593,7 +575,7 @@ fn dbus_signals_are_one_way_and_a_slow_method_call_is_flagged() {
         thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(stall["stall"]["kind"], "awaiting_response", "{stall:#}");
-    assert_eq!(next_line(&mut caller_out), "done");
+    assert_eq!(caller.line(), "done");
     let end = wait_for_end(&daemon, &stall["conn"]["id"]);
     assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
     let duration = end["stall"]["duration_ms"].as_u64().unwrap();
