@@ -575,6 +575,14 @@ fn dbus_signals_are_one_way_and_a_slow_method_call_is_flagged() {
         thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(stall["stall"]["kind"], "awaiting_response", "{stall:#}");
+    let request = &stall["stall"]["request"];
+    assert_eq!(request["protocol"], "dbus", "{stall:#}");
+    assert!(
+        request["signature"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("dbus call ")),
+        "{stall:#}"
+    );
     assert_eq!(caller.line(), "done");
     let end = wait_for_end(&daemon, &stall["conn"]["id"]);
     assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
