@@ -109,6 +109,25 @@ pub mod conn_flags {
     pub const TLS_FINISHED_NEXT: u8 = 1 << 6;
 }
 
+/// Answers of the kernel's `stalltrace_unix_alive` program beyond 0 (released), 1 (open) and
+/// 2 (layout unknown), when asked whether the socket's peer closed as well.
+pub mod unix_alive {
+    /// Open, its peer will send nothing more (released, or shut down for writing), and
+    /// nothing the peer sent is left unread.
+    pub const PEER_CLOSED_NOTHING_UNREAD: u32 = 3;
+    /// Open, its peer will send nothing more, with bytes it sent still unread (or unknown).
+    pub const PEER_CLOSED_DATA_UNREAD: u32 = 4;
+}
+
+/// Bits of [`ConnState::verdict_flags`].
+pub mod verdict_flags {
+    /// The peer's FIN found a reply (bytes not yet read by the application) in this
+    /// non-server end's receive queue: in `CLOSE_WAIT` the outstanding request can still be
+    /// answered by reading it. Without it, a client the peer closed on has nothing left to
+    /// wait for ([`crate::transfer::can_complete`]).
+    pub const REPLY_UNREAD_AT_PEER_FIN: u8 = 1 << 0;
+}
+
 /// Linux TCP states (`include/net/tcp_states.h`), as reported by `sock/inet_sock_set_state`.
 pub mod tcp_state {
     pub const ESTABLISHED: u8 = 1;
@@ -227,6 +246,9 @@ pub struct ConnState {
     /// them when it moved fewer; all `0xff` when they could not be read): whether a chunked
     /// body's last chunk has gone by (see [`http1`]).
     pub reply_tail: [u8; 8],
+    /// Bits of [`verdict_flags`]: what the verdict needs beyond the exchange's direction.
+    pub verdict_flags: u8,
+    pub _pad5: [u8; 7],
     pub comm: [u8; COMM_LEN],
 }
 
@@ -433,6 +455,17 @@ pub struct Offsets {
     /// `pid.numbers` and `upid.nr`: `numbers[0].nr` is the pid in the initial namespace.
     pub pid_numbers: u32,
     pub upid_nr: u32,
+    /// `sock.sk_receive_queue.qlen` (u32): buffers queued unread (Unix sockets: whether a
+    /// closed peer's reply still waits to be read).
+    pub sk_receive_queue_qlen: u32,
+    /// `sock.sk_shutdown` (u8): `RCV_SHUTDOWN` (1) once the peer will send nothing more (a
+    /// Unix peer released, or shut down for writing).
+    pub sk_shutdown: u32,
+    /// `unix_address.refcnt` (a `refcount_t`, u32): a listener shares its address with every
+    /// socket it accepted, so a count above 1 marks the accepted end of a pair whose ends are
+    /// both bound.
+    pub unix_address_refcnt: u32,
+    pub _pad: u32,
 }
 
 impl Offsets {
@@ -465,6 +498,10 @@ impl Offsets {
             inode_ino: u,
             pid_numbers: u,
             upid_nr: u,
+            sk_receive_queue_qlen: u,
+            sk_shutdown: u,
+            unix_address_refcnt: u,
+            _pad: 0,
         }
     }
 
@@ -740,15 +777,15 @@ pub mod tracepoint {
 }
 
 // Layouts are part of the ABI: pin them so both sides fail to build on an accidental change.
-const _: () = assert!(core::mem::size_of::<ConnState>() == 232);
+const _: () = assert!(core::mem::size_of::<ConnState>() == 240);
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
-const _: () = assert!(core::mem::size_of::<ConnEvent>() == 256);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 264);
 const _: () = assert!(core::mem::size_of::<UnixNames>() == 224);
-const _: () = assert!(core::mem::size_of::<UnixEvent>() == 480);
+const _: () = assert!(core::mem::size_of::<UnixEvent>() == 488);
 const _: () = assert!(core::mem::size_of::<Control>() == 8);
 const _: () = assert!(core::mem::size_of::<Capture>() == 88);
-const _: () = assert!(core::mem::size_of::<RequestEvent>() == 344);
-const _: () = assert!(core::mem::size_of::<Offsets>() == 96);
+const _: () = assert!(core::mem::size_of::<RequestEvent>() == 352);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 112);
 const _: () = assert!(core::mem::size_of::<FdOffsets>() == 32);
 const _: () = assert!(core::mem::size_of::<http1::ReplyHead>() == 1112);
 
@@ -877,6 +914,8 @@ mod tests {
                 peer_tgid: 0,
                 _pad4: 0,
                 reply_tail: *b"a\r\n0\r\n\r\n",
+                verdict_flags: 0,
+                _pad5: [0; 7],
                 comm,
             },
         }
@@ -915,7 +954,7 @@ mod tests {
             &4_026_531_840u32.to_ne_bytes()
         );
         assert_eq!(&bytes[conn + 208..conn + 216], b"a\r\n0\r\n\r\n");
-        assert_eq!(&bytes[conn + 216..conn + 221], b"nginx");
+        assert_eq!(&bytes[conn + 224..conn + 229], b"nginx");
     }
 
     #[test]

@@ -24,6 +24,11 @@
 //!   stream (the server pushes; the client's later commands are not judged).
 //! - HTTP/1.x: a run that starts with a masked WebSocket frame (what a client sends after an
 //!   `Upgrade: websocket` exchange) starts a stream.
+//! - D-Bus (on Unix sockets, recognized by the NUL byte that opens its SASL exchange): a run
+//!   whose first message is a signal, a method return, an error, or a method call flagged
+//!   NO_REPLY_EXPECTED is control (one-way: nothing is owed); so is a lone `BEGIN` (the end of
+//!   the authentication, which gets no answer). In the reply direction, an incoming signal or
+//!   method call is not the reply (see [`judges_housekeeping`]).
 //!
 //! Anything else is a request, as before: the direction rule stays the fallback.
 use crate::{conn_flags, transfer::Look, ConnState, CAPTURE_MAX};
@@ -41,6 +46,8 @@ pub mod proto {
     pub const POSTGRESQL: u8 = 6;
     /// DNS over UDP (RFC 1035): port 53, or a query header (see `udp::looks_like_dns_query`).
     pub const DNS: u8 = 7;
+    /// D-Bus on a Unix stream socket: the SASL exchange's leading NUL byte (see `is_dbus_auth`).
+    pub const DBUS: u8 = 8;
 
     /// The name used in events (OpenTelemetry `network.protocol.name` where one exists).
     pub const fn name(id: u8) -> Option<&'static str> {
@@ -51,6 +58,7 @@ pub mod proto {
             REDIS => "redis",
             POSTGRESQL => "postgresql",
             DNS => "dns",
+            DBUS => "dbus",
             _ => return None,
         })
     }
@@ -135,7 +143,7 @@ impl<'a> Head<'a> {
 /// neither restart the quiet nor pass for the reply.
 #[inline(always)]
 pub fn judges_housekeeping(protocol: u8) -> bool {
-    protocol == proto::HTTP2
+    protocol == proto::HTTP2 || protocol == proto::DBUS
 }
 
 /// Where to read frame headers past the captured bytes: `more(offset)` returns the 4 bytes at
@@ -154,6 +162,8 @@ pub fn classify(conn: &mut ConnState, look: Look, head: &Head, more: impl More) 
         Look::Request => request(conn, head, more),
         Look::Continuation if conn.proto == proto::HTTP2 => http2(head, false, more),
         Look::Reply if conn.proto == proto::HTTP2 => http2(head, true, more),
+        Look::Continuation if conn.proto == proto::DBUS => dbus(head, more),
+        Look::Reply if conn.proto == proto::DBUS => dbus_reply(head, more),
         Look::Continuation | Look::Reply => Message::Data,
     }
 }
@@ -170,7 +180,11 @@ fn request(conn: &mut ConnState, head: &Head, more: impl More) -> Message {
     }
     let protocol = &mut conn.proto;
     if *protocol == proto::UNKNOWN {
-        *protocol = recognize(head);
+        *protocol = if is_dbus_auth(conn.transport, head) {
+            proto::DBUS
+        } else {
+            recognize(head)
+        };
     } else if is_tls_client_hello(head) {
         // STARTTLS-style: TLS after a plaintext exchange (PostgreSQL's SSLRequest, SMTP…).
         *protocol = proto::TLS;
@@ -185,6 +199,68 @@ fn request(conn: &mut ConnState, head: &Head, more: impl More) -> Message {
         proto::HTTP1 if is_websocket_client_frame(head) => Message::StreamStart,
         proto::POSTGRESQL if is_start_replication(head) => Message::StreamStart,
         proto::REDIS if is_redis_subscription(head) => Message::StreamStart,
+        proto::DBUS => dbus(head, more),
+        _ => Message::Data,
+    }
+}
+
+/// A D-Bus connection's first bytes (D-Bus specification, "Authentication protocol"): the
+/// client's NUL byte (which carries its credentials), alone — libdbus and the bus daemon
+/// move it in a call of its own — or followed by `AUTH` (sd-bus), on a Unix socket.
+fn is_dbus_auth(transport: u8, head: &Head) -> bool {
+    transport == crate::transport::UNIX
+        && head.at(0) == Some(0)
+        && (head.total == 1 || head.has_at(1, b"AUTH"))
+}
+
+/// D-Bus message types (D-Bus specification, "Message Format") and the flag of a method call
+/// that wants no reply.
+const DBUS_METHOD_CALL: u8 = 1;
+const DBUS_METHOD_RETURN: u8 = 2;
+const DBUS_ERROR: u8 = 3;
+const DBUS_SIGNAL: u8 = 4;
+const DBUS_NO_REPLY_EXPECTED: u8 = 0x1;
+/// `BEGIN\r\n`: the last line of the authentication; messages may follow in the same write.
+const DBUS_BEGIN_LEN: usize = 7;
+
+/// The header of the message at `at` (a constant: 0, or after `BEGIN`): [endianness, type,
+/// flags, major version], if it is a D-Bus 1 message header.
+#[inline(always)]
+fn dbus_header(head: &Head, at: usize, more: &mut impl More) -> Option<(u8, u8)> {
+    match head.word(at, more)? {
+        [b'l' | b'B', kind, flags, 1] => Some((kind, flags)),
+        _ => None,
+    }
+}
+
+/// A request-direction run on a D-Bus connection: control if its first message is one-way
+/// (a signal, a method return or error — answers to the peer's calls —, a method call with
+/// NO_REPLY_EXPECTED), or if it is a lone `BEGIN`. Only the first message is looked at
+/// (constant offsets): a call behind a signal in one write is missed. Authentication lines
+/// (`AUTH`, `NEGOTIATE_UNIX_FD`) are answered: requests.
+fn dbus(head: &Head, mut more: impl More) -> Message {
+    let at = if head.has_at(0, b"BEGIN\r\n") {
+        if head.total <= DBUS_BEGIN_LEN as u64 {
+            return Message::Control;
+        }
+        DBUS_BEGIN_LEN
+    } else {
+        0
+    };
+    match dbus_header(head, at, &mut more) {
+        Some((DBUS_METHOD_CALL, flags)) if flags & DBUS_NO_REPLY_EXPECTED == 0 => Message::Data,
+        Some((DBUS_METHOD_CALL | DBUS_METHOD_RETURN | DBUS_ERROR | DBUS_SIGNAL, _)) => {
+            Message::Control
+        }
+        _ => Message::Data,
+    }
+}
+
+/// A reply-direction run on a D-Bus connection with a call outstanding: a signal or a method
+/// call from the peer is not the reply; a method return, an error or anything else may be.
+fn dbus_reply(head: &Head, mut more: impl More) -> Message {
+    match dbus_header(head, 0, &mut more) {
+        Some((DBUS_METHOD_CALL | DBUS_SIGNAL, _)) => Message::Control,
         _ => Message::Data,
     }
 }
@@ -732,5 +808,153 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A D-Bus message header of `kind` with `flags` (little-endian), then a few body bytes.
+    fn dbus_message(endian: u8, kind: u8, flags: u8) -> Vec<u8> {
+        let mut message = vec![
+            endian, kind, flags, 1, 8, 0, 0, 0, 2, 0, 0, 0, 0x20, 0, 0, 0,
+        ];
+        message.extend_from_slice(&[0x01; 40]);
+        message
+    }
+
+    fn unix_conn() -> ConnState {
+        ConnState {
+            transport: crate::transport::UNIX,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn dbus_is_recognized_by_its_sasl_nul_on_unix_sockets_only() {
+        for first in [&b"\0"[..], b"\0AUTH EXTERNAL 30\r\n"] {
+            let mut p = unix_conn();
+            assert_eq!(classify_bytes(&mut p, first), Message::Data, "answered");
+            assert_eq!(p.proto, proto::DBUS, "{first:?}");
+        }
+        let mut tcp = conn(proto::UNKNOWN);
+        classify_bytes(&mut tcp, b"\0");
+        assert_ne!(tcp.proto, proto::DBUS);
+        let mut other = unix_conn();
+        classify_bytes(&mut other, b"\0\x01\x02");
+        assert_ne!(other.proto, proto::DBUS, "a NUL and anything but AUTH");
+        assert_eq!(proto::name(proto::DBUS), Some("dbus"));
+    }
+
+    #[test]
+    fn dbus_one_way_messages_neither_ask_nor_answer() {
+        for (endian, kind, flags, expected) in [
+            (b'l', DBUS_METHOD_CALL, 0, Message::Data),
+            (b'B', DBUS_METHOD_CALL, 0, Message::Data),
+            (
+                b'l',
+                DBUS_METHOD_CALL,
+                DBUS_NO_REPLY_EXPECTED,
+                Message::Control,
+            ),
+            (b'l', DBUS_METHOD_CALL, 0x2 | 0x4, Message::Data),
+            (b'l', DBUS_SIGNAL, 0, Message::Control),
+            (b'B', DBUS_SIGNAL, 0, Message::Control),
+            (
+                b'l',
+                DBUS_METHOD_RETURN,
+                DBUS_NO_REPLY_EXPECTED,
+                Message::Control,
+            ),
+            (b'l', DBUS_ERROR, 0, Message::Control),
+            (b'l', 0, 0, Message::Data),
+            (b'l', 9, 0, Message::Data),
+            (b'x', DBUS_SIGNAL, 0, Message::Data),
+        ] {
+            let mut p = conn(proto::DBUS);
+            let message = dbus_message(endian, kind, flags);
+            assert_eq!(
+                classify_bytes(&mut p, &message),
+                expected,
+                "{endian} {kind} {flags}"
+            );
+            // The same while a call is outstanding (more bytes the request way).
+            let mut p = conn(proto::DBUS);
+            assert_eq!(
+                classify_look(&mut p, Look::Continuation, &message),
+                expected
+            );
+        }
+        // A major version other than 1 is no D-Bus 1 message.
+        let mut p = conn(proto::DBUS);
+        let mut message = dbus_message(b'l', DBUS_SIGNAL, 0);
+        message[3] = 2;
+        assert_eq!(classify_bytes(&mut p, &message), Message::Data);
+    }
+
+    #[test]
+    fn dbus_begin_alone_is_owed_nothing_and_a_call_behind_it_is_a_request() {
+        let mut p = conn(proto::DBUS);
+        assert_eq!(classify_bytes(&mut p, b"BEGIN\r\n"), Message::Control);
+        let mut run = b"BEGIN\r\n".to_vec();
+        run.extend_from_slice(&dbus_message(b'l', DBUS_METHOD_CALL, 0));
+        assert_eq!(classify_bytes(&mut p, &run), Message::Data, "Hello");
+        let mut run = b"BEGIN\r\n".to_vec();
+        run.extend_from_slice(&dbus_message(b'l', DBUS_SIGNAL, 0));
+        assert_eq!(classify_bytes(&mut p, &run), Message::Control);
+        // Authentication lines are answered by the bus.
+        assert_eq!(
+            classify_bytes(&mut p, b"NEGOTIATE_UNIX_FD\r\n"),
+            Message::Data
+        );
+    }
+
+    #[test]
+    fn dbus_signals_and_calls_from_the_peer_are_not_the_reply() {
+        for (kind, expected) in [
+            (DBUS_SIGNAL, Message::Control),
+            (DBUS_METHOD_CALL, Message::Control),
+            (DBUS_METHOD_RETURN, Message::Data),
+            (DBUS_ERROR, Message::Data),
+        ] {
+            let mut p = conn(proto::DBUS);
+            let message = dbus_message(b'l', kind, 0);
+            assert_eq!(classify_look(&mut p, Look::Reply, &message), expected);
+        }
+    }
+
+    #[test]
+    fn a_dbus_client_that_emits_a_signal_owes_nothing_and_a_call_awaits_its_return() {
+        use crate::{direction, role, transfer};
+        let mut client = ConnState {
+            role: role::CLIENT,
+            ..unix_conn()
+        };
+        // What the kernel programs do on each transfer: look, classify, record.
+        let step = |conn: &mut ConnState, dir: u8, bytes: &[u8], at: u64| {
+            let look = transfer::look(conn, dir);
+            let message = classify_look(conn, look, bytes);
+            transfer::record_transfer(conn, dir, bytes.len() as u64, at, message)
+        };
+        step(&mut client, direction::OUT, b"\0", 1);
+        step(&mut client, direction::OUT, b"AUTH EXTERNAL 30\r\n", 2);
+        step(&mut client, direction::IN, b"OK 1234\r\n", 3);
+        step(&mut client, direction::OUT, b"BEGIN\r\n", 4);
+        assert!(!transfer::is_outstanding(&client), "BEGIN gets no answer");
+        let call = dbus_message(b'l', DBUS_METHOD_CALL, 0);
+        step(&mut client, direction::OUT, &call, 5);
+        let acquired = dbus_message(b'l', DBUS_SIGNAL, 0);
+        let returned = dbus_message(b'l', DBUS_METHOD_RETURN, 0);
+        step(&mut client, direction::IN, &returned, 6);
+        step(&mut client, direction::IN, &acquired, 7);
+        let signal = dbus_message(b'l', DBUS_SIGNAL, 0);
+        step(&mut client, direction::OUT, &signal, 8);
+        assert!(!transfer::is_outstanding(&client), "a signal asks nothing");
+        step(&mut client, direction::OUT, &call, 9);
+        assert!(transfer::is_outstanding(&client));
+        step(&mut client, direction::IN, &acquired, 10);
+        assert!(
+            transfer::is_outstanding(&client),
+            "a signal from the bus is not the return"
+        );
+        step(&mut client, direction::IN, &returned, 11);
+        assert!(!transfer::is_outstanding(&client));
+        assert_eq!(client.requests, 3, "AUTH, and the two calls");
     }
 }

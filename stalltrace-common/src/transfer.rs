@@ -3,7 +3,7 @@
 //! Written once for both sides: the kernel programs run it on every transfer, and the
 //! tracker's tests run it on their model of the kernel, so the two cannot drift apart. Keep it
 //! cheap and branch-light: it is on the hot path of every socket call.
-use crate::{conn_flags, direction, message::Message, role, tcp_state, ConnState};
+use crate::{conn_flags, direction, message::Message, role, tcp_state, verdict_flags, ConnState};
 
 /// What a transfer did to the connection's exchange.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,11 +80,17 @@ pub fn look(conn: &ConnState, dir: u8) -> Look {
 /// In TCP state `state`, this side can still complete an outstanding exchange: a server can
 /// still send its reply after the peer's FIN (`CLOSE_WAIT`: the peer half-closed after its
 /// request, `shutdown(SHUT_WR)`), and a client can still receive one after its own FIN
-/// (`FIN_WAIT1`/`FIN_WAIT2`) or read one that arrived with the peer's (`CLOSE_WAIT`).
+/// (`FIN_WAIT1`/`FIN_WAIT2`) or read one that arrived with the peer's (`CLOSE_WAIT` with
+/// [`verdict_flags::REPLY_UNREAD_AT_PEER_FIN`]). A client whose peer closed with nothing
+/// left unread waits for what can never come: its exchange ends at the peer's FIN.
 #[inline(always)]
 pub fn can_complete(conn: &ConnState, state: u8) -> bool {
     match state {
-        tcp_state::ESTABLISHED | tcp_state::CLOSE_WAIT => true,
+        tcp_state::ESTABLISHED => true,
+        tcp_state::CLOSE_WAIT => {
+            conn.role == role::SERVER
+                || conn.verdict_flags & verdict_flags::REPLY_UNREAD_AT_PEER_FIN != 0
+        }
         tcp_state::FIN_WAIT1 | tcp_state::FIN_WAIT2 => conn.role != role::SERVER,
         _ => false,
     }
@@ -262,9 +268,13 @@ mod tests {
             role: role::CLIENT,
             ..Default::default()
         };
+        let mut client_with_reply = client;
+        client_with_reply.verdict_flags = verdict_flags::REPLY_UNREAD_AT_PEER_FIN;
+        assert!(can_complete(&client_with_reply, tcp_state::CLOSE_WAIT));
         for (state, server_can, client_can) in [
             (tcp_state::ESTABLISHED, true, true),
-            (tcp_state::CLOSE_WAIT, true, true),
+            // The peer closed and nothing it sent is left to read: nothing can answer.
+            (tcp_state::CLOSE_WAIT, true, false),
             (tcp_state::FIN_WAIT1, false, true),
             (tcp_state::FIN_WAIT2, false, true),
             (tcp_state::LAST_ACK, false, false),

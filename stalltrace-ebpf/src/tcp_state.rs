@@ -10,7 +10,7 @@ use stalltrace_common::{
     role, tcp_state,
     tracepoint::InetSockSetState,
     transfer::{can_complete, is_outstanding, quiet_past_threshold, record_transfer},
-    ConnState, EventKind, AF_INET6, IPPROTO_TCP,
+    verdict_flags, ConnState, EventKind, AF_INET6, IPPROTO_TCP,
 };
 
 use crate::{
@@ -161,6 +161,9 @@ fn on_other_transition(args: &InetSockSetState, old: u8, new: u8) {
     let conn = unsafe { &mut *conn };
     let now = unsafe { bpf_ktime_get_ns() };
     let quiet_ended = quiet_past_threshold(conn, now, stall_after_ns());
+    if new == tcp_state::CLOSE_WAIT && conn.role != role::SERVER {
+        note_reply_at_peer_fin(args.skaddr, conn);
+    }
     let exchange_ends = can_complete(conn, old) && !can_complete(conn, new);
     if exchange_ends && conn.role == role::CLIENT && is_outstanding(conn) {
         count_unread_reply(args.skaddr, conn, old, new, now);
@@ -185,6 +188,17 @@ fn on_other_transition(args: &InetSockSetState, old: u8, new: u8) {
     }
 }
 
+/// The peer's FIN reached a client: whether a reply sits unread in its receive queue, which
+/// alone can still answer its request (`can_complete` in `CLOSE_WAIT`). When that cannot be
+/// read, the client is taken to have one (the rule before this was known: wait for a read).
+#[inline(never)]
+fn note_reply_at_peer_fin(sock: u64, conn: &mut ConnState) {
+    // The FIN, already counted in `rcv_nxt` here, takes one sequence number.
+    if unread_sequence(sock, &OFFSETS.load()).is_none_or(|unread| unread > 1) {
+        conn.verdict_flags |= verdict_flags::REPLY_UNREAD_AT_PEER_FIN;
+    }
+}
+
 /// A client's reply that arrived (with the peer's FIN) but that the application had not read
 /// when the connection closed: the reply came first, and its bytes count. The application
 /// may still read them from the closed socket, which no hook then attributes.
@@ -195,7 +209,10 @@ fn count_unread_reply(sock: u64, conn: &mut ConnState, old: u8, new: u8, now: u6
     };
     // A received FIN takes one sequence number: it is why these transitions happen.
     let fin_received = matches!(old, tcp_state::CLOSE_WAIT | tcp_state::FIN_WAIT2)
-        || matches!(new, tcp_state::CLOSING | tcp_state::TIME_WAIT);
+        || matches!(
+            new,
+            tcp_state::CLOSING | tcp_state::TIME_WAIT | tcp_state::CLOSE_WAIT
+        );
     if fin_received {
         unread = unread.saturating_sub(1);
     }

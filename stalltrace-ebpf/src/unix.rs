@@ -8,16 +8,19 @@
 //!
 //! The role: an accepted socket carries its listener's name (`unix_sock.addr`) and a
 //! connecting client usually has none, so the bound end of a pair with one bound end is the
-//! server. When both or neither are bound (a client that bound its own name, a socketpair),
-//! the end whose peer is already tracked takes the other role, and failing that the first
-//! transfer decides: the sender of the first bytes is the client.
+//! server. When both are bound (a client that bound its own name, or autobound), the accepted
+//! end is the one whose address is shared (with its listener: `unix_address.refcnt` above 1).
+//! Failing that (a socketpair, or a listener closed since), the end whose peer is already
+//! tracked takes the other role, and failing that the first transfer decides: the sender of
+//! the first bytes is the client.
 use aya_ebpf::{
     helpers::{bpf_probe_read_kernel, generated},
     EbpfContext,
 };
 use stalltrace_common::{
-    conn_flags, direction, role, tcp_state, transport, ConnState, EventKind, Offsets, UnixEvent,
-    AF_UNIX, SOCK_SEQPACKET, SOCK_STREAM, UNIX_PATH_MAX,
+    conn_flags, direction, role, tcp_state, transport,
+    unix_alive::{PEER_CLOSED_DATA_UNREAD, PEER_CLOSED_NOTHING_UNREAD},
+    ConnState, EventKind, Offsets, UnixEvent, AF_UNIX, SOCK_SEQPACKET, SOCK_STREAM, UNIX_PATH_MAX,
 };
 
 use crate::{
@@ -150,6 +153,15 @@ fn role_of(addr: u64, peer_addr: u64, peer: u64, dir: u8) -> u8 {
     if addr == 0 && peer_addr != 0 {
         return role::CLIENT;
     }
+    if addr != 0 {
+        // Both bound (a client that bound its own name, autobind included): the accepted end
+        // shares its listener's address, which the connecting end's own does not.
+        match (shared_address(addr), shared_address(peer_addr)) {
+            (Some(true), Some(false)) => return role::SERVER,
+            (Some(false), Some(true)) => return role::CLIENT,
+            _ => {}
+        }
+    }
     if let Some(other) = CONNS.get_ptr(peer) {
         // SAFETY: map value pointer, valid for the duration of the program.
         return if unsafe { (*other).role } == role::SERVER {
@@ -163,6 +175,18 @@ fn role_of(addr: u64, peer_addr: u64, peer: u64, dir: u8) -> u8 {
     } else {
         role::SERVER
     }
+}
+
+/// Whether the `unix_address` at `addr` is held by more than one socket (a listener and the
+/// sockets it accepted); `None` when that cannot be read.
+#[inline(always)]
+fn shared_address(addr: u64) -> Option<bool> {
+    let offsets = crate::maps::OFFSETS.load();
+    if offsets.unix_address_refcnt == Offsets::UNKNOWN {
+        return None;
+    }
+    // SAFETY: probe read of kernel memory; a failure is returned, not faulted.
+    unsafe { read::<u32>(addr, offsets.unix_address_refcnt) }.map(|holders| holders > 1)
 }
 
 /// The pid (in the initial pid namespace) of the peer's process as recorded at connect() or
@@ -227,8 +251,12 @@ unsafe fn read_name(addr: u64, offsets: &Offsets, dst: *mut u8) -> u16 {
 }
 
 /// Run by the daemon with `BPF_PROG_TEST_RUN`, never attached: arguments (sock address,
-/// inode); returns 1 if that socket is still open, 0 if it was released (its `sk_socket` is
-/// cleared then) or the memory now holds another socket, 2 if the kernel's layout is unknown.
+/// inode, ask about the peer); returns 1 if that socket is still open, 0 if it was released
+/// (its `sk_socket` is cleared then) or the memory now holds another socket, 2 if the kernel's
+/// layout is unknown. Asked about its peer (third argument not 0), an open socket the peer
+/// will send nothing more (`RCV_SHUTDOWN`: the peer was released, or shut down for writing)
+/// returns [`PEER_CLOSED_NOTHING_UNREAD`] or [`PEER_CLOSED_DATA_UNREAD`]: whether what the
+/// peer sent still waits in this socket's receive queue.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "raw_tp")]
 fn stalltrace_unix_alive(ctx: *mut core::ffi::c_void) -> u32 {
@@ -237,7 +265,32 @@ fn stalltrace_unix_alive(ctx: *mut core::ffi::c_void) -> u32 {
         return 2;
     }
     let args = ctx as *const u64;
-    // SAFETY: a raw tracepoint context is an array of u64 arguments; the daemon passes two.
-    let (sock, inode) = unsafe { (*args, *args.add(1)) };
-    u32::from(inode_of(sock, &offsets) == Some(inode))
+    // SAFETY: a raw tracepoint context is an array of u64 arguments; the daemon passes three.
+    let (sock, inode, ask_peer) = unsafe { (*args, *args.add(1), *args.add(2)) };
+    if inode_of(sock, &offsets) != Some(inode) {
+        return 0;
+    }
+    if ask_peer == 0 || offsets.sk_shutdown == Offsets::UNKNOWN {
+        return 1;
+    }
+    // SAFETY: probe reads of kernel memory; failures are returned, not faulted.
+    let shutdown = unsafe { read::<u8>(sock, offsets.sk_shutdown) }.unwrap_or(0);
+    if shutdown & RCV_SHUTDOWN == 0 {
+        return 1;
+    }
+    let queued = if offsets.sk_receive_queue_qlen == Offsets::UNKNOWN {
+        None
+    } else {
+        // SAFETY: as above.
+        unsafe { read::<u32>(sock, offsets.sk_receive_queue_qlen) }
+    };
+    // Unknown: the reply may be there.
+    if queued == Some(0) {
+        PEER_CLOSED_NOTHING_UNREAD
+    } else {
+        PEER_CLOSED_DATA_UNREAD
+    }
 }
+
+/// `sk_shutdown` bit: no more data will be received (`include/net/sock.h`).
+const RCV_SHUTDOWN: u8 = 1;

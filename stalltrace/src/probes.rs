@@ -22,8 +22,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use stalltrace_common::{
-    capture_slot, http1::ReplyHead, loss, syscall_regs, Capture, ConnState, Control, FdOffsets,
-    Offsets, StackKey,
+    capture_slot, http1::ReplyHead, loss, syscall_regs, unix_alive, Capture, ConnState, Control,
+    FdOffsets, Offsets, StackKey,
 };
 
 use crate::sources::{cgroups, tracefs};
@@ -382,6 +382,22 @@ pub(crate) struct KernelMaps {
     transfer_programs: Vec<ProgramFd>,
 }
 
+/// What the kernel says of a Unix socket ([`Probes::unix_liveness`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum UnixLiveness {
+    Open,
+    /// Closed, or its memory now holds another socket.
+    Released,
+    /// Open, but its peer will send nothing more (released, or shut down for writing);
+    /// `unread`: what the peer sent is still (partly) queued unread here, or that could not be
+    /// read.
+    PeerClosed {
+        unread: bool,
+    },
+    /// The kernel's layout or the test run failed: nothing can be told.
+    Unknown,
+}
+
 /// Kernel-side loss counters, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub(crate) struct KernelLoss {
@@ -670,23 +686,33 @@ impl Probes {
     }
 
     /// Whether the Unix socket at `sock` with inode `inode` was released (closed) or its
-    /// memory now holds another socket: one `BPF_PROG_TEST_RUN` of `stalltrace_unix_alive`
-    /// (~1 µs). False when it lives, and when that cannot be told.
-    pub(crate) fn unix_released(&self, sock: u64, inode: u64) -> bool {
+    /// memory now holds another socket, and, if `ask_peer`, whether its peer closed: one
+    /// `BPF_PROG_TEST_RUN` of `stalltrace_unix_alive` (~1 µs). [`UnixLiveness::Unknown`] when
+    /// that cannot be told.
+    pub(crate) fn unix_liveness(&self, sock: u64, inode: u64, ask_peer: bool) -> UnixLiveness {
         if self.unix.is_err() {
-            return false;
+            return UnixLiveness::Unknown;
         }
         let Some(Ok(program)) = self
             .ebpf
             .program(UNIX_ALIVE_PROGRAM)
             .map(<&RawTracePoint>::try_from)
         else {
-            return false;
+            return UnixLiveness::Unknown;
         };
         let mut options = RawTracePointRunOptions::new();
         options.args[0] = sock;
         options.args[1] = inode;
-        matches!(program.test_run(options), Ok(result) if result.return_value == 0)
+        options.args[2] = u64::from(ask_peer);
+        match program.test_run(options).map(|result| result.return_value) {
+            Ok(0) => UnixLiveness::Released,
+            Ok(1) => UnixLiveness::Open,
+            Ok(unix_alive::PEER_CLOSED_NOTHING_UNREAD) => {
+                UnixLiveness::PeerClosed { unread: false }
+            }
+            Ok(unix_alive::PEER_CLOSED_DATA_UNREAD) => UnixLiveness::PeerClosed { unread: true },
+            _ => UnixLiveness::Unknown,
+        }
     }
 
     /// Starts sampling the user stack of thread `tid`; false when perf events are unavailable.

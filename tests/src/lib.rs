@@ -299,9 +299,23 @@ impl Daemon {
         within: Duration,
         test: impl Fn(&Value) -> bool,
     ) -> Option<Value> {
+        self.wait_for_any_event(name, within, |e| touches(e, port) && test(e))
+    }
+
+    /// Waits for the first event named `name` that passes `test` (any connection: Unix ones
+    /// have no port).
+    pub fn wait_for_any_event(
+        &self,
+        name: &str,
+        within: Duration,
+        test: impl Fn(&Value) -> bool,
+    ) -> Option<Value> {
         let deadline = Instant::now() + within;
         loop {
-            let found = self.events_named(name, port).into_iter().find(|e| test(e));
+            let found = self
+                .events()
+                .into_iter()
+                .find(|e| e["event"] == name && test(e));
             if found.is_some() || Instant::now() > deadline {
                 return found;
             }

@@ -177,6 +177,10 @@ const TEST_PACKAGES: &[&str] = &[
     "openssl",
     "python3-grpcio",
     "python3-websockets",
+    // D-Bus: a private dbus-daemon, and python3-dbus (with GLib's main loop) for its clients.
+    "dbus",
+    "python3-dbus",
+    "python3-gi",
     "postgresql",
     "syslog-ng-core",
     "logrotate",

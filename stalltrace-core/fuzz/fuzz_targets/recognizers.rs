@@ -6,7 +6,7 @@ use libfuzzer_sys::fuzz_target;
 use stalltrace_common::{
     message::{classify, proto, Head},
     transfer::Look,
-    ConnState, CAPTURE_MAX,
+    transport, ConnState, CAPTURE_MAX,
 };
 use stalltrace_core::protocols;
 
@@ -29,15 +29,19 @@ fuzz_target!(|data: &[u8]| {
     head[..len].copy_from_slice(&data[..len]);
     let head = Head::new(&head, len, data.len() as u64);
     let more = |at: usize| data.get(at..at + 4).map(|b| [b[0], b[1], b[2], b[3]]);
-    for protocol in 0..=proto::DNS + 1 {
-        for look in [Look::Request, Look::Continuation, Look::Reply] {
-            let mut conn = ConnState {
-                proto: protocol,
-                housekeeping_left: u16::from(data.first().copied().unwrap_or(0)),
-                ..Default::default()
-            };
-            classify(&mut conn, look, &head, more);
-            assert!(protocol == proto::UNKNOWN || conn.proto != proto::UNKNOWN);
+    // Unix sockets too: D-Bus is recognized there only.
+    for transport in [transport::TCP, transport::UNIX] {
+        for protocol in 0..=proto::DBUS + 1 {
+            for look in [Look::Request, Look::Continuation, Look::Reply] {
+                let mut conn = ConnState {
+                    proto: protocol,
+                    transport,
+                    housekeeping_left: u16::from(data.first().copied().unwrap_or(0)),
+                    ..Default::default()
+                };
+                classify(&mut conn, look, &head, more);
+                assert!(protocol == proto::UNKNOWN || conn.proto != proto::UNKNOWN);
+            }
         }
     }
 });

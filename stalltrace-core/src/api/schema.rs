@@ -420,6 +420,7 @@ mod tests {
                     peer_name: "/run/php/fpm.sock".into(),
                     peer_pid: 900,
                     one_way: false,
+                    peer_is_server: true,
                 })),
                 ..conn_ref()
             },

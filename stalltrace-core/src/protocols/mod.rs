@@ -5,13 +5,14 @@
 //! Recognizers are pure functions over untrusted bytes (possibly truncated at the capture
 //! length): they never panic, whatever the input (fuzzed with cargo fuzz, see fuzz/).
 
+mod dbus;
 mod dns;
 pub mod http1;
 
 /// A recognized request.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Signature {
-    /// `http`, `redis`, `postgresql`, `mysql`, `tls` (encrypted), `dns`, or `bytes`
+    /// `http`, `redis`, `postgresql`, `mysql`, `tls` (encrypted), `dns`, `dbus`, or `bytes`
     /// (unrecognized: a printable preview).
     pub protocol: &'static str,
     /// E.g. `GET /coupon/apply`, `GET` (Redis), `Query SELECT`, `Query UPDATE` (MySQL),
@@ -83,7 +84,8 @@ pub fn recognize_with(bytes: &[u8], privacy: Privacy) -> Option<Signature> {
         .or_else(|| postgresql(bytes))
         .or_else(|| mysql(bytes))
         .or_else(|| tls(bytes))
-        .or_else(|| dns::query(bytes));
+        .or_else(|| dns::query(bytes))
+        .or_else(|| dbus::call(bytes));
     Some(found.unwrap_or_else(|| {
         if privacy.preview {
             preview(bytes)

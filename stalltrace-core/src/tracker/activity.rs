@@ -89,6 +89,77 @@ pub fn assess(state: &ConnState) -> Activity {
     }
 }
 
+/// What the socket itself says of the exchange on a connection the daemon adopted (open before
+/// it started: the kernel programs have seen none of its traffic yet).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdoptedExchange {
+    /// Nothing tells: shown as `unknown`, judged from its next transfer on.
+    Unknown,
+    /// The last data went the reply way (or none went either way): nothing is owed.
+    Completed,
+    /// The last data went the request way, at `since` (ns), and nothing came back since; or,
+    /// on a server, a request waits unread in the receive queue.
+    Outstanding { since: u64 },
+}
+
+/// The socket's counters at adoption, from sock_diag (`tcp_info`): bytes waiting unread,
+/// milliseconds since data was last received and sent (since the handshake if none was;
+/// `None`: unknown), and data segments received and sent, when the kernel reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketHistory {
+    pub recv_queue: u32,
+    pub last_data_recv_ms: Option<u32>,
+    pub last_data_sent_ms: Option<u32>,
+    pub data_segs_in: Option<u32>,
+    pub data_segs_out: Option<u32>,
+}
+
+/// The direction rule applied to the socket's own history, at `now` (ns): whichever way data
+/// last went decides, as for a connection the kernel followed. Data that went the request way
+/// only (no data segment the other way) is a request never answered. The kernel keeps the
+/// times in milliseconds (jiffies), counted from the handshake before any data: otherwise,
+/// data both ways within the same millisecond cannot be ordered and is `Unknown`.
+pub fn infer_adopted(role: Role, history: &SocketHistory, now: u64) -> AdoptedExchange {
+    let at = |ms: u32| now.saturating_sub(u64::from(ms) * 1_000_000);
+    let (request, reply, segs) = match role {
+        Role::Server => (
+            history.last_data_recv_ms,
+            history.last_data_sent_ms,
+            history.data_segs_in.zip(history.data_segs_out),
+        ),
+        _ => (
+            history.last_data_sent_ms,
+            history.last_data_recv_ms,
+            history.data_segs_out.zip(history.data_segs_in),
+        ),
+    };
+    match segs {
+        Some((0, _)) => return AdoptedExchange::Completed,
+        Some((_, 0)) => {
+            return request.map_or(AdoptedExchange::Unknown, |asked| {
+                AdoptedExchange::Outstanding { since: at(asked) }
+            })
+        }
+        _ => {}
+    }
+    // A request sits unread: whatever was sent before, it is owed an answer.
+    if role == Role::Server && history.recv_queue > 0 {
+        return match request {
+            Some(ms) => AdoptedExchange::Outstanding { since: at(ms) },
+            None => AdoptedExchange::Unknown,
+        };
+    }
+    match (request, reply) {
+        (None, _) => AdoptedExchange::Completed,
+        (Some(asked), None) => AdoptedExchange::Outstanding { since: at(asked) },
+        (Some(asked), Some(answered)) if asked < answered => {
+            AdoptedExchange::Outstanding { since: at(asked) }
+        }
+        (Some(asked), Some(answered)) if asked == answered => AdoptedExchange::Unknown,
+        _ => AdoptedExchange::Completed,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +218,98 @@ mod tests {
         assert_eq!(assess(&server), Activity::Outstanding { quiet_since: 100 });
         server.last_dir = direction::OUT;
         assert_eq!(assess(&server), Activity::Idle);
+    }
+
+    #[test]
+    fn a_client_the_peer_closed_on_waits_only_for_a_reply_left_unread() {
+        let mut client = conn(role::CLIENT, direction::OUT);
+        client.tcp_state = tcp_state::CLOSE_WAIT;
+        client.state_ns = 700;
+        assert_eq!(
+            assess(&client),
+            Activity::Ending {
+                at: 700,
+                how: Resolution::Closed
+            },
+            "the server died after reading: nothing can answer"
+        );
+        client.verdict_flags = stalltrace_common::verdict_flags::REPLY_UNREAD_AT_PEER_FIN;
+        assert_eq!(
+            assess(&client),
+            Activity::Outstanding { quiet_since: 200 },
+            "the reply came with the FIN: it is there to read"
+        );
+        client.last_dir = direction::IN;
+        assert_eq!(assess(&client), Activity::Idle, "read");
+    }
+
+    #[test]
+    fn adopted_connections_are_judged_from_the_sockets_own_history() {
+        let now = 100_000_000_000;
+        let history = |recv_queue, recv, sent| SocketHistory {
+            recv_queue,
+            last_data_recv_ms: recv,
+            last_data_sent_ms: sent,
+            ..SocketHistory::default()
+        };
+        let since = |ms: u64| AdoptedExchange::Outstanding {
+            since: now - ms * 1_000_000,
+        };
+        // A server that read a request 30 s ago and has answered nothing since.
+        assert_eq!(
+            infer_adopted(Role::Server, &history(0, Some(30_000), Some(90_000)), now),
+            since(30_000)
+        );
+        assert_eq!(
+            infer_adopted(Role::Server, &history(0, Some(30_000), None), now),
+            since(30_000)
+        );
+        // The same server after it answered: keep-alive.
+        assert_eq!(
+            infer_adopted(Role::Server, &history(0, Some(30_000), Some(29_000)), now),
+            AdoptedExchange::Completed
+        );
+        // A request nobody read, behind an answered one.
+        assert_eq!(
+            infer_adopted(Role::Server, &history(40, Some(5_000), Some(1_000)), now),
+            since(5_000)
+        );
+        // A client waiting since its request; and one whose answer came.
+        assert_eq!(
+            infer_adopted(Role::Client, &history(0, Some(60_000), Some(20_000)), now),
+            since(20_000)
+        );
+        assert_eq!(
+            infer_adopted(Role::Client, &history(0, Some(19_000), Some(20_000)), now),
+            AdoptedExchange::Completed
+        );
+        // No data yet either way, and data both ways in the same millisecond.
+        assert_eq!(
+            infer_adopted(Role::Client, &history(0, None, None), now),
+            AdoptedExchange::Completed
+        );
+        assert_eq!(
+            infer_adopted(Role::Client, &history(0, Some(7), Some(7)), now),
+            AdoptedExchange::Unknown
+        );
+        // Handshake, request and read within one millisecond: the segments tell.
+        let segments = |data_in, data_out| SocketHistory {
+            data_segs_in: Some(data_in),
+            data_segs_out: Some(data_out),
+            ..history(0, Some(7), Some(7))
+        };
+        assert_eq!(infer_adopted(Role::Server, &segments(1, 0), now), since(7));
+        assert_eq!(infer_adopted(Role::Client, &segments(0, 1), now), since(7));
+        assert_eq!(
+            infer_adopted(Role::Client, &segments(0, 0), now),
+            AdoptedExchange::Completed,
+            "nothing asked"
+        );
+        assert_eq!(
+            infer_adopted(Role::Client, &segments(3, 3), now),
+            AdoptedExchange::Unknown,
+            "answered before, the order unknown"
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ use stalltrace_common::{
 };
 
 use crate::diagnosis::Diagnosis;
-use activity::Activity;
+use activity::{Activity, AdoptedExchange};
 use framing::ReplyFraming;
 use model::{Endpoints, Owner, Resolution, Role, StallKind, UnixInfo};
 pub use table::SockHasher;
@@ -268,6 +268,11 @@ pub struct Tracker {
     /// Inodes of the Unix sockets connected when the daemon started (their connections are
     /// found at their first transfer, like new ones): each is taken out when found.
     preexisting_unix: std::collections::HashSet<u64>,
+    /// Adopted connections not taken over by the kernel yet, by id: what their socket said of
+    /// their exchange at start-up ([`Tracker::set_adopted_exchange`]).
+    adopted_exchanges: std::collections::HashMap<u64, AdoptedExchange>,
+    /// Those of them whose inferred request is not yet quiet for the threshold: (id, since).
+    adopted_due: Vec<(u64, u64)>,
 }
 
 impl Tracker {
@@ -283,6 +288,8 @@ impl Tracker {
             next_id: 1,
             stats: Stats::default(),
             preexisting_unix: Default::default(),
+            adopted_exchanges: Default::default(),
+            adopted_due: Vec::new(),
         }
     }
 
@@ -464,6 +471,52 @@ impl Tracker {
         };
         announce(&mut conn, now, out);
         self.conns.insert_adopted(conn);
+    }
+
+    /// What the socket of adopted connection `endpoints` says of its exchange (sock_diag at
+    /// start-up, [`activity::infer_adopted`]): until the kernel sees its traffic, it is shown
+    /// so (`unknown`, `idle` or `active`), and a request outstanding for the threshold opens
+    /// its stall at the next sweep, dated from the inferred start of the quiet.
+    pub fn set_adopted_exchange(&mut self, endpoints: &Endpoints, exchange: AdoptedExchange) {
+        let Some(id) = self.conns.adopted_id(endpoints) else {
+            return;
+        };
+        self.adopted_exchanges.insert(id, exchange);
+        if let AdoptedExchange::Outstanding { since } = exchange {
+            self.adopted_due.push((id, since));
+        }
+    }
+
+    /// What the socket said of adopted connection `id`'s exchange, while the kernel has not
+    /// seen its traffic; `None` for other connections.
+    pub fn adopted_exchange(&self, id: u64) -> Option<AdoptedExchange> {
+        self.adopted_exchanges.get(&id).copied()
+    }
+
+    /// Opens the stalls of adopted connections whose inferred request has become quiet for
+    /// the threshold.
+    fn judge_adopted(&mut self, now: u64, out: &mut Vec<Event>) {
+        if self.adopted_due.is_empty() {
+            return;
+        }
+        let mark = out.len();
+        let stall_after_ns = self.stall_after_ns;
+        let conns = &mut self.conns;
+        self.adopted_due.retain(|&(id, since)| {
+            let Some(conn) = conns.adopted_by_id_mut(id) else {
+                return false; // taken over by the kernel, or closed
+            };
+            conn.quiet_since = Some(since);
+            if now.saturating_sub(since) < stall_after_ns {
+                return true;
+            }
+            if conn.stall.is_none() {
+                let kind = StallKind::for_role(conn.role);
+                start_stall(conn, kind, since, now, 0, out);
+            }
+            false
+        });
+        self.conns.note_stalls(&out[mark..]);
     }
 
     /// Applies one kernel record.
@@ -664,6 +717,7 @@ impl Tracker {
         mut reply_head: impl FnMut(u64) -> Option<ReplyHead>,
         out: &mut Vec<Event>,
     ) {
+        self.judge_adopted(now, out);
         let mark = out.len();
         self.schedule_audit();
         let stall_after_ns = self.stall_after_ns;
@@ -804,6 +858,8 @@ impl Tracker {
             };
             let conn = match adopted {
                 Some(mut conn) => {
+                    // From here on the kernel's view judges it.
+                    self.adopted_exchanges.remove(&conn.id);
                     conn.kernel_open_ns = state.open_ns;
                     conn
                 }
@@ -838,6 +894,9 @@ impl Tracker {
             Some(conn) => Some(conn),
             None => self.conns.remove_adopted(&endpoints),
         };
+        if let Some(conn) = &conn {
+            self.adopted_exchanges.remove(&conn.id);
+        }
         // A connection never reported (e.g. reset in the accept queue) closes silently.
         let Some(mut conn) = conn else {
             return;
@@ -856,8 +915,11 @@ impl Tracker {
                 start_stall(&mut conn, kind, pending_since, threshold_at, 0, out);
             }
         }
-        if conn.stall.is_some() {
-            end_stall(&mut conn, at, how, out);
+        if let Some(stall) = conn.stall.as_deref().copied() {
+            match replied_before_the_end(&stall, state) {
+                Some(replied) => end_stall(&mut conn, replied, Resolution::Response, out),
+                None => end_stall(&mut conn, at, how, out),
+            }
         }
         announce(&mut conn, at, out);
         let complete = !conn.incomplete && state.flags & conn_flags::DISCOVERED == 0;
@@ -909,7 +971,10 @@ fn observe(
 ) {
     if let Some(stall) = conn.stall.as_deref().copied() {
         let end = match (stall.kind, activity) {
-            (_, Activity::Ending { at, how }) => Some((at, how)),
+            (_, Activity::Ending { at, how }) => Some(
+                replied_before_the_end(&stall, state)
+                    .map_or((at, how), |at| (at, Resolution::Response)),
+            ),
             (StallKind::ConnectPending, Activity::ConnectPending { .. }) => None,
             (StallKind::ConnectPending, _) => Some((state.state_ns, Resolution::Response)),
             // The response moved again (more of it, all of it, or a new request went).
@@ -978,6 +1043,17 @@ fn observe(
             }
         }
     }
+}
+
+/// When a reply went out (or came in) after the stall's quiet began, if one did, on a
+/// connection whose end was found before its stall was: what happened first decides. (The
+/// kernel reports such a reply as a quiet end at once; not when the reply was its first sight
+/// of an adopted connection.)
+fn replied_before_the_end(stall: &Stall, state: &ConnState) -> Option<u64> {
+    (stall.kind != StallKind::ConnectPending
+        && !transfer::is_outstanding(state)
+        && state.dir_since_ns > stall.quiet_since_ns)
+        .then_some(state.dir_since_ns)
 }
 
 /// Opens a stall reported at `at`. A stall found only after it ended is dated when it crossed

@@ -80,6 +80,9 @@ pub struct UnixInfo {
     /// Its path is one of [`ONE_WAY_UNIX_PATHS`]: it carries one-way messages and is never
     /// judged.
     pub one_way: bool,
+    /// This end is the client and its peer is bound: the peer's name is the listener's, even
+    /// when this end bound a name of its own (autobind).
+    pub peer_is_server: bool,
 }
 
 /// Unix stream sockets whose connections only ever flow one way, on any host that runs them:
@@ -95,15 +98,17 @@ impl UnixInfo {
             peer_name: unix_name(names.peer()),
             peer_pid: state.peer_tgid,
             one_way: false,
+            peer_is_server: state.role == role::CLIENT && !names.peer().is_empty(),
         };
         info.one_way = ONE_WAY_UNIX_PATHS.contains(&info.path());
         info
     }
 
-    /// The connection's path: the name of whichever end is bound (the listener's, which an
-    /// accepted socket shares), the local one first; "" for two unbound ends (a socketpair).
+    /// The connection's path: the listener's name, which an accepted socket shares: the
+    /// server end's when both are bound, else whichever end is bound, the local one first; ""
+    /// for two unbound ends (a socketpair).
     pub fn path(&self) -> &str {
-        if self.local_name.is_empty() {
+        if self.peer_is_server || self.local_name.is_empty() {
             &self.peer_name
         } else {
             &self.local_name

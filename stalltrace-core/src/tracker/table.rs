@@ -121,11 +121,22 @@ impl Table {
         self.adopted.insert(conn.endpoints, conn);
     }
 
+    /// Takes an adopted connection out (the kernel now reports it, or it closed). An open
+    /// stall stays noted: the caller keeps the connection under the same id or ends it.
     pub(super) fn remove_adopted(&mut self, endpoints: &Endpoints) -> Option<Conn> {
         let conn = self.adopted.remove(endpoints)?;
         self.adopted_ids.remove(&conn.id);
-        self.stalled.remove(&conn.id);
         Some(conn)
+    }
+
+    /// The id of the adopted connection with these endpoints.
+    pub(super) fn adopted_id(&self, endpoints: &Endpoints) -> Option<u64> {
+        self.adopted.get(endpoints).map(|conn| conn.id)
+    }
+
+    pub(super) fn adopted_by_id_mut(&mut self, id: u64) -> Option<&mut Conn> {
+        let endpoints = self.adopted_ids.get(&id)?;
+        self.adopted.get_mut(endpoints)
     }
 
     /// Drops the index entries of a record that left `kernel` (unless a newer record took them).

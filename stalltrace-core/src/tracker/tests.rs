@@ -5,11 +5,11 @@ use stalltrace_common::{
     message::{classify, Head, Message},
     role, tcp_state,
     transfer::{look, record_transfer},
-    ConnEvent, ConnState, EventHeader, EventKind, AF_INET, CAPTURE_MAX,
+    verdict_flags, ConnEvent, ConnState, EventHeader, EventKind, AF_INET, CAPTURE_MAX,
 };
 
 use super::model::{Comm, Endpoints, Owner, Resolution, Role, StallKind};
-use super::{Adoption, Detail, Event, Tracker};
+use super::{activity::AdoptedExchange, Adoption, Detail, Event, Tracker};
 
 const MS: u64 = 1_000_000;
 const SEC: u64 = 1_000 * MS;
@@ -370,10 +370,12 @@ fn a_reply_that_came_with_the_fin_ends_the_stall_as_a_response() {
     feed(&mut t, k.event(EventKind::Established, 0));
     k.transfer(direction::OUT, SEC);
     sweep(&mut t, &mut k, SEC + THRESHOLD);
+    // The answer came with the FIN: the kernel finds it unread in the receive queue.
+    k.state.verdict_flags |= verdict_flags::REPLY_UNREAD_AT_PEER_FIN;
     k.set_state(tcp_state::CLOSE_WAIT, 8 * SEC);
     assert!(
         sweep(&mut t, &mut k, 8 * SEC + MS).is_empty(),
-        "the reply may be unread"
+        "the reply is there to read"
     );
     k.transfer(direction::IN, 8 * SEC + 2 * MS);
     k.set_state(tcp_state::CLOSE, 8 * SEC + 2 * MS);
@@ -384,6 +386,40 @@ fn a_reply_that_came_with_the_fin_ends_the_stall_as_a_response() {
         7_002,
         Resolution::Response,
     );
+}
+
+#[test]
+fn a_client_whose_server_closed_without_answering_stalls_no_more() {
+    // The server read the request and exited: its FIN, nothing unread behind it.
+    let mut t = tracker();
+    let mut k = Kernel::new(role::CLIENT, 0);
+    feed(&mut t, k.event(EventKind::Established, 0));
+    k.transfer(direction::OUT, SEC);
+    sweep(&mut t, &mut k, SEC + THRESHOLD);
+    k.set_state(tcp_state::CLOSE_WAIT, 5 * SEC);
+    let events = feed(&mut t, k.event(EventKind::QuietEnded, 5 * SEC));
+    assert_ended(
+        &events,
+        StallKind::AwaitingResponse,
+        4_000,
+        Resolution::Closed,
+    );
+    assert!(
+        sweep(&mut t, &mut k, 9 * SEC).is_empty(),
+        "nothing can answer: no new stall while the client keeps the socket"
+    );
+}
+
+#[test]
+fn a_client_the_peer_closed_on_before_the_threshold_is_never_flagged() {
+    // A Unix client: no kernel event at the peer's close, the sweep notices it.
+    let mut t = tracker();
+    let mut k = Kernel::new(role::CLIENT, 0);
+    feed(&mut t, k.event(EventKind::Established, 0));
+    k.transfer(direction::OUT, SEC);
+    assert!(sweep(&mut t, &mut k, SEC + THRESHOLD / 2).is_empty());
+    k.set_state(tcp_state::CLOSE_WAIT, SEC + THRESHOLD / 2);
+    assert!(sweep(&mut t, &mut k, 9 * SEC).is_empty());
 }
 
 #[test]
@@ -607,6 +643,124 @@ fn adopted_connection_keeps_its_id_when_the_kernel_discovers_it() {
         }
     ));
     assert_eq!(t.stats().evictions, 0);
+}
+
+/// A server adopted at 10 s whose socket says it read a request at 4 s and answered nothing.
+fn adopted_hung_server(t: &mut Tracker, k: &Kernel, since: u64) -> u64 {
+    let endpoints = Endpoints::from_kernel(&k.state);
+    let mut out = Vec::new();
+    let adoption = Adoption {
+        endpoints,
+        role: Role::Server,
+        owner: Owner::default(),
+    };
+    t.adopt(adoption, 10 * SEC, &mut out);
+    let id = out[0].conn.id;
+    assert_eq!(t.adopted_exchange(id), None, "nothing said yet");
+    let exchange = AdoptedExchange::Outstanding { since };
+    t.set_adopted_exchange(&endpoints, exchange);
+    assert_eq!(t.adopted_exchange(id), Some(exchange));
+    id
+}
+
+#[test]
+fn a_request_hung_before_the_daemon_started_is_flagged_at_once() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, 50 * SEC);
+    let id = adopted_hung_server(&mut t, &k, 4 * SEC);
+    let out = sweep(&mut t, &mut k, 10 * SEC);
+    assert_eq!(
+        details(&out),
+        [&Detail::StallStart {
+            kind: StallKind::UnansweredRequest,
+            quiet_ms: 6_000,
+            diagnosis: None
+        }]
+    );
+    assert_eq!(out[0].conn.id, id);
+    assert_eq!(t.stalled(), 1);
+    // The answer, at last: the kernel's first sight of the connection ends the stall.
+    k.state.flags |= conn_flags::DISCOVERED;
+    k.transfer(direction::OUT, 12 * SEC);
+    feed(&mut t, k.event(EventKind::Discovered, 12 * SEC));
+    assert_eq!(
+        t.adopted_exchange(id),
+        None,
+        "the kernel's view judges it now"
+    );
+    assert_eq!(t.stalled(), 1, "still listed while the kernel takes over");
+    let events = sweep(&mut t, &mut k, 12 * SEC + MS);
+    assert_eq!(events[0].conn.id, id);
+    assert_ended(
+        &events,
+        StallKind::UnansweredRequest,
+        8_000,
+        Resolution::Response,
+    );
+    assert_eq!(t.stalled(), 0);
+}
+
+#[test]
+fn an_adopted_request_answered_then_closed_at_once_ends_with_the_response() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, 50 * SEC);
+    adopted_hung_server(&mut t, &k, 4 * SEC);
+    sweep(&mut t, &mut k, 10 * SEC);
+    // The reply is the kernel's first sight of it, its close follows before any sweep.
+    k.state.flags |= conn_flags::DISCOVERED;
+    k.transfer(direction::OUT, 12 * SEC);
+    feed(&mut t, k.event(EventKind::Discovered, 12 * SEC));
+    k.set_state(tcp_state::FIN_WAIT1, 12 * SEC + MS);
+    let events = sweep(&mut t, &mut k, 12 * SEC + 2 * MS);
+    assert_ended(
+        &events,
+        StallKind::UnansweredRequest,
+        8_000,
+        Resolution::Response,
+    );
+}
+
+#[test]
+fn an_adopted_request_answered_then_closed_before_a_sweep_ends_with_the_response() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, 50 * SEC);
+    adopted_hung_server(&mut t, &k, 4 * SEC);
+    sweep(&mut t, &mut k, 10 * SEC);
+    k.state.flags |= conn_flags::DISCOVERED;
+    k.transfer(direction::OUT, 12 * SEC);
+    feed(&mut t, k.event(EventKind::Discovered, 12 * SEC));
+    k.set_state(tcp_state::CLOSE, 12 * SEC + MS);
+    let events = feed(&mut t, k.event(EventKind::Closed, 12 * SEC + MS));
+    assert_eq!(
+        events[0].detail,
+        Detail::StallEnd {
+            kind: StallKind::UnansweredRequest,
+            duration_ms: 8_000,
+            resolution: Resolution::Response,
+            retries: 0
+        }
+    );
+}
+
+#[test]
+fn an_adopted_request_short_of_the_threshold_is_flagged_when_it_gets_there() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, 50 * SEC);
+    let since = 10 * SEC - THRESHOLD / 2;
+    adopted_hung_server(&mut t, &k, since);
+    assert!(sweep(&mut t, &mut k, 10 * SEC + THRESHOLD / 4).is_empty());
+    let events = sweep(&mut t, &mut k, since + THRESHOLD);
+    assert!(
+        matches!(
+            details(&events)[..],
+            [Detail::StallStart {
+                kind: StallKind::UnansweredRequest,
+                ..
+            }]
+        ),
+        "{events:?}"
+    );
+    assert!(sweep(&mut t, &mut k, 20 * SEC).is_empty(), "once");
 }
 
 #[test]
@@ -1236,6 +1390,13 @@ fn unix_idle_keep_alive_is_never_a_stall() {
     let record = client.event(EventKind::UnixDiscovered, 2 * SEC);
     tracker.on_unix_event(&record, &unix_names(b"", b"\0app"), &mut out);
     assert_eq!(out[0].conn.unix.as_ref().unwrap().path(), "@app");
+    let autobound = unix_names(b"\0f00d1", b"\0app");
+    let info = crate::tracker::model::UnixInfo::from_kernel(&client.state, &autobound);
+    assert_eq!(
+        info.path(),
+        "@app",
+        "the listener's name, not the client's own"
+    );
     client.transfer(direction::IN, 2 * SEC + MS);
     for at in [10, 60, 600] {
         assert!(sweep(&mut tracker, &mut client, at * SEC).is_empty());

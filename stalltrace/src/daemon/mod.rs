@@ -33,7 +33,7 @@ use tokio::{
 use stalltrace_core::{
     loss::{LossCounters, LossReport},
     timefmt::monotonic_ns,
-    tracker::{Event, Tracker},
+    tracker::{activity, Event, Tracker},
     why::Why,
 };
 
@@ -49,7 +49,7 @@ use crate::{
         ndjson::EventSink,
         writer::FileOptions,
     },
-    sources::{btf, cgroups, netns, procfs, tracefs},
+    sources::{btf, cgroups, netns, procfs, sock_diag, tracefs},
 };
 
 pub struct DaemonConfig {
@@ -113,6 +113,43 @@ const STREAM_EVERY: Duration = Duration::from_millis(5);
 /// threshold, and at least five times per threshold.
 pub fn sweep_interval(stall_after: Duration) -> Duration {
     (stall_after / 5).clamp(Duration::from_millis(20), Duration::from_millis(250))
+}
+
+/// What the sockets of the adopted connections say of their exchanges (one sock_diag dump of
+/// established sockets per network namespace, at start-up): without it a request that hung
+/// before the daemon started would pass for idle until its next transfer.
+fn infer_adopted_exchanges(tracker: &mut Tracker) {
+    let entries = match sock_diag::dump_established(|_| true) {
+        Ok(entries) => entries,
+        Err(err) => {
+            log::warn!(
+                "sock_diag: {err}: the exchanges of connections open before the daemon started \
+                 are unknown until their next transfer"
+            );
+            return;
+        }
+    };
+    let now = monotonic_ns();
+    for entry in entries {
+        let Some((None, conn)) = tracker.find_by_endpoints(&entry.endpoints) else {
+            continue;
+        };
+        let exchange = match entry.signals {
+            Some(signals) => activity::infer_adopted(
+                conn.role,
+                &activity::SocketHistory {
+                    recv_queue: entry.recv_queue,
+                    last_data_recv_ms: signals.last_data_recv_ms,
+                    last_data_sent_ms: signals.last_data_sent_ms,
+                    data_segs_in: entry.data_segs.map(|(data_in, _)| data_in),
+                    data_segs_out: entry.data_segs.map(|(_, data_out)| data_out),
+                },
+                now,
+            ),
+            None => activity::AdoptedExchange::Unknown,
+        };
+        tracker.set_adopted_exchange(&entry.endpoints, exchange);
+    }
 }
 
 pub async fn run(mut config: DaemonConfig) -> Result<()> {
@@ -203,6 +240,7 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
     for adoption in adoptions {
         tracker.adopt(adoption, monotonic_ns(), &mut out);
     }
+    infer_adopted_exchanges(&mut tracker);
     sink.write_events(&out);
     sink.flush();
     // Start-up (BTF, /proc, program loading) leaves freed heap behind.
@@ -481,7 +519,7 @@ impl Daemon {
                     }
                 }
                 _ = streams.tick(), if !self.streams.is_empty() => {
-                    self.pump_conns_streams(&probes.maps);
+                    self.pump_conns_streams(probes);
                 }
                 Some(mut batch) = findings.recv() => {
                     // Stalls found together are chained together: take what else is waiting.

@@ -1,7 +1,7 @@
 //! Answers to API queries: status, conns, stalls, show, why. Read-only views of the daemon's
 //! state, serialized in the shapes of docs/api.md.
 use serde_json::json;
-use stalltrace_common::{conn_flags, message::proto, ConnState};
+use stalltrace_common::{conn_flags, message::proto, tcp_state, ConnState};
 
 use stalltrace_core::{
     api::{
@@ -33,7 +33,7 @@ pub(super) struct ConnsStream {
 /// Chunks made per turn of the loop at most, over all streams (~200 KB each).
 const CHUNKS_PER_TURN: usize = 8;
 
-use crate::probes::{KernelMaps, Probes};
+use crate::probes::Probes;
 
 impl Daemon {
     pub(super) fn answer(&self, command: Command, probes: &Probes) -> Response {
@@ -47,7 +47,7 @@ impl Daemon {
                 filter,
                 older_than_ms,
             } => Response::ok(&self.stalls(&filter, older_than_ms.unwrap_or(0), now)),
-            Command::Show { id } => self.show(id, &probes.maps, now),
+            Command::Show { id } => self.show(id, probes, now),
             // Groups are per executable name, across processes: a pid cannot select among
             // them, and a filter accepted must filter.
             Command::Why { filter } if filter.netns.is_some() || filter.selects_cgroup() => {
@@ -164,7 +164,7 @@ impl Daemon {
     /// so that a client that stops reading holds up no other; drops the streams that are done
     /// or whose client went away (a client that reads nothing for 5 s is dropped by the API
     /// task).
-    pub(super) fn pump_conns_streams(&mut self, maps: &KernelMaps) {
+    pub(super) fn pump_conns_streams(&mut self, probes: &Probes) {
         let now = monotonic_ns();
         for _ in 0..CHUNKS_PER_TURN {
             let mut made = false;
@@ -174,7 +174,7 @@ impl Daemon {
                 };
                 match stream.chunks.clone().try_reserve_owned() {
                     Ok(permit) => {
-                        permit.send(self.conns_chunk(&mut stream, maps, now));
+                        permit.send(self.conns_chunk(&mut stream, probes, now));
                         made = true;
                         if stream.next < stream.ids.len() {
                             self.streams.push_back(stream);
@@ -192,7 +192,7 @@ impl Daemon {
     }
 
     /// The next chunk of `stream`: up to `CHUNK_ITEMS` items, comma-separated.
-    fn conns_chunk(&self, stream: &mut ConnsStream, maps: &KernelMaps, now: u64) -> String {
+    fn conns_chunk(&self, stream: &mut ConnsStream, probes: &Probes, now: u64) -> String {
         let mut chunk = Vec::new();
         let end = (stream.next + CHUNK_ITEMS).min(stream.ids.len());
         for &id in &stream.ids[stream.next..end] {
@@ -204,8 +204,14 @@ impl Daemon {
                 chunk.push(b',');
             }
             stream.started = true;
-            let snapshot = sock.and_then(|sock| maps.lookup(sock));
-            let mut item = conn_item(conn, snapshot, self.policy.shown_as(conn.id), now);
+            let snapshot = sock.and_then(|sock| super::unix::snapshot(probes, sock, now));
+            let mut item = conn_item(
+                conn,
+                snapshot,
+                self.tracker.adopted_exchange(conn.id),
+                self.policy.shown_as(conn.id),
+                now,
+            );
             self.add_cgroup_path(&mut item, conn);
             serde_json::to_writer(&mut chunk, &item).expect("items serialize");
         }
@@ -248,7 +254,7 @@ impl Daemon {
 impl Daemon {
     /// One connection: its `conns` item, when it opened, its open stall with the current
     /// diagnosis, and its stall timeline.
-    fn show(&self, id: u64, maps: &KernelMaps, now: u64) -> Response {
+    fn show(&self, id: u64, probes: &Probes, now: u64) -> Response {
         let Some((sock, conn)) = self.tracker.find_by_id(id) else {
             return Response::error(
                 ErrorCode::NotFound,
@@ -256,8 +262,14 @@ impl Daemon {
             );
         };
         let clock = self.sink.clock();
-        let snapshot = sock.and_then(|sock| maps.lookup(sock));
-        let mut item = conn_item(conn, snapshot, self.policy.shown_as(id), now);
+        let snapshot = sock.and_then(|sock| super::unix::snapshot(probes, sock, now));
+        let mut item = conn_item(
+            conn,
+            snapshot,
+            self.tracker.adopted_exchange(conn.id),
+            self.policy.shown_as(id),
+            now,
+        );
         self.add_cgroup_path(&mut item, conn);
         item.stall = conn.stall.as_deref().map(|stall| StallJson {
             kind: stall.kind.as_str().into(),
@@ -295,6 +307,7 @@ impl Daemon {
 fn conn_item(
     conn: &Conn,
     snapshot: Option<ConnState>,
+    adopted: Option<activity::AdoptedExchange>,
     ruled: Option<&'static str>,
     now: u64,
 ) -> ConnItemJson {
@@ -313,7 +326,19 @@ fn conn_item(
         (None, Some(activity::Activity::Outstanding { .. }))
         | (None, Some(activity::Activity::ResponseIncomplete { .. }))
         | (None, Some(activity::Activity::ConnectPending { .. })) => "active",
+        // The peer closed (FIN, or its Unix socket released) with nothing left to read.
+        (None, Some(activity::Activity::Ending { .. }))
+            if snapshot.is_some_and(|s| s.tcp_state == tcp_state::CLOSE_WAIT) =>
+        {
+            "peer_closed"
+        }
         (None, Some(activity::Activity::Ending { .. })) => "closing",
+        // Adopted, its traffic not seen yet: what its socket said at start-up, if anything.
+        (None, None) if conn.adopted => match adopted {
+            Some(activity::AdoptedExchange::Outstanding { .. }) => "active",
+            Some(activity::AdoptedExchange::Completed) => "idle",
+            _ => "unknown",
+        },
         (None, _) => "idle",
     };
     item.conn.state = Some(state.into());

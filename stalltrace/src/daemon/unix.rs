@@ -5,10 +5,17 @@
 //! was released. A released one is closed like a TCP connection reaching CLOSE: its entry's
 //! final counters, dated when noticed (within a sweep of the close for a connection with a
 //! request outstanding or a stall, within an audit cycle for an idle one).
-use stalltrace_common::{tcp_state, transport, ConnEvent, ConnState, EventHeader, EventKind};
+//!
+//! A client whose peer closed while its request was outstanding is judged as a TCP
+//! client in `CLOSE_WAIT`: it can still complete only by reading a reply the peer left in its
+//! receive queue; with nothing queued, its exchange ends (`transfer::can_complete`).
+use stalltrace_common::{
+    role, tcp_state, transfer, transport, verdict_flags, ConnEvent, ConnState, EventHeader,
+    EventKind,
+};
 
 use super::Daemon;
-use crate::probes::Probes;
+use crate::probes::{Probes, UnixLiveness};
 
 /// The kernel entry of `sock` as a sweep reads it; a Unix connection whose socket was released
 /// is noted in `released` and returned as closing (so the sweep starts no stall on it).
@@ -18,11 +25,38 @@ pub(super) fn lookup(
     now: u64,
     released: &mut Vec<(u64, ConnState)>,
 ) -> Option<ConnState> {
-    let mut state = probes.maps.lookup(sock)?;
-    if state.transport == transport::UNIX && probes.unix_released(sock, state.inode) {
-        state.tcp_state = tcp_state::CLOSE;
-        state.state_ns = now;
+    let state = snapshot(probes, sock, now)?;
+    if state.transport == transport::UNIX && state.tcp_state == tcp_state::CLOSE {
         released.push((sock, state));
+    }
+    Some(state)
+}
+
+/// The kernel entry of `sock` as the verdict judges it at `now`: a released Unix socket is
+/// closed (`CLOSE`), and a Unix client with a request outstanding whose peer will send nothing
+/// more (released, or shut down for writing) is in TCP's `CLOSE_WAIT`, with
+/// [`verdict_flags::REPLY_UNREAD_AT_PEER_FIN`] when what the peer sent still waits in its
+/// receive queue. Dated `now`: Unix sockets report no close, so it is when the daemon noticed.
+pub(super) fn snapshot(probes: &Probes, sock: u64, now: u64) -> Option<ConnState> {
+    let mut state = probes.maps.lookup(sock)?;
+    if state.transport != transport::UNIX {
+        return Some(state);
+    }
+    // Only a client waiting for an answer is owed anything by its peer: ask for those alone.
+    let ask_peer = state.role != role::SERVER && transfer::is_outstanding(&state);
+    match probes.unix_liveness(sock, state.inode, ask_peer) {
+        UnixLiveness::Released => {
+            state.tcp_state = tcp_state::CLOSE;
+            state.state_ns = now;
+        }
+        UnixLiveness::PeerClosed { unread } => {
+            state.tcp_state = tcp_state::CLOSE_WAIT;
+            state.state_ns = now;
+            if unread {
+                state.verdict_flags |= verdict_flags::REPLY_UNREAD_AT_PEER_FIN;
+            }
+        }
+        UnixLiveness::Open | UnixLiveness::Unknown => {}
     }
     Some(state)
 }

@@ -428,8 +428,21 @@ impl Diagnoser {
     /// The diagnosis of `conn` from what is known of it; the blame chain only with a tracker
     /// (and the open stalls' outbound requests).
     fn compose(&self, conn: &Conn, open: &Open, context: Option<(&Tracker, &Links)>) -> Diagnosis {
-        let (confidence, confidence_reason) =
+        let (mut confidence, mut confidence_reason) =
             diagnosis::confidence(conn.opened_ns, self.last_loss_ns);
+        // Quiet since before the daemon started: that start was inferred, not seen.
+        let inferred = conn
+            .stall
+            .as_ref()
+            .is_some_and(|stall| conn.adopted && stall.quiet_since_ns < conn.opened_ns);
+        if inferred && confidence_reason.is_none() {
+            confidence = diagnosis::Confidence::Partial;
+            confidence_reason = Some(
+                "the request predates the daemon: its start is inferred from the socket's \
+                 tcp_info (when data last came in and went out), not seen"
+                    .into(),
+            );
+        }
         let mut found = Diagnosis {
             confidence,
             confidence_reason,

@@ -33,7 +33,7 @@ const ANY_SIZE: u32 = u32::MAX;
 pub(crate) fn resolve_offsets(btf: &Btf) -> (Offsets, Vec<&'static str>) {
     let mut offsets = Offsets::unknown();
     let mut missing = Vec::new();
-    let wanted: [Wanted; 24] = [
+    let wanted: [Wanted; 27] = [
         (
             &mut offsets.skc_family,
             "sock",
@@ -198,6 +198,27 @@ pub(crate) fn resolve_offsets(btf: &Btf) -> (Offsets, Vec<&'static str>) {
             "pid.numbers",
         ),
         (&mut offsets.upid_nr, "upid", &["nr"], 4, "upid.nr"),
+        (
+            &mut offsets.sk_receive_queue_qlen,
+            "sock",
+            &["sk_receive_queue", "qlen"],
+            4,
+            "sock.sk_receive_queue.qlen",
+        ),
+        (
+            &mut offsets.sk_shutdown,
+            "sock",
+            &["sk_shutdown"],
+            1,
+            "sock.sk_shutdown",
+        ),
+        (
+            &mut offsets.unix_address_refcnt,
+            "unix_address",
+            &["refcnt"],
+            4,
+            "unix_address.refcnt",
+        ),
     ];
     resolve(btf, wanted, &mut missing);
     (offsets, missing)

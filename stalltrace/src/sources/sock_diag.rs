@@ -38,6 +38,9 @@ pub(crate) struct DiagEntry {
     pub send_queue: u32,
     pub inode: u64,
     pub signals: Option<TcpSignals>,
+    /// Data segments received and sent (`tcpi_data_segs_in`/`_out`, Linux 4.6+), when the
+    /// kernel reports them.
+    pub data_segs: Option<(u32, u32)>,
 }
 
 /// The socket with these endpoints, in their namespace, with tcp_info; `None` if it no
@@ -83,17 +86,18 @@ pub(crate) fn query(endpoints: &Endpoints, pid: u32) -> io::Result<Option<DiagEn
 /// a process is in (each namespace once; those that cannot be queried are said once and
 /// skipped). Filtered while parsing: a host may have hundreds of thousands of sockets.
 pub(crate) fn dump_established_unread() -> io::Result<Vec<DiagEntry>> {
+    dump_established(|entry| entry.recv_queue > 0)
+}
+
+/// The established TCP sockets `keep` keeps, with tcp_info, in every network namespace a
+/// process is in, as [`dump_established_unread`] walks them.
+pub(crate) fn dump_established(keep: fn(&DiagEntry) -> bool) -> io::Result<Vec<DiagEntry>> {
     let dump = |socket: &OwnedFd, label: u32| -> io::Result<Vec<DiagEntry>> {
         let mut entries = Vec::new();
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
             let info = 1 << (INET_DIAG_INFO - 1);
             let request = request(family, 1 << tcp_state::ESTABLISHED, info, None, true);
-            entries.extend(exchange(
-                socket,
-                &request,
-                |entry| entry.recv_queue > 0,
-                label,
-            )?);
+            entries.extend(exchange(socket, &request, keep, label)?);
         }
         Ok(entries)
     };
@@ -318,6 +322,7 @@ fn parse_entry(payload: &[u8]) -> Option<DiagEntry> {
         send_queue: u32_at(60),
         inode: u64::from(u32_at(68)),
         signals: None,
+        data_segs: None,
     };
     let mut attributes = &payload[MSG_LEN..];
     while attributes.len() >= 4 {
@@ -328,10 +333,20 @@ fn parse_entry(payload: &[u8]) -> Option<DiagEntry> {
         }
         if kind == INET_DIAG_INFO {
             entry.signals = Some(parse_tcp_info(&attributes[4..len], &entry));
+            entry.data_segs = data_segs(&attributes[4..len]);
         }
         attributes = &attributes[align4(len).min(attributes.len())..];
     }
     Some(entry)
+}
+
+/// `tcpi_data_segs_in` and `tcpi_data_segs_out` (UAPI offsets 152 and 156), if present.
+fn data_segs(info: &[u8]) -> Option<(u32, u32)> {
+    let u32_at = |at: usize| {
+        info.get(at..at + 4)
+            .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
+    };
+    Some((u32_at(152)?, u32_at(156)?))
 }
 
 /// The fields of struct tcp_info used (offsets are UAPI; newer fields only if present).
