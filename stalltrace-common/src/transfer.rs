@@ -151,6 +151,14 @@ pub fn record_transfer(
         // Housekeeping moves no exchange, and no quiet clock: times are those of data.
         return Turn::Control;
     }
+    record_turn(conn, dir, now, message)
+}
+
+/// The request/reply turn of data moved in direction `dir` at `now` (ns), without counting
+/// bytes or calls: [`record_transfer`]'s second half, also run alone when libssl returns the
+/// plaintext of receives counted earlier ([`plaintext_received`]).
+#[inline(always)]
+pub fn record_turn(conn: &mut ConnState, dir: u8, now: u64, message: Message) -> Turn {
     if dir == direction::IN {
         conn.last_recv_ns = now;
     } else {
@@ -177,6 +185,32 @@ pub fn record_transfer(
     } else {
         Turn::Unsolicited
     }
+}
+
+/// A receive made inside an `SSL_read` call (the daemon hooks libssl): on a TLS connection
+/// whose replies come in (a client's), a receive is not the reply by itself — a TLS 1.3
+/// client reads the server's NewSessionTickets (encrypted records whose header says
+/// application_data) in the first `SSL_read` after its request. It is counted as
+/// housekeeping ([`Message::Control`]: bytes, no turn), and the reply turn is taken when
+/// `SSL_read` returns application data ([`plaintext_received`]). A server's receives (its
+/// requests) are judged from their records as before.
+#[inline(always)]
+pub fn defers_to_libssl(conn: &ConnState) -> bool {
+    conn.proto == crate::message::proto::TLS
+        && request_direction(conn) == direction::OUT
+        && conn.flags & conn_flags::STREAM == 0
+}
+
+/// An `SSL_read` call on `conn` returned application data at `now` (ns), after receives it
+/// made were deferred ([`defers_to_libssl`]): the turn they did not take. Returns whether a
+/// quiet stretch of at least `stall_after_ns` ended ([`ends_quiet`]) and the turn.
+#[inline(always)]
+pub fn plaintext_received(conn: &mut ConnState, now: u64, stall_after_ns: u64) -> (bool, Turn) {
+    let quiet_ended = ends_quiet(conn, direction::IN, Message::Data, now, stall_after_ns);
+    (
+        quiet_ended,
+        record_turn(conn, direction::IN, now, Message::Data),
+    )
 }
 
 #[cfg(test)]
@@ -332,5 +366,76 @@ mod tests {
             assert!(!is_outstanding(&conn));
         }
         assert_eq!((conn.requests, conn.recv_calls), (0, 6));
+    }
+
+    #[test]
+    fn a_tls_client_reply_counts_when_libssl_returns_plaintext() {
+        use crate::message::proto;
+        const SECOND: u64 = 1_000_000_000;
+        let mut conn = ConnState {
+            role: role::CLIENT,
+            proto: proto::TLS,
+            ..Default::default()
+        };
+        // The first request on a fresh TLS 1.3 connection, then SSL_read: the receive of the
+        // server's NewSessionTickets is deferred, no reply.
+        record_transfer(&mut conn, direction::OUT, 40, SECOND, Message::Data);
+        assert!(defers_to_libssl(&conn));
+        assert_eq!(
+            record_transfer(&mut conn, direction::IN, 500, SECOND + 1, Message::Control),
+            Turn::Control
+        );
+        assert!(is_outstanding(&conn), "tickets answer nothing");
+        assert!(quiet_past_threshold(&conn, 4 * SECOND, 2 * SECOND));
+        // The reply's receive, deferred too; SSL_read then returns its plaintext at 7 s.
+        record_transfer(&mut conn, direction::IN, 30, 7 * SECOND, Message::Control);
+        assert_eq!(
+            plaintext_received(&mut conn, 7 * SECOND, 2 * SECOND),
+            (true, Turn::ReplyStarted)
+        );
+        assert!(!is_outstanding(&conn));
+        assert_eq!(
+            (
+                conn.exchanges,
+                conn.recv_calls,
+                conn.bytes_recv,
+                conn.last_recv_ns
+            ),
+            (1, 2, 530, 7 * SECOND)
+        );
+        // More plaintext of the same reply: no new turn.
+        assert_eq!(
+            plaintext_received(&mut conn, 7 * SECOND + 5, 2 * SECOND),
+            (false, Turn::Continued)
+        );
+    }
+
+    #[test]
+    fn only_tls_replies_wait_for_libssl() {
+        use crate::message::proto;
+        let server = ConnState {
+            role: role::SERVER,
+            proto: proto::TLS,
+            ..Default::default()
+        };
+        assert!(
+            !defers_to_libssl(&server),
+            "a server's receives are its requests"
+        );
+        for protocol in [proto::UNKNOWN, proto::HTTP1, proto::HTTP2] {
+            let client = ConnState {
+                role: role::CLIENT,
+                proto: protocol,
+                ..Default::default()
+            };
+            assert!(!defers_to_libssl(&client), "{protocol}");
+        }
+        let stream = ConnState {
+            role: role::CLIENT,
+            proto: proto::TLS,
+            flags: conn_flags::STREAM,
+            ..Default::default()
+        };
+        assert!(!defers_to_libssl(&stream));
     }
 }

@@ -8,6 +8,8 @@
 //! - `tcp_signals`: retransmits and received resets (`tcp/*`);
 //! - `udp`: UDP request/response flows (the same transfer hooks; closes from
 //!   `cgroup/sock_release`).
+//! - `libssl`: TLS clients' replies counted when libssl's `SSL_read` returns plaintext
+//!   (uprobes on the system's libssl).
 //! - `unix`: Unix stream/seqpacket connections, found through the same transfer tracepoints.
 //!
 //! Per-connection state lives in the `CONNS` LRU map; the ring buffer carries only lifecycle
@@ -22,6 +24,7 @@
 mod capture;
 mod conn;
 mod kernel_read;
+mod libssl;
 mod maps;
 mod stacks;
 mod syscall_transfers;

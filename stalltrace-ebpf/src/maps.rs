@@ -23,6 +23,9 @@ pub(crate) static CAPTURE_SLOTS: Global<u32> = Global::new(1);
 /// `cgroup/sock_release` program attaches), on the tracepoint rung.
 #[unsafe(no_mangle)]
 pub(crate) static UDP_TRACED: Global<u32> = Global::new(0);
+/// Non-zero when the daemon found the system's libssl and hooks its `SSL_read` (`libssl.rs`).
+#[unsafe(no_mangle)]
+pub(crate) static LIBSSL_TRACED: Global<u32> = Global::new(0);
 /// The daemon's own process id: Unix connections to or from it (its API socket: the CLI's
 /// queries, `watch`) are not tracked, so that the tracer does not report itself.
 #[unsafe(no_mangle)]

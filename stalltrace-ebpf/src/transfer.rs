@@ -19,7 +19,7 @@ use stalltrace_common::{
     conn_flags, direction, listen_key,
     message::{classify, Head, Message},
     role, tcp_state,
-    transfer::{ends_quiet, look, record_transfer, Look, Turn},
+    transfer::{defers_to_libssl, ends_quiet, look, record_transfer, Look, Turn},
     transport, Capture, ConnState, EventKind, AF_INET, AF_INET6, AF_UNIX, IPPROTO_TCP, IPPROTO_UDP,
 };
 
@@ -27,6 +27,7 @@ use crate::{
     capture::{bytes_at, capture_request, reply_head},
     conn::{emit, emit_request, insert_new, set_netns, set_owner_to_current},
     kernel_read::{read_endpoints, socket_family, tcp_state_of},
+    libssl,
     maps::{current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS, UDP_TRACED},
     udp, unix,
 };
@@ -106,11 +107,19 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
     let new_owner = set_owner_to_current(conn);
     // Only a run that may start a request, or answer one with housekeeping in between, has
     // its first bytes read: to tell data from protocol housekeeping, and to name requests.
-    let (message, capture) = match look(conn, dir) {
+    let (mut message, capture) = match look(conn, dir) {
         Look::Skip => (Message::Data, None),
         Look::Request => read_message(sock, conn, bytes, now),
         look @ (Look::Continuation | Look::Reply) => (read_housekeeping(conn, look, bytes), None),
     };
+    // A TLS client's receive inside `SSL_read`: the reply, if any, is taken when the call
+    // returns plaintext (`libssl.rs`).
+    if dir == direction::IN
+        && defers_to_libssl(conn)
+        && libssl::inside_ssl_read(sock, &mut conn.flags)
+    {
+        message = Message::Control;
+    }
     let quiet_ended = ends_quiet(conn, dir, message, now, stall_after_ns());
     let turn = record_transfer(conn, dir, bytes, now, message);
     report(sock, conn, new_owner, quiet_ended, turn, capture, now);

@@ -7,7 +7,7 @@
 //! The data transfers (every TCP send and receive) are hooked by the first rung of a ladder
 //! that attaches on the running kernel: the sock tracepoints (Linux 6.3), fexit on the TCP
 //! functions (BTF trampolines, 5.5), kprobes on them. All rungs run the same kernel logic.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
@@ -16,8 +16,9 @@ use aya::{
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
+        uprobe::UProbeScope,
         CgroupAttachMode, CgroupSock, FExit, KProbe, PerfEvent, ProgramError, ProgramFd,
-        RawTracePoint, RawTracePointRunOptions, TestRun as _, TracePoint,
+        RawTracePoint, RawTracePointRunOptions, TestRun as _, TracePoint, UProbe,
     },
     Ebpf, EbpfLoader,
 };
@@ -25,7 +26,7 @@ use stalltrace_common::{
     capture_slot, loss, syscall_regs, Capture, ConnState, Control, FdOffsets, Offsets, StackKey,
 };
 
-use crate::sources::{cgroups, tracefs};
+use crate::sources::{cgroups, libssl, tracefs};
 
 /// The object built by build.rs from stalltrace-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stalltrace"));
@@ -298,6 +299,8 @@ pub(crate) struct ProbeConfig {
     pub capture_bytes: u32,
     /// The transfer rung to use (`--hooks`); `None`: the first that attaches.
     pub hooks: Option<Rung>,
+    /// Hook the system's libssl (`SSL_read`) for TLS clients' replies (`--no-libssl`: off).
+    pub libssl: bool,
     pub functions: KernelFunctions,
 }
 
@@ -334,6 +337,9 @@ pub(crate) struct Probes {
     pub udp: bool,
     /// Whether Unix stream/seqpacket connections are traced, or why not.
     pub unix: Result<(), String>,
+    /// The libssl whose `SSL_read` is hooked (TLS clients' replies counted at the plaintext),
+    /// or why none is.
+    pub libssl: Result<PathBuf, String>,
 }
 
 /// The program the daemon runs (never attached) to ask whether a Unix socket still lives.
@@ -473,9 +479,30 @@ impl Probes {
                 })
                 .ok()
         };
+        let libssl = if config.libssl {
+            libssl::find()
+        } else {
+            Err("turned off by --no-libssl".to_owned())
+        };
         let (mut probes, capture_error) = with_capture_fallback(capture_bytes, |bytes| {
-            Self::load_once(tracefs_root, config, listening, bytes, udp_cgroup.is_some())
+            let hooks = Features {
+                udp: udp_cgroup.is_some(),
+                libssl: libssl.is_ok(),
+            };
+            Self::load_once(tracefs_root, config, listening, bytes, hooks)
         })?;
+        probes.libssl = libssl.and_then(|path| {
+            let hooks = attach_libssl(&mut probes.ebpf, &path)?;
+            probes.attached.extend(hooks);
+            Ok(path)
+        });
+        if let Err(why) = &probes.libssl {
+            log::warn!(
+                "TLS through libssl is not followed ({why}): TLS clients' replies are judged \
+                 from their records, so a TLS 1.3 client's first request is not flagged when it \
+                 stalls (the server's session tickets pass for the reply; its server is flagged)"
+            );
+        }
         probes.udp = match (&udp_cgroup, probes.transfers.rung) {
             (Some(root), Rung::Tracepoint) => match attach_sock_release(&mut probes.ebpf, root) {
                 Ok(hook) => {
@@ -524,7 +551,7 @@ impl Probes {
         config: &ProbeConfig,
         listening: &[(u32, u16)],
         capture_bytes: u32,
-        udp: bool,
+        features: Features,
     ) -> Result<Self> {
         let capture_slots = if capture_bytes > 0 { CAPTURE_SLOTS } else { 1 };
         let mut ebpf = EbpfLoader::new()
@@ -549,7 +576,8 @@ impl Probes {
             .override_global("CAPTURE_SLOTS", &capture_slots, true)
             .map_max_entries("CAPTURES", capture_slots)
             .override_global("TCP_RECVMSG_ARGS", &config.functions.tcp_recvmsg_args, true)
-            .override_global("UDP_TRACED", &u32::from(udp), true)
+            .override_global("UDP_TRACED", &u32::from(features.udp), true)
+            .override_global("LIBSSL_TRACED", &u32::from(features.libssl), true)
             .load(OBJECT)
             .context(
                 "loading the eBPF maps and programs failed; stalltrace needs Linux >= 5.8 with \
@@ -624,6 +652,7 @@ impl Probes {
             transfers,
             udp: false,
             unix,
+            libssl: Err("not attached yet".to_owned()),
         })
     }
 
@@ -930,6 +959,59 @@ fn attach_sock_release(ebpf: &mut Ebpf, root: &std::fs::File) -> Result<Attached
     })
 }
 
+/// Optional code the programs are loaded with (constants the verifier prunes).
+#[derive(Clone, Copy)]
+struct Features {
+    /// UDP sockets are traced.
+    udp: bool,
+    /// A libssl was found: receives look up whether they are inside `SSL_read`.
+    libssl: bool,
+}
+
+/// Functions of libssl whose calls hand a TLS client its replies' plaintext.
+const SSL_READ_FUNCTIONS: [&str; 2] = ["SSL_read", "SSL_read_ex"];
+const SSL_READ_PROGRAM: &str = "stalltrace_ssl_read";
+const SSL_READ_RETURN_PROGRAM: &str = "stalltrace_ssl_read_return";
+
+/// Attaches the `SSL_read` uprobes to the library at `path`, for every process. All or
+/// nothing: the returns first (an entry without its return would defer a receive forever),
+/// and on any failure both programs are detached and unloaded.
+fn attach_libssl(ebpf: &mut Ebpf, path: &Path) -> Result<Vec<Attached>, String> {
+    let mut attach = |program: &'static str, prefix: &str| -> Result<Attached, String> {
+        let probe: &mut UProbe = ebpf
+            .program_mut(program)
+            .ok_or_else(|| format!("the eBPF object has no program {program}"))?
+            .try_into()
+            .map_err(|err| format!("{program}: {err}"))?;
+        probe
+            .load()
+            .map_err(|err| format!("loading {program}: {}", summarize_load_error(err)))?;
+        for function in SSL_READ_FUNCTIONS {
+            probe
+                .attach(function, path, UProbeScope::AllProcesses)
+                .map_err(|err| format!("attaching a {prefix} to {function}: {err}"))?;
+        }
+        Ok(Attached {
+            program,
+            hook: format!(
+                "{prefix}:{}:{}",
+                path.display(),
+                SSL_READ_FUNCTIONS.join(",")
+            ),
+            rung: Rung::Tracepoint,
+            run_count: 0,
+            run_time_ns: 0,
+        })
+    };
+    let hooks = attach(SSL_READ_RETURN_PROGRAM, "uretprobe")
+        .and_then(|ret| Ok(vec![ret, attach(SSL_READ_PROGRAM, "uprobe")?]));
+    if hooks.is_err() {
+        unload(ebpf, SSL_READ_PROGRAM);
+        unload(ebpf, SSL_READ_RETURN_PROGRAM);
+    }
+    hooks.map_err(|err| format!("{}: {err}", path.display()))
+}
+
 /// kprobes can be created through the kprobe PMU or tracefs.
 fn kprobes_available(tracefs_root: &Path) -> bool {
     Path::new("/sys/bus/event_source/devices/kprobe").exists()
@@ -944,6 +1026,7 @@ fn unload(ebpf: &mut Ebpf, program: &str) {
         Some(Program::FExit(p)) => p.unload(),
         Some(Program::KProbe(p)) => p.unload(),
         Some(Program::TracePoint(p)) => p.unload(),
+        Some(Program::UProbe(p)) => p.unload(),
         _ => Ok(()),
     };
     if let Err(err) = result {

@@ -241,6 +241,15 @@ pub struct DaemonArgs {
     #[arg(long, value_enum, default_value_t = HooksArg::Auto, env = "STALLTRACE_HOOKS")]
     pub hooks: HooksArg,
 
+    /// Do not hook the system's libssl. By default the daemon attaches uprobes to `SSL_read`
+    /// and `SSL_read_ex` of libssl.so.3 (every process that links it dynamically), so that a
+    /// TLS client's reply counts when OpenSSL returns its plaintext: without them, a TLS 1.3
+    /// client's first request on a connection is not flagged when it stalls (the server's
+    /// session tickets pass for the reply). Cost: about 1-3 µs per SSL_read call, on every
+    /// process using OpenSSL (docs/performance.md).
+    #[arg(long)]
+    pub no_libssl: bool,
+
     /// Read the kernel's BTF from this file instead of /sys/kernel/btf/vmlinux: for kernels
     /// built without CONFIG_DEBUG_INFO_BTF, with a BTF file made for that exact kernel build
     /// (e.g. from BTFHub). It gives the socket offsets (adoption, connections found by their

@@ -103,6 +103,11 @@ impl Daemon {
                 "namespace_broker_pid": crate::sources::netns::Broker::pid(),
                 "request_capture_bytes": probes.capture_bytes,
                 "udp": probes.udp,
+                // TLS clients' replies counted when libssl's SSL_read returns plaintext.
+                "tls_libssl": match &probes.libssl {
+                    Ok(path) => json!({"enabled": true, "library": path}),
+                    Err(why) => json!({"enabled": false, "reason": why}),
+                },
             },
             "connections": {
                 "tracked": self.tracker.len(),
