@@ -255,6 +255,10 @@ time.sleep(60)
 fn idle_tls_connections_are_never_flagged() {
     require_root();
     let daemon = Daemon::start("tls-idle");
+    assert!(
+        libssl_hooked(&daemon),
+        "the uprobes must not flag idle connections either"
+    );
     let (cert, key) = certificate(daemon.dir());
     let (_server, port) = Script::start(TLS_SERVER, &[&cert, &key, "2"]);
     let (_fresh, version) = Script::start(TLS_CLIENT, &[&port, "1.3"]);
@@ -294,6 +298,129 @@ fn a_late_tls_reply_is_flagged_on_the_server() {
     assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
     let duration = end["stall"]["duration_ms"].as_u64().unwrap() as f64;
     assert!(duration + 300.0 >= delay * 1000.0, "{end:#}");
+}
+
+/// An HTTPS server (Python's `http.server` over `ssl`, TLS 1.3 with two session tickets):
+/// `GET /slow/N` is answered after N seconds.
+const HTTPS_SERVER: &str = r#"
+import http.server, ssl, sys, time
+class Slow(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        time.sleep(float(self.path.rsplit("/", 1)[1]))
+        body = b"done\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[1], sys.argv[2])
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+
+/// Whether the daemon follows TLS through libssl, as `status -o json` says.
+fn libssl_hooked(daemon: &Daemon) -> bool {
+    let status = daemon.cli_json(&["status", "-o", "json"]);
+    status["features"]["tls_libssl"]["enabled"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("status has no features.tls_libssl: {status:#}"))
+}
+
+/// Both ends of `port` are flagged, and the client's stall ends with the response after
+/// `delay` (its true duration).
+#[track_caller]
+fn assert_late_reply_flagged_on_both_ends(daemon: &Daemon, port: u16, delay: Duration, what: &str) {
+    let client = daemon.wait_for_stall(port, "client", REPORT_WITHIN);
+    assert_eq!(
+        client["stall"]["kind"], "awaiting_response",
+        "{what}: {client:#}"
+    );
+    let server = daemon.wait_for_stall(port, "server", REPORT_WITHIN);
+    assert_eq!(
+        server["stall"]["kind"], "unanswered_request",
+        "{what}: {server:#}"
+    );
+    let end = daemon
+        .wait_for_event("stall.end", port, delay + REPORT_WITHIN, |e| {
+            e["conn"]["role"] == "client"
+        })
+        .unwrap_or_else(|| panic!("{what}: the client's stall ends"));
+    assert_eq!(end["stall"]["resolution"], "response", "{what}: {end:#}");
+    let duration = end["stall"]["duration_ms"].as_u64().unwrap();
+    let expected = delay.as_millis() as u64;
+    assert!(
+        duration + 300 >= expected && duration <= expected + 1000,
+        "{what}: the stall lasted the reply's delay ({expected} ms): {end:#}"
+    );
+}
+
+/// The first request on a fresh TLS 1.3 connection, answered after 6 s. The client reads the
+/// server's session tickets (encrypted records whose header says application_data, like a
+/// reply's) in its first `SSL_read` after the request: with libssl hooked, the reply counts
+/// only when `SSL_read` returns plaintext, so the client is flagged too, and its stall ends
+/// with the response. Python's `ssl` (`SSL_read_ex`, a blocking socket: the tickets and the
+/// reply in one call) and curl (`SSL_read`, non-blocking: a call that reads only the tickets
+/// returns WANT_READ).
+#[test]
+fn a_late_first_tls_reply_is_flagged_on_both_ends() {
+    require_root();
+    let daemon = Daemon::start("tls-first-late");
+    assert!(libssl_hooked(&daemon), "{}", daemon.stderr());
+    let (cert, key) = certificate(daemon.dir());
+    let delay = Duration::from_secs(6);
+    let (_server, port) = Script::start(TLS_SERVER, &[&cert, &key, "2"]);
+    let seconds = delay.as_secs().to_string();
+    let (_client, version) = Script::start(TLS_CLIENT, &[&port, "1.3", &seconds]);
+    assert_eq!(version, "TLSv1.3");
+    assert_late_reply_flagged_on_both_ends(&daemon, port.parse().unwrap(), delay, "python ssl");
+
+    let (_https, https_port) = Script::start(HTTPS_SERVER, &[&cert, &key]);
+    let url = format!("https://127.0.0.1:{https_port}/slow/{seconds}");
+    let mut curl = Command::new("curl")
+        .args(["-sk", "--tlsv1.3", "-o", "/dev/null", &url])
+        .spawn()
+        .expect("curl (cargo xtask test installs it)");
+    assert_late_reply_flagged_on_both_ends(&daemon, https_port.parse().unwrap(), delay, "curl");
+    assert!(curl.wait().unwrap().success());
+}
+
+/// With `--no-libssl`, status says libssl is not followed and why, and the start-up log says
+/// what is lost in one warning line.
+#[test]
+fn libssl_hooks_can_be_turned_off() {
+    require_root();
+    let daemon = Daemon::start_with("tls-no-libssl", &["--no-libssl"]);
+    assert!(!libssl_hooked(&daemon));
+    let status = daemon.cli_json(&["status", "-o", "json"]);
+    assert_eq!(
+        status["features"]["tls_libssl"]["reason"], "turned off by --no-libssl",
+        "{status:#}"
+    );
+    assert!(
+        !status["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["hook"].as_str().unwrap().contains("libssl")),
+        "{status:#}"
+    );
+    let warnings: Vec<_> = daemon
+        .stderr()
+        .lines()
+        .filter(|line| line.contains("libssl"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        warnings.len(),
+        2,
+        "the warning and the start-up line: {warnings:#?}"
+    );
+    assert!(warnings[0].contains("warn") && warnings[0].contains("TLS 1.3 client's first request"));
 }
 
 /// A gRPC server (grpcio) with one unary method that sleeps the seconds its request names;
