@@ -104,7 +104,7 @@ pub mod conn_flags {
     pub const TLS_FINISHED_NEXT: u8 = 1 << 6;
     /// TLS through libssl: a receive of this connection was seen inside an `SSL_read` call
     /// (uprobes on the system's libssl), so its replies are counted when `SSL_read` returns
-    /// application data, not at each receive (see `transfer::defers_to_libssl`).
+    /// application data, not at each receive (see `transfer::is_tls_client`).
     pub const TLS_LIBSSL: u8 = 1 << 7;
 }
 

@@ -187,22 +187,23 @@ pub fn record_turn(conn: &mut ConnState, dir: u8, now: u64, message: Message) ->
     }
 }
 
-/// A receive made inside an `SSL_read` call (the daemon hooks libssl): on a TLS connection
-/// whose replies come in (a client's), a receive is not the reply by itself — a TLS 1.3
-/// client reads the server's NewSessionTickets (encrypted records whose header says
-/// application_data) in the first `SSL_read` after its request. It is counted as
-/// housekeeping ([`Message::Control`]: bytes, no turn), and the reply turn is taken when
-/// `SSL_read` returns application data ([`plaintext_received`]). A server's receives (its
-/// requests) are judged from their records as before.
+/// A TLS connection whose replies come in (a client's, not a stream): its receives are not
+/// all replies, though their records say application_data. A TLS 1.3 client reads the
+/// server's NewSessionTickets in its first read after its first request. Two rules then hold
+/// such a receive back: bytes that had arrived before the request was sent
+/// ([`received_before_request`]), and a receive made inside libssl's `SSL_read` (the daemon
+/// hooks it), which is counted as housekeeping ([`Message::Control`]: bytes, no turn) while
+/// the reply turn is taken when `SSL_read` returns application data
+/// ([`plaintext_received`]). A server's receives (its requests) are judged from their records.
 #[inline(always)]
-pub fn defers_to_libssl(conn: &ConnState) -> bool {
+pub fn is_tls_client(conn: &ConnState) -> bool {
     conn.proto == crate::message::proto::TLS
         && request_direction(conn) == direction::OUT
         && conn.flags & conn_flags::STREAM == 0
 }
 
 /// An `SSL_read` call on `conn` returned application data at `now` (ns), after receives it
-/// made were deferred ([`defers_to_libssl`]): the turn they did not take. Returns whether a
+/// made were held back ([`is_tls_client`]): the turn they did not take. Returns whether a
 /// quiet stretch of at least `stall_after_ns` ended ([`ends_quiet`]) and the turn.
 #[inline(always)]
 pub fn plaintext_received(conn: &mut ConnState, now: u64, stall_after_ns: u64) -> (bool, Turn) {
@@ -211,6 +212,22 @@ pub fn plaintext_received(conn: &mut ConnState, now: u64, stall_after_ns: u64) -
         quiet_ended,
         record_turn(conn, direction::IN, now, Message::Data),
     )
+}
+
+/// Of a receive of `bytes` on a TLS client connection with a request outstanding, whether all
+/// of them had arrived before the request was sent: `queued` bytes still to be read from those
+/// that sat unread in the receive queue when it was sent (counted down here). Such bytes
+/// cannot answer it — a TLS 1.3 server's NewSessionTickets, read by a pre-warmed pool
+/// connection's first `read` after its first request — whatever the client's TLS library.
+#[inline(always)]
+pub fn received_before_request(queued: &mut u32, bytes: u64) -> bool {
+    if bytes <= u64::from(*queued) {
+        *queued -= bytes as u32;
+        true
+    } else {
+        *queued = 0;
+        false
+    }
 }
 
 #[cfg(test)]
@@ -380,7 +397,7 @@ mod tests {
         // The first request on a fresh TLS 1.3 connection, then SSL_read: the receive of the
         // server's NewSessionTickets is deferred, no reply.
         record_transfer(&mut conn, direction::OUT, 40, SECOND, Message::Data);
-        assert!(defers_to_libssl(&conn));
+        assert!(is_tls_client(&conn));
         assert_eq!(
             record_transfer(&mut conn, direction::IN, 500, SECOND + 1, Message::Control),
             Turn::Control
@@ -419,7 +436,7 @@ mod tests {
             ..Default::default()
         };
         assert!(
-            !defers_to_libssl(&server),
+            !is_tls_client(&server),
             "a server's receives are its requests"
         );
         for protocol in [proto::UNKNOWN, proto::HTTP1, proto::HTTP2] {
@@ -428,7 +445,7 @@ mod tests {
                 proto: protocol,
                 ..Default::default()
             };
-            assert!(!defers_to_libssl(&client), "{protocol}");
+            assert!(!is_tls_client(&client), "{protocol}");
         }
         let stream = ConnState {
             role: role::CLIENT,
@@ -436,6 +453,25 @@ mod tests {
             flags: conn_flags::STREAM,
             ..Default::default()
         };
-        assert!(!defers_to_libssl(&stream));
+        assert!(!is_tls_client(&stream));
+    }
+
+    #[test]
+    fn bytes_queued_before_the_request_are_no_reply() {
+        // 500 bytes of session tickets sat unread when the request was sent.
+        let mut queued = 500;
+        assert!(received_before_request(&mut queued, 5), "a record header");
+        assert!(
+            received_before_request(&mut queued, 495),
+            "its body and the next record"
+        );
+        assert_eq!(queued, 0);
+        assert!(!received_before_request(&mut queued, 5), "then the reply");
+        let mut queued = 500;
+        assert!(
+            !received_before_request(&mut queued, 600),
+            "a read holding the tickets and part of the reply"
+        );
+        assert_eq!(queued, 0);
     }
 }

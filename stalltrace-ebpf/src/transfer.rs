@@ -19,7 +19,7 @@ use stalltrace_common::{
     conn_flags, direction, listen_key,
     message::{classify, Head, Message},
     role, tcp_state,
-    transfer::{defers_to_libssl, ends_quiet, look, record_transfer, Look, Turn},
+    transfer::{ends_quiet, is_outstanding, is_tls_client, look, record_transfer, Look, Turn},
     transport, Capture, ConnState, EventKind, AF_INET, AF_INET6, AF_UNIX, IPPROTO_TCP, IPPROTO_UDP,
 };
 
@@ -29,7 +29,7 @@ use crate::{
     kernel_read::{read_endpoints, socket_family, tcp_state_of},
     libssl,
     maps::{current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS, UDP_TRACED},
-    udp, unix,
+    tls_queue, udp, unix,
 };
 
 const MSG_PEEK: i32 = 2;
@@ -112,16 +112,19 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
         Look::Request => read_message(sock, conn, bytes, now),
         look @ (Look::Continuation | Look::Reply) => (read_housekeeping(conn, look, bytes), None),
     };
-    // A TLS client's receive inside `SSL_read`: the reply, if any, is taken when the call
-    // returns plaintext (`libssl.rs`).
-    if dir == direction::IN
-        && defers_to_libssl(conn)
-        && libssl::inside_ssl_read(sock, &mut conn.flags)
-    {
-        message = Message::Control;
+    // A TLS client's receive of bytes queued before its request (`tls_queue.rs`), or inside
+    // `SSL_read` (whose return takes the reply turn: `libssl.rs`), is no reply by itself.
+    if dir == direction::IN && is_tls_client(conn) {
+        let queued = is_outstanding(conn) && tls_queue::received_before(sock, conn, bytes);
+        if libssl::inside_ssl_read(sock, &mut conn.flags) || queued {
+            message = Message::Control;
+        }
     }
     let quiet_ended = ends_quiet(conn, dir, message, now, stall_after_ns());
     let turn = record_transfer(conn, dir, bytes, now, message);
+    if turn == Turn::RequestStarted && is_tls_client(conn) {
+        tls_queue::mark(sock, conn);
+    }
     report(sock, conn, new_owner, quiet_ended, turn, capture, now);
 }
 

@@ -231,7 +231,8 @@ while True:
     threading.Thread(target=serve, args=(conn,), daemon=True).start()
 "#;
 
-/// A TLS client: handshakes (TLS 1.3 unless told 1.2), sends the given requests, then idles.
+/// A TLS client: handshakes (TLS 1.3 unless told 1.2), sends the given requests (each names
+/// the server's delay; `pause=S` sleeps S seconds instead), then idles.
 const TLS_CLIENT: &str = r#"
 import socket, ssl, sys, time
 context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -242,6 +243,9 @@ if sys.argv[2] == "1.2":
 tls = context.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1]))))
 print(tls.version(), flush=True)
 for delay in sys.argv[3:]:
+    if delay.startswith("pause="):
+        time.sleep(float(delay[6:]))
+        continue
     tls.sendall(delay.encode() + b"\n")
     assert tls.recv(100) == b"done\n"
 print("idle", flush=True)
@@ -387,6 +391,24 @@ fn a_late_first_tls_reply_is_flagged_on_both_ends() {
         .expect("curl (cargo xtask test installs it)");
     assert_late_reply_flagged_on_both_ends(&daemon, https_port.parse().unwrap(), delay, "curl");
     assert!(curl.wait().unwrap().success());
+}
+
+/// A pre-warmed TLS 1.3 pool connection (the server's session tickets queued unread) whose
+/// first request is answered late: the tickets, read after the request, were queued before it
+/// and cannot answer it, so the client is flagged without libssl too — as it is for any TLS
+/// library — and its stall ends with the response.
+#[test]
+fn a_late_first_reply_on_a_prewarmed_tls_connection_is_flagged_without_libssl() {
+    require_root();
+    let daemon = Daemon::start_with("tls-pool-late", &["--no-libssl"]);
+    assert!(!libssl_hooked(&daemon));
+    let (cert, key) = certificate(daemon.dir());
+    let delay = Duration::from_secs(6);
+    let (_server, port) = Script::start(TLS_SERVER, &[&cert, &key, "2"]);
+    let seconds = delay.as_secs().to_string();
+    let (_client, version) = Script::start(TLS_CLIENT, &[&port, "1.3", "pause=0.5", &seconds]);
+    assert_eq!(version, "TLSv1.3");
+    assert_late_reply_flagged_on_both_ends(&daemon, port.parse().unwrap(), delay, "pool");
 }
 
 /// With `--no-libssl`, status says libssl is not followed and why, and the start-up log says
