@@ -17,7 +17,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use stalltrace_common::{
     conn_flags, direction, listen_key,
-    message::{classify, Head, Message},
+    message::{classify, proto, Head, Message},
     role, tcp_state,
     transfer::{ends_quiet, is_outstanding, is_tls_client, look, record_transfer, Look, Turn},
     transport, Capture, ConnState, EventKind, AF_INET, AF_INET6, AF_UNIX, IPPROTO_TCP, IPPROTO_UDP,
@@ -122,8 +122,12 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
     }
     let quiet_ended = ends_quiet(conn, dir, message, now, stall_after_ns());
     let turn = record_transfer(conn, dir, bytes, now, message);
-    if turn == Turn::RequestStarted && is_tls_client(conn) {
-        tls_queue::mark(sock, conn);
+    if turn == Turn::RequestStarted && conn.proto == proto::TLS {
+        if is_tls_client(conn) {
+            tls_queue::mark(sock, conn);
+        } else if capture.is_some() {
+            libssl::request_inside_ssl_read(sock, &mut conn.flags);
+        }
     }
     report(sock, conn, new_owner, quiet_ended, turn, capture, now);
 }

@@ -968,48 +968,57 @@ struct Features {
     libssl: bool,
 }
 
-/// Functions of libssl whose calls hand a TLS client its replies' plaintext.
-const SSL_READ_FUNCTIONS: [&str; 2] = ["SSL_read", "SSL_read_ex"];
-const SSL_READ_PROGRAM: &str = "stalltrace_ssl_read";
+/// libssl's functions that hand the application the plaintext it receives, and their entry
+/// programs (the same return program serves both).
+const SSL_READ_FUNCTIONS: [(&str, &str); 2] = [
+    ("SSL_read", "stalltrace_ssl_read"),
+    ("SSL_read_ex", "stalltrace_ssl_read_ex"),
+];
 const SSL_READ_RETURN_PROGRAM: &str = "stalltrace_ssl_read_return";
 
 /// Attaches the `SSL_read` uprobes to the library at `path`, for every process. All or
-/// nothing: the returns first (an entry without its return would defer a receive forever),
-/// and on any failure both programs are detached and unloaded.
+/// nothing: the returns first (an entry without its return would hold a receive back for
+/// good), and on any failure every one of them is detached and unloaded.
 fn attach_libssl(ebpf: &mut Ebpf, path: &Path) -> Result<Vec<Attached>, String> {
-    let mut attach = |program: &'static str, prefix: &str| -> Result<Attached, String> {
-        let probe: &mut UProbe = ebpf
-            .program_mut(program)
-            .ok_or_else(|| format!("the eBPF object has no program {program}"))?
-            .try_into()
-            .map_err(|err| format!("{program}: {err}"))?;
-        probe
-            .load()
-            .map_err(|err| format!("loading {program}: {}", summarize_load_error(err)))?;
-        for function in SSL_READ_FUNCTIONS {
+    let mut attach =
+        |program: &'static str, kind: &str, functions: &[&str]| -> Result<Attached, String> {
+            let probe: &mut UProbe = ebpf
+                .program_mut(program)
+                .ok_or_else(|| format!("the eBPF object has no program {program}"))?
+                .try_into()
+                .map_err(|err| format!("{program}: {err}"))?;
             probe
-                .attach(function, path, UProbeScope::AllProcesses)
-                .map_err(|err| format!("attaching a {prefix} to {function}: {err}"))?;
-        }
-        Ok(Attached {
-            program,
-            hook: format!(
-                "{prefix}:{}:{}",
-                path.display(),
-                SSL_READ_FUNCTIONS.join(",")
-            ),
-            rung: Rung::Tracepoint,
-            run_count: 0,
-            run_time_ns: 0,
-        })
-    };
-    let hooks = attach(SSL_READ_RETURN_PROGRAM, "uretprobe")
-        .and_then(|ret| Ok(vec![ret, attach(SSL_READ_PROGRAM, "uprobe")?]));
-    if hooks.is_err() {
-        unload(ebpf, SSL_READ_PROGRAM);
-        unload(ebpf, SSL_READ_RETURN_PROGRAM);
+                .load()
+                .map_err(|err| format!("loading {program}: {}", summarize_load_error(err)))?;
+            for function in functions {
+                probe
+                    .attach(*function, path, UProbeScope::AllProcesses)
+                    .map_err(|err| format!("attaching a {kind} to {function}: {err}"))?;
+            }
+            Ok(Attached {
+                program,
+                hook: format!("{kind}:{}:{}", path.display(), functions.join(",")),
+                rung: Rung::Tracepoint,
+                run_count: 0,
+                run_time_ns: 0,
+            })
+        };
+    let functions = SSL_READ_FUNCTIONS.map(|(function, _)| function);
+    let mut hooks = Vec::new();
+    let mut result =
+        attach(SSL_READ_RETURN_PROGRAM, "uretprobe", &functions).map(|h| hooks.push(h));
+    for (function, program) in SSL_READ_FUNCTIONS {
+        result =
+            result.and_then(|()| attach(program, "uprobe", &[function]).map(|h| hooks.push(h)));
     }
-    hooks.map_err(|err| format!("{}: {err}", path.display()))
+    if let Err(err) = result {
+        unload(ebpf, SSL_READ_RETURN_PROGRAM);
+        for (_, program) in SSL_READ_FUNCTIONS {
+            unload(ebpf, program);
+        }
+        return Err(format!("{}: {err}", path.display()));
+    }
+    Ok(hooks)
 }
 
 /// kprobes can be created through the kprobe PMU or tracefs.

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use stalltrace_integration::{require_root, with_role, Daemon, REPORT_WITHIN, STALL_AFTER};
 
 const DEBIAN_PYTHON: &str = "/usr/bin/python3";
@@ -336,9 +336,14 @@ fn libssl_hooked(daemon: &Daemon) -> bool {
 }
 
 /// Both ends of `port` are flagged, and the client's stall ends with the response after
-/// `delay` (its true duration).
+/// `delay` (its true duration). Returns the server's stall.
 #[track_caller]
-fn assert_late_reply_flagged_on_both_ends(daemon: &Daemon, port: u16, delay: Duration, what: &str) {
+fn assert_late_reply_flagged_on_both_ends(
+    daemon: &Daemon,
+    port: u16,
+    delay: Duration,
+    what: &str,
+) -> Value {
     let client = daemon.wait_for_stall(port, "client", REPORT_WITHIN);
     assert_eq!(
         client["stall"]["kind"], "awaiting_response",
@@ -361,6 +366,7 @@ fn assert_late_reply_flagged_on_both_ends(daemon: &Daemon, port: u16, delay: Dur
         duration + 300 >= expected && duration <= expected + 1000,
         "{what}: the stall lasted the reply's delay ({expected} ms): {end:#}"
     );
+    server
 }
 
 /// The first request on a fresh TLS 1.3 connection, answered after 6 s. The client reads the
@@ -381,7 +387,12 @@ fn a_late_first_tls_reply_is_flagged_on_both_ends() {
     let seconds = delay.as_secs().to_string();
     let (_client, version) = Script::start(TLS_CLIENT, &[&port, "1.3", &seconds]);
     assert_eq!(version, "TLSv1.3");
-    assert_late_reply_flagged_on_both_ends(&daemon, port.parse().unwrap(), delay, "python ssl");
+    let server =
+        assert_late_reply_flagged_on_both_ends(&daemon, port.parse().unwrap(), delay, "python ssl");
+    assert_eq!(
+        server["stall"]["request"]["signature"], "(unrecognized)",
+        "the server's request is named from the plaintext SSL_read returned: {server:#}"
+    );
 
     let (_https, https_port) = Script::start(HTTPS_SERVER, &[&cert, &key]);
     let url = format!("https://127.0.0.1:{https_port}/slow/{seconds}");
@@ -389,7 +400,16 @@ fn a_late_first_tls_reply_is_flagged_on_both_ends() {
         .args(["-sk", "--tlsv1.3", "-o", "/dev/null", &url])
         .spawn()
         .expect("curl (cargo xtask test installs it)");
-    assert_late_reply_flagged_on_both_ends(&daemon, https_port.parse().unwrap(), delay, "curl");
+    let server =
+        assert_late_reply_flagged_on_both_ends(&daemon, https_port.parse().unwrap(), delay, "curl");
+    assert_eq!(
+        (
+            &server["stall"]["request"]["protocol"],
+            &server["stall"]["request"]["signature"]
+        ),
+        (&json!("http"), &json!("GET /slow/{id}")),
+        "{server:#}"
+    );
     assert!(curl.wait().unwrap().success());
 }
 
