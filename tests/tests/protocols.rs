@@ -393,6 +393,28 @@ fn a_late_first_tls_reply_is_flagged_on_both_ends() {
         server["stall"]["request"]["signature"], "(unrecognized)",
         "the server's request is named from the plaintext SSL_read returned: {server:#}"
     );
+    let conns = daemon.cli_json(&["conns", "-o", "json", "--port", &port]);
+    let mut plaintext: Vec<_> = conns
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["conn"]["role"].clone(), c["network"]["protocol"].clone()))
+        .collect();
+    plaintext.sort_by_key(|(role, _)| role.to_string());
+    assert_eq!(
+        plaintext,
+        [
+            (
+                json!("client"),
+                json!({"name": "tls", "plaintext": "libssl"})
+            ),
+            (
+                json!("server"),
+                json!({"name": "tls", "plaintext": "libssl"})
+            )
+        ],
+        "{conns:#}"
+    );
 
     let (_https, https_port) = Script::start(HTTPS_SERVER, &[&cert, &key]);
     let url = format!("https://127.0.0.1:{https_port}/slow/{seconds}");

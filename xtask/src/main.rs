@@ -172,6 +172,8 @@ const TEST_PACKAGES: &[&str] = &[
     "bsdutils",
     "socat",
     "openssl",
+    // The TLS tests' HTTPS client (it links the system's libssl.so.3, as python3's ssl does).
+    "curl",
     "python3-grpcio",
     "python3-websockets",
     "postgresql",
