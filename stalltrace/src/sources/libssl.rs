@@ -37,25 +37,45 @@ const DIRECTORIES: [&str; 5] = [
     "/usr/lib",
 ];
 
-/// The path of the system's `libssl.so.3`, or why there is none.
+/// The path of the system's `libssl.so.3`, or why there is none. In a container (the
+/// DaemonSet runs with the host's PID namespace), the host's library, reached through
+/// `/proc/1/root`: that is the file the host's processes map (the image's own copy is mapped
+/// by nobody else).
 pub(crate) fn find() -> Result<PathBuf, String> {
     let listed = ["/sbin/ldconfig", "/usr/sbin/ldconfig"]
         .iter()
         .find_map(|ldconfig| Command::new(ldconfig).arg("-p").output().ok())
         .and_then(|output| from_ldconfig(&String::from_utf8_lossy(&output.stdout), ABI_TAG));
-    if let Some(path) = listed.filter(|path| path.is_file()) {
-        return Ok(path);
-    }
-    DIRECTORIES
+    let root = host_root();
+    let candidates = listed
         .iter()
-        .map(|dir| Path::new(dir).join(SONAME))
+        .cloned()
+        .chain(DIRECTORIES.iter().map(|dir| Path::new(dir).join(SONAME)));
+    candidates
+        .map(|path| match &root {
+            Some(root) => root.join(path.strip_prefix("/").unwrap_or(&path)),
+            None => path,
+        })
         .find(|path| path.is_file())
         .ok_or_else(|| {
             format!(
-                "no {SONAME} in the dynamic linker's cache (ldconfig -p) nor in {}",
-                DIRECTORIES.join(", ")
+                "no {SONAME} in the dynamic linker's cache (ldconfig -p) nor in {}{}",
+                DIRECTORIES.join(", "),
+                if root.is_some() {
+                    " of the host (/proc/1/root)"
+                } else {
+                    ""
+                }
             )
         })
+}
+
+/// `/proc/1/root` when it is not this process's root (the daemon runs in a container).
+fn host_root() -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let host = Path::new("/proc/1/root");
+    let (ours, theirs) = (std::fs::metadata("/").ok()?, std::fs::metadata(host).ok()?);
+    ((ours.dev(), ours.ino()) != (theirs.dev(), theirs.ino())).then(|| host.to_path_buf())
 }
 
 /// The path of [`SONAME`] for ABI `abi` in `ldconfig -p` output: lines like
