@@ -51,7 +51,8 @@ pub enum Look {
     /// It continues an outstanding request on a protocol whose housekeeping must not restart
     /// the quiet ([`crate::message::judges_housekeeping`]).
     Continuation,
-    /// It may answer the outstanding request on such a protocol.
+    /// It may answer the outstanding request on such a protocol, or on a TLS client
+    /// connection, whose receives may be held back ([`is_tls_client`]).
     Reply,
 }
 
@@ -70,7 +71,9 @@ pub fn look(conn: &ConnState, dir: u8) -> Look {
         } else {
             Look::Skip
         }
-    } else if dir != conn.last_dir && housekeeping {
+    } else if dir != conn.last_dir
+        && (housekeeping || (is_tls_client(conn) && is_outstanding(conn)))
+    {
         Look::Reply
     } else {
         Look::Skip
@@ -398,6 +401,11 @@ mod tests {
         // server's NewSessionTickets is deferred, no reply.
         record_transfer(&mut conn, direction::OUT, 40, SECOND, Message::Data);
         assert!(is_tls_client(&conn));
+        assert_eq!(
+            look(&conn, direction::IN),
+            Look::Reply,
+            "receives are judged"
+        );
         assert_eq!(
             record_transfer(&mut conn, direction::IN, 500, SECOND + 1, Message::Control),
             Turn::Control

@@ -20,12 +20,14 @@ use crate::{kernel_read::unread_sequence, maps::OFFSETS};
 #[map]
 static TLS_QUEUED: LruHashMap<u64, [u32; 2]> = LruHashMap::with_max_entries(65536, 0);
 
-/// A request just started on TLS client connection `sock`: remembers what was queued unread.
+/// A request is starting on TLS client connection `sock` (it will be counted next): remembers
+/// what was queued unread.
 #[inline(always)]
 pub(crate) fn mark(sock: u64, conn: &ConnState) {
     match unread_sequence(sock, &OFFSETS.load()) {
         Some(queued) if queued > 0 => {
-            let _ = TLS_QUEUED.insert(sock, [conn.requests as u32, queued], 0);
+            let request = conn.requests.wrapping_add(1) as u32;
+            let _ = TLS_QUEUED.insert(sock, [request, queued], 0);
         }
         _ => {}
     }

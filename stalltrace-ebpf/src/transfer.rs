@@ -19,7 +19,7 @@ use stalltrace_common::{
     conn_flags, direction, listen_key,
     message::{classify, proto, Head, Message},
     role, tcp_state,
-    transfer::{ends_quiet, is_outstanding, is_tls_client, look, record_transfer, Look, Turn},
+    transfer::{ends_quiet, is_tls_client, look, record_transfer, Look, Turn},
     transport, Capture, ConnState, EventKind, AF_INET, AF_INET6, AF_UNIX, IPPROTO_TCP, IPPROTO_UDP,
 };
 
@@ -107,28 +107,16 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
     let new_owner = set_owner_to_current(conn);
     // Only a run that may start a request, or answer one with housekeeping in between, has
     // its first bytes read: to tell data from protocol housekeeping, and to name requests.
-    let (mut message, capture) = match look(conn, dir) {
+    let (message, capture) = match look(conn, dir) {
         Look::Skip => (Message::Data, None),
         Look::Request => read_message(sock, conn, bytes, now),
-        look @ (Look::Continuation | Look::Reply) => (read_housekeeping(conn, look, bytes), None),
-    };
-    // A TLS client's receive of bytes queued before its request (`tls_queue.rs`), or inside
-    // `SSL_read` (whose return takes the reply turn: `libssl.rs`), is no reply by itself.
-    if dir == direction::IN && is_tls_client(conn) {
-        let queued = is_outstanding(conn) && tls_queue::received_before(sock, conn, bytes);
-        if libssl::inside_ssl_read(sock, &mut conn.flags) || queued {
-            message = Message::Control;
+        look @ (Look::Continuation | Look::Reply) => {
+            (read_housekeeping(sock, conn, look, bytes), None)
         }
-    }
+    };
+
     let quiet_ended = ends_quiet(conn, dir, message, now, stall_after_ns());
     let turn = record_transfer(conn, dir, bytes, now, message);
-    if turn == Turn::RequestStarted && conn.proto == proto::TLS {
-        if is_tls_client(conn) {
-            tls_queue::mark(sock, conn);
-        } else if capture.is_some() {
-            libssl::request_inside_ssl_read(sock, &mut conn.flags);
-        }
-    }
     report(sock, conn, new_owner, quiet_ended, turn, capture, now);
 }
 
@@ -192,6 +180,15 @@ fn read_message(
     let head = Head::new(&capture.bytes, capture.len as usize, bytes);
     let message = classify(conn, Look::Request, &head, bytes_at);
     if message == Message::Data {
+        if conn.proto == proto::TLS {
+            // A TLS client's request remembers what was queued unread; a server's, read
+            // inside `SSL_read`, is named from its plaintext at the return (`libssl.rs`).
+            if is_tls_client(conn) {
+                tls_queue::mark(sock, conn);
+            } else {
+                libssl::request_inside_ssl_read(sock, &mut conn.flags);
+            }
+        }
         (message, Some(capture))
     } else {
         capture.sock = 0;
@@ -200,9 +197,20 @@ fn read_message(
 }
 
 /// Classifies a transfer that continues or may answer an outstanding request, from its first
-/// bytes read into this CPU's scratch slot (never reported).
+/// bytes read into this CPU's scratch slot (never reported). A TLS client's receive (its
+/// records are encrypted: nothing to read) is housekeeping while it reads bytes queued before
+/// the request (`tls_queue.rs`), or inside `SSL_read`, whose return takes the reply turn
+/// (`libssl.rs`).
 #[inline(never)]
-fn read_housekeeping(conn: &mut ConnState, look: Look, bytes: u64) -> Message {
+fn read_housekeeping(sock: u64, conn: &mut ConnState, look: Look, bytes: u64) -> Message {
+    if look == Look::Reply && is_tls_client(conn) {
+        let queued = tls_queue::received_before(sock, conn, bytes);
+        return if libssl::inside_ssl_read(sock, &mut conn.flags) || queued {
+            Message::Control
+        } else {
+            Message::Data
+        };
+    }
     match reply_head(bytes) {
         Some(head) => {
             let head = Head::new(&head.bytes, head.len as usize, bytes);
