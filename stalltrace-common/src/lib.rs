@@ -107,6 +107,10 @@ pub mod conn_flags {
     /// application_data record is the handshake's Finished (TLS 1.3 in middlebox
     /// compatibility mode), not a request.
     pub const TLS_FINISHED_NEXT: u8 = 1 << 6;
+    /// TLS through libssl: a receive of this connection was seen inside an `SSL_read` call
+    /// (uprobes on the system's libssl), so its replies are counted when `SSL_read` returns
+    /// application data, not at each receive (see `transfer::is_tls_client`).
+    pub const TLS_LIBSSL: u8 = 1 << 7;
 }
 
 /// Answers of the kernel's `stalltrace_unix_alive` program beyond 0 (released), 1 (open) and

@@ -51,7 +51,8 @@ pub enum Look {
     /// It continues an outstanding request on a protocol whose housekeeping must not restart
     /// the quiet ([`crate::message::judges_housekeeping`]).
     Continuation,
-    /// It may answer the outstanding request on such a protocol.
+    /// It may answer the outstanding request on such a protocol, or on a TLS client
+    /// connection, whose receives may be held back ([`is_tls_client`]).
     Reply,
 }
 
@@ -70,7 +71,9 @@ pub fn look(conn: &ConnState, dir: u8) -> Look {
         } else {
             Look::Skip
         }
-    } else if dir != conn.last_dir && housekeeping {
+    } else if dir != conn.last_dir
+        && (housekeeping || (is_tls_client(conn) && is_outstanding(conn)))
+    {
         Look::Reply
     } else {
         Look::Skip
@@ -157,6 +160,14 @@ pub fn record_transfer(
         // Housekeeping moves no exchange, and no quiet clock: times are those of data.
         return Turn::Control;
     }
+    record_turn(conn, dir, now, message)
+}
+
+/// The request/reply turn of data moved in direction `dir` at `now` (ns), without counting
+/// bytes or calls: [`record_transfer`]'s second half, also run alone when libssl returns the
+/// plaintext of receives counted earlier ([`plaintext_received`]).
+#[inline(always)]
+pub fn record_turn(conn: &mut ConnState, dir: u8, now: u64, message: Message) -> Turn {
     if dir == direction::IN {
         conn.last_recv_ns = now;
     } else {
@@ -182,6 +193,49 @@ pub fn record_transfer(
         Turn::ReplyStarted
     } else {
         Turn::Unsolicited
+    }
+}
+
+/// A TLS connection whose replies come in (a client's, not a stream): its receives are not
+/// all replies, though their records say application_data. A TLS 1.3 client reads the
+/// server's NewSessionTickets in its first read after its first request. Two rules then hold
+/// such a receive back: bytes that had arrived before the request was sent
+/// ([`received_before_request`]), and a receive made inside libssl's `SSL_read` (the daemon
+/// hooks it), which is counted as housekeeping ([`Message::Control`]: bytes, no turn) while
+/// the reply turn is taken when `SSL_read` returns application data
+/// ([`plaintext_received`]). A server's receives (its requests) are judged from their records.
+#[inline(always)]
+pub fn is_tls_client(conn: &ConnState) -> bool {
+    conn.proto == crate::message::proto::TLS
+        && request_direction(conn) == direction::OUT
+        && conn.flags & conn_flags::STREAM == 0
+}
+
+/// An `SSL_read` call on `conn` returned application data at `now` (ns), after receives it
+/// made were held back ([`is_tls_client`]): the turn they did not take. Returns whether a
+/// quiet stretch of at least `stall_after_ns` ended ([`ends_quiet`]) and the turn.
+#[inline(always)]
+pub fn plaintext_received(conn: &mut ConnState, now: u64, stall_after_ns: u64) -> (bool, Turn) {
+    let quiet_ended = ends_quiet(conn, direction::IN, Message::Data, now, stall_after_ns);
+    (
+        quiet_ended,
+        record_turn(conn, direction::IN, now, Message::Data),
+    )
+}
+
+/// Of a receive of `bytes` on a TLS client connection with a request outstanding, whether all
+/// of them had arrived before the request was sent: `queued` bytes still to be read from those
+/// that sat unread in the receive queue when it was sent (counted down here). Such bytes
+/// cannot answer it — a TLS 1.3 server's NewSessionTickets, read by a pre-warmed pool
+/// connection's first `read` after its first request — whatever the client's TLS library.
+#[inline(always)]
+pub fn received_before_request(queued: &mut u32, bytes: u64) -> bool {
+    if bytes <= u64::from(*queued) {
+        *queued -= bytes as u32;
+        true
+    } else {
+        *queued = 0;
+        false
     }
 }
 
@@ -342,5 +396,100 @@ mod tests {
             assert!(!is_outstanding(&conn));
         }
         assert_eq!((conn.requests, conn.recv_calls), (0, 6));
+    }
+
+    #[test]
+    fn a_tls_client_reply_counts_when_libssl_returns_plaintext() {
+        use crate::message::proto;
+        const SECOND: u64 = 1_000_000_000;
+        let mut conn = ConnState {
+            role: role::CLIENT,
+            proto: proto::TLS,
+            ..Default::default()
+        };
+        // The first request on a fresh TLS 1.3 connection, then SSL_read: the receive of the
+        // server's NewSessionTickets is deferred, no reply.
+        record_transfer(&mut conn, direction::OUT, 40, SECOND, Message::Data);
+        assert!(is_tls_client(&conn));
+        assert_eq!(
+            look(&conn, direction::IN),
+            Look::Reply,
+            "receives are judged"
+        );
+        assert_eq!(
+            record_transfer(&mut conn, direction::IN, 500, SECOND + 1, Message::Control),
+            Turn::Control
+        );
+        assert!(is_outstanding(&conn), "tickets answer nothing");
+        assert!(quiet_past_threshold(&conn, 4 * SECOND, 2 * SECOND));
+        // The reply's receive, deferred too; SSL_read then returns its plaintext at 7 s.
+        record_transfer(&mut conn, direction::IN, 30, 7 * SECOND, Message::Control);
+        assert_eq!(
+            plaintext_received(&mut conn, 7 * SECOND, 2 * SECOND),
+            (true, Turn::ReplyStarted)
+        );
+        assert!(!is_outstanding(&conn));
+        assert_eq!(
+            (
+                conn.exchanges,
+                conn.recv_calls,
+                conn.bytes_recv,
+                conn.last_recv_ns
+            ),
+            (1, 2, 530, 7 * SECOND)
+        );
+        // More plaintext of the same reply: no new turn.
+        assert_eq!(
+            plaintext_received(&mut conn, 7 * SECOND + 5, 2 * SECOND),
+            (false, Turn::Continued)
+        );
+    }
+
+    #[test]
+    fn only_tls_replies_wait_for_libssl() {
+        use crate::message::proto;
+        let server = ConnState {
+            role: role::SERVER,
+            proto: proto::TLS,
+            ..Default::default()
+        };
+        assert!(
+            !is_tls_client(&server),
+            "a server's receives are its requests"
+        );
+        for protocol in [proto::UNKNOWN, proto::HTTP1, proto::HTTP2] {
+            let client = ConnState {
+                role: role::CLIENT,
+                proto: protocol,
+                ..Default::default()
+            };
+            assert!(!is_tls_client(&client), "{protocol}");
+        }
+        let stream = ConnState {
+            role: role::CLIENT,
+            proto: proto::TLS,
+            flags: conn_flags::STREAM,
+            ..Default::default()
+        };
+        assert!(!is_tls_client(&stream));
+    }
+
+    #[test]
+    fn bytes_queued_before_the_request_are_no_reply() {
+        // 500 bytes of session tickets sat unread when the request was sent.
+        let mut queued = 500;
+        assert!(received_before_request(&mut queued, 5), "a record header");
+        assert!(
+            received_before_request(&mut queued, 495),
+            "its body and the next record"
+        );
+        assert_eq!(queued, 0);
+        assert!(!received_before_request(&mut queued, 5), "then the reply");
+        let mut queued = 500;
+        assert!(
+            !received_before_request(&mut queued, 600),
+            "a read holding the tickets and part of the reply"
+        );
+        assert_eq!(queued, 0);
     }
 }

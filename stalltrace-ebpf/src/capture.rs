@@ -226,13 +226,37 @@ fn iovec_holding(iov: u64, count: u64, mut offset: u64) -> Option<Entry> {
 #[inline(always)]
 fn read_head(slot: &mut Capture, len: u64) -> Option<()> {
     let (buffer, available) = first_buffer(&syscall_data()?)?;
-    let size = len.min(available).min(CAPTURE_MAX as u64) as u32;
+    copy_user(slot, buffer, len.min(available));
+    Some(())
+}
+
+/// Replaces the capture of the request in flight on `sock`, if its slot still holds it, with
+/// the first `len` bytes at user address `buffer`: the plaintext that libssl's `SSL_read`
+/// returned for a request whose records were captured (`libssl.rs`).
+#[inline(always)]
+pub(crate) fn recapture_request(sock: u64, buffer: u64, len: u64) {
+    let limit = u64::from(CAPTURE_BYTES.load());
+    let slots = CAPTURE_SLOTS.load();
+    let Some(slot) = CAPTURES.get_ptr_mut(capture_slot(sock, slots)) else {
+        return;
+    };
+    // SAFETY: array slot pointer, valid for the program run (see `capture_request`).
+    let slot = unsafe { &mut *slot };
+    if limit > 0 && slot.sock == sock {
+        copy_user(slot, buffer, len.min(limit));
+    }
+}
+
+/// Copies up to `len` bytes at user address `buffer` into `slot` (zeros after them); sets
+/// `slot.len` to the count read (0 on a fault).
+#[inline(always)]
+fn copy_user(slot: &mut Capture, buffer: u64, len: u64) {
+    let size = len.min(CAPTURE_MAX as u64) as u32;
     slot.bytes = [0; CAPTURE_MAX];
     // SAFETY: `size` ≤ CAPTURE_MAX, the destination's length; a fault is reported, not taken.
     let copied =
         unsafe { probe_read_user_raw(slot.bytes.as_mut_ptr().cast(), size, buffer as *const _) };
     slot.len = if copied == 0 { size } else { 0 };
-    Some(())
 }
 
 /// Where the data of the current syscall is.

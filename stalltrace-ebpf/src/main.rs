@@ -8,6 +8,9 @@
 //! - `tcp_signals`: retransmits and received resets (`tcp/*`);
 //! - `udp`: UDP request/response flows (the same transfer hooks; closes from
 //!   `cgroup/sock_release`).
+//! - `tls_queue`: TLS clients: bytes queued before a request are no reply.
+//! - `libssl`: TLS clients' replies counted when libssl's `SSL_read` returns plaintext
+//!   (uprobes on the system's libssl).
 //! - `unix`: Unix stream/seqpacket connections, found through the same transfer tracepoints.
 //!
 //! Per-connection state lives in the `CONNS` LRU map; the ring buffer carries only lifecycle
@@ -23,11 +26,13 @@ mod capture;
 mod conn;
 mod http1;
 mod kernel_read;
+mod libssl;
 mod maps;
 mod stacks;
 mod syscall_transfers;
 mod tcp_signals;
 mod tcp_state;
+mod tls_queue;
 mod transfer;
 mod transfer_functions;
 mod udp;

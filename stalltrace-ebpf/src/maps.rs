@@ -23,11 +23,21 @@ pub(crate) static CAPTURE_SLOTS: Global<u32> = Global::new(1);
 /// `cgroup/sock_release` program attaches), on the tracepoint rung.
 #[unsafe(no_mangle)]
 pub(crate) static UDP_TRACED: Global<u32> = Global::new(0);
-/// Non-zero when the HTTP/1.x response code is in the programs (`http1.rs`): set by the daemon
-/// from Linux 6.5 only (see `HTTP1_FRAMED`). Elsewhere the constant lets the verifier drop it:
-/// 6.1's verifier gives up on the transfer programs with it (1M instructions).
+/// Non-zero when the per-protocol accounting beyond the message classifier is in the programs:
+/// HTTP/1.x responses (`http1.rs`), TLS clients' queued bytes (`tls_queue.rs`) and libssl's
+/// calls (`libssl.rs`). Set by the daemon from Linux 6.5 (with capture); elsewhere the
+/// constant lets the verifier drop that code: 6.1's gives up on the transfer programs with it
+/// (1M instructions processed).
 #[unsafe(no_mangle)]
-pub(crate) static HTTP1_CODE: Global<u32> = Global::new(0);
+pub(crate) static VERDICT_EXTRAS: Global<u32> = Global::new(0);
+
+#[inline(always)]
+pub(crate) fn verdict_extras() -> bool {
+    VERDICT_EXTRAS.load() != 0
+}
+/// Non-zero when the daemon found the system's libssl and hooks its `SSL_read` (`libssl.rs`).
+#[unsafe(no_mangle)]
+pub(crate) static LIBSSL_TRACED: Global<u32> = Global::new(0);
 /// The daemon's own process id: Unix connections to or from it (its API socket: the CLI's
 /// queries, `watch`) are not tracked, so that the tracer does not report itself.
 #[unsafe(no_mangle)]

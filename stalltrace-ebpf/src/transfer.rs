@@ -17,9 +17,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use stalltrace_common::{
     conn_flags, direction, http1, listen_key,
-    message::{classify, Head, Message},
+    message::{classify, proto, Head, Message},
     role, tcp_state,
-    transfer::{ends_quiet, look, record_transfer, Look, Turn},
+    transfer::{ends_quiet, is_tls_client, look, record_transfer, Look, Turn},
     transport, Capture, ConnState, EventKind, AF_INET, AF_INET6, AF_UNIX, IPPROTO_TCP, IPPROTO_UDP,
 };
 
@@ -27,11 +27,12 @@ use crate::{
     capture::{bytes_at, capture_request, reply_head},
     conn::{emit, emit_request, insert_new, set_netns, set_owner_to_current},
     kernel_read::{read_endpoints, socket_family, tcp_state_of},
+    libssl,
     maps::{
-        current_epoch, http1_framed, scratch_conn, stall_after_ns, CONNS, HTTP1_CODE, LISTEN_PORTS,
-        OFFSETS, UDP_TRACED,
+        current_epoch, http1_framed, scratch_conn, stall_after_ns, verdict_extras, CONNS,
+        LISTEN_PORTS, OFFSETS, UDP_TRACED,
     },
-    udp, unix,
+    tls_queue, udp, unix,
 };
 
 const MSG_PEEK: i32 = 2;
@@ -112,9 +113,11 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
     let (message, capture) = match look(conn, dir) {
         Look::Skip => (Message::Data, None),
         Look::Request => read_message(sock, conn, bytes, now),
-        look @ (Look::Continuation | Look::Reply) => (read_housekeeping(conn, look, bytes), None),
+        look @ (Look::Continuation | Look::Reply) => {
+            (read_housekeeping(sock, conn, look, bytes), None)
+        }
     };
-    let reply = if HTTP1_CODE.load() == 0 {
+    let reply = if !verdict_extras() {
         http1::Reply::Skip
     } else {
         match http1::reply(conn, dir) {
@@ -195,6 +198,15 @@ fn read_message(
     let head = Head::new(&capture.bytes, capture.len as usize, bytes);
     let message = classify(conn, Look::Request, &head, bytes_at);
     if message == Message::Data {
+        if verdict_extras() && conn.proto == proto::TLS {
+            // A TLS client's request remembers what was queued unread; a server's, read
+            // inside `SSL_read`, is named from its plaintext at the return (`libssl.rs`).
+            if is_tls_client(conn) {
+                tls_queue::mark(sock, conn);
+            } else {
+                libssl::request_inside_ssl_read(sock, &mut conn.flags);
+            }
+        }
         (message, Some(capture))
     } else {
         capture.sock = 0;
@@ -203,9 +215,20 @@ fn read_message(
 }
 
 /// Classifies a transfer that continues or may answer an outstanding request, from its first
-/// bytes read into this CPU's scratch slot (never reported).
+/// bytes read into this CPU's scratch slot (never reported). A TLS client's receive (its
+/// records are encrypted: nothing to read) is housekeeping while it reads bytes queued before
+/// the request (`tls_queue.rs`), or inside `SSL_read`, whose return takes the reply turn
+/// (`libssl.rs`).
 #[inline(never)]
-fn read_housekeeping(conn: &mut ConnState, look: Look, bytes: u64) -> Message {
+fn read_housekeeping(sock: u64, conn: &mut ConnState, look: Look, bytes: u64) -> Message {
+    if verdict_extras() && look == Look::Reply && is_tls_client(conn) {
+        let queued = tls_queue::received_before(sock, conn, bytes);
+        return if libssl::inside_ssl_read(sock, &mut conn.flags) || queued {
+            Message::Control
+        } else {
+            Message::Data
+        };
+    }
     match reply_head(bytes) {
         Some(head) => {
             let head = Head::new(&head.bytes, head.len as usize, bytes);

@@ -53,6 +53,7 @@ pub struct FileConfig {
     pub metrics_address: Option<SocketAddr>,
     pub metrics_labels: Option<Vec<MetricsLabel>>,
     pub hooks: Option<HooksArg>,
+    pub libssl: Option<bool>,
     pub btf: Option<PathBuf>,
     #[serde(default)]
     pub rule: Vec<toml::Spanned<RuleSpec>>,
@@ -79,6 +80,7 @@ pub const KEYS: &[&str] = &[
     "metrics_address",
     "metrics_labels",
     "hooks",
+    "libssl",
     "btf",
 ];
 
@@ -484,6 +486,7 @@ impl FileConfig {
             no_path_templates,
             metrics_labels,
             hooks,
+            libssl,
         );
         take_some!(
             events_file,

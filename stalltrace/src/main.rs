@@ -53,6 +53,7 @@ fn main() -> ExitCode {
                 bpf_stats: args.bpf_stats,
                 capture_bytes: args.capture_bytes,
                 hooks: args.hooks.rung(),
+                libssl: args.libssl,
                 btf: args.btf,
                 capture_raw: args.capture_raw,
                 events_file_mode: args.events_file_mode,

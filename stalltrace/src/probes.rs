@@ -7,7 +7,7 @@
 //! The data transfers (every TCP send and receive) are hooked by the first rung of a ladder
 //! that attaches on the running kernel: the sock tracepoints (Linux 6.3), fexit on the TCP
 //! functions (BTF trampolines, 5.5), kprobes on them. All rungs run the same kernel logic.
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
@@ -16,8 +16,9 @@ use aya::{
         perf_event::{
             PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
         },
+        uprobe::UProbeScope,
         CgroupAttachMode, CgroupSock, FExit, KProbe, PerfEvent, ProgramError, ProgramFd,
-        RawTracePoint, RawTracePointRunOptions, TestRun as _, TracePoint,
+        RawTracePoint, RawTracePointRunOptions, TestRun as _, TracePoint, UProbe,
     },
     Ebpf, EbpfLoader,
 };
@@ -26,7 +27,7 @@ use stalltrace_common::{
     FdOffsets, Offsets, StackKey,
 };
 
-use crate::sources::{cgroups, tracefs};
+use crate::sources::{cgroups, libssl, tracefs};
 
 /// The object built by build.rs from stalltrace-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stalltrace"));
@@ -299,6 +300,8 @@ pub(crate) struct ProbeConfig {
     pub capture_bytes: u32,
     /// The transfer rung to use (`--hooks`); `None`: the first that attaches.
     pub hooks: Option<Rung>,
+    /// Hook the system's libssl (`SSL_read`) for TLS clients' replies (`--libssl`).
+    pub libssl: bool,
     pub functions: KernelFunctions,
 }
 
@@ -342,6 +345,9 @@ pub(crate) struct Probes {
     /// HTTP/1.x responses are judged by their framing (capture on, and a rung that counts
     /// `sendfile`'s bytes: see `http1_framing`).
     pub http1_framing: bool,
+    /// The libssl whose `SSL_read` is hooked (TLS clients' replies counted at the plaintext),
+    /// or why none is.
+    pub libssl: Result<PathBuf, String>,
 }
 
 /// The program the daemon runs (never attached) to ask whether a Unix socket still lives.
@@ -504,9 +510,36 @@ impl Probes {
                 })
                 .ok()
         };
+        let libssl = if !config.libssl {
+            Err("not asked for: --libssl turns it on".to_owned())
+        } else if capture_bytes == 0 || !verdict_extras(&config.functions) {
+            Err(
+                "it needs request capture and Linux 6.5 or later (older verifiers refuse the \
+                 programs with the TLS rules)"
+                    .to_owned(),
+            )
+        } else {
+            libssl::find()
+        };
         let (mut probes, capture_error) = with_capture_fallback(capture_bytes, |bytes| {
-            Self::load_once(tracefs_root, config, listening, bytes, udp_cgroup.is_some())
+            let hooks = Features {
+                udp: udp_cgroup.is_some(),
+                libssl: libssl.is_ok(),
+            };
+            Self::load_once(tracefs_root, config, listening, bytes, hooks)
         })?;
+        probes.libssl = libssl.and_then(|path| {
+            let hooks = attach_libssl(&mut probes.ebpf, &path)?;
+            probes.attached.extend(hooks);
+            Ok(path)
+        });
+        if let (true, Err(why)) = (config.libssl, &probes.libssl) {
+            log::warn!(
+                "TLS through libssl is not followed ({why}): TLS clients' replies are judged \
+                 from their records, so a TLS 1.3 client's first request is not flagged when it \
+                 stalls (the server's session tickets pass for the reply; its server is flagged)"
+            );
+        }
         probes.udp = match (&udp_cgroup, probes.transfers.rung) {
             (Some(root), Rung::Tracepoint) => match attach_sock_release(&mut probes.ebpf, root) {
                 Ok(hook) => {
@@ -561,7 +594,7 @@ impl Probes {
         config: &ProbeConfig,
         listening: &[(u32, u16)],
         capture_bytes: u32,
-        udp: bool,
+        features: Features,
     ) -> Result<Self> {
         let capture_slots = if capture_bytes > 0 { CAPTURE_SLOTS } else { 1 };
         // Response heads are read from user memory like request bytes: not without capture.
@@ -593,10 +626,11 @@ impl Probes {
             .map_max_entries("CAPTURES", capture_slots)
             .map_max_entries("HTTP1_REPLY_HEADS", reply_heads)
             .override_global("TCP_RECVMSG_ARGS", &config.functions.tcp_recvmsg_args, true)
-            .override_global("UDP_TRACED", &u32::from(udp), true)
+            .override_global("UDP_TRACED", &u32::from(features.udp), true)
+            .override_global("LIBSSL_TRACED", &u32::from(features.libssl), true)
             .override_global(
-                "HTTP1_CODE",
-                &u32::from(capture_bytes > 0 && !config.functions.has_tcp_sendpage),
+                "VERDICT_EXTRAS",
+                &u32::from(capture_bytes > 0 && verdict_extras(&config.functions)),
                 true,
             )
             .load(OBJECT)
@@ -682,6 +716,7 @@ impl Probes {
             udp: false,
             unix,
             http1_framing: framing,
+            libssl: Err("not attached yet".to_owned()),
         })
     }
 
@@ -998,6 +1033,68 @@ fn attach_sock_release(ebpf: &mut Ebpf, root: &std::fs::File) -> Result<Attached
     })
 }
 
+/// Optional code the programs are loaded with (constants the verifier prunes).
+#[derive(Clone, Copy)]
+struct Features {
+    /// UDP sockets are traced.
+    udp: bool,
+    /// A libssl was found: receives look up whether they are inside `SSL_read`.
+    libssl: bool,
+}
+
+/// libssl's functions that hand the application the plaintext it receives, and their entry
+/// programs (the same return program serves both).
+const SSL_READ_FUNCTIONS: [(&str, &str); 2] = [
+    ("SSL_read", "stalltrace_ssl_read"),
+    ("SSL_read_ex", "stalltrace_ssl_read_ex"),
+];
+const SSL_READ_RETURN_PROGRAM: &str = "stalltrace_ssl_read_return";
+
+/// Attaches the `SSL_read` uprobes to the library at `path`, for every process. All or
+/// nothing: the returns first (an entry without its return would hold a receive back for
+/// good), and on any failure every one of them is detached and unloaded.
+fn attach_libssl(ebpf: &mut Ebpf, path: &Path) -> Result<Vec<Attached>, String> {
+    let mut attach =
+        |program: &'static str, kind: &str, functions: &[&str]| -> Result<Attached, String> {
+            let probe: &mut UProbe = ebpf
+                .program_mut(program)
+                .ok_or_else(|| format!("the eBPF object has no program {program}"))?
+                .try_into()
+                .map_err(|err| format!("{program}: {err}"))?;
+            probe
+                .load()
+                .map_err(|err| format!("loading {program}: {}", summarize_load_error(err)))?;
+            for function in functions {
+                probe
+                    .attach(*function, path, UProbeScope::AllProcesses)
+                    .map_err(|err| format!("attaching a {kind} to {function}: {err}"))?;
+            }
+            Ok(Attached {
+                program,
+                hook: format!("{kind}:{}:{}", path.display(), functions.join(",")),
+                rung: Rung::Tracepoint,
+                run_count: 0,
+                run_time_ns: 0,
+            })
+        };
+    let functions = SSL_READ_FUNCTIONS.map(|(function, _)| function);
+    let mut hooks = Vec::new();
+    let mut result =
+        attach(SSL_READ_RETURN_PROGRAM, "uretprobe", &functions).map(|h| hooks.push(h));
+    for (function, program) in SSL_READ_FUNCTIONS {
+        result =
+            result.and_then(|()| attach(program, "uprobe", &[function]).map(|h| hooks.push(h)));
+    }
+    if let Err(err) = result {
+        unload(ebpf, SSL_READ_RETURN_PROGRAM);
+        for (_, program) in SSL_READ_FUNCTIONS {
+            unload(ebpf, program);
+        }
+        return Err(format!("{}: {err}", path.display()));
+    }
+    Ok(hooks)
+}
+
 /// kprobes can be created through the kprobe PMU or tracefs.
 fn kprobes_available(tracefs_root: &Path) -> bool {
     Path::new("/sys/bus/event_source/devices/kprobe").exists()
@@ -1012,6 +1109,7 @@ fn unload(ebpf: &mut Ebpf, program: &str) {
         Some(Program::FExit(p)) => p.unload(),
         Some(Program::KProbe(p)) => p.unload(),
         Some(Program::TracePoint(p)) => p.unload(),
+        Some(Program::UProbe(p)) => p.unload(),
         _ => Ok(()),
     };
     if let Err(err) = result {
@@ -1065,7 +1163,15 @@ fn take_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
 /// (before, through `tcp_sendpage`); the syscall rung sees no `sendfile` at all. Before 6.5 the
 /// code is not even loaded: 6.1's verifier gives up on the transfer programs with it.
 fn http1_framing(rung: Rung, functions: &KernelFunctions) -> bool {
-    !functions.has_tcp_sendpage && rung != Rung::Syscall
+    verdict_extras(functions) && rung != Rung::Syscall
+}
+
+/// Whether the per-protocol accounting beyond the classifier (HTTP/1.x responses, TLS
+/// clients' queued bytes, libssl) is loaded (`VERDICT_EXTRAS`): from Linux 6.5 (no
+/// `tcp_sendpage`), whose verifiers take the programs with it; 6.1's gives up (1M
+/// instructions processed).
+fn verdict_extras(functions: &KernelFunctions) -> bool {
+    !functions.has_tcp_sendpage
 }
 
 /// Unix connections are found on the rungs that see every socket's transfers (the sock

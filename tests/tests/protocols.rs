@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use stalltrace_integration::{require_root, with_role, Daemon, REPORT_WITHIN, STALL_AFTER};
 
 const DEBIAN_PYTHON: &str = "/usr/bin/python3";
@@ -231,7 +231,8 @@ while True:
     threading.Thread(target=serve, args=(conn,), daemon=True).start()
 "#;
 
-/// A TLS client: handshakes (TLS 1.3 unless told 1.2), sends the given requests, then idles.
+/// A TLS client: handshakes (TLS 1.3 unless told 1.2), sends the given requests (each names
+/// the server's delay; `pause=S` sleeps S seconds instead), then idles.
 const TLS_CLIENT: &str = r#"
 import socket, ssl, sys, time
 context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -242,6 +243,9 @@ if sys.argv[2] == "1.2":
 tls = context.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1]))))
 print(tls.version(), flush=True)
 for delay in sys.argv[3:]:
+    if delay.startswith("pause="):
+        time.sleep(float(delay[6:]))
+        continue
     tls.sendall(delay.encode() + b"\n")
     assert tls.recv(100) == b"done\n"
 print("idle", flush=True)
@@ -254,7 +258,11 @@ time.sleep(60)
 #[test]
 fn idle_tls_connections_are_never_flagged() {
     require_root();
-    let daemon = Daemon::start("tls-idle");
+    let daemon = Daemon::start_with("tls-idle", &["--libssl"]);
+    assert!(
+        libssl_hooked(&daemon),
+        "the uprobes must not flag idle connections either"
+    );
     let (cert, key) = certificate(daemon.dir());
     let (_server, port) = Script::start(TLS_SERVER, &[&cert, &key, "2"]);
     let (_fresh, version) = Script::start(TLS_CLIENT, &[&port, "1.3"]);
@@ -294,6 +302,189 @@ fn a_late_tls_reply_is_flagged_on_the_server() {
     assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
     let duration = end["stall"]["duration_ms"].as_u64().unwrap() as f64;
     assert!(duration + 300.0 >= delay * 1000.0, "{end:#}");
+}
+
+/// An HTTPS server (Python's `http.server` over `ssl`, TLS 1.3 with two session tickets):
+/// `GET /slow/N` is answered after N seconds.
+const HTTPS_SERVER: &str = r#"
+import http.server, ssl, sys, time
+class Slow(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        time.sleep(float(self.path.rsplit("/", 1)[1]))
+        body = b"done\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[1], sys.argv[2])
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+server.socket = context.wrap_socket(server.socket, server_side=True)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+
+/// Whether the daemon follows TLS through libssl, as `status -o json` says.
+fn libssl_hooked(daemon: &Daemon) -> bool {
+    let status = daemon.cli_json(&["status", "-o", "json"]);
+    status["features"]["tls_libssl"]["enabled"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("status has no features.tls_libssl: {status:#}"))
+}
+
+/// Both ends of `port` are flagged, and the client's stall ends with the response after
+/// `delay` (its true duration). Returns the server's stall.
+#[track_caller]
+fn assert_late_reply_flagged_on_both_ends(
+    daemon: &Daemon,
+    port: u16,
+    delay: Duration,
+    what: &str,
+) -> Value {
+    let client = daemon.wait_for_stall(port, "client", REPORT_WITHIN);
+    assert_eq!(
+        client["stall"]["kind"], "awaiting_response",
+        "{what}: {client:#}"
+    );
+    let server = daemon.wait_for_stall(port, "server", REPORT_WITHIN);
+    assert_eq!(
+        server["stall"]["kind"], "unanswered_request",
+        "{what}: {server:#}"
+    );
+    let end = daemon
+        .wait_for_event("stall.end", port, delay + REPORT_WITHIN, |e| {
+            e["conn"]["role"] == "client"
+        })
+        .unwrap_or_else(|| panic!("{what}: the client's stall ends"));
+    assert_eq!(end["stall"]["resolution"], "response", "{what}: {end:#}");
+    let duration = end["stall"]["duration_ms"].as_u64().unwrap();
+    let expected = delay.as_millis() as u64;
+    assert!(
+        duration + 300 >= expected && duration <= expected + 1000,
+        "{what}: the stall lasted the reply's delay ({expected} ms): {end:#}"
+    );
+    server
+}
+
+/// The first request on a fresh TLS 1.3 connection, answered after 6 s. The client reads the
+/// server's session tickets (encrypted records whose header says application_data, like a
+/// reply's) in its first `SSL_read` after the request: with libssl hooked, the reply counts
+/// only when `SSL_read` returns plaintext, so the client is flagged too, and its stall ends
+/// with the response. Python's `ssl` (`SSL_read_ex`, a blocking socket: the tickets and the
+/// reply in one call) and curl (`SSL_read`, non-blocking: a call that reads only the tickets
+/// returns WANT_READ).
+#[test]
+fn a_late_first_tls_reply_is_flagged_on_both_ends() {
+    require_root();
+    let daemon = Daemon::start_with("tls-first-late", &["--libssl"]);
+    assert!(libssl_hooked(&daemon), "{}", daemon.stderr());
+    let (cert, key) = certificate(daemon.dir());
+    let delay = Duration::from_secs(6);
+    let (_server, port) = Script::start(TLS_SERVER, &[&cert, &key, "2"]);
+    let seconds = delay.as_secs().to_string();
+    let (_client, version) = Script::start(TLS_CLIENT, &[&port, "1.3", &seconds]);
+    assert_eq!(version, "TLSv1.3");
+    let server =
+        assert_late_reply_flagged_on_both_ends(&daemon, port.parse().unwrap(), delay, "python ssl");
+    assert_eq!(
+        server["stall"]["request"]["signature"], "(unrecognized)",
+        "the server's request is named from the plaintext SSL_read returned: {server:#}"
+    );
+    let conns = daemon.cli_json(&["conns", "-o", "json", "--port", &port]);
+    let mut plaintext: Vec<_> = conns
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["conn"]["role"].clone(), c["network"]["protocol"].clone()))
+        .collect();
+    plaintext.sort_by_key(|(role, _)| role.to_string());
+    assert_eq!(
+        plaintext,
+        [
+            (
+                json!("client"),
+                json!({"name": "tls", "plaintext": "libssl"})
+            ),
+            (
+                json!("server"),
+                json!({"name": "tls", "plaintext": "libssl"})
+            )
+        ],
+        "{conns:#}"
+    );
+
+    let (_https, https_port) = Script::start(HTTPS_SERVER, &[&cert, &key]);
+    let url = format!("https://127.0.0.1:{https_port}/slow/{seconds}");
+    let mut curl = Command::new("curl")
+        .args(["-sk", "--tlsv1.3", "-o", "/dev/null", &url])
+        .spawn()
+        .expect("curl (cargo xtask test installs it)");
+    let server =
+        assert_late_reply_flagged_on_both_ends(&daemon, https_port.parse().unwrap(), delay, "curl");
+    assert_eq!(
+        (
+            &server["stall"]["request"]["protocol"],
+            &server["stall"]["request"]["signature"]
+        ),
+        (&json!("http"), &json!("GET /slow/{id}")),
+        "{server:#}"
+    );
+    assert!(curl.wait().unwrap().success());
+}
+
+/// A pre-warmed TLS 1.3 pool connection (the server's session tickets queued unread) whose
+/// first request is answered late: the tickets, read after the request, were queued before it
+/// and cannot answer it, so the client is flagged without libssl too — as it is for any TLS
+/// library — and its stall ends with the response.
+#[test]
+fn a_late_first_reply_on_a_prewarmed_tls_connection_is_flagged_without_libssl() {
+    require_root();
+    let daemon = Daemon::start("tls-pool-late");
+    assert!(!libssl_hooked(&daemon));
+    let (cert, key) = certificate(daemon.dir());
+    let delay = Duration::from_secs(6);
+    let (_server, port) = Script::start(TLS_SERVER, &[&cert, &key, "2"]);
+    let seconds = delay.as_secs().to_string();
+    let (_client, version) = Script::start(TLS_CLIENT, &[&port, "1.3", "pause=0.5", &seconds]);
+    assert_eq!(version, "TLSv1.3");
+    assert_late_reply_flagged_on_both_ends(&daemon, port.parse().unwrap(), delay, "pool");
+}
+
+/// Without `--libssl` (its uprobes cost every process using OpenSSL), nothing is attached to
+/// libssl, status says so and why, and the start-up line says where TLS replies are judged
+/// from — without a warning: it is the default.
+#[test]
+fn libssl_hooks_are_off_unless_asked_for() {
+    require_root();
+    let daemon = Daemon::start("tls-no-libssl");
+    assert!(!libssl_hooked(&daemon));
+    let status = daemon.cli_json(&["status", "-o", "json"]);
+    assert_eq!(
+        status["features"]["tls_libssl"]["reason"], "not asked for: --libssl turns it on",
+        "{status:#}"
+    );
+    assert!(
+        !status["programs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["hook"].as_str().unwrap().contains("libssl")),
+        "{status:#}"
+    );
+    let mentions: Vec<_> = daemon
+        .stderr()
+        .lines()
+        .filter(|line| line.contains("libssl"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(mentions.len(), 1, "the start-up line only: {mentions:#?}");
+    assert!(
+        mentions[0].contains("from TLS records (libssl not hooked)"),
+        "{mentions:#?}"
+    );
 }
 
 /// A gRPC server (grpcio) with one unary method that sleeps the seconds its request names;

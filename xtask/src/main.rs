@@ -175,6 +175,8 @@ const TEST_PACKAGES: &[&str] = &[
     // The HTTP/1.x client of the response framing tests.
     "curl",
     "openssl",
+    // The TLS tests' HTTPS client (it links the system's libssl.so.3, as python3's ssl does).
+    "curl",
     "python3-grpcio",
     "python3-websockets",
     // D-Bus: a private dbus-daemon, and python3-dbus (with GLib's main loop) for its clients.

@@ -124,6 +124,11 @@ pub struct ContainerJson {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct ProtocolJson {
     pub name: Name,
+    /// `network.protocol.plaintext`: where the daemon sees a TLS connection's plaintext from:
+    /// `libssl` once one of its transfers was seen inside the host's libssl `SSL_read` (its
+    /// replies then count when that returns data); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plaintext: Option<Name>,
 }
 
 /// One end of a connection: `network.local.*` / `network.peer.*`.

@@ -241,6 +241,17 @@ pub struct DaemonArgs {
     #[arg(long, value_enum, default_value_t = HooksArg::Auto, env = "STALLTRACE_HOOKS")]
     pub hooks: HooksArg,
 
+    /// Hook the system's libssl (off by default: it costs every process using OpenSSL). The
+    /// daemon then attaches uprobes to `SSL_read` and `SSL_read_ex` of libssl.so.3 (every
+    /// process that links it dynamically), so that a TLS client's reply counts when OpenSSL
+    /// returns its plaintext, and a TLS server's request is named from it (`GET /path`).
+    /// Without them, a TLS 1.3 client's first request on a fresh connection is not flagged
+    /// when it stalls (the server's session tickets pass for the reply; its server is).
+    /// Cost: two uprobe traps per SSL_read call, measured at 11-14 µs on a VM
+    /// (docs/performance.md).
+    #[arg(long)]
+    pub libssl: bool,
+
     /// Read the kernel's BTF from this file instead of /sys/kernel/btf/vmlinux: for kernels
     /// built without CONFIG_DEBUG_INFO_BTF, with a BTF file made for that exact kernel build
     /// (e.g. from BTFHub). It gives the socket offsets (adoption, connections found by their

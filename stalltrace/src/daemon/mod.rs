@@ -74,6 +74,8 @@ pub struct DaemonConfig {
     pub capture_bytes: u32,
     /// How to hook the data transfers (`--hooks`); `None`: the best rung that attaches.
     pub hooks: Option<Rung>,
+    /// Hook libssl's `SSL_read` (`--libssl`).
+    pub libssl: bool,
     /// The kernel's BTF from this file instead of /sys/kernel/btf/vmlinux (`--btf`).
     pub btf: Option<PathBuf>,
     /// Include captured bytes (hex) in stall reports, not only their signature.
@@ -199,6 +201,7 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
         bpf_stats: config.bpf_stats,
         capture_bytes: config.capture_bytes,
         hooks: config.hooks,
+        libssl: config.libssl,
         functions,
     };
     let mut probes = Probes::load(&tracefs_root, &probe_config, &listening)?;
@@ -255,7 +258,7 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
     );
     log::info!(
         "stalltrace {} running: {} hooks attached (data transfers by {}{}), {} connections \
-         adopted, stall threshold {:?}; events to {}; API on {}{metrics_on}",
+         adopted, stall threshold {:?}, TLS replies {}; events to {}; API on {}{metrics_on}",
         env!("CARGO_PKG_VERSION"),
         probes.attached_count(),
         probes.transfers.rung.name(),
@@ -268,6 +271,10 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
         },
         adopted,
         kernel_threshold,
+        match &probes.libssl {
+            Ok(path) => format!("from libssl's plaintext ({})", path.display()),
+            Err(_) => "from TLS records (libssl not hooked)".to_owned(),
+        },
         sink.destination(),
         socket.display(),
     );

@@ -104,6 +104,11 @@ impl Daemon {
                 "request_capture_bytes": probes.capture_bytes,
                 "udp": probes.udp,
                 "http1_response_framing": probes.http1_framing,
+                // TLS clients' replies counted when libssl's SSL_read returns plaintext.
+                "tls_libssl": match &probes.libssl {
+                    Ok(path) => json!({"enabled": true, "library": path}),
+                    Err(why) => json!({"enabled": false, "reason": why}),
+                },
             },
             "connections": {
                 "tracked": self.tracker.len(),
@@ -343,7 +348,10 @@ fn conn_item(
     };
     item.conn.state = Some(state.into());
     if let Some(s) = snapshot {
-        item.network.protocol = proto::name(s.proto).map(|name| ProtocolJson { name: name.into() });
+        item.network.protocol = proto::name(s.proto).map(|name| ProtocolJson {
+            name: name.into(),
+            plaintext: (s.flags & conn_flags::TLS_LIBSSL != 0).then_some("libssl".into()),
+        });
         json::add_totals(&mut item.conn, &Totals::from_kernel(&s));
         let ago = |at: u64| (at != 0).then(|| now.saturating_sub(at) / 1_000_000);
         item.conn.last_send_ago_ms = ago(s.last_send_ns);
