@@ -172,7 +172,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         ),
         (
             "nginxtls",
-            "nginx + wrk over TLS, 64 connections",
+            "TLS 1.3: nginx + wrk, 64 connections",
             wrk(
                 args.secs,
                 &format!("https://127.0.0.1:{NGINX_TLS_PORT}/index.html"),
@@ -181,7 +181,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         ),
         (
             "h2c",
-            "nginx + h2load over HTTP/2 (h2c), 16 connections x 8 streams",
+            "HTTP/2 (h2c): nginx + h2load, 16 connections x 8 streams",
             h2load(args.secs),
             false,
         ),
