@@ -223,20 +223,34 @@ const DBUS_NO_REPLY_EXPECTED: u8 = 0x1;
 /// `BEGIN\r\n`: the last line of the authentication; messages may follow in the same write.
 const DBUS_BEGIN_LEN: usize = 7;
 
-/// The header of the message at `at` (a constant: 0, or after `BEGIN`): [endianness, type,
-/// flags, major version], if it is a D-Bus 1 message header.
+/// The header of the message at `at` (a constant: 0, or after `BEGIN`): its type and flags,
+/// and whether the transfer holds nothing after it, if it is a D-Bus 1 message header. (A
+/// bus delivers a signal and a method return in one read — `NameAcquired`, then
+/// `RequestName`'s return —: a one-way first message decides only when it is alone.)
 #[inline(always)]
-fn dbus_header(head: &Head, at: usize, more: &mut impl More) -> Option<(u8, u8)> {
-    match head.word(at, more)? {
-        [b'l' | b'B', kind, flags, 1] => Some((kind, flags)),
-        _ => None,
-    }
+fn dbus_header(head: &Head, at: usize, more: &mut impl More) -> Option<(u8, u8, bool)> {
+    let [endianness @ (b'l' | b'B'), kind, flags, 1] = head.word(at, more)? else {
+        return None;
+    };
+    let number = |word: [u8; 4]| {
+        u64::from(if endianness == b'l' {
+            u32::from_le_bytes(word)
+        } else {
+            u32::from_be_bytes(word)
+        })
+    };
+    // Fixed header (16 bytes, the header fields' array length last), the fields padded to 8,
+    // then the body.
+    let body = number(head.word(at + 4, more)?);
+    let fields = number(head.word(at + 12, more)?);
+    let end = at as u64 + ((16 + fields + 7) & !7) + body;
+    Some((kind, flags, end >= head.total))
 }
 
 /// A request-direction run on a D-Bus connection: control if its first message is one-way
 /// (a signal, a method return or error — answers to the peer's calls —, a method call with
-/// NO_REPLY_EXPECTED), or if it is a lone `BEGIN`. Only the first message is looked at
-/// (constant offsets): a call behind a signal in one write is missed. Authentication lines
+/// NO_REPLY_EXPECTED) and alone in the write, or if it is a lone `BEGIN`. Only the first
+/// message is looked at (constant offsets): a write with more is data. Authentication lines
 /// (`AUTH`, `NEGOTIATE_UNIX_FD`) are answered: requests.
 fn dbus(head: &Head, mut more: impl More) -> Message {
     let at = if head.has_at(0, b"BEGIN\r\n") {
@@ -248,8 +262,8 @@ fn dbus(head: &Head, mut more: impl More) -> Message {
         0
     };
     match dbus_header(head, at, &mut more) {
-        Some((DBUS_METHOD_CALL, flags)) if flags & DBUS_NO_REPLY_EXPECTED == 0 => Message::Data,
-        Some((DBUS_METHOD_CALL | DBUS_METHOD_RETURN | DBUS_ERROR | DBUS_SIGNAL, _)) => {
+        Some((DBUS_METHOD_CALL, flags, _)) if flags & DBUS_NO_REPLY_EXPECTED == 0 => Message::Data,
+        Some((DBUS_METHOD_CALL | DBUS_METHOD_RETURN | DBUS_ERROR | DBUS_SIGNAL, _, true)) => {
             Message::Control
         }
         _ => Message::Data,
@@ -260,7 +274,7 @@ fn dbus(head: &Head, mut more: impl More) -> Message {
 /// call from the peer is not the reply; a method return, an error or anything else may be.
 fn dbus_reply(head: &Head, mut more: impl More) -> Message {
     match dbus_header(head, 0, &mut more) {
-        Some((DBUS_METHOD_CALL | DBUS_SIGNAL, _)) => Message::Control,
+        Some((DBUS_METHOD_CALL | DBUS_SIGNAL, _, true)) => Message::Control,
         _ => Message::Data,
     }
 }
@@ -450,7 +464,10 @@ fn tls(conn: &mut ConnState, head: &Head, mut more: impl More) -> Message {
         };
         match kind {
             TLS_CHANGE_CIPHER_SPEC => finished_next = true,
-            TLS_ALERT | TLS_HANDSHAKE => {}
+            TLS_ALERT => {}
+            // TLS 1.2's Finished follows its change_cipher_spec as a handshake record: the
+            // next application_data record is data, not a TLS 1.3 Finished.
+            TLS_HANDSHAKE => finished_next = false,
             TLS_APPLICATION_DATA if finished_next => finished_next = false,
             _ => return Message::Data,
         }
@@ -666,6 +683,27 @@ mod tests {
         both.extend_from_slice(&record(0x17, 0x35));
         both.extend_from_slice(&record(0x17, 0x40));
         assert_eq!(classify_bytes(&mut p, &both), Message::Data);
+    }
+
+    /// TLS 1.2: the client's second flight ends change_cipher_spec, Finished (a handshake
+    /// record): its first application_data record is a request, not a TLS 1.3 Finished.
+    #[test]
+    fn a_tls12_first_request_is_a_request() {
+        let mut p = conn(proto::TLS);
+        let mut flight = record(0x16, 0x25); // ClientKeyExchange
+        flight.extend_from_slice(&[0x14, 0x03, 0x03, 0x00, 0x01, 0x01]);
+        flight.extend_from_slice(&record(0x16, 0x28)); // Finished, encrypted
+        assert_eq!(classify_bytes(&mut p, &flight), Message::Control);
+        assert_eq!(classify_bytes(&mut p, &record(0x17, 0x40)), Message::Data);
+        // The Finished in a write of its own (OpenSSL writes per record on some paths).
+        let mut p = conn(proto::TLS);
+        let ccs = [0x14, 0x03, 0x03, 0x00, 0x01, 0x01];
+        assert_eq!(classify_bytes(&mut p, &ccs), Message::Control);
+        assert_eq!(
+            classify_bytes(&mut p, &record(0x16, 0x28)),
+            Message::Control
+        );
+        assert_eq!(classify_bytes(&mut p, &record(0x17, 0x40)), Message::Data);
     }
 
     /// A whole TLS record of `kind` with a body of `len` bytes.
@@ -956,5 +994,17 @@ mod tests {
         step(&mut client, direction::IN, &returned, 11);
         assert!(!transfer::is_outstanding(&client));
         assert_eq!(client.requests, 3, "AUTH, and the two calls");
+        // RequestName: the bus delivers NameAcquired and the return in one read.
+        step(&mut client, direction::OUT, &call, 12);
+        step(
+            &mut client,
+            direction::IN,
+            &[acquired, returned].concat(),
+            13,
+        );
+        assert!(
+            !transfer::is_outstanding(&client),
+            "a return behind a signal in one read is the reply"
+        );
     }
 }

@@ -460,10 +460,13 @@ print("ready", flush=True)
 GLib.MainLoop().run()
 "#;
 
-/// A client that emits a signal on the bus at argv[1], then stays connected.
+/// A client that owns a name (the bus answers `RequestName` with the `NameAcquired` signal
+/// and the method return in one read), emits a signal on the bus at argv[1], then stays
+/// connected.
 const DBUS_SIGNALLER: &str = r#"
 import sys, time, dbus
 bus = dbus.bus.BusConnection(sys.argv[1])
+bus.request_name("org.example.Signaller")
 message = dbus.lowlevel.SignalMessage("/org/example/Events", "org.example.Events", "Changed")
 bus.send_message(message)
 bus.flush()

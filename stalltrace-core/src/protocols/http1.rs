@@ -12,9 +12,9 @@ pub enum Framing {
     /// It ends `bytes` bytes after its first byte (the header block and a `Content-Length`
     /// body; no body after `HEAD`, 204, 304).
     Length { bytes: u64 },
-    /// A chunked body: it ends with the last chunk (`0\r\n\r\n`); with trailers (a `Trailer`
-    /// header announces them) with the blank line after them.
-    Chunked { trailers: bool },
+    /// A chunked body: it ends with the last chunk and the blank line after its trailers, if
+    /// any (`0\r\n\r\n`, `000;ext=1\r\n\r\n`, `0\r\nExpires: …\r\n\r\n`).
+    Chunked,
     /// One-way from here on, or delimited by the close: never owed anything.
     Stream(&'static str),
     /// Not known from what was copied.
@@ -85,9 +85,7 @@ pub fn framing(request: &[u8], response: &[u8]) -> Framing {
             if STREAMING_QUERIES.iter().any(|q| target.contains(q)) {
                 Framing::Stream("watch or follow request")
             } else {
-                Framing::Chunked {
-                    trailers: value("trailer").next().is_some(),
-                }
+                Framing::Chunked
             }
         } else {
             Framing::Stream("delimited by the close")
@@ -121,17 +119,12 @@ pub fn framing(request: &[u8], response: &[u8]) -> Framing {
 }
 
 /// A chunked body whose last transfer ended as `tail` (the last 8 bytes, see
-/// `ConnState::reply_tail`) is complete: the last chunk went by. `None` when the tail is not
-/// known.
-pub fn chunked_complete(tail: [u8; 8], trailers: bool) -> Option<bool> {
-    if tail == stalltrace_common::http1::TAIL_UNKNOWN {
-        return None;
-    }
-    Some(if trailers {
-        tail.ends_with(b"\r\n\r\n")
-    } else {
-        tail.ends_with(b"\r\n0\r\n\r\n") || tail == *b"\0\0\x000\r\n\r\n"
-    })
+/// `ConnState::reply_tail`) is complete: it ended with a blank line, which the last chunk (with
+/// any extension, zeros or trailers) always does. A data chunk whose data ends with `\r\n`
+/// does too: such a body stopping there is missed, never a complete one flagged. `None` when
+/// the tail is not known.
+pub fn chunked_complete(tail: [u8; 8]) -> Option<bool> {
+    (tail != stalltrace_common::http1::TAIL_UNKNOWN).then(|| tail.ends_with(b"\r\n\r\n"))
 }
 
 #[cfg(test)]
@@ -175,7 +168,7 @@ mod tests {
     #[test]
     fn chunked_bodies_and_streams() {
         let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello";
-        assert_eq!(framing(GET, chunked), Framing::Chunked { trailers: false });
+        assert_eq!(framing(GET, chunked), Framing::Chunked);
         let sse = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n\
                     Transfer-Encoding: chunked\r\n\r\n";
         assert!(matches!(framing(GET, sse), Framing::Stream(_)));
@@ -208,10 +201,17 @@ mod tests {
 
     #[test]
     fn the_last_chunk_is_seen_in_the_tail() {
-        assert_eq!(chunked_complete(*b"o\r\n0\r\n\r\n", false), Some(true));
-        assert_eq!(chunked_complete(*b"\0\0\x000\r\n\r\n", false), Some(true));
-        assert_eq!(chunked_complete(*b"\nhello\r\n", false), Some(false));
-        assert_eq!(chunked_complete(*b"x: 1\r\n\r\n", true), Some(true));
-        assert_eq!(chunked_complete([0xff; 8], false), None);
+        for complete in [
+            b"o\r\n0\r\n\r\n",
+            b"\0\0\x000\r\n\r\n",
+            b"=bar\r\n\r\n", // 0;foo=bar
+            b"\n000\r\n\r\n",
+            b"x: 1\r\n\r\n", // trailers, announced or not
+        ] {
+            assert_eq!(chunked_complete(*complete), Some(true), "{complete:?}");
+        }
+        assert_eq!(chunked_complete(*b"\nhello\r\n"), Some(false));
+        assert_eq!(chunked_complete(*b"64\r\nbbbb"), Some(false));
+        assert_eq!(chunked_complete([0xff; 8]), None);
     }
 }

@@ -49,9 +49,9 @@ impl ReplyFraming {
                 let moved = activity::reply_bytes(state).saturating_sub(self.offset);
                 (moved < bytes).then(|| Owed::Bytes(bytes - moved))
             }
-            Framing::Chunked { trailers } => (chunked_complete(state.reply_tail, trailers)
-                == Some(false))
-            .then_some(Owed::LastChunk),
+            Framing::Chunked => {
+                (chunked_complete(state.reply_tail) == Some(false)).then_some(Owed::LastChunk)
+            }
             Framing::Stream(_) | Framing::Unknown(_) => None,
         }
     }

@@ -14,13 +14,16 @@ use stalltrace_core::{api, duration::HumanDuration};
 #[command(
     name = "stalltrace",
     version,
-    about = "Find requests that never complete: eBPF tracing of TCP connections that go quiet \
-             with a request outstanding",
-    long_about = "stalltrace follows every TCP connection on the host from the kernel (eBPF on \
-                  socket tracepoints) and flags the ones that go quiet without closing while a \
-                  request is outstanding: a server that read a request and never answered, a \
-                  client that sent one and never heard back, a connect() that never completes. \
-                  Idle keep-alive connections are never flagged.\n\n\
+    about = "Find requests that never complete: eBPF tracing of TCP, UDP and Unix socket \
+             connections that go quiet with a request outstanding",
+    long_about = "stalltrace follows every TCP connection, UDP exchange and Unix stream socket on \
+                  the host from the kernel (eBPF on socket tracepoints) and flags the ones that \
+                  go quiet without closing while a request is outstanding: a server that read a \
+                  request and never answered (unanswered_request), a client that sent one and \
+                  never heard back (awaiting_response), a connect() that never completes \
+                  (connect_pending), an HTTP/1.x response that stopped short of its \
+                  Content-Length or last chunk (response_incomplete). Idle keep-alive \
+                  connections, streams and one-way messages are never flagged.\n\n\
                   Start the daemon as root, then query it from any user allowed on its socket.",
     after_help = "Examples:\n  \
         sudo stalltrace daemon --stall-after 2s --events-file /var/log/stalltrace.ndjson\n  \
@@ -65,7 +68,9 @@ pub enum Command {
     Daemon(DaemonArgs),
     /// Show the daemon's hooks, uptime, connections tracked, events seen and events lost.
     Status(OutputArgs),
-    /// List live connections and their state: active (request outstanding), idle, stalled.
+    /// List live connections and their state: active (request outstanding or response under
+    /// way), idle, stalled, stream (one-way messages), peer_closed, closing, unknown (adopted,
+    /// its exchange not known yet), or the rule state of a held or ignored stall.
     Conns {
         #[command(flatten)]
         filter: api::Filter,
@@ -212,7 +217,9 @@ pub struct DaemonArgs {
     pub ring_buffer_size: u32,
 
     /// Bytes of each request captured in the kernel to name it (HTTP method and path, Redis
-    /// command, SQL keyword…); 0 turns capture off. Only the signature leaves the daemon.
+    /// command, SQL keyword…); 0 turns capture off, and with it the per-protocol rules that read
+    /// bytes (HTTP/2 and TLS housekeeping, streams, HTTP/1.x response framing). Only the
+    /// signature leaves the daemon.
     #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(0..=64))]
     pub capture_bytes: u32,
 
