@@ -86,24 +86,28 @@ pub fn assess(state: &ConnState, known: Option<&ReplyFraming>) -> Activity {
     }
 }
 
+/// A head as the kernel copies it: `response`'s first bytes and `request`'s, for a response
+/// that started at `reply_ns` after `offset` bytes in the reply direction.
+#[cfg(test)]
+pub(super) fn test_head(request: &[u8], response: &[u8], reply_ns: u64, offset: u64) -> ReplyHead {
+    use stalltrace_common::{http1::REPLY_HEAD_MAX, CAPTURE_MAX};
+    let mut head = ReplyHead {
+        reply_ns,
+        offset,
+        len: response.len() as u32,
+        request_len: request.len() as u32,
+        request: [0; CAPTURE_MAX],
+        bytes: [0; REPLY_HEAD_MAX],
+    };
+    head.request[..request.len()].copy_from_slice(request);
+    head.bytes[..response.len()].copy_from_slice(response);
+    head
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stalltrace_common::{http1::REPLY_HEAD_MAX, role, tcp_state, CAPTURE_MAX};
-
-    fn head(request: &[u8], response: &[u8], reply_ns: u64, offset: u64) -> ReplyHead {
-        let mut head = ReplyHead {
-            reply_ns,
-            offset,
-            len: response.len() as u32,
-            request_len: request.len() as u32,
-            request: [0; CAPTURE_MAX],
-            bytes: [0; REPLY_HEAD_MAX],
-        };
-        head.request[..request.len()].copy_from_slice(request);
-        head.bytes[..response.len()].copy_from_slice(response);
-        head
-    }
+    use stalltrace_common::{role, tcp_state};
 
     fn client(bytes_recv: u64) -> ConnState {
         ConnState {
@@ -121,7 +125,7 @@ mod tests {
     #[test]
     fn a_response_short_of_its_content_length_is_incomplete_until_it_all_moved() {
         let response = b"HTTP/1.1 200 OK\r\nContent-Length: 10000\r\n\r\n";
-        let reply = ReplyFraming::from_head(&head(b"GET / HTTP/1.1", response, 1_000, 50));
+        let reply = ReplyFraming::from_head(&test_head(b"GET / HTTP/1.1", response, 1_000, 50));
         let header_block = response.len() as u64;
         let partial = client(50 + header_block + 100);
         assert!(needs_head(&partial, None));
@@ -153,7 +157,7 @@ mod tests {
     #[test]
     fn a_chunked_response_is_owed_its_last_chunk() {
         let response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n64\r\n";
-        let reply = ReplyFraming::from_head(&head(b"GET / HTTP/1.1", response, 1_000, 0));
+        let reply = ReplyFraming::from_head(&test_head(b"GET / HTTP/1.1", response, 1_000, 0));
         let mut state = client(500);
         state.reply_tail = *b"aaaaaaaa";
         assert_eq!(reply.owed(&state), Some(Owed::LastChunk));
@@ -166,7 +170,8 @@ mod tests {
     #[test]
     fn other_protocols_and_streams_are_never_owed_anything() {
         let response = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n";
-        let reply = ReplyFraming::from_head(&head(b"GET /events HTTP/1.1", response, 1_000, 0));
+        let reply =
+            ReplyFraming::from_head(&test_head(b"GET /events HTTP/1.1", response, 1_000, 0));
         assert_eq!(assess(&client(400), Some(&reply)), Activity::Idle);
         let mut redis = client(400);
         redis.proto = proto::REDIS;

@@ -115,6 +115,15 @@ fn sweep(tracker: &mut Tracker, kernel: &mut Kernel, now: u64) -> Vec<Event> {
     out
 }
 
+/// `events` is exactly one stall start, of this kind.
+#[track_caller]
+fn assert_started(events: &[Event], kind: StallKind) {
+    assert!(
+        matches!(details(events)[..], [Detail::StallStart { kind: k, .. }] if *k == kind),
+        "{events:?}"
+    );
+}
+
 /// `events` is exactly one stall end, of this kind, duration and resolution.
 #[track_caller]
 fn assert_ended(events: &[Event], kind: StallKind, duration_ms: u64, resolution: Resolution) {
@@ -315,16 +324,7 @@ fn a_peer_half_close_leaves_the_server_owing_until_it_answers() {
     let (mut t, mut k) = server_with_request();
     k.set_state(tcp_state::CLOSE_WAIT, SEC + MS);
     let events = sweep(&mut t, &mut k, SEC + THRESHOLD);
-    assert!(
-        matches!(
-            details(&events)[..],
-            [Detail::StallStart {
-                kind: StallKind::UnansweredRequest,
-                ..
-            }]
-        ),
-        "{events:?}"
-    );
+    assert_started(&events, StallKind::UnansweredRequest);
     assert!(sweep(&mut t, &mut k, 7 * SEC).is_empty(), "still owed");
     k.transfer(direction::OUT, 7 * SEC);
     let events = feed(&mut t, k.event(EventKind::QuietEnded, 7 * SEC));
@@ -750,16 +750,7 @@ fn an_adopted_request_short_of_the_threshold_is_flagged_when_it_gets_there() {
     adopted_hung_server(&mut t, &k, since);
     assert!(sweep(&mut t, &mut k, 10 * SEC + THRESHOLD / 4).is_empty());
     let events = sweep(&mut t, &mut k, since + THRESHOLD);
-    assert!(
-        matches!(
-            details(&events)[..],
-            [Detail::StallStart {
-                kind: StallKind::UnansweredRequest,
-                ..
-            }]
-        ),
-        "{events:?}"
-    );
+    assert_started(&events, StallKind::UnansweredRequest);
     assert!(sweep(&mut t, &mut k, 20 * SEC).is_empty(), "once");
 }
 
@@ -1480,27 +1471,6 @@ fn journald_stdout_streams_are_never_judged() {
     assert!(feed(&mut tracker, service.event(EventKind::QuietEnded, 60 * SEC)).is_empty());
 }
 
-/// HTTP/1.x: the head of the latest response, as the kernel copies it.
-fn reply_head(
-    request: &[u8],
-    response: &[u8],
-    reply_ns: u64,
-    offset: u64,
-) -> stalltrace_common::http1::ReplyHead {
-    use stalltrace_common::http1::{ReplyHead, REPLY_HEAD_MAX};
-    let mut head = ReplyHead {
-        reply_ns,
-        offset,
-        len: response.len() as u32,
-        request_len: request.len() as u32,
-        request: [0; CAPTURE_MAX],
-        bytes: [0; REPLY_HEAD_MAX],
-    };
-    head.request[..request.len()].copy_from_slice(request);
-    head.bytes[..response.len()].copy_from_slice(response);
-    head
-}
-
 fn sweep_http1(
     tracker: &mut Tracker,
     kernel: &mut Kernel,
@@ -1530,7 +1500,7 @@ fn server_mid_response() -> (Tracker, Kernel, stalltrace_common::http1::ReplyHea
     feed(&mut t, k.event(EventKind::Discovered, SEC));
     let start = [RESPONSE, &[b'a'; 100]].concat();
     k.transfer_bytes(direction::OUT, 2 * SEC, &start);
-    let head = reply_head(b"GET /big HTTP/1.1", &start, 2 * SEC, 0);
+    let head = super::framing::test_head(b"GET /big HTTP/1.1", &start, 2 * SEC, 0);
     (t, k, head)
 }
 
@@ -1609,7 +1579,7 @@ fn a_complete_response_leaves_an_idle_keep_alive_connection() {
     feed(&mut t, k.event(EventKind::Discovered, SEC));
     let response = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
     k.transfer_bytes(direction::OUT, 2 * SEC, response);
-    let head = reply_head(b"GET /small HTTP/1.1", response, 2 * SEC, 0);
+    let head = super::framing::test_head(b"GET /small HTTP/1.1", response, 2 * SEC, 0);
     for now in [3 * SEC, 10 * SEC, 60 * SEC] {
         assert_eq!(sweep_http1(&mut t, &mut k, &head, now), []);
     }
