@@ -317,7 +317,14 @@ fn why_summary(diagnosis: &Diagnosis) -> String {
         parts.push(format!("root: conn {}", root.conn));
     }
     if diagnosis.confidence == Confidence::Partial {
-        parts.push("partial (events lost)".into());
+        // The reason's lead clause: events lost, or a start inferred at start-up.
+        match diagnosis.confidence_reason.as_deref() {
+            Some(reason) => parts.push(format!(
+                "partial: {}",
+                reason.split(':').next().unwrap_or(reason)
+            )),
+            None => parts.push("partial".into()),
+        }
     }
     if parts.is_empty() {
         "-".into()
@@ -692,6 +699,25 @@ fn event_line(event: &Value, terminal: &Terminal) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_partial_diagnosis_says_why_in_a_few_words() {
+        let mut diagnosis = Diagnosis {
+            confidence: Confidence::Partial,
+            confidence_reason: Some(
+                "the request predates the daemon: its start is inferred from the socket's \
+                 tcp_info"
+                    .into(),
+            ),
+            ..Diagnosis::default()
+        };
+        assert_eq!(
+            why_summary(&diagnosis),
+            "partial: the request predates the daemon"
+        );
+        diagnosis.confidence_reason = None;
+        assert_eq!(why_summary(&diagnosis), "partial");
+    }
+
     use super::*;
     use serde_json::json;
 
