@@ -554,7 +554,7 @@ fn render_why(rows: &[WhyRow], limit: usize, terminal: &Terminal) -> String {
             percent(top.stall_share),
             percent(top.completed_share),
             top.p99_ms.map_or(String::new(), |p| format!(
-                " (p99 when completed: {p:.1} ms)"
+                " (p99 to the first response byte when completed: {p:.1} ms)"
             )),
         ));
     }
@@ -781,7 +781,7 @@ mod tests {
         assert!(
             text.contains(
                 "GET /coupon/apply accounts for 97.0% of stalls and 0.2% of completed \
-                 requests (p99 when completed: 40.0 ms)."
+                 requests (p99 to the first response byte when completed: 40.0 ms)."
             ),
             "{text}"
         );
