@@ -156,11 +156,14 @@ const MATRIX: &[Kernel] = &[
     // A preemptible kernel (PREEMPT_LAZY): an fexit program preempted mid-run makes the
     // kernel skip the same program for other tasks on that CPU (counted as
     // kernel_hook_missed), so a forced fentry can lose a transfer here; auto never picks it
-    // on this kernel. fentry is tested where it is used: 5.10, 6.1 and 6.12 (voluntary).
+    // on this kernel. fentry is tested where it is used: 5.10, 6.1 and 6.12 (voluntary). Its
+    // kprobe row went with this session's per-protocol code (the verifier's time per daemon
+    // start grew the matrix from 13.5 to 22.6 min): kprobe is proven on 5.10, and its cost here
+    // is still measured (`cost`).
     Kernel {
         suite: "trixie-backports",
         arch: &AMD64,
-        rungs: &["tracepoint", "kprobe"],
+        rungs: &["tracepoint"],
         auto: "tracepoint",
         cost: true,
         opt_in: false,
