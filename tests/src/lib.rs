@@ -528,6 +528,29 @@ pub fn reply_and_check_true_durations(
     ends
 }
 
+/// Waits for `count` stall ends touching `port` (within `within`): each one ended by a
+/// `response`, having lasted at least `lasted` (less 300 ms of scheduling slack). Returns them.
+#[track_caller]
+pub fn assert_ended_by_responses(
+    daemon: &Daemon,
+    port: u16,
+    count: usize,
+    lasted: Duration,
+    within: Duration,
+) -> Vec<Value> {
+    let ends = daemon.wait_for_events("stall.end", port, count, within);
+    assert_eq!(ends.len(), count, "{ends:#?}\n{}", daemon.stderr());
+    for end in &ends {
+        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
+        let duration = end["stall"]["duration_ms"].as_u64().unwrap();
+        assert!(
+            duration + 300 >= lasted.as_millis() as u64,
+            "true duration: {end:#}"
+        );
+    }
+    ends
+}
+
 /// Connects to `addr` and sends a request; the stream stays open.
 pub fn send_request(addr: SocketAddr) -> TcpStream {
     let mut stream = TcpStream::connect(addr).unwrap();

@@ -15,7 +15,9 @@ use std::{
 };
 
 use serde_json::{json, Value};
-use stalltrace_integration::{require_root, with_role, Daemon, REPORT_WITHIN, STALL_AFTER};
+use stalltrace_integration::{
+    assert_ended_by_responses, require_root, with_role, Daemon, REPORT_WITHIN, STALL_AFTER,
+};
 
 const DEBIAN_PYTHON: &str = "/usr/bin/python3";
 
@@ -123,16 +125,7 @@ fn a_half_closed_request_is_flagged_on_both_ends_and_ends_with_the_response() {
     let output = socat.wait_with_output().unwrap();
     assert_eq!(output.stdout, b"ANSWER-42 is ready\n");
 
-    let ends = daemon.wait_for_events("stall.end", port, 2, REPORT_WITHIN);
-    assert_eq!(ends.len(), 2, "{ends:#?}");
-    for end in &ends {
-        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
-        let duration = end["stall"]["duration_ms"].as_u64().unwrap();
-        assert!(
-            duration + 300 >= answer_after.as_millis() as u64,
-            "true duration: {end:#}"
-        );
-    }
+    assert_ended_by_responses(&daemon, port, 2, answer_after, REPORT_WITHIN);
     let closes = daemon.wait_for_events("conn.close", port, 2, REPORT_WITHIN);
     let client_close = with_role(&closes, "client");
     assert_eq!(

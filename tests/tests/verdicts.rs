@@ -13,7 +13,8 @@ use std::{
 
 use serde_json::Value;
 use stalltrace_integration::{
-    daemon_dir, require_root, Daemon, Terminated, REPORT_WITHIN, STALL_AFTER,
+    assert_ended_by_responses, daemon_dir, require_root, Daemon, Terminated, REPORT_WITHIN,
+    STALL_AFTER,
 };
 
 /// A server in its own process that takes one connection, reads the request, waits `delay`
@@ -362,16 +363,7 @@ fn a_request_hung_before_the_daemon_started_is_flagged_from_the_sockets_history(
     tell.write_all(b"answer\n").unwrap();
     let mut reply = Vec::new();
     client.read_to_end(&mut reply).unwrap();
-    let ends = daemon.wait_for_events("stall.end", port_number, 2, REPORT_WITHIN);
-    assert_eq!(ends.len(), 2, "{ends:#?}\n{}", daemon.stderr());
-    for end in &ends {
-        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
-        let duration = end["stall"]["duration_ms"].as_u64().unwrap();
-        assert!(
-            duration + 300 >= answer_after.as_millis() as u64,
-            "true duration: {end:#}"
-        );
-    }
+    assert_ended_by_responses(&daemon, port_number, 2, answer_after, REPORT_WITHIN);
     drop((idle, idle_server, silent));
 }
 
