@@ -230,10 +230,10 @@ pub(crate) struct VmTestArgs {
     /// Keep each guest's run directory (console log, output) under the cache.
     #[arg(long)]
     keep: bool,
-    /// Also measure each rung's per-call cost on every kernel run (amd64 only: a loopback
-    /// ping-pong untraced, then traced on each rung with BPF statistics on; a daemon start per
-    /// rung, so ~5 min more under emulation). The numbers behind docs/performance.md's
-    /// per-kernel table; not part of CI.
+    /// Measure each rung's per-call cost on every kernel instead of running the tests (amd64
+    /// only: a loopback ping-pong untraced, then traced on each rung with BPF statistics on; a
+    /// daemon start per rung). The numbers behind docs/performance.md's per-kernel table; not
+    /// part of CI.
     #[arg(long)]
     cost: bool,
 }
@@ -276,6 +276,9 @@ pub(crate) fn run(args: VmTestArgs) -> Result<()> {
     // The suites each architecture's runs need, built once.
     let suites = |arch: &Arch| {
         let mut suites: Vec<&'static str> = Vec::new();
+        if args.cost {
+            return suites;
+        }
         if arch.cross.is_none() && !args.no_host {
             suites.extend(HOST_RUNGS.iter().flat_map(|rung| rung.suites));
         }
@@ -511,9 +514,13 @@ for rung in sys.argv[1:]:
     after = status()
     d.terminate(); d.wait()
     def transfer(s):
-        progs = [p for p in s["programs"] if p["program"].startswith(("stalltrace_send", "stalltrace_recv"))]
-        # A kprobe rung runs two programs per transfer: count transfers by their returns.
-        calls = sum(p["run_count"] for p in progs if not p["program"].endswith("_kprobe"))
+        progs = [p for p in s["programs"] if p["program"].startswith(
+            ("stalltrace_send", "stalltrace_recv", "stalltrace_sys_"))]
+        # The kprobe and syscall rungs run two programs per transfer: count transfers by their
+        # returns.
+        calls = sum(p["run_count"] for p in progs
+                    if not p["program"].endswith("_kprobe")
+                    and not p["program"].startswith("stalltrace_sys_enter"))
         return calls, sum(p["run_time_ns"] for p in progs)
     (c0, t0), (c1, t1) = transfer(before), transfer(after)
     per_call = (t1 - t0) / max(c1 - c0, 1)
@@ -532,7 +539,7 @@ fn run_host(binaries: &Binaries, cost: bool) -> Result<(Vec<Row>, Vec<String>)> 
         .trim()
         .to_owned();
     println!("xtask vm-test: this machine's kernel {release}");
-    let script = test_script(binaries, HOST_RUNGS, cost);
+    let script = test_script(binaries, if cost { &[] } else { HOST_RUNGS }, cost);
     let t0 = Instant::now();
     let mut child = Command::new("bash")
         .arg("-c")
@@ -1275,7 +1282,8 @@ fn run_kernel(
     if cost && kernel.arch.cross.is_some() {
         println!("xtask vm-test: {label}: no per-call cost (the guest has no python3)");
     }
-    let script = test_script(binaries, kernel.rungs, cost && kernel.arch.cross.is_none());
+    let rungs = if cost { &[] } else { kernel.rungs };
+    let script = test_script(binaries, rungs, cost && kernel.arch.cross.is_none());
     // A guest that dies before the script starts (rare early-boot crashes under TCG) is booted
     // again, once: the tests have not run, so this hides nothing.
     for attempt in 1..=2 {
