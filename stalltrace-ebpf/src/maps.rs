@@ -35,6 +35,12 @@ pub(crate) static VERDICT_EXTRAS: Global<u32> = Global::new(0);
 pub(crate) fn verdict_extras() -> bool {
     VERDICT_EXTRAS.load() != 0
 }
+/// Non-zero when the daemon attaches `splice.rs` (reads that bypass `sock_recv_length`): the
+/// entries of connections found through their traffic then keep what had been read before
+/// (`ConnState::consumed_base`).
+#[unsafe(no_mangle)]
+pub(crate) static SPLICE_READS: Global<u32> = Global::new(0);
+
 /// Non-zero when the daemon found the system's libssl and hooks its `SSL_read` (`libssl.rs`).
 #[unsafe(no_mangle)]
 pub(crate) static LIBSSL_TRACED: Global<u32> = Global::new(0);
