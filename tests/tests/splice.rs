@@ -9,7 +9,7 @@
 use std::{
     io::{BufRead, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    process::{Command, Output, Stdio},
+    process::{Command, Output},
     thread,
     time::Duration,
 };
