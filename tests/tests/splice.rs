@@ -16,8 +16,8 @@ use std::{
 
 use serde_json::Value;
 use stalltrace_integration::{
-    assert_ended_by_responses, daemon_dir, free_port, require_root, wait_until_listening,
-    with_role, Daemon, Terminated, REPORT_WITHIN, STALL_AFTER,
+    assert_ended_by_responses, daemon_dir, free_port, require_root, start_haproxy, with_role,
+    Daemon, Terminated, REPORT_WITHIN, STALL_AFTER,
 };
 
 /// The response bodies: far more than haproxy's 16 KiB buffer, so it splices them.
@@ -95,19 +95,7 @@ fn haproxy(daemon: &Daemon, mode: &str, server: SocketAddr) -> (Terminated, Sock
            server backend {server}
 "
     );
-    let path = dir.join("haproxy.cfg");
-    std::fs::write(&path, config).unwrap();
-    let haproxy = Terminated(
-        Command::new("haproxy")
-            .arg("-f")
-            .arg(&path)
-            .arg("-db")
-            .stderr(std::fs::File::create(dir.join("haproxy.log")).unwrap())
-            .spawn()
-            .expect("haproxy is installed by cargo xtask test"),
-    );
-    wait_until_listening(proxy);
-    (haproxy, proxy)
+    (start_haproxy(&dir, proxy, &config), proxy)
 }
 
 /// haproxy must have been built with splice, or these tests prove nothing.
