@@ -633,7 +633,14 @@ impl Probes {
             .override_global("LIBSSL_TRACED", &u32::from(features.libssl), true)
             .override_global(
                 "SPLICE_READS",
-                &u32::from(splice_reads_possible(tracefs_root, config).is_ok()),
+                &u32::from(
+                    splice_reads_possible(
+                        tracefs_root,
+                        &config.functions.syscall_regs,
+                        &config.offsets,
+                    )
+                    .is_ok(),
+                ),
                 true,
             )
             .override_global(
@@ -687,18 +694,22 @@ impl Probes {
                 maps.transfer_programs.push(fd);
             }
         }
-        let splice_reads = splice_reads_possible(tracefs_root, config)
-            .and_then(|()| attach_splice_reads(&mut ebpf))
-            .map(|hook| {
-                // Its runs skipped by the kernel's recursion guard are lost receives too.
-                let fd = ebpf
-                    .program(hook.program)
-                    .map(|p| p.fd().map(|fd| fd.try_clone()));
-                if let Some(Ok(Ok(fd))) = fd {
-                    maps.transfer_programs.push(fd);
-                }
-                attached.push(hook);
-            });
+        let splice_reads = splice_reads_possible(
+            tracefs_root,
+            &config.functions.syscall_regs,
+            &config.offsets,
+        )
+        .and_then(|()| attach_splice_reads(&mut ebpf))
+        .map(|hook| {
+            // Its runs skipped by the kernel's recursion guard are lost receives too.
+            let fd = ebpf
+                .program(hook.program)
+                .map(|p| p.fd().map(|fd| fd.try_clone()));
+            if let Some(Ok(Ok(fd))) = fd {
+                maps.transfer_programs.push(fd);
+            }
+            attached.push(hook);
+        });
         if let Err(why) = &splice_reads {
             log::warn!(
                 "{why}: bytes a process reads from a TCP socket with splice() or sendfile() (as \
@@ -1209,7 +1220,11 @@ const SPLICE_READS_PROGRAM: &str = "stalltrace_splice_recv";
 /// Whether `splice.rs` can run here: it tells the syscalls that read without the transfer
 /// hooks by their number in the task's registers (capture's layout), and computes what the
 /// application read from `tcp_sock` members. `Err` says what is missing.
-fn splice_reads_possible(tracefs_root: &Path, config: &ProbeConfig) -> Result<(), String> {
+fn splice_reads_possible(
+    tracefs_root: &Path,
+    syscall_regs: &Result<(), String>,
+    offsets: &Offsets,
+) -> Result<(), String> {
     if SYSCALL_REGS.is_none() {
         return Err(format!(
             "splice reads are not seen on {}: they are told by syscall registers known on \
@@ -1217,12 +1232,12 @@ fn splice_reads_possible(tracefs_root: &Path, config: &ProbeConfig) -> Result<()
             std::env::consts::ARCH
         ));
     }
-    if let Err(mismatch) = &config.functions.syscall_regs {
+    if let Err(mismatch) = syscall_regs {
         return Err(format!(
             "splice reads are not seen: {mismatch} on this kernel"
         ));
     }
-    if !config.offsets.can_read_consumed() {
+    if !offsets.can_read_consumed() {
         return Err(
             "splice reads are not seen: the kernel's BTF lacks tcp_sock.bytes_received, \
                     rcv_nxt or copied_seq"
@@ -1487,6 +1502,24 @@ mod tests {
             std::fs::write(dir.join("format"), format).unwrap();
         }
         root
+    }
+
+    #[test]
+    fn splice_reads_need_their_tracepoint_the_registers_and_tcp_sock_members() {
+        let btf = crate::sources::btf::from_kernel().unwrap();
+        let (offsets, _) = crate::sources::btf::resolve_offsets(&btf);
+        assert!(offsets.can_read_consumed(), "this kernel's BTF has them");
+        let root = fake_tracefs("splice", &["tcp/tcp_rcv_space_adjust"]);
+        assert_eq!(splice_reads_possible(&root, &Ok(()), &offsets), Ok(()));
+        let why = splice_reads_possible(&root, &Ok(()), &Offsets::unknown()).unwrap_err();
+        assert!(why.contains("tcp_sock.bytes_received"), "{why}");
+        let why = splice_reads_possible(&root, &Err("no pt_regs".into()), &offsets).unwrap_err();
+        assert!(why.contains("no pt_regs"), "{why}");
+        std::fs::remove_dir_all(root).unwrap();
+        let root = fake_tracefs("no-splice", &["sock/inet_sock_set_state"]);
+        let why = splice_reads_possible(&root, &Ok(()), &offsets).unwrap_err();
+        assert!(why.contains("tcp/tcp_rcv_space_adjust"), "{why}");
+        std::fs::remove_dir_all(root).unwrap();
     }
 
     #[test]
