@@ -763,7 +763,9 @@ impl Tracker {
             }
             if framing::needs_head(&state, conn.reply.as_deref()) {
                 let head = reply_head(sock).filter(|head| head.reply_ns == state.dir_since_ns);
-                if head.is_none() {
+                // A response whose bytes the kernel could not read (they came by splice: its
+                // tail is unknown) had no head copied: nothing was lost.
+                if head.is_none() && state.reply_tail != stalltrace_common::http1::TAIL_UNKNOWN {
                     self.stats.reply_heads_missed += 1;
                 }
                 conn.reply = Some(Box::new(match head {
