@@ -263,9 +263,20 @@ pub fn consumed(bytes_received: u64, unread: u32, read_shutdown: bool) -> u32 {
 /// read): never negative, and at most 2^31 - 1 (a single read moves far less).
 #[inline(always)]
 pub fn spliced_bytes(conn: &ConnState, consumed: u32) -> u64 {
-    let unseen = consumed
-        .wrapping_sub(conn.consumed_base)
-        .wrapping_sub(conn.bytes_recv as u32);
+    unseen_reads(counted_reads(conn), consumed)
+}
+
+/// What the entry counted as read, on the scale of [`consumed`] (low 32 bits).
+#[inline(always)]
+pub fn counted_reads(conn: &ConnState) -> u32 {
+    conn.consumed_base.wrapping_add(conn.bytes_recv as u32)
+}
+
+/// Bytes the socket says were read (`consumed`) beyond those `counted` ([`counted_reads`]);
+/// 0 when none, or when more were counted (a modular difference past 2^31 is that).
+#[inline(always)]
+pub fn unseen_reads(counted: u32, consumed: u32) -> u64 {
+    let unseen = consumed.wrapping_sub(counted);
     if unseen < 1 << 31 {
         u64::from(unseen)
     } else {

@@ -209,6 +209,8 @@ fn a_backend_stopping_mid_response_behind_a_splicing_haproxy_is_flagged_everywhe
             let stall = daemon.wait_for_stall(port, role, REPORT_WITHIN);
             assert_eq!(stall["stall"]["kind"], "response_incomplete", "{stall:#}");
             assert_eq!(stall["stall"]["owed_bytes"], BODY / 2, "{stall:#}");
+            // The socket's own count of bytes read agrees with what the programs counted.
+            assert_eq!(stall["stall"]["confidence"], "full", "{stall:#}");
         }
     }
     for port in ports {
