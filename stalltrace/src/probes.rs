@@ -1256,10 +1256,11 @@ fn attach_splice_reads(ebpf: &mut Ebpf) -> Result<Attached, String> {
         .ok_or_else(|| format!("the eBPF object has no program {SPLICE_READS_PROGRAM}"))
         .and_then(|p| <&mut RawTracePoint>::try_from(p).map_err(|e| e.to_string()))?;
     load_program(SPLICE_READS_PROGRAM, program.load()).map_err(|err| {
-        format!(
-            "splice reads are not seen (their program needs the BPF helpers \
-             bpf_get_current_task_btf and bpf_task_pt_regs, Linux 5.15): {err:#}"
-        )
+        log::debug!("{err:#}");
+        "splice reads are not seen: their program needs the BPF helpers \
+         bpf_get_current_task_btf and bpf_task_pt_regs (Linux 5.15; --log-level debug shows the \
+         kernel's refusal)"
+            .to_owned()
     })?;
     program
         .attach(SPLICE_READS_TRACEPOINT)
