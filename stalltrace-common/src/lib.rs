@@ -245,7 +245,10 @@ pub struct ConnState {
     /// Unix sockets: the peer's process (thread group id) as the kernel recorded it when the
     /// connection was made (`sk_peer_pid`, what `SO_PEERCRED` returns); 0 otherwise.
     pub peer_tgid: u32,
-    pub _pad4: u32,
+    /// TCP: what the application had read from the socket before this entry counted any (low
+    /// 32 bits of bytes, [`transfer::spliced_bytes`]): set when a connection is found through
+    /// its traffic; 0 for one tracked from its handshake.
+    pub consumed_base: u32,
     /// HTTP/1.x: the last 8 bytes of the latest transfer in the reply direction (zeros before
     /// them when it moved fewer; all `0xff` when they could not be read): whether a chunked
     /// body's last chunk has gone by (see [`http1`]).
@@ -469,7 +472,10 @@ pub struct Offsets {
     /// socket it accepted, so a count above 1 marks the accepted end of a pair whose ends are
     /// both bound.
     pub unix_address_refcnt: u32,
-    pub _pad: u32,
+    /// `tcp_sock.bytes_received` (u64): bytes the socket received, all of them (RFC 4898
+    /// `tcpEStatsAppHCThruOctetsReceived`); less what is unread, what the application read by
+    /// any means, `splice(2)` included ([`transfer::spliced_bytes`]).
+    pub tcp_bytes_received: u32,
 }
 
 impl Offsets {
@@ -505,7 +511,7 @@ impl Offsets {
             sk_receive_queue_qlen: u,
             sk_shutdown: u,
             unix_address_refcnt: u,
-            _pad: 0,
+            tcp_bytes_received: u,
         }
     }
 
@@ -549,6 +555,12 @@ impl Offsets {
     /// The receive queue's unread byte count can be read from a `struct tcp_sock`.
     pub const fn can_read_receive_queue(&self) -> bool {
         self.tcp_rcv_nxt != Self::UNKNOWN && self.tcp_copied_seq != Self::UNKNOWN
+    }
+
+    /// What the application has read from a `struct tcp_sock` can be computed (received less
+    /// unread).
+    pub const fn can_read_consumed(&self) -> bool {
+        self.can_read_receive_queue() && self.tcp_bytes_received != Self::UNKNOWN
     }
 
     /// IPv6 addresses can be read from a `struct sock` (absent on kernels without IPv6).
@@ -626,6 +638,12 @@ pub mod syscall_regs {
         pub recvmsg: u64,
         pub sendmmsg: u64,
         pub recvmmsg: u64,
+        /// Syscalls that read from a socket without `sock_recv_length`: `splice(2)` and
+        /// `sendfile(2)` from a socket (`tcp_splice_read`), and `getsockopt(2)`'s
+        /// `TCP_ZEROCOPY_RECEIVE` (see `transfer::spliced_bytes`).
+        pub splice: u64,
+        pub sendfile: u64,
+        pub getsockopt: u64,
     }
 
     /// x86-64: `orig_ax` holds the number; arguments in `di`, `si`, `dx`, `r10`, `r8`.
@@ -660,6 +678,9 @@ pub mod syscall_regs {
         recvmsg: 47,
         sendmmsg: 307,
         recvmmsg: 299,
+        splice: 275,
+        sendfile: 40,
+        getsockopt: 55,
     };
 
     /// arm64: `regs[31]`, `sp`, `pc`, `pstate`, `orig_x0`, then `syscallno` (s32). Arguments
@@ -696,6 +717,9 @@ pub mod syscall_regs {
         recvmsg: 212,
         sendmmsg: 269,
         recvmmsg: 243,
+        splice: 76,
+        sendfile: 71,
+        getsockopt: 209,
     };
 
     /// `struct user_msghdr.msg_iov` and `.msg_iovlen` (the same on every 64-bit architecture).
@@ -916,7 +940,7 @@ mod tests {
                 inode: 0,
                 peer_inode: 0,
                 peer_tgid: 0,
-                _pad4: 0,
+                consumed_base: 0,
                 reply_tail: *b"a\r\n0\r\n\r\n",
                 verdict_flags: 0,
                 _pad5: [0; 7],

@@ -239,9 +239,94 @@ pub fn received_before_request(queued: &mut u32, bytes: u64) -> bool {
     }
 }
 
+/// What the application has read from a TCP socket by any means (low 32 bits of bytes):
+/// `bytes_received` (`tcp_sock.bytes_received`, every byte the socket received) less the
+/// `unread` sequence space (`rcv_nxt - copied_seq`), in which a received FIN still unread
+/// counts one: `read_shutdown` (`sk_shutdown & RCV_SHUTDOWN`, set by the FIN) says to take it
+/// off. (A local `shutdown(SHUT_RD)` sets it too: one byte too many then, never too few.)
+#[inline(always)]
+pub fn consumed(bytes_received: u64, unread: u32, read_shutdown: bool) -> u32 {
+    let unread = if read_shutdown && unread > 0 {
+        unread - 1
+    } else {
+        unread
+    };
+    (bytes_received as u32).wrapping_sub(unread)
+}
+
+/// Bytes the application read from a TCP connection without a receive the programs saw:
+/// `splice(2)` or `sendfile(2)` from the socket (`tcp_splice_read`, as haproxy forwards
+/// bodies), or `TCP_ZEROCOPY_RECEIVE`, which leave `sock_recv_length` and `tcp_recvmsg` out.
+/// `consumed` is what it has read by any means ([`consumed`], at the end of such a read), set
+/// against what the entry counted since [`ConnState::consumed_base`]. 0 when nothing is
+/// missing, or when the entry counted more (bytes counted at the peer's FIN before they were
+/// read): never negative, and at most 2^31 - 1 (a single read moves far less).
+#[inline(always)]
+pub fn spliced_bytes(conn: &ConnState, consumed: u32) -> u64 {
+    unseen_reads(counted_reads(conn), consumed)
+}
+
+/// What the entry counted as read, on the scale of [`consumed`] (low 32 bits).
+#[inline(always)]
+pub fn counted_reads(conn: &ConnState) -> u32 {
+    conn.consumed_base.wrapping_add(conn.bytes_recv as u32)
+}
+
+/// Bytes the socket says were read (`consumed`) beyond those `counted` ([`counted_reads`]);
+/// 0 when none, or when more were counted (a modular difference past 2^31 is that).
+#[inline(always)]
+pub fn unseen_reads(counted: u32, consumed: u32) -> u64 {
+    let unseen = consumed.wrapping_sub(counted);
+    if unseen < 1 << 31 {
+        u64::from(unseen)
+    } else {
+        0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_read_by_splice_are_what_the_socket_consumed_beyond_the_count() {
+        let mut conn = ConnState {
+            role: role::CLIENT,
+            ..Default::default()
+        };
+        // A 44-byte head read by recv(), then 65 536 body bytes by splice(): the socket has
+        // received 70 000, 4 420 of them unread.
+        record_transfer(&mut conn, direction::IN, 44, 1, Message::Data);
+        let read = consumed(70_000, 4_420, false);
+        assert_eq!(read, 65_580);
+        assert_eq!(spliced_bytes(&conn, read), 65_536);
+        record_transfer(&mut conn, direction::IN, 65_536, 2, Message::Data);
+        assert_eq!(spliced_bytes(&conn, read), 0, "counted once");
+        // The peer's FIN came with the last bytes, unread: it is no byte.
+        assert_eq!(consumed(70_000, 4_421, true), 65_580);
+        assert_eq!(consumed(70_000, 0, true), 70_000, "FIN read too");
+        // Bytes counted before they were read (at the peer's FIN) are never negative.
+        conn.bytes_recv += 100;
+        assert_eq!(spliced_bytes(&conn, read), 0);
+    }
+
+    #[test]
+    fn a_connection_found_through_its_traffic_counts_splices_from_its_base() {
+        // 5 GiB had been read before the daemon saw the connection: the 32-bit counters
+        // wrapped, the difference does not care.
+        let before = 5u64 << 30;
+        let mut conn = ConnState {
+            role: role::SERVER,
+            ..Default::default()
+        };
+        record_transfer(&mut conn, direction::IN, 300, 1, Message::Data);
+        conn.consumed_base = consumed(before + 300, 0, false).wrapping_sub(300);
+        assert_eq!(spliced_bytes(&conn, consumed(before + 300, 0, false)), 0);
+        assert_eq!(
+            spliced_bytes(&conn, consumed(before + 300 + 8_192, 0, false)),
+            8_192
+        );
+    }
 
     fn server() -> ConnState {
         ConnState {

@@ -314,6 +314,22 @@ pub(crate) fn syscall_data() -> Option<Data> {
     }
 }
 
+/// The current syscall reads from sockets without `sock_recv_length` or `tcp_recvmsg`
+/// (`splice`, `sendfile`, `getsockopt`'s zero-copy receive: see `syscall_regs::Layout`).
+#[cfg(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64"))]
+#[inline(always)]
+pub(crate) fn in_unseen_read_syscall() -> bool {
+    // SAFETY: as in `syscall_data`: BTF-typed register loads.
+    let nr = unsafe { syscall_nr(bpf_task_pt_regs(bpf_get_current_task_btf()) as *const u8) };
+    nr == REGS.splice || nr == REGS.sendfile || nr == REGS.getsockopt
+}
+
+#[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
+#[inline(always)]
+pub(crate) fn in_unseen_read_syscall() -> bool {
+    false
+}
+
 /// In a `sendmmsg`/`recvmmsg` array at `base`, the entry the kernel is moving: the first
 /// whose `msg_len` is still 0 (the kernel writes each entry's after moving it). Callers zero
 /// them, as glibc's resolver does; an array that does not reads as its first entry.

@@ -1,7 +1,7 @@
 //! Reads of kernel structures at member offsets the daemon resolved from BTF (see
 //! `stalltrace_common::Offsets`); used only off the hot path.
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
-use stalltrace_common::{ConnState, Offsets, AF_INET6};
+use stalltrace_common::{transfer, ConnState, Offsets, AF_INET6};
 
 #[inline(always)]
 unsafe fn read<T>(base: u64, offset: u32) -> Option<T> {
@@ -85,5 +85,32 @@ pub(crate) fn unread_sequence(sock: u64, offsets: &Offsets) -> Option<u32> {
         let rcv_nxt = read::<u32>(sock, offsets.tcp_rcv_nxt)?;
         let copied = read::<u32>(sock, offsets.tcp_copied_seq)?;
         Some(rcv_nxt.wrapping_sub(copied))
+    }
+}
+
+/// `sk_shutdown` bit: no more data will be received (`include/net/sock.h`).
+const RCV_SHUTDOWN: u8 = 1;
+
+/// What the application has read from the TCP socket by any means (`transfer::consumed`:
+/// `tcp_sock.bytes_received` less what is unread), low 32 bits.
+#[inline(always)]
+pub(crate) fn consumed_bytes(sock: u64, offsets: &Offsets) -> Option<u32> {
+    if !offsets.can_read_consumed() {
+        return None;
+    }
+    let unread = unread_sequence(sock, offsets)?;
+    // SAFETY: probe reads of kernel memory; failures are returned, not faulted.
+    unsafe {
+        let received = read::<u64>(sock, offsets.tcp_bytes_received)?;
+        let shutdown = if offsets.sk_shutdown == Offsets::UNKNOWN {
+            0
+        } else {
+            read::<u8>(sock, offsets.sk_shutdown).unwrap_or(0)
+        };
+        Some(transfer::consumed(
+            received,
+            unread,
+            shutdown & RCV_SHUTDOWN != 0,
+        ))
     }
 }

@@ -12,6 +12,8 @@
 //! - `libssl`: TLS clients' replies counted when libssl's `SSL_read` returns plaintext
 //!   (uprobes on the system's libssl).
 //! - `unix`: Unix stream/seqpacket connections, found through the same transfer tracepoints.
+//! - `splice`: TCP receives those hooks miss (`splice`/`sendfile` from a socket), from
+//!   `tcp/tcp_rcv_space_adjust`.
 //!
 //! Per-connection state lives in the `CONNS` LRU map; the ring buffer carries only lifecycle
 //! events and request starts: a connection's first, then at most one per sweep epoch (see
@@ -28,6 +30,7 @@ mod http1;
 mod kernel_read;
 mod libssl;
 mod maps;
+mod splice;
 mod stacks;
 mod syscall_transfers;
 mod tcp_signals;

@@ -35,6 +35,13 @@ pub(crate) static VERDICT_EXTRAS: Global<u32> = Global::new(0);
 pub(crate) fn verdict_extras() -> bool {
     VERDICT_EXTRAS.load() != 0
 }
+/// Non-zero when the kernel has what `splice.rs` (reads that bypass `sock_recv_length`) needs
+/// but its program, which may still fail to load (before Linux 5.15): the entries of
+/// connections found through their traffic then keep what had been read before
+/// (`ConnState::consumed_base`), which the diagnosis' cross-check also uses.
+#[unsafe(no_mangle)]
+pub(crate) static SPLICE_READS: Global<u32> = Global::new(0);
+
 /// Non-zero when the daemon found the system's libssl and hooks its `SSL_read` (`libssl.rs`).
 #[unsafe(no_mangle)]
 pub(crate) static LIBSSL_TRACED: Global<u32> = Global::new(0);

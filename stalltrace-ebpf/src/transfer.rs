@@ -26,11 +26,11 @@ use stalltrace_common::{
 use crate::{
     capture::{bytes_at, capture_request, reply_head},
     conn::{emit, emit_request, insert_new, set_netns, set_owner_to_current},
-    kernel_read::{read_endpoints, socket_family, tcp_state_of},
+    kernel_read::{consumed_bytes, read_endpoints, socket_family, tcp_state_of},
     libssl,
     maps::{
         current_epoch, http1_framed, scratch_conn, stall_after_ns, verdict_extras, CONNS,
-        LISTEN_PORTS, OFFSETS, UDP_TRACED,
+        LISTEN_PORTS, OFFSETS, SPLICE_READS, UDP_TRACED,
     },
     tls_queue, udp, unix,
 };
@@ -298,6 +298,12 @@ fn discover<C: EbpfContext>(
     set_owner_to_current(conn);
     // Its first bytes are not read: the direction rule alone, until its next request.
     record_transfer(conn, dir, bytes, now, Message::Data);
+    if SPLICE_READS.load() != 0 {
+        // What was read before counting began, so that splices count from here (`splice.rs`).
+        if let Some(consumed) = consumed_bytes(sock, &offsets) {
+            conn.consumed_base = consumed.wrapping_sub(conn.bytes_recv as u32);
+        }
+    }
     if !insert_new(ctx, sock, conn) {
         return None;
     }

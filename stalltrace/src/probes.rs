@@ -348,6 +348,9 @@ pub(crate) struct Probes {
     /// The libssl whose `SSL_read` is hooked (TLS clients' replies counted at the plaintext),
     /// or why none is.
     pub libssl: Result<PathBuf, String>,
+    /// Receives that bypass the transfer hooks (`splice`/`sendfile` from a TCP socket) are
+    /// counted (`stalltrace_splice_recv`), or why not.
+    pub splice_reads: Result<(), String>,
 }
 
 /// The program the daemon runs (never attached) to ask whether a Unix socket still lives.
@@ -629,6 +632,18 @@ impl Probes {
             .override_global("UDP_TRACED", &u32::from(features.udp), true)
             .override_global("LIBSSL_TRACED", &u32::from(features.libssl), true)
             .override_global(
+                "SPLICE_READS",
+                &u32::from(
+                    splice_reads_possible(
+                        tracefs_root,
+                        &config.functions.syscall_regs,
+                        &config.offsets,
+                    )
+                    .is_ok(),
+                ),
+                true,
+            )
+            .override_global(
                 "VERDICT_EXTRAS",
                 &u32::from(capture_bytes > 0 && verdict_extras(&config.functions)),
                 true,
@@ -679,6 +694,29 @@ impl Probes {
                 maps.transfer_programs.push(fd);
             }
         }
+        let splice_reads = splice_reads_possible(
+            tracefs_root,
+            &config.functions.syscall_regs,
+            &config.offsets,
+        )
+        .and_then(|()| attach_splice_reads(&mut ebpf))
+        .map(|hook| {
+            // Its runs skipped by the kernel's recursion guard are lost receives too.
+            let fd = ebpf
+                .program(hook.program)
+                .map(|p| p.fd().map(|fd| fd.try_clone()));
+            if let Some(Ok(Ok(fd))) = fd {
+                maps.transfer_programs.push(fd);
+            }
+            attached.push(hook);
+        });
+        if let Err(why) = &splice_reads {
+            log::warn!(
+                "{why}: bytes a process reads from a TCP socket with splice() or sendfile() (as \
+                 haproxy forwards bodies) are not counted, so such a connection's verdict may be \
+                 wrong (docs/events.md, \"Bytes moved by splice\")"
+            );
+        }
         let stacks = match load_stack_sampling(&mut ebpf) {
             Ok(stacks) => Some(stacks),
             Err(err) => {
@@ -717,6 +755,7 @@ impl Probes {
             unix,
             http1_framing: framing,
             libssl: Err("not attached yet".to_owned()),
+            splice_reads,
         })
     }
 
@@ -1174,6 +1213,67 @@ fn verdict_extras(functions: &KernelFunctions) -> bool {
     !functions.has_tcp_sendpage
 }
 
+/// The raw tracepoint whose program counts the receives the transfer hooks miss.
+const SPLICE_READS_TRACEPOINT: &str = "tcp_rcv_space_adjust";
+const SPLICE_READS_PROGRAM: &str = "stalltrace_splice_recv";
+
+/// Whether `splice.rs` can run here: it tells the syscalls that read without the transfer
+/// hooks by their number in the task's registers (capture's layout), and computes what the
+/// application read from `tcp_sock` members. `Err` says what is missing.
+fn splice_reads_possible(
+    tracefs_root: &Path,
+    syscall_regs: &Result<(), String>,
+    offsets: &Offsets,
+) -> Result<(), String> {
+    if SYSCALL_REGS.is_none() {
+        return Err(format!(
+            "splice reads are not seen on {}: they are told by syscall registers known on \
+             x86-64 and arm64 only",
+            std::env::consts::ARCH
+        ));
+    }
+    if let Err(mismatch) = syscall_regs {
+        return Err(format!(
+            "splice reads are not seen: {mismatch} on this kernel"
+        ));
+    }
+    if !offsets.can_read_consumed() {
+        return Err(
+            "splice reads are not seen: the kernel's BTF lacks tcp_sock.bytes_received, \
+                    rcv_nxt or copied_seq"
+                .to_owned(),
+        );
+    }
+    tracefs::check_layout(tracefs_root, "tcp", SPLICE_READS_TRACEPOINT)
+        .map_err(|err| format!("splice reads are not seen: {err:#}"))
+}
+
+/// Loads and attaches `stalltrace_splice_recv` to `tcp/tcp_rcv_space_adjust` (a raw
+/// tracepoint: Linux 4.17). Its register reads need `bpf_task_pt_regs` (Linux 5.15).
+fn attach_splice_reads(ebpf: &mut Ebpf) -> Result<Attached, String> {
+    let program = ebpf
+        .program_mut(SPLICE_READS_PROGRAM)
+        .ok_or_else(|| format!("the eBPF object has no program {SPLICE_READS_PROGRAM}"))
+        .and_then(|p| <&mut RawTracePoint>::try_from(p).map_err(|e| e.to_string()))?;
+    load_program(SPLICE_READS_PROGRAM, program.load()).map_err(|err| {
+        log::debug!("{err:#}");
+        "splice reads are not seen: their program needs the BPF helpers \
+         bpf_get_current_task_btf and bpf_task_pt_regs (Linux 5.15; --log-level debug shows the \
+         kernel's refusal)"
+            .to_owned()
+    })?;
+    program
+        .attach(SPLICE_READS_TRACEPOINT)
+        .map_err(|err| format!("splice reads are not seen: attaching failed: {err}"))?;
+    Ok(Attached {
+        program: SPLICE_READS_PROGRAM,
+        hook: format!("raw_tracepoint/{SPLICE_READS_TRACEPOINT}"),
+        rung: Rung::Tracepoint,
+        run_count: 0,
+        run_time_ns: 0,
+    })
+}
+
 /// Unix connections are found on the rungs that see every socket's transfers (the sock
 /// tracepoints, the syscall tracepoints; not the TCP functions'), need their members in the
 /// kernel's BTF, and need the liveness program (their closes are seen through it): then the
@@ -1403,6 +1503,24 @@ mod tests {
             std::fs::write(dir.join("format"), format).unwrap();
         }
         root
+    }
+
+    #[test]
+    fn splice_reads_need_their_tracepoint_the_registers_and_tcp_sock_members() {
+        let btf = crate::sources::btf::from_kernel().unwrap();
+        let (offsets, _) = crate::sources::btf::resolve_offsets(&btf);
+        assert!(offsets.can_read_consumed(), "this kernel's BTF has them");
+        let root = fake_tracefs("splice", &["tcp/tcp_rcv_space_adjust"]);
+        assert_eq!(splice_reads_possible(&root, &Ok(()), &offsets), Ok(()));
+        let why = splice_reads_possible(&root, &Ok(()), &Offsets::unknown()).unwrap_err();
+        assert!(why.contains("tcp_sock.bytes_received"), "{why}");
+        let why = splice_reads_possible(&root, &Err("no pt_regs".into()), &offsets).unwrap_err();
+        assert!(why.contains("no pt_regs"), "{why}");
+        std::fs::remove_dir_all(root).unwrap();
+        let root = fake_tracefs("no-splice", &["sock/inet_sock_set_state"]);
+        let why = splice_reads_possible(&root, &Ok(()), &offsets).unwrap_err();
+        assert!(why.contains("tcp/tcp_rcv_space_adjust"), "{why}");
+        std::fs::remove_dir_all(root).unwrap();
     }
 
     #[test]

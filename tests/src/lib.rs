@@ -439,6 +439,24 @@ pub fn start_nginx(dir: &Path, listen: SocketAddr, http: &str) -> Terminated {
     nginx
 }
 
+/// Starts haproxy in the foreground with `config` (its log in `dir`), listening on `listen`,
+/// and waits until it accepts.
+pub fn start_haproxy(dir: &Path, listen: SocketAddr, config: &str) -> Terminated {
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, config).unwrap();
+    let haproxy = Terminated(
+        Command::new("haproxy")
+            .arg("-f")
+            .arg(&path)
+            .arg("-db")
+            .stderr(std::fs::File::create(dir.join("haproxy.log")).unwrap())
+            .spawn()
+            .expect("haproxy is installed by cargo xtask test"),
+    );
+    wait_until_listening(listen);
+    haproxy
+}
+
 /// The item with `role` ("client"/"server").
 pub fn with_role<'a>(items: &'a [Value], role: &str) -> &'a Value {
     items

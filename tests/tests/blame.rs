@@ -12,7 +12,7 @@ use std::{
 
 use serde_json::Value;
 use stalltrace_integration::{
-    daemon_dir, free_port, require_root, start_nginx, wait_until_listening, Daemon, Terminated,
+    daemon_dir, free_port, require_root, start_haproxy, start_nginx, Daemon, Terminated,
     REPORT_WITHIN,
 };
 
@@ -246,18 +246,7 @@ fn an_haproxy_stall_is_blamed_on_its_upstream() {
            server fast {fast}
 "
     );
-    let path = dir.join("haproxy.cfg");
-    std::fs::write(&path, config).unwrap();
-    let _haproxy = Terminated(
-        Command::new("haproxy")
-            .arg("-f")
-            .arg(&path)
-            .arg("-db")
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("haproxy is installed by cargo xtask test"),
-    );
-    wait_until_listening(proxy);
+    let _haproxy = start_haproxy(&dir, proxy, &config);
     check_chain(&daemon, proxy, slow, fast);
 }
 

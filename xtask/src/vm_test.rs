@@ -521,7 +521,10 @@ for rung in sys.argv[1:]:
         calls = sum(p["run_count"] for p in progs
                     if not p["program"].endswith("_kprobe")
                     and not p["program"].startswith("stalltrace_sys_enter"))
-        return calls, sum(p["run_time_ns"] for p in progs)
+        # The splice-read program runs on every receive too (its syscall check): its time is
+        # part of a transfer's cost, its runs are no transfers.
+        extra = [p for p in s["programs"] if p["program"] == "stalltrace_splice_recv"]
+        return calls, sum(p["run_time_ns"] for p in progs + extra)
     (c0, t0), (c1, t1) = transfer(before), transfer(after)
     per_call = (t1 - t0) / max(c1 - c0, 1)
     print(f"vm-test: cost rung={rung} program_ns={per_call:.0f} transfer_ns_untraced={base:.0f} "

@@ -166,6 +166,21 @@ pub fn confidence(opened_ns: u64, last_loss_ns: Option<u64>) -> (Confidence, Opt
     }
 }
 
+/// Why a verdict made from the transfers the programs saw cannot be trusted, when the socket
+/// says the application read more than they counted (`counted`, on the socket's scale: see
+/// `tracker::Conn::counted_reads`): bytes moved by a read no hook saw (an io_uring splice, a
+/// kernel without the splice-read program, an in-kernel consumer).
+pub fn unseen_reads_reason(counted: Option<u32>, signals: &TcpSignals) -> Option<String> {
+    let unseen = stalltrace_common::transfer::unseen_reads(counted?, signals.bytes_read?);
+    (unseen > 0).then(|| {
+        format!(
+            "the socket says {unseen} bytes were read that no hook saw (splice, sendfile or \
+             io_uring from a socket where they are not traced): this verdict, from the \
+             transfers seen, may be wrong"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,5 +324,27 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(tcp_cause(false, &answered), Cause::ResponseUnread);
+    }
+
+    #[test]
+    fn reads_no_hook_saw_make_a_verdict_unsure() {
+        let read = |bytes_read| TcpSignals {
+            bytes_read,
+            ..Default::default()
+        };
+        // 2 MiB spliced into a pipe while 44 bytes of head were counted.
+        let reason = unseen_reads_reason(Some(44), &read(Some(44 + (2 << 20)))).unwrap();
+        assert!(reason.contains("2097152 bytes were read"), "{reason}");
+        assert_eq!(unseen_reads_reason(Some(44), &read(Some(44))), None);
+        // Counted before read (a reply counted at the peer's FIN): nothing unseen.
+        assert_eq!(unseen_reads_reason(Some(100), &read(Some(44))), None);
+        // Either count unknown: nothing said.
+        assert_eq!(unseen_reads_reason(None, &read(Some(1 << 20))), None);
+        assert_eq!(unseen_reads_reason(Some(44), &read(None)), None);
+        // The 32-bit scales wrap together.
+        assert_eq!(
+            unseen_reads_reason(Some(u32::MAX - 9), &read(Some(10))).map(|r| r.contains(" 20 ")),
+            Some(true)
+        );
     }
 }

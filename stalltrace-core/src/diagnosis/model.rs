@@ -87,6 +87,11 @@ pub struct TcpSignals {
     pub last_data_sent_ms: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_ack_recv_ms: Option<u32>,
+    /// What the application has read from the socket by any means, low 32 bits of bytes
+    /// (`tcpi_bytes_received` less the receive queue, Linux 4.1+): set against what the
+    /// kernel programs counted (`Conn::counted_reads`). Not reported.
+    #[serde(skip)]
+    pub bytes_read: Option<u32>,
 }
 
 /// What TCP says about a stall (`stall.cause`), from the socket's queues and `tcp_info`.

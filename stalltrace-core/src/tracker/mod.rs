@@ -158,6 +158,11 @@ pub struct Conn {
     pub retries: u32,
     /// HTTP/1.x: the framing of the latest response, once a sweep read its head.
     pub reply: Option<Box<ReplyFraming>>,
+    /// TCP: what the kernel entry counted as read, on the socket's own scale
+    /// (`transfer::counted_reads`), as of the latest snapshot; `None` where that scale is not
+    /// known (an entry found through its traffic without splice reads on). The diagnosis sets
+    /// it against what the socket says was read (`TcpSignals::bytes_read`).
+    pub counted_reads: Option<u32>,
     /// `open_ns` of the kernel entry this record follows: tells a reused sock address apart.
     kernel_open_ns: u64,
     announced: bool,
@@ -189,6 +194,7 @@ impl Conn {
             self.owner = owner;
         }
         self.retries = state.retries;
+        self.counted_reads = counted_reads(state);
         if self.endpoints.local_port == 0 {
             // connect() picks the local port after the SYN_SENT transition. (A Unix entry's
             // peer inode may be 0, where the tracker knows it from the peer: keep that.)
@@ -201,6 +207,15 @@ impl Conn {
             }
         }
     }
+}
+
+/// What a TCP entry counted as read, on the socket's scale, if its base is known: counted
+/// from the handshake, or found through its traffic with the base read then (`consumed_base`
+/// set; 0 there means not read, or nothing read before: either way not trusted).
+fn counted_reads(state: &ConnState) -> Option<u32> {
+    let base_known = state.flags & conn_flags::DISCOVERED == 0 || state.consumed_base != 0;
+    (state.transport == stalltrace_common::transport::TCP && base_known)
+        .then(|| transfer::counted_reads(state))
 }
 
 /// A connection found in /proc at start-up.
@@ -462,6 +477,7 @@ impl Tracker {
             quiet_since: None,
             incomplete: true,
             retries: 0,
+            counted_reads: None,
             kernel_open_ns: 0,
             announced: false,
             closed_while_stalled: false,
@@ -763,7 +779,9 @@ impl Tracker {
             }
             if framing::needs_head(&state, conn.reply.as_deref()) {
                 let head = reply_head(sock).filter(|head| head.reply_ns == state.dir_since_ns);
-                if head.is_none() {
+                // A response whose bytes the kernel could not read (they came by splice: its
+                // tail is unknown) had no head copied: nothing was lost.
+                if head.is_none() && state.reply_tail != stalltrace_common::http1::TAIL_UNKNOWN {
                     self.stats.reply_heads_missed += 1;
                 }
                 conn.reply = Some(Box::new(match head {
@@ -875,6 +893,7 @@ impl Tracker {
                     quiet_since: None,
                     incomplete: discovered || preexisting,
                     retries: state.retries,
+                    counted_reads: counted_reads(state),
                     kernel_open_ns: state.open_ns,
                     announced: false,
                     closed_while_stalled: false,

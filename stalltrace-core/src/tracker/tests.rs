@@ -1586,6 +1586,37 @@ fn a_response_pause_between_two_sweeps_is_reported_when_it_ends() {
     );
 }
 
+/// A client that sent `GET /big` at 1 s (an HTTP/1.x connection).
+fn client_asked_big() -> (Tracker, Kernel) {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::CLIENT, 0);
+    k.transfer_bytes(direction::OUT, SEC, b"GET /big HTTP/1.1\r\n\r\n");
+    feed(&mut t, k.event(EventKind::Discovered, SEC));
+    (t, k)
+}
+
+#[test]
+fn a_response_that_came_by_splice_is_not_judged_and_no_head_was_lost() {
+    // A TCP-mode proxy's backend connection: the request went by send(), the response
+    // arrived by splice (the kernel counted its bytes, could read none: tail unknown).
+    let (mut t, mut k) = client_asked_big();
+    record_transfer(&mut k.state, direction::IN, 500, 2 * SEC, Message::Data);
+    k.state.reply_tail = stalltrace_common::http1::TAIL_UNKNOWN;
+    for now in [3 * SEC, 30 * SEC] {
+        k.epoch += 1;
+        let (state, mut out) = (k.state, Vec::new());
+        t.sweep_with_heads(now, k.epoch, |_| Some(state), |_| None, &mut out);
+        assert_eq!(out, [], "not judged: no framing known");
+    }
+    assert_eq!(t.stats().reply_heads_missed, 0);
+    // A head the kernel did copy, gone by the sweep (evicted): counted.
+    let (mut t, mut k) = client_asked_big();
+    k.transfer_bytes(direction::IN, 2 * SEC, RESPONSE);
+    let (state, mut out) = (k.state, Vec::new());
+    t.sweep_with_heads(3 * SEC, 2, |_| Some(state), |_| None, &mut out);
+    assert_eq!(t.stats().reply_heads_missed, 1);
+}
+
 #[test]
 fn a_complete_response_leaves_an_idle_keep_alive_connection() {
     let mut t = tracker();

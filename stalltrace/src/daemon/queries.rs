@@ -104,6 +104,11 @@ impl Daemon {
                 "request_capture_bytes": probes.capture_bytes,
                 "udp": probes.udp,
                 "http1_response_framing": probes.http1_framing,
+                // Receives by splice()/sendfile() from TCP sockets counted.
+                "splice_reads": match &probes.splice_reads {
+                    Ok(()) => json!({"enabled": true}),
+                    Err(why) => json!({"enabled": false, "reason": why}),
+                },
                 // TLS clients' replies counted when libssl's SSL_read returns plaintext.
                 "tls_libssl": match &probes.libssl {
                     Ok(path) => json!({"enabled": true, "library": path}),

@@ -302,7 +302,7 @@ impl Diagnoser {
                         open.facts = Some(Facts {
                             thread,
                             fd_peer,
-                            tcp,
+                            tcp: tcp.map(|tcp| *tcp),
                             not_accepted,
                             executable_path,
                             cgroup_path,
@@ -471,6 +471,12 @@ impl Diagnoser {
                 }
                 cause => cause,
             });
+            if found.confidence_reason.is_none() {
+                if let Some(reason) = diagnosis::unseen_reads_reason(conn.counted_reads, &signals) {
+                    found.confidence = diagnosis::Confidence::Partial;
+                    found.confidence_reason = Some(reason);
+                }
+            }
             found.tcp = Some(signals);
         }
         if facts.not_accepted {

@@ -68,7 +68,8 @@ pub(crate) enum Finding {
         onset: bool,
         thread: Option<ThreadReport>,
         fd_peer: Option<Endpoints>,
-        tcp: Option<TcpSignals>,
+        /// Boxed: the largest part of the largest finding.
+        tcp: Option<Box<TcpSignals>>,
         not_accepted: bool,
         executable_path: Option<String>,
         cgroup_path: Option<String>,
@@ -202,7 +203,7 @@ impl State {
                     onset,
                     thread: gathered.thread,
                     fd_peer: gathered.fd_peer,
-                    tcp: gathered.tcp,
+                    tcp: gathered.tcp.map(Box::new),
                     not_accepted: gathered.not_accepted,
                     executable_path: gathered.executable_path,
                     cgroup_path: gathered.cgroup_path,

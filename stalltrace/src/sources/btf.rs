@@ -33,7 +33,7 @@ const ANY_SIZE: u32 = u32::MAX;
 pub(crate) fn resolve_offsets(btf: &Btf) -> (Offsets, Vec<&'static str>) {
     let mut offsets = Offsets::unknown();
     let mut missing = Vec::new();
-    let wanted: [Wanted; 27] = [
+    let wanted: [Wanted; 28] = [
         (
             &mut offsets.skc_family,
             "sock",
@@ -110,6 +110,13 @@ pub(crate) fn resolve_offsets(btf: &Btf) -> (Offsets, Vec<&'static str>) {
             &["copied_seq"],
             4,
             "tcp_sock.copied_seq",
+        ),
+        (
+            &mut offsets.tcp_bytes_received,
+            "tcp_sock",
+            &["bytes_received"],
+            8,
+            "tcp_sock.bytes_received",
         ),
         (
             &mut offsets.skc_net,

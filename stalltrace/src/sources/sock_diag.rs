@@ -357,6 +357,7 @@ fn parse_tcp_info(info: &[u8], entry: &DiagEntry) -> TcpSignals {
             .map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap()))
     };
     const SND_WND: usize = 228;
+    const BYTES_RECEIVED: usize = 128;
     // tcpi_state: before the handshake completes (SYN_SENT, SYN_RECV) there is no window and
     // no data, and the last_* times count from boot.
     let handshaken = !matches!(u8_at(0), 2 | 3);
@@ -372,6 +373,9 @@ fn parse_tcp_info(info: &[u8], entry: &DiagEntry) -> TcpSignals {
         last_data_sent_ms: since(44),
         last_data_recv_ms: since(52),
         last_ack_recv_ms: since(56),
+        bytes_read: info.get(BYTES_RECEIVED..BYTES_RECEIVED + 8).map(|b| {
+            (u64::from_ne_bytes(b.try_into().unwrap()) as u32).wrapping_sub(entry.recv_queue)
+        }),
     }
 }
 
@@ -452,12 +456,34 @@ mod tests {
         assert!(unread.iter().any(|e| e.endpoints == endpoints(&server)));
         assert!(unread.iter().all(|e| e.state == tcp_state::ESTABLISHED));
         assert!(unread.iter().all(|e| e.recv_queue > 0));
+        assert_eq!(signals.bytes_read, Some(0), "received, not read");
         let mut buf = [0u8; 14];
         server.read_exact(&mut buf).unwrap();
-        assert_eq!(
-            query(&endpoints(&server), 0).unwrap().unwrap().recv_queue,
-            0
-        );
+        let read = query(&endpoints(&server), 0).unwrap().unwrap();
+        assert_eq!(read.recv_queue, 0);
+        assert_eq!(read.signals.unwrap().bytes_read, Some(14));
+        // Bytes read by splice(2) into a pipe are read as far as the socket is concerned.
+        client.write_all(&[b'b'; 100]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut pipe = [0; 2];
+        // SAFETY: plain syscalls on descriptors this test owns.
+        let spliced = unsafe {
+            assert_eq!(libc::pipe(pipe.as_mut_ptr()), 0);
+            let moved = libc::splice(
+                std::os::fd::AsRawFd::as_raw_fd(&server),
+                std::ptr::null_mut(),
+                pipe[1],
+                std::ptr::null_mut(),
+                100,
+                0,
+            );
+            libc::close(pipe[0]);
+            libc::close(pipe[1]);
+            moved
+        };
+        assert_eq!(spliced, 100);
+        let read = query(&endpoints(&server), 0).unwrap().unwrap();
+        assert_eq!(read.signals.unwrap().bytes_read, Some(114));
         let unread = dump_established_unread().unwrap();
         assert!(!unread.iter().any(|e| e.endpoints == endpoints(&server)));
     }

@@ -89,7 +89,9 @@ pub(crate) fn expected_fields(
             saddr, daddr, saddr_v6, daddr_v6),
         ("tcp", "tcp_retransmit_skb") => fields!(TcpRetransmitSkb: skaddr, sport),
         ("tcp", "tcp_receive_reset") => fields!(TcpReceiveReset: skaddr),
-        ("sock", "sock_send_length" | "sock_recv_length") => Vec::new(),
+        ("sock", "sock_send_length" | "sock_recv_length") | ("tcp", "tcp_rcv_space_adjust") => {
+            Vec::new()
+        }
         ("syscalls", "sys_enter_recvfrom") => fields!(SysEnterRecvfrom: fd, flags),
         ("syscalls", "sys_enter_recvmsg") => fields!(SysEnterRecvmsg: fd, flags),
         ("syscalls", name) if name.starts_with("sys_enter_") => fields!(SysEnterFd: fd),
