@@ -587,3 +587,43 @@ fn dbus_signals_are_one_way_and_a_slow_method_call_is_flagged() {
         "true duration: {end:#}"
     );
 }
+
+/// One write of a large reply to a peer that does not read blocks in the kernel, and the
+/// hooks see a send only when it returns: judged from them alone, the server has sent
+/// nothing. The socket has taken part of the reply already, and the diagnosis says so.
+#[test]
+fn a_reply_blocked_in_one_long_send_makes_the_unanswered_verdict_partial() {
+    require_root();
+    let daemon = Daemon::start("blocked-send");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (mut server, _) = listener.accept().unwrap();
+    client.write_all(b"GET /big HTTP/1.0\r\n\r\n").unwrap();
+    let mut request = [0u8; 21];
+    server.read_exact(&mut request).unwrap();
+    let sender = thread::spawn(move || server.write_all(&vec![b'x'; 64 << 20]));
+    let partial =
+        |e: &Value| e["conn"]["role"] == "server" && e["stall"]["confidence"] == "partial";
+    let within = STALL_AFTER + REPORT_WITHIN;
+    let diagnosed = daemon
+        .wait_for_event("stall.start", port, within, partial)
+        .or_else(|| daemon.wait_for_event("stall.update", port, within, partial))
+        .unwrap_or_else(|| {
+            panic!(
+                "the server's stall is partial: {:#?}",
+                daemon.events_named("stall.start", port)
+            )
+        });
+    assert!(!sender.is_finished(), "the write is still blocked");
+    assert_eq!(
+        diagnosed["stall"]["kind"], "unanswered_request",
+        "{diagnosed:#}"
+    );
+    let reason = diagnosed["stall"]["confidence_reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains("send call still blocked"), "{diagnosed:#}");
+    drop(client);
+    assert!(sender.join().unwrap().is_err(), "the peer closed");
+}

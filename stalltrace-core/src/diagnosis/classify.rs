@@ -166,19 +166,36 @@ pub fn confidence(opened_ns: u64, last_loss_ns: Option<u64>) -> (Confidence, Opt
     }
 }
 
+/// Sequence numbers a socket's byte count may hold beyond its data: a SYN and a FIN.
+const CONTROL_SEQUENCE_SLACK: u64 = 2;
+
 /// Why a verdict made from the transfers the programs saw cannot be trusted, when the socket
-/// says the application read more than they counted (`counted`, on the socket's scale: see
-/// `tracker::Conn::counted_reads`): bytes moved by a read no hook saw (an io_uring splice, a
-/// kernel without the splice-read program, an in-kernel consumer).
-pub fn unseen_reads_reason(counted: Option<u32>, signals: &TcpSignals) -> Option<String> {
-    let unseen = stalltrace_common::transfer::unseen_reads(counted?, signals.bytes_read?);
-    (unseen > 0).then(|| {
-        format!(
-            "the socket says {unseen} bytes were read that no hook saw (splice, sendfile or \
+/// says the application read or wrote more than they counted (`reads` and `writes`, on the
+/// socket's scale: see `tracker::Conn::counted_reads`): bytes moved by a read no hook saw (an
+/// io_uring splice, a kernel without the splice-read program, an in-kernel consumer), or by a
+/// send still blocked in the kernel (the hooks see a send when it returns) or one no hook saw.
+pub fn unseen_bytes_reason(
+    reads: Option<u32>,
+    writes: Option<u32>,
+    signals: &TcpSignals,
+) -> Option<String> {
+    let unseen = |counted: Option<u32>, socket: Option<u32>| {
+        Some(stalltrace_common::transfer::unseen_reads(counted?, socket?))
+    };
+    if let Some(read) = unseen(reads, signals.bytes_read).filter(|&n| n > 0) {
+        return Some(format!(
+            "the socket says {read} bytes were read that no hook saw (splice, sendfile or \
              io_uring from a socket where they are not traced): this verdict, from the \
              transfers seen, may be wrong"
-        )
-    })
+        ));
+    }
+    let written = unseen(writes, signals.bytes_written).filter(|&n| n > CONTROL_SEQUENCE_SLACK)?;
+    Some(format!(
+        "the socket has taken {written} bytes that no hook saw sent: a send call still blocked \
+         in the kernel (a reply under way, as fast as the peer reads) or one not traced \
+         (sendfile, splice or io_uring where they are not): this verdict, from the transfers \
+         seen, may be wrong"
+    ))
 }
 
 #[cfg(test)]
@@ -327,7 +344,30 @@ mod tests {
     }
 
     #[test]
+    fn bytes_a_blocked_send_handed_over_make_a_verdict_unsure() {
+        let written = |bytes_written| TcpSignals {
+            bytes_written,
+            ..Default::default()
+        };
+        // A server counted 0 bytes sent: its sendall() of 40 MB is blocked, 2.5 MB handed over.
+        let reason = unseen_bytes_reason(None, Some(0), &written(Some(2_500_000))).unwrap();
+        assert!(reason.contains("2500000 bytes"), "{reason}");
+        assert!(reason.contains("send call still blocked"), "{reason}");
+        // A client's SYN and FIN take a sequence number each: nothing unseen.
+        assert_eq!(
+            unseen_bytes_reason(None, Some(100), &written(Some(102))),
+            None
+        );
+        assert_eq!(
+            unseen_bytes_reason(None, None, &written(Some(1 << 20))),
+            None
+        );
+    }
+
+    #[test]
     fn reads_no_hook_saw_make_a_verdict_unsure() {
+        let unseen_reads_reason =
+            |counted, signals: &TcpSignals| unseen_bytes_reason(counted, None, signals);
         let read = |bytes_read| TcpSignals {
             bytes_read,
             ..Default::default()

@@ -92,6 +92,13 @@ pub struct TcpSignals {
     /// kernel programs counted (`Conn::counted_reads`). Not reported.
     #[serde(skip)]
     pub bytes_read: Option<u32>,
+    /// What the application has handed to the socket by any means, low 32 bits of bytes
+    /// (`tcpi_bytes_acked` plus what is queued unacknowledged, `idiag_wqueue`; the SYN of a
+    /// connecting socket and a FIN each count one): set against what the kernel programs
+    /// counted (`Conn::counted_writes`). A send call still blocked in the kernel has handed
+    /// over part of its buffer already. Not reported.
+    #[serde(skip)]
+    pub bytes_written: Option<u32>,
 }
 
 /// What TCP says about a stall (`stall.cause`), from the socket's queues and `tcp_info`.

@@ -163,6 +163,9 @@ pub struct Conn {
     /// known (an entry found through its traffic without splice reads on). The diagnosis sets
     /// it against what the socket says was read (`TcpSignals::bytes_read`).
     pub counted_reads: Option<u32>,
+    /// TCP: what the kernel entry counted as sent (low 32 bits) when it was tracked from its
+    /// handshake, as of the latest snapshot; set against `TcpSignals::bytes_written`.
+    pub counted_writes: Option<u32>,
     /// `open_ns` of the kernel entry this record follows: tells a reused sock address apart.
     kernel_open_ns: u64,
     announced: bool,
@@ -195,6 +198,7 @@ impl Conn {
         }
         self.retries = state.retries;
         self.counted_reads = counted_reads(state);
+        self.counted_writes = counted_writes(state);
         if self.endpoints.local_port == 0 {
             // connect() picks the local port after the SYN_SENT transition. (A Unix entry's
             // peer inode may be 0, where the tracker knows it from the peer: keep that.)
@@ -216,6 +220,14 @@ fn counted_reads(state: &ConnState) -> Option<u32> {
     let base_known = state.flags & conn_flags::DISCOVERED == 0 || state.consumed_base != 0;
     (state.transport == stalltrace_common::transport::TCP && base_known)
         .then(|| transfer::counted_reads(state))
+}
+
+/// What a TCP entry counted as sent, on the socket's scale (from the handshake), if it was
+/// tracked from its handshake (an entry found through its traffic missed the start).
+fn counted_writes(state: &ConnState) -> Option<u32> {
+    (state.transport == stalltrace_common::transport::TCP
+        && state.flags & conn_flags::DISCOVERED == 0)
+        .then_some(state.bytes_sent as u32)
 }
 
 /// A connection found in /proc at start-up.
@@ -478,6 +490,7 @@ impl Tracker {
             incomplete: true,
             retries: 0,
             counted_reads: None,
+            counted_writes: None,
             kernel_open_ns: 0,
             announced: false,
             closed_while_stalled: false,
@@ -894,6 +907,7 @@ impl Tracker {
                     incomplete: discovered || preexisting,
                     retries: state.retries,
                     counted_reads: counted_reads(state),
+                    counted_writes: counted_writes(state),
                     kernel_open_ns: state.open_ns,
                     announced: false,
                     closed_while_stalled: false,

@@ -472,7 +472,11 @@ impl Diagnoser {
                 cause => cause,
             });
             if found.confidence_reason.is_none() {
-                if let Some(reason) = diagnosis::unseen_reads_reason(conn.counted_reads, &signals) {
+                if let Some(reason) = diagnosis::unseen_bytes_reason(
+                    conn.counted_reads,
+                    conn.counted_writes,
+                    &signals,
+                ) {
                     found.confidence = diagnosis::Confidence::Partial;
                     found.confidence_reason = Some(reason);
                 }

@@ -357,6 +357,7 @@ fn parse_tcp_info(info: &[u8], entry: &DiagEntry) -> TcpSignals {
             .map_or(0, |b| u32::from_ne_bytes(b.try_into().unwrap()))
     };
     const SND_WND: usize = 228;
+    const BYTES_ACKED: usize = 120;
     const BYTES_RECEIVED: usize = 128;
     // tcpi_state: before the handshake completes (SYN_SENT, SYN_RECV) there is no window and
     // no data, and the last_* times count from boot.
@@ -375,6 +376,9 @@ fn parse_tcp_info(info: &[u8], entry: &DiagEntry) -> TcpSignals {
         last_ack_recv_ms: since(56),
         bytes_read: info.get(BYTES_RECEIVED..BYTES_RECEIVED + 8).map(|b| {
             (u64::from_ne_bytes(b.try_into().unwrap()) as u32).wrapping_sub(entry.recv_queue)
+        }),
+        bytes_written: info.get(BYTES_ACKED..BYTES_ACKED + 8).map(|b| {
+            (u64::from_ne_bytes(b.try_into().unwrap()) as u32).wrapping_add(entry.send_queue)
         }),
     }
 }
@@ -486,6 +490,40 @@ mod tests {
         assert_eq!(read.signals.unwrap().bytes_read, Some(114));
         let unread = dump_established_unread().unwrap();
         assert!(!unread.iter().any(|e| e.endpoints == endpoints(&server)));
+    }
+
+    #[test]
+    fn a_send_blocked_in_the_kernel_has_handed_bytes_over() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        let server_ends = endpoints(&server);
+        let written = |ends| {
+            query(&ends, 0)
+                .unwrap()
+                .unwrap()
+                .signals
+                .unwrap()
+                .bytes_written
+        };
+        server.write_all(b"hello").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(
+            written(server_ends),
+            Some(5),
+            "acknowledged: no SYN in a server's count"
+        );
+        // A 64 MiB write to a peer that never reads blocks with part of it handed over.
+        let sender = std::thread::spawn(move || server.write_all(&vec![b'x'; 64 << 20]));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let handed = written(server_ends).unwrap();
+        assert!(
+            handed > 5 + 65_536,
+            "{handed} bytes taken by the blocked write"
+        );
+        assert!(!sender.is_finished(), "the write is still blocked");
+        drop(client);
+        assert!(sender.join().unwrap().is_err(), "the peer closed");
     }
 
     #[test]
