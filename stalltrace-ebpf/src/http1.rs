@@ -1,17 +1,21 @@
 //! HTTP/1.x responses (`stalltrace_common::http1`): the start of each response is copied into
 //! its connection's `HTTP1_REPLY_HEADS` slot for the daemon to parse, and each transfer of it
-//! leaves its last bytes in `ConnState::reply_tail`. Runs only on connections recognized as
+//! leaves its last bytes in `ConnState::reply_tail`; the start of each request-direction run
+//! (the requests before it, pipelined or not) goes into its `HTTP1_REQUEST_RUNS` slot. Runs only on connections recognized as
 //! HTTP/1.x, for transfers in the reply direction, and only with capture on. The syscall's
 //! buffer is located once per transfer; a keep-alive connection's slot is rewritten in place.
 use stalltrace_common::{
     capture_slot,
-    http1::{tail_after, Reply, TAIL_UNKNOWN},
-    role, ConnState,
+    http1::{tail_after, Reply, RunCopy, REQUEST_RUN_ROOM, TAIL_UNKNOWN},
+    role, verdict_flags, ConnState,
 };
 
 use crate::{
-    capture::{bytes8_at, capture_data, copy_data, Data},
-    maps::{CAPTURES, CAPTURE_SLOTS, HTTP1_REPLY_HEADS, REPLY_HEAD_SCRATCH},
+    capture::{bytes8_at, capture_data, copy_data, copy_data_at, Data},
+    maps::{
+        CAPTURES, CAPTURE_SLOTS, HTTP1_REPLY_HEADS, HTTP1_REQUEST_RUNS, REPLY_HEAD_SCRATCH,
+        REQUEST_RUN_SCRATCH,
+    },
     words::copy_words,
 };
 
@@ -32,6 +36,54 @@ pub(crate) fn on_reply(sock: u64, conn: &mut ConnState, reply: Reply, bytes: u64
             conn.bytes_recv
         };
         keep_head(sock, &data, moved - bytes, bytes, now);
+    }
+}
+
+/// After `record_transfer` recorded a transfer of `bytes` in the request direction that
+/// `copy` says starts or continues the run's copy: copies its first bytes into the socket's
+/// `HTTP1_REQUEST_RUNS` slot (in place when it has one), after those of the run's earlier
+/// transfers. The copy stays open (`REQUEST_RUN_OPEN`) while it has room and holds every byte
+/// the run moved: a request started later in the run is then in it.
+#[inline(never)]
+pub(crate) fn on_request_run(sock: u64, conn: &mut ConnState, copy: RunCopy, bytes: u64) {
+    conn.verdict_flags &= !verdict_flags::REQUEST_RUN_OPEN;
+    let Some(data) = capture_data() else {
+        return;
+    };
+    let starts = copy == RunCopy::Starts;
+    let (run, fresh) = match HTTP1_REQUEST_RUNS.get_ptr_mut(&sock) {
+        Some(run) => (run, false),
+        None if starts => match REQUEST_RUN_SCRATCH.get_ptr_mut(0) {
+            Some(run) => (run, true),
+            None => return,
+        },
+        None => return,
+    };
+    // SAFETY: a map value pointer, valid for the program run (see `keep_head`).
+    let run = unsafe { &mut *run };
+    if starts {
+        run.requests = conn.requests;
+        run.offset = if conn.role == role::SERVER {
+            conn.bytes_recv
+        } else {
+            conn.bytes_sent
+        } - bytes;
+        run.len = 0;
+    } else if run.requests != conn.requests {
+        return;
+    }
+    let copied = copy_data_at::<REQUEST_RUN_ROOM, { 2 * REQUEST_RUN_ROOM }>(
+        &data,
+        &mut run.bytes,
+        run.len,
+        bytes,
+    );
+    run.len += copied;
+    if u64::from(copied) == bytes && (run.len as usize) < REQUEST_RUN_ROOM {
+        conn.verdict_flags |= verdict_flags::REQUEST_RUN_OPEN;
+    }
+    if fresh {
+        let _ = HTTP1_REQUEST_RUNS.insert(&sock, run, 0);
     }
 }
 
