@@ -353,6 +353,8 @@ fn assert_slow_second_flagged_on_both_ends(daemon: &Daemon, port: u16) {
 fn a_slow_request_pipelined_behind_a_fast_one_in_one_write_is_flagged_on_both_ends() {
     require_root();
     let daemon = Daemon::start("http1-pipelined");
+    let status = daemon.cli_json(&["status", "-o", "json"]);
+    assert_eq!(status["features"]["http1_pipelining"], true, "{status:#}");
     let port = serve(fast_then_slow);
     let client = thread::spawn(move || pipeline(port, &["/fast", "/slow"], true, b"slow"));
     assert_slow_second_flagged_on_both_ends(&daemon, port);

@@ -173,8 +173,7 @@ pub fn requests(copied: &[u8], run_len: u64) -> Option<Requests> {
         let chunked = request
             .headers
             .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
-            .next_back()
+            .rfind(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
             .is_some_and(|h| {
                 h.value
                     .rsplit(|&b| b == b',')

@@ -104,6 +104,8 @@ impl Daemon {
                 "request_capture_bytes": probes.capture_bytes,
                 "udp": probes.udp,
                 "http1_response_framing": probes.http1_framing,
+                // The same kernel copies: requests pipelined before a response are counted too.
+                "http1_pipelining": probes.http1_framing,
                 // TLS clients' replies counted when libssl's SSL_read returns plaintext.
                 "tls_libssl": match &probes.libssl {
                     Ok(path) => json!({"enabled": true, "library": path}),
