@@ -56,16 +56,19 @@ pub const REQUEST_RUN_ROOM: usize = 512;
 
 /// The start of the latest request-direction run on an HTTP/1.x connection (case 3b of issue
 /// 7, pipelining): the requests a client wrote before reading, or a server read before
-/// answering. Kept by the kernel in the `HTTP1_REQUEST_RUNS` map (keyed by `struct sock`
-/// address, least recently used evicted): written at the run's first transfer, appended to by
-/// the next ones while it has room ([`verdict_flags::REQUEST_RUN_OPEN`]); read by the daemon's
-/// sweep with the [`ReplyHead`] of the response that follows, to count the requests the
-/// run held and name the one owed.
+/// answering. Kept by the kernel in the `HTTP1_REQUEST_RUNS` array (slot chosen by hashing the
+/// sock address, [`crate::capture_slot`]: an array lookup costs less than a hash map's on this
+/// path, run at every request start; a collision overwrites, and `sock` tells): written at the
+/// run's first transfer, appended to by the next ones while it has room
+/// ([`verdict_flags::REQUEST_RUN_OPEN`]); read by the daemon's sweep with the [`ReplyHead`] of
+/// the response that follows, to count the requests the run held and name the one owed.
 ///
 /// [`verdict_flags::REQUEST_RUN_OPEN`]: crate::verdict_flags::REQUEST_RUN_OPEN
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RequestRun {
+    /// Whose run it is: the `struct sock` address.
+    pub sock: u64,
     /// [`ConnState::requests`] once the run started: which run this is.
     pub requests: u64,
     /// Bytes the connection had moved in the request direction before the run

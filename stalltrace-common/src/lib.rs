@@ -791,7 +791,7 @@ const _: () = assert!(core::mem::size_of::<UnixNames>() == 224);
 const _: () = assert!(core::mem::size_of::<UnixEvent>() == 488);
 const _: () = assert!(core::mem::size_of::<Control>() == 8);
 const _: () = assert!(core::mem::size_of::<Capture>() == 88);
-const _: () = assert!(core::mem::size_of::<http1::RequestRun>() == 1048);
+const _: () = assert!(core::mem::size_of::<http1::RequestRun>() == 1056);
 const _: () = assert!(core::mem::size_of::<RequestEvent>() == 352);
 const _: () = assert!(core::mem::size_of::<Offsets>() == 112);
 const _: () = assert!(core::mem::size_of::<FdOffsets>() == 32);

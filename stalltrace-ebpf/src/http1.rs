@@ -14,7 +14,7 @@ use crate::{
     capture::{bytes8_at, capture_data, copy_data, copy_data_at, Data},
     maps::{
         CAPTURES, CAPTURE_SLOTS, HTTP1_REPLY_HEADS, HTTP1_REQUEST_RUNS, REPLY_HEAD_SCRATCH,
-        REQUEST_RUN_SCRATCH,
+        REQUEST_RUN_SLOTS,
     },
     words::copy_words,
 };
@@ -41,8 +41,7 @@ pub(crate) fn on_reply(sock: u64, conn: &mut ConnState, reply: Reply, bytes: u64
 
 /// After `record_transfer` recorded a transfer of `bytes` in the request direction that
 /// `copy` says starts or continues the run's copy: copies its first bytes into the socket's
-/// `HTTP1_REQUEST_RUNS` slot (in place when it has one), after those of the run's earlier
-/// transfers. The copy stays open (`REQUEST_RUN_OPEN`) while it has room and holds every byte
+/// `HTTP1_REQUEST_RUNS` slot, after those of the run's earlier transfers. The copy stays open (`REQUEST_RUN_OPEN`) while it has room and holds every byte
 /// the run moved: a request started later in the run is then in it.
 #[inline(never)]
 pub(crate) fn on_request_run(sock: u64, conn: &mut ConnState, copy: RunCopy, bytes: u64) {
@@ -50,18 +49,15 @@ pub(crate) fn on_request_run(sock: u64, conn: &mut ConnState, copy: RunCopy, byt
     let Some(data) = capture_data() else {
         return;
     };
-    let starts = copy == RunCopy::Starts;
-    let (run, fresh) = match HTTP1_REQUEST_RUNS.get_ptr_mut(&sock) {
-        Some(run) => (run, false),
-        None if starts => match REQUEST_RUN_SCRATCH.get_ptr_mut(0) {
-            Some(run) => (run, true),
-            None => return,
-        },
-        None => return,
+    let slot = capture_slot(sock, REQUEST_RUN_SLOTS.load());
+    let Some(run) = HTTP1_REQUEST_RUNS.get_ptr_mut(slot) else {
+        return;
     };
-    // SAFETY: a map value pointer, valid for the program run (see `keep_head`).
+    // SAFETY: an array slot pointer, valid for the program run. Another CPU writing the same
+    // slot at once can only garble the copy: the daemon's parser takes any bytes.
     let run = unsafe { &mut *run };
-    if starts {
+    if copy == RunCopy::Starts {
+        run.sock = sock;
         run.requests = conn.requests;
         run.offset = if conn.role == role::SERVER {
             conn.bytes_recv
@@ -69,7 +65,7 @@ pub(crate) fn on_request_run(sock: u64, conn: &mut ConnState, copy: RunCopy, byt
             conn.bytes_sent
         } - bytes;
         run.len = 0;
-    } else if run.requests != conn.requests {
+    } else if run.sock != sock || run.requests != conn.requests {
         return;
     }
     let copied = copy_data_at::<REQUEST_RUN_ROOM, { 2 * REQUEST_RUN_ROOM }>(
@@ -81,9 +77,6 @@ pub(crate) fn on_request_run(sock: u64, conn: &mut ConnState, copy: RunCopy, byt
     run.len += copied;
     if u64::from(copied) == bytes && (run.len as usize) < REQUEST_RUN_ROOM {
         conn.verdict_flags |= verdict_flags::REQUEST_RUN_OPEN;
-    }
-    if fresh {
-        let _ = HTTP1_REQUEST_RUNS.insert(&sock, run, 0);
     }
 }
 

@@ -105,16 +105,15 @@ pub(crate) static HTTP1_REPLY_HEADS: LruHashMap<u64, ReplyHead> =
 pub(crate) static REPLY_HEAD_SCRATCH: PerCpuArray<ReplyHead> = PerCpuArray::with_max_entries(1, 0);
 
 /// The start of the latest request-direction run per HTTP/1.x connection
-/// (`stalltrace_common::http1::RequestRun`), keyed by `struct sock` address; read by the
-/// daemon with the response that follows it, so the least recently used entries can go.
+/// (`stalltrace_common::http1::RequestRun`), direct-mapped by `capture_slot` (a collision
+/// overwrites; `RequestRun::sock` tells); read by the daemon with the response that follows
+/// it. Sized by the daemon (a power of two).
 #[map]
-pub(crate) static HTTP1_REQUEST_RUNS: LruHashMap<u64, RequestRun> =
-    LruHashMap::with_max_entries(4096, 0);
+pub(crate) static HTTP1_REQUEST_RUNS: Array<RequestRun> = Array::with_max_entries(1, 0);
 
-/// Per CPU, the `RequestRun` being filled (too large for the BPF stack).
-#[map]
-pub(crate) static REQUEST_RUN_SCRATCH: PerCpuArray<RequestRun> =
-    PerCpuArray::with_max_entries(1, 0);
+/// Entries of `HTTP1_REQUEST_RUNS`, as the daemon sized it.
+#[unsafe(no_mangle)]
+pub(crate) static REQUEST_RUN_SLOTS: Global<u32> = Global::new(1);
 
 /// Slot 0 is 1 once the daemon can tell when a Unix socket closes (`stalltrace_unix_alive`
 /// loaded, on a rung that sees Unix transfers): until then Unix connections are not tracked,

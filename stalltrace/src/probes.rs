@@ -385,7 +385,8 @@ pub(crate) struct KernelMaps {
     capture_slots: u32,
     /// The start of each HTTP/1.x connection's latest response (`stalltrace_common::http1`).
     http1_reply_heads: HashMap<MapData, u64, ReplyHead>,
-    http1_request_runs: HashMap<MapData, u64, RequestRun>,
+    http1_request_runs: Array<MapData, RequestRun>,
+    request_run_slots: u32,
     /// The data transfer programs, for the kernel's count of runs it skipped.
     transfer_programs: Vec<ProgramFd>,
 }
@@ -427,7 +428,9 @@ impl KernelMaps {
 
     /// The kernel's copy of the start of an HTTP/1.x connection's latest request-direction run.
     pub(crate) fn request_run(&self, sock: u64) -> Option<RequestRun> {
-        self.http1_request_runs.get(&sock, 0).ok()
+        let slot = capture_slot(sock, self.request_run_slots);
+        let run = self.http1_request_runs.get(&slot, 0).ok()?;
+        (run.sock == sock).then_some(run)
     }
 
     /// Drops the entry of a connection that ended without the kernel seeing it end (a
@@ -634,6 +637,7 @@ impl Probes {
             .map_max_entries("CAPTURES", capture_slots)
             .map_max_entries("HTTP1_REPLY_HEADS", reply_heads)
             .map_max_entries("HTTP1_REQUEST_RUNS", reply_heads)
+            .override_global("REQUEST_RUN_SLOTS", &reply_heads, true)
             .override_global("TCP_RECVMSG_ARGS", &config.functions.tcp_recvmsg_args, true)
             .override_global("UDP_TRACED", &u32::from(features.udp), true)
             .override_global("LIBSSL_TRACED", &u32::from(features.libssl), true)
@@ -661,6 +665,7 @@ impl Probes {
             capture_slots,
             http1_reply_heads: take_map(&mut ebpf, "HTTP1_REPLY_HEADS")?,
             http1_request_runs: take_map(&mut ebpf, "HTTP1_REQUEST_RUNS")?,
+            request_run_slots: reply_heads,
             transfer_programs: Vec::new(),
         };
         // Epoch 0 is what a fresh kernel entry carries: start above it so that every entry's

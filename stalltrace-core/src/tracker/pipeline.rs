@@ -135,6 +135,7 @@ pub(super) mod tests {
 
     pub(in crate::tracker) fn test_run(bytes: &[u8], requests: u64, offset: u64) -> RequestRun {
         let mut run = RequestRun {
+            sock: 0,
             requests,
             offset,
             len: bytes.len() as u32,
