@@ -49,9 +49,11 @@ impl ReplyHead {
     }
 }
 
-/// Bytes of a request-direction run copied while its copy has room: each transfer of the run
-/// appends up to this many while fewer are held, so a run's copy holds at least this many
-/// bytes (when the run moved them) and never more than twice as many.
+/// Bytes of a request-direction run copied after its first transfer's: the run's first
+/// transfer is copied up to `2 * REQUEST_RUN_ROOM` bytes (a header block with cookies is
+/// often more than 512), each next one appends up to this many while fewer are held, so a
+/// run's copy holds at least this many bytes (when the run moved them) and never more than
+/// twice as many.
 pub const REQUEST_RUN_ROOM: usize = 512;
 
 /// The start of the latest request-direction run on an HTTP/1.x connection (case 3b of issue

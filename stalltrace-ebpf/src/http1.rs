@@ -68,12 +68,16 @@ pub(crate) fn on_request_run(sock: u64, conn: &mut ConnState, copy: RunCopy, byt
     } else if run.sock != sock || run.requests != conn.requests {
         return;
     }
-    let copied = copy_data_at::<REQUEST_RUN_ROOM, { 2 * REQUEST_RUN_ROOM }>(
-        &data,
-        &mut run.bytes,
-        run.len,
-        bytes,
-    );
+    let copied = if copy == RunCopy::Starts {
+        copy_data(&data, &mut run.bytes, bytes)
+    } else {
+        copy_data_at::<REQUEST_RUN_ROOM, { 2 * REQUEST_RUN_ROOM }>(
+            &data,
+            &mut run.bytes,
+            run.len,
+            bytes,
+        )
+    };
     run.len += copied;
     if u64::from(copied) == bytes && (run.len as usize) < REQUEST_RUN_ROOM {
         conn.verdict_flags |= verdict_flags::REQUEST_RUN_OPEN;

@@ -295,15 +295,15 @@ fn fast_then_slow(path: &str) -> Parts {
     }
 }
 
-/// Writes `requests` (each a `GET` of its path) on a new connection to `port` — all in one
-/// write, or one write each — then reads until the responses' bytes end with `last`; returns
-/// the stream, open.
-fn pipeline(port: u16, paths: &[&str], one_write: bool, last: &[u8]) -> TcpStream {
+/// Writes `requests` (each a `GET` of its path, with `headers`) on a new connection to
+/// `port` — all in one write, or one write each — then reads until the responses' bytes end
+/// with `last`; returns the stream, open.
+fn pipeline(port: u16, paths: &[&str], headers: &str, one_write: bool, last: &[u8]) -> TcpStream {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
     stream.set_nodelay(true).unwrap();
     let requests: Vec<String> = paths
         .iter()
-        .map(|path| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n"))
+        .map(|path| format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n"))
         .collect();
     if one_write {
         stream.write_all(requests.concat().as_bytes()).unwrap();
@@ -356,7 +356,9 @@ fn a_slow_request_pipelined_behind_a_fast_one_in_one_write_is_flagged_on_both_en
     let status = daemon.cli_json(&["status", "-o", "json"]);
     assert_eq!(status["features"]["http1_pipelining"], true, "{status:#}");
     let port = serve(fast_then_slow);
-    let client = thread::spawn(move || pipeline(port, &["/fast", "/slow"], true, b"slow"));
+    // Browser-sized requests: together past the first 512 bytes of the run.
+    let cookie = format!("Cookie: session={}\r\n", "c".repeat(300));
+    let client = thread::spawn(move || pipeline(port, &["/fast", "/slow"], &cookie, true, b"slow"));
     assert_slow_second_flagged_on_both_ends(&daemon, port);
     client.join().unwrap();
 }
@@ -366,7 +368,7 @@ fn a_slow_request_pipelined_in_writes_of_their_own_is_flagged_on_both_ends() {
     require_root();
     let daemon = Daemon::start("http1-pipelined-writes");
     let port = serve(fast_then_slow);
-    let client = thread::spawn(move || pipeline(port, &["/chunked", "/slow"], false, b"slow"));
+    let client = thread::spawn(move || pipeline(port, &["/chunked", "/slow"], "", false, b"slow"));
     assert_slow_second_flagged_on_both_ends(&daemon, port);
     client.join().unwrap();
 }
@@ -377,8 +379,8 @@ fn pipelined_requests_all_answered_at_once_are_never_flagged() {
     let daemon = Daemon::start("http1-pipelined-fast");
     let port = serve(fast_then_slow);
     let paths = ["/fast", "/chunked", "/last"];
-    let _idle = pipeline(port, &paths, true, b"last");
-    let _idle_too = pipeline(port, &paths, false, b"last");
+    let _idle = pipeline(port, &paths, "", true, b"last");
+    let _idle_too = pipeline(port, &paths, "", false, b"last");
     thread::sleep(STALL_AFTER * 5);
     assert_eq!(daemon.stalls(port), Vec::<Value>::new());
     assert_eq!(
@@ -406,7 +408,8 @@ fn a_pipelined_request_nginx_relays_to_a_slow_upstream_flags_the_client() {
     );
     let _nginx = start_nginx(&daemon_dir(&daemon, "nginx"), proxy, &http);
     let proxy_port = proxy.port();
-    let client = thread::spawn(move || pipeline(proxy_port, &["/fast", "/slow"], true, b"slow"));
+    let client =
+        thread::spawn(move || pipeline(proxy_port, &["/fast", "/slow"], "", true, b"slow"));
     let stall = daemon.wait_for_stall(proxy_port, "client", REPORT_WITHIN);
     assert_eq!(stall["stall"]["kind"], "awaiting_response", "{stall:#}");
     assert_eq!(
