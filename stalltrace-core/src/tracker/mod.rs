@@ -243,6 +243,12 @@ pub struct Stats {
     /// HTTP/1.x responses whose head the kernel no longer held when a sweep looked (its slot
     /// reused by a later response, or evicted): their framing is unknown, and not judged.
     pub reply_heads_missed: u64,
+    /// HTTP/1.x request-direction runs (before a response a sweep read the head of) that
+    /// held several requests, counted ([`pipeline`]).
+    pub http1_pipelined_runs: u64,
+    /// Such runs whose requests could not all be counted (see [`pipeline::Count::all`]):
+    /// requests pipelined behind those counted are judged by the direction rule alone.
+    pub http1_runs_uncounted: u64,
 }
 
 /// What one [`Tracker::reconcile`] found.
@@ -805,8 +811,10 @@ impl Tracker {
                     self.stats.reply_heads_missed += 1;
                 }
                 conn.pipeline = head.as_ref().and_then(|head| {
-                    let run = request_run(sock)?;
-                    Pipeline::from_heads(head, &run, &state).map(Box::new)
+                    let count = Pipeline::count(head, request_run(sock).as_ref(), &state);
+                    self.stats.http1_runs_uncounted += u64::from(!count.all);
+                    self.stats.http1_pipelined_runs += u64::from(count.pipeline.is_some());
+                    count.pipeline.map(Box::new)
                 });
                 conn.reply = Some(Box::new(match head {
                     Some(head) => ReplyFraming::from_head(&head),

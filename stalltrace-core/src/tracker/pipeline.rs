@@ -35,22 +35,48 @@ pub struct Pipeline {
     pub owed: Option<(usize, u64)>,
 }
 
+/// What the kernel's copy of a request-direction run says of its requests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Count {
+    /// The run held two requests or more: they and the responses after them.
+    pub pipeline: Option<Pipeline>,
+    /// Every request of the run was counted; else more may have been pipelined behind those
+    /// counted (a header block past the copy, a chunked body whose end is not in it, bytes
+    /// that are not requests, or the copy gone) and are judged by the direction rule alone.
+    pub all: bool,
+}
+
 impl Pipeline {
-    /// From the kernel's copies of the run and of the responses' start, for the connection
-    /// in `state` (its latest response started at `head.reply_ns`): `None` unless the run is
-    /// the one before it and held two requests or more.
-    pub fn from_heads(head: &ReplyHead, run: &RequestRun, state: &ConnState) -> Option<Self> {
-        if run.requests != state.requests {
-            return None;
-        }
+    /// Counts the requests of the run before the connection's latest response (which
+    /// started at `head.reply_ns`) from the kernel's copies of the run (if its slot still
+    /// held it) and of the responses' start, for the connection in `state`.
+    pub fn count(head: &ReplyHead, run: Option<&RequestRun>, state: &ConnState) -> Count {
+        let uncounted = Count {
+            pipeline: None,
+            all: false,
+        };
+        let Some(run) = run.filter(|run| run.requests == state.requests) else {
+            return uncounted;
+        };
         // The request direction has not moved since the responses started.
-        let run_len = request_bytes(state).checked_sub(run.offset)?;
-        let found = requests(run.data(), run_len)?;
-        if found.starts.len() < 2 {
+        let Some(run_len) = request_bytes(state).checked_sub(run.offset) else {
+            return uncounted;
+        };
+        let Some(found) = requests(run.data(), run_len) else {
+            return uncounted;
+        };
+        Count {
+            pipeline: Self::from_requests(head, run, &found.starts),
+            all: found.exact,
+        }
+    }
+
+    /// The pipeline of the requests that start at `starts` in `run`, if there are several.
+    fn from_requests(head: &ReplyHead, run: &RequestRun, starts: &[usize]) -> Option<Self> {
+        if starts.len() < 2 {
             return None;
         }
-        let requests: Vec<Box<[u8]>> = found
-            .starts
+        let requests: Vec<Box<[u8]>> = starts
             .iter()
             .map(|&at| {
                 let bytes = &run.data()[at..];
@@ -166,7 +192,7 @@ pub(super) mod tests {
 
     fn pipeline_for(state: &ConnState, responses: &[u8]) -> Option<Pipeline> {
         let head = test_head(RUN, responses, 4_000, 100);
-        Pipeline::from_heads(&head, &test_run(RUN, 2, 100), state)
+        Pipeline::count(&head, Some(&test_run(RUN, 2, 100)), state).pipeline
     }
 
     #[test]
@@ -222,17 +248,19 @@ pub(super) mod tests {
     fn only_the_run_before_the_response_and_only_two_requests_or_more() {
         let state = client(FAST.len() as u64);
         let head = test_head(RUN, FAST, 4_000, 100);
-        assert!(
-            Pipeline::from_heads(&head, &test_run(RUN, 1, 100), &state).is_none(),
-            "an older run"
-        );
+        let older = Pipeline::count(&head, Some(&test_run(RUN, 1, 100)), &state);
+        assert_eq!((older.pipeline, older.all), (None, false), "an older run");
+        let gone = Pipeline::count(&head, None, &state);
+        assert_eq!((gone.pipeline, gone.all), (None, false), "its slot reused");
         let one = &RUN[..RUN.len() / 2];
         let mut single = state;
         single.bytes_sent = 100 + one.len() as u64;
-        assert!(Pipeline::from_heads(&head, &test_run(one, 2, 100), &single).is_none());
+        let alone = Pipeline::count(&head, Some(&test_run(one, 2, 100)), &single);
+        assert_eq!((alone.pipeline, alone.all), (None, true));
         // The second request's head was not copied whole: not counted.
         let cut = &RUN[..RUN.len() - 5];
-        assert!(Pipeline::from_heads(&head, &test_run(cut, 2, 100), &state).is_none());
+        let partial = Pipeline::count(&head, Some(&test_run(cut, 2, 100)), &state);
+        assert_eq!((partial.pipeline, partial.all), (None, false));
         // Another response than the one described.
         let pipeline = pipeline_for(&state, FAST).unwrap();
         let mut next = state;

@@ -119,6 +119,8 @@ impl Daemon {
                 "watched": self.tracker.watched(),
                 "capacity": self.config.max_conns,
                 "recovered": stats.recovered,
+                "http1_pipelined_runs": stats.http1_pipelined_runs,
+                "http1_runs_uncounted": stats.http1_runs_uncounted,
             },
             "events": {
                 "kernel": stats.events,
