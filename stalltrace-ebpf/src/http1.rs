@@ -1,9 +1,11 @@
 //! HTTP/1.x responses (`stalltrace_common::http1`): the start of each response is copied into
 //! its connection's `HTTP1_REPLY_HEADS` slot for the daemon to parse, and each transfer of it
 //! leaves its last bytes in `ConnState::reply_tail`; the start of each request-direction run
-//! (the requests before it, pipelined or not) goes into its `HTTP1_REQUEST_RUNS` slot. Runs only on connections recognized as
-//! HTTP/1.x, for transfers in the reply direction, and only with capture on. The syscall's
-//! buffer is located once per transfer; a keep-alive connection's slot is rewritten in place.
+//! (the requests before a response, several when pipelined) goes into its
+//! `HTTP1_REQUEST_RUNS` slot. Runs only on connections recognized as HTTP/1.x, for transfers
+//! in the reply direction and at request-direction runs' starts, and only with capture on. The
+//! syscall's buffer is located once per transfer; a keep-alive connection's slot is rewritten
+//! in place.
 use stalltrace_common::{
     capture_slot,
     http1::{tail_after, Reply, RunCopy, REQUEST_RUN_ROOM, TAIL_UNKNOWN},
@@ -41,8 +43,9 @@ pub(crate) fn on_reply(sock: u64, conn: &mut ConnState, reply: Reply, bytes: u64
 
 /// After `record_transfer` recorded a transfer of `bytes` in the request direction that
 /// `copy` says starts or continues the run's copy: copies its first bytes into the socket's
-/// `HTTP1_REQUEST_RUNS` slot, after those of the run's earlier transfers. The copy stays open (`REQUEST_RUN_OPEN`) while it has room and holds every byte
-/// the run moved: a request started later in the run is then in it.
+/// `HTTP1_REQUEST_RUNS` slot, after those of the run's earlier transfers. The copy stays open
+/// (`REQUEST_RUN_OPEN`) while it has room and holds every byte the run moved: a request
+/// started later in the run is then in it.
 #[inline(never)]
 pub(crate) fn on_request_run(sock: u64, conn: &mut ConnState, copy: RunCopy, bytes: u64) {
     conn.verdict_flags &= !verdict_flags::REQUEST_RUN_OPEN;

@@ -354,7 +354,8 @@ mod tests {
     fn pipelined_requests_are_counted_through_their_bodies() {
         let run = b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n\
                     POST /form HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello\
-                    PUT /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX: 1\r\n\r\n\
+                    PUT /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\
+                    3\r\nabc\r\n0\r\nX: 1\r\n\r\n\
                     GET /slow HTTP/1.1\r\n\r\n";
         let found = requests(run, run.len() as u64).unwrap();
         let names: Vec<_> = found.starts.iter().map(|&at| &run[at..at + 9]).collect();

@@ -810,8 +810,8 @@ mod tests {
     fn status_renders_losses_by_cause() {
         let text = render_status(&json!({
             "version": "0.1.0", "pid": 1, "uptime_ms": 61000, "stall_after_ms": 5000,
-            "connections": {"tracked": 3, "stalled": 1, "watched": 2, "capacity": 10, "recovered": 7,
-                "http1_runs_uncounted": 5},
+            "connections": {"tracked": 3, "stalled": 1, "watched": 2, "capacity": 10,
+                "recovered": 7, "http1_runs_uncounted": 5},
             "events": {"kernel": 9, "written": 4}, "events_to": "stdout",
             "lost": {"kernel_ringbuf_full": 2, "watch_dropped": 0}, "lost_total": 2,
             "diagnosis": {"open": 1, "held": 0, "reported_before_diagnosis": 4,
