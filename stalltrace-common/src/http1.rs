@@ -49,6 +49,77 @@ impl ReplyHead {
     }
 }
 
+/// Bytes of a request-direction run copied after its first transfer's: the run's first
+/// transfer is copied up to `2 * REQUEST_RUN_ROOM` bytes (a header block with cookies is
+/// often more than 512), each next one appends up to this many while fewer are held, so a
+/// run's copy holds at least this many bytes (when the run moved them) and never more than
+/// twice as many.
+pub const REQUEST_RUN_ROOM: usize = 512;
+
+/// The start of the latest request-direction run on an HTTP/1.x connection (case 3b of issue
+/// 7, pipelining): the requests a client wrote before reading, or a server read before
+/// answering. Kept by the kernel in the `HTTP1_REQUEST_RUNS` array (slot chosen by hashing the
+/// sock address, [`crate::capture_slot`]: an array lookup costs less than a hash map's on this
+/// path, run at every request start; a collision overwrites, and `sock` tells): written at the
+/// run's first transfer, appended to by the next ones while it has room
+/// ([`verdict_flags::REQUEST_RUN_OPEN`]); read by the daemon's sweep with the [`ReplyHead`] of
+/// the response that follows, to count the requests the run held and name the one owed.
+///
+/// [`verdict_flags::REQUEST_RUN_OPEN`]: crate::verdict_flags::REQUEST_RUN_OPEN
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestRun {
+    /// Whose run it is: the `struct sock` address.
+    pub sock: u64,
+    /// [`ConnState::requests`] once the run started: which run this is.
+    pub requests: u64,
+    /// Bytes the connection had moved in the request direction before the run
+    /// ([`ConnState::bytes_recv`] for a server, `bytes_sent` for a client).
+    pub offset: u64,
+    /// Valid bytes in `bytes`: the run's first bytes, without a gap (a transfer copied only in
+    /// part ends the copy).
+    pub len: u32,
+    pub _pad: u32,
+    pub bytes: [u8; 2 * REQUEST_RUN_ROOM],
+}
+
+impl RequestRun {
+    pub fn data(&self) -> &[u8] {
+        &self.bytes[..(self.len as usize).min(2 * REQUEST_RUN_ROOM)]
+    }
+}
+
+/// What a transfer does to its connection's [`RequestRun`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunCopy {
+    /// Nothing: another protocol, the reply direction, a stream, or a run whose copy is full.
+    Skip,
+    /// A request-direction run starts: a new copy.
+    Starts,
+    /// More bytes of the run, while its copy has room.
+    Appends,
+}
+
+/// What the transfer in direction `dir` that [`transfer::record_transfer`] just recorded as
+/// `turn` does to the run's copy. Call after it.
+#[inline(always)]
+pub fn run_copy(conn: &ConnState, dir: u8, turn: transfer::Turn) -> RunCopy {
+    if conn.proto != proto::HTTP1
+        || conn.flags & conn_flags::STREAM != 0
+        || dir != transfer::request_direction(conn)
+    {
+        RunCopy::Skip
+    } else if turn == transfer::Turn::RequestStarted {
+        RunCopy::Starts
+    } else if turn == transfer::Turn::Continued
+        && conn.verdict_flags & crate::verdict_flags::REQUEST_RUN_OPEN != 0
+    {
+        RunCopy::Appends
+    } else {
+        RunCopy::Skip
+    }
+}
+
 /// What a transfer in direction `dir` is to an HTTP/1.x response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reply {
@@ -161,6 +232,43 @@ mod tests {
         assert_eq!(tail_after([0; 8], false, 20, |_| None), TAIL_UNKNOWN);
         let tail = tail_after(TAIL_UNKNOWN, false, 4, reader(b"\r\n\r\n"));
         assert_eq!(&tail, b"\0\0\0\0\r\n\r\n", "an unknown tail is not kept");
+    }
+
+    #[test]
+    fn request_runs_are_copied_from_their_start_while_there_is_room() {
+        use crate::transfer::Turn;
+        let mut server = ConnState {
+            role: role::SERVER,
+            proto: proto::HTTP1,
+            ..Default::default()
+        };
+        let (inbound, outbound) = (direction::IN, direction::OUT);
+        assert_eq!(
+            run_copy(&server, inbound, Turn::RequestStarted),
+            RunCopy::Starts
+        );
+        assert_eq!(run_copy(&server, inbound, Turn::Continued), RunCopy::Skip);
+        server.verdict_flags |= crate::verdict_flags::REQUEST_RUN_OPEN;
+        assert_eq!(
+            run_copy(&server, inbound, Turn::Continued),
+            RunCopy::Appends
+        );
+        assert_eq!(run_copy(&server, outbound, Turn::Continued), RunCopy::Skip);
+        assert_eq!(run_copy(&server, inbound, Turn::Control), RunCopy::Skip);
+        server.flags |= conn_flags::STREAM;
+        assert_eq!(
+            run_copy(&server, inbound, Turn::RequestStarted),
+            RunCopy::Skip
+        );
+        let redis = ConnState {
+            role: role::CLIENT,
+            proto: proto::REDIS,
+            ..Default::default()
+        };
+        assert_eq!(
+            run_copy(&redis, outbound, Turn::RequestStarted),
+            RunCopy::Skip
+        );
     }
 
     #[test]

@@ -130,6 +130,9 @@ pub mod verdict_flags {
     /// answered by reading it. Without it, a client the peer closed on has nothing left to
     /// wait for ([`crate::transfer::can_complete`]).
     pub const REPLY_UNREAD_AT_PEER_FIN: u8 = 1 << 0;
+    /// HTTP/1.x: the copy of the current request-direction run (`http1::RequestRun`) has room
+    /// left, so the run's next transfers append to it (pipelined requests written apart).
+    pub const REQUEST_RUN_OPEN: u8 = 1 << 1;
 }
 
 /// Linux TCP states (`include/net/tcp_states.h`), as reported by `sock/inet_sock_set_state`.
@@ -812,6 +815,7 @@ const _: () = assert!(core::mem::size_of::<UnixNames>() == 224);
 const _: () = assert!(core::mem::size_of::<UnixEvent>() == 488);
 const _: () = assert!(core::mem::size_of::<Control>() == 8);
 const _: () = assert!(core::mem::size_of::<Capture>() == 88);
+const _: () = assert!(core::mem::size_of::<http1::RequestRun>() == 1056);
 const _: () = assert!(core::mem::size_of::<RequestEvent>() == 352);
 const _: () = assert!(core::mem::size_of::<Offsets>() == 112);
 const _: () = assert!(core::mem::size_of::<FdOffsets>() == 32);
@@ -843,6 +847,8 @@ mod user {
     unsafe impl aya::Pod for FdOffsets {}
     // SAFETY: as above.
     unsafe impl aya::Pod for crate::http1::ReplyHead {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for crate::http1::RequestRun {}
 }
 
 impl ConnEvent {

@@ -87,6 +87,33 @@ pub(crate) fn copy_data<const N: usize>(data: &Data, dest: &mut [u8; N], len: u6
     }
 }
 
+/// Copies up to `len` bytes (at most `ROOM`) of `data` (the first buffer of a vectored call)
+/// into `dest` from `at` (taken modulo `ROOM`, a power of two: `dest` holds twice as many);
+/// the count copied (0 on a fault).
+#[inline(always)]
+pub(crate) fn copy_data_at<const ROOM: usize, const N: usize>(
+    data: &Data,
+    dest: &mut [u8; N],
+    at: u32,
+    len: u64,
+) -> u32 {
+    const { assert!(ROOM.is_power_of_two() && N == 2 * ROOM) };
+    let Some((buffer, available)) = first_buffer(data) else {
+        return 0;
+    };
+    let at = (at as usize) & (ROOM - 1);
+    let size = len.min(available).min(ROOM as u64) as u32;
+    // SAFETY: `at` < ROOM and `size` ≤ ROOM: within the destination's 2 × ROOM bytes; a fault
+    // is reported, not taken.
+    let copied =
+        unsafe { probe_read_user_raw(dest.as_mut_ptr().add(at).cast(), size, buffer as *const _) };
+    if copied == 0 {
+        size
+    } else {
+        0
+    }
+}
+
 /// The 4 bytes at `offset` of the current syscall's user buffer (an HTTP/2 frame header past
 /// the captured bytes; see `message::More`), if the buffer holds them.
 #[inline(always)]

@@ -1,17 +1,23 @@
 //! HTTP/1.x responses (`stalltrace_common::http1`): the start of each response is copied into
 //! its connection's `HTTP1_REPLY_HEADS` slot for the daemon to parse, and each transfer of it
-//! leaves its last bytes in `ConnState::reply_tail`. Runs only on connections recognized as
-//! HTTP/1.x, for transfers in the reply direction, and only with capture on. The syscall's
-//! buffer is located once per transfer; a keep-alive connection's slot is rewritten in place.
+//! leaves its last bytes in `ConnState::reply_tail`; the start of each request-direction run
+//! (the requests before a response, several when pipelined) goes into its
+//! `HTTP1_REQUEST_RUNS` slot. Runs only on connections recognized as HTTP/1.x, for transfers
+//! in the reply direction and at request-direction runs' starts, and only with capture on. The
+//! syscall's buffer is located once per transfer; a keep-alive connection's slot is rewritten
+//! in place.
 use stalltrace_common::{
     capture_slot,
-    http1::{tail_after, Reply, TAIL_UNKNOWN},
-    role, ConnState,
+    http1::{tail_after, Reply, RunCopy, REQUEST_RUN_ROOM, TAIL_UNKNOWN},
+    role, verdict_flags, ConnState,
 };
 
 use crate::{
-    capture::{bytes8_at, capture_data, copy_data, Data},
-    maps::{CAPTURES, CAPTURE_SLOTS, HTTP1_REPLY_HEADS, REPLY_HEAD_SCRATCH},
+    capture::{bytes8_at, capture_data, copy_data, copy_data_at, Data},
+    maps::{
+        CAPTURES, CAPTURE_SLOTS, HTTP1_REPLY_HEADS, HTTP1_REQUEST_RUNS, REPLY_HEAD_SCRATCH,
+        REQUEST_RUN_SLOTS,
+    },
     words::copy_words,
 };
 
@@ -32,6 +38,52 @@ pub(crate) fn on_reply(sock: u64, conn: &mut ConnState, reply: Reply, bytes: u64
             conn.bytes_recv
         };
         keep_head(sock, &data, moved - bytes, bytes, now);
+    }
+}
+
+/// After `record_transfer` recorded a transfer of `bytes` in the request direction that
+/// `copy` says starts or continues the run's copy: copies its first bytes into the socket's
+/// `HTTP1_REQUEST_RUNS` slot, after those of the run's earlier transfers. The copy stays open
+/// (`REQUEST_RUN_OPEN`) while it has room and holds every byte the run moved: a request
+/// started later in the run is then in it.
+#[inline(never)]
+pub(crate) fn on_request_run(sock: u64, conn: &mut ConnState, copy: RunCopy, bytes: u64) {
+    conn.verdict_flags &= !verdict_flags::REQUEST_RUN_OPEN;
+    let Some(data) = capture_data() else {
+        return;
+    };
+    let slot = capture_slot(sock, REQUEST_RUN_SLOTS.load());
+    let Some(run) = HTTP1_REQUEST_RUNS.get_ptr_mut(slot) else {
+        return;
+    };
+    // SAFETY: an array slot pointer, valid for the program run. Another CPU writing the same
+    // slot at once can only garble the copy: the daemon's parser takes any bytes.
+    let run = unsafe { &mut *run };
+    if copy == RunCopy::Starts {
+        run.sock = sock;
+        run.requests = conn.requests;
+        run.offset = if conn.role == role::SERVER {
+            conn.bytes_recv
+        } else {
+            conn.bytes_sent
+        } - bytes;
+        run.len = 0;
+    } else if run.sock != sock || run.requests != conn.requests {
+        return;
+    }
+    let copied = if copy == RunCopy::Starts {
+        copy_data(&data, &mut run.bytes, bytes)
+    } else {
+        copy_data_at::<REQUEST_RUN_ROOM, { 2 * REQUEST_RUN_ROOM }>(
+            &data,
+            &mut run.bytes,
+            run.len,
+            bytes,
+        )
+    };
+    run.len += copied;
+    if u64::from(copied) == bytes && (run.len as usize) < REQUEST_RUN_ROOM {
+        conn.verdict_flags |= verdict_flags::REQUEST_RUN_OPEN;
     }
 }
 

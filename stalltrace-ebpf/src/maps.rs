@@ -4,7 +4,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     Global,
 };
-use stalltrace_common::{http1::ReplyHead, loss, Capture, ConnState, Control, FdOffsets, Offsets};
+use stalltrace_common::{
+    http1::{ReplyHead, RequestRun},
+    loss, Capture, ConnState, Control, FdOffsets, Offsets,
+};
 
 /// The stall threshold: a reply or close after at least this much quiet is reported at once.
 /// Set by the daemon at load (`EbpfLoader::set_global`), like `OFFSETS`.
@@ -107,6 +110,17 @@ pub(crate) static HTTP1_REPLY_HEADS: LruHashMap<u64, ReplyHead> =
 /// Per CPU, the `ReplyHead` being filled (too large for the BPF stack).
 #[map]
 pub(crate) static REPLY_HEAD_SCRATCH: PerCpuArray<ReplyHead> = PerCpuArray::with_max_entries(1, 0);
+
+/// The start of the latest request-direction run per HTTP/1.x connection
+/// (`stalltrace_common::http1::RequestRun`), direct-mapped by `capture_slot` (a collision
+/// overwrites; `RequestRun::sock` tells); read by the daemon with the response that follows
+/// it. Sized by the daemon (a power of two).
+#[map]
+pub(crate) static HTTP1_REQUEST_RUNS: Array<RequestRun> = Array::with_max_entries(1, 0);
+
+/// Entries of `HTTP1_REQUEST_RUNS`, as the daemon sized it.
+#[unsafe(no_mangle)]
+pub(crate) static REQUEST_RUN_SLOTS: Global<u32> = Global::new(1);
 
 /// Slot 0 is 1 once the daemon can tell when a Unix socket closes (`stalltrace_unix_alive`
 /// loaded, on a rung that sees Unix transfers): until then Unix connections are not tracked,

@@ -132,6 +132,12 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
     if reply != http1::Reply::Skip {
         crate::http1::on_reply(sock, conn, reply, bytes, now);
     }
+    if verdict_extras() {
+        let copy = http1::run_copy(conn, dir, turn);
+        if copy != http1::RunCopy::Skip && http1_framed() {
+            crate::http1::on_request_run(sock, conn, copy, bytes);
+        }
+    }
     report(sock, conn, new_owner, quiet_ended, turn, capture, now);
     if resumed {
         emit(EventKind::ReplyResumed, sock, conn, now);

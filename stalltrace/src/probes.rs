@@ -23,8 +23,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use stalltrace_common::{
-    capture_slot, http1::ReplyHead, loss, syscall_regs, unix_alive, Capture, ConnState, Control,
-    FdOffsets, Offsets, StackKey,
+    capture_slot,
+    http1::{ReplyHead, RequestRun},
+    loss, syscall_regs, unix_alive, Capture, ConnState, Control, FdOffsets, Offsets, StackKey,
 };
 
 use crate::sources::{cgroups, libssl, tracefs};
@@ -387,6 +388,8 @@ pub(crate) struct KernelMaps {
     capture_slots: u32,
     /// The start of each HTTP/1.x connection's latest response (`stalltrace_common::http1`).
     http1_reply_heads: HashMap<MapData, u64, ReplyHead>,
+    http1_request_runs: Array<MapData, RequestRun>,
+    request_run_slots: u32,
     /// The data transfer programs, for the kernel's count of runs it skipped.
     transfer_programs: Vec<ProgramFd>,
 }
@@ -424,6 +427,13 @@ impl KernelMaps {
     /// The kernel's copy of the start of `sock`'s latest HTTP/1.x response.
     pub(crate) fn reply_head(&self, sock: u64) -> Option<ReplyHead> {
         self.http1_reply_heads.get(&sock, 0).ok()
+    }
+
+    /// The kernel's copy of the start of an HTTP/1.x connection's latest request-direction run.
+    pub(crate) fn request_run(&self, sock: u64) -> Option<RequestRun> {
+        let slot = capture_slot(sock, self.request_run_slots);
+        let run = self.http1_request_runs.get(&slot, 0).ok()?;
+        (run.sock == sock).then_some(run)
     }
 
     /// Drops the entry of a connection that ended without the kernel seeing it end (a
@@ -600,7 +610,8 @@ impl Probes {
         features: Features,
     ) -> Result<Self> {
         let capture_slots = if capture_bytes > 0 { CAPTURE_SLOTS } else { 1 };
-        // Response heads are read from user memory like request bytes: not without capture.
+        // Response heads and request runs are read from user memory like request bytes: not
+        // without capture.
         let reply_heads = if capture_bytes > 0 {
             HTTP1_REPLY_HEADS
         } else {
@@ -628,6 +639,8 @@ impl Probes {
             .override_global("CAPTURE_SLOTS", &capture_slots, true)
             .map_max_entries("CAPTURES", capture_slots)
             .map_max_entries("HTTP1_REPLY_HEADS", reply_heads)
+            .map_max_entries("HTTP1_REQUEST_RUNS", reply_heads)
+            .override_global("REQUEST_RUN_SLOTS", &reply_heads, true)
             .override_global("TCP_RECVMSG_ARGS", &config.functions.tcp_recvmsg_args, true)
             .override_global("UDP_TRACED", &u32::from(features.udp), true)
             .override_global("LIBSSL_TRACED", &u32::from(features.libssl), true)
@@ -666,6 +679,8 @@ impl Probes {
             captures: take_map(&mut ebpf, "CAPTURES")?,
             capture_slots,
             http1_reply_heads: take_map(&mut ebpf, "HTTP1_REPLY_HEADS")?,
+            http1_request_runs: take_map(&mut ebpf, "HTTP1_REQUEST_RUNS")?,
+            request_run_slots: reply_heads,
             transfer_programs: Vec::new(),
         };
         // Epoch 0 is what a fresh kernel entry carries: start above it so that every entry's

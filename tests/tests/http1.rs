@@ -272,3 +272,175 @@ fn complete_bodiless_and_streamed_responses_are_never_flagged() {
         "the connections must be tracked, or this test proves nothing: {conns:#}"
     );
 }
+
+/// Pipelining (issue 7 case 3b): `/fast` is answered at once, `/slow` after this pause.
+const SLOW_PAUSE: Duration = Duration::from_secs(6);
+
+fn fast_then_slow(path: &str) -> Parts {
+    let response = |body: &str| {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    };
+    match path {
+        "/slow" => vec![(Vec::new(), SLOW_PAUSE), (response("slow"), Duration::ZERO)],
+        "/chunked" => vec![(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nfast\r\n0\r\n\r\n".to_vec(),
+            Duration::ZERO,
+        )],
+        // `/fast`, `/last`: the path is the body.
+        _ => vec![(response(path.trim_start_matches('/')), Duration::ZERO)],
+    }
+}
+
+/// Writes `requests` (each a `GET` of its path, with `headers`) on a new connection to
+/// `port` — all in one write, or one write each — then reads until the responses' bytes end
+/// with `last`; returns the stream, open.
+fn pipeline(port: u16, paths: &[&str], headers: &str, one_write: bool, last: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    let requests: Vec<String> = paths
+        .iter()
+        .map(|path| format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n"))
+        .collect();
+    if one_write {
+        stream.write_all(requests.concat().as_bytes()).unwrap();
+    } else {
+        for request in &requests {
+            stream.write_all(request.as_bytes()).unwrap();
+        }
+    }
+    // Read as HTTP clients do, a buffer at a time (byte-sized reads would leave the kernel a
+    // one-byte copy of the first response's head).
+    let mut read = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !read.ends_with(last) {
+        let n = std::io::Read::read(&mut stream, &mut buffer).unwrap();
+        assert!(n > 0, "the server closed; read so far: {read:?}");
+        read.extend_from_slice(&buffer[..n]);
+    }
+    stream
+}
+
+/// Both ends of `port` flagged within the threshold + 1 s of the first response, naming the
+/// request owed; ended by its response with the true duration.
+fn assert_slow_second_flagged_on_both_ends(daemon: &Daemon, port: u16) {
+    let client = daemon.wait_for_stall(port, "client", REPORT_WITHIN);
+    let server = daemon.wait_for_stall(port, "server", REPORT_WITHIN);
+    assert_eq!(client["stall"]["kind"], "awaiting_response", "{client:#}");
+    assert_eq!(server["stall"]["kind"], "unanswered_request", "{server:#}");
+    for stall in [&client, &server] {
+        assert_eq!(
+            stall["stall"]["request"]["signature"], "GET /slow",
+            "{stall:#}"
+        );
+        assert_eq!(stall["stall"]["confidence"], "full", "{stall:#}");
+    }
+    let ends = assert_ended_by_responses(daemon, port, 2, SLOW_PAUSE, SLOW_PAUSE + REPORT_WITHIN);
+    for end in &ends {
+        let duration = end["stall"]["duration_ms"].as_u64().unwrap();
+        assert!(
+            duration < (SLOW_PAUSE + REPORT_WITHIN).as_millis() as u64,
+            "counted from the first response's end: {end:#}"
+        );
+    }
+    assert_eq!(daemon.events_named("stall.start", port).len(), 2);
+}
+
+#[test]
+fn a_slow_request_pipelined_behind_a_fast_one_in_one_write_is_flagged_on_both_ends() {
+    require_root();
+    let daemon = Daemon::start("http1-pipelined");
+    let status = daemon.cli_json(&["status", "-o", "json"]);
+    assert_eq!(status["features"]["http1_pipelining"], true, "{status:#}");
+    let port = serve(fast_then_slow);
+    // Browser-sized requests: together past the first 512 bytes of the run.
+    let cookie = format!("Cookie: session={}\r\n", "c".repeat(300));
+    let client = thread::spawn(move || pipeline(port, &["/fast", "/slow"], &cookie, true, b"slow"));
+    assert_slow_second_flagged_on_both_ends(&daemon, port);
+    client.join().unwrap();
+    let status = daemon.cli_json(&["status", "-o", "json"]);
+    let connections = &status["connections"];
+    assert!(
+        connections["http1_pipelined_runs"].as_u64() >= Some(2),
+        "both ends counted: {connections:#}"
+    );
+}
+
+#[test]
+fn a_slow_request_pipelined_in_writes_of_their_own_is_flagged_on_both_ends() {
+    require_root();
+    let daemon = Daemon::start("http1-pipelined-writes");
+    let port = serve(fast_then_slow);
+    let client = thread::spawn(move || pipeline(port, &["/chunked", "/slow"], "", false, b"slow"));
+    assert_slow_second_flagged_on_both_ends(&daemon, port);
+    client.join().unwrap();
+}
+
+#[test]
+fn pipelined_requests_all_answered_at_once_are_never_flagged() {
+    require_root();
+    let daemon = Daemon::start("http1-pipelined-fast");
+    let port = serve(fast_then_slow);
+    let paths = ["/fast", "/chunked", "/last"];
+    let _idle = pipeline(port, &paths, "", true, b"last");
+    let _idle_too = pipeline(port, &paths, "", false, b"last");
+    // Header blocks past the kernel's copy: not counted, and said so; never a guess.
+    let cookie = format!("Cookie: session={}\r\n", "c".repeat(1_500));
+    let _uncounted = pipeline(port, &paths, &cookie, true, b"last");
+    thread::sleep(STALL_AFTER * 5);
+    assert_eq!(daemon.stalls(port), Vec::<Value>::new());
+    assert_eq!(
+        daemon.events_named("stall.start", port),
+        Vec::<Value>::new()
+    );
+    let status = daemon.cli_json(&["status", "-o", "json"]);
+    let connections = &status["connections"];
+    assert!(
+        connections["http1_runs_uncounted"].as_u64() >= Some(1),
+        "{connections:#}"
+    );
+    let conns = daemon.cli_json(&["conns", "-o", "json", "--port", &port.to_string()]);
+    assert!(
+        conns.as_array().is_some_and(|c| c.len() >= 6),
+        "the connections must be tracked, or this test proves nothing: {conns:#}"
+    );
+}
+
+/// nginx serves pipelined requests in turn: the second one's upstream is slow, so nginx's
+/// client waits on it behind the first one's complete response.
+#[test]
+fn a_pipelined_request_nginx_relays_to_a_slow_upstream_flags_the_client() {
+    require_root();
+    let daemon = Daemon::start("http1-pipelined-nginx");
+    let upstream = serve(fast_then_slow);
+    let proxy = free_port();
+    let http = format!(
+        "upstream up {{ server 127.0.0.1:{upstream}; }}
+         server {{ listen {proxy}; location / {{ proxy_pass http://up; }} }}"
+    );
+    let _nginx = start_nginx(&daemon_dir(&daemon, "nginx"), proxy, &http);
+    let proxy_port = proxy.port();
+    let client =
+        thread::spawn(move || pipeline(proxy_port, &["/fast", "/slow"], "", true, b"slow"));
+    let stall = daemon.wait_for_stall(proxy_port, "client", REPORT_WITHIN);
+    assert_eq!(stall["stall"]["kind"], "awaiting_response", "{stall:#}");
+    assert_eq!(
+        stall["stall"]["request"]["signature"], "GET /slow",
+        "{stall:#}"
+    );
+    let end = daemon
+        .wait_for_event("stall.end", proxy_port, SLOW_PAUSE + REPORT_WITHIN, |e| {
+            e["conn"]["role"] == "client"
+        })
+        .unwrap_or_else(|| panic!("the client's stall did not end\n{}", daemon.stderr()));
+    assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
+    let duration = end["stall"]["duration_ms"].as_u64().unwrap();
+    assert!(
+        duration + 300 >= SLOW_PAUSE.as_millis() as u64,
+        "true duration: {end:#}"
+    );
+    client.join().unwrap();
+}

@@ -1,10 +1,13 @@
-//! The HTTP/1.x response framing parser on arbitrary request and response heads (the kernel
-//! copies both from user memory: anything goes): it never panics, and a framing with a known
-//! end never ends inside the header block it parsed.
+//! The HTTP/1.x parsers on arbitrary request and response bytes (the kernel copies both from
+//! user memory: anything goes): they never panic; a framing with a known end never ends
+//! inside the header block it parsed; pipelined requests are found in order, each where the
+//! copy holds it, and the responses after them end in order.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use stalltrace_core::protocols::http1::{chunked_complete, framing, Framing};
+use stalltrace_core::protocols::http1::{
+    chunked_complete, framing, requests, response_ends, Framing,
+};
 
 fuzz_target!(|data: &[u8]| {
     // The first line is the request, the rest the response.
@@ -19,5 +22,19 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(tail) = <[u8; 8]>::try_from(&data[..8.min(data.len())]) {
         let _ = chunked_complete(tail);
+    }
+    // The whole input as a request-direction run's copy, the run maybe longer than the copy
+    // (by the first byte's value); the responses after it from the first line on.
+    let extra = data.first().map_or(0, |&b| u64::from(b));
+    for run_len in [data.len() as u64, data.len() as u64 + extra] {
+        let Some(found) = requests(data, run_len) else {
+            continue;
+        };
+        assert!(found.starts.windows(2).all(|w| w[0] < w[1]), "in order");
+        assert!(found.starts.iter().all(|&at| at < data.len()), "in the copy");
+        let heads: Vec<&[u8]> = found.starts.iter().map(|&at| &data[at..]).collect();
+        let ends = response_ends(response, &heads);
+        assert!(ends.len() <= heads.len());
+        assert!(ends.windows(2).all(|w| w[0] < w[1]), "responses end in order");
     }
 });

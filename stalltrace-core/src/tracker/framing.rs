@@ -69,7 +69,12 @@ pub fn needs_head(state: &ConnState, known: Option<&ReplyFraming>) -> bool {
 
 /// The latest response's framing, if `known` describes it.
 pub fn current<'a>(state: &ConnState, known: Option<&'a ReplyFraming>) -> Option<&'a ReplyFraming> {
-    known.filter(|known| known.reply_ns == state.dir_since_ns && state.proto == proto::HTTP1)
+    known.filter(|known| current_reply(state, known.reply_ns))
+}
+
+/// The connection's latest response on HTTP/1.x is the one that started at `reply_ns`.
+pub fn current_reply(state: &ConnState, reply_ns: u64) -> bool {
+    reply_ns == state.dir_since_ns && state.proto == proto::HTTP1
 }
 
 /// A connection's activity, its latest response's framing considered.

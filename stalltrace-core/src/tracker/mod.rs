@@ -14,18 +14,22 @@
 pub mod activity;
 pub mod framing;
 pub mod model;
+pub mod pipeline;
 mod table;
 
 use std::{collections::VecDeque, sync::Arc};
 
 use stalltrace_common::{
-    conn_flags, http1::ReplyHead, transfer, ConnEvent, ConnState, EventKind, UnixNames,
+    conn_flags,
+    http1::{ReplyHead, RequestRun},
+    transfer, ConnEvent, ConnState, EventKind, UnixNames,
 };
 
 use crate::diagnosis::Diagnosis;
 use activity::{Activity, AdoptedExchange};
 use framing::ReplyFraming;
 use model::{Endpoints, Owner, Resolution, Role, StallKind, UnixInfo};
+use pipeline::Pipeline;
 pub use table::SockHasher;
 use table::{BySock, Table};
 
@@ -135,6 +139,9 @@ pub struct Stall {
     pub request_ns: u64,
     /// Sweeps re-read a stalled connection's kernel entry no earlier than this.
     next_check_ns: u64,
+    /// HTTP/1.x: a pipelined request's, owed after the responses before it completed
+    /// ([`pipeline`]); its quiet starts when the last of them ended.
+    pub pipelined: bool,
 }
 
 /// A tracked connection.
@@ -166,6 +173,8 @@ pub struct Conn {
     /// TCP: what the kernel entry counted as sent (low 32 bits) when it was tracked from its
     /// handshake, as of the latest snapshot; set against `TcpSignals::bytes_written`.
     pub counted_writes: Option<u32>,
+    /// HTTP/1.x: the requests pipelined before the latest response, when there were several.
+    pub pipeline: Option<Box<Pipeline>>,
     /// `open_ns` of the kernel entry this record follows: tells a reused sock address apart.
     kernel_open_ns: u64,
     announced: bool,
@@ -176,9 +185,16 @@ pub struct Conn {
 
 impl Conn {
     /// What the connection is doing as of the kernel snapshot `state`, its latest HTTP/1.x
-    /// response's framing considered.
+    /// response's framing and the requests pipelined before it considered.
     pub fn activity(&self, state: &ConnState) -> Activity {
-        framing::assess(state, self.reply.as_deref())
+        pipeline::assess(state, self.reply.as_deref(), self.pipeline.as_deref())
+    }
+
+    /// The first bytes of the request behind an open pipelined stall (the capture holds the
+    /// run's first request, not this one).
+    pub fn pipelined_request(&self) -> Option<&[u8]> {
+        self.stall.as_ref().filter(|stall| stall.pipelined)?;
+        self.pipeline.as_deref()?.owed_request()
     }
 
     pub fn reference(&self) -> ConnRef {
@@ -254,6 +270,12 @@ pub struct Stats {
     /// HTTP/1.x responses whose head the kernel no longer held when a sweep looked (its slot
     /// reused by a later response, or evicted): their framing is unknown, and not judged.
     pub reply_heads_missed: u64,
+    /// HTTP/1.x request-direction runs (before a response a sweep read the head of) that
+    /// held several requests, counted ([`pipeline`]).
+    pub http1_pipelined_runs: u64,
+    /// Such runs whose requests could not all be counted (see [`pipeline::Count::all`]):
+    /// requests pipelined behind those counted are judged by the direction rule alone.
+    pub http1_runs_uncounted: u64,
 }
 
 /// What one [`Tracker::reconcile`] found.
@@ -497,6 +519,7 @@ impl Tracker {
             watch_epoch: 0,
             missing_sweeps: 0,
             reply: None,
+            pipeline: None,
         };
         announce(&mut conn, now, out);
         self.conns.insert_adopted(conn);
@@ -644,13 +667,22 @@ impl Tracker {
             }
             EventKind::RequestStarted | EventKind::ExchangeCompleted => announce(conn, at, out),
             EventKind::ReplyResumed => {
-                // A response's bytes moved after quiet past the threshold. Ends its stall; one
-                // that began and ended between two sweeps is reported now, dated when it
-                // crossed the threshold.
+                // A response's bytes moved after quiet past the threshold: more of one, or a
+                // pipelined request's. Ends its stall; one that began and ended between two
+                // sweeps is reported now, dated when it crossed the threshold.
                 let incomplete_since = conn.reply.as_ref().and_then(|r| r.incomplete_since);
-                match incomplete_since {
-                    Some(quiet_since) if conn.stall.is_none() => {
-                        let kind = StallKind::ResponseIncomplete;
+                let owed_since = conn.pipeline.as_ref().and_then(|p| p.owed);
+                let since = match (incomplete_since, owed_since) {
+                    (Some(quiet_since), _) => {
+                        Some((StallKind::ResponseIncomplete, quiet_since, false))
+                    }
+                    (None, Some((_, quiet_since))) => {
+                        Some((StallKind::for_role(conn.role), quiet_since, true))
+                    }
+                    (None, None) => None,
+                };
+                match since {
+                    Some((kind, quiet_since, pipelined)) if conn.stall.is_none() => {
                         let threshold_at = quiet_since + stall_after_ns;
                         if at >= threshold_at {
                             start_stall(
@@ -661,15 +693,25 @@ impl Tracker {
                                 state.exchanges,
                                 out,
                             );
+                            if let Some(stall) = conn.stall.as_deref_mut() {
+                                stall.pipelined = pipelined;
+                            }
                         }
                     }
                     _ => {}
                 }
-                if conn.stall.as_ref().map(|s| s.kind) == Some(StallKind::ResponseIncomplete) {
+                let resumed = conn
+                    .stall
+                    .as_ref()
+                    .is_some_and(|s| s.kind == StallKind::ResponseIncomplete || s.pipelined);
+                if resumed {
                     end_stall(conn, at, Resolution::Response, out);
                 }
                 if let Some(reply) = conn.reply.as_deref_mut() {
                     reply.incomplete_since = None;
+                }
+                if let Some(pipeline) = conn.pipeline.as_deref_mut() {
+                    pipeline.owed = None;
                 }
             }
             EventKind::ConnectStarted => {}
@@ -732,18 +774,20 @@ impl Tracker {
         lookup: impl FnMut(u64) -> Option<ConnState>,
         out: &mut Vec<Event>,
     ) {
-        self.sweep_with_heads(now, epoch, lookup, |_| None, out);
+        self.sweep_with_heads(now, epoch, lookup, |_| None, |_| None, out);
     }
 
     /// [`Tracker::sweep`], with `reply_head` returning the kernel's copy of the start of an
     /// HTTP/1.x connection's latest response (the `HTTP1_REPLY_HEADS` map), read once per
-    /// response.
+    /// response, and `request_run` its copy of the request-direction run before it (the
+    /// `HTTP1_REQUEST_RUNS` map), read with it.
     pub fn sweep_with_heads(
         &mut self,
         now: u64,
         epoch: u32,
         mut lookup: impl FnMut(u64) -> Option<ConnState>,
         mut reply_head: impl FnMut(u64) -> Option<ReplyHead>,
+        mut request_run: impl FnMut(u64) -> Option<RequestRun>,
         out: &mut Vec<Event>,
     ) {
         self.judge_adopted(now, out);
@@ -797,6 +841,12 @@ impl Tracker {
                 if head.is_none() && state.reply_tail != stalltrace_common::http1::TAIL_UNKNOWN {
                     self.stats.reply_heads_missed += 1;
                 }
+                conn.pipeline = head.as_ref().and_then(|head| {
+                    let count = Pipeline::count(head, request_run(sock).as_ref(), &state);
+                    self.stats.http1_runs_uncounted += u64::from(!count.all);
+                    self.stats.http1_pipelined_runs += u64::from(count.pipeline.is_some());
+                    count.pipeline.map(Box::new)
+                });
                 conn.reply = Some(Box::new(match head {
                     Some(head) => ReplyFraming::from_head(&head),
                     None => ReplyFraming {
@@ -914,6 +964,7 @@ impl Tracker {
                     watch_epoch: 0,
                     missing_sweeps: 0,
                     reply: None,
+                    pipeline: None,
                 },
             };
             self.conns.insert(sock, conn);
@@ -1008,6 +1059,10 @@ fn observe(
                 replied_before_the_end(&stall, state)
                     .map_or((at, how), |at| (at, Resolution::Response)),
             ),
+            // A pipelined request's response started (or a later one's end went by). The
+            // kernel reports when at once (`ReplyResumed`); this is when its event was lost.
+            _ if stall.pipelined => (activity::last_reply_ns(state) > stall.quiet_since_ns)
+                .then(|| (activity::last_reply_ns(state), Resolution::Response)),
             (StallKind::ConnectPending, Activity::ConnectPending { .. }) => None,
             (StallKind::ConnectPending, _) => Some((state.state_ns, Resolution::Response)),
             // The response moved again (more of it, all of it, or a new request went).
@@ -1056,6 +1111,15 @@ fn observe(
             _ => None,
         };
     }
+    let pipelined = pipeline::is_pipelined(state, activity);
+    if let Some(pipeline) = conn.pipeline.as_deref_mut() {
+        pipeline.owed = match activity {
+            Activity::Outstanding { quiet_since } if pipelined => {
+                pipeline.owed(state).map(|index| (index, quiet_since))
+            }
+            _ => None,
+        };
+    }
     let (kind, quiet_since) = match activity {
         Activity::Outstanding { quiet_since } => (StallKind::for_role(conn.role), quiet_since),
         Activity::ResponseIncomplete { quiet_since } => {
@@ -1074,6 +1138,7 @@ fn observe(
             if kind == StallKind::ResponseIncomplete {
                 stall.request_ns = activity::last_request_ns(state);
             }
+            stall.pipelined = pipelined;
         }
     }
 }
@@ -1111,6 +1176,7 @@ fn start_stall(
         owed_bytes: None,
         request_ns: quiet_since,
         next_check_ns: at + STALLED_RECHECK_NS,
+        pipelined: false,
     }));
     out.push(Event {
         at_ns: at,

@@ -1492,6 +1492,17 @@ fn sweep_http1(
     head: &stalltrace_common::http1::ReplyHead,
     now: u64,
 ) -> Vec<Event> {
+    sweep_pipelined(tracker, kernel, head, None, now)
+}
+
+/// A sweep that finds `head` and `run` in the kernel's HTTP/1.x maps.
+fn sweep_pipelined(
+    tracker: &mut Tracker,
+    kernel: &mut Kernel,
+    head: &stalltrace_common::http1::ReplyHead,
+    run: Option<&stalltrace_common::http1::RequestRun>,
+    now: u64,
+) -> Vec<Event> {
     kernel.epoch += 1;
     let mut out = Vec::new();
     let state = kernel.state;
@@ -1500,6 +1511,7 @@ fn sweep_http1(
         kernel.epoch,
         |sock| (sock == SOCK).then_some(state),
         |sock| (sock == SOCK).then_some(*head),
+        |sock| run.filter(|_| sock == SOCK).copied(),
         &mut out,
     );
     out
@@ -1628,5 +1640,87 @@ fn a_complete_response_leaves_an_idle_keep_alive_connection() {
     let head = super::framing::test_head(b"GET /small HTTP/1.1", response, 2 * SEC, 0);
     for now in [3 * SEC, 10 * SEC, 60 * SEC] {
         assert_eq!(sweep_http1(&mut t, &mut k, &head, now), []);
+    }
+}
+
+const PIPELINED: &[u8] = b"GET /fast HTTP/1.1\r\n\r\nGET /slow HTTP/1.1\r\n\r\n";
+const FAST: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nfast";
+
+/// A client that wrote two requests at 1 s and read the first response at 2 s.
+fn client_pipelined() -> (
+    Tracker,
+    Kernel,
+    stalltrace_common::http1::ReplyHead,
+    stalltrace_common::http1::RequestRun,
+) {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::CLIENT, 0);
+    k.transfer_bytes(direction::OUT, SEC, PIPELINED);
+    feed(&mut t, k.event(EventKind::RequestStarted, SEC));
+    k.transfer_bytes(direction::IN, 2 * SEC, FAST);
+    let head = super::framing::test_head(PIPELINED, FAST, 2 * SEC, 0);
+    let run = super::pipeline::tests::test_run(PIPELINED, k.state.requests, 0);
+    (t, k, head, run)
+}
+
+#[test]
+fn a_pipelined_request_behind_a_fast_one_is_a_stall_until_its_response_starts() {
+    let (mut t, mut k, head, run) = client_pipelined();
+    assert_eq!(
+        sweep_pipelined(&mut t, &mut k, &head, Some(&run), 3 * SEC),
+        []
+    );
+    let started = sweep_pipelined(&mut t, &mut k, &head, Some(&run), 2 * SEC + THRESHOLD);
+    assert!(
+        matches!(
+            details(&started)[..],
+            [Detail::StallStart {
+                kind: StallKind::AwaitingResponse,
+                quiet_ms: 5_000,
+                ..
+            }]
+        ),
+        "quiet since the first response ended: {started:?}"
+    );
+    let conn = t.conn(SOCK).unwrap();
+    assert!(conn.pipelined_request().unwrap().starts_with(b"GET /slow"));
+    k.transfer_bytes(direction::IN, 8 * SEC, FAST);
+    let ended = feed(&mut t, k.event(EventKind::ReplyResumed, 8 * SEC));
+    assert_ended(
+        &ended,
+        StallKind::AwaitingResponse,
+        6_000,
+        Resolution::Response,
+    );
+    assert_eq!(
+        sweep_pipelined(&mut t, &mut k, &head, Some(&run), 20 * SEC),
+        [],
+        "answered: idle"
+    );
+}
+
+#[test]
+fn a_pipelined_stall_whose_response_event_was_lost_ends_at_the_next_sweep() {
+    let (mut t, mut k, head, run) = client_pipelined();
+    sweep_pipelined(&mut t, &mut k, &head, Some(&run), 3 * SEC);
+    sweep_pipelined(&mut t, &mut k, &head, Some(&run), 2 * SEC + THRESHOLD);
+    k.transfer_bytes(direction::IN, 8 * SEC, FAST);
+    let ended = sweep_pipelined(&mut t, &mut k, &head, Some(&run), 9 * SEC);
+    assert_ended(
+        &ended,
+        StallKind::AwaitingResponse,
+        6_000,
+        Resolution::Response,
+    );
+}
+
+#[test]
+fn pipelined_requests_all_answered_are_never_a_stall() {
+    let (mut t, mut k, _, run) = client_pipelined();
+    k.transfer_bytes(direction::IN, 2 * SEC, FAST);
+    let both = [FAST, FAST].concat();
+    let head = super::framing::test_head(PIPELINED, &both, 2 * SEC, 0);
+    for now in [3 * SEC, 10 * SEC, 60 * SEC] {
+        assert_eq!(sweep_pipelined(&mut t, &mut k, &head, Some(&run), now), []);
     }
 }

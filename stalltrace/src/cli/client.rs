@@ -146,6 +146,13 @@ fn render_status(status: &Value) -> String {
             "  {recovered} connections recovered from the kernel's map after lost events\n"
         ));
     }
+    let uncounted = number("/connections/http1_runs_uncounted");
+    if uncounted > 0 {
+        out.push_str(&format!(
+            "  {uncounted} HTTP/1.x request runs not all counted: requests pipelined behind \
+             those counted were judged by the direction rule alone\n"
+        ));
+    }
     out.push_str(&format!(
         "diagnosis:       {} open stalls, {} awaiting their first look; {} reported before \
          it, {} looks dropped (worker busy)\n",
@@ -803,7 +810,8 @@ mod tests {
     fn status_renders_losses_by_cause() {
         let text = render_status(&json!({
             "version": "0.1.0", "pid": 1, "uptime_ms": 61000, "stall_after_ms": 5000,
-            "connections": {"tracked": 3, "stalled": 1, "watched": 2, "capacity": 10, "recovered": 7},
+            "connections": {"tracked": 3, "stalled": 1, "watched": 2, "capacity": 10,
+                "recovered": 7, "http1_runs_uncounted": 5},
             "events": {"kernel": 9, "written": 4}, "events_to": "stdout",
             "lost": {"kernel_ringbuf_full": 2, "watch_dropped": 0}, "lost_total": 2,
             "diagnosis": {"open": 1, "held": 0, "reported_before_diagnosis": 4,
@@ -814,6 +822,10 @@ mod tests {
         assert!(text.contains("kernel_ringbuf_full: 2"), "{text}");
         assert!(!text.contains("watch_dropped"), "{text}");
         assert!(text.contains("7 connections recovered"), "{text}");
+        assert!(
+            text.contains("5 HTTP/1.x request runs not all counted"),
+            "{text}"
+        );
         assert!(text.contains("p -> tracepoint/a/b"), "{text}");
         assert!(text.contains("1 open stalls, 0 awaiting"), "{text}");
         assert!(text.contains("4 reported before it"), "{text}");

@@ -598,8 +598,15 @@ impl Daemon {
         let mut released = Vec::new();
         let lookup = |sock| unix::lookup(probes, sock, now, &mut released);
         let reply_head = |sock| probes.maps.reply_head(sock);
-        self.tracker
-            .sweep_with_heads(now, self.epoch, lookup, reply_head, &mut self.out);
+        let request_run = |sock| probes.maps.request_run(sock);
+        self.tracker.sweep_with_heads(
+            now,
+            self.epoch,
+            lookup,
+            reply_head,
+            request_run,
+            &mut self.out,
+        );
         self.close_released_unix(probes, released, now);
         self.request_unread_scan(now);
         let maps = &probes.maps;

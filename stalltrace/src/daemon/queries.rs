@@ -109,6 +109,8 @@ impl Daemon {
                     Ok(()) => json!({"enabled": true}),
                     Err(why) => json!({"enabled": false, "reason": why}),
                 },
+                // The same kernel copies: requests pipelined before a response are counted too.
+                "http1_pipelining": probes.http1_framing,
                 // TLS clients' replies counted when libssl's SSL_read returns plaintext.
                 "tls_libssl": match &probes.libssl {
                     Ok(path) => json!({"enabled": true, "library": path}),
@@ -122,6 +124,8 @@ impl Daemon {
                 "watched": self.tracker.watched(),
                 "capacity": self.config.max_conns,
                 "recovered": stats.recovered,
+                "http1_pipelined_runs": stats.http1_pipelined_runs,
+                "http1_runs_uncounted": stats.http1_runs_uncounted,
             },
             "events": {
                 "kernel": stats.events,

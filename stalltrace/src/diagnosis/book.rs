@@ -195,13 +195,16 @@ impl Diagnoser {
         maps: &KernelMaps,
         now: u64,
     ) -> (Diagnosis, bool) {
-        let request = sock
-            .and_then(|sock| maps.capture(sock))
-            .and_then(|capture| {
-                protocols::recognize_with(capture.data(), self.privacy).map(|s| RequestReport {
+        // A pipelined request is not the one the capture holds (the run's first).
+        let capture = sock.and_then(|sock| maps.capture(sock));
+        let request = conn
+            .pipelined_request()
+            .or(capture.as_ref().map(|capture| capture.data()))
+            .and_then(|bytes| {
+                protocols::recognize_with(bytes, self.privacy).map(|s| RequestReport {
                     protocol: s.protocol.to_owned(),
                     signature: s.display(),
-                    raw_hex: self.capture_raw.then(|| diagnosis::hex(capture.data())),
+                    raw_hex: self.capture_raw.then(|| diagnosis::hex(bytes)),
                 })
             });
         let mut open = Open {
