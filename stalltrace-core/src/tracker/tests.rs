@@ -1617,7 +1617,7 @@ fn a_response_that_came_by_splice_is_not_judged_and_no_head_was_lost() {
     for now in [3 * SEC, 30 * SEC] {
         k.epoch += 1;
         let (state, mut out) = (k.state, Vec::new());
-        t.sweep_with_heads(now, k.epoch, |_| Some(state), |_| None, &mut out);
+        t.sweep_with_heads(now, k.epoch, |_| Some(state), |_| None, |_| None, &mut out);
         assert_eq!(out, [], "not judged: no framing known");
     }
     assert_eq!(t.stats().reply_heads_missed, 0);
@@ -1625,7 +1625,7 @@ fn a_response_that_came_by_splice_is_not_judged_and_no_head_was_lost() {
     let (mut t, mut k) = client_asked_big();
     k.transfer_bytes(direction::IN, 2 * SEC, RESPONSE);
     let (state, mut out) = (k.state, Vec::new());
-    t.sweep_with_heads(3 * SEC, 2, |_| Some(state), |_| None, &mut out);
+    t.sweep_with_heads(3 * SEC, 2, |_| Some(state), |_| None, |_| None, &mut out);
     assert_eq!(t.stats().reply_heads_missed, 1);
 }
 
