@@ -9,6 +9,7 @@
 //! - `udp`: UDP request/response flows (the same transfer hooks; closes from
 //!   `cgroup/sock_release`).
 //! - `unix`: Unix stream/seqpacket connections, found through the same transfer tracepoints.
+//! - `http2`: per-stream accounting of HTTP/2 connections (called from `transfer`).
 //!
 //! Per-connection state lives in the `CONNS` LRU map; the ring buffer carries only lifecycle
 //! events and request starts: a connection's first, then at most one per sweep epoch (see
@@ -21,6 +22,7 @@
 
 mod capture;
 mod conn;
+mod http2;
 mod kernel_read;
 mod maps;
 mod stacks;

@@ -4,7 +4,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     Global,
 };
-use stalltrace_common::{loss, Capture, ConnState, Control, FdOffsets, Offsets};
+use stalltrace_common::{http2, loss, Capture, ConnState, Control, FdOffsets, Offsets};
 
 /// The stall threshold: a reply or close after at least this much quiet is reported at once.
 /// Set by the daemon at load (`EbpfLoader::set_global`), like `OFFSETS`.
@@ -64,6 +64,17 @@ pub(crate) fn scratch_conn() -> Option<&'static mut ConnState> {
         Some(&mut *conn)
     }
 }
+
+/// HTTP/2 connections' stream state (`stalltrace_common::http2`), keyed by `struct sock`
+/// address: only connections recognized as HTTP/2 have an entry. When full, the least
+/// recently used is evicted and its connection falls back to the direction rule (counted).
+#[map]
+pub(crate) static H2_STREAMS: LruHashMap<u64, http2::Streams> =
+    LruHashMap::with_max_entries(8192, 0);
+
+/// Per-CPU scratch space for a new `H2_STREAMS` entry (too large for the BPF stack).
+#[map]
+pub(crate) static H2_SCRATCH: PerCpuArray<http2::Streams> = PerCpuArray::with_max_entries(1, 0);
 
 /// The request in flight per connection, direct-mapped by `capture_slot` (a collision
 /// overwrites; `Capture::sock` tells). Sized by the daemon (a power of two).

@@ -5,7 +5,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use stalltrace_common::{
-    conn_flags, direction, listen_key, loss,
+    conn_flags, direction, http2, listen_key, loss,
     message::Message,
     role, tcp_state,
     tracepoint::InetSockSetState,
@@ -160,7 +160,16 @@ fn on_other_transition(args: &InetSockSetState, old: u8, new: u8) {
     // SAFETY: map value pointer, valid for the duration of the program.
     let conn = unsafe { &mut *conn };
     let now = unsafe { bpf_ktime_get_ns() };
-    let quiet_ended = quiet_past_threshold(conn, now, stall_after_ns());
+    // An HTTP/2 connection whose streams are followed: its oldest stream awaiting a response.
+    let quiet_ended = if http2::tracking(conn) {
+        let overdue = http2::quiet_past_threshold(conn, now, stall_after_ns());
+        if overdue {
+            http2::end_oldest(conn);
+        }
+        overdue
+    } else {
+        quiet_past_threshold(conn, now, stall_after_ns())
+    };
     let exchange_ends = can_complete(conn, old) && !can_complete(conn, new);
     if exchange_ends && conn.role == role::CLIENT && is_outstanding(conn) {
         count_unread_reply(args.skaddr, conn, old, new, now);
@@ -181,6 +190,7 @@ fn on_other_transition(args: &InetSockSetState, old: u8, new: u8) {
     }
     if new == tcp_state::CLOSE {
         emit(EventKind::Closed, args.skaddr, conn, now);
+        crate::http2::forget(args.skaddr, conn);
         let _ = CONNS.remove(args.skaddr);
     }
 }

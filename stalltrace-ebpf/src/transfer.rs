@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use stalltrace_common::{
-    conn_flags, direction, listen_key,
+    conn_flags, direction, http2, listen_key,
     message::{classify, Head, Message},
     role, tcp_state,
     transfer::{ends_quiet, look, record_transfer, Look, Turn},
@@ -27,7 +27,10 @@ use crate::{
     capture::{bytes_at, capture_request, reply_head},
     conn::{emit, emit_request, insert_new, set_netns, set_owner_to_current},
     kernel_read::{read_endpoints, socket_family, tcp_state_of},
-    maps::{current_epoch, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS, UDP_TRACED},
+    maps::{
+        current_epoch, scratch_conn, stall_after_ns, CAPTURE_BYTES, CONNS, LISTEN_PORTS, OFFSETS,
+        UDP_TRACED,
+    },
     udp, unix,
 };
 
@@ -103,6 +106,11 @@ pub(crate) fn on_transfer<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, ret: i32,
 
 #[inline(always)]
 fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
+    // An HTTP/2 connection whose streams are followed is judged per stream. First, so that
+    // the verifier walks the frames once, not once per outcome of the classification below.
+    if http2::tracking(conn) || (http2::may_start(conn, dir) && CAPTURE_BYTES.load() != 0) {
+        crate::http2::on_transfer(sock, conn, dir, bytes, now);
+    }
     let new_owner = set_owner_to_current(conn);
     // Only a run that may start a request, or answer one with housekeeping in between, has
     // its first bytes read: to tell data from protocol housekeeping, and to name requests.
@@ -111,7 +119,11 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
         Look::Request => read_message(sock, conn, bytes, now),
         look @ (Look::Continuation | Look::Reply) => (read_housekeeping(conn, look, bytes), None),
     };
-    let quiet_ended = ends_quiet(conn, dir, message, now, stall_after_ns());
+    let quiet_ended = if http2::tracking(conn) {
+        conn.h2_answered_late != 0
+    } else {
+        ends_quiet(conn, dir, message, now, stall_after_ns())
+    };
     let turn = record_transfer(conn, dir, bytes, now, message);
     report(sock, conn, new_owner, quiet_ended, turn, capture, now);
 }

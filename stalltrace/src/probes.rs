@@ -379,6 +379,8 @@ pub(crate) struct KernelLoss {
     pub conn_insert_failed: u64,
     /// Runs of the data transfer programs the kernel skipped (`recursion_misses`, 5.12+).
     pub hook_missed: u64,
+    /// HTTP/2 connections or streams the kernel could not follow (`loss::HTTP2_UNTRACKED`).
+    pub http2_untracked: u64,
 }
 
 impl KernelMaps {
@@ -416,6 +418,7 @@ impl KernelMaps {
             ringbuf_full: sum(loss::RINGBUF_FULL),
             conn_insert_failed: sum(loss::CONN_INSERT_FAILED),
             hook_missed: self.transfer_programs.iter().map(recursion_misses).sum(),
+            http2_untracked: sum(loss::HTTP2_UNTRACKED),
         }
     }
 }

@@ -231,6 +231,7 @@ impl Daemon {
                     age_ms: Some(age_ms),
                     since: Some(clock.rfc3339(stall.quiet_since_ns)),
                     retries: json::udp_retries(&conn.endpoints, conn.retries),
+                    http2: json::Http2Json::stream(stall.http2_stream),
                     severity: annotation
                         .and_then(|a| a.severity)
                         .map(|s| s.as_str().into()),
@@ -263,6 +264,7 @@ impl Daemon {
             age_ms: Some(now.saturating_sub(stall.quiet_since_ns) / 1_000_000),
             since: Some(clock.rfc3339(stall.quiet_since_ns)),
             retries: json::udp_retries(&conn.endpoints, conn.retries),
+            http2: json::Http2Json::stream(stall.http2_stream),
             diagnosis: self.diagnoser.current(id).cloned(),
             ..StallJson::default()
         });
