@@ -122,6 +122,21 @@ impl Streams {
     }
 }
 
+/// Reads the frame header at an offset of the transfer: its bytes 0–3 (length, type) and
+/// 5–8 (stream id), or `None` when they cannot be read. In the kernel, one call per frame
+/// (the verifier explores each call site of the user-memory reader).
+pub trait Header: FnMut(usize) -> Option<[u8; 8]> {}
+impl<F: FnMut(usize) -> Option<[u8; 8]>> Header for F {}
+
+/// A [`Header`] reader from 4-byte reads (`More`): for tests and userspace models.
+pub fn header_from(mut more: impl More) -> impl Header {
+    move |at: usize| {
+        let [a, b, c, d] = more(at)?;
+        let [e, f, g, h] = more(at + 5)?;
+        Some([a, b, c, d, e, f, g, h])
+    }
+}
+
 /// What one transfer's frames did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Walk {
@@ -190,7 +205,8 @@ fn side(dir: u8) -> usize {
 }
 
 /// Walks the frames of a transfer of `total` bytes in direction `dir` at `now` on a
-/// [`tracking`] connection, `more(offset)` reading the 4 bytes at `offset` of the transfer:
+/// [`tracking`] connection, `header(offset)` reading the frame header at `offset` of the
+/// transfer ([`Header`]):
 /// opens and answers streams in `streams` and keeps `conn`'s summary (`h2_open`,
 /// `h2_oldest_*`, `h2_ended_*`) up to date. Loses the framing ([`lose`]) when it cannot
 /// follow it.
@@ -207,7 +223,7 @@ pub fn walk(
     total: u64,
     now: u64,
     stall_after_ns: u64,
-    mut more: impl More,
+    mut header: impl Header,
 ) -> Walk {
     let request = dir == transfer::request_direction(conn);
     streams.cursor = u64::from(streams.skip[side(dir) & 1]);
@@ -221,7 +237,7 @@ pub fn walk(
             total,
             now,
             stall_after_ns,
-            &mut more,
+            &mut header,
         ) {
             streams.walk |= WALK_LOST;
             break;
@@ -264,14 +280,14 @@ fn frame(
     total: u64,
     now: u64,
     stall_after_ns: u64,
-    more: &mut impl More,
+    header: &mut impl Header,
 ) -> bool {
     let at = streams.cursor;
     // A header split between two transfers is not followed.
     if at + FRAME_HEADER_LEN > total {
         return false;
     }
-    let Some([l0, l1, l2, kind]) = more(at as usize) else {
+    let Some([l0, l1, l2, kind, s0, s1, s2, s3]) = header(at as usize) else {
         return false;
     };
     if kind > MAX_FRAME_TYPE {
@@ -284,10 +300,7 @@ fn frame(
     if !asks && !answers {
         return true;
     }
-    let Some(id) = more(at as usize + 5) else {
-        return false;
-    };
-    let id = u32::from_be_bytes(id) & 0x7fff_ffff;
+    let id = u32::from_be_bytes([s0, s1, s2, s3]) & 0x7fff_ffff;
     if id == 0 {
         // Stream frames always name a stream: these bytes are not frames.
         return false;
@@ -399,7 +412,7 @@ mod tests {
                 bytes.len() as u64,
                 at_ms * MS,
                 THRESHOLD,
-                reader(bytes),
+                header_from(reader(bytes)),
             )
         }
     }

@@ -1,7 +1,7 @@
 //! HTTP/2 per-stream accounting on the hot path (the rule: `stalltrace_common::http2`). Only
-//! connections recognized as HTTP/2 come here: one lookup in `H2_STREAMS` per transfer, and a
-//! frame-header read (4 bytes of the user buffer) per frame, plus one per HEADERS, DATA or
-//! RST_STREAM frame for its stream id.
+//! connections recognized as HTTP/2 come here: one lookup in `H2_STREAMS` per transfer, and
+//! two 4-byte reads of the user buffer per frame (length and type, stream id), plus two per
+//! `iovec` entry the walk passes in a vectored call.
 use aya_ebpf::bindings::BPF_NOEXIST;
 use stalltrace_common::{
     http2::{self, Streams},
@@ -9,8 +9,8 @@ use stalltrace_common::{
 };
 
 use crate::{
-    capture::bytes_at,
-    maps::{count_loss, stall_after_ns, H2_SCRATCH, H2_STREAMS},
+    capture::{bytes_at, walk_header_at, NO_WORD},
+    maps::{count_loss, stall_after_ns, H2_SCRATCH, H2_STREAMS, H2_WALKER},
 };
 
 /// Follows the streams of HTTP/2 connection `conn` (on `sock`) through a transfer of `bytes`
@@ -35,7 +35,24 @@ pub(crate) fn on_transfer(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, 
     };
     // SAFETY: map value pointer, valid for the duration of the program.
     let streams = unsafe { &mut *streams };
-    let walk = http2::walk(conn, streams, dir, bytes, now, stall_after_ns(), bytes_at);
+    let Some(walker) = H2_WALKER.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU slot, used only within one program run.
+    let walker = unsafe { &mut *walker };
+    walker.reset();
+    let header = |at: usize| {
+        let first = walk_header_at(walker, at as u64);
+        if first == NO_WORD || walker.id == NO_WORD {
+            return None;
+        }
+        let ([a, b, c, d], [e, f, g, h]) = (
+            (first as u32).to_ne_bytes(),
+            (walker.id as u32).to_ne_bytes(),
+        );
+        Some([a, b, c, d, e, f, g, h])
+    };
+    let walk = http2::walk(conn, streams, dir, bytes, now, stall_after_ns(), header);
     if walk.untracked > 0 {
         count_loss(loss::HTTP2_UNTRACKED);
     }

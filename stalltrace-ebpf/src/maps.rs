@@ -76,6 +76,11 @@ pub(crate) static H2_STREAMS: LruHashMap<u64, http2::Streams> =
 #[map]
 pub(crate) static H2_SCRATCH: PerCpuArray<http2::Streams> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU position of the HTTP/2 frame walk in the current transfer's data.
+#[map]
+pub(crate) static H2_WALKER: PerCpuArray<crate::capture::Walker> =
+    PerCpuArray::with_max_entries(1, 0);
+
 /// The request in flight per connection, direct-mapped by `capture_slot` (a collision
 /// overwrites; `Capture::sock` tells). Sized by the daemon (a power of two).
 #[map]

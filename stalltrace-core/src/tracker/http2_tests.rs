@@ -64,7 +64,7 @@ impl Kernel {
                 total,
                 now,
                 THRESHOLD,
-                more,
+                http2::header_from(more),
             );
             walk.ended
         });
@@ -131,6 +131,15 @@ struct Run {
 
 impl Run {
     fn new(role_id: u8) -> Self {
+        let mut run = Self::new_unstarted(role_id);
+        run.send(run.ask, MS, &preface());
+        assert!(http2::tracking(&run.kernel.state));
+        run.send(run.reply, 2 * MS, &frame(4, 0, 0));
+        run
+    }
+
+    /// A connection whose first transfer is still to come.
+    fn new_unstarted(role_id: u8) -> Self {
         let (ask, reply) = if role_id == role::CLIENT {
             (direction::OUT, direction::IN)
         } else {
@@ -146,9 +155,6 @@ impl Run {
         run.kernel.state.proto = proto::UNKNOWN;
         let open = run.kernel.event(EventKind::Discovered, 0);
         run.tracker.on_event(&open, &mut run.events);
-        run.send(run.ask, MS, &preface());
-        assert!(http2::tracking(&run.kernel.state));
-        run.send(run.reply, 2 * MS, &frame(4, 0, 0));
         run
     }
 
@@ -339,4 +345,60 @@ fn a_close_ends_a_streams_stall() {
             }
         ))
     );
+}
+
+/// A recorded grpcio client (see `replay/record.py --full`): one call answered after 3 s while
+/// calls complete every 0.5 s on the same channel. The kernel's walk follows every frame of
+/// the real conversation; stream 1 (the slow call) is flagged and ends with the response.
+#[test]
+fn a_recorded_grpc_channel_flags_its_slow_call_only() {
+    let text = include_str!("replay/grpc-slow-call-among-flowing.txt");
+    let mut run = Run::new_unstarted(role::CLIENT);
+    let mut next_sweep = 250;
+    let mut last = 0;
+    for line in text.lines().filter(|line| !line.starts_with('#')) {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let [ms, dir, len, hex] = fields[..] else {
+            panic!("bad line {line:?}");
+        };
+        let ms: u64 = ms.parse().unwrap();
+        while next_sweep <= ms {
+            run.sweep(next_sweep * MS);
+            next_sweep += 250;
+        }
+        let data: Vec<u8> = (0..hex.len() / 2)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        assert_eq!(data.len(), len.parse::<usize>().unwrap(), "{line}");
+        let dir = if dir == "out" {
+            direction::OUT
+        } else {
+            direction::IN
+        };
+        run.send(dir, ms * MS, &data);
+        assert_ne!(run.kernel.state.h2_sync, http2::sync::LOST, "{line}");
+        last = ms;
+    }
+    while next_sweep <= last + 3_000 {
+        run.sweep(next_sweep * MS);
+        next_sweep += 250;
+    }
+    let stalls: Vec<_> = run
+        .stall_events()
+        .into_iter()
+        .map(|(at, detail)| match detail {
+            Detail::StallStart { http2_stream, .. } => ("start", at, *http2_stream, 0),
+            Detail::StallEnd {
+                http2_stream,
+                duration_ms,
+                ..
+            } => ("end", at, *http2_stream, *duration_ms),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    let [("start", _, Some(1), _), ("end", _, Some(1), duration)] = stalls[..] else {
+        panic!("one stall, stream 1's: {stalls:?}");
+    };
+    assert!((2_900..=3_200).contains(&duration), "{stalls:?}");
+    assert_eq!(run.kernel.state.h2_open, 0);
 }
