@@ -57,39 +57,48 @@ const MAX_FRAME_TYPE: u8 = 0x10;
 
 /// One HTTP/2 connection's stream state, kept by the kernel in its own map keyed by the
 /// `struct sock` address (only HTTP/2 connections pay for it).
+///
+/// A connection's two directions are often walked by two threads at once (a reader and a
+/// writer, on two CPUs), and the BPF target has no atomic read-modify-write here: so every
+/// field has one writer, the walk of one direction. A slot's stream awaits its response while
+/// its generation (`opened`, bumped by the request direction when a stream takes the slot)
+/// differs from the generation each direction last closed (`closed`: the reply direction
+/// answers, either direction resets).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Streams {
     /// Bytes of the current frame still to come, per direction (`[in, out]`).
     pub skip: [u32; 2],
-    /// Bit `i`: slot `i` holds a stream awaiting its response.
-    pub open: u32,
+    /// The walk of the current transfer, per direction: the offset of its next frame header.
+    pub cursor: [u64; 2],
+    /// The walk of the current transfer, per direction: what it found (bits of `WALK_*`, and
+    /// the streams not followed above `WALK_UNTRACKED_SHIFT`).
+    pub walk: [u32; 2],
     /// The highest client-initiated stream id opened: a HEADERS frame on a lower id is a
     /// trailer, not a new request.
     pub highest: u32,
-    /// The walk of the current transfer: the offset of its next frame header.
-    pub cursor: u64,
-    /// The walk of the current transfer: what it found (bits of `WALK_*`, and the streams
-    /// not followed above `WALK_UNTRACKED_SHIFT`).
-    pub walk: u32,
     pub _pad: u32,
+    /// Per slot: its stream's id, when it was opened (ns) and its generation.
     pub ids: [u32; STREAM_SLOTS],
-    /// When each slot's stream was opened (ns).
     pub opened_ns: [u64; STREAM_SLOTS],
+    pub opened: [u32; STREAM_SLOTS],
+    /// Per direction (`[in, out]`) and slot: the generation it last closed.
+    pub closed: [[u32; STREAM_SLOTS]; 2],
 }
 
-const _: () = assert!(core::mem::size_of::<Streams>() == 416);
+const _: () = assert!(core::mem::size_of::<Streams>() == 808);
 
 impl Streams {
     pub const EMPTY: Self = Self {
         skip: [0; 2],
-        open: 0,
+        cursor: [0; 2],
+        walk: [0; 2],
         highest: 0,
-        cursor: 0,
-        walk: 0,
         _pad: 0,
         ids: [0; STREAM_SLOTS],
         opened_ns: [0; STREAM_SLOTS],
+        opened: [0; STREAM_SLOTS],
+        closed: [[0; STREAM_SLOTS]; 2],
     };
 
     #[inline(always)]
@@ -97,27 +106,43 @@ impl Streams {
         ((id >> 1) as usize) & (STREAM_SLOTS - 1)
     }
 
-    /// Opens stream `id` at `now`; false if its slot is held (the stream is not followed).
+    /// Slot `slot`'s stream awaits its response.
+    #[inline(always)]
+    fn awaits(&self, slot: usize) -> bool {
+        let slot = slot & (STREAM_SLOTS - 1);
+        let generation = self.opened[slot];
+        generation != self.closed[0][slot] && generation != self.closed[1][slot]
+    }
+
+    /// Opens stream `id` at `now` (request direction); false if its slot is held (the stream
+    /// is not followed).
     #[inline(always)]
     fn open(&mut self, id: u32, now: u64) -> bool {
         let slot = Self::slot(id);
-        if self.open & (1 << slot) != 0 {
+        if self.awaits(slot) {
             return false;
         }
-        self.open |= 1 << slot;
         self.ids[slot] = id;
         self.opened_ns[slot] = now;
+        // A generation neither direction has closed: the slot awaits again.
+        let (a, b) = (self.closed[0][slot], self.closed[1][slot]);
+        let mut generation = self.opened[slot].wrapping_add(1);
+        if generation == a || generation == b {
+            generation = a.max(b).wrapping_add(1);
+        }
+        self.opened[slot] = generation;
         true
     }
 
-    /// Answers stream `id`: when it was opened, if it was awaiting its response.
+    /// Answers or resets stream `id` from direction `side`: when it was opened, if it was
+    /// awaiting its response.
     #[inline(always)]
-    fn answer(&mut self, id: u32) -> Option<u64> {
+    fn close(&mut self, side: usize, id: u32) -> Option<u64> {
         let slot = Self::slot(id);
-        if self.open & (1 << slot) == 0 || self.ids[slot] != id {
+        if !self.awaits(slot) || self.ids[slot] != id {
             return None;
         }
-        self.open &= !(1 << slot);
+        self.closed[side & 1][slot] = self.opened[slot];
         Some(self.opened_ns[slot])
     }
 }
@@ -226,29 +251,31 @@ pub fn walk(
     mut header: impl Header,
 ) -> Walk {
     let request = dir == transfer::request_direction(conn);
-    streams.cursor = u64::from(streams.skip[side(dir) & 1]);
-    streams.walk = 0;
+    let at = side(dir);
+    streams.cursor[at] = u64::from(streams.skip[at]);
+    streams.walk[at] = 0;
     let mut frames = 0;
-    while frames < WALK_FRAMES && streams.cursor < total {
+    while frames < WALK_FRAMES && streams.cursor[at] < total {
         if !frame(
             conn,
             streams,
+            at,
             request,
             total,
             now,
             stall_after_ns,
             &mut header,
         ) {
-            streams.walk |= WALK_LOST;
+            streams.walk[at] |= WALK_LOST;
             break;
         }
         frames += 1;
     }
     let mut result = Walk {
-        ended: streams.walk & WALK_ENDED != 0,
-        untracked: streams.walk >> WALK_UNTRACKED_SHIFT,
+        ended: streams.walk[at] & WALK_ENDED != 0,
+        untracked: streams.walk[at] >> WALK_UNTRACKED_SHIFT,
     };
-    if streams.walk & WALK_LOST != 0 || streams.cursor < total {
+    if streams.walk[at] & WALK_LOST != 0 || streams.cursor[at] < total {
         lose(conn);
         result.untracked += 1;
         result.ended = false;
@@ -256,8 +283,8 @@ pub fn walk(
     }
     conn.h2_answered_late = u8::from(result.ended);
     // At most a frame's length plus its header: fits.
-    streams.skip[side(dir) & 1] = (streams.cursor - total) as u32;
-    if streams.walk & WALK_CHANGED != 0 {
+    streams.skip[at] = (streams.cursor[at] - total) as u32;
+    if streams.walk[at] & WALK_CHANGED != 0 {
         summarize(conn, streams);
     }
     result
@@ -269,32 +296,35 @@ const WALK_CHANGED: u32 = 2;
 const WALK_ENDED: u32 = 4;
 const WALK_UNTRACKED_SHIFT: u32 = 8;
 
-/// The frame at `streams.cursor` (its header within the transfer's `total` bytes): opens or
-/// answers its stream, moves the cursor past it. False when it is not a frame that can be
-/// followed.
+/// The frame at `streams.cursor[at]` (its header within the transfer's `total` bytes, `at`
+/// the direction's index): opens or answers its stream, moves the cursor past it. False when
+/// it is not a frame that can be followed.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn frame(
     conn: &mut ConnState,
     streams: &mut Streams,
+    at: usize,
     request: bool,
     total: u64,
     now: u64,
     stall_after_ns: u64,
     header: &mut impl Header,
 ) -> bool {
-    let at = streams.cursor;
+    let at = at & 1;
+    let offset = streams.cursor[at];
     // A header split between two transfers is not followed.
-    if at + FRAME_HEADER_LEN > total {
+    if offset + FRAME_HEADER_LEN > total {
         return false;
     }
-    let Some([l0, l1, l2, kind, s0, s1, s2, s3]) = header(at as usize) else {
+    let Some([l0, l1, l2, kind, s0, s1, s2, s3]) = header(offset as usize) else {
         return false;
     };
     if kind > MAX_FRAME_TYPE {
         return false;
     }
-    streams.cursor =
-        at + FRAME_HEADER_LEN + ((u64::from(l0) << 16) | (u64::from(l1) << 8) | u64::from(l2));
+    let length = (u64::from(l0) << 16) | (u64::from(l1) << 8) | u64::from(l2);
+    streams.cursor[at] = offset + FRAME_HEADER_LEN + length;
     let asks = request && kind == HEADERS;
     let answers = kind == RST_STREAM || (!request && matches!(kind, HEADERS | DATA));
     if !asks && !answers {
@@ -309,16 +339,16 @@ fn frame(
         if id & 1 == 1 && id > streams.highest {
             streams.highest = id;
             if streams.open(id, now) {
-                streams.walk |= WALK_CHANGED;
+                streams.walk[at] |= WALK_CHANGED;
             } else {
-                streams.walk += 1 << WALK_UNTRACKED_SHIFT;
+                streams.walk[at] += 1 << WALK_UNTRACKED_SHIFT;
             }
         }
-    } else if let Some(opened) = streams.answer(id) {
-        streams.walk |= WALK_CHANGED;
-        let first = streams.walk & WALK_ENDED == 0;
+    } else if let Some(opened) = streams.close(at, id) {
+        streams.walk[at] |= WALK_CHANGED;
+        let first = streams.walk[at] & WALK_ENDED == 0;
         if now.saturating_sub(opened) >= stall_after_ns && (first || opened < conn.h2_ended_ns) {
-            streams.walk |= WALK_ENDED;
+            streams.walk[at] |= WALK_ENDED;
             conn.h2_ended_ns = opened;
             conn.h2_ended_stream = id;
         }
@@ -330,12 +360,13 @@ fn frame(
 /// `conn` while looking, for the verifier, as in [`walk`]).
 #[inline(always)]
 fn summarize(conn: &mut ConnState, streams: &Streams) {
-    conn.h2_open = streams.open.count_ones() as u8;
+    conn.h2_open = 0;
     conn.h2_oldest_ns = 0;
     conn.h2_oldest_stream = 0;
     let mut slot = 0;
     while slot < STREAM_SLOTS {
-        if streams.open & (1 << slot) != 0 {
+        if streams.awaits(slot) {
+            conn.h2_open += 1;
             let opened = streams.opened_ns[slot];
             if conn.h2_oldest_ns == 0 || opened < conn.h2_oldest_ns {
                 conn.h2_oldest_ns = opened;
