@@ -23,6 +23,11 @@ pub(crate) static CAPTURE_SLOTS: Global<u32> = Global::new(1);
 /// `cgroup/sock_release` program attaches), on the tracepoint rung.
 #[unsafe(no_mangle)]
 pub(crate) static UDP_TRACED: Global<u32> = Global::new(0);
+/// Non-zero when HTTP/2 connections have their streams followed (`http2.rs`): the daemon
+/// clears it where the kernel's verifier refuses the frame walk (Linux 6.1), and the constant
+/// lets the verifier drop that path.
+#[unsafe(no_mangle)]
+pub(crate) static HTTP2_STREAMS: Global<u32> = Global::new(0);
 /// The daemon's own process id: Unix connections to or from it (its API socket: the CLI's
 /// queries, `watch`) are not tracked, so that the tracer does not report itself.
 #[unsafe(no_mangle)]

@@ -28,8 +28,8 @@ use crate::{
     conn::{emit, emit_request, insert_new, set_netns, set_owner_to_current},
     kernel_read::{read_endpoints, socket_family, tcp_state_of},
     maps::{
-        current_epoch, scratch_conn, stall_after_ns, CAPTURE_BYTES, CONNS, LISTEN_PORTS, OFFSETS,
-        UDP_TRACED,
+        current_epoch, scratch_conn, stall_after_ns, CAPTURE_BYTES, CONNS, HTTP2_STREAMS,
+        LISTEN_PORTS, OFFSETS, UDP_TRACED,
     },
     udp, unix,
 };
@@ -108,7 +108,9 @@ pub(crate) fn on_transfer<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, ret: i32,
 fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
     // An HTTP/2 connection whose streams are followed is judged per stream. First, so that
     // the verifier walks the frames once, not once per outcome of the classification below.
-    if http2::tracking(conn) || (http2::may_start(conn, dir) && CAPTURE_BYTES.load() != 0) {
+    if HTTP2_STREAMS.load() != 0
+        && (http2::tracking(conn) || (http2::may_start(conn, dir) && CAPTURE_BYTES.load() != 0))
+    {
         crate::http2::on_transfer(sock, conn, dir, bytes, now);
     }
     let new_owner = set_owner_to_current(conn);

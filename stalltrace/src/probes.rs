@@ -476,9 +476,26 @@ impl Probes {
                 })
                 .ok()
         };
+        let mut http2_refused = None;
         let (mut probes, capture_error) = with_capture_fallback(capture_bytes, |bytes| {
-            Self::load_once(tracefs_root, config, listening, bytes, udp_cgroup.is_some())
+            let load = |http2| {
+                let udp = udp_cgroup.is_some();
+                Self::load_once(tracefs_root, config, listening, bytes, udp, http2)
+            };
+            if bytes == 0 {
+                // The frame walk reads the syscall's buffer, as capture does.
+                return load(false);
+            }
+            load(true).or_else(|err| load(false).inspect(|_| http2_refused = Some(err)))
         })?;
+        if let Some(err) = http2_refused {
+            log::debug!("loading with HTTP/2 streams followed failed: {err:#}");
+            log::warn!(
+                "HTTP/2 streams are not followed on this kernel (its verifier refuses the frame \
+                 walk; --log-level debug shows why): HTTP/2 connections are judged as a whole, \
+                 where a slow call among calls that complete is not flagged"
+            );
+        }
         probes.udp = match (&udp_cgroup, probes.transfers.rung) {
             (Some(root), Rung::Tracepoint) => match attach_sock_release(&mut probes.ebpf, root) {
                 Ok(hook) => {
@@ -528,6 +545,7 @@ impl Probes {
         listening: &[(u32, u16)],
         capture_bytes: u32,
         udp: bool,
+        http2: bool,
     ) -> Result<Self> {
         let capture_slots = if capture_bytes > 0 { CAPTURE_SLOTS } else { 1 };
         let mut ebpf = EbpfLoader::new()
@@ -553,6 +571,7 @@ impl Probes {
             .map_max_entries("CAPTURES", capture_slots)
             .override_global("TCP_RECVMSG_ARGS", &config.functions.tcp_recvmsg_args, true)
             .override_global("UDP_TRACED", &u32::from(udp), true)
+            .override_global("HTTP2_STREAMS", &u32::from(http2), true)
             .load(OBJECT)
             .context(
                 "loading the eBPF maps and programs failed; stalltrace needs Linux >= 5.8 with \
