@@ -12,6 +12,7 @@
 //! - `libssl`: TLS clients' replies counted when libssl's `SSL_read` returns plaintext
 //!   (uprobes on the system's libssl).
 //! - `unix`: Unix stream/seqpacket connections, found through the same transfer tracepoints.
+//! - `http2`: per-stream accounting of HTTP/2 connections (called from `transfer`).
 //!
 //! Per-connection state lives in the `CONNS` LRU map; the ring buffer carries only lifecycle
 //! events and request starts: a connection's first, then at most one per sweep epoch (see
@@ -25,6 +26,7 @@
 mod capture;
 mod conn;
 mod http1;
+mod http2;
 mod kernel_read;
 mod libssl;
 mod maps;

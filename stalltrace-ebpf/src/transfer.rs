@@ -16,7 +16,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use stalltrace_common::{
-    conn_flags, direction, http1, listen_key,
+    conn_flags, direction, http1, http2, listen_key,
     message::{classify, proto, Head, Message},
     role, tcp_state,
     transfer::{ends_quiet, is_tls_client, look, record_transfer, Look, Turn},
@@ -107,6 +107,12 @@ pub(crate) fn on_transfer<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, ret: i32,
 
 #[inline(always)]
 fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
+    // An HTTP/2 connection whose streams are followed is judged per stream. First, so that
+    // the verifier walks the frames once, not once per outcome of the classification below.
+    // Only with the verdict extras (they imply capture: the walk reads the syscall's buffer).
+    if verdict_extras() && (http2::tracking(conn) || http2::may_start(conn, dir)) {
+        crate::http2::on_transfer(sock, conn, dir, bytes, now);
+    }
     let new_owner = set_owner_to_current(conn);
     // Only a run that may start a request, or answer one with housekeeping in between, has
     // its first bytes read: to tell data from protocol housekeeping, and to name requests.
@@ -126,7 +132,11 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
             reply => reply,
         }
     };
-    let quiet_ended = ends_quiet(conn, dir, message, now, stall_after_ns());
+    let quiet_ended = if verdict_extras() && http2::tracking(conn) {
+        conn.h2_answered_late != 0
+    } else {
+        ends_quiet(conn, dir, message, now, stall_after_ns())
+    };
     let resumed = http1::resumes_after_quiet(conn, reply, now, stall_after_ns());
     let turn = record_transfer(conn, dir, bytes, now, message);
     if reply != http1::Reply::Skip {

@@ -60,6 +60,8 @@ pub enum Detail {
     StallStart {
         kind: StallKind,
         quiet_ms: u64,
+        /// HTTP/2: the stream awaiting its response (see [`Stall::http2_stream`]).
+        http2_stream: Option<u32>,
         /// Added by the daemon (the tracker does no I/O).
         diagnosis: Option<Box<Diagnosis>>,
     },
@@ -67,6 +69,7 @@ pub enum Detail {
     StallUpdate {
         kind: StallKind,
         quiet_ms: u64,
+        http2_stream: Option<u32>,
         diagnosis: Box<Diagnosis>,
     },
     StallEnd {
@@ -77,6 +80,7 @@ pub enum Detail {
         /// UDP: the request was sent again this many times while it waited (see
         /// `stalltrace_common::udp`); 0 on other transports.
         retries: u32,
+        http2_stream: Option<u32>,
     },
 }
 
@@ -121,8 +125,12 @@ impl Totals {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stall {
     pub kind: StallKind,
-    /// Start of the quiet stretch (last transfer in the request direction, or connect()).
+    /// Start of the quiet stretch (last transfer in the request direction, or connect(); for
+    /// an HTTP/2 stream, when it was opened).
     pub quiet_since_ns: u64,
+    /// HTTP/2 with its streams followed by the kernel: the id of the stream that awaits its
+    /// response (the stall is that stream's, not the connection's).
+    pub http2_stream: Option<u32>,
     /// When it was reported.
     pub reported_ns: u64,
     exchanges_at_start: u64,
@@ -417,6 +425,7 @@ impl Tracker {
             StallKind::UnansweredRequest,
             quiet_since,
             now,
+            None,
             u64::MAX,
             out,
         );
@@ -512,7 +521,7 @@ impl Tracker {
             }
             if conn.stall.is_none() {
                 let kind = StallKind::for_role(conn.role);
-                start_stall(conn, kind, since, now, 0, out);
+                start_stall(conn, kind, since, now, None, 0, out);
             }
             false
         });
@@ -583,6 +592,7 @@ impl Tracker {
                         StallKind::ConnectPending,
                         state.open_ns,
                         threshold_at,
+                        None,
                         0,
                         out,
                     );
@@ -592,13 +602,37 @@ impl Tracker {
                 }
                 announce(conn, at, out);
             }
+            EventKind::QuietEnded if activity::http2_tracking(state) => {
+                // An HTTP/2 stream awaited its response past the threshold and was answered (or
+                // reset), or the connection closed on it: that stream's stall ends.
+                let stream = Some(state.h2_ended_stream);
+                if conn.stall.is_none() {
+                    let (since, kind) = (state.h2_ended_ns, StallKind::for_role(conn.role));
+                    let threshold_at = since + stall_after_ns;
+                    start_stall(conn, kind, since, threshold_at, stream, 0, out);
+                }
+                if conn
+                    .stall
+                    .as_ref()
+                    .is_some_and(|s| s.http2_stream == stream)
+                {
+                    let still_open =
+                        state.h2_open > 0 && state.h2_oldest_stream == state.h2_ended_stream;
+                    let how = match activity::assess(state) {
+                        Activity::Ending { how, .. } if still_open => how,
+                        _ => Resolution::Response,
+                    };
+                    end_stall(conn, at, how, out);
+                }
+            }
             EventKind::QuietEnded => {
                 // The kernel saw quiet of at least the threshold end with this transfer or close.
                 if conn.stall.is_none() {
                     let quiet_since = activity::last_request_ns(state);
                     let kind = StallKind::for_role(conn.role);
                     let threshold_at = quiet_since + stall_after_ns;
-                    start_stall(conn, kind, quiet_since, threshold_at, state.exchanges, out);
+                    let exchanges = state.exchanges;
+                    start_stall(conn, kind, quiet_since, threshold_at, None, exchanges, out);
                 }
                 // What happened first decides: a reply (the request is no longer outstanding,
                 // even if a FIN came with it), else the close.
@@ -629,6 +663,7 @@ impl Tracker {
                                 kind,
                                 quiet_since,
                                 threshold_at,
+                                None,
                                 state.exchanges,
                                 out,
                             );
@@ -912,7 +947,7 @@ impl Tracker {
             if at.saturating_sub(pending_since) >= stall_after_ns {
                 let threshold_at = pending_since + stall_after_ns;
                 let kind = StallKind::ConnectPending;
-                start_stall(&mut conn, kind, pending_since, threshold_at, 0, out);
+                start_stall(&mut conn, kind, pending_since, threshold_at, None, 0, out);
             }
         }
         if let Some(stall) = conn.stall.as_deref().copied() {
@@ -970,11 +1005,17 @@ fn observe(
     out: &mut Vec<Event>,
 ) {
     if let Some(stall) = conn.stall.as_deref().copied() {
+        let stream = activity::http2_stream(state);
         let end = match (stall.kind, activity) {
             (_, Activity::Ending { at, how }) => Some(
                 replied_before_the_end(&stall, state)
                     .map_or((at, how), |at| (at, Resolution::Response)),
             ),
+            // An HTTP/2 stream's stall ends when that stream no longer awaits its response
+            // (its end event lost, or not yet drained): dated by the last reply-direction
+            // transfer. Other streams' exchanges say nothing about it.
+            _ if stall.http2_stream.is_some() => (stream != stall.http2_stream)
+                .then(|| (activity::last_reply_ns(state), Resolution::Response)),
             (StallKind::ConnectPending, Activity::ConnectPending { .. }) => None,
             (StallKind::ConnectPending, _) => Some((state.state_ns, Resolution::Response)),
             // The response moved again (more of it, all of it, or a new request went).
@@ -1033,7 +1074,8 @@ fn observe(
     };
     if now.saturating_sub(quiet_since) >= stall_after_ns {
         let owed = conn.reply.as_deref().and_then(|reply| reply.owed(state));
-        start_stall(conn, kind, quiet_since, now, state.exchanges, out);
+        let stream = activity::http2_stream(state);
+        start_stall(conn, kind, quiet_since, now, stream, state.exchanges, out);
         if let Some(stall) = conn.stall.as_deref_mut() {
             if let Some(framing::Owed::Bytes(bytes)) = owed {
                 stall.owed_bytes = Some(bytes);
@@ -1063,6 +1105,7 @@ fn start_stall(
     kind: StallKind,
     quiet_since: u64,
     at: u64,
+    http2_stream: Option<u32>,
     exchanges_at_start: u64,
     out: &mut Vec<Event>,
 ) {
@@ -1073,6 +1116,7 @@ fn start_stall(
     conn.stall = Some(Box::new(Stall {
         kind,
         quiet_since_ns: quiet_since,
+        http2_stream,
         reported_ns: at,
         exchanges_at_start,
         owed_bytes: None,
@@ -1085,6 +1129,7 @@ fn start_stall(
         detail: Detail::StallStart {
             kind,
             quiet_ms: ms(at.saturating_sub(quiet_since)),
+            http2_stream,
             diagnosis: None,
         },
     });
@@ -1105,6 +1150,7 @@ fn end_stall(conn: &mut Conn, at: u64, resolution: Resolution, out: &mut Vec<Eve
             duration_ms: ms(at.saturating_sub(stall.quiet_since_ns)),
             resolution,
             retries: conn.retries,
+            http2_stream: stall.http2_stream,
         },
     });
 }
@@ -1127,5 +1173,7 @@ fn ms(ns: u64) -> u64 {
     ns / 1_000_000
 }
 
+#[cfg(test)]
+mod http2_tests;
 #[cfg(test)]
 mod tests;

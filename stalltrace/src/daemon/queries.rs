@@ -104,6 +104,8 @@ impl Daemon {
                 "request_capture_bytes": probes.capture_bytes,
                 "udp": probes.udp,
                 "http1_response_framing": probes.http1_framing,
+                // h2c connections judged per stream (the kernel's frame walk).
+                "http2_streams": probes.http2_streams,
                 // TLS clients' replies counted when libssl's SSL_read returns plaintext.
                 "tls_libssl": match &probes.libssl {
                     Ok(path) => json!({"enabled": true, "library": path}),
@@ -243,6 +245,7 @@ impl Daemon {
                     age_ms: Some(age_ms),
                     since: Some(clock.rfc3339(stall.quiet_since_ns)),
                     retries: json::udp_retries(&conn.endpoints, conn.retries),
+                    http2: json::Http2Json::stream(stall.http2_stream),
                     severity: annotation
                         .and_then(|a| a.severity)
                         .map(|s| s.as_str().into()),
@@ -281,6 +284,7 @@ impl Daemon {
             age_ms: Some(now.saturating_sub(stall.quiet_since_ns) / 1_000_000),
             since: Some(clock.rfc3339(stall.quiet_since_ns)),
             retries: json::udp_retries(&conn.endpoints, conn.retries),
+            http2: json::Http2Json::stream(stall.http2_stream),
             diagnosis: self.diagnoser.current(id).cloned(),
             ..StallJson::default()
         });
