@@ -16,7 +16,7 @@
 //! An HTTP/2 connection whose streams the kernel follows (`stalltrace_common::http2`) is judged
 //! per stream instead: outstanding while a stream awaits its response, quiet since that stream
 //! opened (the oldest such stream), whatever the connection's other streams carry.
-use stalltrace_common::{conn_flags, http2, tcp_state, transfer, ConnState};
+use stalltrace_common::{conn_flags, direction, http2, tcp_state, transfer, ConnState};
 
 use super::model::{Resolution, Role};
 
@@ -47,7 +47,7 @@ pub fn last_request_ns(state: &ConnState) -> u64 {
 
 /// When the reply direction last moved.
 pub fn last_reply_ns(state: &ConnState) -> u64 {
-    if transfer::request_direction(state) == stalltrace_common::direction::IN {
+    if transfer::request_direction(state) == direction::IN {
         state.last_send_ns
     } else {
         state.last_recv_ns
@@ -56,7 +56,7 @@ pub fn last_reply_ns(state: &ConnState) -> u64 {
 
 /// Bytes moved in the reply direction.
 pub fn reply_bytes(state: &ConnState) -> u64 {
-    if transfer::request_direction(state) == stalltrace_common::direction::IN {
+    if transfer::request_direction(state) == direction::IN {
         state.bytes_sent
     } else {
         state.bytes_recv

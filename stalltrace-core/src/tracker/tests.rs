@@ -685,6 +685,7 @@ fn a_request_hung_before_the_daemon_started_is_flagged_at_once() {
         [&Detail::StallStart {
             kind: StallKind::UnansweredRequest,
             quiet_ms: 6_000,
+            http2_stream: None,
             diagnosis: None
         }]
     );
@@ -748,7 +749,8 @@ fn an_adopted_request_answered_then_closed_before_a_sweep_ends_with_the_response
             kind: StallKind::UnansweredRequest,
             duration_ms: 8_000,
             resolution: Resolution::Response,
-            retries: 0
+            retries: 0,
+            http2_stream: None,
         }
     );
 }
