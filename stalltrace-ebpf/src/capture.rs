@@ -169,36 +169,52 @@ pub(crate) fn walk_header_at(walker: &mut Walker, offset: u64) -> u64 {
         }
     }
     if walker.kind == 1 {
-        walker.id = read_word(walker.base + offset + 5);
-        return read_word(walker.base + offset);
+        return read_header(walker, walker.base + offset);
     }
     if offset < walker.start {
         (walker.entry, walker.start) = (0, 0);
     }
-    let first = vector_word(walker, offset, MAX_IOVEC_STEPS);
-    if first != NO_WORD {
-        walker.id = vector_word(walker, offset + 5, MAX_IOVEC_STEPS_IN_HEADER);
+    let first = vector_word(walker, offset, MAX_IOVEC_STEPS, true);
+    if first != NO_WORD && walker.id == NO_WORD {
+        // The header ends in a later entry: its stream id is read on its own.
+        walker.id = vector_word(walker, offset + 5, MAX_IOVEC_STEPS_IN_HEADER, false);
     }
     first
 }
 
-/// The word at `offset` of the `iovec` entries of `walker`, looking at most `steps` entries
-/// from its current one (which it moves to the entry holding `offset`).
+/// The 9-byte frame header at user address `address`, in one read: bytes 0–3 returned, bytes
+/// 5–8 left in `walker.id` ([`NO_WORD`] both when unreadable).
 #[inline(always)]
-fn vector_word(walker: &mut Walker, offset: u64, steps: u64) -> u64 {
+fn read_header(walker: &mut Walker, address: u64) -> u64 {
+    // SAFETY: a probe read of user memory: a fault is returned, not taken.
+    let Ok([a, b, c, d, _, e, f, g, h]) =
+        (unsafe { bpf_probe_read_user(address as *const [u8; 9]) })
+    else {
+        return NO_WORD;
+    };
+    walker.id = u64::from(u32::from_ne_bytes([e, f, g, h]));
+    u64::from(u32::from_ne_bytes([a, b, c, d]))
+}
+
+/// The word at `offset` of the `iovec` entries of `walker`, looking at most `steps` entries
+/// from its current one (which it moves to the entry holding `offset`). With `header`, a
+/// frame header whose 9 bytes lie in that entry is read whole (its stream id in `walker.id`).
+#[inline(always)]
+fn vector_word(walker: &mut Walker, offset: u64, steps: u64, header: bool) -> u64 {
     let mut step = 0;
     while step < steps && walker.entry < walker.count {
         let entry = walker.base + 16 * walker.entry;
-        // SAFETY: probe reads of user memory: failures are returned, not faulted.
-        let (Ok(base), Ok(len)) = (
-            unsafe { bpf_probe_read_user(entry as *const u64) },
-            unsafe { bpf_probe_read_user((entry + 8) as *const u64) },
-        ) else {
+        // One read per entry (base, length): a helper call costs more than the bytes.
+        // SAFETY: a probe read of user memory: a failure is returned, not faulted.
+        let Ok([base, len]) = (unsafe { bpf_probe_read_user(entry as *const [u64; 2]) }) else {
             return NO_WORD;
         };
         if offset < walker.start + len {
             let at = offset - walker.start;
             let available = len - at;
+            if header && available >= 9 {
+                return read_header(walker, base + at);
+            }
             if available >= 4 {
                 return read_word(base + at);
             }
@@ -219,11 +235,8 @@ fn straddling_word(end: u64, available: u64, next: u64, has_next: bool) -> u64 {
     if !has_next || available == 0 || available > 3 {
         return NO_WORD;
     }
-    // SAFETY: probe reads of user memory: failures are returned, not faulted.
-    let (Ok(next_base), Ok(next_len)) =
-        (unsafe { bpf_probe_read_user(next as *const u64) }, unsafe {
-            bpf_probe_read_user((next + 8) as *const u64)
-        })
+    // SAFETY: a probe read of user memory: a failure is returned, not faulted.
+    let Ok([next_base, next_len]) = (unsafe { bpf_probe_read_user(next as *const [u64; 2]) })
     else {
         return NO_WORD;
     };
