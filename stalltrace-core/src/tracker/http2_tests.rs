@@ -347,6 +347,47 @@ fn a_close_ends_a_streams_stall() {
     );
 }
 
+/// A connection that closes on an overdue stream while its other streams were answered: those
+/// answers are not the overdue stream's, so its stall ends `closed` at the close, not
+/// `response` at the last answer (the close comes with no `QuietEnded`: by the direction rule
+/// nothing was outstanding).
+#[test]
+fn other_streams_answers_do_not_end_a_streams_stall_at_the_close() {
+    let mut run = Run::new(role::SERVER);
+    let (ask, reply) = (run.ask, run.reply);
+    let mut next = 1;
+    run.until(100, 4_000, |ms| match ms {
+        100 => vec![(ask, call(1))],
+        ms if ms % 500 == 0 => {
+            next += 2;
+            vec![(ask, call(next)), (reply, response(next))]
+        }
+        _ => vec![],
+    });
+    run.kernel.state.tcp_state = tcp_state::CLOSE;
+    run.kernel.state.state_ns = 4_100 * MS;
+    let event = run.kernel.event(EventKind::Closed, 4_100 * MS);
+    run.tracker.on_event(&event, &mut run.events);
+    let end = run
+        .stall_events()
+        .into_iter()
+        .find(|(_, d)| matches!(d, Detail::StallEnd { .. }))
+        .map(|(at, d)| (at, d.clone()));
+    assert_eq!(
+        end,
+        Some((
+            4_100,
+            Detail::StallEnd {
+                kind: StallKind::UnansweredRequest,
+                duration_ms: 4_000,
+                resolution: Resolution::Closed,
+                retries: 0,
+                http2_stream: Some(1)
+            }
+        ))
+    );
+}
+
 /// A recorded grpcio client (see `replay/record.py --full`): one call answered after 3 s while
 /// calls complete every 0.5 s on the same channel. The kernel's walk follows every frame of
 /// the real conversation; stream 1 (the slow call) is flagged and ends with the response.

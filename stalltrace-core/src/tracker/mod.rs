@@ -1090,9 +1090,11 @@ fn observe(
 /// When a reply went out (or came in) after the stall's quiet began, if one did, on a
 /// connection whose end was found before its stall was: what happened first decides. (The
 /// kernel reports such a reply as a quiet end at once; not when the reply was its first sight
-/// of an adopted connection.)
+/// of an adopted connection.) Never for an HTTP/2 stream's stall: the connection's replies are
+/// its other streams' answers; the kernel reports that stream's own (`QuietEnded`).
 fn replied_before_the_end(stall: &Stall, state: &ConnState) -> Option<u64> {
     (stall.kind != StallKind::ConnectPending
+        && stall.http2_stream.is_none()
         && !transfer::is_outstanding(state)
         && state.dir_since_ns > stall.quiet_since_ns)
         .then_some(state.dir_since_ns)
