@@ -1,12 +1,12 @@
 //! `cargo xtask vm-test`: the kernel matrix. Boots Debian's own kernels under QEMU, with this
 //! machine's root filesystem and the workspace (at its own path, which may lie under the
 //! guest's fresh /tmp) shared read-only over 9p so the binaries built here run inside
-//! unchanged, and runs in each guest the root integration tests that cover every stall rule
-//! (`stalls`: lifecycle, stall on both ends, idle keep-alive, true duration, adoption, close,
-//! connect pending; `file_io`: file I/O runs no program), once per hook rung that kernel can
-//! use (`--hooks`, passed to the daemon as STALLTRACE_HOOKS). The same tests run natively on
-//! this machine's kernel too. Any kernel that does not boot, or any test that fails, fails the
-//! task: nothing is skipped.
+//! unchanged, and runs in each guest, once per hook rung that kernel can use (`--hooks`, passed
+//! to the daemon as STALLTRACE_HOOKS), either the root integration tests that cover every stall
+//! rule ([`FULL`]) or, for a rung proven in full elsewhere, every core rule against one daemon
+//! ([`SMOKE`]): under emulation each daemon start verifies the programs for up to a minute.
+//! The full tests run natively on this machine's kernel too. Any kernel that does not boot, or
+//! any test that fails, fails the task: nothing is skipped.
 //!
 //! Set-up is idempotent like the rest of xtask: QEMU, static busybox, cpio and kmod from apt;
 //! the Debian suites that carry the other kernels are added to apt pinned at -1 (their packages
@@ -57,8 +57,6 @@ struct Arch {
     qemu: &'static str,
     machine: &'static str,
     console: &'static str,
-    /// Integration test targets run in its guests.
-    suites: &'static [&'static str],
 }
 
 struct CrossTarget {
@@ -78,7 +76,6 @@ const AMD64: Arch = Arch {
     qemu: "qemu-system-x86_64",
     machine: "pc",
     console: "ttyS0",
-    suites: &["stalls", "file_io"],
 };
 
 const ARM64: Arch = Arch {
@@ -106,76 +103,100 @@ const ARM64: Arch = Arch {
     qemu: "qemu-system-aarch64",
     machine: "virt",
     console: "ttyAMA0",
-    // Each daemon start verifies the programs for ~2 min on emulated arm64: one daemon, every
-    // core rule.
-    suites: &["smoke"],
 };
 
+/// Integration test targets a rung runs in a guest.
+///
+/// Every stall rule (`stalls`: lifecycle, stall on both ends, idle keep-alive, true duration,
+/// adoption, close, connect pending) and file I/O running no program (`file_io`): a daemon
+/// start per test.
+const FULL: &[&str] = &["stalls", "file_io"];
+/// Every core rule against one daemon (`smoke`): for a rung already proven in full on another
+/// kernel, where the point is that its programs load and judge (each daemon start verifies the
+/// programs for up to a minute under emulation).
+const SMOKE: &[&str] = &["smoke"];
+
+/// A hook rung (`--hooks`) and the suites it runs.
+struct Rung {
+    hooks: &'static str,
+    suites: &'static [&'static str],
+}
+
+const fn full(hooks: &'static str) -> Rung {
+    Rung {
+        hooks,
+        suites: FULL,
+    }
+}
+
+const fn smoke(hooks: &'static str) -> Rung {
+    Rung {
+        hooks,
+        suites: SMOKE,
+    }
+}
+
+/// Every rung the cost measurement tries (`--cost`); one a kernel lacks prints "unavailable".
+const COST_RUNGS: &[&str] = &["tracepoint", "fentry", "kprobe", "syscall"];
+
 /// A kernel of the matrix: Debian's `linux-image-ARCH` from one suite, and the rungs it is
-/// tested with. Every rung runs on at least two kernels; `auto` is what probing must pick.
+/// tested with. Every rung runs in full on at least one kernel and at least once more in full or
+/// smoke; `auto` is what probing must pick.
 struct Kernel {
     suite: &'static str,
     arch: &'static Arch,
-    rungs: &'static [&'static str],
+    rungs: &'static [Rung],
     auto: &'static str,
-    /// Measure the per-call cost of every rung here (one kernel that has all three).
-    cost: bool,
     /// Run only when named with `--kernel` (too slow for CI's budget).
     opt_in: bool,
 }
 
 const MATRIX: &[Kernel] = &[
-    // The oldest kernel also proves the last-resort syscall rung.
+    // The oldest kernel, without the 6.3 socket tracepoints and the 6.5 extras (the per-protocol
+    // verdict code is off there): every fallback rung in full, the last-resort syscall rung too.
     Kernel {
         suite: "bullseye",
         arch: &AMD64,
-        rungs: &["fentry", "kprobe", "syscall"],
+        rungs: &[full("fentry"), full("kprobe"), full("syscall")],
         auto: "fentry",
-        cost: false,
         opt_in: false,
     },
-    // Debian 12's own kernel: the rung it uses. (Its verifier is the slowest of the matrix with
-    // the message classifier, ~20 s per daemon start under emulation: kprobe is proven on
-    // 5.10 and 7.3 instead, to keep the matrix within CI's budget.)
+    // Debian 12's own kernel, the tightest verifier of the matrix (~55 s per daemon start under
+    // emulation): the rung it uses, proven in full on 5.10 with the same code switched off, in
+    // one daemon here — the programs load with request capture and judge.
     Kernel {
         suite: "bookworm-security",
         arch: &AMD64,
-        rungs: &["fentry"],
+        rungs: &[smoke("fentry")],
         auto: "fentry",
-        cost: false,
         opt_in: false,
     },
     Kernel {
         suite: "trixie",
         arch: &AMD64,
-        rungs: &["tracepoint", "fentry"],
+        rungs: &[full("tracepoint"), smoke("fentry")],
         auto: "tracepoint",
-        cost: false,
         opt_in: false,
     },
     // A preemptible kernel (PREEMPT_LAZY): an fexit program preempted mid-run makes the
     // kernel skip the same program for other tasks on that CPU (counted as
     // kernel_hook_missed), so a forced fentry can lose a transfer here; auto never picks it
-    // on this kernel. fentry is tested where it is used: 5.10, 6.1 and 6.12 (voluntary). Its
-    // kprobe row went with this session's per-protocol code (the verifier's time per daemon
-    // start grew the matrix from 13.5 to 22.6 min): kprobe is proven on 5.10, and its cost here
-    // is still measured (`cost`).
+    // on this kernel. fentry is tested where it is used: 5.10, 6.1 and 6.12 (voluntary).
     Kernel {
         suite: "trixie-backports",
         arch: &AMD64,
-        rungs: &["tracepoint"],
+        rungs: &[full("tracepoint")],
         auto: "tracepoint",
-        cost: true,
         opt_in: false,
     },
     // arm64: request capture reads other registers there, and fentry has its own trampolines.
+    // Each daemon start verifies the programs for ~2 min on emulated arm64: one daemon per rung.
     // Opt-in: cross-building takes ~8 min and the guest ~7 (docs/performance.md).
     Kernel {
         suite: "trixie",
         arch: &ARM64,
-        rungs: &["tracepoint", "fentry"],
+        rungs: &[smoke("tracepoint"), smoke("fentry")],
         auto: "tracepoint",
-        cost: false,
         opt_in: true,
     },
 ];
@@ -209,6 +230,12 @@ pub(crate) struct VmTestArgs {
     /// Keep each guest's run directory (console log, output) under the cache.
     #[arg(long)]
     keep: bool,
+    /// Also measure each rung's per-call cost on every kernel run (amd64 only: a loopback
+    /// ping-pong untraced, then traced on each rung with BPF statistics on; a daemon start per
+    /// rung, so ~5 min more under emulation). The numbers behind docs/performance.md's
+    /// per-kernel table; not part of CI.
+    #[arg(long)]
+    cost: bool,
 }
 
 /// One row of the matrix table.
@@ -246,25 +273,40 @@ pub(crate) fn run(args: VmTestArgs) -> Result<()> {
             .collect::<Result<_>>()?
     };
     add_kernel_suites()?;
-    let binaries = build(&AMD64)?;
+    // The suites each architecture's runs need, built once.
+    let suites = |arch: &Arch| {
+        let mut suites: Vec<&'static str> = Vec::new();
+        if arch.cross.is_none() && !args.no_host {
+            suites.extend(HOST_RUNGS.iter().flat_map(|rung| rung.suites));
+        }
+        for kernel in kernels.iter().filter(|k| std::ptr::eq(k.arch, arch)) {
+            suites.extend(kernel.rungs.iter().flat_map(|rung| rung.suites));
+        }
+        suites.sort_unstable();
+        suites.dedup();
+        suites
+    };
+    let binaries = build(&AMD64, &suites(&AMD64))?;
     let cross = match kernels.iter().find(|k| k.arch.cross.is_some()) {
         Some(kernel) => {
             enable_arch(kernel.arch)?;
-            Some(build(kernel.arch)?)
+            Some(build(kernel.arch, &suites(kernel.arch))?)
         }
         None => None,
     };
     let mut rows = Vec::new();
     let mut costs = Vec::new();
     if !args.no_host {
-        rows.extend(run_host(&binaries)?);
+        let (host_rows, host_costs) = run_host(&binaries, args.cost)?;
+        rows.extend(host_rows);
+        costs.extend(host_costs);
     }
     for kernel in kernels {
         let binaries = match kernel.arch.cross {
             None => &binaries,
             Some(_) => cross.as_ref().expect("built for the cross kernel above"),
         };
-        let (kernel_rows, kernel_costs) = run_kernel(kernel, binaries, args.keep)?;
+        let (kernel_rows, kernel_costs) = run_kernel(kernel, binaries, args.keep, args.cost)?;
         rows.extend(kernel_rows);
         costs.extend(kernel_costs);
     }
@@ -295,7 +337,7 @@ struct Binaries {
     tests: Vec<(String, PathBuf)>,
 }
 
-fn build(arch: &'static Arch) -> Result<Binaries> {
+fn build(arch: &'static Arch, suites: &[&str]) -> Result<Binaries> {
     println!(
         "xtask vm-test: building the daemon and the integration tests (release, {})",
         arch.debian
@@ -334,7 +376,7 @@ fn build(arch: &'static Arch) -> Result<Binaries> {
             "--no-run",
             "--message-format=json",
         ])
-        .args(arch.suites.iter().flat_map(|suite| ["--test", suite]))
+        .args(suites.iter().flat_map(|suite| ["--test", *suite]))
         .args(&target)
         .stderr(Stdio::inherit())
         .output()
@@ -348,13 +390,11 @@ fn build(arch: &'static Arch) -> Result<Binaries> {
             continue;
         };
         let name = message["target"]["name"].as_str().unwrap_or_default();
-        if let (true, Some(executable)) =
-            (arch.suites.contains(&name), message["executable"].as_str())
-        {
+        if let (true, Some(executable)) = (suites.contains(&name), message["executable"].as_str()) {
             tests.push((name.to_owned(), PathBuf::from(executable)));
         }
     }
-    for suite in arch.suites {
+    for suite in suites {
         if !tests.iter().any(|(name, _)| name == suite) {
             bail!("cargo built no integration test named {suite}");
         }
@@ -372,17 +412,26 @@ fn build(arch: &'static Arch) -> Result<Binaries> {
     })
 }
 
-/// The script each guest (and the host run) executes: for each rung, every test suite, with
-/// one result line per suite for the host side to parse.
+/// The script each guest (and the host run) executes: for each rung, its test suites, with
+/// one result line per suite for the host side to parse; then, with `cost`, the per-call cost
+/// of every rung (python3: amd64 only).
 /// POSIX sh: a guest of another architecture runs it with busybox.
-fn test_script(binaries: &Binaries, rungs: &[&str], cost: bool) -> String {
+fn test_script(binaries: &Binaries, rungs: &[Rung], cost: bool) -> String {
     let mut script = format!(
         "#!/bin/sh\nset -u\ncd /tmp\nexport STALLTRACE_BIN={}\nST=$STALLTRACE_BIN\n{UPTIME_MS}",
         binaries.stalltrace.display()
     );
     script.push_str(AUTO_PROBE);
-    for rung in rungs {
-        for (name, path) in &binaries.tests {
+    for Rung {
+        hooks: rung,
+        suites,
+    } in rungs
+    {
+        for (name, path) in binaries
+            .tests
+            .iter()
+            .filter(|(name, _)| suites.contains(&&**name))
+        {
             script.push_str(&format!(
                 "t0=$(uptime_ms)\n\
                  STALLTRACE_HOOKS={rung} {} --test-threads=1 2>&1\n\
@@ -394,7 +443,8 @@ fn test_script(binaries: &Binaries, rungs: &[&str], cost: bool) -> String {
     }
     if cost {
         script.push_str(&format!(
-            "python3 - tracepoint fentry kprobe <<'EOF'\n{COST_SCRIPT}\nEOF\n"
+            "python3 - {} <<'EOF'\n{COST_SCRIPT}\nEOF\n",
+            COST_RUNGS.join(" ")
         ));
     }
     script
@@ -471,15 +521,18 @@ for rung in sys.argv[1:]:
           f"transfer_ns_traced={traced:.0f} transfers={c1 - c0}")
 "#;
 
-/// The same tests on this machine's own kernel (its rung, the tracepoints, and the last-resort
-/// syscall rung), and a check that forcing a rung it lacks fails with an error naming the
-/// kernel feature.
-fn run_host(binaries: &Binaries) -> Result<Vec<Row>> {
+/// What this machine's own kernel runs: its rung, the tracepoints, and the last-resort syscall
+/// rung.
+const HOST_RUNGS: &[Rung] = &[full("tracepoint"), full("syscall")];
+
+/// The same tests on this machine's own kernel, and a check that forcing a rung it lacks fails
+/// with an error naming the kernel feature.
+fn run_host(binaries: &Binaries, cost: bool) -> Result<(Vec<Row>, Vec<String>)> {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease")?
         .trim()
         .to_owned();
     println!("xtask vm-test: this machine's kernel {release}");
-    let script = test_script(binaries, &["tracepoint", "syscall"], false);
+    let script = test_script(binaries, HOST_RUNGS, cost);
     let t0 = Instant::now();
     let mut child = Command::new("bash")
         .arg("-c")
@@ -496,6 +549,7 @@ fn run_host(binaries: &Binaries) -> Result<Vec<Row>> {
         parse.line(&line);
     }
     child.wait()?;
+    let costs = parse.costs.clone();
     let mut rows = parse.finish(true, t0.elapsed());
     // Forcing an unavailable rung must fail clearly: this kernel has neither kprobes nor fentry.
     for rung in ["fentry", "kprobe"] {
@@ -524,7 +578,7 @@ fn run_host(binaries: &Binaries) -> Result<Vec<Row>> {
             ok,
         });
     }
-    Ok(rows)
+    Ok((rows, costs))
 }
 
 /// Accumulates a run's result lines into rows.
@@ -1210,10 +1264,18 @@ fn kvm_usable() -> bool {
         .is_ok()
 }
 
-fn run_kernel(kernel: &Kernel, binaries: &Binaries, keep: bool) -> Result<(Vec<Row>, Vec<String>)> {
+fn run_kernel(
+    kernel: &Kernel,
+    binaries: &Binaries,
+    keep: bool,
+    cost: bool,
+) -> Result<(Vec<Row>, Vec<String>)> {
     let extracted = prepare(kernel.suite, kernel.arch)?;
     let label = format!("{} ({})", extracted.release, kernel.suite);
-    let script = test_script(binaries, kernel.rungs, kernel.cost);
+    if cost && kernel.arch.cross.is_some() {
+        println!("xtask vm-test: {label}: no per-call cost (the guest has no python3)");
+    }
+    let script = test_script(binaries, kernel.rungs, cost && kernel.arch.cross.is_none());
     // A guest that dies before the script starts (rare early-boot crashes under TCG) is booted
     // again, once: the tests have not run, so this hides nothing.
     for attempt in 1..=2 {

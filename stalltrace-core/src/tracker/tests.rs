@@ -1178,6 +1178,21 @@ fn recorded_conversations_get_the_right_verdicts() {
             "websocket-one-way",
             include_str!("replay/websocket-one-way.txt"),
         ),
+        // pg_receivewal streaming from an idle primary: a status update every 2 s, never
+        // answered by design.
+        (
+            "postgres-walreceiver-idle",
+            include_str!("replay/postgres-walreceiver-idle.txt"),
+        ),
+        (
+            "openssl-tls13-idle",
+            include_str!("replay/openssl-tls13-idle.txt"),
+        ),
+        // curl reusing its connection: the first request answered after 1.2 s, the second never.
+        (
+            "curl-keepalive-second-unanswered",
+            include_str!("replay/curl-keepalive-second-unanswered.txt"),
+        ),
     ];
     for (name, text) in fixtures {
         let expect = text
