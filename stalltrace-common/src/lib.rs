@@ -14,6 +14,7 @@
 extern crate std;
 
 pub mod http1;
+pub mod http2;
 pub mod message;
 pub mod transfer;
 pub mod udp;
@@ -259,6 +260,25 @@ pub struct ConnState {
     /// Bits of [`verdict_flags`]: what the verdict needs beyond the exchange's direction.
     pub verdict_flags: u8,
     pub _pad5: [u8; 7],
+    /// HTTP/2 with its streams followed ([`http2`], `h2_sync` [`http2::sync::TRACKING`]): when
+    /// the oldest stream still awaiting its response was opened (ns; 0: none awaits).
+    pub h2_oldest_ns: u64,
+    /// HTTP/2: when the stream named by `h2_ended_stream` was opened (ns): the last stream
+    /// whose response (or reset) came after at least the stall threshold, or that was still
+    /// awaiting it at the close; set just before the `QuietEnded` record that reports it.
+    pub h2_ended_ns: u64,
+    /// HTTP/2: the id of the oldest stream awaiting its response (valid with `h2_oldest_ns`).
+    pub h2_oldest_stream: u32,
+    /// HTTP/2: see `h2_ended_ns`.
+    pub h2_ended_stream: u32,
+    /// HTTP/2: streams awaiting their response, as far as the kernel follows them.
+    pub h2_open: u8,
+    /// HTTP/2: one of [`http2::sync`].
+    pub h2_sync: u8,
+    /// HTTP/2: 1 when the last transfer answered a stream that had awaited its response for
+    /// at least the threshold (`h2_ended_*` name it): the kernel reports `QuietEnded`.
+    pub h2_answered_late: u8,
+    pub _pad6: [u8; 5],
     pub comm: [u8; COMM_LEN],
 }
 
@@ -405,7 +425,12 @@ pub mod loss {
     pub const RINGBUF_FULL: u32 = 0;
     /// A new connection could not be inserted into the `CONNS` map.
     pub const CONN_INSERT_FAILED: u32 = 1;
-    pub const SLOTS: u32 = 2;
+    /// An HTTP/2 connection whose streams the kernel stopped following (frames out of sync,
+    /// more frames in one transfer than it walks, its stream state evicted or not insertable:
+    /// judged by the direction rule from then on), or a stream it could not follow (its
+    /// table slot held by an older stream still awaiting its response).
+    pub const HTTP2_UNTRACKED: u32 = 2;
+    pub const SLOTS: u32 = 3;
 }
 
 /// Written by the daemon into the single slot of the `CONTROL` array at every sweep.
@@ -808,15 +833,15 @@ pub mod tracepoint {
 }
 
 // Layouts are part of the ABI: pin them so both sides fail to build on an accidental change.
-const _: () = assert!(core::mem::size_of::<ConnState>() == 240);
+const _: () = assert!(core::mem::size_of::<ConnState>() == 272);
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
-const _: () = assert!(core::mem::size_of::<ConnEvent>() == 264);
+const _: () = assert!(core::mem::size_of::<ConnEvent>() == 296);
 const _: () = assert!(core::mem::size_of::<UnixNames>() == 224);
-const _: () = assert!(core::mem::size_of::<UnixEvent>() == 488);
+const _: () = assert!(core::mem::size_of::<UnixEvent>() == 520);
 const _: () = assert!(core::mem::size_of::<Control>() == 8);
 const _: () = assert!(core::mem::size_of::<Capture>() == 88);
 const _: () = assert!(core::mem::size_of::<http1::RequestRun>() == 1056);
-const _: () = assert!(core::mem::size_of::<RequestEvent>() == 352);
+const _: () = assert!(core::mem::size_of::<RequestEvent>() == 384);
 const _: () = assert!(core::mem::size_of::<Offsets>() == 112);
 const _: () = assert!(core::mem::size_of::<FdOffsets>() == 32);
 const _: () = assert!(core::mem::size_of::<http1::ReplyHead>() == 1112);
@@ -950,6 +975,14 @@ mod tests {
                 reply_tail: *b"a\r\n0\r\n\r\n",
                 verdict_flags: 0,
                 _pad5: [0; 7],
+                h2_oldest_ns: 0,
+                h2_ended_ns: 0,
+                h2_oldest_stream: 0,
+                h2_ended_stream: 0,
+                h2_open: 0,
+                h2_sync: 0,
+                h2_answered_late: 0,
+                _pad6: [0; 5],
                 comm,
             },
         }
@@ -988,7 +1021,7 @@ mod tests {
             &4_026_531_840u32.to_ne_bytes()
         );
         assert_eq!(&bytes[conn + 208..conn + 216], b"a\r\n0\r\n\r\n");
-        assert_eq!(&bytes[conn + 224..conn + 229], b"nginx");
+        assert_eq!(&bytes[conn + 256..conn + 261], b"nginx");
     }
 
     #[test]

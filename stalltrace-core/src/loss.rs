@@ -39,6 +39,10 @@ loss_counters! {
     /// already running on that CPU (an fexit program preempted mid-run; on the tracepoint and
     /// kprobe rungs, only a program nested from an interrupt).
     kernel_hook_missed,
+    /// HTTP/2 connections whose streams the kernel stopped following (framing lost, too many
+    /// frames in one transfer, stream state evicted): judged by the direction rule from then
+    /// on; and streams it did not follow (their slot held by an older stream awaiting).
+    kernel_http2_untracked,
     /// Connections whose kernel state was evicted from the full connection map.
     conn_evicted,
     /// Connections whose close was never observed.

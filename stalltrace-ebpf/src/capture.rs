@@ -124,7 +124,7 @@ pub(crate) fn bytes_at(offset: usize) -> Option<[u8; 4]> {
     }
 }
 
-const NO_WORD: u64 = u64::MAX;
+pub(crate) const NO_WORD: u64 = u64::MAX;
 
 /// The `u32` at `offset` of the data the syscall moved, in memory order, or [`NO_WORD`]. A
 /// plain scalar across the call: an `Option<[u8; 4]>` came back packed in a way the verifier
@@ -138,6 +138,157 @@ fn word_at(offset: u64) -> u64 {
     let Some(address) = address_of(&data, offset, 4) else {
         return NO_WORD;
     };
+    // SAFETY: a probe read of user memory: a fault is returned, not taken.
+    match unsafe { bpf_probe_read_user(address as *const u32) } {
+        Ok(word) => u64::from(word),
+        Err(_) => NO_WORD,
+    }
+}
+
+/// Where a walk through one transfer's data stands: the syscall's data, found once, and the
+/// `iovec` entry the last read was in. Reads at increasing offsets (a frame walk) resume
+/// there, so each entry is read once per transfer, however many frames it holds. Kept in a
+/// per-CPU map slot (its contents are unknown to the verifier: one state per read site).
+#[repr(C)]
+pub(crate) struct Walker {
+    /// 0: not located yet (the walk's first read finds the data); 1: a single buffer at
+    /// `base`; 2: `count` `iovec` entries at `base`.
+    kind: u64,
+    base: u64,
+    count: u64,
+    /// The entry of the last read, and the offset of the data where it starts.
+    entry: u64,
+    start: u64,
+    /// The stream id (bytes 5–8) of the header last read, or `NO_WORD`.
+    pub(crate) id: u64,
+}
+
+impl Walker {
+    /// For a new transfer: the data is located again at its first read.
+    pub(crate) fn reset(&mut self) {
+        self.kind = 0;
+        self.entry = 0;
+        self.start = 0;
+    }
+}
+
+/// Entries a header read looks at from where the previous one stopped (grpcio writes a
+/// request's HEADERS frame with a slice per HPACK name and value: two dozen entries).
+const MAX_IOVEC_STEPS: u64 = 32;
+/// Entries between a frame header's first byte and its stream id (a header split over tiny
+/// entries).
+const MAX_IOVEC_STEPS_IN_HEADER: u64 = 3;
+
+/// The HTTP/2 frame header at `offset` of the current syscall's data (see [`Walker`]): bytes
+/// 0–3 returned, bytes 5–8 (the stream id) left in `walker.id` ([`NO_WORD`] if unread).
+/// [`NO_WORD`] when the data cannot be located or read. One call per frame: each call site
+/// of this reader costs the verifier its loop.
+#[inline(never)]
+pub(crate) fn walk_header_at(walker: &mut Walker, offset: u64) -> u64 {
+    walker.id = NO_WORD;
+    if walker.kind == 0 {
+        match syscall_data() {
+            Some(Data::Buffer(base)) => (walker.kind, walker.base) = (1, base),
+            Some(Data::Vector(iov, count)) => {
+                (walker.kind, walker.base, walker.count) = (2, iov, count);
+            }
+            None => return NO_WORD,
+        }
+    }
+    if walker.kind == 1 {
+        return read_header(walker, walker.base + offset);
+    }
+    if offset < walker.start {
+        (walker.entry, walker.start) = (0, 0);
+    }
+    let first = vector_word(walker, offset, MAX_IOVEC_STEPS, true);
+    if first != NO_WORD && walker.id == NO_WORD {
+        // The header ends in a later entry: its stream id is read on its own.
+        walker.id = vector_word(walker, offset + 5, MAX_IOVEC_STEPS_IN_HEADER, false);
+    }
+    first
+}
+
+/// The 9-byte frame header at user address `address`, in one read: bytes 0–3 returned, bytes
+/// 5–8 left in `walker.id` ([`NO_WORD`] both when unreadable).
+#[inline(always)]
+fn read_header(walker: &mut Walker, address: u64) -> u64 {
+    // SAFETY: a probe read of user memory: a fault is returned, not taken.
+    let Ok([a, b, c, d, _, e, f, g, h]) =
+        (unsafe { bpf_probe_read_user(address as *const [u8; 9]) })
+    else {
+        return NO_WORD;
+    };
+    walker.id = u64::from(u32::from_ne_bytes([e, f, g, h]));
+    u64::from(u32::from_ne_bytes([a, b, c, d]))
+}
+
+/// The word at `offset` of the `iovec` entries of `walker`, looking at most `steps` entries
+/// from its current one (which it moves to the entry holding `offset`). With `header`, a
+/// frame header whose 9 bytes lie in that entry is read whole (its stream id in `walker.id`).
+#[inline(always)]
+fn vector_word(walker: &mut Walker, offset: u64, steps: u64, header: bool) -> u64 {
+    let mut step = 0;
+    while step < steps && walker.entry < walker.count {
+        let entry = walker.base + 16 * walker.entry;
+        // One read per entry (base, length): a helper call costs more than the bytes.
+        // SAFETY: a probe read of user memory: a failure is returned, not faulted.
+        let Ok([base, len]) = (unsafe { bpf_probe_read_user(entry as *const [u64; 2]) }) else {
+            return NO_WORD;
+        };
+        if offset < walker.start + len {
+            let at = offset - walker.start;
+            let available = len - at;
+            if header && available >= 9 {
+                return read_header(walker, base + at);
+            }
+            if available >= 4 {
+                return read_word(base + at);
+            }
+            let has_next = walker.entry + 1 < walker.count;
+            return straddling_word(base + len, available, entry + 16, has_next);
+        }
+        walker.start += len;
+        walker.entry += 1;
+        step += 1;
+    }
+    NO_WORD
+}
+
+/// The word whose first `available` (1 to 3) bytes end an `iovec` entry at `end` and whose
+/// others start the entry at `next` (`has_next`: there is one).
+#[inline(always)]
+fn straddling_word(end: u64, available: u64, next: u64, has_next: bool) -> u64 {
+    if !has_next || available == 0 || available > 3 {
+        return NO_WORD;
+    }
+    // SAFETY: a probe read of user memory: a failure is returned, not faulted.
+    let Ok([next_base, next_len]) = (unsafe { bpf_probe_read_user(next as *const [u64; 2]) })
+    else {
+        return NO_WORD;
+    };
+    if next_len < 4 - available {
+        return NO_WORD;
+    }
+    let (head, tail) = (read_word(end - 4), read_word(next_base));
+    if head == NO_WORD || tail == NO_WORD {
+        return NO_WORD;
+    }
+    // Memory order in a little- or big-endian load alike: bytes `end - available..end`, then
+    // the next entry's.
+    let shift = 8 * available as u32;
+    let (head, tail) = (head as u32, tail as u32);
+    let word = if cfg!(target_endian = "little") {
+        (head >> (32 - shift)) | (tail << shift)
+    } else {
+        (head << (32 - shift)) | (tail >> shift)
+    };
+    u64::from(word)
+}
+
+/// The `u32` at user address `address`, in memory order, or [`NO_WORD`].
+#[inline(always)]
+fn read_word(address: u64) -> u64 {
     // SAFETY: a probe read of user memory: a fault is returned, not taken.
     match unsafe { bpf_probe_read_user(address as *const u32) } {
         Ok(word) => u64::from(word),

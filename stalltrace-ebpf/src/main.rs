@@ -14,6 +14,7 @@
 //! - `unix`: Unix stream/seqpacket connections, found through the same transfer tracepoints.
 //! - `splice`: TCP receives those hooks miss (`splice`/`sendfile` from a socket), from
 //!   `tcp/tcp_rcv_space_adjust`.
+//! - `http2`: per-stream accounting of HTTP/2 connections (called from `transfer`).
 //!
 //! Per-connection state lives in the `CONNS` LRU map; the ring buffer carries only lifecycle
 //! events and request starts: a connection's first, then at most one per sweep epoch (see
@@ -27,6 +28,7 @@
 mod capture;
 mod conn;
 mod http1;
+mod http2;
 mod kernel_read;
 mod libssl;
 mod maps;

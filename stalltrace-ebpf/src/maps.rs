@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use stalltrace_common::{
     http1::{ReplyHead, RequestRun},
-    loss, Capture, ConnState, Control, FdOffsets, Offsets,
+    http2, loss, Capture, ConnState, Control, FdOffsets, Offsets,
 };
 
 /// The stall threshold: a reply or close after at least this much quiet is reported at once.
@@ -27,10 +27,10 @@ pub(crate) static CAPTURE_SLOTS: Global<u32> = Global::new(1);
 #[unsafe(no_mangle)]
 pub(crate) static UDP_TRACED: Global<u32> = Global::new(0);
 /// Non-zero when the per-protocol accounting beyond the message classifier is in the programs:
-/// HTTP/1.x responses (`http1.rs`), TLS clients' queued bytes (`tls_queue.rs`) and libssl's
-/// calls (`libssl.rs`). Set by the daemon from Linux 6.5 (with capture); elsewhere the
-/// constant lets the verifier drop that code: 6.1's gives up on the transfer programs with it
-/// (1M instructions processed).
+/// HTTP/1.x responses (`http1.rs`), HTTP/2 streams (`http2.rs`), TLS clients' queued bytes
+/// (`tls_queue.rs`) and libssl's calls (`libssl.rs`). Set by the daemon from Linux 6.5 (with
+/// capture); elsewhere the constant lets the verifier drop that code: 6.1's gives up on the
+/// transfer programs with it (1M instructions processed).
 #[unsafe(no_mangle)]
 pub(crate) static VERDICT_EXTRAS: Global<u32> = Global::new(0);
 
@@ -89,6 +89,22 @@ pub(crate) fn scratch_conn() -> Option<&'static mut ConnState> {
         Some(&mut *conn)
     }
 }
+
+/// HTTP/2 connections' stream state (`stalltrace_common::http2`), keyed by `struct sock`
+/// address: only connections recognized as HTTP/2 have an entry. When full, the least
+/// recently used is evicted and its connection falls back to the direction rule (counted).
+#[map]
+pub(crate) static H2_STREAMS: LruHashMap<u64, http2::Streams> =
+    LruHashMap::with_max_entries(8192, 0);
+
+/// Per-CPU scratch space for a new `H2_STREAMS` entry (too large for the BPF stack).
+#[map]
+pub(crate) static H2_SCRATCH: PerCpuArray<http2::Streams> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU position of the HTTP/2 frame walk in the current transfer's data.
+#[map]
+pub(crate) static H2_WALKER: PerCpuArray<crate::capture::Walker> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// The request in flight per connection, direct-mapped by `capture_slot` (a collision
 /// overwrites; `Capture::sock` tells). Sized by the daemon (a power of two).

@@ -5,7 +5,7 @@
 //! read with `copied_seq` already moved. The bytes are not in hand there, only the socket: so
 //! what the application has read by any means (`bytes_received` less what is unread) is set
 //! against what the entry counted, and the difference is recorded as one receive, through
-//! the same `on_transfer` as every other hook (`stalltrace_common::transfer::spliced_bytes`).
+//! the same transfer path as every other hook (`on_unread_transfer`: nothing read) (`stalltrace_common::transfer::spliced_bytes`).
 //!
 //! `tcp_rcv_space_adjust` also runs inside every `recvmsg` (whose bytes `sock_recv_length`
 //! counts once it returns): only the syscalls above are looked at, by their number in the
@@ -19,7 +19,7 @@ use crate::{
     capture::in_unseen_read_syscall,
     kernel_read::consumed_bytes,
     maps::{CONNS, OFFSETS, SPLICE_READS},
-    transfer::on_transfer,
+    transfer::on_unread_transfer,
 };
 
 // TP_PROTO(struct sock *sk)
@@ -42,7 +42,7 @@ pub(crate) fn stalltrace_splice_recv(ctx: RawTracePointContext) -> i32 {
     let bytes = spliced_bytes(unsafe { &*conn }, consumed);
     if bytes > 0 {
         // Below 2^31 (`spliced_bytes`): a positive i32.
-        on_transfer(&ctx, sock, direction::IN, bytes as i32, 0);
+        on_unread_transfer(&ctx, sock, direction::IN, bytes as i32);
     }
     0
 }

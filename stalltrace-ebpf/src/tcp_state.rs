@@ -5,7 +5,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use stalltrace_common::{
-    conn_flags, direction, listen_key, loss,
+    conn_flags, direction, http2, listen_key, loss,
     message::Message,
     role, tcp_state,
     tracepoint::InetSockSetState,
@@ -16,7 +16,9 @@ use stalltrace_common::{
 use crate::{
     conn::{emit, netns_of, set_netns, set_owner_to_current},
     kernel_read::unread_sequence,
-    maps::{count_loss, scratch_conn, stall_after_ns, CONNS, LISTEN_PORTS, OFFSETS},
+    maps::{
+        count_loss, scratch_conn, stall_after_ns, verdict_extras, CONNS, LISTEN_PORTS, OFFSETS,
+    },
     words::{copy_addr16, copy_addr4},
 };
 
@@ -160,7 +162,17 @@ fn on_other_transition(args: &InetSockSetState, old: u8, new: u8) {
     // SAFETY: map value pointer, valid for the duration of the program.
     let conn = unsafe { &mut *conn };
     let now = unsafe { bpf_ktime_get_ns() };
-    let quiet_ended = quiet_past_threshold(conn, now, stall_after_ns());
+    // An HTTP/2 connection whose streams are followed: its oldest stream awaiting a response.
+    // Only with the verdict extras (the walk that follows them): the verifier drops it elsewhere.
+    let quiet_ended = if verdict_extras() && http2::tracking(conn) {
+        let overdue = http2::quiet_past_threshold(conn, now, stall_after_ns());
+        if overdue {
+            http2::end_oldest(conn);
+        }
+        overdue
+    } else {
+        quiet_past_threshold(conn, now, stall_after_ns())
+    };
     if new == tcp_state::CLOSE_WAIT && conn.role != role::SERVER {
         note_reply_at_peer_fin(args.skaddr, conn);
     }
@@ -184,6 +196,9 @@ fn on_other_transition(args: &InetSockSetState, old: u8, new: u8) {
     }
     if new == tcp_state::CLOSE {
         emit(EventKind::Closed, args.skaddr, conn, now);
+        if verdict_extras() {
+            crate::http2::forget(args.skaddr, conn);
+        }
         let _ = CONNS.remove(args.skaddr);
     }
 }

@@ -16,11 +16,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use stalltrace_common::{
-    conn_flags, direction, http1, listen_key,
+    conn_flags, direction, http1, http2, listen_key, loss,
     message::{classify, proto, Head, Message},
     role, tcp_state,
     transfer::{ends_quiet, is_tls_client, look, record_transfer, Look, Turn},
-    transport, Capture, ConnState, EventKind, AF_INET, AF_INET6, AF_UNIX, IPPROTO_TCP, IPPROTO_UDP,
+    transport, verdict_flags, Capture, ConnState, EventKind, AF_INET, AF_INET6, AF_UNIX,
+    IPPROTO_TCP, IPPROTO_UDP,
 };
 
 use crate::{
@@ -29,8 +30,8 @@ use crate::{
     kernel_read::{consumed_bytes, read_endpoints, socket_family, tcp_state_of},
     libssl,
     maps::{
-        current_epoch, http1_framed, scratch_conn, stall_after_ns, verdict_extras, CONNS,
-        LISTEN_PORTS, OFFSETS, SPLICE_READS, UDP_TRACED,
+        count_loss, current_epoch, http1_framed, scratch_conn, stall_after_ns, verdict_extras,
+        CONNS, LISTEN_PORTS, OFFSETS, SPLICE_READS, UDP_TRACED,
     },
     tls_queue, udp, unix,
 };
@@ -68,9 +69,24 @@ pub(crate) fn stalltrace_send(ctx: RawTracePointContext) -> i32 {
 }
 
 /// One send (`dir` OUT) or receive (IN) on `sock` that returned `ret` (bytes moved, or a
-/// negative errno), with the call's `flags` (receives only). Every hook kind calls this.
+/// negative errno), with the call's `flags` (receives only). Every transfer hook calls this.
 #[inline(always)]
 pub(crate) fn on_transfer<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, ret: i32, flags: i32) {
+    transfer::<C, true>(ctx, sock, dir, ret, flags);
+}
+
+/// Bytes moved on `sock` (below 2^31) through no buffer of the calling process: counted and
+/// judged like any transfer, nothing read (`splice.rs`). The per-protocol code that reads the
+/// syscall's buffer is left out of the program at compile time: with it, the verifier would
+/// walk the HTTP/1.x and HTTP/2 code again in that program, past its 1M-instruction limit.
+#[inline(always)]
+pub(crate) fn on_unread_transfer<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, bytes: i32) {
+    transfer::<C, false>(ctx, sock, dir, bytes, 0);
+}
+
+/// [`on_transfer`]; `BUFFER`: the syscall's buffer holds the bytes moved.
+#[inline(always)]
+fn transfer<C: EbpfContext, const BUFFER: bool>(ctx: &C, sock: u64, dir: u8, ret: i32, flags: i32) {
     if ret <= 0 {
         return;
     }
@@ -101,17 +117,30 @@ pub(crate) fn on_transfer<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, ret: i32,
             udp::record(sock, conn, dir, bytes, now);
         }
     } else {
-        record(sock, conn, dir, bytes, now);
+        record::<BUFFER>(sock, conn, dir, bytes, now);
     }
 }
 
 #[inline(always)]
-fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
+fn record<const BUFFER: bool>(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
+    // An HTTP/2 connection whose streams are followed is judged per stream. First, so that
+    // the verifier walks the frames once, not once per outcome of the classification below.
+    // Only with the verdict extras (they imply capture: the walk reads the syscall's buffer).
+    if verdict_extras() && (http2::tracking(conn) || http2::may_start(conn, dir)) {
+        if BUFFER {
+            crate::http2::on_transfer(sock, conn, dir, bytes, now);
+        } else if http2::tracking(conn) {
+            // Frames that cannot be read: the framing is lost from here.
+            http2::lose(conn);
+            count_loss(loss::HTTP2_UNTRACKED);
+        }
+    }
     let new_owner = set_owner_to_current(conn);
     // Only a run that may start a request, or answer one with housekeeping in between, has
     // its first bytes read: to tell data from protocol housekeeping, and to name requests.
     let (message, capture) = match look(conn, dir) {
         Look::Skip => (Message::Data, None),
+        _ if !BUFFER => (Message::Data, None),
         Look::Request => read_message(sock, conn, bytes, now),
         look @ (Look::Continuation | Look::Reply) => {
             (read_housekeeping(sock, conn, look, bytes), None)
@@ -126,16 +155,30 @@ fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
             reply => reply,
         }
     };
-    let quiet_ended = ends_quiet(conn, dir, message, now, stall_after_ns());
+    let quiet_ended = if verdict_extras() && http2::tracking(conn) {
+        conn.h2_answered_late != 0
+    } else {
+        ends_quiet(conn, dir, message, now, stall_after_ns())
+    };
     let resumed = http1::resumes_after_quiet(conn, reply, now, stall_after_ns());
     let turn = record_transfer(conn, dir, bytes, now, message);
     if reply != http1::Reply::Skip {
-        crate::http1::on_reply(sock, conn, reply, bytes, now);
+        if BUFFER {
+            crate::http1::on_reply(sock, conn, reply, bytes, now);
+        } else {
+            // Nothing of the response can be read: its framing is not judged.
+            conn.reply_tail = stalltrace_common::http1::TAIL_UNKNOWN;
+        }
     }
     if verdict_extras() {
         let copy = http1::run_copy(conn, dir, turn);
         if copy != http1::RunCopy::Skip && http1_framed() {
-            crate::http1::on_request_run(sock, conn, copy, bytes);
+            if BUFFER {
+                crate::http1::on_request_run(sock, conn, copy, bytes);
+            } else {
+                // A gap in the run's copy: its requests are not counted.
+                conn.verdict_flags &= !verdict_flags::REQUEST_RUN_OPEN;
+            }
         }
     }
     report(sock, conn, new_owner, quiet_ended, turn, capture, now);

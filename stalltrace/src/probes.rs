@@ -346,6 +346,9 @@ pub(crate) struct Probes {
     /// HTTP/1.x responses are judged by their framing (capture on, and a rung that counts
     /// `sendfile`'s bytes: see `http1_framing`).
     pub http1_framing: bool,
+    /// HTTP/2 connections (h2c) are judged per stream: the kernel walks their frames (capture
+    /// on, and the verdict extras: see `verdict_extras`).
+    pub http2_streams: bool,
     /// The libssl whose `SSL_read` is hooked (TLS clients' replies counted at the plaintext),
     /// or why none is.
     pub libssl: Result<PathBuf, String>,
@@ -417,6 +420,8 @@ pub(crate) struct KernelLoss {
     pub conn_insert_failed: u64,
     /// Runs of the data transfer programs the kernel skipped (`recursion_misses`, 5.12+).
     pub hook_missed: u64,
+    /// HTTP/2 connections or streams the kernel could not follow (`loss::HTTP2_UNTRACKED`).
+    pub http2_untracked: u64,
 }
 
 impl KernelMaps {
@@ -466,6 +471,7 @@ impl KernelMaps {
             ringbuf_full: sum(loss::RINGBUF_FULL),
             conn_insert_failed: sum(loss::CONN_INSERT_FAILED),
             hook_missed: self.transfer_programs.iter().map(recursion_misses).sum(),
+            http2_untracked: sum(loss::HTTP2_UNTRACKED),
         }
     }
 }
@@ -610,6 +616,8 @@ impl Probes {
         features: Features,
     ) -> Result<Self> {
         let capture_slots = if capture_bytes > 0 { CAPTURE_SLOTS } else { 1 };
+        // Decided by kernel version, not by trying: a start is the same on every run.
+        let extras = capture_bytes > 0 && verdict_extras(&config.functions);
         // Response heads and request runs are read from user memory like request bytes: not
         // without capture.
         let reply_heads = if capture_bytes > 0 {
@@ -656,11 +664,7 @@ impl Probes {
                 ),
                 true,
             )
-            .override_global(
-                "VERDICT_EXTRAS",
-                &u32::from(capture_bytes > 0 && verdict_extras(&config.functions)),
-                true,
-            )
+            .override_global("VERDICT_EXTRAS", &u32::from(extras), true)
             .load(OBJECT)
             .context(
                 "loading the eBPF maps and programs failed; stalltrace needs Linux >= 5.8 with \
@@ -769,6 +773,7 @@ impl Probes {
             udp: false,
             unix,
             http1_framing: framing,
+            http2_streams: extras,
             libssl: Err("not attached yet".to_owned()),
             splice_reads,
         })
@@ -1220,8 +1225,8 @@ fn http1_framing(rung: Rung, functions: &KernelFunctions) -> bool {
     verdict_extras(functions) && rung != Rung::Syscall
 }
 
-/// Whether the per-protocol accounting beyond the classifier (HTTP/1.x responses, TLS
-/// clients' queued bytes, libssl) is loaded (`VERDICT_EXTRAS`): from Linux 6.5 (no
+/// Whether the per-protocol accounting beyond the classifier (HTTP/1.x responses, HTTP/2
+/// streams, TLS clients' queued bytes, libssl) is loaded (`VERDICT_EXTRAS`): from Linux 6.5 (no
 /// `tcp_sendpage`), whose verifiers take the programs with it; 6.1's gives up (1M
 /// instructions processed).
 fn verdict_extras(functions: &KernelFunctions) -> bool {

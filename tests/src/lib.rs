@@ -581,17 +581,27 @@ pub fn send_request(addr: SocketAddr) -> TcpStream {
 /// The request bytes the daemon captures on the running kernel: reading them needs
 /// `bpf_task_pt_regs` (Linux 5.15).
 pub fn expected_capture_bytes() -> u64 {
+    if kernel_version() >= (5, 15) {
+        64
+    } else {
+        0
+    }
+}
+
+/// Whether the daemon loads the per-protocol verdict extras (HTTP/1.x response framing,
+/// HTTP/2 streams, the TLS client rules) on this kernel: with capture, from Linux 6.5.
+pub fn expected_verdict_extras() -> bool {
+    expected_capture_bytes() > 0 && kernel_version() >= (6, 5)
+}
+
+/// This kernel's (major, minor) version.
+fn kernel_version() -> (u32, u32) {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
     let mut numbers = release
         .trim()
         .split(['.', '-'])
         .map(|part| part.parse::<u32>().unwrap_or(0));
-    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-    if version >= (5, 15) {
-        64
-    } else {
-        0
-    }
+    (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0))
 }
 
 /// This process's id, as the daemon reports it.

@@ -562,6 +562,102 @@ fn a_late_grpc_call_is_flagged_on_both_ends() {
     }
 }
 
+/// A gRPC client whose channel carries one slow call (the seconds of argv[2]) while calls
+/// that complete at once follow every 0.5 s for argv[3] seconds (issue 7, case 2a); then the
+/// channel idles.
+const GRPC_MIXED_CLIENT: &str = r#"
+import grpc, sys, time
+channel = grpc.insecure_channel("127.0.0.1:" + sys.argv[1])
+grpc.channel_ready_future(channel).result(timeout=10)
+call = channel.unary_unary("/stalltrace.Test/Sleep")
+slow = call.future(sys.argv[2].encode())
+print("slow", flush=True)
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    assert call(b"0") == b"0"
+    time.sleep(0.5)
+assert slow.result() == sys.argv[2].encode()
+print("idle", flush=True)
+time.sleep(60)
+"#;
+
+/// One unary call answered late among calls that complete every 0.5 s on the same channel:
+/// HTTP/2 is judged per stream, so that call is flagged on both ends, named by its stream id
+/// (the channel's first call: stream 1), within the threshold plus a second, and its stall
+/// ends `response` with the call's true duration; the other streams, and the idle channel
+/// afterwards, are never flagged.
+#[test]
+fn a_slow_grpc_call_among_flowing_ones_is_flagged_per_stream() {
+    require_root();
+    let daemon = Daemon::start("grpc-mixed");
+    let (_server, port) = Script::start(GRPC_SERVER, &[]);
+    let port_number: u16 = port.parse().unwrap();
+    let slow = STALL_AFTER * 6;
+    let (_client, _) = Script::start(
+        GRPC_MIXED_CLIENT,
+        &[
+            &port,
+            &slow.as_secs_f64().to_string(),
+            &(slow + STALL_AFTER * 2).as_secs_f64().to_string(),
+        ],
+    );
+    let sent = Instant::now();
+    for role in ["client", "server"] {
+        let stall = daemon.wait_for_stall(port_number, role, STALL_AFTER + REPORT_WITHIN);
+        assert!(
+            sent.elapsed() <= STALL_AFTER + Duration::from_secs(1) + Duration::from_millis(500),
+            "{role}: flagged late ({:?}): {stall:#}",
+            sent.elapsed()
+        );
+        assert_eq!(stall["stall"]["http2"]["stream"]["id"], 1, "{stall:#}");
+        let expected = if role == "client" {
+            "awaiting_response"
+        } else {
+            "unanswered_request"
+        };
+        assert_eq!(stall["stall"]["kind"], expected, "{stall:#}");
+    }
+    let slow_ms = slow.as_millis() as u64;
+    for role in ["client", "server"] {
+        let end = daemon
+            .wait_for_event("stall.end", port_number, slow + REPORT_WITHIN, |e| {
+                e["conn"]["role"] == role
+            })
+            .unwrap_or_else(|| panic!("no {role} stall ended: {}", daemon.stderr()));
+        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
+        assert_eq!(end["stall"]["http2"]["stream"]["id"], 1, "{end:#}");
+        let duration = end["stall"]["duration_ms"].as_u64().unwrap();
+        assert!(
+            duration + 300 >= slow_ms && duration <= slow_ms + 1_000,
+            "the call's true duration: {end:#}"
+        );
+    }
+    // The calls that flowed, and the idle channel after them, were never flagged.
+    thread::sleep(STALL_AFTER * 2 + past_threshold());
+    assert_eq!(daemon.stalls(port_number), Vec::<Value>::new());
+    let starts = daemon.events_named("stall.start", port_number);
+    assert_eq!(
+        starts.len(),
+        2,
+        "one stall per end, stream 1's: {starts:#?}"
+    );
+    let conns = daemon.cli_json(&["conns", "-o", "json", "--port", &port]);
+    let calls = conns
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["conn"]["role"] == "client"))
+        .and_then(|c| c["conn"]["requests"].as_u64());
+    assert!(
+        calls.is_some_and(|n| n >= 10),
+        "the other calls flowed on the same connection: {conns:#}"
+    );
+    let status = daemon.cli_json(&["status", "-o", "json"]);
+    assert_eq!(status["features"]["http2_streams"], true, "{status:#}");
+    assert_eq!(
+        status["lost"]["kernel_http2_untracked"], 0,
+        "the kernel followed every frame"
+    );
+}
+
 /// A WebSocket server (websockets) that reads every message and never answers.
 const WEBSOCKET_SERVER: &str = r#"
 import asyncio, websockets

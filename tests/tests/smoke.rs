@@ -9,8 +9,8 @@ use std::{
 };
 
 use stalltrace_integration::{
-    echo_server, expected_capture_bytes, reply_and_check_true_durations, require_root,
-    send_request, with_role, Daemon, SilentServer, REPORT_WITHIN, STALL_AFTER,
+    echo_server, expected_capture_bytes, expected_verdict_extras, reply_and_check_true_durations,
+    require_root, send_request, with_role, Daemon, SilentServer, REPORT_WITHIN, STALL_AFTER,
 };
 
 #[test]
@@ -24,6 +24,13 @@ fn one_daemon_flags_the_stuck_never_the_idle_and_times_the_end() {
         capture,
         "{status:#}\n{}",
         daemon.stderr()
+    );
+    // The HTTP/2 frame walk (a verdict extra) is on exactly from Linux 6.5: 6.1 keeps capture
+    // without it.
+    assert_eq!(
+        status["features"]["http2_streams"],
+        expected_verdict_extras(),
+        "{status:#}"
     );
 
     let echo = echo_server("127.0.0.1");

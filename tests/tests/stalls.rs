@@ -7,8 +7,9 @@ use std::{
 
 use serde_json::Value;
 use stalltrace_integration::{
-    echo_server, expected_capture_bytes, pid, reply_and_check_true_durations, require_root,
-    send_request, with_role, Daemon, FullListener, SilentServer, REPORT_WITHIN, STALL_AFTER,
+    echo_server, expected_capture_bytes, expected_verdict_extras, pid,
+    reply_and_check_true_durations, require_root, send_request, with_role, Daemon, FullListener,
+    SilentServer, REPORT_WITHIN, STALL_AFTER,
 };
 
 fn gettid() -> u64 {
@@ -303,5 +304,12 @@ fn request_capture_loads_where_the_kernel_has_it() {
         expected == 0,
         "{}",
         daemon.stderr()
+    );
+    // The HTTP/2 frame walk is decided by kernel version (Linux 6.5+, whose verifiers take
+    // it), never by a refused load: 6.1 keeps capture without it.
+    assert_eq!(
+        status["features"]["http2_streams"],
+        expected_verdict_extras(),
+        "{status:#}"
     );
 }

@@ -282,7 +282,7 @@ pub(crate) fn run(args: VmTestArgs) -> Result<()> {
         if arch.cross.is_none() && !args.no_host {
             suites.extend(HOST_RUNGS.iter().flat_map(|rung| rung.suites));
         }
-        for kernel in kernels.iter().filter(|k| std::ptr::eq(k.arch, arch)) {
+        for kernel in kernels.iter().filter(|k| k.arch.debian == arch.debian) {
             suites.extend(kernel.rungs.iter().flat_map(|rung| rung.suites));
         }
         suites.sort_unstable();

@@ -164,6 +164,9 @@ pub struct StallJson {
     /// UDP only: times the request was sent again while it waited (DNS: the same query id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<u32>,
+    /// HTTP/2 with its streams followed: the stream the stall is about (`stall.http2.stream.id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http2: Option<Http2Json>,
     /// When the quiet stretch began (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
@@ -176,6 +179,27 @@ pub struct StallJson {
     /// Why: cause, confidence, thread, blame chain, TCP signals, request.
     #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
     pub diagnosis: Option<Diagnosis>,
+}
+
+/// `stall.http2`: the HTTP/2 stream (RFC 9113 §5) a stall is about.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Json {
+    pub stream: Http2StreamJson,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2StreamJson {
+    /// The stream identifier (odd: opened by the client).
+    pub id: u32,
+}
+
+impl Http2Json {
+    /// `stall.http2` for a stall about `stream`, if any.
+    pub fn stream(stream: Option<u32>) -> Option<Self> {
+        stream.map(|id| Self {
+            stream: Http2StreamJson { id },
+        })
+    }
 }
 
 /// An item of `conns` and `stalls` answers: the event identity, plus `stall` for stalls.
@@ -313,12 +337,14 @@ pub fn event_json(event: &Event, time: String) -> EventJson {
         Detail::StallStart {
             kind,
             quiet_ms,
+            http2_stream,
             diagnosis,
         } => (
             "stall.start",
             Some(StallJson {
                 kind: kind.as_str().into(),
                 quiet_ms: Some(*quiet_ms),
+                http2: Http2Json::stream(*http2_stream),
                 diagnosis: diagnosis.as_deref().cloned(),
                 ..StallJson::default()
             }),
@@ -326,12 +352,14 @@ pub fn event_json(event: &Event, time: String) -> EventJson {
         Detail::StallUpdate {
             kind,
             quiet_ms,
+            http2_stream,
             diagnosis,
         } => (
             "stall.update",
             Some(StallJson {
                 kind: kind.as_str().into(),
                 quiet_ms: Some(*quiet_ms),
+                http2: Http2Json::stream(*http2_stream),
                 diagnosis: Some((**diagnosis).clone()),
                 ..StallJson::default()
             }),
@@ -341,6 +369,7 @@ pub fn event_json(event: &Event, time: String) -> EventJson {
             duration_ms,
             resolution,
             retries,
+            http2_stream,
         } => (
             "stall.end",
             Some(StallJson {
@@ -348,6 +377,7 @@ pub fn event_json(event: &Event, time: String) -> EventJson {
                 duration_ms: Some(*duration_ms),
                 resolution: Some(resolution.as_str().into()),
                 retries: udp_retries(&event.conn.endpoints, *retries),
+                http2: Http2Json::stream(*http2_stream),
                 ..StallJson::default()
             }),
         ),
@@ -460,6 +490,7 @@ mod tests {
             kind: StallKind::UnansweredRequest,
             quiet_ms: 5_003,
             diagnosis: None,
+            http2_stream: None,
         });
         assert_eq!(
             value,
@@ -512,6 +543,7 @@ mod tests {
             duration_ms: 7_300,
             resolution: Resolution::Closed,
             retries: 0,
+            http2_stream: None,
         });
         assert_eq!(value["event"], "stall.end");
         assert_eq!(value["schema"], EVENT_SCHEMA);
@@ -533,6 +565,7 @@ mod tests {
                 duration_ms: 10_000,
                 resolution: Resolution::Response,
                 retries: 2,
+                http2_stream: None,
             },
         };
         let value = serde_json::to_value(event_json(&event, "t".into())).unwrap();

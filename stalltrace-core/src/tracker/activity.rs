@@ -12,7 +12,11 @@
 //! open one for as long as its open side can still complete the exchange
 //! (`transfer::can_complete`): a client that sent its request and then its FIN still awaits the
 //! reply, and the server that read both still owes it.
-use stalltrace_common::{conn_flags, tcp_state, transfer, ConnState};
+//!
+//! An HTTP/2 connection whose streams the kernel follows (`stalltrace_common::http2`) is judged
+//! per stream instead: outstanding while a stream awaits its response, quiet since that stream
+//! opened (the oldest such stream), whatever the connection's other streams carry.
+use stalltrace_common::{conn_flags, direction, http2, tcp_state, transfer, ConnState};
 
 use super::model::{Resolution, Role};
 
@@ -43,7 +47,7 @@ pub fn last_request_ns(state: &ConnState) -> u64 {
 
 /// When the reply direction last moved.
 pub fn last_reply_ns(state: &ConnState) -> u64 {
-    if transfer::request_direction(state) == stalltrace_common::direction::IN {
+    if transfer::request_direction(state) == direction::IN {
         state.last_send_ns
     } else {
         state.last_recv_ns
@@ -52,7 +56,7 @@ pub fn last_reply_ns(state: &ConnState) -> u64 {
 
 /// Bytes moved in the reply direction.
 pub fn reply_bytes(state: &ConnState) -> u64 {
-    if transfer::request_direction(state) == stalltrace_common::direction::IN {
+    if transfer::request_direction(state) == direction::IN {
         state.bytes_sent
     } else {
         state.bytes_recv
@@ -68,11 +72,32 @@ pub fn ending(state: &ConnState) -> Resolution {
     }
 }
 
+/// The kernel follows this HTTP/2 connection's streams (`stalltrace_common::http2`): it is
+/// judged per stream, not by the direction of its last transfer.
+pub fn http2_tracking(state: &ConnState) -> bool {
+    http2::tracking(state)
+}
+
+/// HTTP/2 with its streams followed: the oldest stream awaiting its response, if any.
+pub fn http2_stream(state: &ConnState) -> Option<u32> {
+    (http2::tracking(state) && state.h2_open > 0).then_some(state.h2_oldest_stream)
+}
+
 pub fn assess(state: &ConnState) -> Activity {
     match state.tcp_state {
         tcp_state::SYN_SENT => Activity::ConnectPending {
             since: state.open_ns,
         },
+        open if transfer::can_complete(state, open) && http2::tracking(state) => {
+            // Per stream: one awaiting its response is outstanding since it was opened,
+            // whatever the other streams carry; none, and the channel is idle.
+            match http2_stream(state) {
+                Some(_) => Activity::Outstanding {
+                    quiet_since: state.h2_oldest_ns,
+                },
+                None => Activity::Idle,
+            }
+        }
         open if transfer::can_complete(state, open) => {
             if transfer::is_outstanding(state) {
                 Activity::Outstanding {
@@ -163,7 +188,7 @@ pub fn infer_adopted(role: Role, history: &SocketHistory, now: u64) -> AdoptedEx
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stalltrace_common::{direction, role};
+    use stalltrace_common::role;
 
     fn conn(role_id: u8, last_dir: u8) -> ConnState {
         ConnState {

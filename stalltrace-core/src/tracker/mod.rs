@@ -64,6 +64,8 @@ pub enum Detail {
     StallStart {
         kind: StallKind,
         quiet_ms: u64,
+        /// HTTP/2: the stream awaiting its response (see [`Stall::http2_stream`]).
+        http2_stream: Option<u32>,
         /// Added by the daemon (the tracker does no I/O).
         diagnosis: Option<Box<Diagnosis>>,
     },
@@ -71,6 +73,7 @@ pub enum Detail {
     StallUpdate {
         kind: StallKind,
         quiet_ms: u64,
+        http2_stream: Option<u32>,
         diagnosis: Box<Diagnosis>,
     },
     StallEnd {
@@ -81,6 +84,7 @@ pub enum Detail {
         /// UDP: the request was sent again this many times while it waited (see
         /// `stalltrace_common::udp`); 0 on other transports.
         retries: u32,
+        http2_stream: Option<u32>,
     },
 }
 
@@ -125,8 +129,12 @@ impl Totals {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stall {
     pub kind: StallKind,
-    /// Start of the quiet stretch (last transfer in the request direction, or connect()).
+    /// Start of the quiet stretch (last transfer in the request direction, or connect(); for
+    /// an HTTP/2 stream, when it was opened).
     pub quiet_since_ns: u64,
+    /// HTTP/2 with its streams followed by the kernel: the id of the stream that awaits its
+    /// response (the stall is that stream's, not the connection's).
+    pub http2_stream: Option<u32>,
     /// When it was reported.
     pub reported_ns: u64,
     exchanges_at_start: u64,
@@ -466,6 +474,7 @@ impl Tracker {
             StallKind::UnansweredRequest,
             quiet_since,
             now,
+            None,
             u64::MAX,
             out,
         );
@@ -564,7 +573,7 @@ impl Tracker {
             }
             if conn.stall.is_none() {
                 let kind = StallKind::for_role(conn.role);
-                start_stall(conn, kind, since, now, 0, out);
+                start_stall(conn, kind, since, now, None, 0, out);
             }
             false
         });
@@ -635,6 +644,7 @@ impl Tracker {
                         StallKind::ConnectPending,
                         state.open_ns,
                         threshold_at,
+                        None,
                         0,
                         out,
                     );
@@ -644,13 +654,37 @@ impl Tracker {
                 }
                 announce(conn, at, out);
             }
+            EventKind::QuietEnded if activity::http2_tracking(state) => {
+                // An HTTP/2 stream awaited its response past the threshold and was answered (or
+                // reset), or the connection closed on it: that stream's stall ends.
+                let stream = Some(state.h2_ended_stream);
+                if conn.stall.is_none() {
+                    let (since, kind) = (state.h2_ended_ns, StallKind::for_role(conn.role));
+                    let threshold_at = since + stall_after_ns;
+                    start_stall(conn, kind, since, threshold_at, stream, 0, out);
+                }
+                if conn
+                    .stall
+                    .as_ref()
+                    .is_some_and(|s| s.http2_stream == stream)
+                {
+                    let still_open =
+                        state.h2_open > 0 && state.h2_oldest_stream == state.h2_ended_stream;
+                    let how = match activity::assess(state) {
+                        Activity::Ending { how, .. } if still_open => how,
+                        _ => Resolution::Response,
+                    };
+                    end_stall(conn, at, how, out);
+                }
+            }
             EventKind::QuietEnded => {
                 // The kernel saw quiet of at least the threshold end with this transfer or close.
                 if conn.stall.is_none() {
                     let quiet_since = activity::last_request_ns(state);
                     let kind = StallKind::for_role(conn.role);
                     let threshold_at = quiet_since + stall_after_ns;
-                    start_stall(conn, kind, quiet_since, threshold_at, state.exchanges, out);
+                    let exchanges = state.exchanges;
+                    start_stall(conn, kind, quiet_since, threshold_at, None, exchanges, out);
                 }
                 // What happened first decides: a reply (the request is no longer outstanding,
                 // even if a FIN came with it), else the close.
@@ -690,6 +724,7 @@ impl Tracker {
                                 kind,
                                 quiet_since,
                                 threshold_at,
+                                None,
                                 state.exchanges,
                                 out,
                             );
@@ -996,7 +1031,7 @@ impl Tracker {
             if at.saturating_sub(pending_since) >= stall_after_ns {
                 let threshold_at = pending_since + stall_after_ns;
                 let kind = StallKind::ConnectPending;
-                start_stall(&mut conn, kind, pending_since, threshold_at, 0, out);
+                start_stall(&mut conn, kind, pending_since, threshold_at, None, 0, out);
             }
         }
         if let Some(stall) = conn.stall.as_deref().copied() {
@@ -1054,6 +1089,7 @@ fn observe(
     out: &mut Vec<Event>,
 ) {
     if let Some(stall) = conn.stall.as_deref().copied() {
+        let stream = activity::http2_stream(state);
         let end = match (stall.kind, activity) {
             (_, Activity::Ending { at, how }) => Some(
                 replied_before_the_end(&stall, state)
@@ -1062,6 +1098,11 @@ fn observe(
             // A pipelined request's response started (or a later one's end went by). The
             // kernel reports when at once (`ReplyResumed`); this is when its event was lost.
             _ if stall.pipelined => (activity::last_reply_ns(state) > stall.quiet_since_ns)
+                .then(|| (activity::last_reply_ns(state), Resolution::Response)),
+            // An HTTP/2 stream's stall ends when that stream no longer awaits its response
+            // (its end event lost, or not yet drained): dated by the last reply-direction
+            // transfer. Other streams' exchanges say nothing about it.
+            _ if stall.http2_stream.is_some() => (stream != stall.http2_stream)
                 .then(|| (activity::last_reply_ns(state), Resolution::Response)),
             (StallKind::ConnectPending, Activity::ConnectPending { .. }) => None,
             (StallKind::ConnectPending, _) => Some((state.state_ns, Resolution::Response)),
@@ -1130,7 +1171,8 @@ fn observe(
     };
     if now.saturating_sub(quiet_since) >= stall_after_ns {
         let owed = conn.reply.as_deref().and_then(|reply| reply.owed(state));
-        start_stall(conn, kind, quiet_since, now, state.exchanges, out);
+        let stream = activity::http2_stream(state);
+        start_stall(conn, kind, quiet_since, now, stream, state.exchanges, out);
         if let Some(stall) = conn.stall.as_deref_mut() {
             if let Some(framing::Owed::Bytes(bytes)) = owed {
                 stall.owed_bytes = Some(bytes);
@@ -1146,9 +1188,11 @@ fn observe(
 /// When a reply went out (or came in) after the stall's quiet began, if one did, on a
 /// connection whose end was found before its stall was: what happened first decides. (The
 /// kernel reports such a reply as a quiet end at once; not when the reply was its first sight
-/// of an adopted connection.)
+/// of an adopted connection.) Never for an HTTP/2 stream's stall: the connection's replies are
+/// its other streams' answers; the kernel reports that stream's own (`QuietEnded`).
 fn replied_before_the_end(stall: &Stall, state: &ConnState) -> Option<u64> {
     (stall.kind != StallKind::ConnectPending
+        && stall.http2_stream.is_none()
         && !transfer::is_outstanding(state)
         && state.dir_since_ns > stall.quiet_since_ns)
         .then_some(state.dir_since_ns)
@@ -1161,6 +1205,7 @@ fn start_stall(
     kind: StallKind,
     quiet_since: u64,
     at: u64,
+    http2_stream: Option<u32>,
     exchanges_at_start: u64,
     out: &mut Vec<Event>,
 ) {
@@ -1171,6 +1216,7 @@ fn start_stall(
     conn.stall = Some(Box::new(Stall {
         kind,
         quiet_since_ns: quiet_since,
+        http2_stream,
         reported_ns: at,
         exchanges_at_start,
         owed_bytes: None,
@@ -1184,6 +1230,7 @@ fn start_stall(
         detail: Detail::StallStart {
             kind,
             quiet_ms: ms(at.saturating_sub(quiet_since)),
+            http2_stream,
             diagnosis: None,
         },
     });
@@ -1204,6 +1251,7 @@ fn end_stall(conn: &mut Conn, at: u64, resolution: Resolution, out: &mut Vec<Eve
             duration_ms: ms(at.saturating_sub(stall.quiet_since_ns)),
             resolution,
             retries: conn.retries,
+            http2_stream: stall.http2_stream,
         },
     });
 }
@@ -1226,5 +1274,7 @@ fn ms(ns: u64) -> u64 {
     ns / 1_000_000
 }
 
+#[cfg(test)]
+mod http2_tests;
 #[cfg(test)]
 mod tests;

@@ -133,7 +133,8 @@ fn assert_ended(events: &[Event], kind: StallKind, duration_ms: u64, resolution:
             kind,
             duration_ms,
             resolution,
-            retries: 0
+            retries: 0,
+            http2_stream: None,
         }]
     );
 }
@@ -162,7 +163,8 @@ fn server_request_without_reply_stalls_at_the_threshold() {
         [&Detail::StallStart {
             kind: StallKind::UnansweredRequest,
             quiet_ms: 5_000,
-            diagnosis: None
+            diagnosis: None,
+            http2_stream: None,
         }]
     );
     let conn = &events[0].conn;
@@ -189,7 +191,8 @@ fn client_request_without_reply_awaits_response() {
         [&Detail::StallStart {
             kind: StallKind::AwaitingResponse,
             quiet_ms: 5_100,
-            diagnosis: None
+            diagnosis: None,
+            http2_stream: None,
         }]
     );
 }
@@ -259,13 +262,15 @@ fn a_stall_that_ended_between_sweeps_is_still_reported() {
             &Detail::StallStart {
                 kind: StallKind::UnansweredRequest,
                 quiet_ms: 5_000,
-                diagnosis: None
+                diagnosis: None,
+                http2_stream: None,
             },
             &Detail::StallEnd {
                 kind: StallKind::UnansweredRequest,
                 duration_ms: 5_050,
                 resolution: Resolution::Response,
-                retries: 0
+                retries: 0,
+                http2_stream: None,
             }
         ]
     );
@@ -302,7 +307,8 @@ fn close_while_stalled_ends_the_stall_as_closed() {
             kind: StallKind::UnansweredRequest,
             duration_ms: 9_000,
             resolution: Resolution::Closed,
-            retries: 0
+            retries: 0,
+            http2_stream: None,
         }
     );
     let Detail::Close(summary) = &close.detail else {
@@ -454,13 +460,15 @@ fn reset_after_an_unswept_stall_reports_it() {
             &Detail::StallStart {
                 kind: StallKind::UnansweredRequest,
                 quiet_ms: 5_000,
-                diagnosis: None
+                diagnosis: None,
+                http2_stream: None,
             },
             &Detail::StallEnd {
                 kind: StallKind::UnansweredRequest,
                 duration_ms: 5_010,
                 resolution: Resolution::Reset,
-                retries: 0
+                retries: 0,
+                http2_stream: None,
             }
         ]
     );
@@ -486,13 +494,15 @@ fn connect_that_times_out_between_sweeps_is_reported() {
             &Detail::StallStart {
                 kind: StallKind::ConnectPending,
                 quiet_ms: 5_000,
-                diagnosis: None
+                diagnosis: None,
+                http2_stream: None,
             },
             &Detail::StallEnd {
                 kind: StallKind::ConnectPending,
                 duration_ms: 5_100,
                 resolution: Resolution::Closed,
-                retries: 0
+                retries: 0,
+                http2_stream: None,
             }
         ]
     );
@@ -525,7 +535,8 @@ fn connect_that_hangs_is_connect_pending_until_established() {
             &Detail::StallStart {
                 kind: StallKind::ConnectPending,
                 quiet_ms: 5_000,
-                diagnosis: None
+                diagnosis: None,
+                http2_stream: None,
             }
         ]
     );
@@ -674,6 +685,7 @@ fn a_request_hung_before_the_daemon_started_is_flagged_at_once() {
         [&Detail::StallStart {
             kind: StallKind::UnansweredRequest,
             quiet_ms: 6_000,
+            http2_stream: None,
             diagnosis: None
         }]
     );
@@ -737,7 +749,8 @@ fn an_adopted_request_answered_then_closed_before_a_sweep_ends_with_the_response
             kind: StallKind::UnansweredRequest,
             duration_ms: 8_000,
             resolution: Resolution::Response,
-            retries: 0
+            retries: 0,
+            http2_stream: None,
         }
     );
 }
@@ -1313,6 +1326,7 @@ fn a_udp_query_stalls_counts_its_retry_and_ends_closed_at_release() {
             duration_ms: 8_000,
             resolution: Resolution::Closed,
             retries: 1,
+            http2_stream: None,
         }]
     );
     let closed = feed(&mut tracker, kernel.event(EventKind::Closed, 8 * SEC));

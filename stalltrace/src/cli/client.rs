@@ -416,6 +416,12 @@ fn render_show(answer: &Value) -> Result<String> {
         if let Some(retries) = stall.retries {
             out.push_str(&format!("  retries:    {retries} (request sent again)\n"));
         }
+        if let Some(http2) = &stall.http2 {
+            out.push_str(&format!(
+                "  http2:      stream {} awaits its response\n",
+                http2.stream.id
+            ));
+        }
         if let Some(diagnosis) = &stall.diagnosis {
             out.push_str(&render_diagnosis(diagnosis));
         }

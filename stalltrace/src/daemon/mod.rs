@@ -648,6 +648,7 @@ impl Daemon {
             kernel_ringbuf_full: kernel.ringbuf_full,
             kernel_conn_insert_failed: kernel.conn_insert_failed,
             kernel_hook_missed: kernel.hook_missed,
+            kernel_http2_untracked: kernel.http2_untracked,
             conn_evicted: stats.evictions,
             close_unseen: stats.lost_closes,
             malformed_records: self.malformed + stats.unknown_events,

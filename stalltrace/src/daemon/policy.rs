@@ -213,6 +213,7 @@ impl Policy {
                     kind,
                     quiet_ms,
                     diagnosis,
+                    ..
                 } => {
                     let quiet_since_ns = quiet_since(event.at_ns, *quiet_ms);
                     if let Some(Open::Reported { labels, .. }) = self.open.get(&id) {
@@ -439,6 +440,7 @@ mod tests {
                 kind: StallKind::AwaitingResponse,
                 quiet_ms,
                 diagnosis: None,
+                http2_stream: None,
             },
         )
     }
@@ -453,6 +455,7 @@ mod tests {
                 duration_ms,
                 resolution: Resolution::Response,
                 retries: 0,
+                http2_stream: None,
             },
         )
     }
@@ -558,6 +561,7 @@ mod tests {
                 kind: StallKind::AwaitingResponse,
                 quiet_ms: 4000,
                 diagnosis: Box::default(),
+                http2_stream: None,
             },
         );
         assert!(policy

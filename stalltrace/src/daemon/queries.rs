@@ -111,6 +111,8 @@ impl Daemon {
                 },
                 // The same kernel copies: requests pipelined before a response are counted too.
                 "http1_pipelining": probes.http1_framing,
+                // h2c connections judged per stream (the kernel's frame walk).
+                "http2_streams": probes.http2_streams,
                 // TLS clients' replies counted when libssl's SSL_read returns plaintext.
                 "tls_libssl": match &probes.libssl {
                     Ok(path) => json!({"enabled": true, "library": path}),
@@ -252,6 +254,7 @@ impl Daemon {
                     age_ms: Some(age_ms),
                     since: Some(clock.rfc3339(stall.quiet_since_ns)),
                     retries: json::udp_retries(&conn.endpoints, conn.retries),
+                    http2: json::Http2Json::stream(stall.http2_stream),
                     severity: annotation
                         .and_then(|a| a.severity)
                         .map(|s| s.as_str().into()),
@@ -290,6 +293,7 @@ impl Daemon {
             age_ms: Some(now.saturating_sub(stall.quiet_since_ns) / 1_000_000),
             since: Some(clock.rfc3339(stall.quiet_since_ns)),
             retries: json::udp_retries(&conn.endpoints, conn.retries),
+            http2: json::Http2Json::stream(stall.http2_stream),
             diagnosis: self.diagnoser.current(id).cloned(),
             ..StallJson::default()
         });

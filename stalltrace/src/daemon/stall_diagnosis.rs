@@ -249,6 +249,7 @@ impl Daemon {
                 kind: stall.kind,
                 quiet_ms: now.saturating_sub(stall.quiet_since_ns) / 1_000_000,
                 diagnosis: Box::new(diagnosis),
+                http2_stream: stall.http2_stream,
             },
         });
     }

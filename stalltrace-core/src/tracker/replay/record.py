@@ -4,11 +4,12 @@ client, from the client's own system calls (strace), as lines `<ms> <in|out> <by
 (time since the first transfer, direction, bytes moved, the first 64 of them as the kernel
 captures them: iov[0] of vectored calls).
 
-    record.py PORT EXPECT -- COMMAND...   > fixture.txt
+    record.py PORT EXPECT [--full] -- COMMAND...   > fixture.txt
 
 PORT is the server port the client connects to; EXPECT (`idle` or `outstanding`) is the
 verdict the connection must get once it has been quiet past the threshold. The tracker's
-replay tests run every fixture through the kernel programs' own accounting.
+replay tests run every fixture through the kernel programs' own accounting. With `--full`,
+each line holds every byte moved (all `iovec` entries), as the HTTP/2 frame walk reads them.
 """
 import re
 import subprocess
@@ -21,11 +22,27 @@ OUT = {"write", "writev", "send", "sendto", "sendmsg"}
 IN = {"read", "readv", "recv", "recvfrom", "recvmsg"}
 
 
+def joined(lines):
+    """The trace's lines with each call that another thread interrupted (`<unfinished ...>`,
+    then `<... call resumed>`) put back together, at the time it began."""
+    pending = {}
+    for line in lines:
+        pid = line.split(" ", 1)[0]
+        if line.endswith("<unfinished ...>"):
+            pending[pid] = line[: -len("<unfinished ...>")].rstrip()
+        elif " resumed>" in line and pid in pending:
+            yield pending.pop(pid) + line.split(" resumed>", 1)[1]
+        else:
+            yield line
+
+
 def main():
     port, expect = sys.argv[1], sys.argv[2]
+    full = "--full" in sys.argv[3:sys.argv.index("--")]
     command = sys.argv[sys.argv.index("--") + 1:]
     with tempfile.NamedTemporaryFile("r") as trace:
-        subprocess.run(["strace", "-f", "-ttt", "-xx", "-s", "64", "-o", trace.name,
+        size = "1048576" if full else "64"
+        subprocess.run(["strace", "-f", "-ttt", "-xx", "-s", size, "-o", trace.name,
                         "-e", "trace=connect," + ",".join(sorted(OUT | IN))] + command,
                        stdout=sys.stderr, check=False)
         lines = trace.read().splitlines()
@@ -33,7 +50,7 @@ def main():
     print(f"# recorded from: {' '.join(command)}")
     print("# role: client")
     print(f"# expect: {expect}")
-    for line in lines:
+    for line in joined(lines):
         match = CALL.match(line)
         if not match:
             continue
@@ -43,12 +60,13 @@ def main():
             continue
         if fd != socket_fd or int(ret) <= 0 or (call not in OUT and call not in IN):
             continue
-        data = DATA.search(args)
-        head = bytes.fromhex(data.group(1).replace("\\x", "")) if data else b""
+        strings = DATA.findall(args) if full else DATA.findall(args)[:1]
+        head = b"".join(bytes.fromhex(s.replace("\\x", "")) for s in strings)
         start = start if start is not None else float(at)
         ms = round((float(at) - start) * 1000)
         direction = "out" if call in OUT else "in"
-        print(f"{ms} {direction} {ret} {head[:min(64, int(ret))].hex()}")
+        keep = int(ret) if full else min(64, int(ret))
+        print(f"{ms} {direction} {ret} {head[:keep].hex()}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+//! HTTP/2 per-stream accounting on the hot path (the rule: `stalltrace_common::http2`). Only
+//! connections recognized as HTTP/2 come here: one lookup in `H2_STREAMS` per transfer, and
+//! two 4-byte reads of the user buffer per frame (length and type, stream id), plus two per
+//! `iovec` entry the walk passes in a vectored call.
+use aya_ebpf::bindings::BPF_NOEXIST;
+use stalltrace_common::{
+    http2::{self, Streams},
+    loss, ConnState,
+};
+
+use crate::{
+    capture::{bytes_at, walk_header_at, NO_WORD},
+    maps::{count_loss, stall_after_ns, H2_SCRATCH, H2_STREAMS, H2_WALKER},
+};
+
+/// Follows the streams of HTTP/2 connection `conn` (on `sock`) through a transfer of `bytes`
+/// in direction `dir` at `now`; starts following them at a transfer that begins with the
+/// client preface ([`http2::may_start`] connections). What it found is left in `conn`
+/// (`h2_sync`, `h2_answered_late`…), not returned: the caller's paths then stay one for the
+/// verifier.
+#[inline(never)]
+pub(crate) fn on_transfer(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
+    let streams = match H2_STREAMS.get_ptr_mut(sock) {
+        Some(streams) if http2::tracking(conn) => streams,
+        _ if http2::tracking(conn) => {
+            // Evicted from the full map: the framing cannot be picked up again.
+            http2::lose(conn);
+            count_loss(loss::HTTP2_UNTRACKED);
+            return;
+        }
+        _ => match start(sock, conn, dir) {
+            Some(streams) => streams,
+            None => return,
+        },
+    };
+    // SAFETY: map value pointer, valid for the duration of the program.
+    let streams = unsafe { &mut *streams };
+    let Some(walker) = H2_WALKER.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU slot, used only within one program run.
+    let walker = unsafe { &mut *walker };
+    walker.reset();
+    let header = |at: usize| {
+        let first = walk_header_at(walker, at as u64);
+        if first == NO_WORD || walker.id == NO_WORD {
+            return None;
+        }
+        let ([a, b, c, d], [e, f, g, h]) = (
+            (first as u32).to_ne_bytes(),
+            (walker.id as u32).to_ne_bytes(),
+        );
+        Some([a, b, c, d, e, f, g, h])
+    };
+    let walk = http2::walk(conn, streams, dir, bytes, now, stall_after_ns(), header);
+    if walk.untracked > 0 {
+        count_loss(loss::HTTP2_UNTRACKED);
+    }
+    if !http2::tracking(conn) {
+        let _ = H2_STREAMS.remove(sock);
+    }
+}
+
+/// Starts following `conn`'s streams if this transfer begins with the client preface.
+#[inline(always)]
+fn start(sock: u64, conn: &mut ConnState, dir: u8) -> Option<*mut Streams> {
+    if !http2::starts(conn, dir, &mut bytes_at) {
+        return None;
+    }
+    let scratch = H2_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot, used only within one program run.
+    let scratch = unsafe { &mut *scratch };
+    http2::start(conn, scratch);
+    // A stale entry (a reused sock address whose close was missed) is replaced.
+    let _ = H2_STREAMS.remove(sock);
+    if H2_STREAMS
+        .insert(sock, scratch, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        http2::lose(conn);
+        count_loss(loss::HTTP2_UNTRACKED);
+        return None;
+    }
+    H2_STREAMS.get_ptr_mut(sock)
+}
+
+/// Forgets the stream state of a connection that closed.
+#[inline(always)]
+pub(crate) fn forget(sock: u64, conn: &ConnState) {
+    if conn.h2_sync != http2::sync::NONE {
+        let _ = H2_STREAMS.remove(sock);
+    }
+}
