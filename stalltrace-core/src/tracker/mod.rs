@@ -1152,7 +1152,7 @@ fn observe(
             _ => None,
         };
     }
-    let pipelined = pipeline::is_pipelined(state, activity);
+    let pipelined = pipeline::is_pipelined(state, activity, conn.pipeline.as_deref());
     if let Some(pipeline) = conn.pipeline.as_deref_mut() {
         pipeline.owed = match activity {
             Activity::Outstanding { quiet_since } if pipelined => {

@@ -144,9 +144,13 @@ pub fn assess(
 }
 
 /// The stall of a connection whose activity is `activity` is a pipelined request's: the
-/// kernel's direction rule says nothing is outstanding.
-pub fn is_pipelined(state: &ConnState, activity: Activity) -> bool {
-    matches!(activity, Activity::Outstanding { .. }) && !transfer::is_outstanding(state)
+/// kernel's direction rule says nothing is outstanding, and one of the requests `known` is
+/// owed. (Not an HTTP/2 stream's: its connection may be outstanding while the last transfer
+/// answered another stream.)
+pub fn is_pipelined(state: &ConnState, activity: Activity, known: Option<&Pipeline>) -> bool {
+    matches!(activity, Activity::Outstanding { .. })
+        && !transfer::is_outstanding(state)
+        && current(state, known).and_then(|pipeline| pipeline.owed(state)).is_some()
 }
 
 #[cfg(test)]
@@ -207,7 +211,14 @@ pub(super) mod tests {
         );
         assert!(is_pipelined(
             &state,
-            Activity::Outstanding { quiet_since: 5_000 }
+            Activity::Outstanding { quiet_since: 5_000 },
+            Some(&pipeline)
+        ));
+        // Outstanding for another reason (an HTTP/2 stream, say), no request owed: not this.
+        assert!(!is_pipelined(
+            &state,
+            Activity::Outstanding { quiet_since: 5_000 },
+            None
         ));
         // The second response's first bytes came: not owed any more (its framing is not known).
         let mut later = state;
@@ -224,7 +235,8 @@ pub(super) mod tests {
         );
         assert!(!is_pipelined(
             &asking,
-            Activity::Outstanding { quiet_since: 9_000 }
+            Activity::Outstanding { quiet_since: 9_000 },
+            Some(&pipeline)
         ));
     }
 
