@@ -150,7 +150,9 @@ pub fn assess(
 pub fn is_pipelined(state: &ConnState, activity: Activity, known: Option<&Pipeline>) -> bool {
     matches!(activity, Activity::Outstanding { .. })
         && !transfer::is_outstanding(state)
-        && current(state, known).and_then(|pipeline| pipeline.owed(state)).is_some()
+        && current(state, known)
+            .and_then(|pipeline| pipeline.owed(state))
+            .is_some()
 }
 
 #[cfg(test)]

@@ -2,12 +2,16 @@
 """Records a replay fixture: what the kernel programs see of one TCP connection of a real
 client, from the client's own system calls (strace), as lines `<ms> <in|out> <bytes> <hex>`
 (time since the first transfer, direction, bytes moved, the first 64 of them as the kernel
-captures them: iov[0] of vectored calls).
+captures them: iov[0] of vectored calls), and `<ms> state FIN_WAIT1` where the client shuts
+its sending side down (`shutdown(2)`: its FIN goes out, as the kernel's state tracepoint
+reports it).
 
     record.py PORT EXPECT [--full] -- COMMAND...   > fixture.txt
 
 PORT is the server port the client connects to; EXPECT (`idle` or `outstanding`) is the
-verdict the connection must get once it has been quiet past the threshold. The tracker's
+verdict the connection must get once it has been quiet past the threshold (at each pause of a
+second or more, and at its end; a `# expect at end:` line added by hand may differ, for an
+answer that came last). The tracker's
 replay tests run every fixture through the kernel programs' own accounting. With `--full`,
 each line holds every byte moved (all `iovec` entries), as the HTTP/2 frame walk reads them.
 """
@@ -43,7 +47,7 @@ def main():
     with tempfile.NamedTemporaryFile("r") as trace:
         size = "1048576" if full else "64"
         subprocess.run(["strace", "-f", "-ttt", "-xx", "-s", size, "-o", trace.name,
-                        "-e", "trace=connect," + ",".join(sorted(OUT | IN))] + command,
+                        "-e", "trace=connect,shutdown," + ",".join(sorted(OUT | IN))] + command,
                        stdout=sys.stderr, check=False)
         lines = trace.read().splitlines()
     socket_fd, start = None, None
@@ -57,6 +61,10 @@ def main():
         _pid, at, call, fd, args, ret = match.groups()
         if call == "connect" and f"htons({port})" in args:
             socket_fd = fd
+            continue
+        if call == "shutdown" and fd == socket_fd and "SHUT_RD" != args.strip() and int(ret) == 0:
+            start = start if start is not None else float(at)
+            print(f"{round((float(at) - start) * 1000)} state FIN_WAIT1")
             continue
         if fd != socket_fd or int(ret) <= 0 or (call not in OUT and call not in IN):
             continue
