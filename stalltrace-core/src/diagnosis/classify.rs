@@ -132,7 +132,11 @@ pub fn tcp_cause(server_side: bool, signals: &TcpSignals) -> Cause {
     if signals.retransmitting > 0 {
         return Cause::NetworkRetransmitting;
     }
-    if signals.send_queue > 0 && (signals.zero_window || signals.zero_window_probes > 0) {
+    // A server's reply bytes still queued after the threshold: it answered, and the peer takes
+    // them slower than they were written (a zero window, or just a slow reader).
+    if signals.send_queue > 0
+        && (signals.zero_window || signals.zero_window_probes > 0 || server_side)
+    {
         return Cause::PeerNotReading;
     }
     if server_side {
@@ -182,7 +186,7 @@ pub fn unseen_bytes_reason(
     let unseen = |counted: Option<u32>, socket: Option<u32>| {
         Some(stalltrace_common::transfer::unseen_reads(counted?, socket?))
     };
-    if let Some(read) = unseen(reads, signals.bytes_read).filter(|&n| n > 0) {
+    if let Some(read) = unseen(reads, signals.bytes_read).filter(|&n| n > CONTROL_SEQUENCE_SLACK) {
         return Some(format!(
             "the socket says {read} bytes were read that no hook saw (splice, sendfile or \
              io_uring from a socket where they are not traced): this verdict, from the \
@@ -376,6 +380,8 @@ mod tests {
         let reason = unseen_reads_reason(Some(44), &read(Some(44 + (2 << 20)))).unwrap();
         assert!(reason.contains("2097152 bytes were read"), "{reason}");
         assert_eq!(unseen_reads_reason(Some(44), &read(Some(44))), None);
+        // The peer's FIN, once read as the end of the stream, is one more: nothing unseen.
+        assert_eq!(unseen_reads_reason(Some(44), &read(Some(45))), None);
         // Counted before read (a reply counted at the peer's FIN): nothing unseen.
         assert_eq!(unseen_reads_reason(Some(100), &read(Some(44))), None);
         // Either count unknown: nothing said.

@@ -112,7 +112,8 @@ pub enum Cause {
     RequestUnread,
     /// Server: the request was read and nothing was sent back.
     ReadNoReply,
-    /// Bytes wait in the send queue and the peer advertises a zero window.
+    /// Bytes wait in the send queue and the peer advertises a zero window; on a server, any
+    /// reply bytes still queued (the peer takes them slower than they were written).
     PeerNotReading,
     /// The current segment is being retransmitted: the network or the peer host is not
     /// answering.
