@@ -5,7 +5,7 @@ use stalltrace_common::{
     message::{classify, proto, Head},
     role, tcp_state,
     transfer::{ends_quiet, look, record_transfer},
-    ConnEvent, ConnState, EventHeader, EventKind, AF_INET, CAPTURE_MAX,
+    ConnEvent, ConnState, EventKind, AF_INET, CAPTURE_MAX,
 };
 
 use super::model::{Resolution, StallKind};
@@ -80,15 +80,7 @@ impl Kernel {
 
     fn event(&mut self, kind: EventKind, at: u64) -> ConnEvent {
         self.state.notified_epoch = self.epoch;
-        ConnEvent {
-            header: EventHeader {
-                kind: kind as u32,
-                _pad: 0,
-                ts_ns: at,
-                sock: SOCK,
-            },
-            conn: self.state,
-        }
+        super::tests::conn_event(kind, at, SOCK, self.state)
     }
 }
 

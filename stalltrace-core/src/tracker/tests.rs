@@ -80,15 +80,20 @@ impl Kernel {
 
     fn event(&mut self, kind: EventKind, at: u64) -> ConnEvent {
         self.state.notified_epoch = self.epoch;
-        ConnEvent {
-            header: EventHeader {
-                kind: kind as u32,
-                _pad: 0,
-                ts_ns: at,
-                sock: SOCK,
-            },
-            conn: self.state,
-        }
+        conn_event(kind, at, SOCK, self.state)
+    }
+}
+
+/// The record the kernel emits for `sock` in `state`: a `kind` event at `at`.
+pub(super) fn conn_event(kind: EventKind, at: u64, sock: u64, state: ConnState) -> ConnEvent {
+    ConnEvent {
+        header: EventHeader {
+            kind: kind as u32,
+            _pad: 0,
+            ts_ns: at,
+            sock,
+        },
+        conn: state,
     }
 }
 
