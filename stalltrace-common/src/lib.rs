@@ -13,6 +13,7 @@
 #[cfg(test)]
 extern crate std;
 
+pub mod clock;
 pub mod http1;
 pub mod http2;
 pub mod message;
@@ -443,6 +444,11 @@ pub mod loss {
 pub struct Control {
     pub epoch: u32,
     pub _pad: u32,
+    /// The coarse clock of connection state ([`clock`]): ns per jiffy, 0 for
+    /// `bpf_ktime_get_ns`.
+    pub clock_tick_ns: u64,
+    /// Its offset (ns, modular), see [`clock::coarse_ns`].
+    pub clock_base_ns: u64,
 }
 
 /// Byte offsets of kernel struct members, resolved by the daemon from the running kernel's BTF
@@ -838,7 +844,7 @@ const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
 const _: () = assert!(core::mem::size_of::<ConnEvent>() == 296);
 const _: () = assert!(core::mem::size_of::<UnixNames>() == 224);
 const _: () = assert!(core::mem::size_of::<UnixEvent>() == 520);
-const _: () = assert!(core::mem::size_of::<Control>() == 8);
+const _: () = assert!(core::mem::size_of::<Control>() == 24);
 const _: () = assert!(core::mem::size_of::<Capture>() == 88);
 const _: () = assert!(core::mem::size_of::<http1::RequestRun>() == 1056);
 const _: () = assert!(core::mem::size_of::<RequestEvent>() == 384);
@@ -856,6 +862,8 @@ mod user {
     unsafe impl aya::Pod for ConnState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for EventHeader {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for clock::ClockSample {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ConnEvent {}
     // SAFETY: as above.

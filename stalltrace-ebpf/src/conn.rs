@@ -16,6 +16,7 @@ use stalltrace_common::{
 };
 
 use crate::{
+    clock::precise_now,
     maps::{count_loss, current_epoch, CONNS, EVENTS, OFFSETS},
     words::copy_words,
 };
@@ -24,35 +25,31 @@ use crate::{
 /// epoch. A full ring buffer is counted, and the connection stays unmarked so that its next
 /// request start is reported again.
 #[inline(always)]
-pub(crate) fn emit(kind: EventKind, sock: u64, conn: &mut ConnState, now: u64) {
-    emit_record::<ConnEvent>(kind, sock, conn, now, |_| {});
+pub(crate) fn emit(kind: EventKind, sock: u64, conn: &mut ConnState) {
+    emit_record::<ConnEvent>(kind, sock, conn, |_| {});
 }
 
 /// Like `emit`, with the captured bytes of the request that just started appended.
 #[inline(always)]
-pub(crate) fn emit_request(
-    kind: EventKind,
-    sock: u64,
-    conn: &mut ConnState,
-    capture: &Capture,
-    now: u64,
-) {
-    emit_record::<RequestEvent>(kind, sock, conn, now, |record| {
+pub(crate) fn emit_request(kind: EventKind, sock: u64, conn: &mut ConnState, capture: &Capture) {
+    emit_record::<RequestEvent>(kind, sock, conn, |record| {
         // SAFETY: `record` points to a reserved, writable RequestEvent.
         unsafe { copy_words(&raw mut (*record).capture, capture) }
     });
 }
 
-/// Reserves a record of type `T`, which starts with a [`ConnEvent`], writes the header and the
-/// snapshot of `conn`, lets `tail` write the rest of it, and submits it (`emit`).
+/// Reserves a record of type `T`, which starts with a [`ConnEvent`], writes the header (dated by
+/// the precise clock: `stalltrace why` times sampled exchanges from these) and the snapshot of
+/// `conn`, lets `tail` write the rest of it, and submits it (`emit`).
 #[inline(always)]
 pub(crate) fn emit_record<T: 'static>(
     kind: EventKind,
     sock: u64,
     conn: &mut ConnState,
-    now: u64,
     tail: impl FnOnce(*mut T),
 ) {
+    // Read before the reservation, whose pointer would otherwise be spilled around the call.
+    let ts_ns = precise_now();
     let Some(mut entry) = EVENTS.reserve::<T>(0) else {
         count_loss(loss::RINGBUF_FULL);
         return;
@@ -67,7 +64,7 @@ pub(crate) fn emit_record<T: 'static>(
         (*event).header = EventHeader {
             kind: kind as u32,
             _pad: 0,
-            ts_ns: now,
+            ts_ns,
             sock,
         };
         copy_words(&raw mut (*event).conn, conn);

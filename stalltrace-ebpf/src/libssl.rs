@@ -16,7 +16,7 @@
 //! On a TLS server connection, a request that starts inside `SSL_read` has its capture (the
 //! records) replaced at the return by the plaintext the call read, so that it is named.
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
     maps::LruHashMap,
     programs::{ProbeContext, RetProbeContext},
@@ -111,9 +111,11 @@ pub(crate) fn stalltrace_ssl_read_return(ctx: RetProbeContext) -> u32 {
     };
     // SAFETY: map value pointer, valid for the duration of the program.
     let conn = unsafe { &mut *conn };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(now) = crate::clock::state_now() else {
+        return 0;
+    };
     let (quiet_ended, turn) = plaintext_received(conn, now, stall_after_ns());
-    report(call.sock, conn, false, quiet_ended, turn, None, now);
+    report(call.sock, conn, false, quiet_ended, turn, None);
     0
 }
 

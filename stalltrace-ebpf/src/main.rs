@@ -15,6 +15,7 @@
 //! - `splice`: TCP receives those hooks miss (`splice`/`sendfile` from a socket), from
 //!   `tcp/tcp_rcv_space_adjust`.
 //! - `http2`: per-stream accounting of HTTP/2 connections (called from `transfer`).
+//! - `clock`: the coarse clock of connection state, and its samples for the daemon.
 //!
 //! Per-connection state lives in the `CONNS` LRU map; the ring buffer carries only lifecycle
 //! events and request starts: a connection's first, then at most one per sweep epoch (see
@@ -26,6 +27,7 @@
 #![no_main]
 
 mod capture;
+mod clock;
 mod conn;
 mod http1;
 mod http2;

@@ -5,6 +5,7 @@ use aya_ebpf::{
     Global,
 };
 use stalltrace_common::{
+    clock::ClockSample,
     http1::{ReplyHead, RequestRun},
     http2, loss, Capture, ConnState, Control, FdOffsets, Offsets,
 };
@@ -159,9 +160,18 @@ pub(crate) fn unix_traced() -> bool {
     UNIX_TRACED.get(0).is_some_and(|on| *on != 0)
 }
 
-/// Slot 0 holds the daemon's current sweep epoch.
+/// Slot 0 holds the daemon's current sweep epoch and the coarse clock's fit (`clock.rs`).
 #[map]
 pub(crate) static CONTROL: Array<Control> = Array::with_max_entries(1, 0);
+
+/// Set before loading: connection state is timed from jiffies with the fit in `CONTROL` (1),
+/// or with `bpf_ktime_get_ns` (0: no fit could be made). See `clock.rs`.
+#[unsafe(no_mangle)]
+pub(crate) static COARSE_CLOCK: Global<u32> = Global::new(0);
+
+/// Slot 0: the sample `stalltrace_clock_sample` takes for the daemon's clock fit.
+#[map]
+pub(crate) static CLOCK_SAMPLE: Array<ClockSample> = Array::with_max_entries(1, 0);
 
 /// Local ports with a listening TCP socket, per network namespace (`listen_key`), with the
 /// number of listeners on each; used to guess the role of a connection that was already open

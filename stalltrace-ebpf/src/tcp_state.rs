@@ -1,9 +1,6 @@
 //! Connection lifecycle from `sock/inet_sock_set_state`: active and passive opens, closes,
 //! resets and the set of listening ports.
-use aya_ebpf::{
-    bindings::BPF_ANY, helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext,
-    EbpfContext,
-};
+use aya_ebpf::{bindings::BPF_ANY, macros::tracepoint, programs::TracePointContext, EbpfContext};
 use stalltrace_common::{
     conn_flags, direction, http2, listen_key, loss,
     message::Message,
@@ -108,19 +105,23 @@ fn fill_endpoints(args: &InetSockSetState, conn: &mut ConnState) {
 /// `connect()` runs in the caller's context, so the process is known here. The local port may
 /// still be 0 (it is chosen right after); `Established` or a retransmit fills it in.
 fn on_connect(args: &InetSockSetState) {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(now) = crate::clock::state_now() else {
+        return;
+    };
     let Some(conn) = new_conn(args, role::CLIENT, now) else {
         return;
     };
     set_owner_to_current(conn);
-    emit(EventKind::ConnectStarted, args.skaddr, conn, now);
+    emit(EventKind::ConnectStarted, args.skaddr, conn);
     insert(args.skaddr, conn);
 }
 
 /// Runs in softirq context: the current task is unrelated, so the owner comes from the
 /// `connect()` seen earlier, or from the first transfer.
 fn on_active_established(args: &InetSockSetState) {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(now) = crate::clock::state_now() else {
+        return;
+    };
     if let Some(conn) = CONNS.get_ptr_mut(args.skaddr) {
         // SAFETY: map value pointer, valid for the duration of the program.
         let conn = unsafe { &mut *conn };
@@ -128,7 +129,7 @@ fn on_active_established(args: &InetSockSetState) {
         conn.tcp_state = tcp_state::ESTABLISHED;
         conn.state_ns = now;
         conn.flags |= conn_flags::ESTABLISHED;
-        emit(EventKind::Established, args.skaddr, conn, now);
+        emit(EventKind::Established, args.skaddr, conn);
     } else {
         // The connect() predates the daemon: track it; the first transfer names the owner.
         if let Some(conn) = new_conn(args, role::CLIENT, now) {
@@ -141,10 +142,12 @@ fn on_active_established(args: &InetSockSetState) {
 /// A passive connection completed its handshake and waits in the accept queue. Runs in softirq
 /// context: its owner is learnt at its first transfer.
 fn on_passive_established(args: &InetSockSetState) {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(now) = crate::clock::state_now() else {
+        return;
+    };
     if let Some(conn) = new_conn(args, role::SERVER, now) {
         conn.flags |= conn_flags::ESTABLISHED;
-        emit(EventKind::Established, args.skaddr, conn, now);
+        emit(EventKind::Established, args.skaddr, conn);
         insert(args.skaddr, conn);
     }
 }
@@ -161,7 +164,9 @@ fn on_other_transition(args: &InetSockSetState, old: u8, new: u8) {
     };
     // SAFETY: map value pointer, valid for the duration of the program.
     let conn = unsafe { &mut *conn };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(now) = crate::clock::state_now() else {
+        return;
+    };
     // An HTTP/2 connection whose streams are followed: its oldest stream awaiting a response.
     // Only with the verdict extras (the walk that follows them): the verifier drops it elsewhere.
     let quiet_ended = if verdict_extras() && http2::tracking(conn) {
@@ -192,10 +197,10 @@ fn on_other_transition(args: &InetSockSetState, old: u8, new: u8) {
         conn.flags |= conn_flags::ABORTED;
     }
     if quiet_ended && exchange_ends {
-        emit(EventKind::QuietEnded, args.skaddr, conn, now);
+        emit(EventKind::QuietEnded, args.skaddr, conn);
     }
     if new == tcp_state::CLOSE {
-        emit(EventKind::Closed, args.skaddr, conn, now);
+        emit(EventKind::Closed, args.skaddr, conn);
         if verdict_extras() {
             crate::http2::forget(args.skaddr, conn);
         }
@@ -241,9 +246,11 @@ fn count_unread_reply(sock: u64, conn: &mut ConnState, old: u8, new: u8, now: u6
 /// evicted): the daemon may know it from /proc and must learn that it ended.
 #[inline(never)]
 fn report_untracked_close(args: &InetSockSetState) {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(now) = crate::clock::state_now() else {
+        return;
+    };
     if let Some(conn) = new_conn(args, role::UNKNOWN, now) {
         conn.flags = conn_flags::DISCOVERED | conn_flags::ESTABLISHED;
-        emit(EventKind::Closed, args.skaddr, conn, now);
+        emit(EventKind::Closed, args.skaddr, conn);
     }
 }

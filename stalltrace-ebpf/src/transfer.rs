@@ -11,9 +11,7 @@
 //! is either another kind of socket (checked by reading its family and protocol) or a
 //! connection the map does not hold yet (every Unix and UDP one starts so: `unix.rs`,
 //! `udp.rs`).
-use aya_ebpf::{
-    helpers::bpf_ktime_get_ns, macros::raw_tracepoint, programs::RawTracePointContext, EbpfContext,
-};
+use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext, EbpfContext};
 use aya_log_ebpf::debug;
 use stalltrace_common::{
     conn_flags, direction, http1, http2, listen_key, loss,
@@ -93,7 +91,9 @@ fn transfer<C: EbpfContext, const BUFFER: bool>(ctx: &C, sock: u64, dir: u8, ret
     if dir == direction::IN && flags & MSG_PEEK != 0 {
         return;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(now) = crate::clock::state_now() else {
+        return;
+    };
     let bytes = ret as u64;
     let conn = match CONNS.get_ptr_mut(sock) {
         // SAFETY: map value pointer, valid for the duration of the program.
@@ -181,9 +181,9 @@ fn record<const BUFFER: bool>(sock: u64, conn: &mut ConnState, dir: u8, bytes: u
             }
         }
     }
-    report(sock, conn, new_owner, quiet_ended, turn, capture, now);
+    report(sock, conn, new_owner, quiet_ended, turn, capture);
     if resumed {
-        emit(EventKind::ReplyResumed, sock, conn, now);
+        emit(EventKind::ReplyResumed, sock, conn);
     }
 }
 
@@ -199,23 +199,22 @@ pub(crate) fn report(
     quiet_ended: bool,
     turn: Turn,
     capture: Option<&'static mut Capture>,
-    now: u64,
 ) {
     if new_owner {
         // A passive connection's first transfer is usually its first request: sample it.
         match capture {
             Some(capture) => {
                 conn.flags |= conn_flags::SAMPLED;
-                emit_request(EventKind::Discovered, sock, conn, capture, now);
+                emit_request(EventKind::Discovered, sock, conn, capture);
             }
-            None => emit(EventKind::Discovered, sock, conn, now),
+            None => emit(EventKind::Discovered, sock, conn),
         }
     } else if quiet_ended {
         conn.flags &= !conn_flags::SAMPLED;
-        emit(EventKind::QuietEnded, sock, conn, now);
+        emit(EventKind::QuietEnded, sock, conn);
     } else if turn == Turn::ReplyStarted && conn.flags & conn_flags::SAMPLED != 0 {
         conn.flags &= !conn_flags::SAMPLED;
-        emit(EventKind::ExchangeCompleted, sock, conn, now);
+        emit(EventKind::ExchangeCompleted, sock, conn);
     } else if turn == Turn::RequestStarted
         && (conn.requests == 1 || conn.notified_epoch != current_epoch())
     {
@@ -226,8 +225,8 @@ pub(crate) fn report(
         // at its first transfer, above). Cost: one more ring record per client connection.
         conn.flags |= conn_flags::SAMPLED;
         match capture {
-            Some(capture) => emit_request(EventKind::RequestStarted, sock, conn, capture, now),
-            None => emit(EventKind::RequestStarted, sock, conn, now),
+            Some(capture) => emit_request(EventKind::RequestStarted, sock, conn, capture),
+            None => emit(EventKind::RequestStarted, sock, conn),
         }
     }
 }
@@ -358,7 +357,7 @@ fn discover<C: EbpfContext>(
     }
     if let Some(conn) = CONNS.get_ptr_mut(sock) {
         // SAFETY: map value pointer, valid for the duration of the program.
-        emit(EventKind::Discovered, sock, unsafe { &mut *conn }, now);
+        emit(EventKind::Discovered, sock, unsafe { &mut *conn });
     }
     None
 }

@@ -10,9 +10,7 @@
 //! Cost per datagram on a tracked socket: the map lookup and the counters; the datagram's
 //! first bytes are read only when a judged exchange starts (to name it) and on DNS flows (the
 //! query id). One-way senders never reach either.
-use aya_ebpf::{
-    bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, macros::cgroup_sock, programs::SockContext,
-};
+use aya_ebpf::{bindings::BPF_NOEXIST, macros::cgroup_sock, programs::SockContext};
 use stalltrace_common::{
     conn_flags, direction, loss,
     message::proto,
@@ -64,7 +62,7 @@ pub(crate) fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: 
     let turn = record_datagram(conn, dir, bytes, now, from_peer, id);
     // Only an answer ends the quiet (a partial DNS answer does not).
     let quiet_ended = quiet_ended && turn == Turn::ReplyStarted;
-    report(sock, conn, new_owner, quiet_ended, turn, capture, now);
+    report(sock, conn, new_owner, quiet_ended, turn, capture);
 }
 
 /// The datagram an unconnected socket is sending goes to the peer its entry follows.
@@ -155,14 +153,16 @@ pub(crate) fn stalltrace_sock_release(ctx: SockContext) -> i32 {
     if conn.transport != transport::UDP {
         return 1;
     }
-    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(now) = crate::clock::state_now() else {
+        return 1;
+    };
     let quiet_ended = is_outstanding(conn) && quiet_past_threshold(conn, now, stall_after_ns());
     conn.tcp_state = tcp_state::CLOSE;
     conn.state_ns = now;
     if quiet_ended {
-        emit(EventKind::QuietEnded, sock, conn, now);
+        emit(EventKind::QuietEnded, sock, conn);
     }
-    emit(EventKind::Closed, sock, conn, now);
+    emit(EventKind::Closed, sock, conn);
     let _ = CONNS.remove(sock);
     1
 }

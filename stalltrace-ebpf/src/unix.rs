@@ -70,7 +70,7 @@ pub(crate) fn replace<C: EbpfContext>(
 ) -> Option<*mut ConnState> {
     stale.tcp_state = tcp_state::CLOSE;
     stale.state_ns = now;
-    emit(EventKind::Closed, sock, stale, now);
+    emit(EventKind::Closed, sock, stale);
     let _ = CONNS.remove(sock);
     discover(ctx, sock, dir, now)
 }
@@ -140,7 +140,7 @@ pub(crate) fn discover<C: EbpfContext>(
     }
     let entry = CONNS.get_ptr_mut(sock)?;
     // SAFETY: map value pointer, valid for the duration of the program.
-    emit_discovered(sock, unsafe { &mut *entry }, addr, peer_addr, now);
+    emit_discovered(sock, unsafe { &mut *entry }, addr, peer_addr);
     Some(entry)
 }
 
@@ -207,10 +207,10 @@ fn peer_pid(sock: u64, offsets: &Offsets) -> u32 {
 
 /// Writes a `UnixDiscovered` record: the snapshot, then both names read straight into it.
 #[inline(never)]
-fn emit_discovered(sock: u64, conn: &mut ConnState, addr: u64, peer_addr: u64, now: u64) {
+fn emit_discovered(sock: u64, conn: &mut ConnState, addr: u64, peer_addr: u64) {
     let offsets = &crate::maps::OFFSETS.load();
     let kind = EventKind::UnixDiscovered;
-    emit_record::<UnixEvent>(kind, sock, conn, now, |record| {
+    emit_record::<UnixEvent>(kind, sock, conn, |record| {
         // SAFETY: `record` points to a reserved, writable UnixEvent.
         unsafe {
             (*record).names._pad = 0;

@@ -24,11 +24,12 @@ use aya::{
 };
 use stalltrace_common::{
     capture_slot,
+    clock::Fit,
     http1::{ReplyHead, RequestRun},
     loss, syscall_regs, unix_alive, Capture, ConnState, Control, FdOffsets, Offsets, StackKey,
 };
 
-use crate::sources::{cgroups, libssl, tracefs};
+use crate::sources::{cgroups, kernel_clock, libssl, tracefs};
 
 /// The object built by build.rs from stalltrace-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stalltrace"));
@@ -395,6 +396,9 @@ pub(crate) struct KernelMaps {
     request_run_slots: u32,
     /// The data transfer programs, for the kernel's count of runs it skipped.
     transfer_programs: Vec<ProgramFd>,
+    /// The coarse clock's fit, written into `CONTROL` with every epoch, or why the programs
+    /// read `bpf_ktime_get_ns`.
+    pub clock: Result<Fit, String>,
 }
 
 /// What the kernel says of a Unix socket ([`Probes::unix_liveness`]).
@@ -455,8 +459,18 @@ impl KernelMaps {
     }
 
     pub(crate) fn set_epoch(&mut self, epoch: u32) -> Result<()> {
+        let (clock_tick_ns, clock_base_ns) = self
+            .clock
+            .as_ref()
+            .map_or((0, 0), |f| (f.tick_ns, f.base_ns));
+        let control = Control {
+            epoch,
+            _pad: 0,
+            clock_tick_ns,
+            clock_base_ns,
+        };
         self.control
-            .set(0, Control { epoch, _pad: 0 }, 0)
+            .set(0, control, 0)
             .context("writing the sweep epoch to the CONTROL map")
     }
 
@@ -625,7 +639,8 @@ impl Probes {
         } else {
             1
         };
-        let mut ebpf = EbpfLoader::new()
+        let load = |coarse_clock: u32| {
+            EbpfLoader::new()
             // The programs carry no CO-RE relocations (offsets come from our own BTF read), so
             // aya need not parse the kernel's BTF: that saves ~25 MiB of peak memory.
             .btf(None)
@@ -665,12 +680,25 @@ impl Probes {
                 true,
             )
             .override_global("VERDICT_EXTRAS", &u32::from(extras), true)
+            .override_global("COARSE_CLOCK", &coarse_clock, true)
             .load(OBJECT)
             .context(
                 "loading the eBPF maps and programs failed; stalltrace needs Linux >= 5.8 with \
                  BPF ring buffers and tracepoints (CONFIG_BPF_SYSCALL, CONFIG_BPF_EVENTS), run \
                  as root",
-            )?;
+            )
+        };
+        // The clock is fitted before any program is verified, so reloading without it costs
+        // only the maps.
+        let mut ebpf = load(1)?;
+        let clock = kernel_clock::fit(&mut ebpf);
+        if let Err(why) = &clock {
+            log::warn!(
+                "connection state is timed with bpf_ktime_get_ns, ~50 ns more per transfer on \
+                 some machines, as jiffies could not be used: {why}"
+            );
+            ebpf = load(0)?;
+        }
         if let Err(err) = aya_log::EbpfLogger::init(&mut ebpf).map(spawn_kernel_logger) {
             log::warn!("kernel-side log messages unavailable: {err}");
         }
@@ -686,6 +714,7 @@ impl Probes {
             http1_request_runs: take_map(&mut ebpf, "HTTP1_REQUEST_RUNS")?,
             request_run_slots: reply_heads,
             transfer_programs: Vec::new(),
+            clock,
         };
         // Epoch 0 is what a fresh kernel entry carries: start above it so that every entry's
         // first request start is reported.

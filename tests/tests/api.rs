@@ -105,6 +105,13 @@ fn status_reports_hooks_connections_and_losses() {
         status["features"]["adopt_existing"], true,
         "kernel BTF resolves here"
     );
+    // Connection state is timed from jiffies: the fit found one of Kconfig.hz's tick rates.
+    let clock = &status["features"]["coarse_clock"];
+    assert_eq!(clock["enabled"], true, "{clock}");
+    assert!(
+        [1_000_000, 3_333_333, 4_000_000, 10_000_000].contains(&clock["tick_ns"].as_u64().unwrap()),
+        "{clock}"
+    );
 
     let table = daemon.cli(&["status"]);
     let table = String::from_utf8(table.stdout).unwrap();

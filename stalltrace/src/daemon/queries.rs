@@ -113,6 +113,11 @@ impl Daemon {
                 "http1_pipelining": probes.http1_framing,
                 // h2c connections judged per stream (the kernel's frame walk).
                 "http2_streams": probes.http2_streams,
+                // Connection state timed from jiffies (ns per tick), or with bpf_ktime_get_ns.
+                "coarse_clock": match &probes.maps.clock {
+                    Ok(fit) => json!({"enabled": true, "tick_ns": fit.tick_ns}),
+                    Err(why) => json!({"enabled": false, "reason": why}),
+                },
                 // TLS clients' replies counted when libssl's SSL_read returns plaintext.
                 "tls_libssl": match &probes.libssl {
                     Ok(path) => json!({"enabled": true, "library": path}),

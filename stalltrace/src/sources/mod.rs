@@ -3,6 +3,7 @@
 //! parses one thing; it must not decide verdicts (the core's job) nor keep state across calls beyond a bounded cache.
 pub(crate) mod btf;
 pub(crate) mod cgroups;
+pub(crate) mod kernel_clock;
 pub(crate) mod libssl;
 pub(crate) mod netns;
 pub(crate) mod procfs;
