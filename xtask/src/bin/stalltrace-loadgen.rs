@@ -44,8 +44,12 @@ enum Workload {
         #[arg(long)]
         rate: Option<f64>,
         /// Over Unix stream sockets instead of TCP.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "udp")]
         unix: bool,
+        /// Over UDP: each "connection" a pair of sockets connected to each other, a request
+        /// and its answer one datagram each (a DNS-like exchange).
+        #[arg(long)]
+        udp: bool,
     },
     Churn {
         #[arg(long, default_value_t = 2)]
@@ -94,14 +98,13 @@ fn main() -> Result<()> {
             conns,
             secs,
             rate,
-            unix: false,
-        } => pingpong(tcp_pairs(conns)?, secs, rate),
-        Workload::Pingpong {
-            conns,
-            secs,
-            rate,
-            unix: true,
-        } => pingpong(unix_pairs(conns)?, secs, rate),
+            unix,
+            udp,
+        } => match (unix, udp) {
+            (true, _) => pingpong(unix_pairs(conns)?, secs, rate),
+            (_, true) => pingpong(udp_pairs(conns)?, secs, rate),
+            _ => pingpong(tcp_pairs(conns)?, secs, rate),
+        },
         Workload::Churn { workers, secs } => churn(workers, secs),
         Workload::Fileio { secs } => fileio(secs),
         Workload::Udp { secs, connected } => udp(secs, connected),
@@ -147,7 +150,7 @@ fn pingpong<S: Stream>(
     Ok(())
 }
 
-/// A connected socket the ping-pong drives: TCP or Unix.
+/// A connected socket the ping-pong drives: TCP, Unix or UDP.
 trait Stream: AsRawFd + Send + 'static {
     fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize>;
     fn send(&self, buf: &[u8]) -> std::io::Result<()>;
@@ -167,6 +170,32 @@ macro_rules! stream {
 }
 
 stream!(TcpStream, UnixStream);
+
+impl Stream for UdpSocket {
+    fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        UdpSocket::recv(self, buf)
+    }
+    fn send(&self, buf: &[u8]) -> std::io::Result<()> {
+        UdpSocket::send(self, buf).map(drop)
+    }
+}
+
+/// `conns` pairs of loopback UDP sockets, each connected to the other.
+fn udp_pairs(conns: usize) -> Result<(Vec<UdpSocket>, Vec<UdpSocket>)> {
+    let mut pairs = (Vec::with_capacity(conns), Vec::with_capacity(conns));
+    for _ in 0..conns {
+        let client = UdpSocket::bind("127.0.0.1:0").context("binding a UDP socket")?;
+        let server = UdpSocket::bind("127.0.0.1:0").context("binding a UDP socket")?;
+        client.connect(server.local_addr()?)?;
+        server.connect(client.local_addr()?)?;
+        for socket in [&client, &server] {
+            socket.set_nonblocking(true)?;
+        }
+        pairs.0.push(client);
+        pairs.1.push(server);
+    }
+    Ok(pairs)
+}
 
 /// `conns` loopback TCP connections: (client ends, server ends), non-blocking.
 fn tcp_pairs(conns: usize) -> Result<(Vec<TcpStream>, Vec<TcpStream>)> {
