@@ -8,6 +8,7 @@ mod queries;
 mod resync;
 mod stall_diagnosis;
 mod timelines;
+mod turns;
 mod unix;
 mod unread;
 mod why_samples;
@@ -321,6 +322,7 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
         sweeps: 0,
         sweep_busy: Duration::ZERO,
         sweep_max: Duration::ZERO,
+        turns: turns::Turns::default(),
         out,
         privileges,
         streams: std::collections::VecDeque::new(),
@@ -399,6 +401,21 @@ fn kernel_layout(btf_file: Option<&std::path::Path>) -> Result<(Offsets, KernelF
     })
 }
 
+/// What woke the loop for a turn.
+enum Wake<'ring> {
+    Hangup,
+    Readable(std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'ring, RingBuf<MapData>>>),
+    /// The drain's interval, or records left from the last turn.
+    Drain,
+    Sweep,
+    /// The once-a-second work.
+    Second,
+    Recalibrate,
+    Query(Query),
+    Streams,
+    Findings(Vec<Finding>),
+}
+
 struct Daemon {
     tracker: Tracker,
     /// The rules of `--config`, applied to stalls before they are reported.
@@ -431,6 +448,8 @@ struct Daemon {
     sweeps: u64,
     sweep_busy: Duration,
     sweep_max: Duration,
+    /// The loop's turns: the longest, and what it did.
+    turns: turns::Turns,
     /// Reused output buffer.
     out: Vec<Event>,
     /// What the daemon runs with after start-up.
@@ -458,7 +477,6 @@ impl Daemon {
         let mut sweep = tokio::time::interval(sweep_interval(self.kernel_threshold));
         let mut loss = tokio::time::interval(LOSS_REPORT_EVERY);
         let mut recalibrate = tokio::time::interval(RECALIBRATE_EVERY);
-        // While `conns` answers stream, chunks are made for the clients that have room.
         let mut streams = tokio::time::interval(STREAM_EVERY);
         for timer in [
             &mut drain,
@@ -474,71 +492,104 @@ impl Daemon {
         let mut backlog = false;
         let mut sweep_due = false;
         loop {
-            // The `conns` answer being streamed, if any: a chunk is made when its client can
-            // take one.
-            tokio::select! {
+            let woken = tokio::select! {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
-                _ = sighup.recv() => {
+                _ = sighup.recv() => Wake::Hangup,
+                guard = ring.readable_mut() => Wake::Readable(guard),
+                _ = drain.tick() => Wake::Drain,
+                _ = tokio::task::yield_now(), if backlog => Wake::Drain,
+                _ = sweep.tick() => Wake::Sweep,
+                _ = loss.tick() => Wake::Second,
+                _ = recalibrate.tick() => Wake::Recalibrate,
+                Some(query) = queries.recv() => Wake::Query(query),
+                // While `conns` answers stream, chunks are made for the clients that have room.
+                _ = streams.tick(), if !self.streams.is_empty() => Wake::Streams,
+                Some(batch) = findings.recv() => Wake::Findings(batch),
+            };
+            // The turn starts: until it ends, nothing else on this thread runs.
+            let started = Instant::now();
+            let mut job = match woken {
+                Wake::Hangup => {
                     if self.config.events_file.is_some() {
                         self.sink.reopen();
                     } else if self.config.config_path.is_none() {
                         log::info!("SIGHUP: events go to stdout, nothing to reopen");
                     }
                     self.reload_config();
+                    turns::Job::Signal
                 }
-                guard = ring.readable_mut() => {
+                Wake::Readable(guard) => {
                     let mut guard = guard.context("polling the ring buffer")?;
                     backlog = self.drain_some(guard.get_inner_mut(), &probes.maps);
                     guard.clear_ready();
+                    turns::Job::Drain
                 }
-                _ = drain.tick() => backlog = self.drain_some(ring.get_mut(), &probes.maps),
-                _ = tokio::task::yield_now(), if backlog => {
+                Wake::Drain => {
                     backlog = self.drain_some(ring.get_mut(), &probes.maps);
+                    turns::Job::Drain
                 }
-                _ = sweep.tick() => {
+                Wake::Sweep => {
                     backlog = self.drain_some(ring.get_mut(), &probes.maps);
                     sweep_due = true;
+                    turns::Job::Drain
                 }
-                _ = loss.tick() => {
+                Wake::Second => {
                     self.report_loss(&probes.maps);
                     let lost = self.loss(&probes.maps);
-                    self.metrics.update(self.tracker.len(), &lost, std::mem::take(&mut self.ring_fill));
+                    self.metrics.update(
+                        self.tracker.len(),
+                        &lost,
+                        std::mem::take(&mut self.ring_fill),
+                    );
                     self.metrics.oldest(&self.policy.oldest(monotonic_ns()));
                     self.resync_if_due(ring.get_mut(), &probes.maps);
                     self.compact();
+                    turns::Job::Housekeeping
                 }
-                _ = recalibrate.tick() => self.sink.recalibrate(),
-                Some(query) = queries.recv() => {
-                    // Its client gave up (timed out) while the query waited: save the work.
-                    if query.reply.is_closed() {
-                        continue;
-                    }
+                Wake::Recalibrate => {
+                    self.sink.recalibrate();
+                    turns::Job::Recalibrate
+                }
+                // Its client gave up (timed out) while the query waited: save the work.
+                Wake::Query(query) if query.reply.is_closed() => turns::Job::Query,
+                Wake::Query(query) => {
                     match query.command {
                         stalltrace_core::api::Command::Conns { filter } => {
                             let chunks = self.stream_conns(&filter);
                             let _ = query.reply.send(Answer::Items(chunks));
                         }
                         command => {
+                            let status = matches!(command, stalltrace_core::api::Command::Status);
                             let response = self.answer(command, probes);
                             let _ = query.reply.send(Answer::Whole(response));
+                            if status {
+                                self.turns.status_taken();
+                            }
                         }
                     }
+                    turns::Job::Query
                 }
-                _ = streams.tick(), if !self.streams.is_empty() => {
+                Wake::Streams => {
                     self.pump_conns_streams(probes);
+                    turns::Job::ConnsChunks
                 }
-                Some(mut batch) = findings.recv() => {
+                Wake::Findings(mut batch) => {
                     // Stalls found together are chained together: take what else is waiting.
                     while let Ok(mut more) = findings.try_recv() {
                         batch.append(&mut more);
                     }
                     self.on_findings(batch, &probes.maps, monotonic_ns());
+                    turns::Job::Findings
                 }
-            }
+            };
             if !backlog && std::mem::take(&mut sweep_due) {
                 self.sweep(probes)?;
+                job = turns::Job::Sweep;
             }
+            let took = started.elapsed();
+            self.turns.record(job, took);
+            self.metrics.loop_turn(took);
         }
         // Deliver what the kernel reported before the signal.
         self.drain(ring.get_mut(), &probes.maps);

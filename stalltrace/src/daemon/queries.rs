@@ -147,6 +147,7 @@ impl Daemon {
                 "avg_us": sweep_avg_us as u64,
                 "max_us": self.sweep_max.as_micros() as u64,
             },
+            "loop": self.turns.status(),
             "privileges": self.privileges,
             "lost": loss,
             "lost_total": loss.total(),
