@@ -429,6 +429,21 @@ impl KernelMaps {
         self.conns.get(&sock, 0).ok()
     }
 
+    /// A second handle on the connection map (its fd duplicated), for a thread of its own.
+    pub(crate) fn conns_handle(&self) -> Result<HashMap<MapData, u64, ConnState>> {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::AsFd as _;
+        let fd = self
+            .conns
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the CONNS map's fd")?;
+        let map = MapData::from_fd(fd).context("opening the CONNS map")?;
+        HashMap::try_from(aya::maps::Map::LruHashMap(map)).context("opening the CONNS map")
+    }
+
     /// The kernel's copy of the start of `sock`'s latest HTTP/1.x response.
     pub(crate) fn reply_head(&self, sock: u64) -> Option<ReplyHead> {
         self.http1_reply_heads.get(&sock, 0).ok()

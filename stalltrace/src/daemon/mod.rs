@@ -108,6 +108,9 @@ const LOSS_REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Kernel entries read per sweep at most (one syscall each, ~1 µs): bounds a sweep to ~20 ms
 /// after a burst of new connections.
 const SWEEP_BUDGET: usize = 20_000;
+/// Time a sweep reads kernel entries for at most: with both cores busy (the burst's
+/// connecting processes), a read takes ten times longer and 20 000 of them took 279 ms.
+const SWEEP_TIME_BUDGET: Duration = Duration::from_millis(30);
 const RECALIBRATE_EVERY: Duration = Duration::from_secs(10);
 /// How often streamed `conns` answers get their next chunks.
 const STREAM_EVERY: Duration = Duration::from_millis(5);
@@ -234,7 +237,7 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
             format!("; metrics on http://{address}/metrics")
         });
     let mut tracker = Tracker::new(stall_after_ns);
-    tracker.set_sweep_budget(SWEEP_BUDGET);
+    tracker.set_sweep_budget(SWEEP_BUDGET, SWEEP_TIME_BUDGET);
 
     // Adopt after attaching: a connection that closes in between is reported by the kernel.
     let mut out = Vec::new();
@@ -291,6 +294,7 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
     // SAFETY: the ring buffer map owns its fd and keeps it open for as long as the AsyncFd.
     let ring = unsafe { AsyncFd::register(ring) }.context("polling the ring buffer")?;
     let (diagnoser, findings) = Diagnoser::new(stall_after_ns, config.capture_raw, config.privacy)?;
+    let (walker, walked) = resync::Walker::spawn(&probes.maps)?;
     let policy = policy::Policy::new(
         std::mem::take(&mut config.rules),
         config.stall_after.as_nanos() as u64,
@@ -319,6 +323,8 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
         reported_loss: LossCounters::default(),
         logged_loss: LossCounters::default(),
         resync: resync::ResyncPolicy::default(),
+        walker: Some(walker),
+        resyncs: resync::Resyncs::default(),
         sweeps: 0,
         sweep_busy: Duration::ZERO,
         sweep_max: Duration::ZERO,
@@ -341,7 +347,7 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
         ),
     );
     let result = daemon
-        .main_loop(&mut probes, ring, queries, findings, sighup)
+        .main_loop(&mut probes, ring, queries, findings, walked, sighup)
         .await;
     notify_service_manager(sd_notify::NotifyState::Stopping, "stopping");
     daemon.sink.close(OUTPUT_GRACE);
@@ -414,6 +420,8 @@ enum Wake<'ring> {
     Query(Query),
     Streams,
     Findings(Vec<Finding>),
+    /// From the map walker (`None`: it is gone).
+    Walked(Option<resync::Walked>),
 }
 
 struct Daemon {
@@ -445,6 +453,9 @@ struct Daemon {
     /// Losses as of the last log message about them.
     logged_loss: LossCounters,
     resync: resync::ResyncPolicy,
+    /// The thread that reads the kernel map for resynchronizations (`None`: it died).
+    walker: Option<resync::Walker>,
+    resyncs: resync::Resyncs,
     sweeps: u64,
     sweep_busy: Duration,
     sweep_max: Duration,
@@ -469,6 +480,7 @@ impl Daemon {
         mut ring: AsyncFd<RingBuf<MapData>>,
         mut queries: mpsc::Receiver<Query>,
         mut findings: mpsc::Receiver<Vec<Finding>>,
+        mut walked: mpsc::Receiver<resync::Walked>,
         mut sighup: tokio::signal::unix::Signal,
     ) -> Result<()> {
         let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -506,9 +518,11 @@ impl Daemon {
                 // While `conns` answers stream, chunks are made for the clients that have room.
                 _ = streams.tick(), if !self.streams.is_empty() => Wake::Streams,
                 Some(batch) = findings.recv() => Wake::Findings(batch),
+                chunk = walked.recv(), if self.walker.is_some() => Wake::Walked(chunk),
             };
             // The turn starts: until it ends, nothing else on this thread runs.
             let started = Instant::now();
+            let cpu_started = turns::thread_cpu_us();
             let mut job = match woken {
                 Wake::Hangup => {
                     if self.config.events_file.is_some() {
@@ -543,7 +557,7 @@ impl Daemon {
                         std::mem::take(&mut self.ring_fill),
                     );
                     self.metrics.oldest(&self.policy.oldest(monotonic_ns()));
-                    self.resync_if_due(ring.get_mut(), &probes.maps);
+                    self.resync_if_due(&probes.maps);
                     self.compact();
                     turns::Job::Housekeeping
                 }
@@ -574,6 +588,10 @@ impl Daemon {
                     self.pump_conns_streams(probes);
                     turns::Job::ConnsChunks
                 }
+                Wake::Walked(chunk) => {
+                    self.on_walked(chunk, &probes.maps);
+                    turns::Job::Resync
+                }
                 Wake::Findings(mut batch) => {
                     // Stalls found together are chained together: take what else is waiting.
                     while let Ok(mut more) = findings.try_recv() {
@@ -588,7 +606,8 @@ impl Daemon {
                 job = turns::Job::Sweep;
             }
             let took = started.elapsed();
-            self.turns.record(job, took);
+            let cpu_us = turns::thread_cpu_us().saturating_sub(cpu_started);
+            self.turns.record(job, took, cpu_us);
             self.metrics.loop_turn(took);
         }
         // Deliver what the kernel reported before the signal.

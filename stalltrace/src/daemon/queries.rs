@@ -148,6 +148,7 @@ impl Daemon {
                 "max_us": self.sweep_max.as_micros() as u64,
             },
             "loop": self.turns.status(),
+            "resync": self.resyncs.status(),
             "privileges": self.privileges,
             "lost": loss,
             "lost_total": loss.total(),
