@@ -112,7 +112,7 @@ const SWEEP_BUDGET: usize = 20_000;
 /// connecting processes), a read takes ten times longer and 20 000 of them took 279 ms.
 const SWEEP_TIME_BUDGET: Duration = Duration::from_millis(30);
 const RECALIBRATE_EVERY: Duration = Duration::from_secs(10);
-/// How often streamed `conns` answers get their next chunks.
+/// How often streamed `conns` answers other than the oldest get their next chunks.
 const STREAM_EVERY: Duration = Duration::from_millis(5);
 
 /// Sweeps often enough that a stall is reported well within a second of crossing the
@@ -504,6 +504,8 @@ impl Daemon {
         let mut backlog = false;
         let mut sweep_due = false;
         loop {
+            // The oldest `conns` stream gets its next chunks as soon as its client has room.
+            let head_stream = self.streams.front().map(|stream| stream.chunks.clone());
             let woken = tokio::select! {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
@@ -515,7 +517,10 @@ impl Daemon {
                 _ = loss.tick() => Wake::Second,
                 _ = recalibrate.tick() => Wake::Recalibrate,
                 Some(query) = queries.recv() => Wake::Query(query),
-                // While `conns` answers stream, chunks are made for the clients that have room.
+                // While `conns` answers stream, chunks are made for the clients that have room:
+                // the oldest as soon as it has, the others in turn.
+                _ = async { head_stream.as_ref().expect("guarded").reserve().await },
+                    if head_stream.is_some() => Wake::Streams,
                 _ = streams.tick(), if !self.streams.is_empty() => Wake::Streams,
                 Some(batch) = findings.recv() => Wake::Findings(batch),
                 chunk = walked.recv(), if self.walker.is_some() => Wake::Walked(chunk),
