@@ -476,18 +476,25 @@ impl KernelMaps {
     }
 
     pub(crate) fn loss(&self) -> KernelLoss {
-        let sum = |slot: u32| {
-            self.loss
-                .get(&slot, 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .unwrap_or(0)
-        };
         KernelLoss {
-            ringbuf_full: sum(loss::RINGBUF_FULL),
-            conn_insert_failed: sum(loss::CONN_INSERT_FAILED),
+            ringbuf_full: self.lost(loss::RINGBUF_FULL),
+            conn_insert_failed: self.lost(loss::CONN_INSERT_FAILED),
             hook_missed: self.transfer_programs.iter().map(recursion_misses).sum(),
-            http2_untracked: sum(loss::HTTP2_UNTRACKED),
+            http2_untracked: self.lost(loss::HTTP2_UNTRACKED),
         }
+    }
+
+    /// Records lost to a full ring buffer, in all (one map read).
+    pub(crate) fn ringbuf_full(&self) -> u64 {
+        self.lost(loss::RINGBUF_FULL)
+    }
+
+    /// A per-CPU loss counter, summed.
+    fn lost(&self, slot: u32) -> u64 {
+        self.loss
+            .get(&slot, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
     }
 }
 

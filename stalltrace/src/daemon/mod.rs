@@ -551,6 +551,7 @@ impl Daemon {
                 Wake::Sweep => {
                     backlog = self.drain_some(ring.get_mut(), &probes.maps);
                     sweep_due = true;
+                    self.resync_if_due(&probes.maps);
                     turns::Job::Drain
                 }
                 Wake::Second => {
@@ -562,7 +563,6 @@ impl Daemon {
                         std::mem::take(&mut self.ring_fill),
                     );
                     self.metrics.oldest(&self.policy.oldest(monotonic_ns()));
-                    self.resync_if_due(&probes.maps);
                     self.compact();
                     turns::Job::Housekeeping
                 }

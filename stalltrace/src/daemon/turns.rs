@@ -17,7 +17,7 @@ pub(super) enum Job {
     Drain,
     /// A sweep of the watched connections (with the drain before it).
     Sweep,
-    /// The once-a-second work: loss report, metrics, starting a resynchronization, compaction.
+    /// The once-a-second work: loss report, metrics, compaction.
     Housekeeping,
     /// Part of a resynchronization: a chunk of the kernel map reconciled, or its end.
     Resync,
