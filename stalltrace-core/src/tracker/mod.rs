@@ -293,9 +293,9 @@ pub struct Reconciled {
     pub recovered: usize,
     /// Tracked connections missing from the kernel map, now watched to confirm their close.
     pub vanished: usize,
-    /// Kernel entries passed over: the tracker heard of their connection after the snapshot
-    /// began, so knew it at least as recently.
-    pub newer: usize,
+    /// Kernel entries passed over: their connection closed, or another took its address,
+    /// after the snapshot began.
+    pub superseded: usize,
 }
 
 /// A resynchronization in progress.
@@ -303,8 +303,8 @@ pub struct Reconciled {
 struct Resync {
     /// Keys of the snapshot's entries so far.
     seen: BySock<()>,
-    /// Connections heard of since the snapshot began.
-    newer: BySock<()>,
+    /// Addresses whose connection closed or was replaced since the snapshot began.
+    superseded: BySock<()>,
     found: Reconciled,
 }
 
@@ -631,13 +631,14 @@ impl Tracker {
             return;
         };
         let sock = event.header.sock;
-        self.heard_of(sock);
         let at = event.header.ts_ns;
         let state = &event.conn;
         if kind == EventKind::Closed {
+            self.superseded(sock);
             self.on_closed(sock, state, at, out);
             return;
         }
+        let before = self.conns.get(sock).map(|conn| conn.id);
         if kind == EventKind::ConnectStarted {
             if let Some(stale) = self.conns.remove(sock) {
                 self.close_unseen(stale, at, out);
@@ -645,6 +646,9 @@ impl Tracker {
         }
         let stall_after_ns = self.stall_after_ns;
         self.conn_for(sock, state, at, out);
+        if self.conns.get(sock).map(|conn| conn.id) != before {
+            self.superseded(sock);
+        }
         self.conns.refresh(sock, state);
         if state.peer_sock != 0 {
             self.conns.link_unix_peers(sock, state.peer_sock);
@@ -783,12 +787,13 @@ impl Tracker {
 
     /// Starts bringing the tracker back in line with the kernel's connection map after lost
     /// events. The map's snapshot is read while events keep coming, and handed over in chunks
-    /// ([`Tracker::resync_entries`]), then [`Tracker::finish_resync`]. From now until then,
-    /// every connection the tracker hears of (a kernel record, a sweep's read) is known to it
-    /// at least as recently as by the snapshot, whose entry is then passed over: an entry read
-    /// before the connection's close would otherwise bring it back, and one read before its
-    /// address was reused would close its successor. A resynchronization in progress is
-    /// dropped.
+    /// ([`Tracker::resync_entries`]), then [`Tracker::finish_resync`]. From now until then, a
+    /// sock address whose connection the tracker closes or replaces (a close record, a close
+    /// found lost, a record of a new connection there) has its snapshot entry passed over: read
+    /// before the close, it would bring the connection back; read before the address was
+    /// reused, it would close its successor. Other entries are applied even if the tracker
+    /// heard of their connection since (a record or a sweep's read need not have reported it:
+    /// its owner may have been unknown then). A resynchronization in progress is dropped.
     pub fn begin_resync(&mut self) {
         self.resync = Some(Box::default());
     }
@@ -798,10 +803,11 @@ impl Tracker {
         self.resync.is_some()
     }
 
-    /// `sock` is known from now: its entry in the snapshot being reconciled is older.
-    fn heard_of(&mut self, sock: u64) {
+    /// The connection at `sock` closed, or another took its address: its entry in the
+    /// snapshot being reconciled is outdated.
+    fn superseded(&mut self, sock: u64) {
         if let Some(resync) = self.resync.as_deref_mut() {
-            resync.newer.insert(sock, ());
+            resync.superseded.insert(sock, ());
         }
     }
 
@@ -820,8 +826,8 @@ impl Tracker {
         let mark = out.len();
         for (sock, state) in kernel {
             resync.seen.insert(sock, ());
-            if resync.newer.contains_key(&sock) {
-                resync.found.newer += 1;
+            if resync.superseded.contains_key(&sock) {
+                resync.found.superseded += 1;
                 continue;
             }
             let before = self.conns.get(sock).map(|conn| (conn.id, conn.announced));
@@ -844,7 +850,7 @@ impl Tracker {
     }
 
     /// Ends the resynchronization: tracked connections the snapshot did not hold (nor
-    /// heard of since it began) are watched, so that the next sweeps close them as lost
+    /// opened at an address since it began) are watched, so that the next sweeps close them as lost
     /// unless their close event is still in flight. What it found, in all.
     pub fn finish_resync(&mut self) -> Reconciled {
         let Some(resync) = self.resync.take() else {
@@ -854,7 +860,7 @@ impl Tracker {
         let vanished: Vec<u64> = self
             .conns
             .socks()
-            .filter(|sock| !resync.seen.contains_key(sock) && !resync.newer.contains_key(sock))
+            .filter(|sock| !resync.seen.contains_key(sock) && !resync.superseded.contains_key(sock))
             .collect();
         found.vanished = vanished.len();
         for sock in vanished {
@@ -920,7 +926,6 @@ impl Tracker {
             }
             budget -= 1;
             reads += 1;
-            self.heard_of(sock);
             let state = lookup(sock);
             if let Some(state) = &state {
                 self.conns.refresh(sock, state);
@@ -982,6 +987,7 @@ impl Tracker {
             }
         }
         for sock in lost {
+            self.superseded(sock);
             self.watched.remove(&sock);
             if let Some(conn) = self.conns.remove(sock) {
                 self.close_unseen(conn, now, out);

@@ -6,7 +6,7 @@
 //! with both cores busy; batches of 2 048 cut that to one per batch), so a thread of its own
 //! walks it ([`Walker`]) and hands the entries over in chunks through a bounded channel; the loop reconciles one chunk per turn
 //! (`Tracker::resync_entries`), with the ring buffer, sweeps and API queries served in between.
-//! What the tracker hears of meanwhile is newer than the snapshot, and wins over it.
+//! A connection the tracker sees close or replaced meanwhile has its older map entry passed over.
 use std::{
     sync::mpsc::{self, SyncSender, TrySendError},
     time::Instant,
@@ -389,11 +389,11 @@ impl Daemon {
         let took = started.elapsed();
         log::info!(
             "resynchronized with the kernel after {lost} lost events in total: {} connections \
-             recovered, {} to confirm closed, {} newer than the map's entry ({} entries read \
+             recovered, {} to confirm closed, {} closed or replaced since read ({} entries read \
              {} in {} ms, {} µs of CPU, {} failed; {} ms in all)",
             found.recovered,
             found.vanished,
-            found.newer,
+            found.superseded,
             walk.entries,
             if walk.batches {
                 "in batches"
