@@ -1183,7 +1183,10 @@ fn targets(report: &Value) -> Value {
         &format!("full `conns -o json` of {ends} items in < 1 s (CLI, end to end)"),
         answer,
         answer.map_or("-".into(), |ms| {
-            format!("{ms:.0} ms (the daemon's answer: {} ms)", scale["conns_api_answer_ms"])
+            format!(
+                "{ms:.0} ms (the daemon's answer: {} ms)",
+                scale["conns_api_answer_ms"]
+            )
         }),
         answer.is_some_and(|ms| ms < 1000.0),
     );
