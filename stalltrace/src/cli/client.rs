@@ -204,20 +204,14 @@ fn stream_json<T: serde::de::DeserializeOwned + serde::Serialize>(
     let mut stream = connect(socket)?;
     stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
     send(&mut stream, command)?;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut out = Indented(std::io::BufWriter::new(std::io::stdout().lock()));
     let mut first = true;
-    let outcome =
-        super::items::for_each_item(BufReader::with_capacity(1 << 16, &stream), |item: T| {
-            let text = serde_json::to_string_pretty(&item).map_err(std::io::Error::other)?;
-            out.write_all(if first { b"[" } else { b"," })?;
-            first = false;
-            // Indented one level, as an element of the array (JSON strings hold no newline).
-            for line in text.lines() {
-                out.write_all(b"\n  ")?;
-                out.write_all(line.as_bytes())?;
-            }
-            Ok(())
-        });
+    let outcome = super::items::for_each_item(&stream, |item: T| {
+        out.0.write_all(if first { b"[\n  " } else { b",\n  " })?;
+        first = false;
+        serde_json::to_writer_pretty(&mut out, &item).map_err(std::io::Error::other)
+    });
+    let mut out = out.0;
     match outcome {
         Ok(Ok(_)) => {
             out.write_all(if first { b"[]\n" } else { b"\n]\n" })?;
@@ -233,6 +227,30 @@ fn stream_json<T: serde::de::DeserializeOwned + serde::Serialize>(
             bail!("the daemon closed the connection without answering")
         }
         Err(err) => Err(err).context("reading the daemon's answer"),
+    }
+}
+
+/// Writes pretty JSON one level deeper: two spaces after every newline (a JSON string holds
+/// none), so that a value written alone reads as an element of an array.
+struct Indented<W>(W);
+
+impl<W: std::io::Write> std::io::Write for Indented<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn write_all(&mut self, mut buf: &[u8]) -> std::io::Result<()> {
+        while let Some(at) = buf.iter().position(|&byte| byte == b'\n') {
+            self.0.write_all(&buf[..at])?;
+            self.0.write_all(b"\n  ")?;
+            buf = &buf[at + 1..];
+        }
+        self.0.write_all(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
     }
 }
 
@@ -763,6 +781,25 @@ fn event_line(event: &Value, terminal: &Terminal) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn items_written_one_by_one_read_as_the_pretty_array() {
+        use std::io::Write as _;
+        let items = [
+            serde_json::json!({"conn": {"id": 1, "state": "idle"}, "a": [1, 2], "s": "x\ny"}),
+            serde_json::json!({"conn": {"id": 2}, "a": []}),
+        ];
+        let mut out = super::Indented(Vec::new());
+        for (i, item) in items.iter().enumerate() {
+            out.0
+                .write_all(if i == 0 { b"[\n  " } else { b",\n  " })
+                .unwrap();
+            serde_json::to_writer_pretty(&mut out, item).unwrap();
+        }
+        out.0.extend_from_slice(b"\n]");
+        let whole = serde_json::to_string_pretty(&items).unwrap();
+        assert_eq!(String::from_utf8(out.0).unwrap(), whole);
+    }
+
     #[test]
     fn a_partial_diagnosis_says_why_in_a_few_words() {
         let mut diagnosis = Diagnosis {
