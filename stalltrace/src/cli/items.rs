@@ -1,6 +1,6 @@
 //! A list answer read item by item as the daemon streams it (`conns -o json`): each item is
-//! checked against its schema and written out before the next arrives, so the client neither
-//! waits for the whole answer (200 000 connections: 85 MB) nor holds it.
+//! parsed (as the caller's type) and handed over before the next arrives, so the client
+//! neither waits for the whole answer (200 000 connections: 85 MB) nor holds it.
 //!
 //! Items are parsed from the bytes received so far (serde_json parses a slice several times
 //! faster than a reader, which it takes a byte at a time): the streamed answer's head is
