@@ -24,11 +24,13 @@ use crate::probes::KernelMaps;
 /// The loss must have stopped this long before a resynchronization starts (one during the burst
 /// would be outdated at once).
 const QUIET_NS: u64 = 250_000_000;
-/// Resynchronizations rest at least this long between them, and twenty times the CPU time
-/// the last walk took (batch reads: tens of ms for 200 000 entries; entry by entry, before
-/// Linux 5.6, 300-400 ms), so that repeated losses cost the walker 5 % of a core at most.
-const MIN_REST_NS: u64 = 1_000_000_000;
-const REST_PER_WALK: u64 = 20;
+/// Resynchronizations rest at least this long between them (counted from the start of the
+/// last), and ten times the CPU time the last walk took (batch reads: 70-95 ms for 200 000
+/// entries with both cores busy; entry by entry, before Linux 5.6, 300-400 ms), so that
+/// repeated losses cost the walker 10 % of a core at most. A first walk that started in a
+/// lull of the burst must not put the one after it off much beyond the burst's end.
+const MIN_REST_NS: u64 = 500_000_000;
+const REST_PER_WALK: u64 = 10;
 /// Kernel entries per chunk (272 bytes each: 560 KB): what one turn of the loop reconciles
 /// (~2 ms, ~10 ms with both cores busy).
 const CHUNK_ENTRIES: usize = 2048;
@@ -71,7 +73,7 @@ impl ResyncPolicy {
         true
     }
 
-    /// The walk took `walk_cpu_ns` of CPU: the next one waits twenty times that.
+    /// The walk took `walk_cpu_ns` of CPU: the next one waits ten times that.
     pub(super) fn walked(&mut self, walk_cpu_ns: u64) {
         self.rest_ns = walk_cpu_ns.saturating_mul(REST_PER_WALK);
     }
@@ -434,18 +436,21 @@ mod tests {
     }
 
     #[test]
-    fn rests_twenty_times_the_last_walk_and_at_least_a_second() {
+    fn rests_ten_times_the_last_walk_and_at_least_half_a_second() {
         let mut policy = ResyncPolicy::default();
         policy.due(10, 0);
         assert!(policy.due(10, SEC));
         policy.walked(20 * MS);
         policy.due(20, SEC + 100 * MS);
-        assert!(!policy.due(20, SEC + 600 * MS), "too soon: a second's rest");
-        assert!(policy.due(20, 2 * SEC));
-        // Entry by entry, a walk of 400 ms: 8 s of rest.
+        assert!(
+            !policy.due(20, SEC + 400 * MS),
+            "too soon: half a second's rest"
+        );
+        assert!(policy.due(20, SEC + 500 * MS));
+        // Entry by entry, a walk of 400 ms: 4 s of rest.
         policy.walked(400 * MS);
-        policy.due(30, 2 * SEC + 100 * MS);
-        assert!(!policy.due(30, 9 * SEC));
-        assert!(policy.due(30, 10 * SEC));
+        policy.due(30, 2 * SEC);
+        assert!(!policy.due(30, 5 * SEC));
+        assert!(policy.due(30, 5 * SEC + 500 * MS));
     }
 }
