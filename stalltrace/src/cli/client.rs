@@ -167,6 +167,20 @@ fn render_status(status: &Value) -> String {
         number("/diagnosis/reported_before_diagnosis"),
         number("/diagnosis/jobs_dropped"),
     ));
+    // The loop's longest turn, from daemons that report it.
+    if let Some(job) = status
+        .pointer("/loop/max_blocked_in")
+        .and_then(Value::as_str)
+    {
+        let ms = |path: &str| format_millis(number(path) / 1000);
+        out.push_str(&format!(
+            "event loop:      longest turn {} ({job}, {} of it on a CPU); {} since the last \
+             status\n",
+            ms("/loop/max_blocked_us"),
+            ms("/loop/max_blocked_cpu_us"),
+            ms("/loop/since_last_status/max_blocked_us"),
+        ));
+    }
     out.push_str("hooks:\n");
     for program in status["programs"].as_array().into_iter().flatten() {
         let runs = program["run_count"].as_u64().unwrap_or(0);
@@ -911,7 +925,10 @@ mod tests {
             "lost": {"kernel_ringbuf_full": 2, "watch_dropped": 0}, "lost_total": 2,
             "diagnosis": {"open": 1, "held": 0, "reported_before_diagnosis": 4,
                 "jobs_dropped": 0},
-            "programs": [{"program": "p", "hook": "tracepoint/a/b"}]
+            "programs": [{"program": "p", "hook": "tracepoint/a/b"}],
+            "loop": {"turns": 9, "max_blocked_us": 88_000, "max_blocked_in": "drain",
+                "max_blocked_cpu_us": 9_500, "since_last_status": {"max_blocked_us": 1_200,
+                "max_blocked_in": "sweep", "max_blocked_cpu_us": 1_200}}
         }));
         assert!(text.contains("up 1m01s"), "{text}");
         assert!(text.contains("kernel_ringbuf_full: 2"), "{text}");
@@ -924,5 +941,9 @@ mod tests {
         assert!(text.contains("p -> tracepoint/a/b"), "{text}");
         assert!(text.contains("1 open stalls, 0 awaiting"), "{text}");
         assert!(text.contains("4 reported before it"), "{text}");
+        assert!(
+            text.contains("longest turn 88ms (drain, 9ms of it on a CPU); 1ms since"),
+            "{text}"
+        );
     }
 }
