@@ -433,6 +433,21 @@ impl KernelMaps {
         self.conns.get(&sock, 0).ok()
     }
 
+    /// A second handle on the connection map (its fd duplicated), for a thread of its own.
+    pub(crate) fn conns_handle(&self) -> Result<HashMap<MapData, u64, ConnState>> {
+        use aya::maps::IterableMap as _;
+        use std::os::fd::AsFd as _;
+        let fd = self
+            .conns
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the CONNS map's fd")?;
+        let map = MapData::from_fd(fd).context("opening the CONNS map")?;
+        HashMap::try_from(aya::maps::Map::LruHashMap(map)).context("opening the CONNS map")
+    }
+
     /// The kernel's copy of the start of `sock`'s latest HTTP/1.x response.
     pub(crate) fn reply_head(&self, sock: u64) -> Option<ReplyHead> {
         self.http1_reply_heads.get(&sock, 0).ok()
@@ -475,18 +490,25 @@ impl KernelMaps {
     }
 
     pub(crate) fn loss(&self) -> KernelLoss {
-        let sum = |slot: u32| {
-            self.loss
-                .get(&slot, 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .unwrap_or(0)
-        };
         KernelLoss {
-            ringbuf_full: sum(loss::RINGBUF_FULL),
-            conn_insert_failed: sum(loss::CONN_INSERT_FAILED),
+            ringbuf_full: self.lost(loss::RINGBUF_FULL),
+            conn_insert_failed: self.lost(loss::CONN_INSERT_FAILED),
             hook_missed: self.transfer_programs.iter().map(recursion_misses).sum(),
-            http2_untracked: sum(loss::HTTP2_UNTRACKED),
+            http2_untracked: self.lost(loss::HTTP2_UNTRACKED),
         }
+    }
+
+    /// Records lost to a full ring buffer, in all (one map read).
+    pub(crate) fn ringbuf_full(&self) -> u64 {
+        self.lost(loss::RINGBUF_FULL)
+    }
+
+    /// A per-CPU loss counter, summed.
+    fn lost(&self, slot: u32) -> u64 {
+        self.loss
+            .get(&slot, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
     }
 }
 

@@ -83,6 +83,22 @@ fn connections_whose_opening_was_lost_are_recovered() {
         status["connections"]["recovered"].as_u64().unwrap() > 0,
         "{status:#}"
     );
+    // The walk ran on the walker thread, in batches, and the loop reconciled what it read.
+    let resync = &status["resync"];
+    assert!(resync["count"].as_u64().unwrap() >= 1, "{status:#}");
+    assert_eq!(resync["running"], false, "{status:#}");
+    let last = &resync["last"];
+    assert!(last["entries"].as_u64().unwrap() > 0, "{status:#}");
+    assert_eq!(
+        last["batches"], true,
+        "Linux 5.6+ reads the map in batches: {status:#}"
+    );
+    assert_eq!(last["failed"], 0, "{status:#}");
+    // The loop reports its longest turn, and what it was doing.
+    let turns = &status["loop"];
+    assert!(turns["turns"].as_u64().unwrap() > 0, "{status:#}");
+    assert!(turns["max_blocked_us"].as_u64().unwrap() > 0, "{status:#}");
+    assert!(turns["max_blocked_in"].is_string(), "{status:#}");
     let opens = daemon.events_named("conn.open", port).len();
     assert_eq!(
         opens,

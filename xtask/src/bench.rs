@@ -842,30 +842,48 @@ fn hold_connections(paths: &Paths, workload: &str, conns: usize) -> Result<Child
     Ok(load)
 }
 
-/// Many idle connections: daemon memory, and how long sweeps take.
+/// Many idle connections opened in a burst: how long the daemon's loop is blocked meanwhile,
+/// how soon connections whose events the burst lost are recovered, daemon memory, how long
+/// sweeps take, and a full `conns` answer (its time, and the daemon's memory peak during it).
 fn idle_scale(paths: &Paths, conns: usize) -> Result<Value> {
     progress(&format!("{conns} idle connections"));
     let daemon = Daemon::start(paths, &[])?;
     let started = Instant::now();
     let mut idle = hold_connections(paths, "idle", conns)?;
     let opened_in = started.elapsed();
-    // Wait until the daemon tracks them all (or stops gaining: events lost in the burst),
-    // then until sweeps have gone idle.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut tracked = 0;
-    loop {
-        thread::sleep(Duration::from_secs(1));
-        let now_tracked = daemon.status()?["connections"]["tracked"]
-            .as_u64()
-            .unwrap_or(0);
-        if now_tracked >= 2 * conns as u64 || now_tracked == tracked || Instant::now() > deadline {
-            break;
+    let burst_end = Instant::now();
+    // Until the daemon tracks them all (or stops gaining for 5 s: events lost for good), noting
+    // when the kernel's ring-buffer loss last grew.
+    let deadline = burst_end + Duration::from_secs(60);
+    // Both ends of each (the API's own connections come and go).
+    let expected = 2 * conns as u64;
+    let mut last_loss = (0, burst_end);
+    let mut gained = (0, burst_end);
+    let recovered_at = loop {
+        let status = daemon.status()?;
+        let now = Instant::now();
+        let tracked = status["connections"]["tracked"].as_u64().unwrap_or(0);
+        let lost = status["lost"]["kernel_ringbuf_full"].as_u64().unwrap_or(0);
+        if lost != last_loss.0 {
+            last_loss = (lost, now);
         }
-        tracked = now_tracked;
-    }
+        if tracked != gained.0 {
+            gained = (tracked, now);
+        }
+        if tracked >= expected {
+            break Some(now);
+        }
+        if now > deadline || now.duration_since(gained.1) > Duration::from_secs(5) {
+            break None;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    // Then until sweeps have gone idle.
     thread::sleep(Duration::from_secs(2));
     let settled = daemon.status()?;
     let rss = current_rss_mib(daemon.pid());
+    // The peak of the query alone: VmHWM restarts from the current RSS.
+    let peak_reset = fs::write(format!("/proc/{}/clear_refs", daemon.pid()), "5").is_ok();
     let query_started = Instant::now();
     let conns_query = Command::new(&paths.stalltrace)
         .args(["conns", "-o", "json", "--socket"])
@@ -873,26 +891,66 @@ fn idle_scale(paths: &Paths, conns: usize) -> Result<Value> {
         .stdout(Stdio::null())
         .status()?;
     let conns_query_ms = query_started.elapsed().as_millis() as u64;
+    let query_peak = peak_reset.then(|| peak_rss_mib(daemon.pid()));
+    // The daemon's side alone: the raw answer read as fast as it comes.
+    let api_answer = raw_answer(&daemon.socket, "{\"version\":1,\"command\":\"conns\"}")?;
+    let during_query = daemon.status()?;
     thread::sleep(Duration::from_millis(500));
     let rss_after_query = current_rss_mib(daemon.pid());
-    let peak = peak_rss_mib(daemon.pid());
     drop(idle.stdin.take());
     let _ = idle.wait();
     daemon.stop()?;
+    let since_burst = |at: Instant| at.duration_since(burst_end).as_millis() as u64;
+    let lost = last_loss.0;
     Ok(json!({
         "connections": conns,
         "tracked": settled["connections"]["tracked"],
         "opened_in_ms": opened_in.as_millis() as u64,
         "daemon_rss_mib": rss,
         "daemon_rss_after_conns_query_mib": rss_after_query,
-        "daemon_peak_rss_mib": peak,
+        "daemon_peak_rss_during_conns_query_mib": query_peak,
         "sweep_avg_us": settled["sweeps"]["avg_us"],
         "sweep_max_us": settled["sweeps"]["max_us"],
+        // The daemon started just before the burst: its longest turn is the burst's.
+        "loop_max_blocked_us": settled["loop"]["max_blocked_us"],
+        "loop_max_blocked_in": settled["loop"]["max_blocked_in"],
+        "loop_max_blocked_cpu_us": settled["loop"]["max_blocked_cpu_us"],
+        "resync": settled["resync"],
+        "loop_max_blocked_during_conns_query_us":
+            during_query["loop"]["since_last_status"]["max_blocked_us"],
         "watched_after_settling": settled["connections"]["watched"],
+        "ringbuf_lost": lost,
+        // From the last growth of the loss seen (100 ms polls) to every connection tracked.
+        "recovered_after_loss_ms": recovered_at
+            .filter(|_| lost > 0)
+            .map(|at| at.duration_since(last_loss.1).as_millis() as u64),
+        "all_tracked_after_burst_ms": recovered_at.map(since_burst),
+        "recovered": settled["connections"]["recovered"],
         "lost": settled["lost_total"],
         "conns_query_ms": conns_query_ms,
         "conns_query_ok": conns_query.success(),
+        "conns_api_answer_ms": api_answer.0.as_millis() as u64,
+        "conns_api_answer_bytes": api_answer.1,
     }))
+}
+
+/// Sends one API request line on the daemon's socket and reads the answer to its end: how
+/// long that took and its size.
+fn raw_answer(socket: &Path, request: &str) -> Result<(Duration, usize)> {
+    use std::io::Read as _;
+    let started = Instant::now();
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.write_all(request.as_bytes())?;
+    stream.write_all(b"\n")?;
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut total = 0;
+    loop {
+        match stream.read(&mut buffer)? {
+            0 => break,
+            n => total += n,
+        }
+    }
+    Ok((started.elapsed(), total))
 }
 
 /// The stall threshold of the mass-stall scenario.
@@ -1148,6 +1206,73 @@ fn targets(report: &Value) -> Value {
         rss.map_or("-".into(), |r| format!("{r:.1} MiB")),
         rss.is_some_and(|r| r <= 64.0),
     );
+    let scale = &report["idle_scale"];
+    let ends = scale["connections"]
+        .as_u64()
+        .map_or("the idle".to_owned(), |c| (2 * c).to_string());
+    let blocked = scale["loop_max_blocked_us"].as_f64().map(|us| us / 1000.0);
+    row(
+        &format!("burst of {conns} connections: loop never blocked > 100 ms"),
+        blocked,
+        blocked.map_or("-".into(), |ms| {
+            format!(
+                "{ms:.1} ms ({})",
+                scale["loop_max_blocked_in"].as_str().unwrap_or("?")
+            )
+        }),
+        blocked.is_some_and(|ms| ms <= 100.0),
+    );
+    // Connections never all tracked are a miss, not "not measured".
+    let recovery = match (
+        scale["ringbuf_lost"].as_u64(),
+        scale["all_tracked_after_burst_ms"].as_f64(),
+    ) {
+        (None, _) => None,
+        (Some(0), Some(_)) => Some(0.0),
+        (Some(_), Some(_)) => scale["recovered_after_loss_ms"].as_f64(),
+        (Some(_), None) => Some(f64::MAX),
+    };
+    row(
+        &format!("burst of {conns} connections: losses recovered within 1 s"),
+        recovery,
+        match recovery {
+            None => "-".into(),
+            Some(ms) if ms == f64::MAX => "not all tracked".into(),
+            Some(ms) if scale["ringbuf_lost"] == 0 => format!("none lost ({ms:.0} ms)"),
+            Some(ms) => format!("{ms:.0} ms after {} lost", scale["ringbuf_lost"]),
+        },
+        recovery.is_some_and(|ms| ms <= 1000.0),
+    );
+    let answer = scale["conns_query_ms"].as_f64();
+    row(
+        &format!("full `conns -o json` of {ends} items in < 1 s (CLI, end to end)"),
+        answer,
+        answer.map_or("-".into(), |ms| {
+            format!(
+                "{ms:.0} ms (the daemon's answer: {} ms)",
+                scale["conns_api_answer_ms"]
+            )
+        }),
+        answer.is_some_and(|ms| ms < 1000.0),
+    );
+    let peak = scale["daemon_peak_rss_during_conns_query_mib"]
+        .as_f64()
+        .zip(rss)
+        .map(|(peak, steady)| peak / steady);
+    row(
+        "full `conns`: daemon peak RSS <= 2x steady",
+        peak,
+        peak.map_or("-".into(), |ratio| {
+            format!(
+                "{ratio:.2}x ({:.1} of {:.1} MiB)",
+                scale["daemon_peak_rss_during_conns_query_mib"]
+                    .as_f64()
+                    .unwrap_or(0.0),
+                rss.unwrap_or(0.0)
+            )
+        }),
+        peak.is_some_and(|ratio| ratio <= 2.0),
+    );
     let mass = mass_stall_row(report, 6_000);
     let cpu = mass.and_then(|row| row["steady_cpu_share_of_one_core"].as_f64());
     row(
@@ -1317,16 +1442,26 @@ fn render_report(report: &Value) -> String {
         Some(why) => writeln!(out, "idle connections: {why}"),
         None => writeln!(
             out,
-            "{} idle connections ({} tracked ends): daemon RSS {} MiB ({} after a full `conns` \
-             query, peak {}), sweep max {} µs (avg {} µs), `conns` query {} ms, {} lost",
+            "{} idle connections opened in {} ms ({} tracked ends): loop blocked {} µs at most \
+             ({}, {} µs of it on a CPU); {} ring records lost, all tracked {} ms after the burst ({} recovered); \
+             daemon RSS {} MiB ({} after a full `conns` query, peak {} during it), sweep max \
+             {} µs (avg {} µs), `conns` query {} ms (the API's answer {} ms), {} lost",
             scale["connections"],
+            scale["opened_in_ms"],
             scale["tracked"],
+            scale["loop_max_blocked_us"],
+            scale["loop_max_blocked_in"].as_str().unwrap_or("?"),
+            scale["loop_max_blocked_cpu_us"],
+            scale["ringbuf_lost"],
+            scale["all_tracked_after_burst_ms"],
+            scale["recovered"],
             number(&scale["daemon_rss_mib"], 1),
             number(&scale["daemon_rss_after_conns_query_mib"], 1),
-            number(&scale["daemon_peak_rss_mib"], 1),
+            number(&scale["daemon_peak_rss_during_conns_query_mib"], 1),
             scale["sweep_max_us"],
             scale["sweep_avg_us"],
             scale["conns_query_ms"],
+            scale["conns_api_answer_ms"],
             scale["lost"],
         ),
     };

@@ -286,13 +286,26 @@ pub struct Stats {
     pub http1_runs_uncounted: u64,
 }
 
-/// What one [`Tracker::reconcile`] found.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What one resynchronization ([`Tracker::begin_resync`]) found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Reconciled {
     /// Kernel connections the tracker did not know or had not reported, now tracked or reported.
     pub recovered: usize,
     /// Tracked connections missing from the kernel map, now watched to confirm their close.
     pub vanished: usize,
+    /// Kernel entries passed over: their connection closed, or another took its address,
+    /// after the snapshot began.
+    pub superseded: usize,
+}
+
+/// A resynchronization in progress.
+#[derive(Default)]
+struct Resync {
+    /// Keys of the snapshot's entries so far.
+    seen: BySock<()>,
+    /// Addresses whose connection closed or was replaced since the snapshot began.
+    superseded: BySock<()>,
+    found: Reconciled,
 }
 
 /// Sweeps a kernel entry may be missing before the connection's close is taken as lost.
@@ -307,6 +320,8 @@ const AUDIT_PER_SWEEP: usize = 128;
 /// exactly either way. Thousands of open stalls then cost a map read each per second, not
 /// per sweep.
 const STALLED_RECHECK_NS: u64 = 1_000_000_000;
+/// Kernel reads between two looks at a sweep's clock.
+pub const SWEEP_CLOCK_EVERY: usize = 64;
 
 pub struct Tracker {
     stall_after_ns: u64,
@@ -316,8 +331,10 @@ pub struct Tracker {
     /// Sweep order (round robin); entries whose ticket no longer matches are stale.
     watch_queue: VecDeque<(u64, u64)>,
     next_ticket: u64,
-    /// Most kernel entries one sweep reads; the rest wait for the next sweeps.
+    /// Most kernel entries one sweep reads, and most time it reads for; the rest wait for
+    /// the next sweeps.
     sweep_budget: usize,
+    sweep_time: std::time::Duration,
     /// Connections still to audit in the current cycle through the table.
     audit: Vec<u64>,
     next_id: u64,
@@ -330,6 +347,8 @@ pub struct Tracker {
     adopted_exchanges: std::collections::HashMap<u64, AdoptedExchange>,
     /// Those of them whose inferred request is not yet quiet for the threshold: (id, since).
     adopted_due: Vec<(u64, u64)>,
+    /// A resynchronization with the kernel map in progress.
+    resync: Option<Box<Resync>>,
 }
 
 impl Tracker {
@@ -341,12 +360,14 @@ impl Tracker {
             watch_queue: VecDeque::new(),
             next_ticket: 0,
             sweep_budget: usize::MAX,
+            sweep_time: std::time::Duration::MAX,
             audit: Vec::new(),
             next_id: 1,
             stats: Stats::default(),
             preexisting_unix: Default::default(),
             adopted_exchanges: Default::default(),
             adopted_due: Vec::new(),
+            resync: None,
         }
     }
 
@@ -361,10 +382,13 @@ impl Tracker {
         self.stats
     }
 
-    /// Bounds the kernel reads of one sweep, so that a burst of new connections (all watched
-    /// for an epoch) cannot stall the daemon's loop: the excess is read by the next sweeps.
-    pub fn set_sweep_budget(&mut self, budget: usize) {
-        self.sweep_budget = budget.max(1);
+    /// Bounds the kernel reads of one sweep, in count and in time, so that a burst of new
+    /// connections (all watched for an epoch) cannot stall the daemon's loop: the excess is
+    /// read by the next sweeps. The time is checked every [`SWEEP_CLOCK_EVERY`] reads (a read
+    /// costs ~1 µs, ten times that with both cores busy), so a sweep reads at least that many.
+    pub fn set_sweep_budget(&mut self, reads: usize, time: std::time::Duration) {
+        self.sweep_budget = reads.max(1);
+        self.sweep_time = time;
     }
 
     /// Returns memory held since a burst (every new connection is watched for an epoch).
@@ -610,9 +634,11 @@ impl Tracker {
         let at = event.header.ts_ns;
         let state = &event.conn;
         if kind == EventKind::Closed {
+            self.superseded(sock);
             self.on_closed(sock, state, at, out);
             return;
         }
+        let before = self.conns.get(sock).map(|conn| conn.id);
         if kind == EventKind::ConnectStarted {
             if let Some(stale) = self.conns.remove(sock) {
                 self.close_unseen(stale, at, out);
@@ -620,6 +646,9 @@ impl Tracker {
         }
         let stall_after_ns = self.stall_after_ns;
         self.conn_for(sock, state, at, out);
+        if self.conns.get(sock).map(|conn| conn.id) != before {
+            self.superseded(sock);
+        }
         self.conns.refresh(sock, state);
         if state.peer_sock != 0 {
             self.conns.link_unix_peers(sock, state.peer_sock);
@@ -756,21 +785,51 @@ impl Tracker {
         self.watch(sock);
     }
 
-    /// Brings the tracker back in line with the kernel's connection map after lost events:
-    /// `kernel` is a snapshot of that map. Connections whose opening events were lost are
-    /// reported now; tracked ones the map no longer holds are watched, so that the next sweeps
-    /// close them as lost unless their close event is still in flight.
-    pub fn reconcile(
+    /// Starts bringing the tracker back in line with the kernel's connection map after lost
+    /// events. The map's snapshot is read while events keep coming, and handed over in chunks
+    /// ([`Tracker::resync_entries`]), then [`Tracker::finish_resync`]. From now until then, a
+    /// sock address whose connection the tracker closes or replaces (a close record, a close
+    /// found lost, a record of a new connection there) has its snapshot entry passed over: read
+    /// before the close, it would bring the connection back; read before the address was
+    /// reused, it would close its successor. Other entries are applied even if the tracker
+    /// heard of their connection since (a record or a sweep's read need not have reported it:
+    /// its owner may have been unknown then). A resynchronization in progress is dropped.
+    pub fn begin_resync(&mut self) {
+        self.resync = Some(Box::default());
+    }
+
+    /// Whether a resynchronization is in progress.
+    pub fn resyncing(&self) -> bool {
+        self.resync.is_some()
+    }
+
+    /// The connection at `sock` closed, or another took its address: its entry in the
+    /// snapshot being reconciled is outdated.
+    fn superseded(&mut self, sock: u64) {
+        if let Some(resync) = self.resync.as_deref_mut() {
+            resync.superseded.insert(sock, ());
+        }
+    }
+
+    /// Reconciles part of the kernel map's snapshot (entries as they were read, in any number
+    /// of chunks, repeated keys allowed): connections whose opening events were lost are
+    /// reported now. Nothing happens unless a resynchronization began.
+    pub fn resync_entries(
         &mut self,
         kernel: impl IntoIterator<Item = (u64, ConnState)>,
         now: u64,
         out: &mut Vec<Event>,
-    ) -> Reconciled {
+    ) {
+        let Some(mut resync) = self.resync.take() else {
+            return;
+        };
         let mark = out.len();
-        let mut result = Reconciled::default();
-        let mut in_kernel = BySock::default();
         for (sock, state) in kernel {
-            in_kernel.insert(sock, ());
+            resync.seen.insert(sock, ());
+            if resync.superseded.contains_key(&sock) {
+                resync.found.superseded += 1;
+                continue;
+            }
             let before = self.conns.get(sock).map(|conn| (conn.id, conn.announced));
             self.conn_for(sock, &state, now, out);
             self.conns.refresh(sock, &state);
@@ -783,21 +842,32 @@ impl Tracker {
             }
             if before != Some((conn.id, conn.announced)) {
                 self.watch(sock);
-                result.recovered += 1;
+                resync.found.recovered += 1;
             }
         }
+        self.conns.note_stalls(&out[mark..]);
+        self.resync = Some(resync);
+    }
+
+    /// Ends the resynchronization: tracked connections the snapshot did not hold (nor
+    /// opened at an address since it began) are watched, so that the next sweeps close them as lost
+    /// unless their close event is still in flight. What it found, in all.
+    pub fn finish_resync(&mut self) -> Reconciled {
+        let Some(resync) = self.resync.take() else {
+            return Reconciled::default();
+        };
+        let mut found = resync.found;
         let vanished: Vec<u64> = self
             .conns
             .socks()
-            .filter(|sock| !in_kernel.contains_key(sock))
+            .filter(|sock| !resync.seen.contains_key(sock) && !resync.superseded.contains_key(sock))
             .collect();
-        result.vanished = vanished.len();
+        found.vanished = vanished.len();
         for sock in vanished {
             self.watch(sock);
         }
-        self.stats.recovered += result.recovered as u64;
-        self.conns.note_stalls(&out[mark..]);
-        result
+        self.stats.recovered += found.recovered as u64;
+        found
     }
 
     /// Re-reads the watched connections. `epoch` is the epoch the daemon just started;
@@ -830,10 +900,18 @@ impl Tracker {
         self.schedule_audit();
         let stall_after_ns = self.stall_after_ns;
         let mut budget = self.sweep_budget;
+        let started = std::time::Instant::now();
         let mut lost = Vec::new();
+        let mut reads = 0;
         for _ in 0..self.watch_queue.len() {
             if budget == 0 {
                 break;
+            }
+            if reads == SWEEP_CLOCK_EVERY {
+                if started.elapsed() >= self.sweep_time {
+                    break;
+                }
+                reads = 0;
             }
             let Some((sock, ticket)) = self.watch_queue.pop_front() else {
                 break;
@@ -847,6 +925,7 @@ impl Tracker {
                 continue;
             }
             budget -= 1;
+            reads += 1;
             let state = lookup(sock);
             if let Some(state) = &state {
                 self.conns.refresh(sock, state);
@@ -908,6 +987,7 @@ impl Tracker {
             }
         }
         for sock in lost {
+            self.superseded(sock);
             self.watched.remove(&sock);
             if let Some(conn) = self.conns.remove(sock) {
                 self.close_unseen(conn, now, out);

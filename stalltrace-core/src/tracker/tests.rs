@@ -9,7 +9,7 @@ use stalltrace_common::{
 };
 
 use super::model::{Comm, Endpoints, Owner, Resolution, Role, StallKind};
-use super::{activity::AdoptedExchange, Adoption, Detail, Event, Tracker};
+use super::{activity::AdoptedExchange, Adoption, Detail, Event, Reconciled, Tracker};
 
 const MS: u64 = 1_000_000;
 const SEC: u64 = 1_000 * MS;
@@ -105,6 +105,18 @@ fn feed(tracker: &mut Tracker, event: ConnEvent) -> Vec<Event> {
     let mut out = Vec::new();
     tracker.on_event(&event, &mut out);
     out
+}
+
+/// A whole resynchronization with `snapshot`, in one chunk.
+fn reconcile(
+    tracker: &mut Tracker,
+    snapshot: impl IntoIterator<Item = (u64, ConnState)>,
+    now: u64,
+    out: &mut Vec<Event>,
+) -> Reconciled {
+    tracker.begin_resync();
+    tracker.resync_entries(snapshot, now, out);
+    tracker.finish_resync()
 }
 
 fn sweep(tracker: &mut Tracker, kernel: &mut Kernel, now: u64) -> Vec<Event> {
@@ -866,7 +878,7 @@ fn unknown_event_kinds_are_counted_not_applied() {
 #[test]
 fn sweeps_read_at_most_their_budget_round_robin() {
     let mut t = tracker();
-    t.set_sweep_budget(2);
+    t.set_sweep_budget(2, std::time::Duration::MAX);
     let mut out = Vec::new();
     let mut k = Kernel::new(role::SERVER, 0);
     k.transfer(direction::IN, SEC);
@@ -943,7 +955,8 @@ fn reconcile_reports_connections_whose_events_were_lost() {
     let mut unowned = Kernel::new(role::SERVER, SEC);
     unowned.state.tgid = 0;
     let mut out = Vec::new();
-    let found = t.reconcile(
+    let found = reconcile(
+        &mut t,
         [(SOCK, server.state), (SOCK + 64, unowned.state)],
         3 * SEC,
         &mut out,
@@ -968,7 +981,8 @@ fn reconcile_reports_connections_whose_events_were_lost() {
         }]
     ));
     // A second pass finds nothing new.
-    let again = t.reconcile(
+    let again = reconcile(
+        &mut t,
         [(SOCK, server.state), (SOCK + 64, unowned.state)],
         8 * SEC,
         &mut out,
@@ -986,7 +1000,7 @@ fn reconcile_reports_a_tracked_connection_whose_first_transfer_was_lost() {
     k.state.tgid = 4242;
     k.transfer(direction::IN, 2 * SEC);
     let mut out = Vec::new();
-    let found = t.reconcile([(SOCK, k.state)], 3 * SEC, &mut out);
+    let found = reconcile(&mut t, [(SOCK, k.state)], 3 * SEC, &mut out);
     assert_eq!(found.recovered, 1);
     assert_eq!(details(&out), [&Detail::Open { adopted: false }]);
     assert_eq!(out[0].conn.owner.pid, 4242);
@@ -1006,7 +1020,7 @@ fn reconcile_closes_connections_the_kernel_forgot_after_a_grace() {
     }
     assert_eq!(t.watched(), 0);
     let mut out = Vec::new();
-    let found = t.reconcile([], 10 * SEC, &mut out);
+    let found = reconcile(&mut t, [], 10 * SEC, &mut out);
     assert_eq!(found.vanished, 1);
     assert!(out.is_empty(), "its close event may still be in flight");
     for epoch in 10..10 + u32::from(super::MISSING_SWEEPS_BEFORE_LOST) {
@@ -1014,6 +1028,156 @@ fn reconcile_closes_connections_the_kernel_forgot_after_a_grace() {
     }
     assert!(matches!(&out[..], [Event { detail: Detail::Close(s), .. }] if !s.complete));
     assert_eq!(t.len(), 0);
+}
+
+#[test]
+fn a_resync_in_chunks_counts_each_connection_once() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, SEC);
+    k.transfer(direction::IN, 2 * SEC);
+    let entry = |i: u64| (SOCK + 64 * i, k.state);
+    let mut out = Vec::new();
+    t.begin_resync();
+    assert!(t.resyncing());
+    t.resync_entries((0..3).map(entry), 3 * SEC, &mut out);
+    // An LRU map walked while it changes may start over: entries come again.
+    t.resync_entries((1..5).map(entry), 3 * SEC, &mut out);
+    let found = t.finish_resync();
+    assert!(!t.resyncing());
+    assert_eq!(
+        (found.recovered, found.vanished, found.superseded),
+        (5, 0, 0)
+    );
+    assert_eq!(out.len(), 5, "one conn.open each");
+    assert_eq!(t.stats().recovered, 5);
+    // Outside a resynchronization, entries are ignored.
+    t.resync_entries([entry(9)], 3 * SEC, &mut out);
+    assert_eq!(t.len(), 5);
+}
+
+#[test]
+fn a_resync_does_not_bring_back_a_connection_closed_since_its_entry_was_read() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, SEC);
+    k.transfer(direction::IN, 2 * SEC);
+    feed(&mut t, k.event(EventKind::Discovered, 2 * SEC));
+    t.begin_resync();
+    // The walk reads the entry; then the connection closes, and its record is handled before
+    // the chunk that holds the entry.
+    let read = k.state;
+    k.set_state(tcp_state::CLOSE, 3 * SEC);
+    let closed = feed(&mut t, k.event(EventKind::Closed, 3 * SEC));
+    assert!(matches!(details(&closed)[..], [Detail::Close(_)]));
+    let mut out = Vec::new();
+    t.resync_entries([(SOCK, read)], 4 * SEC, &mut out);
+    let found = t.finish_resync();
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(t.len(), 0);
+    assert_eq!((found.recovered, found.superseded), (0, 1));
+}
+
+#[test]
+fn a_resync_entry_older_than_an_address_reuse_leaves_the_new_connection_alone() {
+    let mut t = tracker();
+    let old = Kernel::new(role::SERVER, SEC);
+    t.begin_resync();
+    // Read by the walk; then the old connection closes (its record lost) and a new one gets
+    // the same address, reported.
+    let read = old.state;
+    let mut next = Kernel::new(role::CLIENT, 3 * SEC);
+    next.transfer(direction::OUT, 3 * SEC);
+    let opened = feed(&mut t, next.event(EventKind::Established, 3 * SEC));
+    assert_eq!(details(&opened), [&Detail::Open { adopted: false }]);
+    let id = opened[0].conn.id;
+    let mut out = Vec::new();
+    t.resync_entries([(SOCK, read)], 4 * SEC, &mut out);
+    t.finish_resync();
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(t.conn(SOCK).map(|c| c.id), Some(id));
+}
+
+#[test]
+fn a_resync_does_not_bring_back_a_connection_a_sweep_closed_as_lost_since() {
+    let (mut t, mut k) = server_with_request();
+    t.begin_resync();
+    let read = k.state;
+    // The walk read the entry; then it went (its close record lost), and sweeps close it.
+    let mut out = Vec::new();
+    for _ in 0..super::MISSING_SWEEPS_BEFORE_LOST {
+        k.epoch += 1;
+        t.sweep(3 * SEC, k.epoch, |_| None, &mut out);
+    }
+    assert_eq!(t.len(), 0);
+    out.clear();
+    t.resync_entries([(SOCK, read)], 3 * SEC, &mut out);
+    assert_eq!(t.finish_resync().superseded, 1);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(t.len(), 0);
+}
+
+#[test]
+fn a_resync_reports_a_connection_heard_of_since_it_began_but_never_reported() {
+    // Tracked from its handshake, its owner unknown (a passive open): not reported yet.
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, SEC);
+    k.state.tgid = 0;
+    assert!(feed(&mut t, k.event(EventKind::Established, SEC)).is_empty());
+    t.begin_resync();
+    // The walk reads the entry after its first transfer (whose record was lost) told the
+    // kernel its owner; a sweep reads it too.
+    k.state.tgid = 4242;
+    k.transfer(direction::IN, 2 * SEC);
+    let read = k.state;
+    sweep(&mut t, &mut k, 2 * SEC);
+    let mut out = Vec::new();
+    t.resync_entries([(SOCK, read)], 3 * SEC, &mut out);
+    let found = t.finish_resync();
+    assert_eq!(details(&out), [&Detail::Open { adopted: false }]);
+    assert_eq!((found.recovered, found.superseded), (1, 0));
+}
+
+#[test]
+fn sweeps_stop_reading_when_their_time_is_up() {
+    let mut t = tracker();
+    t.set_sweep_budget(usize::MAX, std::time::Duration::ZERO);
+    let mut out = Vec::new();
+    let mut k = Kernel::new(role::SERVER, 0);
+    k.transfer(direction::IN, SEC);
+    let watched = 3 * super::SWEEP_CLOCK_EVERY;
+    for i in 0..watched as u64 {
+        let mut event = k.event(EventKind::Discovered, SEC);
+        event.header.sock = SOCK + 64 * i;
+        t.on_event(&event, &mut out);
+    }
+    let state = k.state;
+    let mut reads = 0;
+    t.sweep(
+        2 * SEC,
+        2,
+        |_| {
+            reads += 1;
+            Some(state)
+        },
+        &mut out,
+    );
+    assert_eq!(
+        reads,
+        super::SWEEP_CLOCK_EVERY,
+        "one stretch between looks at the clock"
+    );
+    // The next sweeps go on where it stopped: all are read in three.
+    for epoch in 3..5 {
+        t.sweep(
+            2 * SEC,
+            epoch,
+            |_| {
+                reads += 1;
+                Some(state)
+            },
+            &mut out,
+        );
+    }
+    assert_eq!(reads, watched);
 }
 
 #[test]

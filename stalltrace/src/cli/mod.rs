@@ -2,6 +2,7 @@
 //! of its API. Clients only render what the daemon answers: they must not compute verdicts.
 pub mod client;
 pub mod generate;
+mod items;
 pub mod table;
 
 use std::path::PathBuf;

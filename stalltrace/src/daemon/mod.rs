@@ -8,6 +8,7 @@ mod queries;
 mod resync;
 mod stall_diagnosis;
 mod timelines;
+mod turns;
 mod unix;
 mod unread;
 mod why_samples;
@@ -107,8 +108,11 @@ const LOSS_REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Kernel entries read per sweep at most (one syscall each, ~1 µs): bounds a sweep to ~20 ms
 /// after a burst of new connections.
 const SWEEP_BUDGET: usize = 20_000;
+/// Time a sweep reads kernel entries for at most: with both cores busy (the burst's
+/// connecting processes), a read takes ten times longer and 20 000 of them took 279 ms.
+const SWEEP_TIME_BUDGET: Duration = Duration::from_millis(30);
 const RECALIBRATE_EVERY: Duration = Duration::from_secs(10);
-/// How often streamed `conns` answers get their next chunks.
+/// How often streamed `conns` answers other than the oldest get their next chunks.
 const STREAM_EVERY: Duration = Duration::from_millis(5);
 
 /// Sweeps often enough that a stall is reported well within a second of crossing the
@@ -233,7 +237,7 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
             format!("; metrics on http://{address}/metrics")
         });
     let mut tracker = Tracker::new(stall_after_ns);
-    tracker.set_sweep_budget(SWEEP_BUDGET);
+    tracker.set_sweep_budget(SWEEP_BUDGET, SWEEP_TIME_BUDGET);
 
     // Adopt after attaching: a connection that closes in between is reported by the kernel.
     let mut out = Vec::new();
@@ -290,6 +294,7 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
     // SAFETY: the ring buffer map owns its fd and keeps it open for as long as the AsyncFd.
     let ring = unsafe { AsyncFd::register(ring) }.context("polling the ring buffer")?;
     let (diagnoser, findings) = Diagnoser::new(stall_after_ns, config.capture_raw, config.privacy)?;
+    let (walker, walked) = resync::Walker::spawn(&probes.maps)?;
     let policy = policy::Policy::new(
         std::mem::take(&mut config.rules),
         config.stall_after.as_nanos() as u64,
@@ -318,9 +323,12 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
         reported_loss: LossCounters::default(),
         logged_loss: LossCounters::default(),
         resync: resync::ResyncPolicy::default(),
+        walker: Some(walker),
+        resyncs: resync::Resyncs::default(),
         sweeps: 0,
         sweep_busy: Duration::ZERO,
         sweep_max: Duration::ZERO,
+        turns: turns::Turns::default(),
         out,
         privileges,
         streams: std::collections::VecDeque::new(),
@@ -339,7 +347,7 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
         ),
     );
     let result = daemon
-        .main_loop(&mut probes, ring, queries, findings, sighup)
+        .main_loop(&mut probes, ring, queries, findings, walked, sighup)
         .await;
     notify_service_manager(sd_notify::NotifyState::Stopping, "stopping");
     daemon.sink.close(OUTPUT_GRACE);
@@ -399,6 +407,23 @@ fn kernel_layout(btf_file: Option<&std::path::Path>) -> Result<(Offsets, KernelF
     })
 }
 
+/// What woke the loop for a turn.
+enum Wake<'ring> {
+    Hangup,
+    Readable(std::io::Result<tokio::io::unix::AsyncFdReadyMutGuard<'ring, RingBuf<MapData>>>),
+    /// The drain's interval, or records left from the last turn.
+    Drain,
+    Sweep,
+    /// The once-a-second work.
+    Second,
+    Recalibrate,
+    Query(Query),
+    Streams,
+    Findings(Vec<Finding>),
+    /// From the map walker (`None`: it is gone).
+    Walked(Option<resync::Walked>),
+}
+
 struct Daemon {
     tracker: Tracker,
     /// The rules of `--config`, applied to stalls before they are reported.
@@ -428,9 +453,14 @@ struct Daemon {
     /// Losses as of the last log message about them.
     logged_loss: LossCounters,
     resync: resync::ResyncPolicy,
+    /// The thread that reads the kernel map for resynchronizations (`None`: it died).
+    walker: Option<resync::Walker>,
+    resyncs: resync::Resyncs,
     sweeps: u64,
     sweep_busy: Duration,
     sweep_max: Duration,
+    /// The loop's turns: the longest, and what it did.
+    turns: turns::Turns,
     /// Reused output buffer.
     out: Vec<Event>,
     /// What the daemon runs with after start-up.
@@ -450,6 +480,7 @@ impl Daemon {
         mut ring: AsyncFd<RingBuf<MapData>>,
         mut queries: mpsc::Receiver<Query>,
         mut findings: mpsc::Receiver<Vec<Finding>>,
+        mut walked: mpsc::Receiver<resync::Walked>,
         mut sighup: tokio::signal::unix::Signal,
     ) -> Result<()> {
         let mut sigint = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
@@ -458,7 +489,6 @@ impl Daemon {
         let mut sweep = tokio::time::interval(sweep_interval(self.kernel_threshold));
         let mut loss = tokio::time::interval(LOSS_REPORT_EVERY);
         let mut recalibrate = tokio::time::interval(RECALIBRATE_EVERY);
-        // While `conns` answers stream, chunks are made for the clients that have room.
         let mut streams = tokio::time::interval(STREAM_EVERY);
         for timer in [
             &mut drain,
@@ -474,71 +504,116 @@ impl Daemon {
         let mut backlog = false;
         let mut sweep_due = false;
         loop {
-            // The `conns` answer being streamed, if any: a chunk is made when its client can
-            // take one.
-            tokio::select! {
+            // The oldest `conns` stream gets its next chunks as soon as its client has room.
+            let head_stream = self.streams.front().map(|stream| stream.chunks.clone());
+            let woken = tokio::select! {
                 _ = sigint.recv() => break,
                 _ = sigterm.recv() => break,
-                _ = sighup.recv() => {
+                _ = sighup.recv() => Wake::Hangup,
+                guard = ring.readable_mut() => Wake::Readable(guard),
+                _ = drain.tick() => Wake::Drain,
+                _ = tokio::task::yield_now(), if backlog => Wake::Drain,
+                _ = sweep.tick() => Wake::Sweep,
+                _ = loss.tick() => Wake::Second,
+                _ = recalibrate.tick() => Wake::Recalibrate,
+                Some(query) = queries.recv() => Wake::Query(query),
+                // While `conns` answers stream, chunks are made for the clients that have room:
+                // the oldest as soon as it has, the others in turn.
+                _ = async { head_stream.as_ref().expect("guarded").reserve().await },
+                    if head_stream.is_some() => Wake::Streams,
+                _ = streams.tick(), if !self.streams.is_empty() => Wake::Streams,
+                Some(batch) = findings.recv() => Wake::Findings(batch),
+                chunk = walked.recv(), if self.walker.is_some() => Wake::Walked(chunk),
+            };
+            // The turn starts: until it ends, nothing else on this thread runs.
+            let started = Instant::now();
+            let cpu_started = turns::thread_cpu_us();
+            let mut job = match woken {
+                Wake::Hangup => {
                     if self.config.events_file.is_some() {
                         self.sink.reopen();
                     } else if self.config.config_path.is_none() {
                         log::info!("SIGHUP: events go to stdout, nothing to reopen");
                     }
                     self.reload_config();
+                    turns::Job::Signal
                 }
-                guard = ring.readable_mut() => {
+                Wake::Readable(guard) => {
                     let mut guard = guard.context("polling the ring buffer")?;
                     backlog = self.drain_some(guard.get_inner_mut(), &probes.maps);
                     guard.clear_ready();
+                    turns::Job::Drain
                 }
-                _ = drain.tick() => backlog = self.drain_some(ring.get_mut(), &probes.maps),
-                _ = tokio::task::yield_now(), if backlog => {
+                Wake::Drain => {
                     backlog = self.drain_some(ring.get_mut(), &probes.maps);
+                    turns::Job::Drain
                 }
-                _ = sweep.tick() => {
+                Wake::Sweep => {
                     backlog = self.drain_some(ring.get_mut(), &probes.maps);
                     sweep_due = true;
+                    self.resync_if_due(&probes.maps);
+                    turns::Job::Drain
                 }
-                _ = loss.tick() => {
+                Wake::Second => {
                     self.report_loss(&probes.maps);
                     let lost = self.loss(&probes.maps);
-                    self.metrics.update(self.tracker.len(), &lost, std::mem::take(&mut self.ring_fill));
+                    self.metrics.update(
+                        self.tracker.len(),
+                        &lost,
+                        std::mem::take(&mut self.ring_fill),
+                    );
                     self.metrics.oldest(&self.policy.oldest(monotonic_ns()));
-                    self.resync_if_due(ring.get_mut(), &probes.maps);
                     self.compact();
+                    turns::Job::Housekeeping
                 }
-                _ = recalibrate.tick() => self.sink.recalibrate(),
-                Some(query) = queries.recv() => {
-                    // Its client gave up (timed out) while the query waited: save the work.
-                    if query.reply.is_closed() {
-                        continue;
-                    }
+                Wake::Recalibrate => {
+                    self.sink.recalibrate();
+                    turns::Job::Recalibrate
+                }
+                // Its client gave up (timed out) while the query waited: save the work.
+                Wake::Query(query) if query.reply.is_closed() => turns::Job::Query,
+                Wake::Query(query) => {
                     match query.command {
                         stalltrace_core::api::Command::Conns { filter } => {
                             let chunks = self.stream_conns(&filter);
                             let _ = query.reply.send(Answer::Items(chunks));
                         }
                         command => {
+                            let status = matches!(command, stalltrace_core::api::Command::Status);
                             let response = self.answer(command, probes);
                             let _ = query.reply.send(Answer::Whole(response));
+                            if status {
+                                self.turns.status_taken();
+                            }
                         }
                     }
+                    turns::Job::Query
                 }
-                _ = streams.tick(), if !self.streams.is_empty() => {
+                Wake::Streams => {
                     self.pump_conns_streams(probes);
+                    turns::Job::ConnsChunks
                 }
-                Some(mut batch) = findings.recv() => {
+                Wake::Walked(chunk) => {
+                    self.on_walked(chunk, &probes.maps);
+                    turns::Job::Resync
+                }
+                Wake::Findings(mut batch) => {
                     // Stalls found together are chained together: take what else is waiting.
                     while let Ok(mut more) = findings.try_recv() {
                         batch.append(&mut more);
                     }
                     self.on_findings(batch, &probes.maps, monotonic_ns());
+                    turns::Job::Findings
                 }
-            }
+            };
             if !backlog && std::mem::take(&mut sweep_due) {
                 self.sweep(probes)?;
+                job = turns::Job::Sweep;
             }
+            let took = started.elapsed();
+            let cpu_us = turns::thread_cpu_us().saturating_sub(cpu_started);
+            self.turns.record(job, took, cpu_us);
+            self.metrics.loop_turn(took);
         }
         // Deliver what the kernel reported before the signal.
         self.drain(ring.get_mut(), &probes.maps);

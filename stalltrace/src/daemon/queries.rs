@@ -32,6 +32,10 @@ pub(super) struct ConnsStream {
 
 /// Chunks made per turn of the loop at most, over all streams (~200 KB each).
 const CHUNKS_PER_TURN: usize = 8;
+/// Chunks a stream may be ahead of its client: enough that the daemon making them and the
+/// client reading them work side by side (with two, a 200 000-item answer took the CLI
+/// twice as long as a client that only reads).
+const CHUNKS_AHEAD: usize = 8;
 
 use crate::probes::Probes;
 
@@ -152,6 +156,8 @@ impl Daemon {
                 "avg_us": sweep_avg_us as u64,
                 "max_us": self.sweep_max.as_micros() as u64,
             },
+            "loop": self.turns.status(),
+            "resync": self.resyncs.status(),
             "privileges": self.privileges,
             "lost": loss,
             "lost_total": loss.total(),
@@ -160,7 +166,7 @@ impl Daemon {
 
     /// Starts streaming the `conns` answer: the ids of the selected connections now, their
     /// items made a chunk at a time as the client reads them ([`Self::send_conns_chunk`]).
-    /// The daemon holds 8 bytes per connection and two chunks, not the whole answer (which
+    /// The daemon holds 8 bytes per connection and `CHUNKS_AHEAD` chunks, not the whole answer (which
     /// is ~400 bytes per connection: 80 MB on a host with 100 000 connections, both ends).
     /// Connections that close while the answer streams are left out.
     pub(super) fn stream_conns(&mut self, filter: &Filter) -> mpsc::Receiver<String> {
@@ -171,7 +177,7 @@ impl Daemon {
             .map(|(_, conn)| conn.id)
             .collect();
         ids.sort_unstable();
-        let (chunks, receiver) = mpsc::channel(2);
+        let (chunks, receiver) = mpsc::channel(CHUNKS_AHEAD);
         self.streams.push_back(ConnsStream {
             ids,
             next: 0,

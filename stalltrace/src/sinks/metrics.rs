@@ -49,6 +49,10 @@ const STALL_BUCKETS: [f64; 14] = [
 const SWEEP_BUCKETS: [f64; 12] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 ];
+/// Seconds: a turn of the event loop, from microseconds (a drain) to whatever blocked it.
+const LOOP_TURN_BUCKETS: [f64; 12] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
 
 /// The daemon's metrics: handles to atomic counters, updated on the event loop.
 pub struct Metrics {
@@ -69,6 +73,7 @@ pub struct Metrics {
     /// Loss counters as of the last update (the metric counts the difference).
     lost_seen: LossCounters,
     sweep_seconds: Histogram,
+    loop_turn_seconds: Histogram,
     ring_fill: Gauge<f64, std::sync::atomic::AtomicU64>,
     stall_after: Gauge<f64, std::sync::atomic::AtomicU64>,
     rules: Gauge,
@@ -158,6 +163,12 @@ impl Metrics {
             "Time the event loop spent in each sweep of the watched connections",
             sweep_seconds.clone(),
         );
+        let loop_turn_seconds = Histogram::new(LOOP_TURN_BUCKETS);
+        registry.register(
+            "loop_turn_duration_seconds",
+            "Time each turn of the event loop kept it from everything else (ring buffer, API)",
+            loop_turn_seconds.clone(),
+        );
         let ring_fill = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(
             "ring_buffer_fill_ratio",
@@ -222,6 +233,7 @@ impl Metrics {
             lost,
             lost_seen: LossCounters::default(),
             sweep_seconds,
+            loop_turn_seconds,
             ring_fill,
             stall_after,
             rules,
@@ -328,6 +340,10 @@ impl Metrics {
 
     pub fn sweep(&self, took: Duration) {
         self.sweep_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn loop_turn(&self, took: Duration) {
+        self.loop_turn_seconds.observe(took.as_secs_f64());
     }
 
     /// Once a second: connections tracked, losses by cause, the ring buffer's fill.
