@@ -200,6 +200,23 @@ fn every_filter_of_every_command_selects_one_peer_and_excludes_the_other() {
         }
     }
 
+    // The default output, a table (its rows made as the items stream in): A's two ends, not B.
+    let table = daemon.cli(&["conns", "--port", &port_a_arg]);
+    assert!(table.status.success(), "{table:?}");
+    let table = String::from_utf8(table.stdout).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("ID") && lines[0].contains("PEER"),
+        "{table}"
+    );
+    let rows = &lines[1..lines.len() - 1];
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(
+        rows.iter().all(|row| row.contains(&format!(":{port_a}"))),
+        "{table}"
+    );
+    assert_eq!(lines[lines.len() - 1], "2 connections", "{table}");
+
     // why: by comm and port. Its groups span processes, so --pid is refused, not ignored.
     let all = array(daemon.cli_json(&["why", "-o", "json"]));
     assert!(

@@ -201,11 +201,40 @@ fn render_status(status: &Value) -> String {
 }
 
 pub fn conns(socket: &Path, filter: api::Filter, format: Format) -> Result<()> {
-    if format == Format::Json {
-        return stream_json(socket, Command::Conns { filter });
+    match format {
+        Format::Json => stream_json(socket, Command::Conns { filter }),
+        Format::Table => stream_conns_table(socket, Command::Conns { filter }),
+        Format::Yaml => {
+            let result = query(socket, Command::Conns { filter })?;
+            let items: Vec<ConnItemJson> = serde_json::from_str(result.get())
+                .context("the daemon's answer has an unexpected shape")?;
+            print_structured(&items, format).map(drop)
+        }
     }
-    let result = query(socket, Command::Conns { filter })?;
-    print_items(&result, format, render_conns).map(drop)
+}
+
+/// Sends `command` and gives each item of its streamed list answer to `each` as it arrives
+/// (see `items.rs`); how many there were.
+fn stream_items<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    command: Command,
+    each: impl FnMut(T) -> std::io::Result<()>,
+) -> Result<usize> {
+    let mut stream = connect(socket)?;
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    send(&mut stream, command)?;
+    match super::items::for_each_item(&stream, each) {
+        Ok(Ok(count)) => Ok(count),
+        Ok(Err(error)) => bail!(
+            "the daemon refused the request ({}): {}",
+            terminal_safe(&error.code.to_string()),
+            terminal_safe(&error.message)
+        ),
+        Err(err) if err.is_eof() => {
+            bail!("the daemon closed the connection before the end of its answer")
+        }
+        Err(err) => Err(err).context("reading the daemon's answer"),
+    }
 }
 
 /// Prints a streamed list answer as pretty JSON (as [`print_structured`] would), each item
@@ -214,35 +243,34 @@ pub fn conns(socket: &Path, filter: api::Filter, format: Format) -> Result<()> {
 /// the last line and took 500 MB, and parsing each item into its type and back cost as much
 /// CPU as the daemon spent making it (on a 2-core host the two often share one core).
 fn stream_json(socket: &Path, command: Command) -> Result<()> {
-    let mut stream = connect(socket)?;
-    stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
-    send(&mut stream, command)?;
     let mut out = Indented(std::io::BufWriter::new(std::io::stdout().lock()));
     let mut first = true;
-    let outcome = super::items::for_each_item(&stream, |item: Box<RawValue>| {
+    stream_items(socket, command, |item: Box<RawValue>| {
         out.0.write_all(if first { b"[\n  " } else { b",\n  " })?;
         first = false;
         let mut item = serde_json::Deserializer::from_str(item.get());
         serde_transcode::transcode(&mut item, &mut serde_json::Serializer::pretty(&mut out))
             .map_err(std::io::Error::other)
-    });
+    })?;
     let mut out = out.0;
-    match outcome {
-        Ok(Ok(_)) => {
-            out.write_all(if first { b"[]\n" } else { b"\n]\n" })?;
-            out.flush()?;
-            Ok(())
-        }
-        Ok(Err(error)) => bail!(
-            "the daemon refused the request ({}): {}",
-            terminal_safe(&error.code.to_string()),
-            terminal_safe(&error.message)
-        ),
-        Err(err) if err.is_eof() && first => {
-            bail!("the daemon closed the connection without answering")
-        }
-        Err(err) => Err(err).context("reading the daemon's answer"),
-    }
+    out.write_all(if first { b"[]\n" } else { b"\n]\n" })?;
+    out.flush()?;
+    Ok(())
+}
+
+/// The `conns` table, its rows made as the items arrive: with 200 000 connections, the whole
+/// answer parsed into a JSON tree first (to make its strings terminal-safe) took 1.7 GB and
+/// 8–10 s. Cells are made terminal-safe by [`Table::push`].
+fn stream_conns_table(socket: &Path, command: Command) -> Result<()> {
+    let mut table = conns_table();
+    let count = stream_items(socket, command, |item: ConnItemJson| {
+        table.push(conn_row(&item));
+        Ok(())
+    })?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(table.render_for(&Terminal::stdout()).as_bytes())?;
+    writeln!(out, "{count} connections")?;
+    Ok(())
 }
 
 /// Writes pretty JSON one level deeper: two spaces after every newline (a JSON string holds
@@ -285,8 +313,8 @@ fn print_items(
     Ok(items.len())
 }
 
-fn render_conns(items: &[ConnItemJson], terminal: &Terminal) -> String {
-    let mut table = Table::new(&[
+fn conns_table() -> Table {
+    Table::new(&[
         ("ID", true),
         ("ROLE", false),
         ("STATE", false),
@@ -299,31 +327,29 @@ fn render_conns(items: &[ConnItemJson], terminal: &Terminal) -> String {
         ("EXCH", true),
         ("LAST-SEND", true),
         ("LAST-RECV", true),
-    ]);
+    ])
+}
+
+/// One connection's row of the `conns` table (cells as the daemon wrote them: [`Table::push`]
+/// makes them terminal-safe).
+fn conn_row(item: &ConnItemJson) -> Vec<String> {
     let ago = |ms: Option<u64>| ms.map_or("-".to_owned(), format_millis);
-    for item in items {
-        let conn = &item.conn;
-        let (pid, comm) = process_cells(&item.process);
-        table.push(vec![
-            conn.id.to_string(),
-            conn.role.to_string(),
-            conn.state.as_deref().unwrap_or_default().to_owned(),
-            pid,
-            comm,
-            endpoint(&item.network.local),
-            endpoint(&item.network.peer),
-            conn.bytes_sent.map_or("-".into(), bytes),
-            conn.bytes_received.map_or("-".into(), bytes),
-            conn.exchanges.map_or("-".into(), |n| n.to_string()),
-            ago(conn.last_send_ago_ms),
-            ago(conn.last_receive_ago_ms),
-        ]);
-    }
-    format!(
-        "{}{} connections\n",
-        table.render_for(terminal),
-        items.len()
-    )
+    let conn = &item.conn;
+    let (pid, comm) = process_cells(&item.process);
+    vec![
+        conn.id.to_string(),
+        conn.role.to_string(),
+        conn.state.as_deref().unwrap_or_default().to_owned(),
+        pid,
+        comm,
+        endpoint(&item.network.local),
+        endpoint(&item.network.peer),
+        conn.bytes_sent.map_or("-".into(), bytes),
+        conn.bytes_received.map_or("-".into(), bytes),
+        conn.exchanges.map_or("-".into(), |n| n.to_string()),
+        ago(conn.last_send_ago_ms),
+        ago(conn.last_receive_ago_ms),
+    ]
 }
 
 fn process_cells(process: &Option<stalltrace_core::api::schema::ProcessJson>) -> (String, String) {
