@@ -10,7 +10,7 @@ use stalltrace_common::{
 
 use crate::{
     capture::{bytes_at, walk_header_at, NO_WORD},
-    maps::{count_loss, stall_after_ns, H2_SCRATCH, H2_STREAMS, H2_WALKER},
+    maps::{count_loss, stall_after_ns, verdict_extras, CONNS, H2_SCRATCH, H2_STREAMS, H2_WALKER},
 };
 
 /// Follows the streams of HTTP/2 connection `conn` (on `sock`) through a transfer of `bytes`
@@ -18,8 +18,26 @@ use crate::{
 /// client preface ([`http2::may_start`] connections). What it found is left in `conn`
 /// (`h2_sync`, `h2_answered_late`…), not returned: the caller's paths then stay one for the
 /// verifier.
-#[inline(never)]
-pub(crate) fn on_transfer(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
+/// A global BPF function: the verifier checks it once, on its own, not once per path of its
+/// callers (the walk is ~200 000 of the transfer programs' verified instructions otherwise).
+/// It may take scalars only (Linux 5.10), so it looks the connection up again; the caller
+/// holds no reference to it across the call.
+#[unsafe(no_mangle)]
+pub extern "C" fn stalltrace_http2_transfer(sock: u64, dir: u64, bytes: u64, now: u64) -> u64 {
+    if !verdict_extras() {
+        return 0;
+    }
+    let Some(conn) = CONNS.get_ptr_mut(sock) else {
+        return 0;
+    };
+    // SAFETY: map value pointer, valid for the duration of the program; no other reference
+    // to it lives across this call.
+    on_transfer(sock, unsafe { &mut *conn }, dir as u8, bytes, now);
+    0
+}
+
+#[inline(always)]
+fn on_transfer(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
     let streams = match H2_STREAMS.get_ptr_mut(sock) {
         Some(streams) if http2::tracking(conn) => streams,
         _ if http2::tracking(conn) => {

@@ -108,6 +108,21 @@ fn transfer<C: EbpfContext, const BUFFER: bool>(ctx: &C, sock: u64, dir: u8, ret
             None => return,
         },
     };
+    // An HTTP/2 connection whose streams are followed is judged per stream. First, so that
+    // the verifier walks the frames once, not once per outcome of the classification below;
+    // and before any reference to the entry is made, as the walk (a global function) looks
+    // it up and writes it itself. Only with the verdict extras (they imply capture: the walk
+    // reads the syscall's buffer).
+    if BUFFER && verdict_extras() {
+        // SAFETY: map value pointer, valid for the duration of the program; the shared
+        // reference ends before the call.
+        let state = unsafe { &*conn };
+        if state.transport != transport::UDP
+            && (http2::tracking(state) || http2::may_start(state, dir))
+        {
+            crate::http2::stalltrace_http2_transfer(sock, u64::from(dir), ret as u64, now);
+        }
+    }
     // SAFETY: map value pointer, valid for the duration of the program.
     let conn = unsafe { &mut *conn };
     if conn.transport == transport::UDP {
@@ -123,17 +138,10 @@ fn transfer<C: EbpfContext, const BUFFER: bool>(ctx: &C, sock: u64, dir: u8, ret
 
 #[inline(always)]
 fn record<const BUFFER: bool>(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
-    // An HTTP/2 connection whose streams are followed is judged per stream. First, so that
-    // the verifier walks the frames once, not once per outcome of the classification below.
-    // Only with the verdict extras (they imply capture: the walk reads the syscall's buffer).
-    if verdict_extras() && (http2::tracking(conn) || http2::may_start(conn, dir)) {
-        if BUFFER {
-            crate::http2::on_transfer(sock, conn, dir, bytes, now);
-        } else if http2::tracking(conn) {
-            // Frames that cannot be read: the framing is lost from here.
-            http2::lose(conn);
-            count_loss(loss::HTTP2_UNTRACKED);
-        }
+    // Frames that cannot be read (`transfer` walks the others): the framing is lost here.
+    if !BUFFER && verdict_extras() && http2::tracking(conn) {
+        http2::lose(conn);
+        count_loss(loss::HTTP2_UNTRACKED);
     }
     let new_owner = set_owner_to_current(conn);
     // Only a run that may start a request, or answer one with housekeeping in between, has
