@@ -13,6 +13,13 @@
 //! ([`Fit`]), before it attaches anything. Until then, or when the fit fails, `tick_ns` is 0
 //! and the programs read `bpf_ktime_get_ns`.
 
+/// Added to the stall threshold wherever it is compared with connection state times while the
+/// coarse clock is on (ns): those trail the truth by up to one tick, 10 ms at the slowest rate
+/// (`HZ=100`), so a difference of two of them can exceed the true one by a tick. With it, a
+/// reply that came before the threshold is never a stall; one that came less than a tick after
+/// it may go unflagged.
+pub const THRESHOLD_SLACK_NS: u64 = 10_000_000;
+
 /// `jiffies_64` and `bpf_ktime_get_ns()` read one after the other by one program run.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -358,6 +358,16 @@ pub(crate) struct Probes {
     pub splice_reads: Result<(), String>,
 }
 
+/// What to add to the stall threshold where it is compared with connection state times
+/// (`stalltrace_common::clock::THRESHOLD_SLACK_NS`), with the coarse clock on or off.
+pub(crate) fn threshold_slack_ns(coarse_clock: bool) -> u64 {
+    if coarse_clock {
+        stalltrace_common::clock::THRESHOLD_SLACK_NS
+    } else {
+        0
+    }
+}
+
 /// The program the daemon runs (never attached) to ask whether a Unix socket still lives.
 const UNIX_ALIVE_PROGRAM: &str = "stalltrace_unix_alive";
 
@@ -666,7 +676,11 @@ impl Probes {
             // The programs carry no CO-RE relocations (offsets come from our own BTF read), so
             // aya need not parse the kernel's BTF: that saves ~25 MiB of peak memory.
             .btf(None)
-            .override_global("STALL_AFTER_NS", &config.stall_after_ns, true)
+            .override_global(
+                "STALL_AFTER_NS",
+                &(config.stall_after_ns + threshold_slack_ns(coarse_clock != 0)),
+                true,
+            )
             .override_global("OFFSETS", &config.offsets, true)
             .override_global(
                 "FD_OFFSETS",

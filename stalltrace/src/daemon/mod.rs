@@ -236,7 +236,9 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
         .map_or_else(String::new, |address| {
             format!("; metrics on http://{address}/metrics")
         });
-    let mut tracker = Tracker::new(stall_after_ns);
+    // Judged against state times as the kernel judges them (its threshold has the same slack).
+    let slack_ns = crate::probes::threshold_slack_ns(probes.maps.clock.is_ok());
+    let mut tracker = Tracker::new(stall_after_ns + slack_ns);
     tracker.set_sweep_budget(SWEEP_BUDGET, SWEEP_TIME_BUDGET);
 
     // Adopt after attaching: a connection that closes in between is reported by the kernel.
