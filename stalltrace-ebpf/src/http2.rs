@@ -23,7 +23,12 @@ use crate::{
 /// It may take scalars only (Linux 5.10), so it looks the connection up again; the caller
 /// holds no reference to it across the call.
 #[unsafe(no_mangle)]
-pub(crate) extern "C" fn stalltrace_http2_transfer(sock: u64, dir: u64, bytes: u64, now: u64) -> u64 {
+pub(crate) extern "C" fn stalltrace_http2_transfer(
+    sock: u64,
+    dir: u64,
+    bytes: u64,
+    now: u64,
+) -> u64 {
     if !verdict_extras() {
         return 0;
     }
