@@ -35,6 +35,19 @@ pub enum Activity {
     Ending { at: u64, how: Resolution },
 }
 
+impl Activity {
+    /// True while something is owed (a handshake, a reply, the rest of a response): what the
+    /// sweeps keep re-reading.
+    pub fn is_busy(self) -> bool {
+        matches!(
+            self,
+            Self::Outstanding { .. }
+                | Self::ConnectPending { .. }
+                | Self::ResponseIncomplete { .. }
+        )
+    }
+}
+
 pub fn role_of(state: &ConnState) -> Role {
     Role::from_kernel(state.role)
 }

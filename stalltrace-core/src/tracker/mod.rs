@@ -840,10 +840,14 @@ impl Tracker {
             if established && Owner::from_kernel(&state).is_some() {
                 announce(conn, state.open_ns.min(now), out);
             }
-            if before != Some((conn.id, conn.announced)) {
+            // A known connection whose lost events left a request unseen is watched too, or
+            // only the audit cycle (thousands of entries after a burst) would find its stall.
+            let busy = conn.activity(&state).is_busy();
+            let recovered = before != Some((conn.id, conn.announced));
+            if recovered || busy {
                 self.watch(sock);
-                resync.found.recovered += 1;
             }
+            resync.found.recovered += usize::from(recovered);
         }
         self.conns.note_stalls(&out[mark..]);
         self.resync = Some(resync);
@@ -973,14 +977,8 @@ impl Tracker {
             }
             let activity = conn.activity(&state);
             observe(conn, &state, activity, now, stall_after_ns, out);
-            let busy = matches!(
-                activity,
-                Activity::Outstanding { .. }
-                    | Activity::ConnectPending { .. }
-                    | Activity::ResponseIncomplete { .. }
-            );
             let recently_reported = conn.watch_epoch.saturating_add(1) >= epoch;
-            if busy || conn.stall.is_some() || recently_reported {
+            if activity.is_busy() || conn.stall.is_some() || recently_reported {
                 self.watch_queue.push_back((sock, ticket));
             } else {
                 self.watched.remove(&sock);

@@ -1137,6 +1137,26 @@ fn a_resync_reports_a_connection_heard_of_since_it_began_but_never_reported() {
 }
 
 #[test]
+fn a_resync_watches_a_known_connection_whose_lost_records_left_a_request_unseen() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::CLIENT, 0);
+    feed(&mut t, k.event(EventKind::Established, 0));
+    for at in 1..=3 {
+        assert!(sweep(&mut t, &mut k, at * SEC).is_empty());
+    }
+    assert!(!t.watched.contains_key(&SOCK), "idle: no longer re-read");
+    // Its request goes out; the record is lost to a full ring buffer.
+    k.transfer(direction::OUT, 4 * SEC);
+    let mut out = Vec::new();
+    let found = reconcile(&mut t, [(SOCK, k.state)], 5 * SEC, &mut out);
+    assert_eq!(found.recovered, 0, "known already");
+    assert!(out.is_empty(), "{out:?}");
+    assert!(t.watched.contains_key(&SOCK), "the request makes it busy");
+    let stalled = sweep(&mut t, &mut k, 4 * SEC + THRESHOLD);
+    assert_started(&stalled, StallKind::AwaitingResponse);
+}
+
+#[test]
 fn sweeps_stop_reading_when_their_time_is_up() {
     let mut t = tracker();
     t.set_sweep_budget(usize::MAX, std::time::Duration::ZERO);
