@@ -330,11 +330,9 @@ fn discover<C: EbpfContext>(
     ) {
         return None;
     }
-    let Some(conn) = scratch_conn() else {
+    let Some(conn) = scratch_conn(now) else {
         return None;
     };
-    conn.open_ns = now;
-    conn.state_ns = now;
     conn.family = family;
     conn.tcp_state = tcp_state::ESTABLISHED;
     conn.flags = conn_flags::DISCOVERED | conn_flags::ESTABLISHED;

@@ -79,11 +79,9 @@ fn sent_to_peer(conn: &ConnState) -> bool {
 #[inline(never)]
 pub(crate) fn discover(sock: u64, family: u16, dir: u8, bytes: u64, now: u64) {
     let offsets = &OFFSETS.load();
-    let Some(conn) = scratch_conn() else {
+    let Some(conn) = scratch_conn(now) else {
         return;
     };
-    conn.open_ns = now;
-    conn.state_ns = now;
     conn.family = family;
     conn.transport = transport::UDP;
     // A UDP socket is "established" from its first datagram until it is released.

@@ -8,7 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use stalltrace_integration::{pid, require_root, send_request, Daemon, SilentServer};
+use stalltrace_integration::{
+    pid, require_root, send_request, Daemon, SilentServer, REPORT_WITHIN,
+};
 
 const TINY_RING: [&str; 2] = ["--ring-buffer-size", "4KiB"];
 
@@ -152,4 +154,41 @@ fn lost_events_lower_the_confidence_of_a_stall() {
         .count();
     assert!(losses > 0, "the loss itself is reported");
     server.close();
+}
+
+/// A `struct sock` address the kernel reuses after a close record was lost is told apart from
+/// its predecessor by when the connection opened: that time must be exact, since connections
+/// opened back to back share a tick of the coarse state clock (4 ms at 250 Hz).
+#[test]
+fn connections_opened_back_to_back_have_distinct_open_times() {
+    require_root();
+    let daemon = Daemon::start("open-times");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    const COUNT: usize = 64;
+    let server = thread::spawn(move || {
+        for _ in 0..COUNT {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = [0u8; 5];
+            conn.read_exact(&mut request).unwrap();
+            conn.write_all(b"pong\n").unwrap();
+        }
+    });
+    for _ in 0..COUNT {
+        let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        client.write_all(b"ping\n").unwrap();
+        let mut reply = [0u8; 5];
+        client.read_exact(&mut reply).unwrap();
+    }
+    server.join().unwrap();
+    let opens = daemon.wait_for_events("conn.open", port, 2 * COUNT, REPORT_WITHIN);
+    let mut times: Vec<&str> = opens
+        .iter()
+        .filter(|e| e["conn"]["role"] == "server")
+        .map(|e| e["time"].as_str().unwrap())
+        .collect();
+    assert_eq!(times.len(), COUNT, "{opens:#?}");
+    times.sort_unstable();
+    times.dedup();
+    assert_eq!(times.len(), COUNT, "accepted connections share open times");
 }
