@@ -46,6 +46,18 @@ pub(crate) fn capture_request(sock: u64, len: u64, now: u64) -> Option<&'static 
     Some(slot)
 }
 
+/// The copy of the request in flight on `sock`, while its slot still holds it (another
+/// connection's request may have taken the slot since).
+#[inline(always)]
+pub(crate) fn held(sock: u64) -> Option<&'static Capture> {
+    if CAPTURE_BYTES.load() == 0 {
+        return None;
+    }
+    // SAFETY: array slot pointer, valid for the program run (see `capture_request`).
+    let slot = unsafe { &*CAPTURES.get_ptr(capture_slot(sock, CAPTURE_SLOTS.load()))? };
+    (slot.sock == sock).then_some(slot)
+}
+
 /// Reads the first bytes of the reply-direction run that just moved `len` bytes into this
 /// CPU's scratch slot (never reported: only classified). `None` when capture is off or the
 /// buffer cannot be located.

@@ -219,7 +219,12 @@ pub(crate) fn report(
         }
     } else if quiet_ended {
         conn.flags &= !conn_flags::SAMPLED;
-        emit(EventKind::QuietEnded, sock, conn);
+        // With the request's copy: the daemon reads this record after the next request may
+        // have replaced the copy in the slot (a stall that ended between two sweeps).
+        match crate::capture::held(sock) {
+            Some(capture) => emit_request(EventKind::QuietEnded, sock, conn, capture),
+            None => emit(EventKind::QuietEnded, sock, conn),
+        }
     } else if turn == Turn::ReplyStarted && conn.flags & conn_flags::SAMPLED != 0 {
         conn.flags &= !conn_flags::SAMPLED;
         emit(EventKind::ExchangeCompleted, sock, conn);

@@ -1,6 +1,7 @@
 //! Stall detection end to end: the real daemon, the real eBPF programs, real TCP on loopback.
 use std::{
-    net::{SocketAddr, TcpStream},
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
     thread,
     time::Duration,
 };
@@ -312,4 +313,55 @@ fn request_capture_loads_where_the_kernel_has_it() {
         expected_verdict_extras(),
         "{status:#}"
     );
+}
+
+/// A reply a little past the threshold ends its stall before a sweep sees it: the kernel's
+/// record reports both at once. The client's next request follows at once, and replaces the
+/// kernel's copy of the request and the socket's counters before the daemon looks: the stall
+/// must still name its own request, and the next one's bytes must not read as unseen.
+#[test]
+fn a_stall_that_ends_between_sweeps_names_its_own_request() {
+    require_root();
+    let daemon = Daemon::start("between-sweeps");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    const ROUNDS: usize = 3;
+    let late = STALL_AFTER + Duration::from_millis(60);
+    let server = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 256];
+        for round in 0..2 * ROUNDS {
+            let n = conn.read(&mut buf).unwrap();
+            assert!(n > 0);
+            if round % 2 == 0 {
+                thread::sleep(late);
+            }
+            conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .unwrap();
+        }
+        // Open until the end: a close read in the same batch as the stall is another case.
+        conn
+    });
+    let mut client = TcpStream::connect(addr).unwrap();
+    let mut reply = [0u8; 40];
+    for _ in 0..ROUNDS {
+        for path in ["/slow", "/next"] {
+            client
+                .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes())
+                .unwrap();
+            client.read_exact(&mut reply).unwrap();
+        }
+    }
+    let _server_side = server.join().unwrap();
+    let ends = daemon.wait_for_events("stall.end", addr.port(), 2 * ROUNDS, REPORT_WITHIN);
+    assert_eq!(ends.len(), 2 * ROUNDS, "{ends:#?}");
+    let starts = daemon.events_named("stall.start", addr.port());
+    assert_eq!(starts.len(), 2 * ROUNDS, "{starts:#?}");
+    for start in &starts {
+        let stall = &start["stall"];
+        if expected_capture_bytes() > 0 {
+            assert_eq!(stall["request"]["signature"], "GET /slow", "{start:#}");
+        }
+        assert_eq!(stall["confidence"], "full", "{start:#}");
+    }
 }

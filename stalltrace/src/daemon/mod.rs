@@ -14,6 +14,7 @@ mod unread;
 mod why_samples;
 
 use std::{
+    collections::HashMap,
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -310,6 +311,7 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
         kernel_threshold,
         diagnoser,
         held: stall_diagnosis::Held::default(),
+        ended_requests: HashMap::new(),
         why: Why::new(),
         timelines: timelines::Timelines::default(),
         next_stacks_ns: 0,
@@ -439,6 +441,9 @@ struct Daemon {
     kernel_threshold: Duration,
     diagnoser: Diagnoser,
     held: stall_diagnosis::Held,
+    /// The request copies `QuietEnded` records carried, by kernel key, until the drain that
+    /// read them hands their stalls to the diagnoser (at most one drain's records).
+    ended_requests: HashMap<u64, Capture>,
     why: Why,
     timelines: timelines::Timelines,
     next_stacks_ns: u64,
@@ -649,7 +654,13 @@ impl Daemon {
                 }
                 Some(event) => {
                     self.tracker.on_event(&event, &mut self.out);
-                    self.sample_exchange(&event, Capture::from_record_tail(&record));
+                    let capture = Capture::from_record_tail(&record);
+                    if let Some(capture) =
+                        capture.filter(|_| event.kind() == Some(EventKind::QuietEnded))
+                    {
+                        self.ended_requests.insert(event.header.sock, capture);
+                    }
+                    self.sample_exchange(&event, capture);
                 }
                 None => self.malformed += 1,
             }

@@ -3,7 +3,7 @@
 //! comes back, at most [`HOLD_AT_MOST_NS`]; open stalls are looked at again as they age (a
 //! material change is a `stall.update`); threads spinning behind stalls have their stacks
 //! sampled and symbolized. Also counts stalls for `why` and keeps the timelines.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use stalltrace_core::{
     diagnosis::Diagnosis,
@@ -60,8 +60,9 @@ impl Daemon {
             return;
         }
         let now = monotonic_ns();
+        let ended = ended_in_batch(&self.out);
         let mut ready = Vec::with_capacity(self.out.len());
-        for mut event in std::mem::take(&mut self.out) {
+        for (mut event, ended) in std::mem::take(&mut self.out).into_iter().zip(ended) {
             let id = event.conn.id;
             if let Some(held) = self.held.by_conn.get_mut(&id) {
                 held.events.push(event);
@@ -77,7 +78,16 @@ impl Daemon {
                     ready.push(event);
                     continue;
                 };
-                let (known, asked) = self.diagnoser.begin(conn, sock, maps, now);
+                // The copy the record carried, else the kernel's slot; one taken after the
+                // stall began is the next request's.
+                let capture = sock
+                    .and_then(|sock| {
+                        self.ended_requests
+                            .remove(&sock)
+                            .or_else(|| maps.capture(sock))
+                    })
+                    .filter(|capture| capture.request_ns <= event.at_ns);
+                let (known, asked) = self.diagnoser.begin(conn, capture.as_ref(), ended, now);
                 // `why` counts the stalls the rules report; one they ignore or hold (a long
                 // poll) is a request that completes late, or is counted when released.
                 let request = known.request.as_ref().map(|r| r.signature.as_str());
@@ -99,11 +109,12 @@ impl Daemon {
                     self.held.by_conn.insert(id, held);
                     continue;
                 }
-                self.held.late += 1;
+                self.held.late += u64::from(!ended);
             }
             ready.push(event);
         }
         self.out = ready;
+        self.ended_requests.clear();
         self.write_out();
     }
 
@@ -253,4 +264,21 @@ impl Daemon {
             },
         });
     }
+}
+
+/// For each event of `events`, whether it is a stall start whose end follows in `events` (the
+/// kernel reported a quiet stretch past the threshold only when it ended, between sweeps).
+fn ended_in_batch(events: &[Event]) -> Vec<bool> {
+    let mut ending = HashSet::new();
+    let mut ended = vec![false; events.len()];
+    for (i, event) in events.iter().enumerate().rev() {
+        match event.detail {
+            Detail::StallEnd { .. } => {
+                ending.insert(event.conn.id);
+            }
+            Detail::StallStart { .. } => ended[i] = ending.remove(&event.conn.id),
+            _ => {}
+        }
+    }
+    ended
 }

@@ -10,6 +10,7 @@
 use std::collections::{HashMap, HashSet};
 
 use anyhow::Result;
+use stalltrace_common::Capture;
 use stalltrace_core::{
     diagnosis::{self, Cause, Diagnosis, RequestReport, TcpSignals, ThreadReport, ThreadVerdict},
     protocols::{self, Privacy},
@@ -24,7 +25,6 @@ use super::{
     blame::{blame_chain, is_event_loop, Links, Request},
     worker::{Finding, Job, Subject, Worker},
 };
-use crate::probes::KernelMaps;
 
 /// Refresh looks asked for per second at most (~50 µs of I/O each, on the worker).
 const REFRESHES_PER_SEC: u64 = 200;
@@ -184,22 +184,23 @@ impl Diagnoser {
         }
     }
 
-    /// A stall opened on `conn` (kernel key `sock`) at `now`: asks the worker for a first look
-    /// and returns what is known without it (request, confidence), to report if the look
-    /// cannot be had in time, and whether a look was asked for (false: the worker's queue or
-    /// the table of open stalls is full; report the stall at once).
+    /// A stall opened on `conn`, whose request's copy is `capture` (the kernel's, when it
+    /// is this request's), seen at `now`: asks the worker for a first look and returns what
+    /// is known without it (request, confidence), to report if the look cannot be had in
+    /// time, and whether a look was asked for (false: the worker's queue or the table of open
+    /// stalls is full, or the stall has `ended` already; report it at once). An ended stall
+    /// gets no look: the socket and the threads have moved on to what came after it.
     pub(crate) fn begin(
         &mut self,
         conn: &Conn,
-        sock: Option<u64>,
-        maps: &KernelMaps,
+        capture: Option<&Capture>,
+        ended: bool,
         now: u64,
     ) -> (Diagnosis, bool) {
         // A pipelined request is not the one the capture holds (the run's first).
-        let capture = sock.and_then(|sock| maps.capture(sock));
         let request = conn
             .pipelined_request()
-            .or(capture.as_ref().map(|capture| capture.data()))
+            .or(capture.map(Capture::data))
             .and_then(|bytes| {
                 protocols::recognize_with(bytes, self.privacy).map(|s| RequestReport {
                     protocol: s.protocol.to_owned(),
@@ -217,6 +218,9 @@ impl Diagnoser {
             in_flight: false,
         };
         open.diagnosis = self.compose(conn, &open, None);
+        if ended {
+            return (open.diagnosis, false);
+        }
         if self.open.len() >= MAX_OPEN && !self.open.contains_key(&conn.id) {
             self.dropped += 1;
             return (open.diagnosis, false);
