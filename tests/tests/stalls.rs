@@ -365,3 +365,36 @@ fn a_stall_that_ends_between_sweeps_names_its_own_request() {
         assert_eq!(stall["confidence"], "full", "{start:#}");
     }
 }
+
+/// The same, with the response closing the connection (HTTP/1.0, `Connection: close`): the
+/// close is read with the stall's end, and the stall must still be told from its connection.
+#[test]
+fn a_stall_that_ends_between_sweeps_with_a_close_names_its_request() {
+    require_root();
+    let daemon = Daemon::start("between-sweeps-close");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 256];
+        assert!(conn.read(&mut buf).unwrap() > 0);
+        thread::sleep(STALL_AFTER + Duration::from_millis(60));
+        conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .unwrap();
+    });
+    let mut client = TcpStream::connect(addr).unwrap();
+    client.write_all(b"GET /slow HTTP/1.0\r\n\r\n").unwrap();
+    let mut reply = Vec::new();
+    client.read_to_end(&mut reply).unwrap();
+    drop(client);
+    server.join().unwrap();
+    let ends = daemon.wait_for_events("stall.end", addr.port(), 2, REPORT_WITHIN);
+    assert_eq!(ends.len(), 2, "{ends:#?}");
+    for start in daemon.events_named("stall.start", addr.port()) {
+        let stall = &start["stall"];
+        if expected_capture_bytes() > 0 {
+            assert_eq!(stall["request"]["signature"], "GET /slow", "{start:#}");
+        }
+        assert_eq!(stall["confidence"], "full", "{start:#}");
+    }
+}

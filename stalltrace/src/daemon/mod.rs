@@ -35,7 +35,7 @@ use tokio::{
 use stalltrace_core::{
     loss::{LossCounters, LossReport},
     timefmt::monotonic_ns,
-    tracker::{activity, Event, Tracker},
+    tracker::{activity, Detail, Event, Tracker},
     why::Why,
 };
 
@@ -312,6 +312,7 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
         diagnoser,
         held: stall_diagnosis::Held::default(),
         ended_requests: HashMap::new(),
+        starts_in_out: false,
         why: Why::new(),
         timelines: timelines::Timelines::default(),
         next_stacks_ns: 0,
@@ -444,6 +445,8 @@ struct Daemon {
     /// The request copies `QuietEnded` records carried, by kernel key, until the drain that
     /// read them hands their stalls to the diagnoser (at most one drain's records).
     ended_requests: HashMap<u64, Capture>,
+    /// Whether a record handled since the last emit started a stall (see `starts_pending`).
+    starts_in_out: bool,
     why: Why,
     timelines: timelines::Timelines,
     next_stacks_ns: u64,
@@ -653,7 +656,18 @@ impl Daemon {
                     }
                 }
                 Some(event) => {
+                    // A stall that began and ended in this batch is diagnosed from its
+                    // connection, which the close would take away: hand it over first.
+                    if event.kind() == Some(EventKind::Closed)
+                        && self.starts_pending(event.header.sock)
+                    {
+                        self.emit(maps);
+                    }
+                    let mark = self.out.len();
                     self.tracker.on_event(&event, &mut self.out);
+                    self.starts_in_out |= self.out[mark..]
+                        .iter()
+                        .any(|event| matches!(event.detail, Detail::StallStart { .. }));
                     let capture = Capture::from_record_tail(&record);
                     if let Some(capture) =
                         capture.filter(|_| event.kind() == Some(EventKind::QuietEnded))

@@ -59,6 +59,7 @@ impl Daemon {
         if self.out.is_empty() {
             return;
         }
+        self.starts_in_out = false;
         let now = monotonic_ns();
         let ended = ended_in_batch(&self.out);
         let mut ready = Vec::with_capacity(self.out.len());
@@ -116,6 +117,20 @@ impl Daemon {
         self.out = ready;
         self.ended_requests.clear();
         self.write_out();
+    }
+
+    /// Whether `self.out` holds a stall start of the connection at kernel key `sock`; scans
+    /// only when some stall started since the last emit (`starts_in_out`), which is rare.
+    pub(super) fn starts_pending(&self, sock: u64) -> bool {
+        if !self.starts_in_out {
+            return false;
+        }
+        let Some(conn) = self.tracker.conn(sock) else {
+            return false;
+        };
+        self.out.iter().any(|event| {
+            event.conn.id == conn.id && matches!(event.detail, Detail::StallStart { .. })
+        })
     }
 
     /// Counts in `why` the stalls in `self.out` the rules held until now.
