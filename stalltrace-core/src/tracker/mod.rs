@@ -1118,7 +1118,10 @@ impl Tracker {
                 None => end_stall(&mut conn, at, how, out),
             }
         }
-        announce(&mut conn, at, out);
+        // A passive connection that never carried data is reported now, dated at its
+        // handshake like any other (an accept-and-close is a dropped user, not noise).
+        let opened = conn.opened_ns.min(at);
+        announce(&mut conn, opened, out);
         let complete = !conn.incomplete && state.flags & conn_flags::DISCOVERED == 0;
         let summary = CloseSummary {
             how,

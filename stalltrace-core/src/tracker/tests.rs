@@ -948,6 +948,23 @@ fn passive_connection_is_tracked_at_once_and_reported_with_its_owner() {
 }
 
 #[test]
+fn passive_connection_without_data_is_reported_at_its_close_dated_at_its_handshake() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, 2 * SEC);
+    k.state.tgid = 0;
+    k.state.tid = 0;
+    assert!(feed(&mut t, k.event(EventKind::Established, 2 * SEC)).is_empty());
+    k.set_state(tcp_state::CLOSE, 3 * SEC);
+    let events = feed(&mut t, k.event(EventKind::Closed, 3 * SEC));
+    assert!(
+        matches!(details(&events)[..], [Detail::Open { adopted: false }, Detail::Close(_)]),
+        "{events:?}"
+    );
+    assert_eq!(events[0].at_ns, 2 * SEC, "dated at the handshake");
+    assert_eq!(events[0].conn.owner.pid, 0, "no transfer named its owner");
+}
+
+#[test]
 fn reconcile_reports_connections_whose_events_were_lost() {
     let mut t = tracker();
     let mut server = Kernel::new(role::SERVER, SEC);
