@@ -957,7 +957,10 @@ fn passive_connection_without_data_is_reported_at_its_close_dated_at_its_handsha
     k.set_state(tcp_state::CLOSE, 3 * SEC);
     let events = feed(&mut t, k.event(EventKind::Closed, 3 * SEC));
     assert!(
-        matches!(details(&events)[..], [Detail::Open { adopted: false }, Detail::Close(_)]),
+        matches!(
+            details(&events)[..],
+            [Detail::Open { adopted: false }, Detail::Close(_)]
+        ),
         "{events:?}"
     );
     assert_eq!(events[0].at_ns, 2 * SEC, "dated at the handshake");

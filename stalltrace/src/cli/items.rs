@@ -113,7 +113,10 @@ fn streamed_items_start(head: &[u8]) -> Option<usize> {
 }
 
 fn eof() -> serde_json::Error {
-    de::Error::custom("the answer ended early")
+    de::Error::custom(
+        "the answer ended early: the daemon stopped or closed the connection mid-answer, so \
+         what was printed is incomplete (is the daemon still running? `stalltrace status`)",
+    )
 }
 
 /// The answer's bytes as they arrive, consumed from `pos`.
@@ -354,6 +357,14 @@ mod tests {
         ] {
             assert!(collect(answer).0.is_err(), "{answer:?}");
         }
+    }
+
+    #[test]
+    fn an_answer_cut_short_says_the_daemon_went_away() {
+        let error = collect("{\"version\":1,\"ok\":true,\"result\":[1,2")
+            .0
+            .unwrap_err();
+        assert!(error.to_string().contains("the daemon stopped"), "{error}");
     }
 
     #[test]
