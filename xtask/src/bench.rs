@@ -129,10 +129,15 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         out: root.join("target/bench"),
     };
     fs::create_dir_all(&paths.out)?;
-    let nginx = Nginx::start(&paths.out)?;
+    let wanted = |part: &str| args.only.is_empty() || args.only.iter().any(|o| o == part);
+    // Only its workloads need nginx (and its CPU and sockets are not there for the others).
+    let nginx = ["nginx", "nginxtls", "h2c"]
+        .into_iter()
+        .any(wanted)
+        .then(|| Nginx::start(&paths.out))
+        .transpose()?;
 
     let secs = args.secs.to_string();
-    let wanted = |part: &str| args.only.is_empty() || args.only.iter().any(|o| o == part);
     let pingpong = |conns: &str| loadgen(&paths, &["pingpong", "--conns", conns, "--secs", &secs]);
     let unix_pingpong = |conns: &str| {
         loadgen(
