@@ -8,8 +8,8 @@
 //! in place.
 use stalltrace_common::{
     capture_slot,
-    http1::{tail_after, Reply, RunCopy, REQUEST_RUN_ROOM, TAIL_UNKNOWN},
-    role, verdict_flags, ConnState,
+    http1::{tail_after, Reply, RequestRun, RunCopy, REQUEST_RUN_ROOM, TAIL_UNKNOWN},
+    role, verdict_flags, Capture, ConnState, CAPTURE_MAX,
 };
 
 use crate::{
@@ -45,13 +45,18 @@ pub(crate) fn on_reply(sock: u64, conn: &mut ConnState, reply: Reply, bytes: u64
 /// `copy` says starts or continues the run's copy: copies its first bytes into the socket's
 /// `HTTP1_REQUEST_RUNS` slot, after those of the run's earlier transfers. The copy stays open
 /// (`REQUEST_RUN_OPEN`) while it has room and holds every byte the run moved: a request
-/// started later in the run is then in it.
+/// started later in the run is then in it. `captured` is the request capture this transfer
+/// took, if any: when it holds all of a run's first transfer (most requests fit in 64 bytes),
+/// it is copied from there instead of read from the user buffer a second time.
 #[inline(never)]
-pub(crate) fn on_request_run(sock: u64, conn: &mut ConnState, copy: RunCopy, bytes: u64) {
+pub(crate) fn on_request_run(
+    sock: u64,
+    conn: &mut ConnState,
+    copy: RunCopy,
+    bytes: u64,
+    captured: Option<&Capture>,
+) {
     conn.verdict_flags &= !verdict_flags::REQUEST_RUN_OPEN;
-    let Some(data) = capture_data() else {
-        return;
-    };
     let slot = capture_slot(sock, REQUEST_RUN_SLOTS.load());
     let Some(run) = HTTP1_REQUEST_RUNS.get_ptr_mut(slot) else {
         return;
@@ -71,15 +76,35 @@ pub(crate) fn on_request_run(sock: u64, conn: &mut ConnState, copy: RunCopy, byt
     } else if run.sock != sock || run.requests != conn.requests {
         return;
     }
-    let copied = if copy == RunCopy::Starts {
-        copy_data(&data, &mut run.bytes, bytes)
-    } else {
-        copy_data_at::<REQUEST_RUN_ROOM, { 2 * REQUEST_RUN_ROOM }>(
-            &data,
-            &mut run.bytes,
-            run.len,
-            bytes,
-        )
+    let copied = match captured {
+        Some(capture) if copy == RunCopy::Starts && u64::from(capture.len) == bytes => {
+            const { assert!(core::mem::offset_of!(RequestRun, bytes) % 8 == 0) };
+            const { assert!(2 * REQUEST_RUN_ROOM >= CAPTURE_MAX) };
+            // SAFETY: both arrays are 8-byte aligned (asserted above for the run's; the
+            // capture's follows two u64s and two u32s), the run's the larger.
+            unsafe {
+                copy_words(
+                    run.bytes.as_mut_ptr().cast::<[u8; CAPTURE_MAX]>(),
+                    &raw const capture.bytes,
+                )
+            };
+            capture.len
+        }
+        _ => {
+            let Some(data) = capture_data() else {
+                return;
+            };
+            if copy == RunCopy::Starts {
+                copy_data(&data, &mut run.bytes, bytes)
+            } else {
+                copy_data_at::<REQUEST_RUN_ROOM, { 2 * REQUEST_RUN_ROOM }>(
+                    &data,
+                    &mut run.bytes,
+                    run.len,
+                    bytes,
+                )
+            }
+        }
     };
     run.len += copied;
     if u64::from(copied) == bytes && (run.len as usize) < REQUEST_RUN_ROOM {

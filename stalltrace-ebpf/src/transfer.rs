@@ -182,7 +182,7 @@ fn record<const BUFFER: bool>(sock: u64, conn: &mut ConnState, dir: u8, bytes: u
         let copy = http1::run_copy(conn, dir, turn);
         if copy != http1::RunCopy::Skip && http1_framed() {
             if BUFFER {
-                crate::http1::on_request_run(sock, conn, copy, bytes);
+                crate::http1::on_request_run(sock, conn, copy, bytes, capture.as_deref());
             } else {
                 // A gap in the run's copy: its requests are not counted.
                 conn.verdict_flags &= !verdict_flags::REQUEST_RUN_OPEN;
