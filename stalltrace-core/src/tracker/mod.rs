@@ -811,6 +811,36 @@ impl Tracker {
         }
     }
 
+    /// Takes the owner and byte counters of a newer kernel snapshot of `sock` (read from the
+    /// `CONNS` map), when it is still the same connection; its exchanges are left to records
+    /// and sweeps. A diagnosis compares the socket's byte counts with the counted ones: a
+    /// record still in the ring would otherwise make bytes look unseen.
+    pub fn refresh_counts(&mut self, sock: u64, state: &ConnState) {
+        if self
+            .conns
+            .get(sock)
+            .is_some_and(|conn| conn.kernel_open_ns == state.open_ns)
+        {
+            self.conns.refresh(sock, state);
+        }
+    }
+
+    /// Whether the stall open on `sock` is over by a newer kernel snapshot of it (the reply
+    /// direction moved since it began), though no record or sweep said so yet; also true when
+    /// none is open. What a diagnosis looked at then tells of what came after it. An HTTP/2
+    /// stream's stall is never over by this rule: the other streams' responses move meanwhile.
+    pub fn stall_over_in(&self, sock: u64, state: &ConnState) -> bool {
+        let Some(conn) = self.conns.get(sock) else {
+            return true;
+        };
+        let Some(stall) = conn.stall.as_deref() else {
+            return true;
+        };
+        conn.kernel_open_ns != state.open_ns
+            || (stall.http2_stream.is_none()
+                && activity::last_reply_ns(state) > stall.quiet_since_ns)
+    }
+
     /// Reconciles part of the kernel map's snapshot (entries as they were read, in any number
     /// of chunks, repeated keys allowed): connections whose opening events were lost are
     /// reported now. Nothing happens unless a resynchronization began.

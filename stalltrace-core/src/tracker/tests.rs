@@ -171,6 +171,25 @@ fn server_with_request() -> (Tracker, Kernel) {
 }
 
 #[test]
+fn a_stall_is_over_in_a_snapshot_where_the_reply_moved_and_counts_follow_the_kernel() {
+    let (mut t, mut k) = server_with_request();
+    assert!(t.stall_over_in(SOCK, &k.state), "no stall open");
+    assert_started(&sweep(&mut t, &mut k, SEC + THRESHOLD), StallKind::UnansweredRequest);
+    // More of the request is not an answer.
+    k.transfer(direction::IN, SEC + THRESHOLD + MS);
+    assert!(!t.stall_over_in(SOCK, &k.state));
+    // The reply went out (its record not handled yet).
+    let before = t.conn(SOCK).unwrap().counted_writes;
+    k.transfer(direction::OUT, SEC + THRESHOLD + 2 * MS);
+    assert!(t.stall_over_in(SOCK, &k.state));
+    t.refresh_counts(SOCK, &k.state);
+    assert_ne!(t.conn(SOCK).unwrap().counted_writes, before, "counts taken");
+    // Another connection at the same address is not this one.
+    let other = Kernel::new(role::SERVER, 7 * SEC);
+    assert!(t.stall_over_in(SOCK, &other.state));
+}
+
+#[test]
 fn server_request_without_reply_stalls_at_the_threshold() {
     let (mut t, mut k) = server_with_request();
     assert!(sweep(&mut t, &mut k, SEC + THRESHOLD - MS).is_empty());

@@ -188,24 +188,48 @@ impl Daemon {
             }
         }
         self.emit(maps);
+        // The looks read the sockets after the records the tracker has. Its byte counts are
+        // brought up to the kernel's (a record still in flight is not "unseen"), and a stall
+        // found over meanwhile keeps what was known at its start: the look told of what came
+        // after it.
+        let mut over = HashSet::new();
+        for finding in &findings {
+            if let Finding::Diagnosed { id, .. } = finding {
+                let Some((Some(sock), _)) = self.tracker.find_by_id(*id) else {
+                    continue;
+                };
+                let Some(state) = maps.lookup(sock) else {
+                    continue;
+                };
+                self.tracker.refresh_counts(sock, &state);
+                if self.tracker.stall_over_in(sock, &state) {
+                    over.insert(*id);
+                }
+            }
+        }
         for outcome in self.diagnoser.apply(findings, &self.tracker) {
             match outcome {
                 Outcome::Onset(id, found) => {
                     let Some(mut held) = self.held.by_conn.remove(&id) else {
                         // Reported already (held too long): the diagnosis follows.
-                        self.push_update(id, found, now);
+                        if !over.contains(&id) {
+                            self.push_update(id, found, now);
+                        }
                         continue;
                     };
                     if let Some(Event {
                         detail: Detail::StallStart { diagnosis, .. },
                         ..
-                    }) = held.events.first_mut()
+                    }) = held.events.first_mut().filter(|_| !over.contains(&id))
                     {
                         *diagnosis = Some(Box::new(found));
                     }
                     self.out.append(&mut held.events);
                 }
-                Outcome::Changed(id, found) => self.push_update(id, found, now),
+                Outcome::Changed(id, found) if !over.contains(&id) => {
+                    self.push_update(id, found, now)
+                }
+                Outcome::Changed(..) => {}
             }
         }
         self.write_out();
