@@ -315,6 +315,46 @@ fn request_capture_loads_where_the_kernel_has_it() {
     );
 }
 
+/// A server on `listener` answering `exchanges` requests on one connection with `response`,
+/// every other one (the first, third…) a little past the threshold: late enough to stall,
+/// early enough to end before the next sweep. The connection is returned open, or closed
+/// right after the last response when `close`.
+fn answering_late(
+    listener: TcpListener,
+    exchanges: usize,
+    response: &'static [u8],
+    close: bool,
+) -> thread::JoinHandle<Option<TcpStream>> {
+    thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 256];
+        for exchange in 0..exchanges {
+            assert!(conn.read(&mut buf).unwrap() > 0);
+            if exchange % 2 == 0 {
+                thread::sleep(STALL_AFTER + Duration::from_millis(60));
+            }
+            conn.write_all(response).unwrap();
+        }
+        (!close).then_some(conn)
+    })
+}
+
+/// Both ends' stalls on `port`, `count` in all, ended, and each named the slow request
+/// (`GET /slow`), with full confidence.
+fn assert_slow_requests_named(daemon: &Daemon, port: u16, count: usize) {
+    let ends = daemon.wait_for_events("stall.end", port, count, REPORT_WITHIN);
+    assert_eq!(ends.len(), count, "{ends:#?}");
+    let starts = daemon.events_named("stall.start", port);
+    assert_eq!(starts.len(), count, "{starts:#?}");
+    for start in &starts {
+        let stall = &start["stall"];
+        if expected_capture_bytes() > 0 {
+            assert_eq!(stall["request"]["signature"], "GET /slow", "{start:#}");
+        }
+        assert_eq!(stall["confidence"], "full", "{start:#}");
+    }
+}
+
 /// A reply a little past the threshold ends its stall before a sweep sees it: the kernel's
 /// record reports both at once. The client's next request follows at once, and replaces the
 /// kernel's copy of the request and the socket's counters before the daemon looks: the stall
@@ -326,22 +366,9 @@ fn a_stall_that_ends_between_sweeps_names_its_own_request() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     const ROUNDS: usize = 3;
-    let late = STALL_AFTER + Duration::from_millis(60);
-    let server = thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
-        let mut buf = [0u8; 256];
-        for round in 0..2 * ROUNDS {
-            let n = conn.read(&mut buf).unwrap();
-            assert!(n > 0);
-            if round % 2 == 0 {
-                thread::sleep(late);
-            }
-            conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                .unwrap();
-        }
-        // Open until the end: a close read in the same batch as the stall is another case.
-        conn
-    });
+    let response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    // Open until the end: a close read in the same batch as the stall is the next test's.
+    let server = answering_late(listener, 2 * ROUNDS, response, false);
     let mut client = TcpStream::connect(addr).unwrap();
     let mut reply = [0u8; 40];
     for _ in 0..ROUNDS {
@@ -353,17 +380,7 @@ fn a_stall_that_ends_between_sweeps_names_its_own_request() {
         }
     }
     let _server_side = server.join().unwrap();
-    let ends = daemon.wait_for_events("stall.end", addr.port(), 2 * ROUNDS, REPORT_WITHIN);
-    assert_eq!(ends.len(), 2 * ROUNDS, "{ends:#?}");
-    let starts = daemon.events_named("stall.start", addr.port());
-    assert_eq!(starts.len(), 2 * ROUNDS, "{starts:#?}");
-    for start in &starts {
-        let stall = &start["stall"];
-        if expected_capture_bytes() > 0 {
-            assert_eq!(stall["request"]["signature"], "GET /slow", "{start:#}");
-        }
-        assert_eq!(stall["confidence"], "full", "{start:#}");
-    }
+    assert_slow_requests_named(&daemon, addr.port(), 2 * ROUNDS);
 }
 
 /// The same, with the response closing the connection (HTTP/1.0, `Connection: close`): the
@@ -374,27 +391,13 @@ fn a_stall_that_ends_between_sweeps_with_a_close_names_its_request() {
     let daemon = Daemon::start("between-sweeps-close");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
-        let mut buf = [0u8; 256];
-        assert!(conn.read(&mut buf).unwrap() > 0);
-        thread::sleep(STALL_AFTER + Duration::from_millis(60));
-        conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            .unwrap();
-    });
+    let response = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    let server = answering_late(listener, 1, response, true);
     let mut client = TcpStream::connect(addr).unwrap();
     client.write_all(b"GET /slow HTTP/1.0\r\n\r\n").unwrap();
     let mut reply = Vec::new();
     client.read_to_end(&mut reply).unwrap();
     drop(client);
     server.join().unwrap();
-    let ends = daemon.wait_for_events("stall.end", addr.port(), 2, REPORT_WITHIN);
-    assert_eq!(ends.len(), 2, "{ends:#?}");
-    for start in daemon.events_named("stall.start", addr.port()) {
-        let stall = &start["stall"];
-        if expected_capture_bytes() > 0 {
-            assert_eq!(stall["request"]["signature"], "GET /slow", "{start:#}");
-        }
-        assert_eq!(stall["confidence"], "full", "{start:#}");
-    }
+    assert_slow_requests_named(&daemon, addr.port(), 2);
 }

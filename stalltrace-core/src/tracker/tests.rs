@@ -174,7 +174,10 @@ fn server_with_request() -> (Tracker, Kernel) {
 fn a_stall_is_over_in_a_snapshot_where_the_reply_moved_and_counts_follow_the_kernel() {
     let (mut t, mut k) = server_with_request();
     assert!(t.stall_over_in(SOCK, &k.state), "no stall open");
-    assert_started(&sweep(&mut t, &mut k, SEC + THRESHOLD), StallKind::UnansweredRequest);
+    assert_started(
+        &sweep(&mut t, &mut k, SEC + THRESHOLD),
+        StallKind::UnansweredRequest,
+    );
     // More of the request is not an answer.
     k.transfer(direction::IN, SEC + THRESHOLD + MS);
     assert!(!t.stall_over_in(SOCK, &k.state));
