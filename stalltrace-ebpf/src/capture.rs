@@ -46,6 +46,25 @@ pub(crate) fn capture_request(sock: u64, len: u64, now: u64) -> Option<&'static 
     Some(slot)
 }
 
+/// Forgets the request copy an earlier connection at `sock`'s address left in its slot, as a
+/// new connection opens there: slots are matched by address, which the kernel reuses, and a
+/// stall on a connection whose request was never copied (a server that never read it) would
+/// name the earlier connection's.
+#[inline(always)]
+pub(crate) fn forget(sock: u64) {
+    if CAPTURE_BYTES.load() == 0 {
+        return;
+    }
+    if let Some(slot) = CAPTURES.get_ptr_mut(capture_slot(sock, CAPTURE_SLOTS.load())) {
+        // SAFETY: array slot pointer, valid for the program run (see `capture_request`).
+        unsafe {
+            if (*slot).sock == sock {
+                (*slot).sock = 0;
+            }
+        }
+    }
+}
+
 /// The copy of the request in flight on `sock`, while its slot still holds it (another
 /// connection's request may have taken the slot since).
 #[inline(always)]

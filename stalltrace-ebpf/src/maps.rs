@@ -81,12 +81,14 @@ pub(crate) static LOSS: PerCpuArray<u64> = PerCpuArray::with_max_entries(loss::S
 pub(crate) static SCRATCH: PerCpuArray<ConnState> = PerCpuArray::with_max_entries(1, 0);
 
 /// A zeroed per-CPU ConnState to fill and insert into CONNS, for a connection that opened at
-/// `now` (the state clock). Its `open_ns` is read from the precise clock: the daemon tells a
-/// `struct sock` address reused after a lost close record apart by it, and two connections
-/// opened at one address within a tick of the coarse clock (burst after burst) would look
-/// like one.
+/// `sock` at `now` (the state clock). Its `open_ns` is read from the precise clock: the daemon
+/// tells a `struct sock` address reused after a lost close record apart by it, and two
+/// connections opened at one address within a tick of the coarse clock (burst after burst)
+/// would look like one. A request copy an earlier connection at this address left is
+/// forgotten (`capture::forget`).
 #[inline(always)]
-pub(crate) fn scratch_conn(now: u64) -> Option<&'static mut ConnState> {
+pub(crate) fn scratch_conn(sock: u64, now: u64) -> Option<&'static mut ConnState> {
+    crate::capture::forget(sock);
     let conn = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU slot, used only within one program run (preemption is disabled).
     unsafe {

@@ -69,7 +69,7 @@ fn remove_listener(key: u64) {
 
 /// A zeroed scratch entry for a connection that just opened, filled from the tracepoint.
 fn new_conn(args: &InetSockSetState, conn_role: u8, now: u64) -> Option<&'static mut ConnState> {
-    let conn = scratch_conn(now)?;
+    let conn = scratch_conn(args.skaddr, now)?;
     conn.role = conn_role;
     conn.tcp_state = args.newstate as u8;
     conn.family = args.family;

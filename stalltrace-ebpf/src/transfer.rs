@@ -335,7 +335,7 @@ fn discover<C: EbpfContext>(
     ) {
         return None;
     }
-    let Some(conn) = scratch_conn(now) else {
+    let Some(conn) = scratch_conn(sock, now) else {
         return None;
     };
     conn.family = family;

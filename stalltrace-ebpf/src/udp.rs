@@ -79,7 +79,7 @@ fn sent_to_peer(conn: &ConnState) -> bool {
 #[inline(never)]
 pub(crate) fn discover(sock: u64, family: u16, dir: u8, bytes: u64, now: u64) {
     let offsets = &OFFSETS.load();
-    let Some(conn) = scratch_conn(now) else {
+    let Some(conn) = scratch_conn(sock, now) else {
         return;
     };
     conn.family = family;

@@ -111,7 +111,7 @@ pub(crate) fn discover<C: EbpfContext>(
     let inode = inode_of(sock, &offsets)?;
     // SAFETY: as above.
     let peer_addr = unsafe { read::<u64>(peer, offsets.unix_addr) }.unwrap_or(0);
-    let conn = scratch_conn(now)?;
+    let conn = scratch_conn(sock, now)?;
     conn.family = AF_UNIX;
     conn.transport = transport::UNIX;
     conn.tcp_state = tcp_state::ESTABLISHED;

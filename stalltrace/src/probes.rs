@@ -476,7 +476,8 @@ impl KernelMaps {
         let _ = self.conns.remove(&sock);
     }
 
-    /// The captured start of the request in flight on `sock`, if its slot still holds it.
+    /// The captured start of the request in flight on `sock`, if its slot still holds it (the
+    /// kernel forgets a slot's copy when a new connection opens at its address).
     pub(crate) fn capture(&self, sock: u64) -> Option<Capture> {
         let slot = capture_slot(sock, self.capture_slots);
         let capture = self.captures.get(&slot, 0).ok()?;

@@ -401,3 +401,50 @@ fn a_stall_that_ends_between_sweeps_with_a_close_names_its_request() {
     server.join().unwrap();
     assert_slow_requests_named(&daemon, addr.port(), 2);
 }
+
+/// The kernel's copy of a request is found by the `struct sock` address, which the kernel
+/// reuses: a stall on a connection whose request was never copied (a server that never read
+/// it) must not name the request of an earlier connection at the same address.
+#[test]
+fn a_stall_never_names_an_earlier_connections_request() {
+    require_root();
+    let daemon = Daemon::start("stale-capture");
+    // Short exchanges first, each request copied, their sockets freed for reuse.
+    let answering = TcpListener::bind("127.0.0.1:0").unwrap();
+    let echo = answering.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in answering.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 64];
+            if conn.read(&mut buf).unwrap_or(0) > 0 {
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+            }
+        }
+    });
+    for _ in 0..200 {
+        let mut conn = TcpStream::connect(echo).unwrap();
+        conn.write_all(b"GET /stale-marker HTTP/1.1\r\n\r\n")
+            .unwrap();
+        let mut reply = [0u8; 8];
+        let _ = conn.read(&mut reply);
+    }
+    // Then servers that accept and never read.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    const UNREAD: usize = 20;
+    let mut open = Vec::new();
+    for _ in 0..UNREAD {
+        let mut client = TcpStream::connect(addr).unwrap();
+        open.push(listener.accept().unwrap().0);
+        client.write_all(b"\x00\x01\x02 never read").unwrap();
+        open.push(client);
+    }
+    let stalls = daemon.wait_for_stalls(addr.port(), 2 * UNREAD, REPORT_WITHIN);
+    assert_eq!(stalls.len(), 2 * UNREAD, "{stalls:#?}");
+    for stall in &stalls {
+        assert!(
+            !stall.to_string().contains("stale-marker"),
+            "another connection's request: {stall:#}"
+        );
+    }
+}
