@@ -95,7 +95,12 @@ fn main() -> ExitCode {
             filter,
             limit,
             output,
-        } => client::why(&cli.socket, filter.into_filter(), limit, output.format),
+        } => client::why(
+            &cli.socket,
+            filter.into_filter(),
+            limit.get(),
+            output.format,
+        ),
         Command::Completions { shell } => {
             stalltrace::cli::generate::completion(shell, &mut std::io::stdout());
             Ok(())

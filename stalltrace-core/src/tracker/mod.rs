@@ -192,6 +192,18 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// When the quiet of its open stall began (ns), as reported: never before the connection
+    /// opened (that time is precise, the quiet's start on the state clock, up to a tick
+    /// behind), but for an adopted connection, whose request may predate the daemon.
+    pub fn stall_since_ns(&self) -> Option<u64> {
+        let since = self.stall.as_deref()?.quiet_since_ns;
+        Some(if self.adopted {
+            since
+        } else {
+            since.max(self.opened_ns)
+        })
+    }
+
     /// What the connection is doing as of the kernel snapshot `state`, its latest HTTP/1.x
     /// response's framing and the requests pipelined before it considered.
     pub fn activity(&self, state: &ConnState) -> Activity {

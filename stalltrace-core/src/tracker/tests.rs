@@ -193,6 +193,20 @@ fn a_stall_is_over_in_a_snapshot_where_the_reply_moved_and_counts_follow_the_ker
 }
 
 #[test]
+fn a_stall_is_never_said_to_begin_before_its_connection_opened() {
+    // The open time is precise; the request's, on the coarse state clock, may trail it.
+    let mut t = tracker();
+    let mut k = Kernel::new(role::CLIENT, 2 * SEC);
+    feed(&mut t, k.event(EventKind::Established, 2 * SEC));
+    k.transfer(direction::OUT, 2 * SEC - 3 * MS);
+    assert_started(
+        &sweep(&mut t, &mut k, 2 * SEC + THRESHOLD),
+        StallKind::AwaitingResponse,
+    );
+    assert_eq!(t.conn(SOCK).unwrap().stall_since_ns(), Some(2 * SEC));
+}
+
+#[test]
 fn server_request_without_reply_stalls_at_the_threshold() {
     let (mut t, mut k) = server_with_request();
     assert!(sweep(&mut t, &mut k, SEC + THRESHOLD - MS).is_empty());

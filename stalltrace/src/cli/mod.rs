@@ -119,9 +119,9 @@ pub enum Command {
     Why {
         #[command(flatten)]
         filter: WhyFilter,
-        /// Rows shown in the table (all with -o json).
-        #[arg(long, default_value_t = 15)]
-        limit: usize,
+        /// Rows shown in the table, at least 1 (all with -o json).
+        #[arg(long, default_value = "15")]
+        limit: std::num::NonZeroUsize,
         #[command(flatten)]
         output: OutputArgs,
     },

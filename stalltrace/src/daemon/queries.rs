@@ -253,7 +253,8 @@ impl Daemon {
             .into_iter()
             .filter(|(conn, _)| self.selected(filter, conn) && !self.policy.hides(conn.id))
             .filter_map(|(conn, stall)| {
-                let age_ms = now.saturating_sub(stall.quiet_since_ns) / 1_000_000;
+                let since = conn.stall_since_ns().unwrap_or(stall.quiet_since_ns);
+                let age_ms = now.saturating_sub(since) / 1_000_000;
                 if age_ms < older_than_ms {
                     return None;
                 }
@@ -263,7 +264,7 @@ impl Daemon {
                 item.stall = Some(StallJson {
                     kind: stall.kind.as_str().into(),
                     age_ms: Some(age_ms),
-                    since: Some(clock.rfc3339(stall.quiet_since_ns)),
+                    since: Some(clock.rfc3339(since)),
                     retries: json::udp_retries(&conn.endpoints, conn.retries),
                     http2: json::Http2Json::stream(stall.http2_stream),
                     severity: annotation
@@ -299,10 +300,11 @@ impl Daemon {
             now,
         );
         self.add_cgroup_path(&mut item, conn);
+        let since = conn.stall_since_ns().unwrap_or_default();
         item.stall = conn.stall.as_deref().map(|stall| StallJson {
             kind: stall.kind.as_str().into(),
-            age_ms: Some(now.saturating_sub(stall.quiet_since_ns) / 1_000_000),
-            since: Some(clock.rfc3339(stall.quiet_since_ns)),
+            age_ms: Some(now.saturating_sub(since) / 1_000_000),
+            since: Some(clock.rfc3339(since)),
             retries: json::udp_retries(&conn.endpoints, conn.retries),
             http2: json::Http2Json::stream(stall.http2_stream),
             diagnosis: self.diagnoser.current(id).cloned(),
