@@ -325,6 +325,11 @@ impl Daemon {
 
     /// SIGTERM, then the exit status.
     pub fn stop(mut self) -> ExitStatus {
+        self.terminate()
+    }
+
+    /// SIGTERM, then the exit status; the daemon's files stay readable until it is dropped.
+    pub fn terminate(&mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

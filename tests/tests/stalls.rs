@@ -448,3 +448,24 @@ fn a_stall_never_names_an_earlier_connections_request() {
         );
     }
 }
+
+/// A daemon that stops ends its open stalls in its events (`daemon_stopped`): a log shipper's
+/// dashboard would otherwise show them open forever.
+#[test]
+fn stopping_the_daemon_ends_its_open_stalls() {
+    require_root();
+    let mut daemon = Daemon::start("stop-ends-stalls");
+    let server = SilentServer::bind("127.0.0.1");
+    let _client = send_request(server.addr);
+    let port = server.addr.port();
+    assert_eq!(daemon.wait_for_stalls(port, 2, REPORT_WITHIN).len(), 2);
+    assert!(daemon.terminate().success());
+    let ends = daemon.events_named("stall.end", port);
+    assert_eq!(ends.len(), 2, "{ends:#?}");
+    for end in &ends {
+        assert_eq!(end["stall"]["resolution"], "daemon_stopped", "{end:#}");
+        let duration = end["stall"]["duration_ms"].as_u64().unwrap();
+        assert!(duration >= STALL_AFTER.as_millis() as u64, "{end:#}");
+    }
+    server.close();
+}

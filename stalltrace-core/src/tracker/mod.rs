@@ -530,6 +530,27 @@ impl Tracker {
         stalls
     }
 
+    /// Ends every open stall at `now` as `daemon_stopped`: the daemon stops, and whoever reads
+    /// its events must not keep them open forever.
+    pub fn stop(&mut self, now: u64, out: &mut Vec<Event>) {
+        let mark = out.len();
+        let stalled: Vec<(Option<u64>, u64)> = self
+            .conns
+            .stalled()
+            .filter_map(|conn| Some((self.conns.by_id(conn.id)?.0, conn.id)))
+            .collect();
+        for (sock, id) in stalled {
+            let conn = match sock {
+                Some(sock) => self.conns.get_mut(sock),
+                None => self.conns.adopted_by_id_mut(id),
+            };
+            if let Some(conn) = conn {
+                end_stall(conn, now, Resolution::DaemonStopped, out);
+            }
+        }
+        self.conns.note_stalls(&out[mark..]);
+    }
+
     /// Open stalls.
     pub fn stalled(&self) -> usize {
         self.conns.stalled_count()

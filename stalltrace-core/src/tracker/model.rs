@@ -465,6 +465,8 @@ pub enum Resolution {
     Closed,
     /// The connection was reset.
     Reset,
+    /// The daemon stopped while the stall was open: it may go on, unwatched.
+    DaemonStopped,
 }
 
 impl Resolution {
@@ -473,6 +475,7 @@ impl Resolution {
             Self::Response => "response",
             Self::Closed => "closed",
             Self::Reset => "reset",
+            Self::DaemonStopped => "daemon_stopped",
         }
     }
 }

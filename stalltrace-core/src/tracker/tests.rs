@@ -207,6 +207,29 @@ fn a_stall_is_never_said_to_begin_before_its_connection_opened() {
 }
 
 #[test]
+fn stopping_ends_open_stalls_as_daemon_stopped() {
+    let (mut t, mut k) = server_with_request();
+    assert_started(
+        &sweep(&mut t, &mut k, SEC + THRESHOLD),
+        StallKind::UnansweredRequest,
+    );
+    let mut out = Vec::new();
+    t.stop(SEC + THRESHOLD + SEC, &mut out);
+    assert!(
+        matches!(
+            details(&out)[..],
+            [Detail::StallEnd {
+                resolution: Resolution::DaemonStopped,
+                duration_ms: 6_000,
+                ..
+            }]
+        ),
+        "{out:?}"
+    );
+    assert!(t.stalls().is_empty());
+}
+
+#[test]
 fn server_request_without_reply_stalls_at_the_threshold() {
     let (mut t, mut k) = server_with_request();
     assert!(sweep(&mut t, &mut k, SEC + THRESHOLD - MS).is_empty());

@@ -625,9 +625,14 @@ impl Daemon {
             self.turns.record(job, took, cpu_us);
             self.metrics.loop_turn(took);
         }
-        // Deliver what the kernel reported before the signal.
+        // Deliver what the kernel reported before the signal, then end the open stalls (after
+        // their held starts: `emit` queues an end behind its start).
         self.drain(ring.get_mut(), &probes.maps);
-        self.release_held(monotonic_ns(), true);
+        let now = monotonic_ns();
+        self.out.clear();
+        self.tracker.stop(now, &mut self.out);
+        self.emit(&probes.maps);
+        self.release_held(now, true);
         self.report_loss(&probes.maps);
         Ok(())
     }
