@@ -631,6 +631,23 @@ pub fn echo_server(ip: &str) -> SocketAddr {
     addr
 }
 
+/// A server on 127.0.0.1 answering each connection's request once (a short HTTP/1.1
+/// response), then closing it; its address.
+pub fn short_lived_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 256];
+            if conn.read(&mut buf).unwrap_or(0) > 0 {
+                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            }
+        }
+    });
+    addr
+}
+
 /// One request/reply on a new connection to a new echo server on 127.0.0.1; returns the
 /// server's port.
 pub fn exchange() -> u16 {

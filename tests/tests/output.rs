@@ -2,7 +2,7 @@
 //! reading) costs event lines, counted, never detection or API answers.
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     os::unix::net::UnixStream,
     path::Path,
     sync::{
@@ -15,7 +15,8 @@ use std::{
 
 use serde_json::Value;
 use stalltrace_integration::{
-    echo_server, require_root, send_request, touches, Daemon, SilentServer, REPORT_WITHIN,
+    echo_server, require_root, send_request, short_lived_server, touches, Daemon, SilentServer,
+    REPORT_WITHIN,
 };
 
 /// One API request over the raw socket; the answer and how long it took.
@@ -34,22 +35,6 @@ fn timed_request(socket: &Path, request: &str) -> (Value, Duration) {
 }
 
 const STATUS: &str = "{\"version\":1,\"command\":\"status\"}\n";
-
-/// A server answering each connection's request once, then closing it.
-fn short_lived_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let mut buf = [0u8; 256];
-            if conn.read(&mut buf).unwrap_or(0) > 0 {
-                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
-            }
-        }
-    });
-    addr
-}
 
 /// `count` short connections to `addr` (request, reply, close), from four threads.
 fn short_connections(addr: SocketAddr, count: usize) {

@@ -9,8 +9,8 @@ use std::{
 use serde_json::Value;
 use stalltrace_integration::{
     echo_server, expected_capture_bytes, expected_verdict_extras, pid,
-    reply_and_check_true_durations, require_root, send_request, with_role, Daemon, FullListener,
-    SilentServer, REPORT_WITHIN, STALL_AFTER,
+    reply_and_check_true_durations, require_root, send_request, short_lived_server, with_role,
+    Daemon, FullListener, SilentServer, REPORT_WITHIN, STALL_AFTER,
 };
 
 fn gettid() -> u64 {
@@ -410,19 +410,9 @@ fn a_stall_never_names_an_earlier_connections_request() {
     require_root();
     let daemon = Daemon::start("stale-capture");
     // Short exchanges first, each request copied, their sockets freed for reuse.
-    let answering = TcpListener::bind("127.0.0.1:0").unwrap();
-    let echo = answering.local_addr().unwrap();
-    thread::spawn(move || {
-        for conn in answering.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let mut buf = [0u8; 64];
-            if conn.read(&mut buf).unwrap_or(0) > 0 {
-                let _ = conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
-            }
-        }
-    });
+    let answering = short_lived_server();
     for _ in 0..200 {
-        let mut conn = TcpStream::connect(echo).unwrap();
+        let mut conn = TcpStream::connect(answering).unwrap();
         conn.write_all(b"GET /stale-marker HTTP/1.1\r\n\r\n")
             .unwrap();
         let mut reply = [0u8; 8];
