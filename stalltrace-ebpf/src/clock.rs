@@ -9,7 +9,8 @@ use stalltrace_common::clock::{coarse_ns, ClockSample};
 use crate::maps::{CLOCK_SAMPLE, COARSE_CLOCK, CONTROL};
 
 /// Now, for connection state (ns, `CLOCK_MONOTONIC`'s scale; with the coarse clock it trails
-/// it by up to a tick: docs/design.md, "Two clocks"). `None` only if the `CONTROL` slot is missing (never).
+/// it by up to a tick: docs/design.md, "Two clocks"). `None` only if the `CONTROL` slot is
+/// missing (never).
 #[inline(always)]
 pub(crate) fn state_now() -> Option<u64> {
     // A constant to the verifier: only one clock's code is verified (the transfer programs

@@ -57,6 +57,8 @@ impl Daemon {
     /// held; the rest is written now.
     pub(super) fn emit(&mut self, maps: &KernelMaps) {
         if self.out.is_empty() {
+            // A record's copy whose record started no stall (a one-way Unix end) goes too.
+            self.ended_requests.clear();
             return;
         }
         self.starts_in_out = false;
