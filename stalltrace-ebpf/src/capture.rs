@@ -10,7 +10,10 @@ use aya_ebpf::helpers::{
 };
 use stalltrace_common::{capture_slot, syscall_regs, Capture, CAPTURE_MAX};
 
-use crate::maps::{CAPTURES, CAPTURE_BYTES, CAPTURE_SLOTS, REPLY_HEADS};
+use crate::{
+    maps::{CAPTURES, CAPTURE_BYTES, CAPTURE_SLOTS, REPLY_HEADS},
+    words::zero_words,
+};
 
 #[cfg(bpf_target_arch = "x86_64")]
 const REGS: syscall_regs::Layout = syscall_regs::X86_64;
@@ -198,8 +201,17 @@ impl Walker {
     /// For a new transfer: the data is located again at its first read.
     pub(crate) fn reset(&mut self) {
         self.kind = 0;
-        self.entry = 0;
-        self.start = 0;
+        self.rewind();
+    }
+
+    /// Back to the first entry.
+    fn rewind(&mut self) {
+        // Volatile: LLVM merges plain stores to adjacent fields into a byte-by-byte memset.
+        // SAFETY: pointers to this struct's own fields.
+        unsafe {
+            (&raw mut self.entry).write_volatile(0);
+            (&raw mut self.start).write_volatile(0);
+        }
     }
 }
 
@@ -230,7 +242,7 @@ pub(crate) fn walk_header_at(walker: &mut Walker, offset: u64) -> u64 {
         return read_header(walker, walker.base + offset);
     }
     if offset < walker.start {
-        (walker.entry, walker.start) = (0, 0);
+        walker.rewind();
     }
     let first = vector_word(walker, offset, MAX_IOVEC_STEPS, true);
     if first != NO_WORD && walker.id == NO_WORD {
@@ -461,7 +473,9 @@ pub(crate) fn recapture_request(sock: u64, buffer: u64, len: u64) {
 #[inline(always)]
 fn copy_user(slot: &mut Capture, buffer: u64, len: u64) {
     let size = len.min(CAPTURE_MAX as u64) as u32;
-    slot.bytes = [0; CAPTURE_MAX];
+    // SAFETY: the array follows two u64s and two u32s: 8-byte aligned. (An assignment of
+    // zeros compiles to a byte-by-byte memset call.)
+    unsafe { zero_words(&raw mut slot.bytes) };
     // SAFETY: `size` ≤ CAPTURE_MAX, the destination's length; a fault is reported, not taken.
     let copied =
         unsafe { probe_read_user_raw(slot.bytes.as_mut_ptr().cast(), size, buffer as *const _) };

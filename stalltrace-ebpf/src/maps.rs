@@ -92,7 +92,7 @@ pub(crate) fn scratch_conn(sock: u64, now: u64) -> Option<&'static mut ConnState
     let conn = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU slot, used only within one program run (preemption is disabled).
     unsafe {
-        crate::words::zero_conn(conn);
+        crate::words::zero_words(conn);
         let conn = &mut *conn;
         conn.open_ns = if COARSE_CLOCK.load() == 0 {
             now

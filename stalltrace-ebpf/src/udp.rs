@@ -10,6 +10,8 @@
 //! Cost per datagram on a tracked socket: the map lookup and the counters; the datagram's
 //! first bytes are read only when a judged exchange starts (to name it) and on DNS flows (the
 //! query id). One-way senders never reach either.
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{bindings::BPF_NOEXIST, macros::cgroup_sock, programs::SockContext};
 use stalltrace_common::{
     conn_flags, direction, loss,
@@ -27,6 +29,7 @@ use crate::{
     kernel_read::{read_endpoints, tcp_state_of},
     maps::{count_loss, scratch_conn, stall_after_ns, CONNS, OFFSETS},
     transfer::report,
+    words::zero_words,
 };
 
 const DNS_PORT: u16 = 53;
@@ -69,10 +72,14 @@ pub(crate) fn record(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: 
 #[inline(never)]
 fn sent_to_peer(conn: &ConnState) -> bool {
     let mut port = 0;
-    let mut addr = [0u8; 16];
-    syscall_peer(conn.family, &mut port, &mut addr)
-        && port == conn.peer_port
-        && addr == conn.peer_addr
+    // Zeroed a word at a time: `[0; 16]` compiles to a byte-by-byte memset call.
+    let mut addr = MaybeUninit::<[u64; 2]>::uninit();
+    // SAFETY: a local, 8-byte aligned; zeroed, so initialized, before it is read.
+    let addr = unsafe {
+        zero_words(addr.as_mut_ptr());
+        &mut *addr.as_mut_ptr().cast::<[u8; 16]>()
+    };
+    syscall_peer(conn.family, &mut port, addr) && port == conn.peer_port && *addr == conn.peer_addr
 }
 
 /// The first datagram seen on a UDP socket: tracks it from here on.

@@ -3,14 +3,15 @@
 //! verifier). Volatile u64 accesses at constant offsets avoid both.
 use core::mem::size_of;
 
-use stalltrace_common::ConnState;
-
+/// Zeroes a `T` whose size is a multiple of 8 bytes, a word at a time.
+///
 /// # Safety
-/// `conn` must be valid for writes and 8-byte aligned.
+/// `dst` must be valid for writes and 8-byte aligned.
 #[inline(always)]
-pub(crate) unsafe fn zero_conn(conn: *mut ConnState) {
-    let words = conn.cast::<u64>();
-    for i in 0..size_of::<ConnState>() / 8 {
+pub(crate) unsafe fn zero_words<T>(dst: *mut T) {
+    const { assert!(size_of::<T>() % 8 == 0) };
+    let words = dst.cast::<u64>();
+    for i in 0..size_of::<T>() / 8 {
         unsafe { words.add(i).write_volatile(0) };
     }
 }
