@@ -94,57 +94,101 @@ pub(crate) fn reply_head(len: u64) -> Option<&'static Capture> {
     Some(slot)
 }
 
-/// Where the current syscall's data is, when capture is on (request and response bytes are
-/// read only then).
-#[inline(always)]
-pub(crate) fn capture_data() -> Option<Data> {
-    if CAPTURE_BYTES.load() == 0 {
-        return None;
-    }
-    syscall_data()
+/// The current syscall's data, when capture is on (request and response bytes are read only
+/// then), with its first two buffers located: what the HTTP/1.x copies read from.
+pub(crate) struct Located {
+    data: Data,
+    /// The first buffer's user address and length (`u64::MAX` for a single buffer), and the
+    /// second's (length 0: none).
+    first: (u64, u64),
+    second: (u64, u64),
 }
 
-/// Copies up to `len` bytes (at most `N`) of `data` (the first buffer of a vectored call)
-/// into `dest`; the count copied (0 on a fault).
-#[inline(always)]
-pub(crate) fn copy_data<const N: usize>(data: &Data, dest: &mut [u8; N], len: u64) -> u32 {
-    let Some((buffer, available)) = first_buffer(data) else {
-        return 0;
-    };
-    let size = len.min(available).min(N as u64) as u32;
-    // SAFETY: `size` ≤ N, the destination's length; a fault is reported, not taken.
-    let copied = unsafe { probe_read_user_raw(dest.as_mut_ptr().cast(), size, buffer as *const _) };
-    if copied == 0 {
-        size
-    } else {
-        0
+impl Located {
+    /// Finds the current syscall's data: a vectored call's first two `iovec` entries in one
+    /// user read (nginx writes a response's head and body as two). `None` when capture is
+    /// off or the data cannot be located.
+    #[inline(always)]
+    pub(crate) fn current() -> Option<Located> {
+        if CAPTURE_BYTES.load() == 0 {
+            return None;
+        }
+        let data = syscall_data()?;
+        let (first, second) = match data {
+            Data::Buffer(base) => ((base, u64::MAX), (0, 0)),
+            Data::Vector(_, 0) => return None,
+            // SAFETY (both): probe reads of user memory: a failure is returned, not faulted.
+            Data::Vector(iov, 1) => {
+                let [base, len] = unsafe { bpf_probe_read_user(iov as *const [u64; 2]).ok()? };
+                ((base, len), (0, 0))
+            }
+            Data::Vector(iov, _) => {
+                let [base, len, next_base, next_len] =
+                    unsafe { bpf_probe_read_user(iov as *const [u64; 4]).ok()? };
+                ((base, len), (next_base, next_len))
+            }
+        };
+        Some(Located {
+            data,
+            first,
+            second,
+        })
     }
-}
 
-/// Copies up to `len` bytes (at most `ROOM`) of `data` (the first buffer of a vectored call)
-/// into `dest` from `at` (taken modulo `ROOM`, a power of two: `dest` holds twice as many);
-/// the count copied (0 on a fault).
-#[inline(always)]
-pub(crate) fn copy_data_at<const ROOM: usize, const N: usize>(
-    data: &Data,
-    dest: &mut [u8; N],
-    at: u32,
-    len: u64,
-) -> u32 {
-    const { assert!(ROOM.is_power_of_two() && N == 2 * ROOM) };
-    let Some((buffer, available)) = first_buffer(data) else {
-        return 0;
-    };
-    let at = (at as usize) & (ROOM - 1);
-    let size = len.min(available).min(ROOM as u64) as u32;
-    // SAFETY: `at` < ROOM and `size` ≤ ROOM: within the destination's 2 × ROOM bytes; a fault
-    // is reported, not taken.
-    let copied =
-        unsafe { probe_read_user_raw(dest.as_mut_ptr().add(at).cast(), size, buffer as *const _) };
-    if copied == 0 {
-        size
-    } else {
-        0
+    /// Copies up to `len` bytes (at most `N`) of the first buffer into `dest`; the count
+    /// copied (0 on a fault).
+    #[inline(always)]
+    pub(crate) fn copy<const N: usize>(&self, dest: &mut [u8; N], len: u64) -> u32 {
+        let (buffer, available) = self.first;
+        let size = len.min(available).min(N as u64) as u32;
+        // SAFETY: `size` ≤ N, the destination's length; a fault is reported, not taken.
+        let copied =
+            unsafe { probe_read_user_raw(dest.as_mut_ptr().cast(), size, buffer as *const _) };
+        if copied == 0 {
+            size
+        } else {
+            0
+        }
+    }
+
+    /// Copies up to `len` bytes (at most `ROOM`) of the first buffer into `dest` from `at`
+    /// (taken modulo `ROOM`, a power of two: `dest` holds twice as many); the count copied
+    /// (0 on a fault).
+    #[inline(always)]
+    pub(crate) fn copy_at<const ROOM: usize, const N: usize>(
+        &self,
+        dest: &mut [u8; N],
+        at: u32,
+        len: u64,
+    ) -> u32 {
+        const { assert!(ROOM.is_power_of_two() && N == 2 * ROOM) };
+        let (buffer, available) = self.first;
+        let at = (at as usize) & (ROOM - 1);
+        let size = len.min(available).min(ROOM as u64) as u32;
+        // SAFETY: `at` < ROOM and `size` ≤ ROOM: within the destination's 2 × ROOM bytes; a
+        // fault is reported, not taken.
+        let copied = unsafe {
+            probe_read_user_raw(dest.as_mut_ptr().add(at).cast(), size, buffer as *const _)
+        };
+        if copied == 0 {
+            size
+        } else {
+            0
+        }
+    }
+
+    /// The 8 bytes at `offset` of the data, in memory order: one read when they lie in one
+    /// of the two buffers located, else across up to [`MAX_TAIL_ENTRIES`] `iovec` entries.
+    #[inline(always)]
+    pub(crate) fn bytes8_at(&self, offset: u64) -> Option<[u8; 8]> {
+        let ((base, len), (next_base, next_len)) = (self.first, self.second);
+        if offset.saturating_add(8) <= len {
+            return read8(base + offset);
+        }
+        if offset >= len && offset - len + 8 <= next_len {
+            return read8(next_base + (offset - len));
+        }
+        bytes8_across(&self.data, offset)
     }
 }
 
@@ -347,7 +391,7 @@ const MAX_TAIL_ENTRIES: u64 = 4;
 /// entries of a vectored call. Each entry's part is read as a whole word from where it starts
 /// (bytes past the part are user memory, shifted out).
 #[inline(always)]
-pub(crate) fn bytes8_at(data: &Data, offset: u64) -> Option<[u8; 8]> {
+fn bytes8_across(data: &Data, offset: u64) -> Option<[u8; 8]> {
     let (iov, count) = match *data {
         Data::Buffer(base) => return read8(base + offset),
         Data::Vector(iov, count) => (iov, count),

@@ -8,12 +8,15 @@
 //! in place.
 use stalltrace_common::{
     capture_slot,
-    http1::{tail_after, Reply, RequestRun, RunCopy, REQUEST_RUN_ROOM, TAIL_UNKNOWN},
+    http1::{
+        tail_after, Reply, ReplyHead, RequestRun, RunCopy, REPLY_HEAD_MAX, REQUEST_RUN_ROOM,
+        TAIL_UNKNOWN,
+    },
     role, verdict_flags, Capture, ConnState, CAPTURE_MAX,
 };
 
 use crate::{
-    capture::{bytes8_at, capture_data, copy_data, copy_data_at, Data},
+    capture::Located,
     maps::{
         CAPTURES, CAPTURE_SLOTS, HTTP1_REPLY_HEADS, HTTP1_REQUEST_RUNS, REPLY_HEAD_SCRATCH,
         REQUEST_RUN_SLOTS,
@@ -23,22 +26,76 @@ use crate::{
 
 /// After `record_transfer` recorded a transfer of `bytes` at `now` that `reply` says belongs
 /// to a response.
-#[inline(never)]
+#[inline(always)]
 pub(crate) fn on_reply(sock: u64, conn: &mut ConnState, reply: Reply, bytes: u64, now: u64) {
-    let Some(data) = capture_data() else {
-        conn.reply_tail = TAIL_UNKNOWN;
-        return;
-    };
     let starts = reply == Reply::Starts;
-    conn.reply_tail = tail_after(conn.reply_tail, starts, bytes, |at| bytes8_at(&data, at));
-    if starts {
-        let moved = if conn.role == role::SERVER {
-            conn.bytes_sent
-        } else {
-            conn.bytes_recv
-        };
-        keep_head(sock, &data, moved - bytes, bytes, now);
+    let offset = match (starts, conn.role) {
+        (false, _) => 0,
+        (true, role::SERVER) => conn.bytes_sent - bytes,
+        (true, _) => conn.bytes_recv - bytes,
+    };
+    let tail = stalltrace_http1_reply(
+        sock,
+        u64::from_ne_bytes(conn.reply_tail),
+        bytes | if starts { STARTS } else { 0 },
+        offset,
+        now,
+    );
+    conn.reply_tail = tail.to_ne_bytes();
+}
+
+/// In [`stalltrace_http1_reply`]'s `bytes`: the transfer starts a response.
+const STARTS: u64 = 1 << 63;
+
+/// The reply tail (`ConnState::reply_tail`, in memory order) after a transfer of a response
+/// that moved `bytes` (below 2^63; [`STARTS`] set when it starts the response, `offset` bytes
+/// into the connection's reply direction) at `now`, from the previous `tail`. A response's
+/// start is copied into the socket's `HTTP1_REPLY_HEADS` slot first; the tail is then taken
+/// from that copy when it holds the transfer's last 8 bytes (a response written or read in
+/// one buffer), else read from the user buffer.
+/// A global BPF function (scalars in, a scalar out): the verifier checks it once, on its own,
+/// not once per path of the transfer programs.
+#[unsafe(no_mangle)]
+pub(crate) extern "C" fn stalltrace_http1_reply(
+    sock: u64,
+    tail: u64,
+    bytes: u64,
+    offset: u64,
+    now: u64,
+) -> u64 {
+    let (starts, bytes) = (bytes & STARTS != 0, bytes & !STARTS);
+    let Some(data) = Located::current() else {
+        return u64::from_ne_bytes(TAIL_UNKNOWN);
+    };
+    let held = if starts {
+        keep_head(sock, &data, offset, bytes, now)
+    } else {
+        None
+    };
+    let tail = tail_after(tail.to_ne_bytes(), starts, bytes, |at| {
+        match held.and_then(|head| copied8_at(head, at)) {
+            Some(word) => Some(word),
+            None => data.bytes8_at(at),
+        }
+    });
+    u64::from_ne_bytes(tail)
+}
+
+/// The 8 bytes at `at` of a response's first transfer, if `head`'s copy of it holds them.
+#[inline(always)]
+fn copied8_at(head: &ReplyHead, at: u64) -> Option<[u8; 8]> {
+    if at > (REPLY_HEAD_MAX - 8) as u64 || at + 8 > u64::from(head.len) {
+        return None;
     }
+    // SAFETY: `at + 8` ≤ REPLY_HEAD_MAX, the array's length (checked above, in a form the
+    // verifier follows).
+    Some(unsafe {
+        head.bytes
+            .as_ptr()
+            .add(at as usize)
+            .cast::<[u8; 8]>()
+            .read_unaligned()
+    })
 }
 
 /// After `record_transfer` recorded a transfer of `bytes` in the request direction that
@@ -91,14 +148,13 @@ pub(crate) fn on_request_run(
             capture.len
         }
         _ => {
-            let Some(data) = capture_data() else {
+            let Some(data) = Located::current() else {
                 return;
             };
             if copy == RunCopy::Starts {
-                copy_data(&data, &mut run.bytes, bytes)
+                data.copy(&mut run.bytes, bytes)
             } else {
-                copy_data_at::<REQUEST_RUN_ROOM, { 2 * REQUEST_RUN_ROOM }>(
-                    &data,
+                data.copy_at::<REQUEST_RUN_ROOM, { 2 * REQUEST_RUN_ROOM }>(
                     &mut run.bytes,
                     run.len,
                     bytes,
@@ -114,21 +170,25 @@ pub(crate) fn on_request_run(
 
 /// Copies the first bytes of the response that starts with this transfer, and those of the
 /// request it answers, into the connection's slot: in place when it has one (a keep-alive
-/// connection's next response), else through this CPU's scratch entry.
+/// connection's next response), else through this CPU's scratch entry. The copy, while it
+/// is valid (a fresh entry the full map refused is not).
 #[inline(always)]
-fn keep_head(sock: u64, data: &Data, offset: u64, bytes: u64, now: u64) {
+fn keep_head(
+    sock: u64,
+    data: &Located,
+    offset: u64,
+    bytes: u64,
+    now: u64,
+) -> Option<&'static ReplyHead> {
     let (head, fresh) = match HTTP1_REPLY_HEADS.get_ptr_mut(&sock) {
         Some(head) => (head, false),
-        None => match REPLY_HEAD_SCRATCH.get_ptr_mut(0) {
-            Some(head) => (head, true),
-            None => return,
-        },
+        None => (REPLY_HEAD_SCRATCH.get_ptr_mut(0)?, true),
     };
     // SAFETY: a map value pointer, valid for the program run. Another CPU writing the same
     // socket's slot at once (two threads answering on one connection) can only garble it:
     // the daemon's parser takes any bytes.
     let head = unsafe { &mut *head };
-    head.len = copy_data(data, &mut head.bytes, bytes);
+    head.len = data.copy(&mut head.bytes, bytes);
     head.reply_ns = now;
     head.offset = offset;
     head.request_len = 0;
@@ -142,7 +202,9 @@ fn keep_head(sock: u64, data: &Data, offset: u64, bytes: u64, now: u64) {
             head.request_len = capture.len;
         }
     }
+    // The scratch entry is per CPU: its copy stays as it is for the rest of this run.
     if fresh {
-        let _ = HTTP1_REPLY_HEADS.insert(&sock, head, 0);
+        let _ = HTTP1_REPLY_HEADS.insert(&sock, &*head, 0);
     }
+    Some(head)
 }
