@@ -30,6 +30,15 @@ const MAX_MMSGS: u64 = 4;
 /// entry).
 const MAX_IOVECS: u64 = 8;
 
+/// `sock`'s slot in `CAPTURES`, which the sockets whose addresses hash alike share. An array
+/// slot pointer, valid for the program run; a concurrent writer on another CPU can only
+/// garble a capture, which `sock` then no longer matches or the recognizers survive (they
+/// are fuzzed).
+#[inline(always)]
+fn slot_of(sock: u64) -> Option<*mut Capture> {
+    CAPTURES.get_ptr_mut(capture_slot(sock, CAPTURE_SLOTS.load()))
+}
+
 /// Copies up to `len` bytes of the request that just started on `sock` into its slot.
 /// Returns the slot, or `None` when capture is off or the buffer cannot be located.
 #[inline(never)]
@@ -38,11 +47,8 @@ pub(crate) fn capture_request(sock: u64, len: u64, now: u64) -> Option<&'static 
     if limit == 0 {
         return None;
     }
-    let slots = CAPTURE_SLOTS.load();
-    // SAFETY: array slot pointer, valid for the program run; a concurrent writer on another
-    // CPU can only garble a capture, which `sock` then no longer matches or the recognizers
-    // survive (they are fuzzed).
-    let slot = unsafe { &mut *CAPTURES.get_ptr_mut(capture_slot(sock, slots))? };
+    // SAFETY: see `slot_of`.
+    let slot = unsafe { &mut *slot_of(sock)? };
     read_head(slot, len.min(u64::from(limit)))?;
     slot.sock = sock;
     slot.request_ns = now;
@@ -58,8 +64,8 @@ pub(crate) fn forget(sock: u64) {
     if CAPTURE_BYTES.load() == 0 {
         return;
     }
-    if let Some(slot) = CAPTURES.get_ptr_mut(capture_slot(sock, CAPTURE_SLOTS.load())) {
-        // SAFETY: array slot pointer, valid for the program run (see `capture_request`).
+    if let Some(slot) = slot_of(sock) {
+        // SAFETY: see `slot_of`.
         unsafe {
             if (*slot).sock == sock {
                 (*slot).sock = 0;
@@ -75,8 +81,8 @@ pub(crate) fn held(sock: u64) -> Option<&'static Capture> {
     if CAPTURE_BYTES.load() == 0 {
         return None;
     }
-    // SAFETY: array slot pointer, valid for the program run (see `capture_request`).
-    let slot = unsafe { &*CAPTURES.get_ptr(capture_slot(sock, CAPTURE_SLOTS.load()))? };
+    // SAFETY: see `slot_of`.
+    let slot = unsafe { &*slot_of(sock)? };
     (slot.sock == sock).then_some(slot)
 }
 
@@ -501,11 +507,10 @@ fn read_head(slot: &mut Capture, len: u64) -> Option<()> {
 #[inline(always)]
 pub(crate) fn recapture_request(sock: u64, buffer: u64, len: u64) {
     let limit = u64::from(CAPTURE_BYTES.load());
-    let slots = CAPTURE_SLOTS.load();
-    let Some(slot) = CAPTURES.get_ptr_mut(capture_slot(sock, slots)) else {
+    let Some(slot) = slot_of(sock) else {
         return;
     };
-    // SAFETY: array slot pointer, valid for the program run (see `capture_request`).
+    // SAFETY: see `slot_of`.
     let slot = unsafe { &mut *slot };
     if limit > 0 && slot.sock == sock {
         copy_user(slot, buffer, len.min(limit));

@@ -16,11 +16,8 @@ use stalltrace_common::{
 };
 
 use crate::{
-    capture::Located,
-    maps::{
-        CAPTURES, CAPTURE_SLOTS, HTTP1_REPLY_HEADS, HTTP1_REQUEST_RUNS, REPLY_HEAD_SCRATCH,
-        REQUEST_RUN_SLOTS,
-    },
+    capture::{held, Located},
+    maps::{HTTP1_REPLY_HEADS, HTTP1_REQUEST_RUNS, REPLY_HEAD_SCRATCH, REQUEST_RUN_SLOTS},
     words::copy_words,
 };
 
@@ -170,8 +167,8 @@ pub(crate) fn on_request_run(
 
 /// Copies the first bytes of the response that starts with this transfer, and those of the
 /// request it answers, into the connection's slot: in place when it has one (a keep-alive
-/// connection's next response), else through this CPU's scratch entry. The copy, while it
-/// is valid (a fresh entry the full map refused is not).
+/// connection's next response), else through this CPU's scratch entry. Returns the copy
+/// (the scratch entry's holds the same bytes as the one inserted).
 #[inline(always)]
 fn keep_head(
     sock: u64,
@@ -192,17 +189,11 @@ fn keep_head(
     head.reply_ns = now;
     head.offset = offset;
     head.request_len = 0;
-    let slot = capture_slot(sock, CAPTURE_SLOTS.load());
-    if let Some(capture) = CAPTURES.get_ptr(slot) {
-        // SAFETY: as above.
-        let capture = unsafe { &*capture };
-        if capture.sock == sock {
-            // SAFETY: both are 8-byte aligned arrays of the same size.
-            unsafe { copy_words(&raw mut head.request, &raw const capture.bytes) };
-            head.request_len = capture.len;
-        }
+    if let Some(capture) = held(sock) {
+        // SAFETY: both are 8-byte aligned arrays of the same size.
+        unsafe { copy_words(&raw mut head.request, &raw const capture.bytes) };
+        head.request_len = capture.len;
     }
-    // The scratch entry is per CPU: its copy stays as it is for the rest of this run.
     if fresh {
         let _ = HTTP1_REPLY_HEADS.insert(&sock, &*head, 0);
     }
