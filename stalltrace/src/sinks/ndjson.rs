@@ -27,6 +27,8 @@ const WATCH_BUFFER: usize = 8192;
 pub const DEFAULT_EVENTS_BUFFER: usize = 4 << 20;
 /// Lines are handed to the writer thread in chunks of about this size (and at every flush).
 const CHUNK: usize = 64 * 1024;
+/// Room past [`CHUNK`] in a fresh chunk for the line that fills it (most are below 1 KiB).
+const LINE_ROOM: usize = 4 * 1024;
 
 /// An event line as sent to `watch` clients, with what their filters select on.
 #[derive(Debug)]
@@ -55,8 +57,6 @@ pub struct EventSink {
     destination: String,
     clock: Clock,
     watchers: broadcast::Sender<Arc<WatchLine>>,
-    /// Reused encoding buffer.
-    line: Vec<u8>,
     /// Resolves owners' cgroup ids to paths (`None`: events carry the id alone).
     cgroups: Option<Names>,
 }
@@ -113,7 +113,6 @@ impl EventSink {
             destination,
             clock: Clock::calibrate(),
             watchers,
-            line: Vec::with_capacity(1024),
             cgroups: None,
         }
     }
@@ -203,8 +202,8 @@ impl EventSink {
         if let Some(path) = &cgroup_path {
             json.item.set_cgroup_path(path);
         }
-        self.encode(&json);
-        self.write_encoded(Some((&event.conn, cgroup_path)));
+        let start = self.encode(&json);
+        self.write_encoded(start, Some((&event.conn, cgroup_path)));
     }
 
     /// Writes a `loss` event; `false` when the output has no room for it yet (nothing was
@@ -216,20 +215,21 @@ impl EventSink {
             schema: EVENT_SCHEMA,
             loss: report,
         };
-        self.encode(&json);
-        if !self.writer.has_room(self.pending.len(), self.line.len()) {
+        let start = self.encode(&json);
+        if !self.writer.has_room(start, self.pending.len() - start) {
+            self.pending.truncate(start);
             return false;
         }
         // The report of a gap goes first after it.
         self.blocked = false;
-        self.send(None);
+        self.send(start, None);
         true
     }
 
-    /// Writes the encoded line; `conn` is what `watch` filters select on, with its cgroup's
-    /// path (`None`: not about one connection).
-    fn write_encoded(&mut self, conn: Option<(&ConnRef, Option<Arc<str>>)>) {
-        if !self.blocked && !self.writer.has_room(self.pending.len(), self.line.len()) {
+    /// Writes the line encoded at `start` of the pending bytes; `conn` is what `watch` filters
+    /// select on, with its cgroup's path (`None`: not about one connection).
+    fn write_encoded(&mut self, start: usize, conn: Option<(&ConnRef, Option<Arc<str>>)>) {
+        if !self.blocked && !self.writer.has_room(start, self.pending.len() - start) {
             self.blocked = true;
             log::debug!(
                 "{} is not keeping up: dropping event lines",
@@ -239,26 +239,24 @@ impl EventSink {
         if self.blocked {
             self.output_blocked += 1;
         }
-        self.send(conn);
+        self.send(start, conn);
     }
 
-    fn encode(&mut self, json: &impl Serialize) {
-        self.line.clear();
-        serde_json::to_writer(&mut self.line, json).expect("event JSON serializes");
-        self.line.push(b'\n');
+    /// Encodes `json` as a line after the pending ones (not copied again on its way to the
+    /// writer); returns where it starts.
+    fn encode(&mut self, json: &impl Serialize) -> usize {
+        let start = self.pending.len();
+        serde_json::to_writer(&mut self.pending, json).expect("event JSON serializes");
+        self.pending.push(b'\n');
+        start
     }
 
-    /// The encoded line to the output (unless blocked) and to `watch` clients.
-    fn send(&mut self, conn: Option<(&ConnRef, Option<Arc<str>>)>) {
-        if !self.blocked {
-            self.pending.extend_from_slice(&self.line);
-            if self.pending.len() >= CHUNK {
-                self.flush();
-            }
-        }
+    /// The line encoded at `start` to `watch` clients, and kept for the output unless it is
+    /// blocked.
+    fn send(&mut self, start: usize, conn: Option<(&ConnRef, Option<Arc<str>>)>) {
         if self.watchers.receiver_count() > 0 {
             let _ = self.watchers.send(Arc::new(WatchLine {
-                line: String::from_utf8_lossy(&self.line).into_owned(),
+                line: String::from_utf8_lossy(&self.pending[start..]).into_owned(),
                 pid: conn.as_ref().map_or(0, |(c, _)| c.owner.pid),
                 comm: conn
                     .as_ref()
@@ -273,15 +271,23 @@ impl EventSink {
                 cgroup_path: conn.and_then(|(_, path)| path),
             }));
         }
+        if self.blocked {
+            self.pending.truncate(start);
+        } else if self.pending.len() >= CHUNK {
+            self.flush();
+        }
     }
 
     /// Hands the pending lines to the writer thread, which writes them out promptly; never
     /// blocks.
     pub fn flush(&mut self) {
         if !self.pending.is_empty() {
-            // An exact-size copy: queued chunks hold no spare capacity.
-            self.writer.push(self.pending.clone());
-            self.pending.clear();
+            let mut chunk =
+                std::mem::replace(&mut self.pending, Vec::with_capacity(CHUNK + LINE_ROOM));
+            // Queued chunks hold no spare capacity (the queue's bound counts their lengths);
+            // shrinking a heap block this size is done in place, without a copy.
+            chunk.shrink_to_fit();
+            self.writer.push(chunk);
         }
     }
 }
