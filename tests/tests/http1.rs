@@ -216,7 +216,7 @@ fn a_chunked_response_relayed_by_nginx_is_flagged_on_every_hop() {
     assert_eq!(finished(client).stdout, b"hello");
 }
 
-/// Complete responses of every framing, then an idle keep-alive connection; and a server-sent
+/// Complete responses of every framing, each the last on an idle keep-alive connection; and a server-sent
 /// event stream that pauses between events past the threshold: nothing is owed, nothing is
 /// flagged.
 #[test]
@@ -236,6 +236,13 @@ fn complete_bodiless_and_streamed_responses_are_never_flagged() {
             (b"5\r\nhello\r\n".to_vec(), Duration::ZERO),
             (b"0\r\n\r\n".to_vec(), Duration::ZERO),
         ],
+        // Head, chunk and last chunk in one write: both ends take the tail from the copy of
+        // the response's start, not from a second read of the buffer.
+        "/whole" => vec![(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                .to_vec(),
+            Duration::ZERO,
+        )],
         "/empty" => vec![(b"HTTP/1.1 204 No Content\r\n\r\n".to_vec(), Duration::ZERO)],
         "/events" => {
             let mut parts = vec![(
@@ -258,16 +265,20 @@ fn complete_bodiless_and_streamed_responses_are_never_flagged() {
             Duration::ZERO,
         )],
     });
-    // One keep-alive connection for every framing, idle after its last response.
-    let mut keep_alive = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    // A keep-alive connection per framing, idle after its response: only a connection's
+    // latest response is judged, so each framing must be a connection's last.
+    let mut idle = Vec::new();
     for (request, expected) in [
         ("GET /length", "hello"),
         ("GET /chunked", "0\r\n\r\n"),
+        ("GET /whole", "0\r\n\r\n"),
         ("GET /empty", "No Content\r\n\r\n"),
         ("HEAD /head", "Content-Length: 10000\r\n\r\n"),
     ] {
+        let mut keep_alive = TcpStream::connect(("127.0.0.1", port)).unwrap();
         write!(keep_alive, "{request} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         read_until(&mut keep_alive, expected.as_bytes());
+        idle.push(keep_alive);
     }
     let events = curl(&["--no-buffer", &format!("http://127.0.0.1:{port}/events")]);
     thread::sleep(STALL_AFTER * 7);
