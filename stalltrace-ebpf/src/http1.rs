@@ -6,6 +6,7 @@
 //! in the reply direction and at request-direction runs' starts, and only with capture on. The
 //! syscall's buffer is located once per transfer; a keep-alive connection's slot is rewritten
 //! in place.
+use aya_ebpf::helpers::bpf_probe_read_kernel;
 use stalltrace_common::{
     capture_slot,
     http1::{
@@ -79,20 +80,17 @@ pub(crate) extern "C" fn stalltrace_http1_reply(
 }
 
 /// The 8 bytes at `at` of a response's first transfer, if `head`'s copy of it holds them.
+/// Read with a helper, not loaded: Linux 6.12's verifier turns the map value pointer plus
+/// this (bounded) offset into an unknown scalar and refuses the loads; a kernel read of the
+/// map value costs far less than the user read it replaces.
 #[inline(always)]
 fn copied8_at(head: &ReplyHead, at: u64) -> Option<[u8; 8]> {
     if at > (REPLY_HEAD_MAX - 8) as u64 || at + 8 > u64::from(head.len) {
         return None;
     }
-    // SAFETY: `at + 8` ≤ REPLY_HEAD_MAX, the array's length (checked above, in a form the
-    // verifier follows).
-    Some(unsafe {
-        head.bytes
-            .as_ptr()
-            .add(at as usize)
-            .cast::<[u8; 8]>()
-            .read_unaligned()
-    })
+    // SAFETY: a probe read: a fault is returned, not taken (`at + 8` ≤ REPLY_HEAD_MAX, within
+    // the array, checked above).
+    unsafe { bpf_probe_read_kernel(head.bytes.as_ptr().add(at as usize).cast::<[u8; 8]>()).ok() }
 }
 
 /// After `record_transfer` recorded a transfer of `bytes` in the request direction that
