@@ -42,8 +42,12 @@ pub mod sync {
 /// Streams awaiting their response that one connection's state holds at once. A new stream
 /// whose slot (its id, masked) is held by an older one still awaiting is not followed.
 pub const STREAM_SLOTS: usize = 32;
-/// Frame headers one transfer may hold; a transfer with more loses the framing.
-pub const WALK_FRAMES: usize = 16;
+/// Frame headers one transfer may hold; a transfer with more loses the framing. A server
+/// answering many concurrent streams writes a HEADERS and a DATA frame (and gRPC's trailers)
+/// per stream in one go: 512 covers 128 streams (nginx's and most gRPC servers' default
+/// `SETTINGS_MAX_CONCURRENT_STREAMS` is 100–128) with room. The walk's cost follows the
+/// frames there are, not this bound (one read of user memory per frame header).
+pub const WALK_FRAMES: usize = 512;
 
 const PREFACE: [u8; 4] = *b"PRI ";
 const PREFACE_LEN: u32 = 24;
@@ -234,12 +238,13 @@ fn side(dir: u8) -> usize {
 /// transfer ([`Header`]):
 /// opens and answers streams in `streams` and keeps `conn`'s summary (`h2_open`,
 /// `h2_oldest_*`, `h2_ended_*`) up to date. Loses the framing ([`lose`]) when it cannot
-/// follow it.
+/// follow it. [`walk_begin`], then [`walk_frame`] until it returns false (at most
+/// [`WALK_FRAMES`] times), then [`walk_end`]: the kernel runs the frames through `bpf_loop`,
+/// whose callback the verifier checks once, whatever the count.
 ///
 /// Everything the walk carries from one frame to the next lives in `streams` (a map value in
-/// the kernel, whose contents the verifier does not track), not in locals: the paths through
-/// one frame then meet again at the next, and the verifier explores [`WALK_FRAMES`] frames,
-/// not every combination of what they were.
+/// the kernel, whose contents the verifier does not track), not in locals: what a frame
+/// found is the same state to the verifier whatever it was.
 #[inline(always)]
 pub fn walk(
     conn: &mut ConnState,
@@ -250,13 +255,11 @@ pub fn walk(
     stall_after_ns: u64,
     mut header: impl Header,
 ) -> Walk {
+    let at = walk_begin(streams, dir);
     let request = dir == transfer::request_direction(conn);
-    let at = side(dir);
-    streams.cursor[at] = u64::from(streams.skip[at]);
-    streams.walk[at] = 0;
     let mut frames = 0;
-    while frames < WALK_FRAMES && streams.cursor[at] < total {
-        if !frame(
+    while frames < WALK_FRAMES
+        && walk_frame(
             conn,
             streams,
             at,
@@ -265,12 +268,62 @@ pub fn walk(
             now,
             stall_after_ns,
             &mut header,
-        ) {
-            streams.walk[at] |= WALK_LOST;
-            break;
-        }
+        )
+    {
         frames += 1;
     }
+    walk_end(conn, streams, at, total)
+}
+
+/// Starts [`walk`]ing a transfer in direction `dir`: the index of that direction in
+/// [`Streams`]' per-direction fields, which the other steps take.
+#[inline(always)]
+pub fn walk_begin(streams: &mut Streams, dir: u8) -> usize {
+    let at = side(dir);
+    streams.cursor[at] = u64::from(streams.skip[at]);
+    streams.walk[at] = 0;
+    at
+}
+
+/// One frame of [`walk`] (`request`: the transfer goes in the request direction): false when
+/// the walk is over, the transfer's `total` bytes walked or the framing lost.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub fn walk_frame(
+    conn: &mut ConnState,
+    streams: &mut Streams,
+    at: usize,
+    request: bool,
+    total: u64,
+    now: u64,
+    stall_after_ns: u64,
+    header: &mut impl Header,
+) -> bool {
+    let at = at & 1;
+    if streams.cursor[at] >= total {
+        return false;
+    }
+    if !frame(
+        conn,
+        streams,
+        at,
+        request,
+        total,
+        now,
+        stall_after_ns,
+        header,
+    ) {
+        streams.walk[at] |= WALK_LOST;
+        return false;
+    }
+    true
+}
+
+/// Ends [`walk`]: what the transfer's frames did. A transfer not walked to its end (more
+/// than [`WALK_FRAMES`] frames) loses the framing.
+#[inline(always)]
+pub fn walk_end(conn: &mut ConnState, streams: &mut Streams, at: usize, total: u64) -> Walk {
+    let at = at & 1;
     let mut result = Walk {
         ended: streams.walk[at] & WALK_ENDED != 0,
         untracked: streams.walk[at] >> WALK_UNTRACKED_SHIFT,
@@ -538,6 +591,23 @@ mod tests {
     }
 
     #[test]
+    fn a_burst_of_concurrent_calls_and_their_answers_stays_followed() {
+        // h2load -m32, or a gRPC client's burst: every call in one write, every response
+        // (HEADERS, DATA, trailers) in one read: 64 then 96 frames in one transfer each.
+        let mut conn = Conn::new(role::CLIENT);
+        let ids = (0..STREAM_SLOTS as u32).map(|i| 1 + 2 * i);
+        let calls: Vec<u8> = ids.clone().flat_map(call).collect();
+        assert_eq!(conn.transfer(direction::OUT, 1, &calls).untracked, 0);
+        assert_eq!(conn.state.h2_open as usize, STREAM_SLOTS);
+        let answers: Vec<u8> = ids.rev().flat_map(response).collect();
+        assert_eq!(conn.transfer(direction::IN, 2, &answers).untracked, 0);
+        assert_eq!(
+            (conn.state.h2_sync, conn.state.h2_open),
+            (sync::TRACKING, 0)
+        );
+    }
+
+    #[test]
     fn a_reset_answers_either_way() {
         let mut conn = Conn::new(role::CLIENT);
         conn.transfer(direction::OUT, 0, &call(1));
@@ -581,7 +651,11 @@ mod tests {
         let mut conn = Conn::new(role::SERVER);
         conn.transfer(direction::IN, 1, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
         assert_eq!(conn.state.h2_sync, sync::LOST);
-        // More frames than one walk follows.
+        // As many frames as one walk follows, then one more.
+        let mut conn = Conn::new(role::CLIENT);
+        let most: Vec<u8> = (0..WALK_FRAMES).flat_map(|_| frame(8, 0, 4)).collect();
+        conn.transfer(direction::IN, 1, &most);
+        assert_eq!(conn.state.h2_sync, sync::TRACKING);
         let mut conn = Conn::new(role::CLIENT);
         let many: Vec<u8> = (0..=WALK_FRAMES).flat_map(|_| frame(8, 0, 4)).collect();
         conn.transfer(direction::IN, 1, &many);

@@ -2,14 +2,16 @@
 //! connections recognized as HTTP/2 come here: one lookup in `H2_STREAMS` per transfer, and
 //! two 4-byte reads of the user buffer per frame (length and type, stream id), plus two per
 //! `iovec` entry the walk passes in a vectored call.
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::{bindings::BPF_NOEXIST, cty::c_void, helpers::generated::bpf_loop};
 use stalltrace_common::{
     http2::{self, Streams},
-    loss, ConnState,
+    loss,
+    transfer::request_direction,
+    ConnState,
 };
 
 use crate::{
-    capture::{bytes_at, walk_header_at, NO_WORD},
+    capture::{bytes_at, walk_header_at, Walker, NO_WORD},
     maps::{count_loss, stall_after_ns, verdict_extras, CONNS, H2_SCRATCH, H2_STREAMS, H2_WALKER},
 };
 
@@ -56,15 +58,65 @@ fn on_transfer(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
             None => return,
         },
     };
-    // SAFETY: map value pointer, valid for the duration of the program.
-    let streams = unsafe { &mut *streams };
     let Some(walker) = H2_WALKER.get_ptr_mut(0) else {
         return;
     };
-    // SAFETY: per-CPU slot, used only within one program run.
-    let walker = unsafe { &mut *walker };
+    // SAFETY: map value pointers, valid for the duration of the program; the walker's
+    // per-CPU slot is used only within one program run.
+    let (streams, walker) = unsafe { (&mut *streams, &mut *walker) };
     walker.reset();
-    let header = |at: usize| {
+    let at = http2::walk_begin(streams, dir);
+    let request = dir == request_direction(conn);
+    let mut walk = Frames {
+        conn,
+        streams,
+        walker,
+        at,
+        request,
+        total: bytes,
+        now,
+        stall_after_ns: stall_after_ns(),
+    };
+    // SAFETY: `walk_frames` takes the context given here, which lives across the call. A
+    // failure runs no frame: the transfer is then not walked to its end, and the framing lost.
+    unsafe {
+        bpf_loop(
+            http2::WALK_FRAMES as u32,
+            walk_frames as *mut c_void,
+            (&raw mut walk).cast(),
+            0,
+        )
+    };
+    let result = http2::walk_end(walk.conn, walk.streams, at, bytes);
+    if result.untracked > 0 {
+        count_loss(loss::HTTP2_UNTRACKED);
+    }
+    if !http2::tracking(walk.conn) {
+        let _ = H2_STREAMS.remove(sock);
+    }
+}
+
+/// A transfer's frame walk, for `bpf_loop`'s callback: the references live on the caller's
+/// stack, where the verifier keeps their types.
+struct Frames<'a> {
+    conn: &'a mut ConnState,
+    streams: &'a mut Streams,
+    walker: &'a mut Walker,
+    at: usize,
+    request: bool,
+    total: u64,
+    now: u64,
+    stall_after_ns: u64,
+}
+
+/// `bpf_loop`'s callback: one frame of the walk (`http2::walk_frame`); 1 stops the loop.
+/// Verified once, however many frames a transfer holds (a loop in the program is verified
+/// once per iteration, which held the walk to 16 frames).
+extern "C" fn walk_frames(_index: u64, walk: *mut c_void) -> i64 {
+    // SAFETY: the context `on_transfer` passed to `bpf_loop`.
+    let walk = unsafe { &mut *walk.cast::<Frames>() };
+    let walker = &mut *walk.walker;
+    let mut header = |at: usize| {
         let first = walk_header_at(walker, at as u64);
         if first == NO_WORD || walker.id == NO_WORD {
             return None;
@@ -75,13 +127,17 @@ fn on_transfer(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
         );
         Some([a, b, c, d, e, f, g, h])
     };
-    let walk = http2::walk(conn, streams, dir, bytes, now, stall_after_ns(), header);
-    if walk.untracked > 0 {
-        count_loss(loss::HTTP2_UNTRACKED);
-    }
-    if !http2::tracking(conn) {
-        let _ = H2_STREAMS.remove(sock);
-    }
+    let more = http2::walk_frame(
+        walk.conn,
+        walk.streams,
+        walk.at,
+        walk.request,
+        walk.total,
+        walk.now,
+        walk.stall_after_ns,
+        &mut header,
+    );
+    i64::from(!more)
 }
 
 /// Starts following `conn`'s streams if this transfer begins with the client preface.

@@ -2,7 +2,7 @@
 //! `sock_send_length` and `sock_recv_length`. They fire only for sockets (never for files or
 //! pipes), after the transfer, with its byte count; as *raw* tracepoints they pass their
 //! arguments without building a trace record, which is most of a classic tracepoint's cost.
-//! Kernels without them (< 6.3) reach the same `on_transfer` from the TCP send/receive
+//! Kernels without them (< 6.3) reach the same path (`on_transfer`) from the TCP send/receive
 //! functions instead (`transfer_functions.rs`).
 //!
 //! Work per call on a tracked connection: one map lookup and a few stores; an event only when a
@@ -44,7 +44,7 @@ const ARG_FLAGS: usize = 2;
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
 pub(crate) fn stalltrace_recv(ctx: RawTracePointContext) -> i32 {
     // Integer arguments arrive widened to u64.
-    on_transfer(
+    transfer::<_, true, true>(
         &ctx,
         ctx.arg::<u64>(ARG_SOCK),
         direction::IN,
@@ -56,7 +56,7 @@ pub(crate) fn stalltrace_recv(ctx: RawTracePointContext) -> i32 {
 
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub(crate) fn stalltrace_send(ctx: RawTracePointContext) -> i32 {
-    on_transfer(
+    transfer::<_, true, true>(
         &ctx,
         ctx.arg::<u64>(ARG_SOCK),
         direction::OUT,
@@ -67,10 +67,14 @@ pub(crate) fn stalltrace_send(ctx: RawTracePointContext) -> i32 {
 }
 
 /// One send (`dir` OUT) or receive (IN) on `sock` that returned `ret` (bytes moved, or a
-/// negative errno), with the call's `flags` (receives only). Every transfer hook calls this.
+/// negative errno), with the call's `flags` (receives only), from a fallback rung's hook
+/// (`transfer_functions.rs`, `syscall_transfers.rs`). Their programs leave HTTP/2 streams to
+/// the direction rule: the frame walk's `bpf_loop` callback is a function pointer, which
+/// kernels before 5.13 refuse anywhere in a program, even where it never runs; the sock
+/// tracepoints (6.3) are on every kernel that loads the walk (6.5).
 #[inline(always)]
 pub(crate) fn on_transfer<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, ret: i32, flags: i32) {
-    transfer::<C, true>(ctx, sock, dir, ret, flags);
+    transfer::<C, true, false>(ctx, sock, dir, ret, flags);
 }
 
 /// Bytes moved on `sock` (below 2^31) through no buffer of the calling process: counted and
@@ -79,12 +83,19 @@ pub(crate) fn on_transfer<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, ret: i32,
 /// walk the HTTP/1.x and HTTP/2 code again in that program, past its 1M-instruction limit.
 #[inline(always)]
 pub(crate) fn on_unread_transfer<C: EbpfContext>(ctx: &C, sock: u64, dir: u8, bytes: i32) {
-    transfer::<C, false>(ctx, sock, dir, bytes, 0);
+    transfer::<C, false, false>(ctx, sock, dir, bytes, 0);
 }
 
-/// [`on_transfer`]; `BUFFER`: the syscall's buffer holds the bytes moved.
+/// [`on_transfer`]; `BUFFER`: the syscall's buffer holds the bytes moved; `HTTP2`: the
+/// program walks HTTP/2 frames (the sock tracepoints').
 #[inline(always)]
-fn transfer<C: EbpfContext, const BUFFER: bool>(ctx: &C, sock: u64, dir: u8, ret: i32, flags: i32) {
+fn transfer<C: EbpfContext, const BUFFER: bool, const HTTP2: bool>(
+    ctx: &C,
+    sock: u64,
+    dir: u8,
+    ret: i32,
+    flags: i32,
+) {
     if ret <= 0 {
         return;
     }
@@ -113,7 +124,7 @@ fn transfer<C: EbpfContext, const BUFFER: bool>(ctx: &C, sock: u64, dir: u8, ret
     // and before any reference to the entry is made, as the walk (a global function) looks
     // it up and writes it itself. Only with the verdict extras (they imply capture: the walk
     // reads the syscall's buffer).
-    if BUFFER && verdict_extras() {
+    if BUFFER && HTTP2 && verdict_extras() {
         // SAFETY: map value pointer, valid for the duration of the program; the shared
         // reference ends before the call.
         let state = unsafe { &*conn };

@@ -6,7 +6,8 @@
 //!   thread in `CALLS`, the return reads them back.
 //!
 //! Both end in the same `on_transfer` as the tracepoints, so events and verdicts do not depend
-//! on the rung. Only TCP functions are hooked: files, pipes and other sockets run nothing.
+//! on the rung, but for HTTP/2's streams: the frame walk is the tracepoints' alone (see
+//! `transfer::on_transfer`), and HTTP/2 takes the direction rule here. Only TCP functions are hooked: files, pipes and other sockets run nothing.
 //! `tcp_sendpage` carries sendfile/splice sends, which bypass `tcp_sendmsg` before Linux 6.5
 //! (the daemon hooks it where the kernel has it).
 use aya_ebpf::{

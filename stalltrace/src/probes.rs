@@ -348,7 +348,8 @@ pub(crate) struct Probes {
     /// `sendfile`'s bytes: see `http1_framing`).
     pub http1_framing: bool,
     /// HTTP/2 connections (h2c) are judged per stream: the kernel walks their frames (capture
-    /// on, and the verdict extras: see `verdict_extras`).
+    /// on, the verdict extras: see `verdict_extras`, and the tracepoint rung, whose programs
+    /// alone hold the walk).
     pub http2_streams: bool,
     /// The libssl whose `SSL_read` is hooked (TLS clients' replies counted at the plaintext),
     /// or why none is.
@@ -810,6 +811,8 @@ impl Probes {
             }
         };
         let framing = capture_bytes > 0 && http1_framing(transfers.rung, &config.functions);
+        // The frame walk is in the sock tracepoints' programs only (`transfer.rs`).
+        let http2_streams = extras && transfers.rung == Rung::Tracepoint;
         if framing {
             let mut framed: Array<MapData, u32> = take_map(&mut ebpf, "HTTP1_FRAMED")?;
             framed
@@ -839,7 +842,7 @@ impl Probes {
             udp: false,
             unix,
             http1_framing: framing,
-            http2_streams: extras,
+            http2_streams,
             libssl: Err("not attached yet".to_owned()),
             splice_reads,
         })

@@ -599,6 +599,17 @@ pub fn expected_verdict_extras() -> bool {
     expected_capture_bytes() > 0 && kernel_version() >= (6, 5)
 }
 
+/// Whether the daemon follows HTTP/2 streams: the verdict extras, on the tracepoint rung, the
+/// only one whose programs hold the frame walk (the rung is the one `STALLTRACE_HOOKS` forces,
+/// if any: the kernel matrix runs the tests on each).
+pub fn expected_http2_streams() -> bool {
+    expected_verdict_extras()
+        && matches!(
+            std::env::var("STALLTRACE_HOOKS").as_deref(),
+            Err(_) | Ok("" | "auto" | "tracepoint")
+        )
+}
+
 /// This kernel's (major, minor) version.
 fn kernel_version() -> (u32, u32) {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();

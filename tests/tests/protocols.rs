@@ -658,6 +658,93 @@ fn a_slow_grpc_call_among_flowing_ones_is_flagged_per_stream() {
     );
 }
 
+/// Raw h2c frames, for tests that must choose how frames fall into reads and writes:
+/// `frame(type, flags, stream, payload)`.
+const H2_FRAMES: &str = r#"
+import socket, sys, time
+def frame(kind, flags, stream, payload=b""):
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+def read_exactly(conn, n):
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            sys.exit(0)
+        data += chunk
+    return data
+BURST = 20
+"#;
+
+/// An h2c server that reads the client's preface and SETTINGS, then its burst of `BURST`
+/// calls (one HEADERS frame each, streams 1, 3, …), answers all but stream 1 in one write
+/// (HEADERS and DATA each: 38 frames), stream 1 `argv[1]` seconds later, and keeps the
+/// connection open.
+const H2_BURST_SERVER: &str = r#"
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+read_exactly(conn, 24 + 9)
+conn.sendall(frame(4, 0, 0) + frame(4, 1, 0))
+read_exactly(conn, BURST * 12)
+answer = lambda stream: frame(1, 4, stream, b"\x88") + frame(0, 1, stream, b"ok")
+conn.sendall(b"".join(answer(1 + 2 * i) for i in range(1, BURST)))
+time.sleep(float(sys.argv[1]))
+conn.sendall(answer(1))
+time.sleep(3600)
+"#;
+
+/// An h2c client that sends its preface and SETTINGS, then `BURST` calls in one write, and
+/// reads whatever comes, the connection kept open.
+const H2_BURST_CLIENT: &str = r#"
+conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0))
+read_exactly(conn, 18)
+conn.sendall(b"".join(frame(1, 5, 1 + 2 * i, b"\x82\x86\x84") for i in range(BURST)))
+print("sent", flush=True)
+while conn.recv(65536):
+    pass
+"#;
+
+/// Many concurrent streams answered in one write (a server with 20 calls in flight on one
+/// connection; nginx with 8 already wrote more frames at once than the walk once took): the
+/// frames of one transfer are all walked, so the one slow call among them is flagged on
+/// both ends, named by its stream, and ends with its response; the kernel follows every frame.
+#[test]
+fn a_slow_call_in_a_burst_of_concurrent_http2_calls_is_flagged_per_stream() {
+    require_root();
+    let daemon = Daemon::start("h2-burst");
+    let slow = STALL_AFTER * 4;
+    let server_code = format!("{H2_FRAMES}{H2_BURST_SERVER}");
+    let (_server, port) = Script::start(&server_code, &[&slow.as_secs_f64().to_string()]);
+    let port_number: u16 = port.parse().unwrap();
+    let client_code = format!("{H2_FRAMES}{H2_BURST_CLIENT}");
+    let (_client, _) = Script::start(&client_code, &[&port]);
+    for role in ["client", "server"] {
+        let stall = daemon.wait_for_stall(port_number, role, STALL_AFTER + REPORT_WITHIN);
+        assert_eq!(
+            stall["stall"]["http2"]["stream"]["id"], 1,
+            "{role}: {stall:#}"
+        );
+    }
+    for role in ["client", "server"] {
+        let end = daemon
+            .wait_for_event("stall.end", port_number, slow + REPORT_WITHIN, |e| {
+                e["conn"]["role"] == role
+            })
+            .unwrap_or_else(|| panic!("no {role} stall ended: {}", daemon.stderr()));
+        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
+        assert_eq!(end["stall"]["http2"]["stream"]["id"], 1, "{end:#}");
+    }
+    let status = daemon.cli_json(&["status", "-o", "json"]);
+    assert_eq!(
+        status["lost"]["kernel_http2_untracked"], 0,
+        "the kernel followed every frame: {status:#}"
+    );
+    assert_eq!(daemon.events_named("stall.start", port_number).len(), 2);
+}
+
 /// A WebSocket server (websockets) that reads every message and never answers.
 const WEBSOCKET_SERVER: &str = r#"
 import asyncio, websockets

@@ -9,7 +9,7 @@ use std::{
 };
 
 use stalltrace_integration::{
-    echo_server, expected_capture_bytes, expected_verdict_extras, reply_and_check_true_durations,
+    echo_server, expected_capture_bytes, expected_http2_streams, reply_and_check_true_durations,
     require_root, send_request, with_role, Daemon, SilentServer, REPORT_WITHIN, STALL_AFTER,
 };
 
@@ -29,7 +29,7 @@ fn one_daemon_flags_the_stuck_never_the_idle_and_times_the_end() {
     // without it.
     assert_eq!(
         status["features"]["http2_streams"],
-        expected_verdict_extras(),
+        expected_http2_streams(),
         "{status:#}"
     );
 
