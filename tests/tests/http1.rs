@@ -153,6 +153,26 @@ fn a_chunked_response_without_its_last_chunk_is_flagged_on_both_ends() {
     assert_eq!(finished(client).stdout, b"hello world");
 }
 
+/// The headers sent, then nothing while the body is worked on: the header block's blank line
+/// is no last chunk.
+#[test]
+fn a_chunked_response_stopped_after_its_headers_is_flagged_on_both_ends() {
+    require_root();
+    let daemon = Daemon::start("http1-chunked-head");
+    let port = serve(|_| {
+        vec![
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+                PAUSE,
+            ),
+            (b"5\r\nhello\r\n0\r\n\r\n".to_vec(), Duration::ZERO),
+        ]
+    });
+    let client = curl(&[&format!("http://127.0.0.1:{port}/slow")]);
+    assert_flagged_on_both_ends_until(&daemon, port, PAUSE);
+    assert_eq!(finished(client).stdout, b"hello");
+}
+
 /// nginx relays a chunked response that stops before its last chunk: every hop is flagged —
 /// the upstream server, nginx's upstream connection, nginx's connection to curl (nginx writes
 /// each chunk's `\r\n` in an `iovec` entry of its own) and curl — and the blame chain from

@@ -12,9 +12,10 @@ pub enum Framing {
     /// It ends `bytes` bytes after its first byte (the header block and a `Content-Length`
     /// body; no body after `HEAD`, 204, 304).
     Length { bytes: u64 },
-    /// A chunked body: it ends with the last chunk and the blank line after its trailers, if
-    /// any (`0\r\n\r\n`, `000;ext=1\r\n\r\n`, `0\r\nExpires: …\r\n\r\n`).
-    Chunked,
+    /// A chunked body after a header block of `head` bytes: it ends with the last chunk and
+    /// the blank line after its trailers, if any (`0\r\n\r\n`, `000;ext=1\r\n\r\n`,
+    /// `0\r\nExpires: …\r\n\r\n`).
+    Chunked { head: u64 },
     /// One-way from here on, or delimited by the close: never owed anything.
     Stream(&'static str),
     /// Not known from what was copied.
@@ -85,7 +86,7 @@ pub fn framing(request: &[u8], response: &[u8]) -> Framing {
             if STREAMING_QUERIES.iter().any(|q| target.contains(q)) {
                 Framing::Stream("watch or follow request")
             } else {
-                Framing::Chunked
+                Framing::Chunked { head: head_len }
             }
         } else {
             Framing::Stream("delimited by the close")
@@ -247,17 +248,10 @@ pub fn response_ends(copied: &[u8], requests: &[&[u8]]) -> Vec<u64> {
         };
         let len = match framing(request, rest) {
             Framing::Length { bytes } => bytes,
-            Framing::Chunked => {
-                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                let head_len = match httparse::Response::new(&mut headers).parse(rest) {
-                    Ok(httparse::Status::Complete(len)) => len,
-                    _ => break,
-                };
-                match chunked_len(&rest[head_len..]) {
-                    Some(body) => head_len as u64 + body,
-                    None => break,
-                }
-            }
+            Framing::Chunked { head } => match rest.get(head as usize..).and_then(chunked_len) {
+                Some(body) => head + body,
+                None => break,
+            },
             Framing::Stream(_) | Framing::Unknown(_) => break,
         };
         let Some(end) = at.checked_add(len) else {
@@ -269,12 +263,20 @@ pub fn response_ends(copied: &[u8], requests: &[&[u8]]) -> Vec<u64> {
     ends
 }
 
-/// A chunked body whose last transfer ended as `tail` (the last 8 bytes, see
-/// `ConnState::reply_tail`) is complete: it ended with a blank line, which the last chunk (with
-/// any extension, zeros or trailers) always does. A data chunk whose data ends with `\r\n`
-/// does too: such a body stopping there is missed, never a complete one flagged. `None` when
-/// the tail is not known.
-pub fn chunked_complete(tail: [u8; 8]) -> Option<bool> {
+/// The shortest chunked body: the last chunk alone (`0\r\n\r\n`).
+const LAST_CHUNK_ALONE: u64 = 5;
+
+/// A chunked response of which `moved` bytes have moved, the last transfer ending as `tail`
+/// (its last 8 bytes, see `ConnState::reply_tail`), after a header block of `head` bytes, is
+/// complete: its body began and ended with a blank line, which the last chunk (with any
+/// extension, zeros or trailers) always does. The header block ends with a blank line too:
+/// a response stopped right after it is owed its body. A data chunk whose data ends with
+/// `\r\n` ends with one as well: such a body stopping there is missed, never a complete one
+/// flagged. `None` when the tail is not known.
+pub fn chunked_complete(head: u64, moved: u64, tail: [u8; 8]) -> Option<bool> {
+    if moved < head.saturating_add(LAST_CHUNK_ALONE) {
+        return Some(false);
+    }
     (tail != stalltrace_common::http1::TAIL_UNKNOWN).then(|| tail.ends_with(b"\r\n\r\n"))
 }
 
@@ -319,7 +321,7 @@ mod tests {
     #[test]
     fn chunked_bodies_and_streams() {
         let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello";
-        assert_eq!(framing(GET, chunked), Framing::Chunked);
+        assert!(matches!(framing(GET, chunked), Framing::Chunked { .. }));
         let sse = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n\
                     Transfer-Encoding: chunked\r\n\r\n";
         assert!(matches!(framing(GET, sse), Framing::Stream(_)));
@@ -435,10 +437,18 @@ mod tests {
             b"\n000\r\n\r\n",
             b"x: 1\r\n\r\n", // trailers, announced or not
         ] {
-            assert_eq!(chunked_complete(*complete), Some(true), "{complete:?}");
+            assert_eq!(
+                chunked_complete(40, 45, *complete),
+                Some(true),
+                "{complete:?}"
+            );
         }
-        assert_eq!(chunked_complete(*b"\nhello\r\n"), Some(false));
-        assert_eq!(chunked_complete(*b"64\r\nbbbb"), Some(false));
-        assert_eq!(chunked_complete([0xff; 8]), None);
+        assert_eq!(chunked_complete(40, 60, *b"\nhello\r\n"), Some(false));
+        assert_eq!(chunked_complete(40, 60, *b"64\r\nbbbb"), Some(false));
+        assert_eq!(chunked_complete(40, 60, [0xff; 8]), None);
+        // The header block's own blank line: no body yet, whatever the tail.
+        assert_eq!(chunked_complete(40, 40, *b"nked\r\n\r\n"), Some(false));
+        assert_eq!(chunked_complete(40, 44, *b"\r\n\r\n0\r\n\r"), Some(false));
+        assert_eq!(chunked_complete(40, 40, [0xff; 8]), Some(false));
     }
 }

@@ -49,8 +49,10 @@ impl ReplyFraming {
                 let moved = activity::reply_bytes(state).saturating_sub(self.offset);
                 (moved < bytes).then(|| Owed::Bytes(bytes - moved))
             }
-            Framing::Chunked => {
-                (chunked_complete(state.reply_tail) == Some(false)).then_some(Owed::LastChunk)
+            Framing::Chunked { head } => {
+                let moved = activity::reply_bytes(state).saturating_sub(self.offset);
+                (chunked_complete(head, moved, state.reply_tail) == Some(false))
+                    .then_some(Owed::LastChunk)
             }
             Framing::Stream(_) | Framing::Unknown(_) => None,
         }
@@ -170,6 +172,15 @@ mod tests {
         assert_eq!(reply.owed(&state), None);
         state.reply_tail = stalltrace_common::http1::TAIL_UNKNOWN;
         assert_eq!(reply.owed(&state), None, "not known: not judged");
+        // The header block sent, then nothing: its blank line is no last chunk.
+        let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let reply = ReplyFraming::from_head(&test_head(b"GET / HTTP/1.1", head, 1_000, 0));
+        let mut state = client(head.len() as u64);
+        state.reply_tail.copy_from_slice(&head[head.len() - 8..]);
+        assert_eq!(reply.owed(&state), Some(Owed::LastChunk));
+        state.bytes_recv += 5;
+        state.reply_tail = *b"\n\r\n0\r\n\r\n";
+        assert_eq!(reply.owed(&state), None, "then the last chunk alone");
     }
 
     #[test]
