@@ -88,9 +88,14 @@ pub struct Streams {
     pub opened: [u32; STREAM_SLOTS],
     /// Per direction (`[in, out]`) and slot: the generation it last closed.
     pub closed: [[u32; STREAM_SLOTS]; 2],
+    /// Per direction: the first bytes of a frame header the last transfer ended inside
+    /// (`held_len` of them, 1 to 8, byte `i` in bits `8i..8i + 8`), joined with the rest at
+    /// the next transfer. A reader with a fixed buffer splits headers anywhere.
+    pub held: [u64; 2],
+    pub held_len: [u32; 2],
 }
 
-const _: () = assert!(core::mem::size_of::<Streams>() == 808);
+const _: () = assert!(core::mem::size_of::<Streams>() == 832);
 
 impl Streams {
     pub const EMPTY: Self = Self {
@@ -103,6 +108,8 @@ impl Streams {
         opened_ns: [0; STREAM_SLOTS],
         opened: [0; STREAM_SLOTS],
         closed: [[0; STREAM_SLOTS]; 2],
+        held: [0; 2],
+        held_len: [0; 2],
     };
 
     #[inline(always)]
@@ -156,6 +163,27 @@ impl Streams {
 /// (the verifier explores each call site of the user-memory reader).
 pub trait Header: FnMut(usize) -> Option<[u8; 8]> {}
 impl<F: FnMut(usize) -> Option<[u8; 8]>> Header for F {}
+
+/// Reads the 8 bytes at an offset of the transfer into its second argument, in memory order;
+/// false when they cannot be read. Bytes past the transfer's end are whatever its buffer
+/// holds there (they are not used). Only frame headers split between transfers need it. (A
+/// flag and an out-parameter, not an `Option`: a nine-byte value comes back through the
+/// caller's stack, which the verifier refuses to see returned.)
+pub trait Bytes8: FnMut(u64, &mut [u8; 8]) -> bool {}
+impl<F: FnMut(u64, &mut [u8; 8]) -> bool> Bytes8 for F {}
+
+/// A [`Bytes8`] reader of `bytes` (zeros past their end): for tests and userspace models.
+pub fn bytes8_from(bytes: &[u8]) -> impl Bytes8 + '_ {
+    move |at: u64, word: &mut [u8; 8]| {
+        let Some(from) = bytes.get(at as usize..) else {
+            return false;
+        };
+        let n = from.len().min(8);
+        *word = [0; 8];
+        word[..n].copy_from_slice(&from[..n]);
+        true
+    }
+}
 
 /// A [`Header`] reader from 4-byte reads (`More`): for tests and userspace models.
 pub fn header_from(mut more: impl More) -> impl Header {
@@ -235,16 +263,17 @@ fn side(dir: u8) -> usize {
 
 /// Walks the frames of a transfer of `total` bytes in direction `dir` at `now` on a
 /// [`tracking`] connection, `header(offset)` reading the frame header at `offset` of the
-/// transfer ([`Header`]):
-/// opens and answers streams in `streams` and keeps `conn`'s summary (`h2_open`,
-/// `h2_oldest_*`, `h2_ended_*`) up to date. Loses the framing ([`lose`]) when it cannot
-/// follow it. [`walk_begin`], then [`walk_frame`] until it returns false (at most
+/// transfer ([`Header`]) and `bytes8` the bytes of a header split between two transfers
+/// ([`Bytes8`]): opens and answers streams in `streams` and keeps `conn`'s summary
+/// (`h2_open`, `h2_oldest_*`, `h2_ended_*`) up to date. Loses the framing ([`lose`]) when
+/// it cannot follow it. [`walk_begin`], then [`walk_frame`] until it returns false (at most
 /// [`WALK_FRAMES`] times), then [`walk_end`]: the kernel runs the frames through `bpf_loop`,
 /// whose callback the verifier checks once, whatever the count.
 ///
 /// Everything the walk carries from one frame to the next lives in `streams` (a map value in
 /// the kernel, whose contents the verifier does not track), not in locals: what a frame
 /// found is the same state to the verifier whatever it was.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn walk(
     conn: &mut ConnState,
@@ -254,81 +283,90 @@ pub fn walk(
     now: u64,
     stall_after_ns: u64,
     mut header: impl Header,
+    mut bytes8: impl Bytes8,
 ) -> Walk {
-    let at = walk_begin(streams, dir);
-    let request = dir == transfer::request_direction(conn);
+    let transfer = walk_begin(conn, streams, dir, total, now, stall_after_ns);
     let mut frames = 0;
-    while frames < WALK_FRAMES
-        && walk_frame(
-            conn,
-            streams,
-            at,
-            request,
-            total,
-            now,
-            stall_after_ns,
-            &mut header,
-        )
-    {
+    while frames < WALK_FRAMES && walk_frame(conn, streams, &transfer, &mut header, &mut bytes8) {
         frames += 1;
     }
-    walk_end(conn, streams, at, total)
+    walk_end(conn, streams, &transfer)
 }
 
-/// Starts [`walk`]ing a transfer in direction `dir`: the index of that direction in
-/// [`Streams`]' per-direction fields, which the other steps take.
+/// The transfer a [`walk`] goes through.
+#[derive(Clone, Copy, Debug)]
+pub struct Transfer {
+    /// Its direction's index in [`Streams`]' per-direction fields.
+    pub at: usize,
+    /// It goes in the request direction.
+    pub request: bool,
+    /// Its bytes.
+    pub total: u64,
+    /// When it was made, and the stall threshold (ns).
+    pub now: u64,
+    pub stall_after_ns: u64,
+}
+
+/// Starts [`walk`]ing a transfer of `total` bytes in direction `dir` at `now`.
 #[inline(always)]
-pub fn walk_begin(streams: &mut Streams, dir: u8) -> usize {
+pub fn walk_begin(
+    conn: &ConnState,
+    streams: &mut Streams,
+    dir: u8,
+    total: u64,
+    now: u64,
+    stall_after_ns: u64,
+) -> Transfer {
     let at = side(dir);
     streams.cursor[at] = u64::from(streams.skip[at]);
     streams.walk[at] = 0;
-    at
+    Transfer {
+        at,
+        request: dir == transfer::request_direction(conn),
+        total,
+        now,
+        stall_after_ns,
+    }
 }
 
-/// One frame of [`walk`] (`request`: the transfer goes in the request direction): false when
-/// the walk is over, the transfer's `total` bytes walked or the framing lost.
-#[allow(clippy::too_many_arguments)]
+/// One frame of [`walk`] (first, the rest of a header the previous transfer ended inside):
+/// false when the walk is over, the transfer's bytes walked or the framing lost.
 #[inline(always)]
 pub fn walk_frame(
     conn: &mut ConnState,
     streams: &mut Streams,
-    at: usize,
-    request: bool,
-    total: u64,
-    now: u64,
-    stall_after_ns: u64,
+    transfer: &Transfer,
     header: &mut impl Header,
+    bytes8: &mut impl Bytes8,
 ) -> bool {
-    let at = at & 1;
-    if streams.cursor[at] >= total {
+    let at = transfer.at & 1;
+    let step = if streams.held_len[at] != 0 {
+        join(conn, streams, transfer, bytes8)
+    } else if streams.cursor[at] >= transfer.total {
         return false;
+    } else {
+        frame(conn, streams, transfer, header, bytes8)
+    };
+    match step {
+        Step::Next => true,
+        Step::End => false,
+        Step::Lost => {
+            streams.walk[at] |= WALK_LOST;
+            false
+        }
     }
-    if !frame(
-        conn,
-        streams,
-        at,
-        request,
-        total,
-        now,
-        stall_after_ns,
-        header,
-    ) {
-        streams.walk[at] |= WALK_LOST;
-        return false;
-    }
-    true
 }
 
 /// Ends [`walk`]: what the transfer's frames did. A transfer not walked to its end (more
 /// than [`WALK_FRAMES`] frames) loses the framing.
 #[inline(always)]
-pub fn walk_end(conn: &mut ConnState, streams: &mut Streams, at: usize, total: u64) -> Walk {
-    let at = at & 1;
+pub fn walk_end(conn: &mut ConnState, streams: &mut Streams, transfer: &Transfer) -> Walk {
+    let at = transfer.at & 1;
     let mut result = Walk {
         ended: streams.walk[at] & WALK_ENDED != 0,
         untracked: streams.walk[at] >> WALK_UNTRACKED_SHIFT,
     };
-    if streams.walk[at] & WALK_LOST != 0 || streams.cursor[at] < total {
+    if streams.walk[at] & WALK_LOST != 0 || streams.cursor[at] < transfer.total {
         lose(conn);
         result.untracked += 1;
         result.ended = false;
@@ -336,7 +374,7 @@ pub fn walk_end(conn: &mut ConnState, streams: &mut Streams, at: usize, total: u
     }
     conn.h2_answered_late = u8::from(result.ended);
     // At most a frame's length plus its header: fits.
-    streams.skip[at] = (streams.cursor[at] - total) as u32;
+    streams.skip[at] = (streams.cursor[at] - transfer.total) as u32;
     if streams.walk[at] & WALK_CHANGED != 0 {
         summarize(conn, streams);
     }
@@ -349,49 +387,152 @@ const WALK_CHANGED: u32 = 2;
 const WALK_ENDED: u32 = 4;
 const WALK_UNTRACKED_SHIFT: u32 = 8;
 
-/// The frame at `streams.cursor[at]` (its header within the transfer's `total` bytes, `at`
-/// the direction's index): opens or answers its stream, moves the cursor past it. False when
-/// it is not a frame that can be followed.
-#[allow(clippy::too_many_arguments)]
+/// What one step of the walk did.
+enum Step {
+    /// A frame followed: on to the next.
+    Next,
+    /// The transfer's bytes are walked (its last ones may start a header).
+    End,
+    /// Not a frame that can be followed.
+    Lost,
+}
+
+/// The frame whose header is at `streams.cursor[at]`: opens or answers its stream and moves
+/// the cursor past it; a header the transfer ends inside is held for the next ([`hold`]).
 #[inline(always)]
 fn frame(
     conn: &mut ConnState,
     streams: &mut Streams,
-    at: usize,
-    request: bool,
-    total: u64,
-    now: u64,
-    stall_after_ns: u64,
+    transfer: &Transfer,
     header: &mut impl Header,
-) -> bool {
-    let at = at & 1;
+    bytes8: &mut impl Bytes8,
+) -> Step {
+    let at = transfer.at & 1;
     let offset = streams.cursor[at];
-    // A header split between two transfers is not followed.
-    if offset + FRAME_HEADER_LEN > total {
-        return false;
+    if offset + FRAME_HEADER_LEN > transfer.total {
+        return hold(streams, at, offset, transfer.total, bytes8);
     }
-    let Some([l0, l1, l2, kind, s0, s1, s2, s3]) = header(offset as usize) else {
-        return false;
+    match header(offset as usize) {
+        Some(bytes) => follow(conn, streams, transfer, offset + FRAME_HEADER_LEN, bytes),
+        None => Step::Lost,
+    }
+}
+
+/// Keeps the first bytes of a frame header, from `offset` to the transfer's end at `total`
+/// (1 to 8 of them), for the next transfer in the same direction to complete.
+#[inline(always)]
+fn hold(
+    streams: &mut Streams,
+    at: usize,
+    offset: u64,
+    total: u64,
+    bytes8: &mut impl Bytes8,
+) -> Step {
+    let at = at & 1;
+    let count = total - offset;
+    // The 8 bytes that end the transfer, or (a transfer shorter than that) that start it.
+    let (from, skip) = if total >= 8 {
+        (total - 8, 8 - count)
+    } else {
+        (0, offset)
     };
+    let mut word = [0; 8];
+    if !bytes8(from, &mut word) {
+        return Step::Lost;
+    }
+    streams.held[at] = keep_low(u64::from_le_bytes(word) >> (8 * (skip & 7)), count);
+    streams.held_len[at] = count as u32;
+    streams.cursor[at] = total;
+    Step::End
+}
+
+/// Completes the frame header held from the previous transfer with this one's first bytes
+/// (or holds them too, while the header is still incomplete) and follows its frame.
+#[inline(always)]
+fn join(
+    conn: &mut ConnState,
+    streams: &mut Streams,
+    transfer: &Transfer,
+    bytes8: &mut impl Bytes8,
+) -> Step {
+    let at = transfer.at & 1;
+    // 1 to 8.
+    let held = u64::from(streams.held_len[at]).min(8);
+    streams.held_len[at] = 0;
+    let mut word = [0; 8];
+    if !bytes8(0, &mut word) {
+        return Step::Lost;
+    }
+    let word = u64::from_le_bytes(word);
+    let needed = FRAME_HEADER_LEN - held;
+    if transfer.total < needed {
+        // Still incomplete: the whole transfer is more of it.
+        let count = transfer.total;
+        // `held` is below 8 here (`count` is at least 1).
+        streams.held[at] |= keep_low(word, count).wrapping_shl(8 * held as u32);
+        streams.held_len[at] = (held + count) as u32;
+        streams.cursor[at] = transfer.total;
+        return Step::End;
+    }
+    // The header's bytes 0–7, then its byte 8 (the stream id's last).
+    let first = if held >= 8 {
+        streams.held[at]
+    } else {
+        streams.held[at] | (word << (8 * held))
+    };
+    let last = (word >> (8 * (8 - held))) as u8;
+    let first = first.to_le_bytes();
+    let [l0, l1, l2, kind, _, s0, s1, s2] = first;
+    follow(
+        conn,
+        streams,
+        transfer,
+        needed,
+        [l0, l1, l2, kind, s0, s1, s2, last],
+    )
+}
+
+/// The low `count` bytes (0 to 8) of `word`.
+#[inline(always)]
+fn keep_low(word: u64, count: u64) -> u64 {
+    if count >= 8 {
+        word
+    } else {
+        word & ((1u64 << (8 * count)) - 1)
+    }
+}
+
+/// Follows the frame whose header (`bytes` 0–3 and 5–8, see [`Header`]) ends at offset `end`
+/// of the transfer: moves the cursor past its payload, opens or answers its stream.
+#[inline(always)]
+fn follow(
+    conn: &mut ConnState,
+    streams: &mut Streams,
+    transfer: &Transfer,
+    end: u64,
+    bytes: [u8; 8],
+) -> Step {
+    let at = transfer.at & 1;
+    let [l0, l1, l2, kind, s0, s1, s2, s3] = bytes;
     if kind > MAX_FRAME_TYPE {
-        return false;
+        return Step::Lost;
     }
     let length = (u64::from(l0) << 16) | (u64::from(l1) << 8) | u64::from(l2);
-    streams.cursor[at] = offset + FRAME_HEADER_LEN + length;
-    let asks = request && kind == HEADERS;
-    let answers = kind == RST_STREAM || (!request && matches!(kind, HEADERS | DATA));
+    streams.cursor[at] = end + length;
+    let asks = transfer.request && kind == HEADERS;
+    let answers = kind == RST_STREAM || (!transfer.request && matches!(kind, HEADERS | DATA));
     if !asks && !answers {
-        return true;
+        return Step::Next;
     }
     let id = u32::from_be_bytes([s0, s1, s2, s3]) & 0x7fff_ffff;
     if id == 0 {
         // Stream frames always name a stream: these bytes are not frames.
-        return false;
+        return Step::Lost;
     }
     if asks {
         if id & 1 == 1 && id > streams.highest {
             streams.highest = id;
-            if streams.open(id, now) {
+            if streams.open(id, transfer.now) {
                 streams.walk[at] |= WALK_CHANGED;
             } else {
                 streams.walk[at] += 1 << WALK_UNTRACKED_SHIFT;
@@ -400,13 +541,15 @@ fn frame(
     } else if let Some(opened) = streams.close(at, id) {
         streams.walk[at] |= WALK_CHANGED;
         let first = streams.walk[at] & WALK_ENDED == 0;
-        if now.saturating_sub(opened) >= stall_after_ns && (first || opened < conn.h2_ended_ns) {
+        if transfer.now.saturating_sub(opened) >= transfer.stall_after_ns
+            && (first || opened < conn.h2_ended_ns)
+        {
             streams.walk[at] |= WALK_ENDED;
             conn.h2_ended_ns = opened;
             conn.h2_ended_stream = id;
         }
     }
-    true
+    Step::Next
 }
 
 /// Sets `conn`'s count of streams awaiting their response and the oldest of them (kept in
@@ -497,6 +640,7 @@ mod tests {
                 at_ms * MS,
                 THRESHOLD,
                 header_from(reader(bytes)),
+                bytes8_from(bytes),
             )
         }
     }
@@ -640,17 +784,12 @@ mod tests {
 
     #[test]
     fn lost_framing_falls_back_to_the_direction_rule() {
-        // A header split between two transfers.
+        // Bytes that are no frames.
         let mut conn = Conn::new(role::SERVER);
-        conn.transfer(direction::IN, 1, &call(1));
-        let walk = conn.transfer(direction::IN, 2, &call(3)[..5]);
+        let walk = conn.transfer(direction::IN, 1, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
         assert_eq!(walk.untracked, 1);
         assert_eq!((conn.state.h2_sync, conn.state.h2_open), (sync::LOST, 0));
         assert!(!quiet_past_threshold(&conn.state, u64::MAX, THRESHOLD));
-        // Bytes that are no frames.
-        let mut conn = Conn::new(role::SERVER);
-        conn.transfer(direction::IN, 1, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
-        assert_eq!(conn.state.h2_sync, sync::LOST);
         // As many frames as one walk follows, then one more.
         let mut conn = Conn::new(role::CLIENT);
         let most: Vec<u8> = (0..WALK_FRAMES).flat_map(|_| frame(8, 0, 4)).collect();
@@ -671,8 +810,89 @@ mod tests {
             1,
             THRESHOLD,
             |_| None,
+            |_, _: &mut [u8; 8]| false,
         );
         assert_eq!((result.untracked, conn.state.h2_sync), (1, sync::LOST));
+        // The start of a header that cannot be read.
+        let mut conn = Conn::new(role::SERVER);
+        let bytes = call(1);
+        super::walk(
+            &mut conn.state,
+            &mut conn.streams,
+            direction::IN,
+            5,
+            1,
+            THRESHOLD,
+            header_from(reader(&bytes)),
+            |_, _: &mut [u8; 8]| false,
+        );
+        assert_eq!(conn.state.h2_sync, sync::LOST);
+    }
+
+    /// Feeds `bytes` to `conn` in direction `dir` as transfers cut at `cuts`.
+    fn transfers(conn: &mut Conn, dir: u8, at_ms: u64, bytes: &[u8], cuts: &[usize]) -> bool {
+        let mut ended = false;
+        let mut from = 0;
+        for &to in cuts.iter().chain([bytes.len()].iter()) {
+            let to = to.min(bytes.len());
+            if to > from {
+                ended |= conn.transfer(dir, at_ms, &bytes[from..to]).ended;
+                from = to;
+            }
+        }
+        ended
+    }
+
+    #[test]
+    fn frame_headers_split_anywhere_between_reads_are_joined() {
+        // Two calls, then their answers (the first late), as a reader with a fixed buffer
+        // gets them: cut once, twice, or a byte at a time, headers included.
+        let calls: Vec<u8> = [call(1), call(3)].concat();
+        let answers: Vec<u8> = [response(3), response(1)].concat();
+        let mut cut_sets: Vec<Vec<usize>> = (1..calls.len().max(answers.len()))
+            .flat_map(|a| [vec![a], vec![a, a + 1], vec![a, a + 4], vec![a, a + 7]])
+            .collect();
+        cut_sets.push((1..answers.len()).collect());
+        for cuts in &cut_sets {
+            let mut conn = Conn::new(role::SERVER);
+            assert!(!transfers(&mut conn, direction::IN, 1, &calls, cuts));
+            assert_eq!(
+                (
+                    conn.state.h2_sync,
+                    conn.state.h2_open,
+                    conn.state.h2_oldest_stream
+                ),
+                (sync::TRACKING, 2, 1),
+                "calls cut at {cuts:?}"
+            );
+            // Stream 3's answer in time, stream 1's late: each part of the answers carries the
+            // time of the answer it ends in.
+            let early = response(3).len();
+            let (soon, late): (Vec<usize>, Vec<usize>) = cuts.iter().partition(|&&c| c < early);
+            assert!(!transfers(
+                &mut conn,
+                direction::OUT,
+                100,
+                &answers[..early],
+                &soon
+            ));
+            assert_eq!(conn.state.h2_open, 1, "answers cut at {cuts:?}");
+            let rest: Vec<usize> = late.iter().map(|c| c - early).collect();
+            let late = transfers(&mut conn, direction::OUT, 2_500, &answers[early..], &rest);
+            assert!(
+                late,
+                "answers cut at {cuts:?}: the late stream's stall ends"
+            );
+            assert_eq!(
+                (
+                    conn.state.h2_sync,
+                    conn.state.h2_open,
+                    conn.state.h2_ended_stream
+                ),
+                (sync::TRACKING, 0, 1),
+                "answers cut at {cuts:?}"
+            );
+        }
     }
 
     #[test]

@@ -254,6 +254,43 @@ impl Walker {
         self.rewind();
     }
 
+    /// Finds the syscall's data at the walk's first read; false when it cannot be.
+    #[inline(always)]
+    fn locate(&mut self) -> bool {
+        if self.kind == 0 {
+            match syscall_data() {
+                Some(Data::Buffer(base)) => (self.kind, self.base) = (1, base),
+                Some(Data::Vector(iov, count)) => {
+                    (self.kind, self.base, self.count) = (2, iov, count);
+                }
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// The 8 bytes at `offset` of the data (a frame header split between two transfers), in
+    /// memory order: bytes past the data are read from its buffer (`http2::Bytes8`). In a
+    /// vectored call, from the first entries only ([`MAX_IOVECS`]); past the last entry's end,
+    /// from the memory that follows it (grpcio reads into an `iovec` entry as long as the
+    /// bytes it expects: a 3-byte read has 3 bytes of buffer).
+    #[inline(always)]
+    pub(crate) fn bytes8_at(&mut self, offset: u64) -> Option<[u8; 8]> {
+        if !self.locate() {
+            return None;
+        }
+        if self.kind == 1 {
+            return read8(self.base + offset);
+        }
+        let data = Data::Vector(self.base, self.count);
+        let entry = iovec_holding(self.base, self.count, offset)?;
+        if entry.len - entry.within >= 8 || entry.index + 1 >= self.count {
+            read8(entry.base + entry.within)
+        } else {
+            bytes8_across(&data, offset)
+        }
+    }
+
     /// Back to the first entry.
     fn rewind(&mut self) {
         // Volatile: LLVM merges plain stores to adjacent fields into a byte-by-byte memset.
@@ -279,14 +316,8 @@ const MAX_IOVEC_STEPS_IN_HEADER: u64 = 3;
 #[inline(never)]
 pub(crate) fn walk_header_at(walker: &mut Walker, offset: u64) -> u64 {
     walker.id = NO_WORD;
-    if walker.kind == 0 {
-        match syscall_data() {
-            Some(Data::Buffer(base)) => (walker.kind, walker.base) = (1, base),
-            Some(Data::Vector(iov, count)) => {
-                (walker.kind, walker.base, walker.count) = (2, iov, count);
-            }
-            None => return NO_WORD,
-        }
+    if !walker.locate() {
+        return NO_WORD;
     }
     if walker.kind == 1 {
         return read_header(walker, walker.base + offset);

@@ -5,9 +5,7 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, cty::c_void, helpers::generated::bpf_loop};
 use stalltrace_common::{
     http2::{self, Streams},
-    loss,
-    transfer::request_direction,
-    ConnState,
+    loss, ConnState,
 };
 
 use crate::{
@@ -65,17 +63,12 @@ fn on_transfer(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
     // per-CPU slot is used only within one program run.
     let (streams, walker) = unsafe { (&mut *streams, &mut *walker) };
     walker.reset();
-    let at = http2::walk_begin(streams, dir);
-    let request = dir == request_direction(conn);
+    let transfer = http2::walk_begin(conn, streams, dir, bytes, now, stall_after_ns());
     let mut walk = Frames {
         conn,
         streams,
         walker,
-        at,
-        request,
-        total: bytes,
-        now,
-        stall_after_ns: stall_after_ns(),
+        transfer,
     };
     // SAFETY: `walk_frames` takes the context given here, which lives across the call. A
     // failure runs no frame: the transfer is then not walked to its end, and the framing lost.
@@ -87,7 +80,7 @@ fn on_transfer(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
             0,
         )
     };
-    let result = http2::walk_end(walk.conn, walk.streams, at, bytes);
+    let result = http2::walk_end(walk.conn, walk.streams, &transfer);
     if result.untracked > 0 {
         count_loss(loss::HTTP2_UNTRACKED);
     }
@@ -102,11 +95,7 @@ struct Frames<'a> {
     conn: &'a mut ConnState,
     streams: &'a mut Streams,
     walker: &'a mut Walker,
-    at: usize,
-    request: bool,
-    total: u64,
-    now: u64,
-    stall_after_ns: u64,
+    transfer: http2::Transfer,
 }
 
 /// `bpf_loop`'s callback: one frame of the walk (`http2::walk_frame`); 1 stops the loop.
@@ -115,8 +104,11 @@ struct Frames<'a> {
 extern "C" fn walk_frames(_index: u64, walk: *mut c_void) -> i64 {
     // SAFETY: the context `on_transfer` passed to `bpf_loop`.
     let walk = unsafe { &mut *walk.cast::<Frames>() };
-    let walker = &mut *walk.walker;
+    // Both readers move the walker; the walk calls them one at a time.
+    let walker: *mut Walker = &raw mut *walk.walker;
     let mut header = |at: usize| {
+        // SAFETY: see above.
+        let walker = unsafe { &mut *walker };
         let first = walk_header_at(walker, at as u64);
         if first == NO_WORD || walker.id == NO_WORD {
             return None;
@@ -130,12 +122,16 @@ extern "C" fn walk_frames(_index: u64, walk: *mut c_void) -> i64 {
     let more = http2::walk_frame(
         walk.conn,
         walk.streams,
-        walk.at,
-        walk.request,
-        walk.total,
-        walk.now,
-        walk.stall_after_ns,
+        &walk.transfer,
         &mut header,
+        // SAFETY: see above.
+        &mut |at, word: &mut [u8; 8]| match unsafe { (*walker).bytes8_at(at) } {
+            Some(bytes) => {
+                *word = bytes;
+                true
+            }
+            None => false,
+        },
     );
     i64::from(!more)
 }

@@ -13,15 +13,24 @@ fuzz_target!(|data: &[u8]| {
     // The first line is the request, the rest the response.
     let split = data.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
     let (request, response) = data.split_at(split);
-    if let Framing::Length { bytes } = framing(request, response) {
-        let header_end = response
+    let header_end = || {
+        response
             .windows(2)
             .position(|w| w == b"\n\n" || w == b"\r\n")
-            .expect("a complete header block has line ends");
-        assert!(bytes as usize > header_end, "ends inside the header block");
+            .expect("a complete header block has line ends")
+    };
+    match framing(request, response) {
+        Framing::Length { bytes } => {
+            assert!(bytes as usize > header_end(), "ends inside the header block")
+        }
+        Framing::Chunked { head } => {
+            assert!(head as usize > header_end(), "a body inside the header block")
+        }
+        _ => {}
     }
     if let Ok(tail) = <[u8; 8]>::try_from(&data[..8.min(data.len())]) {
-        let _ = chunked_complete(tail);
+        let moved = u64::from(data[0]);
+        let _ = chunked_complete(u64::from(data[1]), moved, tail);
     }
     // The whole input as a request-direction run's copy, the run maybe longer than the copy
     // (by the first byte's value); the responses after it from the first line on.

@@ -65,6 +65,7 @@ impl Kernel {
                 now,
                 THRESHOLD,
                 http2::header_from(more),
+                http2::bytes8_from(data),
             );
             walk.ended
         });
