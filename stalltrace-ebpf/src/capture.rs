@@ -245,6 +245,8 @@ pub(crate) struct Walker {
     start: u64,
     /// The stream id (bytes 5–8) of the header last read, or `NO_WORD`.
     pub(crate) id: u64,
+    /// The 8 bytes [`stalltrace_h2_bytes8`] read last, in memory order.
+    pub(crate) word: [u8; 8],
 }
 
 impl Walker {
@@ -275,7 +277,7 @@ impl Walker {
     /// from the memory that follows it (grpcio reads into an `iovec` entry as long as the
     /// bytes it expects: a 3-byte read has 3 bytes of buffer).
     #[inline(always)]
-    pub(crate) fn bytes8_at(&mut self, offset: u64) -> Option<[u8; 8]> {
+    fn bytes8_at(&mut self, offset: u64) -> Option<[u8; 8]> {
         if !self.locate() {
             return None;
         }
@@ -331,6 +333,26 @@ pub(crate) fn walk_header_at(walker: &mut Walker, offset: u64) -> u64 {
         walker.id = vector_word(walker, offset + 5, MAX_IOVEC_STEPS_IN_HEADER, false);
     }
     first
+}
+
+/// [`Walker::bytes8_at`] for the HTTP/2 walk, into this CPU's walker (`H2_WALKER`, its
+/// `word`): 1 when read, 0 when not. A global BPF function (a scalar in, a scalar out): its
+/// `iovec` loops are verified once, on their own, not once per pass over the walk's
+/// `bpf_loop` callback (Linux 7.3's verifier went past 1M instructions with them inline).
+#[unsafe(no_mangle)]
+pub(crate) extern "C" fn stalltrace_h2_bytes8(offset: u64) -> u64 {
+    let Some(walker) = crate::maps::H2_WALKER.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU slot, used only within one program run.
+    let walker = unsafe { &mut *walker };
+    match walker.bytes8_at(offset) {
+        Some(word) => {
+            walker.word = word;
+            1
+        }
+        None => 0,
+    }
 }
 
 /// The 9-byte frame header at user address `address`, in one read: bytes 0–3 returned, bytes

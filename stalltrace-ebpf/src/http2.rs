@@ -9,7 +9,7 @@ use stalltrace_common::{
 };
 
 use crate::{
-    capture::{bytes_at, walk_header_at, Walker, NO_WORD},
+    capture::{bytes_at, stalltrace_h2_bytes8, walk_header_at, Walker, NO_WORD},
     maps::{count_loss, stall_after_ns, verdict_extras, CONNS, H2_SCRATCH, H2_STREAMS, H2_WALKER},
 };
 
@@ -124,13 +124,13 @@ extern "C" fn walk_frames(_index: u64, walk: *mut c_void) -> i64 {
         walk.streams,
         &walk.transfer,
         &mut header,
-        // SAFETY: see above.
-        &mut |at, word: &mut [u8; 8]| match unsafe { (*walker).bytes8_at(at) } {
-            Some(bytes) => {
-                *word = bytes;
-                true
+        &mut |at, word: &mut [u8; 8]| {
+            if stalltrace_h2_bytes8(at) == 0 {
+                return false;
             }
-            None => false,
+            // SAFETY: see above.
+            *word = unsafe { (*walker).word };
+            true
         },
     );
     i64::from(!more)
