@@ -136,41 +136,50 @@ fn a_response_short_of_its_content_length_is_flagged_on_both_ends() {
 
 #[test]
 fn a_chunked_response_without_its_last_chunk_is_flagged_on_both_ends() {
-    require_root();
-    let daemon = Daemon::start("http1-chunked");
-    let port = serve(|_| {
-        vec![
-            (
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n".to_vec(),
-                PAUSE,
-            ),
-            (b"6\r\n world\r\n".to_vec(), Duration::ZERO),
-            (b"0\r\n\r\n".to_vec(), Duration::ZERO),
-        ]
-    });
-    let client = curl(&[&format!("http://127.0.0.1:{port}/slow")]);
-    assert_flagged_on_both_ends_until(&daemon, port, PAUSE);
-    assert_eq!(finished(client).stdout, b"hello world");
+    paused_chunked_response_is_flagged(
+        "http1-chunked",
+        |_| {
+            vec![
+                (
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n".to_vec(),
+                    PAUSE,
+                ),
+                (b"6\r\n world\r\n".to_vec(), Duration::ZERO),
+                (b"0\r\n\r\n".to_vec(), Duration::ZERO),
+            ]
+        },
+        b"hello world",
+    );
 }
 
 /// The headers sent, then nothing while the body is worked on: the header block's blank line
 /// is no last chunk.
 #[test]
 fn a_chunked_response_stopped_after_its_headers_is_flagged_on_both_ends() {
+    paused_chunked_response_is_flagged(
+        "http1-chunked-head",
+        |_| {
+            vec![
+                (
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+                    PAUSE,
+                ),
+                (b"5\r\nhello\r\n0\r\n\r\n".to_vec(), Duration::ZERO),
+            ]
+        },
+        b"hello",
+    );
+}
+
+/// curl's request to a server answering with `respond`, a chunked response that pauses for
+/// [`PAUSE`]: flagged on both ends until it goes on; curl gets all of `body`.
+fn paused_chunked_response_is_flagged(name: &str, respond: fn(&str) -> Parts, body: &[u8]) {
     require_root();
-    let daemon = Daemon::start("http1-chunked-head");
-    let port = serve(|_| {
-        vec![
-            (
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
-                PAUSE,
-            ),
-            (b"5\r\nhello\r\n0\r\n\r\n".to_vec(), Duration::ZERO),
-        ]
-    });
+    let daemon = Daemon::start(name);
+    let port = serve(respond);
     let client = curl(&[&format!("http://127.0.0.1:{port}/slow")]);
     assert_flagged_on_both_ends_until(&daemon, port, PAUSE);
-    assert_eq!(finished(client).stdout, b"hello");
+    assert_eq!(finished(client).stdout, body);
 }
 
 /// nginx relays a chunked response that stops before its last chunk: every hop is flagged —

@@ -634,14 +634,7 @@ fn slow_grpc_call_among_flowing_ones(name: &str, pause: &str) {
         assert_eq!(stall["stall"]["kind"], expected, "{stall:#}");
     }
     let slow_ms = slow.as_millis() as u64;
-    for role in ["client", "server"] {
-        let end = daemon
-            .wait_for_event("stall.end", port_number, slow + REPORT_WITHIN, |e| {
-                e["conn"]["role"] == role
-            })
-            .unwrap_or_else(|| panic!("no {role} stall ended: {}", daemon.stderr()));
-        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
-        assert_eq!(end["stall"]["http2"]["stream"]["id"], 1, "{end:#}");
+    for end in answered_on_both_ends(&daemon, port_number, slow + REPORT_WITHIN) {
         let duration = end["stall"]["duration_ms"].as_u64().unwrap();
         assert!(
             duration + 300 >= slow_ms && duration <= slow_ms + 1_000,
@@ -748,21 +741,26 @@ fn a_slow_call_in_a_burst_of_concurrent_http2_calls_is_flagged_per_stream() {
             "{role}: {stall:#}"
         );
     }
-    for role in ["client", "server"] {
-        let end = daemon
-            .wait_for_event("stall.end", port_number, slow + REPORT_WITHIN, |e| {
-                e["conn"]["role"] == role
-            })
-            .unwrap_or_else(|| panic!("no {role} stall ended: {}", daemon.stderr()));
-        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
-        assert_eq!(end["stall"]["http2"]["stream"]["id"], 1, "{end:#}");
-    }
+    answered_on_both_ends(&daemon, port_number, slow + REPORT_WITHIN);
     let status = daemon.cli_json(&["status", "-o", "json"]);
     assert_eq!(
         status["lost"]["kernel_http2_untracked"], 0,
         "the kernel followed every frame: {status:#}"
     );
     assert_eq!(daemon.events_named("stall.start", port_number).len(), 2);
+}
+
+/// The `stall.end` of the client's and of the server's stall on `port`, within `within`: each
+/// ended by the response to HTTP/2 stream 1.
+fn answered_on_both_ends(daemon: &Daemon, port: u16, within: Duration) -> [Value; 2] {
+    ["client", "server"].map(|role| {
+        let end = daemon
+            .wait_for_event("stall.end", port, within, |e| e["conn"]["role"] == role)
+            .unwrap_or_else(|| panic!("no {role} stall ended: {}", daemon.stderr()));
+        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
+        assert_eq!(end["stall"]["http2"]["stream"]["id"], 1, "{end:#}");
+        end
+    })
 }
 
 /// A WebSocket server (websockets) that reads every message and never answers.
