@@ -7,7 +7,7 @@ use stalltrace_common::{
 };
 
 use super::activity::{self, Activity};
-use crate::protocols::http1::{chunked_complete, framing, Framing};
+use crate::protocols::http1::{chunked_complete, framing, response_ends, Framing};
 
 /// The framing of a connection's latest response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,6 +17,10 @@ pub struct ReplyFraming {
     /// Bytes the connection had moved in the reply direction before it.
     pub offset: u64,
     pub framing: Framing,
+    /// Where the response ends (bytes from its start), when the copy holds all of it: a
+    /// chunked response then followed by another (pipelining) is not judged by the other's
+    /// last bytes.
+    pub end: Option<u64>,
     /// Start of the quiet in the response found by the last sweep, while it was incomplete.
     pub incomplete_since: Option<u64>,
 }
@@ -37,6 +41,9 @@ impl ReplyFraming {
             reply_ns: head.reply_ns,
             offset: head.offset,
             framing: framing(head.request(), head.data()),
+            end: response_ends(head.data(), &[head.request()])
+                .first()
+                .copied(),
             incomplete_since: None,
         }
     }
@@ -51,7 +58,8 @@ impl ReplyFraming {
             }
             Framing::Chunked { head } => {
                 let moved = activity::reply_bytes(state).saturating_sub(self.offset);
-                (chunked_complete(head, moved, state.reply_tail) == Some(false))
+                let ended = self.end.is_some_and(|end| moved >= end);
+                (!ended && chunked_complete(head, moved, state.reply_tail) == Some(false))
                     .then_some(Owed::LastChunk)
             }
             Framing::Stream(_) | Framing::Unknown(_) => None,
@@ -181,6 +189,14 @@ mod tests {
         state.bytes_recv += 5;
         state.reply_tail = *b"\n\r\n0\r\n\r\n";
         assert_eq!(reply.owed(&state), None, "then the last chunk alone");
+        // A whole chunked response, then the next one (pipelined) in the same run: the run's
+        // last bytes are the next one's.
+        let both = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+                     HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlast";
+        let reply = ReplyFraming::from_head(&test_head(b"GET / HTTP/1.1", both, 1_000, 0));
+        let mut state = client(both.len() as u64);
+        state.reply_tail.copy_from_slice(&both[both.len() - 8..]);
+        assert_eq!(reply.owed(&state), None);
     }
 
     #[test]

@@ -1034,6 +1034,7 @@ impl Tracker {
                         reply_ns: state.dir_since_ns,
                         offset: 0,
                         framing: crate::protocols::http1::Framing::Unknown("head not copied"),
+                        end: None,
                         incomplete_since: None,
                     },
                 }));
