@@ -750,6 +750,51 @@ fn a_slow_call_in_a_burst_of_concurrent_http2_calls_is_flagged_per_stream() {
     assert_eq!(daemon.events_named("stall.start", port_number).len(), 2);
 }
 
+/// An h2c server that answers stream 1, then stops reading (a thread busy elsewhere), the
+/// connection kept open.
+const H2_DEAF_SERVER: &str = r#"
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+read_exactly(conn, 24 + 9)
+conn.sendall(frame(4, 0, 0) + frame(4, 1, 0))
+read_exactly(conn, 9 + 3)
+conn.sendall(frame(1, 4, 1, b"\x88") + frame(0, 1, 1, b"ok"))
+time.sleep(3600)
+"#;
+
+/// An h2c client that makes one call, reads its answer, then sends a PING (as gRPC's and
+/// browsers' keepalives do on an idle connection).
+const H2_PING_CLIENT: &str = r#"
+conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0))
+read_exactly(conn, 18)
+conn.sendall(frame(1, 5, 1, b"\x82\x86\x84"))
+read_exactly(conn, 10 + 11)
+conn.sendall(frame(6, 0, 0, bytes(8)))
+print("pinged", flush=True)
+time.sleep(3600)
+"#;
+
+/// A PING left unread by an HTTP/2 server with every stream answered is no request: the
+/// unread-bytes rule (a request nobody reads) must not flag the idle connection.
+#[test]
+fn a_control_frame_an_http2_server_leaves_unread_is_never_flagged() {
+    require_root();
+    let daemon = Daemon::start("h2-unread-ping");
+    let server_code = format!("{H2_FRAMES}{H2_DEAF_SERVER}");
+    let (_server, port) = Script::start(&server_code, &[]);
+    let client_code = format!("{H2_FRAMES}{H2_PING_CLIENT}");
+    let (_client, _) = Script::start(&client_code, &[&port]);
+    assert_never_flagged(
+        &daemon,
+        port.parse().unwrap(),
+        "a PING unread on an idle HTTP/2 connection",
+    );
+}
+
 /// The `stall.end` of the client's and of the server's stall on `port`, within `within`: each
 /// ended by the response to HTTP/2 stream 1.
 fn answered_on_both_ends(daemon: &Daemon, port: u16, within: Duration) -> [Value; 2] {

@@ -16,7 +16,9 @@
 //! An HTTP/2 connection whose streams the kernel follows (`stalltrace_common::http2`) is judged
 //! per stream instead: outstanding while a stream awaits its response, quiet since that stream
 //! opened (the oldest such stream), whatever the connection's other streams carry.
-use stalltrace_common::{conn_flags, direction, http2, tcp_state, transfer, ConnState};
+use stalltrace_common::{
+    conn_flags, direction, http2, message::proto, tcp_state, transfer, ConnState,
+};
 
 use super::model::{Resolution, Role};
 
@@ -89,6 +91,15 @@ pub fn ending(state: &ConnState) -> Resolution {
 /// judged per stream, not by the direction of its last transfer.
 pub fn http2_tracking(state: &ConnState) -> bool {
     http2::tracking(state)
+}
+
+/// Bytes left unread in this connection's receive queue may be a request: not on an HTTP/2
+/// connection (its preface read). Peers send control frames on idle connections (PING,
+/// SETTINGS ACK, WINDOW_UPDATE), and without reading them nothing tells those from a new
+/// stream's HEADERS; a stream already read and awaiting is the sweep's to judge. A server
+/// that stops reading between streams is then flagged on the client's end only.
+pub fn unread_may_be_request(state: &ConnState) -> bool {
+    state.proto != proto::HTTP2
 }
 
 /// HTTP/2 with its streams followed: the oldest stream awaiting its response, if any.

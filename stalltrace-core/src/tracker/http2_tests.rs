@@ -303,6 +303,35 @@ fn an_idle_channel_is_never_flagged() {
     assert_eq!(run.stall_events(), []);
 }
 
+/// A server that stops reading with every stream answered: the PING left in its receive
+/// queue is no request (the unread-bytes rule would have said so), whether the streams are
+/// followed or the framing was lost. A connection whose preface is still unread may be
+/// anything.
+#[test]
+fn unread_bytes_on_an_http2_connection_are_no_request() {
+    let unread = |run: &mut Run| {
+        let state = run.kernel.state;
+        let mut out = Vec::new();
+        let later = 250 * MS + 2 * THRESHOLD;
+        let opened = run
+            .tracker
+            .request_unread(SOCK, Some(&state), 250 * MS, later, &mut out);
+        run.events.extend(out);
+        opened
+    };
+    let mut run = Run::new(role::SERVER);
+    let (ask, reply) = (run.ask, run.reply);
+    run.send(ask, 100 * MS, &call(1));
+    run.send(reply, 200 * MS, &response(1));
+    run.sweep(250 * MS);
+    assert!(!unread(&mut run), "a PING sits unread between streams");
+    run.kernel.state.h2_sync = http2::sync::LOST;
+    assert!(!unread(&mut run), "the same, the framing lost");
+    assert_eq!(run.stall_events(), []);
+    let mut unstarted = Run::new_unstarted(role::SERVER);
+    assert!(unread(&mut unstarted), "the preface itself unread");
+}
+
 /// A connection that closes on an overdue stream: its stall ends `closed`, named.
 #[test]
 fn a_close_ends_a_streams_stall() {

@@ -485,13 +485,15 @@ impl Tracker {
         }
     }
 
-    /// A request has sat unread in the receive queue of `sock` since `quiet_since` (seen by
-    /// sock_diag: the application never read it, so no transfer reported it). Opens an
-    /// `unanswered_request` stall once it has been quiet for the threshold. Returns whether a
-    /// stall was opened.
+    /// Bytes have sat unread in the receive queue of `sock` since `quiet_since` (seen by
+    /// sock_diag: the application never read them, so no transfer reported them); `state` is
+    /// the kernel entry's snapshot, if it has one. Opens an `unanswered_request` stall once
+    /// they have been quiet for the threshold, unless they need not be a request
+    /// ([`activity::unread_may_be_request`]). Returns whether a stall was opened.
     pub fn request_unread(
         &mut self,
         sock: u64,
+        state: Option<&ConnState>,
         quiet_since: u64,
         now: u64,
         out: &mut Vec<Event>,
@@ -500,7 +502,10 @@ impl Tracker {
         let Some(conn) = self.conns.get_mut(sock) else {
             return false;
         };
-        if conn.stall.is_some() || now.saturating_sub(quiet_since) < stall_after_ns {
+        if conn.stall.is_some()
+            || now.saturating_sub(quiet_since) < stall_after_ns
+            || state.is_some_and(|state| !activity::unread_may_be_request(state))
+        {
             return false;
         }
         let mark = out.len();

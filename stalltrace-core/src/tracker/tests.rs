@@ -1397,7 +1397,7 @@ fn a_request_nobody_reads_stays_stalled_until_it_is_answered() {
         feed(&mut t, k.event(EventKind::Discovered, 0));
         // The request arrived at 2 s and sits unread: no transfer, the kernel entry is idle.
         let mut out = Vec::new();
-        assert!(t.request_unread(SOCK, 2 * SEC, 2 * SEC + THRESHOLD, &mut out));
+        assert!(t.request_unread(SOCK, Some(&k.state), 2 * SEC, 2 * SEC + THRESHOLD, &mut out));
         for step in 1..=12 {
             let now = 2 * SEC + THRESHOLD + step * 250 * MS;
             assert!(

@@ -186,7 +186,7 @@ impl Daemon {
             .partition(|f| matches!(f, Finding::Unread { .. }));
         for scan in scans {
             if let Finding::Unread { found, took } = scan {
-                self.on_unread(found, took, now);
+                self.on_unread(found, took, maps, now);
             }
         }
         self.emit(maps);

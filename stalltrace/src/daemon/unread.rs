@@ -6,7 +6,7 @@ use std::time::Duration;
 use stalltrace_core::tracker::model::Role;
 
 use super::Daemon;
-use crate::diagnosis::UnreadRequest;
+use crate::{diagnosis::UnreadRequest, probes::KernelMaps};
 
 /// When the next scan for unread requests is due, and whether one is under way.
 #[derive(Default)]
@@ -34,6 +34,7 @@ impl Daemon {
         &mut self,
         found: Option<Vec<UnreadRequest>>,
         took: Duration,
+        maps: &KernelMaps,
         now: u64,
     ) {
         self.unread.in_flight = false;
@@ -58,8 +59,9 @@ impl Daemon {
                 }
             }
             let quiet_since = now.saturating_sub(u64::from(request.waiting_ms) * 1_000_000);
+            let state = maps.lookup(sock);
             self.tracker
-                .request_unread(sock, quiet_since, now, &mut self.out);
+                .request_unread(sock, state.as_ref(), quiet_since, now, &mut self.out);
         }
     }
 }
