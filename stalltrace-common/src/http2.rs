@@ -21,7 +21,8 @@
 //! [`crate::loss::HTTP2_UNTRACKED`]).
 //!
 //! Written for the verifier: a bounded walk, frame headers read 4 bytes at a time at offsets
-//! of the transfer (`More`), and stream slots indexed by a masked stream id.
+//! of the transfer (`More`), and stream slots indexed by a masked stream id (then probed, a
+//! few at most).
 use crate::{
     direction,
     message::More,
@@ -39,9 +40,13 @@ pub mod sync {
     pub const LOST: u8 = 2;
 }
 
-/// Streams awaiting their response that one connection's state holds at once. A new stream
-/// whose slot (its id, masked) is held by an older one still awaiting is not followed.
+/// Streams awaiting their response that one connection's state holds at once.
 pub const STREAM_SLOTS: usize = 32;
+/// Slots a new stream may take: the one its id maps to (masked), or one of the next three.
+/// While one call is slow, every 32nd call after it on the connection maps to its slot and
+/// takes the next; a stream whose four slots all hold streams still awaiting is not followed.
+/// Answering a stream looks at as many.
+pub const STREAM_PROBES: usize = 4;
 /// Frame headers one transfer may hold; a transfer with more loses the framing. A server
 /// answering many concurrent streams writes a HEADERS and a DATA frame (and gRPC's trailers)
 /// per stream in one go: 512 covers 128 streams (nginx's and most gRPC servers' default
@@ -125,14 +130,27 @@ impl Streams {
         generation != self.closed[0][slot] && generation != self.closed[1][slot]
     }
 
-    /// Opens stream `id` at `now` (request direction); false if its slot is held (the stream
-    /// is not followed).
+    /// Opens stream `id` at `now` (request direction) in the first of its
+    /// [`STREAM_PROBES`] slots that holds no stream awaiting; false if there is none (the
+    /// stream is not followed).
     #[inline(always)]
     fn open(&mut self, id: u32, now: u64) -> bool {
-        let slot = Self::slot(id);
-        if self.awaits(slot) {
-            return false;
+        let mut probe = 0;
+        while probe < STREAM_PROBES {
+            let slot = (Self::slot(id) + probe) & (STREAM_SLOTS - 1);
+            if !self.awaits(slot) {
+                self.take(slot, id, now);
+                return true;
+            }
+            probe += 1;
         }
+        false
+    }
+
+    /// Slot `slot` holds stream `id`, opened at `now`.
+    #[inline(always)]
+    fn take(&mut self, slot: usize, id: u32, now: u64) {
+        let slot = slot & (STREAM_SLOTS - 1);
         self.ids[slot] = id;
         self.opened_ns[slot] = now;
         // A generation neither direction has closed: the slot awaits again.
@@ -142,19 +160,22 @@ impl Streams {
             generation = a.max(b).wrapping_add(1);
         }
         self.opened[slot] = generation;
-        true
     }
 
     /// Answers or resets stream `id` from direction `side`: when it was opened, if it was
-    /// awaiting its response.
+    /// awaiting its response. (An id is opened once: no two slots awaiting hold the same.)
     #[inline(always)]
     fn close(&mut self, side: usize, id: u32) -> Option<u64> {
-        let slot = Self::slot(id);
-        if !self.awaits(slot) || self.ids[slot] != id {
-            return None;
+        let mut probe = 0;
+        while probe < STREAM_PROBES {
+            let slot = (Self::slot(id) + probe) & (STREAM_SLOTS - 1);
+            if self.ids[slot] == id && self.awaits(slot) {
+                self.closed[side & 1][slot] = self.opened[slot];
+                return Some(self.opened_ns[slot]);
+            }
+            probe += 1;
         }
-        self.closed[side & 1][slot] = self.opened[slot];
-        Some(self.opened_ns[slot])
+        None
     }
 }
 
@@ -772,14 +793,43 @@ mod tests {
         both.extend(response(1));
         assert!(conn.transfer(direction::IN, 3_000, &both).ended);
         assert_eq!((conn.state.h2_ended_stream, conn.state.h2_ended_ns), (1, 0));
-        conn.transfer(direction::OUT, 3_100, &call(65));
-        assert_eq!(conn.state.h2_open, 1);
-        // Stream 65 + 64 maps to the slot of stream 65, still awaiting: not followed.
+        // Streams 65 to 71 take slots 0 to 3 and stay awaiting.
+        let four: Vec<u8> = [65, 67, 69, 71].into_iter().flat_map(call).collect();
+        conn.transfer(direction::OUT, 3_100, &four);
+        assert_eq!(conn.state.h2_open, 4);
+        // Stream 65 + 64 maps to slot 0; it and the three after it are held: not followed.
         let walk = conn.transfer(direction::OUT, 3_200, &call(129));
-        assert_eq!((walk.untracked, conn.state.h2_open), (1, 1));
+        assert_eq!((walk.untracked, conn.state.h2_open), (1, 4));
+        // Stream 131 maps to slot 1: slot 4 is the first free one.
         let walk = conn.transfer(direction::OUT, 3_300, &call(131));
-        assert_eq!((walk.untracked, conn.state.h2_open), (0, 2));
+        assert_eq!((walk.untracked, conn.state.h2_open), (0, 5));
         assert_eq!(conn.state.h2_oldest_stream, 65);
+        assert!(conn.transfer(direction::IN, 6_000, &response(131)).ended);
+        assert_eq!((conn.state.h2_ended_stream, conn.state.h2_open), (131, 4));
+    }
+
+    #[test]
+    fn calls_that_flow_past_a_slow_one_stay_followed() {
+        // A gRPC channel: call 1 is slow; 200 calls after it, one at a time, are answered at
+        // once. Every 32nd maps to call 1's slot and takes the next.
+        let mut conn = Conn::new(role::SERVER);
+        conn.transfer(direction::IN, 0, &call(1));
+        for (i, id) in (3..400).step_by(2).enumerate() {
+            let at = 10 + i as u64;
+            assert_eq!(
+                conn.transfer(direction::IN, at, &call(id)).untracked,
+                0,
+                "{id}"
+            );
+            assert_eq!(conn.state.h2_open, 2, "{id}");
+            assert!(
+                !conn.transfer(direction::OUT, at, &response(id)).ended,
+                "{id}"
+            );
+            assert_eq!((conn.state.h2_open, conn.state.h2_oldest_stream), (1, 1));
+        }
+        assert!(conn.transfer(direction::OUT, 3_000, &response(1)).ended);
+        assert_eq!((conn.state.h2_ended_stream, conn.state.h2_open), (1, 0));
     }
 
     #[test]
