@@ -34,6 +34,12 @@ use crate::sources::{cgroups, kernel_clock, libssl, tracefs};
 /// The object built by build.rs from stalltrace-ebpf.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/stalltrace"));
 
+/// Once the programs are loaded, the eBPF object's pages leave resident memory (aya keeps
+/// what it parsed, not the object).
+pub(crate) fn release_object() {
+    crate::heap::release_image_pages(OBJECT);
+}
+
 /// A program and the tracepoint it attaches to, on every kernel.
 pub(crate) struct Hook {
     pub program: &'static str,

@@ -253,8 +253,9 @@ pub async fn run(mut config: DaemonConfig) -> Result<()> {
     infer_adopted_exchanges(&mut tracker);
     sink.write_events(&out);
     sink.flush();
-    // Start-up (BTF, /proc, program loading) leaves freed heap behind.
+    // Start-up (BTF, /proc, program loading) leaves freed heap behind, and the object read.
     heap::release_free_memory();
+    crate::probes::release_object();
 
     let (queries_tx, queries) = mpsc::channel(64);
     let watch_dropped = Arc::new(AtomicU64::new(0));
