@@ -42,11 +42,15 @@ pub mod sync {
 
 /// Streams awaiting their response that one connection's state holds at once.
 pub const STREAM_SLOTS: usize = 32;
-/// Slots a new stream may take: the one its id maps to (masked), or one of the next three.
-/// While one call is slow, every 32nd call after it on the connection maps to its slot and
-/// takes the next; a stream whose four slots all hold streams still awaiting is not followed.
-/// Answering a stream looks at as many.
-pub const STREAM_PROBES: usize = 4;
+/// Slots a new stream may take: the one its id maps to (masked), else the first of seven
+/// others that holds no stream awaiting; a stream that finds all eight held is not followed.
+/// The others are 16, 8, 24… slots away (the id's slot with its high bits flipped), far
+/// from the slots of the streams opened just before and after it (ids come in order): while
+/// a call is slow, the calls whose ids map to its slot take one that no call in flight
+/// needs (the next slots would push each following call on, until one is lost). Answering a
+/// stream looks at as many, its id first.
+pub const STREAM_PROBES: usize = 8;
+const PROBE_OFFSETS: [usize; STREAM_PROBES] = [0, 16, 8, 24, 4, 20, 12, 28];
 /// Frame headers one transfer may hold; a transfer with more loses the framing. A server
 /// answering many concurrent streams writes a HEADERS and a DATA frame (and gRPC's trailers)
 /// per stream in one go: 512 covers 128 streams (nginx's and most gRPC servers' default
@@ -117,9 +121,10 @@ impl Streams {
         held_len: [0; 2],
     };
 
+    /// The slot of stream `id` at probe `probe` (0 to [`STREAM_PROBES`] - 1).
     #[inline(always)]
-    fn slot(id: u32) -> usize {
-        ((id >> 1) as usize) & (STREAM_SLOTS - 1)
+    fn slot(id: u32, probe: usize) -> usize {
+        ((id >> 1) as usize ^ PROBE_OFFSETS[probe & (STREAM_PROBES - 1)]) & (STREAM_SLOTS - 1)
     }
 
     /// Slot `slot`'s stream awaits its response.
@@ -137,7 +142,7 @@ impl Streams {
     fn open(&mut self, id: u32, now: u64) -> bool {
         let mut probe = 0;
         while probe < STREAM_PROBES {
-            let slot = (Self::slot(id) + probe) & (STREAM_SLOTS - 1);
+            let slot = Self::slot(id, probe);
             if !self.awaits(slot) {
                 self.take(slot, id, now);
                 return true;
@@ -168,7 +173,7 @@ impl Streams {
     fn close(&mut self, side: usize, id: u32) -> Option<u64> {
         let mut probe = 0;
         while probe < STREAM_PROBES {
-            let slot = (Self::slot(id) + probe) & (STREAM_SLOTS - 1);
+            let slot = Self::slot(id, probe);
             if self.ids[slot] == id && self.awaits(slot) {
                 self.closed[side & 1][slot] = self.opened[slot];
                 return Some(self.opened_ns[slot]);
@@ -793,43 +798,49 @@ mod tests {
         both.extend(response(1));
         assert!(conn.transfer(direction::IN, 3_000, &both).ended);
         assert_eq!((conn.state.h2_ended_stream, conn.state.h2_ended_ns), (1, 0));
-        // Streams 65 to 71 take slots 0 to 3 and stay awaiting.
-        let four: Vec<u8> = [65, 67, 69, 71].into_iter().flat_map(call).collect();
-        conn.transfer(direction::OUT, 3_100, &four);
-        assert_eq!(conn.state.h2_open, 4);
-        // Stream 65 + 64 maps to slot 0; it and the three after it are held: not followed.
+        // Streams 9 to 65 take slots 4, 8… 28 and 0, the eight stream 129 may take.
+        for (i, id) in (9..=65).step_by(8).enumerate() {
+            conn.transfer(direction::OUT, 3_100 + i as u64, &call(id));
+        }
+        assert_eq!(conn.state.h2_open, 8);
         let walk = conn.transfer(direction::OUT, 3_200, &call(129));
-        assert_eq!((walk.untracked, conn.state.h2_open), (1, 4));
-        // Stream 131 maps to slot 1: slot 4 is the first free one.
+        assert_eq!((walk.untracked, conn.state.h2_open), (1, 8), "not followed");
+        // Stream 131's slot (1) is free.
         let walk = conn.transfer(direction::OUT, 3_300, &call(131));
-        assert_eq!((walk.untracked, conn.state.h2_open), (0, 5));
-        assert_eq!(conn.state.h2_oldest_stream, 65);
-        assert!(conn.transfer(direction::IN, 6_000, &response(131)).ended);
-        assert_eq!((conn.state.h2_ended_stream, conn.state.h2_open), (131, 4));
+        assert_eq!((walk.untracked, conn.state.h2_open), (0, 9));
+        assert_eq!(conn.state.h2_oldest_stream, 9);
+        // Stream 193 maps to slot 0 too: answered there or elsewhere, by its id.
+        conn.transfer(direction::IN, 3_400, &response(65));
+        conn.transfer(direction::OUT, 3_500, &call(193));
+        assert!(conn.transfer(direction::IN, 6_000, &response(193)).ended);
+        assert_eq!((conn.state.h2_ended_stream, conn.state.h2_open), (193, 8));
     }
 
     #[test]
-    fn calls_that_flow_past_a_slow_one_stay_followed() {
-        // A gRPC channel: call 1 is slow; 200 calls after it, one at a time, are answered at
-        // once. Every 32nd maps to call 1's slot and takes the next.
-        let mut conn = Conn::new(role::SERVER);
-        conn.transfer(direction::IN, 0, &call(1));
-        for (i, id) in (3..400).step_by(2).enumerate() {
-            let at = 10 + i as u64;
-            assert_eq!(
-                conn.transfer(direction::IN, at, &call(id)).untracked,
-                0,
-                "{id}"
-            );
-            assert_eq!(conn.state.h2_open, 2, "{id}");
-            assert!(
-                !conn.transfer(direction::OUT, at, &response(id)).ended,
-                "{id}"
-            );
-            assert_eq!((conn.state.h2_open, conn.state.h2_oldest_stream), (1, 1));
+    fn calls_that_flow_past_slow_ones_stay_followed() {
+        // A gRPC channel: calls 1 and 3 are slow; 1 000 calls after them, `in_flight` at a
+        // time, are answered in order. Every 32nd maps to a slow call's slot and takes
+        // another, which no call in flight needs.
+        for in_flight in [1, 2, 8, 16, 24, 28] {
+            let mut conn = Conn::new(role::SERVER);
+            conn.transfer(direction::IN, 1, &call(1));
+            conn.transfer(direction::IN, 2, &call(3));
+            let mut flowing = std::collections::VecDeque::new();
+            for (i, id) in (5..2_005).step_by(2).enumerate() {
+                let at = 10 + i as u64 / 1_000;
+                if flowing.len() == in_flight {
+                    let answered = flowing.pop_front().unwrap();
+                    assert!(!conn.transfer(direction::OUT, at, &response(answered)).ended);
+                }
+                let walk = conn.transfer(direction::IN, at, &call(id));
+                assert_eq!(walk.untracked, 0, "{in_flight} in flight: stream {id}");
+                flowing.push_back(id);
+                assert_eq!(conn.state.h2_open as usize, 2 + flowing.len());
+                assert_eq!(conn.state.h2_oldest_stream, 1);
+            }
+            assert!(conn.transfer(direction::OUT, 3_000, &response(1)).ended);
+            assert_eq!(conn.state.h2_ended_stream, 1);
         }
-        assert!(conn.transfer(direction::OUT, 3_000, &response(1)).ended);
-        assert_eq!((conn.state.h2_ended_stream, conn.state.h2_open), (1, 0));
     }
 
     #[test]
