@@ -595,7 +595,7 @@ fn a_slow_grpc_call_among_flowing_ones_is_flagged_per_stream() {
 /// frame's remaining bytes into a buffer of their size, splitting headers between reads, and
 /// the framing must survive every split (on the direction rule the slow call would hide
 /// behind the others). One call in 32 maps to the slow call's stream slot while it awaits:
-/// those take the next slot, and every call is followed.
+/// those take another, and every call is followed.
 #[test]
 fn a_slow_grpc_call_among_back_to_back_ones_is_flagged_per_stream() {
     slow_grpc_call_among_flowing_ones("grpc-busy", "0");
@@ -746,6 +746,63 @@ fn a_slow_call_in_a_burst_of_concurrent_http2_calls_is_flagged_per_stream() {
         "the kernel followed every frame: {status:#}"
     );
     assert_eq!(daemon.events_named("stall.start", port_number).len(), 2);
+}
+
+/// An h2c server that reads calls on streams 1 and 3, answers stream 3 `argv[1]` seconds
+/// later and stream 1 `argv[2]` seconds after the calls, the connection kept open.
+const H2_TWO_SLOW_SERVER: &str = r#"
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(1)
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+read_exactly(conn, 24 + 9)
+conn.sendall(frame(4, 0, 0) + frame(4, 1, 0))
+read_exactly(conn, 2 * 12)
+answer = lambda stream: frame(1, 4, stream, b"\x88") + frame(0, 1, stream, b"ok")
+time.sleep(float(sys.argv[1]))
+conn.sendall(answer(3))
+time.sleep(float(sys.argv[2]) - float(sys.argv[1]))
+conn.sendall(answer(1))
+time.sleep(3600)
+"#;
+
+/// An h2c client that makes calls on streams 1 and 3 in one write and reads whatever comes.
+const H2_TWO_CALLS_CLIENT: &str = r#"
+conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0))
+read_exactly(conn, 18)
+conn.sendall(frame(1, 5, 1, b"\x82\x86\x84") + frame(1, 5, 3, b"\x82\x86\x84"))
+print("sent", flush=True)
+while conn.recv(4096):
+    pass
+"#;
+
+/// Two slow calls on one connection, the younger answered first, while the older's stall is
+/// open: a connection reports one stall at a time, so the younger is counted on the older's
+/// `stall.end` (`stall.http2.other_late_streams`), on both ends, not lost (it appeared in no
+/// event before).
+#[test]
+fn a_slow_call_answered_behind_an_open_stall_is_counted_on_its_end() {
+    require_root();
+    let daemon = Daemon::start("h2-two-slow");
+    let (first, second) = (STALL_AFTER * 2, STALL_AFTER * 4);
+    let server_code = format!("{H2_FRAMES}{H2_TWO_SLOW_SERVER}");
+    let (_server, port) = Script::start(
+        &server_code,
+        &[
+            &first.as_secs_f64().to_string(),
+            &second.as_secs_f64().to_string(),
+        ],
+    );
+    let port_number: u16 = port.parse().unwrap();
+    let client_code = format!("{H2_FRAMES}{H2_TWO_CALLS_CLIENT}");
+    let (_client, _) = Script::start(&client_code, &[&port]);
+    for end in answered_on_both_ends(&daemon, port_number, second + REPORT_WITHIN) {
+        assert_eq!(end["stall"]["http2"]["other_late_streams"], 1, "{end:#}");
+    }
+    let starts = daemon.events_named("stall.start", port_number);
+    assert_eq!(starts.len(), 2, "stream 1's stall on each end: {starts:#?}");
 }
 
 /// An h2c server that answers stream 1, then stops reading (a thread busy elsewhere), the

@@ -185,6 +185,11 @@ pub struct StallJson {
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Http2Json {
     pub stream: Http2StreamJson,
+    /// Other streams of the connection answered past the threshold while this stall lasted
+    /// (`stall.end`, and open stalls' items; absent when none): each was a stall of its own,
+    /// hidden behind this one (a connection reports one stall at a time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other_late_streams: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,8 +201,14 @@ pub struct Http2StreamJson {
 impl Http2Json {
     /// `stall.http2` for a stall about `stream`, if any.
     pub fn stream(stream: Option<u32>) -> Option<Self> {
+        Self::ended(stream, 0)
+    }
+
+    /// `stall.http2` of a `stall.end`, with the streams answered late behind it.
+    pub fn ended(stream: Option<u32>, other_late_streams: u32) -> Option<Self> {
         stream.map(|id| Self {
             stream: Http2StreamJson { id },
+            other_late_streams: (other_late_streams > 0).then_some(other_late_streams),
         })
     }
 }
@@ -393,6 +404,7 @@ pub fn event_json(event: &Event, time: String) -> EventJson {
             resolution,
             retries,
             http2_stream,
+            http2_late_streams,
         } => (
             "stall.end",
             Some(StallJson {
@@ -400,7 +412,7 @@ pub fn event_json(event: &Event, time: String) -> EventJson {
                 duration_ms: Some(*duration_ms),
                 resolution: Some(resolution.as_str().into()),
                 retries: udp_retries(&event.conn.endpoints, *retries),
-                http2: Http2Json::stream(*http2_stream),
+                http2: Http2Json::ended(*http2_stream, *http2_late_streams),
                 ..StallJson::default()
             }),
         ),
@@ -581,6 +593,7 @@ mod tests {
             resolution: Resolution::Closed,
             retries: 0,
             http2_stream: None,
+            http2_late_streams: 0,
         });
         assert_eq!(value["event"], "stall.end");
         assert_eq!(value["schema"], EVENT_SCHEMA);
@@ -603,6 +616,7 @@ mod tests {
                 resolution: Resolution::Response,
                 retries: 2,
                 http2_stream: None,
+                http2_late_streams: 0,
             },
         };
         let value = serde_json::to_value(event_json(&event, "t".into())).unwrap();

@@ -85,6 +85,8 @@ pub enum Detail {
         /// `stalltrace_common::udp`); 0 on other transports.
         retries: u32,
         http2_stream: Option<u32>,
+        /// HTTP/2: see [`Stall::http2_late_streams`].
+        http2_late_streams: u32,
     },
 }
 
@@ -150,6 +152,11 @@ pub struct Stall {
     /// HTTP/1.x: a pipelined request's, owed after the responses before it completed
     /// ([`pipeline`]); its quiet starts when the last of them ended.
     pub pipelined: bool,
+    /// HTTP/2: other streams of the connection answered (or reset) past the threshold while
+    /// this stall lasted, each a stall of its own that this one hid (a connection has one
+    /// at a time). Counted per read or write of the kernel's: several such streams answered
+    /// by one count once.
+    pub http2_late_streams: u32,
 }
 
 /// A tracked connection.
@@ -730,18 +737,19 @@ impl Tracker {
                     let threshold_at = since + stall_after_ns;
                     start_stall(conn, kind, since, threshold_at, stream, 0, out);
                 }
-                if conn
-                    .stall
-                    .as_ref()
-                    .is_some_and(|s| s.http2_stream == stream)
-                {
-                    let still_open =
-                        state.h2_open > 0 && state.h2_oldest_stream == state.h2_ended_stream;
-                    let how = match activity::assess(state) {
-                        Activity::Ending { how, .. } if still_open => how,
-                        _ => Resolution::Response,
-                    };
-                    end_stall(conn, at, how, out);
+                match conn.stall.as_deref_mut() {
+                    Some(stall) if stall.http2_stream == stream => {
+                        let still_open =
+                            state.h2_open > 0 && state.h2_oldest_stream == state.h2_ended_stream;
+                        let how = match activity::assess(state) {
+                            Activity::Ending { how, .. } if still_open => how,
+                            _ => Resolution::Response,
+                        };
+                        end_stall(conn, at, how, out);
+                    }
+                    // Another stream's stall is open: this one ended hidden behind it.
+                    Some(stall) => stall.http2_late_streams += 1,
+                    None => {}
                 }
             }
             EventKind::QuietEnded => {
@@ -1373,6 +1381,7 @@ fn start_stall(
         request_ns: quiet_since,
         next_check_ns: at + STALLED_RECHECK_NS,
         pipelined: false,
+        http2_late_streams: 0,
     }));
     out.push(Event {
         at_ns: at,
@@ -1402,6 +1411,7 @@ fn end_stall(conn: &mut Conn, at: u64, resolution: Resolution, out: &mut Vec<Eve
             resolution,
             retries: conn.retries,
             http2_stream: stall.http2_stream,
+            http2_late_streams: stall.http2_late_streams,
         },
     });
 }

@@ -152,6 +152,7 @@ fn assert_ended(events: &[Event], kind: StallKind, duration_ms: u64, resolution:
             resolution,
             retries: 0,
             http2_stream: None,
+            http2_late_streams: 0,
         }]
     );
 }
@@ -347,6 +348,7 @@ fn a_stall_that_ended_between_sweeps_is_still_reported() {
                 resolution: Resolution::Response,
                 retries: 0,
                 http2_stream: None,
+                http2_late_streams: 0,
             }
         ]
     );
@@ -385,6 +387,7 @@ fn close_while_stalled_ends_the_stall_as_closed() {
             resolution: Resolution::Closed,
             retries: 0,
             http2_stream: None,
+            http2_late_streams: 0,
         }
     );
     let Detail::Close(summary) = &close.detail else {
@@ -545,6 +548,7 @@ fn reset_after_an_unswept_stall_reports_it() {
                 resolution: Resolution::Reset,
                 retries: 0,
                 http2_stream: None,
+                http2_late_streams: 0,
             }
         ]
     );
@@ -579,6 +583,7 @@ fn connect_that_times_out_between_sweeps_is_reported() {
                 resolution: Resolution::Closed,
                 retries: 0,
                 http2_stream: None,
+                http2_late_streams: 0,
             }
         ]
     );
@@ -827,6 +832,7 @@ fn an_adopted_request_answered_then_closed_before_a_sweep_ends_with_the_response
             resolution: Resolution::Response,
             retries: 0,
             http2_stream: None,
+            http2_late_streams: 0,
         }
     );
 }
@@ -1608,6 +1614,7 @@ fn a_udp_query_stalls_counts_its_retry_and_ends_closed_at_release() {
             resolution: Resolution::Closed,
             retries: 1,
             http2_stream: None,
+            http2_late_streams: 0,
         }]
     );
     let closed = feed(&mut tracker, kernel.event(EventKind::Closed, 8 * SEC));

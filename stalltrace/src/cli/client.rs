@@ -531,6 +531,11 @@ fn render_show(answer: &Value) -> Result<String> {
                 "  http2:      stream {} awaits its response\n",
                 http2.stream.id
             ));
+            if let Some(late) = http2.other_late_streams {
+                out.push_str(&format!(
+                    "              other streams answered late meanwhile: {late}\n"
+                ));
+            }
         }
         if let Some(diagnosis) = &stall.diagnosis {
             out.push_str(&render_diagnosis(diagnosis));

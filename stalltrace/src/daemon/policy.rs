@@ -456,6 +456,7 @@ mod tests {
                 resolution: Resolution::Response,
                 retries: 0,
                 http2_stream: None,
+                http2_late_streams: 0,
             },
         )
     }
