@@ -154,6 +154,21 @@ pub fn tcp_cause(server_side: bool, signals: &TcpSignals) -> Cause {
     }
 }
 
+/// [`tcp_cause`] for a stall of one HTTP/2 stream. A server read the stream's request (the
+/// kernel saw its HEADERS) and sent nothing of its response (its first frame would have ended
+/// the stall): the bytes its queues hold are other streams', and say nothing of this one
+/// unless the peer takes nothing at all (a zero window).
+pub fn tcp_cause_of_stream(server_side: bool, signals: &TcpSignals) -> Cause {
+    if !server_side || signals.retransmitting > 0 {
+        return tcp_cause(server_side, signals);
+    }
+    if signals.send_queue > 0 && (signals.zero_window || signals.zero_window_probes > 0) {
+        Cause::PeerNotReading
+    } else {
+        Cause::ReadNoReply
+    }
+}
+
 /// How far a connection's state can be trusted: `partial` (with why) when the daemon lost
 /// events after the connection opened, since one of them may have been this connection's.
 pub fn confidence(opened_ns: u64, last_loss_ns: Option<u64>) -> (Confidence, Option<String>) {
@@ -314,6 +329,31 @@ mod tests {
         let (level, reason) = confidence(100, Some(150));
         assert_eq!(level, Confidence::Partial);
         assert!(reason.unwrap().contains("lost"));
+    }
+
+    #[test]
+    fn an_http2_servers_queues_hold_other_streams_bytes() {
+        // Another stream's response still in flight, the next calls' frames unread.
+        let busy = TcpSignals {
+            send_queue: 24,
+            recv_queue: 30,
+            ..Default::default()
+        };
+        assert_eq!(tcp_cause(true, &busy), Cause::PeerNotReading);
+        assert_eq!(tcp_cause_of_stream(true, &busy), Cause::ReadNoReply);
+        let blocked_peer = TcpSignals {
+            zero_window: true,
+            ..busy
+        };
+        assert_eq!(
+            tcp_cause_of_stream(true, &blocked_peer),
+            Cause::PeerNotReading
+        );
+        assert_eq!(
+            tcp_cause_of_stream(false, &busy),
+            tcp_cause(false, &busy),
+            "a client's queues say what they say"
+        );
     }
 
     #[test]

@@ -4,5 +4,5 @@
 pub mod classify;
 pub mod model;
 
-pub use classify::{classify, confidence, tcp_cause, unseen_bytes_reason};
+pub use classify::{classify, confidence, tcp_cause, tcp_cause_of_stream, unseen_bytes_reason};
 pub use model::*;

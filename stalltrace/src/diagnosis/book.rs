@@ -468,7 +468,16 @@ impl Diagnoser {
         let connecting = kind == Some(StallKind::ConnectPending);
         if let Some(signals) = facts.tcp.filter(|_| !connecting) {
             let server = conn.role == Role::Server;
-            found.cause = Some(match diagnosis::tcp_cause(server, &signals) {
+            let cause = if conn
+                .stall
+                .as_ref()
+                .is_some_and(|s| s.http2_stream.is_some())
+            {
+                diagnosis::tcp_cause_of_stream(server, &signals)
+            } else {
+                diagnosis::tcp_cause(server, &signals)
+            };
+            found.cause = Some(match cause {
                 // Bytes waiting inbound are the next request, not this one: what is stuck is
                 // the response, and nothing of it waits to go out.
                 Cause::RequestUnread | Cause::ReadNoReply
