@@ -230,6 +230,52 @@ fn request_nobody_reads_is_request_unread() {
     );
 }
 
+/// A keep-alive connection's second request, never read: its stall names no request (the
+/// kernel's copy is the first one's, answered long ago), where it once named the first.
+#[test]
+fn a_request_nobody_reads_after_an_answered_one_is_not_named_after_it() {
+    require_root();
+    let daemon = Daemon::start("unread-second");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut request = [0u8; 64];
+        let read = conn.read(&mut request).unwrap();
+        assert!(request[..read].starts_with(b"GET /answered"));
+        conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .unwrap();
+        thread::sleep(Duration::from_secs(60)); // never reads again
+        drop(conn);
+    });
+    let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    client
+        .write_all(b"GET /answered HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut response = [0u8; 64];
+    let _ = client.read(&mut response).unwrap();
+    client
+        .write_all(b"GET /never-read HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let on_server = daemon.wait_for_stall(port, "server", REPORT_WITHIN + Duration::from_secs(2));
+    assert_eq!(
+        on_server["stall"]["cause"], "request_unread",
+        "{on_server:#}"
+    );
+    let signature = on_server["stall"]["request"]["signature"].to_string();
+    assert!(
+        !signature.contains("/answered"),
+        "named after the request before it: {on_server:#}"
+    );
+    let on_client = daemon.wait_for_stall(port, "client", REPORT_WITHIN);
+    assert!(
+        on_client["stall"]["request"]["signature"]
+            .to_string()
+            .contains("/never-read"),
+        "{on_client:#}"
+    );
+}
+
 /// A small HTTP/1.1 keep-alive server: answers everything at once, except `/coupon/apply`,
 /// which it never answers.
 fn shop_server() -> SocketAddr {

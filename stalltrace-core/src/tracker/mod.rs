@@ -152,6 +152,9 @@ pub struct Stall {
     /// HTTP/1.x: a pipelined request's, owed after the responses before it completed
     /// ([`pipeline`]); its quiet starts when the last of them ended.
     pub pipelined: bool,
+    /// Opened by [`Tracker::request_unread`]: its request was never read, so no request the
+    /// kernel captured on this connection is its.
+    pub unread: bool,
     /// HTTP/2: other streams of the connection answered (or reset) past the threshold while
     /// this stall lasted, each a stall of its own that this one hid (a connection has one
     /// at a time). Counted per read or write of the kernel's: several such streams answered
@@ -526,6 +529,9 @@ impl Tracker {
             u64::MAX,
             out,
         );
+        if let Some(stall) = conn.stall.as_deref_mut() {
+            stall.unread = true;
+        }
         self.conns.note_stalls(&out[mark..]);
         self.watch(sock);
         true
@@ -1381,6 +1387,7 @@ fn start_stall(
         request_ns: quiet_since,
         next_check_ns: at + STALLED_RECHECK_NS,
         pipelined: false,
+        unread: false,
         http2_late_streams: 0,
     }));
     out.push(Event {

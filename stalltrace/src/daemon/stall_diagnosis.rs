@@ -82,14 +82,16 @@ impl Daemon {
                     continue;
                 };
                 // The copy the record carried, else the kernel's slot; one taken after the
-                // stall began is the next request's.
+                // stall began is the next request's, and a request never read has none (the
+                // slot holds the one before it).
+                let unread = conn.stall.as_ref().is_some_and(|stall| stall.unread);
                 let capture = sock
                     .and_then(|sock| {
                         self.ended_requests
                             .remove(&sock)
                             .or_else(|| maps.capture(sock))
                     })
-                    .filter(|capture| capture.request_ns <= event.at_ns);
+                    .filter(|capture| capture.request_ns <= event.at_ns && !unread);
                 let (known, asked) = self.diagnoser.begin(conn, capture.as_ref(), ended, now);
                 // `why` counts the stalls the rules report; one they ignore or hold (a long
                 // poll) is a request that completes late, or is counted when released.
