@@ -398,7 +398,11 @@ pub fn walk_end(conn: &mut ConnState, streams: &mut Streams, transfer: &Transfer
         result.ended = false;
         return result;
     }
-    conn.h2_answered_late = u8::from(result.ended);
+    conn.h2_answered_late = if result.ended {
+        ((streams.walk[at] & WALK_LATE) >> WALK_LATE_SHIFT) as u8
+    } else {
+        0
+    };
     // At most a frame's length plus its header: fits.
     streams.skip[at] = (streams.cursor[at] - transfer.total) as u32;
     if streams.walk[at] & WALK_CHANGED != 0 {
@@ -411,6 +415,9 @@ pub fn walk_end(conn: &mut ConnState, streams: &mut Streams, transfer: &Transfer
 const WALK_LOST: u32 = 1;
 const WALK_CHANGED: u32 = 2;
 const WALK_ENDED: u32 = 4;
+/// Streams answered late (up to 15).
+const WALK_LATE_SHIFT: u32 = 4;
+const WALK_LATE: u32 = 0xf << WALK_LATE_SHIFT;
 const WALK_UNTRACKED_SHIFT: u32 = 8;
 
 /// What one step of the walk did.
@@ -567,12 +574,15 @@ fn follow(
     } else if let Some(opened) = streams.close(at, id) {
         streams.walk[at] |= WALK_CHANGED;
         let first = streams.walk[at] & WALK_ENDED == 0;
-        if transfer.now.saturating_sub(opened) >= transfer.stall_after_ns
-            && (first || opened < conn.h2_ended_ns)
-        {
-            streams.walk[at] |= WALK_ENDED;
-            conn.h2_ended_ns = opened;
-            conn.h2_ended_stream = id;
+        if transfer.now.saturating_sub(opened) >= transfer.stall_after_ns {
+            if streams.walk[at] & WALK_LATE != WALK_LATE {
+                streams.walk[at] += 1 << WALK_LATE_SHIFT;
+            }
+            if first || opened < conn.h2_ended_ns {
+                streams.walk[at] |= WALK_ENDED;
+                conn.h2_ended_ns = opened;
+                conn.h2_ended_stream = id;
+            }
         }
     }
     Step::Next
@@ -606,11 +616,12 @@ pub fn quiet_past_threshold(conn: &ConnState, now: u64, stall_after_ns: u64) -> 
 }
 
 /// The connection can no longer answer its oldest stream (it is closing): names that stream
-/// in `h2_ended_*` for the `QuietEnded` record that reports it.
+/// in `h2_ended_*` for the `QuietEnded` record that reports it (none was answered).
 #[inline(always)]
 pub fn end_oldest(conn: &mut ConnState) {
     conn.h2_ended_ns = conn.h2_oldest_ns;
     conn.h2_ended_stream = conn.h2_oldest_stream;
+    conn.h2_answered_late = 0;
 }
 
 #[cfg(test)]

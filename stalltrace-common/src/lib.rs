@@ -276,8 +276,9 @@ pub struct ConnState {
     pub h2_open: u8,
     /// HTTP/2: one of [`http2::sync`].
     pub h2_sync: u8,
-    /// HTTP/2: 1 when the last transfer answered a stream that had awaited its response for
-    /// at least the threshold (`h2_ended_*` name it): the kernel reports `QuietEnded`.
+    /// HTTP/2: how many streams that had awaited their response for at least the threshold
+    /// the last transfer answered (1 to 15; 0: none), the oldest of them named by
+    /// `h2_ended_*`: the kernel reports `QuietEnded`.
     pub h2_answered_late: u8,
     pub _pad6: [u8; 5],
     pub comm: [u8; COMM_LEN],

@@ -321,6 +321,34 @@ fn streams_answered_late_behind_an_open_stall_are_counted_on_its_end() {
     );
 }
 
+/// Overdue streams answered by one read are counted on the stall of the one named (the
+/// oldest): a client that reads four late answers at once, where its server wrote them one
+/// by one (and reports four stalls), tells of all four too.
+#[test]
+fn streams_answered_late_by_one_read_are_counted() {
+    let mut run = Run::new(role::CLIENT);
+    let (ask, reply) = (run.ask, run.reply);
+    let answers: Vec<u8> = [1, 3, 5, 7].into_iter().flat_map(response).collect();
+    run.until(100, 5_000, |ms| match ms {
+        100 => [1, 3, 5, 7].into_iter().map(|id| (ask, call(id))).collect(),
+        3_000 => vec![(reply, answers.clone())],
+        _ => vec![],
+    });
+    let ends: Vec<_> = run
+        .stall_events()
+        .into_iter()
+        .filter_map(|(at, detail)| match detail {
+            Detail::StallEnd {
+                http2_stream,
+                http2_late_streams,
+                ..
+            } => Some((at, *http2_stream, *http2_late_streams)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ends, [(3_000, Some(1), 3)]);
+}
+
 /// Case 2b stays right with streams followed: after calls, PINGs and WINDOW_UPDATEs on an
 /// idle channel are never a stall.
 #[test]

@@ -156,9 +156,9 @@ pub struct Stall {
     /// kernel captured on this connection is its.
     pub unread: bool,
     /// HTTP/2: other streams of the connection answered (or reset) past the threshold while
-    /// this stall lasted, each a stall of its own that this one hid (a connection has one
-    /// at a time). Counted per read or write of the kernel's: several such streams answered
-    /// by one count once.
+    /// this stall lasted, or by the same read or write as its own stream, each a stall of
+    /// its own that this one hid (a connection reports one at a time; up to 15 per read or
+    /// write).
     pub http2_late_streams: u32,
 }
 
@@ -743,8 +743,11 @@ impl Tracker {
                     let threshold_at = since + stall_after_ns;
                     start_stall(conn, kind, since, threshold_at, stream, 0, out);
                 }
+                // Streams answered late by the same transfer, besides the one named.
+                let others = u32::from(state.h2_answered_late.saturating_sub(1));
                 match conn.stall.as_deref_mut() {
                     Some(stall) if stall.http2_stream == stream => {
+                        stall.http2_late_streams += others;
                         let still_open =
                             state.h2_open > 0 && state.h2_oldest_stream == state.h2_ended_stream;
                         let how = match activity::assess(state) {
@@ -753,8 +756,8 @@ impl Tracker {
                         };
                         end_stall(conn, at, how, out);
                     }
-                    // Another stream's stall is open: this one ended hidden behind it.
-                    Some(stall) => stall.http2_late_streams += 1,
+                    // Another stream's stall is open: these ended hidden behind it.
+                    Some(stall) => stall.http2_late_streams += 1 + others,
                     None => {}
                 }
             }
