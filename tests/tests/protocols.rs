@@ -668,7 +668,9 @@ fn slow_grpc_call_among_flowing_ones(name: &str, pause: &str) {
 }
 
 /// Raw h2c frames, for tests that must choose how frames fall into reads and writes:
-/// `frame(type, flags, stream, payload)`.
+/// `frame(type, flags, stream, payload)`, a call (`HEADERS`, `END_STREAM`) and its answer
+/// (`HEADERS`, `DATA`), and each end's preface and SETTINGS exchange (`accept`, `connect`).
+/// Run with [`h2_script`].
 const H2_FRAMES: &str = r#"
 import socket, sys, time
 def frame(kind, flags, stream, payload=b""):
@@ -681,23 +683,39 @@ def read_exactly(conn, n):
             sys.exit(0)
         data += chunk
     return data
+def accept():
+    """Prints the port, accepts a client, reads its preface and SETTINGS, answers SETTINGS."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    print(srv.getsockname()[1], flush=True)
+    conn, _ = srv.accept()
+    read_exactly(conn, 24 + 9)
+    conn.sendall(frame(4, 0, 0) + frame(4, 1, 0))
+    return conn
+def connect():
+    """Connects to argv[1], sends the preface and SETTINGS, reads the server's."""
+    conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+    conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0))
+    read_exactly(conn, 18)
+    return conn
+call = lambda stream: frame(1, 5, stream, b"\x82\x86\x84")
+answer = lambda stream: frame(1, 4, stream, b"\x88") + frame(0, 1, stream, b"ok")
 BURST = 20
 "#;
+
+/// Runs `code` after [`H2_FRAMES`]' definitions (see [`Script::start`]).
+fn h2_script(code: &str, args: &[&str]) -> (Script, String) {
+    Script::start(&format!("{H2_FRAMES}{code}"), args)
+}
 
 /// An h2c server that reads the client's preface and SETTINGS, then its burst of `BURST`
 /// calls (one HEADERS frame each, streams 1, 3, …), answers all but stream 1 in one write
 /// (HEADERS and DATA each: 38 frames), stream 1 `argv[1]` seconds later, and keeps the
 /// connection open.
 const H2_BURST_SERVER: &str = r#"
-srv = socket.socket()
-srv.bind(("127.0.0.1", 0))
-srv.listen(1)
-print(srv.getsockname()[1], flush=True)
-conn, _ = srv.accept()
-read_exactly(conn, 24 + 9)
-conn.sendall(frame(4, 0, 0) + frame(4, 1, 0))
+conn = accept()
 read_exactly(conn, BURST * 12)
-answer = lambda stream: frame(1, 4, stream, b"\x88") + frame(0, 1, stream, b"ok")
 conn.sendall(b"".join(answer(1 + 2 * i) for i in range(1, BURST)))
 time.sleep(float(sys.argv[1]))
 conn.sendall(answer(1))
@@ -708,10 +726,8 @@ time.sleep(3600)
 /// reads whatever comes 7 bytes at a time (most frame headers split between two reads), the
 /// connection kept open.
 const H2_BURST_CLIENT: &str = r#"
-conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0))
-read_exactly(conn, 18)
-conn.sendall(b"".join(frame(1, 5, 1 + 2 * i, b"\x82\x86\x84") for i in range(BURST)))
+conn = connect()
+conn.sendall(b"".join(call(1 + 2 * i) for i in range(BURST)))
 print("sent", flush=True)
 while conn.recv(7):
     pass
@@ -727,11 +743,9 @@ fn a_slow_call_in_a_burst_of_concurrent_http2_calls_is_flagged_per_stream() {
     require_root();
     let daemon = Daemon::start("h2-burst");
     let slow = STALL_AFTER * 4;
-    let server_code = format!("{H2_FRAMES}{H2_BURST_SERVER}");
-    let (_server, port) = Script::start(&server_code, &[&slow.as_secs_f64().to_string()]);
+    let (_server, port) = h2_script(H2_BURST_SERVER, &[&slow.as_secs_f64().to_string()]);
     let port_number: u16 = port.parse().unwrap();
-    let client_code = format!("{H2_FRAMES}{H2_BURST_CLIENT}");
-    let (_client, _) = Script::start(&client_code, &[&port]);
+    let (_client, _) = h2_script(H2_BURST_CLIENT, &[&port]);
     for role in ["client", "server"] {
         let stall = daemon.wait_for_stall(port_number, role, STALL_AFTER + REPORT_WITHIN);
         assert_eq!(
@@ -751,15 +765,8 @@ fn a_slow_call_in_a_burst_of_concurrent_http2_calls_is_flagged_per_stream() {
 /// An h2c server that reads calls on streams 1 and 3, answers stream 3 `argv[1]` seconds
 /// later and stream 1 `argv[2]` seconds after the calls, the connection kept open.
 const H2_TWO_SLOW_SERVER: &str = r#"
-srv = socket.socket()
-srv.bind(("127.0.0.1", 0))
-srv.listen(1)
-print(srv.getsockname()[1], flush=True)
-conn, _ = srv.accept()
-read_exactly(conn, 24 + 9)
-conn.sendall(frame(4, 0, 0) + frame(4, 1, 0))
+conn = accept()
 read_exactly(conn, 2 * 12)
-answer = lambda stream: frame(1, 4, stream, b"\x88") + frame(0, 1, stream, b"ok")
 time.sleep(float(sys.argv[1]))
 conn.sendall(answer(3))
 time.sleep(float(sys.argv[2]) - float(sys.argv[1]))
@@ -769,10 +776,8 @@ time.sleep(3600)
 
 /// An h2c client that makes calls on streams 1 and 3 in one write and reads whatever comes.
 const H2_TWO_CALLS_CLIENT: &str = r#"
-conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0))
-read_exactly(conn, 18)
-conn.sendall(frame(1, 5, 1, b"\x82\x86\x84") + frame(1, 5, 3, b"\x82\x86\x84"))
+conn = connect()
+conn.sendall(call(1) + call(3))
 print("sent", flush=True)
 while conn.recv(4096):
     pass
@@ -787,17 +792,15 @@ fn a_slow_call_answered_behind_an_open_stall_is_counted_on_its_end() {
     require_root();
     let daemon = Daemon::start("h2-two-slow");
     let (first, second) = (STALL_AFTER * 2, STALL_AFTER * 4);
-    let server_code = format!("{H2_FRAMES}{H2_TWO_SLOW_SERVER}");
-    let (_server, port) = Script::start(
-        &server_code,
+    let (_server, port) = h2_script(
+        H2_TWO_SLOW_SERVER,
         &[
             &first.as_secs_f64().to_string(),
             &second.as_secs_f64().to_string(),
         ],
     );
     let port_number: u16 = port.parse().unwrap();
-    let client_code = format!("{H2_FRAMES}{H2_TWO_CALLS_CLIENT}");
-    let (_client, _) = Script::start(&client_code, &[&port]);
+    let (_client, _) = h2_script(H2_TWO_CALLS_CLIENT, &[&port]);
     for end in answered_on_both_ends(&daemon, port_number, second + REPORT_WITHIN) {
         assert_eq!(end["stall"]["http2"]["other_late_streams"], 1, "{end:#}");
     }
@@ -808,25 +811,17 @@ fn a_slow_call_answered_behind_an_open_stall_is_counted_on_its_end() {
 /// An h2c server that answers stream 1, then stops reading (a thread busy elsewhere), the
 /// connection kept open.
 const H2_DEAF_SERVER: &str = r#"
-srv = socket.socket()
-srv.bind(("127.0.0.1", 0))
-srv.listen(1)
-print(srv.getsockname()[1], flush=True)
-conn, _ = srv.accept()
-read_exactly(conn, 24 + 9)
-conn.sendall(frame(4, 0, 0) + frame(4, 1, 0))
+conn = accept()
 read_exactly(conn, 9 + 3)
-conn.sendall(frame(1, 4, 1, b"\x88") + frame(0, 1, 1, b"ok"))
+conn.sendall(answer(1))
 time.sleep(3600)
 "#;
 
 /// An h2c client that makes one call, reads its answer, then sends a PING (as gRPC's and
 /// browsers' keepalives do on an idle connection).
 const H2_PING_CLIENT: &str = r#"
-conn = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
-conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0))
-read_exactly(conn, 18)
-conn.sendall(frame(1, 5, 1, b"\x82\x86\x84"))
+conn = connect()
+conn.sendall(call(1))
 read_exactly(conn, 10 + 11)
 conn.sendall(frame(6, 0, 0, bytes(8)))
 print("pinged", flush=True)
@@ -839,10 +834,8 @@ time.sleep(3600)
 fn a_control_frame_an_http2_server_leaves_unread_is_never_flagged() {
     require_root();
     let daemon = Daemon::start("h2-unread-ping");
-    let server_code = format!("{H2_FRAMES}{H2_DEAF_SERVER}");
-    let (_server, port) = Script::start(&server_code, &[]);
-    let client_code = format!("{H2_FRAMES}{H2_PING_CLIENT}");
-    let (_client, _) = Script::start(&client_code, &[&port]);
+    let (_server, port) = h2_script(H2_DEAF_SERVER, &[]);
+    let (_client, _) = h2_script(H2_PING_CLIENT, &[&port]);
     assert_never_flagged(
         &daemon,
         port.parse().unwrap(),
