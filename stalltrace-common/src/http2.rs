@@ -16,7 +16,8 @@
 //! to come ([`Streams::skip`]), so a reader that takes the 9-byte header and then the payload,
 //! or a transfer that ends mid-frame, stays in step. When the framing cannot be followed (a
 //! frame header split between two transfers, more frames in one transfer than
-//! [`WALK_FRAMES`], a frame type no HTTP/2 peer sends, a header that cannot be read) the
+//! [`WALK_FRAMES`], an unknown frame type longer than any extension's, a header that cannot
+//! be read) the
 //! connection falls back to the direction rule ([`sync::LOST`], counted as
 //! [`crate::loss::HTTP2_UNTRACKED`]).
 //!
@@ -53,10 +54,12 @@ pub const STREAM_PROBES: usize = 8;
 const PROBE_OFFSETS: [usize; STREAM_PROBES] = [0, 16, 8, 24, 4, 20, 12, 28];
 /// Frame headers one transfer may hold; a transfer with more loses the framing. A server
 /// answering many concurrent streams writes a HEADERS and a DATA frame (and gRPC's trailers)
-/// per stream in one go: 512 covers 128 streams (nginx's and most gRPC servers' default
-/// `SETTINGS_MAX_CONCURRENT_STREAMS` is 100–128) with room. The walk's cost follows the
-/// frames there are, not this bound (one read of user memory per frame header).
-pub const WALK_FRAMES: usize = 512;
+/// per stream in one go, and a server reading a client's burst reads as many per call
+/// (grpcio's thousand calls fired at once: over 2 000 frames in one read). The walk's cost
+/// follows the frames there are, not this bound (~40 ns a frame: one read of user memory per
+/// header), and `bpf_loop`'s callback is verified once whatever it is: so it bounds what one
+/// syscall may pay (~160 µs, once: a connection that passes it is no longer followed).
+pub const WALK_FRAMES: usize = 4096;
 
 const PREFACE: [u8; 4] = *b"PRI ";
 const PREFACE_LEN: u32 = 24;
@@ -64,9 +67,14 @@ const FRAME_HEADER_LEN: u64 = 9;
 const DATA: u8 = 0;
 const HEADERS: u8 = 1;
 const RST_STREAM: u8 = 3;
-/// The highest frame type in use (PRIORITY_UPDATE, RFC 9218); above it, the bytes are not
-/// HTTP/2 framing (extension frames are allowed, but none is sent in practice).
+/// The highest frame type registered in use (PRIORITY_UPDATE, RFC 9218). A peer must ignore
+/// the types it does not know (RFC 9113 §5.5; browsers send reserved "grease" types), so
+/// those are skipped, up to [`MAX_UNKNOWN_FRAME_LEN`] bytes: a longer one is taken for bytes
+/// that are not HTTP/2 framing.
 const MAX_FRAME_TYPE: u8 = 0x10;
+/// `SETTINGS_MAX_FRAME_SIZE`'s initial value: no peer may send more before it is raised,
+/// and the frames of extensions are control-sized.
+const MAX_UNKNOWN_FRAME_LEN: u64 = 16_384;
 
 /// One HTTP/2 connection's stream state, kept by the kernel in its own map keyed by the
 /// `struct sock` address (only HTTP/2 connections pay for it).
@@ -547,10 +555,10 @@ fn follow(
 ) -> Step {
     let at = transfer.at & 1;
     let [l0, l1, l2, kind, s0, s1, s2, s3] = bytes;
-    if kind > MAX_FRAME_TYPE {
+    let length = (u64::from(l0) << 16) | (u64::from(l1) << 8) | u64::from(l2);
+    if kind > MAX_FRAME_TYPE && length > MAX_UNKNOWN_FRAME_LEN {
         return Step::Lost;
     }
-    let length = (u64::from(l0) << 16) | (u64::from(l1) << 8) | u64::from(l2);
     streams.cursor[at] = end + length;
     let asks = transfer.request && kind == HEADERS;
     let answers = kind == RST_STREAM || (!transfer.request && matches!(kind, HEADERS | DATA));
@@ -852,6 +860,19 @@ mod tests {
             assert!(conn.transfer(direction::OUT, 3_000, &response(1)).ended);
             assert_eq!(conn.state.h2_ended_stream, 1);
         }
+    }
+
+    #[test]
+    fn frames_of_unknown_types_are_skipped() {
+        // RFC 9113 §5.5: ignored by peers that do not know them (a "grease" type, 0xfa).
+        let mut conn = Conn::new(role::SERVER);
+        conn.transfer(direction::IN, 0, &call(1));
+        let walk = conn.transfer(direction::IN, 10, &frame(0xfa, 0, 8));
+        assert_eq!((walk.untracked, conn.state.h2_sync), (0, sync::TRACKING));
+        assert!(conn.transfer(direction::OUT, 3_000, &response(1)).ended);
+        // One longer than any extension's is no frame.
+        let walk = conn.transfer(direction::IN, 3_100, &frame(0xfa, 0, 16_385));
+        assert_eq!((walk.untracked, conn.state.h2_sync), (1, sync::LOST));
     }
 
     #[test]

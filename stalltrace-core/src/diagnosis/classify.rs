@@ -154,18 +154,22 @@ pub fn tcp_cause(server_side: bool, signals: &TcpSignals) -> Cause {
     }
 }
 
-/// [`tcp_cause`] for a stall of one HTTP/2 stream. A server read the stream's request (the
-/// kernel saw its HEADERS) and sent nothing of its response (its first frame would have ended
-/// the stall): the bytes its queues hold are other streams', and say nothing of this one
-/// unless the peer takes nothing at all (a zero window).
+/// [`tcp_cause`] for a stall of one HTTP/2 stream, whose request was written (a client's) or
+/// read (a server's: its HEADERS opened it) and whose response has not begun (its first frame would have ended the
+/// stall): the bytes in a connection's queues are other streams' as much as this one's, and
+/// say nothing of it unless the peer takes nothing at all (a zero window). A client's unread
+/// bytes still show a client that does not read.
 pub fn tcp_cause_of_stream(server_side: bool, signals: &TcpSignals) -> Cause {
-    if !server_side || signals.retransmitting > 0 {
-        return tcp_cause(server_side, signals);
-    }
-    if signals.send_queue > 0 && (signals.zero_window || signals.zero_window_probes > 0) {
+    if signals.retransmitting > 0 {
+        Cause::NetworkRetransmitting
+    } else if signals.send_queue > 0 && (signals.zero_window || signals.zero_window_probes > 0) {
         Cause::PeerNotReading
-    } else {
+    } else if server_side {
         Cause::ReadNoReply
+    } else if signals.recv_queue > 0 {
+        Cause::ResponseUnread
+    } else {
+        Cause::AwaitingPeer
     }
 }
 
@@ -349,11 +353,15 @@ mod tests {
             tcp_cause_of_stream(true, &blocked_peer),
             Cause::PeerNotReading
         );
-        assert_eq!(
-            tcp_cause_of_stream(false, &busy),
-            tcp_cause(false, &busy),
-            "a client's queues say what they say"
-        );
+        // The client's queued bytes are other streams' requests: the server end may well
+        // have read this one.
+        let sending = TcpSignals {
+            send_queue: 60,
+            ..Default::default()
+        };
+        assert_eq!(tcp_cause(false, &sending), Cause::RequestNotDelivered);
+        assert_eq!(tcp_cause_of_stream(false, &sending), Cause::AwaitingPeer);
+        assert_eq!(tcp_cause_of_stream(false, &busy), Cause::ResponseUnread);
     }
 
     #[test]
