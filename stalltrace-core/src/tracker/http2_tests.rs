@@ -349,6 +349,41 @@ fn streams_answered_late_by_one_read_are_counted() {
     assert_eq!(ends, [(3_000, Some(1), 3)]);
 }
 
+/// The framing lost while a stream's stall is open (bytes that are no frames): the direction
+/// rule judges the stall from there, and it ends with the reply that comes, with its true
+/// duration (it ended at once, dated by an earlier reply: 0 ms, before its own start).
+#[test]
+fn a_streams_stall_outlives_the_framing() {
+    let mut run = Run::new(role::SERVER);
+    let (ask, reply) = (run.ask, run.reply);
+    let mut garbage = frame(0xfa, 0, 0);
+    garbage[..3].copy_from_slice(&[0xff, 0xff, 0xff]);
+    run.until(100, 6_000, |ms| match ms {
+        100 => vec![(ask, call(1))],
+        2_800 => vec![(ask, garbage.clone())],
+        5_000 => vec![(reply, response(1))],
+        _ => vec![],
+    });
+    assert_eq!(run.kernel.state.h2_sync, http2::sync::LOST);
+    let stalls: Vec<_> = run
+        .stall_events()
+        .into_iter()
+        .map(|(at, detail)| match detail {
+            Detail::StallStart { http2_stream, .. } => (at, "start", *http2_stream, 0),
+            Detail::StallEnd {
+                http2_stream,
+                duration_ms,
+                ..
+            } => (at, "end", *http2_stream, *duration_ms),
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        stalls,
+        [(2_250, "start", Some(1), 0), (5_000, "end", Some(1), 4_900)]
+    );
+}
+
 /// Case 2b stays right with streams followed: after calls, PINGs and WINDOW_UPDATEs on an
 /// idle channel are never a stall.
 #[test]

@@ -1268,8 +1268,10 @@ fn observe(
                 .then(|| (activity::last_reply_ns(state), Resolution::Response)),
             // An HTTP/2 stream's stall ends when that stream no longer awaits its response
             // (its end event lost, or not yet drained): dated by the last reply-direction
-            // transfer. Other streams' exchanges say nothing about it.
-            _ if stall.http2_stream.is_some() => (stream != stall.http2_stream)
+            // transfer. Other streams' exchanges say nothing about it. Once the framing is
+            // lost, the direction rule below judges it, as it does the connection.
+            _ if stall.http2_stream.is_some() && activity::http2_tracking(state) => (stream
+                != stall.http2_stream)
                 .then(|| (activity::last_reply_ns(state), Resolution::Response)),
             (StallKind::ConnectPending, Activity::ConnectPending { .. }) => None,
             (StallKind::ConnectPending, _) => Some((state.state_ns, Resolution::Response)),
