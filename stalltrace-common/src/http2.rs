@@ -6,7 +6,10 @@
 //! ([`crate::message::proto::HTTP2`], from the client preface) and by the tracker's tests on
 //! their model of the kernel. The rule:
 //! - a HEADERS frame in the request direction on a new client-initiated stream (odd id, above
-//!   every id seen) opens it: a response is owed;
+//!   every id seen) opens it; a response is owed once the request has ended: that frame's
+//!   `END_STREAM` flag, or the one of a later DATA frame or trailers of the stream (a request
+//!   whose body still comes, a client-streaming call, is its client's to finish: an upload
+//!   that lasts longer than the threshold is no stall);
 //! - the first HEADERS or DATA frame of that stream in the reply direction (the response has
 //!   begun), or a RST_STREAM either way, answers it. A response that has begun is not judged
 //!   further: a server-streaming or bidirectional call (a watch) stays open for as long as it
@@ -67,6 +70,11 @@ const FRAME_HEADER_LEN: u64 = 9;
 const DATA: u8 = 0;
 const HEADERS: u8 = 1;
 const RST_STREAM: u8 = 3;
+/// The flag of a DATA or HEADERS frame that ends its sender's side of the stream.
+const END_STREAM: u8 = 0x1;
+/// [`Streams::opened_ns`] of a stream whose request has not ended (no `END_STREAM` yet): it
+/// holds its slot, and no response is owed yet.
+const REQUEST_UNFINISHED: u64 = u64::MAX;
 /// The highest frame type registered in use (PRIORITY_UPDATE, RFC 9218). A peer must ignore
 /// the types it does not know (RFC 9113 §5.5; browsers send reserved "grease" types), so
 /// those are skipped, up to [`MAX_UNKNOWN_FRAME_LEN`] bytes: a longer one is taken for bytes
@@ -99,7 +107,8 @@ pub struct Streams {
     /// trailer, not a new request.
     pub highest: u32,
     pub _pad: u32,
-    /// Per slot: its stream's id, when it was opened (ns) and its generation.
+    /// Per slot: its stream's id, when its request ended (ns; [`REQUEST_UNFINISHED`] until
+    /// then) and its generation.
     pub ids: [u32; STREAM_SLOTS],
     pub opened_ns: [u64; STREAM_SLOTS],
     pub opened: [u32; STREAM_SLOTS],
@@ -143,16 +152,16 @@ impl Streams {
         generation != self.closed[0][slot] && generation != self.closed[1][slot]
     }
 
-    /// Opens stream `id` at `now` (request direction) in the first of its
-    /// [`STREAM_PROBES`] slots that holds no stream awaiting; false if there is none (the
-    /// stream is not followed).
+    /// Opens stream `id` (request direction), its request ended at `ended` (ns, or
+    /// [`REQUEST_UNFINISHED`]), in the first of its [`STREAM_PROBES`] slots that holds no
+    /// stream awaiting; false if there is none (the stream is not followed).
     #[inline(always)]
-    fn open(&mut self, id: u32, now: u64) -> bool {
+    fn open(&mut self, id: u32, ended: u64) -> bool {
         let mut probe = 0;
         while probe < STREAM_PROBES {
             let slot = Self::slot(id, probe);
             if !self.awaits(slot) {
-                self.take(slot, id, now);
+                self.take(slot, id, ended);
                 return true;
             }
             probe += 1;
@@ -160,12 +169,12 @@ impl Streams {
         false
     }
 
-    /// Slot `slot` holds stream `id`, opened at `now`.
+    /// Slot `slot` holds stream `id`, its request ended at `ended`.
     #[inline(always)]
-    fn take(&mut self, slot: usize, id: u32, now: u64) {
+    fn take(&mut self, slot: usize, id: u32, ended: u64) {
         let slot = slot & (STREAM_SLOTS - 1);
         self.ids[slot] = id;
-        self.opened_ns[slot] = now;
+        self.opened_ns[slot] = ended;
         // A generation neither direction has closed: the slot awaits again.
         let (a, b) = (self.closed[0][slot], self.closed[1][slot]);
         let mut generation = self.opened[slot].wrapping_add(1);
@@ -175,26 +184,47 @@ impl Streams {
         self.opened[slot] = generation;
     }
 
-    /// Answers or resets stream `id` from direction `side`: when it was opened, if it was
-    /// awaiting its response. (An id is opened once: no two slots awaiting hold the same.)
+    /// The slot of stream `id`, if it awaits. (An id is opened once: no two slots awaiting
+    /// hold the same.)
     #[inline(always)]
-    fn close(&mut self, side: usize, id: u32) -> Option<u64> {
+    fn find(&self, id: u32) -> Option<usize> {
         let mut probe = 0;
         while probe < STREAM_PROBES {
             let slot = Self::slot(id, probe);
             if self.ids[slot] == id && self.awaits(slot) {
-                self.closed[side & 1][slot] = self.opened[slot];
-                return Some(self.opened_ns[slot]);
+                return Some(slot);
             }
             probe += 1;
         }
         None
     }
+
+    /// Answers or resets stream `id` from direction `side`: when its request ended
+    /// ([`REQUEST_UNFINISHED`] if it had not), if it was awaiting its response.
+    #[inline(always)]
+    fn close(&mut self, side: usize, id: u32) -> Option<u64> {
+        let slot = self.find(id)? & (STREAM_SLOTS - 1);
+        self.closed[side & 1][slot] = self.opened[slot];
+        Some(self.opened_ns[slot])
+    }
+
+    /// Stream `id`'s request ends at `now` (request direction): its response is owed from
+    /// then. False if it is not awaiting, or its request had ended.
+    #[inline(always)]
+    fn end_request(&mut self, id: u32, now: u64) -> bool {
+        match self.find(id) {
+            Some(slot) if self.opened_ns[slot & (STREAM_SLOTS - 1)] == REQUEST_UNFINISHED => {
+                self.opened_ns[slot & (STREAM_SLOTS - 1)] = now;
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
-/// Reads the frame header at an offset of the transfer: its bytes 0–3 (length, type) and
-/// 5–8 (stream id), or `None` when they cannot be read. In the kernel, one call per frame
-/// (the verifier explores each call site of the user-memory reader).
+/// Reads the frame header at an offset of the transfer, as [`packed`] (8 bytes: length,
+/// type, `END_STREAM` and stream id), or `None` when it cannot be read. In the kernel, one
+/// call per frame (the verifier explores each call site of the user-memory reader).
 pub trait Header: FnMut(usize) -> Option<[u8; 8]> {}
 impl<F: FnMut(usize) -> Option<[u8; 8]>> Header for F {}
 
@@ -219,12 +249,31 @@ pub fn bytes8_from(bytes: &[u8]) -> impl Bytes8 + '_ {
     }
 }
 
+/// The walk's 8 bytes of a 9-byte frame header: bytes 0–3 (length, type), then the stream
+/// id (bytes 5–8) with its reserved bit, which receivers ignore (RFC 9113 §4.1), set to the
+/// frame's `END_STREAM` flag (byte 4's bit 0; the only flag the walk needs).
+#[inline(always)]
+pub fn packed(header: [u8; 9]) -> [u8; 8] {
+    let [a, b, c, d, flags, e, f, g, h] = header;
+    [
+        a,
+        b,
+        c,
+        d,
+        (e & 0x7f) | ((flags & END_STREAM) << 7),
+        f,
+        g,
+        h,
+    ]
+}
+
 /// A [`Header`] reader from 4-byte reads (`More`): for tests and userspace models.
 pub fn header_from(mut more: impl More) -> impl Header {
     move |at: usize| {
         let [a, b, c, d] = more(at)?;
+        let [flags, ..] = more(at + 4)?;
         let [e, f, g, h] = more(at + 5)?;
-        Some([a, b, c, d, e, f, g, h])
+        Some(packed([a, b, c, d, flags, e, f, g, h]))
     }
 }
 
@@ -523,13 +572,13 @@ fn join(
     };
     let last = (word >> (8 * (8 - held))) as u8;
     let first = first.to_le_bytes();
-    let [l0, l1, l2, kind, _, s0, s1, s2] = first;
+    let [l0, l1, l2, kind, flags, s0, s1, s2] = first;
     follow(
         conn,
         streams,
         transfer,
         needed,
-        [l0, l1, l2, kind, s0, s1, s2, last],
+        packed([l0, l1, l2, kind, flags, s0, s1, s2, last]),
     )
 }
 
@@ -543,8 +592,9 @@ fn keep_low(word: u64, count: u64) -> u64 {
     }
 }
 
-/// Follows the frame whose header (`bytes` 0–3 and 5–8, see [`Header`]) ends at offset `end`
-/// of the transfer: moves the cursor past its payload, opens or answers its stream.
+/// Follows the frame whose header ([`packed`] in `bytes`) ends at offset `end` of the
+/// transfer: moves the cursor past its payload, opens, ends the request of or answers its
+/// stream.
 #[inline(always)]
 fn follow(
     conn: &mut ConnState,
@@ -560,8 +610,12 @@ fn follow(
         return Step::Lost;
     }
     streams.cursor[at] = end + length;
-    let asks = transfer.request && kind == HEADERS;
-    let answers = kind == RST_STREAM || (!transfer.request && matches!(kind, HEADERS | DATA));
+    let end_stream = s0 & 0x80 != 0;
+    let message = matches!(kind, HEADERS | DATA);
+    // Request HEADERS open a stream (or are its trailers); request frames that end it end
+    // its request.
+    let asks = transfer.request && (kind == HEADERS || (kind == DATA && end_stream));
+    let answers = kind == RST_STREAM || (!transfer.request && message);
     if !asks && !answers {
         return Step::Next;
     }
@@ -571,18 +625,26 @@ fn follow(
         return Step::Lost;
     }
     if asks {
-        if id & 1 == 1 && id > streams.highest {
+        if kind == HEADERS && id & 1 == 1 && id > streams.highest {
             streams.highest = id;
-            if streams.open(id, transfer.now) {
+            let ended = if end_stream {
+                transfer.now
+            } else {
+                REQUEST_UNFINISHED
+            };
+            if streams.open(id, ended) {
                 streams.walk[at] |= WALK_CHANGED;
             } else {
                 streams.walk[at] += 1 << WALK_UNTRACKED_SHIFT;
             }
+        } else if end_stream && streams.end_request(id, transfer.now) {
+            streams.walk[at] |= WALK_CHANGED;
         }
     } else if let Some(opened) = streams.close(at, id) {
         streams.walk[at] |= WALK_CHANGED;
         let first = streams.walk[at] & WALK_ENDED == 0;
-        if transfer.now.saturating_sub(opened) >= transfer.stall_after_ns {
+        let owed = opened != REQUEST_UNFINISHED;
+        if owed && transfer.now.saturating_sub(opened) >= transfer.stall_after_ns {
             if streams.walk[at] & WALK_LATE != WALK_LATE {
                 streams.walk[at] += 1 << WALK_LATE_SHIFT;
             }
@@ -605,9 +667,9 @@ fn summarize(conn: &mut ConnState, streams: &Streams) {
     conn.h2_oldest_stream = 0;
     let mut slot = 0;
     while slot < STREAM_SLOTS {
-        if streams.awaits(slot) {
+        let opened = streams.opened_ns[slot];
+        if opened != REQUEST_UNFINISHED && streams.awaits(slot) {
             conn.h2_open += 1;
-            let opened = streams.opened_ns[slot];
             if conn.h2_oldest_ns == 0 || opened < conn.h2_oldest_ns {
                 conn.h2_oldest_ns = opened;
                 conn.h2_oldest_stream = streams.ids[slot];
@@ -642,8 +704,17 @@ mod tests {
     const THRESHOLD: u64 = 2_000 * MS;
 
     fn frame(kind: u8, stream: u32, payload_len: usize) -> Vec<u8> {
+        flagged(kind, 0, stream, payload_len)
+    }
+
+    /// A DATA or HEADERS frame that ends its stream's side.
+    fn ending(kind: u8, stream: u32, payload_len: usize) -> Vec<u8> {
+        flagged(kind, END_STREAM, stream, payload_len)
+    }
+
+    fn flagged(kind: u8, flags: u8, stream: u32, payload_len: usize) -> Vec<u8> {
         let len = payload_len as u32;
-        let mut bytes = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, 0];
+        let mut bytes = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
         bytes.extend_from_slice(&stream.to_be_bytes());
         bytes.resize(9 + payload_len, 0xab);
         bytes
@@ -694,9 +765,10 @@ mod tests {
         |at: usize| bytes.get(at..at + 4).map(|b| [b[0], b[1], b[2], b[3]])
     }
 
+    /// A unary call: HEADERS, then a DATA frame that ends the request.
     fn call(stream: u32) -> Vec<u8> {
         let mut bytes = frame(1, stream, 40);
-        bytes.extend(frame(0, stream, 12));
+        bytes.extend(ending(0, stream, 12));
         bytes
     }
 
@@ -739,6 +811,80 @@ mod tests {
             assert_eq!((conn.state.h2_open, conn.state.h2_oldest_ns), (0, 0));
             assert!(tracking(&conn.state));
         }
+    }
+
+    #[test]
+    fn a_response_is_owed_from_the_end_of_its_request() {
+        for role_id in [role::CLIENT, role::SERVER] {
+            let mut conn = Conn::new(role_id);
+            let (ask, reply) = if role_id == role::CLIENT {
+                (direction::OUT, direction::IN)
+            } else {
+                (direction::IN, direction::OUT)
+            };
+            // A client-streaming call: a message every second for ten seconds.
+            conn.transfer(ask, 100, &frame(1, 1, 40));
+            for second in 1..10 {
+                conn.transfer(ask, second * 1_000, &frame(0, 1, 500));
+                assert_eq!(conn.state.h2_open, 0, "{role_id}: the request still comes");
+                assert!(!quiet_past_threshold(
+                    &conn.state,
+                    second * 1_000 + 900,
+                    THRESHOLD
+                ));
+            }
+            // A GET (HEADERS that end the request) is owed at once.
+            conn.transfer(ask, 9_500, &ending(1, 3, 20));
+            assert_eq!((conn.state.h2_open, conn.state.h2_oldest_stream), (1, 3));
+            conn.transfer(reply, 9_600, &response(3));
+            conn.transfer(ask, 10_000, &ending(0, 1, 500));
+            assert_eq!(
+                (conn.state.h2_open, conn.state.h2_oldest_ns),
+                (1, 10_000 * MS)
+            );
+            assert!(!quiet_past_threshold(&conn.state, 11_999 * MS, THRESHOLD));
+            assert!(quiet_past_threshold(&conn.state, 12_000 * MS, THRESHOLD));
+            let walk = conn.transfer(reply, 13_000, &response(1));
+            assert!(walk.ended, "{role_id}");
+            assert_eq!(
+                (conn.state.h2_ended_stream, conn.state.h2_ended_ns),
+                (1, 10_000 * MS)
+            );
+            // A request ended by its trailers.
+            conn.transfer(ask, 14_000, &frame(1, 5, 40));
+            conn.transfer(ask, 14_100, &frame(0, 5, 40));
+            conn.transfer(ask, 15_000, &ending(1, 5, 10));
+            assert_eq!(
+                (conn.state.h2_open, conn.state.h2_oldest_ns),
+                (1, 15_000 * MS)
+            );
+        }
+    }
+
+    #[test]
+    fn a_stream_answered_before_its_request_ends_is_owed_nothing() {
+        // A bidirectional call whose server answers at once, and a call its client cancels
+        // mid-request.
+        let mut conn = Conn::new(role::SERVER);
+        conn.transfer(direction::IN, 0, &frame(1, 1, 40));
+        conn.transfer(direction::IN, 0, &frame(1, 3, 40));
+        assert!(!conn.transfer(direction::OUT, 10, &frame(1, 1, 20)).ended);
+        assert!(!conn.transfer(direction::IN, 3_000, &frame(3, 3, 4)).ended);
+        conn.transfer(direction::IN, 5_000, &ending(0, 1, 8));
+        conn.transfer(direction::IN, 5_000, &ending(0, 3, 8));
+        assert_eq!(conn.state.h2_open, 0);
+        assert!(!conn.transfer(direction::OUT, 9_000, &response(1)).ended);
+        // A request that never ends holds its slot until its stream closes: the eight slots
+        // stream 65 may take.
+        let mut conn = Conn::new(role::CLIENT);
+        for id in (1..=57).step_by(8) {
+            conn.transfer(direction::OUT, 1, &frame(1, id, 40));
+        }
+        let walk = conn.transfer(direction::OUT, 2, &call(65));
+        assert_eq!((walk.untracked, conn.state.h2_open), (1, 0));
+        conn.transfer(direction::OUT, 3, &frame(3, 57, 4));
+        let walk = conn.transfer(direction::OUT, 4, &call(67));
+        assert_eq!((walk.untracked, conn.state.h2_open), (0, 1));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs};
 use aya_ebpf::helpers::{
     bpf_probe_read_user, generated::bpf_probe_read_user as probe_read_user_raw,
 };
-use stalltrace_common::{capture_slot, syscall_regs, Capture, CAPTURE_MAX};
+use stalltrace_common::{capture_slot, http2, syscall_regs, Capture, CAPTURE_MAX};
 
 use crate::{
     maps::{CAPTURES, CAPTURE_BYTES, CAPTURE_SLOTS, REPLY_HEADS},
@@ -307,14 +307,13 @@ impl Walker {
 /// Entries a header read looks at from where the previous one stopped (grpcio writes a
 /// request's HEADERS frame with a slice per HPACK name and value: two dozen entries).
 const MAX_IOVEC_STEPS: u64 = 32;
-/// Entries between a frame header's first byte and its stream id (a header split over tiny
-/// entries).
-const MAX_IOVEC_STEPS_IN_HEADER: u64 = 3;
 
 /// The HTTP/2 frame header at `offset` of the current syscall's data (see [`Walker`]): bytes
-/// 0–3 returned, bytes 5–8 (the stream id) left in `walker.id` ([`NO_WORD`] if unread).
-/// [`NO_WORD`] when the data cannot be located or read. One call per frame: each call site
-/// of this reader costs the verifier its loop.
+/// 0–3 returned, and its last four of `http2::packed` (`END_STREAM` and stream id) left in
+/// `walker.id`, or [`NO_WORD`] there when the header ends in a later `iovec` entry (the
+/// caller reads those with [`stalltrace_h2_bytes8`]). [`NO_WORD`] when the data cannot be
+/// located or read. One call per frame: each call site of this reader costs the verifier
+/// its loop.
 #[inline(never)]
 pub(crate) fn walk_header_at(walker: &mut Walker, offset: u64) -> u64 {
     walker.id = NO_WORD;
@@ -327,12 +326,7 @@ pub(crate) fn walk_header_at(walker: &mut Walker, offset: u64) -> u64 {
     if offset < walker.start {
         walker.rewind();
     }
-    let first = vector_word(walker, offset, MAX_IOVEC_STEPS, true);
-    if first != NO_WORD && walker.id == NO_WORD {
-        // The header ends in a later entry: its stream id is read on its own.
-        walker.id = vector_word(walker, offset + 5, MAX_IOVEC_STEPS_IN_HEADER, false);
-    }
-    first
+    vector_header(walker, offset)
 }
 
 /// [`Walker::bytes8_at`] for the HTTP/2 walk, into this CPU's walker (`H2_WALKER`, its
@@ -355,27 +349,26 @@ pub(crate) extern "C" fn stalltrace_h2_bytes8(offset: u64) -> u64 {
     }
 }
 
-/// The 9-byte frame header at user address `address`, in one read: bytes 0–3 returned, bytes
-/// 5–8 left in `walker.id` ([`NO_WORD`] both when unreadable).
+/// The 9-byte frame header at user address `address`, in one read: bytes 0–3 returned, the
+/// last four of `http2::packed` left in `walker.id` ([`NO_WORD`] both when unreadable).
 #[inline(always)]
 fn read_header(walker: &mut Walker, address: u64) -> u64 {
     // SAFETY: a probe read of user memory: a fault is returned, not taken.
-    let Ok([a, b, c, d, _, e, f, g, h]) =
-        (unsafe { bpf_probe_read_user(address as *const [u8; 9]) })
-    else {
+    let Ok(header) = (unsafe { bpf_probe_read_user(address as *const [u8; 9]) }) else {
         return NO_WORD;
     };
+    let [a, b, c, d, e, f, g, h] = http2::packed(header);
     walker.id = u64::from(u32::from_ne_bytes([e, f, g, h]));
     u64::from(u32::from_ne_bytes([a, b, c, d]))
 }
 
-/// The word at `offset` of the `iovec` entries of `walker`, looking at most `steps` entries
-/// from its current one (which it moves to the entry holding `offset`). With `header`, a
-/// frame header whose 9 bytes lie in that entry is read whole (its stream id in `walker.id`).
+/// The word at `offset` of the `iovec` entries of `walker`, looking at most
+/// [`MAX_IOVEC_STEPS`] entries from its current one (which it moves to the entry holding
+/// `offset`); a frame header whose 9 bytes lie in that entry is read whole ([`read_header`]).
 #[inline(always)]
-fn vector_word(walker: &mut Walker, offset: u64, steps: u64, header: bool) -> u64 {
+fn vector_header(walker: &mut Walker, offset: u64) -> u64 {
     let mut step = 0;
-    while step < steps && walker.entry < walker.count {
+    while step < MAX_IOVEC_STEPS && walker.entry < walker.count {
         let entry = walker.base + 16 * walker.entry;
         // One read per entry (base, length): a helper call costs more than the bytes.
         // SAFETY: a probe read of user memory: a failure is returned, not faulted.
@@ -385,7 +378,7 @@ fn vector_word(walker: &mut Walker, offset: u64, steps: u64, header: bool) -> u6
         if offset < walker.start + len {
             let at = offset - walker.start;
             let available = len - at;
-            if header && available >= 9 {
+            if available >= 9 {
                 return read_header(walker, base + at);
             }
             if available >= 4 {

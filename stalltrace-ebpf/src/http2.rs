@@ -1,7 +1,7 @@
 //! HTTP/2 per-stream accounting on the hot path (the rule: `stalltrace_common::http2`). Only
 //! connections recognized as HTTP/2 come here: one lookup in `H2_STREAMS` per transfer, and
-//! two 4-byte reads of the user buffer per frame (length and type, stream id), plus two per
-//! `iovec` entry the walk passes in a vectored call.
+//! one 9-byte read of the user buffer per frame header, plus one per `iovec` entry the walk
+//! passes in a vectored call.
 use aya_ebpf::{bindings::BPF_NOEXIST, cty::c_void, helpers::generated::bpf_loop};
 use stalltrace_common::{
     http2::{self, Streams},
@@ -108,15 +108,25 @@ extern "C" fn walk_frames(_index: u64, walk: *mut c_void) -> i64 {
     let walker: *mut Walker = &raw mut *walk.walker;
     let mut header = |at: usize| {
         // SAFETY: see above.
-        let walker = unsafe { &mut *walker };
-        let first = walk_header_at(walker, at as u64);
-        if first == NO_WORD || walker.id == NO_WORD {
+        let first = walk_header_at(unsafe { &mut *walker }, at as u64);
+        if first == NO_WORD {
             return None;
         }
-        let ([a, b, c, d], [e, f, g, h]) = (
-            (first as u32).to_ne_bytes(),
-            (walker.id as u32).to_ne_bytes(),
-        );
+        let [a, b, c, d] = (first as u32).to_ne_bytes();
+        // SAFETY: see above.
+        let id = unsafe { (*walker).id };
+        let [e, f, g, h] = if id != NO_WORD {
+            (id as u32).to_ne_bytes()
+        } else {
+            // The header ends in a later `iovec` entry: its bytes 1–8.
+            if stalltrace_h2_bytes8(at as u64 + 1) == 0 {
+                return None;
+            }
+            // SAFETY: see above.
+            let [_, _, _, flags, e, f, g, h] = unsafe { (*walker).word };
+            let [.., e, f, g, h] = http2::packed([a, b, c, d, flags, e, f, g, h]);
+            [e, f, g, h]
+        };
         Some([a, b, c, d, e, f, g, h])
     };
     let more = http2::walk_frame(

@@ -480,16 +480,23 @@ fn libssl_hooks_are_off_unless_asked_for() {
     );
 }
 
-/// A gRPC server (grpcio) with one unary method that sleeps the seconds its request names;
-/// it accepts the clients' keepalive pings every second.
+/// A gRPC server (grpcio) with a unary method that sleeps the seconds its request names, and
+/// a client-streaming one that reads every message, then sleeps the seconds the last one
+/// names; it accepts the clients' keepalive pings every second.
 const GRPC_SERVER: &str = r#"
 import grpc, sys, time
 from concurrent import futures
 def sleep(request, context):
     time.sleep(float(request))
     return request
-handler = grpc.method_handlers_generic_handler(
-    "stalltrace.Test", {"Sleep": grpc.unary_unary_rpc_method_handler(sleep)})
+def collect(requests, context):
+    for last in requests:
+        pass
+    time.sleep(float(last))
+    return last
+handler = grpc.method_handlers_generic_handler("stalltrace.Test", {
+    "Sleep": grpc.unary_unary_rpc_method_handler(sleep),
+    "Collect": grpc.stream_unary_rpc_method_handler(collect)})
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 500),
@@ -558,6 +565,65 @@ fn a_late_grpc_call_is_flagged_on_both_ends() {
         assert!(
             duration + 300 >= delay_ms && duration <= delay_ms + 1_000,
             "{end:#}"
+        );
+    }
+}
+
+/// A gRPC client: one client-streaming call whose messages flow every 0.25 s for argv[2]
+/// seconds, the last naming the seconds its server waits before it answers (argv[3]); then
+/// the channel idles.
+const GRPC_UPLOAD_CLIENT: &str = r#"
+import grpc, sys, time
+channel = grpc.insecure_channel("127.0.0.1:" + sys.argv[1])
+grpc.channel_ready_future(channel).result(timeout=10)
+print("uploading", flush=True)
+def messages():
+    end = time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < end:
+        yield b"0"
+        time.sleep(0.25)
+    yield sys.argv[3].encode()
+assert channel.stream_unary("/stalltrace.Test/Collect")(messages()) == sys.argv[3].encode()
+print("idle", flush=True)
+time.sleep(60)
+"#;
+
+/// A client-streaming call owes its server nothing while its messages flow, for however
+/// long: an upload of four times the threshold is no stall. Its response is owed from the
+/// request's end (`END_STREAM`): a server that waits three times the threshold after the
+/// last message is flagged on both ends, stream 1, and the stall's duration is that wait,
+/// not the upload's.
+#[test]
+fn a_client_streaming_call_is_owed_its_response_from_its_last_message() {
+    require_root();
+    let daemon = Daemon::start("grpc-upload");
+    let (_server, port) = Script::start(GRPC_SERVER, &[]);
+    let port_number: u16 = port.parse().unwrap();
+    let (upload, wait) = (STALL_AFTER * 4, STALL_AFTER * 3);
+    let (_client, _) = Script::start(
+        GRPC_UPLOAD_CLIENT,
+        &[
+            &port,
+            &upload.as_secs_f64().to_string(),
+            &wait.as_secs_f64().to_string(),
+        ],
+    );
+    thread::sleep(upload - Duration::from_millis(300));
+    assert_eq!(
+        stall_events(&daemon, port_number),
+        Vec::<Value>::new(),
+        "an upload under way is no stall"
+    );
+    for role in ["client", "server"] {
+        let stall = daemon.wait_for_stall(port_number, role, STALL_AFTER + REPORT_WITHIN * 2);
+        assert_eq!(stall["stall"]["http2"]["stream"]["id"], 1, "{stall:#}");
+    }
+    let wait_ms = wait.as_millis() as u64;
+    for end in answered_on_both_ends(&daemon, port_number, wait + REPORT_WITHIN) {
+        let duration = end["stall"]["duration_ms"].as_u64().unwrap();
+        assert!(
+            duration + 300 >= wait_ms && duration <= wait_ms + 1_000,
+            "the server's wait after the last message: {end:#}"
         );
     }
 }

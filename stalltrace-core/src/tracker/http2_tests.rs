@@ -86,8 +86,12 @@ impl Kernel {
 }
 
 fn frame(kind: u8, stream: u32, payload_len: usize) -> Vec<u8> {
+    flagged(kind, 0, stream, payload_len)
+}
+
+fn flagged(kind: u8, flags: u8, stream: u32, payload_len: usize) -> Vec<u8> {
     let len = payload_len as u32;
-    let mut bytes = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, 0];
+    let mut bytes = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
     bytes.extend_from_slice(&stream.to_be_bytes());
     bytes.resize(9 + payload_len, 0);
     bytes
@@ -99,9 +103,10 @@ fn preface() -> Vec<u8> {
     bytes
 }
 
+/// A unary call: HEADERS, then a DATA frame that ends the request (`END_STREAM`).
 fn call(stream: u32) -> Vec<u8> {
     let mut bytes = frame(1, stream, 60);
-    bytes.extend(frame(0, stream, 10));
+    bytes.extend(flagged(0, 1, stream, 10));
     bytes
 }
 
