@@ -44,6 +44,16 @@ pub mod sync {
     pub const LOST: u8 = 2;
 }
 
+/// [`ConnState::h2_ended_how`]: how the stream a `QuietEnded` record names ended.
+pub mod ended {
+    /// Its response began, or the connection closed on it.
+    pub const ANSWERED: u8 = 0;
+    /// Its client reset it (`RST_STREAM`: a cancelled call, a deadline that passed).
+    pub const RESET_BY_CLIENT: u8 = 1;
+    /// Its server reset it (`RST_STREAM`: a refused stream, an error).
+    pub const RESET_BY_SERVER: u8 = 2;
+}
+
 /// Streams awaiting their response that one connection's state holds at once.
 pub const STREAM_SLOTS: usize = 32;
 /// Slots a new stream may take: the one its id maps to (masked), else the first of seven
@@ -652,6 +662,11 @@ fn follow(
                 streams.walk[at] |= WALK_ENDED;
                 conn.h2_ended_ns = opened;
                 conn.h2_ended_stream = id;
+                conn.h2_ended_how = match (kind, transfer.request) {
+                    (RST_STREAM, true) => ended::RESET_BY_CLIENT,
+                    (RST_STREAM, false) => ended::RESET_BY_SERVER,
+                    _ => ended::ANSWERED,
+                };
             }
         }
     }
@@ -691,6 +706,7 @@ pub fn quiet_past_threshold(conn: &ConnState, now: u64, stall_after_ns: u64) -> 
 pub fn end_oldest(conn: &mut ConnState) {
     conn.h2_ended_ns = conn.h2_oldest_ns;
     conn.h2_ended_stream = conn.h2_oldest_stream;
+    conn.h2_ended_how = ended::ANSWERED;
     conn.h2_answered_late = 0;
 }
 
@@ -949,9 +965,22 @@ mod tests {
         conn.transfer(direction::OUT, 0, &call(3));
         let walk = conn.transfer(direction::OUT, 2_500, &frame(3, 1, 4));
         assert!(walk.ended, "a cancel after the threshold ends the stall");
-        assert_eq!(conn.state.h2_ended_stream, 1);
-        conn.transfer(direction::IN, 2_600, &frame(3, 3, 4));
+        assert_eq!(
+            (conn.state.h2_ended_stream, conn.state.h2_ended_how),
+            (1, ended::RESET_BY_CLIENT)
+        );
+        assert!(conn.transfer(direction::IN, 2_600, &frame(3, 3, 4)).ended);
+        assert_eq!(
+            (conn.state.h2_ended_stream, conn.state.h2_ended_how),
+            (3, ended::RESET_BY_SERVER)
+        );
         assert_eq!(conn.state.h2_open, 0);
+        conn.transfer(direction::OUT, 2_700, &call(5));
+        assert!(conn.transfer(direction::IN, 5_000, &response(5)).ended);
+        assert_eq!(
+            (conn.state.h2_ended_stream, conn.state.h2_ended_how),
+            (5, ended::ANSWERED)
+        );
     }
 
     #[test]

@@ -280,7 +280,9 @@ pub struct ConnState {
     /// the last transfer answered (1 to 15; 0: none), the oldest of them named by
     /// `h2_ended_*`: the kernel reports `QuietEnded`.
     pub h2_answered_late: u8,
-    pub _pad6: [u8; 5],
+    /// HTTP/2: how the stream named by `h2_ended_stream` ended, one of [`http2::ended`].
+    pub h2_ended_how: u8,
+    pub _pad6: [u8; 4],
     pub comm: [u8; COMM_LEN],
 }
 
@@ -991,7 +993,8 @@ mod tests {
                 h2_open: 0,
                 h2_sync: 0,
                 h2_answered_late: 0,
-                _pad6: [0; 5],
+                h2_ended_how: 0,
+                _pad6: [0; 4],
                 comm,
             },
         }

@@ -628,6 +628,65 @@ fn a_client_streaming_call_is_owed_its_response_from_its_last_message() {
     }
 }
 
+/// A gRPC client that starts a call its server answers in argv[2] seconds, cancels it after
+/// argv[3] seconds (the call's `RST_STREAM`), then makes a call answered at once on the same
+/// channel and idles.
+const GRPC_CANCEL_CLIENT: &str = r#"
+import grpc, sys, time
+channel = grpc.insecure_channel("127.0.0.1:" + sys.argv[1])
+grpc.channel_ready_future(channel).result(timeout=10)
+call = channel.unary_unary("/stalltrace.Test/Sleep")
+slow = call.future(sys.argv[2].encode())
+print("calling", flush=True)
+time.sleep(float(sys.argv[3]))
+assert slow.cancel()
+assert call(b"0") == b"0"
+print("idle", flush=True)
+time.sleep(60)
+"#;
+
+/// A call its client gives up on (cancelled: what a deadline does too) is no response: its
+/// stall ends `stream_reset`, reset by the client, on both ends, with the time it waited;
+/// the channel's next call flows, unflagged.
+#[test]
+fn a_cancelled_grpc_call_ends_its_stall_as_reset_by_the_client() {
+    require_root();
+    let daemon = Daemon::start("grpc-cancel");
+    let (_server, port) = Script::start(GRPC_SERVER, &[]);
+    let port_number: u16 = port.parse().unwrap();
+    let waited = STALL_AFTER * 3;
+    let (_client, _) = Script::start(
+        GRPC_CANCEL_CLIENT,
+        &[
+            &port,
+            &(STALL_AFTER * 10).as_secs_f64().to_string(),
+            &waited.as_secs_f64().to_string(),
+        ],
+    );
+    let waited_ms = waited.as_millis() as u64;
+    for role in ["client", "server"] {
+        let end = daemon
+            .wait_for_event("stall.end", port_number, waited + REPORT_WITHIN, |e| {
+                e["conn"]["role"] == role
+            })
+            .unwrap_or_else(|| panic!("no {role} stall ended: {}", daemon.stderr()));
+        assert_eq!(end["stall"]["resolution"], "stream_reset", "{end:#}");
+        assert_eq!(
+            end["stall"]["http2"]["stream"],
+            json!({"id": 1, "reset_by": "client"}),
+            "{end:#}"
+        );
+        let duration = end["stall"]["duration_ms"].as_u64().unwrap();
+        assert!(
+            duration + 300 >= waited_ms && duration <= waited_ms + 1_000,
+            "{end:#}"
+        );
+    }
+    thread::sleep(past_threshold());
+    assert_eq!(daemon.events_named("stall.start", port_number).len(), 2);
+    assert_eq!(daemon.stalls(port_number), Vec::<Value>::new());
+}
+
 /// A gRPC client whose channel carries one slow call (the seconds of argv[2]) while calls
 /// that complete at once follow every argv[4] seconds for argv[3] seconds (issue 7, case 2a);
 /// then the channel idles.

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     diagnosis::Diagnosis,
     tracker::{
-        model::{Endpoints, Transport, UnixInfo},
+        model::{Endpoints, Role, Transport, UnixInfo},
         CloseSummary, ConnRef, Detail, Event, Totals,
     },
 };
@@ -196,18 +196,27 @@ pub struct Http2Json {
 pub struct Http2StreamJson {
     /// The stream identifier (odd: opened by the client).
     pub id: u32,
+    /// `stall.end` with resolution `stream_reset`: the end that sent the `RST_STREAM`
+    /// (`client`: a cancelled call, a deadline that passed; `server`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_by: Option<Role>,
 }
 
 impl Http2Json {
     /// `stall.http2` for a stall about `stream`, if any.
     pub fn stream(stream: Option<u32>) -> Option<Self> {
-        Self::ended(stream, 0)
+        Self::ended(stream, 0, None)
     }
 
-    /// `stall.http2` of a `stall.end`, with the streams answered late behind it.
-    pub fn ended(stream: Option<u32>, other_late_streams: u32) -> Option<Self> {
+    /// `stall.http2` of a `stall.end` (or an open stall's item), with the streams answered
+    /// late behind it and the end that reset the stream, if one did.
+    pub fn ended(
+        stream: Option<u32>,
+        other_late_streams: u32,
+        reset_by: Option<Role>,
+    ) -> Option<Self> {
         stream.map(|id| Self {
-            stream: Http2StreamJson { id },
+            stream: Http2StreamJson { id, reset_by },
             other_late_streams: (other_late_streams > 0).then_some(other_late_streams),
         })
     }
@@ -405,6 +414,7 @@ pub fn event_json(event: &Event, time: String) -> EventJson {
             retries,
             http2_stream,
             http2_late_streams,
+            http2_reset_by,
         } => (
             "stall.end",
             Some(StallJson {
@@ -412,7 +422,7 @@ pub fn event_json(event: &Event, time: String) -> EventJson {
                 duration_ms: Some(*duration_ms),
                 resolution: Some(resolution.as_str().into()),
                 retries: udp_retries(&event.conn.endpoints, *retries),
-                http2: Http2Json::ended(*http2_stream, *http2_late_streams),
+                http2: Http2Json::ended(*http2_stream, *http2_late_streams, *http2_reset_by),
                 ..StallJson::default()
             }),
         ),
@@ -594,6 +604,7 @@ mod tests {
             retries: 0,
             http2_stream: None,
             http2_late_streams: 0,
+            http2_reset_by: None,
         });
         assert_eq!(value["event"], "stall.end");
         assert_eq!(value["schema"], EVENT_SCHEMA);
@@ -617,6 +628,7 @@ mod tests {
                 retries: 2,
                 http2_stream: None,
                 http2_late_streams: 0,
+                http2_reset_by: None,
             },
         };
         let value = serde_json::to_value(event_json(&event, "t".into())).unwrap();

@@ -8,7 +8,7 @@ use stalltrace_common::{
     ConnEvent, ConnState, EventKind, AF_INET, CAPTURE_MAX,
 };
 
-use super::model::{Resolution, StallKind};
+use super::model::{Resolution, Role, StallKind};
 use super::{Detail, Event, Tracker};
 
 const MS: u64 = 1_000_000;
@@ -248,7 +248,8 @@ fn a_slow_stream_among_flowing_ones_stalls_on_both_ends() {
                         resolution: Resolution::Response,
                         retries: 0,
                         http2_stream: Some(1),
-                        http2_late_streams: 0
+                        http2_late_streams: 0,
+                        http2_reset_by: None
                     }
                 )
             ],
@@ -436,6 +437,63 @@ fn unread_bytes_on_an_http2_connection_are_no_request() {
     assert!(unread(&mut unstarted), "the preface itself unread");
 }
 
+/// A client that gives up on an overdue call (its deadline) resets the stream: the stall
+/// ends `stream_reset`, by the client, on both ends, and the connection goes on: its next
+/// call is judged as before, and its end is no close of a stalled connection.
+#[test]
+fn a_cancelled_stream_ends_its_stall_reset_by_the_client() {
+    for role_id in [role::CLIENT, role::SERVER] {
+        let mut run = Run::new(role_id);
+        let (ask, reply) = (run.ask, run.reply);
+        run.until(100, 6_000, |ms| match ms {
+            100 => vec![(ask, call(1))],
+            3_100 => vec![(ask, frame(3, 1, 4))],
+            3_500 => vec![(ask, call(3))],
+            5_000 => vec![(reply, response(3))],
+            _ => vec![],
+        });
+        let ends: Vec<_> = run
+            .stall_events()
+            .into_iter()
+            .filter_map(|(at, detail)| match detail {
+                Detail::StallEnd {
+                    resolution,
+                    http2_stream,
+                    http2_reset_by,
+                    duration_ms,
+                    ..
+                } => Some((
+                    at,
+                    *resolution,
+                    *http2_stream,
+                    *http2_reset_by,
+                    *duration_ms,
+                )),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            ends,
+            [(
+                3_100,
+                Resolution::StreamReset,
+                Some(1),
+                Some(Role::Client),
+                3_000
+            )],
+            "role {role_id}"
+        );
+        run.kernel.state.tcp_state = tcp_state::CLOSE;
+        let close = run.kernel.event(EventKind::Closed, 7_000 * MS);
+        run.tracker.on_event(&close, &mut run.events);
+        let closed = run.events.iter().find_map(|e| match &e.detail {
+            Detail::Close(summary) => Some(summary.closed_while_stalled),
+            _ => None,
+        });
+        assert_eq!(closed, Some(false), "role {role_id}");
+    }
+}
+
 /// A connection that closes on an overdue stream: its stall ends `closed`, named.
 #[test]
 fn a_close_ends_a_streams_stall() {
@@ -468,7 +526,8 @@ fn a_close_ends_a_streams_stall() {
                 resolution: Resolution::Reset,
                 retries: 0,
                 http2_stream: Some(1),
-                http2_late_streams: 0
+                http2_late_streams: 0,
+                http2_reset_by: None
             }
         ))
     );
@@ -510,7 +569,8 @@ fn other_streams_answers_do_not_end_a_streams_stall_at_the_close() {
                 resolution: Resolution::Closed,
                 retries: 0,
                 http2_stream: Some(1),
-                http2_late_streams: 0
+                http2_late_streams: 0,
+                http2_reset_by: None
             }
         ))
     );
@@ -560,6 +620,7 @@ fn a_recorded_grpc_channel_flags_its_slow_call_only() {
             Detail::StallEnd {
                 http2_stream,
                 http2_late_streams: 0,
+                http2_reset_by: None,
                 duration_ms,
                 ..
             } => ("end", at, *http2_stream, *duration_ms),

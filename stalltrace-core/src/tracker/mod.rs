@@ -22,7 +22,7 @@ use std::{collections::VecDeque, sync::Arc};
 use stalltrace_common::{
     conn_flags,
     http1::{ReplyHead, RequestRun},
-    transfer, ConnEvent, ConnState, EventKind, UnixNames,
+    http2, transfer, ConnEvent, ConnState, EventKind, UnixNames,
 };
 
 use crate::diagnosis::Diagnosis;
@@ -87,6 +87,8 @@ pub enum Detail {
         http2_stream: Option<u32>,
         /// HTTP/2: see [`Stall::http2_late_streams`].
         http2_late_streams: u32,
+        /// HTTP/2, [`Resolution::StreamReset`]: the end that reset the stream.
+        http2_reset_by: Option<Role>,
     },
 }
 
@@ -754,7 +756,17 @@ impl Tracker {
                             Activity::Ending { how, .. } if still_open => how,
                             _ => Resolution::Response,
                         };
-                        end_stall(conn, at, how, out);
+                        let reset_by = match state.h2_ended_how {
+                            http2::ended::RESET_BY_CLIENT => Some(Role::Client),
+                            http2::ended::RESET_BY_SERVER => Some(Role::Server),
+                            _ => None,
+                        };
+                        match reset_by {
+                            Some(by) if how == Resolution::Response => {
+                                end_stream_stall(conn, at, by, out)
+                            }
+                            _ => end_stall(conn, at, how, out),
+                        }
                     }
                     // Another stream's stall is open: these ended hidden behind it.
                     Some(stall) => stall.http2_late_streams += 1 + others,
@@ -1408,12 +1420,27 @@ fn start_stall(
 }
 
 fn end_stall(conn: &mut Conn, at: u64, resolution: Resolution, out: &mut Vec<Event>) {
+    if resolution != Resolution::Response && conn.stall.is_some() {
+        conn.closed_while_stalled = true;
+    }
+    push_stall_end(conn, at, resolution, None, out);
+}
+
+/// Ends the stall of an HTTP/2 stream that `by` reset, its connection open.
+fn end_stream_stall(conn: &mut Conn, at: u64, by: Role, out: &mut Vec<Event>) {
+    push_stall_end(conn, at, Resolution::StreamReset, Some(by), out);
+}
+
+fn push_stall_end(
+    conn: &mut Conn,
+    at: u64,
+    resolution: Resolution,
+    http2_reset_by: Option<Role>,
+    out: &mut Vec<Event>,
+) {
     let Some(stall) = conn.stall.take() else {
         return;
     };
-    if resolution != Resolution::Response {
-        conn.closed_while_stalled = true;
-    }
     out.push(Event {
         at_ns: at,
         conn: conn.reference(),
@@ -1424,6 +1451,7 @@ fn end_stall(conn: &mut Conn, at: u64, resolution: Resolution, out: &mut Vec<Eve
             retries: conn.retries,
             http2_stream: stall.http2_stream,
             http2_late_streams: stall.http2_late_streams,
+            http2_reset_by,
         },
     });
 }

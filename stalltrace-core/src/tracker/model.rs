@@ -465,6 +465,10 @@ pub enum Resolution {
     Closed,
     /// The connection was reset.
     Reset,
+    /// HTTP/2: the stalled stream was reset (`RST_STREAM`), its connection still open: by its
+    /// client (a cancelled call, a deadline that passed) or its server (see
+    /// `Detail::StallEnd::http2_reset_by`).
+    StreamReset,
     /// The daemon stopped while the stall was open: it may go on, unwatched.
     DaemonStopped,
 }
@@ -475,6 +479,7 @@ impl Resolution {
             Self::Response => "response",
             Self::Closed => "closed",
             Self::Reset => "reset",
+            Self::StreamReset => "stream_reset",
             Self::DaemonStopped => "daemon_stopped",
         }
     }

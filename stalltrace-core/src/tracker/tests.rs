@@ -153,6 +153,7 @@ fn assert_ended(events: &[Event], kind: StallKind, duration_ms: u64, resolution:
             retries: 0,
             http2_stream: None,
             http2_late_streams: 0,
+            http2_reset_by: None,
         }]
     );
 }
@@ -349,6 +350,7 @@ fn a_stall_that_ended_between_sweeps_is_still_reported() {
                 retries: 0,
                 http2_stream: None,
                 http2_late_streams: 0,
+                http2_reset_by: None,
             }
         ]
     );
@@ -388,6 +390,7 @@ fn close_while_stalled_ends_the_stall_as_closed() {
             retries: 0,
             http2_stream: None,
             http2_late_streams: 0,
+            http2_reset_by: None,
         }
     );
     let Detail::Close(summary) = &close.detail else {
@@ -549,6 +552,7 @@ fn reset_after_an_unswept_stall_reports_it() {
                 retries: 0,
                 http2_stream: None,
                 http2_late_streams: 0,
+                http2_reset_by: None,
             }
         ]
     );
@@ -584,6 +588,7 @@ fn connect_that_times_out_between_sweeps_is_reported() {
                 retries: 0,
                 http2_stream: None,
                 http2_late_streams: 0,
+                http2_reset_by: None,
             }
         ]
     );
@@ -833,6 +838,7 @@ fn an_adopted_request_answered_then_closed_before_a_sweep_ends_with_the_response
             retries: 0,
             http2_stream: None,
             http2_late_streams: 0,
+            http2_reset_by: None,
         }
     );
 }
@@ -1615,6 +1621,7 @@ fn a_udp_query_stalls_counts_its_retry_and_ends_closed_at_release() {
             retries: 1,
             http2_stream: None,
             http2_late_streams: 0,
+            http2_reset_by: None,
         }]
     );
     let closed = feed(&mut tracker, kernel.event(EventKind::Closed, 8 * SEC));

@@ -552,7 +552,7 @@ fn render_show(answer: &Value) -> Result<String> {
                 event["event"].as_str().unwrap_or("?"),
                 stall["kind"].as_str().unwrap_or(""),
             );
-            if let Some(resolution) = stall["resolution"].as_str() {
+            if let Some(resolution) = resolution_text(stall) {
                 line.push_str(&format!(
                     " -> {resolution} after {} ms",
                     stall["duration_ms"]
@@ -741,6 +741,21 @@ pub fn watch(socket: &Path, filter: api::Filter, format: Format) -> Result<()> {
     }
 }
 
+/// How a stall ended, for people: `stall.resolution`, with the end that reset an HTTP/2
+/// stream (`stream_reset by client`).
+fn resolution_text(stall: &Value) -> Option<String> {
+    let resolution = stall["resolution"].as_str()?;
+    Some(
+        match stall
+            .pointer("/http2/stream/reset_by")
+            .and_then(Value::as_str)
+        {
+            Some(by) => format!("{resolution} by {by}"),
+            None => resolution.to_owned(),
+        },
+    )
+}
+
 /// One event on one line: time (UTC, ms), event, connection, process, endpoints, then what
 /// the event says (stall kind, quiet time or duration, resolution, cause, request; losses by
 /// cause). `event`'s strings must be terminal-safe already.
@@ -799,7 +814,7 @@ fn event_line(event: &Value, terminal: &Terminal) -> String {
     if let Some(quiet) = stall["quiet_ms"].as_u64() {
         details.push(format!("quiet {}", format_millis(quiet)));
     }
-    if let Some(resolution) = stall["resolution"].as_str() {
+    if let Some(resolution) = resolution_text(stall) {
         let after = stall["duration_ms"]
             .as_u64()
             .map_or("?".into(), format_millis);

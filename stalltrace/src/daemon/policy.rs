@@ -457,6 +457,7 @@ mod tests {
                 retries: 0,
                 http2_stream: None,
                 http2_late_streams: 0,
+                http2_reset_by: None,
             },
         )
     }

@@ -266,7 +266,11 @@ impl Daemon {
                     age_ms: Some(age_ms),
                     since: Some(clock.rfc3339(since)),
                     retries: json::udp_retries(&conn.endpoints, conn.retries),
-                    http2: json::Http2Json::ended(stall.http2_stream, stall.http2_late_streams),
+                    http2: json::Http2Json::ended(
+                        stall.http2_stream,
+                        stall.http2_late_streams,
+                        None,
+                    ),
                     severity: annotation
                         .and_then(|a| a.severity)
                         .map(|s| s.as_str().into()),
@@ -306,7 +310,7 @@ impl Daemon {
             age_ms: Some(now.saturating_sub(since) / 1_000_000),
             since: Some(clock.rfc3339(since)),
             retries: json::udp_retries(&conn.endpoints, conn.retries),
-            http2: json::Http2Json::ended(stall.http2_stream, stall.http2_late_streams),
+            http2: json::Http2Json::ended(stall.http2_stream, stall.http2_late_streams, None),
             diagnosis: self.diagnoser.current(id).cloned(),
             ..StallJson::default()
         });
