@@ -7,6 +7,8 @@ use std::{
     hash::{BuildHasher as _, BuildHasherDefault, Hasher},
 };
 
+use hashbrown::HashTable;
+
 use stalltrace_common::ConnState;
 
 use super::{model::Endpoints, Conn, Detail, Event};
@@ -37,8 +39,51 @@ impl Hasher for SockHasher {
 /// daemon-chosen integers).
 pub(super) type BySock<V> = HashMap<u64, V, BuildHasherDefault<SockHasher>>;
 
-/// The indexes cost 2 × 16 bytes (plus the hash tables' slack) per connection: 200 000
-/// connections add about 8 MiB.
+/// An index of the connections in [`Table::kernel`] by a key of their records (id,
+/// endpoints): it holds only their sock addresses (8 bytes a slot, where a map would hold the
+/// key too), hashed by the key the record holds and compared through the record. So every
+/// sock in it must be in `kernel`, its record's key unchanged since it was indexed: entries
+/// are removed before a record leaves `kernel` or its key changes.
+#[derive(Default)]
+struct Index(HashTable<u64>);
+
+impl Index {
+    /// The sock of the record at `hash` that `is_it` accepts.
+    fn get(&self, hash: u64, mut is_it: impl FnMut(u64) -> bool) -> Option<u64> {
+        self.0.find(hash, |&sock| is_it(sock)).copied()
+    }
+
+    /// Indexes `sock` at `hash`, in place of the entry `same_key` accepts if there is one;
+    /// `rehash` gives an indexed sock's hash when the table grows.
+    fn insert(
+        &mut self,
+        hash: u64,
+        sock: u64,
+        mut same_key: impl FnMut(u64) -> bool,
+        rehash: impl Fn(u64) -> u64,
+    ) {
+        match self.0.find_mut(hash, |&other| same_key(other)) {
+            Some(slot) => *slot = sock,
+            None => {
+                self.0.insert_unique(hash, sock, |&other| rehash(other));
+            }
+        }
+    }
+
+    /// Drops `sock`'s entry at `hash`; false when it was not indexed there.
+    fn remove(&mut self, hash: u64, sock: u64) -> bool {
+        match self.0.find_entry(hash, |&other| other == sock) {
+            Ok(entry) => {
+                entry.remove();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// The indexes by id and endpoints cost 8 bytes a slot: with 200 000 connections (262 144
+/// slots each, and a control byte a slot), 4.5 MiB for the two.
 #[derive(Default)]
 pub(super) struct Table {
     /// Connections the kernel tracks, by `struct sock` address. Boxed: growing the table
@@ -49,14 +94,13 @@ pub(super) struct Table {
     /// Connections found in /proc that the kernel has not reported yet (a start-up affair).
     adopted: HashMap<Endpoints, Conn>,
     /// Connection id → sock address, for kernel-tracked connections.
-    by_id: BySock<u64>,
+    by_id: Index,
     /// Connection id → endpoints, for adopted connections.
     adopted_ids: HashMap<u64, Endpoints>,
-    /// Hash of the endpoints → sock address, for kernel-tracked connections. Lookups compare
-    /// the endpoints, so a hash collision is a miss, never a wrong answer. Two records may
-    /// briefly share endpoints (a 4-tuple reused before the old record's close was seen): the
-    /// newer one is indexed.
-    by_endpoints: BySock<u64>,
+    /// Endpoints → sock address, for kernel-tracked connections. Two records may briefly
+    /// share endpoints (a 4-tuple reused before the old record's close was seen): the newer
+    /// one is indexed.
+    by_endpoints: Index,
     /// Unix socket inode → sock address, for Unix connections (a thread blocked on a Unix
     /// socket fd is joined to its connection by the fd's inode).
     unix_inodes: BySock<u64>,
@@ -104,16 +148,26 @@ impl Table {
         self.endpoint_hasher.hash_one(endpoints)
     }
 
+    fn id_key(id: u64) -> u64 {
+        BuildHasherDefault::<SockHasher>::default().hash_one(id)
+    }
+
     pub(super) fn insert(&mut self, sock: u64, conn: Conn) {
-        self.by_id.insert(conn.id, sock);
-        if let Some(inodes) = conn.endpoints.unix_inodes() {
+        // The record it replaces leaves the indexes first: they hash through the records.
+        self.remove(sock);
+        let (id, endpoints) = (conn.id, conn.endpoints);
+        if let Some(inodes) = endpoints.unix_inodes() {
             self.unix_inodes.insert(inodes.local, sock);
         }
-        self.by_endpoints
-            .insert(self.endpoint_key(&conn.endpoints), sock);
-        if let Some(old) = self.kernel.insert(sock, Box::new(conn)) {
-            self.forget(sock, &old);
-        }
+        self.kernel.insert(sock, Box::new(conn));
+        let kernel = &self.kernel;
+        self.by_id.insert(
+            Self::id_key(id),
+            sock,
+            |_| false,
+            |other| kernel.get(&other).map_or(0, |conn| Self::id_key(conn.id)),
+        );
+        self.index_endpoints(sock, &endpoints);
     }
 
     pub(super) fn remove(&mut self, sock: u64) -> Option<Conn> {
@@ -147,8 +201,7 @@ impl Table {
 
     /// Drops the index entries of a record that left `kernel` (unless a newer record took them).
     fn forget(&mut self, sock: u64, conn: &Conn) {
-        if self.by_id.get(&conn.id) == Some(&sock) {
-            self.by_id.remove(&conn.id);
+        if self.by_id.remove(Self::id_key(conn.id), sock) {
             self.stalled.remove(&conn.id);
         }
         self.unindex_endpoints(sock, &conn.endpoints);
@@ -160,10 +213,27 @@ impl Table {
     }
 
     fn unindex_endpoints(&mut self, sock: u64, endpoints: &Endpoints) {
-        let key = self.endpoint_key(endpoints);
-        if self.by_endpoints.get(&key) == Some(&sock) {
-            self.by_endpoints.remove(&key);
-        }
+        self.by_endpoints.remove(self.endpoint_key(endpoints), sock);
+    }
+
+    /// Indexes `sock` (in `kernel`) by `endpoints`, its record's, in place of an older record
+    /// with the same.
+    fn index_endpoints(&mut self, sock: u64, endpoints: &Endpoints) {
+        let (kernel, hasher) = (&self.kernel, &self.endpoint_hasher);
+        self.by_endpoints.insert(
+            hasher.hash_one(endpoints),
+            sock,
+            |other| {
+                kernel
+                    .get(&other)
+                    .is_some_and(|c| c.endpoints == *endpoints)
+            },
+            |other| {
+                kernel
+                    .get(&other)
+                    .map_or(0, |c| hasher.hash_one(c.endpoints))
+            },
+        );
     }
 
     /// Takes what a newer kernel snapshot of `sock` knows better, keeping the endpoint index
@@ -177,7 +247,7 @@ impl Table {
         let after = conn.endpoints;
         if before != after {
             self.unindex_endpoints(sock, &before);
-            self.by_endpoints.insert(self.endpoint_key(&after), sock);
+            self.index_endpoints(sock, &after);
         }
     }
 
@@ -211,14 +281,17 @@ impl Table {
         };
         let before = std::mem::replace(&mut conn.endpoints, endpoints);
         self.unindex_endpoints(sock, &before);
-        self.by_endpoints
-            .insert(self.endpoint_key(&endpoints), sock);
+        self.index_endpoints(sock, &endpoints);
     }
 
     /// A connection by id, with its kernel key.
     pub(super) fn by_id(&self, id: u64) -> Option<(Option<u64>, &Conn)> {
-        if let Some(&sock) = self.by_id.get(&id) {
-            return self.kernel.get(&sock).map(|conn| (Some(sock), &**conn));
+        let kernel = &self.kernel;
+        let found = self.by_id.get(Self::id_key(id), |sock| {
+            kernel.get(&sock).is_some_and(|conn| conn.id == id)
+        });
+        if let Some(sock) = found {
+            return kernel.get(&sock).map(|conn| (Some(sock), &**conn));
         }
         let endpoints = self.adopted_ids.get(&id)?;
         self.adopted.get(endpoints).map(|conn| (None, conn))
@@ -233,12 +306,15 @@ impl Table {
 
     /// A connection by its endpoints, with its kernel key.
     pub(super) fn by_endpoints(&self, endpoints: &Endpoints) -> Option<(Option<u64>, &Conn)> {
+        let kernel = &self.kernel;
         let key = self.endpoint_key(endpoints);
-        if let Some(&sock) = self.by_endpoints.get(&key) {
-            let found = self.kernel.get(&sock).filter(|c| &c.endpoints == endpoints);
-            if let Some(conn) = found {
-                return Some((Some(sock), conn));
-            }
+        let found = self.by_endpoints.get(key, |sock| {
+            kernel
+                .get(&sock)
+                .is_some_and(|conn| conn.endpoints == *endpoints)
+        });
+        if let Some(sock) = found {
+            return kernel.get(&sock).map(|conn| (Some(sock), &**conn));
         }
         self.adopted.get(endpoints).map(|conn| (None, conn))
     }
@@ -277,9 +353,107 @@ impl Table {
             return false;
         }
         self.kernel.shrink_to(2 * live);
-        self.by_id.shrink_to(2 * live);
-        self.by_endpoints.shrink_to(2 * live);
+        let (kernel, hasher) = (&self.kernel, &self.endpoint_hasher);
+        self.by_id.0.shrink_to(2 * live, |sock| {
+            kernel.get(sock).map_or(0, |c| Self::id_key(c.id))
+        });
+        self.by_endpoints.0.shrink_to(2 * live, |sock| {
+            kernel.get(sock).map_or(0, |c| hasher.hash_one(c.endpoints))
+        });
         self.unix_inodes.shrink_to(2 * live);
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::super::model::{Owner, Role, Transport};
+    use super::*;
+
+    fn endpoints(port: u16) -> Endpoints {
+        Endpoints {
+            transport: Transport::Tcp,
+            local: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            local_port: port,
+            peer: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            peer_port: 5432,
+            netns: 1,
+        }
+    }
+
+    fn conn(id: u64, port: u16) -> Conn {
+        Conn {
+            id,
+            role: Role::Client,
+            endpoints: endpoints(port),
+            owner: Owner::default(),
+            unix: None,
+            opened_ns: 1,
+            adopted: false,
+            stall: None,
+            quiet_since: None,
+            incomplete: false,
+            retries: 0,
+            counted_reads: None,
+            counted_writes: None,
+            kernel_open_ns: 1,
+            announced: true,
+            closed_while_stalled: false,
+            watch_epoch: 0,
+            missing_sweeps: 0,
+            reply: None,
+            pipeline: None,
+        }
+    }
+
+    fn found(table: &Table, id: u64, port: u16) -> (Option<u64>, Option<u64>) {
+        let by_id = table.by_id(id).map(|(sock, c)| (sock.unwrap(), c.id));
+        let by_endpoints = table.by_endpoints(&endpoints(port));
+        assert!(by_id.is_none_or(|(_, found)| found == id));
+        (
+            by_id.map(|(sock, _)| sock),
+            by_endpoints.map(|(s, _)| s.unwrap()),
+        )
+    }
+
+    #[test]
+    fn indexes_follow_inserts_replacements_moves_and_removals_through_growth() {
+        let mut table = Table::default();
+        // Enough records to grow the indexes many times (each growth rehashes through them).
+        for i in 0..20_000u64 {
+            table.insert(0x1000 + i, conn(i + 1, 10_000 + i as u16 % 40_000));
+        }
+        for i in (0..20_000u64).step_by(997) {
+            let port = 10_000 + i as u16 % 40_000;
+            assert_eq!(
+                found(&table, i + 1, port),
+                (Some(0x1000 + i), Some(0x1000 + i))
+            );
+        }
+        // A reused sock address: the old record leaves both indexes.
+        table.insert(0x1000, conn(50_001, 60_000));
+        assert_eq!(found(&table, 1, 10_000), (None, None));
+        assert_eq!(found(&table, 50_001, 60_000), (Some(0x1000), Some(0x1000)));
+        // A 4-tuple reused before the old record's close: the newer record is indexed; its
+        // removal leaves the older one unindexed, and the older one's removal changes nothing.
+        table.insert(0x9_0000, conn(50_002, 10_001));
+        assert_eq!(found(&table, 50_002, 10_001).1, Some(0x9_0000));
+        assert_eq!(found(&table, 2, 10_001).0, Some(0x1001));
+        assert!(table.remove(0x9_0000).is_some());
+        assert_eq!(found(&table, 2, 10_001), (Some(0x1001), None));
+        // Endpoints that change (a connect()'s local port, a Unix peer's inode).
+        table.set_endpoints(0x1003, endpoints(61_000));
+        assert_eq!(found(&table, 4, 61_000), (Some(0x1003), Some(0x1003)));
+        assert_eq!(table.by_endpoints(&endpoints(10_003)).map(|(s, _)| s), None);
+        // Most leave: the indexes shrink and still find the rest.
+        for i in 10..20_000u64 {
+            assert!(table.remove(0x1000 + i).is_some());
+        }
+        assert!(table.compact());
+        assert_eq!(found(&table, 5, 10_004), (Some(0x1004), Some(0x1004)));
+        assert_eq!(found(&table, 11, 10_010), (None, None));
+        assert_eq!(table.len(), 10);
     }
 }
