@@ -17,7 +17,7 @@ pub mod model;
 pub mod pipeline;
 mod table;
 
-use std::{collections::VecDeque, sync::Arc};
+use std::{collections::VecDeque, num::NonZeroU64, sync::Arc};
 
 use stalltrace_common::{
     conn_flags,
@@ -164,37 +164,29 @@ pub struct Stall {
     pub http2_late_streams: u32,
 }
 
-/// A tracked connection.
+/// A tracked connection. Every tracked end pays for its record (152 bytes, boxed: 160 with
+/// glibc's chunk header; 200 000 ends on a busy host): what few connections use lives in one
+/// box of its own ([`Extras`]), and options take no more room than their values.
 #[derive(Clone, Debug)]
 pub struct Conn {
     pub id: u64,
     pub role: Role,
     pub endpoints: Endpoints,
     pub owner: Owner,
-    /// Unix connections: see [`ConnRef::unix`].
-    pub unix: Option<Arc<UnixInfo>>,
     pub opened_ns: u64,
     pub adopted: bool,
     /// Boxed: stalls are rare, and every tracked connection pays for this field.
     pub stall: Option<Box<Stall>>,
-    /// Start of the quiet stretch of the request outstanding at the last sweep, if any.
-    pub quiet_since: Option<u64>,
+    /// See [`Conn::quiet_since`] (a quiet stretch cannot start at 0 ns, the clock's start).
+    quiet_since: Option<NonZeroU64>,
     /// Some of this connection's history is missing (see [`CloseSummary::complete`]).
     pub incomplete: bool,
     /// UDP: retries of the current (or last) exchange, as of the latest kernel snapshot.
     pub retries: u32,
-    /// HTTP/1.x: the framing of the latest response, once a sweep read its head.
-    pub reply: Option<Box<ReplyFraming>>,
-    /// TCP: what the kernel entry counted as read, on the socket's own scale
-    /// (`transfer::counted_reads`), as of the latest snapshot; `None` where that scale is not
-    /// known (an entry found through its traffic without splice reads on). The diagnosis sets
-    /// it against what the socket says was read (`TcpSignals::bytes_read`).
-    pub counted_reads: Option<u32>,
-    /// TCP: what the kernel entry counted as sent (low 32 bits) when it was tracked from its
-    /// handshake, as of the latest snapshot; set against `TcpSignals::bytes_written`.
-    pub counted_writes: Option<u32>,
-    /// HTTP/1.x: the requests pipelined before the latest response, when there were several.
-    pub pipeline: Option<Box<Pipeline>>,
+    /// TCP: what the kernel entry counted as moved, as of the latest snapshot (see
+    /// [`Counted`]).
+    pub counted: Counted,
+    extras: Option<Box<Extras>>,
     /// `open_ns` of the kernel entry this record follows: tells a reused sock address apart.
     kernel_open_ns: u64,
     announced: bool,
@@ -203,7 +195,119 @@ pub struct Conn {
     missing_sweeps: u8,
 }
 
+// Every tracked end pays for it: see `Conn`.
+const _: () = assert!(std::mem::size_of::<Conn>() <= 152);
+
+/// What a connection's kernel entry counted as moved, on the socket's own scale, for the
+/// diagnosis to set against what the socket says (`TcpSignals::bytes_read`,
+/// `bytes_written`). Two words and which of them are known, not two `Option<u32>` (8 bytes
+/// less a record).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counted {
+    reads: u32,
+    writes: u32,
+    known: u8,
+}
+
+impl Counted {
+    const READS: u8 = 1;
+    const WRITES: u8 = 2;
+
+    /// From a TCP entry: what it counted as read ([`transfer::counted_reads`]) when that scale
+    /// is known (not for an entry found through its traffic without splice reads on), and as
+    /// sent (low 32 bits) when it was tracked from its handshake.
+    fn from_kernel(state: &ConnState) -> Self {
+        let (reads, writes) = (counted_reads(state), counted_writes(state));
+        Self {
+            reads: reads.unwrap_or(0),
+            writes: writes.unwrap_or(0),
+            known: (u8::from(reads.is_some()) * Self::READS)
+                | (u8::from(writes.is_some()) * Self::WRITES),
+        }
+    }
+
+    /// Bytes read (low 32 bits), if known.
+    pub fn reads(&self) -> Option<u32> {
+        (self.known & Self::READS != 0).then_some(self.reads)
+    }
+
+    /// Bytes sent (low 32 bits), if known.
+    pub fn writes(&self) -> Option<u32> {
+        (self.known & Self::WRITES != 0).then_some(self.writes)
+    }
+}
+
+/// The fields of a [`Conn`] that few connections use, boxed together.
+#[derive(Clone, Debug, Default)]
+struct Extras {
+    /// Unix connections: see [`ConnRef::unix`].
+    unix: Option<Arc<UnixInfo>>,
+    /// HTTP/1.x: the framing of the latest response, once a sweep read its head.
+    reply: Option<Box<ReplyFraming>>,
+    /// HTTP/1.x: the requests pipelined before the latest response, when there were several.
+    pipeline: Option<Box<Pipeline>>,
+}
+
 impl Conn {
+    /// A record with no request outstanding, no stall and nothing counted yet.
+    fn new(id: u64, role: Role, endpoints: Endpoints, owner: Owner, opened_ns: u64) -> Self {
+        Self {
+            id,
+            role,
+            endpoints,
+            owner,
+            opened_ns,
+            adopted: false,
+            stall: None,
+            quiet_since: None,
+            incomplete: false,
+            retries: 0,
+            counted: Counted::default(),
+            extras: None,
+            kernel_open_ns: 0,
+            announced: false,
+            closed_while_stalled: false,
+            watch_epoch: 0,
+            missing_sweeps: 0,
+        }
+    }
+
+    /// Start of the quiet stretch of the request outstanding at the last sweep (ns), if any.
+    pub fn quiet_since(&self) -> Option<u64> {
+        self.quiet_since.map(NonZeroU64::get)
+    }
+
+    fn set_quiet_since(&mut self, since: Option<u64>) {
+        self.quiet_since = since.and_then(NonZeroU64::new);
+    }
+
+    /// Unix connections: see [`ConnRef::unix`].
+    pub fn unix(&self) -> Option<&Arc<UnixInfo>> {
+        self.extras.as_ref()?.unix.as_ref()
+    }
+
+    /// HTTP/1.x: the framing of the latest response, once a sweep read its head.
+    fn reply(&self) -> Option<&ReplyFraming> {
+        self.extras.as_ref()?.reply.as_deref()
+    }
+
+    fn reply_mut(&mut self) -> Option<&mut ReplyFraming> {
+        self.extras.as_mut()?.reply.as_deref_mut()
+    }
+
+    /// HTTP/1.x: the requests pipelined before the latest response, when there were several.
+    fn pipeline(&self) -> Option<&Pipeline> {
+        self.extras.as_ref()?.pipeline.as_deref()
+    }
+
+    fn pipeline_mut(&mut self) -> Option<&mut Pipeline> {
+        self.extras.as_mut()?.pipeline.as_deref_mut()
+    }
+
+    fn extras_mut(&mut self) -> &mut Extras {
+        self.extras.get_or_insert_with(Box::default)
+    }
+
     /// When the quiet of its open stall began (ns), as reported: never before the connection
     /// opened (that time is precise, the quiet's start on the state clock, up to a tick
     /// behind), but for an adopted connection, whose request may predate the daemon.
@@ -219,14 +323,14 @@ impl Conn {
     /// What the connection is doing as of the kernel snapshot `state`, its latest HTTP/1.x
     /// response's framing and the requests pipelined before it considered.
     pub fn activity(&self, state: &ConnState) -> Activity {
-        pipeline::assess(state, self.reply.as_deref(), self.pipeline.as_deref())
+        pipeline::assess(state, self.reply(), self.pipeline())
     }
 
     /// The first bytes of the request behind an open pipelined stall (the capture holds the
     /// run's first request, not this one).
     pub fn pipelined_request(&self) -> Option<&[u8]> {
         self.stall.as_ref().filter(|stall| stall.pipelined)?;
-        self.pipeline.as_deref()?.owed_request()
+        self.pipeline()?.owed_request()
     }
 
     pub fn reference(&self) -> ConnRef {
@@ -235,7 +339,7 @@ impl Conn {
             role: self.role,
             owner: self.owner,
             endpoints: self.endpoints,
-            unix: self.unix.clone(),
+            unix: self.unix().cloned(),
         }
     }
 
@@ -245,8 +349,7 @@ impl Conn {
             self.owner = owner;
         }
         self.retries = state.retries;
-        self.counted_reads = counted_reads(state);
-        self.counted_writes = counted_writes(state);
+        self.counted = Counted::from_kernel(state);
         if self.endpoints.local_port == 0 {
             // connect() picks the local port after the SYN_SENT transition. (A Unix entry's
             // peer inode may be 0, where the tracker knows it from the peer: keep that.)
@@ -484,7 +587,7 @@ impl Tracker {
             .copied()
             .filter(|sock| {
                 self.conns.get(*sock).is_some_and(|conn| {
-                    conn.stall.is_none() && conn.quiet_since.is_some_and(|q| q <= since_ns)
+                    conn.stall.is_none() && conn.quiet_since().is_some_and(|q| q <= since_ns)
                 })
             })
             .collect()
@@ -585,28 +688,10 @@ impl Tracker {
         if self.conns.by_endpoints(&adoption.endpoints).is_some() {
             return;
         }
-        let mut conn = Conn {
-            id: self.take_id(),
-            role: adoption.role,
-            endpoints: adoption.endpoints,
-            owner: adoption.owner,
-            unix: None,
-            opened_ns: now,
-            adopted: true,
-            stall: None,
-            quiet_since: None,
-            incomplete: true,
-            retries: 0,
-            counted_reads: None,
-            counted_writes: None,
-            kernel_open_ns: 0,
-            announced: false,
-            closed_while_stalled: false,
-            watch_epoch: 0,
-            missing_sweeps: 0,
-            reply: None,
-            pipeline: None,
-        };
+        let id = self.take_id();
+        let mut conn = Conn::new(id, adoption.role, adoption.endpoints, adoption.owner, now);
+        conn.adopted = true;
+        conn.incomplete = true;
         announce(&mut conn, now, out);
         self.conns.insert_adopted(conn);
     }
@@ -644,7 +729,7 @@ impl Tracker {
             let Some(conn) = conns.adopted_by_id_mut(id) else {
                 return false; // taken over by the kernel, or closed
             };
-            conn.quiet_since = Some(since);
+            conn.set_quiet_since(Some(since));
             if now.saturating_sub(since) < stall_after_ns {
                 return true;
             }
@@ -707,8 +792,8 @@ impl Tracker {
             self.conns.link_unix_peers(sock, state.peer_sock);
         }
         let conn = self.conns.get_mut(sock).expect("conn_for tracks it");
-        if unix.is_some() && conn.unix.is_none() {
-            conn.unix = unix;
+        if let Some(unix) = unix.filter(|_| conn.unix().is_none()) {
+            conn.extras_mut().unix = Some(unix);
         }
         match kind {
             // A passive connection waits for its first transfer to be reported with its owner.
@@ -800,8 +885,8 @@ impl Tracker {
                 // A response's bytes moved after quiet past the threshold: more of one, or a
                 // pipelined request's. Ends its stall; one that began and ended between two
                 // sweeps is reported now, dated when it crossed the threshold.
-                let incomplete_since = conn.reply.as_ref().and_then(|r| r.incomplete_since);
-                let owed_since = conn.pipeline.as_ref().and_then(|p| p.owed);
+                let incomplete_since = conn.reply().and_then(|r| r.incomplete_since);
+                let owed_since = conn.pipeline().and_then(|p| p.owed);
                 let since = match (incomplete_since, owed_since) {
                     (Some(quiet_since), _) => {
                         Some((StallKind::ResponseIncomplete, quiet_since, false))
@@ -838,10 +923,10 @@ impl Tracker {
                 if resumed {
                     end_stall(conn, at, Resolution::Response, out);
                 }
-                if let Some(reply) = conn.reply.as_deref_mut() {
+                if let Some(reply) = conn.reply_mut() {
                     reply.incomplete_since = None;
                 }
-                if let Some(pipeline) = conn.pipeline.as_deref_mut() {
+                if let Some(pipeline) = conn.pipeline_mut() {
                     pipeline.owed = None;
                 }
             }
@@ -1049,20 +1134,21 @@ impl Tracker {
             if let Some(stall) = conn.stall.as_deref_mut() {
                 stall.next_check_ns = now + STALLED_RECHECK_NS;
             }
-            if framing::needs_head(&state, conn.reply.as_deref()) {
+            if framing::needs_head(&state, conn.reply()) {
                 let head = reply_head(sock).filter(|head| head.reply_ns == state.dir_since_ns);
                 // A response whose bytes the kernel could not read (they came by splice: its
                 // tail is unknown) had no head copied: nothing was lost.
                 if head.is_none() && state.reply_tail != stalltrace_common::http1::TAIL_UNKNOWN {
                     self.stats.reply_heads_missed += 1;
                 }
-                conn.pipeline = head.as_ref().and_then(|head| {
+                let extras = conn.extras_mut();
+                extras.pipeline = head.as_ref().and_then(|head| {
                     let count = Pipeline::count(head, request_run(sock).as_ref(), &state);
                     self.stats.http1_runs_uncounted += u64::from(!count.all);
                     self.stats.http1_pipelined_runs += u64::from(count.pipeline.is_some());
                     count.pipeline.map(Box::new)
                 });
-                conn.reply = Some(Box::new(match head {
+                extras.reply = Some(Box::new(match head {
                     Some(head) => ReplyFraming::from_head(&head),
                     None => ReplyFraming {
                         reply_ns: state.dir_since_ns,
@@ -1155,28 +1241,17 @@ impl Tracker {
                     conn.kernel_open_ns = state.open_ns;
                     conn
                 }
-                None => Conn {
-                    id: self.take_id(),
-                    role: activity::role_of(state),
-                    endpoints,
-                    owner: Owner::default(),
-                    unix: None,
-                    opened_ns: state.open_ns,
-                    adopted: preexisting,
-                    stall: None,
-                    quiet_since: None,
-                    incomplete: discovered || preexisting,
-                    retries: state.retries,
-                    counted_reads: counted_reads(state),
-                    counted_writes: counted_writes(state),
-                    kernel_open_ns: state.open_ns,
-                    announced: false,
-                    closed_while_stalled: false,
-                    watch_epoch: 0,
-                    missing_sweeps: 0,
-                    reply: None,
-                    pipeline: None,
-                },
+                None => {
+                    let id = self.take_id();
+                    let role = activity::role_of(state);
+                    let mut conn = Conn::new(id, role, endpoints, Owner::default(), state.open_ns);
+                    conn.adopted = preexisting;
+                    conn.incomplete = discovered || preexisting;
+                    conn.retries = state.retries;
+                    conn.counted = Counted::from_kernel(state);
+                    conn.kernel_open_ns = state.open_ns;
+                    conn
+                }
             };
             self.conns.insert(sock, conn);
         }
@@ -1321,20 +1396,20 @@ fn observe(
     if conn.stall.is_some() {
         return;
     }
-    conn.quiet_since = match activity {
+    conn.set_quiet_since(match activity {
         Activity::Outstanding { quiet_since } | Activity::ResponseIncomplete { quiet_since } => {
             Some(quiet_since)
         }
         _ => None,
-    };
-    if let Some(reply) = conn.reply.as_deref_mut() {
+    });
+    if let Some(reply) = conn.reply_mut() {
         reply.incomplete_since = match activity {
             Activity::ResponseIncomplete { quiet_since } => Some(quiet_since),
             _ => None,
         };
     }
-    let pipelined = pipeline::is_pipelined(state, activity, conn.pipeline.as_deref());
-    if let Some(pipeline) = conn.pipeline.as_deref_mut() {
+    let pipelined = pipeline::is_pipelined(state, activity, conn.pipeline());
+    if let Some(pipeline) = conn.pipeline_mut() {
         pipeline.owed = match activity {
             Activity::Outstanding { quiet_since } if pipelined => {
                 pipeline.owed(state).map(|index| (index, quiet_since))
@@ -1351,7 +1426,7 @@ fn observe(
         Activity::Idle | Activity::Ending { .. } => return,
     };
     if now.saturating_sub(quiet_since) >= stall_after_ns {
-        let owed = conn.reply.as_deref().and_then(|reply| reply.owed(state));
+        let owed = conn.reply().and_then(|reply| reply.owed(state));
         let stream = activity::http2_stream(state);
         start_stall(conn, kind, quiet_since, now, stream, state.exchanges, out);
         if let Some(stall) = conn.stall.as_deref_mut() {
@@ -1390,7 +1465,7 @@ fn start_stall(
     exchanges_at_start: u64,
     out: &mut Vec<Event>,
 ) {
-    if conn.unix.as_ref().is_some_and(|unix| unix.one_way) {
+    if conn.unix().is_some_and(|unix| unix.one_way) {
         return;
     }
     announce(conn, at, out);

@@ -384,28 +384,7 @@ mod tests {
     }
 
     fn conn(id: u64, port: u16) -> Conn {
-        Conn {
-            id,
-            role: Role::Client,
-            endpoints: endpoints(port),
-            owner: Owner::default(),
-            unix: None,
-            opened_ns: 1,
-            adopted: false,
-            stall: None,
-            quiet_since: None,
-            incomplete: false,
-            retries: 0,
-            counted_reads: None,
-            counted_writes: None,
-            kernel_open_ns: 1,
-            announced: true,
-            closed_while_stalled: false,
-            watch_epoch: 0,
-            missing_sweeps: 0,
-            reply: None,
-            pipeline: None,
-        }
+        Conn::new(id, Role::Client, endpoints(port), Owner::default(), 1)
     }
 
     fn found(table: &Table, id: u64, port: u16) -> (Option<u64>, Option<u64>) {

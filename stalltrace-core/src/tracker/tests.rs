@@ -184,11 +184,15 @@ fn a_stall_is_over_in_a_snapshot_where_the_reply_moved_and_counts_follow_the_ker
     k.transfer(direction::IN, SEC + THRESHOLD + MS);
     assert!(!t.stall_over_in(SOCK, &k.state));
     // The reply went out (its record not handled yet).
-    let before = t.conn(SOCK).unwrap().counted_writes;
+    let before = t.conn(SOCK).unwrap().counted.writes();
     k.transfer(direction::OUT, SEC + THRESHOLD + 2 * MS);
     assert!(t.stall_over_in(SOCK, &k.state));
     t.refresh_counts(SOCK, &k.state);
-    assert_ne!(t.conn(SOCK).unwrap().counted_writes, before, "counts taken");
+    assert_ne!(
+        t.conn(SOCK).unwrap().counted.writes(),
+        before,
+        "counts taken"
+    );
     // Another connection at the same address is not this one.
     let other = Kernel::new(role::SERVER, 7 * SEC);
     assert!(t.stall_over_in(SOCK, &other.state));

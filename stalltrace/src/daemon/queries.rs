@@ -9,7 +9,7 @@ use stalltrace_core::{
         Command, ErrorCode, Filter, Response,
     },
     timefmt::monotonic_ns,
-    tracker::{activity, model::UnixInfo, Conn, Totals},
+    tracker::{activity, Conn, Totals},
 };
 
 use tokio::sync::mpsc;
@@ -349,7 +349,7 @@ fn conn_item(
     let mut item = ConnItemJson::new(&conn.reference());
     item.conn.adopted = Some(conn.adopted);
     let stream = snapshot.is_some_and(|s| s.flags & conn_flags::STREAM != 0);
-    let one_way = conn.unix.as_ref().is_some_and(|unix| unix.one_way);
+    let one_way = conn.unix().is_some_and(|unix| unix.one_way);
     let state = match (&conn.stall, snapshot.as_ref().map(|s| conn.activity(s))) {
         (Some(_), _) => ruled.unwrap_or("stalled"),
         (None, Some(activity::Activity::Idle)) if stream => "stream",
@@ -395,7 +395,7 @@ impl Daemon {
     /// `--container`, as resolved so far.
     fn selected(&self, filter: &Filter, conn: &Conn) -> bool {
         filter.matches(conn.owner.pid, &conn.owner.comm.as_str(), &conn.endpoints)
-            && filter.matches_path(conn.unix.as_deref().map(UnixInfo::path))
+            && filter.matches_path(conn.unix().map(|unix| unix.path()))
             && (!filter.selects_cgroup()
                 || filter.matches_cgroup(
                     conn.owner.cgroup_id,

@@ -49,7 +49,7 @@ impl Daemon {
                 continue;
             };
             // A request that was read is the sweep's business.
-            if conn.role != Role::Server || conn.stall.is_some() || conn.quiet_since.is_some() {
+            if conn.role != Role::Server || conn.stall.is_some() || conn.quiet_since().is_some() {
                 continue;
             }
             if conn.owner.pid == 0 {

@@ -51,7 +51,7 @@ pub(super) const UNIX_ENDPOINT: &str = "unix:";
 /// The `why` group of a request on `conn`: a server is grouped by the port it serves, a client
 /// by the peer it calls; both ends of a Unix connection by its path.
 pub(super) fn why_key(conn: &Conn, signature: String) -> WhyKey {
-    let endpoint = match (&conn.unix, conn.role) {
+    let endpoint = match (conn.unix(), conn.role) {
         (Some(unix), _) => format!("{UNIX_ENDPOINT}{}", unix.path()),
         (None, Role::Server) => format!(":{}", conn.endpoints.local_port),
         (None, Role::Client) => conn.endpoints.peer_addr().to_string(),

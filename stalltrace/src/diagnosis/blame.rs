@@ -184,7 +184,7 @@ pub(super) fn is_event_loop(syscall: &str) -> bool {
 }
 
 fn link(conn: &Conn, via: Option<String>, evidence: Option<Evidence>) -> BlameLink {
-    let (local, peer) = match (&conn.unix, conn.endpoints.transport) {
+    let (local, peer) = match (conn.unix(), conn.endpoints.transport) {
         (Some(unix), _) => (unix.local_name.clone(), unix.peer_name.clone()),
         // Its names were lost with its first record: no address to show.
         (None, Transport::Unix) => (String::new(), String::new()),

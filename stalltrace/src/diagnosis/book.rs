@@ -489,8 +489,8 @@ impl Diagnoser {
             });
             if found.confidence_reason.is_none() {
                 if let Some(reason) = diagnosis::unseen_bytes_reason(
-                    conn.counted_reads,
-                    conn.counted_writes,
+                    conn.counted.reads(),
+                    conn.counted.writes(),
                     &signals,
                 ) {
                     found.confidence = diagnosis::Confidence::Partial;
