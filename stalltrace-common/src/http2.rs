@@ -100,9 +100,12 @@ const MAX_UNKNOWN_FRAME_LEN: u64 = 16_384;
 /// A connection's two directions are often walked by two threads at once (a reader and a
 /// writer, on two CPUs), and the BPF target has no atomic read-modify-write here: so every
 /// field has one writer, the walk of one direction. A slot's stream awaits its response while
-/// its generation (`opened`, bumped by the request direction when a stream takes the slot)
-/// differs from the generation each direction last closed (`closed`: the reply direction
-/// answers, either direction resets).
+/// its generation (`generation`, changed by the request direction when a stream takes the
+/// slot) differs from the generation each direction last closed (`closed`: the reply
+/// direction answers, either direction resets). Generations take 2 bits, held in bit planes
+/// (bit `slot` of plane 0, the low bit, and of plane 1): three values are always enough for
+/// one that differs from both closed ones, and the slots awaiting are a few word operations
+/// ([`Streams::awaiting`]), not a pass over 32 slots.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Streams {
@@ -117,13 +120,14 @@ pub struct Streams {
     /// trailer, not a new request.
     pub highest: u32,
     pub _pad: u32,
-    /// Per slot: its stream's id, when its request ended (ns; [`REQUEST_UNFINISHED`] until
-    /// then) and its generation.
+    /// Per slot: its stream's id, and when its request ended (ns; [`REQUEST_UNFINISHED`]
+    /// until then).
     pub ids: [u32; STREAM_SLOTS],
     pub opened_ns: [u64; STREAM_SLOTS],
-    pub opened: [u32; STREAM_SLOTS],
-    /// Per direction (`[in, out]`) and slot: the generation it last closed.
-    pub closed: [[u32; STREAM_SLOTS]; 2],
+    /// Per slot, its generation (bit planes).
+    pub generation: [u32; 2],
+    /// Per direction (`[in, out]`) and slot: the generation it last closed (bit planes).
+    pub closed: [[u32; 2]; 2],
     /// Per direction: the first bytes of a frame header the last transfer ended inside
     /// (`held_len` of them, 1 to 8, byte `i` in bits `8i..8i + 8`), joined with the rest at
     /// the next transfer. A reader with a fixed buffer splits headers anywhere.
@@ -131,7 +135,7 @@ pub struct Streams {
     pub held_len: [u32; 2],
 }
 
-const _: () = assert!(core::mem::size_of::<Streams>() == 832);
+const _: () = assert!(core::mem::size_of::<Streams>() == 472);
 
 impl Streams {
     pub const EMPTY: Self = Self {
@@ -142,8 +146,8 @@ impl Streams {
         _pad: 0,
         ids: [0; STREAM_SLOTS],
         opened_ns: [0; STREAM_SLOTS],
-        opened: [0; STREAM_SLOTS],
-        closed: [[0; STREAM_SLOTS]; 2],
+        generation: [0; 2],
+        closed: [[0; 2]; 2],
         held: [0; 2],
         held_len: [0; 2],
     };
@@ -154,12 +158,19 @@ impl Streams {
         ((id >> 1) as usize ^ PROBE_OFFSETS[probe & (STREAM_PROBES - 1)]) & (STREAM_SLOTS - 1)
     }
 
+    /// The slots whose streams await their response (bit `slot`).
+    #[inline(always)]
+    fn awaiting(&self) -> u32 {
+        let [low, high] = self.generation;
+        let differs =
+            |[closed_low, closed_high]: [u32; 2]| (low ^ closed_low) | (high ^ closed_high);
+        differs(self.closed[0]) & differs(self.closed[1])
+    }
+
     /// Slot `slot`'s stream awaits its response.
     #[inline(always)]
     fn awaits(&self, slot: usize) -> bool {
-        let slot = slot & (STREAM_SLOTS - 1);
-        let generation = self.opened[slot];
-        generation != self.closed[0][slot] && generation != self.closed[1][slot]
+        self.awaiting() & (1 << (slot & (STREAM_SLOTS - 1))) != 0
     }
 
     /// Opens stream `id` (request direction), its request ended at `ended` (ns, or
@@ -186,12 +197,18 @@ impl Streams {
         self.ids[slot] = id;
         self.opened_ns[slot] = ended;
         // A generation neither direction has closed: the slot awaits again.
-        let (a, b) = (self.closed[0][slot], self.closed[1][slot]);
-        let mut generation = self.opened[slot].wrapping_add(1);
-        if generation == a || generation == b {
-            generation = a.max(b).wrapping_add(1);
-        }
-        self.opened[slot] = generation;
+        let (a, b) = (
+            plane_value(self.closed[0], slot),
+            plane_value(self.closed[1], slot),
+        );
+        let generation = if a != 0 && b != 0 {
+            0
+        } else if a != 1 && b != 1 {
+            1
+        } else {
+            2
+        };
+        set_plane_value(&mut self.generation, slot, generation);
     }
 
     /// The slot of stream `id`, if it awaits. (An id is opened once: no two slots awaiting
@@ -214,7 +231,8 @@ impl Streams {
     #[inline(always)]
     fn close(&mut self, side: usize, id: u32) -> Option<u64> {
         let slot = self.find(id)? & (STREAM_SLOTS - 1);
-        self.closed[side & 1][slot] = self.opened[slot];
+        let generation = plane_value(self.generation, slot);
+        set_plane_value(&mut self.closed[side & 1], slot, generation);
         Some(self.opened_ns[slot])
     }
 
@@ -230,6 +248,21 @@ impl Streams {
             _ => false,
         }
     }
+}
+
+/// Slot `slot`'s 2-bit value in `planes`.
+#[inline(always)]
+fn plane_value(planes: [u32; 2], slot: usize) -> u32 {
+    let slot = slot & (STREAM_SLOTS - 1);
+    ((planes[0] >> slot) & 1) | (((planes[1] >> slot) & 1) << 1)
+}
+
+/// Sets slot `slot`'s 2-bit value in `planes` to `value`.
+#[inline(always)]
+fn set_plane_value(planes: &mut [u32; 2], slot: usize, value: u32) {
+    let bit = 1u32 << (slot & (STREAM_SLOTS - 1));
+    planes[0] = (planes[0] & !bit) | if value & 1 != 0 { bit } else { 0 };
+    planes[1] = (planes[1] & !bit) | if value & 2 != 0 { bit } else { 0 };
 }
 
 /// Reads the frame header at an offset of the transfer, as [`packed`] (8 bytes: length,
@@ -680,10 +713,12 @@ fn summarize(conn: &mut ConnState, streams: &Streams) {
     conn.h2_open = 0;
     conn.h2_oldest_ns = 0;
     conn.h2_oldest_stream = 0;
+    // Only the slots awaiting are looked at, up to the last of them.
+    let awaiting = streams.awaiting();
     let mut slot = 0;
-    while slot < STREAM_SLOTS {
+    while slot < STREAM_SLOTS && awaiting >> slot != 0 {
         let opened = streams.opened_ns[slot];
-        if opened != REQUEST_UNFINISHED && streams.awaits(slot) {
+        if awaiting & (1 << slot) != 0 && opened != REQUEST_UNFINISHED {
             conn.h2_open += 1;
             if conn.h2_oldest_ns == 0 || opened < conn.h2_oldest_ns {
                 conn.h2_oldest_ns = opened;
@@ -901,6 +936,21 @@ mod tests {
         conn.transfer(direction::OUT, 3, &frame(3, 57, 4));
         let walk = conn.transfer(direction::OUT, 4, &call(67));
         assert_eq!((walk.untracked, conn.state.h2_open), (0, 1));
+    }
+
+    #[test]
+    fn a_slot_awaits_after_every_open_whichever_direction_closed_it_last() {
+        // One slot reused by streams 1, 65, 129…, closed by one direction or the other in
+        // every order: each open awaits, each close ends it, no other slot moves.
+        let mut streams = Streams::EMPTY;
+        for (i, sides) in (0..64u32).map(|i| (i, [(i >> 1) & 1, i & 1])) {
+            let id = 1 + 64 * i;
+            assert!(streams.open(id, u64::from(i)));
+            assert_eq!(streams.awaiting(), 1, "stream {id} awaits in slot 0");
+            assert_eq!(streams.close(sides[0] as usize, id), Some(u64::from(i)));
+            assert_eq!(streams.awaiting(), 0);
+            assert_eq!(streams.close(sides[1] as usize, id), None, "closed once");
+        }
     }
 
     #[test]
