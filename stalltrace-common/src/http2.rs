@@ -119,6 +119,13 @@ pub struct Streams {
     /// The highest client-initiated stream id opened: a HEADERS frame on a lower id is a
     /// trailer, not a new request.
     pub highest: u32,
+    /// The stream whose request ends with the frame the request direction is still
+    /// transferring (its `END_STREAM` frame's payload is still to come; 0: none): the request
+    /// ends when its last byte moves, not its header.
+    pub ending: u32,
+    /// A stream opened while sending its request that found all its slots held (0: none):
+    /// placed when its request ends, if it does, as a response is then owed.
+    pub unplaced: u32,
     pub _pad: u32,
     /// Per slot: its stream's id, and when its request ended (ns; [`REQUEST_UNFINISHED`]
     /// until then).
@@ -135,7 +142,7 @@ pub struct Streams {
     pub held_len: [u32; 2],
 }
 
-const _: () = assert!(core::mem::size_of::<Streams>() == 472);
+const _: () = assert!(core::mem::size_of::<Streams>() == 480);
 
 impl Streams {
     pub const EMPTY: Self = Self {
@@ -143,6 +150,8 @@ impl Streams {
         cursor: [0; 2],
         walk: [0; 2],
         highest: 0,
+        ending: 0,
+        unplaced: 0,
         _pad: 0,
         ids: [0; STREAM_SLOTS],
         opened_ns: [0; STREAM_SLOTS],
@@ -175,19 +184,30 @@ impl Streams {
 
     /// Opens stream `id` (request direction), its request ended at `ended` (ns, or
     /// [`REQUEST_UNFINISHED`]), in the first of its [`STREAM_PROBES`] slots that holds no
-    /// stream awaiting; false if there is none (the stream is not followed).
+    /// stream awaiting. If all are held, a request that has ended (a response is owed) takes
+    /// the first held by a stream still sending its request, which is no longer followed:
+    /// dozens of open uploads or quiet bidirectional calls must not hide a stuck call.
     #[inline(always)]
-    fn open(&mut self, id: u32, ended: u64) -> bool {
+    fn open(&mut self, id: u32, ended: u64) -> Opened {
+        let awaiting = self.awaiting();
+        let mut sending = STREAM_SLOTS;
         let mut probe = 0;
         while probe < STREAM_PROBES {
             let slot = Self::slot(id, probe);
-            if !self.awaits(slot) {
+            if awaiting & (1 << slot) == 0 {
                 self.take(slot, id, ended);
-                return true;
+                return Opened::Free;
+            }
+            if sending == STREAM_SLOTS && self.opened_ns[slot] == REQUEST_UNFINISHED {
+                sending = slot;
             }
             probe += 1;
         }
-        false
+        if ended == REQUEST_UNFINISHED || sending == STREAM_SLOTS {
+            return Opened::Full;
+        }
+        self.take(sending, id, ended);
+        Opened::Displaced
     }
 
     /// Slot `slot` holds stream `id`, its request ended at `ended`.
@@ -236,6 +256,41 @@ impl Streams {
         Some(self.opened_ns[slot])
     }
 
+    /// Opens new stream `id` from the walk of direction `at` (the request's), its request
+    /// ended at `ended` (or [`REQUEST_UNFINISHED`]), noting in `walk[at]` what changed and
+    /// what is not followed.
+    #[inline(always)]
+    fn open_new(&mut self, at: usize, id: u32, ended: u64) {
+        let at = at & 1;
+        match self.open(id, ended) {
+            Opened::Free => self.walk[at] |= WALK_CHANGED,
+            Opened::Displaced => {
+                self.walk[at] |= WALK_CHANGED;
+                self.walk[at] += 1 << WALK_UNTRACKED_SHIFT;
+            }
+            Opened::Full if ended == REQUEST_UNFINISHED => {
+                // Placed if its request ends; one noted before it is given up.
+                if self.unplaced != 0 {
+                    self.walk[at] += 1 << WALK_UNTRACKED_SHIFT;
+                }
+                self.unplaced = id;
+            }
+            Opened::Full => self.walk[at] += 1 << WALK_UNTRACKED_SHIFT,
+        }
+    }
+
+    /// Stream `id`'s request ends at `now`, seen by the walk of direction `at`: its response
+    /// is owed from then (an unplaced stream is placed now).
+    #[inline(always)]
+    fn request_ends(&mut self, at: usize, id: u32, now: u64) {
+        if self.end_request(id, now) {
+            self.walk[at & 1] |= WALK_CHANGED;
+        } else if id == self.unplaced {
+            self.unplaced = 0;
+            self.open_new(at, id, now);
+        }
+    }
+
     /// Stream `id`'s request ends at `now` (request direction): its response is owed from
     /// then. False if it is not awaiting, or its request had ended.
     #[inline(always)]
@@ -248,6 +303,17 @@ impl Streams {
             _ => false,
         }
     }
+}
+
+/// How [`Streams::open`] went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Opened {
+    /// In a free slot.
+    Free,
+    /// In place of a stream still sending its request, no longer followed.
+    Displaced,
+    /// Not at all: the stream is not followed.
+    Full,
 }
 
 /// Slot `slot`'s 2-bit value in `planes`.
@@ -444,11 +510,17 @@ pub fn walk_begin(
     stall_after_ns: u64,
 ) -> Transfer {
     let at = side(dir);
+    let request = dir == transfer::request_direction(conn);
     streams.cursor[at] = u64::from(streams.skip[at]);
     streams.walk[at] = 0;
+    if request && streams.ending != 0 && streams.cursor[at] <= total {
+        // The rest of the frame that ends a request: it ends now.
+        streams.request_ends(at, streams.ending, now);
+        streams.ending = 0;
+    }
     Transfer {
         at,
-        request: dir == transfer::request_direction(conn),
+        request,
         total,
         now,
         stall_after_ns,
@@ -668,20 +740,22 @@ fn follow(
         return Step::Lost;
     }
     if asks {
+        // A request ends with the last byte of its `END_STREAM` frame: one whose payload is
+        // still to come (a large message on a slow link) ends with a later transfer.
+        let ends_now = end_stream && streams.cursor[at] <= transfer.total;
+        if end_stream && !ends_now {
+            streams.ending = id;
+        }
         if kind == HEADERS && id & 1 == 1 && id > streams.highest {
             streams.highest = id;
-            let ended = if end_stream {
+            let ended = if ends_now {
                 transfer.now
             } else {
                 REQUEST_UNFINISHED
             };
-            if streams.open(id, ended) {
-                streams.walk[at] |= WALK_CHANGED;
-            } else {
-                streams.walk[at] += 1 << WALK_UNTRACKED_SHIFT;
-            }
-        } else if end_stream && streams.end_request(id, transfer.now) {
-            streams.walk[at] |= WALK_CHANGED;
+            streams.open_new(at, id, ended);
+        } else if ends_now {
+            streams.request_ends(at, id, transfer.now);
         }
     } else if let Some(opened) = streams.close(at, id) {
         streams.walk[at] |= WALK_CHANGED;
@@ -925,17 +999,95 @@ mod tests {
         conn.transfer(direction::IN, 5_000, &ending(0, 3, 8));
         assert_eq!(conn.state.h2_open, 0);
         assert!(!conn.transfer(direction::OUT, 9_000, &response(1)).ended);
-        // A request that never ends holds its slot until its stream closes: the eight slots
-        // stream 65 may take.
+        // Requests that never end hold their slots until their streams close (the eight
+        // slots streams 65, 129 and 193 may take): another such request finds none, and is
+        // placed if its request ends; a request that has ended, a response owed, takes the
+        // slot of one still sending.
         let mut conn = Conn::new(role::CLIENT);
         for id in (1..=57).step_by(8) {
             conn.transfer(direction::OUT, 1, &frame(1, id, 40));
         }
-        let walk = conn.transfer(direction::OUT, 2, &call(65));
-        assert_eq!((walk.untracked, conn.state.h2_open), (1, 0));
-        conn.transfer(direction::OUT, 3, &frame(3, 57, 4));
-        let walk = conn.transfer(direction::OUT, 4, &call(67));
+        let walk = conn.transfer(direction::OUT, 2, &frame(1, 65, 40));
+        assert_eq!(
+            (walk.untracked, conn.state.h2_open),
+            (0, 0),
+            "placed if it ends"
+        );
+        let walk = conn.transfer(direction::OUT, 3, &call(129));
+        assert_eq!(
+            (walk.untracked, conn.state.h2_open),
+            (2, 1),
+            "stream 65 given up, stream 1 displaced by a unary call (HEADERS, then DATA)"
+        );
+        conn.transfer(direction::OUT, 4, &frame(3, 57, 4));
+        let walk = conn.transfer(direction::OUT, 5, &call(193));
+        assert_eq!((walk.untracked, conn.state.h2_open), (0, 2));
+        conn.transfer(direction::OUT, 6, &ending(0, 1, 4));
+        assert!(conn.transfer(direction::IN, 3_000, &response(129)).ended);
+        assert_eq!(
+            (conn.state.h2_open, conn.state.h2_oldest_stream),
+            (1, 193),
+            "stream 1, displaced, owes nothing"
+        );
+        // An unplaced stream whose request ends in a later write, a slot free by then.
+        conn.transfer(direction::OUT, 3_100, &frame(1, 257, 40));
+        let walk = conn.transfer(direction::OUT, 3_200, &frame(1, 321, 40));
         assert_eq!((walk.untracked, conn.state.h2_open), (0, 1));
+        conn.transfer(direction::OUT, 3_300, &frame(3, 49, 4));
+        let walk = conn.transfer(direction::OUT, 3_400, &ending(0, 321, 4));
+        assert_eq!((walk.untracked, conn.state.h2_open), (0, 2));
+        assert!(conn.transfer(direction::IN, 6_000, &response(321)).ended);
+    }
+
+    #[test]
+    fn a_request_ends_with_the_last_byte_of_its_end_stream_frame() {
+        for role_id in [role::CLIENT, role::SERVER] {
+            let mut conn = Conn::new(role_id);
+            let ask = transfer::request_direction(&conn.state);
+            let reply = ask ^ 1;
+            // A unary call whose one DATA frame of 5 000 bytes comes 500 bytes every 500 ms
+            // (a large message on a slow link), answered 200 ms after its last byte.
+            let mut request = frame(1, 1, 40);
+            request.extend(ending(0, 1, 5_000));
+            let mut at = 49 + 9 + 500;
+            conn.transfer(ask, 0, &request[..at]);
+            let mut ms = 0;
+            while at < request.len() {
+                assert_eq!(conn.state.h2_open, 0, "{role_id}: uploading at {ms} ms");
+                ms += 500;
+                conn.transfer(ask, ms, &request[at..at + 500]);
+                at += 500;
+            }
+            assert_eq!(
+                (conn.state.h2_open, conn.state.h2_oldest_ns),
+                (1, 4_500 * MS)
+            );
+            assert!(!conn.transfer(reply, 4_700, &response(1)).ended);
+            // A frame header alone, its 3 bytes 3 s later.
+            let mut request = frame(1, 3, 40);
+            request.extend(ending(0, 3, 3));
+            conn.transfer(ask, 5_000, &request[..58]);
+            assert_eq!(conn.state.h2_open, 0, "{role_id}");
+            conn.transfer(ask, 8_000, &request[58..]);
+            assert_eq!(
+                (conn.state.h2_open, conn.state.h2_oldest_ns),
+                (1, 8_000 * MS)
+            );
+            conn.transfer(reply, 8_100, &response(3));
+            // HEADERS that end the request, in two parts.
+            let get = ending(1, 5, 30);
+            conn.transfer(ask, 9_000, &get[..20]);
+            assert_eq!(conn.state.h2_open, 0, "{role_id}");
+            conn.transfer(ask, 9_500, &get[20..]);
+            assert_eq!(
+                (
+                    conn.state.h2_open,
+                    conn.state.h2_oldest_stream,
+                    conn.state.h2_oldest_ns
+                ),
+                (1, 5, 9_500 * MS)
+            );
+        }
     }
 
     #[test]
@@ -945,7 +1097,7 @@ mod tests {
         let mut streams = Streams::EMPTY;
         for (i, sides) in (0..64u32).map(|i| (i, [(i >> 1) & 1, i & 1])) {
             let id = 1 + 64 * i;
-            assert!(streams.open(id, u64::from(i)));
+            assert_eq!(streams.open(id, u64::from(i)), Opened::Free);
             assert_eq!(streams.awaiting(), 1, "stream {id} awaits in slot 0");
             assert_eq!(streams.close(sides[0] as usize, id), Some(u64::from(i)));
             assert_eq!(streams.awaiting(), 0);
