@@ -887,6 +887,98 @@ fn a_slow_call_in_a_burst_of_concurrent_http2_calls_is_flagged_per_stream() {
     assert_eq!(daemon.events_named("stall.start", port_number).len(), 2);
 }
 
+/// An h2c server that reads what its client sends until the END_STREAM of stream argv[1],
+/// waits argv[2] seconds and answers that stream, the connection kept open.
+const H2_ANSWER_AT_END_SERVER: &str = r#"
+conn = accept()
+stream = int(sys.argv[1])
+while True:
+    header = read_exactly(conn, 9)
+    read_exactly(conn, int.from_bytes(header[:3], "big"))
+    if header[4] & 1 and int.from_bytes(header[5:], "big") == stream:
+        break
+time.sleep(float(sys.argv[2]))
+conn.sendall(answer(stream))
+time.sleep(3600)
+"#;
+
+/// An h2c client that sends a unary call on stream 1 whose one DATA frame (5 000 bytes,
+/// END_STREAM) goes 500 bytes every argv[2] seconds (a large message on a slow link), then
+/// reads whatever comes.
+const H2_SLOW_UPLOAD_CLIENT: &str = r#"
+conn = connect()
+request = frame(1, 4, 1, b"\x83\x86\x84") + frame(0, 1, 1, b"x" * 5000)
+conn.sendall(request[:12 + 9 + 500])
+for at in range(12 + 9 + 500, len(request), 500):
+    time.sleep(float(sys.argv[2]))
+    conn.sendall(request[at:at + 500])
+print("sent", flush=True)
+while conn.recv(4096):
+    pass
+"#;
+
+/// A request ends with the last byte of its END_STREAM frame, not its header: a unary call
+/// whose message trickles in for 2.5 times the threshold, answered at once, is no stall on
+/// either end (it was flagged on both, from the frame's header).
+#[test]
+fn a_request_still_arriving_in_its_last_frame_is_no_stall() {
+    require_root();
+    let daemon = Daemon::start("h2-slow-upload");
+    let (_server, port) = h2_script(H2_ANSWER_AT_END_SERVER, &["1", "0.1"]);
+    let pause = STALL_AFTER / 4;
+    let (_client, _) = h2_script(
+        H2_SLOW_UPLOAD_CLIENT,
+        &[&port, &pause.as_secs_f64().to_string()],
+    );
+    assert_never_flagged(&daemon, port.parse().unwrap(), "a request still arriving");
+}
+
+/// An h2c client that opens argv[2] streams whose requests never end (uploads under way),
+/// then a GET on the next stream, and reads whatever comes.
+const H2_UPLOADS_THEN_GET_CLIENT: &str = r#"
+conn = connect()
+uploads = int(sys.argv[2])
+for i in range(uploads):
+    conn.sendall(frame(1, 4, 1 + 2 * i, b"\x83\x86\x84") + frame(0, 0, 1 + 2 * i, b"x" * 10))
+conn.sendall(call(1 + 2 * uploads))
+print("sent", flush=True)
+while conn.recv(4096):
+    pass
+"#;
+
+/// Uploads under way owe nothing but hold their streams' slots: with 40 of them on one
+/// connection (more than the 32 slots), a GET after them that its server answers late is
+/// still flagged on both ends, named by its stream (it was not followed at all).
+#[test]
+fn a_late_call_behind_many_uploads_under_way_is_flagged() {
+    require_root();
+    let daemon = Daemon::start("h2-uploads-then-get");
+    let uploads = 40;
+    let get = 1 + 2 * uploads;
+    let slow = STALL_AFTER * 3;
+    let (_server, port) = h2_script(
+        H2_ANSWER_AT_END_SERVER,
+        &[&get.to_string(), &slow.as_secs_f64().to_string()],
+    );
+    let port_number: u16 = port.parse().unwrap();
+    let (_client, _) = h2_script(H2_UPLOADS_THEN_GET_CLIENT, &[&port, &uploads.to_string()]);
+    for role in ["client", "server"] {
+        let stall = daemon.wait_for_stall(port_number, role, STALL_AFTER + REPORT_WITHIN);
+        assert_eq!(
+            stall["stall"]["http2"]["stream"]["id"], get,
+            "{role}: {stall:#}"
+        );
+    }
+    for role in ["client", "server"] {
+        let end = daemon
+            .wait_for_event("stall.end", port_number, slow + REPORT_WITHIN, |e| {
+                e["conn"]["role"] == role
+            })
+            .unwrap_or_else(|| panic!("no {role} stall ended: {}", daemon.stderr()));
+        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
+    }
+}
+
 /// An h2c server that reads calls on streams 1 and 3, answers stream 3 `argv[1]` seconds
 /// later and stream 1 `argv[2]` seconds after the calls, the connection kept open.
 const H2_TWO_SLOW_SERVER: &str = r#"
