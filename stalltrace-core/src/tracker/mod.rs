@@ -787,7 +787,7 @@ impl Tracker {
         if self.conns.get(sock).map(|conn| conn.id) != before {
             self.superseded(sock);
         }
-        self.conns.refresh(sock, state);
+        self.refresh(sock, state, at, out);
         if state.peer_sock != 0 {
             self.conns.link_unix_peers(sock, state.peer_sock);
         }
@@ -968,10 +968,15 @@ impl Tracker {
     /// and sweeps. A diagnosis compares the socket's byte counts with the counted ones: a
     /// record still in the ring would otherwise make bytes look unseen.
     pub fn refresh_counts(&mut self, sock: u64, state: &ConnState) {
+        // A TCP record without its local port yet learns it from records and sweeps only:
+        // they merge its adopted twin, if any (`Tracker::refresh`).
+        let learns_no_port = |conn: &Conn| {
+            conn.endpoints.transport != model::Transport::Tcp || conn.endpoints.local_port != 0
+        };
         if self
             .conns
             .get(sock)
-            .is_some_and(|conn| conn.kernel_open_ns == state.open_ns)
+            .is_some_and(|conn| conn.kernel_open_ns == state.open_ns && learns_no_port(conn))
         {
             self.conns.refresh(sock, state);
         }
@@ -1014,7 +1019,7 @@ impl Tracker {
             }
             let before = self.conns.get(sock).map(|conn| (conn.id, conn.announced));
             self.conn_for(sock, &state, now, out);
-            self.conns.refresh(sock, &state);
+            self.refresh(sock, &state, now, out);
             let conn = self.conns.get_mut(sock).expect("conn_for tracks it");
             // Reported like its lost events would have: once established with a known owner
             // (a passive connection's owner is known from its first transfer).
@@ -1114,7 +1119,7 @@ impl Tracker {
             reads += 1;
             let state = lookup(sock);
             if let Some(state) = &state {
-                self.conns.refresh(sock, state);
+                self.refresh(sock, state, now, out);
             }
             let Some(conn) = self.conns.get_mut(sock) else {
                 self.watched.remove(&sock);
@@ -1255,6 +1260,50 @@ impl Tracker {
             };
             self.conns.insert(sock, conn);
         }
+    }
+
+    /// Takes what a newer kernel snapshot of `sock` knows better ([`Table::refresh`]), and
+    /// merges the record /proc adopted for the same connection, if there is one.
+    ///
+    /// The kernel reports a `connect()` at `SYN_SENT`, before its local port is chosen, and
+    /// the daemon adopts from /proc after attaching its programs but before it reads their
+    /// first records: a connection opened in between is both a kernel record on port 0 (which
+    /// [`Tracker::conn_for`] cannot match with an adopted record by endpoints) and an adopted
+    /// record, announced. Left alone, the adopted twin would never be taken over nor closed
+    /// (the kernel's close names the kernel record's sock), and a request the socket said
+    /// was outstanding at start-up would open a stall on it that never ends. So once the
+    /// port is known, the two are one: the kernel's record from here on, under the adopted
+    /// record's id, as `conn_for` keeps an adopted record the kernel reports.
+    /// Only a record whose endpoints change here can be such a twin: the others were matched
+    /// (or not) by `conn_for` already, and cost no lookup.
+    fn refresh(&mut self, sock: u64, state: &ConnState, at: u64, out: &mut Vec<Event>) {
+        let learnt = self.conns.refresh(sock, state);
+        if !learnt || !self.conns.has_adopted() {
+            return;
+        }
+        let Some(kernel) = self.conns.get(sock) else {
+            return;
+        };
+        let (endpoints, announced) = (kernel.endpoints, kernel.announced);
+        let (kernel_open_ns, incomplete, opened_ns) =
+            (kernel.kernel_open_ns, kernel.incomplete, kernel.opened_ns);
+        let Some(mut twin) = self.conns.remove_adopted(&endpoints) else {
+            return;
+        };
+        // From here on the kernel's view judges it.
+        self.adopted_exchanges.remove(&twin.id);
+        if announced {
+            // Reported under its own id too (only after lost records: a port is learnt before
+            // a connection is reported): the twin goes, as a close never seen would.
+            self.close_unseen(twin, at, out);
+            return;
+        }
+        // The kernel followed it from its connect(): its totals and open time are the better.
+        twin.kernel_open_ns = kernel_open_ns;
+        twin.incomplete = incomplete;
+        twin.opened_ns = twin.opened_ns.min(opened_ns);
+        twin.refresh(state);
+        self.conns.insert(sock, twin);
     }
 
     fn on_closed(&mut self, sock: u64, state: &ConnState, at: u64, out: &mut Vec<Event>) {

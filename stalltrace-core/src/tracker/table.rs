@@ -237,10 +237,11 @@ impl Table {
     }
 
     /// Takes what a newer kernel snapshot of `sock` knows better, keeping the endpoint index
-    /// in step (a `connect()` gets its local port after the first snapshot).
-    pub(super) fn refresh(&mut self, sock: u64, state: &ConnState) {
+    /// in step (a `connect()` gets its local port after the first snapshot). True when the
+    /// endpoints changed.
+    pub(super) fn refresh(&mut self, sock: u64, state: &ConnState) -> bool {
         let Some(conn) = self.kernel.get_mut(&sock) else {
-            return;
+            return false;
         };
         let before = conn.endpoints;
         conn.refresh(state);
@@ -249,6 +250,7 @@ impl Table {
             self.unindex_endpoints(sock, &before);
             self.index_endpoints(sock, &after);
         }
+        before != after
     }
 
     /// Completes the identity of two Unix ends, `sock` and its peer `peer_sock`: an end first

@@ -879,6 +879,64 @@ fn adopted_connection_that_closes_untouched_is_closed_by_endpoints() {
     assert_eq!(t.len(), 0);
 }
 
+/// A `connect()` made while the daemon started: the kernel reported it at `SYN_SENT`, its local
+/// port still 0, and /proc, read before the daemon handled that record, adopted it with its
+/// request outstanding. Once the port is known the two records are one, under the id the
+/// adoption announced: no stall inferred for the adopted one outlives the connection.
+#[test]
+fn a_connect_reported_before_its_port_is_one_with_its_adopted_record() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::CLIENT, 9 * SEC);
+    let endpoints = Endpoints::from_kernel(&k.state);
+    let mut out = Vec::new();
+    let adoption = Adoption {
+        endpoints,
+        role: Role::Client,
+        owner: Owner::default(),
+    };
+    t.adopt(adoption, 10 * SEC, &mut out);
+    assert_eq!(details(&out), [&Detail::Open { adopted: true }]);
+    let id = out[0].conn.id;
+    let asked = 9 * SEC + 500 * MS;
+    t.set_adopted_exchange(&endpoints, AdoptedExchange::Outstanding { since: asked });
+    // The kernel's records, handled after the adoption.
+    let port = k.state.local_port;
+    k.state.local_port = 0;
+    k.state.flags = 0;
+    k.set_state(tcp_state::SYN_SENT, 9 * SEC);
+    assert!(feed(&mut t, k.event(EventKind::ConnectStarted, 9 * SEC)).is_empty());
+    assert_eq!(t.len(), 2, "not known to be one connection yet");
+    k.state.local_port = port;
+    k.state.flags = conn_flags::ESTABLISHED;
+    k.set_state(tcp_state::ESTABLISHED, 9 * SEC + MS);
+    let events = feed(&mut t, k.event(EventKind::Established, 9 * SEC + MS));
+    assert!(
+        events.is_empty(),
+        "announced once, by the adoption: {events:?}"
+    );
+    assert_eq!(t.len(), 1);
+    let found = t.find_by_endpoints(&endpoints);
+    assert_eq!(found.map(|(sock, c)| (sock, c.id)), Some((Some(SOCK), id)));
+    assert_eq!(
+        t.adopted_exchange(id),
+        None,
+        "the kernel's view judges it now"
+    );
+    // Its request was answered: the inferred one opens no stall past the threshold.
+    k.transfer(direction::OUT, asked);
+    k.transfer(direction::IN, 10 * SEC + 200 * MS);
+    assert!(sweep(&mut t, &mut k, asked + 2 * THRESHOLD).is_empty());
+    assert_eq!(t.stalled(), 0);
+    k.set_state(tcp_state::CLOSE, 20 * SEC);
+    let events = feed(&mut t, k.event(EventKind::Closed, 20 * SEC));
+    assert!(
+        matches!(&events[..], [e] if e.conn.id == id
+            && matches!(&e.detail, Detail::Close(s) if s.complete)),
+        "{events:?}"
+    );
+    assert_eq!(t.len(), 0);
+}
+
 #[test]
 fn evicted_entry_rediscovered_is_the_same_connection() {
     let (mut t, mut k) = server_with_request();
