@@ -172,10 +172,9 @@ const TEST_PACKAGES: &[&str] = &[
     "util-linux",
     "bsdutils",
     "socat",
-    // The HTTP/1.x client of the response framing tests.
-    "curl",
     "openssl",
-    // The TLS tests' HTTPS client (it links the system's libssl.so.3, as python3's ssl does).
+    // The HTTP/1.x client of the response framing tests, and the TLS tests' HTTPS client (it
+    // links the system's libssl.so.3, as python3's ssl does).
     "curl",
     "python3-grpcio",
     "python3-websockets",
