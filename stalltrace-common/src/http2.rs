@@ -872,6 +872,17 @@ mod tests {
             conn
         }
 
+        /// The request direction, then the reply's.
+        fn directions(&self) -> (u8, u8) {
+            let ask = transfer::request_direction(&self.state);
+            let reply = if ask == direction::IN {
+                direction::OUT
+            } else {
+                direction::IN
+            };
+            (ask, reply)
+        }
+
         fn transfer(&mut self, dir: u8, at_ms: u64, bytes: &[u8]) -> Walk {
             walk(
                 &mut self.state,
@@ -908,11 +919,7 @@ mod tests {
     fn a_slow_stream_stays_owed_while_others_complete() {
         for role_id in [role::CLIENT, role::SERVER] {
             let mut conn = Conn::new(role_id);
-            let (ask, reply) = if role_id == role::CLIENT {
-                (direction::OUT, direction::IN)
-            } else {
-                (direction::IN, direction::OUT)
-            };
+            let (ask, reply) = conn.directions();
             conn.transfer(ask, 100, &call(1));
             assert_eq!((conn.state.h2_open, conn.state.h2_oldest_stream), (1, 1));
             for i in 1..12u32 {
@@ -942,11 +949,7 @@ mod tests {
     fn a_response_is_owed_from_the_end_of_its_request() {
         for role_id in [role::CLIENT, role::SERVER] {
             let mut conn = Conn::new(role_id);
-            let (ask, reply) = if role_id == role::CLIENT {
-                (direction::OUT, direction::IN)
-            } else {
-                (direction::IN, direction::OUT)
-            };
+            let (ask, reply) = conn.directions();
             // A client-streaming call: a message every second for ten seconds.
             conn.transfer(ask, 100, &frame(1, 1, 40));
             for second in 1..10 {
@@ -1043,8 +1046,7 @@ mod tests {
     fn a_request_ends_with_the_last_byte_of_its_end_stream_frame() {
         for role_id in [role::CLIENT, role::SERVER] {
             let mut conn = Conn::new(role_id);
-            let ask = transfer::request_direction(&conn.state);
-            let reply = ask ^ 1;
+            let (ask, reply) = conn.directions();
             // A unary call whose one DATA frame of 5 000 bytes comes 500 bytes every 500 ms
             // (a large message on a slow link), answered 200 ms after its last byte.
             let mut request = frame(1, 1, 40);
