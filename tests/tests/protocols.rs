@@ -63,6 +63,17 @@ impl Drop for Script {
     }
 }
 
+/// HTTP/2 tests run one at a time. Every daemon observes the whole host, and some assert
+/// `kernel_http2_untracked`, which counts what a daemon could not follow on *any* HTTP/2
+/// connection: a daemon that attached while another test's gRPC channel was opening once
+/// counted ~1 400 streams a second on that channel.
+fn http2_alone() -> std::sync::MutexGuard<'static, ()> {
+    static HTTP2: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HTTP2
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Stall events (start or end) touching `port`.
 fn stall_events(daemon: &Daemon, port: u16) -> Vec<Value> {
     let mut events = daemon.events_named("stall.start", port);
@@ -531,6 +542,7 @@ time.sleep(60)
 #[test]
 fn an_idle_grpc_channel_is_never_flagged() {
     require_root();
+    let _alone = http2_alone();
     let daemon = Daemon::start("grpc-idle");
     let (_server, port) = Script::start(GRPC_SERVER, &[]);
     let (_used, _) = Script::start(GRPC_CLIENT, &[&port, "0", "0.2", "0"]);
@@ -543,6 +555,7 @@ fn an_idle_grpc_channel_is_never_flagged() {
 #[test]
 fn a_late_grpc_call_is_flagged_on_both_ends() {
     require_root();
+    let _alone = http2_alone();
     let daemon = Daemon::start("grpc-late");
     let (_server, port) = Script::start(GRPC_SERVER, &[]);
     let port_number: u16 = port.parse().unwrap();
@@ -596,6 +609,7 @@ time.sleep(60)
 #[test]
 fn a_client_streaming_call_is_owed_its_response_from_its_last_message() {
     require_root();
+    let _alone = http2_alone();
     let daemon = Daemon::start("grpc-upload");
     let (_server, port) = Script::start(GRPC_SERVER, &[]);
     let port_number: u16 = port.parse().unwrap();
@@ -651,6 +665,7 @@ time.sleep(60)
 #[test]
 fn a_cancelled_grpc_call_ends_its_stall_as_reset_by_the_client() {
     require_root();
+    let _alone = http2_alone();
     let daemon = Daemon::start("grpc-cancel");
     let (_server, port) = Script::start(GRPC_SERVER, &[]);
     let port_number: u16 = port.parse().unwrap();
@@ -729,6 +744,7 @@ fn a_slow_grpc_call_among_back_to_back_ones_is_flagged_per_stream() {
 /// One slow call while others follow every `pause` seconds: see the tests above.
 fn slow_grpc_call_among_flowing_ones(name: &str, pause: &str) {
     require_root();
+    let _alone = http2_alone();
     let daemon = Daemon::start(name);
     let (_server, port) = Script::start(GRPC_SERVER, &[]);
     let port_number: u16 = port.parse().unwrap();
@@ -866,6 +882,7 @@ while conn.recv(7):
 #[test]
 fn a_slow_call_in_a_burst_of_concurrent_http2_calls_is_flagged_per_stream() {
     require_root();
+    let _alone = http2_alone();
     let daemon = Daemon::start("h2-burst");
     let slow = STALL_AFTER * 4;
     let (_server, port) = h2_script(H2_BURST_SERVER, &[&slow.as_secs_f64().to_string()]);
@@ -923,6 +940,7 @@ while conn.recv(4096):
 #[test]
 fn a_request_still_arriving_in_its_last_frame_is_no_stall() {
     require_root();
+    let _alone = http2_alone();
     let daemon = Daemon::start("h2-slow-upload");
     let (_server, port) = h2_script(H2_ANSWER_AT_END_SERVER, &["1", "0.1"]);
     let pause = STALL_AFTER / 4;
@@ -952,6 +970,7 @@ while conn.recv(4096):
 #[test]
 fn a_late_call_behind_many_uploads_under_way_is_flagged() {
     require_root();
+    let _alone = http2_alone();
     let daemon = Daemon::start("h2-uploads-then-get");
     let uploads = 40;
     let get = 1 + 2 * uploads;
@@ -1007,6 +1026,7 @@ while conn.recv(4096):
 #[test]
 fn a_slow_call_answered_behind_an_open_stall_is_counted_on_its_end() {
     require_root();
+    let _alone = http2_alone();
     let daemon = Daemon::start("h2-two-slow");
     let (first, second) = (STALL_AFTER * 2, STALL_AFTER * 4);
     let (_server, port) = h2_script(
@@ -1050,6 +1070,7 @@ time.sleep(3600)
 #[test]
 fn a_control_frame_an_http2_server_leaves_unread_is_never_flagged() {
     require_root();
+    let _alone = http2_alone();
     let daemon = Daemon::start("h2-unread-ping");
     let (_server, port) = h2_script(H2_DEAF_SERVER, &[]);
     let (_client, _) = h2_script(H2_PING_CLIENT, &[&port]);
