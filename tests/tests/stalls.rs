@@ -413,10 +413,14 @@ fn a_stall_never_names_an_earlier_connections_request() {
     let answering = short_lived_server();
     for _ in 0..200 {
         let mut conn = TcpStream::connect(answering).unwrap();
+        conn.set_read_timeout(Some(REPORT_WITHIN)).unwrap();
         conn.write_all(b"GET /stale-marker HTTP/1.1\r\n\r\n")
             .unwrap();
         let mut reply = [0u8; 8];
-        let _ = conn.read(&mut reply);
+        let got = conn
+            .read(&mut reply)
+            .expect("the short-lived server's reply");
+        assert!(got > 0, "the short-lived server closed without answering");
     }
     // Then servers that accept and never read.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

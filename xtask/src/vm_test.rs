@@ -424,8 +424,10 @@ fn build(arch: &'static Arch, suites: &[&str]) -> Result<Binaries> {
 /// POSIX sh: a guest of another architecture runs it with busybox.
 fn test_script(binaries: &Binaries, rungs: &[Rung], cost: bool) -> String {
     let mut script = format!(
-        "#!/bin/sh\nset -u\ncd /tmp\nexport STALLTRACE_BIN={}\nST=$STALLTRACE_BIN\n{UPTIME_MS}",
-        binaries.stalltrace.display()
+        "#!/bin/sh\nset -u\ncd /tmp\nexport STALLTRACE_BIN={}\nST=$STALLTRACE_BIN\n{UPTIME_MS}\
+         SUITE_BUDGET_MS={}\n{RUN_SUITE}",
+        binaries.stalltrace.display(),
+        SUITE_BUDGET.as_millis()
     );
     script.push_str(AUTO_PROBE);
     for Rung {
@@ -438,13 +440,7 @@ fn test_script(binaries: &Binaries, rungs: &[Rung], cost: bool) -> String {
             .iter()
             .filter(|(name, _)| suites.contains(&&**name))
         {
-            script.push_str(&format!(
-                "t0=$(uptime_ms)\n\
-                 STALLTRACE_HOOKS={rung} {} --test-threads=1 2>&1\n\
-                 rc=$?\n\
-                 echo \"vm-test: done rung={rung} suite={name} rc=$rc ms=$(( $(uptime_ms) - t0 ))\"\n",
-                path.display()
-            ));
+            script.push_str(&format!("run_suite {rung} {name} {}\n", path.display()));
         }
     }
     if cost {
@@ -458,6 +454,43 @@ fn test_script(binaries: &Binaries, rungs: &[Rung], cost: bool) -> String {
 
 /// Milliseconds since boot (busybox's `date` has no `%N`).
 const UPTIME_MS: &str = r#"uptime_ms() { read -r up _ < /proc/uptime; echo $(( ${up%.*} * 1000 + 1${up#*.} * 10 - 1000 )); }
+"#;
+
+/// How long one suite may run before it is taken for hung: the longest (stalls, 11 tests) takes
+/// ~90 s in a guest and up to ~260 s on a slow host; a whole guest run is cut at [`RUN_TIMEOUT`].
+const SUITE_BUDGET: Duration = Duration::from_secs(420);
+
+/// `run_suite RUNG NAME PATH`: one test binary in its own session, with its result line. A
+/// suite still running after `SUITE_BUDGET_MS` is killed (daemons it started included) after
+/// printing what each of its threads is blocked in (state, wait channel, kernel stack) and the
+/// kernel log's tail: a hang under emulation is otherwise only "still running after 900 s",
+/// and the rungs after it never run.
+const RUN_SUITE: &str = r#"run_suite() {
+  rung=$1 name=$2
+  t0=$(uptime_ms)
+  STALLTRACE_HOOKS=$rung setsid "$3" --test-threads=1 2>&1 &
+  sid=$!
+  while kill -0 $sid 2>/dev/null; do
+    if [ $(( $(uptime_ms) - t0 )) -gt $SUITE_BUDGET_MS ]; then
+      echo "vm-test: suite $name (rung $rung) still running after $(( SUITE_BUDGET_MS / 1000 )) s; its threads:"
+      for t in /proc/[0-9]*/task/[0-9]*; do
+        read -r stat < $t/stat 2>/dev/null || continue
+        set -- ${stat##*) }
+        [ "$4" = $sid ] || continue
+        echo "  ${t#/proc/} $(cat $t/comm) state=$1 wchan=$(cat $t/wchan 2>/dev/null)"
+        sed 's/^/      /' $t/stack 2>/dev/null
+      done
+      echo "  kernel log, last lines:"
+      dmesg 2>/dev/null | tail -n 30 | sed 's/^/    /'
+      kill -9 -$sid 2>/dev/null
+      break
+    fi
+    sleep 1
+  done
+  wait $sid
+  rc=$?
+  echo "vm-test: done rung=$rung suite=$name rc=$rc ms=$(( $(uptime_ms) - t0 ))"
+}
 "#;
 
 /// Starts the daemon with `--hooks auto` and prints the rung it picked (from `status`, without
