@@ -109,6 +109,51 @@ fn connections_whose_opening_was_lost_are_recovered() {
     );
 }
 
+/// A connection adopted at start-up and idle since has no kernel entry: only its close record
+/// says it ended. When that record is lost, the resynchronization's /proc read finds its
+/// socket gone and closes it, rather than listing it for ever.
+#[test]
+fn an_adopted_connection_whose_close_was_lost_is_closed() {
+    require_root();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    let daemon = Daemon::start_with("adopted-lost-close", &TINY_RING);
+    let listed = |daemon: &Daemon| {
+        let conns = daemon.cli_json(&["conns", "-o", "json", "--port", &port.to_string()]);
+        conns.as_array().unwrap().len()
+    };
+    assert_eq!(listed(&daemon), 2, "both ends adopted");
+    // The daemon stopped, a burst fills its ring; then the adopted connection closes, and its
+    // close records find the ring full.
+    daemon.signal(libc::SIGSTOP);
+    let (_, _burst) = burst_of_connections(300);
+    drop((client, server));
+    thread::sleep(Duration::from_millis(200));
+    daemon.signal(libc::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while listed(&daemon) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the adopted connection is still listed 15 s after it closed\n{}",
+            daemon.stderr()
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
+    let status = daemon.cli_json(&["status", "-o", "json"]);
+    assert!(
+        status["lost"]["kernel_ringbuf_full"].as_u64().unwrap() > 0,
+        "the burst must overflow the ring for this test to mean anything: {status:#}"
+    );
+    assert_eq!(status["resync"]["last"]["adopted_closed"], 2, "{status:#}");
+    let closes = daemon.events_named("conn.close", port);
+    assert_eq!(closes.len(), 2, "{closes:#?}");
+    for close in &closes {
+        assert_eq!(close["conn"]["totals_complete"], false, "{close:#}");
+    }
+}
+
 #[test]
 fn lost_events_lower_the_confidence_of_a_stall() {
     require_root();

@@ -710,6 +710,40 @@ impl Tracker {
         }
     }
 
+    /// The endpoints of the connections adopted at start-up that no kernel record has taken
+    /// over: what [`Tracker::retire_adopted`] is given back, checked against the sockets
+    /// still open.
+    pub fn adopted_endpoints(&self) -> Vec<Endpoints> {
+        self.conns.adopted_endpoints().copied().collect()
+    }
+
+    /// Closes the adopted connections in `gone`, whose sockets are no longer open (read from
+    /// /proc after kernel records were lost): their close record was lost, and nothing else
+    /// removes a connection the kernel programs never saw — sweeps, audits and
+    /// resynchronizations read kernel entries only. Each closes as a close never seen
+    /// (`complete: false`, counted in `lost_closes`), an open stall ending `closed`; an
+    /// endpoint no longer adopted (taken over or closed since) is passed over. Returns how many
+    /// closed.
+    pub fn retire_adopted(
+        &mut self,
+        gone: impl IntoIterator<Item = Endpoints>,
+        now: u64,
+        out: &mut Vec<Event>,
+    ) -> usize {
+        let mark = out.len();
+        let mut closed = 0;
+        for endpoints in gone {
+            let Some(conn) = self.conns.remove_adopted(&endpoints) else {
+                continue;
+            };
+            self.adopted_exchanges.remove(&conn.id);
+            self.close_unseen(conn, now, out);
+            closed += 1;
+        }
+        self.conns.note_stalls(&out[mark..]);
+        closed
+    }
+
     /// What the socket said of adopted connection `id`'s exchange, while the kernel has not
     /// seen its traffic; `None` for other connections.
     pub fn adopted_exchange(&self, id: u64) -> Option<AdoptedExchange> {

@@ -189,6 +189,10 @@ impl Table {
         Some(conn)
     }
 
+    pub(super) fn adopted_endpoints(&self) -> impl Iterator<Item = &Endpoints> {
+        self.adopted.keys()
+    }
+
     /// The id of the adopted connection with these endpoints.
     pub(super) fn adopted_id(&self, endpoints: &Endpoints) -> Option<u64> {
         self.adopted.get(endpoints).map(|conn| conn.id)

@@ -765,6 +765,59 @@ fn adopted_hung_server(t: &mut Tracker, k: &Kernel, since: u64) -> u64 {
 }
 
 #[test]
+fn an_adopted_connection_whose_socket_is_gone_is_closed_as_a_close_never_seen() {
+    let mut t = tracker();
+    let mut k = Kernel::new(role::SERVER, 50 * SEC);
+    let stalled = adopted_hung_server(&mut t, &k, 4 * SEC);
+    assert_eq!(sweep(&mut t, &mut k, 10 * SEC).len(), 1, "its stall opens");
+    let mut idle = Kernel::new(role::CLIENT, 50 * SEC);
+    idle.state.local_port = 40_100;
+    let mut out = Vec::new();
+    let idle_endpoints = Endpoints::from_kernel(&idle.state);
+    t.adopt(
+        Adoption {
+            endpoints: idle_endpoints,
+            role: Role::Client,
+            owner: Owner::default(),
+        },
+        10 * SEC,
+        &mut out,
+    );
+    let mut adopted = t.adopted_endpoints();
+    adopted.sort_by_key(|e| e.local_port);
+    assert_eq!(adopted, [Endpoints::from_kernel(&k.state), idle_endpoints]);
+    // Both sockets found gone; one of them listed twice (passed over the second time).
+    out.clear();
+    let gone = [adopted[0], adopted[0], adopted[1]];
+    assert_eq!(t.retire_adopted(gone, 30 * SEC, &mut out), 2);
+    let stall_end = out.iter().find(|e| e.conn.id == stalled).unwrap();
+    assert!(
+        matches!(
+            &stall_end.detail,
+            Detail::StallEnd {
+                resolution: Resolution::Closed,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+    let closes: Vec<_> = out
+        .iter()
+        .filter_map(|e| match &e.detail {
+            Detail::Close(summary) => Some(summary),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(closes.len(), 2, "{out:?}");
+    assert!(closes
+        .iter()
+        .all(|c| !c.complete && c.how == Resolution::Closed));
+    assert_eq!((t.len(), t.stalled(), t.stats().lost_closes), (0, 0, 2));
+    assert_eq!(t.adopted_exchange(stalled), None);
+    assert!(t.adopted_endpoints().is_empty());
+}
+
+#[test]
 fn a_request_hung_before_the_daemon_started_is_flagged_at_once() {
     let mut t = tracker();
     let mut k = Kernel::new(role::SERVER, 50 * SEC);

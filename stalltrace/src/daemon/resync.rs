@@ -8,6 +8,8 @@
 //! loop reconciles one chunk per turn
 //! (`Tracker::resync_entries`), with the ring buffer, sweeps and API queries served in between.
 //! A connection the tracker sees close or replaced meanwhile has its older map entry passed over.
+//! Connections adopted at start-up and not seen since are not in the map: the walker then reads
+//! /proc for their sockets, and those gone are closed (`Tracker::retire_adopted`).
 use std::{
     sync::mpsc::{self, SyncSender, TrySendError},
     time::Instant,
@@ -16,11 +18,14 @@ use std::{
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, MapData};
 use stalltrace_common::ConnState;
-use stalltrace_core::{timefmt::monotonic_ns, tracker::Reconciled};
+use stalltrace_core::{
+    timefmt::monotonic_ns,
+    tracker::{model::Endpoints, Reconciled},
+};
 use tokio::sync::mpsc as async_mpsc;
 
 use super::Daemon;
-use crate::probes::KernelMaps;
+use crate::{probes::KernelMaps, sources::procfs};
 
 /// The loss must have stopped this long before a resynchronization starts (one during the burst
 /// would be outdated at once).
@@ -88,8 +93,18 @@ impl ResyncPolicy {
 pub(super) enum Walked {
     /// The next entries of the map, as read.
     Entries(Vec<(u64, ConnState)>),
-    /// The walk is over.
-    Done(Walk),
+    /// The walk is over; then the adopted connections found gone (their sockets closed).
+    Done(Walk, Vec<Endpoints>),
+}
+
+/// A walk to do.
+struct Request {
+    /// Entries to read at most.
+    bound: usize,
+    /// Connections adopted at start-up that no kernel record has taken over: the kernel map
+    /// does not hold them, so after the walk the walker reads /proc for their sockets (a lost
+    /// close record would otherwise leave them listed for ever).
+    adopted: Vec<Endpoints>,
 }
 
 /// One walk of the map.
@@ -109,8 +124,7 @@ pub(super) struct Walk {
 
 /// The loop's handle on the map walker thread.
 pub(super) struct Walker {
-    /// A walk to do, reading at most this many entries.
-    requests: SyncSender<usize>,
+    requests: SyncSender<Request>,
 }
 
 impl Walker {
@@ -128,8 +142,8 @@ impl Walker {
     }
 
     /// Asks for a walk; false when the walker is busy or gone.
-    fn request(&self, bound: usize) -> bool {
-        match self.requests.try_send(bound) {
+    fn request(&self, bound: usize, adopted: Vec<Endpoints>) -> bool {
+        match self.requests.try_send(Request { bound, adopted }) {
             Ok(()) => true,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
         }
@@ -139,11 +153,11 @@ impl Walker {
 /// Walks the map on request until the loop goes away.
 fn run(
     conns: &HashMap<MapData, u64, ConnState>,
-    requests: &mpsc::Receiver<usize>,
+    requests: &mpsc::Receiver<Request>,
     chunks: &async_mpsc::Sender<Walked>,
 ) {
     let mut batches = true;
-    while let Ok(bound) = requests.recv() {
+    while let Ok(Request { bound, adopted }) = requests.recv() {
         let started = Instant::now();
         let cpu_started = super::turns::thread_cpu_us();
         let mut walk = Walk {
@@ -165,9 +179,14 @@ fn run(
             }
             other => other,
         };
+        let gone = if adopted.is_empty() || walked.is_err() {
+            Vec::new()
+        } else {
+            procfs::gone_connections(&adopted)
+        };
         walk.walk_ms = started.elapsed().as_millis() as u64;
         walk.walk_cpu_us = super::turns::thread_cpu_us().saturating_sub(cpu_started);
-        if walked.is_err() || chunks.blocking_send(Walked::Done(walk)).is_err() {
+        if walked.is_err() || chunks.blocking_send(Walked::Done(walk, gone)).is_err() {
             return; // the loop is gone
         }
     }
@@ -320,6 +339,9 @@ struct Last {
     walk: Walk,
     #[serde(flatten)]
     found: Reconciled,
+    /// Connections adopted at start-up whose sockets were found closed (/proc), their close
+    /// record lost: closed as never seen.
+    adopted_closed: usize,
     /// From its start to the last chunk reconciled, ms.
     took_ms: u64,
     /// Ring-buffer records lost in all, when it started.
@@ -351,7 +373,8 @@ impl Daemon {
             return;
         };
         // A map walked while it changes may see entries twice: bound the walk.
-        if !walker.request(2 * self.config.max_conns as usize) {
+        let adopted = self.tracker.adopted_endpoints();
+        if !walker.request(2 * self.config.max_conns as usize, adopted) {
             return;
         }
         // Nothing reaches the tracker between the request and this: every entry the walker
@@ -370,9 +393,9 @@ impl Daemon {
                     .resync_entries(entries, monotonic_ns(), &mut self.out);
                 self.emit(maps);
             }
-            Some(Walked::Done(walk)) => {
+            Some(Walked::Done(walk, gone)) => {
                 self.resync.walked(walk.walk_cpu_us * 1_000);
-                self.resync_done(walk);
+                self.resync_done(walk, gone, maps);
             }
             None => {
                 log::error!(
@@ -380,21 +403,27 @@ impl Daemon {
                      loses are no longer recovered"
                 );
                 self.walker = None;
-                self.resync_done(Walk::default());
+                self.resync_done(Walk::default(), Vec::new(), maps);
             }
         }
     }
 
-    fn resync_done(&mut self, walk: Walk) {
+    fn resync_done(&mut self, walk: Walk, gone: Vec<Endpoints>, maps: &KernelMaps) {
         let Some((started, lost)) = self.resyncs.running.take() else {
             return;
         };
         let found = self.tracker.finish_resync();
+        self.out.clear();
+        let adopted_closed = self
+            .tracker
+            .retire_adopted(gone, monotonic_ns(), &mut self.out);
+        self.emit(maps);
         let took = started.elapsed();
         log::info!(
             "resynchronized with the kernel after {lost} lost events in total: {} connections \
-             recovered, {} to confirm closed, {} closed or replaced since read ({} entries read \
-             {} in {} ms, {} µs of CPU, {} failed; {} ms in all)",
+             recovered, {} to confirm closed, {} closed or replaced since read, {adopted_closed} \
+             adopted at start-up found closed ({} entries read {} in {} ms, {} µs of CPU, {} \
+             failed; {} ms in all)",
             found.recovered,
             found.vanished,
             found.superseded,
@@ -412,6 +441,7 @@ impl Daemon {
         self.resyncs.last = Some(Last {
             walk,
             found,
+            adopted_closed,
             took_ms: took.as_millis() as u64,
             lost_before: lost,
         });

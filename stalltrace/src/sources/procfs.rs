@@ -96,20 +96,70 @@ pub(crate) fn parse_unix_line(line: &str) -> Option<u64> {
 /// one process per namespace (it lists that process's namespace), each socket labelled with
 /// its namespace.
 pub(crate) fn tcp_sockets() -> Vec<ProcSocket> {
+    tcp_sockets_and_namespaces().0
+}
+
+/// [`tcp_sockets`], and the namespaces (labels) whose lists were read whole: a namespace
+/// whose file could not be read (its process exited meanwhile, say) says nothing of the
+/// sockets in it.
+fn tcp_sockets_and_namespaces() -> (Vec<ProcSocket>, HashSet<u32>) {
     let mut sockets = Vec::new();
+    let (mut read, mut failed) = (HashSet::new(), HashSet::new());
     for (inode, pid) in netns::all() {
         let label = netns::label(inode);
         for file in ["tcp", "tcp6"] {
-            let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{file}")) else {
-                continue;
+            let text = match fs::read_to_string(format!("/proc/{pid}/net/{file}")) {
+                Ok(text) => text,
+                // No IPv6 in this kernel: nothing to miss.
+                Err(err) if file == "tcp6" && err.kind() == std::io::ErrorKind::NotFound => {
+                    continue
+                }
+                Err(_) => {
+                    failed.insert(label);
+                    continue;
+                }
             };
+            read.insert(label);
             sockets.extend(text.lines().filter_map(parse_tcp_line).map(|mut socket| {
                 socket.endpoints.netns = label;
                 socket
             }));
         }
     }
-    sockets
+    read.retain(|label| !failed.contains(label));
+    (sockets, read)
+}
+
+/// Of `adopted` (connections adopted at start-up that no kernel record has taken over), those
+/// whose socket is gone: not listed in /proc/PID/net/tcp{,6} of its namespace, or listed in
+/// `TIME_WAIT` or `CLOSE` (the socket itself has closed). A connection of a namespace that
+/// could not be read is never taken as gone.
+pub(crate) fn gone_connections(adopted: &[Endpoints]) -> Vec<Endpoints> {
+    let (sockets, read) = tcp_sockets_and_namespaces();
+    gone_among(adopted, &sockets, &read)
+}
+
+/// [`gone_connections`] on lists already read.
+fn gone_among(
+    adopted: &[Endpoints],
+    sockets: &[ProcSocket],
+    read: &HashSet<u32>,
+) -> Vec<Endpoints> {
+    let open: HashSet<&Endpoints> = sockets
+        .iter()
+        .filter(|s| {
+            !matches!(
+                s.state,
+                tcp_state::TIME_WAIT | tcp_state::CLOSE | tcp_state::LISTEN
+            )
+        })
+        .map(|s| &s.endpoints)
+        .collect();
+    adopted
+        .iter()
+        .filter(|endpoints| read.contains(&endpoints.netns) && !open.contains(endpoints))
+        .copied()
+        .collect()
 }
 
 /// Every process: its pid and `/proc/<pid>`. Processes come and go during a walk: callers skip
@@ -219,6 +269,40 @@ pub(crate) fn cgroup_of(text: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adopted_connections_are_gone_when_their_socket_is_closed_or_missing() {
+        let line = |text: &str| parse_tcp_line(text).unwrap();
+        let mut sockets = vec![
+            // 127.0.0.1:8080 ← 127.0.0.1:40000, established; the same pair from the client.
+            line("0: 0100007F:1F90 0100007F:9C40 01 00000000:00000000 00:00000000 00000000 0 0 11"),
+            line("1: 0100007F:9C40 0100007F:1F90 01 00000000:00000000 00:00000000 00000000 0 0 12"),
+            // :40001 → :8080 in TIME_WAIT; :40002's server end in CLOSE_WAIT (still open).
+            line("2: 0100007F:9C41 0100007F:1F90 06 00000000:00000000 00:00000000 00000000 0 0 0"),
+            line("3: 0100007F:1F90 0100007F:9C42 08 00000000:00000000 00:00000000 00000000 0 0 13"),
+        ];
+        for socket in &mut sockets {
+            socket.endpoints.netns = 7;
+        }
+        let conn = |local_port, peer_port, netns| Endpoints {
+            local_port,
+            peer_port,
+            netns,
+            ..sockets[0].endpoints
+        };
+        let adopted = [
+            conn(8080, 40000, 7), // open
+            conn(40001, 8080, 7), // TIME_WAIT: closed
+            conn(8080, 40002, 7), // CLOSE_WAIT: open
+            conn(8080, 40003, 7), // not listed: closed
+            conn(8080, 40003, 9), // a namespace not read: kept
+        ];
+        let read = HashSet::from([7]);
+        assert_eq!(
+            gone_among(&adopted, &sockets, &read),
+            [conn(40001, 8080, 7), conn(8080, 40003, 7)]
+        );
+    }
 
     #[test]
     fn unix_lines_give_connected_stream_inodes() {
