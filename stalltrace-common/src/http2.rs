@@ -79,19 +79,27 @@ const PREFACE_LEN: u32 = 24;
 const FRAME_HEADER_LEN: u64 = 9;
 const DATA: u8 = 0;
 const HEADERS: u8 = 1;
+const PRIORITY: u8 = 2;
 const RST_STREAM: u8 = 3;
+const SETTINGS: u8 = 4;
+const PUSH_PROMISE: u8 = 5;
+const PING: u8 = 6;
+const GOAWAY: u8 = 7;
+const WINDOW_UPDATE: u8 = 8;
+const CONTINUATION: u8 = 9;
+/// How far beyond the highest stream the client opened a frame may name one: a reply racing
+/// its request's walk on another CPU, or the ids of pushed streams (even, the server's), stay
+/// well within it; a stream id read from payload bytes (31 random bits) almost never does.
+const MAX_STREAM_ID_LEAD: u32 = 1 << 10;
 /// The flag of a DATA or HEADERS frame that ends its sender's side of the stream.
 const END_STREAM: u8 = 0x1;
 /// [`Streams::opened_ns`] of a stream whose request has not ended (no `END_STREAM` yet): it
 /// holds its slot, and no response is owed yet.
 const REQUEST_UNFINISHED: u64 = u64::MAX;
-/// The highest frame type registered in use (PRIORITY_UPDATE, RFC 9218). A peer must ignore
-/// the types it does not know (RFC 9113 §5.5; browsers send reserved "grease" types), so
-/// those are skipped, up to [`MAX_UNKNOWN_FRAME_LEN`] bytes: a longer one is taken for bytes
-/// that are not HTTP/2 framing.
-const MAX_FRAME_TYPE: u8 = 0x10;
-/// `SETTINGS_MAX_FRAME_SIZE`'s initial value: no peer may send more before it is raised,
-/// and the frames of extensions are control-sized.
+/// A frame of a type RFC 9113 does not define (an extension's, or a reserved "grease" type
+/// browsers send: peers must ignore the types they do not know, §5.5) is skipped, up to this
+/// many bytes: `SETTINGS_MAX_FRAME_SIZE`'s initial value, and extension frames are
+/// control-sized. A longer one is taken for bytes that are not HTTP/2 framing.
 const MAX_UNKNOWN_FRAME_LEN: u64 = 16_384;
 
 /// One HTTP/2 connection's stream state, kept by the kernel in its own map keyed by the
@@ -126,7 +134,10 @@ pub struct Streams {
     /// A stream opened while sending its request that found all its slots held (0: none):
     /// placed when its request ends, if it does, as a response is then owed.
     pub unplaced: u32,
-    pub _pad: u32,
+    /// 1 while the reply direction's first frame is still to come and must be the server's
+    /// `SETTINGS` (its connection preface, RFC 9113 §3.4): set when nothing moved that way
+    /// before the walk began, cleared by that direction's walk.
+    pub reply_preface: u32,
     /// Per slot: its stream's id, and when its request ended (ns; [`REQUEST_UNFINISHED`]
     /// until then).
     pub ids: [u32; STREAM_SLOTS],
@@ -152,7 +163,7 @@ impl Streams {
         highest: 0,
         ending: 0,
         unplaced: 0,
-        _pad: 0,
+        reply_preface: 0,
         ids: [0; STREAM_SLOTS],
         opened_ns: [0; STREAM_SLOTS],
         generation: [0; 2],
@@ -423,11 +434,21 @@ pub fn starts(conn: &ConnState, dir: u8, more: &mut impl More) -> bool {
 }
 
 /// Starts following `conn`'s streams in `streams` (a fresh entry) at a transfer in the
-/// request direction that begins with the preface (skipped as if it were a frame).
+/// request direction that begins with the preface (skipped as if it were a frame). When
+/// nothing has moved in the reply direction yet, that direction's first frame must be the
+/// server's SETTINGS: else its first bytes were missed (the programs attaching while the
+/// connection opened) and its frames are not followed.
 #[inline(always)]
 pub fn start(conn: &mut ConnState, streams: &mut Streams) {
     *streams = Streams::EMPTY;
-    streams.skip[side(transfer::request_direction(conn))] = PREFACE_LEN;
+    let request = transfer::request_direction(conn);
+    streams.skip[side(request)] = PREFACE_LEN;
+    let replied = if request == direction::IN {
+        conn.bytes_sent
+    } else {
+        conn.bytes_recv
+    };
+    streams.reply_preface = u32::from(replied == 0);
     conn.h2_sync = sync::TRACKING;
     conn.h2_open = 0;
     conn.h2_oldest_ns = 0;
@@ -721,11 +742,21 @@ fn follow(
     let at = transfer.at & 1;
     let [l0, l1, l2, kind, s0, s1, s2, s3] = bytes;
     let length = (u64::from(l0) << 16) | (u64::from(l1) << 8) | u64::from(l2);
-    if kind > MAX_FRAME_TYPE && length > MAX_UNKNOWN_FRAME_LEN {
+    let id = u32::from_be_bytes([s0, s1, s2, s3]) & 0x7fff_ffff;
+    if !plausible(kind, length, id, streams.highest) {
         return Step::Lost;
     }
-    streams.cursor[at] = end + length;
+    // `END_STREAM`'s bit: a SETTINGS frame's `ACK`.
     let end_stream = s0 & 0x80 != 0;
+    if !transfer.request && streams.reply_preface != 0 {
+        streams.reply_preface = 0;
+        if kind != SETTINGS || end_stream {
+            // The reply direction's first bytes were not seen: where its frames start is
+            // not known.
+            return Step::Lost;
+        }
+    }
+    streams.cursor[at] = end + length;
     let message = matches!(kind, HEADERS | DATA);
     // Request HEADERS open a stream (or are its trailers); request frames that end it end
     // its request.
@@ -733,11 +764,6 @@ fn follow(
     let answers = kind == RST_STREAM || (!transfer.request && message);
     if !asks && !answers {
         return Step::Next;
-    }
-    let id = u32::from_be_bytes([s0, s1, s2, s3]) & 0x7fff_ffff;
-    if id == 0 {
-        // Stream frames always name a stream: these bytes are not frames.
-        return Step::Lost;
     }
     if asks {
         // A request ends with the last byte of its `END_STREAM` frame: one whose payload is
@@ -778,6 +804,30 @@ fn follow(
         }
     }
     Step::Next
+}
+
+/// A frame header a peer may send (RFC 9113 §4.2, §5.1.1, §6; each violation is a connection
+/// error): a frame about a stream names one and a frame about the connection names none,
+/// control frames have their fixed lengths, an extension's frame is control-sized, and no
+/// stream is more than [`MAX_STREAM_ID_LEAD`] beyond the highest the client opened. Bytes that
+/// fail are payload taken for a header: the walk is out of step (it began inside a frame —
+/// a daemon attaching while the connection opened, its receive program a moment after its
+/// send one), and following it would open streams no response reaches, their slots held for
+/// good and a stall flagged. A random header passes about once in 10^6.
+#[inline(always)]
+fn plausible(kind: u8, length: u64, id: u32, highest: u32) -> bool {
+    let on_stream = id != 0;
+    let shape = match kind {
+        DATA | HEADERS | PUSH_PROMISE | CONTINUATION => on_stream,
+        PRIORITY => on_stream && length == 5,
+        RST_STREAM => on_stream && length == 4,
+        SETTINGS => !on_stream && length.is_multiple_of(6),
+        PING => !on_stream && length == 8,
+        GOAWAY => !on_stream && length >= 8,
+        WINDOW_UPDATE => length == 4,
+        _ => length <= MAX_UNKNOWN_FRAME_LEN,
+    };
+    shape && id <= highest.saturating_add(MAX_STREAM_ID_LEAD)
 }
 
 /// Sets `conn`'s count of streams awaiting their response and the oldest of them (kept in
@@ -858,6 +908,15 @@ mod tests {
 
     impl Conn {
         fn new(role_id: u8) -> Self {
+            let mut conn = Self::started(role_id);
+            // The server's preface: its SETTINGS.
+            let (_, reply) = conn.directions();
+            assert_eq!(conn.transfer(reply, 0, &frame(4, 0, 12)), Walk::default());
+            conn
+        }
+
+        /// Followed from the client's preface on, nothing seen the other way.
+        fn started(role_id: u8) -> Self {
             let mut state = ConnState {
                 role: role_id,
                 ..Default::default()
@@ -883,7 +942,11 @@ mod tests {
             (ask, reply)
         }
 
+        /// A transfer, walked while the streams are followed (as the kernel does).
         fn transfer(&mut self, dir: u8, at_ms: u64, bytes: &[u8]) -> Walk {
+            if !tracking(&self.state) {
+                return Walk::default();
+            }
             walk(
                 &mut self.state,
                 &mut self.streams,
@@ -1238,6 +1301,113 @@ mod tests {
             }
             assert!(conn.transfer(direction::OUT, 3_000, &response(1)).ended);
             assert_eq!(conn.state.h2_ended_stream, 1);
+        }
+    }
+
+    #[test]
+    fn frames_no_peer_sends_lose_the_framing() {
+        let lost = |bytes: &[u8]| {
+            let mut conn = Conn::new(role::SERVER);
+            conn.transfer(direction::IN, 0, &call(1));
+            conn.transfer(direction::OUT, 10, bytes);
+            conn.state.h2_sync == sync::LOST
+        };
+        for valid in [
+            frame(8, 0, 4),
+            frame(8, 1, 4),
+            frame(4, 0, 0),
+            frame(4, 0, 18),
+            frame(6, 0, 8),
+            frame(7, 0, 8),
+            frame(7, 0, 30),
+            frame(3, 1, 4),
+            frame(2, 1, 5),
+            frame(5, 1, 40),
+            frame(9, 1, 40),
+            frame(0, 1, 40_000),
+            frame(0x10, 0, 12),
+            // A server's pushed stream, and a reply racing its request's walk.
+            frame(1, 2, 10),
+            frame(1, 101, 10),
+        ] {
+            assert!(!lost(&valid), "{valid:02x?}");
+        }
+        for invalid in [
+            frame(0, 0, 40),
+            frame(1, 0, 40),
+            frame(9, 0, 4),
+            frame(8, 0, 5),
+            frame(4, 1, 0),
+            frame(4, 0, 7),
+            frame(6, 0, 9),
+            frame(6, 1, 8),
+            frame(7, 0, 4),
+            frame(3, 1, 5),
+            frame(3, 0, 4),
+            frame(2, 1, 4),
+            frame(0x0a, 0, 16_385),
+            frame(0, 1 + MAX_STREAM_ID_LEAD + 2, 40),
+        ] {
+            assert!(lost(&invalid), "{invalid:02x?}");
+        }
+    }
+
+    /// A walk that starts inside a frame (the first read of the replies missed: the daemon
+    /// attached its receive program a moment after its send program, while the connection
+    /// opened) takes payload bytes for headers. It must lose the framing rather than follow
+    /// them and never see an answer: its calls' slots would stay held, a stall flagged.
+    #[test]
+    fn a_walk_out_of_step_loses_the_framing_instead_of_holding_streams() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut random = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        const CALLS: u32 = 40;
+        for missed in 0..200 {
+            // Replies whose payloads look like protobuf and HPACK: many small bytes, which
+            // read as frame types and lengths that exist.
+            let mut replies = frame(4, 0, 12);
+            for i in 0..CALLS {
+                let id = 1 + 2 * i;
+                for (kind, flags, len) in [(1, 4, 12), (0, 0, 30), (1, 5, 16)] {
+                    let start = replies.len();
+                    replies.extend(flagged(kind, flags, id, len));
+                    for byte in &mut replies[start + 9..] {
+                        let r = random();
+                        *byte = if r % 3 == 0 {
+                            r as u8
+                        } else {
+                            (r >> 8) as u8 % 10
+                        };
+                    }
+                }
+            }
+            let mut conn = Conn::started(role::CLIENT);
+            let mut replies = &replies[missed..];
+            for i in 0..CALLS {
+                conn.transfer(direction::OUT, u64::from(i), &call(1 + 2 * i));
+                let take = replies.len().min(random() as usize % 90 + 1);
+                conn.transfer(direction::IN, u64::from(i), &replies[..take]);
+                replies = &replies[take..];
+            }
+            while !replies.is_empty() {
+                let take = replies.len().min(random() as usize % 90 + 1);
+                conn.transfer(direction::IN, 100, &replies[..take]);
+                replies = &replies[take..];
+            }
+            let expected = if missed == 0 {
+                sync::TRACKING
+            } else {
+                sync::LOST
+            };
+            assert_eq!(
+                (conn.state.h2_sync, conn.state.h2_open),
+                (expected, 0),
+                "{missed} bytes missed"
+            );
         }
     }
 
