@@ -107,6 +107,8 @@ fn tcp_sockets_and_namespaces() -> (Vec<ProcSocket>, HashSet<u32>) {
     let (mut read, mut failed) = (HashSet::new(), HashSet::new());
     for (inode, pid) in netns::all() {
         let label = netns::label(inode);
+        let mut found = Vec::new();
+        let mut whole = true;
         for file in ["tcp", "tcp6"] {
             let text = match fs::read_to_string(format!("/proc/{pid}/net/{file}")) {
                 Ok(text) => text,
@@ -115,16 +117,27 @@ fn tcp_sockets_and_namespaces() -> (Vec<ProcSocket>, HashSet<u32>) {
                     continue
                 }
                 Err(_) => {
-                    failed.insert(label);
+                    whole = false;
                     continue;
                 }
             };
-            read.insert(label);
-            sockets.extend(text.lines().filter_map(parse_tcp_line).map(|mut socket| {
+            found.extend(text.lines().filter_map(parse_tcp_line).map(|mut socket| {
                 socket.endpoints.netns = label;
                 socket
             }));
         }
+        // A process that changed namespace since it was listed (`setns`, `unshare`) showed
+        // another namespace's sockets: none of them belong to this one.
+        if netns::of_pid(pid) != Some(label) {
+            failed.insert(label);
+            continue;
+        }
+        if whole {
+            read.insert(label);
+        } else {
+            failed.insert(label);
+        }
+        sockets.extend(found);
     }
     read.retain(|label| !failed.contains(label));
     (sockets, read)
@@ -132,7 +145,10 @@ fn tcp_sockets_and_namespaces() -> (Vec<ProcSocket>, HashSet<u32>) {
 
 /// Of `adopted` (connections adopted at start-up that no kernel record has taken over), those
 /// whose socket is gone: not listed in /proc/PID/net/tcp{,6} of its namespace, or listed in
-/// `TIME_WAIT` or `CLOSE` (the socket itself has closed). A connection of a namespace that
+/// `TIME_WAIT` or `CLOSE` (the socket itself has closed), or an orphan — inode 0 outside
+/// `SYN_RECV`: its owner closed it and the kernel is finishing the close (`FIN_WAIT1`,
+/// `FIN_WAIT2`, `CLOSING`, `LAST_ACK`), after which no later read would see it go unless
+/// the ring loses records again. A connection of a namespace that
 /// could not be read is never taken as gone.
 pub(crate) fn gone_connections(adopted: &[Endpoints]) -> Vec<Endpoints> {
     let (sockets, read) = tcp_sockets_and_namespaces();
@@ -151,7 +167,7 @@ fn gone_among(
             !matches!(
                 s.state,
                 tcp_state::TIME_WAIT | tcp_state::CLOSE | tcp_state::LISTEN
-            )
+            ) && (s.inode != 0 || s.state == tcp_state::SYN_RECV)
         })
         .map(|s| &s.endpoints)
         .collect();
@@ -280,6 +296,10 @@ mod tests {
             // :40001 → :8080 in TIME_WAIT; :40002's server end in CLOSE_WAIT (still open).
             line("2: 0100007F:9C41 0100007F:1F90 06 00000000:00000000 00:00000000 00000000 0 0 0"),
             line("3: 0100007F:1F90 0100007F:9C42 08 00000000:00000000 00:00000000 00000000 0 0 13"),
+            // :40004 → :8080 closed by its owner, an orphan in FIN_WAIT2 (inode 0); :40005
+            // half-closed by shutdown(SHUT_WR), still open (FIN_WAIT2, inode set).
+            line("4: 0100007F:9C44 0100007F:1F90 05 00000000:00000000 00:00000000 00000000 0 0 0"),
+            line("5: 0100007F:9C45 0100007F:1F90 05 00000000:00000000 00:00000000 00000000 0 0 14"),
         ];
         for socket in &mut sockets {
             socket.endpoints.netns = 7;
@@ -296,11 +316,17 @@ mod tests {
             conn(8080, 40002, 7), // CLOSE_WAIT: open
             conn(8080, 40003, 7), // not listed: closed
             conn(8080, 40003, 9), // a namespace not read: kept
+            conn(40004, 8080, 7), // orphan: closed
+            conn(40005, 8080, 7), // half-closed, still open: kept
         ];
         let read = HashSet::from([7]);
         assert_eq!(
             gone_among(&adopted, &sockets, &read),
-            [conn(40001, 8080, 7), conn(8080, 40003, 7)]
+            [
+                conn(40001, 8080, 7),
+                conn(8080, 40003, 7),
+                conn(40004, 8080, 7)
+            ]
         );
     }
 
