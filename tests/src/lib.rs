@@ -37,6 +37,12 @@ pub const START_WITHIN: Duration = Duration::from_secs(240);
 /// A stall must be reported no later than threshold + 1 s; allow for a loaded CI machine.
 pub const REPORT_WITHIN: Duration = Duration::from_secs(4);
 
+/// A request its server never reads moves no data: a paced sock_diag scan finds it, resting
+/// 50 times as long as its last dump took (1–30 s). After a burst of connections on the
+/// kernel matrix's emulated CPUs a dump takes a few hundred ms, and the next one comes
+/// seconds later.
+pub const UNREAD_WITHIN: Duration = Duration::from_secs(20);
+
 /// Fails the test, loudly, unless it can load eBPF programs: a root test that cannot run must
 /// never pass. (These tests are outside the workspace's default members: plain `cargo test`
 /// runs the unit tests only; `cargo xtask test` runs both, as root.)
