@@ -1538,6 +1538,69 @@ mod tests {
     }
 
     #[test]
+    fn grpcio_calls_packed_into_slices_stay_followed() {
+        // A grpcio client's write of four unary calls (strace of python3-grpcio, 6+ calls in
+        // flight): HEADERS, WINDOW_UPDATE and DATA per call, then the connection's
+        // WINDOW_UPDATE, packed into 23-byte slices that `sendmsg` passes as `iovec` entries
+        // (the kernel finds each header in its entry: capture.rs). Each call's WINDOW_UPDATE
+        // header is split between two entries, the fourth's between entries 9 and 10. As one
+        // transfer, and as transfers cut where the entries end.
+        const SLICES: [&str; 12] = [
+            "0000080104000000dfc3c28386c1c0bfbe000004080000",
+            "0000df0000000500000b0001000000df0000000006303a",
+            "3130303a",
+            "0000080104000000e1c3c28386c1c0bfbe000004080000",
+            "0000e10000000500000b0001000000e10000000006303a",
+            "3130303a",
+            "0000080104000000e3c3c28386c1c0bfbe000004080000",
+            "0000e30000000500000b0001000000e30000000006303a",
+            "3130303a",
+            "0000080104000000e5c3c28386c1c0bfbe000004080000",
+            "0000e50000000500000b0001000000e50000000006303a",
+            "3130303a000004080000000000000000dc",
+        ];
+        let slices: Vec<Vec<u8>> = SLICES
+            .iter()
+            .map(|hex| {
+                (0..hex.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                    .collect()
+            })
+            .collect();
+        let bytes = slices.concat();
+        let cuts: Vec<usize> = slices
+            .iter()
+            .scan(0, |end, slice| {
+                *end += slice.len();
+                Some(*end)
+            })
+            .collect();
+        for cuts in [&[][..], &cuts[..]] {
+            let mut conn = Conn::new(role::CLIENT);
+            assert!(!transfers(&mut conn, direction::OUT, 1, &bytes, cuts));
+            assert_eq!(
+                (
+                    conn.state.h2_sync,
+                    conn.state.h2_open,
+                    conn.state.h2_oldest_stream
+                ),
+                (sync::TRACKING, 4, 223),
+                "cut at {cuts:?}"
+            );
+            let answers: Vec<u8> = [223, 225, 227, 229]
+                .into_iter()
+                .flat_map(response)
+                .collect();
+            assert!(!conn.transfer(direction::IN, 5, &answers).ended);
+            assert_eq!(
+                (conn.state.h2_sync, conn.state.h2_open),
+                (sync::TRACKING, 0)
+            );
+        }
+    }
+
+    #[test]
     fn only_a_preface_at_the_start_of_a_request_transfer_starts_following() {
         let state = ConnState {
             role: role::SERVER,

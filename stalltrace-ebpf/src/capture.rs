@@ -26,8 +26,8 @@ const MMSGHDR_SIZE: u64 = 64;
 const MMSGHDR_LEN: u64 = 56;
 /// `struct mmsghdr` entries looked at to find the one being moved.
 const MAX_MMSGS: u64 = 4;
-/// `struct iovec` entries walked to find an offset past the first (grpcio writes a frame per
-/// entry).
+/// `struct iovec` entries walked from the first to find an offset past it (the HTTP/1.x
+/// copies; the HTTP/2 walk resumes from its [`Walker`]'s entry instead, [`MAX_IOVEC_STEPS`]).
 const MAX_IOVECS: u64 = 8;
 
 /// `sock`'s slot in `CAPTURES`, which the sockets whose addresses hash alike share. An array
@@ -271,11 +271,14 @@ impl Walker {
         true
     }
 
-    /// The 8 bytes at `offset` of the data (a frame header split between two transfers), in
-    /// memory order: bytes past the data are read from its buffer (`http2::Bytes8`). In a
-    /// vectored call, from the first entries only ([`MAX_IOVECS`]); past the last entry's end,
-    /// from the memory that follows it (grpcio reads into an `iovec` entry as long as the
-    /// bytes it expects: a 3-byte read has 3 bytes of buffer).
+    /// The 8 bytes at `offset` of the data (a frame header split between two transfers or
+    /// between two `iovec` entries), in memory order: bytes past the data are read from its
+    /// buffer (`http2::Bytes8`). In a vectored call, the entry holding `offset` is found from
+    /// the walker's current one, as [`walk_header_at`] finds a header's (it moves there):
+    /// grpcio packs its frames into 23-byte slices, so a header split between entries may lie
+    /// anywhere in a write of dozens. Past the last entry's end, from the memory that follows
+    /// it (grpcio reads into an `iovec` entry as long as the bytes it expects: a 3-byte read
+    /// has 3 bytes of buffer).
     #[inline(always)]
     fn bytes8_at(&mut self, offset: u64) -> Option<[u8; 8]> {
         if !self.locate() {
@@ -284,13 +287,39 @@ impl Walker {
         if self.kind == 1 {
             return read8(self.base + offset);
         }
-        let data = Data::Vector(self.base, self.count);
-        let entry = iovec_holding(self.base, self.count, offset)?;
+        if offset < self.start {
+            self.rewind();
+        }
+        let entry = self.holding(offset)?;
         if entry.len - entry.within >= 8 || entry.index + 1 >= self.count {
             read8(entry.base + entry.within)
         } else {
-            bytes8_across(&data, offset)
+            bytes8_from(self.base, self.count, entry)
         }
+    }
+
+    /// The `iovec` entry holding byte `offset` of the data, looking at most
+    /// [`MAX_IOVEC_STEPS`] entries from the current one (which it moves there).
+    #[inline(always)]
+    fn holding(&mut self, offset: u64) -> Option<Entry> {
+        let mut step = 0;
+        while step < MAX_IOVEC_STEPS && self.entry < self.count {
+            let at = self.base + 16 * self.entry;
+            // SAFETY: a probe read of user memory: a failure is returned, not faulted.
+            let [base, len] = unsafe { bpf_probe_read_user(at as *const [u64; 2]).ok()? };
+            if offset < self.start + len {
+                return Some(Entry {
+                    index: self.entry,
+                    base,
+                    len,
+                    within: offset - self.start,
+                });
+            }
+            self.start += len;
+            self.entry += 1;
+            step += 1;
+        }
+        None
     }
 
     /// Back to the first entry.
@@ -449,6 +478,13 @@ fn bytes8_across(data: &Data, offset: u64) -> Option<[u8; 8]> {
         Data::Vector(iov, count) => (iov, count),
     };
     let entry = iovec_holding(iov, count, offset)?;
+    bytes8_from(iov, count, entry)
+}
+
+/// The 8 bytes from byte `entry.within` of `entry` (of the `count` entries of the `struct
+/// iovec` array at `iov`), in memory order, across up to [`MAX_TAIL_ENTRIES`] entries.
+#[inline(always)]
+fn bytes8_from(iov: u64, count: u64, entry: Entry) -> Option<[u8; 8]> {
     let (mut index, mut address, mut available) = (
         entry.index,
         entry.base + entry.within,
