@@ -287,9 +287,6 @@ impl Walker {
         if self.kind == 1 {
             return read8(self.base + offset);
         }
-        if offset < self.start {
-            self.rewind();
-        }
         let entry = self.holding(offset)?;
         if entry.len - entry.within >= 8 || entry.index + 1 >= self.count {
             read8(entry.base + entry.within)
@@ -299,9 +296,13 @@ impl Walker {
     }
 
     /// The `iovec` entry holding byte `offset` of the data, looking at most
-    /// [`MAX_IOVEC_STEPS`] entries from the current one (which it moves there).
+    /// [`MAX_IOVEC_STEPS`] entries from the current one (which it moves there), or from the
+    /// first when `offset` lies before the current one.
     #[inline(always)]
     fn holding(&mut self, offset: u64) -> Option<Entry> {
+        if offset < self.start {
+            self.rewind();
+        }
         let mut step = 0;
         while step < MAX_IOVEC_STEPS && self.entry < self.count {
             let at = self.base + 16 * self.entry;
@@ -352,9 +353,6 @@ pub(crate) fn walk_header_at(walker: &mut Walker, offset: u64) -> u64 {
     if walker.kind == 1 {
         return read_header(walker, walker.base + offset);
     }
-    if offset < walker.start {
-        walker.rewind();
-    }
     vector_header(walker, offset)
 }
 
@@ -396,31 +394,19 @@ fn read_header(walker: &mut Walker, address: u64) -> u64 {
 /// `offset`); a frame header whose 9 bytes lie in that entry is read whole ([`read_header`]).
 #[inline(always)]
 fn vector_header(walker: &mut Walker, offset: u64) -> u64 {
-    let mut step = 0;
-    while step < MAX_IOVEC_STEPS && walker.entry < walker.count {
-        let entry = walker.base + 16 * walker.entry;
-        // One read per entry (base, length): a helper call costs more than the bytes.
-        // SAFETY: a probe read of user memory: a failure is returned, not faulted.
-        let Ok([base, len]) = (unsafe { bpf_probe_read_user(entry as *const [u64; 2]) }) else {
-            return NO_WORD;
-        };
-        if offset < walker.start + len {
-            let at = offset - walker.start;
-            let available = len - at;
-            if available >= 9 {
-                return read_header(walker, base + at);
-            }
-            if available >= 4 {
-                return read_word(base + at);
-            }
-            let has_next = walker.entry + 1 < walker.count;
-            return straddling_word(base + len, available, entry + 16, has_next);
-        }
-        walker.start += len;
-        walker.entry += 1;
-        step += 1;
+    let Some(entry) = walker.holding(offset) else {
+        return NO_WORD;
+    };
+    let (at, available) = (entry.base + entry.within, entry.len - entry.within);
+    if available >= 9 {
+        return read_header(walker, at);
     }
-    NO_WORD
+    if available >= 4 {
+        return read_word(at);
+    }
+    let next = walker.base + 16 * (entry.index + 1);
+    let has_next = entry.index + 1 < walker.count;
+    straddling_word(entry.base + entry.len, available, next, has_next)
 }
 
 /// The word whose first `available` (1 to 3) bytes end an `iovec` entry at `end` and whose
