@@ -431,7 +431,11 @@ struct Resync {
     /// Keys of the snapshot's entries so far.
     seen: BySock<()>,
     /// Addresses whose connection closed or was replaced since the snapshot began.
-    superseded: BySock<()>,
+    /// Addresses whose connection closed or was replaced since the snapshot began, with the
+    /// newest kernel open time (ns) of a connection gone from there: entries of that
+    /// connection or older are outdated; a newer one's (the address taken again, its records
+    /// lost) is not.
+    superseded: BySock<u64>,
     found: Reconciled,
 }
 
@@ -806,7 +810,7 @@ impl Tracker {
         let at = event.header.ts_ns;
         let state = &event.conn;
         if kind == EventKind::Closed {
-            self.superseded(sock);
+            self.superseded(sock, state.open_ns);
             self.on_closed(sock, state, at, out);
             return;
         }
@@ -819,7 +823,8 @@ impl Tracker {
         let stall_after_ns = self.stall_after_ns;
         self.conn_for(sock, state, at, out);
         if self.conns.get(sock).map(|conn| conn.id) != before {
-            self.superseded(sock);
+            // Connections before this one at the address are gone.
+            self.superseded(sock, state.open_ns.saturating_sub(1));
         }
         self.refresh(sock, state, at, out);
         if state.peer_sock != 0 {
@@ -989,11 +994,13 @@ impl Tracker {
         self.resync.is_some()
     }
 
-    /// The connection at `sock` closed, or another took its address: its entry in the
-    /// snapshot being reconciled is outdated.
-    fn superseded(&mut self, sock: u64) {
+    /// The connection at `sock` opened at `gone_open_ns` (kernel open time) closed, or another
+    /// took its address: its entry in the snapshot being reconciled, and any older one, is
+    /// outdated.
+    fn superseded(&mut self, sock: u64, gone_open_ns: u64) {
         if let Some(resync) = self.resync.as_deref_mut() {
-            resync.superseded.insert(sock, ());
+            let newest = resync.superseded.entry(sock).or_insert(gone_open_ns);
+            *newest = (*newest).max(gone_open_ns);
         }
     }
 
@@ -1047,7 +1054,11 @@ impl Tracker {
         let mark = out.len();
         for (sock, state) in kernel {
             resync.seen.insert(sock, ());
-            if resync.superseded.contains_key(&sock) {
+            if resync
+                .superseded
+                .get(&sock)
+                .is_some_and(|&gone| state.open_ns <= gone)
+            {
                 resync.found.superseded += 1;
                 continue;
             }
@@ -1208,7 +1219,8 @@ impl Tracker {
             }
         }
         for sock in lost {
-            self.superseded(sock);
+            let open_ns = self.conns.get(sock).map_or(0, |conn| conn.kernel_open_ns);
+            self.superseded(sock, open_ns);
             self.watched.remove(&sock);
             if let Some(conn) = self.conns.remove(sock) {
                 self.close_unseen(conn, now, out);

@@ -1282,6 +1282,37 @@ fn a_resync_does_not_bring_back_a_connection_closed_since_its_entry_was_read() {
     assert_eq!((found.recovered, found.superseded), (0, 1));
 }
 
+/// In a burst of short connections, an address whose connection closed during the walk is
+/// often taken again at once: the snapshot's entry there may be the new connection's, whose
+/// records the full ring lost. It was passed over with the old one's, and the new connection
+/// (a request stuck on it) never tracked.
+#[test]
+fn a_resync_entry_newer_than_a_close_since_it_began_is_recovered() {
+    let mut t = tracker();
+    let mut old = Kernel::new(role::SERVER, SEC);
+    old.transfer(direction::IN, SEC);
+    feed(&mut t, old.event(EventKind::Discovered, SEC));
+    t.begin_resync();
+    old.set_state(tcp_state::CLOSE, 2 * SEC);
+    feed(&mut t, old.event(EventKind::Closed, 2 * SEC));
+    assert_eq!(t.len(), 0);
+    // The walk read the address's next connection, a client whose records were all lost.
+    let mut next = Kernel::new(role::CLIENT, 2 * SEC + MS);
+    next.state.flags = conn_flags::ESTABLISHED;
+    next.transfer(direction::OUT, 2 * SEC + 2 * MS);
+    let mut out = Vec::new();
+    t.resync_entries([(SOCK, old.state), (SOCK, next.state)], 3 * SEC, &mut out);
+    let found = t.finish_resync();
+    assert_eq!((found.recovered, found.superseded), (1, 1));
+    assert_eq!(details(&out), [&Detail::Open { adopted: false }]);
+    // Watched: its request's stall is found by the sweeps.
+    let stalls = sweep(&mut t, &mut next, 2 * SEC + 2 * MS + THRESHOLD);
+    assert!(
+        matches!(details(&stalls)[..], [Detail::StallStart { .. }]),
+        "{stalls:?}"
+    );
+}
+
 #[test]
 fn a_resync_entry_older_than_an_address_reuse_leaves_the_new_connection_alone() {
     let mut t = tracker();
