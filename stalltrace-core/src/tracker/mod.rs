@@ -809,6 +809,17 @@ impl Tracker {
         let sock = event.header.sock;
         let at = event.header.ts_ns;
         let state = &event.conn;
+        if self
+            .conns
+            .get(sock)
+            .is_some_and(|known| state.open_ns < known.kernel_open_ns)
+        {
+            // A record of an earlier connection at this address, still in the ring when a
+            // resynchronization read the newer one's entry (a burst that overflowed the ring
+            // leaves a backlog): that connection is gone, and its record must not close or
+            // replace the newer one.
+            return;
+        }
         if kind == EventKind::Closed {
             self.superseded(sock, state.open_ns);
             self.on_closed(sock, state, at, out);

@@ -1313,6 +1313,39 @@ fn a_resync_entry_newer_than_a_close_since_it_began_is_recovered() {
     );
 }
 
+/// A resync reads the kernel's map while the ring still holds records of a burst: a record of
+/// an earlier connection at an address, drained after the resync tracked the address's new
+/// connection, once closed the new one as stale (a request stuck on it never flagged).
+#[test]
+fn a_late_record_of_an_earlier_connection_leaves_the_newer_one_alone() {
+    let mut t = tracker();
+    let mut old = Kernel::new(role::CLIENT, SEC);
+    old.state.flags = conn_flags::ESTABLISHED;
+    old.transfer(direction::OUT, SEC + MS);
+    let late_request = old.event(EventKind::RequestStarted, SEC + MS);
+    old.set_state(tcp_state::CLOSE, SEC + 2 * MS);
+    let late_close = old.event(EventKind::Closed, SEC + 2 * MS);
+    // The address's next connection, whose records were lost, found by a resync.
+    let mut next = Kernel::new(role::SERVER, SEC + 3 * MS);
+    next.state.flags = conn_flags::ESTABLISHED;
+    next.transfer(direction::IN, SEC + 4 * MS);
+    t.begin_resync();
+    let mut out = Vec::new();
+    t.resync_entries([(SOCK, next.state)], 2 * SEC, &mut out);
+    assert_eq!(t.finish_resync().recovered, 1);
+    let id = t.conn(SOCK).unwrap().id;
+    // Then the ring's backlog: the earlier connection's records.
+    assert!(feed(&mut t, late_request).is_empty());
+    assert!(feed(&mut t, late_close).is_empty());
+    assert_eq!(t.conn(SOCK).map(|c| c.id), Some(id));
+    assert_eq!(t.stats().lost_closes, 0);
+    let stalls = sweep(&mut t, &mut next, SEC + 4 * MS + THRESHOLD);
+    assert!(
+        matches!(details(&stalls)[..], [Detail::StallStart { .. }]),
+        "{stalls:?}"
+    );
+}
+
 #[test]
 fn a_resync_entry_older_than_an_address_reuse_leaves_the_new_connection_alone() {
     let mut t = tracker();
