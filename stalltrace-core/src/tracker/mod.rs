@@ -402,6 +402,9 @@ pub struct Stats {
     pub lost_closes: u64,
     /// Connections reported late by [`Tracker::reconcile`], their opening events lost.
     pub recovered: u64,
+    /// Ring records of an earlier connection at an address, drained after a resynchronization
+    /// had tracked that address's newer connection: passed over (their connection is gone).
+    pub late_records: u64,
     /// HTTP/1.x responses whose head the kernel no longer held when a sweep looked (its slot
     /// reused by a later response, or evicted): their framing is unknown, and not judged.
     pub reply_heads_missed: u64,
@@ -430,7 +433,6 @@ pub struct Reconciled {
 struct Resync {
     /// Keys of the snapshot's entries so far.
     seen: BySock<()>,
-    /// Addresses whose connection closed or was replaced since the snapshot began.
     /// Addresses whose connection closed or was replaced since the snapshot began, with the
     /// newest kernel open time (ns) of a connection gone from there: entries of that
     /// connection or older are outdated; a newer one's (the address taken again, its records
@@ -818,6 +820,7 @@ impl Tracker {
             // resynchronization read the newer one's entry (a burst that overflowed the ring
             // leaves a backlog): that connection is gone, and its record must not close or
             // replace the newer one.
+            self.stats.late_records += 1;
             return;
         }
         if kind == EventKind::Closed {

@@ -1339,6 +1339,7 @@ fn a_late_record_of_an_earlier_connection_leaves_the_newer_one_alone() {
     assert!(feed(&mut t, late_close).is_empty());
     assert_eq!(t.conn(SOCK).map(|c| c.id), Some(id));
     assert_eq!(t.stats().lost_closes, 0);
+    assert_eq!(t.stats().late_records, 2);
     let stalls = sweep(&mut t, &mut next, SEC + 4 * MS + THRESHOLD);
     assert!(
         matches!(details(&stalls)[..], [Detail::StallStart { .. }]),

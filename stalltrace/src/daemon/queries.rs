@@ -138,6 +138,7 @@ impl Daemon {
                 "watched": self.tracker.watched(),
                 "capacity": self.config.max_conns,
                 "recovered": stats.recovered,
+                "late_records": stats.late_records,
                 "http1_pipelined_runs": stats.http1_pipelined_runs,
                 "http1_runs_uncounted": stats.http1_runs_uncounted,
             },
