@@ -403,8 +403,10 @@ pub struct Walk {
     /// A stream awaiting its response for at least the threshold was answered: the stall
     /// (reported or not yet swept) ends ([`ConnState::h2_ended_stream`] names it).
     pub ended: bool,
-    /// Streams opened but not followed (slot held), or the framing lost: to count as loss.
+    /// Streams opened but not followed (their slots held): to count as loss.
     pub untracked: u32,
+    /// The framing was lost ([`lose`]): to count as loss.
+    pub lost: bool,
 }
 
 /// The streams of `conn` are followed ([`sync::TRACKING`]).
@@ -584,10 +586,11 @@ pub fn walk_end(conn: &mut ConnState, streams: &mut Streams, transfer: &Transfer
     let mut result = Walk {
         ended: streams.walk[at] & WALK_ENDED != 0,
         untracked: streams.walk[at] >> WALK_UNTRACKED_SHIFT,
+        lost: false,
     };
     if streams.walk[at] & WALK_LOST != 0 || streams.cursor[at] < transfer.total {
         lose(conn);
-        result.untracked += 1;
+        result.lost = true;
         result.ended = false;
         return result;
     }
@@ -1421,7 +1424,7 @@ mod tests {
         assert!(conn.transfer(direction::OUT, 3_000, &response(1)).ended);
         // One longer than any extension's is no frame.
         let walk = conn.transfer(direction::IN, 3_100, &frame(0xfa, 0, 16_385));
-        assert_eq!((walk.untracked, conn.state.h2_sync), (1, sync::LOST));
+        assert_eq!((walk.lost, conn.state.h2_sync), (true, sync::LOST));
     }
 
     #[test]
@@ -1429,7 +1432,7 @@ mod tests {
         // Bytes that are no frames.
         let mut conn = Conn::new(role::SERVER);
         let walk = conn.transfer(direction::IN, 1, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
-        assert_eq!(walk.untracked, 1);
+        assert_eq!((walk.lost, walk.untracked), (true, 0));
         assert_eq!((conn.state.h2_sync, conn.state.h2_open), (sync::LOST, 0));
         assert!(!quiet_past_threshold(&conn.state, u64::MAX, THRESHOLD));
         // As many frames as one walk follows, then one more.
@@ -1454,7 +1457,7 @@ mod tests {
             |_| None,
             |_, _: &mut [u8; 8]| false,
         );
-        assert_eq!((result.untracked, conn.state.h2_sync), (1, sync::LOST));
+        assert_eq!((result.lost, conn.state.h2_sync), (true, sync::LOST));
         // The start of a header that cannot be read.
         let mut conn = Conn::new(role::SERVER);
         let bytes = call(1);

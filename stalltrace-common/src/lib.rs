@@ -429,12 +429,14 @@ pub mod loss {
     pub const RINGBUF_FULL: u32 = 0;
     /// A new connection could not be inserted into the `CONNS` map.
     pub const CONN_INSERT_FAILED: u32 = 1;
-    /// An HTTP/2 connection whose streams the kernel stopped following (frames out of sync,
-    /// more frames in one transfer than it walks, its stream state evicted or not insertable:
-    /// judged by the direction rule from then on), or a stream it could not follow (its
-    /// table slot held by an older stream still awaiting its response).
+    /// HTTP/2 streams the kernel could not follow (their table slots held by older streams
+    /// still awaiting their responses): counted once per transfer that opens such streams.
     pub const HTTP2_UNTRACKED: u32 = 2;
-    pub const SLOTS: u32 = 3;
+    /// HTTP/2 connections whose frames the kernel stopped following (frames out of step,
+    /// more frames in one transfer than it walks, bytes it could not read, its stream state
+    /// evicted or not insertable): judged by the direction rule from then on.
+    pub const HTTP2_FRAMING_LOST: u32 = 3;
+    pub const SLOTS: u32 = 4;
 }
 
 /// Written by the daemon into the single slot of the `CONTROL` array at every sweep.

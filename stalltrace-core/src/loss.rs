@@ -39,10 +39,13 @@ loss_counters! {
     /// already running on that CPU (an fexit program preempted mid-run; on the tracepoint and
     /// kprobe rungs, only a program nested from an interrupt).
     kernel_hook_missed,
-    /// HTTP/2 connections whose streams the kernel stopped following (framing lost, too many
-    /// frames in one transfer, stream state evicted): judged by the direction rule from then
-    /// on; and streams it did not follow (their slot held by an older stream awaiting).
+    /// HTTP/2 streams the kernel did not follow (their slots held by older streams awaiting
+    /// their responses), counted once per transfer that opened such streams.
     kernel_http2_untracked,
+    /// HTTP/2 connections whose frames the kernel stopped following (frames out of step, too
+    /// many frames in one transfer, bytes it could not read, stream state evicted or not
+    /// insertable): judged by the direction rule from then on.
+    kernel_http2_framing_lost,
     /// Connections whose kernel state was evicted from the full connection map.
     conn_evicted,
     /// Connections whose close was never observed.

@@ -48,7 +48,7 @@ fn on_transfer(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
         _ if http2::tracking(conn) => {
             // Evicted from the full map: the framing cannot be picked up again.
             http2::lose(conn);
-            count_loss(loss::HTTP2_UNTRACKED);
+            count_loss(loss::HTTP2_FRAMING_LOST);
             return;
         }
         _ => match start(sock, conn, dir) {
@@ -83,6 +83,9 @@ fn on_transfer(sock: u64, conn: &mut ConnState, dir: u8, bytes: u64, now: u64) {
     let result = http2::walk_end(walk.conn, walk.streams, &transfer);
     if result.untracked > 0 {
         count_loss(loss::HTTP2_UNTRACKED);
+    }
+    if result.lost {
+        count_loss(loss::HTTP2_FRAMING_LOST);
     }
     if !http2::tracking(walk.conn) {
         let _ = H2_STREAMS.remove(sock);
@@ -163,7 +166,7 @@ fn start(sock: u64, conn: &mut ConnState, dir: u8) -> Option<*mut Streams> {
         .is_err()
     {
         http2::lose(conn);
-        count_loss(loss::HTTP2_UNTRACKED);
+        count_loss(loss::HTTP2_FRAMING_LOST);
         return None;
     }
     H2_STREAMS.get_ptr_mut(sock)

@@ -152,7 +152,7 @@ fn record<const BUFFER: bool>(sock: u64, conn: &mut ConnState, dir: u8, bytes: u
     // Frames that cannot be read (`transfer` walks the others): the framing is lost here.
     if !BUFFER && verdict_extras() && http2::tracking(conn) {
         http2::lose(conn);
-        count_loss(loss::HTTP2_UNTRACKED);
+        count_loss(loss::HTTP2_FRAMING_LOST);
     }
     let new_owner = set_owner_to_current(conn);
     // Only a run that may start a request, or answer one with housekeeping in between, has

@@ -441,8 +441,10 @@ pub(crate) struct KernelLoss {
     pub conn_insert_failed: u64,
     /// Runs of the data transfer programs the kernel skipped (`recursion_misses`, 5.12+).
     pub hook_missed: u64,
-    /// HTTP/2 connections or streams the kernel could not follow (`loss::HTTP2_UNTRACKED`).
+    /// HTTP/2 streams the kernel could not follow (`loss::HTTP2_UNTRACKED`).
     pub http2_untracked: u64,
+    /// HTTP/2 connections whose framing the kernel lost (`loss::HTTP2_FRAMING_LOST`).
+    pub http2_framing_lost: u64,
 }
 
 impl KernelMaps {
@@ -513,6 +515,7 @@ impl KernelMaps {
             conn_insert_failed: self.lost(loss::CONN_INSERT_FAILED),
             hook_missed: self.transfer_programs.iter().map(recursion_misses).sum(),
             http2_untracked: self.lost(loss::HTTP2_UNTRACKED),
+            http2_framing_lost: self.lost(loss::HTTP2_FRAMING_LOST),
         }
     }
 

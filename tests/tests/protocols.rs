@@ -64,7 +64,7 @@ impl Drop for Script {
 }
 
 /// HTTP/2 tests run one at a time. Every daemon observes the whole host, and some assert
-/// `kernel_http2_untracked`, which counts what a daemon could not follow on *any* HTTP/2
+/// `kernel_http2_untracked` and `kernel_http2_framing_lost`, which count what a daemon could not follow on *any* HTTP/2
 /// connection: a daemon that attached while another test's gRPC channel was opening once
 /// counted ~1 400 streams a second on that channel.
 fn http2_alone() -> std::sync::MutexGuard<'static, ()> {
@@ -804,7 +804,11 @@ fn slow_grpc_call_among_flowing_ones(name: &str, pause: &str) {
     assert_eq!(status["features"]["http2_streams"], true, "{status:#}");
     assert_eq!(
         status["lost"]["kernel_http2_untracked"], 0,
-        "the kernel followed every frame and every stream"
+        "the kernel followed every stream"
+    );
+    assert_eq!(
+        status["lost"]["kernel_http2_framing_lost"], 0,
+        "the kernel followed every frame"
     );
 }
 
@@ -927,8 +931,12 @@ fn slow_call_in_a_burst(name: &str, client: &str) {
     answered_on_both_ends(&daemon, port_number, slow + REPORT_WITHIN);
     let status = daemon.cli_json(&["status", "-o", "json"]);
     assert_eq!(
-        status["lost"]["kernel_http2_untracked"], 0,
-        "the kernel followed every frame: {status:#}"
+        (
+            &status["lost"]["kernel_http2_framing_lost"],
+            &status["lost"]["kernel_http2_untracked"]
+        ),
+        (&serde_json::json!(0), &serde_json::json!(0)),
+        "the kernel followed every frame and every stream: {status:#}"
     );
     assert_eq!(daemon.events_named("stall.start", port_number).len(), 2);
 }

@@ -763,6 +763,7 @@ impl Daemon {
             kernel_conn_insert_failed: kernel.conn_insert_failed,
             kernel_hook_missed: kernel.hook_missed,
             kernel_http2_untracked: kernel.http2_untracked,
+            kernel_http2_framing_lost: kernel.http2_framing_lost,
             conn_evicted: stats.evictions,
             close_unseen: stats.lost_closes,
             malformed_records: self.malformed + stats.unknown_events,
