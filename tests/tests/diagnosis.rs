@@ -200,6 +200,18 @@ fn proxy_stall_blames_the_silent_upstream() {
 
 #[test]
 fn request_nobody_reads_is_request_unread() {
+    request_nobody_reads_is_flagged(false);
+}
+
+/// The client sent its request and its FIN (`shutdown(SHUT_WR)`): the server's socket is in
+/// `CLOSE_WAIT` and still owes the reply. Up to 2026-12-01 the scan read established sockets
+/// only, and this stall was never flagged.
+#[test]
+fn a_half_closed_request_nobody_reads_is_request_unread() {
+    request_nobody_reads_is_flagged(true);
+}
+
+fn request_nobody_reads_is_flagged(half_closed: bool) {
     require_root();
     let daemon = Daemon::start("unread");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -214,6 +226,9 @@ fn request_nobody_reads_is_request_unread() {
     let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     accepted.recv().unwrap();
     client.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+    if half_closed {
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+    }
 
     // Found by the periodic sock_diag scan: allow one scan interval on top.
     let on_server = daemon.wait_for_stall(port, "server", REPORT_WITHIN + Duration::from_secs(2));

@@ -245,6 +245,66 @@ fn connection_opened_before_the_daemon_is_adopted_and_flagged() {
     server.close();
 }
 
+/// A request its client followed with its FIN (`shutdown(SHUT_WR)`), unanswered when the
+/// daemon starts: the server end (`CLOSE_WAIT`) still owes the reply and the client end
+/// (`FIN_WAIT2`) still awaits it. Up to 2026-12-01 only established sockets were adopted, and
+/// neither end was seen until the reply.
+#[test]
+fn a_half_closed_request_open_before_the_daemon_is_adopted_and_flagged() {
+    require_root();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (answer, answer_now) = std::sync::mpsc::channel::<()>();
+    let (close, close_now) = std::sync::mpsc::channel::<()>();
+    let server = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut request = Vec::new();
+        // The request, then the client's FIN.
+        conn.read_to_end(&mut request).unwrap();
+        answer_now.recv().unwrap();
+        let replied = std::time::Instant::now();
+        conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .unwrap();
+        // Open until the client has read the reply: a reply that comes with the server's FIN
+        // to an adopted client is a case of its own (the close, not the read, ends it).
+        close_now.recv().unwrap();
+        replied
+    });
+    let mut client = send_request(addr);
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let asked = std::time::Instant::now();
+    let port = addr.port();
+
+    let daemon = Daemon::start("adopt-half-closed");
+    let conns = daemon.cli_json(&["conns", "-o", "json", "--port", &port.to_string()]);
+    let conns = conns.as_array().unwrap();
+    assert_eq!(conns.len(), 2, "both ends adopted: {conns:#?}");
+    assert!(
+        conns.iter().all(|c| c["conn"]["adopted"] == true),
+        "{conns:#?}"
+    );
+    let stalls = daemon.wait_for_stalls(port, 2, REPORT_WITHIN);
+    assert_eq!(stalls.len(), 2, "{stalls:#?}\n{}", daemon.stderr());
+    with_role(&stalls, "server");
+    with_role(&stalls, "client");
+
+    answer.send(()).unwrap();
+    let mut reply = [0u8; 64];
+    assert!(client.read(&mut reply).unwrap() > 0);
+    let ends = daemon.wait_for_events("stall.end", port, 2, REPORT_WITHIN);
+    close.send(()).unwrap();
+    let held = server.join().unwrap().duration_since(asked);
+    assert_eq!(ends.len(), 2, "{ends:#?}");
+    for end in &ends {
+        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
+        let duration = end["stall"]["duration_ms"].as_u64().unwrap();
+        assert!(
+            duration + 300 >= held.as_millis() as u64,
+            "dated from the request, not the adoption: {end:#}"
+        );
+    }
+}
+
 /// Connections opened while the daemon starts: the programs report a `connect()` before its
 /// local port is chosen, and /proc adopts the connection before the daemon reads that report.
 /// Each end must be one connection (one `conn.open`), and every stall must end with its

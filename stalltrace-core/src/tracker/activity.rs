@@ -153,10 +153,12 @@ pub enum AdoptedExchange {
 
 /// The socket's counters at adoption, from sock_diag (`tcp_info`): bytes waiting unread,
 /// milliseconds since data was last received and sent (since the handshake if none was;
-/// `None`: unknown), and data segments received and sent, when the kernel reports them.
+/// `None`: unknown), data segments received and sent, when the kernel reports them, and
+/// whether the peer's FIN came (the socket in `CLOSE_WAIT`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketHistory {
     pub recv_queue: u32,
+    pub peer_closed: bool,
     pub last_data_recv_ms: Option<u32>,
     pub last_data_sent_ms: Option<u32>,
     pub data_segs_in: Option<u32>,
@@ -167,9 +169,14 @@ pub struct SocketHistory {
 /// last went decides, as for a connection the kernel followed. Data that went the request way
 /// only (no data segment the other way) is a request never answered. The kernel keeps the
 /// times in milliseconds (jiffies), counted from the handshake before any data: otherwise,
-/// data both ways within the same millisecond cannot be ordered and is `Unknown`.
+/// data both ways within the same millisecond cannot be ordered and is `Unknown`. A client
+/// whose server closed has nothing left to wait for but what sits unread; a server whose
+/// client half-closed still owes its reply (docs/events.md, half-closed connections).
 pub fn infer_adopted(role: Role, history: &SocketHistory, now: u64) -> AdoptedExchange {
     let at = |ms: u32| now.saturating_sub(u64::from(ms) * 1_000_000);
+    if role != Role::Server && history.peer_closed && history.recv_queue == 0 {
+        return AdoptedExchange::Completed;
+    }
     let (request, reply, segs) = match role {
         Role::Server => (
             history.last_data_recv_ms,
@@ -359,6 +366,35 @@ mod tests {
             AdoptedExchange::Unknown,
             "answered before, the order unknown"
         );
+    }
+
+    #[test]
+    fn adopted_half_closed_connections_follow_the_half_close_rules() {
+        let now = 100_000_000_000;
+        let closed = |recv_queue| SocketHistory {
+            recv_queue,
+            peer_closed: true,
+            last_data_recv_ms: Some(60_000),
+            last_data_sent_ms: Some(20_000),
+            ..SocketHistory::default()
+        };
+        let outstanding = AdoptedExchange::Outstanding {
+            since: now - 20_000_000_000,
+        };
+        // A client whose server closed after its request: nothing will come.
+        assert_eq!(
+            infer_adopted(Role::Client, &closed(0), now),
+            AdoptedExchange::Completed
+        );
+        // Unless something sits unread: it still awaits its read.
+        assert_eq!(infer_adopted(Role::Client, &closed(30), now), outstanding);
+        // A server whose client sent a request and its FIN still owes the reply.
+        let server = SocketHistory {
+            last_data_recv_ms: Some(20_000),
+            last_data_sent_ms: Some(60_000),
+            ..closed(0)
+        };
+        assert_eq!(infer_adopted(Role::Server, &server, now), outstanding);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{MapData, RingBuf};
-use stalltrace_common::{Capture, ConnEvent, EventKind, Offsets, UnixNames};
+use stalltrace_common::{tcp_state, Capture, ConnEvent, EventKind, Offsets, UnixNames};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
@@ -123,10 +123,10 @@ pub fn sweep_interval(stall_after: Duration) -> Duration {
 }
 
 /// What the sockets of the adopted connections say of their exchanges (one sock_diag dump of
-/// established sockets per network namespace, at start-up): without it a request that hung
+/// open sockets per network namespace, at start-up): without it a request that hung
 /// before the daemon started would pass for idle until its next transfer.
 fn infer_adopted_exchanges(tracker: &mut Tracker) {
-    let entries = match sock_diag::dump_established(|_| true) {
+    let entries = match sock_diag::dump_open(|_| true) {
         Ok(entries) => entries,
         Err(err) => {
             log::warn!(
@@ -146,6 +146,7 @@ fn infer_adopted_exchanges(tracker: &mut Tracker) {
                 conn.role,
                 &activity::SocketHistory {
                     recv_queue: entry.recv_queue,
+                    peer_closed: entry.state == tcp_state::CLOSE_WAIT,
                     last_data_recv_ms: signals.last_data_recv_ms,
                     last_data_sent_ms: signals.last_data_sent_ms,
                     data_segs_in: entry.data_segs.map(|(data_in, _)| data_in),

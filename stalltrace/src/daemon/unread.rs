@@ -1,5 +1,5 @@
 //! Requests nobody reads: a server that never reads a request moves no data, so no kernel
-//! program sees it. A paced sock_diag dump of established sockets, on the diagnosis worker,
+//! program sees it. A paced sock_diag dump of open sockets, on the diagnosis worker,
 //! finds them; the loop matches what it found with the tracked connections.
 use std::time::Duration;
 

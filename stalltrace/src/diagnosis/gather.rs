@@ -127,12 +127,12 @@ pub(crate) struct UnreadRequest {
     pub(crate) owner: Option<Owner>,
 }
 
-/// Finds the established sockets whose unread bytes have waited at least `stall_after_ns`,
+/// Finds the open sockets (established or half-closed) whose unread bytes have waited at least `stall_after_ns`,
 /// with their owners. The /proc walk for owners (every process's fds) runs only when there
 /// is such a socket.
 pub(super) fn scan_unread(stall_after_ns: u64) -> io::Result<Vec<UnreadRequest>> {
     let waited = |ms: u32| u64::from(ms) * 1_000_000 >= stall_after_ns;
-    let entries: Vec<_> = sock_diag::dump_established_unread()?
+    let entries: Vec<_> = sock_diag::dump_unread()?
         .into_iter()
         .filter_map(|entry| Some((entry.signals?.last_data_recv_ms?, entry)))
         .filter(|(ms, _)| waited(*ms))

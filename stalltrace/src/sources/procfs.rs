@@ -13,7 +13,7 @@ use stalltrace_core::tracker::{
     Adoption,
 };
 
-use super::{cgroups, netns};
+use super::{cgroups, netns, sock_diag};
 
 /// A line of /proc/net/tcp or /proc/net/tcp6.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -233,14 +233,16 @@ pub(crate) fn listeners(sockets: &[ProcSocket]) -> HashSet<(u32, u16)> {
         .collect()
 }
 
-/// Established connections with their owners and roles (server when the local port has a
-/// listener in the connection's namespace).
+/// Open connections (established or half-closed: [`sock_diag::OPEN_STATES`]) that a process
+/// holds, with their owners and roles (server when the local port has a listener in the
+/// connection's namespace). An orphan (inode 0: closed by its process, the kernel finishing
+/// its FIN exchange) is nobody's connection any more.
 pub(crate) fn adoptions(sockets: &[ProcSocket]) -> Vec<Adoption> {
     let listening = listeners(sockets);
     let owners = socket_owners();
     sockets
         .iter()
-        .filter(|s| s.state == tcp_state::ESTABLISHED)
+        .filter(|s| sock_diag::is_open(s.state) && s.inode != 0)
         .map(|s| Adoption {
             endpoints: s.endpoints,
             role: if listening.contains(&(s.endpoints.netns, s.endpoints.local_port)) {
@@ -406,6 +408,37 @@ mod tests {
         let adopted = adoptions(&sockets);
         assert_eq!(adopted.len(), 1);
         assert_eq!(adopted[0].role, Role::Server);
+    }
+
+    #[test]
+    fn half_closed_connections_are_adopted_and_orphans_and_closed_ones_are_not() {
+        let line = |text: &str| parse_tcp_line(text).unwrap();
+        let sockets = [
+            // A listener on :8080; a server end established; one in CLOSE_WAIT (its client sent
+            // a request and its FIN); a client end in FIN_WAIT2 that did so; an orphan in
+            // FIN_WAIT2 (inode 0); one in TIME_WAIT; one in LAST_ACK; a state byte from no
+            // kernel.
+            line("0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 10"),
+            line("1: 0100007F:1F90 0100007F:9C40 01 00000000:00000000 00:00000000 00000000 0 0 11"),
+            line("2: 0100007F:1F90 0100007F:9C41 08 00000000:00000000 00:00000000 00000000 0 0 12"),
+            line("3: 0100007F:9C42 0100007F:1F90 05 00000000:00000000 00:00000000 00000000 0 0 13"),
+            line("4: 0100007F:9C43 0100007F:1F90 05 00000000:00000000 00:00000000 00000000 0 0 0"),
+            line("5: 0100007F:9C44 0100007F:1F90 06 00000000:00000000 00:00000000 00000000 0 0 0"),
+            line("6: 0100007F:1F90 0100007F:9C45 09 00000000:00000000 00:00000000 00000000 0 0 14"),
+            line("7: 0100007F:1F90 0100007F:9C46 FF 00000000:00000000 00:00000000 00000000 0 0 15"),
+        ];
+        let adopted: Vec<_> = adoptions(&sockets)
+            .into_iter()
+            .map(|a| (a.endpoints.local_port, a.endpoints.peer_port, a.role))
+            .collect();
+        assert_eq!(
+            adopted,
+            [
+                (8080, 40000, Role::Server),
+                (8080, 40001, Role::Server),
+                (40002, 8080, Role::Client),
+            ]
+        );
     }
 
     #[test]

@@ -82,21 +82,36 @@ pub(crate) fn query(endpoints: &Endpoints, pid: u32) -> io::Result<Option<DiagEn
     Ok(netns::with_socket(u64::from(endpoints.netns), pid, ask)?.flatten())
 }
 
-/// The established TCP sockets with unread bytes, with tcp_info, in every network namespace
-/// a process is in (each namespace once; those that cannot be queried are said once and
-/// skipped). Filtered while parsing: a host may have hundreds of thousands of sockets.
-pub(crate) fn dump_established_unread() -> io::Result<Vec<DiagEntry>> {
-    dump_established(|entry| entry.recv_queue > 0)
+/// The TCP states of a connection whose owner may still move data, or owe it: established, or
+/// half-closed by either end (the peer's FIN received: `CLOSE_WAIT`; its own sent:
+/// `FIN_WAIT1`, `FIN_WAIT2`). A server that read a request and its FIN still owes the reply,
+/// and the client that sent them still awaits it.
+pub(crate) const OPEN_STATES: u32 = 1 << tcp_state::ESTABLISHED
+    | 1 << tcp_state::CLOSE_WAIT
+    | 1 << tcp_state::FIN_WAIT1
+    | 1 << tcp_state::FIN_WAIT2;
+
+/// `state` is one of [`OPEN_STATES`] (any byte: from /proc or the kernel).
+pub(crate) fn is_open(state: u8) -> bool {
+    1u32.checked_shl(u32::from(state))
+        .is_some_and(|bit| OPEN_STATES & bit != 0)
 }
 
-/// The established TCP sockets `keep` keeps, with tcp_info, in every network namespace a
-/// process is in, as [`dump_established_unread`] walks them.
-pub(crate) fn dump_established(keep: fn(&DiagEntry) -> bool) -> io::Result<Vec<DiagEntry>> {
+/// The open TCP sockets ([`OPEN_STATES`]) with unread bytes, with tcp_info, in every network
+/// namespace a process is in (each namespace once; those that cannot be queried are said once
+/// and skipped). Filtered while parsing: a host may have hundreds of thousands of sockets.
+pub(crate) fn dump_unread() -> io::Result<Vec<DiagEntry>> {
+    dump_open(|entry| entry.recv_queue > 0)
+}
+
+/// The open TCP sockets ([`OPEN_STATES`]) `keep` keeps, with tcp_info, in every network
+/// namespace a process is in, as [`dump_unread`] walks them.
+pub(crate) fn dump_open(keep: fn(&DiagEntry) -> bool) -> io::Result<Vec<DiagEntry>> {
     let dump = |socket: &OwnedFd, label: u32| -> io::Result<Vec<DiagEntry>> {
         let mut entries = Vec::new();
         for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
             let info = 1 << (INET_DIAG_INFO - 1);
-            let request = request(family, 1 << tcp_state::ESTABLISHED, info, None, true);
+            let request = request(family, OPEN_STATES, info, None, true);
             entries.extend(exchange(socket, &request, keep, label)?);
         }
         Ok(entries)
@@ -456,9 +471,9 @@ mod tests {
             stalltrace_core::diagnosis::tcp_cause(true, &signals),
             stalltrace_core::diagnosis::Cause::RequestUnread
         );
-        let unread = dump_established_unread().unwrap();
+        let unread = dump_unread().unwrap();
         assert!(unread.iter().any(|e| e.endpoints == endpoints(&server)));
-        assert!(unread.iter().all(|e| e.state == tcp_state::ESTABLISHED));
+        assert!(unread.iter().all(|e| is_open(e.state)));
         assert!(unread.iter().all(|e| e.recv_queue > 0));
         assert_eq!(signals.bytes_read, Some(0), "received, not read");
         let mut buf = [0u8; 14];
@@ -488,7 +503,7 @@ mod tests {
         assert_eq!(spliced, 100);
         let read = query(&endpoints(&server), 0).unwrap().unwrap();
         assert_eq!(read.signals.unwrap().bytes_read, Some(114));
-        let unread = dump_established_unread().unwrap();
+        let unread = dump_unread().unwrap();
         assert!(!unread.iter().any(|e| e.endpoints == endpoints(&server)));
     }
 
