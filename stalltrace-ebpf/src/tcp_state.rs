@@ -156,7 +156,7 @@ fn on_passive_established(args: &InetSockSetState) {
 fn on_other_transition(args: &InetSockSetState, old: u8, new: u8) {
     let Some(conn) = CONNS.get_ptr_mut(args.skaddr) else {
         if new == tcp_state::CLOSE {
-            report_untracked_close(args);
+            report_untracked_close(args, old);
         }
         return;
     };
@@ -241,14 +241,25 @@ fn count_unread_reply(sock: u64, conn: &mut ConnState, old: u8, new: u8, now: u6
 }
 
 /// The close of a connection the map does not hold (open before the daemon started, or
-/// evicted): the daemon may know it from /proc and must learn that it ended.
+/// evicted): the daemon may know it from /proc and must learn that it ended. A client's
+/// reply that came with the peer's FIN and was never read is recorded as its last receive
+/// ([`count_unread_reply`]): a client adopted after its own half-close (`FIN_WAIT2`, closed
+/// by that FIN) got its reply.
 #[inline(never)]
-fn report_untracked_close(args: &InetSockSetState) {
+fn report_untracked_close(args: &InetSockSetState, old: u8) {
     let Some(now) = crate::clock::state_now() else {
         return;
     };
     if let Some(conn) = new_conn(args, role::UNKNOWN, now) {
         conn.flags = conn_flags::DISCOVERED | conn_flags::ESTABLISHED;
+        if old == tcp_state::FIN_WAIT2
+            && LISTEN_PORTS
+                .get_ptr(listen_key(conn.netns, conn.local_port))
+                .is_none()
+        {
+            conn.role = role::CLIENT;
+            count_unread_reply(args.skaddr, conn, old, tcp_state::CLOSE, now);
+        }
         emit(EventKind::Closed, args.skaddr, conn);
     }
 }

@@ -251,6 +251,19 @@ fn connection_opened_before_the_daemon_is_adopted_and_flagged() {
 /// neither end was seen until the reply.
 #[test]
 fn a_half_closed_request_open_before_the_daemon_is_adopted_and_flagged() {
+    half_closed_request_adopted(false);
+}
+
+/// The same, answered by a server that closes at once: the server's FIN closes the client's
+/// socket (`FIN_WAIT2` to `TIME_WAIT`) before the client reads the reply, and the kernel never
+/// tracked that socket. The close record counts the reply unread: the client's stall ends
+/// `response`, not `closed`.
+#[test]
+fn a_half_closed_request_adopted_and_answered_with_the_close_ends_with_the_response() {
+    half_closed_request_adopted(true);
+}
+
+fn half_closed_request_adopted(close_with_the_reply: bool) {
     require_root();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -264,9 +277,9 @@ fn a_half_closed_request_open_before_the_daemon_is_adopted_and_flagged() {
         answer_now.recv().unwrap();
         conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
             .unwrap();
-        // Open until the client has read the reply: a reply that comes with the server's FIN
-        // to an adopted client is a case of its own (the close, not the read, ends it).
-        close_now.recv().unwrap();
+        if !close_with_the_reply {
+            close_now.recv().unwrap();
+        }
     });
     let mut client = send_request(addr);
     client.shutdown(std::net::Shutdown::Write).unwrap();
@@ -289,10 +302,17 @@ fn a_half_closed_request_open_before_the_daemon_is_adopted_and_flagged() {
     // Both stalls last from the request, not from the adoption.
     let lasted = asked.elapsed();
     answer.send(()).unwrap();
+    if close_with_the_reply {
+        // The server's FIN is in: the client's socket has left FIN_WAIT2.
+        while !server.is_finished() {
+            thread::sleep(Duration::from_millis(10));
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
     let mut reply = [0u8; 64];
     assert!(client.read(&mut reply).unwrap() > 0);
     assert_ended_by_responses(&daemon, port, 2, lasted, REPORT_WITHIN);
-    close.send(()).unwrap();
+    close.send(()).ok();
     server.join().unwrap();
 }
 

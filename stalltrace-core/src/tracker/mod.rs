@@ -20,7 +20,7 @@ mod table;
 use std::{collections::VecDeque, num::NonZeroU64, sync::Arc};
 
 use stalltrace_common::{
-    conn_flags,
+    conn_flags, direction,
     http1::{ReplyHead, RequestRun},
     http2, transfer, ConnEvent, ConnState, EventKind, UnixNames,
 };
@@ -1395,7 +1395,7 @@ impl Tracker {
             }
         }
         if let Some(stall) = conn.stall.as_deref().copied() {
-            match replied_before_the_end(&stall, state) {
+            match replied_before_the_end(&stall, conn.role, state) {
                 Some(replied) => end_stall(&mut conn, replied, Resolution::Response, out),
                 None => end_stall(&mut conn, at, how, out),
             }
@@ -1455,7 +1455,7 @@ fn observe(
         let stream = activity::http2_stream(state);
         let end = match (stall.kind, activity) {
             (_, Activity::Ending { at, how }) => Some(
-                replied_before_the_end(&stall, state)
+                replied_before_the_end(&stall, conn.role, state)
                     .map_or((at, how), |at| (at, Resolution::Response)),
             ),
             // A pipelined request's response started (or a later one's end went by). The
@@ -1554,11 +1554,18 @@ fn observe(
 /// connection whose end was found before its stall was: what happened first decides. (The
 /// kernel reports such a reply as a quiet end at once; not when the reply was its first sight
 /// of an adopted connection.) Never for an HTTP/2 stream's stall: the connection's replies are
-/// its other streams' answers; the kernel reports that stream's own (`QuietEnded`).
-fn replied_before_the_end(stall: &Stall, state: &ConnState) -> Option<u64> {
+/// its other streams' answers; the kernel reports that stream's own (`QuietEnded`). Judged
+/// by the tracker's `role`: the record of a close the kernel did not track guesses it.
+fn replied_before_the_end(stall: &Stall, role: Role, state: &ConnState) -> Option<u64> {
+    let request = if role == Role::Server {
+        direction::IN
+    } else {
+        direction::OUT
+    };
+    let outstanding = state.last_dir != direction::NONE && state.last_dir == request;
     (stall.kind != StallKind::ConnectPending
         && stall.http2_stream.is_none()
-        && !transfer::is_outstanding(state)
+        && !outstanding
         && state.dir_since_ns > stall.quiet_since_ns)
         .then_some(state.dir_since_ns)
 }

@@ -900,6 +900,56 @@ fn an_adopted_request_answered_then_closed_before_a_sweep_ends_with_the_response
     );
 }
 
+/// A client adopted after its own half-close (`FIN_WAIT2`), whose reply came with the
+/// server's FIN before it read it: the FIN closes its socket, which the kernel never tracked;
+/// the close record counts the reply unread as its last receive. Its role there is the
+/// kernel's guess (no listener on its port); the tracker judges by its own.
+#[test]
+fn an_adopted_client_whose_reply_came_with_the_close_ends_with_the_response() {
+    let adopted = |role| {
+        let mut t = tracker();
+        let k = Kernel::new(role::CLIENT, 50 * SEC);
+        let endpoints = Endpoints::from_kernel(&k.state);
+        let mut out = Vec::new();
+        t.adopt(
+            Adoption {
+                endpoints,
+                role,
+                owner: Owner::default(),
+            },
+            10 * SEC,
+            &mut out,
+        );
+        t.set_adopted_exchange(&endpoints, AdoptedExchange::Outstanding { since: 4 * SEC });
+        (t, k)
+    };
+    let closed = |k: &mut Kernel, t: &mut Tracker| {
+        k.state.flags = conn_flags::DISCOVERED | conn_flags::ESTABLISHED;
+        k.transfer(direction::IN, 12 * SEC);
+        k.set_state(tcp_state::CLOSE, 12 * SEC);
+        feed(t, k.event(EventKind::Closed, 12 * SEC))
+    };
+    let (mut t, mut k) = adopted(Role::Client);
+    sweep(&mut t, &mut k, 10 * SEC);
+    let events = closed(&mut k, &mut t);
+    assert_ended(
+        &events[..1],
+        StallKind::AwaitingResponse,
+        8_000,
+        Resolution::Response,
+    );
+    // A server's bytes unread at its close are a request: never its reply.
+    let (mut t, mut k) = adopted(Role::Server);
+    sweep(&mut t, &mut k, 10 * SEC);
+    let events = closed(&mut k, &mut t);
+    assert_ended(
+        &events[..1],
+        StallKind::UnansweredRequest,
+        8_000,
+        Resolution::Closed,
+    );
+}
+
 #[test]
 fn an_adopted_request_short_of_the_threshold_is_flagged_when_it_gets_there() {
     let mut t = tracker();
