@@ -81,6 +81,26 @@ pub mod role {
     pub const CLIENT: u8 = 1;
     /// Passive open: this process accepted the connection.
     pub const SERVER: u8 = 2;
+
+    /// Linux's default `ip_local_port_range`, packed as [`guess`] takes it.
+    pub const DEFAULT_EPHEMERAL: u32 = 32_768 | 60_999 << 16;
+
+    /// The role of a connection not seen opening (open before the daemon, or found by its
+    /// traffic): server when a listener holds its local port (`listened`); also when none
+    /// does but its local port lies outside `ephemeral`, the range `connect()` picks ports
+    /// from (`ip_local_port_range`: the lowest port in the low 16 bits, the highest in the
+    /// high 16), and its peer's inside it: a server that closed its listener after accepting
+    /// (socat without `fork`, a server draining). Otherwise client.
+    #[inline(always)]
+    pub fn guess(listened: bool, local_port: u16, peer_port: u16, ephemeral: u32) -> u8 {
+        let (low, high) = (ephemeral as u16, (ephemeral >> 16) as u16);
+        let picked = |port: u16| low <= port && port <= high;
+        if listened || (!picked(local_port) && picked(peer_port)) {
+            SERVER
+        } else {
+            CLIENT
+        }
+    }
 }
 
 /// Direction of the most recent data transfer on a connection.

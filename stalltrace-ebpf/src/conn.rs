@@ -12,12 +12,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use stalltrace_common::{
-    loss, Capture, ConnEvent, ConnState, EventHeader, EventKind, RequestEvent, COMM_LEN,
+    listen_key, loss, role, Capture, ConnEvent, ConnState, EventHeader, EventKind, RequestEvent,
+    COMM_LEN,
 };
 
 use crate::{
     clock::precise_now,
-    maps::{count_loss, current_epoch, CONNS, EVENTS, OFFSETS},
+    maps::{count_loss, current_epoch, CONNS, EPHEMERAL_PORTS, EVENTS, LISTEN_PORTS, OFFSETS},
     words::copy_words,
 };
 
@@ -123,6 +124,21 @@ pub(crate) fn set_owner_to_current(conn: &mut ConnState) -> bool {
     // SAFETY: the helper writes at most COMM_LEN bytes into the connection's comm field.
     unsafe { bpf_get_current_comm(conn.comm.as_mut_ptr().cast(), COMM_LEN as u32) };
     true
+}
+
+/// The role of a TCP connection not seen opening, from its ports (`role::guess`): its
+/// endpoints and namespace must be set.
+#[inline(always)]
+pub(crate) fn guess_role(conn: &ConnState) -> u8 {
+    let listened = LISTEN_PORTS
+        .get_ptr(listen_key(conn.netns, conn.local_port))
+        .is_some();
+    role::guess(
+        listened,
+        conn.local_port,
+        conn.peer_port,
+        EPHEMERAL_PORTS.load(),
+    )
 }
 
 /// Records the network namespace of `sock` (the inode of `sock->__sk_common.skc_net.net->ns`)

@@ -7,7 +7,7 @@ use aya_ebpf::{
 use stalltrace_common::{
     clock::ClockSample,
     http1::{ReplyHead, RequestRun},
-    http2, loss, Capture, ConnState, Control, FdOffsets, Offsets,
+    http2, loss, role, Capture, ConnState, Control, FdOffsets, Offsets,
 };
 
 /// The stall threshold: a reply or close after at least this much quiet is reported at once.
@@ -49,6 +49,9 @@ pub(crate) static SPLICE_READS: Global<u32> = Global::new(0);
 /// Non-zero when the daemon found the system's libssl and hooks its `SSL_read` (`libssl.rs`).
 #[unsafe(no_mangle)]
 pub(crate) static LIBSSL_TRACED: Global<u32> = Global::new(0);
+/// `ip_local_port_range` of the daemon's namespace, packed as `role::guess` takes it.
+#[unsafe(no_mangle)]
+pub(crate) static EPHEMERAL_PORTS: Global<u32> = Global::new(role::DEFAULT_EPHEMERAL);
 /// The daemon's own process id: Unix connections to or from it (its API socket: the CLI's
 /// queries, `watch`) are not tracked, so that the tracer does not report itself.
 #[unsafe(no_mangle)]

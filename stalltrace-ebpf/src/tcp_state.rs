@@ -11,7 +11,7 @@ use stalltrace_common::{
 };
 
 use crate::{
-    conn::{emit, netns_of, set_netns, set_owner_to_current},
+    conn::{emit, guess_role, netns_of, set_netns, set_owner_to_current},
     kernel_read::unread_sequence,
     maps::{
         count_loss, scratch_conn, stall_after_ns, verdict_extras, CONNS, LISTEN_PORTS, OFFSETS,
@@ -252,11 +252,7 @@ fn report_untracked_close(args: &InetSockSetState, old: u8) {
     };
     if let Some(conn) = new_conn(args, role::UNKNOWN, now) {
         conn.flags = conn_flags::DISCOVERED | conn_flags::ESTABLISHED;
-        if old == tcp_state::FIN_WAIT2
-            && LISTEN_PORTS
-                .get_ptr(listen_key(conn.netns, conn.local_port))
-                .is_none()
-        {
+        if old == tcp_state::FIN_WAIT2 && guess_role(conn) == role::CLIENT {
             conn.role = role::CLIENT;
             count_unread_reply(args.skaddr, conn, old, tcp_state::CLOSE, now);
         }

@@ -14,9 +14,9 @@
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext, EbpfContext};
 use aya_log_ebpf::debug;
 use stalltrace_common::{
-    conn_flags, direction, http1, http2, listen_key, loss,
+    conn_flags, direction, http1, http2, loss,
     message::{classify, proto, Head, Message},
-    role, tcp_state,
+    tcp_state,
     transfer::{ends_quiet, is_tls_client, look, record_transfer, Look, Turn},
     transport, verdict_flags, Capture, ConnState, EventKind, AF_INET, AF_INET6, AF_UNIX,
     IPPROTO_TCP, IPPROTO_UDP,
@@ -24,12 +24,12 @@ use stalltrace_common::{
 
 use crate::{
     capture::{bytes_at, capture_request, reply_head},
-    conn::{emit, emit_request, insert_new, set_netns, set_owner_to_current},
+    conn::{emit, emit_request, guess_role, insert_new, set_netns, set_owner_to_current},
     kernel_read::{consumed_bytes, read_endpoints, socket_family, tcp_state_of},
     libssl,
     maps::{
         count_loss, current_epoch, http1_framed, scratch_conn, stall_after_ns, verdict_extras,
-        CONNS, LISTEN_PORTS, OFFSETS, SPLICE_READS, UDP_TRACED,
+        CONNS, OFFSETS, SPLICE_READS, UDP_TRACED,
     },
     tls_queue, udp, unix,
 };
@@ -357,14 +357,7 @@ fn discover<C: EbpfContext>(
         return None;
     }
     set_netns(sock, conn);
-    conn.role = if LISTEN_PORTS
-        .get_ptr(listen_key(conn.netns, conn.local_port))
-        .is_some()
-    {
-        role::SERVER
-    } else {
-        role::CLIENT
-    };
+    conn.role = guess_role(conn);
     set_owner_to_current(conn);
     // Its first bytes are not read: the direction rule alone, until its next request.
     record_transfer(conn, dir, bytes, now, Message::Data);

@@ -705,6 +705,11 @@ impl Probes {
             .map_max_entries("CONNS", config.max_conns)
             .map_max_entries("EVENTS", config.ring_buffer_bytes)
             .override_global("SELF_TGID", &std::process::id(), true)
+            .override_global(
+                "EPHEMERAL_PORTS",
+                &crate::sources::procfs::ephemeral_ports(),
+                true,
+            )
             .override_global("CAPTURE_BYTES", &capture_bytes, true)
             .override_global("CAPTURE_SLOTS", &capture_slots, true)
             .map_max_entries("CAPTURES", capture_slots)

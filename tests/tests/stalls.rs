@@ -316,6 +316,55 @@ fn half_closed_request_adopted(close_with_the_reply: bool) {
     server.join().unwrap();
 }
 
+/// A server that closed its listener after accepting (socat without `fork`, a server
+/// draining), holding a request when the daemon starts: no listener tells its role, its port
+/// does (outside the ephemeral range, its peer's inside). Up to 2026-12-01 it was taken for a
+/// client: its stall was missed, and once it answered it was flagged `awaiting_response` for
+/// as long as the connection lasted.
+#[test]
+fn a_server_whose_listener_closed_is_adopted_as_a_server() {
+    require_root();
+    // A port outside the ephemeral range (32768-60999 by default), where no connect() lands.
+    let listener = (20_000..30_000)
+        .step_by(7)
+        .find_map(|port| TcpListener::bind(("127.0.0.1", port)).ok())
+        .expect("a free port below the ephemeral range");
+    let addr = listener.local_addr().unwrap();
+    let (answer, answer_now) = std::sync::mpsc::channel::<()>();
+    let (close, close_now) = std::sync::mpsc::channel::<()>();
+    let server = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        drop(listener);
+        let mut request = [0u8; 256];
+        assert!(conn.read(&mut request).unwrap() > 0);
+        answer_now.recv().unwrap();
+        conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .unwrap();
+        close_now.recv().unwrap();
+    });
+    let mut client = send_request(addr);
+    let asked = std::time::Instant::now();
+    let port = addr.port();
+
+    let daemon = Daemon::start("adopt-unlistened");
+    let stalls = daemon.wait_for_stalls(port, 2, REPORT_WITHIN);
+    assert_eq!(stalls.len(), 2, "{stalls:#?}\n{}", daemon.stderr());
+    let on_server = with_role(&stalls, "server");
+    assert_eq!(on_server["network"]["local"]["port"], port, "{on_server:#}");
+    assert_eq!(on_server["stall"]["kind"], "unanswered_request");
+
+    let lasted = asked.elapsed();
+    answer.send(()).unwrap();
+    let mut reply = [0u8; 64];
+    assert!(client.read(&mut reply).unwrap() > 0);
+    assert_ended_by_responses(&daemon, port, 2, lasted, REPORT_WITHIN);
+    // Answered, the keep-alive connection is idle on both ends: nothing owed.
+    thread::sleep(STALL_AFTER * 2);
+    assert_eq!(daemon.stalls(port), Vec::<Value>::new());
+    close.send(()).unwrap();
+    server.join().unwrap();
+}
+
 /// Connections opened while the daemon starts: the programs report a `connect()` before its
 /// local port is chosen, and /proc adopts the connection before the daemon reads that report.
 /// Each end must be one connection (one `conn.open`), and every stall must end with its

@@ -153,12 +153,14 @@ pub enum AdoptedExchange {
 
 /// The socket's counters at adoption, from sock_diag (`tcp_info`): bytes waiting unread,
 /// milliseconds since data was last received and sent (since the handshake if none was;
-/// `None`: unknown), data segments received and sent, when the kernel reports them, and
-/// whether the peer's FIN came (the socket in `CLOSE_WAIT`).
+/// `None`: unknown), data segments received and sent, when the kernel reports them, whether
+/// the peer's FIN came (the socket in `CLOSE_WAIT`) and whether this end sent its own
+/// (`FIN_WAIT1`, `FIN_WAIT2`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SocketHistory {
     pub recv_queue: u32,
     pub peer_closed: bool,
+    pub closed_here: bool,
     pub last_data_recv_ms: Option<u32>,
     pub last_data_sent_ms: Option<u32>,
     pub data_segs_in: Option<u32>,
@@ -169,12 +171,18 @@ pub struct SocketHistory {
 /// last went decides, as for a connection the kernel followed. Data that went the request way
 /// only (no data segment the other way) is a request never answered. The kernel keeps the
 /// times in milliseconds (jiffies), counted from the handshake before any data: otherwise,
-/// data both ways within the same millisecond cannot be ordered and is `Unknown`. A client
-/// whose server closed has nothing left to wait for but what sits unread; a server whose
-/// client half-closed still owes its reply (docs/events.md, half-closed connections).
+/// data both ways within the same millisecond cannot be ordered and is `Unknown`. The
+/// half-close rules (docs/events.md, half-closed connections), as for a connection the kernel
+/// followed: a client whose server closed has nothing left to wait for but what sits unread,
+/// a server that sent its FIN can answer nothing more, and a server whose client half-closed
+/// still owes its reply.
 pub fn infer_adopted(role: Role, history: &SocketHistory, now: u64) -> AdoptedExchange {
     let at = |ms: u32| now.saturating_sub(u64::from(ms) * 1_000_000);
-    if role != Role::Server && history.peer_closed && history.recv_queue == 0 {
+    let done = match role {
+        Role::Server => history.closed_here,
+        Role::Client => history.peer_closed && history.recv_queue == 0,
+    };
+    if done {
         return AdoptedExchange::Completed;
     }
     let (request, reply, segs) = match role {
@@ -395,6 +403,24 @@ mod tests {
             ..closed(0)
         };
         assert_eq!(infer_adopted(Role::Server, &server, now), outstanding);
+        // A server that read the request and sent its own FIN, no reply: it can answer
+        // nothing more (`closing` when the kernel follows it).
+        let shut = SocketHistory {
+            peer_closed: false,
+            closed_here: true,
+            ..server
+        };
+        assert_eq!(
+            infer_adopted(Role::Server, &shut, now),
+            AdoptedExchange::Completed
+        );
+        // A client that sent its request and its FIN still awaits the reply.
+        let client = SocketHistory {
+            peer_closed: false,
+            closed_here: true,
+            ..closed(0)
+        };
+        assert_eq!(infer_adopted(Role::Client, &client, now), outstanding);
     }
 
     #[test]

@@ -147,6 +147,7 @@ fn infer_adopted_exchanges(tracker: &mut Tracker) {
                 &activity::SocketHistory {
                     recv_queue: entry.recv_queue,
                     peer_closed: entry.state == tcp_state::CLOSE_WAIT,
+                    closed_here: matches!(entry.state, tcp_state::FIN_WAIT1 | tcp_state::FIN_WAIT2),
                     last_data_recv_ms: signals.last_data_recv_ms,
                     last_data_sent_ms: signals.last_data_sent_ms,
                     data_segs_in: entry.data_segs.map(|(data_in, _)| data_in),

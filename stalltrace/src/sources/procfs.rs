@@ -7,7 +7,7 @@ use std::{
     path::PathBuf,
 };
 
-use stalltrace_common::tcp_state;
+use stalltrace_common::{role, tcp_state};
 use stalltrace_core::tracker::{
     model::{Comm, Endpoints, Owner, Role, Transport},
     Adoption,
@@ -234,25 +234,49 @@ pub(crate) fn listeners(sockets: &[ProcSocket]) -> HashSet<(u32, u16)> {
 }
 
 /// Open connections (established or half-closed: [`sock_diag::OPEN_STATES`]) that a process
-/// holds, with their owners and roles (server when the local port has a listener in the
-/// connection's namespace). An orphan (inode 0: closed by its process, the kernel finishing
-/// its FIN exchange) is nobody's connection any more.
+/// holds, with their owners and roles (`role::guess`, as the kernel programs guess it for a
+/// connection they find by its traffic). An orphan (inode 0: closed by its process, the
+/// kernel finishing its FIN exchange) is nobody's connection any more.
 pub(crate) fn adoptions(sockets: &[ProcSocket]) -> Vec<Adoption> {
     let listening = listeners(sockets);
+    let ephemeral = ephemeral_ports();
     let owners = socket_owners();
     sockets
         .iter()
         .filter(|s| sock_diag::is_open(s.state) && s.inode != 0)
         .map(|s| Adoption {
             endpoints: s.endpoints,
-            role: if listening.contains(&(s.endpoints.netns, s.endpoints.local_port)) {
-                Role::Server
-            } else {
-                Role::Client
-            },
+            role: adopted_role(&s.endpoints, &listening, ephemeral),
             owner: owners.get(&s.inode).copied().unwrap_or_default(),
         })
         .collect()
+}
+
+fn adopted_role(endpoints: &Endpoints, listening: &HashSet<(u32, u16)>, ephemeral: u32) -> Role {
+    let listened = listening.contains(&(endpoints.netns, endpoints.local_port));
+    Role::from_kernel(role::guess(
+        listened,
+        endpoints.local_port,
+        endpoints.peer_port,
+        ephemeral,
+    ))
+}
+
+/// The ports `connect()` picks from in the daemon's namespace
+/// (`/proc/sys/net/ipv4/ip_local_port_range`), packed as `role::guess` takes them; Linux's
+/// default when it cannot be read.
+pub(crate) fn ephemeral_ports() -> u32 {
+    parse_port_range(
+        &fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default(),
+    )
+}
+
+fn parse_port_range(text: &str) -> u32 {
+    let mut ports = text.split_whitespace().map(str::parse::<u16>);
+    match (ports.next(), ports.next()) {
+        (Some(Ok(low)), Some(Ok(high))) if low <= high => u32::from(low) | u32::from(high) << 16,
+        _ => role::DEFAULT_EPHEMERAL,
+    }
 }
 
 /// The cgroup of process `pid` (`/proc/PID/cgroup`), as [`cgroup_of`] picks it.
@@ -438,6 +462,43 @@ mod tests {
                 (8080, 40001, Role::Server),
                 (40002, 8080, Role::Client),
             ]
+        );
+    }
+
+    #[test]
+    fn a_server_without_its_listener_is_told_by_its_port() {
+        let ephemeral = parse_port_range("32768\t60999\n");
+        assert_eq!(ephemeral, role::DEFAULT_EPHEMERAL);
+        assert_eq!(parse_port_range("garbage"), role::DEFAULT_EPHEMERAL);
+        assert_eq!(parse_port_range("50000 40000"), role::DEFAULT_EPHEMERAL);
+        assert_eq!(parse_port_range("1024 2048"), 1024 | 2048 << 16);
+        let line = |text: &str| parse_tcp_line(text).unwrap();
+        // :8080 ← :40000 with no listener left on :8080, and the client end.
+        let server =
+            line("0: 0100007F:1F90 0100007F:9C40 01 00000000:00000000 00:00000000 00000000 0 0 11");
+        let client =
+            line("1: 0100007F:9C40 0100007F:1F90 01 00000000:00000000 00:00000000 00000000 0 0 12");
+        let none = HashSet::new();
+        assert_eq!(
+            adopted_role(&server.endpoints, &none, ephemeral),
+            Role::Server
+        );
+        assert_eq!(
+            adopted_role(&client.endpoints, &none, ephemeral),
+            Role::Client
+        );
+        // Both ports ephemeral (a test server on port 0), no listener: client, as before.
+        let both =
+            line("2: 0100007F:9C41 0100007F:9C42 01 00000000:00000000 00:00000000 00000000 0 0 13");
+        assert_eq!(
+            adopted_role(&both.endpoints, &none, ephemeral),
+            Role::Client
+        );
+        // A listener decides whatever the ports.
+        let listening = HashSet::from([(both.endpoints.netns, both.endpoints.local_port)]);
+        assert_eq!(
+            adopted_role(&both.endpoints, &listening, ephemeral),
+            Role::Server
         );
     }
 
