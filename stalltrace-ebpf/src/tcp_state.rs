@@ -155,8 +155,10 @@ fn on_passive_established(args: &InetSockSetState) {
 /// the connection.
 fn on_other_transition(args: &InetSockSetState, old: u8, new: u8) {
     let Some(conn) = CONNS.get_ptr_mut(args.skaddr) else {
-        if new == tcp_state::CLOSE {
-            report_untracked_close(args, old);
+        match new {
+            tcp_state::CLOSE => report_untracked_close(args, old),
+            tcp_state::CLOSE_WAIT => track_peer_closed(args),
+            _ => {}
         }
         return;
     };
@@ -238,6 +240,28 @@ fn count_unread_reply(sock: u64, conn: &mut ConnState, old: u8, new: u8, now: u6
     if unread > 0 && unread < 1 << 30 {
         record_transfer(conn, direction::IN, u64::from(unread), now, Message::Data);
     }
+}
+
+/// The peer's FIN reached a connection the map does not hold (open before the daemon started,
+/// or evicted): it is tracked from here, so that the daemon learns that its peer closed. An
+/// adopted client awaiting a reply has nothing left to wait for unless one sits unread
+/// ([`note_reply_at_peer_fin`]), and its stall ends at the next sweep, as a followed
+/// connection's does. Runs in softirq context: the owner is the daemon's from /proc.
+#[inline(never)]
+fn track_peer_closed(args: &InetSockSetState) {
+    let Some(now) = crate::clock::state_now() else {
+        return;
+    };
+    let Some(conn) = new_conn(args, role::UNKNOWN, now) else {
+        return;
+    };
+    conn.flags = conn_flags::DISCOVERED | conn_flags::ESTABLISHED;
+    conn.role = guess_role(conn);
+    if conn.role == role::CLIENT {
+        note_reply_at_peer_fin(args.skaddr, conn);
+    }
+    emit(EventKind::Discovered, args.skaddr, conn);
+    insert(args.skaddr, conn);
 }
 
 /// The close of a connection the map does not hold (open before the daemon started, or

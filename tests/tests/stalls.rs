@@ -365,6 +365,35 @@ fn a_server_whose_listener_closed_is_adopted_as_a_server() {
     server.join().unwrap();
 }
 
+/// A request held when the daemon starts, whose server then closes without answering: the
+/// client (in `CLOSE_WAIT`, its socket still open) has nothing left to wait for, and its
+/// stall ends `closed`, as it does on a connection followed from its start. Up to 2026-12-01
+/// no program followed the adopted client's socket, and its stall lasted until the client
+/// closed it.
+#[test]
+fn an_adopted_clients_stall_ends_when_its_server_closes_without_answering() {
+    require_root();
+    let server = SilentServer::bind("127.0.0.1");
+    let client = send_request(server.addr);
+    server.thread_id.recv().unwrap();
+    let port = server.addr.port();
+
+    let daemon = Daemon::start("adopt-peer-closed");
+    let stalls = daemon.wait_for_stalls(port, 2, REPORT_WITHIN);
+    assert_eq!(stalls.len(), 2, "{stalls:#?}\n{}", daemon.stderr());
+    server.close();
+    let ends = daemon.wait_for_events("stall.end", port, 2, REPORT_WITHIN);
+    assert_eq!(ends.len(), 2, "{ends:#?}\n{}", daemon.stderr());
+    for end in &ends {
+        assert_eq!(end["stall"]["resolution"], "closed", "{end:#}");
+    }
+    assert_eq!(daemon.stalls(port), Vec::<Value>::new());
+    let conns = daemon.cli_json(&["conns", "-o", "json", "--port", &port.to_string()]);
+    let on_client = with_role(conns.as_array().unwrap(), "client");
+    assert_eq!(on_client["conn"]["state"], "peer_closed", "{on_client:#}");
+    drop(client);
+}
+
 /// Connections opened while the daemon starts: the programs report a `connect()` before its
 /// local port is chosen, and /proc adopts the connection before the daemon reads that report.
 /// Each end must be one connection (one `conn.open`), and every stall must end with its
