@@ -213,7 +213,12 @@ fn a_half_closed_request_nobody_reads_is_request_unread() {
 
 fn request_nobody_reads_is_flagged(half_closed: bool) {
     require_root();
-    let daemon = Daemon::start("unread");
+    // A name of its own: the two variants may run at once.
+    let daemon = Daemon::start(if half_closed {
+        "unread-half-closed"
+    } else {
+        "unread"
+    });
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let (accepted_tx, accepted) = mpsc::channel();

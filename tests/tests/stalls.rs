@@ -286,7 +286,12 @@ fn half_closed_request_adopted(close_with_the_reply: bool) {
     let asked = std::time::Instant::now();
     let port = addr.port();
 
-    let daemon = Daemon::start("adopt-half-closed");
+    // A name of its own: the two variants may run at once.
+    let daemon = Daemon::start(if close_with_the_reply {
+        "adopt-half-closed-fin"
+    } else {
+        "adopt-half-closed"
+    });
     let conns = daemon.cli_json(&["conns", "-o", "json", "--port", &port.to_string()]);
     let conns = conns.as_array().unwrap();
     assert_eq!(conns.len(), 2, "both ends adopted: {conns:#?}");
