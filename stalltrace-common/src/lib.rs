@@ -16,7 +16,6 @@ extern crate std;
 pub mod clock;
 pub mod http1;
 pub mod http2;
-pub mod iovec;
 pub mod message;
 pub mod transfer;
 pub mod udp;

@@ -8,11 +8,7 @@ use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs};
 use aya_ebpf::helpers::{
     bpf_probe_read_user, generated::bpf_probe_read_user as probe_read_user_raw,
 };
-use stalltrace_common::{
-    capture_slot, http2,
-    iovec::{self, Cursor, Entry},
-    syscall_regs, Capture, CAPTURE_MAX,
-};
+use stalltrace_common::{capture_slot, http2, syscall_regs, Capture, CAPTURE_MAX};
 
 use crate::{
     maps::{CAPTURES, CAPTURE_BYTES, CAPTURE_SLOTS, REPLY_HEADS},
@@ -245,7 +241,8 @@ pub(crate) struct Walker {
     base: u64,
     count: u64,
     /// The entry of the last read, and the offset of the data where it starts.
-    cursor: Cursor,
+    entry: u64,
+    start: u64,
     /// The stream id (bytes 5–8) of the header last read, or `NO_WORD`.
     pub(crate) id: u64,
     /// The 8 bytes [`stalltrace_h2_bytes8`] read last, in memory order.
@@ -256,7 +253,7 @@ impl Walker {
     /// For a new transfer: the data is located again at its first read.
     pub(crate) fn reset(&mut self) {
         self.kind = 0;
-        self.cursor.rewind();
+        self.rewind();
     }
 
     /// Finds the syscall's data at the walk's first read; false when it cannot be.
@@ -303,14 +300,37 @@ impl Walker {
     /// first when `offset` lies before the current one.
     #[inline(always)]
     fn holding(&mut self, offset: u64) -> Option<Entry> {
-        let iov = self.base;
-        iovec::holding(
-            &mut self.cursor,
-            self.count,
-            offset,
-            MAX_IOVEC_STEPS,
-            |index| read_entry(iov, index),
-        )
+        if offset < self.start {
+            self.rewind();
+        }
+        let mut step = 0;
+        while step < MAX_IOVEC_STEPS && self.entry < self.count {
+            let at = self.base + 16 * self.entry;
+            // SAFETY: a probe read of user memory: a failure is returned, not faulted.
+            let [base, len] = unsafe { bpf_probe_read_user(at as *const [u64; 2]).ok()? };
+            if offset < self.start + len {
+                return Some(Entry {
+                    index: self.entry,
+                    base,
+                    len,
+                    within: offset - self.start,
+                });
+            }
+            self.start += len;
+            self.entry += 1;
+            step += 1;
+        }
+        None
+    }
+
+    /// Back to the first entry.
+    fn rewind(&mut self) {
+        // Volatile: LLVM merges plain stores to adjacent fields into a byte-by-byte memset.
+        // SAFETY: pointers to this struct's own fields.
+        unsafe {
+            (&raw mut self.entry).write_volatile(0);
+            (&raw mut self.start).write_volatile(0);
+        }
     }
 }
 
@@ -386,13 +406,13 @@ fn vector_header(walker: &mut Walker, offset: u64) -> u64 {
     }
     let next = walker.base + 16 * (entry.index + 1);
     let has_next = entry.index + 1 < walker.count;
-    read_straddling_word(entry.base + entry.len, available, next, has_next)
+    straddling_word(entry.base + entry.len, available, next, has_next)
 }
 
 /// The word whose first `available` (1 to 3) bytes end an `iovec` entry at `end` and whose
 /// others start the entry at `next` (`has_next`: there is one).
 #[inline(always)]
-fn read_straddling_word(end: u64, available: u64, next: u64, has_next: bool) -> u64 {
+fn straddling_word(end: u64, available: u64, next: u64, has_next: bool) -> u64 {
     if !has_next || available == 0 || available > 3 {
         return NO_WORD;
     }
@@ -408,7 +428,16 @@ fn read_straddling_word(end: u64, available: u64, next: u64, has_next: bool) -> 
     if head == NO_WORD || tail == NO_WORD {
         return NO_WORD;
     }
-    u64::from(iovec::straddling_word(head as u32, tail as u32, available))
+    // Memory order in a little- or big-endian load alike: bytes `end - available..end`, then
+    // the next entry's.
+    let shift = 8 * available as u32;
+    let (head, tail) = (head as u32, tail as u32);
+    let word = if cfg!(target_endian = "little") {
+        (head >> (32 - shift)) | (tail << shift)
+    } else {
+        (head << (32 - shift)) | (tail >> shift)
+    };
+    u64::from(word)
 }
 
 /// The `u32` at user address `address`, in memory order, or [`NO_WORD`].
@@ -442,22 +471,45 @@ fn bytes8_across(data: &Data, offset: u64) -> Option<[u8; 8]> {
 /// iovec` array at `iov`), in memory order, across up to [`MAX_TAIL_ENTRIES`] entries.
 #[inline(always)]
 fn bytes8_from(iov: u64, count: u64, entry: Entry) -> Option<[u8; 8]> {
-    iovec::bytes8_from(
-        count,
-        entry,
-        MAX_TAIL_ENTRIES,
-        |index| read_entry(iov, index),
-        read8,
-    )
+    let (mut index, mut address, mut available) = (
+        entry.index,
+        entry.base + entry.within,
+        entry.len - entry.within,
+    );
+    let (mut word, mut missing) = (0u64, 8u64);
+    let mut step = 0;
+    while step < MAX_TAIL_ENTRIES {
+        let take = if available < missing {
+            available
+        } else {
+            missing
+        };
+        if take > 0 {
+            let part = u64::from_be_bytes(read8(address)?);
+            // take ≤ 8; a whole word only when nothing was taken before.
+            word = if take == 8 {
+                part
+            } else {
+                (word << (8 * take)) | (part >> (8 * (8 - take)))
+            };
+            missing -= take;
+        }
+        if missing == 0 {
+            return Some(word.to_be_bytes());
+        }
+        index += 1;
+        if index >= count {
+            return None;
+        }
+        // SAFETY: a probe read of user memory: a failure is returned, not faulted.
+        let [base, len] =
+            unsafe { bpf_probe_read_user((iov + 16 * index) as *const [u64; 2]).ok()? };
+        (address, available) = (base, len);
+        step += 1;
+    }
+    None
 }
 
-/// Entry `index` of the `struct iovec` array at `iov`: its user address and length.
-#[inline(always)]
-fn read_entry(iov: u64, index: u64) -> Option<[u64; 2]> {
-    // One read per entry (base, length): a helper call costs more than the bytes.
-    // SAFETY: a probe read of user memory: a failure is returned, not faulted.
-    unsafe { bpf_probe_read_user((iov + 16 * index) as *const [u64; 2]).ok() }
-}
 #[inline(always)]
 fn read8(address: u64) -> Option<[u8; 8]> {
     // SAFETY: a probe read of user memory: a fault is returned, not taken.
@@ -477,14 +529,35 @@ fn address_of(data: &Data, offset: u64, size: u64) -> Option<u64> {
     (available >= size).then_some(address)
 }
 
+/// An entry of a `struct iovec` array, and where in it a byte of the data lies.
+struct Entry {
+    index: u64,
+    base: u64,
+    len: u64,
+    within: u64,
+}
+
 /// In the `count` entries of the `struct iovec` array at `iov`, the entry holding byte
 /// `offset` of the data.
 #[inline(always)]
-fn iovec_holding(iov: u64, count: u64, offset: u64) -> Option<Entry> {
-    let mut cursor = Cursor::default();
-    iovec::holding(&mut cursor, count, offset, MAX_IOVECS, |index| {
-        read_entry(iov, index)
-    })
+fn iovec_holding(iov: u64, count: u64, mut offset: u64) -> Option<Entry> {
+    let mut i = 0;
+    while i < MAX_IOVECS && i < count {
+        // One read per entry (base, length): a helper call costs more than the bytes.
+        // SAFETY: a probe read of user memory: a failure is returned, not faulted.
+        let [base, len] = unsafe { bpf_probe_read_user((iov + 16 * i) as *const [u64; 2]).ok()? };
+        if offset < len {
+            return Some(Entry {
+                index: i,
+                base,
+                len,
+                within: offset,
+            });
+        }
+        offset -= len;
+        i += 1;
+    }
+    None
 }
 
 /// Copies up to `len` bytes from the current syscall's user buffer into `slot` (zeros after
