@@ -127,8 +127,8 @@ pub(crate) struct UnreadRequest {
     pub(crate) owner: Option<Owner>,
 }
 
-/// Finds the open sockets (established or half-closed) whose unread bytes have waited at least `stall_after_ns`,
-/// with their owners. The /proc walk for owners (every process's fds) runs only when there
+/// Finds the open sockets (established or half-closed) whose unread bytes have waited at
+/// least `stall_after_ns`, with their owners. The /proc walk for owners (every process's fds) runs only when there
 /// is such a socket.
 pub(super) fn scan_unread(stall_after_ns: u64) -> io::Result<Vec<UnreadRequest>> {
     let waited = |ms: u32| u64::from(ms) * 1_000_000 >= stall_after_ns;
