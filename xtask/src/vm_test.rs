@@ -5,6 +5,7 @@
 //! to the daemon as STALLTRACE_HOOKS), either the root integration tests that cover every stall
 //! rule ([`FULL`]) or, for a rung proven in full elsewhere, every core rule against one daemon
 //! ([`SMOKE`]): under emulation each daemon start verifies the programs for up to a minute.
+//! Two guests run at a time ([`MAX_LANES`]), after the run on this machine's kernel.
 //! The full tests run natively on this machine's kernel too (on the syscall rung: its own runs
 //! every test in `cargo xtask test`). Any kernel that does not boot, or
 //! any test that fails, fails the task: nothing is skipped.
@@ -22,6 +23,10 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Mutex,
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -307,12 +312,40 @@ pub(crate) fn run(args: VmTestArgs) -> Result<()> {
         rows.extend(host_rows);
         costs.extend(host_costs);
     }
-    for kernel in kernels {
-        let binaries = match kernel.arch.cross {
-            None => &binaries,
-            Some(_) => cross.as_ref().expect("built for the cross kernel above"),
-        };
-        let (kernel_rows, kernel_costs) = run_kernel(kernel, binaries, args.keep, args.cost)?;
+    // Downloads and extraction first, one at a time (apt and dpkg-deb); then the guests.
+    let prepared = kernels
+        .into_iter()
+        .map(|kernel| Ok((kernel, prepare(kernel.suite, kernel.arch)?)))
+        .collect::<Result<Vec<_>>>()?;
+    // Kernels with full rungs take longest (on 6.12, 9 of a lane's 12 minutes): they start
+    // first, so that the short smoke runs fill in after them.
+    let mut order: Vec<usize> = (0..prepared.len()).collect();
+    order.sort_by_key(|&i| {
+        let full = prepared[i].0.rungs.iter().filter(|r| r.suites == FULL);
+        std::cmp::Reverse(full.count())
+    });
+    let next = AtomicUsize::new(0);
+    let done = Mutex::new(Vec::new());
+    thread::scope(|scope| {
+        for _ in 0..lanes(args.cost) {
+            scope.spawn(|| {
+                while let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let (kernel, extracted) = &prepared[i];
+                    let binaries = match kernel.arch.cross {
+                        None => &binaries,
+                        Some(_) => cross.as_ref().expect("built for the cross kernel above"),
+                    };
+                    let result = run_kernel(kernel, extracted, binaries, args.keep, args.cost);
+                    done.lock().expect("no lane panics").push((i, result));
+                }
+            });
+        }
+    });
+    let mut done = done.into_inner().expect("no lane panics");
+    // The table in the matrix's order, whichever guest finished first.
+    done.sort_by_key(|(i, _)| *i);
+    for (_, result) in done {
+        let (kernel_rows, kernel_costs) = result?;
         rows.extend(kernel_rows);
         costs.extend(kernel_costs);
     }
@@ -1311,13 +1344,25 @@ fn kvm_usable() -> bool {
         .is_ok()
 }
 
+/// Most guests booted at once. Each emulates its CPUs on one host thread (`thread=single`), so
+/// on this 2-core machine two guests take a core each and the matrix takes about half the
+/// wall-clock time, each guest as fast as alone. `--cost` times the programs: one at a time.
+const MAX_LANES: usize = 2;
+
+fn lanes(cost: bool) -> usize {
+    if cost {
+        return 1;
+    }
+    thread::available_parallelism().map_or(1, |n| n.get().min(MAX_LANES))
+}
+
 fn run_kernel(
     kernel: &Kernel,
+    extracted: &Extracted,
     binaries: &Binaries,
     keep: bool,
     cost: bool,
 ) -> Result<(Vec<Row>, Vec<String>)> {
-    let extracted = prepare(kernel.suite, kernel.arch)?;
     let label = format!("{} ({})", extracted.release, kernel.suite);
     if cost && kernel.arch.cross.is_some() {
         println!("xtask vm-test: {label}: no per-call cost (the guest has no python3)");
@@ -1328,7 +1373,7 @@ fn run_kernel(
     // again, once: the tests have not run, so this hides nothing.
     for attempt in 1..=2 {
         let t0 = Instant::now();
-        let outcome = boot(&extracted, &label, &script, kernel.auto, keep)?;
+        let outcome = boot(extracted, &label, &script, kernel.auto, keep)?;
         match outcome {
             Boot::Ran(parse, completed) => {
                 let costs = parse.costs.clone();
