@@ -86,6 +86,13 @@ impl Daemon {
     }
 
     pub fn start_with(name: &str, extra: &[&str]) -> Self {
+        let daemon = Self::spawn(name, extra);
+        daemon.wait_until_answering();
+        daemon
+    }
+
+    /// Starts a daemon with the test threshold and returns at once, before it answers.
+    pub fn spawn(name: &str, extra: &[&str]) -> Self {
         let dir = std::env::temp_dir().join(format!("stalltrace-it-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -103,25 +110,12 @@ impl Daemon {
             .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", binary().display()));
-        let mut daemon = Self {
+        Self {
             child: Some(child),
             dir,
             socket,
             events,
-        };
-        let deadline = Instant::now() + START_WITHIN;
-        while !daemon.cli(&["status"]).status.success() {
-            if let Some(status) = daemon.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("daemon exited at start ({status}):\n{}", daemon.stderr());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon not answering:\n{}",
-                daemon.stderr()
-            );
-            thread::sleep(Duration::from_millis(100));
         }
-        daemon
     }
 
     /// Starts a daemon that writes its events to stdout, a pipe returned to the caller (who may
@@ -279,13 +273,17 @@ impl Daemon {
         }
     }
 
-    /// Waits for an open stall on `port` whose connection has `role`; fails the test, with the
-    /// stalls seen and the daemon's log, if none comes `within`.
+    /// Waits for an open stall on `port` whose connection has `role`, with the first look at
+    /// it in (its cause, thread and TCP signals known: `stall.diagnosis_pending` absent);
+    /// fails the test, with the stalls seen and the daemon's log, if none comes `within`.
     pub fn wait_for_stall(&self, port: u16, role: &str, within: Duration) -> Value {
         let deadline = Instant::now() + within;
         loop {
             let stalls = self.stalls(port);
-            if let Some(stall) = stalls.iter().find(|s| s["conn"]["role"] == role) {
+            if let Some(stall) = stalls
+                .iter()
+                .find(|s| s["conn"]["role"] == role && s["stall"]["diagnosis_pending"].is_null())
+            {
                 return stall.clone();
             }
             assert!(

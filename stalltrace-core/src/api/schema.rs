@@ -176,6 +176,11 @@ pub struct StallJson {
     /// The name of the configuration rule that matched the stall, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<Name>,
+    /// API answers only: `true` while the diagnosis worker's first look at the stall is under
+    /// way (a few ms, up to a second on a loaded host): `cause`, `thread` and `tcp` are still
+    /// to come, not unknown. Absent once the look is in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnosis_pending: Option<bool>,
     /// Why: cause, confidence, thread, blame chain, TCP signals, request.
     #[serde(default, flatten, skip_serializing_if = "Option::is_none")]
     pub diagnosis: Option<Diagnosis>,

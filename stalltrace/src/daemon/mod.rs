@@ -516,6 +516,11 @@ impl Daemon {
         // handled (it would take their connections' closes for lost).
         let mut backlog = false;
         let mut sweep_due = false;
+        // Adopted connections quiet for longer than the threshold are stalls from the start:
+        // judged before the first query is read, so that the first `stalls` lists them (with
+        // 3 000 adopted, the loop's first turns answered it empty).
+        self.drain(ring.get_mut(), &probes.maps);
+        self.sweep(probes)?;
         loop {
             // The oldest `conns` stream gets its next chunks as soon as its client has room.
             let head_stream = self.streams.front().map(|stream| stream.chunks.clone());

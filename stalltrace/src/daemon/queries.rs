@@ -283,6 +283,7 @@ impl Daemon {
                         .and_then(|a| a.severity)
                         .map(|s| s.as_str().into()),
                     rule: annotation.and_then(|a| a.rule.clone()).map(Into::into),
+                    diagnosis_pending: self.diagnosis_pending(conn.id),
                     diagnosis: self.diagnoser.current(conn.id).cloned(),
                     ..StallJson::default()
                 });
@@ -293,6 +294,11 @@ impl Daemon {
 }
 
 impl Daemon {
+    /// `stall.diagnosis_pending` of connection `id`'s open stall.
+    fn diagnosis_pending(&self, id: u64) -> Option<bool> {
+        self.diagnoser.first_look_pending(id).then_some(true)
+    }
+
     /// One connection: its `conns` item, when it opened, its open stall with the current
     /// diagnosis, and its stall timeline.
     fn show(&self, id: u64, probes: &Probes, now: u64) -> Response {
@@ -319,6 +325,7 @@ impl Daemon {
             since: Some(clock.rfc3339(since)),
             retries: json::udp_retries(&conn.endpoints, conn.retries),
             http2: json::Http2Json::ended(stall.http2_stream, stall.http2_late_streams, None),
+            diagnosis_pending: self.diagnosis_pending(id),
             diagnosis: self.diagnoser.current(id).cloned(),
             ..StallJson::default()
         });

@@ -405,6 +405,15 @@ impl Diagnoser {
         self.open.get(&id).map(|open| &open.diagnosis)
     }
 
+    /// The first look at the open stall on connection `id` was asked for and has not come
+    /// back: [`Diagnoser::current`] holds only what was known without it (the request, the
+    /// confidence), not the cause, thread or TCP signals.
+    pub(crate) fn first_look_pending(&self, id: u64) -> bool {
+        self.open
+            .get(&id)
+            .is_some_and(|open| open.in_flight && open.facts.is_none())
+    }
+
     /// The links from event loops' stalled inbound requests to the stalled outbound requests
     /// they wait on, from the open stalls.
     fn links(&self, tracker: &Tracker) -> Links {
