@@ -236,10 +236,12 @@ impl Daemon {
         }
     }
 
-    /// Every event written so far.
+    /// Every event written so far: whole lines only (a read can catch the daemon's writer
+    /// mid-write; the rest of that line is there at the next read).
     pub fn events(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(&self.events).unwrap_or_default();
-        text.lines()
+        text.split_inclusive('\n')
+            .filter(|line| line.ends_with('\n'))
             .map(|line| {
                 serde_json::from_str(line)
                     .unwrap_or_else(|e| panic!("bad NDJSON line ({e}): {line}"))
