@@ -516,11 +516,6 @@ impl Daemon {
         // handled (it would take their connections' closes for lost).
         let mut backlog = false;
         let mut sweep_due = false;
-        // Adopted connections quiet for longer than the threshold are stalls from the start:
-        // judged before the first query is read, so that the first `stalls` lists them (with
-        // 3 000 adopted, the loop's first turns answered it empty).
-        self.drain(ring.get_mut(), &probes.maps);
-        self.sweep(probes)?;
         loop {
             // The oldest `conns` stream gets its next chunks as soon as its client has room.
             let head_stream = self.streams.front().map(|stream| stream.chunks.clone());
@@ -535,7 +530,10 @@ impl Daemon {
                 _ = sweep.tick() => Wake::Sweep,
                 _ = loss.tick() => Wake::Second,
                 _ = recalibrate.tick() => Wake::Recalibrate,
-                Some(query) = queries.recv() => Wake::Query(query),
+                // Adopted connections quiet for longer than the threshold are stalls from the
+                // start, opened by the first sweep: queries wait for it, so that the first
+                // `stalls` lists them (with 3 000 adopted, it was answered empty).
+                Some(query) = queries.recv(), if self.sweeps > 0 => Wake::Query(query),
                 // While `conns` answers stream, chunks are made for the clients that have room:
                 // the oldest as soon as it has, the others in turn.
                 _ = async { head_stream.as_ref().expect("guarded").reserve().await },
