@@ -99,6 +99,10 @@ pub struct DaemonConfig {
 /// How long the writer may take to write out queued events at shutdown.
 const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 
+/// How long queries wait, from start-up, for the first sweep (which opens the stalls of
+/// connections adopted at start) before they are answered anyway.
+const FIRST_SWEEP_WAIT: Duration = Duration::from_secs(2);
+
 /// How often the ring buffer is drained when the kernel does not wake the daemon (it does
 /// when the buffer is a quarter full).
 const DRAIN_EVERY: Duration = Duration::from_millis(50);
@@ -532,8 +536,11 @@ impl Daemon {
                 _ = recalibrate.tick() => Wake::Recalibrate,
                 // Adopted connections quiet for longer than the threshold are stalls from the
                 // start, opened by the first sweep: queries wait for it, so that the first
-                // `stalls` lists them (with 3 000 adopted, it was answered empty).
-                Some(query) = queries.recv(), if self.sweeps > 0 => Wake::Query(query),
+                // `stalls` lists them (with 3 000 adopted, it was answered empty). A ring
+                // backlog puts sweeps off: they wait 2 s at most.
+                Some(query) = queries.recv(),
+                    if self.sweeps > 0 || self.started.elapsed() > FIRST_SWEEP_WAIT =>
+                    Wake::Query(query),
                 // While `conns` answers stream, chunks are made for the clients that have room:
                 // the oldest as soon as it has, the others in turn.
                 _ = async { head_stream.as_ref().expect("guarded").reserve().await },
