@@ -23,10 +23,7 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Mutex,
-    },
+    sync::atomic::{AtomicUsize, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -325,23 +322,31 @@ pub(crate) fn run(args: VmTestArgs) -> Result<()> {
         std::cmp::Reverse(full.count())
     });
     let next = AtomicUsize::new(0);
-    let done = Mutex::new(Vec::new());
-    thread::scope(|scope| {
-        for _ in 0..lanes(args.cost) {
-            scope.spawn(|| {
-                while let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    let (kernel, extracted) = &prepared[i];
-                    let binaries = match kernel.arch.cross {
-                        None => &binaries,
-                        Some(_) => cross.as_ref().expect("built for the cross kernel above"),
-                    };
-                    let result = run_kernel(kernel, extracted, binaries, args.keep, args.cost);
-                    done.lock().expect("no lane panics").push((i, result));
-                }
-            });
-        }
+    let mut done: Vec<_> = thread::scope(|scope| {
+        let lanes: Vec<_> = (0..lanes(args.cost))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut ran = Vec::new();
+                    while let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        let (kernel, extracted) = &prepared[i];
+                        let binaries = match kernel.arch.cross {
+                            None => &binaries,
+                            Some(_) => cross.as_ref().expect("built for the cross kernel above"),
+                        };
+                        ran.push((
+                            i,
+                            run_kernel(kernel, extracted, binaries, args.keep, args.cost),
+                        ));
+                    }
+                    ran
+                })
+            })
+            .collect();
+        lanes
+            .into_iter()
+            .flat_map(|lane| lane.join().expect("no lane panics"))
+            .collect()
     });
-    let mut done = done.into_inner().expect("no lane panics");
     // The table in the matrix's order, whichever guest finished first.
     done.sort_by_key(|(i, _)| *i);
     for (_, result) in done {
