@@ -1039,13 +1039,19 @@ impl Tracker {
 
     /// Whether the stall open on `sock` is over by a newer kernel snapshot of it (the reply
     /// direction moved since it began), though no record or sweep said so yet; also true when
-    /// none is open. What a diagnosis looked at then tells of what came after it. An HTTP/2
-    /// stream's stall is never over by this rule: the other streams' responses move meanwhile.
-    pub fn stall_over_in(&self, sock: u64, state: &ConnState) -> bool {
+    /// none is open, and when the `CONNS` map no longer holds the socket (`None`: it closed,
+    /// its `Closed` record still in the ring, or, rarely, a full map evicted it). What a
+    /// diagnosis looked at then tells of what came after it (a closed socket's fd is gone: it
+    /// would read as never accepted). An HTTP/2 stream's stall is never over by this rule: the
+    /// other streams' responses move meanwhile.
+    pub fn stall_over_in(&self, sock: u64, state: Option<&ConnState>) -> bool {
         let Some(conn) = self.conns.get(sock) else {
             return true;
         };
         let Some(stall) = conn.stall.as_deref() else {
+            return true;
+        };
+        let Some(state) = state else {
             return true;
         };
         conn.kernel_open_ns != state.open_ns

@@ -194,19 +194,19 @@ impl Daemon {
         self.emit(maps);
         // The looks read the sockets after the records the tracker has. Its byte counts are
         // brought up to the kernel's (a record still in flight is not "unseen"), and a stall
-        // found over meanwhile keeps what was known at its start: the look told of what came
-        // after it.
+        // found over meanwhile (answered, or its socket closed) keeps what was known at its
+        // start: the look told of what came after it.
         let mut over = HashSet::new();
         for finding in &findings {
             if let Finding::Diagnosed { id, .. } = finding {
                 let Some((Some(sock), _)) = self.tracker.find_by_id(*id) else {
                     continue;
                 };
-                let Some(state) = maps.lookup(sock) else {
-                    continue;
-                };
-                self.tracker.refresh_counts(sock, &state);
-                if self.tracker.stall_over_in(sock, &state) {
+                let state = maps.lookup(sock);
+                if let Some(state) = &state {
+                    self.tracker.refresh_counts(sock, state);
+                }
+                if self.tracker.stall_over_in(sock, state.as_ref()) {
                     over.insert(*id);
                 }
             }
