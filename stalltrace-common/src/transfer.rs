@@ -240,18 +240,18 @@ pub fn received_before_request(queued: &mut u32, bytes: u64) -> bool {
 }
 
 /// What the application has read from a TCP socket by any means (low 32 bits of bytes):
-/// `bytes_received` (`tcp_sock.bytes_received`, every byte the socket received) less the
-/// `unread` sequence space (`rcv_nxt - copied_seq`), in which a received FIN still unread
-/// counts one: `read_shutdown` (`sk_shutdown & RCV_SHUTDOWN`, set by the FIN) says to take it
-/// off. (A local `shutdown(SHUT_RD)` sets it too: one byte too many then, never too few.)
+/// `bytes_received` (`tcp_sock.bytes_received`: every advance of `rcv_nxt`, a received FIN's
+/// one included, as `ss -ti` shows) less the `unread` sequence space (`rcv_nxt - copied_seq`,
+/// which holds that FIN until a read returns end of file). A FIN unread counts in both; one
+/// read is no byte: `read_shutdown` (`sk_shutdown & RCV_SHUTDOWN`, set by the FIN) with
+/// nothing unread takes it off. (A local `shutdown(SHUT_RD)` sets it too, with no FIN: one
+/// byte too few then, which reads as nothing unseen, never as a phantom byte.)
 #[inline(always)]
 pub fn consumed(bytes_received: u64, unread: u32, read_shutdown: bool) -> u32 {
-    let unread = if read_shutdown && unread > 0 {
-        unread - 1
-    } else {
-        unread
-    };
-    (bytes_received as u32).wrapping_sub(unread)
+    let fin_read = u32::from(read_shutdown && unread == 0);
+    (bytes_received as u32)
+        .wrapping_sub(unread)
+        .wrapping_sub(fin_read)
 }
 
 /// Bytes the application read from a TCP connection without a receive the programs saw:
@@ -270,6 +270,27 @@ pub fn spliced_bytes(conn: &ConnState, consumed: u32) -> u64 {
 #[inline(always)]
 pub fn counted_reads(conn: &ConnState) -> u32 {
     conn.consumed_base.wrapping_add(conn.bytes_recv as u32)
+}
+
+/// At the peer's FIN, whether a client has a reply that can still answer its request
+/// ([`can_complete`] in `CLOSE_WAIT`): data beyond the FIN unread in its receive queue
+/// (`unread`, `rcv_nxt - copied_seq`, in which the FIN counts one), or data the application
+/// has read (`consumed`, [`consumed`]) beyond what the hooks counted. The second is a receive
+/// that has copied the reply out and not returned: the kernel handles a FIN that came meanwhile
+/// when that receive releases the socket, before the receive's hook runs. Taken for a
+/// reply: a queue that cannot be read (the rule before it could: wait for a read). `consumed`
+/// is set against the count only on a connection counted from its handshake: one found
+/// through its traffic may not know what was read before ([`ConnState::consumed_base`]).
+#[inline(always)]
+pub fn reply_at_peer_fin(conn: &ConnState, unread: Option<u32>, consumed: Option<u32>) -> bool {
+    let Some(unread) = unread else {
+        return true;
+    };
+    let counted_from_handshake = conn.flags & conn_flags::DISCOVERED == 0;
+    unread > 1
+        || consumed.is_some_and(|consumed| {
+            counted_from_handshake && unseen_reads(counted_reads(conn), consumed) > 0
+        })
 }
 
 /// Bytes the socket says were read (`consumed`) beyond those `counted` ([`counted_reads`]);
@@ -302,12 +323,40 @@ mod tests {
         assert_eq!(spliced_bytes(&conn, read), 65_536);
         record_transfer(&mut conn, direction::IN, 65_536, 2, Message::Data);
         assert_eq!(spliced_bytes(&conn, read), 0, "counted once");
-        // The peer's FIN came with the last bytes, unread: it is no byte.
-        assert_eq!(consumed(70_000, 4_421, true), 65_580);
-        assert_eq!(consumed(70_000, 0, true), 70_000, "FIN read too");
+        // The peer's FIN came with the last bytes: the kernel counts it as received and, until
+        // a read returns end of file, as unread. It is no byte either way.
+        assert_eq!(consumed(70_001, 4_421, true), 65_580);
+        assert_eq!(consumed(70_001, 1, true), 70_000, "all data read");
+        assert_eq!(consumed(70_001, 0, true), 70_000, "end of file read too");
         // Bytes counted before they were read (at the peer's FIN) are never negative.
         conn.bytes_recv += 100;
         assert_eq!(spliced_bytes(&conn, read), 0);
+    }
+
+    #[test]
+    fn a_reply_at_the_peers_fin_is_one_unread_or_one_being_read() {
+        let mut conn = ConnState {
+            role: role::CLIENT,
+            flags: conn_flags::ESTABLISHED,
+            ..Default::default()
+        };
+        record_transfer(&mut conn, direction::OUT, 22, 1, Message::Data);
+        // The FIN alone, nothing read since the request: no reply.
+        assert!(!reply_at_peer_fin(&conn, Some(1), Some(0)));
+        // The reply waits in the queue with the FIN.
+        assert!(reply_at_peer_fin(&conn, Some(41), Some(0)));
+        // A receive copied the 40-byte reply out and has not returned (its hook not run).
+        assert!(reply_at_peer_fin(&conn, Some(1), Some(40)));
+        // Once counted, the same bytes are no reply to a later request.
+        record_transfer(&mut conn, direction::IN, 40, 2, Message::Data);
+        record_transfer(&mut conn, direction::OUT, 22, 3, Message::Data);
+        assert!(!reply_at_peer_fin(&conn, Some(1), Some(40)));
+        // Unknown queue: taken for a reply; unknown consumption: the queue alone decides.
+        assert!(reply_at_peer_fin(&conn, None, None));
+        assert!(!reply_at_peer_fin(&conn, Some(1), None));
+        // A connection found through its traffic read bytes before it was counted.
+        conn.flags |= conn_flags::DISCOVERED;
+        assert!(!reply_at_peer_fin(&conn, Some(1), Some(5_000)));
     }
 
     #[test]

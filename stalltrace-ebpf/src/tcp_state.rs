@@ -6,13 +6,15 @@ use stalltrace_common::{
     message::Message,
     role, tcp_state,
     tracepoint::InetSockSetState,
-    transfer::{can_complete, is_outstanding, quiet_past_threshold, record_transfer},
+    transfer::{
+        can_complete, is_outstanding, quiet_past_threshold, record_transfer, reply_at_peer_fin,
+    },
     verdict_flags, ConnState, EventKind, AF_INET6, IPPROTO_TCP,
 };
 
 use crate::{
     conn::{emit, guess_role, netns_of, set_netns, set_owner_to_current},
-    kernel_read::unread_sequence,
+    kernel_read::{consumed_bytes, unread_sequence},
     maps::{
         count_loss, scratch_conn, stall_after_ns, verdict_extras, CONNS, LISTEN_PORTS, OFFSETS,
     },
@@ -208,13 +210,14 @@ fn on_other_transition(args: &InetSockSetState, old: u8, new: u8) {
     }
 }
 
-/// The peer's FIN reached a client: whether a reply sits unread in its receive queue, which
-/// alone can still answer its request (`can_complete` in `CLOSE_WAIT`). When that cannot be
-/// read, the client is taken to have one (the rule before this was known: wait for a read).
+/// The peer's FIN reached a client: whether a reply came that it has not been seen reading
+/// (unread, or being read: `transfer::reply_at_peer_fin`), which alone can still answer its
+/// request (`can_complete` in `CLOSE_WAIT`). Without it, the exchange ends with this FIN.
 #[inline(never)]
 fn note_reply_at_peer_fin(sock: u64, conn: &mut ConnState) {
-    // The FIN, already counted in `rcv_nxt` here, takes one sequence number.
-    if unread_sequence(sock, &OFFSETS.load()).is_none_or(|unread| unread > 1) {
+    let offsets = OFFSETS.load();
+    let unread = unread_sequence(sock, &offsets);
+    if reply_at_peer_fin(conn, unread, consumed_bytes(sock, &offsets)) {
         conn.verdict_flags |= verdict_flags::REPLY_UNREAD_AT_PEER_FIN;
     }
 }

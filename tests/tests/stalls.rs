@@ -673,6 +673,80 @@ fn a_stall_that_ends_between_sweeps_with_a_close_names_its_request() {
     assert_slow_requests_named(&daemon, addr.port(), 2);
 }
 
+/// Many late responses at once, each followed by the server's close (HTTP/1.0): every stall
+/// is reported once and ends with its response. Two races are met here by the hundred. The
+/// client's recv copies the response out while the server's FIN arrives; the kernel handles
+/// that FIN before the recv's hook runs, and it must not read as a close without a response
+/// (which then came as a second stall). And the server end's first look may run after its
+/// close, before the loop reads that close: it must not report the closed fd as never accepted.
+#[test]
+fn late_responses_with_a_close_end_each_stall_once_by_its_response() {
+    require_root();
+    let daemon = Daemon::start("late-responses-close");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    const CONNECTIONS: usize = 200;
+    let server = thread::spawn(move || {
+        let mut answering = Vec::new();
+        for i in 0..CONNECTIONS {
+            let (mut conn, _) = listener.accept().unwrap();
+            answering.push(thread::spawn(move || {
+                let mut request = [0u8; 64];
+                assert!(conn.read(&mut request).unwrap() > 0);
+                let late = Duration::from_millis(20 + 10 * (i % 15) as u64);
+                thread::sleep(STALL_AFTER + late);
+                conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .unwrap();
+            }));
+        }
+        answering.into_iter().for_each(|t| t.join().unwrap());
+    });
+    let clients: Vec<_> = (0..CONNECTIONS)
+        .map(|i| {
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(5 * (i % 10) as u64));
+                let mut conn = TcpStream::connect(addr).unwrap();
+                conn.write_all(b"GET /late HTTP/1.0\r\n\r\n").unwrap();
+                // One read takes the whole response (`read_to_end` would leave some unread
+                // for the FIN to find), the next one the close.
+                let mut response = [0u8; 1024];
+                let mut got = 0;
+                loop {
+                    match conn.read(&mut response[got..]).unwrap() {
+                        0 => break,
+                        n => got += n,
+                    }
+                }
+                assert!(response[..got].ends_with(b"ok"), "{:?}", &response[..got]);
+            })
+        })
+        .collect();
+    clients.into_iter().for_each(|t| t.join().unwrap());
+    server.join().unwrap();
+    let ends = daemon.wait_for_events("stall.end", addr.port(), 2 * CONNECTIONS, REPORT_WITHIN);
+    let starts = daemon.events_named("stall.start", addr.port());
+    let mut started = std::collections::HashMap::new();
+    for start in &starts {
+        *started.entry(start["conn"]["id"].as_u64()).or_insert(0) += 1;
+        assert_ne!(start["stall"]["cause"], "not_accepted", "{start:#}");
+        assert_eq!(start["stall"]["confidence"], "full", "{start:#}");
+    }
+    let reported_twice: Vec<_> = started.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        reported_twice.is_empty(),
+        "stalls reported twice: {reported_twice:?}"
+    );
+    assert_eq!(
+        starts.len(),
+        2 * CONNECTIONS,
+        "one stall per end of each connection"
+    );
+    assert_eq!(ends.len(), 2 * CONNECTIONS);
+    for end in &ends {
+        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
+    }
+}
+
 /// The kernel's copy of a request is found by the `struct sock` address, which the kernel
 /// reuses: a stall on a connection whose request was never copied (a server that never read
 /// it) must not name the request of an earlier connection at the same address.

@@ -246,6 +246,8 @@ struct Extras {
     reply: Option<Box<ReplyFraming>>,
     /// HTTP/1.x: the requests pipelined before the latest response, when there were several.
     pipeline: Option<Box<Pipeline>>,
+    /// When the quiet of the latest stall that ended began (ns): see [`Conn::ended_quiet`].
+    ended_quiet_since: Option<NonZeroU64>,
 }
 
 impl Conn {
@@ -302,6 +304,17 @@ impl Conn {
 
     fn pipeline_mut(&mut self) -> Option<&mut Pipeline> {
         self.extras.as_mut()?.pipeline.as_deref_mut()
+    }
+
+    /// Whether a stall that began its quiet at `quiet_since` (ns) ended already. A client
+    /// whose response and the server's FIN come together has that end reported twice at
+    /// times: by the receive's program and by the state change's, run on two CPUs at once,
+    /// each before the other's write to the entry shows. The second is not a new stall.
+    fn ended_quiet(&self, quiet_since: u64) -> bool {
+        self.extras
+            .as_ref()
+            .and_then(|extras| extras.ended_quiet_since)
+            .is_some_and(|ended| ended.get() == quiet_since)
     }
 
     fn extras_mut(&mut self) -> &mut Extras {
@@ -911,6 +924,8 @@ impl Tracker {
                     None => {}
                 }
             }
+            EventKind::QuietEnded
+                if conn.stall.is_none() && conn.ended_quiet(activity::last_request_ns(state)) => {}
             EventKind::QuietEnded => {
                 // The kernel saw quiet of at least the threshold end with this transfer or close.
                 if conn.stall.is_none() {
@@ -1638,6 +1653,7 @@ fn push_stall_end(
     let Some(stall) = conn.stall.take() else {
         return;
     };
+    conn.extras_mut().ended_quiet_since = NonZeroU64::new(stall.quiet_since_ns);
     out.push(Event {
         at_ns: at,
         conn: conn.reference(),

@@ -345,6 +345,25 @@ fn reply_after_a_stall_ends_it_with_the_true_duration() {
     assert!(t.stalls().is_empty());
 }
 
+/// The receive's program and the state change's (the server's FIN came with the response)
+/// can both report one end of quiet: one stall, ended once.
+#[test]
+fn a_quiet_end_reported_twice_is_one_stall() {
+    let (mut t, mut k) = server_with_request();
+    let reply_at = SEC + THRESHOLD + 50 * MS;
+    k.transfer(direction::OUT, reply_at);
+    let first = feed(&mut t, k.event(EventKind::QuietEnded, reply_at));
+    assert_eq!(first.len(), 2, "{first:?}");
+    let again = feed(&mut t, k.event(EventKind::QuietEnded, reply_at + MS));
+    assert!(again.is_empty(), "{again:?}");
+    // The next request's quiet is a stall of its own.
+    k.transfer(direction::IN, 10 * SEC);
+    let next_reply = 10 * SEC + THRESHOLD + 50 * MS;
+    k.transfer(direction::OUT, next_reply);
+    let next = feed(&mut t, k.event(EventKind::QuietEnded, next_reply));
+    assert_started(&next[..1], StallKind::UnansweredRequest);
+}
+
 #[test]
 fn a_stall_that_ended_between_sweeps_is_still_reported() {
     let (mut t, mut k) = server_with_request();
