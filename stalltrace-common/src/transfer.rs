@@ -277,20 +277,13 @@ pub fn counted_reads(conn: &ConnState) -> u32 {
 /// (`unread`, `rcv_nxt - copied_seq`, in which the FIN counts one), or data the application
 /// has read (`consumed`, [`consumed`]) beyond what the hooks counted. The second is a receive
 /// that has copied the reply out and not returned: the kernel handles a FIN that came meanwhile
-/// when that receive releases the socket, before the receive's hook runs. Taken for a
-/// reply: a queue that cannot be read (the rule before it could: wait for a read). `consumed`
-/// is set against the count only on a connection counted from its handshake: one found
-/// through its traffic may not know what was read before ([`ConnState::consumed_base`]).
+/// when that receive releases the socket, before the receive's hook runs. `consumed` is set
+/// against the count only on a connection counted from its handshake: one found through its
+/// traffic may not know what was read before ([`ConnState::consumed_base`]).
 #[inline(always)]
-pub fn reply_at_peer_fin(conn: &ConnState, unread: Option<u32>, consumed: Option<u32>) -> bool {
-    let Some(unread) = unread else {
-        return true;
-    };
+pub fn reply_at_peer_fin(conn: &ConnState, unread: u32, consumed: u32) -> bool {
     let counted_from_handshake = conn.flags & conn_flags::DISCOVERED == 0;
-    unread > 1
-        || consumed.is_some_and(|consumed| {
-            counted_from_handshake && unseen_reads(counted_reads(conn), consumed) > 0
-        })
+    unread > 1 || (counted_from_handshake && unseen_reads(counted_reads(conn), consumed) > 0)
 }
 
 /// Bytes the socket says were read (`consumed`) beyond those `counted` ([`counted_reads`]);
@@ -342,21 +335,18 @@ mod tests {
         };
         record_transfer(&mut conn, direction::OUT, 22, 1, Message::Data);
         // The FIN alone, nothing read since the request: no reply.
-        assert!(!reply_at_peer_fin(&conn, Some(1), Some(0)));
+        assert!(!reply_at_peer_fin(&conn, 1, 0));
         // The reply waits in the queue with the FIN.
-        assert!(reply_at_peer_fin(&conn, Some(41), Some(0)));
+        assert!(reply_at_peer_fin(&conn, 41, 0));
         // A receive copied the 40-byte reply out and has not returned (its hook not run).
-        assert!(reply_at_peer_fin(&conn, Some(1), Some(40)));
+        assert!(reply_at_peer_fin(&conn, 1, 40));
         // Once counted, the same bytes are no reply to a later request.
         record_transfer(&mut conn, direction::IN, 40, 2, Message::Data);
         record_transfer(&mut conn, direction::OUT, 22, 3, Message::Data);
-        assert!(!reply_at_peer_fin(&conn, Some(1), Some(40)));
-        // Unknown queue: taken for a reply; unknown consumption: the queue alone decides.
-        assert!(reply_at_peer_fin(&conn, None, None));
-        assert!(!reply_at_peer_fin(&conn, Some(1), None));
+        assert!(!reply_at_peer_fin(&conn, 1, 40));
         // A connection found through its traffic read bytes before it was counted.
         conn.flags |= conn_flags::DISCOVERED;
-        assert!(!reply_at_peer_fin(&conn, Some(1), Some(5_000)));
+        assert!(!reply_at_peer_fin(&conn, 1, 5_000));
     }
 
     #[test]

@@ -92,25 +92,27 @@ pub(crate) fn unread_sequence(sock: u64, offsets: &Offsets) -> Option<u32> {
 const RCV_SHUTDOWN: u8 = 1;
 
 /// What the application has read from the TCP socket by any means (`transfer::consumed`:
-/// `tcp_sock.bytes_received` less what is unread), low 32 bits.
+/// `tcp_sock.bytes_received` less what is unread), low 32 bits; `unknown` when that cannot be
+/// read. A value on every path, not an `Option`: combined with the unread queue at the
+/// peer's FIN, the `None` path left a register unset that 5.10's and 6.1's verifiers refused
+/// to see copied ("R5 !read_ok").
 #[inline(always)]
-pub(crate) fn consumed_bytes(sock: u64, offsets: &Offsets) -> Option<u32> {
+pub(crate) fn consumed_bytes(sock: u64, offsets: &Offsets, unknown: u32) -> u32 {
     if !offsets.can_read_consumed() {
-        return None;
+        return unknown;
     }
-    let unread = unread_sequence(sock, offsets)?;
+    let Some(unread) = unread_sequence(sock, offsets) else {
+        return unknown;
+    };
     // SAFETY: probe reads of kernel memory; failures are returned, not faulted.
-    unsafe {
-        let received = read::<u64>(sock, offsets.tcp_bytes_received)?;
-        let shutdown = if offsets.sk_shutdown == Offsets::UNKNOWN {
-            0
-        } else {
-            read::<u8>(sock, offsets.sk_shutdown).unwrap_or(0)
-        };
-        Some(transfer::consumed(
-            received,
-            unread,
-            shutdown & RCV_SHUTDOWN != 0,
-        ))
-    }
+    let Some(received) = (unsafe { read::<u64>(sock, offsets.tcp_bytes_received) }) else {
+        return unknown;
+    };
+    let shutdown = if offsets.sk_shutdown == Offsets::UNKNOWN {
+        0
+    } else {
+        // SAFETY: as above.
+        unsafe { read::<u8>(sock, offsets.sk_shutdown) }.unwrap_or(0)
+    };
+    transfer::consumed(received, unread, shutdown & RCV_SHUTDOWN != 0)
 }

@@ -13,7 +13,10 @@
 //! compare. Their bytes cannot be read (they went to a pipe): such a receive is data, never
 //! housekeeping, and names no request.
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
-use stalltrace_common::{direction, transfer::spliced_bytes};
+use stalltrace_common::{
+    direction,
+    transfer::{counted_reads, spliced_bytes},
+};
 
 use crate::{
     capture::in_unseen_read_syscall,
@@ -35,11 +38,11 @@ pub(crate) fn stalltrace_splice_recv(ctx: RawTracePointContext) -> i32 {
     let Some(conn) = CONNS.get_ptr(sock) else {
         return 0;
     };
-    let Some(consumed) = consumed_bytes(sock, &OFFSETS.load()) else {
-        return 0;
-    };
     // SAFETY: map value pointer, valid for the duration of the program.
-    let bytes = spliced_bytes(unsafe { &*conn }, consumed);
+    let conn = unsafe { &*conn };
+    // Unknown: what was counted, so nothing unseen.
+    let consumed = consumed_bytes(sock, &OFFSETS.load(), counted_reads(conn));
+    let bytes = spliced_bytes(conn, consumed);
     if bytes > 0 {
         // Below 2^31 (`spliced_bytes`): a positive i32.
         on_unread_transfer(&ctx, sock, direction::IN, bytes as i32);

@@ -7,7 +7,8 @@ use stalltrace_common::{
     role, tcp_state,
     tracepoint::InetSockSetState,
     transfer::{
-        can_complete, is_outstanding, quiet_past_threshold, record_transfer, reply_at_peer_fin,
+        can_complete, counted_reads, is_outstanding, quiet_past_threshold, record_transfer,
+        reply_at_peer_fin,
     },
     verdict_flags, ConnState, EventKind, AF_INET6, IPPROTO_TCP,
 };
@@ -216,8 +217,16 @@ fn on_other_transition(args: &InetSockSetState, old: u8, new: u8) {
 #[inline(never)]
 fn note_reply_at_peer_fin(sock: u64, conn: &mut ConnState) {
     let offsets = OFFSETS.load();
-    let unread = unread_sequence(sock, &offsets);
-    if reply_at_peer_fin(conn, unread, consumed_bytes(sock, &offsets)) {
+    // A queue that cannot be read is taken for a reply (the rule before it could: wait for a
+    // read); bytes read that cannot be told are taken for none.
+    let reply = match unread_sequence(sock, &offsets) {
+        Some(unread) => {
+            let consumed = consumed_bytes(sock, &offsets, counted_reads(conn));
+            reply_at_peer_fin(conn, unread, consumed)
+        }
+        None => true,
+    };
+    if reply {
         conn.verdict_flags |= verdict_flags::REPLY_UNREAD_AT_PEER_FIN;
     }
 }

@@ -363,9 +363,9 @@ fn discover<C: EbpfContext>(
     record_transfer(conn, dir, bytes, now, Message::Data);
     if SPLICE_READS.load() != 0 {
         // What was read before counting began, so that splices count from here (`splice.rs`).
-        if let Some(consumed) = consumed_bytes(sock, &offsets) {
-            conn.consumed_base = consumed.wrapping_sub(conn.bytes_recv as u32);
-        }
+        // Unknown: a base of 0, as for a connection counted from its handshake.
+        let counted = conn.bytes_recv as u32;
+        conn.consumed_base = consumed_bytes(sock, &offsets, counted).wrapping_sub(counted);
     }
     if !insert_new(ctx, sock, conn) {
         return None;
