@@ -456,7 +456,12 @@ pub mod loss {
     /// more frames in one transfer than it walks, bytes it could not read, its stream state
     /// evicted or not insertable): judged by the direction rule from then on.
     pub const HTTP2_FRAMING_LOST: u32 = 3;
-    pub const SLOTS: u32 = 4;
+    /// Returns of hooked calls that ran no program, found when the same thread enters the next
+    /// call (kprobe and syscall rungs): a kretprobe keeps at most `maxactive` calls in flight
+    /// (the kernel's default: the number of possible CPUs without full preemption, else at
+    /// least 10), so more threads blocked in `tcp_recvmsg` than that lose their receives.
+    pub const RETURN_MISSED: u32 = 4;
+    pub const SLOTS: u32 = 5;
 }
 
 /// Written by the daemon into the single slot of the `CONTROL` array at every sweep.

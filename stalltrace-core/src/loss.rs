@@ -37,7 +37,9 @@ loss_counters! {
     kernel_conn_insert_failed,
     /// Transfers the kernel did not run our program for: its recursion guard skips a program
     /// already running on that CPU (an fexit program preempted mid-run; on the tracepoint and
-    /// kprobe rungs, only a program nested from an interrupt).
+    /// kprobe rungs, only a program nested from an interrupt), and, on the kprobe rung, a
+    /// kretprobe out of instances (more threads inside `tcp_recvmsg` than its `maxactive`),
+    /// counted when the thread makes its next call.
     kernel_hook_missed,
     /// HTTP/2 streams the kernel did not follow (their slots held by older streams awaiting
     /// their responses), counted once per transfer that opened such streams.

@@ -11,15 +11,16 @@
 //! `tcp_sendpage` carries sendfile/splice sends, which bypass `tcp_sendmsg` before Linux 6.5
 //! (the daemon hooks it where the kernel has it).
 use aya_ebpf::{
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     macros::{fexit, kprobe, kretprobe, map},
     maps::LruHashMap,
     programs::{FExitContext, ProbeContext, RetProbeContext},
     EbpfContext, Global,
 };
-use stalltrace_common::direction;
+use stalltrace_common::{direction, loss};
 
-use crate::transfer::on_transfer;
+use crate::{maps::count_loss, transfer::on_transfer};
 
 /// Parameters of `tcp_recvmsg`: 6 before Linux 5.19 (sk, msg, len, nonblock, flags, addr_len),
 /// 5 from then on (nonblock folded into flags), 4 once addr_len went too (6.18). Set by the
@@ -79,7 +80,8 @@ struct Call {
 }
 
 /// Threads inside a hooked function or syscall, by pid_tgid. LRU: an entry whose return was
-/// missed (the kernel's kretprobe instances ran out) is evicted in time rather than leaked.
+/// missed (the kernel's kretprobe instances ran out) is evicted in time rather than leaked,
+/// or found by the thread's next call, and counted.
 #[map]
 static CALLS: LruHashMap<u64, Call> = LruHashMap::with_max_entries(1 << 14, 0);
 
@@ -89,7 +91,12 @@ pub(crate) fn enter(sock: Option<u64>, flags: Option<u64>) -> u32 {
     let (Some(sock), Some(flags)) = (sock, flags) else {
         return 0;
     };
-    let _ = CALLS.insert(bpf_get_current_pid_tgid(), Call { sock, flags }, 0);
+    let (key, call) = (bpf_get_current_pid_tgid(), Call { sock, flags });
+    // A call of this thread still kept: its return ran no program (`loss::RETURN_MISSED`).
+    if CALLS.insert(key, call, BPF_NOEXIST.into()).is_err() {
+        count_loss(loss::RETURN_MISSED);
+        let _ = CALLS.insert(key, call, 0);
+    }
     0
 }
 

@@ -439,7 +439,9 @@ pub(crate) enum UnixLiveness {
 pub(crate) struct KernelLoss {
     pub ringbuf_full: u64,
     pub conn_insert_failed: u64,
-    /// Runs of the data transfer programs the kernel skipped (`recursion_misses`, 5.12+).
+    /// Runs of the data transfer programs the kernel skipped (`recursion_misses`, 5.12+), and
+    /// returns of hooked calls that ran none (`loss::RETURN_MISSED`: kretprobes out of
+    /// instances).
     pub hook_missed: u64,
     /// HTTP/2 streams the kernel could not follow (`loss::HTTP2_UNTRACKED`).
     pub http2_untracked: u64,
@@ -513,7 +515,12 @@ impl KernelMaps {
         KernelLoss {
             ringbuf_full: self.lost(loss::RINGBUF_FULL),
             conn_insert_failed: self.lost(loss::CONN_INSERT_FAILED),
-            hook_missed: self.transfer_programs.iter().map(recursion_misses).sum(),
+            hook_missed: self
+                .transfer_programs
+                .iter()
+                .map(recursion_misses)
+                .sum::<u64>()
+                + self.lost(loss::RETURN_MISSED),
             http2_untracked: self.lost(loss::HTTP2_UNTRACKED),
             http2_framing_lost: self.lost(loss::HTTP2_FRAMING_LOST),
         }
