@@ -388,7 +388,19 @@ fn an_adopted_clients_stall_ends_when_its_server_closes_without_answering() {
     assert_eq!(stalls.len(), 2, "{stalls:#?}\n{}", daemon.stderr());
     server.close();
     let ends = daemon.wait_for_events("stall.end", port, 2, REPORT_WITHIN);
-    assert_eq!(ends.len(), 2, "{ends:#?}\n{}", daemon.stderr());
+    assert_eq!(
+        ends.len(),
+        2,
+        "{ends:#?}\nevents: {:#?}\nconns: {:#}\n{}",
+        daemon
+            .events()
+            .into_iter()
+            .filter(|e| stalltrace_integration::touches(e, port))
+            .map(|e| (e["event"].clone(), e["conn"].clone(), e["stall"].clone()))
+            .collect::<Vec<_>>(),
+        daemon.cli_json(&["conns", "--port", &port.to_string(), "-o", "json"]),
+        daemon.stderr()
+    );
     for end in &ends {
         assert_eq!(end["stall"]["resolution"], "closed", "{end:#}");
     }
@@ -736,9 +748,6 @@ fn late_responses_with_a_close_end_each_stall_once_by_its_response() {
         reported_twice.is_empty(),
         "stalls reported twice: {reported_twice:?}"
     );
-    for end in &ends {
-        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
-    }
     // The kprobe rung loses receives when more threads wait in `tcp_recvmsg` than its
     // kretprobe's instances (here 400 do): it must say so, and the stalls are `partial`.
     let status = daemon.cli_json(&["status", "-o", "json"]);
@@ -746,7 +755,7 @@ fn late_responses_with_a_close_end_each_stall_once_by_its_response() {
     if std::env::var("STALLTRACE_HOOKS").as_deref() == Ok("kprobe") && missed > 0 {
         eprintln!(
             "NOTE: kprobe rung: {missed} receives lost to kretprobe instances and counted; \
-             {} of {} stalls seen. Their count and confidence are not checked here.",
+             {} of {} stalls seen. Their count, confidence and ends are not checked here.",
             starts.len(),
             2 * CONNECTIONS
         );
@@ -754,6 +763,9 @@ fn late_responses_with_a_close_end_each_stall_once_by_its_response() {
     }
     for start in &starts {
         assert_eq!(start["stall"]["confidence"], "full", "{start:#}");
+    }
+    for end in &ends {
+        assert_eq!(end["stall"]["resolution"], "response", "{end:#}");
     }
     let unreported: Vec<_> = daemon
         .events_named("conn.close", addr.port())
