@@ -746,7 +746,20 @@ fn late_responses_with_a_close_end_each_stall_once_by_its_response() {
     let reported_twice: Vec<_> = started.iter().filter(|(_, n)| **n > 1).collect();
     assert!(
         reported_twice.is_empty(),
-        "stalls reported twice: {reported_twice:?}"
+        "stalls reported twice: {reported_twice:?}\n{:#?}",
+        daemon
+            .events()
+            .into_iter()
+            .filter(|e| reported_twice
+                .iter()
+                .any(|(id, _)| e["conn"]["id"].as_u64() == **id))
+            .map(|e| (
+                e["time"].clone(),
+                e["event"].clone(),
+                e["conn"].clone(),
+                e["stall"].clone()
+            ))
+            .collect::<Vec<_>>()
     );
     // The kprobe rung loses receives when more threads wait in `tcp_recvmsg` than its
     // kretprobe's instances (here 400 do): it must say so, and the stalls are `partial`.
