@@ -10,7 +10,7 @@ use std::{
 
 use stalltrace_integration::{
     echo_server, expected_capture_bytes, expected_http2_streams, reply_and_check_true_durations,
-    require_root, send_request, with_role, Daemon, SilentServer, REPORT_WITHIN, STALL_AFTER,
+    require_root, send_timed_request, with_role, Daemon, SilentServer, REPORT_WITHIN, STALL_AFTER,
 };
 
 #[test]
@@ -41,7 +41,7 @@ fn one_daemon_flags_the_stuck_never_the_idle_and_times_the_end() {
         assert!(idle.read(&mut reply).unwrap() > 0);
     }
     let server = SilentServer::bind("127.0.0.1");
-    let mut client = send_request(server.addr);
+    let (mut client, sent) = send_timed_request(server.addr);
     let port = server.addr.port();
 
     let stalls = daemon.wait_for_stalls(port, 2, REPORT_WITHIN);
@@ -67,5 +67,5 @@ fn one_daemon_flags_the_stuck_never_the_idle_and_times_the_end() {
     );
     assert!(daemon.events_named("stall.start", echo.port()).is_empty());
 
-    reply_and_check_true_durations(&daemon, &server, &mut client);
+    reply_and_check_true_durations(&daemon, &server, &mut client, sent);
 }

@@ -9,8 +9,9 @@ use std::{
 use serde_json::Value;
 use stalltrace_integration::{
     assert_ended_by_responses, echo_server, expected_capture_bytes, expected_http2_streams, pid,
-    reply_and_check_true_durations, require_root, send_request, short_lived_server, with_role,
-    Daemon, FullListener, SilentServer, REPORT_WITHIN, STALL_AFTER, UNREAD_WITHIN,
+    reply_and_check_true_durations, require_root, send_request, send_timed_request,
+    short_lived_server, with_role, Daemon, FullListener, SilentServer, REPORT_WITHIN, STALL_AFTER,
+    UNREAD_WITHIN,
 };
 
 fn gettid() -> u64 {
@@ -112,12 +113,12 @@ fn reply_ends_the_stall_with_its_true_duration() {
     require_root();
     let daemon = Daemon::start("reply");
     let server = SilentServer::bind("127.0.0.1");
-    let mut client = send_request(server.addr);
+    let (mut client, sent) = send_timed_request(server.addr);
     let port = server.addr.port();
     assert_eq!(daemon.wait_for_stalls(port, 2, REPORT_WITHIN).len(), 2);
     thread::sleep(Duration::from_millis(300));
 
-    let ends = reply_and_check_true_durations(&daemon, &server, &mut client);
+    let ends = reply_and_check_true_durations(&daemon, &server, &mut client, sent);
     assert_eq!(
         with_role(&ends, "server")["stall"]["kind"],
         "unanswered_request"
