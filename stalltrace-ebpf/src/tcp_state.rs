@@ -160,7 +160,7 @@ fn on_other_transition(args: &InetSockSetState, old: u8, new: u8) {
     let Some(conn) = CONNS.get_ptr_mut(args.skaddr) else {
         match new {
             tcp_state::CLOSE => report_untracked_close(args, old),
-            tcp_state::CLOSE_WAIT => track_peer_closed(args),
+            tcp_state::CLOSE_WAIT | tcp_state::FIN_WAIT1 => track_half_closed(args, new),
             _ => {}
         }
         return;
@@ -254,13 +254,19 @@ fn count_unread_reply(sock: u64, conn: &mut ConnState, old: u8, new: u8, now: u6
     }
 }
 
-/// The peer's FIN reached a connection the map does not hold (open before the daemon started,
-/// or evicted): it is tracked from here, so that the daemon learns that its peer closed. An
-/// adopted client awaiting a reply has nothing left to wait for unless one sits unread
-/// ([`note_reply_at_peer_fin`]), and its stall ends at the next sweep, as a followed
-/// connection's does. Runs in softirq context: the owner is the daemon's from /proc.
+/// A first FIN on a connection the map does not hold (open before the daemon started, or
+/// evicted): the peer's (`CLOSE_WAIT`) or this side's (`FIN_WAIT1`: its process closed it or
+/// shut it down for writing). It is tracked from here, so that the daemon learns of it:
+/// - an adopted client awaiting a reply whose server closed has nothing left to wait for
+///   unless one sits unread ([`note_reply_at_peer_fin`]);
+/// - an adopted server that sent its FIN owes nothing more. Its `CLOSE` may not come for
+///   `tcp_fin_timeout` (60 s): an orphan whose peer's ACK came while `close()` still owned
+///   the socket waits in `FIN_WAIT2` for its keepalive timer.
+///
+/// Either stall ends at the next sweep, as a followed connection's does. Runs in softirq
+/// context (the peer's FIN) or the closing process's: the owner is the daemon's from /proc.
 #[inline(never)]
-fn track_peer_closed(args: &InetSockSetState) {
+fn track_half_closed(args: &InetSockSetState, new: u8) {
     let Some(now) = crate::clock::state_now() else {
         return;
     };
@@ -269,7 +275,7 @@ fn track_peer_closed(args: &InetSockSetState) {
     };
     conn.flags = conn_flags::DISCOVERED | conn_flags::ESTABLISHED;
     conn.role = guess_role(conn);
-    if conn.role == role::CLIENT {
+    if new == tcp_state::CLOSE_WAIT && conn.role == role::CLIENT {
         note_reply_at_peer_fin(args.skaddr, conn);
     }
     emit(EventKind::Discovered, args.skaddr, conn);

@@ -479,8 +479,7 @@ pub fn with_role<'a>(items: &'a [Value], role: &str) -> &'a Value {
 /// A server that accepts one connection, reads one request, and answers only when told to.
 pub struct SilentServer {
     pub addr: SocketAddr,
-    /// Send a reply (`Some`) or close without one (`None`).
-    control: mpsc::Sender<Option<Vec<u8>>>,
+    control: mpsc::Sender<Told>,
     /// How long the request went unanswered, bracketed by the server.
     held: mpsc::Receiver<Held>,
     /// The serving thread's id (the one that read the request).
@@ -491,7 +490,7 @@ impl SilentServer {
     pub fn bind(ip: &str) -> Self {
         let listener = TcpListener::bind((ip, 0)).unwrap();
         let addr = listener.local_addr().unwrap();
-        let (control, commands) = mpsc::channel::<Option<Vec<u8>>>();
+        let (control, commands) = mpsc::channel::<Told>();
         let (held_tx, held) = mpsc::channel();
         let (tid_tx, thread_id) = mpsc::channel();
         thread::spawn(move || {
@@ -502,13 +501,17 @@ impl SilentServer {
             let (n, read) = Span::time(|| conn.read(&mut request).unwrap());
             assert!(n > 0);
             match commands.recv() {
-                Ok(Some(reply)) => {
+                Ok(Told::Reply(reply)) => {
                     let ((), write) = Span::time(|| conn.write_all(&reply).unwrap());
                     held_tx.send(Held { read, write }).unwrap();
                     // Keep the connection open until the client closes it.
                     let _ = conn.read(&mut request);
                 }
-                Ok(None) | Err(_) => drop(conn),
+                Ok(Told::ShutdownWrite) => {
+                    conn.shutdown(std::net::Shutdown::Write).unwrap();
+                    let _ = conn.read(&mut request);
+                }
+                Ok(Told::Close) | Err(_) => drop(conn),
             }
         });
         Self {
@@ -521,13 +524,26 @@ impl SilentServer {
 
     /// Replies now; returns when the request was read and the reply written.
     pub fn reply(&self, bytes: &[u8]) -> Held {
-        self.control.send(Some(bytes.to_vec())).unwrap();
+        self.control.send(Told::Reply(bytes.to_vec())).unwrap();
         self.held.recv_timeout(Duration::from_secs(5)).unwrap()
     }
 
     pub fn close(&self) {
-        self.control.send(None).unwrap();
+        self.control.send(Told::Close).unwrap();
     }
+
+    /// Sends its FIN without answering (`shutdown(SHUT_WR)`), and keeps the connection open
+    /// until the client closes it.
+    pub fn shutdown_write(&self) {
+        self.control.send(Told::ShutdownWrite).unwrap();
+    }
+}
+
+/// What a [`SilentServer`] does with the request it holds.
+enum Told {
+    Reply(Vec<u8>),
+    Close,
+    ShutdownWrite,
 }
 
 /// When a [`SilentServer`]'s thread called and returned from the read() that took the request

@@ -60,8 +60,10 @@ pub(super) fn gather(subject: &Subject, first: Option<ThreadSample>) -> Gathered
         cgroup_path,
         thread,
         fd_peer,
-        // An established socket gets its inode when accept() takes it from the queue.
-        not_accepted: subject.server && entry.as_ref().is_some_and(|e| e.inode == 0),
+        not_accepted: subject.server
+            && entry
+                .as_ref()
+                .is_some_and(sock_diag::DiagEntry::waits_in_accept_queue),
         tcp: entry.and_then(|entry| entry.signals),
         sample,
     }

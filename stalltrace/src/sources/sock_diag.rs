@@ -82,6 +82,16 @@ pub(crate) fn query(endpoints: &Endpoints, pid: u32) -> io::Result<Option<DiagEn
     Ok(netns::with_socket(u64::from(endpoints.netns), pid, ask)?.flatten())
 }
 
+impl DiagEntry {
+    /// The connection waits in its listener's accept queue: an established socket gets its
+    /// inode when accept() takes it. One without an inode in a state only its process's close
+    /// leads to (`FIN_WAIT*` — also a time-wait socket's substate — `CLOSING`, `LAST_ACK`) is
+    /// an orphan: accepted, and closed since.
+    pub(crate) fn waits_in_accept_queue(&self) -> bool {
+        self.inode == 0 && matches!(self.state, tcp_state::ESTABLISHED | tcp_state::CLOSE_WAIT)
+    }
+}
+
 /// The TCP states of a connection whose owner may still move data, or owe it: established, or
 /// half-closed by either end (the peer's FIN received: `CLOSE_WAIT`; its own sent:
 /// `FIN_WAIT1`, `FIN_WAIT2`). A server that read a request and its FIN still owes the reply,
@@ -539,6 +549,37 @@ mod tests {
         assert!(!sender.is_finished(), "the write is still blocked");
         drop(client);
         assert!(sender.join().unwrap().is_err(), "the peer closed");
+    }
+
+    #[test]
+    fn only_a_socket_never_accepted_waits_in_the_accept_queue() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let client_ends = endpoints(&client);
+        // The server's view of the same connection: the client's endpoints swapped.
+        let server_ends = Endpoints {
+            local: client_ends.peer,
+            local_port: client_ends.peer_port,
+            peer: client_ends.local,
+            peer_port: client_ends.local_port,
+            ..client_ends
+        };
+        let waiting = || {
+            query(&server_ends, 0)
+                .unwrap()
+                .expect("the server socket")
+                .waits_in_accept_queue()
+        };
+        assert!(waiting(), "not accepted yet");
+        let (server, _) = listener.accept().unwrap();
+        assert!(!waiting(), "accepted");
+        drop(server); // its process closes it; the client keeps its end open
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let orphan = query(&server_ends, 0).unwrap().expect("the closed socket");
+        assert_eq!(orphan.inode, 0, "no process holds it");
+        assert_eq!(orphan.state, tcp_state::FIN_WAIT2, "{orphan:?}");
+        assert!(!orphan.waits_in_accept_queue(), "closed, not waiting");
+        drop(client);
     }
 
     #[test]
