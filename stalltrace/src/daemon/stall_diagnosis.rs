@@ -47,6 +47,10 @@ struct HeldEvents {
     /// The `stall.start` first, then what followed on the same connection.
     events: Vec<Event>,
     deadline_ns: u64,
+    /// The start names no request though one was read: the kernel's slot held the next one
+    /// by the time the start was written (the sweep began the stall, and the reply and the
+    /// next request came before the loop got to it). The end's record carries its copy.
+    unnamed: bool,
 }
 /// Threads whose stacks are sampled at once at most (one perf event each); more
 /// spinning threads are reported without a stack, and counted.
@@ -67,8 +71,13 @@ impl Daemon {
         let mut ready = Vec::with_capacity(self.out.len());
         for (mut event, ended) in std::mem::take(&mut self.out).into_iter().zip(ended) {
             let id = event.conn.id;
-            if let Some(held) = self.held.by_conn.get_mut(&id) {
-                held.events.push(event);
+            if self.held.by_conn.contains_key(&id) {
+                if matches!(event.detail, Detail::StallEnd { .. }) {
+                    self.name_held_start(id);
+                }
+                if let Some(held) = self.held.by_conn.get_mut(&id) {
+                    held.events.push(event);
+                }
                 continue;
             }
             if let Detail::StallStart {
@@ -108,6 +117,7 @@ impl Daemon {
                 *diagnosis = Some(Box::new(known));
                 if asked {
                     let held = HeldEvents {
+                        unnamed: capture.is_none() && !unread,
                         events: vec![event],
                         deadline_ns: now + HOLD_AT_MOST_NS,
                     };
@@ -121,6 +131,36 @@ impl Daemon {
         self.out = ready;
         self.ended_requests.clear();
         self.write_out();
+    }
+
+    /// Names the request of connection `id`'s held start, if it is [`HeldEvents::unnamed`],
+    /// from the copy its ending record carried (`ended_requests`).
+    fn name_held_start(&mut self, id: u64) {
+        let Some((Some(sock), conn)) = self.tracker.find_by_id(id) else {
+            return;
+        };
+        let (Some(held), Some(capture)) = (
+            self.held.by_conn.get_mut(&id),
+            self.ended_requests.get(&sock),
+        ) else {
+            return;
+        };
+        let Some(Event {
+            at_ns,
+            detail:
+                Detail::StallStart {
+                    diagnosis: Some(diagnosis),
+                    ..
+                },
+            ..
+        }) = held.events.first_mut().filter(|_| held.unnamed)
+        else {
+            return;
+        };
+        if capture.request_ns <= *at_ns {
+            diagnosis.request = self.diagnoser.name_request(conn, capture);
+            held.unnamed = false;
+        }
     }
 
     /// Whether `self.out` holds a stall start of the connection at kernel key `sock`; scans

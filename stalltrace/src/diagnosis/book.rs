@@ -197,17 +197,7 @@ impl Diagnoser {
         ended: bool,
         now: u64,
     ) -> (Diagnosis, bool) {
-        // A pipelined request is not the one the capture holds (the run's first).
-        let request = conn
-            .pipelined_request()
-            .or(capture.map(Capture::data))
-            .and_then(|bytes| {
-                protocols::recognize_with(bytes, self.privacy).map(|s| RequestReport {
-                    protocol: s.protocol.to_owned(),
-                    signature: s.display(),
-                    raw_hex: self.capture_raw.then(|| diagnosis::hex(bytes)),
-                })
-            });
+        let request = self.request_report(conn, capture);
         let mut open = Open {
             diagnosis: Diagnosis::default(),
             facts: None,
@@ -233,6 +223,27 @@ impl Diagnoser {
         self.open.insert(conn.id, open);
         self.generation += 1;
         result
+    }
+
+    /// The request of `conn`'s stall as `capture` names it. A pipelined request is not the one
+    /// the capture holds (the run's first).
+    fn request_report(&self, conn: &Conn, capture: Option<&Capture>) -> Option<RequestReport> {
+        let bytes = conn.pipelined_request().or(capture.map(Capture::data))?;
+        protocols::recognize_with(bytes, self.privacy).map(|s| RequestReport {
+            protocol: s.protocol.to_owned(),
+            signature: s.display(),
+            raw_hex: self.capture_raw.then(|| diagnosis::hex(bytes)),
+        })
+    }
+
+    /// Names the request of the stall on `conn`, begun without one, from a copy learnt since
+    /// (`capture`: the one its end's record carried). Returns the report, for its start.
+    pub(crate) fn name_request(&mut self, conn: &Conn, capture: &Capture) -> Option<RequestReport> {
+        let request = self.request_report(conn, Some(capture))?;
+        if let Some(open) = self.open.get_mut(&conn.id) {
+            open.request.get_or_insert_with(|| request.clone());
+        }
+        Some(request)
     }
 
     /// The stall on connection `id` ended, or its connection closed.
