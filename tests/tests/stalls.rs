@@ -724,7 +724,9 @@ fn late_responses_with_a_close_end_each_stall_once_by_its_response() {
             answering.push(thread::spawn(move || {
                 let mut request = [0u8; 64];
                 assert!(conn.read(&mut request).unwrap() > 0);
-                let late = Duration::from_millis(20 + 10 * (i % 15) as u64);
+                // At least 40 ms past: state time runs on jiffies, which under emulation
+                // can lag for more than the tick and the 10 ms the threshold allows for.
+                let late = Duration::from_millis(40 + 10 * (i % 15) as u64);
                 thread::sleep(STALL_AFTER + late);
                 conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
                     .unwrap();
