@@ -61,11 +61,29 @@ fn one_daemon_flags_the_stuck_never_the_idle_and_times_the_end() {
     }
 
     thread::sleep(STALL_AFTER * 2);
-    assert!(
-        daemon.stalls(echo.port()).is_empty(),
-        "idle keep-alive flagged"
-    );
-    assert!(daemon.events_named("stall.start", echo.port()).is_empty());
+    let flagged = daemon.events_named("stall.start", echo.port());
+    let missed = daemon.cli_json(&["status", "-o", "json"])["lost"]["kernel_hook_missed"]
+        .as_u64()
+        .unwrap_or(0);
+    if !flagged.is_empty() && missed > 0 {
+        // A transfer program the kernel skipped (a preemptible kernel runs tracepoint programs
+        // preemptibly from 7.x: docs/design.md) loses a transfer, maybe this connection's
+        // reply. The daemon cannot know the stall is false; it must say it may be.
+        eprintln!(
+            "NOTE: the kernel skipped {missed} transfer program runs; the idle keep-alive              connection was flagged {} time(s), and each must be `partial`",
+            flagged.len()
+        );
+        for start in &flagged {
+            assert_eq!(start["stall"]["confidence"], "partial", "{start:#}");
+        }
+    } else {
+        assert_eq!(
+            flagged,
+            Vec::<serde_json::Value>::new(),
+            "idle keep-alive flagged"
+        );
+        assert!(daemon.stalls(echo.port()).is_empty());
+    }
 
     reply_and_check_true_durations(&daemon, &server, &mut client, sent);
 }
